@@ -1,0 +1,384 @@
+"""The `hxc` command: parse, call the library, render. No work happens here.
+
+Heavy imports (torch, IREE) live inside the commands so `hxc --help` is instant.
+Every expected failure is an HxcError: one line on stderr (or a JSON object with
+--json) and its own exit code. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hxc import __version__
+from hxc.errors import ExitCode, HxcError
+
+JSON_HELP = "Print a machine-readable JSON result on stdout instead of tables."
+
+
+def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
+    """Turn HxcErrors into one-line messages (or JSON) and exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        from hxc import ui
+
+        as_json = kwargs.get("as_json", False)
+        try:
+            code = fn(*args, **kwargs)
+        except HxcError as e:
+            if as_json:
+                ui.print_json({"ok": False, "error": str(e), "exit_code": int(e.exit_code)})
+            else:
+                ui.error(str(e))
+            sys.exit(int(e.exit_code))
+        except KeyboardInterrupt:
+            ui.error("interrupted; nothing was written")
+            sys.exit(130)
+        sys.exit(int(code or 0))
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    # torch and iree-turbine warn about their own internals on every export; users
+    # cannot act on those, so they are hidden unless -v is given.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+    os.environ.setdefault("TORCH_LOGS", "-all")
+    logging.getLogger("torch").setLevel(logging.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="hxc")
+@click.option("-v", "--verbose", count=True, help="Show more: -v for hxc's decisions, -vv for library warnings too.")
+def main(verbose: int) -> None:
+    """Compile a PyTorch model once for every kind of hardware, and run it anywhere.
+
+    \b
+    hxc compile model.pt2 --targets cpu,cuda,rocm,vulkan -o model.hxc
+    hxc inspect model.hxc
+    hxc verify model.hxc
+    hxc run model.hxc --input x.npy
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    if verbose < 2:
+        _quiet_libraries()
+
+
+# --- compile -------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write. [default: MODEL_NAME.hxc]")
+@click.option("-t", "--targets", default="all", show_default=True,
+              help="Comma-separated families (cpu, cuda, rocm, vulkan, all) or exact variants (cuda:sm_89). See `hxc targets`.")  # fmt: skip
+@click.option("-i", "--input", "inputs", multiple=True, metavar="SPEC",
+              help="Input shape and dtype, e.g. 1x3x224x224xf32; `?` makes a dimension dynamic (?x128xi64). Repeat per input.")  # fmt: skip
+@click.option("--dynamic-batch", is_flag=True, help="Make dimension 0 of every input dynamic.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading a pickled nn.Module (torch.save(model)); this runs code from the file.")
+@click.option("--allow-partial", is_flag=True, help="Write the bundle even if some targets fail (failures are recorded in it).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Targets compiled at once. [default: CPU count]")
+@click.option("--no-cache", is_flag=True, help="Recompile everything instead of reusing cached artifacts.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="HXC_CACHE_DIR", help="Compile cache location. [env: HXC_CACHE_DIR; default: ~/.cache/hxc]")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ...], dynamic_batch: bool,
+            allow_pickle: bool, allow_partial: bool, jobs: int | None, no_cache: bool, cache_dir: Path | None,
+            as_json: bool) -> int:  # fmt: skip
+    """Compile MODEL into a bundle with one IREE artifact per target.
+
+    MODEL is a torch.export archive (.pt2), a TorchScript archive, a pickled module
+    (with --allow-pickle), or a Python factory `file.py:make_model` /
+    `package.module:make_model` returning a module and example inputs.
+
+    \b
+    hxc compile model.pt2 -o model.hxc
+    hxc compile model.pt2 --targets cpu,cuda:sm_89,rocm:gfx942
+    hxc compile net.py:make_model --input ?x3x224x224xf32
+    """
+    from hxc import targets as registry
+    from hxc import ui
+
+    variants = registry.resolve(targets)  # bad names fail before any slow work
+    from hxc.compiler.build import build_bundle
+
+    out = output or Path(_default_name(model) + ".hxc")
+    with ui.CompileProgress(variants, enabled=not as_json) as progress:
+        result = build_bundle(
+            model, out, variants, inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle,
+            allow_partial=allow_partial, jobs=jobs, cache_dir=False if no_cache else (cache_dir or True),
+            on_event=progress.on_event, on_stage=progress.set_stage,
+        )  # fmt: skip
+    failed = result.failed
+    code = ExitCode.OK
+    if failed and not result.written:
+        code = ExitCode.PARTIAL if len(failed) < len(result.results) else ExitCode.ERROR
+    if as_json:
+        ui.print_json({"ok": code == ExitCode.OK, "exit_code": int(code), **_build_json(result)})
+        return code
+    if result.written:
+        ui.out.print(f"[green]wrote[/green] {out}  ({len(result.results) - len(failed)} artifacts, "
+                     f"{sum(r.seconds for r in result.results):.1f}s of compile time, "
+                     f"{result.timings.get('compile', 0):.1f}s wall)")  # fmt: skip
+    for r in failed:
+        ui.error(f"{r.variant.id}: {r.error}")
+    if failed and not result.written:
+        what = f"{len(failed)} of {len(result.results)} targets failed"
+        hint = "; pass --allow-partial to write a bundle without them" if code == ExitCode.PARTIAL else ""
+        ui.error(f"{what}; nothing was written{hint}")
+    elif failed:
+        ui.warn(f"{len(failed)} target(s) failed and are recorded as failed in the bundle")
+    return code
+
+
+def _default_name(model: str) -> str:
+    if ":" in model and not Path(model).exists():
+        return model.rpartition(":")[2]
+    return Path(model).stem
+
+
+def _build_json(result: Any) -> dict[str, Any]:
+    from hxc.manifests.schema import to_json
+
+    return {
+        "bundle": str(result.output),
+        "written": result.written,
+        "timings": {k: round(v, 3) for k, v in result.timings.items()},
+        "artifacts": [to_json(a) for a in result.manifest.artifacts],
+    }
+
+
+# --- targets / inspect ---------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def targets(as_json: bool) -> None:
+    """List target families and their variants (* = compiled by default)."""
+    from hxc import targets as registry
+    from hxc import ui
+
+    fams = registry.families()
+    if as_json:
+        ui.print_json([
+            {"family": f.name, "summary": f.summary, "backend": f.backend, "drivers": list(f.drivers),
+             "variants": [{"name": v.name, "id": v.id, "default": v.default, "summary": v.summary,
+                           "binary": v.binary, "aliases": list(v.aliases), "flags": list(v.flags)} for v in f.variants]}
+            for f in fams
+        ])  # fmt: skip
+        return
+    t = ui.table("target", "", "binary", "for", title="Targets (* = default for the family)")
+    for f in fams:
+        for v in f.variants:
+            t.add_row(v.id, "*" if v.default else "", v.binary, v.summary)
+    ui.out.print(t)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Show a bundle's manifest: model, signature, toolchain, artifacts, profiles."""
+    from hxc import ui
+    from hxc.manifests import read_manifest
+    from hxc.manifests.schema import to_json
+
+    m = read_manifest(bundle)
+    if as_json:
+        ui.print_json(to_json(m))
+        return
+    info = ui.table("", "", title=f"Bundle {bundle}  (schema {m.schema_version})")
+    info.add_row("model", f"{m.model.name}  ({m.model.source_format}: {m.model.source})")
+    info.add_row("source sha256", m.model.source_sha256)
+    for s in m.signature.inputs:
+        info.add_row("input", f"{s.name}: {s.format()}")
+    for s in m.signature.outputs:
+        info.add_row("output", f"{s.name}: {s.format()}")
+    tc = m.toolchain
+    info.add_row("built with", f"hxc {tc.hxc}, IREE {tc.iree_compiler}, iree-turbine {tc.iree_turbine}, torch {tc.torch}")
+    info.add_row("created", m.created)
+    ui.out.print(info)
+    ui.out.print()
+    t = ui.table("artifact", "status", "binary", "driver", "size", "compile", "sha256", "notes", title="Artifacts")
+    for a in m.artifacts:
+        status = "[green]ok[/green]" if a.status == "ok" else "[red]failed[/red]"
+        note = a.verified or "" if a.status == "ok" else (a.error or "")
+        t.add_row(a.id, status, a.binary, a.driver, ui.human_size(a.size),
+                  f"{a.compile_seconds:.1f}s" if a.compile_seconds is not None else "-", (a.sha256 or "")[:12], note)  # fmt: skip
+    ui.out.print(t)
+    if m.profiles:
+        ui.out.print()
+        from hxc.bench.report import profiles_table
+
+        ui.out.print(profiles_table(m))
+
+
+# --- runtime commands ----------------------------------------------------------------
+
+
+DEVICE_OPTION = click.option(
+    "-d", "--device", envvar="HXC_DEVICE", default=None,
+    help="Force a device: a driver (vulkan, local-task, cuda, hip), a family (cpu) or an artifact id. [env: HXC_DEVICE]",
+)  # fmt: skip
+POLICY_OPTION = click.option("--policy", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True,
+                             help="What recorded profiles rank by.")  # fmt: skip
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@DEVICE_OPTION
+@POLICY_OPTION
+@click.option("--explain", is_flag=True, help="List every artifact, accepted or rejected, with the reason.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def select(bundle: Path, device: str | None, policy: str, explain: bool, as_json: bool) -> int:
+    """Show which artifact `hxc.runtime.load` would pick on this host, and why."""
+    from hxc import ui
+    from hxc.manifests import read_manifest
+    from hxc.runtime import probe_host
+    from hxc.runtime import select as choose
+
+    sel = choose(read_manifest(bundle), probe_host(), policy=policy, device=device)
+    if as_json:
+        ui.print_json({
+            "ok": sel.best is not None, "policy": sel.policy, "forced": sel.forced,
+            "choice": sel.best and {"artifact": sel.best.artifact.id, "device": sel.best.device.label, "uri": sel.best.device.uri},
+            "candidates": [{"artifact": c.artifact.id, "device": c.device.label, "reason": c.reason} for c in sel.candidates],
+            "rejected": [{"artifact": r.artifact.id, "reason": r.reason} for r in sel.rejected],
+        })  # fmt: skip
+    elif explain:
+        ui.out.print(sel.explain(), markup=False)
+    elif sel.best:
+        ui.out.print(f"{sel.best.artifact.id} on {sel.best.device.label}  ({sel.best.reason})", markup=False)
+    if sel.best is None:
+        if not as_json:
+            ui.error("no artifact in this bundle can run on this host (see --explain)")
+        return ExitCode.NO_COMPATIBLE_ARTIFACT
+    return ExitCode.OK
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-i", "--input", "inputs", multiple=True, required=True, metavar="FILE",
+              help="A .npy file per input, in order, or one .npz holding them all.")  # fmt: skip
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Save the outputs to this .npz file.")
+@DEVICE_OPTION
+@click.option("--strict", is_flag=True, help="Fail instead of falling back when --device cannot be used.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str | None, strict: bool, as_json: bool) -> None:
+    """Run BUNDLE on input arrays and print (or save) the outputs."""
+    import numpy as np
+
+    from hxc import runtime, ui
+    from hxc.runtime.io import read_arrays
+
+    arrays = read_arrays(inputs)
+    model = runtime.load(bundle, device=device, strict=strict)
+    outputs = model.run_flat(arrays)
+    if output is not None:
+        from hxc.manifests.bundle import atomic_savez
+
+        atomic_savez(output, {f"output_{i}": o for i, o in enumerate(outputs)})
+    if as_json:
+        ui.print_json({
+            "ok": True, "artifact": model.artifact.id, "device": model.device.label, "saved_to": output and str(output),
+            "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(o.shape), "values": o.astype(np.float64).ravel()[:16].tolist()}
+                        for s, o in zip(model.signature.outputs, outputs)],
+        })  # fmt: skip
+        return
+    ui.err.print(f"[dim]ran {model.artifact.id} on {model.device.label}[/dim]")
+    with np.printoptions(precision=5, threshold=20, edgeitems=3):
+        for s, o in zip(model.signature.outputs, outputs):
+            ui.out.print(f"{s.name} {'x'.join(map(str, o.shape))}x{s.dtype}:", markup=False)
+            ui.out.print(str(o), markup=False)
+    if output is not None:
+        ui.err.print(f"[dim]saved outputs to {output}[/dim]")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@DEVICE_OPTION
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def verify(bundle: Path, device: str | None, as_json: bool) -> int:
+    """Run the bundle's golden sample on every artifact this host can run and compare
+    with PyTorch's outputs. Exits non-zero on any mismatch."""
+    from hxc import ui
+    from hxc.runtime.verify import verify_bundle
+
+    results = verify_bundle(bundle, device=device)
+    ok = bool(results) and all(r.ok for r in results)
+    code = ExitCode.OK if ok else (ExitCode.NO_COMPATIBLE_ARTIFACT if not results else ExitCode.MISMATCH)
+    if as_json:
+        ui.print_json({"ok": ok, "exit_code": int(code), "results": [r.__dict__ for r in results]})
+        return code
+    t = ui.table("artifact", "device", "result", "max abs err", "max rel err", title=f"Golden-sample check of {bundle}")
+    for r in results:
+        verdict = "[green]match[/green]" if r.ok else f"[red]{'error: ' + r.error if r.error else 'MISMATCH'}[/red]"
+        t.add_row(r.artifact, r.device, verdict, _g(r.max_abs), _g(r.max_rel))
+    ui.out.print(t)
+    if not results:
+        ui.error("no artifact in this bundle can run on this host (see `hxc select --explain`)")
+    return code
+
+
+def _g(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def doctor(as_json: bool) -> None:
+    """Show what this host offers: IREE drivers, devices, architectures, CPU features."""
+    from hxc import ui
+    from hxc.runtime import probe_host
+    from hxc.targets.cuda import find_ptxas, ptxas_version
+
+    p = probe_host()
+    ptxas = find_ptxas()
+    if as_json:
+        from hxc.manifests.schema import to_json
+
+        ui.print_json({
+            "host": to_json(p.host()), "os": p.os, "cpu": to_json(p.cpu), "versions": p.versions,
+            "probe_ms": round(p.seconds * 1000, 2), "ptxas": ptxas and {"path": ptxas, "version": ptxas_version()},
+            "drivers": [{"name": s.name, "family": s.family, "available": s.available, "reason": s.reason,
+                         "devices": [to_json(d) for d in s.devices]} for s in p.drivers],
+        })  # fmt: skip
+        return
+    info = ui.table("", "", title="Host")
+    info.add_row("host", f"{p.hostname}  ({p.os})")
+    info.add_row("cpu", f"{p.cpu.model}, {p.cpu.cores} cores, {p.cpu.isa}")
+    info.add_row("versions", ", ".join(f"{k} {v}" for k, v in p.versions.items()))
+    info.add_row("ptxas", f"{ptxas} ({ptxas_version()})" if ptxas else "not found: CUDA PTX is not checked at compile time")
+    info.add_row("probe", f"{p.seconds * 1000:.1f} ms")
+    ui.out.print(info)
+    ui.out.print()
+    t = ui.table("driver", "family", "status", "device", "type", "arch", title="IREE drivers and devices")
+    for s in p.drivers:
+        if not s.devices:
+            t.add_row(s.name, s.family, "[red]absent[/red]", s.reason or "", "", "")
+        for d in s.devices:
+            t.add_row(s.name, s.family, "[green]ok[/green]", d.name + (f" ({d.driver_version})" if d.driver_version else ""), d.kind, d.arch or "?")
+    ui.out.print(t)
+    ui.out.print()
+    ui.out.print(f"[bold]CPU features[/bold] ({len(p.cpu.features)}): " + " ".join(p.cpu.features), soft_wrap=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Run iree-compile once per target variant, in parallel, through the cache.
+
+Each compile is its own iree-compile process, so targets compile in parallel on all
+cores and one crashing compile cannot take the others down. A failure is kept as a
+result (with the argv and stderr that reproduce it), never raised, so the caller
+decides what a partial result means. Ctrl-C kills every running compile.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+from hxc.compiler.cache import CompileCache
+from hxc.targets import CompilePlan, Variant, family
+from hxc.targets.base import CheckFailed
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    plan: CompilePlan
+    status: Literal["ok", "failed"]
+    seconds: float
+    argv: tuple[str, ...]
+    vmfb: Path | None = None
+    cached: bool = False
+    verified: str | None = None
+    error: str | None = None  # one line
+    operator: str | None = None  # the operator that failed to lower, when known
+    stderr: str = ""
+
+    @property
+    def variant(self) -> Variant:
+        return self.plan.variant
+
+
+@dataclass(frozen=True)
+class CompileEvent:
+    kind: Literal["start", "done"]
+    variant: Variant
+    result: CompileResult | None = None
+
+
+@functools.cache
+def iree_compile_path() -> str:
+    from iree.compiler.tools.binaries import find_tool
+
+    return find_tool("iree-compile")
+
+
+@functools.cache
+def compiler_version() -> str:
+    return metadata.version("iree-base-compiler")
+
+
+class _Processes:
+    """Running iree-compile processes, so an interrupt can kill them all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen] = set()
+        self.cancelled = False
+
+    def run(self, argv: list[str]) -> tuple[int, str]:
+        with self._lock:
+            if self.cancelled:
+                return -1, "cancelled"
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            self._procs.add(proc)
+        try:
+            _, stderr = proc.communicate()
+            return proc.returncode, stderr
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+
+    def kill_all(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            for p in self._procs:
+                p.kill()
+
+
+def compile_all(
+    ir: Path,
+    ir_sha256: str,
+    variants: Sequence[Variant],
+    *,
+    workdir: Path,
+    jobs: int | None = None,
+    cache: CompileCache | None = None,
+    on_event: Callable[[CompileEvent], None] = lambda e: None,
+) -> list[CompileResult]:
+    """Compile `ir` for every variant; results come back in the order of `variants`.
+    Artifacts land in `workdir` (or stay in the cache, for hits)."""
+    cache = cache or CompileCache(None)
+    procs = _Processes()
+    jobs = max(1, jobs or os.cpu_count() or 1)
+
+    def one(variant: Variant) -> CompileResult:
+        on_event(CompileEvent("start", variant))
+        result = _compile_one(ir, ir_sha256, variant, workdir, cache, procs)
+        on_event(CompileEvent("done", variant, result))
+        return result
+
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="iree-compile")
+    try:
+        futures = [pool.submit(one, v) for v in variants]
+        return [f.result() for f in futures]
+    except BaseException:
+        procs.kill_all()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _compile_one(
+    ir: Path, ir_sha256: str, variant: Variant, workdir: Path, cache: CompileCache, procs: _Processes
+) -> CompileResult:
+    t0 = time.perf_counter()
+    fam = family(variant.family)
+    plan = fam.plan(variant)
+    # The variant is part of the key: two variants may share flags but not the check
+    # that proves their binary (cuda:sm_80 and cuda:sm_90 compile the same PTX).
+    key = CompileCache.key(ir_sha256, (variant.id, *plan.flags), compiler_version())
+    out = workdir / f"{variant.family}-{variant.name}.vmfb"
+    argv = (iree_compile_path(), str(ir), *plan.flags, "-o", str(out))
+    hit = cache.get(key)
+    if hit is not None:
+        return CompileResult(plan, "ok", time.perf_counter() - t0, argv, hit.vmfb, cached=True, verified=hit.verified)
+
+    with tempfile.TemporaryDirectory(prefix="hxc-bin-", dir=workdir) as bins:
+        run_argv = [*argv]
+        if plan.dump_binaries:
+            run_argv.append(f"--iree-hal-dump-executable-binaries-to={bins}")
+        code, stderr = procs.run(run_argv)
+        if code != 0:
+            error, operator = summarize_compile_error(stderr, code)
+            _save_temps(ir, variant, argv, stderr)
+            return CompileResult(plan, "failed", time.perf_counter() - t0, argv, error=error, operator=operator, stderr=stderr)
+        try:
+            verified = fam.check(plan, Path(bins))
+        except CheckFailed as e:
+            out.unlink(missing_ok=True)
+            return CompileResult(plan, "failed", time.perf_counter() - t0, argv, error=str(e), stderr=stderr)
+    cache.put(key, out, verified)
+    return CompileResult(plan, "ok", time.perf_counter() - t0, argv, out, verified=verified, stderr=stderr)
+
+
+_LOCATION = re.compile(r"^.*?:\d+:\d+:\s*")
+_OPAQUE = re.compile(r'name = "torch\.([\w.]+)"')
+_LEGALIZE = re.compile(r"failed to legalize operation '([\w.]+)'")
+_OP = re.compile(r"'([a-z_][\w]*\.[\w.]+)' op\b")
+
+
+def summarize_compile_error(stderr: str, code: int) -> tuple[str, str | None]:
+    """One line for the user from iree-compile's stderr, and the operator it names."""
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    if not errors:
+        if code < 0:
+            return f"iree-compile was killed by signal {-code}", None
+        tail = [line for line in stderr.strip().splitlines() if line.strip()]
+        return (tail[-1] if tail else f"iree-compile exited with code {code}")[:400], None
+    first = _LOCATION.sub("", errors[0]).replace("error: ", "", 1).strip()
+    operator = None
+    for pattern in (_OPAQUE, _LEGALIZE, _OP):
+        m = pattern.search(errors[0])
+        if m:
+            operator = m.group(1)
+            break
+    if operator == "torch.operator":
+        operator = None
+    if operator and operator.startswith("torch.aten."):
+        operator = operator[len("torch.") :]
+    if len(first) > 300:
+        first = first[:297] + "..."
+    return first, operator
+
+
+def _save_temps(ir: Path, variant: Variant, argv: tuple[str, ...], stderr: str) -> None:
+    """With HXC_SAVE_TEMPS=DIR, keep what reproduces a failed compile."""
+    root = os.environ.get("HXC_SAVE_TEMPS")
+    if not root:
+        return
+    d = Path(root) / f"{variant.family}-{variant.name}"
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ir, d / ir.name)
+    cmd = [argv[0], ir.name, *argv[2:-2], "-o", "out.vmfb"]
+    (d / "reproduce.sh").write_text("#!/bin/sh\ncd \"$(dirname \"$0\")\"\n" + shlex.join(cmd) + "\n")
+    (d / "stderr.txt").write_text(stderr)

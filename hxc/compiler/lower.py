@@ -1,0 +1,133 @@
+"""Lower an exported program to IREE's input IR (the torch dialect, as MLIR bytecode).
+
+`aot.export(ExportedProgram)` applies no decompositions, and torch-mlir cannot import
+many ops that real models use (LSTM's `squeeze.dims`, f16 batch norm, `aten.diff` in
+transformers' causal masks...). So the program is first decomposed to core ATen with
+torch's table plus iree-turbine's. Any op the importer still leaves as an opaque
+`torch.operator` gets its own decomposition from torch's full table, if it has one,
+and the program is lowered again.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from hxc.errors import LoweringError, first_line
+from hxc.manifests.schema import OutputTree, Signature, TensorSpec
+
+_OPAQUE_OP = re.compile(r'"torch\.operator"\([^)]*\)\s*<\{name = "torch\.([\w.]+)"\}>')
+_MAX_ROUNDS = 4
+
+
+@dataclass
+class Lowered:
+    mlir: bytes  # MLIR bytecode of the torch-dialect module, function `main`
+    signature: Signature
+    program: torch.export.ExportedProgram  # after decomposition
+
+
+def lower(program: torch.export.ExportedProgram) -> Lowered:
+    signature = program_signature(program)
+    from iree.turbine import aot
+    from iree.turbine.aot.decompositions import current_aot_decompositions
+
+    table = torch.export.default_decompositions()
+    table.update(current_aot_decompositions())
+    extra: set[Any] = set()
+    for _ in range(_MAX_ROUNDS):
+        decomposed = _decompose(program, table)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                exported = aot.export(decomposed, module_name="module", function_name="main")
+        except Exception as e:
+            raise LoweringError(f"cannot import the program into MLIR ({type(e).__name__}: {first_line(e)})") from None
+        text = str(exported.mlir_module)
+        # Ops the importer could not map stay opaque; decompose those we can and retry.
+        new = {op for name in set(_OPAQUE_OP.findall(text)) if (op := _aten_op(name)) is not None}
+        new -= extra
+        new = {op for op in new if op in torch._decomp.decomposition_table}
+        if not new:
+            break
+        extra |= new
+        table.update(torch._decomp.get_decompositions(list(new)))
+    mlir = _bytecode(exported)
+    return Lowered(mlir=mlir, signature=signature, program=decomposed)
+
+
+def _decompose(program: torch.export.ExportedProgram, table: dict) -> torch.export.ExportedProgram:
+    try:
+        return program.run_decompositions(table)
+    except Exception as e:
+        raise LoweringError(f"decomposing the program to core ATen failed ({type(e).__name__}: {first_line(e)})") from None
+
+
+def _bytecode(exported: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    exported.mlir_module.operation.write_bytecode(buf)
+    return buf.getvalue()
+
+
+def _aten_op(qualified: str) -> Any:
+    # "aten.squeeze.dims" -> torch.ops.aten.squeeze.dims
+    parts = qualified.split(".")
+    if len(parts) < 2 or parts[0] != "aten":
+        return None
+    packet = getattr(torch.ops.aten, parts[1], None)
+    if packet is None:
+        return None
+    return getattr(packet, parts[2] if len(parts) > 2 else "default", None)
+
+
+def program_signature(program: torch.export.ExportedProgram) -> Signature:
+    """Inputs and outputs as the compiled function sees them (flat, in order), and the
+    tree that rebuilds the model's own output structure."""
+    from hxc.compiler.frontend import DTYPE_NAMES
+
+    nodes = {n.name: n for n in program.graph.nodes}
+    sig = program.graph_signature
+
+    def spec(name: str, label: str) -> TensorSpec:
+        val = nodes[name].meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise LoweringError(f"{label} is a {type(val).__name__}, not a tensor; hxc compiles tensor inputs and outputs only")
+        if val.dtype not in DTYPE_NAMES:
+            raise LoweringError(f"{label} has dtype {val.dtype}, which hxc does not support")
+        if val.dtype == torch.float64:
+            raise LoweringError(
+                f"{label} is float64; IREE demotes f64 to f32, which breaks the artifact's interface",
+                hint="cast the model and its inputs to float32",
+            )
+        shape = tuple(d if isinstance(d, int) else str(d) for d in val.shape)
+        return TensorSpec(name=label, dtype=DTYPE_NAMES[val.dtype], shape=shape)
+
+    inputs = tuple(spec(n, n) for n in sig.user_inputs)
+    out_names = [o for o in sig.user_outputs]
+    if any(o is None for o in out_names):
+        raise LoweringError("the model returns a non-tensor value; hxc compiles tensor outputs only")
+    outputs = tuple(spec(n, f"output_{i}") for i, n in enumerate(out_names))
+    return Signature(inputs=inputs, outputs=outputs, output_tree=_tree(program.call_spec.out_spec))
+
+
+def _tree(spec: pytree.TreeSpec) -> OutputTree:
+    counter = iter(range(1 << 30))
+
+    def walk(s: pytree.TreeSpec) -> OutputTree:
+        if s.is_leaf():
+            return OutputTree(kind="leaf", index=next(counter))
+        items = tuple(walk(c) for c in s.children_specs)
+        if s.type is dict or (s.context is not None and isinstance(s.context, (list, tuple)) and s.type not in (list, tuple)):
+            keys = tuple(str(k) for k in (s.context or ()))
+            return OutputTree(kind="dict", keys=keys, items=items)
+        return OutputTree(kind="list" if s.type is list else "tuple", items=items)
+
+    return walk(spec)
+

@@ -1,0 +1,328 @@
+"""The bundle's manifest: typed records, the bundle layout, and the schema version.
+
+This is the one place that defines what a bundle is. The writer (compiler) and the
+reader (runtime, bench) both import it. JSON exists only at the edge: `to_json` and
+`from_json` turn records into plain data and back, checking types on the way in.
+
+Versioning follows torch.export's serde schema: the major number changes when an
+old reader could misread a new bundle (a field renamed, removed or given a new
+meaning); the minor number changes when fields are added with defaults. A reader
+refuses a bundle with a newer major version. `tests/data/manifest_schema.json` is a
+checked-in copy of the schema; a test fails when the two drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FORMAT = "hxc-bundle"
+SCHEMA_VERSION: tuple[int, int] = (1, 0)
+
+# Bundle layout, relative to the bundle directory.
+MANIFEST_FILE = "manifest.json"
+GOLDEN_FILE = "golden.npz"
+ARTIFACTS_DIR = "artifacts"
+LOCK_FILE = ".lock"
+
+# Element types by their short names (as in `--input 1x3x224x224xf32` and IREE's
+# `--input=1x3xf32=...`), with the numpy dtype that holds them on the host. bf16 is
+# ml_dtypes' bfloat16 (a dependency of iree-base-runtime); in .npz files, which cannot
+# name that type, it is stored as its raw 16 bits (uint16).
+DTYPES: dict[str, str] = {
+    "f64": "float64",
+    "f32": "float32",
+    "f16": "float16",
+    "bf16": "bfloat16",
+    "i64": "int64",
+    "i32": "int32",
+    "i16": "int16",
+    "i8": "int8",
+    "u8": "uint8",
+    "i1": "bool",
+}
+
+Dim = int | str  # a static size, or the name of a dynamic dimension
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor. A dynamic dimension is a name instead of a size."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    @property
+    def is_dynamic(self) -> bool:
+        return any(isinstance(d, str) for d in self.shape)
+
+    def format(self) -> str:
+        """The `--input` spelling: `?x3x224x224xf32`."""
+        dims = ["?" if isinstance(d, str) else str(d) for d in self.shape]
+        return "x".join([*dims, self.dtype])
+
+
+@dataclass(frozen=True)
+class OutputTree:
+    """How flat outputs are put back into the structure the model returned.
+
+    kind "leaf" points at flat output `index`; "tuple"/"list" hold `items` in
+    order; "dict" pairs `keys` with `items`.
+    """
+
+    kind: Literal["leaf", "tuple", "list", "dict"]
+    index: int | None = None
+    keys: tuple[str, ...] = ()
+    items: tuple[OutputTree, ...] = ()
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    output_tree: OutputTree
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    source: str  # what the user passed to `hxc compile`
+    source_format: str  # torch.export | torchscript | python | pickle | onnx
+    source_sha256: str
+    program_file: str | None  # the exported program the IR came from, in the bundle
+    ir_sha256: str  # the IREE input IR every artifact was compiled from
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    hxc: str
+    iree_compiler: str
+    iree_turbine: str | None
+    torch: str | None
+    python: str
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a device must have to execute an artifact; each family reads its own fields."""
+
+    isa: str | None = None  # x86_64 | aarch64, for CPU code
+    cpu_features: tuple[str, ...] = ()  # /proc/cpuinfo flag names, all required
+    gpu_archs: tuple[str, ...] = ()  # exact architectures that load the binary
+    min_gpu_arch: str | None = None  # for forward-compatible code (PTX): this or newer
+    vendor: str | None = None  # Vulkan vendor, when the SPIR-V is tuned for one
+
+
+@dataclass(frozen=True)
+class Artifact:
+    id: str  # family:variant, unique in a bundle
+    family: str
+    variant: str
+    backend: str  # IREE compiler backend: llvm-cpu, cuda, rocm, vulkan-spirv
+    driver: str  # IREE HAL driver that runs it: local-task, cuda, hip, vulkan
+    binary: str  # what the vmfb carries: elf-x86_64, cubin, ptx, hsaco, spirv
+    flags: tuple[str, ...]  # the exact iree-compile flags, input and output omitted
+    requires: Requirements
+    status: Literal["ok", "failed"]
+    file: str | None = None  # relative to the bundle
+    sha256: str | None = None
+    size: int | None = None
+    compile_seconds: float | None = None
+    cached: bool = False
+    verified: str | None = None  # e.g. how a CUDA binary was proven to assemble
+    error: str | None = None
+    operator: str | None = None  # the operator a failed compile could not lower
+
+
+@dataclass(frozen=True)
+class Host:
+    """A machine that recorded profiles. `id` is a hash of everything else, so the
+    same hardware with the same software stack always gets the same id."""
+
+    id: str
+    hostname: str
+    cpu_model: str
+    cpu_cores: int
+    cpu_features: tuple[str, ...]
+    devices: tuple[str, ...]  # "vulkan: llvmpipe (...) [Mesa 22.3.6]", one per device
+    versions: dict[str, str]  # hxc, iree-base-runtime, torch
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Milliseconds per call over `iterations` timed calls."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    stdev_ms: float
+    min_ms: float
+    iterations: int
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p50) / p50: how noisy the run was."""
+        return (self.p90_ms - self.p50_ms) / self.p50_ms if self.p50_ms else 0.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One measurement of one artifact (or the PyTorch baseline) on one host."""
+
+    host_id: str
+    candidate: str  # an artifact id, or torch:eager / torch:compile for baselines
+    artifact_sha256: str | None  # None for baselines
+    device: str  # the device label it ran on
+    scenario: Literal["single-stream", "offline"]
+    batch: int
+    latency: LatencyStats
+    throughput: float  # inferences per second
+    items_per_second: float  # throughput x batch
+    load_ms: float | None
+    first_call_ms: float | None
+    peak_rss_mb: float | None
+    device_time_only: bool  # True when host<->device copies are outside the timed region
+    recorded: str  # ISO 8601, UTC
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelInfo
+    signature: Signature
+    toolchain: Toolchain
+    artifacts: tuple[Artifact, ...]
+    created: str  # ISO 8601, UTC
+    golden_file: str | None = GOLDEN_FILE
+    hosts: tuple[Host, ...] = ()
+    profiles: tuple[Profile, ...] = ()
+    format: str = FORMAT
+    schema_version: str = f"{SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1]}"
+
+    def artifact(self, artifact_id: str) -> Artifact:
+        for a in self.artifacts:
+            if a.id == artifact_id:
+                return a
+        raise KeyError(artifact_id)
+
+    @property
+    def ok_artifacts(self) -> tuple[Artifact, ...]:
+        return tuple(a for a in self.artifacts if a.status == "ok")
+
+
+# --- JSON at the edge -------------------------------------------------------------
+
+
+def to_json(record: Any) -> Any:
+    """A record as plain JSON data (dicts, lists, strings, numbers, None)."""
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        return {f.name: to_json(getattr(record, f.name)) for f in dataclasses.fields(record)}
+    if isinstance(record, (list, tuple)):
+        return [to_json(x) for x in record]
+    if isinstance(record, dict):
+        return {str(k): to_json(v) for k, v in record.items()}
+    return record
+
+
+class SchemaError(ValueError):
+    """Plain data that does not fit a record's declared types."""
+
+
+def from_json(cls: type, data: Any, where: str = "manifest") -> Any:
+    """Build record `cls` from plain data, checking every field against its type.
+
+    Unknown keys are ignored so that a reader accepts bundles written by a newer
+    minor version; missing keys fall back to the field's default.
+    """
+    return _convert(cls, data, where)
+
+
+def _convert(tp: Any, data: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return data
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(data, dict):
+            raise SchemaError(f"{where}: expected an object, got {type(data).__name__}")
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in data:
+                kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SchemaError(f"{where}: missing field {f.name!r}")
+        return tp(**kwargs)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _convert(option, data, where)
+            except SchemaError as e:
+                errors.append(str(e))
+        raise SchemaError(errors[0] if len(errors) == 1 else f"{where}: {data!r} fits none of {tp}")
+    if origin is Literal:
+        if data not in typing.get_args(tp):
+            raise SchemaError(f"{where}: {data!r} is not one of {typing.get_args(tp)}")
+        return data
+    if origin is tuple:
+        if not isinstance(data, list):
+            raise SchemaError(f"{where}: expected a list, got {type(data).__name__}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if item_tp is None:
+            if len(args) != len(data):
+                raise SchemaError(f"{where}: expected {len(args)} items")
+            return tuple(_convert(a, x, f"{where}[{i}]") for i, (a, x) in enumerate(zip(args, data)))
+        return tuple(_convert(item_tp, x, f"{where}[{i}]") for i, x in enumerate(data))
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(data, dict):
+            raise SchemaError(f"{where}: expected an object, got {type(data).__name__}")
+        return {k: _convert(val_tp, v, f"{where}.{k}") for k, v in data.items()}
+    if tp is type(None):
+        if data is not None:
+            raise SchemaError(f"{where}: expected null")
+        return None
+    if tp is float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            raise SchemaError(f"{where}: expected a number, got {data!r}")
+        return float(data)
+    if tp in (int, str, bool):
+        if not isinstance(data, tp) or (tp is int and isinstance(data, bool)):
+            raise SchemaError(f"{where}: expected {tp.__name__}, got {data!r}")
+        return data
+    raise TypeError(f"no JSON conversion for {tp!r}")  # a bug in the schema, not in the data
+
+
+def dumps(record: Any) -> str:
+    return json.dumps(to_json(record), indent=2, sort_keys=False) + "\n"
+
+
+def schema_description(cls: type = Manifest) -> dict[str, Any]:
+    """Field names and types of every record reachable from `cls`, for the drift test."""
+    out: dict[str, Any] = {}
+
+    def visit(tp: Any) -> None:
+        if dataclasses.is_dataclass(tp):
+            if tp.__name__ in out:
+                return
+            hints = typing.get_type_hints(tp)
+            out[tp.__name__] = {f.name: _type_name(hints[f.name]) for f in dataclasses.fields(tp)}
+            for h in hints.values():
+                visit(h)
+        for arg in typing.get_args(tp):
+            visit(arg)
+
+    visit(cls)
+    return {"schema_version": f"{SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1]}", "records": out}
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("hxc.manifests.schema.", "")

@@ -1,0 +1,286 @@
+"""`hxc.runtime.load(bundle)`: probe, select, verify, load, and call.
+
+The choice is never silent: the returned model carries the artifact and device it
+runs on, the full ranking (`explain()`), and every load attempt that failed before
+it. The chosen artifact is checked against the manifest's sha256 before IREE sees
+it, then memory-mapped (never copied into the process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hxc.errors import HxcError, IntegrityError, NoCompatibleArtifactError, SignatureError, first_line
+from hxc.manifests import read_manifest
+from hxc.manifests.bundle import file_sha256
+from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
+from hxc.runtime.probe import HostProbe, probe_host
+from hxc.runtime.select import Candidate, Selection, select
+from hxc.targets import Device
+
+log = logging.getLogger("hxc.runtime")
+
+
+@dataclass(frozen=True)
+class LoadAttempt:
+    artifact: str
+    device: str
+    error: str
+
+
+class LoadedModel:
+    """A bundle bound to one artifact on one device. Call it like the PyTorch model."""
+
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: Manifest,
+        candidate: Candidate,
+        selection: Selection,
+        attempts: list[LoadAttempt],
+        session: _Session,
+    ) -> None:
+        self.bundle = bundle
+        self.manifest = manifest
+        self.signature: Signature = manifest.signature
+        self.candidate = candidate
+        self.selection = selection
+        self.attempts = attempts
+        self._session = session
+        self._lock = threading.Lock()
+
+    @property
+    def artifact(self) -> Artifact:
+        return self.candidate.artifact
+
+    @property
+    def device(self) -> Device:
+        return self.candidate.device
+
+    def explain(self) -> str:
+        text = self.selection.explain()
+        for a in self.attempts:
+            text += f"\n   !  {a.artifact} on {a.device} failed to load: {a.error}"
+        return text + f"\nloaded {self.artifact.id} on {self.device.label}"
+
+    def __repr__(self) -> str:
+        return f"<hxc model {self.manifest.model.name!r}: {self.artifact.id} on {self.device.label}>"
+
+    def __call__(self, *inputs: Any) -> Any:
+        as_torch = _is_torch(inputs[0]) if inputs else False
+        arrays = check_inputs(self.signature, inputs)
+        with self._lock:  # one IREE invocation at a time per loaded model
+            flat = self._session.invoke(arrays, self.signature)
+        if as_torch:
+            flat = [_to_torch(a, spec.dtype) for a, spec in zip(flat, self.signature.outputs)]
+        return rebuild(self.signature.output_tree, flat)
+
+    def run_flat(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Numpy in, flat numpy out: the path `verify` and `bench` use."""
+        with self._lock:
+            return self._session.invoke(check_inputs(self.signature, arrays), self.signature)
+
+
+def load(
+    bundle: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    policy: str = "latency",
+    strict: bool = False,
+    probe: HostProbe | None = None,
+) -> LoadedModel:
+    """Load the best artifact in `bundle` for this host.
+
+    `device` (or $HXC_DEVICE) restricts the choice: a driver (`vulkan`, `local-task`,
+    `cuda`), a family (`cpu`), an artifact id (`cpu:x86-64-v4`) or a device URI. If it
+    cannot be honoured, hxc falls back to the best other artifact and logs a warning;
+    with `strict=True` it raises instead, and it also raises if the first choice fails
+    to load rather than trying the next.
+    """
+    path = Path(bundle)
+    manifest = read_manifest(path)
+    probe = probe or probe_host()
+    selection = select(manifest, probe, policy=policy, device=device)
+    if not selection.candidates and selection.forced:
+        if strict:
+            raise NoCompatibleArtifactError(
+                f"{path}: no artifact can run on the requested device {selection.forced!r}",
+                hint=_summary(selection),
+            )
+        log.warning("hxc: requested device %r is not usable here; choosing another", selection.forced)
+        refused = selection.forced
+        selection = replace(
+            select(manifest, probe, policy=policy, device=""),
+            note=f"requested device {refused!r} is not usable here ({_summary(selection)}); fell back",
+        )
+    if not selection.candidates:
+        raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host", hint=_summary(selection))
+
+    attempts: list[LoadAttempt] = []
+    for cand in selection.candidates:
+        _check_integrity(path, cand.artifact)
+        try:
+            session = _Session.open(path / cand.artifact.file, cand.device)  # type: ignore[operator]
+        except Exception as e:
+            if strict:
+                raise HxcError(f"{cand.artifact.id} on {cand.device.label} failed to load: {first_line(e)}") from None
+            attempts.append(LoadAttempt(cand.artifact.id, cand.device.label, first_line(e)))
+            log.warning("hxc: %s on %s failed to load (%s); trying the next", cand.artifact.id, cand.device.label, first_line(e))
+            continue
+        model = LoadedModel(path, manifest, cand, selection, attempts, session)
+        log.info("hxc: loaded %s on %s (%s)", cand.artifact.id, cand.device.label, cand.reason)
+        return model
+    raise NoCompatibleArtifactError(
+        f"{path}: every compatible artifact failed to load",
+        hint="; ".join(f"{a.artifact}: {a.error}" for a in attempts),
+    )
+
+
+def _summary(selection: Selection) -> str:
+    return "; ".join(f"{r.artifact.id}: {r.reason}" for r in selection.rejected[:6]) or "the bundle has no artifacts"
+
+
+def _check_integrity(bundle: Path, artifact: Artifact) -> None:
+    assert artifact.file is not None and artifact.sha256 is not None
+    file = bundle / artifact.file
+    if not file.is_file():
+        raise IntegrityError(f"{file}: artifact {artifact.id} is missing from the bundle")
+    actual = file_sha256(file)
+    if actual != artifact.sha256:
+        raise IntegrityError(
+            f"{file}: sha256 {actual[:12]}… does not match the manifest's {artifact.sha256[:12]}…; refusing to run it",
+            hint="the file was modified or corrupted; recompile or restore the bundle",
+        )
+
+
+class _Session:
+    """One IREE device, context and entry function."""
+
+    def __init__(self, device: Any, context: Any, function: Any, module: Any) -> None:
+        self.device = device
+        self.context = context
+        self.function = function
+        self.module = module  # keep the mapping alive as long as the context
+
+    @classmethod
+    def open(cls, vmfb: Path, device: Device) -> _Session:
+        import iree.runtime as rt
+
+        hal_device = rt.get_device(device.uri)  # cached by IREE: one device per URI per process
+        instance = _instance()
+        module = rt.VmModule.mmap(instance, str(vmfb))
+        hal_module = rt.create_hal_module(instance, hal_device)
+        context = rt.VmContext(instance, modules=[hal_module, module])
+        function = module.lookup_function("main")
+        if function is None:
+            raise HxcError(f"{vmfb}: has no 'main' function")
+        return cls(hal_device, context, function, module)
+
+    def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
+        import iree.runtime as rt
+
+        from hxc.runtime.io import to_device, to_host
+
+        args = rt.VmVariantList(len(arrays))
+        for a, spec in zip(arrays, signature.inputs):
+            args.push_ref(to_device(self.device, a, spec.dtype))
+        results = rt.VmVariantList(len(signature.outputs))
+        self.context.invoke(self.function, args, results)
+        return [
+            to_host(self.device, results.get_as_object(i, rt.HalBufferView), spec.dtype)
+            for i, spec in enumerate(signature.outputs)
+        ]
+
+
+_INSTANCE = None
+
+
+def _instance() -> Any:
+    # One VM instance per process, as IREE recommends; contexts are per model.
+    global _INSTANCE
+    if _INSTANCE is None:
+        import iree.runtime as rt
+
+        _INSTANCE = rt.VmInstance()
+    return _INSTANCE
+
+
+# --- inputs and outputs ------------------------------------------------------------
+
+
+def check_inputs(signature: Signature, inputs: Any) -> list[np.ndarray]:
+    """Host arrays for `inputs`, after checking count, dtype and shape against the
+    signature; dynamic dimensions may take any size but must agree where they share
+    a name."""
+    from hxc.runtime.io import dtype_name, numpy_dtype
+
+    expected = signature.inputs
+    if len(inputs) != len(expected):
+        raise SignatureError(
+            f"expected {len(expected)} input(s) ({format_specs(expected)}), got {len(inputs)}"
+        )
+    arrays: list[np.ndarray] = []
+    sizes: dict[str, int] = {}
+    for i, (x, spec) in enumerate(zip(inputs, expected)):
+        a = _to_numpy(x, spec.dtype)
+        if a.dtype != numpy_dtype(spec.dtype):
+            got = dtype_name(a.dtype) or str(a.dtype)
+            raise SignatureError(f"input {i} ({spec.name}) has dtype {got}; expected {spec.format()}")
+        if a.ndim != len(spec.shape) or any(
+            isinstance(d, int) and d != n for d, n in zip(spec.shape, a.shape)
+        ):
+            raise SignatureError(
+                f"input {i} ({spec.name}) has shape {'x'.join(map(str, a.shape)) or 'scalar'}; expected {spec.format()}"
+            )
+        for d, n in zip(spec.shape, a.shape):
+            if isinstance(d, str):
+                if sizes.setdefault(d, n) != n:
+                    raise SignatureError(f"input {i} ({spec.name}): dynamic dim {d} is {n} here but {sizes[d]} in an earlier input")
+        arrays.append(a)
+    return arrays
+
+
+def format_specs(specs: tuple[TensorSpec, ...]) -> str:
+    return ", ".join(f"{s.name}: {s.format()}" for s in specs)
+
+
+def rebuild(tree: OutputTree, flat: list[Any]) -> Any:
+    if tree.kind == "leaf":
+        assert tree.index is not None
+        return flat[tree.index]
+    items = [rebuild(t, flat) for t in tree.items]
+    if tree.kind == "dict":
+        return dict(zip(tree.keys, items))
+    return list(items) if tree.kind == "list" else tuple(items)
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+def _to_numpy(x: Any, dtype: str) -> np.ndarray:
+    if _is_torch(x):
+        import torch
+
+        t = x.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            from hxc.runtime.io import numpy_dtype
+
+            return t.view(torch.int16).numpy().view(numpy_dtype("bf16"))
+        return t.numpy()
+    return np.asarray(x)
+
+
+def _to_torch(a: np.ndarray, dtype: str) -> Any:
+    import torch
+
+    if dtype == "bf16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)

@@ -1,0 +1,116 @@
+"""Check artifacts' numbers against the golden sample PyTorch produced at compile time.
+
+The same tolerances serve `hxc verify` and the test suite, so "matches PyTorch" means
+one thing everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hxc.errors import BundleError, HxcError, first_line
+from hxc.manifests import GOLDEN_FILE, Manifest, read_manifest
+from hxc.runtime.probe import HostProbe, probe_host
+from hxc.runtime.select import select
+
+# (absolute, relative) tolerance per dtype: |actual - expected| <= atol + rtol * |expected|.
+# f32 leaves room for reassociated reductions on GPUs; reduced precision is looser.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "f64": (1e-6, 1e-5),
+    "f32": (1e-4, 1e-3),
+    "f16": (1e-2, 1e-2),
+    "bf16": (5e-2, 5e-2),
+}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    max_abs: float
+    max_rel: float
+    ok: bool
+
+
+def compare(actual: np.ndarray, expected: np.ndarray, dtype: str) -> Comparison:
+    if actual.shape != expected.shape:
+        return Comparison(float("inf"), float("inf"), False)
+    if dtype not in TOLERANCES:  # integers and booleans must match exactly
+        diff = np.abs(actual.astype(np.int64) - expected.astype(np.int64))
+        worst = float(diff.max()) if diff.size else 0.0
+        return Comparison(worst, worst, worst == 0)
+    a = actual.astype(np.float64)
+    e = expected.astype(np.float64)
+    atol, rtol = TOLERANCES[dtype]
+    diff = np.abs(a - e)
+    if not diff.size:
+        return Comparison(0.0, 0.0, True)
+    finite = np.isfinite(a) == np.isfinite(e)
+    rel = diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny)
+    ok = bool(finite.all() and np.all((diff <= atol + rtol * np.abs(e)) | (a == e)))
+    return Comparison(float(np.nanmax(diff)), float(np.nanmax(np.where(np.abs(e) > atol, rel, 0.0))), ok)
+
+
+def load_golden(bundle: Path, manifest: Manifest) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The golden inputs and outputs, as host arrays of the signature's dtypes."""
+    from hxc.runtime.io import numpy_dtype
+
+    path = bundle / (manifest.golden_file or GOLDEN_FILE)
+    try:
+        with np.load(path) as data:
+            arrays = dict(data)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path}: cannot read the golden sample ({first_line(e)})") from None
+
+    def typed(key: str, dtype: str) -> np.ndarray:
+        if key not in arrays:
+            raise BundleError(f"{path}: golden sample lacks {key}")
+        a = arrays[key]
+        return a.view(numpy_dtype("bf16")) if dtype == "bf16" else a
+
+    sig = manifest.signature
+    inputs = [typed(f"input_{i}", s.dtype) for i, s in enumerate(sig.inputs)]
+    outputs = [typed(f"output_{i}", s.dtype) for i, s in enumerate(sig.outputs)]
+    return inputs, outputs
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    artifact: str
+    device: str
+    ok: bool
+    max_abs: float | None
+    max_rel: float | None
+    error: str | None = None  # when it could not run at all
+
+
+def verify_bundle(
+    bundle: str | Path, *, device: str | None = None, probe: HostProbe | None = None
+) -> list[VerifyResult]:
+    """Run the golden sample on every artifact this host can run."""
+    from hxc.runtime.loader import load
+
+    path = Path(bundle)
+    manifest = read_manifest(path)
+    probe = probe or probe_host()
+    inputs, expected = load_golden(path, manifest)
+    selection = select(manifest, probe, device=device)
+    results = []
+    for cand in selection.candidates:
+        label = cand.device.label
+        try:
+            model = load(path, device=cand.artifact.id, strict=True, probe=probe)
+            outputs = model.run_flat(inputs)
+        except HxcError as e:
+            results.append(VerifyResult(cand.artifact.id, label, False, None, None, e.message))
+            continue
+        except Exception as e:  # an IREE runtime failure on this device
+            results.append(VerifyResult(cand.artifact.id, label, False, None, None, first_line(e)))
+            continue
+        comps = [compare(o, x, s.dtype) for o, x, s in zip(outputs, expected, manifest.signature.outputs)]
+        results.append(VerifyResult(
+            cand.artifact.id, label, all(c.ok for c in comps),
+            max(c.max_abs for c in comps), max(c.max_rel for c in comps),
+        ))  # fmt: skip
+    return results

@@ -1,0 +1,123 @@
+"""What every target family provides, and the records it shares with the rest of hxc.
+
+A family (cpu, cuda, rocm, vulkan) is one module in this package exposing `FAMILY`,
+an instance of a `TargetFamily` subclass. It owns everything that differs between
+hardware vendors: the variants it offers, the exact iree-compile flags for each, how
+to prove a binary is sound after compiling, how to describe a device its runtime
+driver reports, and whether such a device can execute a given artifact. Nothing
+outside this package branches on a family's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from hxc.manifests.schema import Artifact, Requirements
+
+
+@dataclass(frozen=True)
+class Variant:
+    family: str
+    name: str
+    summary: str  # the hardware it is for, in words a user recognises
+    default: bool  # compiled when the user names only the family
+    flags: tuple[str, ...]  # iree-compile flags, before any environment-dependent additions
+    requires: Requirements
+    binary: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return f"{self.family}:{self.name}"
+
+
+@dataclass(frozen=True)
+class CompilePlan:
+    """A variant made concrete for this compile host: the flags actually used and what the
+    resulting binary will need. `dump_binaries` asks the driver to keep the executable
+    binaries so `TargetFamily.check` can inspect them."""
+
+    variant: Variant
+    flags: tuple[str, ...]
+    binary: str
+    requires: Requirements
+    dump_binaries: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device as the host probe found it, with the facts artifact matching needs."""
+
+    driver: str  # IREE HAL driver: local-task, local-sync, vulkan, cuda, hip
+    uri: str  # what iree.runtime.get_device() takes
+    name: str
+    kind: str  # cpu | integrated-gpu | discrete-gpu | virtual-gpu | other
+    arch: str | None = None  # x86_64, aarch64, sm_89, gfx942; None when unknown
+    features: tuple[str, ...] = ()
+    vendor: str | None = None
+    driver_version: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.driver}: {self.name}"
+
+
+class CheckFailed(Exception):
+    """A compiled binary failed its family's post-compile check (e.g. ptxas)."""
+
+
+class TargetFamily:
+    name: str
+    summary: str
+    backend: str  # IREE compiler backend
+    drivers: tuple[str, ...]  # HAL drivers that run this family's artifacts, preferred first
+    variants: tuple[Variant, ...]
+
+    def plan(self, variant: Variant) -> CompilePlan:
+        """The concrete compile for this host. Families whose flags depend on installed
+        tools (ptxas) or on the compile host (cpu:host) override this."""
+        return CompilePlan(variant, variant.flags, variant.binary, variant.requires)
+
+    def check(self, plan: CompilePlan, binaries: Path | None) -> str | None:
+        """Prove the compiled binaries are sound; return how, or None if nothing was
+        checked. Raise CheckFailed with a one-line reason if they are not."""
+        return None
+
+    def describe_devices(self, driver: str, devices: list[dict], dump_info) -> list[Device]:
+        """Turn what an IREE driver reports into Devices. `dump_info(device_id)` returns
+        the driver's text description of one device."""
+        return [
+            Device(driver=driver, uri=f"{driver}://{d['device_id']}", name=d.get("name") or driver, kind="other")
+            for d in devices
+        ]
+
+    def cannot_run(self, artifact: Artifact, device: Device) -> str | None:
+        """None if `device` can execute `artifact`, else the reason it cannot."""
+        raise NotImplementedError
+
+    def rank(self, artifact: Artifact, device: Device) -> int:
+        """Static preference when no benchmark profile decides: higher runs first."""
+        return 0
+
+    # -- shared helpers ------------------------------------------------------------
+
+    def variant(self, name: str) -> Variant | None:
+        for v in self.variants:
+            if name == v.name or name in v.aliases:
+                return v
+        return None
+
+    @property
+    def default_variants(self) -> tuple[Variant, ...]:
+        return tuple(v for v in self.variants if v.default)
+
+    def wrong_driver(self, device: Device) -> str | None:
+        if device.driver not in self.drivers:
+            return f"{self.name} code runs on the {'/'.join(self.drivers)} driver, not {device.driver}"
+        return None
+
+
+def with_requires(plan: CompilePlan, **changes) -> CompilePlan:
+    return replace(plan, requires=replace(plan.requires, **changes))

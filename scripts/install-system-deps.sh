@@ -1,0 +1,20 @@
+#!/bin/sh
+# System packages hxc's tests need: Mesa's Vulkan drivers (lavapipe, a software Vulkan
+# device) and the Vulkan loader, so Vulkan artifacts really run on a machine without a GPU.
+set -eu
+PKGS="mesa-vulkan-drivers libvulkan1"
+if dpkg -s $PKGS >/dev/null 2>&1; then
+    exit 0
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-system-deps: no apt-get; install a Vulkan loader and Mesa's lavapipe driver yourself" >&2
+    exit 0
+fi
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get install -y -qq $PKGS >/dev/null 2>&1 || {
+    $SUDO apt-get update -qq >/dev/null
+    $SUDO apt-get install -y -qq $PKGS >/dev/null
+}
+echo "install-system-deps: installed $PKGS"
