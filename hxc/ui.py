@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 out = Console(highlight=False, soft_wrap=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error, one line, even in pipes
 
 
 def print_json(data: Any) -> None:

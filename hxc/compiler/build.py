@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -96,6 +96,7 @@ def build_bundle(
         t = time.perf_counter()
         on_stage("compiling")
         results = compile_all(ir_path, ir_sha, variants, workdir=work, jobs=jobs, cache=cache, on_event=on_event)
+        results = [_name_source_operator(r, lowered.operators_at) for r in results]
         timings["compile"] = time.perf_counter() - t
 
         manifest = Manifest(
@@ -127,6 +128,16 @@ def build_bundle(
             np.savez(stage / GOLDEN_FILE, **golden)
             write_manifest(stage, manifest)
     return BuildResult(out, True, manifest, results, timings)
+
+
+def _name_source_operator(r: CompileResult, operators_at: dict[str, tuple[str, ...]]) -> CompileResult:
+    """A backend names its own internal op (`vector.broadcast`); the user needs the
+    PyTorch operator and the line of their model it came from."""
+    if r.status != "failed" or r.location not in operators_at or (r.operator or "").startswith("aten."):
+        return r
+    ops = ", ".join(operators_at[r.location])
+    where = f"{Path(r.location).name}"
+    return replace(r, operator=ops, error=f"cannot lower {ops} (at {where}): {r.error}")
 
 
 def _artifact_entry(r: CompileResult) -> Artifact:

@@ -40,6 +40,7 @@ class CompileResult:
     verified: str | None = None
     error: str | None = None  # one line
     operator: str | None = None  # the operator that failed to lower, when known
+    location: str | None = None  # file:line in the model's source where it failed
     stderr: str = ""
 
     @property
@@ -148,9 +149,10 @@ def _compile_one(
             run_argv.append(f"--iree-hal-dump-executable-binaries-to={bins}")
         code, stderr = procs.run(run_argv)
         if code != 0:
-            error, operator = summarize_compile_error(stderr, code)
+            error, operator, location = summarize_compile_error(stderr, code)
             _save_temps(ir, variant, argv, stderr)
-            return CompileResult(plan, "failed", time.perf_counter() - t0, argv, error=error, operator=operator, stderr=stderr)
+            return CompileResult(plan, "failed", time.perf_counter() - t0, argv, error=error, operator=operator,
+                                 location=location, stderr=stderr)  # fmt: skip
         try:
             verified = fam.check(plan, Path(bins))
         except CheckFailed as e:
@@ -160,34 +162,41 @@ def _compile_one(
     return CompileResult(plan, "ok", time.perf_counter() - t0, argv, out, verified=verified, stderr=stderr)
 
 
-_LOCATION = re.compile(r"^.*?:\d+:\d+:\s*")
-_OPAQUE = re.compile(r'name = "torch\.([\w.]+)"')
+_LOCATION = re.compile(r"^(?P<file>[^\s:][^:]*):(?P<line>\d+):\d+:\s*")
+_OPAQUE = re.compile(r'name = "torch\.(aten\.[\w.]+)"')
 _LEGALIZE = re.compile(r"failed to legalize operation '([\w.]+)'")
 _OP = re.compile(r"'([a-z_][\w]*\.[\w.]+)' op\b")
 
 
-def summarize_compile_error(stderr: str, code: int) -> tuple[str, str | None]:
-    """One line for the user from iree-compile's stderr, and the operator it names."""
+def summarize_compile_error(stderr: str, code: int) -> tuple[str, str | None, str | None]:
+    """From iree-compile's stderr: one line for the user, the operator it names (an
+    aten op when the torch frontend lacks a conversion, else the IREE-internal op), and
+    the model source location (file:line) the failing op came from."""
     errors = [line for line in stderr.splitlines() if "error:" in line]
     if not errors:
         if code < 0:
-            return f"iree-compile was killed by signal {-code}", None
+            return f"iree-compile was killed by signal {-code}", None, None
         tail = [line for line in stderr.strip().splitlines() if line.strip()]
-        return (tail[-1] if tail else f"iree-compile exited with code {code}")[:400], None
-    first = _LOCATION.sub("", errors[0]).replace("error: ", "", 1).strip()
+        return (tail[-1] if tail else f"iree-compile exited with code {code}")[:400], None, None
+    first = errors[0]
+    m = _LOCATION.match(first)
+    location = f"{m.group('file')}:{m.group('line')}" if m else None
+    text = _LOCATION.sub("", first).replace("error: ", "", 1).strip()
+    if m := _OPAQUE.search(first):
+        return f"no IREE lowering for {m.group(1)}", m.group(1), location
     operator = None
-    for pattern in (_OPAQUE, _LEGALIZE, _OP):
-        m = pattern.search(errors[0])
-        if m:
-            operator = m.group(1)
-            break
-    if operator == "torch.operator":
-        operator = None
-    if operator and operator.startswith("torch.aten."):
-        operator = operator[len("torch.") :]
-    if len(first) > 300:
-        first = first[:297] + "..."
-    return first, operator
+    if m := (_LEGALIZE.search(first) or _OP.search(first)):
+        operator = m.group(1)
+        text = text.split(" that was explicitly marked illegal")[0] + (f" ({_ir_snippet(first)})" if "illegal:" in first else "")
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return text, operator, location
+
+
+def _ir_snippet(line: str) -> str:
+    # "...illegal: %22 = "vector.broadcast"(%21) : (i64) -> vector<1xi64>" -> "(i64) -> vector<1xi64>"
+    types = line.rsplit(" : ", 1)
+    return types[1].strip() if len(types) == 2 else ""
 
 
 def _save_temps(ir: Path, variant: Variant, argv: tuple[str, ...], stderr: str) -> None:

@@ -30,6 +30,9 @@ class Lowered:
     mlir: bytes  # MLIR bytecode of the torch-dialect module, function `main`
     signature: Signature
     program: torch.export.ExportedProgram  # after decomposition
+    # The aten operators at each model source line ("file.py:12"). IREE reports errors
+    # at these locations, which is how a failure is traced back to the operator.
+    operators_at: dict[str, tuple[str, ...]]
 
 
 def lower(program: torch.export.ExportedProgram) -> Lowered:
@@ -58,7 +61,27 @@ def lower(program: torch.export.ExportedProgram) -> Lowered:
         extra |= new
         table.update(torch._decomp.get_decompositions(list(new)))
     mlir = _bytecode(exported)
-    return Lowered(mlir=mlir, signature=signature, program=decomposed)
+    return Lowered(mlir=mlir, signature=signature, program=decomposed, operators_at=source_operators(program))
+
+
+_FRAME = re.compile(r'File "([^"]+)", line ([0-9]+),')
+
+
+def source_operators(program: torch.export.ExportedProgram) -> dict[str, tuple[str, ...]]:
+    """Map each model source line to the aten operators it produced, keyed the way
+    IREE's torch importer locates ops: the innermost stack frame, file:line."""
+    found: dict[str, dict[str, None]] = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+        if not frames:
+            continue
+        name = node.target._schema.name.replace("::", ".")
+        if name.startswith("aten._assert"):
+            continue
+        found.setdefault(f"{frames[-1][0]}:{frames[-1][1]}", {})[name] = None
+    return {k: tuple(v) for k, v in found.items()}
 
 
 def _decompose(program: torch.export.ExportedProgram, table: dict) -> torch.export.ExportedProgram:
