@@ -1,0 +1,173 @@
+"""Real architectures with random weights, for tests and benchmarks:
+`hxc compile hxc.examples.zoo:bert`.
+
+Transformer models come from `transformers` configs (install it with
+`pip install transformers`); sizes here are small so the test suite stays fast.
+`*_base` variants are the real sizes, for benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+Example = tuple[nn.Module, tuple[torch.Tensor, ...]]
+
+
+class _FirstOutput(nn.Module):
+    """A transformers model returning only its main tensor (last hidden state)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        # No KV cache: its objects are not tensors, and inference here is one pass.
+        extra = {"use_cache": False} if getattr(self.model.config, "use_cache", None) is not None else {}
+        return self.model(*args, return_dict=False, **extra)[0]
+
+
+def _hf(model: nn.Module, *inputs: torch.Tensor) -> Example:
+    return _FirstOutput(model.eval()), inputs
+
+
+def _ids(batch: int, seq: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def bert(layers: int = 2, hidden: int = 64, seq: int = 32, batch: int = 1) -> Example:
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                       intermediate_size=4 * hidden, max_position_embeddings=512)  # fmt: skip
+    return _hf(T.BertModel(cfg), _ids(batch, seq, 1000))
+
+
+def bert_base() -> Example:
+    """BERT-base sized encoder (12 layers, 768 hidden), sequence 128."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.BertModel(T.BertConfig()), _ids(1, 128, 30522))
+
+
+def gpt2(layers: int = 2, hidden: int = 64, seq: int = 32) -> Example:
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(vocab_size=1000, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256)
+    return _hf(T.GPT2Model(cfg), _ids(1, seq, 1000))
+
+
+def gpt2_small() -> Example:
+    """GPT-2 small sized decoder (12 layers, 768 hidden), sequence 128."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    return _hf(T.GPT2Model(T.GPT2Config()), _ids(1, 128, 50257))
+
+
+def llama() -> Example:
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256)  # fmt: skip
+    return _hf(T.LlamaModel(cfg), _ids(1, 32, 1000))
+
+
+def t5_encoder() -> Example:
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.T5Config(vocab_size=1000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+    return _hf(T.T5EncoderModel(cfg), _ids(1, 32, 1000))
+
+
+def vit() -> Example:
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                      image_size=32, patch_size=8)  # fmt: skip
+    return _hf(T.ViTModel(cfg), torch.randn(1, 3, 32, 32))
+
+
+def whisper_encoder() -> Example:
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.WhisperConfig(d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
+                          max_source_positions=100)  # fmt: skip
+    return _hf(T.WhisperModel(cfg).get_encoder(), torch.randn(1, 80, 200))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out, state = self.rnn(x)
+        return (out, *state) if isinstance(state, tuple) else (out, state)
+
+
+def lstm() -> Example:
+    torch.manual_seed(0)
+    return _Recurrent(nn.LSTM(16, 32, num_layers=2, batch_first=True)).eval(), (torch.randn(2, 7, 16),)
+
+
+def gru() -> Example:
+    torch.manual_seed(0)
+    return _Recurrent(nn.GRU(16, 32, batch_first=True)).eval(), (torch.randn(2, 7, 16),)
+
+
+def resnet18(batch: int = 1) -> Example:
+    """ResNet-18 (torchvision's layout, written out so torchvision is not needed)."""
+    torch.manual_seed(0)
+    return _ResNet18().eval(), (torch.randn(batch, 3, 224, 224),)
+
+
+def cnn_f16() -> Example:
+    from hxc.examples import convnet
+
+    model, (x,) = convnet()
+    return model.half(), (x.half(),)
+
+
+def mlp_bf16() -> Example:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 10)).eval().to(torch.bfloat16)
+    return model, (torch.randn(4, 64).to(torch.bfloat16),)
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else nn.Identity())  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.b1(self.c1(x)))
+        return torch.relu(self.b2(self.c2(y)) + self.down(x))
+
+
+class _ResNet18(nn.Module):
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.stem(x)))

@@ -1,0 +1,55 @@
+"""The manifest schema: typed round trips, type checking on read, and a checked-in
+copy of the schema that fails the build when the two drift apart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hxc.errors import BundleError
+from hxc.manifests import read_manifest
+from hxc.manifests.bundle import parse_manifest
+from hxc.manifests.schema import SCHEMA_VERSION, Manifest, from_json, schema_description, to_json
+
+CHECKED_IN = Path(__file__).parent / "data" / "manifest_schema.json"
+
+
+def test_schema_matches_the_checked_in_copy():
+    """If this fails you changed a manifest record. Adding a field with a default is a
+    minor change; renaming, removing or retyping one is a major change. Bump
+    SCHEMA_VERSION in hxc/manifests/schema.py accordingly, then regenerate the copy:
+    python -c "import json; from hxc.manifests.schema import schema_description as d; print(json.dumps(d(), indent=2))" > tests/data/manifest_schema.json
+    """
+    assert schema_description() == json.loads(CHECKED_IN.read_text())
+
+
+def test_round_trip_is_exact(example_bundle):
+    m = read_manifest(example_bundle)
+    again = from_json(Manifest, json.loads(json.dumps(to_json(m))))
+    assert again == m
+
+
+def test_wrong_types_and_missing_fields_are_named(example_bundle):
+    data = json.loads((example_bundle / "manifest.json").read_text())
+    data["artifacts"][0]["size"] = "big"
+    with pytest.raises(BundleError, match=r"manifest\.artifacts\[0\]\.size"):
+        parse_manifest(data)
+    del data["signature"]
+    with pytest.raises(BundleError, match="missing field 'signature'"):
+        parse_manifest(data)
+
+
+def test_newer_minor_fields_are_ignored_older_readers_keep_working(example_bundle):
+    data = json.loads((example_bundle / "manifest.json").read_text())
+    data["schema_version"] = f"{SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1] + 1}"
+    data["some_future_field"] = {"x": 1}
+    assert parse_manifest(data).model.name == "convnet"
+
+
+@pytest.mark.parametrize("text", ["not json", json.dumps({"format": "something-else"}), json.dumps([1, 2])])
+def test_not_a_manifest(tmp_path, text):
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(BundleError):
+        read_manifest(tmp_path)

@@ -1,0 +1,210 @@
+"""The runtime loader on this machine's real devices: llvm-cpu code on local-task and
+SPIR-V on Mesa's lavapipe Vulkan driver."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hxc.runtime
+from hxc.errors import BundleError, ExitCode, IntegrityError, NoCompatibleArtifactError, SignatureError
+from hxc.examples import convnet
+from hxc.manifests import read_manifest, update_manifest
+from hxc.manifests.schema import LatencyStats, Profile
+from hxc.runtime import probe_host, select
+from hxc.targets import Device, family
+
+
+@pytest.fixture
+def bundle(example_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the example bundle, free to modify."""
+    return Path(shutil.copytree(example_bundle, tmp_path / "b.hxc"))
+
+
+def _reference(x: torch.Tensor) -> torch.Tensor:
+    model, _ = convnet()
+    with torch.no_grad():
+        return model(x)
+
+
+def test_probe_finds_both_real_devices_and_reports_missing_drivers():
+    probe = probe_host()
+    assert probe is probe_host()  # once per process
+    drivers = {s.name: s for s in probe.drivers}
+    assert drivers["local-task"].available and drivers["vulkan"].available
+    [vk] = drivers["vulkan"].devices
+    assert vk.kind == "cpu" and "llvmpipe" in vk.name  # lavapipe is a CPU-type device
+    cpu = drivers["local-task"].devices[0]
+    assert cpu.arch == "x86_64" and "avx2" in cpu.features
+    for absent in ("cuda", "hip"):
+        assert not drivers[absent].available and drivers[absent].reason  # reported, not raised
+    assert "libcuda" in drivers["cuda"].reason
+
+
+def test_default_choice_is_native_cpu_and_every_rejection_has_a_reason(example_bundle):
+    sel = select(read_manifest(example_bundle), probe_host())
+    assert sel.best.artifact.id == "cpu:host" and sel.best.device.driver == "local-task"
+    assert [c.artifact.id for c in sel.candidates][-1] == "vulkan:spirv"  # software Vulkan ranks last
+    reasons = {r.artifact.id: r.reason for r in sel.rejected}
+    assert reasons["cpu:aarch64"] == "aarch64 code cannot run on this x86_64 CPU"
+    assert "cuda driver unavailable" in reasons["cuda:sm_90"]
+    assert "hip driver unavailable" in reasons["rocm:gfx942"]
+
+
+def test_cpu_levels_and_gpu_archs_the_device_lacks_are_rejected(example_bundle):
+    m = read_manifest(example_bundle)
+    cpu = next(d for d in probe_host().devices if d.driver == "local-task")
+    old_cpu = dataclasses.replace(cpu, features=tuple(f for f in cpu.features if not f.startswith("avx512")))
+    assert "avx512f" in family("cpu").cannot_run(m.artifact("cpu:host"), old_cpu)
+    assert family("cpu").cannot_run(m.artifact("cpu:x86-64-v3"), old_cpu) is None
+    ampere = Device("cuda", "cuda://0", "A100", "discrete-gpu", "sm_80")
+    assert family("cuda").cannot_run(m.artifact("cuda:sm_90"), ampere) == "built for sm_90 or newer; this GPU is sm_80"
+    hopper = dataclasses.replace(ampere, arch="sm_90")
+    assert family("cuda").cannot_run(m.artifact("cuda:sm_90"), hopper) is None
+    mi250 = Device("hip", "hip://0", "MI250", "discrete-gpu", "gfx90a")
+    assert "cannot run on gfx90a" in family("rocm").cannot_run(m.artifact("rocm:gfx942"), mi250)
+
+
+@pytest.mark.parametrize("device, driver", [("vulkan", "vulkan"), ("cpu", "local-task"), ("local-sync", "local-sync")])
+def test_forcing_a_device_and_matching_pytorch_on_it(example_bundle, device, driver):
+    model = hxc.runtime.load(example_bundle, device=device, strict=True)
+    assert model.device.driver == driver
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(model(x), _reference(x), atol=1e-4, rtol=1e-3)
+
+
+def test_env_var_forces_the_device(example_bundle, monkeypatch):
+    monkeypatch.setenv("HXC_DEVICE", "vulkan")
+    assert hxc.runtime.load(example_bundle).device.driver == "vulkan"
+
+
+def test_strict_raises_where_fallback_explains(example_bundle, caplog):
+    with pytest.raises(NoCompatibleArtifactError, match="requested device 'cuda'"):
+        hxc.runtime.load(example_bundle, device="cuda", strict=True)
+    with caplog.at_level(logging.WARNING, logger="hxc.runtime"):
+        model = hxc.runtime.load(example_bundle, device="cuda")
+    assert model.artifact.id == "cpu:host"
+    assert "requested device 'cuda' is not usable" in model.explain()
+    assert any("not usable" in r.message for r in caplog.records)
+
+
+def _profile(m, artifact_id: str, device_label: str, p50: float) -> Profile:
+    art = m.artifact(artifact_id)
+    stats = LatencyStats(p50, p50 * 1.1, p50 * 1.2, p50, 0.01, p50 * 0.9, 50)
+    return Profile(probe_host().host().id, art.id, art.sha256, device_label, "single-stream", 1, stats, 1000 / p50,
+                   1000 / p50, None, None, None, True, datetime.datetime.now(datetime.UTC).isoformat())  # fmt: skip
+
+
+@pytest.mark.parametrize("faster", ["vulkan:spirv", "cpu:host"])
+def test_recorded_profiles_decide_the_choice(bundle, faster):
+    labels = {d.driver: d.label for d in probe_host().devices}
+    m = read_manifest(bundle)
+    slow, fast = 5.0, 1.0
+    profiles = (
+        _profile(m, "vulkan:spirv", labels["vulkan"], fast if faster == "vulkan:spirv" else slow),
+        _profile(m, "cpu:host", labels["local-task"], fast if faster == "cpu:host" else slow),
+    )
+    update_manifest(bundle, lambda m: dataclasses.replace(m, profiles=profiles, hosts=(probe_host().host(),)))
+    model = hxc.runtime.load(bundle)
+    assert model.artifact.id == faster
+    assert "measured on this host: p50 1 ms" in model.explain()
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(model(x), _reference(x), atol=1e-4, rtol=1e-3)
+
+
+def test_tampered_artifact_is_refused_and_never_run(bundle, cli):
+    target = bundle / read_manifest(bundle).artifact("cpu:host").file
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not match the manifest"):
+        hxc.runtime.load(bundle)
+    np.save(bundle.parent / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
+    result = cli("run", bundle, "--input", bundle.parent / "x.npy")
+    assert result.exit_code == ExitCode.INTEGRITY and "refusing to run it" in result.stderr
+
+
+def test_an_artifact_that_fails_to_load_falls_through_to_the_next(bundle):
+    # Put SPIR-V where the CPU code should be (manifest hash updated, so integrity
+    # holds): local-task cannot create it, and the loader moves on, saying why.
+    m = read_manifest(bundle)
+    cpu, vk = m.artifact("cpu:host"), m.artifact("vulkan:spirv")
+    shutil.copyfile(bundle / vk.file, bundle / cpu.file)
+    arts = tuple(dataclasses.replace(a, sha256=vk.sha256, size=vk.size) if a.id == "cpu:host" else a for a in m.artifacts)
+    update_manifest(bundle, lambda m: dataclasses.replace(m, artifacts=arts))
+    model = hxc.runtime.load(bundle)
+    assert model.artifact.id == "cpu:x86-64-v3"
+    assert model.attempts[0].artifact == "cpu:host" and "failed to load" in model.explain()
+    with pytest.raises(Exception, match="cpu:host on local-task"):
+        hxc.runtime.load(bundle, strict=True)
+
+
+def test_newer_schema_is_refused_clearly(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["schema_version"] = "2.0"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"schema 2\.0 is newer than this hxc reads.*upgrade hxc"):
+        hxc.runtime.load(bundle)
+
+
+@pytest.mark.parametrize(
+    "inputs, fragment",
+    [
+        ((np.zeros((2, 3, 32, 32), np.float32),), "has shape 2x3x32x32; expected 1x3x32x32xf32"),
+        ((np.zeros((1, 3, 32, 32), np.float16),), "has dtype f16; expected 1x3x32x32xf32"),
+        ((), "expected 1 input(s) (x: 1x3x32x32xf32), got 0"),
+    ],
+)
+def test_inputs_are_checked_against_the_signature(example_bundle, inputs, fragment):
+    model = hxc.runtime.load(example_bundle)
+    with pytest.raises(SignatureError) as e:
+        model(*inputs)
+    assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize("device", ["cpu", "vulkan"])
+def test_returns_the_kind_it_was_given(example_bundle, device):
+    model = hxc.runtime.load(example_bundle, device=device)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    out = model(x)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, _reference(torch.from_numpy(x)).numpy(), atol=1e-4, rtol=1e-3)
+    assert isinstance(model(torch.from_numpy(x)), torch.Tensor)
+
+
+def test_run_verify_select_and_doctor_commands(example_bundle, cli, tmp_path):
+    x = torch.randn(1, 3, 32, 32)
+    np.save(tmp_path / "x.npy", x.numpy())
+    result = cli("run", example_bundle, "--input", tmp_path / "x.npy", "--device", "vulkan", "-o", tmp_path / "y.npz")
+    assert result.exit_code == 0 and "vulkan:spirv" in result.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "y.npz")["output_0"], _reference(x).numpy(), atol=1e-4, rtol=1e-3)
+
+    verified = json.loads(cli("verify", example_bundle, "--json").stdout)
+    assert verified["ok"]
+    assert {r["artifact"] for r in verified["results"]} == {"cpu:host", "cpu:x86-64-v3", "vulkan:spirv"}
+    assert all(r["max_abs"] < 1e-4 for r in verified["results"])
+
+    explained = cli("select", example_bundle, "--explain")
+    assert explained.exit_code == 0 and "-> #1 cpu:host" in explained.stdout and "x  cuda:sm_90" in explained.stdout
+
+    doctor = json.loads(cli("doctor", "--json").stdout)
+    assert {d["name"] for d in doctor["drivers"] if d["available"]} >= {"local-task", "vulkan"}
+
+    bad = cli("run", example_bundle, "--input", tmp_path / "missing.npy")
+    assert bad.exit_code == ExitCode.USAGE and "no such input file" in bad.stderr
+
+
+def test_verify_reports_a_mismatch(bundle, cli):
+    golden = dict(np.load(bundle / "golden.npz"))
+    golden["output_0"] = golden["output_0"] + 1.0
+    np.savez(bundle / "golden.npz", **golden)
+    result = cli("verify", bundle)
+    assert result.exit_code == ExitCode.MISMATCH and "MISMATCH" in result.stdout
