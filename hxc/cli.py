@@ -87,6 +87,9 @@ def main(verbose: int) -> None:
               help="Input shape and dtype, e.g. 1x3x224x224xf32; `?` makes a dimension dynamic (?x128xi64). Repeat per input.")  # fmt: skip
 @click.option("--dynamic-batch", is_flag=True, help="Make dimension 0 of every input dynamic.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a pickled nn.Module (torch.save(model)); this runs code from the file.")
+@click.option("--weights", type=click.Choice(["auto", "inline", "shared"]), default="auto", show_default=True,
+              help="shared: store parameters once per bundle (weights.irpa) for all artifacts; inline: inside each "
+                   "artifact; auto: shared from 16 MiB of parameters (or with bf16 parameters).")  # fmt: skip
 @click.option("--allow-partial", is_flag=True, help="Write the bundle even if some targets fail (failures are recorded in it).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Targets compiled at once. [default: CPU count]")
 @click.option("--no-cache", is_flag=True, help="Recompile everything instead of reusing cached artifacts.")
@@ -94,8 +97,8 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ...], dynamic_batch: bool,
-            allow_pickle: bool, allow_partial: bool, jobs: int | None, no_cache: bool, cache_dir: Path | None,
-            as_json: bool) -> int:  # fmt: skip
+            allow_pickle: bool, weights: str, allow_partial: bool, jobs: int | None, no_cache: bool,
+            cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one IREE artifact per target.
 
     MODEL is a torch.export archive (.pt2), a TorchScript archive, a pickled module
@@ -112,13 +115,14 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
 
     variants = registry.resolve(targets)  # bad names fail before any slow work
     from hxc.compiler.build import build_bundle
+    from hxc.compiler.imported import ImportOptions
 
     out = output or Path(_default_name(model) + ".hxc")
+    options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights)  # type: ignore[arg-type]
     with ui.CompileProgress(variants, enabled=not as_json) as progress:
         result = build_bundle(
-            model, out, variants, inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle,
-            allow_partial=allow_partial, jobs=jobs, cache_dir=False if no_cache else (cache_dir or True),
-            on_event=progress.on_event, on_stage=progress.set_stage,
+            model, out, variants, options=options, allow_partial=allow_partial, jobs=jobs,
+            cache_dir=False if no_cache else (cache_dir or True), on_event=progress.on_event, on_stage=progress.set_stage,
         )  # fmt: skip
     failed = result.failed
     code = ExitCode.OK

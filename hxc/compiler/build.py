@@ -1,15 +1,14 @@
 """`hxc compile` as a library call: model in, bundle out.
 
-load (frontend) -> lower (torch-mlir IR) -> golden sample (PyTorch) -> compile per
-target (driver) -> write the bundle (manifests). The bundle is staged and swapped in
-only when complete; with failed targets it is published only if partial bundles are
-allowed, and the failures are recorded in its manifest.
+import (a frontend: PyTorch or ONNX) -> compile per target (driver, in parallel,
+through the cache) -> write the bundle. The bundle is staged and swapped in only when
+complete; with failed targets it is published only if partial bundles are allowed,
+and then the failures are recorded in its manifest.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import platform
 import shutil
 import tempfile
@@ -20,19 +19,15 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hxc import __version__
 from hxc.compiler.cache import CompileCache, default_cache_dir
 from hxc.compiler.driver import CompileEvent, CompileResult, compile_all
-from hxc.compiler.frontend import load_model
-from hxc.compiler.lower import lower
-from hxc.errors import LoweringError
+from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
 from hxc.manifests.bundle import file_sha256, write_manifest
+from hxc.manifests.schema import WEIGHTS_FILE, Weights
 from hxc.targets import Variant, family, resolve
-
-PROGRAM_FILE = "program.pt2"
 
 
 @dataclass
@@ -51,11 +46,9 @@ class BuildResult:
 def build_bundle(
     source: str,
     output: str | Path,
-    targets: str | Sequence[str] | Sequence[Variant] = "cpu",
+    targets: str | Sequence[Variant] = "all",
     *,
-    inputs: Sequence[str] = (),
-    dynamic_batch: bool = False,
-    allow_pickle: bool = False,
+    options: ImportOptions | None = None,
     allow_partial: bool = False,
     jobs: int | None = None,
     cache_dir: Path | None | bool = True,
@@ -67,52 +60,24 @@ def build_bundle(
     Raises HxcError for problems before compiling (bad model, bad target name, export
     failure). Compile failures are returned in the result, not raised.
     """
-    variants = list(targets) if targets and isinstance(list(targets)[0], Variant) else resolve(targets)  # type: ignore[arg-type]
+    variants = resolve(targets) if isinstance(targets, str) else list(targets)
+    options = options or ImportOptions()
     cache = CompileCache(default_cache_dir() if cache_dir is True else (cache_dir or None))
-    timings: dict[str, float] = {}
-
-    t = time.perf_counter()
-    on_stage("loading model")
-    model = load_model(source, inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle)
-    timings["load"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    on_stage("lowering to IREE input IR")
-    lowered = lower(model.program)
-    ir_sha = hashlib.sha256(lowered.mlir).hexdigest()
-    timings["lower"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    on_stage("running PyTorch for the golden sample")
-    golden = golden_sample(model.reference, model.example_args, len(lowered.signature.outputs))
-    timings["golden"] = time.perf_counter() - t
-
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".work", dir=out.parent) as work_dir:
         work = Path(work_dir)
-        ir_path = work / "model.mlirbc"
-        ir_path.write_bytes(lowered.mlir)
+        imported = import_model(source, options, work, on_stage)
+        timings = dict(imported.timings)
+
         t = time.perf_counter()
         on_stage("compiling")
-        results = compile_all(ir_path, ir_sha, variants, workdir=work, jobs=jobs, cache=cache, on_event=on_event)
-        results = [_name_source_operator(r, lowered.operators_at) for r in results]
+        ir_sha = file_sha256(imported.mlir)
+        results = compile_all(imported.mlir, ir_sha, variants, workdir=work, jobs=jobs, cache=cache, on_event=on_event)
+        results = [_name_source_operator(r, imported.operators_at) for r in results]
         timings["compile"] = time.perf_counter() - t
 
-        manifest = Manifest(
-            model=ModelInfo(
-                name=model.name,
-                source=model.source,
-                source_format=model.source_format,
-                source_sha256=model.source_sha256,
-                program_file=PROGRAM_FILE,
-                ir_sha256=ir_sha,
-            ),
-            signature=lowered.signature,
-            toolchain=toolchain(),
-            artifacts=tuple(_artifact_entry(r) for r in results),
-            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        )
+        manifest = _manifest(imported, ir_sha, results)
         failed = [r for r in results if r.status == "failed"]
         if failed and not (allow_partial and len(failed) < len(results)):
             # Nothing is published; an existing bundle at `out` stays as it was.
@@ -124,20 +89,61 @@ def build_bundle(
             for r, a in zip(results, manifest.artifacts):
                 if a.file is not None and r.vmfb is not None:
                     shutil.copyfile(r.vmfb, stage / a.file)
-            torch.export.save(model.program, str(stage / PROGRAM_FILE))
-            np.savez(stage / GOLDEN_FILE, **golden)
+            if imported.program is not None and imported.program_name:
+                shutil.copyfile(imported.program, stage / imported.program_name)
+            if imported.weights is not None:
+                shutil.move(imported.weights, stage / WEIGHTS_FILE)
+            np.savez(stage / GOLDEN_FILE, **imported.golden)
             write_manifest(stage, manifest)
     return BuildResult(out, True, manifest, results, timings)
 
 
+def import_model(source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None]) -> ImportedModel:
+    """Pick the frontend from the file's contents and import the model."""
+    from hxc.compiler.frontend import sniff_source
+
+    if sniff_source(source) == "onnx":
+        from hxc.compiler.onnx_import import import_onnx
+
+        return import_onnx(source, options, workdir, on_stage)
+    from hxc.compiler.torch_import import import_torch
+
+    return import_torch(source, options, workdir, on_stage)
+
+
+def _manifest(imported: ImportedModel, ir_sha: str, results: list[CompileResult]) -> Manifest:
+    weights = None
+    if imported.weights is not None:
+        weights = Weights(
+            file=WEIGHTS_FILE,
+            scope=PARAMETER_SCOPE,
+            sha256=file_sha256(imported.weights),
+            size=imported.weights.stat().st_size,
+        )
+    return Manifest(
+        model=ModelInfo(
+            name=imported.name,
+            source=imported.source,
+            source_format=imported.source_format,
+            source_sha256=imported.source_sha256,
+            program_file=imported.program_name,
+            ir_sha256=ir_sha,
+        ),
+        signature=imported.signature,
+        toolchain=toolchain(),
+        artifacts=tuple(_artifact_entry(r) for r in results),
+        weights=weights,
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    )
+
+
 def _name_source_operator(r: CompileResult, operators_at: dict[str, tuple[str, ...]]) -> CompileResult:
     """A backend names its own internal op (`vector.broadcast`); the user needs the
-    PyTorch operator and the line of their model it came from."""
+    model's operator and the line of their model it came from."""
     if r.status != "failed" or r.location not in operators_at or (r.operator or "").startswith("aten."):
         return r
     ops = ", ".join(operators_at[r.location])
-    where = f"{Path(r.location).name}"
-    return replace(r, operator=ops, error=f"cannot lower {ops} (at {where}): {r.error}")
+    return replace(r, operator=ops, error=f"cannot lower {ops} (at {Path(r.location).name}): {r.error}")
 
 
 def _artifact_entry(r: CompileResult) -> Artifact:
@@ -165,29 +171,6 @@ def _artifact_entry(r: CompileResult) -> Artifact:
         verified=r.verified,
         **common,
     )
-
-
-def golden_sample(reference: Callable, args: tuple, n_outputs: int) -> dict[str, np.ndarray]:
-    """Inputs and PyTorch's own outputs, flattened in the artifact's order."""
-    import torch.utils._pytree as pytree
-
-    with torch.no_grad():
-        outputs = reference(*args)
-    flat = [x for x in pytree.tree_leaves(outputs)]
-    if len(flat) != n_outputs or not all(isinstance(x, torch.Tensor) for x in flat):
-        raise LoweringError(
-            f"PyTorch returned {len(flat)} values where the exported program has {n_outputs} tensor outputs"
-        )
-    sample = {f"input_{i}": to_numpy(a) for i, a in enumerate(args)}
-    sample.update({f"output_{i}": to_numpy(o) for i, o in enumerate(flat)})
-    return sample
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)  # bf16 travels as raw bits
-    return t.numpy()
 
 
 def toolchain() -> Toolchain:

@@ -114,6 +114,17 @@ def load_model(
     )
 
 
+def sniff_source(source: str) -> str:
+    """Like `sniff`, for anything `hxc compile` accepts: `python-ref` for
+    file.py:factory / package.module:factory, `missing` for a path that does not exist."""
+    path = Path(source)
+    if path.is_file():
+        return sniff(path)
+    if _looks_like_python_ref(source):
+        return "python-ref"
+    return "missing"
+
+
 def sniff(path: Path) -> str:
     """Identify a model file by its contents: pt2 | torchscript | pickle | onnx | python | unknown."""
     with open(path, "rb") as f:

@@ -26,6 +26,7 @@ SCHEMA_VERSION: tuple[int, int] = (1, 0)
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"
 GOLDEN_FILE = "golden.npz"
+WEIGHTS_FILE = "weights.irpa"
 ARTIFACTS_DIR = "artifacts"
 LOCK_FILE = ".lock"
 
@@ -192,6 +193,17 @@ class Profile:
 
 
 @dataclass(frozen=True)
+class Weights:
+    """Parameters stored once per bundle, as an IREE parameter archive that every
+    artifact references by name within `scope`."""
+
+    file: str
+    scope: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: ModelInfo
     signature: Signature
@@ -199,6 +211,7 @@ class Manifest:
     artifacts: tuple[Artifact, ...]
     created: str  # ISO 8601, UTC
     golden_file: str | None = GOLDEN_FILE
+    weights: Weights | None = None  # None: each artifact carries its own weights
     hosts: tuple[Host, ...] = ()
     profiles: tuple[Profile, ...] = ()
     format: str = FORMAT

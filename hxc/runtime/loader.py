@@ -124,10 +124,11 @@ def load(
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host", hint=_summary(selection))
 
     attempts: list[LoadAttempt] = []
+    weights = _weights(path, manifest)
     for cand in selection.candidates:
-        _check_integrity(path, cand.artifact)
+        _check_file(path, cand.artifact.file, cand.artifact.sha256, f"artifact {cand.artifact.id}")
         try:
-            session = _Session.open(path / cand.artifact.file, cand.device)  # type: ignore[operator]
+            session = _Session.open(path / cand.artifact.file, cand.device, weights)  # type: ignore[operator]
         except Exception as e:
             if strict:
                 raise HxcError(f"{cand.artifact.id} on {cand.device.label} failed to load: {first_line(e)}") from None
@@ -147,17 +148,26 @@ def _summary(selection: Selection) -> str:
     return "; ".join(f"{r.artifact.id}: {r.reason}" for r in selection.rejected[:6]) or "the bundle has no artifacts"
 
 
-def _check_integrity(bundle: Path, artifact: Artifact) -> None:
-    assert artifact.file is not None and artifact.sha256 is not None
-    file = bundle / artifact.file
+def _check_file(bundle: Path, rel: str | None, sha256: str | None, what: str) -> None:
+    assert rel is not None and sha256 is not None
+    file = bundle / rel
     if not file.is_file():
-        raise IntegrityError(f"{file}: artifact {artifact.id} is missing from the bundle")
+        raise IntegrityError(f"{file}: {what} is missing from the bundle")
     actual = file_sha256(file)
-    if actual != artifact.sha256:
+    if actual != sha256:
         raise IntegrityError(
-            f"{file}: sha256 {actual[:12]}… does not match the manifest's {artifact.sha256[:12]}…; refusing to run it",
+            f"{file}: sha256 {actual[:12]}… does not match the manifest's {sha256[:12]}…; refusing to run it",
             hint="the file was modified or corrupted; recompile or restore the bundle",
         )
+
+
+def _weights(bundle: Path, manifest: Manifest) -> tuple[Path, str] | None:
+    """The shared parameter archive and its scope, checked, or None for inline weights."""
+    w = manifest.weights
+    if w is None:
+        return None
+    _check_file(bundle, w.file, w.sha256, "the shared weights")
+    return bundle / w.file, w.scope
 
 
 class _Session:
@@ -170,14 +180,20 @@ class _Session:
         self.module = module  # keep the mapping alive as long as the context
 
     @classmethod
-    def open(cls, vmfb: Path, device: Device) -> _Session:
+    def open(cls, vmfb: Path, device: Device, weights: tuple[Path, str] | None = None) -> _Session:
         import iree.runtime as rt
 
         hal_device = rt.get_device(device.uri)  # cached by IREE: one device per URI per process
         instance = _instance()
         module = rt.VmModule.mmap(instance, str(vmfb))
-        hal_module = rt.create_hal_module(instance, hal_device)
-        context = rt.VmContext(instance, modules=[hal_module, module])
+        modules = [rt.create_hal_module(instance, hal_device)]
+        if weights is not None:
+            # The archive is memory-mapped; parameters are read (or imported) by the
+            # device when the module initialises.
+            index = rt.ParameterIndex()
+            index.load(str(weights[0]))
+            modules.append(rt.create_io_parameters_module(instance, index.create_provider(scope=weights[1])))
+        context = rt.VmContext(instance, modules=[*modules, module])
         function = module.lookup_function("main")
         if function is None:
             raise HxcError(f"{vmfb}: has no 'main' function")

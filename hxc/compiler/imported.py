@@ -1,0 +1,54 @@
+"""What every frontend hands to the compile driver: the IREE input IR plus what the
+bundle needs to describe and check it. Frontends (PyTorch, ONNX) differ in how they
+get here; everything after this point is the same for all of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from hxc.manifests.schema import Signature
+
+WeightsMode = Literal["auto", "inline", "shared"]
+WEIGHTS_MODES: tuple[str, ...] = ("auto", "inline", "shared")
+# With `auto`, parameters at least this large are stored once per bundle (in an IREE
+# parameter archive) instead of inside every artifact.
+SHARED_WEIGHTS_THRESHOLD = 16 * 1024 * 1024
+PARAMETER_SCOPE = "model"
+
+
+@dataclass
+class ImportOptions:
+    inputs: tuple[str, ...] = ()  # --input specs
+    dynamic_batch: bool = False
+    allow_pickle: bool = False
+    weights: WeightsMode = "auto"
+
+
+@dataclass
+class ImportedModel:
+    name: str
+    source: str  # what the user passed
+    source_format: str  # torch.export | torchscript | python | pickle | onnx
+    source_sha256: str
+    mlir: Path  # IREE input IR (MLIR bytecode or text), function `main`
+    signature: Signature
+    golden: dict[str, np.ndarray]  # input_i / output_i; bf16 as raw uint16
+    program: Path | None  # the program the IR came from, copied into the bundle
+    program_name: str | None  # its file name in the bundle
+    weights: Path | None = None  # IREE parameter archive (.irpa), when weights are shared
+    operators_at: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def wants_shared_weights(mode: str, total_bytes: int, has_bf16: bool) -> bool:
+    if mode == "shared":
+        return True
+    if mode == "inline":
+        return False
+    # iree-turbine cannot inline bf16 parameters ("unsupported ScalarType BFloat16"
+    # from np.array), so they always go to the parameter archive.
+    return has_bf16 or total_bytes >= SHARED_WEIGHTS_THRESHOLD
