@@ -9,6 +9,7 @@ and then the failures are recorded in its manifest.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import platform
 import shutil
 import tempfile
@@ -21,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from hxc import __version__
-from hxc.compiler.cache import CompileCache, default_cache_dir
+from hxc.compiler.cache import CompileCache, ImportCache, default_cache_dir
 from hxc.compiler.driver import CompileEvent, CompileResult, compile_all
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
 from hxc.manifests.bundle import file_sha256, write_manifest
-from hxc.manifests.schema import WEIGHTS_FILE, Weights
+from hxc.manifests.schema import WEIGHTS_FILE, Signature, Weights, from_json, to_json
 from hxc.targets import Variant, family, resolve
 
 
@@ -62,12 +63,13 @@ def build_bundle(
     """
     variants = resolve(targets) if isinstance(targets, str) else list(targets)
     options = options or ImportOptions()
-    cache = CompileCache(default_cache_dir() if cache_dir is True else (cache_dir or None))
+    cache_root = default_cache_dir() if cache_dir is True else (cache_dir or None)
+    cache = CompileCache(cache_root)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".work", dir=out.parent) as work_dir:
         work = Path(work_dir)
-        imported = import_model(source, options, work, on_stage)
+        imported = import_model(source, options, work, on_stage, cache_root)
         timings = dict(imported.timings)
 
         t = time.perf_counter()
@@ -92,23 +94,74 @@ def build_bundle(
             if imported.program is not None and imported.program_name:
                 shutil.copyfile(imported.program, stage / imported.program_name)
             if imported.weights is not None:
-                shutil.move(imported.weights, stage / WEIGHTS_FILE)
+                shutil.copyfile(imported.weights, stage / WEIGHTS_FILE)
             np.savez(stage / GOLDEN_FILE, **imported.golden)
             write_manifest(stage, manifest)
     return BuildResult(out, True, manifest, results, timings)
 
 
-def import_model(source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None]) -> ImportedModel:
-    """Pick the frontend from the file's contents and import the model."""
+def import_model(
+    source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None], cache_root: Path | None = None
+) -> ImportedModel:
+    """Pick the frontend from the file's contents and import the model, through the
+    import cache for model files."""
     from hxc.compiler.frontend import sniff_source
 
-    if sniff_source(source) == "onnx":
+    kind = sniff_source(source)
+    cache = ImportCache(cache_root if kind not in ("python-ref", "missing") else None)
+    key = None
+    if cache.root is not None:
+        key = ImportCache.key(file_sha256(source), (kind, options), to_json(toolchain()))
+        if (entry := cache.get(key)) is not None:
+            on_stage("reusing the cached import")
+            return _imported_from_cache(entry, source)
+    if kind == "onnx":
         from hxc.compiler.onnx_import import import_onnx
 
-        return import_onnx(source, options, workdir, on_stage)
-    from hxc.compiler.torch_import import import_torch
+        imported = import_onnx(source, options, workdir, on_stage)
+    else:
+        from hxc.compiler.torch_import import import_torch
 
-    return import_torch(source, options, workdir, on_stage)
+        imported = import_torch(source, options, workdir, on_stage)
+    if key is not None:
+        _cache_import(cache, key, imported, workdir)
+    return imported
+
+
+def _cache_import(cache: ImportCache, key: str, m: ImportedModel, workdir: Path) -> None:
+    golden = workdir / "golden-cache.npz"
+    np.savez(golden, **m.golden)
+    files = {"ir": m.mlir, "golden.npz": golden}
+    if m.program is not None:
+        files["program"] = m.program
+    if m.weights is not None:
+        files["weights.irpa"] = m.weights
+    meta = {
+        "name": m.name, "source_format": m.source_format, "source_sha256": m.source_sha256,
+        "program_name": m.program_name, "signature": to_json(m.signature), "operators_at": m.operators_at,
+        "ir_name": m.mlir.name,
+    }  # fmt: skip
+    cache.put(key, files, meta)
+
+
+def _imported_from_cache(entry: Path, source: str) -> ImportedModel:
+    meta = json.loads((entry / "meta.json").read_text())
+    with np.load(entry / "golden.npz") as g:
+        golden = dict(g)
+    return ImportedModel(
+        name=meta["name"],
+        source=source,
+        source_format=meta["source_format"],
+        source_sha256=meta["source_sha256"],
+        mlir=entry / "ir",
+        signature=from_json(Signature, meta["signature"]),
+        golden=golden,
+        program=entry / "program" if (entry / "program").is_file() else None,
+        program_name=meta["program_name"],
+        weights=entry / "weights.irpa" if (entry / "weights.irpa").is_file() else None,
+        operators_at={k: tuple(v) for k, v in meta["operators_at"].items()},
+        timings={"import (cached)": 0.0},
+    )
 
 
 def _manifest(imported: ImportedModel, ir_sha: str, results: list[CompileResult]) -> Manifest:

@@ -1,10 +1,16 @@
-"""A content-addressed cache of compiled artifacts.
+"""Content-addressed caches that make re-running the same compile near-instant.
 
-The key is the sha256 of everything that determines the output bytes: the input IR,
-the exact flags, and the compiler's version. A hit copies the stored vmfb instead of
-running iree-compile, so re-running the same compile is near-instant. Entries are
-written to a temporary name and renamed, so concurrent compiles never see half an
-entry. The location is $HXC_CACHE_DIR, else $XDG_CACHE_HOME/hxc, else ~/.cache/hxc.
+- CompileCache: one vmfb per (input IR, exact flags, target variant, compiler
+  version). A hit copies the stored vmfb instead of running iree-compile.
+- ImportCache: one imported model (IR, golden sample, program, weights) per model
+  *file* (its sha256), import options and toolchain versions. A hit skips loading
+  PyTorch, exporting and lowering. Python factories are never import-cached: their
+  code can change anywhere on the import path, so they are always re-exported (and
+  still hit the compile cache when the IR comes out the same).
+
+Entries are written under a temporary name and renamed, so concurrent compiles never
+see half an entry. The location is $HXC_CACHE_DIR, else $XDG_CACHE_HOME/hxc, else
+~/.cache/hxc.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,3 +81,39 @@ class CompileCache:
         d = self.root / key[:2]
         return d / f"{key}.vmfb", d / f"{key}.json"
 
+
+
+class ImportCache:
+    """Imported models by key; an entry is a directory of files plus meta.json."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root / "import" if root is not None else None
+
+    @staticmethod
+    def key(source_sha256: str, options: object, versions: dict[str, str | None]) -> str:
+        h = hashlib.sha256()
+        h.update(source_sha256.encode())
+        h.update(json.dumps([repr(options), sorted(versions.items())]).encode())
+        return h.hexdigest()
+
+    def get(self, key: str) -> Path | None:
+        if self.root is None:
+            return None
+        entry = self.root / key[:2] / key
+        return entry if (entry / "meta.json").is_file() else None
+
+    def put(self, key: str, files: dict[str, Path], meta: dict) -> Path | None:
+        if self.root is None:
+            return None
+        final = self.root / key[:2] / key
+        final.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{key[:8]}.", dir=final.parent))
+        try:
+            for name, src in files.items():
+                shutil.copyfile(src, stage / name)
+            atomic_write(stage / "meta.json", json.dumps(meta).encode())
+            os.rename(stage, final)
+        except OSError:
+            # Another process stored the same entry first; theirs is as good as ours.
+            shutil.rmtree(stage, ignore_errors=True)
+        return final if (final / "meta.json").is_file() else None

@@ -38,8 +38,12 @@ class HostProbe:
     os: str
     cpu: HostCpu
     drivers: tuple[DriverStatus, ...]
-    versions: dict[str, str]
     seconds: float
+
+    @property
+    def versions(self) -> dict[str, str]:
+        # Read on demand: package metadata lookups would add ~5 ms to every probe.
+        return _versions()
 
     @property
     def devices(self) -> tuple[Device, ...]:
@@ -81,7 +85,6 @@ def probe_host() -> HostProbe:
         os=f"{platform.system()} {platform.release()}",
         cpu=host_cpu(),
         drivers=tuple(statuses),
-        versions=_versions(),
         seconds=time.perf_counter() - t0,
     )
 
@@ -122,6 +125,7 @@ def _driver_reason(e: Exception) -> str:
     return text
 
 
+@functools.cache
 def _versions() -> dict[str, str]:
     out = {"hxc": __version__, "python": platform.python_version()}
     for dist in ("iree-base-runtime", "torch"):
