@@ -90,6 +90,9 @@ def main(verbose: int) -> None:
 @click.option("--weights", type=click.Choice(["auto", "inline", "shared"]), default="auto", show_default=True,
               help="shared: store parameters once per bundle (weights.irpa) for all artifacts; inline: inside each "
                    "artifact; auto: shared from 16 MiB of parameters (or with bf16 parameters).")  # fmt: skip
+@click.option("-p", "--precision", "precisions", default="fp32", show_default=True, metavar="LIST",
+              help="Compute precisions to build, e.g. fp32,fp16,bf16: one artifact per target and precision, same "
+                   "interface. The loader picks a reduced one only when allowed.")  # fmt: skip
 @click.option("--allow-partial", is_flag=True, help="Write the bundle even if some targets fail (failures are recorded in it).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Targets compiled at once. [default: CPU count]")
 @click.option("--no-cache", is_flag=True, help="Recompile everything instead of reusing cached artifacts.")
@@ -97,7 +100,7 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ...], dynamic_batch: bool,
-            allow_pickle: bool, weights: str, allow_partial: bool, jobs: int | None, no_cache: bool,
+            allow_pickle: bool, weights: str, precisions: str, allow_partial: bool, jobs: int | None, no_cache: bool,
             cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one IREE artifact per target.
 
@@ -114,14 +117,15 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
     from hxc import ui
 
     variants = registry.resolve(targets)  # bad names fail before any slow work
+    wanted = _precisions(precisions)
     from hxc.compiler.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
     out = output or Path(_default_name(model) + ".hxc")
     options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights)  # type: ignore[arg-type]
-    with ui.CompileProgress(variants, enabled=not as_json) as progress:
+    with ui.CompileProgress(enabled=not as_json) as progress:
         result = build_bundle(
-            model, out, variants, options=options, allow_partial=allow_partial, jobs=jobs,
+            model, out, variants, options=options, precisions=wanted, allow_partial=allow_partial, jobs_parallel=jobs,
             cache_dir=False if no_cache else (cache_dir or True), on_event=progress.on_event, on_stage=progress.set_stage,
         )  # fmt: skip
     failed = result.failed
@@ -135,8 +139,10 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
         ui.out.print(f"[green]wrote[/green] {out}  ({len(result.results) - len(failed)} artifacts, "
                      f"{sum(r.seconds for r in result.results):.1f}s of compile time, "
                      f"{result.timings.get('compile', 0):.1f}s wall)")  # fmt: skip
+    for skipped in result.skipped:
+        ui.warn(f"skipped {skipped}: the {skipped.split(':')[0]} backend cannot generate {skipped.split('@')[1]} code")
     for r in failed:
-        ui.error(f"{r.variant.id}: {r.error}")
+        ui.error(f"{r.job.id}: {r.error}")
     if failed and not result.written:
         what = f"{len(failed)} of {len(result.results)} targets failed"
         hint = "; pass --allow-partial to write a bundle without them" if code == ExitCode.PARTIAL else ""
@@ -144,6 +150,17 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
     elif failed:
         ui.warn(f"{len(failed)} target(s) failed and are recorded as failed in the bundle")
     return code
+
+
+def _precisions(text: str) -> list[str]:
+    from hxc.errors import UsageError
+    from hxc.manifests.schema import PRECISIONS
+
+    wanted = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in wanted if p not in PRECISIONS]
+    if bad or not wanted:
+        raise UsageError(f"unknown precision {', '.join(bad) or repr(text)}", hint=f"choose from: {', '.join(PRECISIONS)}")
+    return wanted
 
 
 def _default_name(model: str) -> str:
@@ -160,6 +177,7 @@ def _build_json(result: Any) -> dict[str, Any]:
         "written": result.written,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "artifacts": [to_json(a) for a in result.manifest.artifacts],
+        "skipped": result.skipped,
     }
 
 
@@ -237,6 +255,9 @@ DEVICE_OPTION = click.option(
     "-d", "--device", envvar="HXC_DEVICE", default=None,
     help="Force a device: a driver (vulkan, local-task, cuda, hip), a family (cpu) or an artifact id. [env: HXC_DEVICE]",
 )  # fmt: skip
+PRECISION_OPTION = click.option("--precision", default=None, help="Allow reduced-precision artifacts of this precision (fp16, bf16).")
+TOLERANCE_OPTION = click.option("--tolerance", type=float, default=None,
+                                help="Allow reduced-precision artifacts whose recorded error vs fp32 is at most this.")  # fmt: skip
 POLICY_OPTION = click.option("--policy", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True,
                              help="What recorded profiles rank by.")  # fmt: skip
 
@@ -245,17 +266,20 @@ POLICY_OPTION = click.option("--policy", type=click.Choice(["latency", "throughp
 @click.argument("bundle", type=click.Path(path_type=Path))
 @DEVICE_OPTION
 @POLICY_OPTION
+@PRECISION_OPTION
+@TOLERANCE_OPTION
 @click.option("--explain", is_flag=True, help="List every artifact, accepted or rejected, with the reason.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
-def select(bundle: Path, device: str | None, policy: str, explain: bool, as_json: bool) -> int:
+def select(bundle: Path, device: str | None, policy: str, precision: str | None, tolerance: float | None,
+           explain: bool, as_json: bool) -> int:  # fmt: skip
     """Show which artifact `hxc.runtime.load` would pick on this host, and why."""
     from hxc import ui
     from hxc.manifests import read_manifest
     from hxc.runtime import probe_host
     from hxc.runtime import select as choose
 
-    sel = choose(read_manifest(bundle), probe_host(), policy=policy, device=device)
+    sel = choose(read_manifest(bundle), probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance)
     if as_json:
         ui.print_json({
             "ok": sel.best is not None, "policy": sel.policy, "forced": sel.forced,
@@ -280,10 +304,13 @@ def select(bundle: Path, device: str | None, policy: str, explain: bool, as_json
               help="A .npy file per input, in order, or one .npz holding them all.")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Save the outputs to this .npz file.")
 @DEVICE_OPTION
+@PRECISION_OPTION
+@TOLERANCE_OPTION
 @click.option("--strict", is_flag=True, help="Fail instead of falling back when --device cannot be used.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
-def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str | None, strict: bool, as_json: bool) -> None:
+def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str | None, precision: str | None,
+        tolerance: float | None, strict: bool, as_json: bool) -> None:  # fmt: skip
     """Run BUNDLE on input arrays and print (or save) the outputs."""
     import numpy as np
 
@@ -291,7 +318,7 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     from hxc.runtime.io import read_arrays
 
     arrays = read_arrays(inputs)
-    model = runtime.load(bundle, device=device, strict=strict)
+    model = runtime.load(bundle, device=device, strict=strict, precision=precision, tolerance=tolerance)
     outputs = model.run_flat(arrays)
     if output is not None:
         from hxc.manifests.bundle import atomic_savez

@@ -53,8 +53,8 @@ class CompileProgress:
     """One line per target: spinner while compiling, then a check or a cross with the
     time and size. Without a terminal it prints one plain line per finished target."""
 
-    def __init__(self, variants: list[Any], enabled: bool = True) -> None:
-        self.rows: dict[str, dict[str, Any]] = {v.id: {"state": "queued"} for v in variants}
+    def __init__(self, enabled: bool = True) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
         self.enabled = enabled
         self.stage = ""
         self._lock = threading.Lock()
@@ -80,7 +80,7 @@ class CompileProgress:
 
     def on_event(self, event: Any) -> None:
         with self._lock:
-            row = self.rows[event.variant.id]
+            row = self.rows.setdefault(event.job.id, {"state": "queued"})
             if event.kind == "start":
                 row.update(state="running", started=time.perf_counter())
             else:
@@ -88,7 +88,7 @@ class CompileProgress:
                 size = r.vmfb.stat().st_size if r.vmfb is not None and r.vmfb.exists() else None
                 row.update(state=r.status, seconds=r.seconds, size=size, cached=r.cached, error=r.error)
                 if self._live is None and self.enabled:
-                    err.print(self._line(event.variant.id, row))
+                    err.print(self._line(event.job.id, row))
         if self._live is not None:
             self._live.update(self._render())
 
@@ -103,7 +103,7 @@ class CompileProgress:
     def _render(self) -> Table:
         grid = Table.grid(padding=(0, 1))
         grid.add_column()
-        if self.stage and all(r["state"] == "queued" for r in self.rows.values()):
+        if self.stage and all(r["state"] != "running" for r in self.rows.values()) and self.stage != "compiling":
             grid.add_row(Spinner("dots", text=Text(self.stage + "…", style="dim")))
         for target, row in self.rows.items():
             if row["state"] == "running":

@@ -12,7 +12,7 @@ from hxc.runtime.verify import TOLERANCES
 
 pytest.importorskip("transformers")
 
-ZOO = ["bert", "gpt2", "llama", "t5_encoder", "vit", "whisper_encoder", "lstm", "gru", "cnn_f16"]
+ZOO = ["bert", "gpt2", "llama", "t5_encoder", "vit", "whisper_encoder", "lstm", "gru", "cnn_f16", "mlp_bf16"]
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hxc import targets
-from hxc.compiler.driver import compile_all
+from hxc.compiler.driver import CompileJob, compile_all
 from hxc.errors import UsageError
 from hxc.targets.base import CheckFailed
 from hxc.targets.cuda import find_ptxas, ptxas_version
@@ -83,7 +83,7 @@ def mlp_ir(tmp_path_factory) -> tuple[Path, str]:
 @pytest.mark.parametrize("variant", targets.all_variants(), ids=lambda v: v.id)
 def test_every_variant_compiles_to_its_binary_format(variant, mlp_ir, tmp_path):
     ir, sha = mlp_ir
-    [result] = compile_all(ir, sha, [variant], workdir=tmp_path)
+    [result] = compile_all([CompileJob(ir, sha, variant)], workdir=tmp_path)
     assert result.status == "ok", result.error
     plan = result.plan
     formats = zipfile.ZipFile(result.vmfb).namelist()

@@ -23,9 +23,10 @@ import numpy as np
 
 from hxc import __version__
 from hxc.compiler.cache import CompileCache, ImportCache, default_cache_dir
-from hxc.compiler.driver import CompileEvent, CompileResult, compile_all
+from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
+from hxc.errors import UsageError
 from hxc.manifests.bundle import file_sha256, write_manifest
 from hxc.manifests.schema import WEIGHTS_FILE, Signature, Weights, from_json, to_json
 from hxc.targets import Variant, family, resolve
@@ -38,6 +39,7 @@ class BuildResult:
     manifest: Manifest
     results: list[CompileResult]
     timings: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # target@precision a family cannot generate
 
     @property
     def failed(self) -> list[CompileResult]:
@@ -50,8 +52,9 @@ def build_bundle(
     targets: str | Sequence[Variant] = "all",
     *,
     options: ImportOptions | None = None,
+    precisions: Sequence[str] = ("fp32",),
     allow_partial: bool = False,
-    jobs: int | None = None,
+    jobs_parallel: int | None = None,
     cache_dir: Path | None | bool = True,
     on_event: Callable[[CompileEvent], None] = lambda e: None,
     on_stage: Callable[[str], None] = lambda s: None,
@@ -69,21 +72,35 @@ def build_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".work", dir=out.parent) as work_dir:
         work = Path(work_dir)
-        imported = import_model(source, options, work, on_stage, cache_root)
-        timings = dict(imported.timings)
+        imports: dict[str, ImportedModel] = {}
+        for precision in dict.fromkeys(["fp32", *precisions]):  # fp32 first: it is the reference
+            sub = work / precision
+            sub.mkdir()
+            imports[precision] = import_model(source, replace(options, precision=precision), sub, on_stage, cache_root)
+        reference = imports["fp32"]
+        timings = dict(reference.timings)
 
+        jobs: list[CompileJob] = []
+        skipped: list[str] = []
+        for precision in dict.fromkeys(precisions):
+            imp = imports[precision]
+            ir_sha = file_sha256(imp.mlir)
+            for v in variants:
+                if precision in family(v.family).precisions:
+                    jobs.append(CompileJob(imp.mlir, ir_sha, v, precision))
+                else:
+                    skipped.append(f"{v.id}@{precision}")
         t = time.perf_counter()
         on_stage("compiling")
-        ir_sha = file_sha256(imported.mlir)
-        results = compile_all(imported.mlir, ir_sha, variants, workdir=work, jobs=jobs, cache=cache, on_event=on_event)
-        results = [_name_source_operator(r, imported.operators_at) for r in results]
+        results = compile_all(jobs, workdir=work, parallel=jobs_parallel, cache=cache, on_event=on_event)
+        results = [_name_source_operator(r, imports[r.job.precision].operators_at) for r in results]
         timings["compile"] = time.perf_counter() - t
 
-        manifest = _manifest(imported, ir_sha, results)
+        manifest = _manifest(imports, [p for p in dict.fromkeys(precisions)], results)
         failed = [r for r in results if r.status == "failed"]
         if failed and not (allow_partial and len(failed) < len(results)):
             # Nothing is published; an existing bundle at `out` stays as it was.
-            return BuildResult(out, False, manifest, results, timings)
+            return BuildResult(out, False, manifest, results, timings, skipped)
 
         on_stage("writing bundle")
         with staged_bundle(out) as stage:
@@ -91,13 +108,13 @@ def build_bundle(
             for r, a in zip(results, manifest.artifacts):
                 if a.file is not None and r.vmfb is not None:
                     shutil.copyfile(r.vmfb, stage / a.file)
-            if imported.program is not None and imported.program_name:
-                shutil.copyfile(imported.program, stage / imported.program_name)
-            if imported.weights is not None:
-                shutil.copyfile(imported.weights, stage / WEIGHTS_FILE)
-            np.savez(stage / GOLDEN_FILE, **imported.golden)
+            if reference.program is not None and reference.program_name:
+                shutil.copyfile(reference.program, stage / reference.program_name)
+            for w in manifest.weights:
+                shutil.copyfile(imports[w.precision].weights, stage / w.file)  # type: ignore[arg-type]
+            np.savez(stage / GOLDEN_FILE, **reference.golden)
             write_manifest(stage, manifest)
-    return BuildResult(out, True, manifest, results, timings)
+    return BuildResult(out, True, manifest, results, timings, skipped)
 
 
 def import_model(
@@ -108,6 +125,8 @@ def import_model(
     from hxc.compiler.frontend import sniff_source
 
     kind = sniff_source(source)
+    if kind == "onnx" and options.precision != "fp32":
+        raise UsageError("--precision fp16/bf16 is supported for PyTorch models only", hint="convert the ONNX model itself")
     cache = ImportCache(cache_root if kind not in ("python-ref", "missing") else None)
     key = None
     if cache.root is not None:
@@ -139,7 +158,7 @@ def _cache_import(cache: ImportCache, key: str, m: ImportedModel, workdir: Path)
     meta = {
         "name": m.name, "source_format": m.source_format, "source_sha256": m.source_sha256,
         "program_name": m.program_name, "signature": to_json(m.signature), "operators_at": m.operators_at,
-        "ir_name": m.mlir.name,
+        "ir_name": m.mlir.name, "precision": m.precision, "precision_error": m.precision_error,
     }  # fmt: skip
     cache.put(key, files, meta)
 
@@ -160,31 +179,37 @@ def _imported_from_cache(entry: Path, source: str) -> ImportedModel:
         program_name=meta["program_name"],
         weights=entry / "weights.irpa" if (entry / "weights.irpa").is_file() else None,
         operators_at={k: tuple(v) for k, v in meta["operators_at"].items()},
+        precision=meta["precision"],
+        precision_error=meta["precision_error"],
         timings={"import (cached)": 0.0},
     )
 
 
-def _manifest(imported: ImportedModel, ir_sha: str, results: list[CompileResult]) -> Manifest:
-    weights = None
-    if imported.weights is not None:
-        weights = Weights(
-            file=WEIGHTS_FILE,
+def _manifest(imports: dict[str, ImportedModel], precisions: list[str], results: list[CompileResult]) -> Manifest:
+    reference = imports["fp32"]
+    weights = tuple(
+        Weights(
+            file=WEIGHTS_FILE if p == "fp32" else WEIGHTS_FILE.replace(".irpa", f"-{p}.irpa"),
             scope=PARAMETER_SCOPE,
-            sha256=file_sha256(imported.weights),
-            size=imported.weights.stat().st_size,
+            sha256=file_sha256(imports[p].weights),  # type: ignore[arg-type]
+            size=imports[p].weights.stat().st_size,  # type: ignore[union-attr]
+            precision=p,
         )
+        for p in precisions
+        if imports[p].weights is not None
+    )
     return Manifest(
         model=ModelInfo(
-            name=imported.name,
-            source=imported.source,
-            source_format=imported.source_format,
-            source_sha256=imported.source_sha256,
-            program_file=imported.program_name,
-            ir_sha256=ir_sha,
+            name=reference.name,
+            source=reference.source,
+            source_format=reference.source_format,
+            source_sha256=reference.source_sha256,
+            program_file=reference.program_name,
+            ir_sha256=file_sha256(reference.mlir),
         ),
-        signature=imported.signature,
+        signature=reference.signature,
         toolchain=toolchain(),
-        artifacts=tuple(_artifact_entry(r) for r in results),
+        artifacts=tuple(_artifact_entry(r, imports[r.job.precision]) for r in results),
         weights=weights,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )
@@ -199,11 +224,12 @@ def _name_source_operator(r: CompileResult, operators_at: dict[str, tuple[str, .
     return replace(r, operator=ops, error=f"cannot lower {ops} (at {Path(r.location).name}): {r.error}")
 
 
-def _artifact_entry(r: CompileResult) -> Artifact:
-    v = r.plan.variant
+def _artifact_entry(r: CompileResult, imported: ImportedModel) -> Artifact:
+    job = r.job
+    v = job.variant
     fam = family(v.family)
     common = dict(
-        id=v.id,
+        id=job.id,
         family=v.family,
         variant=v.name,
         backend=fam.backend,
@@ -213,12 +239,14 @@ def _artifact_entry(r: CompileResult) -> Artifact:
         requires=r.plan.requires,
         compile_seconds=round(r.seconds, 3),
         cached=r.cached,
+        precision=job.precision,
+        precision_error=imported.precision_error,
     )
     if r.status == "failed" or r.vmfb is None:
         return Artifact(status="failed", error=r.error, operator=r.operator, **common)
     return Artifact(
         status="ok",
-        file=f"{ARTIFACTS_DIR}/{v.family}-{v.name}.vmfb",
+        file=f"{ARTIFACTS_DIR}/{job.file_stem}.vmfb",
         sha256=file_sha256(r.vmfb),
         size=r.vmfb.stat().st_size,
         verified=r.verified,

@@ -1,4 +1,5 @@
-"""Run iree-compile once per target variant, in parallel, through the cache.
+"""Run iree-compile once per job (input IR x target variant x precision), in parallel,
+through the cache.
 
 Each compile is its own iree-compile process, so targets compile in parallel on all
 cores and one crashing compile cannot take the others down. A failure is kept as a
@@ -30,7 +31,28 @@ from hxc.targets.base import CheckFailed
 
 
 @dataclass(frozen=True)
+class CompileJob:
+    """One iree-compile run: an input IR for one target variant at one precision."""
+
+    ir: Path
+    ir_sha256: str
+    variant: Variant
+    precision: str = "fp32"
+
+    @property
+    def id(self) -> str:
+        """Artifact id: `cpu:host`, or `cpu:host@fp16` for a reduced-precision variant."""
+        return self.variant.id if self.precision == "fp32" else f"{self.variant.id}@{self.precision}"
+
+    @property
+    def file_stem(self) -> str:
+        stem = f"{self.variant.family}-{self.variant.name}"
+        return stem if self.precision == "fp32" else f"{stem}-{self.precision}"
+
+
+@dataclass(frozen=True)
 class CompileResult:
+    job: CompileJob
     plan: CompilePlan
     status: Literal["ok", "failed"]
     seconds: float
@@ -51,7 +73,7 @@ class CompileResult:
 @dataclass(frozen=True)
 class CompileEvent:
     kind: Literal["start", "done"]
-    variant: Variant
+    job: CompileJob
     result: CompileResult | None = None
 
 
@@ -96,30 +118,28 @@ class _Processes:
 
 
 def compile_all(
-    ir: Path,
-    ir_sha256: str,
-    variants: Sequence[Variant],
+    jobs: Sequence[CompileJob],
     *,
     workdir: Path,
-    jobs: int | None = None,
+    parallel: int | None = None,
     cache: CompileCache | None = None,
     on_event: Callable[[CompileEvent], None] = lambda e: None,
 ) -> list[CompileResult]:
-    """Compile `ir` for every variant; results come back in the order of `variants`.
+    """Run every job, `parallel` at a time; results come back in the order of `jobs`.
     Artifacts land in `workdir` (or stay in the cache, for hits)."""
     cache = cache or CompileCache(None)
     procs = _Processes()
-    jobs = max(1, jobs or os.cpu_count() or 1)
+    parallel = max(1, parallel or os.cpu_count() or 1)
 
-    def one(variant: Variant) -> CompileResult:
-        on_event(CompileEvent("start", variant))
-        result = _compile_one(ir, ir_sha256, variant, workdir, cache, procs)
-        on_event(CompileEvent("done", variant, result))
+    def one(job: CompileJob) -> CompileResult:
+        on_event(CompileEvent("start", job))
+        result = _compile_one(job, workdir, cache, procs)
+        on_event(CompileEvent("done", job, result))
         return result
 
-    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="iree-compile")
+    pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="iree-compile")
     try:
-        futures = [pool.submit(one, v) for v in variants]
+        futures = [pool.submit(one, j) for j in jobs]
         return [f.result() for f in futures]
     except BaseException:
         procs.kill_all()
@@ -128,20 +148,19 @@ def compile_all(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _compile_one(
-    ir: Path, ir_sha256: str, variant: Variant, workdir: Path, cache: CompileCache, procs: _Processes
-) -> CompileResult:
+def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Processes) -> CompileResult:
     t0 = time.perf_counter()
+    variant = job.variant
     fam = family(variant.family)
     plan = fam.plan(variant)
     # The variant is part of the key: two variants may share flags but not the check
     # that proves their binary (cuda:sm_80 and cuda:sm_90 compile the same PTX).
-    key = CompileCache.key(ir_sha256, (variant.id, *plan.flags), compiler_version())
-    out = workdir / f"{variant.family}-{variant.name}.vmfb"
-    argv = (iree_compile_path(), str(ir), *plan.flags, "-o", str(out))
+    key = CompileCache.key(job.ir_sha256, (variant.id, *plan.flags), compiler_version())
+    out = workdir / f"{job.file_stem}.vmfb"
+    argv = (iree_compile_path(), str(job.ir), *plan.flags, "-o", str(out))
     hit = cache.get(key)
     if hit is not None:
-        return CompileResult(plan, "ok", time.perf_counter() - t0, argv, hit.vmfb, cached=True, verified=hit.verified)
+        return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, hit.vmfb, cached=True, verified=hit.verified)
 
     with tempfile.TemporaryDirectory(prefix="hxc-bin-", dir=workdir) as bins:
         run_argv = [*argv]
@@ -150,16 +169,16 @@ def _compile_one(
         code, stderr = procs.run(run_argv)
         if code != 0:
             error, operator, location = summarize_compile_error(stderr, code)
-            _save_temps(ir, variant, argv, stderr)
-            return CompileResult(plan, "failed", time.perf_counter() - t0, argv, error=error, operator=operator,
+            _save_temps(job, argv, stderr)
+            return CompileResult(job, plan, "failed", time.perf_counter() - t0, argv, error=error, operator=operator,
                                  location=location, stderr=stderr)  # fmt: skip
         try:
             verified = fam.check(plan, Path(bins))
         except CheckFailed as e:
             out.unlink(missing_ok=True)
-            return CompileResult(plan, "failed", time.perf_counter() - t0, argv, error=str(e), stderr=stderr)
+            return CompileResult(job, plan, "failed", time.perf_counter() - t0, argv, error=str(e), stderr=stderr)
     cache.put(key, out, verified)
-    return CompileResult(plan, "ok", time.perf_counter() - t0, argv, out, verified=verified, stderr=stderr)
+    return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, out, verified=verified, stderr=stderr)
 
 
 _LOCATION = re.compile(r"^(?P<file>[^\s:][^:]*):(?P<line>\d+):\d+:\s*")
@@ -199,13 +218,14 @@ def _ir_snippet(line: str) -> str:
     return types[1].strip() if len(types) == 2 else ""
 
 
-def _save_temps(ir: Path, variant: Variant, argv: tuple[str, ...], stderr: str) -> None:
+def _save_temps(job: CompileJob, argv: tuple[str, ...], stderr: str) -> None:
     """With HXC_SAVE_TEMPS=DIR, keep what reproduces a failed compile."""
     root = os.environ.get("HXC_SAVE_TEMPS")
     if not root:
         return
-    d = Path(root) / f"{variant.family}-{variant.name}"
+    d = Path(root) / job.file_stem
     d.mkdir(parents=True, exist_ok=True)
+    ir = job.ir
     shutil.copyfile(ir, d / ir.name)
     cmd = [argv[0], ir.name, *argv[2:-2], "-o", "out.vmfb"]
     (d / "reproduce.sh").write_text("#!/bin/sh\ncd \"$(dirname \"$0\")\"\n" + shlex.join(cmd) + "\n")

@@ -26,6 +26,7 @@ class ImportOptions:
     dynamic_batch: bool = False
     allow_pickle: bool = False
     weights: WeightsMode = "auto"
+    precision: str = "fp32"  # compute precision; the interface stays as the model's
 
 
 @dataclass
@@ -40,6 +41,8 @@ class ImportedModel:
     program: Path | None  # the program the IR came from, copied into the bundle
     program_name: str | None  # its file name in the bundle
     weights: Path | None = None  # IREE parameter archive (.irpa), when weights are shared
+    precision: str = "fp32"
+    precision_error: float | None = None  # vs the fp32 reference, for reduced precision
     operators_at: dict[str, tuple[str, ...]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 

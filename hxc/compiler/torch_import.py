@@ -10,6 +10,7 @@ placeholders), so the bundle holds one copy of the weights.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,9 +38,13 @@ def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: C
     golden = golden_sample(model.reference, model.example_args)
     timings["golden"] = time.perf_counter() - t
 
+    program, precision_error = model.program, None
+    if options.precision != "fp32":
+        on_stage(f"converting to {options.precision}")
+        program, precision_error = _at_precision(model, options.precision, golden)
+
     t = time.perf_counter()
     on_stage("lowering to IREE input IR")
-    program = model.program
     weights = _program_weights(program)
     total = sum(w.numel() * w.element_size() for w in weights.values())
     has_bf16 = any(w.dtype == torch.bfloat16 for w in weights.values())
@@ -57,7 +62,7 @@ def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: C
         for name, tensor in weights.items():
             ExternalTensorTrait(external_scope=PARAMETER_SCOPE, external_name=name).set(tensor)
             archive.add_tensor(name, tensor.detach().contiguous())
-        irpa = workdir / "weights.irpa"
+        irpa = workdir / f"weights-{options.precision}.irpa"
         archive.save(irpa)
     lowered = lower(program)
     if len(lowered.signature.outputs) != sum(1 for k in golden if k.startswith("output_")):
@@ -66,11 +71,12 @@ def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: C
     mlir.write_bytes(lowered.mlir)
     timings["lower"] = time.perf_counter() - t
 
+    # The bundle keeps the model's own program; reduced-precision ones are derived from it.
     program_path = workdir / PROGRAM_FILE
-    if shared:
+    if shared and options.precision == "fp32":
         _save_without_weights(program, program_path)
     else:
-        torch.export.save(program, str(program_path))
+        torch.export.save(model.program, str(program_path))
     return ImportedModel(
         name=model.name,
         source=model.source,
@@ -82,9 +88,55 @@ def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: C
         program=program_path,
         program_name=PROGRAM_FILE,
         weights=irpa,
+        precision=options.precision,
+        precision_error=precision_error,
         operators_at=lowered.operators_at,
         timings=timings,
     )
+
+
+class _AtPrecision(torch.nn.Module):
+    """The model computing in a reduced precision behind an unchanged interface:
+    floating inputs are cast down on the way in and outputs back up on the way out,
+    so a precision variant is a drop-in replacement for the fp32 artifact."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module = module.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, *args: torch.Tensor):
+        args = tuple(a.to(self.dtype) if a.dtype == torch.float32 else a for a in args)
+        out = self.module(*args)
+        return pytree.tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == self.dtype else t, out)
+
+
+def _at_precision(model, precision: str, golden: dict[str, np.ndarray]) -> tuple[torch.export.ExportedProgram, float]:
+    """Re-export the model at `precision`; return the program and its error against the
+    fp32 reference on the golden sample (max |y - y_fp32| / max |y_fp32|)."""
+    import copy
+
+    from hxc.compiler.frontend import _export
+    from hxc.compiler.lower import program_signature
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if not any(a.dtype == torch.float32 for a in model.example_args) and not any(
+        t.dtype == torch.float32 for t in model.program.state_dict.values()
+    ):
+        raise UsageError(f"--precision {precision} converts fp32 models; this one has no fp32 inputs or weights")
+    wrapped = _AtPrecision(copy.deepcopy(model.program.module()), dtype)
+    dims = [{j: torch.export.Dim.DYNAMIC for j, d in enumerate(s.shape) if isinstance(d, str)}
+            for s in program_signature(model.program).inputs]  # fmt: skip
+    program = _export(wrapped, model.example_args, tuple(dims) if any(dims) else None, model.source)
+    with torch.no_grad():
+        outputs = pytree.tree_leaves(wrapped(*model.example_args))
+    error = 0.0
+    for i, out in enumerate(outputs):
+        ref = golden[f"output_{i}"]
+        if out.is_floating_point() and ref.dtype.kind == "f":
+            scale = max(float(np.abs(ref).max()), 1e-12)
+            error = max(error, float(np.abs(out.float().numpy() - ref).max()) / scale)
+    return program, error
 
 
 def _program_weights(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
@@ -100,7 +152,9 @@ def _save_without_weights(program: torch.export.ExportedProgram, path: Path) -> 
         for name, t in saved.items():
             empty = torch.empty_strided(t.shape, (0,) * t.dim(), dtype=t.dtype)
             program.state_dict[name] = torch.nn.Parameter(empty, requires_grad=False) if isinstance(t, torch.nn.Parameter) else empty
-        torch.export.save(program, str(path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No complete tensor found")  # about the placeholders
+            torch.export.save(program, str(path))
     finally:
         program.state_dict.update(saved)
 

@@ -26,7 +26,8 @@ SCHEMA_VERSION: tuple[int, int] = (1, 0)
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"
 GOLDEN_FILE = "golden.npz"
-WEIGHTS_FILE = "weights.irpa"
+WEIGHTS_FILE = "weights.irpa"  # weights-fp16.irpa etc. for reduced-precision variants
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 ARTIFACTS_DIR = "artifacts"
 LOCK_FILE = ".lock"
 
@@ -138,6 +139,10 @@ class Artifact:
     verified: str | None = None  # e.g. how a CUDA binary was proven to assemble
     error: str | None = None
     operator: str | None = None  # the operator a failed compile could not lower
+    precision: str = "fp32"  # fp32 | fp16 | bf16: the precision it computes in
+    # For reduced precision: max |y - y_fp32| / max |y_fp32| of PyTorch at this precision
+    # against the fp32 reference, on the golden sample.
+    precision_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,7 @@ class Weights:
     scope: str
     sha256: str
     size: int
+    precision: str = "fp32"  # the artifacts of this precision reference this archive
 
 
 @dataclass(frozen=True)
@@ -211,7 +217,7 @@ class Manifest:
     artifacts: tuple[Artifact, ...]
     created: str  # ISO 8601, UTC
     golden_file: str | None = GOLDEN_FILE
-    weights: Weights | None = None  # None: each artifact carries its own weights
+    weights: tuple[Weights, ...] = ()  # empty: each artifact carries its own weights
     hosts: tuple[Host, ...] = ()
     profiles: tuple[Profile, ...] = ()
     format: str = FORMAT
@@ -226,6 +232,9 @@ class Manifest:
     @property
     def ok_artifacts(self) -> tuple[Artifact, ...]:
         return tuple(a for a in self.artifacts if a.status == "ok")
+
+    def weights_for(self, precision: str) -> Weights | None:
+        return next((w for w in self.weights if w.precision == precision), None)
 
 
 # --- JSON at the edge -------------------------------------------------------------

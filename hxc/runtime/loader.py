@@ -94,6 +94,8 @@ def load(
     device: str | None = None,
     policy: str = "latency",
     strict: bool = False,
+    precision: str | None = None,
+    tolerance: float | None = None,
     probe: HostProbe | None = None,
 ) -> LoadedModel:
     """Load the best artifact in `bundle` for this host.
@@ -103,11 +105,16 @@ def load(
     cannot be honoured, hxc falls back to the best other artifact and logs a warning;
     with `strict=True` it raises instead, and it also raises if the first choice fails
     to load rather than trying the next.
+
+    Reduced-precision artifacts (built with `hxc compile --precision fp16,...`) are only
+    chosen when allowed: `precision="fp16"`, or `tolerance=` at least their recorded
+    error against fp32.
     """
     path = Path(bundle)
     manifest = read_manifest(path)
     probe = probe or probe_host()
-    selection = select(manifest, probe, policy=policy, device=device)
+    allow = {"precision": precision, "tolerance": tolerance}
+    selection = select(manifest, probe, policy=policy, device=device, **allow)
     if not selection.candidates and selection.forced:
         if strict:
             raise NoCompatibleArtifactError(
@@ -117,16 +124,16 @@ def load(
         log.warning("hxc: requested device %r is not usable here; choosing another", selection.forced)
         refused = selection.forced
         selection = replace(
-            select(manifest, probe, policy=policy, device=""),
+            select(manifest, probe, policy=policy, device="", **allow),
             note=f"requested device {refused!r} is not usable here ({_summary(selection)}); fell back",
         )
     if not selection.candidates:
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host", hint=_summary(selection))
 
     attempts: list[LoadAttempt] = []
-    weights = _weights(path, manifest)
     for cand in selection.candidates:
         _check_file(path, cand.artifact.file, cand.artifact.sha256, f"artifact {cand.artifact.id}")
+        weights = _weights(path, manifest, cand.artifact.precision)
         try:
             session = _Session.open(path / cand.artifact.file, cand.device, weights)  # type: ignore[operator]
         except Exception as e:
@@ -161,9 +168,9 @@ def _check_file(bundle: Path, rel: str | None, sha256: str | None, what: str) ->
         )
 
 
-def _weights(bundle: Path, manifest: Manifest) -> tuple[Path, str] | None:
+def _weights(bundle: Path, manifest: Manifest, precision: str) -> tuple[Path, str] | None:
     """The shared parameter archive and its scope, checked, or None for inline weights."""
-    w = manifest.weights
+    w = manifest.weights_for(precision)
     if w is None:
         return None
     _check_file(bundle, w.file, w.sha256, "the shared weights")

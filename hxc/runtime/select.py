@@ -75,9 +75,15 @@ def select(
     *,
     policy: str = "latency",
     device: str | None = None,
+    precision: str | None = None,
+    tolerance: float | None = None,
 ) -> Selection:
     """Rank the manifest's artifacts for this host. `device` (or $HXC_DEVICE) restricts
-    the choice to a driver (`vulkan`), a device URI, or a family (`cpu`)."""
+    the choice to a driver (`vulkan`), a device URI, or a family (`cpu`).
+
+    Reduced-precision artifacts are candidates only when allowed: `precision="fp16"`
+    allows fp16 ones (and prefers them when nothing is measured); `tolerance=1e-2`
+    allows any whose recorded error against fp32 is at most that."""
     if policy not in POLICIES:
         raise UsageError(f"unknown policy {policy!r}", hint=f"choose from: {', '.join(POLICIES)}")
     # device="" means "no restriction", overriding $HXC_DEVICE.
@@ -88,6 +94,9 @@ def select(
     for art in manifest.artifacts:
         if art.status != "ok":
             rejected.append(Rejection(art, f"failed to compile: {art.error}"))
+            continue
+        if (why := _precision_refused(art, precision, tolerance)) is not None:
+            rejected.append(Rejection(art, why))
             continue
         fam = family(art.family)
         devices = [d for d in probe.devices if d.driver in fam.drivers]
@@ -108,10 +117,21 @@ def select(
         # Prefer the family's first driver (local-task over local-sync) for this artifact.
         dev = min(able, key=lambda d: fam.drivers.index(d.driver))
         profile, where = _profile_for(manifest, art, dev, host_id, policy)
-        candidates.append(Candidate(art, dev, profile, where, fam.rank(art, dev)))
+        preferred = art.precision != "fp32" and art.precision == precision
+        candidates.append(Candidate(art, dev, profile, where, fam.rank(art, dev) + (2 if preferred else 0)))
 
     candidates.sort(key=lambda c: _order(c, policy))
     return Selection(tuple(candidates), tuple(rejected), policy, forced)
+
+
+def _precision_refused(art: Artifact, precision: str | None, tolerance: float | None) -> str | None:
+    if art.precision == "fp32" or art.precision == precision:
+        return None
+    err = art.precision_error
+    if tolerance is not None and err is not None and err <= tolerance:
+        return None
+    measured = f"error {err:.2g} vs fp32" if err is not None else "error unmeasured"
+    return f"{art.precision} variant ({measured}): allow it with precision={art.precision!r} or a tolerance >= its error"
 
 
 def _order(c: Candidate, policy: str) -> tuple:

@@ -74,6 +74,7 @@ class TargetFamily:
     backend: str  # IREE compiler backend
     drivers: tuple[str, ...]  # HAL drivers that run this family's artifacts, preferred first
     variants: tuple[Variant, ...]
+    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")  # what its code generator supports
 
     def plan(self, variant: Variant) -> CompilePlan:
         """The concrete compile for this host. Families whose flags depend on installed
