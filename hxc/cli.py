@@ -411,5 +411,135 @@ def doctor(as_json: bool) -> None:
     ui.out.print(f"[bold]CPU features[/bold] ({len(p.cpu.features)}): " + " ".join(p.cpu.features), soft_wrap=True)
 
 
+# --- bench / profiles / report ---------------------------------------------------------
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--baseline", default="auto", show_default=True,
+              help="Baselines to time next to the artifacts: torch, torch-compile, onnxruntime, none (comma-separated). "
+                   "auto = torch for PyTorch bundles, onnxruntime for ONNX ones.")  # fmt: skip
+@DEVICE_OPTION
+@click.option("--batch", "batches", default="8,32", show_default=True, help="Offline-scenario batch sizes (models with a dynamic batch).")
+@click.option("--min-time", type=float, default=1.0, show_default=True, help="Seconds of timed calls per contender, at least.")
+@click.option("--min-iterations", type=int, default=20, show_default=True, help="Timed calls per contender, at least.")
+@click.option("--max-time", type=float, default=60.0, show_default=True, help="Stop a slow contender after this many seconds.")
+@click.option("--no-record", is_flag=True, help="Do not write the profiles into the bundle.")
+@click.option("--fail-if-slower-than", "gate", default=None, metavar="BASELINE",
+              help="Exit with code 7 if the fastest artifact is slower than this baseline (e.g. torch) in single-stream.")  # fmt: skip
+@click.option("--margin", type=float, default=0.0, show_default=True, help="Tolerated slowdown for the gate (0.05 = 5%).")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def bench(bundle: Path, baseline: str, device: str | None, batches: str, min_time: float, min_iterations: int,
+          max_time: float, no_record: bool, gate: str | None, margin: float, as_json: bool) -> int:  # fmt: skip
+    """Time every artifact this host can run next to PyTorch, and record the results as
+    profiles in the bundle (which the runtime loader then uses to choose)."""
+    from hxc import ui
+    from hxc.bench.measure import Budget
+    from hxc.bench.report import profiles_table, row_json, rows
+    from hxc.bench.run import run_bench
+    from hxc.manifests import read_manifest
+
+    manifest = read_manifest(bundle)
+    names = _baselines(baseline, manifest.model.source_format)
+    if gate and gate not in names:
+        raise HxcError(f"--fail-if-slower-than {gate}: that baseline is not measured", hint=f"add --baseline {gate}")
+    try:
+        offline = [int(b) for b in batches.split(",") if b.strip()]
+    except ValueError:
+        raise HxcError(f"--batch takes comma-separated integers, not {batches!r}") from None
+    budget = Budget(min_iterations=min_iterations, min_seconds=min_time, max_seconds=max_time)
+    with ui.err.status("benchmarking…", spinner="dots") as status:
+        result = run_bench(bundle, baselines=names, device=device, offline_batches=offline, budget=budget,
+                           record=not no_record, on_progress=lambda s: status.update(f"benchmarking: {s}"))  # fmt: skip
+    table_rows = rows(manifest, result.profiles)
+    verdict = _gate(result.profiles, gate, margin) if gate else None
+    code = ExitCode.REGRESSION if verdict and not verdict["passed"] else ExitCode.OK
+    if as_json:
+        from hxc.manifests.schema import to_json
+
+        ui.print_json({"ok": code == ExitCode.OK, "exit_code": int(code), "host": to_json(result.host),
+                       "recorded": result.recorded, "results": [row_json(r) for r in table_rows], "gate": verdict})  # fmt: skip
+        return code
+    ui.out.print(profiles_table(manifest, result.profiles))
+    if result.recorded:
+        ui.err.print(f"[dim]recorded {len(result.profiles)} profiles in {bundle}[/dim]")
+    if verdict:
+        msg = verdict["message"]
+        ui.out.print(f"[green]gate passed:[/green] {msg}") if verdict["passed"] else ui.error(f"gate failed: {msg}")
+    return code
+
+
+def _baselines(text: str, source_format: str) -> list[str]:
+    if text == "auto":
+        return ["onnxruntime"] if source_format == "onnx" else ["torch"]
+    if text == "none":
+        return []
+    return [b.strip() for b in text.split(",") if b.strip() and b.strip() != "none"]
+
+
+def _gate(profiles: list, baseline: str, margin: float) -> dict:
+    name = {"torch": "torch:eager", "torch-compile": "torch:compile"}.get(baseline, baseline)
+    single = [p for p in profiles if p.scenario == "single-stream"]
+    base = next((p for p in single if p.candidate == name), None)
+    if base is None:
+        raise HxcError(f"--fail-if-slower-than {baseline}: that baseline was not measured", hint=f"add --baseline {baseline}")
+    arts = [p for p in single if p.artifact_sha256 is not None]
+    best = min(arts, key=lambda p: p.latency.p50_ms)
+    ratio = best.latency.p50_ms / base.latency.p50_ms
+    passed = ratio <= 1 + margin
+    return {"baseline": name, "best": best.candidate, "best_p50_ms": best.latency.p50_ms,
+            "baseline_p50_ms": base.latency.p50_ms, "ratio": round(ratio, 4), "margin": margin, "passed": passed,
+            "message": f"{best.candidate} p50 {best.latency.p50_ms:.3g} ms vs {name} {base.latency.p50_ms:.3g} ms "
+                       f"({ratio:.2f}x the baseline's time, allowed {1 + margin:.2f}x)"}  # fmt: skip
+
+
+@main.group()
+def profiles() -> None:
+    """Benchmark profiles recorded in bundles."""
+
+
+@profiles.command("merge")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def profiles_merge(bundle: Path, sources: tuple[Path, ...], as_json: bool) -> None:
+    """Merge profiles recorded elsewhere (copies of this bundle, or their manifest.json,
+    e.g. from CI jobs on different runners) into BUNDLE."""
+    from hxc import ui
+    from hxc.manifests.merge import merge_profiles
+
+    result = merge_profiles(bundle, list(sources))
+    if as_json:
+        ui.print_json({"ok": True, "added": result.added, "hosts": result.hosts, "skipped": result.skipped})
+        return
+    ui.out.print(f"merged {result.added} new profile(s); {bundle} now has profiles from {result.hosts} host(s)")
+    for why in result.skipped:
+        ui.warn(f"skipped: {why}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="report.html for the full page, or chart.svg for just the chart.")  # fmt: skip
+@_command
+def report(bundle: Path, output: Path) -> None:
+    """Write an HTML report (or SVG chart) comparing devices and hosts across all of a
+    bundle's recorded profiles."""
+    from hxc import ui
+    from hxc.bench.report import html_report, svg_chart
+    from hxc.manifests import read_manifest
+    from hxc.manifests.bundle import atomic_write
+
+    m = read_manifest(bundle)
+    if not m.profiles:
+        raise HxcError(f"{bundle}: no profiles recorded yet", hint="run `hxc bench` first")
+    text = svg_chart(m) if output.suffix.lower() == ".svg" else html_report(m)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(output, text.encode())
+    ui.err.print(f"[dim]wrote {output}[/dim]")
+
+
 if __name__ == "__main__":
     main()

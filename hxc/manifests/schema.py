@@ -192,9 +192,10 @@ class Profile:
     items_per_second: float  # throughput x batch
     load_ms: float | None
     first_call_ms: float | None
-    peak_rss_mb: float | None
+    memory_mb: float | None  # resident memory added by loading it and its first call
     device_time_only: bool  # True when host<->device copies are outside the timed region
     recorded: str  # ISO 8601, UTC
+    threads: int | None = None  # CPU threads it ran with, where that applies
 
 
 @dataclass(frozen=True)

@@ -110,3 +110,29 @@ def read_arrays(files: list[str] | tuple[str, ...]) -> list[np.ndarray]:
         else:
             arrays.append(loaded)
     return arrays
+
+
+def is_torch(x: object) -> bool:
+    """A torch tensor, recognised without importing torch."""
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+def to_numpy(x: object) -> np.ndarray:
+    """A host array for a numpy array, a torch tensor (bf16 included) or a sequence."""
+    if is_torch(x):
+        import torch
+
+        t = x.detach().cpu().contiguous()  # type: ignore[attr-defined]
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(numpy_dtype("bf16"))
+        return t.numpy()
+    return np.asarray(x)
+
+
+def to_torch(a: np.ndarray, dtype: str) -> object:
+    import torch
+
+    a = np.ascontiguousarray(a)
+    if dtype == "bf16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)

@@ -13,6 +13,7 @@ import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from hxc.errors import HxcError, IntegrityError, NoCompatibleArtifactError, Sign
 from hxc.manifests import read_manifest
 from hxc.manifests.bundle import file_sha256
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
+from hxc.runtime.io import is_torch, to_numpy, to_torch
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
 from hxc.targets import Device
@@ -74,18 +76,23 @@ class LoadedModel:
         return f"<hxc model {self.manifest.model.name!r}: {self.artifact.id} on {self.device.label}>"
 
     def __call__(self, *inputs: Any) -> Any:
-        as_torch = _is_torch(inputs[0]) if inputs else False
+        as_torch = is_torch(inputs[0]) if inputs else False
         arrays = check_inputs(self.signature, inputs)
         with self._lock:  # one IREE invocation at a time per loaded model
             flat = self._session.invoke(arrays, self.signature)
         if as_torch:
-            flat = [_to_torch(a, spec.dtype) for a, spec in zip(flat, self.signature.outputs)]
+            flat = [to_torch(a, spec.dtype) for a, spec in zip(flat, self.signature.outputs)]
         return rebuild(self.signature.output_tree, flat)
 
     def run_flat(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """Numpy in, flat numpy out: the path `verify` and `bench` use."""
+        """Numpy in, flat numpy out: the path `verify` and `run` use."""
         with self._lock:
             return self._session.invoke(check_inputs(self.signature, arrays), self.signature)
+
+    def prepare(self, arrays: list[np.ndarray]) -> Callable[[], None]:
+        """A zero-argument call on device-resident copies of `arrays` whose results stay
+        on the device: the call `hxc bench` times, free of host<->device copies."""
+        return self._session.prepare(check_inputs(self.signature, arrays), self.signature)
 
 
 def load(
@@ -206,6 +213,23 @@ class _Session:
             raise HxcError(f"{vmfb}: has no 'main' function")
         return cls(hal_device, context, function, module)
 
+    def prepare(self, arrays: list[np.ndarray], signature: Signature) -> Callable[[], None]:
+        import iree.runtime as rt
+
+        from hxc.runtime.io import to_device
+
+        args = rt.VmVariantList(len(arrays))
+        for a, spec in zip(arrays, signature.inputs):
+            args.push_ref(to_device(self.device, a, spec.dtype))
+        n_out = len(signature.outputs)
+        context, function = self.context, self.function
+
+        def call() -> None:
+            # `main` is the synchronous entry point: it returns once the device is done.
+            context.invoke(function, args, rt.VmVariantList(n_out))
+
+        return call
+
     def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
         import iree.runtime as rt
 
@@ -252,7 +276,7 @@ def check_inputs(signature: Signature, inputs: Any) -> list[np.ndarray]:
     arrays: list[np.ndarray] = []
     sizes: dict[str, int] = {}
     for i, (x, spec) in enumerate(zip(inputs, expected)):
-        a = _to_numpy(x, spec.dtype)
+        a = to_numpy(x)
         if a.dtype != numpy_dtype(spec.dtype):
             got = dtype_name(a.dtype) or str(a.dtype)
             raise SignatureError(f"input {i} ({spec.name}) has dtype {got}; expected {spec.format()}")
@@ -282,28 +306,3 @@ def rebuild(tree: OutputTree, flat: list[Any]) -> Any:
     if tree.kind == "dict":
         return dict(zip(tree.keys, items))
     return list(items) if tree.kind == "list" else tuple(items)
-
-
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
-
-
-def _to_numpy(x: Any, dtype: str) -> np.ndarray:
-    if _is_torch(x):
-        import torch
-
-        t = x.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            from hxc.runtime.io import numpy_dtype
-
-            return t.view(torch.int16).numpy().view(numpy_dtype("bf16"))
-        return t.numpy()
-    return np.asarray(x)
-
-
-def _to_torch(a: np.ndarray, dtype: str) -> Any:
-    import torch
-
-    if dtype == "bf16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)

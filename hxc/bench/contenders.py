@@ -1,0 +1,119 @@
+"""What `hxc bench` times: each artifact this host can run, and baselines rebuilt from
+the bundle itself (PyTorch eager and torch.compile from the saved program, ONNX
+Runtime from the saved ONNX model), so a bundle is all a benchmark needs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hxc.bench.measure import Contender
+from hxc.errors import UsageError
+from hxc.manifests.schema import Manifest
+from hxc.runtime.io import to_torch
+from hxc.runtime.probe import HostProbe
+from hxc.runtime.select import select
+
+BASELINES: tuple[str, ...] = ("torch", "torch-compile", "onnxruntime")
+
+
+def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, device: str | None = None) -> list[Contender]:
+    """One contender per artifact this host can run (reduced precision included)."""
+    from hxc.runtime.loader import load
+
+    out = []
+    for cand in select(manifest, probe, device=device, tolerance=float("inf")).candidates:
+        holder: dict[str, Any] = {}
+        art = cand.artifact
+
+        def open_(art=art, holder=holder) -> None:
+            holder["model"] = load(bundle, device=art.id, strict=True, tolerance=float("inf"), probe=probe)
+
+        def prepare(inputs: list, holder=holder) -> Callable[[], None]:
+            return holder["model"].prepare(inputs)
+
+        threads = os.cpu_count() if cand.device.kind == "cpu" and cand.device.driver != "local-sync" else None
+        out.append(Contender(art.id, cand.device.label, open_, prepare, device_time_only=True, threads=threads))
+    return out
+
+
+def baseline_contenders(bundle: Path, manifest: Manifest, names: list[str], cpu_label: str) -> list[Contender]:
+    out = []
+    for name in names:
+        if name not in BASELINES:
+            raise UsageError(f"unknown baseline {name!r}", hint=f"choose from: {', '.join(BASELINES)}, none")
+        if name == "onnxruntime":
+            out.append(_onnxruntime(bundle, manifest, cpu_label))
+        elif manifest.model.source_format == "onnx":
+            raise UsageError(f"baseline {name!r} needs a PyTorch model; this bundle was built from ONNX",
+                             hint="use --baseline onnxruntime")  # fmt: skip
+        else:
+            out.append(_torch(bundle, manifest, cpu_label, compiled=name == "torch-compile"))
+    return out
+
+
+def _torch(bundle: Path, manifest: Manifest, cpu_label: str, compiled: bool) -> Contender:
+    import torch
+
+    holder: dict[str, Any] = {}
+
+    def open_() -> None:
+        module = load_torch_module(bundle, manifest)
+        holder["fn"] = torch.compile(module) if compiled else module
+
+    def prepare(inputs: list) -> Callable[[], None]:
+        tensors = [to_torch(a, s.dtype) for a, s in zip(inputs, manifest.signature.inputs)]
+        fn = holder["fn"]
+
+        def call() -> None:
+            with torch.inference_mode():
+                fn(*tensors)
+
+        return call
+
+    return Contender("torch:compile" if compiled else "torch:eager", cpu_label, open_, prepare,
+                     device_time_only=True, threads=torch.get_num_threads())  # fmt: skip
+
+
+def _onnxruntime(bundle: Path, manifest: Manifest, cpu_label: str) -> Contender:
+    if manifest.model.source_format != "onnx" or not manifest.model.program_file:
+        raise UsageError("the onnxruntime baseline needs a bundle built from an ONNX model")
+    holder: dict[str, Any] = {}
+
+    def open_() -> None:
+        import onnxruntime as ort
+
+        holder["session"] = ort.InferenceSession(str(bundle / manifest.model.program_file), providers=["CPUExecutionProvider"])
+
+    def prepare(inputs: list) -> Callable[[], None]:
+        session = holder["session"]
+        feed = {i.name: a for i, a in zip(session.get_inputs(), inputs)}
+        return lambda: session.run(None, feed)
+
+    return Contender("onnxruntime", cpu_label, open_, prepare, device_time_only=True, threads=os.cpu_count())
+
+
+def load_torch_module(bundle: Path, manifest: Manifest) -> Any:
+    """The bundle's exported program as a runnable module, its weights restored from
+    the bundle's parameter archive when they were stored there."""
+    import warnings
+
+    import torch
+
+    if manifest.model.source_format == "onnx" or not manifest.model.program_file:
+        raise UsageError("this bundle holds no PyTorch program")
+    program = torch.export.load(str(bundle / manifest.model.program_file))
+    weights = manifest.weights_for("fp32")
+    if weights is not None:
+        from iree.turbine.aot import ParameterArchive
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "non-writable NumPy array": we copy right away
+            stored = {name: entry.as_tensor().clone() for name, entry in ParameterArchive(bundle / weights.file).items()}
+        for name, old in list(program.state_dict.items()):
+            if name in stored:
+                new = stored[name].reshape(old.shape)
+                program.state_dict[name] = torch.nn.Parameter(new, requires_grad=False) if isinstance(old, torch.nn.Parameter) else new
+    return program.module()

@@ -1,0 +1,77 @@
+"""Combining benchmark profiles: from one run into its bundle, or from bundles copied
+back from other machines (CI runners with different hardware) into one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hxc.errors import BundleError
+from hxc.manifests.bundle import parse_manifest, read_manifest, update_manifest
+from hxc.manifests.schema import MANIFEST_FILE, Host, Manifest, Profile
+
+
+def add_profiles(m: Manifest, hosts: Sequence[Host], profiles: Sequence[Profile]) -> Manifest:
+    """The manifest with these hosts and profiles added; identical entries are kept once."""
+    known_hosts = {h.id: h for h in m.hosts}
+    for h in hosts:
+        known_hosts.setdefault(h.id, h)
+    seen = {_key(p) for p in m.profiles}
+    new = []
+    for p in profiles:
+        if _key(p) not in seen:
+            seen.add(_key(p))
+            new.append(p)
+    return dataclasses.replace(m, hosts=tuple(known_hosts.values()), profiles=(*m.profiles, *new))
+
+
+def _key(p: Profile) -> tuple:
+    return (p.host_id, p.candidate, p.artifact_sha256, p.device, p.scenario, p.batch, p.recorded, p.latency.p50_ms)
+
+
+@dataclass
+class MergeResult:
+    added: int
+    skipped: list[str]  # why some profiles were not taken
+    hosts: int
+
+
+def merge_profiles(bundle: str | Path, sources: Sequence[str | Path]) -> MergeResult:
+    """Merge profiles from other copies of this bundle (a bundle directory or its
+    manifest.json) into `bundle`. Only profiles of artifacts with the same sha256 (and
+    baselines) are taken: a profile of different bytes says nothing about these."""
+    target = read_manifest(bundle)
+    mine = {a.sha256 for a in target.ok_artifacts}
+    hosts: list[Host] = []
+    profiles: list[Profile] = []
+    skipped: list[str] = []
+    for src in sources:
+        other = _read_any(Path(src))
+        if other.model.ir_sha256 != target.model.ir_sha256:
+            skipped.append(f"{src}: built from a different model (IR sha256 differs)")
+            continue
+        for p in other.profiles:
+            if p.artifact_sha256 is not None and p.artifact_sha256 not in mine:
+                skipped.append(f"{src}: {p.candidate} profile is for other bytes than this bundle's artifact")
+                continue
+            profiles.append(p)
+        hosts += [h for h in other.hosts if any(p.host_id == h.id for p in other.profiles)]
+
+    before = len(target.profiles)
+    updated = update_manifest(bundle, lambda m: add_profiles(m, hosts, profiles))
+    return MergeResult(len(updated.profiles) - before, skipped, len(updated.hosts))
+
+
+def _read_any(path: Path) -> Manifest:
+    if path.is_dir():
+        return read_manifest(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path}: no such bundle or manifest") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not a manifest ({e})") from None
+    return parse_manifest(data, where=str(path) if path.name == MANIFEST_FILE else f"{path}")

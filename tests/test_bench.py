@@ -1,0 +1,110 @@
+"""`hxc bench`: profiles recorded on the real devices and then used by the loader;
+concurrent runs, merging across hosts, JSON output and the regression gate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hxc.runtime
+from hxc.errors import ExitCode
+from hxc.manifests import read_manifest, update_manifest
+
+QUICK = ["--min-time", "0.05", "--min-iterations", "3", "--max-time", "5"]
+
+
+@pytest.fixture
+def bundle(example_bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(example_bundle, tmp_path / "b.hxc"))
+
+
+def test_bench_records_profiles_the_loader_then_uses(bundle, cli):
+    result = cli("bench", bundle, *QUICK, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    measured = {r["candidate"] for r in out["results"]}
+    assert measured == {"cpu:host", "cpu:x86-64-v3", "vulkan:spirv", "torch:eager"}
+    m = read_manifest(bundle)
+    assert len(m.profiles) == 4 and [h.id for h in m.hosts] == [out["host"]["id"]]
+
+    model = hxc.runtime.load(bundle)
+    assert model.candidate.measured_on == "this host"
+    fastest = min((p for p in m.profiles if p.artifact_sha256), key=lambda p: p.latency.p50_ms)
+    assert model.artifact.id == fastest.candidate
+
+
+def test_json_rows_have_the_documented_fields(bundle, cli):
+    out = json.loads(cli("bench", bundle, *QUICK, "--device", "cpu", "--no-record", "--json").stdout)
+    assert out["recorded"] is False and read_manifest(bundle).profiles == ()
+    row = out["results"][0]
+    for key, kind in {"candidate": str, "device": str, "scenario": str, "batch": int, "p50_ms": float, "p90_ms": float,
+                      "p99_ms": float, "mean_ms": float, "stdev_ms": float, "min_ms": float, "iterations": int,
+                      "throughput": float, "items_per_second": float, "load_ms": float, "first_call_ms": float,
+                      "spread": float, "device_time_only": bool}.items():  # fmt: skip
+        assert isinstance(row[key], kind), key
+    assert row["scenario"] == "single-stream" and row["p50_ms"] <= row["p99_ms"]
+    torch_row = next(r for r in out["results"] if r["candidate"] == "torch:eager")
+    assert torch_row["speedup_vs_torch"] == 1.0
+
+
+def test_dynamic_batch_models_get_offline_scenarios(cli, tmp_path):
+    out = tmp_path / "mlp.hxc"
+    assert cli("compile", "hxc.examples:mlp", "-t", "cpu:host", "--dynamic-batch", "-o", out).exit_code == 0
+    rows = json.loads(cli("bench", out, *QUICK, "--batch", "4,16", "--json").stdout)["results"]
+    assert {(r["scenario"], r["batch"]) for r in rows} == {("single-stream", 1), ("offline", 4), ("offline", 16)}
+    offline = next(r for r in rows if r["batch"] == 16 and r["candidate"] == "cpu:host")
+    assert offline["items_per_second"] == pytest.approx(offline["throughput"] * 16)
+
+
+def test_two_concurrent_bench_runs_both_land(bundle):
+    cmd = [sys.executable, "-m", "hxc.cli", "bench", str(bundle), *QUICK, "--device", "cpu", "--baseline", "none", "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    per_run = [len(json.loads(o[0])["results"]) for o in outs]
+    assert len(read_manifest(bundle).profiles) == sum(per_run) == 4  # nothing lost to a race
+
+
+def test_merge_profiles_from_another_host(bundle, tmp_path, cli):
+    assert cli("bench", bundle, *QUICK, "--device", "cpu").exit_code == 0
+    # A copy of the bundle benchmarked on another machine (a CI runner), as copied back.
+    elsewhere = Path(shutil.copytree(bundle, tmp_path / "ci.hxc"))
+    m = read_manifest(elsewhere)
+    other = dataclasses.replace(m.hosts[0], id="0123456789abcdef", hostname="ci-runner-7", cpu_model="AMD EPYC 9654")
+    moved = tuple(dataclasses.replace(p, host_id=other.id) for p in m.profiles)
+    update_manifest(elsewhere, lambda m: dataclasses.replace(m, hosts=(other,), profiles=moved))
+
+    result = cli("profiles", "merge", bundle, elsewhere / "manifest.json", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["added"] == len(moved)
+    merged = read_manifest(bundle)
+    assert {h.hostname for h in merged.hosts} == {m.hosts[0].hostname, "ci-runner-7"}
+    assert len(merged.profiles) == 2 * len(moved)
+    again = json.loads(cli("profiles", "merge", bundle, elsewhere, "--json").stdout)
+    assert again["added"] == 0  # merging twice changes nothing
+
+    html = tmp_path / "report.html"
+    assert cli("report", bundle, "-o", html).exit_code == 0
+    text = html.read_text()
+    assert "ci-runner-7" in text and "<svg" in text
+    assert cli("report", bundle, "-o", tmp_path / "chart.svg").exit_code == 0
+    assert (tmp_path / "chart.svg").read_text().startswith("<svg")
+
+
+def test_regression_gate_exit_code(bundle, cli):
+    # lavapipe runs the CNN far slower than PyTorch on the CPU: the gate must trip.
+    slow = cli("bench", bundle, *QUICK, "--device", "vulkan", "--fail-if-slower-than", "torch", "--json")
+    assert slow.exit_code == ExitCode.REGRESSION
+    gate = json.loads(slow.stdout)["gate"]
+    assert gate["passed"] is False and gate["best"] == "vulkan:spirv" and gate["ratio"] > 1
+    lenient = cli("bench", bundle, *QUICK, "--device", "vulkan", "--fail-if-slower-than", "torch", "--margin", "1e6")
+    assert lenient.exit_code == 0 and "gate passed" in lenient.stdout
+    missing = cli("bench", bundle, *QUICK, "--baseline", "none", "--fail-if-slower-than", "torch")
+    assert missing.exit_code == ExitCode.ERROR and "is not measured" in missing.stderr
