@@ -93,6 +93,9 @@ def main(verbose: int) -> None:
 @click.option("-p", "--precision", "precisions", default="fp32", show_default=True, metavar="LIST",
               help="Compute precisions to build, e.g. fp32,fp16,bf16: one artifact per target and precision, same "
                    "interface. The loader picks a reduced one only when allowed.")  # fmt: skip
+@click.option("--tune", is_flag=True,
+              help="For targets this host can run, try the family's alternative flag sets, time each here, and keep "
+                   "the fastest (the search is recorded in the manifest).")  # fmt: skip
 @click.option("--allow-partial", is_flag=True, help="Write the bundle even if some targets fail (failures are recorded in it).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Targets compiled at once. [default: CPU count]")
 @click.option("--no-cache", is_flag=True, help="Recompile everything instead of reusing cached artifacts.")
@@ -100,7 +103,7 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ...], dynamic_batch: bool,
-            allow_pickle: bool, weights: str, precisions: str, allow_partial: bool, jobs: int | None, no_cache: bool,
+            allow_pickle: bool, weights: str, precisions: str, tune: bool, allow_partial: bool, jobs: int | None, no_cache: bool,
             cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one IREE artifact per target.
 
@@ -127,6 +130,7 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
         result = build_bundle(
             model, out, variants, options=options, precisions=wanted, allow_partial=allow_partial, jobs_parallel=jobs,
             cache_dir=False if no_cache else (cache_dir or True), on_event=progress.on_event, on_stage=progress.set_stage,
+            tune=_tuner() if tune else None,
         )  # fmt: skip
     failed = result.failed
     code = ExitCode.OK
@@ -150,6 +154,12 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
     elif failed:
         ui.warn(f"{len(failed)} target(s) failed and are recorded as failed in the bundle")
     return code
+
+
+def _tuner():
+    from hxc.bench.tune import tune
+
+    return tune
 
 
 def _precisions(text: str) -> list[str]:

@@ -80,7 +80,7 @@ class CompileProgress:
 
     def on_event(self, event: Any) -> None:
         with self._lock:
-            row = self.rows.setdefault(event.job.id, {"state": "queued"})
+            row = self.rows.setdefault(event.job.label, {"state": "queued"})
             if event.kind == "start":
                 row.update(state="running", started=time.perf_counter())
             else:
@@ -88,17 +88,17 @@ class CompileProgress:
                 size = r.vmfb.stat().st_size if r.vmfb is not None and r.vmfb.exists() else None
                 row.update(state=r.status, seconds=r.seconds, size=size, cached=r.cached, error=r.error)
                 if self._live is None and self.enabled:
-                    err.print(self._line(event.job.id, row))
+                    err.print(self._line(event.job.label, row))
         if self._live is not None:
             self._live.update(self._render())
 
     def _line(self, target: str, row: dict[str, Any]) -> Text:
         if row["state"] == "ok":
             detail = f"{row['seconds']:.1f}s  {human_size(row['size'])}" + ("  (cached)" if row.get("cached") else "")
-            return Text.assemble(("✓ ", "green"), (f"{target:<20}", "bold"), detail)
+            return Text.assemble(("✓ ", "green"), (f"{target:<28}", "bold"), detail)
         if row["state"] == "failed":
-            return Text.assemble(("✗ ", "red"), (f"{target:<20}", "bold"), f"{row['seconds']:.1f}s  ", (row["error"] or "", "red"))
-        return Text.assemble(("· ", "dim"), (f"{target:<20}", "dim"), "queued")
+            return Text.assemble(("✗ ", "red"), (f"{target:<28}", "bold"), f"{row['seconds']:.1f}s  ", (row["error"] or "", "red"))
+        return Text.assemble(("· ", "dim"), (f"{target:<28}", "dim"), "queued")
 
     def _render(self) -> Table:
         grid = Table.grid(padding=(0, 1))
@@ -108,7 +108,7 @@ class CompileProgress:
         for target, row in self.rows.items():
             if row["state"] == "running":
                 elapsed = time.perf_counter() - row["started"]
-                grid.add_row(Spinner("dots", text=Text.assemble((f"{target:<20}", "bold"), f"{elapsed:.0f}s")))
+                grid.add_row(Spinner("dots", text=Text.assemble((f"{target:<28}", "bold"), f"{elapsed:.0f}s")))
             else:
                 grid.add_row(self._line(target, row))
         return grid

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import hxc.runtime
 from hxc.errors import ExitCode
@@ -108,3 +109,22 @@ def test_regression_gate_exit_code(bundle, cli):
     assert lenient.exit_code == 0 and "gate passed" in lenient.stdout
     missing = cli("bench", bundle, *QUICK, "--baseline", "none", "--fail-if-slower-than", "torch")
     assert missing.exit_code == ExitCode.ERROR and "is not measured" in missing.stderr
+
+
+def test_tune_keeps_the_fastest_configuration_and_records_the_search(cli, tmp_path):
+    out = tmp_path / "tuned.hxc"
+    result = cli("compile", "hxc.examples:convnet", "-t", "cpu:x86-64-v3,rocm:gfx942", "--tune", "-o", out)
+    assert result.exit_code == 0, result.output
+    m = read_manifest(out)
+    cpu = m.artifact("cpu:x86-64-v3")
+    assert [t.config for t in cpu.tuning] == ["default", "no-im2col", "no-data-tiling", "ukernels-all"]
+    [chosen] = [t for t in cpu.tuning if t.chosen]
+    assert chosen.p50_ms == min(t.p50_ms for t in cpu.tuning if t.p50_ms is not None)
+    assert cpu.flags == chosen.flags  # the bundle carries the winner
+    assert m.artifact("rocm:gfx942").tuning == ()  # not runnable here: left as compiled
+    x = torch.randn(1, 3, 32, 32)
+    from hxc.examples import convnet
+
+    model, _ = convnet()
+    with torch.no_grad():
+        torch.testing.assert_close(hxc.runtime.load(out)(x), model(x), atol=1e-4, rtol=1e-3)

@@ -32,6 +32,11 @@ from hxc.manifests.schema import WEIGHTS_FILE, Signature, Weights, from_json, to
 from hxc.targets import Variant, family, resolve
 
 
+# (results, imports by precision, work dir, cache, progress callback) -> results
+Tuner = Callable[[list[CompileResult], dict[str, ImportedModel], Path, CompileCache, Callable[[CompileEvent], None]],
+                 list[CompileResult]]  # fmt: skip
+
+
 @dataclass
 class BuildResult:
     output: Path
@@ -58,11 +63,13 @@ def build_bundle(
     cache_dir: Path | None | bool = True,
     on_event: Callable[[CompileEvent], None] = lambda e: None,
     on_stage: Callable[[str], None] = lambda s: None,
+    tune: Tuner | None = None,
 ) -> BuildResult:
     """Compile `source` for `targets` into the bundle directory `output`.
 
     Raises HxcError for problems before compiling (bad model, bad target name, export
-    failure). Compile failures are returned in the result, not raised.
+    failure). Compile failures are returned in the result, not raised. `tune`, when
+    given (`hxc.bench.tune.tune`), may replace results with faster builds it measured.
     """
     variants = resolve(targets) if isinstance(targets, str) else list(targets)
     options = options or ImportOptions()
@@ -95,6 +102,11 @@ def build_bundle(
         results = compile_all(jobs, workdir=work, parallel=jobs_parallel, cache=cache, on_event=on_event)
         results = [_name_source_operator(r, imports[r.job.precision].operators_at) for r in results]
         timings["compile"] = time.perf_counter() - t
+        if tune is not None:
+            t = time.perf_counter()
+            on_stage("tuning")
+            results = tune(results, imports, work, cache, on_event)
+            timings["tune"] = time.perf_counter() - t
 
         manifest = _manifest(imports, [p for p in dict.fromkeys(precisions)], results)
         failed = [r for r in results if r.status == "failed"]
@@ -241,6 +253,7 @@ def _artifact_entry(r: CompileResult, imported: ImportedModel) -> Artifact:
         cached=r.cached,
         precision=job.precision,
         precision_error=imported.precision_error,
+        tuning=r.tuning,
     )
     if r.status == "failed" or r.vmfb is None:
         return Artifact(status="failed", error=r.error, operator=r.operator, **common)

@@ -20,12 +20,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
 from hxc.compiler.cache import CompileCache
+from hxc.manifests.schema import TuningTrial
 from hxc.targets import CompilePlan, Variant, family
 from hxc.targets.base import CheckFailed
 
@@ -38,6 +39,9 @@ class CompileJob:
     ir_sha256: str
     variant: Variant
     precision: str = "fp32"
+    # A tuning alternative: its name and the full flags that replace the family's plan.
+    config: str = "default"
+    flags: tuple[str, ...] | None = None
 
     @property
     def id(self) -> str:
@@ -45,9 +49,14 @@ class CompileJob:
         return self.variant.id if self.precision == "fp32" else f"{self.variant.id}@{self.precision}"
 
     @property
+    def label(self) -> str:
+        return self.id if self.config == "default" else f"{self.id} [{self.config}]"
+
+    @property
     def file_stem(self) -> str:
         stem = f"{self.variant.family}-{self.variant.name}"
-        return stem if self.precision == "fp32" else f"{stem}-{self.precision}"
+        stem = stem if self.precision == "fp32" else f"{stem}-{self.precision}"
+        return stem if self.config == "default" else f"{stem}.{self.config}"
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class CompileResult:
     operator: str | None = None  # the operator that failed to lower, when known
     location: str | None = None  # file:line in the model's source where it failed
     stderr: str = ""
+    tuning: tuple[TuningTrial, ...] = ()  # set by `hxc compile --tune`
 
     @property
     def variant(self) -> Variant:
@@ -153,6 +163,8 @@ def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Pr
     variant = job.variant
     fam = family(variant.family)
     plan = fam.plan(variant)
+    if job.flags is not None:
+        plan = replace(plan, flags=job.flags)
     # The variant is part of the key: two variants may share flags but not the check
     # that proves their binary (cuda:sm_80 and cuda:sm_90 compile the same PTX).
     key = CompileCache.key(job.ir_sha256, (variant.id, *plan.flags), compiler_version())

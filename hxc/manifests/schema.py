@@ -121,6 +121,17 @@ class Requirements:
 
 
 @dataclass(frozen=True)
+class TuningTrial:
+    """One flag configuration tried by `hxc compile --tune` on the compile host."""
+
+    config: str
+    flags: tuple[str, ...]
+    p50_ms: float | None  # None when it failed to compile or run
+    chosen: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class Artifact:
     id: str  # family:variant, unique in a bundle
     family: str
@@ -143,6 +154,7 @@ class Artifact:
     # For reduced precision: max |y - y_fp32| / max |y_fp32| of PyTorch at this precision
     # against the fp32 reference, on the golden sample.
     precision_error: float | None = None
+    tuning: tuple[TuningTrial, ...] = ()  # the search that chose `flags`, when tuned
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ class LoadedModel:
         candidate: Candidate,
         selection: Selection,
         attempts: list[LoadAttempt],
-        session: _Session,
+        session: Session,
     ) -> None:
         self.bundle = bundle
         self.manifest = manifest
@@ -142,7 +142,7 @@ def load(
         _check_file(path, cand.artifact.file, cand.artifact.sha256, f"artifact {cand.artifact.id}")
         weights = _weights(path, manifest, cand.artifact.precision)
         try:
-            session = _Session.open(path / cand.artifact.file, cand.device, weights)  # type: ignore[operator]
+            session = Session.open(path / cand.artifact.file, cand.device, weights)  # type: ignore[operator]
         except Exception as e:
             if strict:
                 raise HxcError(f"{cand.artifact.id} on {cand.device.label} failed to load: {first_line(e)}") from None
@@ -184,8 +184,10 @@ def _weights(bundle: Path, manifest: Manifest, precision: str) -> tuple[Path, st
     return bundle / w.file, w.scope
 
 
-class _Session:
-    """One IREE device, context and entry function."""
+class Session:
+    """One vmfb loaded on one IREE device: its context and entry function. `load()`
+    builds these after checking the bundle; `hxc compile --tune` uses them directly on
+    freshly compiled candidates."""
 
     def __init__(self, device: Any, context: Any, function: Any, module: Any) -> None:
         self.device = device
@@ -194,7 +196,7 @@ class _Session:
         self.module = module  # keep the mapping alive as long as the context
 
     @classmethod
-    def open(cls, vmfb: Path, device: Device, weights: tuple[Path, str] | None = None) -> _Session:
+    def open(cls, vmfb: Path, device: Device, weights: tuple[Path, str] | None = None) -> Session:
         import iree.runtime as rt
 
         hal_device = rt.get_device(device.uri)  # cached by IREE: one device per URI per process

@@ -102,6 +102,11 @@ class TargetFamily:
         """Static preference when no benchmark profile decides: higher runs first."""
         return 0
 
+    def tuning_configs(self, plan: CompilePlan) -> list[tuple[str, tuple[str, ...]]]:
+        """Flag configurations `hxc compile --tune` tries, as (name, full flags). The
+        first is the default build. Families with nothing to tune return just that."""
+        return [("default", plan.flags)]
+
     # -- shared helpers ------------------------------------------------------------
 
     def variant(self, name: str) -> Variant | None:

@@ -141,6 +141,18 @@ class CpuFamily(TargetFamily):
             return f"needs CPU features this CPU lacks: {', '.join(missing)}"
         return None
 
+    def tuning_configs(self, plan: CompilePlan) -> list[tuple[str, tuple[str, ...]]]:
+        # Each alternative drops or adds one thing the defaults decide, so the search
+        # says which choice mattered for this model on this machine.
+        flags = plan.flags
+        without = lambda flag: tuple(f for f in flags if f != flag)  # noqa: E731
+        return [
+            ("default", flags),
+            ("no-im2col", without("--iree-global-opt-use-im2col-for-convs")),
+            ("no-data-tiling", without("--iree-opt-data-tiling")),
+            ("ukernels-all", (*flags, "--iree-llvmcpu-enable-ukernels=all")),
+        ]
+
     def rank(self, artifact: Artifact, device: Device) -> int:
         # Native code beats a software GPU. Among CPU variants that fit, the one that
         # may use the most instructions wins; the threaded driver beats local-sync.
