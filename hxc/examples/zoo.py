@@ -127,7 +127,24 @@ def gru() -> Example:
 def resnet18(batch: int = 1) -> Example:
     """ResNet-18 (torchvision's layout, written out so torchvision is not needed)."""
     torch.manual_seed(0)
-    return _ResNet18().eval(), (torch.randn(batch, 3, 224, 224),)
+    model = _ResNet18().eval()
+    from hxc.examples import _randomize_norms
+
+    _randomize_norms(model)
+    return model, (torch.randn(batch, 3, 224, 224),)
+
+
+def resnet18_b8() -> Example:
+    return resnet18(batch=8)
+
+
+def mlp_large() -> Example:
+    """4 layers of 512 (IREE_NOTES' MLP), batch 8."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(512, 512), nn.ReLU()]
+    return nn.Sequential(*layers).eval(), (torch.randn(8, 512),)
 
 
 def cnn_f16() -> Example:
