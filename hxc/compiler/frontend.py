@@ -9,7 +9,8 @@ Formats are recognised from the file's contents, not its name:
   legacy pickle. Unpickling runs code from the file, so it needs `allow_pickle`;
 - a Python reference `path/to/file.py:factory` or `package.module:factory`, whose
   factory returns a module, `(module, example_inputs)`, or an ExportedProgram.
-ONNX files are recognised so the error can say what to do with them.
+- an ONNX model (a protobuf ModelProto, any file name), which `hxc compile` hands to
+  the ONNX frontend (`hxc.compiler.onnx_import`); `load_model` reads PyTorch formats only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import importlib
 import importlib.util
 import re
 import sys
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from hxc.compiler.sniff import looks_like_python_ref as _looks_like_python_ref
+from hxc.compiler.sniff import sniff
 from hxc.errors import LoweringError, ModelLoadError, UsageError, first_line
 from hxc.manifests.bundle import file_sha256
 from hxc.manifests.schema import DTYPES, TensorSpec
@@ -105,51 +107,13 @@ def load_model(
     if kind == "pickle":
         return _from_pickle(path, digest, specs, dynamic_batch, allow_pickle)
     if kind == "onnx":
-        raise ModelLoadError(f"{source}: ONNX models are not supported yet", hint="export it from PyTorch as .pt2")
+        raise ModelLoadError(f"{source}: is an ONNX model, not a PyTorch one", hint="compile it with `hxc compile`")
     if kind == "python":
         raise UsageError(f"{source}: a Python file needs a factory", hint=f"write {source}:make_model")
     raise ModelLoadError(
         f"{source}: not a model hxc can read",
         hint="expected a torch.export .pt2, a TorchScript archive, a pickled nn.Module, or file.py:factory",
     )
-
-
-def sniff_source(source: str) -> str:
-    """Like `sniff`, for anything `hxc compile` accepts: `python-ref` for
-    file.py:factory / package.module:factory, `missing` for a path that does not exist."""
-    path = Path(source)
-    if path.is_file():
-        return sniff(path)
-    if _looks_like_python_ref(source):
-        return "python-ref"
-    return "missing"
-
-
-def sniff(path: Path) -> str:
-    """Identify a model file by its contents: pt2 | torchscript | pickle | onnx | python | unknown."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-                fmt = [n for n in names if n.endswith("archive_format")]
-                if fmt and z.read(fmt[0]).strip() == b"pt2":
-                    return "pt2"
-        except (zipfile.BadZipFile, OSError, KeyError) as e:
-            raise ModelLoadError(f"{path}: corrupt or truncated archive ({e})") from None
-        if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
-            return "torchscript"
-        if any(n.endswith("data.pkl") for n in names):
-            return "pickle"
-        return "unknown"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "pickle"
-    if path.suffix == ".onnx":
-        return "onnx"
-    if path.suffix == ".py":
-        return "python"
-    return "unknown"
 
 
 # --- formats ---------------------------------------------------------------------
@@ -221,11 +185,6 @@ def _from_pickle(
     args = example_inputs(specs)
     program = _export(module, args, _dynamic_shapes(specs, args, dynamic_batch), str(path))
     return LoadedModel(path.stem, str(path), "pickle", digest, program, args, module)
-
-
-def _looks_like_python_ref(source: str) -> bool:
-    target, sep, attr = source.rpartition(":")
-    return bool(sep and target and attr.isidentifier())
 
 
 def _from_python_ref(source: str, specs: list[TensorSpec], dynamic_batch: bool) -> LoadedModel:

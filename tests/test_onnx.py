@@ -1,0 +1,221 @@
+"""`hxc compile model.onnx` end to end: real ONNX files in (external data, old opsets,
+shared weights), bundles out, artifacts that run on the CPU and lavapipe Vulkan and
+match ONNX Runtime; unsupported operators and broken files refused with one line;
+and a slice of ONNX's own operator conformance tests."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import hxc.runtime
+from hxc.compiler.build import build_bundle
+from hxc.compiler.frontend import sniff
+from hxc.compiler.imported import ImportOptions
+from hxc.compiler.onnx_import import import_onnx
+from hxc.errors import ExitCode, UsageError
+from hxc.manifests import read_manifest
+from hxc.runtime.verify import verify_bundle
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import onnx_conformance  # noqa: E402
+
+F32 = {"atol": 1e-4, "rtol": 1e-3}
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).mean(dim=(2, 3))
+        return self.fc(y), torch.softmax(y, dim=-1)
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("onnx")
+    torch.manual_seed(0)
+    exported = d / "exported.onnx"
+    torch.onnx.export(_Net().eval(), (torch.randn(2, 3, 8, 8),), str(exported), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["logits", "probs"], dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    paths = {}
+    # Every tensor, even the tiny ones, in a weights file beside the model.
+    paths["external"] = d / "net.onnx"
+    onnx.save_model(onnx.load(str(exported)), str(paths["external"]), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="net.onnx.data", size_threshold=0)  # fmt: skip
+
+    # Opset 9 semantics that later opsets changed: Softmax flattens from `axis`,
+    # Unsqueeze/ReduceSum take axes as attributes, Clip takes min/max as attributes.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.random.default_rng(0).standard_normal(16).astype(np.float32))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"]),
+        helper.make_node("Softmax", ["m"], ["s"], axis=1),
+        helper.make_node("Clip", ["s"], ["c"], min=0.02, max=0.5),
+        helper.make_node("ReduceSum", ["c"], ["r"], axes=[2], keepdims=0),
+        helper.make_node("Unsqueeze", ["r"], ["y"], axes=[0]),
+    ]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3])
+    old = helper.make_model(helper.make_graph(nodes, "old", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 9)])
+    old.ir_version = 4
+    paths["opset9"] = d / "opset9.onnx"
+    onnx.save(old, str(paths["opset9"]))
+
+    # A two-sided DFT: ONNX Runtime runs it, IREE has no lowering for it.
+    dft = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("DFT", ["r"], ["y"], onesided=0)], "dft",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 2])],
+    )  # fmt: skip
+    paths["dft"] = d / "dft.onnx"
+    onnx.save(helper.make_model(dft, opset_imports=[helper.make_opsetid("", 17)]), str(paths["dft"]))
+
+    paths["corrupt"] = d / "corrupt.onnx"
+    paths["corrupt"].write_bytes(b"\x08\x07" + bytes(range(256)) * 8)
+    paths["truncated"] = d / "truncated.onnx"
+    paths["truncated"].write_bytes(exported.read_bytes()[:700])
+    paths["no_weights"] = d / "lost" / "net.onnx"
+    paths["no_weights"].parent.mkdir()
+    paths["no_weights"].write_bytes(paths["external"].read_bytes())  # its weights file stays behind
+    paths["renamed"] = d / "model.bin"
+    paths["renamed"].write_bytes(exported.read_bytes())
+    return paths
+
+
+def _ort(path: Path, *arrays: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: a for i, a in zip(session.get_inputs(), arrays)})
+
+
+def test_external_data_model_runs_on_cpu_and_vulkan_like_onnxruntime(onnx_models, tmp_path):
+    out = tmp_path / "net.hxc"
+    result = build_bundle(str(onnx_models["external"]), out, "cpu:host,vulkan:spirv", cache_dir=False)
+    assert result.written, [r.error for r in result.failed]
+    m = read_manifest(out)
+    assert m.model.source_format == "onnx" and m.model.program_file == "model.onnx" and not m.weights
+    assert [(s.name, s.dtype, s.shape) for s in m.signature.inputs] == [("x", "f32", ("batch", 3, 8, 8))]
+    assert [(s.name, s.shape) for s in m.signature.outputs] == [("logits", ("batch", 5)), ("probs", ("batch", 8))]
+
+    x = np.random.default_rng(7).standard_normal((3, 3, 8, 8)).astype(np.float32)  # fresh inputs, another batch size
+    want = _ort(onnx_models["external"], x)
+    for device in ("cpu", "vulkan"):
+        logits, probs = hxc.runtime.load(out, device=device, strict=True)(x)
+        np.testing.assert_allclose(logits, want[0], **F32)
+        np.testing.assert_allclose(probs, want[1], **F32)
+    assert all(v.ok for v in verify_bundle(out)) and len(verify_bundle(out)) == 2
+    # The bundle's program is self-contained: the weights file was folded in.
+    np.testing.assert_allclose(_ort(out / "model.onnx", x)[0], want[0], rtol=1e-6)
+
+
+def test_old_opset_is_upgraded_and_keeps_its_semantics(onnx_models, tmp_path):
+    out = tmp_path / "old.hxc"
+    result = build_bundle(str(onnx_models["opset9"]), out, "cpu:host", cache_dir=False)
+    assert result.written, [r.error for r in result.failed]
+    x = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(hxc.runtime.load(out)(x), _ort(onnx_models["opset9"], x)[0], **F32)
+    assert all(v.ok for v in verify_bundle(out))
+
+
+def test_shared_weights_are_stored_once_and_match_inline(onnx_models, tmp_path):
+    inline, shared = tmp_path / "inline.hxc", tmp_path / "shared.hxc"
+    src = str(onnx_models["external"])
+    assert build_bundle(src, inline, "cpu:host", cache_dir=False).written
+    assert build_bundle(src, shared, "cpu:host,vulkan:spirv", options=ImportOptions(weights="shared"), cache_dir=False).written
+    m = read_manifest(shared)
+    [w] = m.weights
+    assert (shared / "weights.irpa").is_file() and w.file == "weights.irpa" and w.scope == "model"
+    assert not (inline / "weights.irpa").exists()
+
+    x = np.random.default_rng(3).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    want = hxc.runtime.load(inline)(x)
+    for device in ("cpu", "vulkan"):
+        got = hxc.runtime.load(shared, device=device, strict=True)(x)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, **F32)
+    assert all(v.ok for v in verify_bundle(shared))
+    # The conv weight lives only in weights.irpa; the bundle's model.onnx points at
+    # its bytes there, so ONNX Runtime still runs the bundle's copy of the model.
+    program = onnx.load(str(shared / "model.onnx"), load_external_data=False)
+    external = {t.name for t in program.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    assert external == {"conv.weight"}
+    np.testing.assert_allclose(_ort(shared / "model.onnx", x)[0], _ort(onnx_models["external"], x)[0], rtol=1e-6)
+
+
+def test_input_specs_fix_dynamic_dims_and_are_checked(onnx_models, tmp_path):
+    src = str(onnx_models["external"])
+    fixed = import_onnx(src, ImportOptions(inputs=("4x3x8x8xf32",)), tmp_path, lambda s: None)
+    assert fixed.signature.inputs[0].shape == (4, 3, 8, 8) and fixed.signature.outputs[0].shape == (4, 5)
+    assert fixed.golden["input_0"].shape == (4, 3, 8, 8) and fixed.golden["output_1"].shape == (4, 8)
+    unfixed = import_onnx(src, ImportOptions(), tmp_path, lambda s: None)
+    assert unfixed.golden["input_0"].shape == (2, 3, 8, 8)  # a dynamic dim without a size gets 2
+    for bad, fragment in (("4x3x8xf32", "dimensions"), ("4x3x9x8xf32", "dimension 2 is 8"), ("4x3x8x8xi64", "says i64")):
+        with pytest.raises(UsageError, match=fragment):
+            import_onnx(src, ImportOptions(inputs=(bad,)), tmp_path, lambda s: None)
+
+
+def _one_line_error(result) -> list[str]:
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines, result.stderr
+    return lines
+
+
+def test_unsupported_operator_names_operator_node_and_target(onnx_models, cli, tmp_path):
+    out = tmp_path / "dft.hxc"
+    result = cli("compile", onnx_models["dft"], "-t", "cpu:host,vulkan", "-o", out)
+    assert result.exit_code == ExitCode.ERROR and not out.exists()
+    lines = _one_line_error(result)
+    for target in ("cpu:host", "vulkan:spirv"):
+        [line] = [x for x in lines if f"error: {target}:" in x]
+        assert "cannot lower onnx.DFT (at dft.onnx:2)" in line
+
+    result = cli("compile", onnx_models["dft"], "-t", "cpu:host", "-o", out, "--json")
+    [art] = json.loads(result.stdout)["artifacts"]
+    assert art["status"] == "failed" and art["operator"] == "onnx.DFT"
+
+
+@pytest.mark.parametrize(
+    "model, fragment",
+    [("corrupt", "corrupt or truncated ONNX model"), ("truncated", "corrupt or truncated ONNX model"),
+     ("no_weights", "'net.onnx.data', which is not beside the model")],
+)  # fmt: skip
+def test_broken_onnx_gives_one_line_and_writes_nothing(model, fragment, onnx_models, cli, tmp_path):
+    result = cli("compile", onnx_models[model], "-t", "cpu:host", "-o", tmp_path / "out.hxc")
+    assert result.exit_code == ExitCode.ERROR
+    assert fragment in _one_line_error(result)[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_is_recognised_by_content(onnx_models):
+    assert sniff(onnx_models["renamed"]) == "onnx"
+    assert sniff(onnx_models["external"]) == "onnx"
+
+
+# Passing node tests, one or two per operator family (picked from a full conformance run).
+CONFORMANCE_SLICE = [
+    "test_add_bcast", "test_matmul_3d", "test_conv_with_strides_padding", "test_relu", "test_softmax_axis_1",
+    "test_gemm_all_attributes", "test_reshape_reordered_all_dims", "test_transpose_all_permutations_2",
+    "test_concat_3d_axis_1", "test_gather_1", "test_reduce_mean_default_axes_keepdims_random", "test_layer_normalization_4d_axis1",
+    "test_sigmoid", "test_tanh", "test_slice_default_axes", "test_where_example", "test_cast_FLOAT_to_FLOAT16",
+    "test_pow_bcast_array", "test_sqrt", "test_exp", "test_maxpool_2d_pads", "test_batchnorm_epsilon",
+    "test_argmax_keepdims_example", "test_expand_dim_changed", "test_clip_default_inbounds", "test_gelu_tanh_1",
+]  # fmt: skip
+
+
+def test_onnx_conformance_slice(tmp_path):
+    root = onnx_conformance.node_tests_dir(tmp_path / "node", names=CONFORMANCE_SLICE)
+    cases = [root / name for name in CONFORMANCE_SLICE]
+    results = onnx_conformance.run_conformance(cases, jobs=2)
+    failed = [(r.name, r.category, r.detail) for r in results if r.status != "pass"]
+    assert not failed and len(results) == len(CONFORMANCE_SLICE)
