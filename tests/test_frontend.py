@@ -3,11 +3,11 @@ artifact matches PyTorch; everything else is refused with a one-line reason."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from hxc.compiler.frontend import load_model, parse_input_spec, sniff
+from hxc.compiler.frontend import load_model, parse_input_spec
+from hxc.compiler.sniff import sniff
 from hxc.errors import LoweringError, ModelLoadError, UsageError
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hxc.bench.measure import Budget, Contender, measure
 from hxc.compiler.cache import CompileCache
-from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all
+from hxc.compiler.driver import CompileEvent, CompileResult, compile_all
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel
 from hxc.errors import first_line
 from hxc.manifests.schema import Artifact, Signature, TuningTrial

@@ -134,7 +134,7 @@ def import_model(
 ) -> ImportedModel:
     """Pick the frontend from the file's contents and import the model, through the
     import cache for model files."""
-    from hxc.compiler.frontend import sniff_source
+    from hxc.compiler.sniff import sniff_source
 
     kind = sniff_source(source)
     if kind == "onnx" and options.precision != "fp32":
@@ -142,7 +142,7 @@ def import_model(
     cache = ImportCache(cache_root if kind not in ("python-ref", "missing") else None)
     key = None
     if cache.root is not None:
-        key = ImportCache.key(file_sha256(source), (kind, options), to_json(toolchain()))
+        key = ImportCache.key(_source_digest(kind, Path(source)), (kind, options), to_json(toolchain()))
         if (entry := cache.get(key)) is not None:
             on_stage("reusing the cached import")
             return _imported_from_cache(entry, source)
@@ -157,6 +157,14 @@ def import_model(
     if key is not None:
         _cache_import(cache, key, imported, workdir)
     return imported
+
+
+def _source_digest(kind: str, path: Path) -> str:
+    if kind == "onnx":
+        from hxc.compiler.onnx_import import source_digest
+
+        return source_digest(path)  # includes external weight files
+    return file_sha256(path)
 
 
 def _cache_import(cache: ImportCache, key: str, m: ImportedModel, workdir: Path) -> None:

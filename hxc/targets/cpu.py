@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from hxc.manifests.schema import Artifact, Requirements
