@@ -52,7 +52,7 @@ print(json.dumps({
     "select_s": t_select, "load_s": t_load, "first_call_s": t_first, "second_call_s": t_second,
     "anon_before_load_mb": rss0, "anon_after_load_mb": rss1, "anon_after_first_call_mb": rss2,
     "file_before_load_mb": file0, "file_after_load_mb": file1, "file_after_first_call_mb": file2,
-    "artifact_mb": model.artifact.size / 2**20, "weights_mb": (m.weights.size / 2**20) if m.weights else 0.0,
+    "artifact_mb": model.artifact.size / 2**20, "weights_mb": sum(w.size for w in m.weights) / 2**20,
 }))
 """
 

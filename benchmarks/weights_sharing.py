@@ -66,11 +66,14 @@ def main() -> None:
             "artifacts": len(manifest["artifacts"]),
         }
     loads: dict[str, list[dict]] = {}
+    failures: dict[str, list] = {}
 
     def loader(mode: str, device: str):
-        def fn() -> float:
-            out = subprocess.run([sys.executable, "-c", CHILD, str(bundles[mode]), device],
-                                 capture_output=True, text=True, check=True)  # fmt: skip
+        def fn() -> float | None:
+            out = subprocess.run([sys.executable, "-c", CHILD, str(bundles[mode]), device], capture_output=True, text=True)
+            if out.returncode != 0:  # record it and go on: one failed load is a result too
+                failures.setdefault(f"{mode}/{device}", []).append(out.stderr.strip().splitlines()[-1:])
+                return None
             r = json.loads(out.stdout.strip().splitlines()[-1])
             loads.setdefault(f"{mode}/{device}", []).append(r)
             return r["load_s"]
@@ -80,12 +83,15 @@ def main() -> None:
     interleave({f"{m}/{d}": loader(m, d) for d in ("cpu", "vulkan") for m in ("inline", "shared")}, args.rounds)
     summary = {k: {"load_ms": median([r["load_s"] for r in v]) * 1e3,
                    "first_call_ms": median([r["first_call_s"] for r in v]) * 1e3} for k, v in loads.items()}  # fmt: skip
-    path = save("weights_sharing", {"model": args.model, "targets": args.targets, "sizes": sizes, "load": summary, "runs": loads})
+    path = save("weights_sharing", {"model": args.model, "targets": args.targets, "sizes": sizes, "load": summary, "runs": loads,
+                                     "failures": failures})
     for mode, s in sizes.items():
         print(f"{mode:>6}: bundle {s['bundle_mb']:.0f} MiB ({s['artifacts']} artifacts {s['artifacts_mb']:.0f} MiB, "
               f"weights {s['weights_mb']:.0f} MiB, program {s['program_mb']:.1f} MiB)")  # fmt: skip
     for k, s in summary.items():
         print(f"{k:>14}: load {s['load_ms']:.0f} ms, first call {s['first_call_ms']:.0f} ms")
+    for k, f in failures.items():
+        print(f"{k:>14}: {len(f)} load(s) failed: {f[0]}")
     print(f"({path})")
 
 

@@ -108,7 +108,7 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
     """Compile MODEL into a bundle with one IREE artifact per target.
 
     MODEL is a torch.export archive (.pt2), a TorchScript archive, a pickled module
-    (with --allow-pickle), or a Python factory `file.py:make_model` /
+    (with --allow-pickle), an ONNX model, or a Python factory `file.py:make_model` /
     `package.module:make_model` returning a module and example inputs.
 
     \b

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 import hxc.runtime
 from hxc.compiler.build import build_bundle
-from hxc.compiler.frontend import sniff
+from hxc.compiler.sniff import sniff
 from hxc.compiler.imported import ImportOptions
 from hxc.compiler.onnx_import import import_onnx
 from hxc.errors import ExitCode, UsageError
@@ -219,3 +219,23 @@ def test_onnx_conformance_slice(tmp_path):
     results = onnx_conformance.run_conformance(cases, jobs=2)
     failed = [(r.name, r.category, r.detail) for r in results if r.status != "pass"]
     assert not failed and len(results) == len(CONFORMANCE_SLICE)
+
+
+def test_import_cache_notices_changed_external_weights(onnx_models, tmp_path):
+    import shutil
+
+    d = tmp_path / "m"
+    d.mkdir()
+    for name in ("net.onnx", "net.onnx.data"):
+        shutil.copyfile(onnx_models["external"].parent / name, d / name)
+    cache = tmp_path / "cache"
+    x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    first = build_bundle(str(d / "net.onnx"), tmp_path / "a.hxc", "cpu:host", cache_dir=cache)
+    data = bytearray((d / "net.onnx.data").read_bytes())
+    data[:64] = np.ones(16, np.float32).tobytes()  # new weights, same .onnx file
+    (d / "net.onnx.data").write_bytes(bytes(data))
+    second = build_bundle(str(d / "net.onnx"), tmp_path / "b.hxc", "cpu:host", cache_dir=cache)
+    assert first.written and second.written
+    assert first.manifest.model.ir_sha256 != second.manifest.model.ir_sha256
+    got = hxc.runtime.load(tmp_path / "b.hxc")(x)
+    np.testing.assert_allclose(got[0], _ort(d / "net.onnx", x)[0], **F32)

@@ -47,10 +47,17 @@ def _tune_one(r: CompileResult, imported: ImportedModel, workdir: Path, cache: C
     weights = (imported.weights, PARAMETER_SCOPE) if imported.weights is not None else None
     inputs = [imported.golden[f"input_{i}"].view(numpy_dtype(s.dtype)) if s.dtype == "bf16" else imported.golden[f"input_{i}"]
               for i, s in enumerate(imported.signature.inputs)]  # fmt: skip
-    runnable = [(name, t) for (name, _), t in zip(configs, tried) if t.status == "ok" and t.vmfb is not None]
+    errors: dict[str, str] = {}
+    runnable = []
+    for (name, _), t in zip(configs, tried):
+        if t.status == "ok" and t.vmfb is not None:
+            # A faster build that computes the wrong thing is no candidate.
+            if (wrong := _wrong_numbers(t.vmfb, device, weights, imported, inputs)) is None:
+                runnable.append((name, t))
+            else:
+                errors[name] = wrong
     contenders = [_contender(name, t.vmfb, device, weights, imported.signature) for name, t in runnable]  # type: ignore[arg-type]
     p50: dict[str, float] = {}
-    errors: dict[str, str] = {}
     try:
         for timing in measure(contenders, inputs, budget):
             p50[timing.contender.id] = timing.stats().p50_ms
@@ -59,11 +66,27 @@ def _tune_one(r: CompileResult, imported: ImportedModel, workdir: Path, cache: C
     best = min(p50, key=p50.get) if p50 else configs[0][0]
     trials = tuple(
         TuningTrial(config=name, flags=t.plan.flags, p50_ms=p50.get(name), chosen=name == best,
-                    error=t.error if t.status == "failed" else errors.get("*") if name not in p50 else None)
+                    error=t.error if t.status == "failed" else errors.get(name, errors.get("*")) if name not in p50 else None)
         for (name, _), t in zip(configs, tried)
     )  # fmt: skip
     chosen = next(t for (name, _), t in zip(configs, tried) if name == best)
     return dataclasses.replace(chosen, job=r.job, tuning=trials)
+
+
+def _wrong_numbers(vmfb: Path, device: Device, weights, imported: ImportedModel, inputs: list) -> str | None:
+    from hxc.runtime.verify import compare, effective_dtype
+
+    try:
+        outputs = Session.open(vmfb, device, weights).invoke(inputs, imported.signature)
+    except Exception as e:
+        return f"failed to run: {first_line(e)}"
+    for i, (out, spec) in enumerate(zip(outputs, imported.signature.outputs)):
+        want = imported.golden[f"output_{i}"]
+        want = want.view(numpy_dtype("bf16")) if spec.dtype == "bf16" else want
+        c = compare(out, want, effective_dtype(spec.dtype, imported.precision))
+        if not c.ok:
+            return f"wrong numbers: output {i} max abs error {c.max_abs:.3g} against the golden sample"
+    return None
 
 
 def _device_for(r: CompileResult) -> Device | None:

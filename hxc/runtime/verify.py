@@ -110,7 +110,7 @@ def verify_bundle(
         except Exception as e:  # an IREE runtime failure on this device
             results.append(VerifyResult(cand.artifact.id, label, False, None, None, first_line(e)))
             continue
-        comps = [compare(o, x, _effective_dtype(s.dtype, cand.artifact.precision))
+        comps = [compare(o, x, effective_dtype(s.dtype, cand.artifact.precision))
                  for o, x, s in zip(outputs, expected, manifest.signature.outputs)]  # fmt: skip
         results.append(VerifyResult(
             cand.artifact.id, label, all(c.ok for c in comps),
@@ -119,6 +119,6 @@ def verify_bundle(
     return results
 
 
-def _effective_dtype(dtype: str, precision: str) -> str:
+def effective_dtype(dtype: str, precision: str) -> str:
     """A reduced-precision artifact's f32 outputs carry its compute precision's error."""
     return {"fp16": "f16", "bf16": "bf16"}.get(precision, dtype) if dtype == "f32" else dtype

@@ -4,8 +4,9 @@ IREE puts no CPU-feature check in the artifact: x86-64-v4 code dies with SIGILL 
 CPU without AVX-512. So each variant records the /proc/cpuinfo flags it needs, and
 `cannot_run` compares them with the host's before anything is loaded.
 
-Default flags turn on what IREE leaves off (see ../shared/IREE_NOTES.md): data tiling
-(2.7-3x on transformer-sized matmuls) and im2col for convolutions (3x on convs).
+Default flags turn on what IREE leaves off, chosen by measurement on this project's
+benchmark models (benchmarks/cpu_flags.py, README "Measurements"): data tiling (1.3x on
+BERT-base, 2.9x on GPT-2 small) and im2col for convolutions (2.4x on ResNet-18).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from pathlib import Path
 from hxc.manifests.schema import Artifact, Requirements
 from hxc.targets.base import CompilePlan, Device, TargetFamily, Variant
 
+# NHWC convolutions: 1.05x on ResNet-18 at batch 1 and 1.4x at batch 8 here, but IREE
+# 3.13 miscompiles some graphs with it ("operand #1 does not dominate this use" on the
+# TorchScript-converted test CNN), so it is a tuning alternative, not a default.
+CHANNELS_LAST = "--iree-preprocessing-pass-pipeline=builtin.module(util.func(iree-preprocessing-convert-conv-to-channels-last))"
 COMMON_FLAGS = (
     "--iree-hal-target-device=local",
     "--iree-hal-local-target-device-backends=llvm-cpu",
@@ -150,6 +155,7 @@ class CpuFamily(TargetFamily):
             ("default", flags),
             ("no-im2col", without("--iree-global-opt-use-im2col-for-convs")),
             ("no-data-tiling", without("--iree-opt-data-tiling")),
+            ("channels-last", (*flags, CHANNELS_LAST)),
             ("ukernels-all", (*flags, "--iree-llvmcpu-enable-ukernels=all")),
         ]
 
