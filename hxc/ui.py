@@ -15,7 +15,11 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-out = Console(highlight=False, soft_wrap=False)
+import os as _os
+
+# Piped output (CI logs, `make demo`) gets a wide table instead of rich's 80 columns.
+_WIDTH = None if sys.stdout.isatty() or _os.environ.get("COLUMNS") else 160
+out = Console(highlight=False, soft_wrap=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error, one line, even in pipes
 
 
