@@ -214,3 +214,15 @@ def test_inspect_shows_the_manifest(example_bundle, cli):
     assert as_json["schema_version"] == "1.0" and len(as_json["artifacts"]) == 6
     missing = cli("inspect", example_bundle.parent / "nope.hxc")
     assert missing.exit_code == ExitCode.ERROR and "no such bundle" in _one_line_error(missing)
+
+
+def test_dynamic_batch_from_a_batch_one_example(cli, tmp_path):
+    # torch.export specialises size-1 dimensions; hxc repeats a batch-1 example to 2.
+    out = tmp_path / "cnn.hxc"
+    assert cli("compile", "hxc.examples:convnet", "--dynamic-batch", "-t", "cpu:host", "-o", out).exit_code == 0
+    from hxc.examples import convnet
+
+    model, _ = convnet()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hxc.runtime.load(out)(x), model(x), atol=1e-4, rtol=1e-3)

@@ -63,6 +63,10 @@ class Budget:
     min_seconds: float = 1.0
     max_seconds: float = 60.0  # per contender; a very slow one stops at min_iterations or this
     block_seconds: float = 0.1  # how long one contender runs before the next takes over
+    # A pause between blocks lets the previous runtime's worker threads (OpenMP,
+    # IREE's task system, llvmpipe) go idle before the next contender starts timing;
+    # on a 2-core machine their spinning otherwise lands in the next one's numbers.
+    settle_seconds: float = 0.02
 
 
 def measure(contenders: list[Contender], inputs: list, budget: Budget = Budget(),
@@ -94,6 +98,7 @@ def measure(contenders: list[Contender], inputs: list, budget: Budget = Budget()
         for t, call in zip(timings, calls):
             if done(t):
                 continue
+            time.sleep(budget.settle_seconds)
             block_end = time.perf_counter() + budget.block_seconds
             while True:
                 t0 = time.perf_counter_ns()

@@ -126,10 +126,10 @@ def _from_pt2(path: Path, digest: str, specs: list[TensorSpec], dynamic_batch: b
         raise ModelLoadError(f"{path}: cannot read torch.export archive ({first_line(e)})") from None
     if specs:
         args = example_inputs(specs)
-        program = _export(program.module(), args, _dynamic_shapes(specs, args, dynamic_batch), str(path))
+        program = export_module(program.module(), args, _dynamic_shapes(specs, args, dynamic_batch), str(path))
     elif dynamic_batch:
-        args = _program_example_args(program)
-        program = _export(program.module(), args, _dynamic_shapes([], args, True), str(path))
+        args = _batch_of_two(_program_example_args(program))
+        program = export_module(program.module(), args, _dynamic_shapes([], args, True), str(path))
     else:
         args = _program_example_args(program)
     return LoadedModel(path.stem, str(path), "torch.export", digest, program, args, program.module())
@@ -153,7 +153,7 @@ def _from_torchscript(path: Path, digest: str, specs: list[TensorSpec], dynamic_
         raise LoweringError(f"{path}: cannot convert TorchScript to an exported program ({first_line(e)})") from None
     shapes = _dynamic_shapes(specs, args, dynamic_batch)
     if shapes is not None:
-        program = _export(program.module(), args, shapes, str(path))
+        program = export_module(program.module(), args, shapes, str(path))
     return LoadedModel(path.stem, str(path), "torchscript", digest, program, args, scripted)
 
 
@@ -183,7 +183,7 @@ def _from_pickle(
         raise UsageError(f"{path}: a pickled module carries no input shapes", hint="pass --input 1x3x224x224xf32")
     module.eval()
     args = example_inputs(specs)
-    program = _export(module, args, _dynamic_shapes(specs, args, dynamic_batch), str(path))
+    program = export_module(module, args, _dynamic_shapes(specs, args, dynamic_batch), str(path))
     return LoadedModel(path.stem, str(path), "pickle", digest, program, args, module)
 
 
@@ -221,7 +221,7 @@ def _from_python_ref(source: str, specs: list[TensorSpec], dynamic_batch: bool) 
     if isinstance(made, torch.export.ExportedProgram):
         args = example_inputs(specs) if specs else _program_example_args(made)
         if specs or dynamic_batch:
-            made = _export(made.module(), args, _dynamic_shapes(specs, args, dynamic_batch), source)
+            made = export_module(made.module(), args, _dynamic_shapes(specs, args, dynamic_batch), source)
         return LoadedModel(name, source, "python", digest, made, args, made.module())
     if isinstance(made, torch.nn.Module):
         model, given = made, None
@@ -241,7 +241,9 @@ def _from_python_ref(source: str, specs: list[TensorSpec], dynamic_batch: bool) 
             raise ModelLoadError(f"{source}: example inputs must be tensors")
     else:
         raise UsageError(f"{source}: the factory returned no example inputs", hint="pass --input 1x3x224x224xf32")
-    program = _export(model, args, _dynamic_shapes(specs, args, dynamic_batch), source)
+    if dynamic_batch and not specs:
+        args = _batch_of_two(args)
+    program = export_module(model, args, _dynamic_shapes(specs, args, dynamic_batch), source)
     return LoadedModel(name, source, "python", digest, program, args, model)
 
 
@@ -265,6 +267,12 @@ def example_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> tuple[torch.Te
     return tuple(out)
 
 
+def _batch_of_two(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Example inputs with batch 1 repeated to batch 2: torch.export specialises a
+    size-1 dimension, so it could not stay dynamic."""
+    return tuple(torch.cat([a, a]) if a.dim() > 0 and a.shape[0] == 1 else a for a in args)
+
+
 def _dynamic_shapes(
     specs: Sequence[TensorSpec], args: tuple[torch.Tensor, ...], dynamic_batch: bool
 ) -> tuple[dict[int, Any], ...] | None:
@@ -280,7 +288,7 @@ def _dynamic_shapes(
     return tuple(shapes) if any(shapes) else None
 
 
-def _export(
+def export_module(
     module: torch.nn.Module, args: tuple[torch.Tensor, ...], dynamic_shapes: Any, source: str
 ) -> torch.export.ExportedProgram:
     try:

@@ -116,7 +116,7 @@ def _at_precision(model, precision: str, golden: dict[str, np.ndarray]) -> tuple
     fp32 reference on the golden sample (max |y - y_fp32| / max |y_fp32|)."""
     import copy
 
-    from hxc.compiler.frontend import _export
+    from hxc.compiler.frontend import export_module
     from hxc.compiler.lower import program_signature
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -127,7 +127,7 @@ def _at_precision(model, precision: str, golden: dict[str, np.ndarray]) -> tuple
     wrapped = _AtPrecision(copy.deepcopy(model.program.module()), dtype)
     dims = [{j: torch.export.Dim.DYNAMIC for j, d in enumerate(s.shape) if isinstance(d, str)}
             for s in program_signature(model.program).inputs]  # fmt: skip
-    program = _export(wrapped, model.example_args, tuple(dims) if any(dims) else None, model.source)
+    program = export_module(wrapped, model.example_args, tuple(dims) if any(dims) else None, model.source)
     with torch.no_grad():
         outputs = pytree.tree_leaves(wrapped(*model.example_args))
     error = 0.0

@@ -189,11 +189,13 @@ class Session:
     builds these after checking the bundle; `hxc compile --tune` uses them directly on
     freshly compiled candidates."""
 
-    def __init__(self, device: Any, context: Any, function: Any, module: Any) -> None:
+    def __init__(self, device: Any, context: Any, function: Any, keep_alive: tuple) -> None:
         self.device = device
         self.context = context
         self.function = function
-        self.module = module  # keep the mapping alive as long as the context
+        # The mapped module, the parameter index and its provider must outlive the
+        # context that reads from them.
+        self._keep_alive = keep_alive
 
     @classmethod
     def open(cls, vmfb: Path, device: Device, weights: tuple[Path, str] | None = None) -> Session:
@@ -203,17 +205,20 @@ class Session:
         instance = _instance()
         module = rt.VmModule.mmap(instance, str(vmfb))
         modules = [rt.create_hal_module(instance, hal_device)]
+        keep_alive: tuple = (module,)
         if weights is not None:
             # The archive is memory-mapped; parameters are read (or imported) by the
             # device when the module initialises.
             index = rt.ParameterIndex()
             index.load(str(weights[0]))
-            modules.append(rt.create_io_parameters_module(instance, index.create_provider(scope=weights[1])))
+            provider = index.create_provider(scope=weights[1])
+            modules.append(rt.create_io_parameters_module(instance, provider))
+            keep_alive = (module, index, provider)
         context = rt.VmContext(instance, modules=[*modules, module])
         function = module.lookup_function("main")
         if function is None:
             raise HxcError(f"{vmfb}: has no 'main' function")
-        return cls(hal_device, context, function, module)
+        return cls(hal_device, context, function, keep_alive)
 
     def prepare(self, arrays: list[np.ndarray], signature: Signature) -> Callable[[], None]:
         import iree.runtime as rt

@@ -10,7 +10,7 @@ outside this package branches on a family's name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hxc.manifests.schema import Artifact, Requirements
@@ -124,6 +124,3 @@ class TargetFamily:
             return f"{self.name} code runs on the {'/'.join(self.drivers)} driver, not {device.driver}"
         return None
 
-
-def with_requires(plan: CompilePlan, **changes) -> CompilePlan:
-    return replace(plan, requires=replace(plan.requires, **changes))
