@@ -14,9 +14,9 @@ from hxc.compiler.driver import CompileEvent, CompileResult, compile_all
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel
 from hxc.errors import first_line
 from hxc.manifests.schema import Artifact, Signature, TuningTrial
-from hxc.runtime.io import numpy_dtype
 from hxc.runtime.loader import Session
 from hxc.runtime.probe import probe_host
+from hxc.runtime.verify import compare_outputs, golden_arrays
 from hxc.targets import Device, family
 
 TUNE_BUDGET = Budget(warmup=2, min_iterations=10, min_seconds=0.5, max_seconds=20.0)
@@ -45,14 +45,13 @@ def _tune_one(r: CompileResult, imported: ImportedModel, workdir: Path, cache: C
     jobs = [dataclasses.replace(r.job, config=name, flags=flags) for name, flags in configs[1:]]
     tried = [r, *compile_all(jobs, workdir=workdir, cache=cache, on_event=on_event)]
     weights = (imported.weights, PARAMETER_SCOPE) if imported.weights is not None else None
-    inputs = [imported.golden[f"input_{i}"].view(numpy_dtype(s.dtype)) if s.dtype == "bf16" else imported.golden[f"input_{i}"]
-              for i, s in enumerate(imported.signature.inputs)]  # fmt: skip
+    inputs, expected = golden_arrays(imported.golden, imported.signature)
     errors: dict[str, str] = {}
     runnable = []
     for (name, _), t in zip(configs, tried):
         if t.status == "ok" and t.vmfb is not None:
             # A faster build that computes the wrong thing is no candidate.
-            if (wrong := _wrong_numbers(t.vmfb, device, weights, imported, inputs)) is None:
+            if (wrong := _wrong_numbers(t.vmfb, device, weights, imported, inputs, expected)) is None:
                 runnable.append((name, t))
             else:
                 errors[name] = wrong
@@ -73,17 +72,13 @@ def _tune_one(r: CompileResult, imported: ImportedModel, workdir: Path, cache: C
     return dataclasses.replace(chosen, job=r.job, tuning=trials)
 
 
-def _wrong_numbers(vmfb: Path, device: Device, weights, imported: ImportedModel, inputs: list) -> str | None:
-    from hxc.runtime.verify import compare, effective_dtype
-
+def _wrong_numbers(vmfb: Path, device: Device, weights, imported: ImportedModel, inputs: list,
+                   expected: list) -> str | None:  # fmt: skip
     try:
         outputs = Session.open(vmfb, device, weights).invoke(inputs, imported.signature)
     except Exception as e:
         return f"failed to run: {first_line(e)}"
-    for i, (out, spec) in enumerate(zip(outputs, imported.signature.outputs)):
-        want = imported.golden[f"output_{i}"]
-        want = want.view(numpy_dtype("bf16")) if spec.dtype == "bf16" else want
-        c = compare(out, want, effective_dtype(spec.dtype, imported.precision))
+    for i, c in enumerate(compare_outputs(outputs, expected, imported.signature, imported.precision)):
         if not c.ok:
             return f"wrong numbers: output {i} max abs error {c.max_abs:.3g} against the golden sample"
     return None

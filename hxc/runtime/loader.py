@@ -8,6 +8,7 @@ it, then memory-mapped (never copied into the process).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ from hxc.errors import HxcError, IntegrityError, NoCompatibleArtifactError, Sign
 from hxc.manifests import read_manifest
 from hxc.manifests.bundle import file_sha256
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
-from hxc.runtime.io import is_torch, to_numpy, to_torch
+from hxc.runtime.io import dtype_name, is_torch, numpy_dtype, to_device, to_host, to_numpy, to_torch
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
 from hxc.targets import Device
@@ -138,9 +139,13 @@ def load(
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host", hint=_summary(selection))
 
     attempts: list[LoadAttempt] = []
+    checked_weights: dict[str, tuple[Path, str] | None] = {}  # hashing 400 MB once is enough
     for cand in selection.candidates:
         _check_file(path, cand.artifact.file, cand.artifact.sha256, f"artifact {cand.artifact.id}")
-        weights = _weights(path, manifest, cand.artifact.precision)
+        precision = cand.artifact.precision
+        if precision not in checked_weights:
+            checked_weights[precision] = _weights(path, manifest, precision)
+        weights = checked_weights[precision]
         try:
             session = Session.open(path / cand.artifact.file, cand.device, weights)  # type: ignore[operator]
         except Exception as e:
@@ -220,14 +225,18 @@ class Session:
             raise HxcError(f"{vmfb}: has no 'main' function")
         return cls(hal_device, context, function, keep_alive)
 
-    def prepare(self, arrays: list[np.ndarray], signature: Signature) -> Callable[[], None]:
+    def _args(self, arrays: list[np.ndarray], signature: Signature) -> Any:
         import iree.runtime as rt
-
-        from hxc.runtime.io import to_device
 
         args = rt.VmVariantList(len(arrays))
         for a, spec in zip(arrays, signature.inputs):
             args.push_ref(to_device(self.device, a, spec.dtype))
+        return args
+
+    def prepare(self, arrays: list[np.ndarray], signature: Signature) -> Callable[[], None]:
+        import iree.runtime as rt
+
+        args = self._args(arrays, signature)
         n_out = len(signature.outputs)
         context, function = self.context, self.function
 
@@ -240,30 +249,20 @@ class Session:
     def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
         import iree.runtime as rt
 
-        from hxc.runtime.io import to_device, to_host
-
-        args = rt.VmVariantList(len(arrays))
-        for a, spec in zip(arrays, signature.inputs):
-            args.push_ref(to_device(self.device, a, spec.dtype))
         results = rt.VmVariantList(len(signature.outputs))
-        self.context.invoke(self.function, args, results)
+        self.context.invoke(self.function, self._args(arrays, signature), results)
         return [
             to_host(self.device, results.get_as_object(i, rt.HalBufferView), spec.dtype)
             for i, spec in enumerate(signature.outputs)
         ]
 
 
-_INSTANCE = None
-
-
+@functools.cache
 def _instance() -> Any:
     # One VM instance per process, as IREE recommends; contexts are per model.
-    global _INSTANCE
-    if _INSTANCE is None:
-        import iree.runtime as rt
+    import iree.runtime as rt
 
-        _INSTANCE = rt.VmInstance()
-    return _INSTANCE
+    return rt.VmInstance()
 
 
 # --- inputs and outputs ------------------------------------------------------------
@@ -273,8 +272,6 @@ def check_inputs(signature: Signature, inputs: Any) -> list[np.ndarray]:
     """Host arrays for `inputs`, after checking count, dtype and shape against the
     signature; dynamic dimensions may take any size but must agree where they share
     a name."""
-    from hxc.runtime.io import dtype_name, numpy_dtype
-
     expected = signature.inputs
     if len(inputs) != len(expected):
         raise SignatureError(

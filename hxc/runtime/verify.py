@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from hxc.errors import BundleError, HxcError, first_line
-from hxc.manifests import GOLDEN_FILE, Manifest, read_manifest
+from hxc.manifests import GOLDEN_FILE, Manifest, Signature, read_manifest
+from hxc.runtime.io import numpy_dtype
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import select
 
@@ -55,25 +56,36 @@ def compare(actual: np.ndarray, expected: np.ndarray, dtype: str) -> Comparison:
 
 def load_golden(bundle: Path, manifest: Manifest) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The golden inputs and outputs, as host arrays of the signature's dtypes."""
-    from hxc.runtime.io import numpy_dtype
-
     path = bundle / (manifest.golden_file or GOLDEN_FILE)
     try:
         with np.load(path) as data:
             arrays = dict(data)
     except (OSError, ValueError) as e:
         raise BundleError(f"{path}: cannot read the golden sample ({first_line(e)})") from None
+    return golden_arrays(arrays, manifest.signature, str(path))
+
+
+def golden_arrays(
+    arrays: dict[str, np.ndarray], signature: Signature, where: str = "golden sample"
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Golden inputs and outputs in signature order; bf16, stored as raw bits, as bf16."""
 
     def typed(key: str, dtype: str) -> np.ndarray:
         if key not in arrays:
-            raise BundleError(f"{path}: golden sample lacks {key}")
+            raise BundleError(f"{where}: golden sample lacks {key}")
         a = arrays[key]
         return a.view(numpy_dtype("bf16")) if dtype == "bf16" else a
 
-    sig = manifest.signature
-    inputs = [typed(f"input_{i}", s.dtype) for i, s in enumerate(sig.inputs)]
-    outputs = [typed(f"output_{i}", s.dtype) for i, s in enumerate(sig.outputs)]
+    inputs = [typed(f"input_{i}", s.dtype) for i, s in enumerate(signature.inputs)]
+    outputs = [typed(f"output_{i}", s.dtype) for i, s in enumerate(signature.outputs)]
     return inputs, outputs
+
+
+def compare_outputs(
+    outputs: list[np.ndarray], expected: list[np.ndarray], signature: Signature, precision: str
+) -> list[Comparison]:
+    """One comparison per output, at the tolerance of the artifact's compute precision."""
+    return [compare(o, x, effective_dtype(s.dtype, precision)) for o, x, s in zip(outputs, expected, signature.outputs)]
 
 
 @dataclass(frozen=True)
@@ -110,8 +122,7 @@ def verify_bundle(
         except Exception as e:  # an IREE runtime failure on this device
             results.append(VerifyResult(cand.artifact.id, label, False, None, None, first_line(e)))
             continue
-        comps = [compare(o, x, effective_dtype(s.dtype, cand.artifact.precision))
-                 for o, x, s in zip(outputs, expected, manifest.signature.outputs)]  # fmt: skip
+        comps = compare_outputs(outputs, expected, manifest.signature, cand.artifact.precision)
         results.append(VerifyResult(
             cand.artifact.id, label, all(c.ok for c in comps),
             max(c.max_abs for c in comps), max(c.max_rel for c in comps),
