@@ -87,14 +87,14 @@ def build_bundle(
         reference = imports["fp32"]
         timings = dict(reference.timings)
 
+        wanted = list(dict.fromkeys(precisions))
+        ir_sha = {p: file_sha256(imp.mlir) for p, imp in imports.items()}  # IR can be hundreds of MB: hash once
         jobs: list[CompileJob] = []
         skipped: list[str] = []
-        for precision in dict.fromkeys(precisions):
-            imp = imports[precision]
-            ir_sha = file_sha256(imp.mlir)
+        for precision in wanted:
             for v in variants:
                 if precision in family(v.family).precisions:
-                    jobs.append(CompileJob(imp.mlir, ir_sha, v, precision))
+                    jobs.append(CompileJob(imports[precision].mlir, ir_sha[precision], v, precision))
                 else:
                     skipped.append(f"{v.id}@{precision}")
         t = time.perf_counter()
@@ -108,7 +108,7 @@ def build_bundle(
             results = tune(results, imports, work, cache, on_event)
             timings["tune"] = time.perf_counter() - t
 
-        manifest = _manifest(imports, [p for p in dict.fromkeys(precisions)], results)
+        manifest = _manifest(imports, wanted, ir_sha["fp32"], results)
         failed = [r for r in results if r.status == "failed"]
         if failed and not (allow_partial and len(failed) < len(results)):
             # Nothing is published; an existing bundle at `out` stays as it was.
@@ -205,7 +205,9 @@ def _imported_from_cache(entry: Path, source: str) -> ImportedModel:
     )
 
 
-def _manifest(imports: dict[str, ImportedModel], precisions: list[str], results: list[CompileResult]) -> Manifest:
+def _manifest(
+    imports: dict[str, ImportedModel], precisions: list[str], ir_sha256: str, results: list[CompileResult]
+) -> Manifest:
     reference = imports["fp32"]
     weights = tuple(
         Weights(
@@ -225,7 +227,7 @@ def _manifest(imports: dict[str, ImportedModel], precisions: list[str], results:
             source_format=reference.source_format,
             source_sha256=reference.source_sha256,
             program_file=reference.program_name,
-            ir_sha256=file_sha256(reference.mlir),
+            ir_sha256=ir_sha256,
         ),
         signature=reference.signature,
         toolchain=toolchain(),
