@@ -160,7 +160,7 @@ def _run_case(case: Path, workdir: Path, target: str, timeout: float) -> None:
         raise _Outcome("fail", _import_category(e.message), e.message) from None
     vmfb = _compile(imported.mlir, imported.operators_at, workdir, target, timeout)
     try:
-        got = _invoke(vmfb, inputs)
+        got = _invoke(vmfb, inputs, imported.signature)
     except Exception as e:
         raise _Outcome("fail", "runtime error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if len(got) != len(expected):
@@ -172,10 +172,6 @@ def _run_case(case: Path, workdir: Path, target: str, timeout: float) -> None:
         c = compare(a.astype(e.dtype), e, spec.dtype)
         if not c.ok:
             raise _Outcome("fail", "numerical mismatch", f"output {k}: max abs err {c.max_abs:.3g}")
-
-
-_NP_DTYPES = {"float32": "f32", "float16": "f16", "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8",
-              "uint8": "u8", "bool": "i1", "bfloat16": "bf16", "float64": "f64"}  # fmt: skip
 
 
 def _read_all(ds: Path, kind: str) -> list:
@@ -196,7 +192,9 @@ def _read(p: Path):
 
 
 def _spec(a) -> str:
-    dtype = _NP_DTYPES.get(str(a.dtype))
+    from hxc.runtime.io import dtype_name
+
+    dtype = dtype_name(a.dtype)
     if dtype is None:
         raise _Outcome("fail", "unsupported element type", f"input dtype {a.dtype}")
     return "x".join([*map(str, a.shape), dtype])
@@ -217,42 +215,37 @@ def _import_category(message: str) -> str:
 
 
 def _compile(mlir: Path, operators_at: dict, workdir: Path, target: str, timeout: float) -> Path:
-    from hxc.compiler.driver import iree_compile_path, summarize_compile_error
-    from hxc.targets import family, resolve
+    """Compile as `hxc compile` does: through hxc's driver, with its flags and its
+    fallback to safer flags. (`timeout` is enforced by the parent killing this worker.)"""
+    from hxc.compiler.build import _name_source_operator
+    from hxc.compiler.driver import CompileJob, compile_all
+    from hxc.manifests.bundle import file_sha256
+    from hxc.targets import resolve
 
     [variant] = resolve(target)
-    flags = family(variant.family).plan(variant).flags
-    out = workdir / "model.vmfb"
-    try:
-        proc = subprocess.run([iree_compile_path(), str(mlir), *flags, "-o", str(out)],
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise _Outcome("fail", "compile timeout") from None
-    if proc.returncode == 0:
-        return out
-    error, operator, location = summarize_compile_error(proc.stderr, proc.returncode)
-    onnx_ops = operators_at.get(location or "")
-    op = ", ".join(onnx_ops) if onnx_ops else operator
-    if proc.returncode < 0:
+    [r] = compile_all([CompileJob(mlir, file_sha256(mlir), variant)], workdir=workdir, parallel=1)
+    if r.status == "ok" and r.vmfb is not None:
+        return r.vmfb
+    unlowered = r.operator == "torch.operator" and "legalize" in (r.error or "")
+    r = _name_source_operator(r, operators_at)
+    error, operator = r.error or "", r.operator
+    if "killed by signal" in error:
         category = "iree-compile crashed"
-    elif operator == "torch.operator" and "legalize" in error:
+    elif unlowered:
         category = "no IREE lowering for the ONNX op"
     else:
         category = "IREE compile error (after lowering)"
-    raise _Outcome("fail", category, error, op)
+    raise _Outcome("fail", category, error, operator)
 
 
-def _invoke(vmfb: Path, inputs: list) -> list:
-    import numpy as np
+def _invoke(vmfb: Path, inputs: list, signature) -> list:
+    """Run the artifact the way a user's `hxc.runtime.load(...)(*inputs)` does: hxc's
+    input checks and its host<->device copies, on the CPU driver."""
+    from hxc.runtime.loader import Session, check_inputs
+    from hxc.targets import Device
 
-    import iree.runtime as rt
-
-    config = rt.Config("local-sync")
-    module = rt.VmModule.mmap(config.vm_instance, str(vmfb))
-    context = rt.SystemContext(vm_modules=[module], config=config)
-    result = context.modules[module.name]["main"](*inputs)
-    results = result if isinstance(result, (list, tuple)) else [result]
-    return [np.asarray(r.to_host()) if hasattr(r, "to_host") else np.asarray(r) for r in results]
+    session = Session.open(vmfb, Device("local-sync", "local-sync", "cpu", "cpu"))
+    return session.invoke(check_inputs(signature, inputs), signature)
 
 
 # --- many tests, in worker processes -------------------------------------------------
@@ -265,9 +258,11 @@ def run_conformance(
     timeout: float = 300,
     target: str = TARGET,
     on_result: Callable[[CaseResult], None] = lambda r: None,
+    worker: str = __file__,
 ) -> list[CaseResult]:
     """Run `cases` in `jobs` worker processes (so a crash or a hang costs one test, not
-    the run); results come back in the order of `cases`."""
+    the run); results come back in the order of `cases`. `worker` is the script whose
+    `--worker` mode runs one case per line of stdin (this one: hxc's pipeline)."""
     todo: queue.Queue[tuple[int, Path]] = queue.Queue()
     for item in enumerate(cases):
         todo.put(item)
@@ -281,8 +276,8 @@ def run_conformance(
             except queue.Empty:
                 break
             if proc is None or proc.poll() is not None:
-                proc = _start_worker(target)
-            timer = threading.Timer(timeout, proc.kill)
+                proc = _start_worker(target, worker)
+            timer = threading.Timer(timeout, _kill_group, (proc,))
             timer.start()
             t0 = time.perf_counter()
             try:
@@ -301,7 +296,7 @@ def run_conformance(
                 result = CaseResult(**json.loads(line[len(_MARK):]))
             else:
                 killed = time.perf_counter() - t0 >= timeout
-                proc.kill()
+                _kill_group(proc)
                 proc.wait()
                 proc = None
                 result = CaseResult(case.name, "fail", "timeout" if killed else "crash", seconds=round(time.perf_counter() - t0, 3))
@@ -319,15 +314,25 @@ def run_conformance(
     return [r for r in results if r is not None]
 
 
-def _start_worker(target: str) -> subprocess.Popen:
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill a worker and the iree-compile it may be running (its own process group)."""
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+def _start_worker(target: str, script: str) -> subprocess.Popen:
     env = {**os.environ, "IREE_PY_RUNTIME_FLAGS": os.environ.get("IREE_PY_RUNTIME_FLAGS", "")}
     return subprocess.Popen(
-        [sys.executable, __file__, "--worker", "--target", target],
+        [sys.executable, script, "--worker", "--target", target],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        start_new_session=True,
     )  # fmt: skip
 
 
-def _worker(target: str) -> None:
+def worker_loop(target: str, run: Callable[[Path, Path, str], CaseResult] = lambda c, w, t: run_case(c, w, t)) -> None:
+    """A worker process: one case path per line of stdin, one marked JSON result per line of stdout."""
     import logging
     import warnings
 
@@ -336,7 +341,7 @@ def _worker(target: str) -> None:
     for line in sys.stdin:
         case = Path(line.strip())
         with tempfile.TemporaryDirectory(prefix="hxc-conformance-") as work:
-            result = run_case(case, Path(work), target)
+            result = run(case, Path(work), target)
         sys.stdout.write(_MARK + json.dumps(asdict(result)) + "\n")
         sys.stdout.flush()
 
@@ -380,7 +385,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     if args.worker:
-        _worker(args.target)
+        worker_loop(args.target)
         return
 
     cases = list_tests(node_tests_dir(), args.only)

@@ -86,6 +86,10 @@ def main(verbose: int) -> None:
 @click.option("-i", "--input", "inputs", multiple=True, metavar="SPEC",
               help="Input shape and dtype, e.g. 1x3x224x224xf32; `?` makes a dimension dynamic (?x128xi64). Repeat per input.")  # fmt: skip
 @click.option("--dynamic-batch", is_flag=True, help="Make dimension 0 of every input dynamic.")
+@click.option("--example", type=click.Path(path_type=Path), metavar="NPZ",
+              help="Example inputs for the golden sample (.npz; arrays named like the inputs, or input_0, ...), where "
+                   "generated ones are meaningless (shapes, indices); output_0, ... in it are used as expected outputs "
+                   "when the reference cannot run.")  # fmt: skip
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a pickled nn.Module (torch.save(model)); this runs code from the file.")
 @click.option("--weights", type=click.Choice(["auto", "inline", "shared"]), default="auto", show_default=True,
               help="shared: store parameters once per bundle (weights.irpa) for all artifacts; inline: inside each "
@@ -103,7 +107,7 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ...], dynamic_batch: bool,
-            allow_pickle: bool, weights: str, precisions: str, tune: bool, allow_partial: bool, jobs: int | None, no_cache: bool,
+            example: Path | None, allow_pickle: bool, weights: str, precisions: str, tune: bool, allow_partial: bool, jobs: int | None, no_cache: bool,
             cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one IREE artifact per target.
 
@@ -125,7 +129,8 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
     from hxc.compiler.imported import ImportOptions
 
     out = output or Path(_default_name(model) + ".hxc")
-    options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights)  # type: ignore[arg-type]
+    options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights,  # type: ignore[arg-type]
+                            example=str(example) if example else None)
     with ui.CompileProgress(enabled=not as_json) as progress:
         result = build_bundle(
             model, out, variants, options=options, precisions=wanted, allow_partial=allow_partial, jobs_parallel=jobs,
@@ -143,6 +148,12 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
         ui.out.print(f"[green]wrote[/green] {out}  ({len(result.results) - len(failed)} artifacts, "
                      f"{sum(r.seconds for r in result.results):.1f}s of compile time, "
                      f"{result.timings.get('compile', 0):.1f}s wall)")  # fmt: skip
+    if result.written and result.manifest.golden_note:
+        ui.warn(f"no golden outputs ({result.manifest.golden_note}): `hxc verify` has nothing to compare against; "
+                "pass --example inputs.npz with inputs the reference can run (or expected outputs as output_0, ...)")
+    for r in result.results:
+        if r.fallback:
+            ui.warn(f"{r.job.id}: compiled without hxc's speed flags, which failed ({r.fallback})")
     for skipped in result.skipped:
         ui.warn(f"skipped {skipped}: the {skipped.split(':')[0]} backend cannot generate {skipped.split('@')[1]} code")
     for r in failed:
@@ -188,6 +199,8 @@ def _build_json(result: Any) -> dict[str, Any]:
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "artifacts": [to_json(a) for a in result.manifest.artifacts],
         "skipped": result.skipped,
+        "golden_outputs": result.manifest.golden_outputs,
+        "golden_note": result.manifest.golden_note,
     }
 
 

@@ -142,7 +142,7 @@ def import_model(
     cache = ImportCache(cache_root if kind not in ("python-ref", "missing") else None)
     key = None
     if cache.root is not None:
-        key = ImportCache.key(_source_digest(kind, Path(source)), (kind, options), to_json(toolchain()))
+        key = ImportCache.key(_source_digest(kind, Path(source), options), (kind, options), to_json(toolchain()))
         if (entry := cache.get(key)) is not None:
             on_stage("reusing the cached import")
             return _imported_from_cache(entry, source)
@@ -159,12 +159,17 @@ def import_model(
     return imported
 
 
-def _source_digest(kind: str, path: Path) -> str:
+def _source_digest(kind: str, path: Path, options: ImportOptions) -> str:
     if kind == "onnx":
         from hxc.compiler.onnx_import import source_digest
 
-        return source_digest(path)  # includes external weight files
-    return file_sha256(path)
+        digest = source_digest(path)  # includes external weight files
+    else:
+        digest = file_sha256(path)
+    if options.example:  # the example file's contents, not just its name, decide the golden sample
+        example = Path(options.example)
+        digest += ":" + (file_sha256(example) if example.is_file() else "missing")
+    return digest
 
 
 def _cache_import(cache: ImportCache, key: str, m: ImportedModel, workdir: Path) -> None:
@@ -179,6 +184,7 @@ def _cache_import(cache: ImportCache, key: str, m: ImportedModel, workdir: Path)
         "name": m.name, "source_format": m.source_format, "source_sha256": m.source_sha256,
         "program_name": m.program_name, "signature": to_json(m.signature), "operators_at": m.operators_at,
         "ir_name": m.mlir.name, "precision": m.precision, "precision_error": m.precision_error,
+        "golden_reference": m.golden_reference, "golden_note": m.golden_note,
     }  # fmt: skip
     cache.put(key, files, meta)
 
@@ -201,6 +207,8 @@ def _imported_from_cache(entry: Path, source: str) -> ImportedModel:
         operators_at={k: tuple(v) for k, v in meta["operators_at"].items()},
         precision=meta["precision"],
         precision_error=meta["precision_error"],
+        golden_reference=meta.get("golden_reference", "pytorch"),
+        golden_note=meta.get("golden_note"),
         timings={"import (cached)": 0.0},
     )
 
@@ -234,6 +242,9 @@ def _manifest(
         artifacts=tuple(_artifact_entry(r, imports[r.job.precision]) for r in results),
         weights=weights,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        golden_outputs=reference.golden_note is None,
+        golden_reference=reference.golden_reference if reference.golden_note is None else None,
+        golden_note=reference.golden_note,
     )
 
 
@@ -264,6 +275,7 @@ def _artifact_entry(r: CompileResult, imported: ImportedModel) -> Artifact:
         precision=job.precision,
         precision_error=imported.precision_error,
         tuning=r.tuning,
+        fallback=r.fallback,
     )
     if r.status == "failed" or r.vmfb is None:
         return Artifact(status="failed", error=r.error, operator=r.operator, **common)

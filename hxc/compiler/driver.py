@@ -10,6 +10,7 @@ decides what a partial result means. Ctrl-C kills every running compile.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import shlex
@@ -30,6 +31,8 @@ from hxc.manifests.schema import TuningTrial
 from hxc.targets import CompilePlan, Variant, family
 from hxc.targets.base import CheckFailed
 
+log = logging.getLogger("hxc.compiler")
+
 
 @dataclass(frozen=True)
 class CompileJob:
@@ -42,6 +45,9 @@ class CompileJob:
     # A tuning alternative: its name and the full flags that replace the family's plan.
     config: str = "default"
     flags: tuple[str, ...] | None = None
+    # Expert flags from `--iree-flag`, appended to whatever the family chose; they are
+    # part of the recorded flags and the cache key like any other.
+    extra: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -74,6 +80,7 @@ class CompileResult:
     location: str | None = None  # file:line in the model's source where it failed
     stderr: str = ""
     tuning: tuple[TuningTrial, ...] = ()  # set by `hxc compile --tune`
+    fallback: str | None = None  # why the family's safer flags were used: the default flags' error
 
     @property
     def variant(self) -> Variant:
@@ -165,6 +172,26 @@ def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Pr
     plan = fam.plan(variant)
     if job.flags is not None:
         plan = replace(plan, flags=job.flags)
+    if job.extra:
+        plan = replace(plan, flags=(*plan.flags, *job.extra))
+    result = _compile_plan(job, plan, workdir, cache, procs, t0)
+    safer = fam.fallback_flags(plan) if result.status == "failed" and job.config == "default" else None
+    if safer is None or safer == plan.flags or procs.cancelled:
+        return result
+    # A flag chosen for speed must never cost a model: retry with what IREE does by
+    # default, and record why.
+    retry = _compile_plan(job, replace(plan, flags=safer), workdir, cache, procs, t0)
+    if retry.status == "failed":
+        return result
+    log.info("hxc: %s: default flags failed (%s); compiled with the family's safer flags", job.id, result.error)
+    return replace(retry, fallback=result.error)
+
+
+def _compile_plan(
+    job: CompileJob, plan: CompilePlan, workdir: Path, cache: CompileCache, procs: _Processes, t0: float
+) -> CompileResult:
+    fam = family(job.variant.family)
+    variant = job.variant
     # The variant is part of the key: two variants may share flags but not the check
     # that proves their binary (cuda:sm_80 and cuda:sm_90 compile the same PTX).
     key = CompileCache.key(job.ir_sha256, (variant.id, *plan.flags), compiler_version())

@@ -15,6 +15,7 @@ Formats are recognised from the file's contents, not its name:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from hxc.compiler.examples import Example
 from hxc.compiler.sniff import looks_like_python_ref as _looks_like_python_ref
 from hxc.compiler.sniff import sniff
 from hxc.errors import LoweringError, ModelLoadError, UsageError, first_line
@@ -44,13 +46,20 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "i8": torch.int8,
     "u8": torch.uint8,
     "i1": torch.bool,
+    "u16": torch.uint16,
+    "u32": torch.uint32,
+    "u64": torch.uint64,
+    "f8e4m3fn": torch.float8_e4m3fn,
+    "f8e4m3fnuz": torch.float8_e4m3fnuz,
+    "f8e5m2": torch.float8_e5m2,
+    "f8e5m2fnuz": torch.float8_e5m2fnuz,
 }
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 # Size used for a dynamic dimension in generated example inputs. torch.export
 # specialises sizes 0 and 1, so a dimension meant to stay dynamic must not be 1.
 DYNAMIC_EXAMPLE_SIZE = 2
 
-_SPEC_RE = re.compile(r"^(?:(?P<name>[A-Za-z_]\w*)=)?(?P<dims>(?:(?:\d+|\?)x)*)(?P<dtype>[a-z]+\d*)$")
+_SPEC_RE = re.compile(r"^(?:(?P<name>[A-Za-z_]\w*)=)?(?P<dims>(?:(?:\d+|\?)x)*)(?P<dtype>[a-z][a-z0-9]*)$")
 
 
 def parse_input_spec(text: str, index: int = 0) -> TensorSpec:
@@ -87,10 +96,38 @@ def load_model(
     inputs: Sequence[str] = (),
     dynamic_batch: bool = False,
     allow_pickle: bool = False,
+    example: Example | None = None,
 ) -> LoadedModel:
     """Load `source` and export it. `inputs` are `--input` specs; they are required for
-    formats that carry no shapes (TorchScript, pickles, factories without inputs)."""
-    specs = [parse_input_spec(s, i) for i, s in enumerate(inputs)]
+    formats that carry no shapes (TorchScript, pickles, factories without inputs).
+    `example` (`--example`) gives the example inputs instead of generated ones."""
+    model = _load_model(source, [parse_input_spec(s, i) for i, s in enumerate(inputs)], dynamic_batch, allow_pickle)
+    if example is None:
+        return model
+    from hxc.compiler.lower import program_signature
+
+    specs = program_signature(model.program).inputs
+    arrays = example.ordered([s.name for s in specs])
+    args = []
+    for a, spec in zip(arrays, specs):
+        t = _tensor(a, spec.dtype)
+        if t.dim() != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, t.shape)):
+            raise UsageError(f"{example.path}: the array for input {spec.name!r} has shape "
+                             f"{'x'.join(map(str, t.shape)) or 'scalar'}; the model takes {spec.format()}")  # fmt: skip
+        args.append(t)
+    return dataclasses.replace(model, example_args=tuple(args))
+
+
+def _tensor(a: Any, dtype: str) -> torch.Tensor:
+    from hxc.runtime.io import dtype_name, from_raw_bits, to_torch
+
+    a = from_raw_bits(a, dtype)
+    if dtype_name(a.dtype) != dtype:
+        raise UsageError(f"an example array is {a.dtype}; the model's input is {dtype}")
+    return to_torch(a, dtype)  # type: ignore[return-value]
+
+
+def _load_model(source: str, specs: list[TensorSpec], dynamic_batch: bool, allow_pickle: bool) -> LoadedModel:
     path = Path(source)
     if not path.exists() and _looks_like_python_ref(source):
         return _from_python_ref(source, specs, dynamic_batch)

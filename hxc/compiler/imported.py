@@ -27,6 +27,7 @@ class ImportOptions:
     allow_pickle: bool = False
     weights: WeightsMode = "auto"
     precision: str = "fp32"  # compute precision; the interface stays as the model's
+    example: str | None = None  # --example inputs.npz: the golden sample's inputs (and maybe outputs)
 
 
 @dataclass
@@ -37,13 +38,15 @@ class ImportedModel:
     source_sha256: str
     mlir: Path  # IREE input IR (MLIR bytecode or text), function `main`
     signature: Signature
-    golden: dict[str, np.ndarray]  # input_i / output_i; bf16 as raw uint16
+    golden: dict[str, np.ndarray]  # input_i / output_i (outputs absent when no reference ran); bf16 as raw uint16
     program: Path | None  # the program the IR came from, copied into the bundle
     program_name: str | None  # its file name in the bundle
     weights: Path | None = None  # IREE parameter archive (.irpa), when weights are shared
     precision: str = "fp32"
     precision_error: float | None = None  # vs the fp32 reference, for reduced precision
     operators_at: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    golden_reference: str | None = "pytorch"  # who computed the golden outputs: pytorch, onnxruntime, user
+    golden_note: str | None = None  # why the golden sample has no outputs
     timings: dict[str, float] = field(default_factory=dict)
 
 

@@ -24,9 +24,14 @@ written):
 The golden sample runs the user's original file with ONNX Runtime on deterministic
 inputs: standard-normal floats, integers 0..9 and random booleans (as the PyTorch
 frontend does); if ONNX Runtime rejects those integers (an index out of range, a
-zero divisor), it is run again with every integer input at 0, then at 1. A dynamic dimension with no `--input` size gets size 2
-(DYNAMIC_EXAMPLE_SIZE, as in the PyTorch frontend; 1 would let a wrongly broadcast
-dimension pass unnoticed), one size per dimension name.
+zero divisor), it is run again with every integer input at 0, then at 1. A dynamic
+dimension with no `--input` size gets size 2 (DYNAMIC_EXAMPLE_SIZE, as in the PyTorch
+frontend; 1 would let a wrongly broadcast dimension pass unnoticed), one size per
+dimension name. `--example inputs.npz` replaces the generated inputs (and may carry
+expected outputs). The golden sample is a convenience, never a condition: when ONNX
+Runtime cannot load the model or run it on those inputs, the bundle is built with
+inputs only and `golden_note` says why, so `hxc verify` can say it has nothing to
+compare against.
 
 The program stored in the bundle (`model.onnx`) is the user's graph as given (not
 upgraded, shapes not fixed), in one file:
@@ -49,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from hxc.compiler.examples import Example, read_example
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
 from hxc.errors import LoweringError, ModelLoadError, UsageError, first_line
 from hxc.manifests.bundle import file_sha256
@@ -66,7 +72,8 @@ _TAG = "hxc.node."  # temporary node names that tie imported ops back to graph n
 _TAGGED = re.compile(r'^loc\("hxc\.node\.(\d+)"\)$')
 
 # ONNX TensorProto element types hxc can pass across the artifact boundary.
-_DTYPES = {1: "f32", 10: "f16", 16: "bf16", 11: "f64", 7: "i64", 6: "i32", 5: "i16", 3: "i8", 2: "u8", 9: "i1"}
+_DTYPES = {1: "f32", 10: "f16", 16: "bf16", 11: "f64", 7: "i64", 6: "i32", 5: "i16", 3: "i8", 2: "u8", 9: "i1",
+           4: "u16", 12: "u32", 13: "u64", 17: "f8e4m3fn", 18: "f8e4m3fnuz", 19: "f8e5m2", 20: "f8e5m2fnuz"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,8 @@ def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Ca
 
     t = time.perf_counter()
     on_stage("running ONNX Runtime for the golden sample")
-    golden = _golden(path, inputs, len(original.graph.output))
+    example = read_example(options.example) if options.example else None
+    golden, golden_reference, golden_note = _golden(path, inputs, len(original.graph.output), example)
     timings["golden"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -112,7 +120,7 @@ def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Ca
     params = _to_mlir(model, names, label, mlir, irpa, path.parent)
     signature = Signature(
         inputs=tuple(i.spec for i in inputs),
-        outputs=_output_specs(model, golden),
+        outputs=_output_specs(model, golden, mlir),
         output_tree=_output_tree(len(model.graph.output)),
     )
     operators_at = {f"{label}:{i + 1}": (_op_name(n),) for i, n in enumerate(original.graph.node)}
@@ -127,6 +135,8 @@ def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Ca
         mlir=mlir,
         signature=signature,
         golden=golden,
+        golden_reference=golden_reference,
+        golden_note=golden_note,
         program=program,
         program_name=PROGRAM_FILE,
         weights=irpa,
@@ -305,8 +315,9 @@ def _dtype(elem_type: int, label: str) -> str:
     return dtype
 
 
-def _output_specs(model: Any, golden: dict[str, np.ndarray]) -> tuple[TensorSpec, ...]:
+def _output_specs(model: Any, golden: dict[str, np.ndarray], mlir: Path) -> tuple[TensorSpec, ...]:
     specs = []
+    ranks: list[int | None] | None = None
     for i, v in enumerate(model.graph.output):
         label = f"output {v.name!r}"
         if v.type.WhichOneof("value") != "tensor_type":
@@ -315,10 +326,33 @@ def _output_specs(model: Any, golden: dict[str, np.ndarray]) -> tuple[TensorSpec
         dtype = _dtype(tt.elem_type, label)
         if tt.HasField("shape"):
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or f"out{i}_{j}") for j, d in enumerate(tt.shape.dim)]
-        else:  # shape inference could not tell: the rank is what ONNX Runtime returned
-            dims = [f"out{i}_{j}" for j in range(golden[f"output_{i}"].ndim)]
+        else:  # shape inference could not tell: the rank is what ONNX Runtime returned, else what IREE's importer typed
+            if f"output_{i}" in golden:
+                rank = golden[f"output_{i}"].ndim
+            else:
+                ranks = ranks if ranks is not None else _result_ranks(mlir)
+                rank = ranks[i] if i < len(ranks) else None
+                if rank is None:
+                    raise LoweringError(f"{label} has no known rank", hint="pass example inputs ONNX Runtime can run: --example inputs.npz")
+            dims = [f"out{i}_{j}" for j in range(rank)]
         specs.append(TensorSpec(v.name, dtype, tuple(dims)))
     return tuple(specs)
+
+
+def _result_ranks(mlir: Path) -> list[int | None]:
+    """The rank of each result of the imported `main`, None where it is unranked."""
+    from iree.compiler import ir
+
+    with ir.Context() as ctx:
+        ctx.allow_unregistered_dialects = True
+        module = ir.Module.parse(mlir.read_bytes())
+        for op in module.body.operations:
+            if op.operation.name == "func.func":
+                text = str(op.attributes["function_type"])
+                results = text.split("->", 1)[1]
+                return [None if "<*" in t else (0 if t == "[]" else t.count(",") + 1)
+                        for t in re.findall(r"vtensor<(\*|\[[^\]]*\])", results)]  # fmt: skip
+    return []
 
 
 def _output_tree(n: int) -> OutputTree:
@@ -330,39 +364,68 @@ def _output_tree(n: int) -> OutputTree:
 # --- golden sample -----------------------------------------------------------------
 
 
-def _golden(path: Path, inputs: list[_Input], n_outputs: int) -> dict[str, np.ndarray]:
+def _golden(
+    path: Path, inputs: list[_Input], n_outputs: int, example: Example | None
+) -> tuple[dict[str, np.ndarray], str | None, str | None]:
+    """The golden sample: inputs and ONNX Runtime's outputs on them, who made the
+    outputs (onnxruntime, or the example file) and, when there are none, why."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise UsageError("compiling ONNX models needs onnxruntime for the golden sample", hint="pip install onnxruntime") from None
+    if example is not None:
+        candidates = [_user_inputs(example, inputs)]
+    else:
+        # Random integers may not suit the model (an index past a small dimension, a zero
+        # divisor): then every integer input is tried at 0 (a valid index into any
+        # non-empty dimension), then at 1 (a valid divisor).
+        candidates = [_examples(inputs, ints=ints) for ints in (None, 0, 1)]
+    outputs, reference, note = None, "onnxruntime", None
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model ({first_line(e)})") from None
-    # Random integers may not suit the model (an index past a small dimension, a zero
-    # divisor): then every integer input is tried at 0 (a valid index into any
-    # non-empty dimension), then at 1 (a valid divisor).
-    first: Exception | None = None
-    for ints in (None, 0, 1):
-        arrays = _examples(inputs, ints=ints)
-        try:
-            outputs = session.run(None, {i.spec.name: a for i, a in zip(inputs, arrays)})
-            break
-        except Exception as e:
-            first = first or e
+        note = f"ONNX Runtime cannot load the model ({first_line(e)})"
     else:
-        shapes = ", ".join(f"{i.spec.name}: {'x'.join(map(str, i.example_shape))}" for i in inputs)
-        raise LoweringError(
-            f"{path}: ONNX Runtime failed on example inputs ({shapes}): {first_line(first)}",
-            hint="inputs that carry shapes, indices or sizes need real values; fix their shapes with --input",
-        ) from None
-    if len(outputs) != n_outputs or not all(isinstance(o, np.ndarray) for o in outputs):
+        first: Exception | None = None
+        for arrays in candidates:
+            try:
+                outputs = session.run(None, {i.spec.name: a for i, a in zip(inputs, arrays)})
+                break
+            except Exception as e:
+                first = first or e
+        else:
+            shapes = ", ".join(f"{i.spec.name}: {'x'.join(map(str, a.shape)) or 'scalar'}" for i, a in zip(inputs, candidates[0]))
+            note = f"ONNX Runtime failed on the {'--example' if example else 'generated'} inputs ({shapes}): {first_line(first)}"
+    arrays = candidates[0] if outputs is None else arrays
+    if outputs is not None and (len(outputs) != n_outputs or not all(isinstance(o, np.ndarray) for o in outputs)):
         raise LoweringError(f"{path}: the model returns non-tensor values; hxc compiles tensor outputs only")
+    if outputs is None and example is not None and example.outputs is not None:
+        outputs, reference, note = list(example.outputs), "user", None  # the user's outputs stand in for ONNX Runtime's
     sample = {f"input_{k}": _raw(a) for k, a in enumerate(arrays)}
+    if outputs is None:
+        return sample, None, note
     sample.update({f"output_{k}": _raw(np.asarray(o)) for k, o in enumerate(outputs)})
-    return sample
+    return sample, reference, None
+
+
+def _user_inputs(example: Example, inputs: list[_Input]) -> list[np.ndarray]:
+    """The example's arrays in input order, checked against the signature."""
+    from hxc.runtime.io import dtype_name, from_raw_bits
+
+    arrays = example.ordered([i.spec.name for i in inputs])
+    out = []
+    for a, i in zip(arrays, inputs):
+        a = from_raw_bits(a, i.spec.dtype)
+        spec = i.spec
+        if dtype_name(a.dtype) != spec.dtype:
+            raise UsageError(f"{example.path}: the array for input {spec.name!r} is {a.dtype}; the model takes {spec.format()}")
+        if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, a.shape)):
+            raise UsageError(f"{example.path}: the array for input {spec.name!r} has shape "
+                             f"{'x'.join(map(str, a.shape)) or 'scalar'}; the model takes {spec.format()}")  # fmt: skip
+        out.append(a)
+    return out
 
 
 def _examples(inputs: list[_Input], *, ints: int | None = None, seed: int = 0) -> list[np.ndarray]:
@@ -371,21 +434,19 @@ def _examples(inputs: list[_Input], *, ints: int | None = None, seed: int = 0) -
     from hxc.compiler.frontend import example_inputs
     from hxc.compiler.torch_import import to_numpy
 
+    from hxc.runtime.io import from_raw_bits
+
     specs = [TensorSpec(i.spec.name, i.spec.dtype, i.example_shape) for i in inputs]
-    arrays = [to_numpy(t) for t in example_inputs(specs, seed=seed)]
+    arrays = [from_raw_bits(to_numpy(t), s.dtype) for t, s in zip(example_inputs(specs, seed=seed), specs)]
     if ints is not None:
-        arrays = [a if i.spec.dtype in ("f32", "f16", "bf16") else np.full_like(a, ints) for a, i in zip(arrays, inputs)]
-    return [a.view(_bf16()) if i.spec.dtype == "bf16" else a for a, i in zip(arrays, inputs)]
-
-
-def _bf16() -> np.dtype:
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16)
+        arrays = [a if a.dtype.kind in "fV" else np.full_like(a, ints) for a in arrays]
+    return arrays
 
 
 def _raw(a: np.ndarray) -> np.ndarray:
-    return a.view(np.uint16) if a.dtype == _bf16() else a  # .npz cannot name bf16: raw bits
+    from hxc.runtime.io import raw_bits
+
+    return raw_bits(a)  # .npz cannot name bf16 or float8: raw bits
 
 
 # --- import ------------------------------------------------------------------------

@@ -18,10 +18,12 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from hxc.compiler.examples import read_example
 from hxc.compiler.frontend import load_model
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
 from hxc.compiler.lower import lower
 from hxc.errors import LoweringError, UsageError
+from hxc.manifests.schema import TensorSpec
 
 PROGRAM_FILE = "program.pt2"
 
@@ -30,7 +32,13 @@ def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: C
     timings: dict[str, float] = {}
     t = time.perf_counter()
     on_stage("loading model")
-    model = load_model(source, inputs=options.inputs, dynamic_batch=options.dynamic_batch, allow_pickle=options.allow_pickle)
+    example = read_example(options.example) if options.example else None
+    inputs = options.inputs
+    if example is not None and not inputs:
+        # Formats without shapes (TorchScript, pickles) take them from the example.
+        inputs = tuple(TensorSpec(n, _dtype_of(a), a.shape).format() for n, a in zip(example.names, example.inputs))
+    model = load_model(source, inputs=inputs, dynamic_batch=options.dynamic_batch, allow_pickle=options.allow_pickle,
+                       example=example)  # fmt: skip
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -171,8 +179,16 @@ def golden_sample(reference: Callable, args: tuple[torch.Tensor, ...]) -> dict[s
     return sample
 
 
+def _dtype_of(a: np.ndarray) -> str:
+    from hxc.runtime.io import dtype_name
+
+    name = dtype_name(a.dtype)
+    if name is None:
+        raise UsageError(f"example array of dtype {a.dtype}: hxc has no such element type")
+    return name
+
+
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)  # .npz cannot name bf16: raw bits
-    return t.numpy()
+    from hxc.runtime.io import raw_bits, to_numpy as host_array
+
+    return raw_bits(host_array(t))  # .npz cannot name bf16 or float8: raw bits

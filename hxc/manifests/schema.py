@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 FORMAT = "hxc-bundle"
-SCHEMA_VERSION: tuple[int, int] = (1, 0)
+SCHEMA_VERSION: tuple[int, int] = (1, 1)
 
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"
@@ -32,9 +32,9 @@ ARTIFACTS_DIR = "artifacts"
 LOCK_FILE = ".lock"
 
 # Element types by their short names (as in `--input 1x3x224x224xf32` and IREE's
-# `--input=1x3xf32=...`), with the numpy dtype that holds them on the host. bf16 is
-# ml_dtypes' bfloat16 (a dependency of iree-base-runtime); in .npz files, which cannot
-# name that type, it is stored as its raw 16 bits (uint16).
+# `--input=1x3xf32=...`), with the numpy dtype that holds them on the host. bf16 and
+# the float8 types are ml_dtypes' (a dependency of iree-base-runtime); in .npz files,
+# which cannot name those types, they are stored as their raw bits (uint16, uint8).
 DTYPES: dict[str, str] = {
     "f64": "float64",
     "f32": "float32",
@@ -46,6 +46,13 @@ DTYPES: dict[str, str] = {
     "i8": "int8",
     "u8": "uint8",
     "i1": "bool",
+    "u16": "uint16",
+    "u32": "uint32",
+    "u64": "uint64",
+    "f8e4m3fn": "float8_e4m3fn",
+    "f8e4m3fnuz": "float8_e4m3fnuz",
+    "f8e5m2": "float8_e5m2",
+    "f8e5m2fnuz": "float8_e5m2fnuz",
 }
 
 Dim = int | str  # a static size, or the name of a dynamic dimension
@@ -155,6 +162,9 @@ class Artifact:
     # against the fp32 reference, on the golden sample.
     precision_error: float | None = None
     tuning: tuple[TuningTrial, ...] = ()  # the search that chose `flags`, when tuned
+    # Set when the family's default flags failed and `flags` are its safer fallback
+    # (e.g. CPU without data tiling): the default flags' error.
+    fallback: str | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +240,12 @@ class Manifest:
     artifacts: tuple[Artifact, ...]
     created: str  # ISO 8601, UTC
     golden_file: str | None = GOLDEN_FILE
+    # Whether the golden sample holds expected outputs (it always holds inputs), who
+    # computed them (pytorch, onnxruntime, or user: from `--example`), and if it holds
+    # none, why (the reference could not run on the example inputs).
+    golden_outputs: bool = True
+    golden_reference: str | None = None
+    golden_note: str | None = None
     weights: tuple[Weights, ...] = ()  # empty: each artifact carries its own weights
     hosts: tuple[Host, ...] = ()
     profiles: tuple[Profile, ...] = ()

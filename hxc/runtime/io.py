@@ -27,16 +27,36 @@ _ELEMENT_TYPES = {
     "i8": rt.HalElementType.SINT_8,
     "u8": rt.HalElementType.UINT_8,
     "i1": rt.HalElementType.BOOL_8,
+    "u16": rt.HalElementType.UINT_16,
+    "u32": rt.HalElementType.UINT_32,
+    "u64": rt.HalElementType.UINT_64,
+    "f8e4m3fn": rt.HalElementType.FLOAT_8_E4M3_FN,
+    "f8e4m3fnuz": rt.HalElementType.FLOAT_8_E4M3_FNUZ,
+    "f8e5m2": rt.HalElementType.FLOAT_8_E5M2,
+    "f8e5m2fnuz": rt.HalElementType.FLOAT_8_E5M2_FNUZ,
 }
 
 
 def numpy_dtype(name: str) -> np.dtype:
-    """The host dtype for a signature dtype; bf16 is ml_dtypes.bfloat16 (an IREE dependency)."""
-    if name == "bf16":
-        import ml_dtypes
+    """The host dtype for a signature dtype; bf16 and float8 are ml_dtypes' types (an IREE dependency)."""
+    numpy_name = DTYPES[name]
+    if hasattr(np, numpy_name):
+        return np.dtype(numpy_name)
+    import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(DTYPES[name])
+    return np.dtype(getattr(ml_dtypes, numpy_name))
+
+
+def raw_bits(a: np.ndarray) -> np.ndarray:
+    """`a` viewed as unsigned integers of its width when numpy itself cannot name its
+    dtype (bf16, float8): what the buffer protocol and .npz files can carry."""
+    return a.view(f"u{a.dtype.itemsize}") if a.dtype.kind == "V" else a  # ml_dtypes' types are kind V
+
+
+def from_raw_bits(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Undo `raw_bits` for an array of signature dtype `dtype`."""
+    want = numpy_dtype(dtype)
+    return a.view(want) if a.dtype != want and a.dtype.itemsize == want.itemsize and a.dtype.kind == "u" else a
 
 
 def dtype_name(dtype: np.dtype) -> str | None:
@@ -48,9 +68,8 @@ def dtype_name(dtype: np.dtype) -> str | None:
 
 def to_device(device: rt.HalDevice, array: np.ndarray, dtype: str) -> rt.HalBufferView:
     """Copy a host array into a new device-local buffer view."""
-    array = np.ascontiguousarray(array)
-    if dtype == "bf16":
-        array = array.view(np.uint16)  # the buffer protocol does not carry ml_dtypes types
+    # Not np.ascontiguousarray: it turns a scalar (0-d array) into shape (1,).
+    array = raw_bits(np.asarray(array, order="C"))  # the buffer protocol does not carry ml_dtypes types
     return device.allocator.allocate_buffer_copy(
         memory_type=rt.MemoryType.DEVICE_LOCAL,
         allowed_usage=rt.BufferUsage.DEFAULT,
@@ -123,8 +142,9 @@ def to_numpy(x: object) -> np.ndarray:
         import torch
 
         t = x.detach().cpu().contiguous()  # type: ignore[attr-defined]
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(numpy_dtype("bf16"))
+        name = _TORCH_RAW.get(str(t.dtype))
+        if name is not None:  # numpy has no such dtype: go through the raw bits
+            return t.view(torch.uint8 if t.element_size() == 1 else torch.int16).numpy().view(numpy_dtype(name))
         return t.numpy()
     return np.asarray(x)
 
@@ -132,7 +152,19 @@ def to_numpy(x: object) -> np.ndarray:
 def to_torch(a: np.ndarray, dtype: str) -> object:
     import torch
 
-    a = np.ascontiguousarray(a)
-    if dtype == "bf16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    a = np.asarray(a, order="C")  # keeps 0-d arrays 0-d
+    torch_name = next((k for k, v in _TORCH_RAW.items() if v == dtype), None)
+    if torch_name is not None:
+        raw = a.view(np.uint8 if a.dtype.itemsize == 1 else np.int16)
+        return torch.from_numpy(raw).view(getattr(torch, torch_name.removeprefix("torch.")))
     return torch.from_numpy(a)
+
+
+# torch dtypes numpy cannot hold, and the signature dtype each is exchanged as.
+_TORCH_RAW = {
+    "torch.bfloat16": "bf16",
+    "torch.float8_e4m3fn": "f8e4m3fn",
+    "torch.float8_e4m3fnuz": "f8e4m3fnuz",
+    "torch.float8_e5m2": "f8e5m2",
+    "torch.float8_e5m2fnuz": "f8e5m2fnuz",
+}

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hxc.errors import BundleError, HxcError, first_line
+from hxc.errors import BundleError, HxcError, NothingToCompareError, first_line
 from hxc.manifests import GOLDEN_FILE, Manifest, Signature, read_manifest
-from hxc.runtime.io import numpy_dtype
+from hxc.runtime.io import from_raw_bits
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import select
 
@@ -24,6 +24,11 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "f32": (1e-4, 1e-3),
     "f16": (1e-2, 1e-2),
     "bf16": (5e-2, 5e-2),
+    # float8: one step of the mantissa (3 bits for e4m3, 2 for e5m2) near 1.0.
+    "f8e4m3fn": (0.125, 0.125),
+    "f8e4m3fnuz": (0.125, 0.125),
+    "f8e5m2": (0.25, 0.25),
+    "f8e5m2fnuz": (0.25, 0.25),
 }
 
 
@@ -68,16 +73,18 @@ def load_golden(bundle: Path, manifest: Manifest) -> tuple[list[np.ndarray], lis
 def golden_arrays(
     arrays: dict[str, np.ndarray], signature: Signature, where: str = "golden sample"
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Golden inputs and outputs in signature order; bf16, stored as raw bits, as bf16."""
+    """Golden inputs and outputs in signature order; bf16 and float8, stored as raw
+    bits, as their own types. Outputs are empty when the sample has none (the
+    reference could not compute them; `Manifest.golden_note` says why)."""
 
     def typed(key: str, dtype: str) -> np.ndarray:
         if key not in arrays:
             raise BundleError(f"{where}: golden sample lacks {key}")
-        a = arrays[key]
-        return a.view(numpy_dtype("bf16")) if dtype == "bf16" else a
+        return from_raw_bits(arrays[key], dtype)
 
     inputs = [typed(f"input_{i}", s.dtype) for i, s in enumerate(signature.inputs)]
-    outputs = [typed(f"output_{i}", s.dtype) for i, s in enumerate(signature.outputs)]
+    has_outputs = any(k.startswith("output_") for k in arrays)
+    outputs = [typed(f"output_{i}", s.dtype) for i, s in enumerate(signature.outputs)] if has_outputs else []
     return inputs, outputs
 
 
@@ -106,6 +113,12 @@ def verify_bundle(
 
     path = Path(bundle)
     manifest = read_manifest(path)
+    if not manifest.golden_outputs:
+        raise NothingToCompareError(
+            f"{path}: the golden sample has no expected outputs, so there is nothing to compare against: "
+            f"{manifest.golden_note or 'no reference ran at compile time'}",
+            hint="recompile with --example inputs.npz (inputs the reference can run, or expected outputs as output_0, ...)",
+        )
     probe = probe or probe_host()
     inputs, expected = load_golden(path, manifest)
     # Every artifact is checked, reduced-precision ones against their own precision's tolerance.

@@ -102,6 +102,12 @@ class TargetFamily:
         """Static preference when no benchmark profile decides: higher runs first."""
         return 0
 
+    def fallback_flags(self, plan: CompilePlan) -> tuple[str, ...] | None:
+        """Safer flags to retry with when a compile with `plan.flags` fails: the plan
+        without the flags the family adds for speed (IREE's own defaults). None when the
+        family adds none."""
+        return None
+
     def tuning_configs(self, plan: CompilePlan) -> list[tuple[str, tuple[str, ...]]]:
         """Flag configurations `hxc compile --tune` tries, as (name, full flags). The
         first is the default build. Families with nothing to tune return just that."""

@@ -24,11 +24,14 @@ from hxc.targets.base import CompilePlan, Device, TargetFamily, Variant
 # 3.13 miscompiles some graphs with it ("operand #1 does not dominate this use" on the
 # TorchScript-converted test CNN), so it is a tuning alternative, not a default.
 CHANNELS_LAST = "--iree-preprocessing-pass-pipeline=builtin.module(util.func(iree-preprocessing-convert-conv-to-channels-last))"
+# Chosen for speed, not needed for correctness: a compile that fails with them is
+# retried without them (IREE 3.13's data tiling fails on some boolean code:
+# "'linalg.pack' op expected padding_value has 'i8' but got: 'i1'").
+SPEED_FLAGS = ("--iree-opt-data-tiling", "--iree-global-opt-use-im2col-for-convs")
 COMMON_FLAGS = (
     "--iree-hal-target-device=local",
     "--iree-hal-local-target-device-backends=llvm-cpu",
-    "--iree-opt-data-tiling",
-    "--iree-global-opt-use-im2col-for-convs",
+    *SPEED_FLAGS,
 )
 
 # x86-64 micro-architecture levels, as /proc/cpuinfo spells the flags.
@@ -145,6 +148,10 @@ class CpuFamily(TargetFamily):
         if missing:
             return f"needs CPU features this CPU lacks: {', '.join(missing)}"
         return None
+
+    def fallback_flags(self, plan: CompilePlan) -> tuple[str, ...] | None:
+        safer = tuple(f for f in plan.flags if f not in SPEED_FLAGS)
+        return safer if safer != plan.flags else None
 
     def tuning_configs(self, plan: CompilePlan) -> list[tuple[str, tuple[str, ...]]]:
         # Each alternative drops or adds one thing the defaults decide, so the search
