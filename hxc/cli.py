@@ -338,15 +338,17 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     import numpy as np
 
     from hxc import runtime, ui
-    from hxc.runtime.io import read_arrays
+    from hxc.runtime.io import from_raw_bits, raw_bits, read_arrays
 
     arrays = read_arrays(inputs)
     model = runtime.load(bundle, device=device, strict=strict, precision=precision, tolerance=tolerance)
+    # bf16 and float8 arrays travel through .npy/.npz files as their raw bits.
+    arrays = [from_raw_bits(a, s.dtype) for a, s in zip(arrays, model.signature.inputs)] + arrays[len(model.signature.inputs):]
     outputs = model.run_flat(arrays)
     if output is not None:
         from hxc.manifests.bundle import atomic_savez
 
-        atomic_savez(output, {f"output_{i}": o for i, o in enumerate(outputs)})
+        atomic_savez(output, {f"output_{i}": raw_bits(o) for i, o in enumerate(outputs)})
     if as_json:
         ui.print_json({
             "ok": True, "artifact": model.artifact.id, "device": model.device.label, "saved_to": output and str(output),
