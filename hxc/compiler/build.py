@@ -88,19 +88,30 @@ def build_bundle(
         timings = dict(reference.timings)
 
         wanted = list(dict.fromkeys(precisions))
-        ir_sha = {p: file_sha256(imp.mlir) for p, imp in imports.items()}  # IR can be hundreds of MB: hash once
+        irs: dict[tuple[str, tuple], ImportedModel] = {(p, ()): imp for p, imp in imports.items()}
+        # IR can be hundreds of MB: hash each once (the reference's goes into the manifest).
+        ir_sha: dict[tuple[str, tuple], str] = {("fp32", ()): file_sha256(reference.mlir)}
         jobs: list[CompileJob] = []
         skipped: list[str] = []
         for precision in wanted:
             for v in variants:
-                if precision in family(v.family).precisions:
-                    jobs.append(CompileJob(imports[precision].mlir, ir_sha[precision], v, precision))
-                else:
+                if precision not in family(v.family).precisions:
                     skipped.append(f"{v.id}@{precision}")
+                    continue
+                casts = _casts_needed(v, imports[precision])
+                key = (precision, casts)
+                if key not in irs:
+                    sub = work / f"{precision}-{'-'.join(f'{a}{b}' for a, b in casts)}"
+                    sub.mkdir()
+                    irs[key] = import_model(source, replace(options, precision=precision, interface_casts=casts), sub,
+                                            on_stage, cache_root)  # fmt: skip
+                if key not in ir_sha:
+                    ir_sha[key] = file_sha256(irs[key].mlir)
+                jobs.append(CompileJob(irs[key].mlir, ir_sha[key], v, precision, casts=casts))
         t = time.perf_counter()
         on_stage("compiling")
         results = compile_all(jobs, workdir=work, parallel=jobs_parallel, cache=cache, on_event=on_event)
-        results = [_name_source_operator(r, imports[r.job.precision].operators_at) for r in results]
+        results = [_name_source_operator(r, irs[(r.job.precision, r.job.casts)].operators_at) for r in results]
         timings["compile"] = time.perf_counter() - t
         if tune is not None:
             t = time.perf_counter()
@@ -108,7 +119,7 @@ def build_bundle(
             results = tune(results, imports, work, cache, on_event)
             timings["tune"] = time.perf_counter() - t
 
-        manifest = _manifest(imports, wanted, ir_sha["fp32"], results)
+        manifest = _manifest(imports, wanted, ir_sha[("fp32", ())], results)
         failed = [r for r in results if r.status == "failed"]
         if failed and not (allow_partial and len(failed) < len(results)):
             # Nothing is published; an existing bundle at `out` stays as it was.
@@ -127,6 +138,17 @@ def build_bundle(
             np.savez(stage / GOLDEN_FILE, **reference.golden)
             write_manifest(stage, manifest)
     return BuildResult(out, True, manifest, results, timings, skipped)
+
+
+def _casts_needed(variant: Variant, imported: ImportedModel) -> tuple[tuple[str, str], ...]:
+    """The variant's interface casts that this model needs: for element types in its
+    signature, or in its weights when they live in a shared archive (whose bytes the
+    variant could not read as another type)."""
+    sig = imported.signature
+    present = {s.dtype for s in (*sig.inputs, *sig.outputs)}
+    if imported.weights is not None:
+        present |= set(imported.weight_dtypes)
+    return tuple(c for c in variant.interface_casts if c[0] in present)
 
 
 def import_model(
@@ -184,7 +206,7 @@ def _cache_import(cache: ImportCache, key: str, m: ImportedModel, workdir: Path)
         "name": m.name, "source_format": m.source_format, "source_sha256": m.source_sha256,
         "program_name": m.program_name, "signature": to_json(m.signature), "operators_at": m.operators_at,
         "ir_name": m.mlir.name, "precision": m.precision, "precision_error": m.precision_error,
-        "golden_reference": m.golden_reference, "golden_note": m.golden_note,
+        "golden_reference": m.golden_reference, "golden_note": m.golden_note, "weight_dtypes": list(m.weight_dtypes),
     }  # fmt: skip
     cache.put(key, files, meta)
 
@@ -209,6 +231,7 @@ def _imported_from_cache(entry: Path, source: str) -> ImportedModel:
         precision_error=meta["precision_error"],
         golden_reference=meta.get("golden_reference", "pytorch"),
         golden_note=meta.get("golden_note"),
+        weight_dtypes=tuple(meta.get("weight_dtypes", ())),
         timings={"import (cached)": 0.0},
     )
 
@@ -269,13 +292,14 @@ def _artifact_entry(r: CompileResult, imported: ImportedModel) -> Artifact:
         driver=fam.drivers[0],
         binary=r.plan.binary,
         flags=r.plan.flags,
-        requires=r.plan.requires,
+        requires=r.requirements,
         compile_seconds=round(r.seconds, 3),
         cached=r.cached,
         precision=job.precision,
         precision_error=imported.precision_error,
         tuning=r.tuning,
         fallback=r.fallback,
+        interface_casts=r.job.casts,
     )
     if r.status == "failed" or r.vmfb is None:
         return Artifact(status="failed", error=r.error, operator=r.operator, **common)

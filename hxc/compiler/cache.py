@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hxc.manifests.bundle import atomic_write
+from hxc.manifests.schema import Requirements, SchemaError, from_json, to_json
 
 
 def default_cache_dir() -> Path:
@@ -37,6 +38,7 @@ def default_cache_dir() -> Path:
 class CacheEntry:
     vmfb: Path
     verified: str | None
+    requires: Requirements | None = None  # read from the binaries when compiled
 
 
 class CompileCache:
@@ -65,16 +67,20 @@ class CompileCache:
             info = json.loads(meta.read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        return CacheEntry(vmfb=vmfb, verified=info.get("verified"))
+        try:
+            requires = from_json(Requirements, info["requires"]) if info.get("requires") else None
+        except SchemaError:
+            return None
+        return CacheEntry(vmfb=vmfb, verified=info.get("verified"), requires=requires)
 
-    def put(self, key: str, vmfb: Path, verified: str | None) -> None:
+    def put(self, key: str, vmfb: Path, verified: str | None, requires: Requirements | None = None) -> None:
         if self.root is None:
             return
         dest, meta = self._paths(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # The metadata goes last: get() treats an entry without it as absent.
         atomic_write(dest, vmfb.read_bytes())
-        atomic_write(meta, json.dumps({"verified": verified}).encode())
+        atomic_write(meta, json.dumps({"verified": verified, "requires": to_json(requires)}).encode())
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         assert self.root is not None

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from hxc.compiler.cache import CompileCache
-from hxc.manifests.schema import TuningTrial
+from hxc.manifests.schema import Requirements, TuningTrial
 from hxc.targets import CompilePlan, Variant, family
 from hxc.targets.base import CheckFailed
 
@@ -48,6 +48,8 @@ class CompileJob:
     # Expert flags from `--iree-flag`, appended to whatever the family chose; they are
     # part of the recorded flags and the cache key like any other.
     extra: tuple[str, ...] = ()
+    # The interface casts its IR was built with (Artifact.interface_casts).
+    casts: tuple[tuple[str, str], ...] = ()
 
     @property
     def id(self) -> str:
@@ -81,6 +83,11 @@ class CompileResult:
     stderr: str = ""
     tuning: tuple[TuningTrial, ...] = ()  # set by `hxc compile --tune`
     fallback: str | None = None  # why the family's safer flags were used: the default flags' error
+    requires: Requirements | None = None  # what the binaries need, when they say more than the plan
+
+    @property
+    def requirements(self) -> Requirements:
+        return self.requires or self.plan.requires
 
     @property
     def variant(self) -> Variant:
@@ -199,7 +206,8 @@ def _compile_plan(
     argv = (iree_compile_path(), str(job.ir), *plan.flags, "-o", str(out))
     hit = cache.get(key)
     if hit is not None:
-        return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, hit.vmfb, cached=True, verified=hit.verified)
+        return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, hit.vmfb, cached=True, verified=hit.verified,
+                             requires=hit.requires)  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="hxc-bin-", dir=workdir) as bins:
         run_argv = [*argv]
@@ -216,8 +224,10 @@ def _compile_plan(
         except CheckFailed as e:
             out.unlink(missing_ok=True)
             return CompileResult(job, plan, "failed", time.perf_counter() - t0, argv, error=str(e), stderr=stderr)
-    cache.put(key, out, verified)
-    return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, out, verified=verified, stderr=stderr)
+        requires = fam.binary_requirements(plan, Path(bins) if plan.dump_binaries else None)
+    cache.put(key, out, verified, requires)
+    return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, out, verified=verified, stderr=stderr,
+                         requires=requires)  # fmt: skip
 
 
 _LOCATION = re.compile(r"^(?P<file>[^\s:][^:]*):(?P<line>\d+):\d+:\s*")

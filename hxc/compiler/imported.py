@@ -28,6 +28,10 @@ class ImportOptions:
     weights: WeightsMode = "auto"
     precision: str = "fp32"  # compute precision; the interface stays as the model's
     example: str | None = None  # --example inputs.npz: the golden sample's inputs (and maybe outputs)
+    # (model dtype, artifact dtype) pairs: build the IR with these element types at the
+    # interface instead of the model's (a variant whose code generator lacks them);
+    # such an import carries its weights inline.
+    interface_casts: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -47,6 +51,7 @@ class ImportedModel:
     operators_at: dict[str, tuple[str, ...]] = field(default_factory=dict)
     golden_reference: str | None = "pytorch"  # who computed the golden outputs: pytorch, onnxruntime, user
     golden_note: str | None = None  # why the golden sample has no outputs
+    weight_dtypes: tuple[str, ...] = ()  # element types of the model's parameters and buffers
     timings: dict[str, float] = field(default_factory=dict)
 
 

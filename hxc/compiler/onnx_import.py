@@ -113,7 +113,8 @@ def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Ca
     shared = any(_numel(x) >= NUM_ELEMENTS_THRESHOLD for x in inits) and wants_shared_weights(
         options.weights, total, has_bf16
     )
-    model, names = _prepare(original, path, inputs, load_all=not shared)
+    shared = shared and not options.interface_casts  # a cast interface is for one variant: weights inside it
+    model, names = _prepare(original, path, inputs, load_all=not shared, casts=options.interface_casts)
     label = path.name.replace(":", "_")
     irpa = workdir / WEIGHTS_FILE if shared else None
     mlir = workdir / "model.mlirbc"
@@ -140,6 +141,7 @@ def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Ca
         program=program,
         program_name=PROGRAM_FILE,
         weights=irpa,
+        weight_dtypes=tuple(sorted({_DTYPES[x.data_type] for x in inits if x.data_type in _DTYPES})),
         operators_at=operators_at,
         timings=timings,
     )
@@ -452,7 +454,9 @@ def _raw(a: np.ndarray) -> np.ndarray:
 # --- import ------------------------------------------------------------------------
 
 
-def _prepare(original: Any, path: Path, inputs: list[_Input], *, load_all: bool) -> tuple[Any, list[str]]:
+def _prepare(
+    original: Any, path: Path, inputs: list[_Input], *, load_all: bool, casts: tuple[tuple[str, str], ...] = ()
+) -> tuple[Any, list[str]]:
     """A copy of the model ready for IREE's importer: nodes tagged, input shapes set,
     opset upgraded, shapes inferred, graph named `main`. Returns it and the nodes'
     original names."""
@@ -481,12 +485,60 @@ def _prepare(original: Any, path: Path, inputs: list[_Input], *, load_all: bool)
     # Small tensors must be in memory (the importer inlines them, shape inference
     # reads them); large ones only when they are inlined too.
     _load_external([t for t in _tensors(model.graph) if load_all or _numel(t) < NUM_ELEMENTS_THRESHOLD], path.parent)
+    if casts:
+        _cast_interface(model, dict(casts))
     try:
         model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as e:
         raise LoweringError(f"{path}: ONNX shape inference failed ({first_line(e)})") from None
     model.graph.name = "main"
     return model, names
+
+
+def _cast_interface(model: Any, casts: dict[str, str]) -> None:
+    """Give graph inputs and outputs of the element types in `casts` the other type,
+    with Cast nodes inside the graph, so the model computes as before behind an
+    interface a variant can carry (see ImportOptions.interface_casts)."""
+    from onnx import helper
+
+    onnx_type = {v: k for k, v in _DTYPES.items()}
+    graph = model.graph
+    renamed: dict[str, str] = {}
+    front = []
+    for v in graph.input:
+        dtype = _DTYPES.get(v.type.tensor_type.elem_type)
+        if dtype in casts and v.type.WhichOneof("value") == "tensor_type":
+            inner = f"{v.name}__hxc_model"
+            renamed[v.name] = inner
+            front.append(helper.make_node("Cast", [v.name], [inner], to=v.type.tensor_type.elem_type,
+                                          name=f"hxc_cast_in_{len(front)}"))  # fmt: skip
+            v.type.tensor_type.elem_type = onnx_type[casts[dtype]]
+    _rename_uses(graph, renamed)
+    back = []
+    for v in graph.output:
+        dtype = _DTYPES.get(v.type.tensor_type.elem_type)
+        if dtype in casts and v.type.WhichOneof("value") == "tensor_type":
+            inner = f"{v.name}__hxc_model"
+            for node in graph.node:  # the producer writes the model-typed value under a new name
+                node.output[:] = [inner if o == v.name else o for o in node.output]
+            _rename_uses(graph, {v.name: inner})
+            back.append(helper.make_node("Cast", [inner], [v.name], to=onnx_type[casts[dtype]],
+                                         name=f"hxc_cast_out_{len(back)}"))  # fmt: skip
+            v.type.tensor_type.elem_type = onnx_type[casts[dtype]]
+    nodes = [*front, *graph.node, *back]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _rename_uses(graph: Any, renamed: dict[str, str]) -> None:
+    """Point every node input (subgraphs included) named in `renamed` at its new name."""
+    if not renamed:
+        return
+    for node in graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _rename_uses(g, renamed)
 
 
 def _set_input_shapes(model: Any, inputs: list[_Input]) -> bool:

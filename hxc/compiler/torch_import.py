@@ -19,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from hxc.compiler.examples import read_example
-from hxc.compiler.frontend import load_model
+from hxc.compiler.frontend import DTYPE_NAMES, TORCH_DTYPES, load_model
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
 from hxc.compiler.lower import lower
 from hxc.errors import LoweringError, UsageError
@@ -50,13 +50,17 @@ def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: C
     if options.precision != "fp32":
         on_stage(f"converting to {options.precision}")
         program, precision_error = _at_precision(model, options.precision, golden)
+    if options.interface_casts:
+        on_stage("casting the interface")
+        program = _with_casts(program, model, dict(options.interface_casts))
 
     t = time.perf_counter()
     on_stage("lowering to IREE input IR")
     weights = _program_weights(program)
     total = sum(w.numel() * w.element_size() for w in weights.values())
     has_bf16 = any(w.dtype == torch.bfloat16 for w in weights.values())
-    shared = bool(weights) and wants_shared_weights(options.weights, total, has_bf16)
+    # A cast interface is for one variant: its weights (cast like the rest) go inside it.
+    shared = bool(weights) and not options.interface_casts and wants_shared_weights(options.weights, total, has_bf16)
     if has_bf16 and not shared:
         raise UsageError(
             "this model has bf16 parameters, which iree-turbine cannot store inside an artifact",
@@ -80,8 +84,10 @@ def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: C
     timings["lower"] = time.perf_counter() - t
 
     # The bundle keeps the model's own program; reduced-precision ones are derived from it.
-    program_path = workdir / PROGRAM_FILE
-    if shared and options.precision == "fp32":
+    program_path: Path | None = workdir / PROGRAM_FILE
+    if options.interface_casts:
+        program_path = None  # only the model's own import provides the bundle's program
+    elif shared and options.precision == "fp32":
         _save_without_weights(program, program_path)
     else:
         torch.export.save(model.program, str(program_path))
@@ -94,8 +100,10 @@ def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: C
         signature=lowered.signature,
         golden=golden,
         program=program_path,
-        program_name=PROGRAM_FILE,
+        program_name=PROGRAM_FILE if program_path is not None else None,
         weights=irpa,
+        weight_dtypes=tuple(sorted({DTYPE_NAMES[w.dtype] for w in _program_weights(model.program).values()
+                                    if w.dtype in DTYPE_NAMES})),  # fmt: skip
         precision=options.precision,
         precision_error=precision_error,
         operators_at=lowered.operators_at,
@@ -117,6 +125,72 @@ class _AtPrecision(torch.nn.Module):
         args = tuple(a.to(self.dtype) if a.dtype == torch.float32 else a for a in args)
         out = self.module(*args)
         return pytree.tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == self.dtype else t, out)
+
+
+class _CastInterface(torch.nn.Module):
+    """The model behind an interface of other element types: inputs arrive as the
+    artifact's types and are cast back to what the model takes; outputs leave cast to
+    the artifact's types. Floating types promoted to f32 are computed in f32."""
+
+    def __init__(self, module: torch.nn.Module, in_dtypes: list[torch.dtype], casts: dict[torch.dtype, torch.dtype]):
+        super().__init__()
+        promoted = {d for d, to in casts.items() if d.is_floating_point and to == torch.float32}
+        self.module = module.to(torch.float32) if promoted else module
+        self.model_dtypes = [torch.float32 if d in promoted else d for d in in_dtypes]
+        self.casts = casts
+
+    def forward(self, *args: torch.Tensor):
+        args = tuple(a.to(d) for a, d in zip(args, self.model_dtypes))
+        out = self.module(*args)
+        return pytree.tree_map(lambda t: t.to(self.casts.get(t.dtype, t.dtype)) if isinstance(t, torch.Tensor) else t, out)
+
+
+def _with_casts(program: torch.export.ExportedProgram, model, casts: dict[str, str]) -> torch.export.ExportedProgram:
+    """`program` re-exported behind an interface with `casts` applied (see _CastInterface)."""
+    from hxc.compiler.frontend import export_module
+    from hxc.compiler.lower import program_signature
+
+    by_dtype = {TORCH_DTYPES[k]: TORCH_DTYPES[v] for k, v in casts.items()}
+    in_dtypes = [a.dtype for a in model.example_args]
+    module = program.module()
+    if by_dtype.get(torch.int64) == torch.int32:
+        _narrow_int64_constants(module, model.source)
+    wrapped = _CastInterface(module, in_dtypes, by_dtype)
+    args = tuple(a.to(by_dtype.get(a.dtype, a.dtype)) for a in model.example_args)
+    dims = [{j: torch.export.Dim.DYNAMIC for j, d in enumerate(s.shape) if isinstance(d, str)}
+            for s in program_signature(program).inputs]  # fmt: skip
+    return export_module(wrapped, args, tuple(dims) if any(dims) else None, model.source)
+
+
+def _narrow_int64_constants(gm: torch.fx.GraphModule, source: str) -> None:
+    """Store the graph's int64 constants (buffers such as position ids, lifted tensors)
+    as int32 and widen them where they are read. IREE's i64->i32 demotion cannot
+    rewrite large i64 constants (MLIR resource blobs); an i32 constant plus a
+    conversion it can. A constant outside the 32-bit range makes demotion unsafe."""
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        owner, _, leaf = node.target.rpartition(".")
+        holder = gm.get_submodule(owner) if owner else gm
+        t = getattr(holder, leaf, None)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+            continue
+        if t.numel() and (int(t.min()) < -(2**31) or int(t.max()) >= 2**31):
+            raise LoweringError(
+                f"{source}: constant {node.target} holds 64-bit integers beyond 32 bits; "
+                "portable SPIR-V computes int64 in 32 bits, so this model needs a variant with native int64",
+                hint="compile for vulkan:desktop",
+            )
+        narrow = f"{leaf}_hxc_i32"
+        holder.register_buffer(narrow, t.to(torch.int32), persistent=False)
+        with gm.graph.inserting_after(node):
+            read = gm.graph.get_attr(f"{owner}.{narrow}" if owner else narrow)
+        with gm.graph.inserting_after(read):
+            wide = gm.graph.call_function(torch.ops.aten._to_copy.default, (read,), {"dtype": torch.int64})
+        node.replace_all_uses_with(wide)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
 
 
 def _at_precision(model, precision: str, golden: dict[str, np.ndarray]) -> tuple[torch.export.ExportedProgram, float]:

@@ -125,6 +125,9 @@ class Requirements:
     gpu_archs: tuple[str, ...] = ()  # exact architectures that load the binary
     min_gpu_arch: str | None = None  # for forward-compatible code (PTX): this or newer
     vendor: str | None = None  # Vulkan vendor, when the SPIR-V is tuned for one
+    # Vulkan device features the SPIR-V needs (from the capabilities it declares):
+    # shaderInt64, shaderFloat16, storageBuffer8BitAccess, subgroup:arithmetic, ...
+    vulkan_features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,11 @@ class Artifact:
     # Set when the family's default flags failed and `flags` are its safer fallback
     # (e.g. CPU without data tiling): the default flags' error.
     fallback: str | None = None
+    # Element types this artifact takes and returns in place of the model's, as
+    # (model dtype, artifact dtype) pairs, e.g. ("i64", "i32") for portable SPIR-V
+    # without 64-bit integers. The loader converts at the boundary (refusing integer
+    # inputs that do not fit), so callers see the model's own signature.
+    interface_casts: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

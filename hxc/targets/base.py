@@ -26,6 +26,9 @@ class Variant:
     requires: Requirements
     binary: str
     aliases: tuple[str, ...] = ()
+    # (model dtype, artifact dtype): element types this variant's code generator lacks,
+    # carried as another type across the artifact's interface (see Artifact.interface_casts).
+    interface_casts: tuple[tuple[str, str], ...] = ()
 
     @property
     def id(self) -> str:
@@ -101,6 +104,11 @@ class TargetFamily:
     def rank(self, artifact: Artifact, device: Device) -> int:
         """Static preference when no benchmark profile decides: higher runs first."""
         return 0
+
+    def binary_requirements(self, plan: CompilePlan, binaries: Path | None) -> Requirements | None:
+        """What the compiled binaries need of a device beyond `plan.requires`, read from
+        the binaries themselves (e.g. SPIR-V capabilities); None when nothing is added."""
+        return None
 
     def fallback_flags(self, plan: CompilePlan) -> tuple[str, ...] | None:
         """Safer flags to retry with when a compile with `plan.flags` fails: the plan
