@@ -51,7 +51,7 @@ FACTORY_SOURCE = textwrap.dedent(
     class IntMod(nn.Module):
         def forward(self, x):
             q = torch.remainder(x, 3)
-            return q + 1
+            return q * 4294967296 + 1  # needs 64-bit integers
 
     def make_model():
         torch.manual_seed(0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -26,7 +27,7 @@ from hxc.compiler.cache import CompileCache, ImportCache, default_cache_dir
 from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
-from hxc.errors import UsageError
+from hxc.errors import HxcError, UsageError
 from hxc.manifests.bundle import file_sha256, write_manifest
 from hxc.manifests.schema import WEIGHTS_FILE, Signature, Weights, from_json, to_json
 from hxc.targets import Variant, family, resolve
@@ -93,6 +94,9 @@ def build_bundle(
         ir_sha: dict[tuple[str, tuple], str] = {("fp32", ()): file_sha256(reference.mlir)}
         jobs: list[CompileJob] = []
         skipped: list[str] = []
+        cast_errors: dict[tuple[str, tuple], str] = {}
+        unbuildable: list[CompileJob] = []  # variants whose cast interface the model cannot have
+        order: list[str] = []  # artifact ids as requested
         for precision in wanted:
             for v in variants:
                 if precision not in family(v.family).precisions:
@@ -100,18 +104,34 @@ def build_bundle(
                     continue
                 casts = _casts_needed(v, imports[precision])
                 key = (precision, casts)
-                if key not in irs:
+                if key not in irs and key not in cast_errors:
                     sub = work / f"{precision}-{'-'.join(f'{a}{b}' for a, b in casts)}"
                     sub.mkdir()
-                    irs[key] = import_model(source, replace(options, precision=precision, interface_casts=casts), sub,
-                                            on_stage, cache_root)  # fmt: skip
+                    try:
+                        irs[key] = import_model(source, replace(options, precision=precision, interface_casts=casts),
+                                                sub, on_stage, cache_root)  # fmt: skip
+                    except HxcError as e:  # this variant cannot carry the model; the others still can
+                        cast_errors[key] = e.message
+                if key in cast_errors:
+                    unbuildable.append(CompileJob(reference.mlir, ir_sha[("fp32", ())], v, precision, casts=casts))
+                    order.append(unbuildable[-1].id)
+                    continue
                 if key not in ir_sha:
                     ir_sha[key] = file_sha256(irs[key].mlir)
                 jobs.append(CompileJob(irs[key].mlir, ir_sha[key], v, precision, casts=casts))
+                order.append(jobs[-1].id)
         t = time.perf_counter()
         on_stage("compiling")
         results = compile_all(jobs, workdir=work, parallel=jobs_parallel, cache=cache, on_event=on_event)
-        results = [_name_source_operator(r, irs[(r.job.precision, r.job.casts)].operators_at) for r in results]
+        for job in unbuildable:
+            plan = family(job.variant.family).plan(job.variant)
+            failed = CompileResult(job, plan, "failed", 0.0, (), error=cast_errors[(job.precision, job.casts)],
+                                   operator=_operator_of(cast_errors[(job.precision, job.casts)]))  # fmt: skip
+            on_event(CompileEvent("done", job, failed))
+            results.append(failed)
+        results.sort(key=lambda r: order.index(r.job.id))
+        results = [_name_source_operator(r, irs.get((r.job.precision, r.job.casts), reference).operators_at)
+                   for r in results]  # fmt: skip
         timings["compile"] = time.perf_counter() - t
         if tune is not None:
             t = time.perf_counter()
@@ -138,6 +158,11 @@ def build_bundle(
             np.savez(stage / GOLDEN_FILE, **reference.golden)
             write_manifest(stage, manifest)
     return BuildResult(out, True, manifest, results, timings, skipped)
+
+
+def _operator_of(message: str) -> str | None:
+    m = re.search(r"\b(aten\.[\w.]+)", message)
+    return m.group(1) if m else None
 
 
 def _casts_needed(variant: Variant, imported: ImportedModel) -> tuple[tuple[str, str], ...]:

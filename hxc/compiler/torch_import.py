@@ -162,12 +162,31 @@ def _with_casts(program: torch.export.ExportedProgram, model, casts: dict[str, s
     return export_module(wrapped, args, tuple(dims) if any(dims) else None, model.source)
 
 
+_CLAMPED_BOUNDS = {torch.ops.aten.slice.Tensor, torch.ops.aten.slice_copy.Tensor, torch.ops.aten.slice_scatter.default}
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    return target._schema.name.replace("::", ".") if isinstance(target, torch._ops.OpOverload) else str(target)
+
+
 def _narrow_int64_constants(gm: torch.fx.GraphModule, source: str) -> None:
     """Store the graph's int64 constants (buffers such as position ids, lifted tensors)
     as int32 and widen them where they are read. IREE's i64->i32 demotion cannot
     rewrite large i64 constants (MLIR resource blobs); an i32 constant plus a
-    conversion it can. A constant outside the 32-bit range makes demotion unsafe."""
+    conversion it can. A constant outside the 32-bit range makes demotion unsafe, as
+    does an integer literal beyond it in an op computing int64 (slice bounds excepted:
+    they are clamped to the dimension)."""
     for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target not in _CLAMPED_BOUNDS:
+            val = node.meta.get("val")
+            big = [x for x in pytree.tree_leaves((node.args, node.kwargs)) if type(x) is int and not -(2**31) <= x < 2**31]
+            if big and isinstance(val, torch.Tensor) and val.dtype == torch.int64:
+                raise LoweringError(
+                    f"{source}: {_op_name(node)} computes int64 with the constant {big[0]}, beyond 32 bits; "
+                    "portable SPIR-V computes int64 in 32 bits, so this model needs a variant with native int64",
+                    hint="compile for vulkan:desktop",
+                )
         if node.op != "get_attr":
             continue
         owner, _, leaf = node.target.rpartition(".")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 FORMAT = "hxc-bundle"
-SCHEMA_VERSION: tuple[int, int] = (1, 1)
+SCHEMA_VERSION: tuple[int, int] = (2, 0)
 
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"
