@@ -173,6 +173,8 @@ def _casts_needed(variant: Variant, imported: ImportedModel) -> tuple[tuple[str,
     present = {s.dtype for s in (*sig.inputs, *sig.outputs)}
     if imported.weights is not None:
         present |= set(imported.weight_dtypes)
+    if imported.int64_constants:
+        present.add("i64")
     return tuple(c for c in variant.interface_casts if c[0] in present)
 
 
@@ -232,6 +234,7 @@ def _cache_import(cache: ImportCache, key: str, m: ImportedModel, workdir: Path)
         "program_name": m.program_name, "signature": to_json(m.signature), "operators_at": m.operators_at,
         "ir_name": m.mlir.name, "precision": m.precision, "precision_error": m.precision_error,
         "golden_reference": m.golden_reference, "golden_note": m.golden_note, "weight_dtypes": list(m.weight_dtypes),
+        "int64_constants": m.int64_constants,
     }  # fmt: skip
     cache.put(key, files, meta)
 
@@ -257,6 +260,7 @@ def _imported_from_cache(entry: Path, source: str) -> ImportedModel:
         golden_reference=meta.get("golden_reference", "pytorch"),
         golden_note=meta.get("golden_note"),
         weight_dtypes=tuple(meta.get("weight_dtypes", ())),
+        int64_constants=meta.get("int64_constants", False),
         timings={"import (cached)": 0.0},
     )
 

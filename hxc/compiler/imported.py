@@ -52,6 +52,9 @@ class ImportedModel:
     golden_reference: str | None = "pytorch"  # who computed the golden outputs: pytorch, onnxruntime, user
     golden_note: str | None = None  # why the golden sample has no outputs
     weight_dtypes: tuple[str, ...] = ()  # element types of the model's parameters and buffers
+    # The IR holds int64 constants that IREE's i64->i32 demotion cannot rewrite as
+    # they are stored; a variant that demotes needs its own import (ImportOptions.interface_casts).
+    int64_constants: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
 

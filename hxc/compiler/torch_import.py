@@ -76,7 +76,7 @@ def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: C
             archive.add_tensor(name, tensor.detach().contiguous())
         irpa = workdir / f"weights-{options.precision}.irpa"
         archive.save(irpa)
-    lowered = lower(program)
+    lowered = lower(program, narrow_int64=("i64", "i32") in options.interface_casts)
     if len(lowered.signature.outputs) != sum(1 for k in golden if k.startswith("output_")):
         raise LoweringError("PyTorch returned a different number of outputs than the exported program")
     mlir = workdir / "model.mlirbc"
@@ -102,6 +102,7 @@ def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: C
         program=program_path,
         program_name=PROGRAM_FILE if program_path is not None else None,
         weights=irpa,
+        int64_constants=lowered.int64_constants,
         weight_dtypes=tuple(sorted({DTYPE_NAMES[w.dtype] for w in _program_weights(model.program).values()
                                     if w.dtype in DTYPE_NAMES})),  # fmt: skip
         precision=options.precision,
@@ -152,9 +153,14 @@ def _with_casts(program: torch.export.ExportedProgram, model, casts: dict[str, s
 
     by_dtype = {TORCH_DTYPES[k]: TORCH_DTYPES[v] for k, v in casts.items()}
     in_dtypes = [a.dtype for a in model.example_args]
-    module = program.module()
     if by_dtype.get(torch.int64) == torch.int32:
+        # Decompose first: decompositions create int64 constants too (upsampling indices).
+        from hxc.compiler.lower import to_core_aten
+
+        module = to_core_aten(program).module()
         _narrow_int64_constants(module, model.source)
+    else:
+        module = program.module()
     wrapped = _CastInterface(module, in_dtypes, by_dtype)
     args = tuple(a.to(by_dtype.get(a.dtype, a.dtype)) for a in model.example_args)
     dims = [{j: torch.export.Dim.DYNAMIC for j, d in enumerate(s.shape) if isinstance(d, str)}
