@@ -81,10 +81,14 @@ def build_bundle(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".work", dir=out.parent) as work_dir:
         work = Path(work_dir)
         imports: dict[str, ImportedModel] = {}
+        # Every import of this build derives from one loaded model: a factory run twice
+        # may build different weights (a module created with unseeded randomness).
+        loaded: dict = {}
         for precision in dict.fromkeys(["fp32", *precisions]):  # fp32 first: it is the reference
             sub = work / precision
             sub.mkdir()
-            imports[precision] = import_model(source, replace(options, precision=precision), sub, on_stage, cache_root)
+            imports[precision] = import_model(source, replace(options, precision=precision), sub, on_stage, cache_root,
+                                              loaded)  # fmt: skip
         reference = imports["fp32"]
         timings = dict(reference.timings)
 
@@ -109,7 +113,7 @@ def build_bundle(
                     sub.mkdir()
                     try:
                         irs[key] = import_model(source, replace(options, precision=precision, interface_casts=casts),
-                                                sub, on_stage, cache_root)  # fmt: skip
+                                                sub, on_stage, cache_root, loaded)  # fmt: skip
                     except HxcError as e:  # this variant cannot carry the model; the others still can
                         cast_errors[key] = e.message
                 if key in cast_errors:
@@ -179,10 +183,16 @@ def _casts_needed(variant: Variant, imported: ImportedModel) -> tuple[tuple[str,
 
 
 def import_model(
-    source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None], cache_root: Path | None = None
+    source: str,
+    options: ImportOptions,
+    workdir: Path,
+    on_stage: Callable[[str], None],
+    cache_root: Path | None = None,
+    loaded: dict | None = None,
 ) -> ImportedModel:
     """Pick the frontend from the file's contents and import the model, through the
-    import cache for model files."""
+    import cache for model files. `loaded` carries the loaded model between imports of
+    one build (precisions, cast interfaces), so all of them see the same weights."""
     from hxc.compiler.sniff import sniff_source
 
     kind = sniff_source(source)
@@ -202,7 +212,7 @@ def import_model(
     else:
         from hxc.compiler.torch_import import import_torch
 
-        imported = import_torch(source, options, workdir, on_stage)
+        imported = import_torch(source, options, workdir, on_stage, loaded)
     if key is not None:
         _cache_import(cache, key, imported, workdir)
     return imported

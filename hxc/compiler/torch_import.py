@@ -9,6 +9,7 @@ placeholders), so the bundle holds one copy of the weights.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable
@@ -28,7 +29,9 @@ from hxc.manifests.schema import TensorSpec
 PROGRAM_FILE = "program.pt2"
 
 
-def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None]) -> ImportedModel:
+def import_torch(
+    source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None], loaded: dict | None = None
+) -> ImportedModel:
     timings: dict[str, float] = {}
     t = time.perf_counter()
     on_stage("loading model")
@@ -37,8 +40,13 @@ def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: C
     if example is not None and not inputs:
         # Formats without shapes (TorchScript, pickles) take them from the example.
         inputs = tuple(TensorSpec(n, _dtype_of(a), a.shape).format() for n, a in zip(example.names, example.inputs))
-    model = load_model(source, inputs=inputs, dynamic_batch=options.dynamic_batch, allow_pickle=options.allow_pickle,
-                       example=example)  # fmt: skip
+    key = (source, inputs, options.dynamic_batch, options.allow_pickle, options.example)
+    model = (loaded or {}).get(key)
+    if model is None:
+        model = load_model(source, inputs=inputs, dynamic_batch=options.dynamic_batch,
+                           allow_pickle=options.allow_pickle, example=example)  # fmt: skip
+        if loaded is not None:
+            loaded[key] = model
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -161,11 +169,9 @@ def _with_casts(program: torch.export.ExportedProgram, model, casts: dict[str, s
         _narrow_int64_constants(module, model.source)
     else:
         module = program.module()
-    wrapped = _CastInterface(module, in_dtypes, by_dtype)
+    wrapped = _CastInterface(copy.deepcopy(module), in_dtypes, by_dtype)  # .to() would change the shared weights
     args = tuple(a.to(by_dtype.get(a.dtype, a.dtype)) for a in model.example_args)
-    dims = [{j: torch.export.Dim.DYNAMIC for j, d in enumerate(s.shape) if isinstance(d, str)}
-            for s in program_signature(program).inputs]  # fmt: skip
-    return export_module(wrapped, args, tuple(dims) if any(dims) else None, model.source)
+    return export_module(wrapped, args, _varargs_dynamic_shapes(program), model.source)
 
 
 _CLAMPED_BOUNDS = {torch.ops.aten.slice.Tensor, torch.ops.aten.slice_copy.Tensor, torch.ops.aten.slice_scatter.default}
@@ -218,10 +224,19 @@ def _narrow_int64_constants(gm: torch.fx.GraphModule, source: str) -> None:
     gm.recompile()
 
 
+def _varargs_dynamic_shapes(program: torch.export.ExportedProgram) -> tuple | None:
+    """`program`'s dynamic dimensions for a wrapper whose forward takes `*args`:
+    torch.export wants them nested as the one `args` parameter."""
+    from hxc.compiler.lower import program_signature
+
+    dims = tuple({j: torch.export.Dim.DYNAMIC for j, d in enumerate(s.shape) if isinstance(d, str)}
+                 for s in program_signature(program).inputs)  # fmt: skip
+    return (dims,) if any(dims) else None
+
+
 def _at_precision(model, precision: str, golden: dict[str, np.ndarray]) -> tuple[torch.export.ExportedProgram, float]:
     """Re-export the model at `precision`; return the program and its error against the
     fp32 reference on the golden sample (max |y - y_fp32| / max |y_fp32|)."""
-    import copy
 
     from hxc.compiler.frontend import export_module
     from hxc.compiler.lower import program_signature
@@ -232,9 +247,7 @@ def _at_precision(model, precision: str, golden: dict[str, np.ndarray]) -> tuple
     ):
         raise UsageError(f"--precision {precision} converts fp32 models; this one has no fp32 inputs or weights")
     wrapped = _AtPrecision(copy.deepcopy(model.program.module()), dtype)
-    dims = [{j: torch.export.Dim.DYNAMIC for j, d in enumerate(s.shape) if isinstance(d, str)}
-            for s in program_signature(model.program).inputs]  # fmt: skip
-    program = export_module(wrapped, model.example_args, tuple(dims) if any(dims) else None, model.source)
+    program = export_module(wrapped, model.example_args, _varargs_dynamic_shapes(model.program), model.source)
     with torch.no_grad():
         outputs = pytree.tree_leaves(wrapped(*model.example_args))
     error = 0.0
