@@ -100,6 +100,9 @@ def main(verbose: int) -> None:
 @click.option("--tune", is_flag=True,
               help="For targets this host can run, try the family's alternative flag sets, time each here, and keep "
                    "the fastest (the search is recorded in the manifest).")  # fmt: skip
+@click.option("--iree-flag", "iree_flags", multiple=True, metavar="FAMILY[:VARIANT]:--FLAG",
+              help="Pass an IREE compiler flag to one target family or variant, e.g. vulkan:--iree-vulkan-target=rdna3 "
+                   "or cpu:host:--iree-opt-level=O2. Repeatable. Recorded in the artifact's flags and the cache key.")  # fmt: skip
 @click.option("--allow-partial", is_flag=True, help="Write the bundle even if some targets fail (failures are recorded in it).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Targets compiled at once. [default: CPU count]")
 @click.option("--no-cache", is_flag=True, help="Recompile everything instead of reusing cached artifacts.")
@@ -107,7 +110,8 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ...], dynamic_batch: bool,
-            example: Path | None, allow_pickle: bool, weights: str, precisions: str, tune: bool, allow_partial: bool, jobs: int | None, no_cache: bool,
+            example: Path | None, allow_pickle: bool, weights: str, precisions: str, tune: bool, iree_flags: tuple[str, ...],
+            allow_partial: bool, jobs: int | None, no_cache: bool,
             cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one IREE artifact per target.
 
@@ -124,6 +128,7 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
     from hxc import ui
 
     variants = registry.resolve(targets)  # bad names fail before any slow work
+    extra_flags = registry.parse_extra_flags(iree_flags)
     wanted = _precisions(precisions)
     from hxc.compiler.build import build_bundle
     from hxc.compiler.imported import ImportOptions
@@ -135,7 +140,7 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
         result = build_bundle(
             model, out, variants, options=options, precisions=wanted, allow_partial=allow_partial, jobs_parallel=jobs,
             cache_dir=False if no_cache else (cache_dir or True), on_event=progress.on_event, on_stage=progress.set_stage,
-            tune=_tuner() if tune else None,
+            tune=_tuner() if tune else None, extra_flags=extra_flags,
         )  # fmt: skip
     failed = result.failed
     code = ExitCode.OK

@@ -214,3 +214,40 @@ def test_example_file_supplies_the_golden_sample(bf16_model, tmp_path, cli):
     np.savez(bad, x=np.zeros((3, 8), np.uint16))
     wrong = cli("compile", bf16_model, "-t", "cpu:host", "-o", tmp_path / "bad.hxc", "--example", bad)
     assert wrong.exit_code == ExitCode.USAGE and "shape 3x8" in wrong.stderr
+
+
+# --- expert IREE flags ---------------------------------------------------------------------
+
+
+def test_iree_flags_reach_one_family_or_variant_and_the_cache_key(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HXC_CACHE_DIR", str(tmp_path / "cache"))
+    plain = json.loads(cli("compile", "hxc.examples:mlp", "-t", "cpu:host,cpu:x86-64-v3", "-o", tmp_path / "a.hxc", "--json").stdout)
+    result = cli("compile", "hxc.examples:mlp", "-t", "cpu:host,cpu:x86-64-v3", "-o", tmp_path / "b.hxc", "--json",
+                 "--iree-flag", "cpu:host:--iree-llvmcpu-enable-ukernels=none", "--iree-flag", "cpu:--iree-opt-const-eval=false")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    arts = {a["id"]: a for a in json.loads(result.stdout)["artifacts"]}
+    before = {a["id"]: a for a in plain["artifacts"]}
+    assert arts["cpu:host"]["flags"][-2:] == ["--iree-llvmcpu-enable-ukernels=none", "--iree-opt-const-eval=false"]
+    assert arts["cpu:x86-64-v3"]["flags"][-1] == "--iree-opt-const-eval=false"
+    assert "--iree-llvmcpu-enable-ukernels=none" not in arts["cpu:x86-64-v3"]["flags"]
+    # New flags, new cache entries: nothing was served from the plain build's cache.
+    assert not any(a["cached"] for a in arts.values())
+    assert all(arts[k]["flags"] != before[k]["flags"] for k in arts)
+    x = torch.randn(4, 64)
+    from hxc.examples import mlp
+
+    model, _ = mlp()
+    with torch.no_grad():
+        torch.testing.assert_close(hxc.runtime.load(tmp_path / "b.hxc")(x), model(x), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    ("--iree-opt-level=O2", "malformed --iree-flag"),
+    ("vulkan:iree-vulkan-target=rdna3", "malformed --iree-flag"),
+    ("vulkn:--iree-opt-level=O2", "unknown target family 'vulkn'"),
+    ("cpu:hots:--iree-opt-level=O2", "unknown cpu variant 'hots' (did you mean 'host'?)"),
+])  # fmt: skip
+def test_bad_iree_flag_specs_are_one_line_usage_errors(spec, fragment, cli, tmp_path):
+    result = cli("compile", "hxc.examples:mlp", "-t", "cpu:host", "-o", tmp_path / "x.hxc", "--iree-flag", spec)
+    assert result.exit_code == ExitCode.USAGE and fragment in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.hxc").exists()

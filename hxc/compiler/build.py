@@ -30,7 +30,7 @@ from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelI
 from hxc.errors import HxcError, UsageError
 from hxc.manifests.bundle import file_sha256, write_manifest
 from hxc.manifests.schema import WEIGHTS_FILE, Signature, Weights, from_json, to_json
-from hxc.targets import Variant, family, resolve
+from hxc.targets import Variant, extra_flags_for, family, resolve
 
 
 # (results, imports by precision, work dir, cache, progress callback) -> results
@@ -65,8 +65,12 @@ def build_bundle(
     on_event: Callable[[CompileEvent], None] = lambda e: None,
     on_stage: Callable[[str], None] = lambda s: None,
     tune: Tuner | None = None,
+    extra_flags: Sequence[tuple[str, str]] = (),
 ) -> BuildResult:
     """Compile `source` for `targets` into the bundle directory `output`.
+
+    `extra_flags` are expert IREE flags as (family or variant id, flag) pairs
+    (`hxc.targets.parse_extra_flags`), appended to the chosen variants' own.
 
     Raises HxcError for problems before compiling (bad model, bad target name, export
     failure). Compile failures are returned in the result, not raised. `tune`, when
@@ -122,7 +126,8 @@ def build_bundle(
                     continue
                 if key not in ir_sha:
                     ir_sha[key] = file_sha256(irs[key].mlir)
-                jobs.append(CompileJob(irs[key].mlir, ir_sha[key], v, precision, casts=casts))
+                jobs.append(CompileJob(irs[key].mlir, ir_sha[key], v, precision, extra=extra_flags_for(v, extra_flags),
+                                       casts=casts))  # fmt: skip
                 order.append(jobs[-1].id)
         t = time.perf_counter()
         on_stage("compiling")
