@@ -251,3 +251,39 @@ def test_bad_iree_flag_specs_are_one_line_usage_errors(spec, fragment, cli, tmp_
     result = cli("compile", "hxc.examples:mlp", "-t", "cpu:host", "-o", tmp_path / "x.hxc", "--iree-flag", spec)
     assert result.exit_code == ExitCode.USAGE and fragment in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.hxc").exists()
+
+
+# --- float64 ----------------------------------------------------------------------------------
+
+
+def test_float64_model_keeps_f64_on_cpu_and_carries_it_as_f32_on_vulkan(tmp_path, run_isolated):
+    # IREE demotes f64 to f32 by default, after which the artifact reads f64 inputs as
+    # f32. CPU, CUDA and ROCm keep f64; Vulkan computes in f32 behind an f64 interface.
+    factory = tmp_path / "f64_model.py"
+    factory.write_text(
+        "import torch\n"
+        "def make_model():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).double().eval(), (torch.randn(3, 6).double(),)\n"
+    )
+    out = tmp_path / "f64.hxc"
+    result = build_bundle(f"{factory}:make_model", out, "cpu:host,cuda:sm_80,vulkan")
+    assert result.written, [r.error for r in result.failed]
+    m = read_manifest(out)
+    assert m.signature.inputs[0].dtype == "f64" and m.artifact("vulkan:spirv").interface_casts[-1] == ("f64", "f32")
+    assert all(r.ok for r in verify_bundle(out, device="cpu"))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("f64_model", factory)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model, _ = mod.make_model()
+    x = torch.randn(5, 6, dtype=torch.float64)[:3]
+    with torch.no_grad():
+        want = model(x)
+    got = hxc.runtime.load(out, device="cpu", strict=True)(x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)  # really computed in f64
+    [vk] = run_isolated(out, [x.numpy()], "vulkan:desktop")
+    assert vk.dtype == np.float64
+    _close(vk, want.numpy())  # f32's tolerance

@@ -177,11 +177,6 @@ def program_signature(program: torch.export.ExportedProgram) -> Signature:
             raise LoweringError(f"{label} is a {type(val).__name__}, not a tensor; hxc compiles tensor inputs and outputs only")
         if val.dtype not in DTYPE_NAMES:
             raise LoweringError(f"{label} has dtype {val.dtype}, which hxc does not support")
-        if val.dtype == torch.float64:
-            raise LoweringError(
-                f"{label} is float64; IREE demotes f64 to f32, which breaks the artifact's interface",
-                hint="cast the model and its inputs to float32",
-            )
         shape = tuple(d if isinstance(d, int) else str(d) for d in val.shape)
         return TensorSpec(name=label, dtype=DTYPE_NAMES[val.dtype], shape=shape)
 

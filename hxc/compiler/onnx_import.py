@@ -309,11 +309,6 @@ def _dtype(elem_type: int, label: str) -> str:
     if dtype is None:
         name = onnx.TensorProto.DataType.Name(elem_type) if elem_type else "no element type"
         raise LoweringError(f"{label} has ONNX type {name}, which hxc does not support")
-    if dtype == "f64":
-        raise LoweringError(
-            f"{label} is float64; IREE demotes f64 to f32, which breaks the artifact's interface",
-            hint="convert the model to float32",
-        )
     return dtype
 
 

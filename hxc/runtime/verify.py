@@ -89,10 +89,15 @@ def golden_arrays(
 
 
 def compare_outputs(
-    outputs: list[np.ndarray], expected: list[np.ndarray], signature: Signature, precision: str
+    outputs: list[np.ndarray],
+    expected: list[np.ndarray],
+    signature: Signature,
+    precision: str,
+    casts: tuple[tuple[str, str], ...] = (),
 ) -> list[Comparison]:
-    """One comparison per output, at the tolerance of the artifact's compute precision."""
-    return [compare(o, x, effective_dtype(s.dtype, precision)) for o, x, s in zip(outputs, expected, signature.outputs)]
+    """One comparison per output, at the tolerance of the artifact's compute precision
+    (and of the narrower type it carries an output as, for f64 computed in f32)."""
+    return [compare(o, x, effective_dtype(s.dtype, precision, casts)) for o, x, s in zip(outputs, expected, signature.outputs)]
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,7 @@ def verify_bundle(
         except Exception as e:  # an IREE runtime failure on this device
             results.append(VerifyResult(cand.artifact.id, label, False, None, None, first_line(e)))
             continue
-        comps = compare_outputs(outputs, expected, manifest.signature, cand.artifact.precision)
+        comps = compare_outputs(outputs, expected, manifest.signature, cand.artifact.precision, cand.artifact.interface_casts)
         results.append(VerifyResult(
             cand.artifact.id, label, all(c.ok for c in comps),
             max(c.max_abs for c in comps), max(c.max_rel for c in comps),
@@ -143,6 +148,9 @@ def verify_bundle(
     return results
 
 
-def effective_dtype(dtype: str, precision: str) -> str:
-    """A reduced-precision artifact's f32 outputs carry its compute precision's error."""
+def effective_dtype(dtype: str, precision: str, casts: tuple[tuple[str, str], ...] = ()) -> str:
+    """A reduced-precision artifact's f32 outputs carry its compute precision's error;
+    an f64 output computed in f32 (Vulkan) carries f32's."""
+    if dtype == "f64" and dict(casts).get("f64") == "f32":
+        return "f32"
     return {"fp16": "f16", "bf16": "bf16"}.get(precision, dtype) if dtype == "f32" else dtype

@@ -67,6 +67,12 @@ class Device:
         return f"{self.driver}: {self.name}"
 
 
+# IREE demotes f64 to f32 by default, and then an artifact's f64 inputs and outputs are
+# read as f32 ("tensor element type mismatch"). Families whose code generators have f64
+# (CPU, CUDA, ROCm) keep it; Vulkan carries f64 across its interface as f32.
+KEEP_F64 = "--iree-input-demote-f64-to-f32=false"
+
+
 class CheckFailed(Exception):
     """A compiled binary failed its family's post-compile check (e.g. ptxas)."""
 

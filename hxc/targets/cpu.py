@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hxc.manifests.schema import Artifact, Requirements
-from hxc.targets.base import CompilePlan, Device, TargetFamily, Variant
+from hxc.targets.base import KEEP_F64, CompilePlan, Device, TargetFamily, Variant
 
 # NHWC convolutions: 1.05x on ResNet-18 at batch 1 and 1.4x at batch 8 here, but IREE
 # 3.13 miscompiles some graphs with it ("operand #1 does not dominate this use" on the
@@ -31,6 +31,7 @@ SPEED_FLAGS = ("--iree-opt-data-tiling", "--iree-global-opt-use-im2col-for-convs
 COMMON_FLAGS = (
     "--iree-hal-target-device=local",
     "--iree-hal-local-target-device-backends=llvm-cpu",
+    KEEP_F64,
     *SPEED_FLAGS,
 )
 

@@ -85,8 +85,8 @@ _DESKTOP_TARGET = (
 )
 _PROMOTE_BF16 = ("--iree-input-promote-bf16-to-f32",)
 _PORTABLE = ("--iree-input-demote-i64-to-i32", "--iree-input-promote-f16-to-f32", *_PROMOTE_BF16)
-_PORTABLE_CASTS = (("i64", "i32"), ("f16", "f32"), ("bf16", "f32"))
-_DESKTOP_CASTS = (("bf16", "f32"),)
+_PORTABLE_CASTS = (("i64", "i32"), ("f16", "f32"), ("bf16", "f32"), ("f64", "f32"))
+_DESKTOP_CASTS = (("bf16", "f32"), ("f64", "f32"))
 
 
 def _spirv(name: str, summary: str, default: bool, flags: tuple[str, ...], vendor: str | None,
