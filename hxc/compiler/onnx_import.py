@@ -480,14 +480,182 @@ def _prepare(
     # Small tensors must be in memory (the importer inlines them, shape inference
     # reads them); large ones only when they are inlined too.
     _load_external([t for t in _tensors(model.graph) if load_all or _numel(t) < NUM_ELEMENTS_THRESHOLD], path.parent)
+    model = _expand_functions(model, path)
     if casts:
         _cast_interface(model, dict(casts))
+    model = fold_constants(model)
     try:
         model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as e:
         raise LoweringError(f"{path}: ONNX shape inference failed ({first_line(e)})") from None
     model.graph.name = "main"
     return model, names
+
+
+# Operators IREE 3.13's ONNX importer has no lowering for, but which ONNX defines as
+# functions of other operators: they are replaced by their function bodies (for the
+# model's opset) before import.
+EXPAND_AS_FUNCTIONS = frozenset({"Attention", "RMSNormalization", "LinearAttention", "CausalConvWithState",
+                                 "RotaryEmbedding", "Swish"})  # fmt: skip
+_EXPAND_DOMAIN = "hxc.expand"
+
+
+def _expand_functions(model: Any, path: Path) -> Any:
+    """The model with top-level nodes of EXPAND_AS_FUNCTIONS replaced by the ONNX
+    function that defines them (context-dependent ones built for the node's own
+    attributes and input types), through ONNX's own inliner."""
+    onnx = _onnx()
+    wanted = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in EXPAND_AS_FUNCTIONS]
+    if not wanted:
+        return model
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), TARGET_OPSET)
+    try:
+        typed = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+    except Exception:
+        typed = model
+    types = {v.name: v.type for v in [*typed.graph.input, *typed.graph.value_info, *typed.graph.output]}
+    for t in typed.graph.initializer:
+        tp = onnx.TypeProto()
+        tp.tensor_type.elem_type = t.data_type
+        types.setdefault(t.name, tp)
+    functions = []
+    for k, node in enumerate(wanted):
+        body = _function_body(node, opset, types)
+        if body is None:
+            continue
+        body.domain, body.name = _EXPAND_DOMAIN, f"{node.op_type}_{k}"
+        node.domain, node.op_type = _EXPAND_DOMAIN, body.name
+        functions.append(body)
+    if not functions:
+        return model
+    model.functions.extend(functions)
+    model.opset_import.add(domain=_EXPAND_DOMAIN, version=1)
+    try:
+        from onnx import inliner
+
+        return inliner.inline_local_functions(model)
+    except Exception as e:
+        raise LoweringError(f"{path}: cannot expand {', '.join(sorted({f.name.rsplit('_', 1)[0] for f in functions}))} "
+                            f"into ONNX operators IREE lowers ({first_line(e)})") from None  # fmt: skip
+
+
+def _function_body(node: Any, opset: int, types: dict[str, Any]) -> Any:
+    """The FunctionProto defining `node` at `opset`, or None when ONNX has none."""
+    onnx = _onnx()
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, domain="")
+    except Exception:
+        return None
+    call = onnx.NodeProto()
+    call.CopyFrom(node)
+    for name, attr in schema.attributes.items():  # the body may read attributes the node leaves at default
+        if name not in {a.name for a in call.attribute} and attr.default_value.name:
+            call.attribute.append(attr.default_value)
+    body = onnx.FunctionProto()
+    versions = [v for v in schema.function_opset_versions if v <= opset]
+    if versions:
+        body.ParseFromString(schema.get_function_with_opset_version(max(versions)))
+        return body
+    versions = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
+    if not versions or any(i and i not in types for i in call.input):
+        return None
+    empty = onnx.TypeProto()
+    raw = schema.get_context_dependent_function_with_opset_version(
+        max(versions), call.SerializeToString(), [(types[i] if i else empty).SerializeToString() for i in call.input]
+    )
+    body.ParseFromString(raw)
+    # The function's attribute references need the node's values at the call site.
+    node.ClearField("attribute")
+    node.attribute.extend(call.attribute)
+    return body
+
+
+# Folded results larger than this stay computed at run time: folding is for shapes,
+# axes, pads and indices, not for rewriting weights.
+FOLD_MAX_ELEMENTS = 4096
+# Never folded: randomness, and ops whose value is not a function of their inputs.
+_NEVER_FOLD = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                         "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceConstruct", "Optional"})  # fmt: skip
+
+
+def fold_constants(model: Any) -> Any:
+    """Replace top-level nodes whose inputs are all known by Constant nodes holding
+    their outputs: initializers and Constant nodes are known, and so is the Shape (and
+    Size) of a tensor whose shape inference found static. IREE needs axes, pads,
+    shapes and repeat counts as constants ("dim is not constant"); in exported models
+    they are often computed from shapes at run time. Values come from ONNX's reference
+    implementation, node by node; a node it cannot run is left as it is."""
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    try:
+        typed = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        typed = model
+    shapes = {}
+    for v in [*typed.graph.input, *typed.graph.value_info, *typed.graph.output]:
+        tt = v.type.tensor_type
+        if v.type.WhichOneof("value") == "tensor_type" and tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            if all(d is not None for d in dims):
+                shapes[v.name] = dims
+    known: dict[str, np.ndarray] = {}
+    for t in model.graph.initializer:
+        if not _is_external(t) and _numel(t) <= FOLD_MAX_ELEMENTS:
+            known[t.name] = numpy_helper.to_array(t)
+    graph_inputs = {v.name for v in model.graph.input} - {t.name for t in model.graph.initializer}
+    opsets = list(model.opset_import)
+    folded = 0
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NEVER_FOLD or any(a.HasField("g") or a.graphs for a in node.attribute):
+            continue
+        values = _fold_node(node, known, shapes, graph_inputs, opsets)
+        if values is None:
+            continue
+        outputs = [o for o in node.output if o]
+        if len(values) != len(outputs) or any(not isinstance(v, np.ndarray) or v.size > FOLD_MAX_ELEMENTS for v in values):
+            continue
+        if node.op_type == "Constant":
+            known.update(zip(outputs, values))
+            continue
+        known.update(zip(outputs, values))
+        if len(outputs) != 1:
+            continue  # a Constant node has one output; multi-output folds only feed later folds
+        name = node.name
+        node.CopyFrom(onnx.helper.make_node("Constant", [], outputs, name=name,
+                                            value=numpy_helper.from_array(values[0], outputs[0])))  # fmt: skip
+        folded += 1
+    if folded:
+        log.info("hxc: folded %d ONNX nodes into constants", folded)
+    return model
+
+
+def _fold_node(node: Any, known: dict, shapes: dict, graph_inputs: set[str], opsets: list) -> list | None:
+    if node.op_type in ("Shape", "Size") and node.input and node.input[0] in shapes:
+        dims = np.array(shapes[node.input[0]], dtype=np.int64)
+        if node.op_type == "Size":
+            return [np.array(dims.prod(), dtype=np.int64)]
+        attrs = {a.name: a.i for a in node.attribute}
+        start, end = attrs.get("start", 0), attrs.get("end", len(dims))
+        return [dims[start:end]]
+    inputs = [i for i in node.input if i]
+    if node.op_type != "Constant" and (not inputs or not all(i in known for i in inputs)):
+        return None
+    onnx = _onnx()
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        feeds = {i: known[i] for i in inputs}
+        graph = helper.make_graph(
+            [node], "fold",
+            [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(known[i].dtype), known[i].shape) for i in inputs],
+            [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=opsets)
+        return [np.asarray(v) for v in ReferenceEvaluator(model).run(None, feeds)]
+    except Exception:
+        return None
 
 
 def _cast_interface(model: Any, casts: dict[str, str]) -> None:
