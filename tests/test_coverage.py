@@ -287,3 +287,49 @@ def test_float64_model_keeps_f64_on_cpu_and_carries_it_as_f32_on_vulkan(tmp_path
     [vk] = run_isolated(out, [x.numpy()], "vulkan:desktop")
     assert vk.dtype == np.float64
     _close(vk, want.numpy())  # f32's tolerance
+
+
+# --- ONNX: operators IREE lacks, axes computed from shapes ------------------------------------
+
+
+def test_axes_computed_from_a_static_shape_are_folded(tmp_path, run_isolated):
+    # ReduceMean over the last axis, found from the input's rank at run time. IREE needs
+    # the axes as a constant (plain IREE: "failed to legalize ... onnx.ReduceMean").
+    vi = helper.make_tensor_value_info
+    model = _onnx_model(
+        tmp_path / "derived_axes.onnx",
+        [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Size", ["s"], ["rank"]),
+         helper.make_node("Sub", ["rank", "one"], ["last"]), helper.make_node("Range", ["last", "rank", "one"], ["axes"]),
+         helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=1)],
+        [vi("x", TensorProto.FLOAT, [2, 3, 4])], [vi("y", TensorProto.FLOAT, [2, 3, 1])],
+        [helper.make_tensor("one", TensorProto.INT64, [], [1])], opset=18,
+    )  # fmt: skip
+    out = tmp_path / "axes.hxc"
+    assert build_bundle(str(model), out, "cpu:host,vulkan").written
+    x = np.random.default_rng(3).standard_normal((2, 3, 4)).astype(np.float32)
+    [want] = _ort(model, {"x": x})
+    _close(hxc.runtime.load(out, device="cpu", strict=True)(x), want)
+    [got] = run_isolated(out, [x], "vulkan:spirv")
+    _close(got, want)
+
+
+@pytest.mark.parametrize("kind", ["attention", "rms_norm"])
+def test_onnx_function_operators_are_expanded(kind, tmp_path):
+    # Opset-23 operators with no IREE lowering, defined by ONNX as functions of others.
+    vi = helper.make_tensor_value_info
+    if kind == "attention":
+        nodes = [helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1)]
+        shapes = {"q": [2, 3, 4, 8], "k": [2, 3, 6, 8], "v": [2, 3, 6, 8]}
+        out_shape = [2, 3, 4, 8]
+    else:
+        nodes = [helper.make_node("RMSNormalization", ["q", "k"], ["y"], axis=-1, epsilon=1e-5)]
+        shapes = {"q": [2, 5, 8], "k": [8]}
+        out_shape = [2, 5, 8]
+    model = _onnx_model(tmp_path / f"{kind}.onnx", nodes, [vi(n, TensorProto.FLOAT, s) for n, s in shapes.items()],
+                        [vi("y", TensorProto.FLOAT, out_shape)], opset=23)  # fmt: skip
+    out = tmp_path / f"{kind}.hxc"
+    assert build_bundle(str(model), out, "cpu:host").written
+    rng = np.random.default_rng(4)
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    [want] = _ort(model, feeds)
+    _close(hxc.runtime.load(out)(*feeds.values()), want)
