@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sys
 import warnings
@@ -337,7 +338,9 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     if as_json:
         ui.print_json({
             "ok": True, "artifact": model.artifact.id, "device": model.device.label, "saved_to": output and str(output),
-            "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(o.shape), "values": o.astype(np.float64).ravel()[:16].tolist()}
+            "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(o.shape),
+                         "values": o.astype(np.float64).ravel()[:16].tolist(),  # NaN/inf print as null
+                         "nonfinite": int(o.size - np.count_nonzero(np.isfinite(o.astype(np.float64))))}
                         for s, o in zip(model.signature.outputs, outputs)],
         })  # fmt: skip
         return
@@ -365,7 +368,7 @@ def verify(bundle: Path, device: str | None, as_json: bool) -> int:
     ok = bool(results) and all(r.ok for r in results)
     code = ExitCode.OK if ok else (ExitCode.NO_COMPATIBLE_ARTIFACT if not results else ExitCode.MISMATCH)
     if as_json:
-        ui.print_json({"ok": ok, "exit_code": int(code), "results": [r.__dict__ for r in results]})
+        ui.print_json({"ok": ok, "exit_code": int(code), "results": [_verify_json(r) for r in results]})
         return code
     t = ui.table("artifact", "device", "result", "max abs err", "max rel err", title=f"Golden-sample check of {bundle}")
     for r in results:
@@ -375,6 +378,14 @@ def verify(bundle: Path, device: str | None, as_json: bool) -> int:
     if not results:
         ui.error("no artifact in this bundle can run on this host (see `hxc select --explain`)")
     return code
+
+
+def _verify_json(r: Any) -> dict[str, Any]:
+    # An infinite error (a wrong shape, inf where PyTorch has a number) prints as null,
+    # with `nonfinite` saying so: null alone would read as "not measured".
+    errors = [x for x in (r.max_abs, r.max_rel) if x is not None]
+    return {"artifact": r.artifact, "device": r.device, "ok": r.ok, "max_abs": r.max_abs, "max_rel": r.max_rel,
+            "nonfinite": any(not math.isfinite(x) for x in errors), "error": r.error}
 
 
 def _g(x: float | None) -> str:

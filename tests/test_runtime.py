@@ -208,3 +208,31 @@ def test_verify_reports_a_mismatch(bundle, cli):
     np.savez(bundle / "golden.npz", **golden)
     result = cli("verify", bundle)
     assert result.exit_code == ExitCode.MISMATCH and "MISMATCH" in result.stdout
+
+
+def _strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as most JSON parsers outside Python do."""
+
+    def refuse(name: str):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_stays_valid_json_on_nan_and_infinite_results(bundle, cli, tmp_path):
+    # A NaN input gives NaN outputs; an infinite golden output gives an infinite error.
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    x[0, 0, 0, 0] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    ran = cli("run", bundle, "--input", tmp_path / "x.npy", "--device", "cpu", "--json")
+    assert ran.exit_code == 0
+    [out] = _strict_json(ran.stdout)["outputs"]
+    assert out["nonfinite"] == 10 and out["values"] == [None] * 10
+
+    golden = dict(np.load(bundle / "golden.npz"))
+    golden["output_0"][0, 0] = np.inf
+    np.savez(bundle / "golden.npz", **golden)
+    verified = cli("verify", bundle, "--device", "cpu", "--json")
+    assert verified.exit_code == ExitCode.MISMATCH
+    results = _strict_json(verified.stdout)["results"]
+    assert results and all(r["ok"] is False and r["nonfinite"] and r["max_abs"] is None for r in results)

@@ -49,7 +49,8 @@ def compare(actual: np.ndarray, expected: np.ndarray, dtype: str) -> Comparison:
         return Comparison(0.0, 0.0, True)
     finite = np.isfinite(a) == np.isfinite(e)
     both_nan = np.isnan(a) & np.isnan(e)  # NaN where the reference has NaN is a match
-    rel = diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny)
+    with np.errstate(invalid="ignore"):  # inf / inf where both are infinite: NaN, ignored below
+        rel = diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny)
     ok = bool(finite.all() and np.all((diff <= atol + rtol * np.abs(e)) | (a == e) | both_nan))
     return Comparison(float(np.nanmax(diff)), float(np.nanmax(np.where(np.abs(e) > atol, rel, 0.0))), ok)
 
