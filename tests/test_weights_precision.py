@@ -123,3 +123,11 @@ def test_bf16_parameters_cannot_be_inline(cli, tmp_path):
     bad = cli("compile", "hxc.examples:mlp", "-t", "cpu:host", "-p", "fp8", "-o", tmp_path / "y.hxc")
     assert bad.exit_code == ExitCode.USAGE and "unknown precision fp8" in bad.stderr
     assert not (tmp_path / "x.hxc").exists() and not (tmp_path / "y.hxc").exists()
+
+
+def test_a_build_that_would_produce_nothing_is_refused(cli, tmp_path):
+    # Vulkan offers fp32 only: `-t vulkan -p fp16` has nothing to compile.
+    result = cli("compile", "hxc.examples:mlp", "-t", "vulkan", "-p", "fp16", "-o", tmp_path / "x.hxc")
+    assert result.exit_code == ExitCode.USAGE
+    assert "nothing to build: vulkan:spirv@fp16" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -73,6 +73,15 @@ def build_bundle(
     """
     variants = resolve(targets) if isinstance(targets, str) else list(targets)
     options = options or ImportOptions()
+    wanted = list(dict.fromkeys(precisions))
+    builds = [(p, v) for p in wanted for v in variants if p in family(v.family).precisions]
+    skipped = [f"{v.id}@{p}" for p in wanted for v in variants if p not in family(v.family).precisions]
+    if not builds:
+        # Checked before any slow work: a bundle without artifacts is no result.
+        raise UsageError(
+            f"nothing to build: {', '.join(skipped) or 'no targets'} cannot be generated",
+            hint="add fp32, or a family that generates reduced precision (see `hxc targets`)",
+        )
     cache_root = default_cache_dir() if cache_dir is True else (cache_dir or None)
     cache = CompileCache(cache_root)
     out = Path(output)
@@ -80,23 +89,15 @@ def build_bundle(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".work", dir=out.parent) as work_dir:
         work = Path(work_dir)
         imports: dict[str, ImportedModel] = {}
-        for precision in dict.fromkeys(["fp32", *precisions]):  # fp32 first: it is the reference
+        for precision in dict.fromkeys(["fp32", *(p for p, _ in builds)]):  # fp32 first: it is the reference
             sub = work / precision
             sub.mkdir()
             imports[precision] = import_model(source, replace(options, precision=precision), sub, on_stage, cache_root)
         reference = imports["fp32"]
         timings = dict(reference.timings)
 
-        wanted = list(dict.fromkeys(precisions))
         ir_sha = {p: file_sha256(imp.mlir) for p, imp in imports.items()}  # IR can be hundreds of MB: hash once
-        jobs: list[CompileJob] = []
-        skipped: list[str] = []
-        for precision in wanted:
-            for v in variants:
-                if precision in family(v.family).precisions:
-                    jobs.append(CompileJob(imports[precision].mlir, ir_sha[precision], v, precision))
-                else:
-                    skipped.append(f"{v.id}@{precision}")
+        jobs = [CompileJob(imports[p].mlir, ir_sha[p], v, p) for p, v in builds]
         t = time.perf_counter()
         on_stage("compiling")
         results = compile_all(jobs, workdir=work, parallel=jobs_parallel, cache=cache, on_event=on_event)
@@ -108,7 +109,7 @@ def build_bundle(
             results = tune(results, imports, work, cache, on_event)
             timings["tune"] = time.perf_counter() - t
 
-        manifest = _manifest(imports, wanted, ir_sha["fp32"], results)
+        manifest = _manifest(imports, [p for p in wanted if p in imports], ir_sha["fp32"], results)
         failed = [r for r in results if r.status == "failed"]
         if failed and not (allow_partial and len(failed) < len(results)):
             # Nothing is published; an existing bundle at `out` stays as it was.
