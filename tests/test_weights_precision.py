@@ -131,3 +131,27 @@ def test_a_build_that_would_produce_nothing_is_refused(cli, tmp_path):
     assert result.exit_code == ExitCode.USAGE
     assert "nothing to build: vulkan:spirv@fp16" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reduced_precision_only_with_shared_weights_keeps_the_source_program(tmp_path):
+    # Without an fp32 artifact, the program (saved without its weights) still needs the
+    # fp32 archive: the PyTorch baseline runs on it.
+    from hxc.bench.contenders import load_torch_module
+
+    out = tmp_path / "fp16.hxc"
+    result = build_bundle("hxc.examples:mlp", out, "cpu:host", options=ImportOptions(weights="shared"), precisions=("fp16",))
+    assert result.written
+    m = read_manifest(out)
+    assert [a.id for a in m.artifacts] == ["cpu:host@fp16"]
+    assert {w.precision for w in m.weights} == {"fp32", "fp16"}
+    model, (x,) = mlp()
+    with torch.no_grad():
+        torch.testing.assert_close(load_torch_module(out, m)(x), model(x))
+    # A bundle whose program lost its weights is refused, not benchmarked on garbage.
+    import dataclasses
+
+    from hxc.errors import BundleError
+
+    without = dataclasses.replace(m, weights=tuple(w for w in m.weights if w.precision != "fp32"))
+    with pytest.raises(BundleError, match="weights .* are not in the bundle"):
+        load_torch_module(out, without)

@@ -210,6 +210,9 @@ def _manifest(
     imports: dict[str, ImportedModel], precisions: list[str], ir_sha256: str, results: list[CompileResult]
 ) -> Manifest:
     reference = imports["fp32"]
+    # The bundle's program (program.pt2 without its weights, or model.onnx pointing into
+    # the archive) needs the fp32 archive even when no fp32 artifact is built.
+    stored = dict.fromkeys(["fp32", *precisions])
     weights = tuple(
         Weights(
             file=WEIGHTS_FILE if p == "fp32" else WEIGHTS_FILE.replace(".irpa", f"-{p}.irpa"),
@@ -218,7 +221,7 @@ def _manifest(
             size=imports[p].weights.stat().st_size,  # type: ignore[union-attr]
             precision=p,
         )
-        for p in precisions
+        for p in stored
         if imports[p].weights is not None
     )
     return Manifest(
