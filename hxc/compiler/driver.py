@@ -165,9 +165,10 @@ def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Pr
     plan = fam.plan(variant)
     if job.flags is not None:
         plan = replace(plan, flags=job.flags)
-    # The variant is part of the key: two variants may share flags but not the check
-    # that proves their binary (cuda:sm_80 and cuda:sm_90 compile the same PTX).
-    key = CompileCache.key(job.ir_sha256, (variant.id, *plan.flags), compiler_version())
+    # The variant and the check are part of the key: two variants may share flags but not
+    # the check that proves their binary (cuda:sm_80 and cuda:sm_90 compile the same
+    # PTX), and PTX cached unchecked must not pass for checked once ptxas is installed.
+    key = CompileCache.key(job.ir_sha256, (variant.id, plan.checked_by or "unchecked", *plan.flags), compiler_version())
     out = workdir / f"{job.file_stem}.vmfb"
     argv = (iree_compile_path(), str(job.ir), *plan.flags, "-o", str(out))
     hit = cache.get(key)

@@ -54,8 +54,9 @@ class CudaFamily(TargetFamily):
 
     def plan(self, variant: Variant) -> CompilePlan:
         if find_ptxas() is None:
-            return CompilePlan(variant, variant.flags, "ptx", variant.requires, notes=("ptxas not found: PTX not checked",))
-        return CompilePlan(variant, variant.flags, "ptx", variant.requires, dump_binaries=True)
+            return CompilePlan(variant, variant.flags, "ptx", variant.requires)  # PTX ships unchecked
+        return CompilePlan(variant, variant.flags, "ptx", variant.requires, dump_binaries=True,
+                           checked_by=f"ptxas {ptxas_version()}")  # fmt: skip
 
     def check(self, plan: CompilePlan, binaries: Path | None) -> str | None:
         ptxas = find_ptxas()
