@@ -174,10 +174,6 @@ def _run_case(case: Path, workdir: Path, target: str, timeout: float) -> None:
             raise _Outcome("fail", "numerical mismatch", f"output {k}: max abs err {c.max_abs:.3g}")
 
 
-_NP_DTYPES = {"float32": "f32", "float16": "f16", "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8",
-              "uint8": "u8", "bool": "i1", "bfloat16": "bf16", "float64": "f64"}  # fmt: skip
-
-
 def _read_all(ds: Path, kind: str) -> list:
     files = sorted(ds.glob(f"{kind}_*.pb"), key=lambda p: int(p.stem.split("_")[1]))
     return [_read(p) for p in files]
@@ -196,10 +192,12 @@ def _read(p: Path):
 
 
 def _spec(a) -> str:
-    dtype = _NP_DTYPES.get(str(a.dtype))
-    if dtype is None:
+    from hxc.dtypes import from_numpy
+
+    found = from_numpy(a.dtype)
+    if found is None:
         raise _Outcome("fail", "unsupported element type", f"input dtype {a.dtype}")
-    return "x".join([*map(str, a.shape), dtype])
+    return "x".join([*map(str, a.shape), found.name])
 
 
 def _import_category(message: str) -> str:

@@ -165,7 +165,7 @@ def _tuner():
 
 def _precisions(text: str) -> list[str]:
     from hxc.errors import UsageError
-    from hxc.manifests.schema import PRECISIONS
+    from hxc.dtypes import PRECISIONS
 
     wanted = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in wanted if p not in PRECISIONS]

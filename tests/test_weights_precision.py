@@ -12,7 +12,8 @@ from hxc.compiler.imported import ImportOptions
 from hxc.errors import ExitCode
 from hxc.examples import convnet, mlp
 from hxc.manifests import read_manifest
-from hxc.runtime.verify import TOLERANCES, verify_bundle
+from hxc.dtypes import dtype
+from hxc.runtime.verify import verify_bundle
 
 TARGETS = "cpu:host,cpu:x86-64-v3,cpu:x86-64-v4,cpu:aarch64,cuda:sm_89,rocm:gfx942,vulkan:spirv"
 
@@ -97,7 +98,7 @@ def test_reduced_precision_is_refused_by_default_and_allowed_on_request(precisio
     x = torch.randn(1, 3, 32, 32)
     reference, _ = convnet()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), reference(x), atol=TOLERANCES["f16"][0], rtol=TOLERANCES["f16"][1])
+        torch.testing.assert_close(model(x), reference(x), atol=dtype("f16").tolerance[0], rtol=dtype("f16").tolerance[1])
     assert all(r.ok for r in verify_bundle(precisions))
 
 
@@ -114,7 +115,7 @@ def test_bf16_model_compiles_and_matches_pytorch(tmp_path):
     got = hxc.runtime.load(out)(x)
     assert got.dtype == torch.bfloat16
     with torch.no_grad():
-        torch.testing.assert_close(got.float(), model(x).float(), atol=TOLERANCES["bf16"][0], rtol=TOLERANCES["bf16"][1])
+        torch.testing.assert_close(got.float(), model(x).float(), atol=dtype("bf16").tolerance[0], rtol=dtype("bf16").tolerance[1])
 
 
 def test_bf16_parameters_cannot_be_inline(cli, tmp_path):

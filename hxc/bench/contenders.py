@@ -12,7 +12,7 @@ from typing import Any
 from hxc.bench.measure import Contender
 from hxc.errors import BundleError, UsageError
 from hxc.manifests.schema import Manifest
-from hxc.runtime.io import to_torch
+from hxc.dtypes import to_torch
 from hxc.runtime.probe import HostProbe
 from hxc.runtime.select import select
 

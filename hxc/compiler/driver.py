@@ -213,7 +213,7 @@ def summarize_compile_error(stderr: str, code: int) -> tuple[str, str | None, st
     first = errors[0]
     m = _LOCATION.match(first)
     location = f"{m.group('file')}:{m.group('line')}" if m else None
-    text = _LOCATION.sub("", first).replace("error: ", "", 1).strip()
+    text = _LOCATION.sub("", first).removeprefix("<unknown>:0:").replace("error: ", "", 1).strip()
     if m := _OPAQUE.search(first):
         return f"no IREE lowering for {m.group(1)}", m.group(1), location
     operator = None

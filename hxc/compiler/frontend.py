@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,42 +28,11 @@ import torch
 
 from hxc.compiler.sniff import looks_like_python_ref as _looks_like_python_ref
 from hxc.compiler.sniff import sniff
+from hxc.compiler.specs import example_arrays, parse_input_spec
+from hxc.dtypes import from_torch, interface_dtype, to_torch
 from hxc.errors import LoweringError, ModelLoadError, UsageError, first_line
 from hxc.manifests.bundle import file_sha256
-from hxc.manifests.schema import DTYPES, TensorSpec
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "f64": torch.float64,
-    "f32": torch.float32,
-    "f16": torch.float16,
-    "bf16": torch.bfloat16,
-    "i64": torch.int64,
-    "i32": torch.int32,
-    "i16": torch.int16,
-    "i8": torch.int8,
-    "u8": torch.uint8,
-    "i1": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
-# Size used for a dynamic dimension in generated example inputs. torch.export
-# specialises sizes 0 and 1, so a dimension meant to stay dynamic must not be 1.
-DYNAMIC_EXAMPLE_SIZE = 2
-
-_SPEC_RE = re.compile(r"^(?:(?P<name>[A-Za-z_]\w*)=)?(?P<dims>(?:(?:\d+|\?)x)*)(?P<dtype>[a-z]+\d*)$")
-
-
-def parse_input_spec(text: str, index: int = 0) -> TensorSpec:
-    """`1x3x224x224xf32`, `?x128xi64` (dynamic first dim), `ids=1x128xi64` (named)."""
-    m = _SPEC_RE.match(text.strip())
-    if not m or m.group("dtype") not in DTYPES:
-        raise UsageError(
-            f"malformed --input {text!r}",
-            hint=f"expected DIMSxDTYPE such as 1x3x224x224xf32 or ?x128xi64; dtypes: {', '.join(DTYPES)}",
-        )
-    dims: list[int | str] = []
-    for j, d in enumerate(x for x in m.group("dims").split("x") if x):
-        dims.append(f"d{index}_{j}" if d == "?" else int(d))
-    return TensorSpec(name=m.group("name") or f"input_{index}", dtype=m.group("dtype"), shape=tuple(dims))
+from hxc.manifests.schema import TensorSpec
 
 
 @dataclass
@@ -251,20 +219,8 @@ def _from_python_ref(source: str, specs: list[TensorSpec], dynamic_batch: bool) 
 
 
 def example_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Deterministic inputs for specs: normal floats, small non-negative integers
-    (valid token ids and indices for nearly any model), random booleans."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for spec in specs:
-        shape = [DYNAMIC_EXAMPLE_SIZE if isinstance(d, str) else d for d in spec.shape]
-        dtype = TORCH_DTYPES[spec.dtype]
-        if dtype.is_floating_point:
-            out.append(torch.randn(shape, generator=gen).to(dtype))
-        elif dtype == torch.bool:
-            out.append(torch.randint(0, 2, shape, generator=gen).bool())
-        else:
-            out.append(torch.randint(0, 10, shape, generator=gen).to(dtype))
-    return tuple(out)
+    """Deterministic example tensors for specs (`hxc.compiler.specs.example_arrays`)."""
+    return tuple(to_torch(a, s.dtype) for a, s in zip(example_arrays(specs, seed), specs))
 
 
 def _batch_of_two(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -313,6 +269,7 @@ def _program_example_args(program: torch.export.ExportedProgram) -> tuple[torch.
         if not isinstance(val, torch.Tensor):
             raise LoweringError(f"input {node.name!r} is not a tensor; hxc compiles tensor inputs only")
         shape = tuple(d if isinstance(d, int) else f"d{i}" for d in val.shape)
-        specs.append(TensorSpec(node.name, DTYPE_NAMES[val.dtype], shape))
+        name = interface_dtype(from_torch(val.dtype), f"input {node.name!r}", f"dtype {val.dtype}")
+        specs.append(TensorSpec(node.name, name, shape))
     return example_inputs(specs)
 

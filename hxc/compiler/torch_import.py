@@ -18,9 +18,11 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from hxc import dtypes
 from hxc.compiler.frontend import load_model
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
 from hxc.compiler.lower import lower
+from hxc.dtypes import to_numpy, to_storage
 from hxc.errors import LoweringError, UsageError
 
 PROGRAM_FILE = "program.pt2"
@@ -119,7 +121,7 @@ def _at_precision(model, precision: str, golden: dict[str, np.ndarray]) -> tuple
     from hxc.compiler.frontend import export_module
     from hxc.compiler.lower import program_signature
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = dtypes.dtype(dtypes.PRECISIONS[precision]).torch_dtype()
     if not any(a.dtype == torch.float32 for a in model.example_args) and not any(
         t.dtype == torch.float32 for t in model.program.state_dict.values()
     ):
@@ -166,13 +168,6 @@ def golden_sample(reference: Callable, args: tuple[torch.Tensor, ...]) -> dict[s
     flat = pytree.tree_leaves(outputs)
     if not all(isinstance(x, torch.Tensor) for x in flat):
         raise LoweringError("the model returns non-tensor values; hxc compiles tensor outputs only")
-    sample = {f"input_{i}": to_numpy(a) for i, a in enumerate(args)}
-    sample.update({f"output_{i}": to_numpy(o) for i, o in enumerate(flat)})
+    sample = {f"input_{i}": to_storage(to_numpy(a)) for i, a in enumerate(args)}
+    sample.update({f"output_{i}": to_storage(to_numpy(o)) for i, o in enumerate(flat)})
     return sample
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)  # .npz cannot name bf16: raw bits
-    return t.numpy()
