@@ -129,6 +129,14 @@ def example_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def bundle(example_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the example bundle, free to modify."""
+    import shutil
+
+    return Path(shutil.copytree(example_bundle, tmp_path / "b.hxc"))
+
+
+@pytest.fixture
 def cli():
     """Run the real `hxc` command in-process; returns click's Result."""
     runner = CliRunner()

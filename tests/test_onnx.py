@@ -6,7 +6,6 @@ and a slice of ONNX's own operator conformance tests."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from onnx import TensorProto, helper
 
 import hxc.runtime
+from hxc.compiler import onnx_conformance
 from hxc.compiler.build import build_bundle
 from hxc.compiler.sniff import sniff
 from hxc.compiler.imported import ImportOptions
@@ -24,9 +24,6 @@ from hxc.compiler.onnx_import import import_onnx
 from hxc.errors import ExitCode, UsageError
 from hxc.manifests import read_manifest
 from hxc.runtime.verify import verify_bundle
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import onnx_conformance  # noqa: E402
 
 F32 = {"atol": 1e-4, "rtol": 1e-3}
 

@@ -85,16 +85,16 @@ def test_precision_variants_are_recorded_with_their_error(precisions):
 
 def test_reduced_precision_is_refused_by_default_and_allowed_on_request(precisions):
     m = read_manifest(precisions)
-    assert hxc.runtime.load(precisions).artifact.id == "cpu:host"
-    explained = hxc.runtime.load(precisions).explain()
+    assert hxc.runtime.load(precisions, device="cpu").artifact.id == "cpu:host"
+    explained = hxc.runtime.load(precisions, device="cpu").explain()
     assert "cpu:host@fp16: fp16 variant (error" in explained and "allow it with precision='fp16'" in explained
-    assert hxc.runtime.load(precisions, precision="bf16").artifact.id == "cpu:host@bf16"
+    assert hxc.runtime.load(precisions, precision="bf16", device="cpu").artifact.id == "cpu:host@bf16"
     fp16_err = m.artifact("cpu:host@fp16").precision_error
     allowed = hxc.runtime.select(m, hxc.runtime.probe_host(), tolerance=fp16_err * 1.01)
     assert "cpu:host@fp16" in [c.artifact.id for c in allowed.candidates]
     assert "cpu:host@bf16" in [r.artifact.id for r in allowed.rejected]
 
-    model = hxc.runtime.load(precisions, precision="fp16")
+    model = hxc.runtime.load(precisions, precision="fp16", device="cpu")
     x = torch.randn(1, 3, 32, 32)
     reference, _ = convnet()
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_bf16_model_compiles_and_matches_pytorch(tmp_path):
     assert m.signature.inputs[0].dtype == "bf16" and m.weights  # bf16 parameters go to the archive
     model, (x,) = mlp_bf16()
     x = torch.randn_like(x)
-    got = hxc.runtime.load(out)(x)
+    got = hxc.runtime.load(out, device="cpu")(x)
     assert got.dtype == torch.bfloat16
     with torch.no_grad():
         torch.testing.assert_close(got.float(), model(x).float(), atol=dtype("bf16").tolerance[0], rtol=dtype("bf16").tolerance[1])
