@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hxc import __version__
+from hxc import __version__, frontends
 from hxc.compiler.cache import CompileCache, ImportCache, default_cache_dir
 from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
@@ -29,6 +29,7 @@ from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelI
 from hxc.errors import UsageError
 from hxc.manifests.bundle import file_sha256, write_manifest
 from hxc.manifests.schema import WEIGHTS_FILE, Signature, Weights, from_json, to_json
+from hxc.frontends import Frontend
 from hxc.targets import Variant, family, resolve
 
 
@@ -73,7 +74,11 @@ def build_bundle(
     """
     variants = resolve(targets) if isinstance(targets, str) else list(targets)
     options = options or ImportOptions()
+    frontend = frontends.recognise(source)  # before any slow work: what the source is, or a one-line error
     wanted = list(dict.fromkeys(precisions))
+    if unsupported := [p for p in wanted if p not in frontend.precisions]:
+        raise UsageError(f"--precision {', '.join(unsupported)} is not supported for {frontend.summary}",
+                         hint=f"it builds {', '.join(frontend.precisions)}; convert the model itself")  # fmt: skip
     builds = [(p, v) for p in wanted for v in variants if p in family(v.family).precisions]
     skipped = [f"{v.id}@{p}" for p in wanted for v in variants if p not in family(v.family).precisions]
     if not builds:
@@ -92,7 +97,7 @@ def build_bundle(
         for precision in dict.fromkeys(["fp32", *(p for p, _ in builds)]):  # fp32 first: it is the reference
             sub = work / precision
             sub.mkdir()
-            imports[precision] = import_model(source, replace(options, precision=precision), sub, on_stage, cache_root)
+            imports[precision] = import_model(frontend, source, replace(options, precision=precision), sub, on_stage, cache_root)
         reference = imports["fp32"]
         timings = dict(reference.timings)
 
@@ -131,41 +136,21 @@ def build_bundle(
 
 
 def import_model(
-    source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None], cache_root: Path | None = None
+    frontend: Frontend, source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None],
+    cache_root: Path | None = None,
 ) -> ImportedModel:
-    """Pick the frontend from the file's contents and import the model, through the
-    import cache for model files."""
-    from hxc.compiler.sniff import sniff_source
-
-    kind = sniff_source(source)
-    if kind == "onnx" and options.precision != "fp32":
-        raise UsageError("--precision fp16/bf16 is supported for PyTorch models only", hint="convert the ONNX model itself")
-    cache = ImportCache(cache_root if kind not in ("python-ref", "missing") else None)
+    """Import the model with its frontend, through the import cache for model files."""
+    cache = ImportCache(cache_root if frontend.cacheable else None)
     key = None
     if cache.root is not None:
-        key = ImportCache.key(_source_digest(kind, Path(source)), (kind, options), to_json(toolchain()))
+        key = ImportCache.key(frontend.digest(Path(source)), (frontend.name, options), to_json(toolchain()))
         if (entry := cache.get(key)) is not None:
             on_stage("reusing the cached import")
             return _imported_from_cache(entry, source)
-    if kind == "onnx":
-        from hxc.compiler.onnx_import import import_onnx
-
-        imported = import_onnx(source, options, workdir, on_stage)
-    else:
-        from hxc.compiler.torch_import import import_torch
-
-        imported = import_torch(source, options, workdir, on_stage)
+    imported = frontend.import_model(source, options, workdir, on_stage)
     if key is not None:
         _cache_import(cache, key, imported, workdir)
     return imported
-
-
-def _source_digest(kind: str, path: Path) -> str:
-    if kind == "onnx":
-        from hxc.compiler.onnx_import import source_digest
-
-        return source_digest(path)  # includes external weight files
-    return file_sha256(path)
 
 
 def _cache_import(cache: ImportCache, key: str, m: ImportedModel, workdir: Path) -> None:

@@ -54,11 +54,10 @@ from hxc.compiler.specs import example_arrays, parse_input_spec
 from hxc.dtypes import DYNAMIC_EXAMPLE_SIZE, dtype, from_onnx, interface_dtype, to_storage
 from hxc.errors import LoweringError, ModelLoadError, UsageError, first_line
 from hxc.manifests.bundle import file_sha256
-from hxc.manifests.schema import WEIGHTS_FILE, OutputTree, Signature, TensorSpec
+from hxc.manifests.schema import PROGRAM_ONNX, WEIGHTS_FILE, OutputTree, Signature, TensorSpec
 
 log = logging.getLogger("hxc.compiler")
 
-PROGRAM_FILE = "model.onnx"
 TARGET_OPSET = 17  # models below this default-domain opset are upgraded to it
 # With shared weights, initializers with fewer elements stay inline in the IR: shape
 # and index constants the compiler must fold (iree-import-onnx's default threshold).
@@ -76,9 +75,6 @@ class _Input:
 def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None]) -> ImportedModel:
     onnx = _onnx()
     path = Path(source)
-    precision = getattr(options, "precision", "fp32")
-    if precision != "fp32":
-        raise UsageError(f"--precision {precision} is not supported for ONNX models yet", hint="compile them at fp32")
     timings: dict[str, float] = {}
     t = time.perf_counter()
     on_stage("loading ONNX model")
@@ -126,7 +122,7 @@ def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Ca
         signature=signature,
         golden=golden,
         program=program,
-        program_name=PROGRAM_FILE,
+        program_name=PROGRAM_ONNX,
         weights=irpa,
         operators_at=operators_at,
         timings=timings,
@@ -511,7 +507,7 @@ def _program(original: Any, path: Path, workdir: Path, irpa: Path | None, params
     if irpa is not None:
         _point_at_archive(model, irpa, params)
     _load_external([t for t in _tensors(model.graph) if not _in_archive(t)], path.parent)
-    out = workdir / PROGRAM_FILE
+    out = workdir / PROGRAM_ONNX
     try:
         onnx.save_model(model, str(out))
     except (ValueError, MemoryError) as e:  # over protobuf's 2 GB: keep the graph file alone

@@ -26,6 +26,8 @@ SCHEMA_VERSION: tuple[int, int] = (1, 0)
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"
 GOLDEN_FILE = "golden.npz"
+PROGRAM_PT2 = "program.pt2"  # the program a PyTorch model's artifacts were built from
+PROGRAM_ONNX = "model.onnx"  # the ONNX model, for ONNX bundles
 WEIGHTS_FILE = "weights.irpa"  # weights-fp16.irpa etc. for reduced-precision variants
 ARTIFACTS_DIR = "artifacts"
 LOCK_FILE = ".lock"

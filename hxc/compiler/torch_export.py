@@ -1,0 +1,120 @@
+"""What every PyTorch frontend shares: the exported model it hands to the PyTorch
+pipeline (`torch_import`), and the helpers that get it there.
+
+Each PyTorch format is a frontend of its own (`hxc.frontends`: torch.export archive,
+TorchScript, pickled module, Python factory); each turns its source into an
+`ExportedModel` with the helpers below, so `--input` specs, `--dynamic-batch` and
+example inputs mean the same for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hxc.compiler.specs import example_arrays, parse_input_spec
+from hxc.dtypes import from_torch, interface_dtype, to_torch
+from hxc.errors import LoweringError, first_line
+from hxc.manifests.schema import TensorSpec
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """A PyTorch model ready to lower: its program, the example inputs it was exported
+    with, and the eager callable that produces the reference (golden) outputs."""
+
+    name: str
+    source: str
+    source_format: str
+    source_sha256: str
+    program: torch.export.ExportedProgram
+    example_args: tuple[torch.Tensor, ...]
+    reference: Callable[..., Any]
+
+
+def input_specs(inputs: Sequence[str]) -> list[TensorSpec]:
+    return [parse_input_spec(s, i) for i, s in enumerate(inputs)]
+
+
+def example_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Deterministic example tensors for specs (`hxc.compiler.specs.example_arrays`)."""
+    return tuple(to_torch(a, s.dtype) for a, s in zip(example_arrays(specs, seed), specs))
+
+
+def export_module(
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...], dynamic_shapes: Any, source: str
+) -> torch.export.ExportedProgram:
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
+    except Exception as e:
+        hint = "a dimension marked dynamic may be fixed by the model" if dynamic_shapes else None
+        raise LoweringError(f"{source}: torch.export failed ({type(e).__name__}: {first_line(e)})", hint=hint) from None
+
+
+def export_with(
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...], specs: Sequence[TensorSpec], dynamic_batch: bool, source: str
+) -> tuple[torch.export.ExportedProgram, tuple[torch.Tensor, ...]]:
+    """Export `module` on example `args` (or on generated inputs for `specs`), with the
+    dimensions that specs or `dynamic_batch` make dynamic; returns the program and the
+    example inputs it was exported with."""
+    if specs:
+        args = example_inputs(specs)
+    elif dynamic_batch:
+        args = batch_of_two(args)
+    return export_module(module, args, dynamic_shapes(specs, args, dynamic_batch), source), args
+
+
+def reexport(
+    program: torch.export.ExportedProgram, specs: Sequence[TensorSpec], dynamic_batch: bool, source: str
+) -> tuple[torch.export.ExportedProgram, tuple[torch.Tensor, ...]]:
+    """An exported program as is, or exported again when specs or `dynamic_batch`
+    change its input shapes."""
+    args = program_example_args(program)
+    if not specs and not dynamic_batch:
+        return program, args
+    return export_with(program.module(), args, specs, dynamic_batch, source)
+
+
+def batch_of_two(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Example inputs with batch 1 repeated to batch 2: torch.export specialises a
+    size-1 dimension, so it could not stay dynamic."""
+    return tuple(torch.cat([a, a]) if a.dim() > 0 and a.shape[0] == 1 else a for a in args)
+
+
+def dynamic_shapes(
+    specs: Sequence[TensorSpec], args: tuple[torch.Tensor, ...], dynamic_batch: bool
+) -> tuple[dict[int, Any], ...] | None:
+    dyn = torch.export.Dim.DYNAMIC
+    shapes = []
+    for i, a in enumerate(args):
+        dims: dict[int, Any] = {}
+        if i < len(specs):
+            dims = {j: dyn for j, d in enumerate(specs[i].shape) if isinstance(d, str)}
+        if dynamic_batch and a.dim() > 0:
+            dims[0] = dyn
+        shapes.append(dims)
+    return tuple(shapes) if any(shapes) else None
+
+
+def program_example_args(program: torch.export.ExportedProgram) -> tuple[torch.Tensor, ...]:
+    """The example inputs stored with a program, or generated from its input shapes."""
+    stored = getattr(program, "example_inputs", None)
+    if stored:
+        args, kwargs = stored
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            return tuple(args)
+    specs = []
+    for i, node in enumerate(n for n in program.graph.nodes if n.op == "placeholder"):
+        if node.name not in program.graph_signature.user_inputs:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise LoweringError(f"input {node.name!r} is not a tensor; hxc compiles tensor inputs only")
+        shape = tuple(d if isinstance(d, int) else f"d{i}" for d in val.shape)
+        name = interface_dtype(from_torch(val.dtype), f"input {node.name!r}", f"dtype {val.dtype}")
+        specs.append(TensorSpec(node.name, name, shape))
+    return example_inputs(specs)
