@@ -8,7 +8,7 @@ import torch
 
 from hxc.compiler.specs import parse_input_spec
 from hxc.errors import LoweringError, ModelLoadError, UsageError
-from hxc.frontends import load_program
+from hxc.frontends import export_program
 from hxc.frontends import recognise
 
 
@@ -53,7 +53,7 @@ def test_every_format_exports_the_same_model(fmt, models, reference):
     source = f"{models['factory']}:make_model" if fmt == "factory" else str(models[fmt])
     extra = {"allow_pickle": True} if fmt == "pickle" else {}
     inputs = ("2x3x8x8xf32",) if fmt in ("torchscript", "pickle") else ()
-    loaded = load_program(source, inputs=inputs, **extra)
+    loaded = export_program(source, inputs=inputs, **extra)
     model, (x,) = reference.make_model()
     with torch.no_grad():
         want = model(x)
@@ -63,31 +63,31 @@ def test_every_format_exports_the_same_model(fmt, models, reference):
 
 
 def test_module_reference_imports_a_package(reference):
-    loaded = load_program("hxc.examples:mlp")
+    loaded = export_program("hxc.examples:mlp")
     assert loaded.name == "mlp" and loaded.source_format == "python"
     assert loaded.example_args[0].shape == (4, 64)
 
 
 def test_shapes_come_from_input_specs_when_the_factory_gives_none(models):
-    loaded = load_program(f"{models['factory']}:bare_module", inputs=["1x3x16x16xf32"])
+    loaded = export_program(f"{models['factory']}:bare_module", inputs=["1x3x16x16xf32"])
     assert loaded.example_args[0].shape == (1, 3, 16, 16)
     with pytest.raises(UsageError, match="no example inputs"):
-        load_program(f"{models['factory']}:bare_module")
+        export_program(f"{models['factory']}:bare_module")
 
 
 def test_pickle_needs_opt_in_and_names_the_flag(models):
     with pytest.raises(UsageError, match="--allow-pickle"):
-        load_program(str(models["pickle"]), inputs=["2x3x8x8xf32"])
+        export_program(str(models["pickle"]), inputs=["2x3x8x8xf32"])
 
 
 def test_state_dict_is_explained(models):
     with pytest.raises(ModelLoadError, match="state_dict"):
-        load_program(str(models["state_dict"]))
+        export_program(str(models["state_dict"]))
 
 
 def test_torchscript_needs_shapes(models):
     with pytest.raises(UsageError, match="--input"):
-        load_program(str(models["torchscript"]))
+        export_program(str(models["torchscript"]))
 
 
 @pytest.mark.parametrize(
@@ -105,20 +105,20 @@ def test_bad_sources(source, error, fragment, models):
     source = source.replace("TRUNCATED", str(models["truncated"])).replace("GARBAGE", str(models["garbage"]))
     source = source.replace("FACTORY", str(models["factory"]))
     with pytest.raises(error, match=fragment):
-        load_program(source)
+        export_program(source)
 
 
 def test_dynamic_dims_from_specs_and_flag(models):
     from hxc.compiler.lower import program_signature
 
-    by_spec = load_program(f"{models['factory']}:bare_module", inputs=["?x3x8x8xf32"])
+    by_spec = export_program(f"{models['factory']}:bare_module", inputs=["?x3x8x8xf32"])
     assert isinstance(program_signature(by_spec.program).inputs[0].shape[0], str)
-    by_flag = load_program(f"{models['factory']}:make_model", dynamic_batch=True)
+    by_flag = export_program(f"{models['factory']}:make_model", dynamic_batch=True)
     assert isinstance(program_signature(by_flag.program).inputs[0].shape[0], str)
-    from_program = load_program(str(models["pt2_dynamic"]))
+    from_program = export_program(str(models["pt2_dynamic"]))
     assert isinstance(program_signature(from_program.program).inputs[0].shape[0], str)
 
 
 def test_a_dimension_the_model_fixes_cannot_be_dynamic(models):
     with pytest.raises(LoweringError, match="torch.export failed"):
-        load_program(f"{models['factory']}:bare_module", inputs=["1x?x8x8xf32"])
+        export_program(f"{models['factory']}:bare_module", inputs=["1x?x8x8xf32"])

@@ -75,9 +75,9 @@ def test_targets_command_lists_registry_as_json(cli):
 @pytest.fixture(scope="module")
 def mlp_ir(tmp_path_factory) -> tuple[Path, str]:
     from hxc.compiler.lower import lower
-    from hxc.frontends import load_program
+    from hxc.frontends import export_program
 
-    lowered = lower(load_program("hxc.examples:mlp").program)
+    lowered = lower(export_program("hxc.examples:mlp").program)
     path = tmp_path_factory.mktemp("ir") / "mlp.mlirbc"
     path.write_bytes(lowered.mlir)
     return path, hashlib.sha256(lowered.mlir).hexdigest()

@@ -12,10 +12,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from hxc.arrays import MAX_ARRAY_BYTES_ENV, max_array_bytes
 from hxc.dtypes import DYNAMIC_EXAMPLE_SIZE, NAMES, dtype
 from hxc.errors import UsageError
 from hxc.manifests.schema import TensorSpec
 
+MAX_DIM = 2**31 - 1  # IREE's index arithmetic on every target is 32-bit safe below this
 _SPEC_RE = re.compile(r"^(?:(?P<name>[A-Za-z_]\w*)=)?(?P<dims>(?:(?:\d+|\?)x)*)(?P<dtype>[a-z]+\d*)$")
 
 
@@ -29,7 +31,15 @@ def parse_input_spec(text: str, index: int = 0) -> TensorSpec:
         )
     dims: list[int | str] = []
     for j, d in enumerate(x for x in m.group("dims").split("x") if x):
+        if d != "?" and not 1 <= int(d) <= MAX_DIM:
+            raise UsageError(f"--input {text!r}: dimension {j} is {d}", hint=f"each dimension is 1 to {MAX_DIM}, or ? for dynamic")
         dims.append(f"d{index}_{j}" if d == "?" else int(d))
+    elements = 1
+    for d in dims:
+        elements *= DYNAMIC_EXAMPLE_SIZE if isinstance(d, str) else d
+    if elements * dtype(m.group("dtype")).numpy_dtype().itemsize > max_array_bytes():
+        raise UsageError(f"--input {text!r}: an example input of that shape would not fit in memory",
+                         hint=f"the limit is {max_array_bytes()} bytes (${MAX_ARRAY_BYTES_ENV})")  # fmt: skip
     return TensorSpec(name=m.group("name") or f"input_{index}", dtype=m.group("dtype"), shape=tuple(dims))
 
 

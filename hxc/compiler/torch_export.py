@@ -9,15 +9,21 @@ example inputs mean the same for all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import io
+import pickle
+import types
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from hxc.compiler.pt2_archive import ALLOW_PICKLE_HINT, UnsafeModelError, inspect_pt2
 from hxc.compiler.specs import example_arrays, parse_input_spec
 from hxc.dtypes import from_torch, interface_dtype, to_torch
-from hxc.errors import LoweringError, first_line
+from hxc.errors import LoweringError, ModelLoadError, first_line
 from hxc.manifests.schema import TensorSpec
 
 
@@ -33,6 +39,59 @@ class ExportedModel:
     program: torch.export.ExportedProgram
     example_args: tuple[torch.Tensor, ...]
     reference: Callable[..., Any]
+
+
+def load_program(
+    source: Path | bytes, where: str, *, allow_pickle: bool = False, check_expansion: bool = True
+) -> torch.export.ExportedProgram:
+    """torch.export.load, made safe: the archive is inspected first (no pickles, no
+    compiled code, sizes within limits; see pt2_archive), and the load itself runs
+    with unrestricted unpickling disabled, so nothing the inspection missed can run
+    code either. With `allow_pickle` the user has said they trust the file."""
+    inspect_pt2(source, where, allow_pickle=allow_pickle, check_expansion=check_expansion)
+    f = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    try:
+        with contextlib.nullcontext() if allow_pickle else _no_code_from_pickles():
+            return torch.export.load(f)
+    except _RefusedPickle as e:
+        raise UnsafeModelError(f"{where}: loading it would run code from the file ({e})", hint=ALLOW_PICKLE_HINT) from None
+    except pickle.UnpicklingError as e:
+        raise UnsafeModelError(f"{where}: holds pickled data that is not plain tensors ({first_line(e)})",
+                               hint=ALLOW_PICKLE_HINT) from None  # fmt: skip
+    except Exception as e:  # torch raises many types for a damaged archive
+        raise ModelLoadError(f"{where}: cannot read torch.export archive ({first_line(e)})") from None
+
+
+class _RefusedPickle(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _no_code_from_pickles() -> Iterator[None]:
+    """While torch.export.load runs: every torch.load is weights-only (tensors and
+    plain containers, no code), and the unrestricted unpicklers it can reach refuse.
+    torch looks these up at call time, so swapping the attributes is enough."""
+    from torch.export.pt2_archive import _package
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise _RefusedPickle("it asks for an unrestricted unpickler")
+
+    real_load = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    saved = [(torch, "load", real_load), (torch._C, "_pickle_load_obj", torch._C._pickle_load_obj),
+             (_package, "pickle", _package.pickle)]  # fmt: skip
+    torch.load = weights_only_load  # type: ignore[assignment]
+    torch._C._pickle_load_obj = refuse  # type: ignore[attr-defined]
+    _package.pickle = types.SimpleNamespace(loads=refuse, load=refuse, dumps=pickle.dumps)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
 
 
 def input_specs(inputs: Sequence[str]) -> list[TensorSpec]:

@@ -20,7 +20,7 @@ from hxc.frontends.base import Frontend, Source
 if TYPE_CHECKING:
     from hxc.compiler.torch_export import ExportedModel
 
-__all__ = ["Frontend", "Source", "by_format", "frontend", "frontend_names", "frontends", "load_program", "recognise"]
+__all__ = ["Frontend", "Source", "by_format", "frontend", "frontend_names", "frontends", "export_program", "recognise"]
 
 _NOT_FRONTENDS = {"base"}
 
@@ -70,7 +70,7 @@ def recognise(text: str) -> Frontend:
     )
 
 
-def load_program(
+def export_program(
     source: str, *, inputs: Sequence[str] = (), dynamic_batch: bool = False, allow_pickle: bool = False
 ) -> ExportedModel:
     """A PyTorch model source as a torch.export program, before lowering."""

@@ -4,6 +4,7 @@ dynamic dimensions come from the program."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hxc.frontends.base import Frontend, Source, through_torch_export
@@ -18,16 +19,11 @@ def _recognise(source: Source) -> bool:
 
 
 def _export(source: str, options: ImportOptions) -> ExportedModel:
-    import torch
-
-    from hxc.compiler.torch_export import ExportedModel, input_specs, reexport
-    from hxc.errors import ModelLoadError, first_line
+    from hxc.compiler.torch_export import ExportedModel, input_specs, load_program, reexport
     from hxc.manifests.bundle import file_sha256
 
-    try:
-        program = torch.export.load(source)
-    except Exception as e:  # torch raises many types for a damaged archive
-        raise ModelLoadError(f"{source}: cannot read torch.export archive ({first_line(e)})") from None
+    # Inspected without torch first, loaded with code from pickles refused (`--allow-pickle` lifts that).
+    program = load_program(Path(source), source, allow_pickle=options.allow_pickle)
     program, args = reexport(program, input_specs(options.inputs), options.dynamic_batch, source)
     return ExportedModel(FRONTEND.model_name(source), source, FRONTEND.name, file_sha256(source), program, args,
                          program.module())  # fmt: skip
