@@ -25,10 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from onnx_conformance import (  # noqa: E402
+from hxc.compiler.onnx_conformance import (
     CaseResult,
     _Outcome,
     _read_all,
@@ -64,7 +61,7 @@ def _run_plain(case: Path, work: Path, timeout: float) -> None:
     import onnx
 
     from hxc.compiler.driver import iree_compile_path, summarize_compile_error
-    from hxc.runtime.io import dtype_name
+    from hxc.dtypes import from_numpy
     from hxc.runtime.verify import compare
 
     sets = sorted(case.glob("test_data_set_*"))
@@ -103,7 +100,10 @@ def _run_plain(case: Path, work: Path, timeout: float) -> None:
         a = np.asarray(a)
         if a.shape != e.shape:
             raise _Outcome("fail", "wrong output shape", f"output {k}: {a.shape} vs {e.shape}")
-        c = compare(a.astype(e.dtype), e, dtype_name(e.dtype) or str(e.dtype))
+        found = from_numpy(e.dtype)
+        if found is None:
+            raise _Outcome("fail", "unsupported element type", f"output dtype {e.dtype}")
+        c = compare(a.astype(e.dtype), e, found.name)
         if not c.ok:
             raise _Outcome("fail", "numerical mismatch", f"output {k}: max abs err {c.max_abs:.3g}")
 
@@ -163,7 +163,7 @@ def main() -> None:
             print(f"  {n}/{len(cases)}  pass {done['pass']}  fail {done['fail']}  skip {done['skip']}  "
                   f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)  # fmt: skip
 
-    results = run_conformance(cases, jobs=args.jobs, timeout=args.timeout, on_result=progress, worker=__file__)
+    results = run_conformance(cases, jobs=args.jobs, timeout=args.timeout, on_result=progress, worker=(__file__,))
     ran = [r for r in results if r.status != "skip"]
     passed = [r for r in ran if r.status == "pass"]
     summary = {
@@ -183,6 +183,7 @@ def main() -> None:
         summary["versus_hxc"] = compare_runs(results, json.loads(hxc_file.read_text()))
     where = "not saved: --only ran a subset"
     if not args.only:
+        sys.path.insert(0, str(Path(__file__).parent))
         from _harness import save
 
         where = f"wrote {save('onnx_plain_iree', summary)}"

@@ -7,10 +7,14 @@ Every expected failure is an HxcError: one line on stderr (or a JSON object with
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,10 +33,12 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        from hxc import ui
-
         as_json = kwargs.get("as_json", False)
+        if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+            signal.signal(signal.SIGTERM, _terminate_like_interrupt)
         try:
+            from hxc import ui
+
             code = fn(*args, **kwargs)
         except HxcError as e:
             if as_json:
@@ -40,12 +46,39 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
             else:
                 ui.error(str(e))
             sys.exit(int(e.exit_code))
-        except KeyboardInterrupt:
-            ui.error("interrupted; nothing was written")
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            from hxc import ui
+
+            signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+            ui.error(f"{'terminated' if signum == signal.SIGTERM else 'interrupted'}; nothing was written")
+            sys.exit(128 + signum)
+        except OSError as e:
+            # The environment, not hxc: a full disk, a read-only or forbidden path.
+            if e.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            if as_json:
+                ui.print_json({"ok": False, "error": _os_error(e), "exit_code": int(ExitCode.ERROR)})
+            else:
+                ui.error(_os_error(e))
+            sys.exit(int(ExitCode.ERROR))
         sys.exit(int(code or 0))
 
     return wrapper
+
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EMFILE, errno.ENOMEM}  # fmt: skip
+
+
+def _os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}; nothing was written"
+
+
+def _terminate_like_interrupt(signum: int, frame: Any) -> None:
+    # SIGTERM (kill, docker stop, CI cancellation) cleans up exactly as Ctrl-C does:
+    # running compiles are killed and no half-written output is left.
+    raise KeyboardInterrupt(signum)
 
 
 def _quiet_libraries() -> None:
@@ -180,7 +213,7 @@ def _tuner():
 
 def _precisions(text: str) -> list[str]:
     from hxc.errors import UsageError
-    from hxc.manifests.schema import PRECISIONS
+    from hxc.dtypes import PRECISIONS
 
     wanted = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in wanted if p not in PRECISIONS]
@@ -343,21 +376,24 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     import numpy as np
 
     from hxc import runtime, ui
-    from hxc.runtime.io import from_raw_bits, raw_bits, read_arrays
+    from hxc.arrays import read_array_files
+    from hxc.dtypes import from_storage, to_storage
 
-    arrays = read_arrays(inputs)
+    arrays = read_array_files(inputs)
     model = runtime.load(bundle, device=device, strict=strict, precision=precision, tolerance=tolerance)
     # bf16 and float8 arrays travel through .npy/.npz files as their raw bits.
-    arrays = [from_raw_bits(a, s.dtype) for a, s in zip(arrays, model.signature.inputs)] + arrays[len(model.signature.inputs):]
+    arrays = [from_storage(a, s.dtype) for a, s in zip(arrays, model.signature.inputs)] + arrays[len(model.signature.inputs):]
     outputs = model.run_flat(arrays)
     if output is not None:
         from hxc.manifests.bundle import atomic_savez
 
-        atomic_savez(output, {f"output_{i}": raw_bits(o) for i, o in enumerate(outputs)})
+        atomic_savez(output, {f"output_{i}": to_storage(o) for i, o in enumerate(outputs)})
     if as_json:
         ui.print_json({
             "ok": True, "artifact": model.artifact.id, "device": model.device.label, "saved_to": output and str(output),
-            "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(o.shape), "values": o.astype(np.float64).ravel()[:16].tolist()}
+            "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(o.shape),
+                         "values": o.astype(np.float64).ravel()[:16].tolist(),  # NaN/inf print as null
+                         "nonfinite": int(o.size - np.count_nonzero(np.isfinite(o.astype(np.float64))))}
                         for s, o in zip(model.signature.outputs, outputs)],
         })  # fmt: skip
         return
@@ -376,25 +412,38 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def verify(bundle: Path, device: str | None, as_json: bool) -> int:
-    """Run the bundle's golden sample on every artifact this host can run and compare
-    with PyTorch's outputs. Exits non-zero on any mismatch."""
+    """Check every file of BUNDLE against its manifest's sha256 (exit 5 on any
+    difference, for every artifact, runnable here or not), then run the golden sample
+    on every artifact this host can run and compare with the reference outputs
+    (PyTorch's, or ONNX Runtime's for ONNX models; exit 6 on a mismatch)."""
     from hxc import ui
     from hxc.runtime.verify import verify_bundle
 
-    results = verify_bundle(bundle, device=device)
-    ok = bool(results) and all(r.ok for r in results)
-    code = ExitCode.OK if ok else (ExitCode.NO_COMPATIBLE_ARTIFACT if not results else ExitCode.MISMATCH)
+    report = verify_bundle(bundle, device=device)
+    results, code = report.results, report.exit_code
     if as_json:
-        ui.print_json({"ok": ok, "exit_code": int(code), "results": [r.__dict__ for r in results]})
+        ui.print_json({"ok": report.ok, "exit_code": int(code), "integrity": list(report.integrity),
+                       "results": [_verify_json(r) for r in results]})  # fmt: skip
         return code
+    for problem in report.integrity:
+        ui.error(f"integrity: {problem}")
     t = ui.table("artifact", "device", "result", "max abs err", "max rel err", title=f"Golden-sample check of {bundle}")
     for r in results:
         verdict = "[green]match[/green]" if r.ok else f"[red]{'error: ' + r.error if r.error else 'MISMATCH'}[/red]"
         t.add_row(r.artifact, r.device, verdict, _g(r.max_abs), _g(r.max_rel))
-    ui.out.print(t)
-    if not results:
+    if results:
+        ui.out.print(t)
+    elif not report.integrity:
         ui.error("no artifact in this bundle can run on this host (see `hxc select --explain`)")
     return code
+
+
+def _verify_json(r: Any) -> dict[str, Any]:
+    # An infinite error (a wrong shape, inf where PyTorch has a number) prints as null,
+    # with `nonfinite` saying so: null alone would read as "not measured".
+    errors = [x for x in (r.max_abs, r.max_rel) if x is not None]
+    return {"artifact": r.artifact, "device": r.device, "ok": r.ok, "max_abs": r.max_abs, "max_rel": r.max_rel,
+            "nonfinite": any(not math.isfinite(x) for x in errors), "error": r.error}
 
 
 def _g(x: float | None) -> str:
@@ -455,13 +504,15 @@ def doctor(as_json: bool) -> None:
 @click.option("--min-iterations", type=int, default=20, show_default=True, help="Timed calls per contender, at least.")
 @click.option("--max-time", type=float, default=60.0, show_default=True, help="Stop a slow contender after this many seconds.")
 @click.option("--no-record", is_flag=True, help="Do not write the profiles into the bundle.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Let the PyTorch baselines load a program whose weights torch pickled; this runs code from the bundle.")  # fmt: skip
 @click.option("--fail-if-slower-than", "gate", default=None, metavar="BASELINE",
               help="Exit with code 7 if the fastest artifact is slower than this baseline (e.g. torch) in single-stream.")  # fmt: skip
 @click.option("--margin", type=float, default=0.0, show_default=True, help="Tolerated slowdown for the gate (0.05 = 5%).")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def bench(bundle: Path, baseline: str, device: str | None, batches: str, min_time: float, min_iterations: int,
-          max_time: float, no_record: bool, gate: str | None, margin: float, as_json: bool) -> int:  # fmt: skip
+          max_time: float, no_record: bool, allow_pickle: bool, gate: str | None, margin: float, as_json: bool) -> int:  # fmt: skip
     """Time every artifact this host can run next to PyTorch, and record the results as
     profiles in the bundle (which the runtime loader then uses to choose)."""
     from hxc import ui
@@ -481,7 +532,8 @@ def bench(bundle: Path, baseline: str, device: str | None, batches: str, min_tim
     budget = Budget(min_iterations=min_iterations, min_seconds=min_time, max_seconds=max_time)
     with ui.err.status("benchmarking…", spinner="dots") as status:
         result = run_bench(bundle, baselines=names, device=device, offline_batches=offline, budget=budget,
-                           record=not no_record, on_progress=lambda s: status.update(f"benchmarking: {s}"))  # fmt: skip
+                           record=not no_record, allow_pickle=allow_pickle,
+                           on_progress=lambda s: status.update(f"benchmarking: {s}"))  # fmt: skip
     table_rows = rows(manifest, result.profiles)
     verdict = _gate(result.profiles, gate, margin) if gate else None
     code = ExitCode.REGRESSION if verdict and not verdict["passed"] else ExitCode.OK
@@ -535,7 +587,7 @@ def profiles() -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def profiles_merge(bundle: Path, sources: tuple[Path, ...], as_json: bool) -> None:
-    """Merge profiles recorded elsewhere (copies of this bundle, or their manifest.json,
+    """Merge profiles recorded elsewhere (copies of this bundle, or their profiles.json,
     e.g. from CI jobs on different runners) into BUNDLE."""
     from hxc import ui
     from hxc.manifests.merge import merge_profiles

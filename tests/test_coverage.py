@@ -23,7 +23,8 @@ from hxc.compiler.build import build_bundle
 from hxc.compiler.imported import ImportOptions
 from hxc.errors import ExitCode
 from hxc.manifests import read_manifest
-from hxc.runtime.verify import TOLERANCES, verify_bundle
+from hxc.dtypes import dtype
+from hxc.runtime.verify import verify_bundle
 
 
 def _onnx_model(path: Path, nodes, inputs, outputs, initializers=(), opset: int = 17) -> Path:
@@ -38,8 +39,8 @@ def _ort(path: Path, feeds: dict) -> list[np.ndarray]:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-def _close(got, want, dtype: str = "f32") -> None:
-    atol, rtol = TOLERANCES.get(dtype, (0, 0))
+def _close(got, want, kind: str = "f32") -> None:
+    atol, rtol = dtype(kind).tolerance or (0, 0)
     np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), atol=atol, rtol=rtol)
 
 
@@ -107,7 +108,7 @@ def test_unsigned_integer_interfaces_match_onnxruntime(onnx_type, np_type, tmp_p
     [want] = _ort(model, {"a": a, "b": b})
     got = hxc.runtime.load(out)(a, b)
     assert got.dtype == np_type and np.array_equal(got, want)
-    assert all(r.ok for r in verify_bundle(out))
+    assert verify_bundle(out).ok
 
 
 def test_float8_interface_matches_pytorch(tmp_path):
@@ -271,7 +272,7 @@ def test_float64_model_keeps_f64_on_cpu_and_carries_it_as_f32_on_vulkan(tmp_path
     assert result.written, [r.error for r in result.failed]
     m = read_manifest(out)
     assert m.signature.inputs[0].dtype == "f64" and m.artifact("vulkan:spirv").interface_casts[-1] == ("f64", "f32")
-    assert all(r.ok for r in verify_bundle(out, device="cpu"))
+    assert verify_bundle(out, device="cpu").ok
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("f64_model", factory)

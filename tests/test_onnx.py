@@ -6,7 +6,6 @@ and a slice of ONNX's own operator conformance tests."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +16,14 @@ import torch
 from onnx import TensorProto, helper
 
 import hxc.runtime
+from hxc.compiler import onnx_conformance
 from hxc.compiler.build import build_bundle
-from hxc.compiler.sniff import sniff
 from hxc.compiler.imported import ImportOptions
 from hxc.compiler.onnx_import import import_onnx
 from hxc.errors import ExitCode, UsageError
+from hxc.frontends import recognise
 from hxc.manifests import read_manifest
 from hxc.runtime.verify import verify_bundle
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import onnx_conformance  # noqa: E402
 
 F32 = {"atol": 1e-4, "rtol": 1e-3}
 
@@ -113,7 +110,8 @@ def test_external_data_model_runs_on_cpu_and_vulkan_like_onnxruntime(onnx_models
         logits, probs = hxc.runtime.load(out, device=device, strict=True)(x)
         np.testing.assert_allclose(logits, want[0], **F32)
         np.testing.assert_allclose(probs, want[1], **F32)
-    assert all(v.ok for v in verify_bundle(out)) and len(verify_bundle(out)) == 2
+    report = verify_bundle(out)
+    assert report.ok and len(report.results) == 2
     # The bundle's program is self-contained: the weights file was folded in.
     np.testing.assert_allclose(_ort(out / "model.onnx", x)[0], want[0], rtol=1e-6)
 
@@ -124,7 +122,7 @@ def test_old_opset_is_upgraded_and_keeps_its_semantics(onnx_models, tmp_path):
     assert result.written, [r.error for r in result.failed]
     x = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
     np.testing.assert_allclose(hxc.runtime.load(out)(x), _ort(onnx_models["opset9"], x)[0], **F32)
-    assert all(v.ok for v in verify_bundle(out))
+    assert verify_bundle(out).ok
 
 
 def test_shared_weights_are_stored_once_and_match_inline(onnx_models, tmp_path):
@@ -143,7 +141,7 @@ def test_shared_weights_are_stored_once_and_match_inline(onnx_models, tmp_path):
         got = hxc.runtime.load(shared, device=device, strict=True)(x)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, **F32)
-    assert all(v.ok for v in verify_bundle(shared))
+    assert verify_bundle(shared).ok
     # The conv weight lives only in weights.irpa; the bundle's model.onnx points at
     # its bytes there, so ONNX Runtime still runs the bundle's copy of the model.
     program = onnx.load(str(shared / "model.onnx"), load_external_data=False)
@@ -198,8 +196,13 @@ def test_broken_onnx_gives_one_line_and_writes_nothing(model, fragment, onnx_mod
 
 
 def test_onnx_is_recognised_by_content(onnx_models):
-    assert sniff(onnx_models["renamed"]) == "onnx"
-    assert sniff(onnx_models["external"]) == "onnx"
+    assert recognise(str(onnx_models["renamed"])).name == "onnx"  # model.bin
+    assert recognise(str(onnx_models["external"])).name == "onnx"
+
+
+def test_onnx_precision_other_than_fp32_is_refused_before_any_work(onnx_models, cli, tmp_path):
+    result = cli("compile", onnx_models["external"], "-t", "cpu:host", "-p", "fp16", "-o", tmp_path / "x.hxc")
+    assert result.exit_code == ExitCode.USAGE and "--precision fp16 is not supported for an ONNX model" in result.stderr
 
 
 # Passing node tests, one or two per operator family (picked from a full conformance run).

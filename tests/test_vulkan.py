@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 from hxc.compiler.build import build_bundle
 from hxc.manifests import read_manifest, update_manifest
 from hxc.runtime import probe_host, select
-from hxc.runtime.verify import TOLERANCES
+from hxc.dtypes import dtype, to_numpy
 from hxc.targets import Device, family
 from hxc.targets.vulkan import core_features, spirv_capabilities
 
@@ -162,10 +162,8 @@ def test_zoo_models_on_both_vulkan_variants_match_pytorch(name, tmp_path, run_is
     fresh = tuple(torch.randint_like(a, 0, 1000) if not a.is_floating_point() else torch.randn_like(a) for a in args)
     with torch.no_grad():
         want = torch.utils._pytree.tree_leaves(eager(*fresh))
-    from hxc.runtime.io import to_numpy
-
     spec = result.manifest.signature.outputs[0]
-    atol, rtol = TOLERANCES.get(spec.dtype, (0, 0))
+    atol, rtol = dtype(spec.dtype).tolerance or (0, 0)
     for variant in ("vulkan:desktop", "vulkan:spirv"):
         got = run_isolated(out, [to_numpy(a) for a in fresh], variant)
         for g, w in zip(got, want):

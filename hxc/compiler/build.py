@@ -12,8 +12,6 @@ import datetime as _dt
 import json
 import platform
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,14 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from hxc import __version__
+from hxc import __version__, frontends
 from hxc.compiler.cache import CompileCache, ImportCache, default_cache_dir
 from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
 from hxc.errors import HxcError, UsageError
-from hxc.manifests.bundle import file_sha256, write_manifest
-from hxc.manifests.schema import WEIGHTS_FILE, Signature, Weights, from_json, to_json
+from hxc.frontends import Frontend
+from hxc.frontends.base import one_export_per_build
+from hxc.manifests.bundle import copy_hashed, file_hash, file_sha256, private_dir, remove_stale, write_manifest
+from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Signature, Weights, from_json, to_json
 from hxc.targets import Variant, extra_flags_for, family, resolve
 
 
@@ -78,46 +78,53 @@ def build_bundle(
     """
     variants = resolve(targets) if isinstance(targets, str) else list(targets)
     options = options or ImportOptions()
+    frontend = frontends.recognise(source)  # before any slow work: what the source is, or a one-line error
+    wanted = list(dict.fromkeys(precisions))
+    if unsupported := [p for p in wanted if p not in frontend.precisions]:
+        raise UsageError(f"--precision {', '.join(unsupported)} is not supported for {frontend.summary}",
+                         hint=f"it builds {', '.join(frontend.precisions)}; convert the model itself")  # fmt: skip
+    builds = [(p, v) for p in wanted for v in variants if p in family(v.family).precisions]
+    skipped = [f"{v.id}@{p}" for p in wanted for v in variants if p not in family(v.family).precisions]
+    if not builds:
+        # Checked before any slow work: a bundle without artifacts is no result.
+        raise UsageError(
+            f"nothing to build: {', '.join(skipped) or 'no targets'} cannot be generated",
+            hint="add fp32, or a family that generates reduced precision (see `hxc targets`)",
+        )
     cache_root = default_cache_dir() if cache_dir is True else (cache_dir or None)
     cache = CompileCache(cache_root)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".work", dir=out.parent) as work_dir:
-        work = Path(work_dir)
+    remove_stale(out)  # what killed runs to this path left behind
+    with private_dir(out, ".work") as work:
         imports: dict[str, ImportedModel] = {}
-        # Every import of this build derives from one loaded model: a factory run twice
+        # Every import of this build derives from one exported model: a factory run twice
         # may build different weights (a module created with unseeded randomness).
-        loaded: dict = {}
-        for precision in dict.fromkeys(["fp32", *precisions]):  # fp32 first: it is the reference
-            sub = work / precision
-            sub.mkdir()
-            imports[precision] = import_model(source, replace(options, precision=precision), sub, on_stage, cache_root,
-                                              loaded)  # fmt: skip
-        reference = imports["fp32"]
-        timings = dict(reference.timings)
+        with one_export_per_build():
+            for precision in dict.fromkeys(["fp32", *(p for p, _ in builds)]):  # fp32 first: it is the reference
+                sub = work / precision
+                sub.mkdir()
+                imports[precision] = import_model(frontend, source, replace(options, precision=precision), sub, on_stage,
+                                                  cache_root)  # fmt: skip
+            reference = imports["fp32"]
+            timings = dict(reference.timings)
 
-        wanted = list(dict.fromkeys(precisions))
-        irs: dict[tuple[str, tuple], ImportedModel] = {(p, ()): imp for p, imp in imports.items()}
-        # IR can be hundreds of MB: hash each once (the reference's goes into the manifest).
-        ir_sha: dict[tuple[str, tuple], str] = {("fp32", ()): file_sha256(reference.mlir)}
-        jobs: list[CompileJob] = []
-        skipped: list[str] = []
-        cast_errors: dict[tuple[str, tuple], str] = {}
-        unbuildable: list[CompileJob] = []  # variants whose cast interface the model cannot have
-        order: list[str] = []  # artifact ids as requested
-        for precision in wanted:
-            for v in variants:
-                if precision not in family(v.family).precisions:
-                    skipped.append(f"{v.id}@{precision}")
-                    continue
+            irs: dict[tuple[str, tuple], ImportedModel] = {(p, ()): imp for p, imp in imports.items()}
+            # IR can be hundreds of MB: hash each once (the reference's goes into the manifest).
+            ir_sha: dict[tuple[str, tuple], str] = {("fp32", ()): file_sha256(reference.mlir)}
+            jobs: list[CompileJob] = []
+            cast_errors: dict[tuple[str, tuple], str] = {}
+            unbuildable: list[CompileJob] = []  # variants whose cast interface the model cannot have
+            order: list[str] = []  # artifact ids as requested
+            for precision, v in builds:
                 casts = _casts_needed(v, imports[precision])
                 key = (precision, casts)
                 if key not in irs and key not in cast_errors:
                     sub = work / f"{precision}-{'-'.join(f'{a}{b}' for a, b in casts)}"
                     sub.mkdir()
                     try:
-                        irs[key] = import_model(source, replace(options, precision=precision, interface_casts=casts),
-                                                sub, on_stage, cache_root, loaded)  # fmt: skip
+                        irs[key] = import_model(frontend, source, replace(options, precision=precision, interface_casts=casts),
+                                                sub, on_stage, cache_root)  # fmt: skip
                     except HxcError as e:  # this variant cannot carry the model; the others still can
                         cast_errors[key] = e.message
                 if key in cast_errors:
@@ -148,7 +155,7 @@ def build_bundle(
             results = tune(results, imports, work, cache, on_event)
             timings["tune"] = time.perf_counter() - t
 
-        manifest = _manifest(imports, wanted, ir_sha[("fp32", ())], results)
+        manifest = _manifest(imports, [p for p in wanted if p in imports], ir_sha[("fp32", ())], results)
         failed = [r for r in results if r.status == "failed"]
         if failed and not (allow_partial and len(failed) < len(results)):
             # Nothing is published; an existing bundle at `out` stays as it was.
@@ -156,15 +163,7 @@ def build_bundle(
 
         on_stage("writing bundle")
         with staged_bundle(out) as stage:
-            (stage / ARTIFACTS_DIR).mkdir()
-            for r, a in zip(results, manifest.artifacts):
-                if a.file is not None and r.vmfb is not None:
-                    shutil.copyfile(r.vmfb, stage / a.file)
-            if reference.program is not None and reference.program_name:
-                shutil.copyfile(reference.program, stage / reference.program_name)
-            for w in manifest.weights:
-                shutil.copyfile(imports[w.precision].weights, stage / w.file)  # type: ignore[arg-type]
-            np.savez(stage / GOLDEN_FILE, **reference.golden)
+            manifest = _write_files(stage, manifest, results, imports)
             write_manifest(stage, manifest)
     return BuildResult(out, True, manifest, results, timings, skipped)
 
@@ -177,7 +176,8 @@ def _operator_of(message: str) -> str | None:
 def _casts_needed(variant: Variant, imported: ImportedModel) -> tuple[tuple[str, str], ...]:
     """The variant's interface casts that this model needs: for element types in its
     signature, or in its weights when they live in a shared archive (whose bytes the
-    variant could not read as another type)."""
+    variant could not read as another type), or i64 for int64 constants IREE's
+    demotion cannot rewrite as they are stored."""
     sig = imported.signature
     present = {s.dtype for s in (*sig.inputs, *sig.outputs)}
     if imported.weights is not None:
@@ -187,49 +187,53 @@ def _casts_needed(variant: Variant, imported: ImportedModel) -> tuple[tuple[str,
     return tuple(c for c in variant.interface_casts if c[0] in present)
 
 
-def import_model(
-    source: str,
-    options: ImportOptions,
-    workdir: Path,
-    on_stage: Callable[[str], None],
-    cache_root: Path | None = None,
-    loaded: dict | None = None,
-) -> ImportedModel:
-    """Pick the frontend from the file's contents and import the model, through the
-    import cache for model files. `loaded` carries the loaded model between imports of
-    one build (precisions, cast interfaces), so all of them see the same weights."""
-    from hxc.compiler.sniff import sniff_source
+def _write_files(
+    stage: Path, manifest: Manifest, results: list[CompileResult], imports: dict[str, ImportedModel]
+) -> Manifest:
+    """Copy every build-time file into the staged bundle and record the hash of the
+    bytes written, checked against the hash each was produced with."""
+    reference = imports["fp32"]
+    sources: dict[str, tuple[Path, FileHash | None]] = {}
+    for r, a in zip(results, manifest.artifacts):
+        if a.file is not None and r.vmfb is not None:
+            sources[a.file] = (r.vmfb, r.hash)
+    if reference.program is not None and reference.program_name:
+        sources[reference.program_name] = (reference.program, None)
+    for w in manifest.weights:
+        sources[w.file] = (imports[w.precision].weights, FileHash(w.sha256, w.size))  # type: ignore[assignment]
+    (stage / ARTIFACTS_DIR).mkdir()
+    files: dict[str, FileHash] = {}
+    for rel, (src, expected) in sources.items():
+        files[rel] = copy_hashed(src, stage / rel)
+        if expected is not None and files[rel] != expected:
+            raise HxcError(f"{src}: changed while it was copied into the bundle; nothing was written")
+    np.savez(stage / GOLDEN_FILE, **reference.golden)
+    files[GOLDEN_FILE] = file_hash(stage / GOLDEN_FILE)
+    return replace(manifest, files=files)
 
-    kind = sniff_source(source)
-    if kind == "onnx" and options.precision != "fp32":
-        raise UsageError("--precision fp16/bf16 is supported for PyTorch models only", hint="convert the ONNX model itself")
-    cache = ImportCache(cache_root if kind not in ("python-ref", "missing") else None)
+
+
+def import_model(
+    frontend: Frontend, source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None],
+    cache_root: Path | None = None,
+) -> ImportedModel:
+    """Import the model with its frontend, through the import cache for model files."""
+    cache = ImportCache(cache_root if frontend.cacheable else None)
     key = None
     if cache.root is not None:
-        key = ImportCache.key(_source_digest(kind, Path(source), options), (kind, options), to_json(toolchain()))
+        key = ImportCache.key(_source_digest(frontend, Path(source), options), (frontend.name, options),
+                              to_json(toolchain()))  # fmt: skip
         if (entry := cache.get(key)) is not None:
             on_stage("reusing the cached import")
             return _imported_from_cache(entry, source)
-    if kind == "onnx":
-        from hxc.compiler.onnx_import import import_onnx
-
-        imported = import_onnx(source, options, workdir, on_stage)
-    else:
-        from hxc.compiler.torch_import import import_torch
-
-        imported = import_torch(source, options, workdir, on_stage, loaded)
+    imported = frontend.import_model(source, options, workdir, on_stage)
     if key is not None:
         _cache_import(cache, key, imported, workdir)
     return imported
 
 
-def _source_digest(kind: str, path: Path, options: ImportOptions) -> str:
-    if kind == "onnx":
-        from hxc.compiler.onnx_import import source_digest
-
-        digest = source_digest(path)  # includes external weight files
-    else:
-        digest = file_sha256(path)
+def _source_digest(frontend: Frontend, path: Path, options: ImportOptions) -> str:
+    digest = frontend.digest(path)
     if options.example:  # the example file's contents, not just its name, decide the golden sample
         example = Path(options.example)
         digest += ":" + (file_sha256(example) if example.is_file() else "missing")
@@ -284,16 +288,19 @@ def _manifest(
     imports: dict[str, ImportedModel], precisions: list[str], ir_sha256: str, results: list[CompileResult]
 ) -> Manifest:
     reference = imports["fp32"]
+    # The bundle's program (program.pt2 without its weights, or model.onnx pointing into
+    # the archive) needs the fp32 archive even when no fp32 artifact is built.
+    stored = dict.fromkeys(["fp32", *precisions])
     weights = tuple(
         Weights(
             file=WEIGHTS_FILE if p == "fp32" else WEIGHTS_FILE.replace(".irpa", f"-{p}.irpa"),
             scope=PARAMETER_SCOPE,
-            sha256=file_sha256(imports[p].weights),  # type: ignore[arg-type]
-            size=imports[p].weights.stat().st_size,  # type: ignore[union-attr]
+            sha256=h.sha256,
+            size=h.size,
             precision=p,
         )
-        for p in precisions
-        if imports[p].weights is not None
+        for p in stored
+        if imports[p].weights is not None and (h := file_hash(imports[p].weights))  # type: ignore[arg-type]
     )
     return Manifest(
         model=ModelInfo(
@@ -347,11 +354,12 @@ def _artifact_entry(r: CompileResult, imported: ImportedModel) -> Artifact:
     )
     if r.status == "failed" or r.vmfb is None:
         return Artifact(status="failed", error=r.error, operator=r.operator, **common)
+    h = r.hash or file_hash(r.vmfb)
     return Artifact(
         status="ok",
         file=f"{ARTIFACTS_DIR}/{job.file_stem}.vmfb",
-        sha256=file_sha256(r.vmfb),
-        size=r.vmfb.stat().st_size,
+        sha256=h.sha256,
+        size=h.size,
         verified=r.verified,
         **common,
     )

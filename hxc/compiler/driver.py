@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from hxc.compiler.cache import CompileCache
-from hxc.manifests.schema import Requirements, TuningTrial
+from hxc.manifests.schema import FileHash, Requirements, TuningTrial
 from hxc.targets import CompilePlan, Variant, family
 from hxc.targets.base import CheckFailed
 
@@ -75,6 +76,7 @@ class CompileResult:
     seconds: float
     argv: tuple[str, ...]
     vmfb: Path | None = None
+    hash: FileHash | None = None  # of `vmfb`; the bundle's copy must match it
     cached: bool = False
     verified: str | None = None
     error: str | None = None  # one line
@@ -113,6 +115,22 @@ def compiler_version() -> str:
     return metadata.version("iree-base-compiler")
 
 
+# Run a command so that it dies with the thread that started it, even if hxc is
+# SIGKILLed (PR_SET_PDEATHSIG survives exec). If hxc died before prctl took effect the
+# parent has already changed: exit instead of compiling for nobody.
+_DIE_WITH_PARENT = (
+    "import ctypes,os,sys;ppid=int(sys.argv[1]);ctypes.CDLL(None).prctl(1,9);"
+    "os.getppid()==ppid or os._exit(1);os.execv(sys.argv[2],sys.argv[2:])"
+)
+
+
+def die_with_parent(argv: Sequence[str]) -> list[str]:
+    """`argv`, wrapped so the process is killed when hxc goes away (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
+
+
 class _Processes:
     """Running iree-compile processes, so an interrupt can kill them all."""
 
@@ -125,7 +143,7 @@ class _Processes:
         with self._lock:
             if self.cancelled:
                 return -1, "cancelled"
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(die_with_parent(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             self._procs.add(proc)
         try:
             _, stderr = proc.communicate()
@@ -199,15 +217,16 @@ def _compile_plan(
 ) -> CompileResult:
     fam = family(job.variant.family)
     variant = job.variant
-    # The variant is part of the key: two variants may share flags but not the check
-    # that proves their binary (cuda:sm_80 and cuda:sm_90 compile the same PTX).
-    key = CompileCache.key(job.ir_sha256, (variant.id, *plan.flags), compiler_version())
+    # The variant and the check are part of the key: two variants may share flags but not
+    # the check that proves their binary (cuda:sm_80 and cuda:sm_90 compile the same
+    # PTX), and PTX cached unchecked must not pass for checked once ptxas is installed.
+    key = CompileCache.key(job.ir_sha256, (variant.id, plan.checked_by or "unchecked", *plan.flags), compiler_version())
     out = workdir / f"{job.file_stem}.vmfb"
     argv = (iree_compile_path(), str(job.ir), *plan.flags, "-o", str(out))
     hit = cache.get(key)
     if hit is not None:
-        return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, hit.vmfb, cached=True, verified=hit.verified,
-                             requires=hit.requires)  # fmt: skip
+        return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, hit.vmfb, hit.hash, cached=True,
+                             verified=hit.verified, requires=hit.requires)  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="hxc-bin-", dir=workdir) as bins:
         run_argv = [*argv]
@@ -225,8 +244,8 @@ def _compile_plan(
             out.unlink(missing_ok=True)
             return CompileResult(job, plan, "failed", time.perf_counter() - t0, argv, error=str(e), stderr=stderr)
         requires = fam.binary_requirements(plan, Path(bins) if plan.dump_binaries else None)
-    cache.put(key, out, verified, requires)
-    return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, out, verified=verified, stderr=stderr,
+    stored = cache.put(key, out, verified, requires)
+    return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, out, stored, verified=verified, stderr=stderr,
                          requires=requires)  # fmt: skip
 
 
@@ -249,7 +268,7 @@ def summarize_compile_error(stderr: str, code: int) -> tuple[str, str | None, st
     first = errors[0]
     m = _LOCATION.match(first)
     location = f"{m.group('file')}:{m.group('line')}" if m else None
-    text = _LOCATION.sub("", first).replace("error: ", "", 1).strip()
+    text = _LOCATION.sub("", first).removeprefix("<unknown>:0:").replace("error: ", "", 1).strip()
     if m := _OPAQUE.search(first):
         return f"no IREE lowering for {m.group(1)}", m.group(1), location
     operator = None

@@ -25,13 +25,12 @@ The golden sample runs the user's original file with ONNX Runtime on determinist
 inputs: standard-normal floats, integers 0..9 and random booleans (as the PyTorch
 frontend does); if ONNX Runtime rejects those integers (an index out of range, a
 zero divisor), it is run again with every integer input at 0, then at 1. A dynamic
-dimension with no `--input` size gets size 2 (DYNAMIC_EXAMPLE_SIZE, as in the PyTorch
-frontend; 1 would let a wrongly broadcast dimension pass unnoticed), one size per
-dimension name. `--example inputs.npz` replaces the generated inputs (and may carry
-expected outputs). The golden sample is a convenience, never a condition: when ONNX
-Runtime cannot load the model or run it on those inputs, the bundle is built with
-inputs only and `golden_note` says why, so `hxc verify` can say it has nothing to
-compare against.
+dimension with no `--input` size gets size 2 (`hxc.dtypes.DYNAMIC_EXAMPLE_SIZE`, as in
+the PyTorch frontend), one size per dimension name. `--example inputs.npz` replaces
+the generated inputs (and may carry expected outputs). The golden sample is a
+convenience, never a condition: when ONNX Runtime cannot load the model or run it on
+those inputs, the bundle is built with inputs only and `golden_note` says why, so
+`hxc verify` can say it has nothing to compare against.
 
 The program stored in the bundle (`model.onnx`) is the user's graph as given (not
 upgraded, shapes not fixed), in one file:
@@ -56,24 +55,20 @@ import numpy as np
 
 from hxc.compiler.examples import Example, read_example
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
+from hxc.compiler.specs import example_arrays, parse_input_spec
+from hxc.dtypes import DYNAMIC_EXAMPLE_SIZE, dtype, from_numpy, from_onnx, from_storage, interface_dtype, to_storage
 from hxc.errors import LoweringError, ModelLoadError, UsageError, first_line
 from hxc.manifests.bundle import file_sha256
-from hxc.manifests.schema import WEIGHTS_FILE, OutputTree, Signature, TensorSpec
+from hxc.manifests.schema import PROGRAM_ONNX, WEIGHTS_FILE, OutputTree, Signature, TensorSpec
 
 log = logging.getLogger("hxc.compiler")
 
-PROGRAM_FILE = "model.onnx"
 TARGET_OPSET = 17  # models below this default-domain opset are upgraded to it
 # With shared weights, initializers with fewer elements stay inline in the IR: shape
 # and index constants the compiler must fold (iree-import-onnx's default threshold).
 NUM_ELEMENTS_THRESHOLD = 100
-DYNAMIC_EXAMPLE_SIZE = 2
 _TAG = "hxc.node."  # temporary node names that tie imported ops back to graph nodes
 _TAGGED = re.compile(r'^loc\("hxc\.node\.(\d+)"\)$')
-
-# ONNX TensorProto element types hxc can pass across the artifact boundary.
-_DTYPES = {1: "f32", 10: "f16", 16: "bf16", 11: "f64", 7: "i64", 6: "i32", 5: "i16", 3: "i8", 2: "u8", 9: "i1",
-           4: "u16", 12: "u32", 13: "u64", 17: "f8e4m3fn", 18: "f8e4m3fnuz", 19: "f8e5m2", 20: "f8e5m2fnuz"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -85,9 +80,6 @@ class _Input:
 def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None]) -> ImportedModel:
     onnx = _onnx()
     path = Path(source)
-    precision = getattr(options, "precision", "fp32")
-    if precision != "fp32":
-        raise UsageError(f"--precision {precision} is not supported for ONNX models yet", hint="compile them at fp32")
     timings: dict[str, float] = {}
     t = time.perf_counter()
     on_stage("loading ONNX model")
@@ -139,9 +131,9 @@ def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Ca
         golden_reference=golden_reference,
         golden_note=golden_note,
         program=program,
-        program_name=PROGRAM_FILE,
+        program_name=PROGRAM_ONNX,
         weights=irpa,
-        weight_dtypes=tuple(sorted({_DTYPES[x.data_type] for x in inits if x.data_type in _DTYPES})),
+        weight_dtypes=tuple(sorted({d.name for x in inits if (d := from_onnx(x.data_type)) is not None})),
         operators_at=operators_at,
         timings=timings,
     )
@@ -252,8 +244,6 @@ def _op_name(node: Any) -> str:
 def _inputs(model: Any, options: ImportOptions) -> list[_Input]:
     """The artifact's inputs: graph inputs that are not initializers, with `--input`
     specs (matched by name, else by position) fixing or freeing their dimensions."""
-    from hxc.compiler.frontend import parse_input_spec
-
     initialized = {t.name for t in model.graph.initializer}
     graph_inputs = [v for v in model.graph.input if v.name not in initialized]
     specs = [parse_input_spec(s, i) for i, s in enumerate(options.inputs)]
@@ -272,13 +262,13 @@ def _input(i: int, value: Any, spec: TensorSpec | None, dynamic_batch: bool) -> 
     if kind != "tensor_type":
         raise LoweringError(f"input {value.name!r} is a {kind or 'untyped value'}; hxc compiles tensor inputs only")
     tt = value.type.tensor_type
-    dtype = _dtype(tt.elem_type, f"input {value.name!r}")
+    elem = _dtype(tt.elem_type, f"input {value.name!r}")
     if not tt.HasField("shape") and spec is None:
         raise UsageError(f"input {value.name!r} has no shape in the model", hint="pass it, e.g. --input 1x3x224x224xf32")
     model_dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
     if spec is not None:
-        if spec.dtype != dtype:
-            raise UsageError(f"--input for {value.name!r} says {spec.dtype}, but the model's input is {dtype}")
+        if spec.dtype != elem:
+            raise UsageError(f"--input for {value.name!r} says {spec.dtype}, but the model's input is {elem}")
         if tt.HasField("shape") and len(spec.shape) != len(model_dims):
             raise UsageError(
                 f"--input for {value.name!r} has {len(spec.shape)} dimensions, but the model's input has {len(model_dims)}"
@@ -300,16 +290,12 @@ def _input(i: int, value: Any, spec: TensorSpec | None, dynamic_batch: bool) -> 
         else:
             dims.append(m)
             example.append(m)
-    return _Input(TensorSpec(value.name, dtype, tuple(dims)), tuple(example))
+    return _Input(TensorSpec(value.name, elem, tuple(dims)), tuple(example))
 
 
 def _dtype(elem_type: int, label: str) -> str:
-    onnx = _onnx()
-    dtype = _DTYPES.get(elem_type)
-    if dtype is None:
-        name = onnx.TensorProto.DataType.Name(elem_type) if elem_type else "no element type"
-        raise LoweringError(f"{label} has ONNX type {name}, which hxc does not support")
-    return dtype
+    what = f"ONNX type {_onnx().TensorProto.DataType.Name(elem_type)}" if elem_type else "no element type"
+    return interface_dtype(from_onnx(elem_type), label, what)
 
 
 def _output_specs(model: Any, golden: dict[str, np.ndarray], mlir: Path) -> tuple[TensorSpec, ...]:
@@ -320,7 +306,7 @@ def _output_specs(model: Any, golden: dict[str, np.ndarray], mlir: Path) -> tupl
         if v.type.WhichOneof("value") != "tensor_type":
             raise LoweringError(f"{label} is not a tensor; hxc compiles tensor outputs only")
         tt = v.type.tensor_type
-        dtype = _dtype(tt.elem_type, label)
+        elem = _dtype(tt.elem_type, label)
         if tt.HasField("shape"):
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or f"out{i}_{j}") for j, d in enumerate(tt.shape.dim)]
         else:  # shape inference could not tell: the rank is what ONNX Runtime returned, else what IREE's importer typed
@@ -332,7 +318,7 @@ def _output_specs(model: Any, golden: dict[str, np.ndarray], mlir: Path) -> tupl
                 if rank is None:
                     raise LoweringError(f"{label} has no known rank", hint="pass example inputs ONNX Runtime can run: --example inputs.npz")
             dims = [f"out{i}_{j}" for j in range(rank)]
-        specs.append(TensorSpec(v.name, dtype, tuple(dims)))
+        specs.append(TensorSpec(v.name, elem, tuple(dims)))
     return tuple(specs)
 
 
@@ -400,23 +386,22 @@ def _golden(
         raise LoweringError(f"{path}: the model returns non-tensor values; hxc compiles tensor outputs only")
     if outputs is None and example is not None and example.outputs is not None:
         outputs, reference, note = list(example.outputs), "user", None  # the user's outputs stand in for ONNX Runtime's
-    sample = {f"input_{k}": _raw(a) for k, a in enumerate(arrays)}
+    sample = {f"input_{k}": to_storage(a) for k, a in enumerate(arrays)}
     if outputs is None:
         return sample, None, note
-    sample.update({f"output_{k}": _raw(np.asarray(o)) for k, o in enumerate(outputs)})
+    sample.update({f"output_{k}": to_storage(np.asarray(o)) for k, o in enumerate(outputs)})
     return sample, reference, None
 
 
 def _user_inputs(example: Example, inputs: list[_Input]) -> list[np.ndarray]:
     """The example's arrays in input order, checked against the signature."""
-    from hxc.runtime.io import dtype_name, from_raw_bits
-
     arrays = example.ordered([i.spec.name for i in inputs])
     out = []
     for a, i in zip(arrays, inputs):
-        a = from_raw_bits(a, i.spec.dtype)
         spec = i.spec
-        if dtype_name(a.dtype) != spec.dtype:
+        a = from_storage(a, spec.dtype)
+        found = from_numpy(a.dtype)
+        if found is None or found.name != spec.dtype:
             raise UsageError(f"{example.path}: the array for input {spec.name!r} is {a.dtype}; the model takes {spec.format()}")
         if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, a.shape)):
             raise UsageError(f"{example.path}: the array for input {spec.name!r} has shape "
@@ -428,22 +413,11 @@ def _user_inputs(example: Example, inputs: list[_Input]) -> list[np.ndarray]:
 def _examples(inputs: list[_Input], *, ints: int | None = None, seed: int = 0) -> list[np.ndarray]:
     """Deterministic inputs, drawn as the PyTorch frontend draws them; with `ints`,
     integer and boolean inputs hold that value everywhere instead."""
-    from hxc.compiler.frontend import example_inputs
-    from hxc.compiler.torch_import import to_numpy
-
-    from hxc.runtime.io import from_raw_bits
-
     specs = [TensorSpec(i.spec.name, i.spec.dtype, i.example_shape) for i in inputs]
-    arrays = [from_raw_bits(to_numpy(t), s.dtype) for t, s in zip(example_inputs(specs, seed=seed), specs)]
+    arrays = example_arrays(specs, seed=seed)
     if ints is not None:
-        arrays = [a if a.dtype.kind in "fV" else np.full_like(a, ints) for a in arrays]
+        arrays = [a if dtype(i.spec.dtype).is_float else np.full_like(a, ints) for a, i in zip(arrays, inputs)]
     return arrays
-
-
-def _raw(a: np.ndarray) -> np.ndarray:
-    from hxc.runtime.io import raw_bits
-
-    return raw_bits(a)  # .npz cannot name bf16 or float8: raw bits
 
 
 # --- import ------------------------------------------------------------------------
@@ -664,30 +638,30 @@ def _cast_interface(model: Any, casts: dict[str, str]) -> None:
     interface a variant can carry (see ImportOptions.interface_casts)."""
     from onnx import helper
 
-    onnx_type = {v: k for k, v in _DTYPES.items()}
     graph = model.graph
     renamed: dict[str, str] = {}
     front = []
     for v in graph.input:
-        dtype = _DTYPES.get(v.type.tensor_type.elem_type)
-        if dtype in casts and v.type.WhichOneof("value") == "tensor_type":
+        found = from_onnx(v.type.tensor_type.elem_type)
+        if found is not None and found.name in casts and v.type.WhichOneof("value") == "tensor_type":
+            dtype_name = found.name
             inner = f"{v.name}__hxc_model"
             renamed[v.name] = inner
             front.append(helper.make_node("Cast", [v.name], [inner], to=v.type.tensor_type.elem_type,
                                           name=f"hxc_cast_in_{len(front)}"))  # fmt: skip
-            v.type.tensor_type.elem_type = onnx_type[casts[dtype]]
+            v.type.tensor_type.elem_type = dtype(casts[dtype_name]).onnx
     _rename_uses(graph, renamed)
     back = []
     for v in graph.output:
-        dtype = _DTYPES.get(v.type.tensor_type.elem_type)
-        if dtype in casts and v.type.WhichOneof("value") == "tensor_type":
+        found = from_onnx(v.type.tensor_type.elem_type)
+        if found is not None and found.name in casts and v.type.WhichOneof("value") == "tensor_type":
             inner = f"{v.name}__hxc_model"
             for node in graph.node:  # the producer writes the model-typed value under a new name
                 node.output[:] = [inner if o == v.name else o for o in node.output]
             _rename_uses(graph, {v.name: inner})
-            back.append(helper.make_node("Cast", [inner], [v.name], to=onnx_type[casts[dtype]],
+            back.append(helper.make_node("Cast", [inner], [v.name], to=dtype(casts[found.name]).onnx,
                                          name=f"hxc_cast_out_{len(back)}"))  # fmt: skip
-            v.type.tensor_type.elem_type = onnx_type[casts[dtype]]
+            v.type.tensor_type.elem_type = dtype(casts[found.name]).onnx
     nodes = [*front, *graph.node, *back]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -813,7 +787,7 @@ def _program(original: Any, path: Path, workdir: Path, irpa: Path | None, params
     if irpa is not None:
         _point_at_archive(model, irpa, params)
     _load_external([t for t in _tensors(model.graph) if not _in_archive(t)], path.parent)
-    out = workdir / PROGRAM_FILE
+    out = workdir / PROGRAM_ONNX
     try:
         onnx.save_model(model, str(out))
     except (ValueError, MemoryError) as e:  # over protobuf's 2 GB: keep the graph file alone

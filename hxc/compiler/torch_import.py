@@ -1,5 +1,6 @@
-"""The PyTorch frontend: model file -> exported program -> IREE input IR, plus the
-golden sample (PyTorch's own outputs) and, for shared weights, a parameter archive.
+"""The PyTorch pipeline every PyTorch frontend ends in: exported program -> IREE input
+IR, plus the golden sample (PyTorch's own outputs), reduced-precision variants of the
+program and, for shared weights, a parameter archive.
 
 With shared weights every parameter and buffer becomes a named external parameter
 (`#flow.parameter.named<"model"::"layer.weight">`), written once to `weights.irpa`,
@@ -19,34 +20,26 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from hxc.compiler.examples import read_example
-from hxc.compiler.frontend import DTYPE_NAMES, TORCH_DTYPES, load_model
+from hxc import dtypes
+from hxc.compiler.examples import Example, read_example
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
 from hxc.compiler.lower import lower
+from hxc.compiler.torch_export import ExportedModel, export_module
+from hxc.dtypes import to_numpy, to_storage
 from hxc.errors import LoweringError, UsageError
-from hxc.manifests.schema import TensorSpec
-
-PROGRAM_FILE = "program.pt2"
+from hxc.manifests.schema import PROGRAM_PT2
 
 
 def import_torch(
-    source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None], loaded: dict | None = None
+    export: Callable[[], ExportedModel], options: ImportOptions, workdir: Path, on_stage: Callable[[str], None]
 ) -> ImportedModel:
+    """Import the model `export()` loads and exports (a frontend's own step)."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
     on_stage("loading model")
-    example = read_example(options.example) if options.example else None
-    inputs = options.inputs
-    if example is not None and not inputs:
-        # Formats without shapes (TorchScript, pickles) take them from the example.
-        inputs = tuple(TensorSpec(n, _dtype_of(a), a.shape).format() for n, a in zip(example.names, example.inputs))
-    key = (source, inputs, options.dynamic_batch, options.allow_pickle, options.example)
-    model = (loaded or {}).get(key)
-    if model is None:
-        model = load_model(source, inputs=inputs, dynamic_batch=options.dynamic_batch,
-                           allow_pickle=options.allow_pickle, example=example)  # fmt: skip
-        if loaded is not None:
-            loaded[key] = model
+    model = export()
+    if options.example:
+        model = with_example(model, read_example(options.example))
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -92,7 +85,7 @@ def import_torch(
     timings["lower"] = time.perf_counter() - t
 
     # The bundle keeps the model's own program; reduced-precision ones are derived from it.
-    program_path: Path | None = workdir / PROGRAM_FILE
+    program_path: Path | None = workdir / PROGRAM_PT2
     if options.interface_casts:
         program_path = None  # only the model's own import provides the bundle's program
     elif shared and options.precision == "fp32":
@@ -108,11 +101,11 @@ def import_torch(
         signature=lowered.signature,
         golden=golden,
         program=program_path,
-        program_name=PROGRAM_FILE if program_path is not None else None,
+        program_name=PROGRAM_PT2 if program_path is not None else None,
         weights=irpa,
         int64_constants=lowered.int64_constants,
-        weight_dtypes=tuple(sorted({DTYPE_NAMES[w.dtype] for w in _program_weights(model.program).values()
-                                    if w.dtype in DTYPE_NAMES})),  # fmt: skip
+        weight_dtypes=tuple(sorted({d.name for w in _program_weights(model.program).values()
+                                    if (d := dtypes.from_torch(w.dtype)) is not None})),  # fmt: skip
         precision=options.precision,
         precision_error=precision_error,
         operators_at=lowered.operators_at,
@@ -154,12 +147,9 @@ class _CastInterface(torch.nn.Module):
         return pytree.tree_map(lambda t: t.to(self.casts.get(t.dtype, t.dtype)) if isinstance(t, torch.Tensor) else t, out)
 
 
-def _with_casts(program: torch.export.ExportedProgram, model, casts: dict[str, str]) -> torch.export.ExportedProgram:
+def _with_casts(program: torch.export.ExportedProgram, model: ExportedModel, casts: dict[str, str]) -> torch.export.ExportedProgram:
     """`program` re-exported behind an interface with `casts` applied (see _CastInterface)."""
-    from hxc.compiler.frontend import export_module
-    from hxc.compiler.lower import program_signature
-
-    by_dtype = {TORCH_DTYPES[k]: TORCH_DTYPES[v] for k, v in casts.items()}
+    by_dtype = {dtypes.dtype(k).torch_dtype(): dtypes.dtype(v).torch_dtype() for k, v in casts.items()}
     in_dtypes = [a.dtype for a in model.example_args]
     if by_dtype.get(torch.int64) == torch.int32:
         # Decompose first: decompositions create int64 constants too (upsampling indices).
@@ -234,14 +224,36 @@ def _varargs_dynamic_shapes(program: torch.export.ExportedProgram) -> tuple | No
     return (dims,) if any(dims) else None
 
 
-def _at_precision(model, precision: str, golden: dict[str, np.ndarray]) -> tuple[torch.export.ExportedProgram, float]:
+def with_example(model: ExportedModel, example: Example) -> ExportedModel:
+    """`model` with the example file's arrays as its example inputs (the golden
+    sample's), checked against the program's inputs."""
+    import dataclasses
+
+    from hxc.compiler.lower import program_signature
+
+    specs = program_signature(model.program).inputs
+    args = []
+    for a, spec in zip(example.ordered([s.name for s in specs]), specs):
+        a = dtypes.from_storage(a, spec.dtype)
+        found = dtypes.from_numpy(a.dtype)
+        if found is None or found.name != spec.dtype:
+            raise UsageError(f"{example.path}: the array for input {spec.name!r} is {a.dtype}; the model takes {spec.format()}")
+        if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, a.shape)):
+            raise UsageError(f"{example.path}: the array for input {spec.name!r} has shape "
+                             f"{'x'.join(map(str, a.shape)) or 'scalar'}; the model takes {spec.format()}")  # fmt: skip
+        args.append(dtypes.to_torch(a, spec.dtype))
+    return dataclasses.replace(model, example_args=tuple(args))
+
+
+def _at_precision(
+    model: ExportedModel, precision: str, golden: dict[str, np.ndarray]
+) -> tuple[torch.export.ExportedProgram, float]:
     """Re-export the model at `precision`; return the program and its error against the
     fp32 reference on the golden sample (max |y - y_fp32| / max |y_fp32|)."""
 
-    from hxc.compiler.frontend import export_module
     from hxc.compiler.lower import program_signature
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = dtypes.dtype(dtypes.PRECISIONS[precision]).torch_dtype()
     if not any(a.dtype == torch.float32 for a in model.example_args) and not any(
         t.dtype == torch.float32 for t in model.program.state_dict.values()
     ):
@@ -286,21 +298,6 @@ def golden_sample(reference: Callable, args: tuple[torch.Tensor, ...]) -> dict[s
     flat = pytree.tree_leaves(outputs)
     if not all(isinstance(x, torch.Tensor) for x in flat):
         raise LoweringError("the model returns non-tensor values; hxc compiles tensor outputs only")
-    sample = {f"input_{i}": to_numpy(a) for i, a in enumerate(args)}
-    sample.update({f"output_{i}": to_numpy(o) for i, o in enumerate(flat)})
+    sample = {f"input_{i}": to_storage(to_numpy(a)) for i, a in enumerate(args)}
+    sample.update({f"output_{i}": to_storage(to_numpy(o)) for i, o in enumerate(flat)})
     return sample
-
-
-def _dtype_of(a: np.ndarray) -> str:
-    from hxc.runtime.io import dtype_name
-
-    name = dtype_name(a.dtype)
-    if name is None:
-        raise UsageError(f"example array of dtype {a.dtype}: hxc has no such element type")
-    return name
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    from hxc.runtime.io import raw_bits, to_numpy as host_array
-
-    return raw_bits(host_array(t))  # .npz cannot name bf16 or float8: raw bits

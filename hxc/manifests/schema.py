@@ -21,39 +21,22 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 FORMAT = "hxc-bundle"
+PROFILES_FORMAT = "hxc-profiles"
+# 2.0: every file written at build time has a sha256 and size in `files`, checked
+# before use; profiles moved out of manifest.json into profiles.json, so the manifest
+# is never rewritten after the build. A 1.x bundle has no hashes for its program and
+# golden sample, so this reader refuses it instead of trusting those files.
 SCHEMA_VERSION: tuple[int, int] = (2, 0)
 
 # Bundle layout, relative to the bundle directory.
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = "manifest.json"  # written once by `hxc compile`, never changed after
+PROFILES_FILE = "profiles.json"  # measurements added later by `hxc bench` / `profiles merge`
 GOLDEN_FILE = "golden.npz"
+PROGRAM_PT2 = "program.pt2"  # the program a PyTorch model's artifacts were built from
+PROGRAM_ONNX = "model.onnx"  # the ONNX model, for ONNX bundles
 WEIGHTS_FILE = "weights.irpa"  # weights-fp16.irpa etc. for reduced-precision variants
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 ARTIFACTS_DIR = "artifacts"
 LOCK_FILE = ".lock"
-
-# Element types by their short names (as in `--input 1x3x224x224xf32` and IREE's
-# `--input=1x3xf32=...`), with the numpy dtype that holds them on the host. bf16 and
-# the float8 types are ml_dtypes' (a dependency of iree-base-runtime); in .npz files,
-# which cannot name those types, they are stored as their raw bits (uint16, uint8).
-DTYPES: dict[str, str] = {
-    "f64": "float64",
-    "f32": "float32",
-    "f16": "float16",
-    "bf16": "bfloat16",
-    "i64": "int64",
-    "i32": "int32",
-    "i16": "int16",
-    "i8": "int8",
-    "u8": "uint8",
-    "i1": "bool",
-    "u16": "uint16",
-    "u32": "uint32",
-    "u64": "uint64",
-    "f8e4m3fn": "float8_e4m3fn",
-    "f8e4m3fnuz": "float8_e4m3fnuz",
-    "f8e5m2": "float8_e5m2",
-    "f8e5m2fnuz": "float8_e5m2fnuz",
-}
 
 Dim = int | str  # a static size, or the name of a dynamic dimension
 
@@ -241,7 +224,18 @@ class Weights:
 
 
 @dataclass(frozen=True)
+class FileHash:
+    """What a build-time file must be: checked (size first, then sha256) before use."""
+
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class Manifest:
+    """A bundle's description. `hosts` and `profiles` live in PROFILES_FILE on disk
+    (measurements that change after the build); everything else in MANIFEST_FILE."""
+
     model: ModelInfo
     signature: Signature
     toolchain: Toolchain
@@ -255,6 +249,9 @@ class Manifest:
     golden_reference: str | None = None
     golden_note: str | None = None
     weights: tuple[Weights, ...] = ()  # empty: each artifact carries its own weights
+    # Every file written at build time, by path relative to the bundle. Files that
+    # change afterwards (profiles, lock) are deliberately not here.
+    files: dict[str, FileHash] = dataclasses.field(default_factory=dict)
     hosts: tuple[Host, ...] = ()
     profiles: tuple[Profile, ...] = ()
     format: str = FORMAT
@@ -272,6 +269,16 @@ class Manifest:
 
     def weights_for(self, precision: str) -> Weights | None:
         return next((w for w in self.weights if w.precision == precision), None)
+
+    def referenced_files(self) -> list[tuple[str, str]]:
+        """(path, what) for every file another record names: each must be in `files`."""
+        out = [(a.file, f"artifact {a.id}") for a in self.ok_artifacts if a.file is not None]
+        out += [(w.file, f"{w.precision} weights") for w in self.weights]
+        if self.model.program_file:
+            out.append((self.model.program_file, "the source program"))
+        if self.golden_file:
+            out.append((self.golden_file, "the golden sample"))
+        return out
 
 
 # --- JSON at the edge -------------------------------------------------------------

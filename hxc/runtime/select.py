@@ -30,6 +30,7 @@ class Candidate:
     profile: Profile | None  # the measurement that ranked it, if any
     measured_on: Literal["this host", "same device", None]
     static_rank: int
+    preferred: bool = False  # of the reduced precision the caller asked for
 
     @property
     def reason(self) -> str:
@@ -118,7 +119,7 @@ def select(
         dev = min(able, key=lambda d: fam.drivers.index(d.driver))
         profile, where = _profile_for(manifest, art, dev, host_id, policy)
         preferred = art.precision != "fp32" and art.precision == precision
-        candidates.append(Candidate(art, dev, profile, where, fam.rank(art, dev) + (2 if preferred else 0)))
+        candidates.append(Candidate(art, dev, profile, where, fam.rank(art, dev), preferred))
 
     candidates.sort(key=lambda c: _order(c, policy))
     return Selection(tuple(candidates), tuple(rejected), policy, forced)
@@ -136,7 +137,9 @@ def _precision_refused(art: Artifact, precision: str | None, tolerance: float | 
 
 def _order(c: Candidate, policy: str) -> tuple:
     if c.profile is None:
-        return (1, 0.0, -c.static_rank)
+        # The asked-for precision breaks ties between builds of the same rank (cpu:host
+        # over cpu:host@fp16 unless fp16 was asked for); it never outranks a better variant.
+        return (1, 0.0, -c.static_rank, not c.preferred)
     # Profiles from this host outrank ones borrowed from a host with the same device.
     where = 0 if c.measured_on == "this host" else 1
     metric = c.profile.latency.p50_ms if policy == "latency" else -c.profile.throughput

@@ -11,26 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hxc.errors import BundleError, HxcError, NothingToCompareError, first_line
-from hxc.manifests import GOLDEN_FILE, Manifest, Signature, read_manifest
-from hxc.runtime.io import from_raw_bits
+from hxc.arrays import ArrayFileError, read_npz
+from hxc.dtypes import compute_dtype, dtype, from_storage
+from hxc.errors import BundleError, ExitCode, HxcError, NothingToCompareError, first_line
+from hxc.manifests import Manifest, Signature, read_manifest
+from hxc.manifests.bundle import check_all_files, open_checked
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import select
-
-# (absolute, relative) tolerance per dtype: |actual - expected| <= atol + rtol * |expected|.
-# f32 leaves room for reassociated reductions on GPUs; reduced precision is looser.
-TOLERANCES: dict[str, tuple[float, float]] = {
-    "f64": (1e-6, 1e-5),
-    "f32": (1e-4, 1e-3),
-    "f16": (1e-2, 1e-2),
-    "bf16": (5e-2, 5e-2),
-    # float8: one step of the mantissa (3 bits for e4m3, 2 for e5m2) near 1.0.
-    "f8e4m3fn": (0.125, 0.125),
-    "f8e4m3fnuz": (0.125, 0.125),
-    "f8e5m2": (0.25, 0.25),
-    "f8e5m2fnuz": (0.25, 0.25),
-}
-
 
 @dataclass(frozen=True)
 class Comparison:
@@ -39,35 +26,48 @@ class Comparison:
     ok: bool
 
 
-def compare(actual: np.ndarray, expected: np.ndarray, dtype: str) -> Comparison:
+def compare(actual: np.ndarray, expected: np.ndarray, name: str) -> Comparison:
+    """Outputs of hxc dtype `name` against the reference, at that dtype's tolerance
+    (`hxc.dtypes`); integers and booleans must match exactly."""
     if actual.shape != expected.shape:
         return Comparison(float("inf"), float("inf"), False)
-    if dtype not in TOLERANCES:  # integers and booleans must match exactly
+    tolerance = dtype(name).tolerance
+    if tolerance is None:
         diff = np.abs(actual.astype(np.int64) - expected.astype(np.int64))
         worst = float(diff.max()) if diff.size else 0.0
         return Comparison(worst, worst, worst == 0)
     a = actual.astype(np.float64)
     e = expected.astype(np.float64)
-    atol, rtol = TOLERANCES[dtype]
-    diff = np.abs(a - e)
-    if not diff.size:
+    if not e.size:
         return Comparison(0.0, 0.0, True)
-    finite = np.isfinite(a) == np.isfinite(e)
-    both_nan = np.isnan(a) & np.isnan(e)  # NaN where the reference has NaN is a match
-    rel = diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny)
-    ok = bool(finite.all() and np.all((diff <= atol + rtol * np.abs(e)) | (a == e) | both_nan))
-    return Comparison(float(np.nanmax(diff)), float(np.nanmax(np.where(np.abs(e) > atol, rel, 0.0))), ok)
+    atol, rtol = tolerance
+    # Equal values match (infinities included), and NaN where the reference has NaN;
+    # otherwise both must be finite and close. An infinite reference is not "close" to
+    # anything else: +inf against -inf is off by infinity, whatever rtol * inf says.
+    same = (a == e) | (np.isnan(a) & np.isnan(e))
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(same, 0.0, np.abs(a - e))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        close = np.isfinite(a) & np.isfinite(e) & (diff <= atol + rtol * np.abs(e))
+        rel = np.where(np.isfinite(e), diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny), diff)
+    ok = bool(np.all(same | close))
+    # Relative error is reported where the reference is not within atol of zero.
+    return Comparison(float(diff.max()), float(np.where(np.abs(e) > atol, rel, 0.0).max()), ok)
 
 
 def load_golden(bundle: Path, manifest: Manifest) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The golden inputs and outputs, as host arrays of the signature's dtypes."""
-    path = bundle / (manifest.golden_file or GOLDEN_FILE)
+    """The golden inputs and outputs, as host arrays of the signature's dtypes, read
+    from the checked bytes of the bundle's golden sample."""
+    if not manifest.golden_file:
+        raise BundleError(f"{bundle}: this bundle has no golden sample to compare against")
+    checked = open_checked(bundle, manifest, manifest.golden_file)
     try:
-        with np.load(path) as data:
-            arrays = dict(data)
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{path}: cannot read the golden sample ({first_line(e)})") from None
-    return golden_arrays(arrays, manifest.signature, str(path))
+        arrays = read_npz(checked.buffer, str(checked.path))
+    except ArrayFileError as e:
+        raise BundleError(e.message) from None
+    finally:
+        checked.close()
+    return golden_arrays(arrays, manifest.signature, str(checked.path))
 
 
 def golden_arrays(
@@ -77,10 +77,10 @@ def golden_arrays(
     bits, as their own types. Outputs are empty when the sample has none (the
     reference could not compute them; `Manifest.golden_note` says why)."""
 
-    def typed(key: str, dtype: str) -> np.ndarray:
+    def typed(key: str, name: str) -> np.ndarray:
         if key not in arrays:
             raise BundleError(f"{where}: golden sample lacks {key}")
-        return from_raw_bits(arrays[key], dtype)
+        return from_storage(arrays[key], name)
 
     inputs = [typed(f"input_{i}", s.dtype) for i, s in enumerate(signature.inputs)]
     has_outputs = any(k.startswith("output_") for k in arrays)
@@ -97,7 +97,7 @@ def compare_outputs(
 ) -> list[Comparison]:
     """One comparison per output, at the tolerance of the artifact's compute precision
     (and of the narrower type it carries an output as, for f64 computed in f32)."""
-    return [compare(o, x, effective_dtype(s.dtype, precision, casts)) for o, x, s in zip(outputs, expected, signature.outputs)]
+    return [compare(o, x, compute_dtype(s.dtype, precision, casts)) for o, x, s in zip(outputs, expected, signature.outputs)]
 
 
 @dataclass(frozen=True)
@@ -110,14 +110,39 @@ class VerifyResult:
     error: str | None = None  # when it could not run at all
 
 
+@dataclass(frozen=True)
+class VerifyReport:
+    bundle: Path
+    integrity: tuple[str, ...]  # every build-time file whose bytes do not match the manifest
+    results: tuple[VerifyResult, ...]  # one per artifact this host can run
+
+    @property
+    def ok(self) -> bool:
+        return not self.integrity and bool(self.results) and all(r.ok for r in self.results)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if self.integrity:
+            return ExitCode.INTEGRITY
+        if not self.results:
+            return ExitCode.NO_COMPATIBLE_ARTIFACT
+        return ExitCode.OK if self.ok else ExitCode.MISMATCH
+
+
 def verify_bundle(
     bundle: str | Path, *, device: str | None = None, probe: HostProbe | None = None
-) -> list[VerifyResult]:
-    """Run the golden sample on every artifact this host can run."""
+) -> VerifyReport:
+    """Check every build-time file of the bundle against the manifest (whether or not
+    this host can run it), then run the golden sample on every artifact this host can
+    run. Artifacts whose files fail the check are never run."""
     from hxc.runtime.loader import load
 
     path = Path(bundle)
     manifest = read_manifest(path)
+    bad = check_all_files(path, manifest)
+    integrity = tuple(bad.values())
+    if manifest.golden_file in bad:
+        return VerifyReport(path, integrity, ())
     if not manifest.golden_outputs:
         raise NothingToCompareError(
             f"{path}: the golden sample has no expected outputs, so there is nothing to compare against: "
@@ -131,6 +156,9 @@ def verify_bundle(
     results = []
     for cand in selection.candidates:
         label = cand.device.label
+        if cand.artifact.file in bad or any(w.file in bad for w in manifest.weights if w.precision == cand.artifact.precision):
+            results.append(VerifyResult(cand.artifact.id, label, False, None, None, "not run: its files fail the integrity check"))
+            continue
         try:
             model = load(path, device=cand.artifact.id, strict=True, probe=probe, tolerance=float("inf"))
             outputs = model.run_flat(inputs)
@@ -145,12 +173,4 @@ def verify_bundle(
             cand.artifact.id, label, all(c.ok for c in comps),
             max(c.max_abs for c in comps), max(c.max_rel for c in comps),
         ))  # fmt: skip
-    return results
-
-
-def effective_dtype(dtype: str, precision: str, casts: tuple[tuple[str, str], ...] = ()) -> str:
-    """A reduced-precision artifact's f32 outputs carry its compute precision's error;
-    an f64 output computed in f32 (Vulkan) carries f32's."""
-    if dtype == "f64" and dict(casts).get("f64") == "f32":
-        return "f32"
-    return {"fp16": "f16", "bf16": "bf16"}.get(precision, dtype) if dtype == "f32" else dtype
+    return VerifyReport(path, integrity, tuple(results))
