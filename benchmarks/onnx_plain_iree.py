@@ -8,6 +8,7 @@ runtime called with the test's numpy inputs. Outputs are compared with hxc's
 tolerances (`hxc.runtime.verify.compare`), so "passes" means the same in both scripts.
 
     python benchmarks/onnx_plain_iree.py [--jobs 2] [--only REGEX] [--timeout 300]
+    python benchmarks/onnx_plain_iree.py --compare   # only redo the comparison with hxc's latest run
 
 Then it reads `results/onnx_conformance.json` (hxc's run; re-run that script first
 for an up-to-date comparison) and lists the tests each one passes that the other
@@ -123,9 +124,9 @@ def _invoke(vmfb: Path, inputs: list) -> list:
     return [np.asarray(r.to_host()) if hasattr(r, "to_host") else np.asarray(r) for r in results]
 
 
-def compare_runs(plain: list[CaseResult], hxc: dict) -> dict:
+def compare_runs(plain_passed: set[str], hxc: dict) -> dict:
     """Tests one pipeline passes and the other fails, with hxc's failure for each."""
-    plain_pass = {r.name for r in plain if r.status == "pass"}
+    plain_pass = set(plain_passed)
     hxc_pass = set(hxc.get("passed_tests", []))
     hxc_fail = {f["name"]: f for f in hxc.get("failures", [])}
     worse = sorted(plain_pass - hxc_pass)
@@ -146,9 +147,23 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300, help="seconds per test")
     ap.add_argument("--target", default="plain-iree", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--compare", action="store_true",
+                    help="do not run IREE: compare the saved plain-IREE results with hxc's latest onnx_conformance.json")
     args = ap.parse_args()
     if args.worker:
         worker_loop(args.target, run_plain)
+        return
+    results_dir = Path(__file__).parent / "results"
+    if args.compare:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from _harness import save
+
+        summary = json.loads((results_dir / "onnx_plain_iree.json").read_text())
+        summary = {k: v for k, v in summary.items() if k not in ("machine", "recorded")}
+        hxc = json.loads((results_dir / "onnx_conformance.json").read_text())
+        summary["versus_hxc"] = compare_runs(set(summary["passed_tests"]), hxc)
+        save("onnx_plain_iree", summary)
+        _report(summary, "comparison updated")
         return
 
     cases = list_tests(node_tests_dir(), args.only)
@@ -178,15 +193,19 @@ def main() -> None:
                      for r in ran if r.status == "fail"],  # fmt: skip
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    hxc_file = Path(__file__).parent / "results" / "onnx_conformance.json"
+    hxc_file = results_dir / "onnx_conformance.json"
     if hxc_file.is_file():
-        summary["versus_hxc"] = compare_runs(results, json.loads(hxc_file.read_text()))
+        summary["versus_hxc"] = compare_runs({r.name for r in passed}, json.loads(hxc_file.read_text()))
     where = "not saved: --only ran a subset"
     if not args.only:
         sys.path.insert(0, str(Path(__file__).parent))
         from _harness import save
 
         where = f"wrote {save('onnx_plain_iree', summary)}"
+    _report(summary, where)
+
+
+def _report(summary: dict, where: str) -> None:
     print(f"plain IREE: {summary['passed']} passed / {summary['total']} ({100 * summary['pass_rate']:.1f}%); {where}")
     if "versus_hxc" in summary:
         v = summary["versus_hxc"]

@@ -334,3 +334,44 @@ def test_onnx_function_operators_are_expanded(kind, tmp_path):
     feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
     [want] = _ort(model, feeds)
     _close(hxc.runtime.load(out)(*feeds.values()), want)
+
+
+# --- PyTorch frontend patterns ---------------------------------------------------------------
+
+
+def test_reduced_precision_with_a_dynamic_batch(tmp_path):
+    # The fp16 wrapper takes `*args`: torch.export wants its dynamic shapes nested as
+    # that one argument ("inputs[0] is a tuple, but dynamic_shapes[0] is a dict").
+    out = tmp_path / "dyn16.hxc"
+    result = build_bundle("hxc.examples:convnet", out, "cpu:host", precisions=("fp16",),
+                          options=ImportOptions(dynamic_batch=True))  # fmt: skip
+    assert result.written, [r.error for r in result.failed]
+    from hxc.examples import convnet
+
+    model, _ = convnet()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    got = hxc.runtime.load(out, precision="fp16")(x)
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+def test_every_import_of_a_build_sees_the_same_weights(tmp_path, run_isolated):
+    # A factory whose module is built with unseeded randomness when its file is
+    # imported: running it once per precision or cast interface gave each artifact
+    # other weights (the portable Vulkan artifact missed the golden sample by 1.6).
+    factory = tmp_path / "unseeded.py"
+    factory.write_text(
+        "import torch\n"
+        "NET = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).half().eval()\n"
+        "def make_model():\n"
+        "    return NET, (torch.randn(2, 8).half(),)\n"
+    )
+    out = tmp_path / "unseeded.hxc"
+    result = build_bundle(f"{factory}:make_model", out, "cpu:host,vulkan:spirv")
+    assert result.written, [r.error for r in result.failed]
+    assert result.manifest.artifact("vulkan:spirv").interface_casts == (("f16", "f32"),)  # its own import
+    assert verify_bundle(out, device="cpu").ok
+    inputs, expected = __import__("hxc.runtime.verify", fromlist=["load_golden"]).load_golden(out, read_manifest(out))
+    [got] = run_isolated(out, inputs, "vulkan:spirv")
+    _close(got, expected[0], "f16")
