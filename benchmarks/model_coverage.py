@@ -9,10 +9,12 @@ artifact's outputs with PyTorch's (the golden sample). CUDA, ROCm and aarch64
 artifacts are compiled (CUDA PTX also assembled by ptxas when it is installed) but
 there is no device here to run them.
 
-    python benchmarks/model_coverage.py [--only REGEX] [--timeout 600] [--jobs 2]
+    python benchmarks/model_coverage.py [--only REGEX] [--timeout 600] [--jobs 2] [--resume]
 
-Writes benchmarks/results/model_coverage.json and prints a table: per model and
-target, compiled / ran / matched, with the failing operator for each miss.
+Writes benchmarks/results/model_coverage.json after every model (`"complete": false`
+until the whole zoo is done; `--resume` carries on from such a file, keeping its
+models) and prints a table: per model and target, compiled / ran / matched, with the
+failing operator for each miss.
 """
 
 from __future__ import annotations
@@ -156,32 +158,46 @@ def main() -> None:
     ap.add_argument("--only", help="models whose name matches this regular expression")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per artifact run")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="targets compiled at once")
+    ap.add_argument("--resume", action="store_true", help="keep the models an unfinished results file holds")
     args = ap.parse_args()
     from hxc.targets import resolve
 
     names = [n for n in ZOO if not args.only or re.search(args.only, n)]
     targets = [v.id for v in resolve("all")]
-    results = []
-    t0 = time.perf_counter()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _harness import RESULTS, save
+
+    results: list[dict] = []
+    if args.resume and (RESULTS / "model_coverage.json").exists():
+        previous = json.loads((RESULTS / "model_coverage.json").read_text())
+        if previous.get("targets") == targets:
+            results = [r for r in previous["results"] if r["model"] in names]
+    done = {r["model"] for r in results}
+    t0 = time.perf_counter() - sum(r.get("seconds", 0) for r in results)
+
+    def summary(complete: bool) -> dict:
+        ordered = sorted(results, key=lambda r: names.index(r["model"]))
+        return {"zoo": ZOO, "targets": targets, "complete": complete, **summarize(ordered, targets),
+                "results": ordered, "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+
     with tempfile.TemporaryDirectory(prefix="hxc-coverage-") as work:
         for i, name in enumerate(names):
+            if name in done:
+                continue
             r = cover(name, Path(work), args.timeout, args.jobs)
             results.append(r)
             good = sum(1 for t in r["targets"].values() if t["matched"] or (t["compiled"] and t["ran"] is None))
             print(f"[{i + 1}/{len(names)}] {name}: {good}/{len(targets)} targets ok ({time.perf_counter() - t0:.0f}s)",
                   file=sys.stderr, flush=True)  # fmt: skip
-    summary = {"zoo": ZOO, "targets": targets, **summarize(results, targets), "results": results,
-               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
-    print(table(results, targets))
-    s = summary
+            if not args.only:  # the results file describes the zoo, so far
+                save("model_coverage", summary(complete=False))
+    s = summary(complete=True)
+    print(table(s["results"], targets))
     print(f"\n{len(s['cpu_matched'])}/{s['models']} match PyTorch on cpu:host; "
           f"{len(s['cpu_matched_and_every_gpu_target'])} of those also compile for every CUDA, ROCm and Vulkan target "
           "and match on lavapipe")  # fmt: skip
     if not args.only:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from _harness import save
-
-        print(f"wrote {save('model_coverage', summary)}", file=sys.stderr)
+        print(f"wrote {save('model_coverage', s)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
