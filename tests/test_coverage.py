@@ -290,6 +290,31 @@ def test_float64_model_keeps_f64_on_cpu_and_carries_it_as_f32_on_vulkan(tmp_path
     _close(vk, want.numpy())  # f32's tolerance
 
 
+def test_f64_kept_only_for_f64_interfaces_so_layer_norm_compiles_for_cuda(tmp_path):
+    # Keeping f64 inside every model broke CUDA reductions ("'func.func' op failed to
+    # distribute" at each layer_norm: BERT, GPT-2, ViT); an f32 model gets IREE's
+    # default demotion, an f64 interface still keeps f64.
+    from hxc.targets.base import KEEP_F64
+
+    factory = tmp_path / "ln_model.py"
+    factory.write_text(
+        "import torch\n"
+        "def make_model():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64)).eval(), (torch.randn(1, 32, 64),)\n"
+        "def make_f64():\n"
+        "    m, (x,) = make_model()\n"
+        "    return m.double(), (x.double(),)\n"
+    )
+    result = build_bundle(f"{factory}:make_model", tmp_path / "ln.hxc", "cpu:host,cuda:sm_80")
+    assert result.written, [r.error for r in result.failed]
+    assert all(KEEP_F64 not in a.flags for a in result.manifest.artifacts)
+    assert verify_bundle(tmp_path / "ln.hxc", device="cpu").ok
+    f64 = build_bundle(f"{factory}:make_f64", tmp_path / "ln64.hxc", "cpu:host")
+    assert f64.written and KEEP_F64 in f64.manifest.artifact("cpu:host").flags
+    assert verify_bundle(tmp_path / "ln64.hxc", device="cpu").ok
+
+
 # --- ONNX: operators IREE lacks, axes computed from shapes ------------------------------------
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from hxc import __version__, frontends
 from hxc.compiler.cache import CompileCache, ImportCache, default_cache_dir
-from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all
+from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all, f64_interface
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
 from hxc.errors import HxcError, UsageError
@@ -134,7 +134,7 @@ def build_bundle(
                 if key not in ir_sha:
                     ir_sha[key] = file_sha256(irs[key].mlir)
                 jobs.append(CompileJob(irs[key].mlir, ir_sha[key], v, precision, extra=extra_flags_for(v, extra_flags),
-                                       casts=casts))  # fmt: skip
+                                       casts=casts, f64=f64_interface(irs[key].signature)))  # fmt: skip
                 order.append(jobs[-1].id)
         t = time.perf_counter()
         on_stage("compiling")

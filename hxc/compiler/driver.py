@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Literal
 
 from hxc.compiler.cache import CompileCache
-from hxc.manifests.schema import FileHash, Requirements, TuningTrial
+from hxc.manifests.schema import FileHash, Requirements, Signature, TuningTrial
 from hxc.targets import CompilePlan, Variant, family
-from hxc.targets.base import CheckFailed
+from hxc.targets.base import KEEP_F64, CheckFailed
 
 log = logging.getLogger("hxc.compiler")
 
@@ -51,6 +51,8 @@ class CompileJob:
     extra: tuple[str, ...] = ()
     # The interface casts its IR was built with (Artifact.interface_casts).
     casts: tuple[tuple[str, str], ...] = ()
+    # Whether its IR takes or returns f64 tensors (see `f64_interface`).
+    f64: bool = False
 
     @property
     def id(self) -> str:
@@ -159,6 +161,11 @@ class _Processes:
                 p.kill()
 
 
+def f64_interface(signature: Signature) -> bool:
+    """Whether a function takes or returns f64 tensors, which IREE must then not demote."""
+    return any(t.dtype == "f64" for t in (*signature.inputs, *signature.outputs))
+
+
 def compile_all(
     jobs: Sequence[CompileJob],
     *,
@@ -197,6 +204,11 @@ def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Pr
     plan = fam.plan(variant)
     if job.flags is not None:
         plan = replace(plan, flags=job.flags)
+    if not job.f64:
+        # Keeping f64 is for f64 interfaces only: inside a model IREE's demotion is what
+        # plain IREE does, and kept f64 scalars break CUDA reductions ("failed to
+        # distribute" at every layer_norm).
+        plan = replace(plan, flags=tuple(f for f in plan.flags if f != KEEP_F64))
     if job.extra:
         plan = replace(plan, flags=(*plan.flags, *job.extra))
     result = _compile_plan(job, plan, workdir, cache, procs, t0)

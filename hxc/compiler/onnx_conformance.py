@@ -137,6 +137,7 @@ def run_case(case: Path, workdir: Path, target: str = TARGET, timeout: float = 3
 def _run_case(case: Path, workdir: Path, target: str, timeout: float) -> None:
     import numpy as np
 
+    from hxc.compiler.driver import f64_interface
     from hxc.compiler.imported import ImportOptions
     from hxc.compiler.onnx_import import import_onnx
     from hxc.errors import HxcError
@@ -161,7 +162,7 @@ def _run_case(case: Path, workdir: Path, target: str, timeout: float) -> None:
         imported = import_onnx(str(case / "model.onnx"), ImportOptions(inputs=tuple(specs), weights="inline"), workdir, lambda s: None)
     except HxcError as e:
         raise _Outcome("fail", _import_category(e.message), e.message) from None
-    vmfb = _compile(imported.mlir, imported.operators_at, workdir, target, timeout)
+    vmfb = _compile(imported.mlir, imported.operators_at, f64_interface(imported.signature), workdir, target, timeout)
     try:
         got = _invoke(vmfb, inputs, imported.signature)
     except Exception as e:
@@ -217,7 +218,7 @@ def _import_category(message: str) -> str:
     return "import into MLIR failed"
 
 
-def _compile(mlir: Path, operators_at: dict, workdir: Path, target: str, timeout: float) -> Path:
+def _compile(mlir: Path, operators_at: dict, f64: bool, workdir: Path, target: str, timeout: float) -> Path:
     """Compile as `hxc compile` does: through hxc's driver, with its flags and its
     fallback to safer flags. (`timeout` is enforced by the parent killing this worker
     and its process group.)"""
@@ -227,7 +228,7 @@ def _compile(mlir: Path, operators_at: dict, workdir: Path, target: str, timeout
     from hxc.targets import resolve
 
     [variant] = resolve(target)
-    [r] = compile_all([CompileJob(mlir, file_sha256(mlir), variant)], workdir=workdir, parallel=1)
+    [r] = compile_all([CompileJob(mlir, file_sha256(mlir), variant, f64=f64)], workdir=workdir, parallel=1)
     if r.status == "ok" and r.vmfb is not None:
         return r.vmfb
     unlowered = r.operator == "torch.operator" and "legalize" in (r.error or "")
