@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from hxc.errors import UsageError
+from hxc.errors import ExitCode, UsageError
 from hxc.manifests.schema import Artifact, Manifest, Profile
 from hxc.runtime.probe import HostProbe
 from hxc.targets import Device, family
@@ -57,6 +57,10 @@ class Selection:
     @property
     def best(self) -> Candidate | None:
         return self.candidates[0] if self.candidates else None
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.OK if self.candidates else ExitCode.NO_COMPATIBLE_ARTIFACT
 
     def explain(self) -> str:
         lines = [f"policy: {self.policy}" + (f"; device forced to {self.forced!r}" if self.forced else "")]
