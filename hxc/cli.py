@@ -544,8 +544,11 @@ def bench(bundle: Path, baselines: list[str], device: str | None, batches: list[
     if as_json:
         gate_json = verdict and {**to_json(verdict), "message": verdict.message}
         ui.print_json({"ok": code == ExitCode.OK, "exit_code": int(code), "host": to_json(result.host),
-                       "recorded": result.recorded, "results": [row_json(r) for r in table_rows], "gate": gate_json})  # fmt: skip
+                       "recorded": result.recorded, "results": [row_json(r) for r in table_rows], "gate": gate_json,
+                       "skipped_baselines": [to_json(s) for s in result.skipped_baselines]})  # fmt: skip
         return code
+    for s in result.skipped_baselines:
+        ui.warn(f"skipped baseline {s.baseline}: {s.reason}")
     ui.out.print(profiles_table(manifest, result.profiles))
     if result.recorded:
         ui.err.print(f"[dim]recorded {len(result.profiles)} profiles in {bundle}[/dim]")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hxc.bench.baselines import baseline, is_baseline, resolve
+from hxc.bench.baselines import SkippedBaseline, baseline, is_baseline, resolve
 from hxc.bench.contenders import artifact_contenders
 from hxc.bench.gate import GateVerdict, judge
 from hxc.bench.measure import Budget, Timing, measure
@@ -34,6 +34,7 @@ class BenchResult:
     profiles: list[Profile]
     recorded: bool
     gate: GateVerdict | None = None  # with --fail-if-slower-than
+    skipped_baselines: tuple[SkippedBaseline, ...] = ()  # `auto` ones this install cannot run
 
     @property
     def exit_code(self) -> ExitCode:
@@ -58,9 +59,10 @@ def run_bench(
     exit code says whether the fastest artifact kept up with it within `margin`."""
     path = Path(bundle)
     manifest = read_manifest(path)
-    chosen = resolve(baselines, manifest)
+    chosen, skipped = resolve(baselines, manifest)
     gate_baseline = baseline(gate) if gate is not None else None
     if gate_baseline is not None and gate_baseline not in chosen:
+        gate_baseline.require()  # named on purpose: say what to install, if that is why it is missing
         raise UsageError(f"--fail-if-slower-than {gate}: that baseline is not measured", hint=f"add --baseline {gate}")
     probe = probe_host()
     host = probe.host()
@@ -80,7 +82,7 @@ def run_bench(
     if record:
         update_manifest(path, lambda m: add_profiles(m, [host], profiles))
     verdict = judge(profiles, gate_baseline, margin) if gate_baseline is not None else None
-    return BenchResult(host, profiles, record, verdict)
+    return BenchResult(host, profiles, record, verdict, tuple(skipped))
 
 
 def scenarios(manifest: Manifest, golden: list[np.ndarray], offline_batches: Sequence[int]) -> list[tuple[str, int, list[np.ndarray]]]:

@@ -25,6 +25,7 @@ from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
 from hxc.errors import ExitCode, HxcError, UsageError
+from hxc.extras import require
 from hxc.frontends import Frontend
 from hxc.manifests.bundle import copy_hashed, file_hash, file_sha256, private_dir, remove_stale, write_manifest
 from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Signature, Weights, from_json, to_json
@@ -95,6 +96,7 @@ def build_bundle(
     variants = resolve(targets) if isinstance(targets, str) else list(targets)
     options = options or ImportOptions()
     frontend = frontends.recognise(source)  # before any slow work: what the source is, or a one-line error
+    require(frontend.extra, f"compiling {frontend.summary}")
     wanted = list(dict.fromkeys(precisions))
     if unsupported := [p for p in wanted if p not in frontend.precisions]:
         raise UsageError(f"--precision {', '.join(unsupported)} is not supported for {frontend.summary}",
