@@ -87,10 +87,12 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        from hxc import ui
-
         as_json = kwargs.get("as_json", False)
+        if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+            signal.signal(signal.SIGTERM, _terminate_like_interrupt)
         try:
+            from hxc import ui
+
             code = fn(*args, **kwargs)
         except HxcError as e:
             if as_json:
@@ -99,6 +101,8 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
                 ui.error(str(e))
             sys.exit(int(e.exit_code))
         except KeyboardInterrupt as e:
+            from hxc import ui
+
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
             ui.error(f"{'terminated' if signum == signal.SIGTERM else 'interrupted'}; nothing was written")
             sys.exit(128 + signum)
@@ -154,8 +158,6 @@ def main(verbose: int) -> None:
     hxc run model.hxc --input x.npy
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
-    if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
-        signal.signal(signal.SIGTERM, _terminate_like_interrupt)
     if verbose < 2:
         _quiet_libraries()
 

@@ -65,6 +65,8 @@ def mutated_manifests(draw, base: dict) -> dict:
     data = copy.deepcopy(base)
     for _ in range(draw(st.integers(1, 3))):
         paths = [p for p in _paths(data) if p]
+        if not paths:
+            break
         path = draw(st.sampled_from(paths))
         parent = data
         for k in path[:-1]:

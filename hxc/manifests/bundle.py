@@ -375,10 +375,11 @@ def _private_copy(fd: int, size: int) -> mmap.mmap:
 def output_lock(output: Path) -> Iterator[None]:
     """Exclusive, short-lived ownership of an output path: held while a run creates
     its private directories beside it, removes stale ones, or swaps the bundle in, so
-    concurrent runs to one path never see each other's half-made state."""
+    concurrent runs to one path never see each other's half-made state. The lock is
+    an flock on the parent directory itself, so it leaves no file behind."""
     out = Path(output).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    fd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
