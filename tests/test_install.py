@@ -126,16 +126,19 @@ def full_built(example_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_the_extras_table_matches_pyproject():
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    """Every module hxc.extras says an extra provides comes from a distribution that
+    extra installs (checked against the installed distributions' own file lists)."""
     import importlib.metadata as md
 
-    provides = md.packages_distributions()
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra in EXTRAS.values():
-        dists = {r.split("=")[0].split(">")[0].split("[")[0].strip().lower() for r in extras[extra.name]}
+        dists = [r.split("=")[0].split(">")[0].split("[")[0].strip() for r in extras[extra.name]]
         for module in extra.modules:
-            top = module.split(".")[0] if module.split(".")[0] != "iree" else module.replace(".", "_")
-            providers = {p.lower() for p in provides.get(top, provides.get(module.split(".")[0], []))}
-            assert providers & dists, f"hxc[{extra.name}] does not install what provides {module} ({providers})"
+            prefix = module.replace(".", "/") + "/"
+            providers = [d for d in dists if any(str(f).startswith(prefix) for f in md.files(d) or ())]
+            assert providers, f"hxc[{extra.name}] installs nothing that provides {module} ({', '.join(dists)})"
+    core = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not any(r.startswith(("torch", "iree-base-compiler", "iree-turbine", "onnx")) for r in core)
 
 
 def test_the_runtime_install_has_no_torch_and_no_compiler(thin):
