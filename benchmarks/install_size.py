@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,7 +71,10 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="hxc-install-") as tmp:
         d = Path(tmp)
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", d / "w", REPO],
+        # From a copy: setuptools builds in the source tree and keeps whatever a stale build/ holds.
+        source = shutil.copytree(REPO, d / "src", ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                                               "__pycache__", ".*_cache", ".hypothesis"))
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", d / "w", source],
                        check=True)  # fmt: skip
         [wheel] = (d / "w").glob("hxc-*.whl")
         thin = build(d, wheel, "")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -30,6 +31,7 @@ from hxc.extras import EXTRAS
 REPO = Path(__file__).resolve().parent.parent
 THIN_EXTRAS: tuple[str, ...] = ()  # what the runtime-only environment installs beyond the core
 QUICK = ("--min-time", "0.05", "--min-iterations", "3", "--max-time", "5")
+NOT_SOURCE = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "*.hxc")
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,11 @@ class Env:
 def thin(tmp_path_factory: pytest.TempPathFactory) -> Env:
     """A fresh venv with hxc installed from a wheel of this checkout, without extras."""
     d = tmp_path_factory.mktemp("thin")
+    # Built from a copy: setuptools builds in the source tree and never removes what a
+    # stale build/ holds, so a module deleted since could end up in the wheel.
+    source = Path(shutil.copytree(REPO, d / "src", ignore=shutil.ignore_patterns(*NOT_SOURCE)))
     wheels = d / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", wheels, REPO],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", wheels, source],
                    check=True, capture_output=True, timeout=300)  # fmt: skip
     env = Env(d / "venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", env.root], check=True, timeout=120)
