@@ -268,44 +268,85 @@ DEVICE_OPTION = click.option(
 PRECISION_OPTION = click.option("--precision", default=None, help="Allow reduced-precision artifacts of this precision (fp16, bf16).")
 TOLERANCE_OPTION = click.option("--tolerance", type=float, default=None,
                                 help="Allow reduced-precision artifacts whose recorded error vs fp32 is at most this.")  # fmt: skip
-POLICY_OPTION = click.option("--policy", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True,
-                             help="What recorded profiles rank by.")  # fmt: skip
+POLICY_OPTION = click.option("--policy", type=click.Choice(["latency", "throughput", "cost"]), default="latency", show_default=True,
+                             help="latency: lowest p50; throughput: most items/s; cost: lowest cost per 1,000 items "
+                                  "(price per hour / items per second), from recorded profiles.")  # fmt: skip
+SLO_OPTIONS = (
+    click.option("--slo-ms", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MS",
+                 help="Latency target per call (device time + caller overhead); candidates that meet it rank first."),
+    click.option("--slo-percentile", type=click.Choice(["p99", "p50"]), default="p99", show_default=True,
+                 help="Which recorded percentile the SLO is judged on (p99 needs >= 100 samples to be more than a weak estimate)."),
+    click.option("--prices", "prices_file", type=click.Path(path_type=Path), envvar="HXC_PRICES", default=None,
+                 help="Prices TOML for --policy cost. [env: HXC_PRICES; default: ~/.config/hxc/prices.toml, else built-in]"),
+)  # fmt: skip
+
+
+def _slo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(SLO_OPTIONS):
+        fn = option(fn)
+    return fn
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @DEVICE_OPTION
 @POLICY_OPTION
+@_slo_options
 @PRECISION_OPTION
 @TOLERANCE_OPTION
-@click.option("--explain", is_flag=True, help="List every artifact, accepted or rejected, with the reason.")
+@click.option("--explain", is_flag=True, help="List every artifact, accepted or rejected, with the reason (and the cost and SLO arithmetic).")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
-def select(bundle: Path, device: str | None, policy: str, precision: str | None, tolerance: float | None,
-           explain: bool, as_json: bool) -> int:  # fmt: skip
-    """Show which artifact `hxc.runtime.load` would pick on this host, and why."""
+def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, slo_percentile: str,
+           prices_file: Path | None, precision: str | None, tolerance: float | None, explain: bool, as_json: bool) -> int:  # fmt: skip
+    """Show which artifact `hxc.runtime.load` would pick on this host, and why.
+
+    \b
+    hxc select model.hxc --explain
+    hxc select model.hxc --policy cost --slo-ms 150 --explain
+    """
     from hxc import ui
     from hxc.manifests import read_manifest
     from hxc.runtime import probe_host
     from hxc.runtime import select as choose
+    from hxc.runtime.prices import load_prices
 
-    sel = choose(read_manifest(bundle), probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance)
+    prices = load_prices(prices_file) if policy == "cost" or prices_file else None
+    sel = choose(read_manifest(bundle), probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance,
+                 slo_ms=slo_ms, slo_percentile=slo_percentile, prices=prices)  # fmt: skip
     if as_json:
         ui.print_json({
-            "ok": sel.best is not None, "policy": sel.policy, "forced": sel.forced,
+            "ok": sel.best is not None, "policy": sel.policy, "forced": sel.forced, "note": sel.note,
+            "slo": sel.slo and {"ms": sel.slo.ms, "percentile": sel.slo.percentile}, "currency": sel.currency,
             "choice": sel.best and {"artifact": sel.best.artifact.id, "device": sel.best.device.label, "uri": sel.best.device.uri},
-            "candidates": [{"artifact": c.artifact.id, "device": c.device.label, "reason": c.reason} for c in sel.candidates],
+            "candidates": [_candidate_json(c) for c in sel.candidates],
             "rejected": [{"artifact": r.artifact.id, "reason": r.reason} for r in sel.rejected],
         })  # fmt: skip
     elif explain:
-        ui.out.print(sel.explain(), markup=False)
+        ui.out.print(sel.explain(), markup=False, soft_wrap=True)
     elif sel.best:
         ui.out.print(f"{sel.best.artifact.id} on {sel.best.device.label}  ({sel.best.reason})", markup=False)
+        if sel.note:
+            ui.warn(sel.note)
     if sel.best is None:
         if not as_json:
             ui.error("no artifact in this bundle can run on this host (see --explain)")
         return ExitCode.NO_COMPATIBLE_ARTIFACT
     return ExitCode.OK
+
+
+def _candidate_json(c: Any) -> dict[str, Any]:
+    lat = c.latency.latency if c.latency else None
+    return {
+        "artifact": c.artifact.id, "device": c.device.label, "reason": c.reason, "measured_on": c.measured_on,
+        "p50_ms": lat and lat.p50_ms, "p99_ms": lat and lat.p99_ms, "samples": lat and lat.iterations,
+        "items_per_second": c.items_per_second,
+        "price_per_hour": c.price and c.price.per_hour, "price_source": c.price and c.price.source,
+        "cost_per_1k_items": c.cost_per_1k,
+        "slo": c.slo and {"met": c.slo.met, "estimate_ms": c.slo.estimate_ms, "device_ms": c.slo.device_ms,
+                          "overhead_ms": c.slo.overhead_ms, "samples": c.slo.samples, "weak": c.slo.weak,
+                          "caveats": list(c.slo.caveats)},
+    }  # fmt: skip
 
 
 @main.command()

@@ -24,6 +24,7 @@ from hxc.manifests import read_manifest
 from hxc.manifests.bundle import file_sha256
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
 from hxc.runtime.io import dtype_name, is_torch, numpy_dtype, to_device, to_host, to_numpy, to_torch
+from hxc.runtime.prices import PriceTable
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
 from hxc.targets import Device
@@ -105,6 +106,9 @@ def load(
     precision: str | None = None,
     tolerance: float | None = None,
     probe: HostProbe | None = None,
+    slo_ms: float | None = None,
+    slo_percentile: str = "p99",
+    prices: PriceTable | None = None,
 ) -> LoadedModel:
     """Load the best artifact in `bundle` for this host.
 
@@ -117,12 +121,18 @@ def load(
     Reduced-precision artifacts (built with `hxc compile --precision fp16,...`) are only
     chosen when allowed: `precision="fp16"`, or `tolerance=` at least their recorded
     error against fp32.
+
+    `policy` ranks by recorded profiles: "latency", "throughput" or "cost" (price per
+    hour / items per second, prices from `prices` or `hxc.runtime.prices.load_prices()`);
+    `slo_ms` puts the artifacts that meet that target (at `slo_percentile`, p99 or p50)
+    first. See `hxc.runtime.select`.
     """
     path = Path(bundle)
     manifest = read_manifest(path)
     probe = probe or probe_host()
-    allow = {"precision": precision, "tolerance": tolerance}
-    selection = select(manifest, probe, policy=policy, device=device, **allow)
+    options = {"precision": precision, "tolerance": tolerance, "slo_ms": slo_ms, "slo_percentile": slo_percentile,
+             "prices": prices}  # fmt: skip
+    selection = select(manifest, probe, policy=policy, device=device, **options)
     if not selection.candidates and selection.forced:
         if strict:
             raise NoCompatibleArtifactError(
@@ -132,7 +142,7 @@ def load(
         log.warning("hxc: requested device %r is not usable here; choosing another", selection.forced)
         refused = selection.forced
         selection = replace(
-            select(manifest, probe, policy=policy, device="", **allow),
+            select(manifest, probe, policy=policy, device="", **options),
             note=f"requested device {refused!r} is not usable here ({_summary(selection)}); fell back",
         )
     if not selection.candidates:
