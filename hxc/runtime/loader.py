@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Callable
@@ -90,6 +91,12 @@ class LoadedModel:
         """Numpy in, flat numpy out: the path `verify` and `run` use."""
         with self._lock:
             return self._session.invoke(check_inputs(self.signature, arrays), self.signature)
+
+    @property
+    def last_device_ms(self) -> float:
+        """Device time of the last call, host<->device copies excluded: what `hxc bench`
+        profiles measure, so a caller can tell its own overhead from it."""
+        return self._session.device_seconds * 1000
 
     def prepare(self, arrays: list[np.ndarray]) -> Callable[[], None]:
         """A zero-argument call on device-resident copies of `arrays` whose results stay
@@ -208,6 +215,7 @@ class Session:
         self.device = device
         self.context = context
         self.function = function
+        self.device_seconds = 0.0  # of the last invoke(), copies to and from the device excluded
         # The mapped module, the parameter index and its provider must outlive the
         # context that reads from them.
         self._keep_alive = keep_alive
@@ -260,7 +268,10 @@ class Session:
         import iree.runtime as rt
 
         results = rt.VmVariantList(len(signature.outputs))
-        self.context.invoke(self.function, self._args(arrays, signature), results)
+        args = self._args(arrays, signature)
+        t0 = time.perf_counter()
+        self.context.invoke(self.function, args, results)
+        self.device_seconds = time.perf_counter() - t0
         return [
             to_host(self.device, results.get_as_object(i, rt.HalBufferView), spec.dtype)
             for i, spec in enumerate(signature.outputs)
