@@ -8,6 +8,10 @@ that splits a batch across them by measured speed, deadlines, restarts and telem
         print(pool.explain(), pool.stats())
 """
 
+from hxc.pool.pool import DeviceStats, Pool, PoolStats
 from hxc.pool.worker import Backoff, Deadlines, Health, RequestFailed, Result, Worker, WorkerFailed, WorkerStats, run_isolated
 
-__all__ = ["Backoff", "Deadlines", "Health", "RequestFailed", "Result", "Worker", "WorkerFailed", "WorkerStats", "run_isolated"]
+__all__ = [
+    "Backoff", "Deadlines", "DeviceStats", "Health", "Pool", "PoolStats", "RequestFailed", "Result", "Worker", "WorkerFailed",
+    "WorkerStats", "run_isolated",
+]  # fmt: skip

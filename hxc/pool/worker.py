@@ -303,6 +303,10 @@ class Worker:
         return self._reason
 
     @property
+    def restart_pending(self) -> bool:
+        return self._restart_timer is not None
+
+    @property
     def queue_depth(self) -> int:
         return len(self._pending) + len(self._running)
 

@@ -15,12 +15,12 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hxc.errors import HxcError, IntegrityError, NoCompatibleArtifactError, SignatureError, first_line
+from hxc.errors import HxcError, IntegrityError, NoCompatibleArtifactError, SignatureError, UsageError, first_line
 from hxc.manifests import read_manifest
 from hxc.manifests.bundle import file_sha256
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
@@ -29,6 +29,9 @@ from hxc.runtime.prices import PriceTable
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
 from hxc.targets import Device
+
+if TYPE_CHECKING:
+    from hxc.pool import Pool
 
 log = logging.getLogger("hxc.runtime")
 
@@ -116,7 +119,9 @@ def load(
     slo_ms: float | None = None,
     slo_percentile: str = "p99",
     prices: PriceTable | None = None,
-) -> LoadedModel:
+    devices: str | Sequence[str] | None = None,
+    **pool_options: Any,
+) -> LoadedModel | Pool:
     """Load the best artifact in `bundle` for this host.
 
     `device` (or $HXC_DEVICE) restricts the choice: a driver (`vulkan`, `local-task`,
@@ -133,7 +138,18 @@ def load(
     hour / items per second, prices from `prices` or `hxc.runtime.prices.load_prices()`);
     `slo_ms` puts the artifacts that meet that target (at `slo_percentile`, p99 or p50)
     first. See `hxc.runtime.select`.
+
+    `devices="all"` (or a list of device selectors) returns a `hxc.pool.Pool` instead:
+    every such device in its own worker process, one batch split across all of them
+    (`pool_options` go to `Pool`: pin, chunk_ms, judge, deadlines, backoff).
     """
+    if devices is not None:
+        from hxc.pool import Pool
+
+        return Pool(bundle, devices, policy=policy if policy != "latency" else "throughput", precision=precision,
+                    tolerance=tolerance, probe=probe, **pool_options)  # fmt: skip
+    if pool_options:
+        raise UsageError(f"unexpected argument(s) {', '.join(pool_options)}", hint="pool options need devices=...")
     path = Path(bundle)
     manifest = read_manifest(path)
     probe = probe or probe_host()
