@@ -187,12 +187,16 @@ def test_pinning_gives_each_device_its_own_cores(bundles):
         info = {m.name: m.worker.ready_info for m in pool.members}
         cpus = {m.name: m.worker.cpus for m in pool.members}
         threads = {m.name: _thread_cpus(m.worker.pid) for m in pool.members}
+        names = {m.name: _thread_names(m.worker.pid) for m in pool.members}
         x = _cnn_input(16)
         assert compare(_run(lambda: pool(x)), _torch(convnet, x), "f32").ok
     assert set(cpus["cpu:host"]).isdisjoint(cpus["vulkan:spirv"])
     for name in cpus:
         assert info[name]["cpus"] == list(cpus[name])  # the process's affinity
         assert threads[name] == {tuple(cpus[name])}  # and every thread's, IREE's and Mesa's included
+    # IREE's task system runs one worker per given core; lavapipe one thread per core (LP_NUM_THREADS).
+    assert sum(n.startswith("iree-worker") for n in names["cpu:host"]) == len(cpus["cpu:host"])
+    assert sum(n.startswith("llvmpipe") for n in names["vulkan:spirv"]) == len(cpus["vulkan:spirv"])
     with pytest.raises(UsageError, match="not available"):
         Pool(bundles["convnet"], ["cpu:host"], pin={"cpu": [4096]})
 
@@ -201,3 +205,9 @@ def _thread_cpus(pid: int) -> set[tuple[int, ...]]:
     import os
 
     return {tuple(sorted(os.sched_getaffinity(int(tid)))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def _thread_names(pid: int) -> list[str]:
+    import os
+
+    return [Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() for tid in os.listdir(f"/proc/{pid}/task")]
