@@ -64,7 +64,7 @@ def test_a_worker_returns_what_the_model_returns_in_process(cnn, artifact):
         assert r.rows == 5 and 0 < r.device_ms <= r.worker_ms
     assert compare(results[0].outputs[0], _torch(x), "f32").ok
     assert stats.items == 15 and stats.requests == 3 and stats.failures == 0 and stats.busy_s > 0
-    assert stats.ms_per_item is not None and stats.overhead_samples >= 1 and stats.overhead_ms_p50 >= 0
+    assert stats.ms_per_item is not None and stats.overhead.iterations >= 1 and stats.overhead.p50_ms >= 0
     assert w.health == Health.STOPPED
 
 

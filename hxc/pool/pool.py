@@ -21,6 +21,7 @@ measurements and left out, with the reason in `explain()`.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import queue
 import threading
@@ -42,6 +43,7 @@ from hxc.runtime.select import Candidate, Selection, select
 
 SLOTS = 2  # chunks a worker holds at once: one running, the next already there
 JUDGE_SAMPLES = 3  # chunks measured alone, and beside the others, before a judgement
+REJUDGE_S = 60.0  # seconds of work after which a judgement is made again (loads change)
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,9 @@ class Pool:
         self._target_s = chunk_ms / 1000
         self._judging = judge
         self._judged = False
+        self._judged_at = 0.0  # the working time at the judgement: it is made again REJUDGE_S later
         self._solo_trial: str | None = None  # a member measured alone before judging
+        self._only: set[str] | None = None  # members allowed to work, inside `using()`
         self._events: queue.Queue = queue.Queue()
         self._job_lock = threading.Lock()
         self._job_owner: int | None = None
@@ -194,6 +198,11 @@ class Pool:
                              hint="recompile with `hxc compile ... --dynamic-batch` (or use pool.map for whole requests)")  # fmt: skip
         return next(self._run(iter([inputs]), window=1))
 
+    def run_flat(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Numpy in, flat numpy out (as `LoadedModel.run_flat`): split across devices when
+        the batch can be, else run whole on one device."""
+        return next(self._run(iter([tuple(arrays)]), window=1, flat=True))
+
     def map(self, items: Iterable[Any], *, window: int = 64) -> Iterator[Any]:
         """Run a stream of requests, keeping every device busy; yields results in input
         order. An item is the inputs of one call: an array, or a tuple of arrays. With a
@@ -227,9 +236,9 @@ class Pool:
             speed = f"{m.speed.rate:.4g} items/s ({m.speed.source})" if m.speed.rate else "speed not known yet"
             lines.append(f"  {m.name} on {m.candidate.device.label} [{w.health.value}, pid {w.pid}, {where}]: {speed}")
             if m.solo.samples or m.shared.samples or m.solo_prior:
-                solo = m.solo.rate if m.solo.samples else m.solo_prior
+                solo = m.solo.median if m.solo.samples else m.solo_prior
                 lines.append(f"      alone {_rate(solo)} ({'measured' if m.solo.samples else 'profile'}), "
-                             f"beside the others {_rate(m.shared.rate)}")  # fmt: skip
+                             f"beside the others {_rate(m.shared.median)} (medians of recent chunks)")  # fmt: skip
             if w.reason:
                 lines.append(f"      {'unhealthy' if w.health == Health.UNHEALTHY else 'last failure'}: {w.reason}")
             if m.left_out:
@@ -239,6 +248,12 @@ class Pool:
         lines.append("selection per device:")
         lines += ["  " + line for line in self.selection.explain().splitlines()]
         return "\n".join(lines)
+
+    @property
+    def expected_rate(self) -> float:
+        """Units per second the devices taking work now should do together, by their
+        current speed estimates (1/s for one not measured yet)."""
+        return sum(m.speed.rate or 1.0 for m in self._kept())
 
     def rejudge(self) -> None:
         """Let left-out devices back in; the judgement is made again from new measurements."""
@@ -264,13 +279,30 @@ class Pool:
 
     # --- the job loop ----------------------------------------------------------
 
-    def _run(self, source: Iterator[Sequence[Any]], window: int) -> Iterator[Any]:
+    @contextlib.contextmanager
+    def using(self, *names: str) -> Iterator[None]:
+        """Within the block, only these members (artifact ids or device selectors) take
+        work and no judgement is made: to measure a device alone, as pinned in the pool."""
+        from hxc.runtime.select import _matches
+
+        only = {m.name for m in self.members if any(_matches(n, m.candidate.device, m.candidate.artifact) for n in names)}
+        if not only:
+            raise UsageError(f"no device of the pool matches {', '.join(names)}", hint=", ".join(m.name for m in self.members))
+        previous, self._only = self._only, only
+        try:
+            yield
+        finally:
+            self._only = previous
+
+    def _run(self, source: Iterator[Sequence[Any]], window: int, flat: bool = False) -> Iterator[Any]:
         if self._job_owner == threading.get_ident():
             raise UsageError("this pool is already running a call or map() in this thread; finish it first")
         with self._job_lock:
             self._job_owner = threading.get_ident()
+            if self._judged and self._wall_s - self._judged_at > REJUDGE_S:
+                self.rejudge()
             try:
-                yield from _Job(self, source, window).run()
+                yield from _Job(self, source, window, flat).run()
             finally:
                 self._job_owner = None
 
@@ -278,6 +310,8 @@ class Pool:
         """Members that share the work: ready and not left out — or, if every one of
         those is gone, the left-out ones, which beat nothing."""
         ready = [m for m in self.members if m.worker.health == Health.READY]
+        if self._only is not None:
+            return [m for m in ready if m.name in self._only]
         return [m for m in ready if m.left_out is None] or ready
 
     def _active(self) -> list[_Member]:
@@ -287,7 +321,7 @@ class Pool:
 
     def _maybe_judge(self) -> None:
         active = self._kept()
-        if not self._judging or self._judged or len(active) < 2:
+        if not self._judging or self._judged or len(active) < 2 or self._only is not None:
             return
         # What a device adds is its rate beside the others (or any measured rate, for a
         # slow one whose few chunks rarely overlap the others' throughout); what it costs
@@ -303,17 +337,21 @@ class Pool:
         self._solo_trial = None
         shared = {m.name: m.shared.median if m.shared.samples else m.speed.median for m in active}
         verdicts = judge(solo, shared)
+        hint = ("; they compete for the same CPU cores: pin them to separate cores (pin='split') to use both"
+                if not self.pinned else "; pinned to separate cores, they still compete (memory, or other load)")  # fmt: skip
         for m in active:
-            m.left_out = verdicts.get(m.name)
+            m.left_out = verdicts[m.name] + hint if m.name in verdicts else None
         self._judged = True
+        self._judged_at = self._wall_s
 
 
 class _Job:
     """One call or map(): the event loop in the caller's thread. Workers' reader threads
     write outputs in place and post completions; everything else happens here."""
 
-    def __init__(self, pool: Pool, source: Iterator[Sequence[Any]], window: int) -> None:
+    def __init__(self, pool: Pool, source: Iterator[Sequence[Any]], window: int, flat: bool = False) -> None:
         pool._job_id += 1
+        self.flat = flat
         self.pool = pool
         self.id = pool._job_id
         self.source = source
@@ -523,6 +561,8 @@ class _Job:
         from hxc.runtime.loader import rebuild
 
         outputs = item.outputs or []
+        if self.flat:
+            return outputs
         if item.as_torch:
             outputs = [to_torch(o, s.dtype) for o, s in zip(outputs, self.pool.signature.outputs)]
         return rebuild(self.pool.signature.output_tree, outputs)

@@ -220,6 +220,5 @@ def judge(solo: Mapping[str, float | None], shared: Mapping[str, float | None]) 
         if cost > adds:  # type: ignore[operator]
             worst = max(losses, key=lambda o: losses[o])
             out[d] = (f"adds {adds:.4g} items/s but costs {cost:.4g}: {worst} does {shared[worst]:.4g} items/s "
-                      f"beside it against {alone[worst]:.4g} alone (they compete for the same cores); "
-                      f"pin them to separate cores to use both")  # fmt: skip
+                      f"beside it against {alone[worst]:.4g} alone")  # fmt: skip
     return out

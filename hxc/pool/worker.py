@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from hxc.bench.measure import latency_stats
 from hxc.errors import HxcError
-from hxc.manifests.schema import Signature
+from hxc.manifests.schema import LatencyStats, Signature
 from hxc.pool.channel import ArrayRef, Channel, ChannelClosed, SharedBuffer, layout, write_arrays
 
 CPU_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -118,9 +119,9 @@ class WorkerStats:
     restarts: int
     queue_depth: int  # queued + running
     ms_per_item: float | None  # the measured estimate
-    overhead_ms_p50: float | None
-    overhead_ms_p99: float | None
-    overhead_samples: int
+    # What callers paid beyond device time (copies, checks, the process hop), over the
+    # recent requests that found the worker idle; None until one has.
+    overhead: LatencyStats | None
     since: float  # time.monotonic() when counting began
 
 
@@ -331,14 +332,14 @@ class Worker:
 
     def stats(self) -> WorkerStats:
         with self._lock:
-            overheads = sorted(self._overheads)
+            overheads = list(self._overheads)
             c = self._counts
             life = self._life
             return WorkerStats(
                 self.name, self.artifact, self.device, self._health, self._reason,
                 life.process.pid if life else None, self.cpus, c["items"], c["requests"], c["busy_s"], c["device_s"],
                 c["failures"], c["restarts"], self.queue_depth, self._ms_per_item,
-                _percentile(overheads, 50), _percentile(overheads, 99), len(overheads), self._since,
+                latency_stats(overheads) if overheads else None, self._since,
             )  # fmt: skip
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -609,12 +610,6 @@ def _exit_reason(process: subprocess.Popen) -> str:
         name = signal.Signals(-code).name
         return f"was killed by {name}" if -code in (signal.SIGKILL, signal.SIGTERM) else f"crashed ({name})"
     return f"exited with code {code}"
-
-
-def _percentile(sorted_xs: list[float], q: float) -> float | None:
-    if not sorted_xs:
-        return None
-    return sorted_xs[min(len(sorted_xs) - 1, int(round((len(sorted_xs) - 1) * q / 100)))]
 
 
 def run_isolated(bundle: str | os.PathLike[str], artifact: str, inputs: Sequence[np.ndarray], *,
