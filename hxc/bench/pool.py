@@ -94,15 +94,15 @@ def run_pool_bench(
         delta: PoolStats | None = None  # the pool's calls only, summed over rounds
         row = [a[:1] for a in golden] if pool.splittable else None
         # Warm every device up (and measure its speed) before the timed rounds.
-        _sized_call(pool, row, single, 0.2 * seconds)
+        sized_call(pool, row, single, 0.2 * seconds)
         for r in range(rounds):
             for m in pool.members:
                 on_progress(f"round {r + 1}/{rounds}: {m.name} alone")
                 with pool.using(m.name):
-                    alone[m.name].append(_sized_call(pool, row, single, seconds))
+                    alone[m.name].append(sized_call(pool, row, single, seconds))
             on_progress(f"round {r + 1}/{rounds}: the pool")
             before = pool.stats()
-            pool_rates.append(_sized_call(pool, row, single, seconds))
+            pool_rates.append(sized_call(pool, row, single, seconds))
             this = _delta(before, pool.stats())
             delta = this if delta is None else _add(delta, this)
         assert delta is not None
@@ -164,7 +164,7 @@ def _single_stream(pool: Pool, inputs: list[np.ndarray], host_id: str, budget: B
     return out
 
 
-def _sized_call(pool: Pool, row: list[np.ndarray] | None, single: list[np.ndarray], seconds: float) -> float:
+def sized_call(pool: Pool, row: list[np.ndarray] | None, single: list[np.ndarray], seconds: float) -> float:
     """Items per second of one call sized to take about `seconds` at the current speed
     estimates of the devices that will take part."""
     rate = pool.expected_rate

@@ -39,7 +39,7 @@ from hxc.manifests.schema import Signature
 from hxc.pool.schedule import Balancer, Chunk, Overlap, Speed, judge
 from hxc.pool.worker import Backoff, Deadlines, Health, Inputs, RequestFailed, Worker, WorkerFailed
 from hxc.runtime.probe import HostProbe, probe_host
-from hxc.runtime.select import Candidate, Selection, select
+from hxc.runtime.select import Candidate, Selection, matches_device, select
 
 SLOTS = 2  # chunks a worker holds at once: one running, the next already there
 JUDGE_SAMPLES = 3  # chunks measured alone, and beside the others, before a judgement
@@ -283,9 +283,7 @@ class Pool:
     def using(self, *names: str) -> Iterator[None]:
         """Within the block, only these members (artifact ids or device selectors) take
         work and no judgement is made: to measure a device alone, as pinned in the pool."""
-        from hxc.runtime.select import _matches
-
-        only = {m.name for m in self.members if any(_matches(n, m.candidate.device, m.candidate.artifact) for n in names)}
+        only = {m.name for m in self.members if any(matches_device(n, m.candidate.device, m.candidate.artifact) for n in names)}
         if not only:
             raise UsageError(f"no device of the pool matches {', '.join(names)}", hint=", ".join(m.name for m in self.members))
         previous, self._only = self._only, only
@@ -608,23 +606,21 @@ def _pinning(pin: str | Mapping[str, Sequence[int]] | None, chosen: list[Candida
         cpu_kind = [c for c in chosen if c.device.kind == "cpu"]
         if len(cpu_kind) > len(available):
             raise UsageError(f"pin='split' needs a core per CPU-type device: {len(cpu_kind)} devices, {len(available)} cores")
-        share = len(available) // max(1, len(cpu_kind))
+        share, extra = divmod(len(available), max(1, len(cpu_kind)))
+        start = 0
         for i, c in enumerate(cpu_kind):
-            # The first (the host CPU, fastest by far) takes the remainder.
-            start = 0 if i == 0 else share * i + len(available) % max(1, len(cpu_kind))
-            end = share + len(available) % max(1, len(cpu_kind)) if i == 0 else start + share
-            out[c.artifact.id] = tuple(available[start:end])
+            size = share + (extra if i == 0 else 0)  # the host CPU, first and fastest by far, takes the remainder
+            out[c.artifact.id] = tuple(available[start:start + size])
+            start += size
         return out
     if isinstance(pin, str):
         raise UsageError(f"unknown pinning {pin!r}", hint="use None, 'split', or {device: [cores]}")
-    from hxc.runtime.select import _matches  # the same matching as device=
-
     for want, cores in pin.items():
         cores = tuple(int(c) for c in cores)
         bad = [c for c in cores if c not in available]
         if bad or not cores:
             raise UsageError(f"pin {want!r}: cores {bad or cores} are not available (this process may use {available})")
-        hits = [c for c in chosen if _matches(want, c.device, c.artifact)]
+        hits = [c for c in chosen if matches_device(want, c.device, c.artifact)]
         if not hits:
             raise UsageError(f"pin {want!r}: no device of the pool matches it", hint=", ".join(c.artifact.id for c in chosen))
         for c in hits:

@@ -227,7 +227,7 @@ def select(
             rejected.append(Rejection(art, "; ".join(dict.fromkeys(r for r in reasons.values() if r))))
             continue
         if forced:
-            matching = [d for d in able if _matches(forced, d, art)]
+            matching = [d for d in able if matches_device(forced, d, art)]
             if not matching:
                 rejected.append(Rejection(art, f"not the requested device {forced!r}"))
                 continue
@@ -315,7 +315,9 @@ def _profiles_for(
     return None, None, None
 
 
-def _matches(forced: str, device: Device, art: Artifact) -> bool:
+def matches_device(forced: str, device: Device, art: Artifact) -> bool:
+    """Whether `forced` (a driver, device URI, family or artifact id, as `device=` takes
+    it) names this device and artifact."""
     return forced in (device.driver, device.uri, art.family, art.id) or device.uri.startswith(forced + "://")
 
 
