@@ -86,6 +86,9 @@ def test_one_batch_across_cpu_and_vulkan_equals_one_device_and_pytorch(bundles):
         assert stats.items == 33 + 7 + 1 and all(d.items > 0 for d in stats.devices)  # both devices computed rows
         assert all(d.failures == 0 and d.health == "ready" for d in stats.devices)
         assert isinstance(pool(torch.from_numpy(_cnn_input(3))), torch.Tensor)  # torch in, torch out
+        with pytest.raises(UsageError, match="empty batch"):
+            pool(_cnn_input(0))
+        assert "caller overhead beyond device time: p50" in pool.explain()
 
 
 def test_map_streams_results_in_input_order(bundles):

@@ -159,7 +159,6 @@ class Pool:
         self._job_owner: int | None = None
         self._job_id = 0
         self._wall_s = 0.0
-        self._closed = False
         self.members: list[_Member] = []
         for cand in chosen:
             # A profile speaks for a worker only if measured as it will run: a pinned one
@@ -239,6 +238,10 @@ class Pool:
                 solo = m.solo.median if m.solo.samples else m.solo_prior
                 lines.append(f"      alone {_rate(solo)} ({'measured' if m.solo.samples else 'profile'}), "
                              f"beside the others {_rate(m.shared.median)} (medians of recent chunks)")  # fmt: skip
+            overhead = w.stats().overhead
+            if overhead is not None:
+                lines.append(f"      caller overhead beyond device time: p50 {overhead.p50_ms:.3g} ms, p99 {overhead.p99_ms:.3g} ms "
+                             f"({overhead.iterations} calls)")  # fmt: skip
             if w.reason:
                 lines.append(f"      {'unhealthy' if w.health == Health.UNHEALTHY else 'last failure'}: {w.reason}")
             if m.left_out:
@@ -264,7 +267,6 @@ class Pool:
         self._solo_trial = None
 
     def close(self) -> None:
-        self._closed = True
         for m in self.members:
             m.worker.close()
 
@@ -398,6 +400,8 @@ class _Job:
                 break
             arrays = check_inputs(self.pool.signature, raw)
             rows = int(arrays[0].shape[0]) if self.splittable else 1
+            if rows == 0:
+                raise UsageError("a request with an empty batch (0 rows): nothing to run")
             item = _Item(arrays, self.units, rows, bool(raw) and is_torch(raw[0]), written=np.zeros(rows, bool))
             self.items.append(item)
             if rows:
