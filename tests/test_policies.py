@@ -259,12 +259,12 @@ def test_select_command_shows_the_cost_and_slo_arithmetic(measured_bundle, cli, 
 
 
 def test_profiles_without_overhead_still_round_trip(measured_bundle, tmp_path):
-    # caller_overhead is optional: manifests without it (older bundles) read as None.
+    # caller_overhead is optional: profiles without it (recorded by an older hxc) read as None.
     bundle = Path(shutil.copytree(measured_bundle, tmp_path / "c.hxc"))
-    data = json.loads((bundle / "manifest.json").read_text())
+    data = json.loads((bundle / "profiles.json").read_text())
     for p in data["profiles"]:
         p.pop("caller_overhead", None)
-    (bundle / "manifest.json").write_text(json.dumps(data))
+    (bundle / "profiles.json").write_text(json.dumps(data))
     assert all(p.caller_overhead is None for p in read_manifest(bundle).profiles)
     update_manifest(bundle, lambda m: dataclasses.replace(m, profiles=tuple(
         dataclasses.replace(p, caller_overhead=_stats(1, 2, 3)) for p in m.profiles)))  # fmt: skip

@@ -39,7 +39,9 @@ def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, devi
     return out
 
 
-def baseline_contenders(bundle: Path, manifest: Manifest, names: list[str], cpu_label: str) -> list[Contender]:
+def baseline_contenders(
+    bundle: Path, manifest: Manifest, names: list[str], cpu_label: str, allow_pickle: bool = False
+) -> list[Contender]:
     out = []
     for name in names:
         if name not in BASELINES:
@@ -50,17 +52,17 @@ def baseline_contenders(bundle: Path, manifest: Manifest, names: list[str], cpu_
             raise UsageError(f"baseline {name!r} needs a PyTorch model; this bundle was built from ONNX",
                              hint="use --baseline onnxruntime")  # fmt: skip
         else:
-            out.append(_torch(bundle, manifest, cpu_label, compiled=name == "torch-compile"))
+            out.append(_torch(bundle, manifest, cpu_label, compiled=name == "torch-compile", allow_pickle=allow_pickle))
     return out
 
 
-def _torch(bundle: Path, manifest: Manifest, cpu_label: str, compiled: bool) -> Contender:
+def _torch(bundle: Path, manifest: Manifest, cpu_label: str, compiled: bool, allow_pickle: bool) -> Contender:
     import torch
 
     holder: dict[str, Any] = {}
 
     def open_() -> None:
-        module = load_torch_module(bundle, manifest)
+        module = load_torch_module(bundle, manifest, allow_pickle=allow_pickle)
         holder["fn"] = torch.compile(module) if compiled else module
 
     def prepare(inputs: list) -> Callable[[], None]:
@@ -95,23 +97,36 @@ def _onnxruntime(bundle: Path, manifest: Manifest, cpu_label: str) -> Contender:
     return Contender("onnxruntime", cpu_label, open_, prepare, device_time_only=True, threads=os.cpu_count())
 
 
-def load_torch_module(bundle: Path, manifest: Manifest) -> Any:
+def load_torch_module(bundle: Path, manifest: Manifest, *, allow_pickle: bool = False) -> Any:
     """The bundle's exported program as a runnable module, its weights restored from
-    the bundle's parameter archive when they were stored there."""
+    the bundle's parameter archive when they were stored there. Both files are read
+    from their checked bytes, and the program is loaded without running code from it
+    (`allow_pickle` lifts that, for programs whose weights torch itself pickled)."""
     import warnings
 
+    import iree.runtime as rt
     import torch
+
+    from hxc.compiler.frontend import load_program
+    from hxc.manifests.bundle import open_checked
 
     if manifest.model.source_format == "onnx" or not manifest.model.program_file:
         raise UsageError("this bundle holds no PyTorch program")
-    program = torch.export.load(str(bundle / manifest.model.program_file))
+    checked = open_checked(bundle, manifest, manifest.model.program_file)
     weights = manifest.weights_for("fp32")
+    # With shared weights the saved program holds stride-0 placeholders: their logical
+    # size is the model's, not a sign of a bomb.
+    program = load_program(checked.bytes(), str(checked.path), allow_pickle=allow_pickle, check_expansion=weights is None)
+    checked.close()
     if weights is not None:
         from iree.turbine.aot import ParameterArchive
 
+        irpa = open_checked(bundle, manifest, weights.file)
+        archive = ParameterArchive()
+        archive.index.load_from_file_handle(rt.FileHandle.wrap_memory(irpa.buffer), "irpa")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "non-writable NumPy array": we copy right away
-            stored = {name: entry.as_tensor().clone() for name, entry in ParameterArchive(bundle / weights.file).items()}
+            stored = {name: entry.as_tensor().clone() for name, entry in archive.items()}
         for name, old in list(program.state_dict.items()):
             if name in stored:
                 new = stored[name].reshape(old.shape)

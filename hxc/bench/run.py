@@ -41,6 +41,7 @@ def run_bench(
     offline_batches: Sequence[int] = DEFAULT_OFFLINE_BATCHES,
     budget: Budget = Budget(),
     record: bool = True,
+    allow_pickle: bool = False,
     on_progress: Callable[[str], None] = lambda s: None,
 ) -> BenchResult:
     path = Path(bundle)
@@ -52,7 +53,7 @@ def run_bench(
     artifacts = artifact_contenders(path, manifest, probe, device)
     if not artifacts:
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host (see `hxc select --explain`)")
-    contenders = artifacts + baseline_contenders(path, manifest, list(baselines), cpu_label)
+    contenders = artifacts + baseline_contenders(path, manifest, list(baselines), cpu_label, allow_pickle)
 
     golden_inputs, _ = load_golden(path, manifest)
     profiles: list[Profile] = []

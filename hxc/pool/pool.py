@@ -400,8 +400,6 @@ class _Job:
                 break
             arrays = check_inputs(self.pool.signature, raw)
             rows = int(arrays[0].shape[0]) if self.splittable else 1
-            if rows == 0:
-                raise UsageError("a request with an empty batch (0 rows): nothing to run")
             item = _Item(arrays, self.units, rows, bool(raw) and is_torch(raw[0]), written=np.zeros(rows, bool))
             self.items.append(item)
             if rows:

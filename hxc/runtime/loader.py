@@ -2,8 +2,9 @@
 
 The choice is never silent: the returned model carries the artifact and device it
 runs on, the full ranking (`explain()`), and every load attempt that failed before
-it. The chosen artifact is checked against the manifest's sha256 before IREE sees
-it, then memory-mapped (never copied into the process).
+it. The chosen artifact (and the shared weights) are opened once, checked against the
+manifest's size and sha256, and IREE is given that same mapping of the checked bytes
+(or, with `private_copy=True`, a private copy of them), never the path again.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hxc.errors import HxcError, IntegrityError, NoCompatibleArtifactError, SignatureError, UsageError, first_line
+from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, UsageError, first_line
 from hxc.manifests import read_manifest
-from hxc.manifests.bundle import file_sha256
+from hxc.manifests.bundle import CheckedFile, open_checked
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
 from hxc.runtime.io import dtype_name, is_torch, numpy_dtype, to_device, to_host, to_numpy, to_torch
 from hxc.runtime.prices import PriceTable
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from hxc.pool import Pool
 
 log = logging.getLogger("hxc.runtime")
+PRIVATE_COPY_ENV = "HXC_PRIVATE_COPY"
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ def load(
     precision: str | None = None,
     tolerance: float | None = None,
     probe: HostProbe | None = None,
+    private_copy: bool | None = None,
     slo_ms: float | None = None,
     slo_percentile: str = "p99",
     prices: PriceTable | None = None,
@@ -134,6 +137,11 @@ def load(
     chosen when allowed: `precision="fp16"`, or `tolerance=` at least their recorded
     error against fp32.
 
+    `private_copy=True` (or $HXC_PRIVATE_COPY=1) runs a private in-memory copy of the
+    checked bytes instead of a mapping of the bundle's file, so that writes to the
+    file after loading cannot reach the running code (costs the artifact's size in
+    memory).
+
     `policy` ranks by recorded profiles: "latency", "throughput" or "cost" (price per
     hour / items per second, prices from `prices` or `hxc.runtime.prices.load_prices()`);
     `slo_ms` puts the artifacts that meet that target (at `slo_percentile`, p99 or p50)
@@ -151,10 +159,12 @@ def load(
     if pool_options:
         raise UsageError(f"unexpected argument(s) {', '.join(pool_options)}", hint="pool options need devices=...")
     path = Path(bundle)
+    if private_copy is None:
+        private_copy = os.environ.get(PRIVATE_COPY_ENV, "") not in ("", "0")
     manifest = read_manifest(path)
     probe = probe or probe_host()
     options = {"precision": precision, "tolerance": tolerance, "slo_ms": slo_ms, "slo_percentile": slo_percentile,
-             "prices": prices}  # fmt: skip
+               "prices": prices}  # fmt: skip
     selection = select(manifest, probe, policy=policy, device=device, **options)
     if not selection.candidates and selection.forced:
         if strict:
@@ -172,15 +182,18 @@ def load(
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host", hint=_summary(selection))
 
     attempts: list[LoadAttempt] = []
-    checked_weights: dict[str, tuple[Path, str] | None] = {}  # hashing 400 MB once is enough
+    checked_weights: dict[str, tuple[CheckedFile, str] | None] = {}  # hashing 400 MB once is enough
     for cand in selection.candidates:
-        _check_file(path, cand.artifact.file, cand.artifact.sha256, f"artifact {cand.artifact.id}")
+        assert cand.artifact.file is not None  # parse_manifest guarantees it for ok artifacts
+        module = open_checked(path, manifest, cand.artifact.file, private_copy=private_copy)
         precision = cand.artifact.precision
         if precision not in checked_weights:
-            checked_weights[precision] = _weights(path, manifest, precision)
+            w = manifest.weights_for(precision)
+            checked_weights[precision] = None if w is None else (
+                open_checked(path, manifest, w.file, private_copy=private_copy), w.scope)  # fmt: skip
         weights = checked_weights[precision]
         try:
-            session = Session.open(path / cand.artifact.file, cand.device, weights)  # type: ignore[operator]
+            session = Session.open(module, cand.device, weights)
         except Exception as e:
             if strict:
                 raise HxcError(f"{cand.artifact.id} on {cand.device.label} failed to load: {first_line(e)}") from None
@@ -200,28 +213,6 @@ def _summary(selection: Selection) -> str:
     return "; ".join(f"{r.artifact.id}: {r.reason}" for r in selection.rejected[:6]) or "the bundle has no artifacts"
 
 
-def _check_file(bundle: Path, rel: str | None, sha256: str | None, what: str) -> None:
-    assert rel is not None and sha256 is not None
-    file = bundle / rel
-    if not file.is_file():
-        raise IntegrityError(f"{file}: {what} is missing from the bundle")
-    actual = file_sha256(file)
-    if actual != sha256:
-        raise IntegrityError(
-            f"{file}: sha256 {actual[:12]}… does not match the manifest's {sha256[:12]}…; refusing to run it",
-            hint="the file was modified or corrupted; recompile or restore the bundle",
-        )
-
-
-def _weights(bundle: Path, manifest: Manifest, precision: str) -> tuple[Path, str] | None:
-    """The shared parameter archive and its scope, checked, or None for inline weights."""
-    w = manifest.weights_for(precision)
-    if w is None:
-        return None
-    _check_file(bundle, w.file, w.sha256, "the shared weights")
-    return bundle / w.file, w.scope
-
-
 class Session:
     """One vmfb loaded on one IREE device: its context and entry function. `load()`
     builds these after checking the bundle; `hxc compile --tune` uses them directly on
@@ -237,22 +228,33 @@ class Session:
         self._keep_alive = keep_alive
 
     @classmethod
-    def open(cls, vmfb: Path, device: Device, weights: tuple[Path, str] | None = None) -> Session:
+    def open(
+        cls, vmfb: Path | CheckedFile, device: Device, weights: tuple[Path | CheckedFile, str] | None = None
+    ) -> Session:
+        """A bundle's checked files run from the checked bytes; a plain path (a fresh
+        build being tuned, not yet in a bundle) is mapped by IREE itself."""
         import iree.runtime as rt
 
         hal_device = rt.get_device(device.uri)  # cached by IREE: one device per URI per process
         instance = _instance()
-        module = rt.VmModule.mmap(instance, str(vmfb))
+        if isinstance(vmfb, CheckedFile):
+            module = rt.VmModule.wrap_buffer(instance, vmfb.buffer)
+        else:
+            module = rt.VmModule.mmap(instance, str(vmfb))
         modules = [rt.create_hal_module(instance, hal_device)]
-        keep_alive: tuple = (module,)
+        keep_alive: tuple = (vmfb, module)
         if weights is not None:
-            # The archive is memory-mapped; parameters are read (or imported) by the
+            # The archive stays mapped; parameters are read (or imported) by the
             # device when the module initialises.
+            source, scope = weights
             index = rt.ParameterIndex()
-            index.load(str(weights[0]))
-            provider = index.create_provider(scope=weights[1])
+            if isinstance(source, CheckedFile):
+                index.load_from_file_handle(rt.FileHandle.wrap_memory(source.buffer), "irpa")
+            else:
+                index.load(str(source))
+            provider = index.create_provider(scope=scope)
             modules.append(rt.create_io_parameters_module(instance, provider))
-            keep_alive = (module, index, provider)
+            keep_alive = (vmfb, module, source, index, provider)
         context = rt.VmContext(instance, modules=[*modules, module])
         function = module.lookup_function("main")
         if function is None:
@@ -327,6 +329,9 @@ def check_inputs(signature: Signature, inputs: Any) -> list[np.ndarray]:
             raise SignatureError(
                 f"input {i} ({spec.name}) has shape {'x'.join(map(str, a.shape)) or 'scalar'}; expected {spec.format()}"
             )
+        if a.size == 0:
+            raise SignatureError(f"input {i} ({spec.name}) is empty (shape {'x'.join(map(str, a.shape))}); "
+                                 "every dimension must be at least 1")  # fmt: skip
         for d, n in zip(spec.shape, a.shape):
             if isinstance(d, str):
                 if sizes.setdefault(d, n) != n:
