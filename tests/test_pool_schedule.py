@@ -108,3 +108,20 @@ def test_simulated_devices_reach_the_ideal_summed_throughput(case, devices):
     if case != "one dies":
         for d in devices:  # each got about its share of the speed
             assert shares[d.name] == pytest.approx(d.speed / total, abs=0.02)
+
+
+def test_a_device_with_a_large_fixed_cost_per_call_gets_chunks_that_amortise_it():
+    # lavapipe spends tens of milliseconds on any call (copies through staging buffers):
+    # one-row chunks would be nearly all overhead.
+    speed = Speed()
+    for items, seconds in ((1, 0.1502), (5, 0.151), (40, 0.158)):
+        speed.observe(items, seconds)
+    fixed, marginal = speed.fit()
+    assert fixed == pytest.approx(0.15, abs=1e-3) and marginal == pytest.approx(5000, rel=0.01)
+    b = Balancer(target_s=0.05)
+    assert b.chunk_s(speed) == pytest.approx(5 * fixed)  # the fixed cost stays a fifth of a chunk
+    b.add(0, 1_000_000)
+    chunk = b.next_chunk("vk", {"vk": speed, "cpu": Speed(40_000.0)}, ["vk", "cpu"])
+    assert chunk.count == pytest.approx((5 * fixed - fixed) * marginal, rel=0.02)  # ~3000 rows, not 1
+    r = simulate([SimDevice("cpu", 40_000, prior_error=0), SimDevice("vk", 5000, per_chunk_s=0.15, prior_error=0)], 200_000)
+    assert r.units_done["vk"] / r.chunks["vk"] > 500 and r.done == [1] * 200_000

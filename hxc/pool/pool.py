@@ -253,6 +253,12 @@ class Pool:
         return "\n".join(lines)
 
     @property
+    def workers(self) -> list[Worker]:
+        """The per-device worker handles (submit, queue depth, health, stats): what a
+        server routing single requests uses directly."""
+        return [m.worker for m in self.members]
+
+    @property
     def expected_rate(self) -> float:
         """Units per second the devices taking work now should do together, by their
         current speed estimates (1/s for one not measured yet)."""
@@ -517,11 +523,11 @@ class _Job:
             seconds = result.worker_ms / 1000
             started = max(dispatched, m.last_done)
             # Items per second depend on the chunk size (each call has a fixed cost), so
-            # speeds learn from full chunks only: the short ones at a call's end would
-            # make a device look slower than it is.
-            full = m.speed.rate is None or chunk.count >= max(1, int(0.5 * m.speed.rate * self.pool._target_s))
+            # rates learn from full chunks only: the short ones at a call's end would make
+            # a device look slower than it is (they still inform the fixed-cost fit).
+            full = m.speed.rate is None or chunk.count >= self.balancer.full_size(m.speed)
+            m.speed.observe(chunk.count, seconds, full)
             if full:
-                m.speed.observe(chunk.count, seconds)
                 kind = self.overlap.classify(m.name, started, now, {o.name for o in self.pool.members} - {m.name})
                 if kind == "solo":
                     m.solo.observe(chunk.count, seconds)

@@ -25,21 +25,33 @@ from dataclasses import dataclass
 # Near the end a chunk is at most this fraction of the time left: guided
 # self-scheduling's 1/k, which bounds the finish-time skew by a shrinking chunk.
 TAIL_CHUNKS = 4
+# A chunk runs at least this many times its device's fixed cost per call (so that cost
+# stays under a fifth of the device's time).
+FIXED_COST_SHARE = 5.0
 
 
 class Speed:
-    """Items per second of one device: a prior (from profiles) until measured, then a
-    moving average of observed chunks that forgets the prior at once."""
+    """How fast one device works: a prior (from profiles) until measured, then a moving
+    average of items per second over full-sized chunks that forgets the prior at once,
+    and a fit of chunk time = fixed cost per call + items / marginal rate over the recent
+    chunks of every size (a call's fixed cost dominates small chunks on some devices:
+    lavapipe spends ~100 ms on any call)."""
 
     def __init__(self, prior: float | None = None, alpha: float = 0.3) -> None:
         self.rate = prior if prior and prior > 0 else None
         self.source = "profile" if self.rate else None
         self.samples = 0
         self._alpha = alpha
-        self._recent: collections.deque[float] = collections.deque(maxlen=16)
+        self._recent: collections.deque[float] = collections.deque(maxlen=16)  # items/s of full chunks
+        self._chunks: collections.deque[tuple[int, float]] = collections.deque(maxlen=16)  # (items, seconds), all
 
-    def observe(self, items: int, seconds: float) -> None:
+    def observe(self, items: int, seconds: float, full: bool = True) -> None:
+        """A chunk of `items` took `seconds`; `full=False` for one cut short (a call's
+        last chunks), which only informs the fixed-cost fit."""
         if seconds <= 0 or items <= 0:
+            return
+        self._chunks.append((items, seconds))
+        if not full and self.samples:
             return
         rate = items / seconds
         self.rate = rate if self.samples == 0 or self.rate is None else (1 - self._alpha) * self.rate + self._alpha * rate
@@ -52,8 +64,36 @@ class Speed:
         """The median of the recent observations: robust to a stall, for judgements."""
         return statistics.median(self._recent) if self._recent else self.rate
 
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds per call, items per second beyond it), by least squares over the
+        recent chunks, once their sizes differ; None before."""
+        if len({n for n, _ in self._chunks}) < 2:
+            return None
+        xs = [float(n) for n, _ in self._chunks]
+        ys = [t for _, t in self._chunks]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        if slope <= 0:
+            return None
+        return min(max(0.0, my - slope * mx), min(ys)), 1 / slope
+
+    @property
+    def fixed_s(self) -> float:
+        """The fixed cost of a call: from the fit, else at most the quickest chunk seen."""
+        fit = self.fit()
+        if fit is not None:
+            return fit[0]
+        return min((t for _, t in self._chunks), default=0.0)
+
+    def units_for(self, seconds: float) -> float:
+        """How many items fit in a chunk of `seconds`."""
+        fit = self.fit()
+        if fit is not None:
+            return (seconds - fit[0]) * fit[1]
+        return (self.rate or 0.0) * seconds
+
     def __repr__(self) -> str:
-        return f"Speed({self.rate!r}, {self.source}, n={self.samples})"
+        return f"Speed({self.rate!r}, {self.source}, n={self.samples}, fixed={self.fixed_s:.3g} s)"
 
 
 @dataclass(frozen=True)
@@ -102,23 +142,25 @@ class Balancer:
         if not self._queue:
             return None
         backlog = sum(c.count for c in self.in_flight(device))
-        rate = speeds[device].rate
+        speed = speeds[device]
+        rate = self.rate(speed)
         if rate is None:
             # Unmeasured and no profile: one small probe, then sizes follow its timing.
             return None if backlog else self._take(device, self.probe_units)
-        known = {d: speeds[d].rate for d in active if speeds[d].rate}
+        known = {d: r for d in active if (r := self.rate(speeds[d]))}
         fastest = max(known.values(), default=rate)
-        target = self.target_s
+        target = self.chunk_s(speed)
         if self.open:
             budget = math.inf
         else:
             pending = self.unassigned + sum(c.count for d in active for c in self.in_flight(d))
             horizon = pending / sum(known.values() or [rate])
-            budget = rate * horizon - backlog  # units it can still finish before the horizon
+            # Units it can still finish before the horizon, after what it already holds.
+            budget = max(0.0, speed.units_for(horizon) if speed.fit() else rate * horizon) - backlog
             # Chunks shrink as the end nears, so the last ones are short everywhere.
             target = max(self.min_chunk_s, min(target, horizon / TAIL_CHUNKS))
         # About `target` of work, at least one unit, and no more than fits before the horizon.
-        size = min(max(1, int(rate * target)), self.unassigned, budget)  # type: ignore[call-overload]
+        size = min(max(1, int(speed.units_for(target))), self.unassigned, budget)  # type: ignore[call-overload]
         size = math.floor(size)
         if size < 1:
             # Only the fastest device (when free) must take a unit it cannot finish in time:
@@ -127,6 +169,23 @@ class Balancer:
                 return None
             size = 1
         return self._take(device, size)
+
+    def rate(self, speed: Speed) -> float | None:
+        """Items per second a device does in chunks of its usual length, its fixed cost
+        per call included."""
+        if speed.fit() is None:
+            return speed.rate
+        chunk = self.chunk_s(speed)
+        return speed.units_for(chunk) / chunk
+
+    def chunk_s(self, speed: Speed) -> float:
+        """How long a device's chunks should run: `target_s`, or long enough that its
+        fixed cost per call stays a small part of them."""
+        return max(self.target_s, FIXED_COST_SHARE * speed.fixed_s)
+
+    def full_size(self, speed: Speed) -> int:
+        """Chunks at least this big are full-sized for `speed` (not cut short at the end)."""
+        return max(1, int(0.5 * speed.units_for(self.chunk_s(speed))))
 
     def done(self, device: str, chunk: Chunk) -> None:
         self._in_flight[device].remove(chunk)

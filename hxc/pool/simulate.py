@@ -99,7 +99,7 @@ def simulate(devices: list[SimDevice], units: int, *, target_s: float = 0.05, sl
         if dev.fails_at is not None and now > dev.fails_at:
             continue  # the device was dead by then; the failure event re-queues it
         balancer.done(name, chunk)
-        speeds[name].observe(chunk.count, duration)
+        speeds[name].observe(chunk.count, duration, chunk.count >= balancer.full_size(speeds[name]))
         for u in range(chunk.start, chunk.end):
             done[u] += 1
         done_units[name] += chunk.count
