@@ -195,12 +195,12 @@ class Pool:
         if not self.splittable:
             raise UsageError(f"{self.bundle}: cannot split a batch across devices: {self._not_splittable}",
                              hint="recompile with `hxc compile ... --dynamic-batch` (or use pool.map for whole requests)")  # fmt: skip
-        return next(self._run(iter([inputs]), window=1))
+        return _first(self._run(iter([inputs]), window=1))
 
     def run_flat(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Numpy in, flat numpy out (as `LoadedModel.run_flat`): split across devices when
         the batch can be, else run whole on one device."""
-        return next(self._run(iter([tuple(arrays)]), window=1, flat=True))
+        return _first(self._run(iter([tuple(arrays)]), window=1, flat=True))
 
     def map(self, items: Iterable[Any], *, window: int = 64) -> Iterator[Any]:
         """Run a stream of requests, keeping every device busy; yields results in input
@@ -374,13 +374,15 @@ class _Job:
         self.reasons: list[str] = []
 
     def run(self) -> Iterator[Any]:
-        t0 = time.perf_counter()
+        # Working time counts while this loop runs, not while the consumer holds a result.
+        t0: float | None = time.perf_counter()
         try:
             while True:
                 self._refill()
                 while self.items and self.items[0].done == self.items[0].units:
                     item = self.items.pop(0)
-                    self.pool._wall_s += time.perf_counter() - t0
+                    self.pool._wall_s += time.perf_counter() - t0  # type: ignore[operator]
+                    t0 = None
                     yield self._result(item)
                     t0 = time.perf_counter()
                 if self.exhausted and not self.items:
@@ -388,7 +390,8 @@ class _Job:
                 self._pump()
                 self._wait()
         finally:
-            self.pool._wall_s += time.perf_counter() - t0
+            if t0 is not None:
+                self.pool._wall_s += time.perf_counter() - t0
 
     # reading requests
 
@@ -572,6 +575,14 @@ class _Job:
         if item.as_torch:
             outputs = [to_torch(o, s.dtype) for o, s in zip(outputs, self.pool.signature.outputs)]
         return rebuild(self.pool.signature.output_tree, outputs)
+
+
+def _first(results: Iterator[Any]) -> Any:
+    """The one result of a one-request job, closing the job (and its lock) right away."""
+    try:
+        return next(results)
+    finally:
+        results.close()  # type: ignore[attr-defined]
 
 
 def _rate(x: float | None) -> str:
