@@ -26,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,19 +195,20 @@ class Pool:
         if not self.splittable:
             raise UsageError(f"{self.bundle}: cannot split a batch across devices: {self._not_splittable}",
                              hint="recompile with `hxc compile ... --dynamic-batch` (or use pool.map for whole requests)")  # fmt: skip
-        return _first(self._run(iter([inputs]), window=1))
+        return _first(self._run(iter([inputs]), window=1, last=1))
 
     def run_flat(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Numpy in, flat numpy out (as `LoadedModel.run_flat`): split across devices when
         the batch can be, else run whole on one device."""
-        return _first(self._run(iter([tuple(arrays)]), window=1, flat=True))
+        return _first(self._run(iter([tuple(arrays)]), window=1, flat=True, last=1))
 
     def map(self, items: Iterable[Any], *, window: int = 64) -> Iterator[Any]:
         """Run a stream of requests, keeping every device busy; yields results in input
         order. An item is the inputs of one call: an array, or a tuple of arrays. With a
         dynamic batch, consecutive items are merged into chunks and split back; without
         one, each item runs whole on one device. At most `window` items are read ahead."""
-        return self._run((x if isinstance(x, (tuple, list)) else (x,) for x in items), window=max(1, window))
+        last = len(items) if isinstance(items, Sized) else None
+        return self._run((x if isinstance(x, (tuple, list)) else (x,) for x in items), window=max(1, window), last=last)
 
     # --- state -----------------------------------------------------------------
 
@@ -300,7 +301,10 @@ class Pool:
         finally:
             self._only = previous
 
-    def _run(self, source: Iterator[Sequence[Any]], window: int, flat: bool = False) -> Iterator[Any]:
+    def _run(self, source: Iterator[Sequence[Any]], window: int, flat: bool = False,
+             last: int | None = None) -> Iterator[Any]:  # fmt: skip
+        """The job loop over `source`; `last`: how many items it holds, when known (a
+        call), so the end of the work is known from the start and chunks shrink toward it."""
         if self._job_owner == threading.get_ident():
             raise UsageError("this pool is already running a call or map() in this thread; finish it first")
         with self._job_lock:
@@ -308,7 +312,7 @@ class Pool:
             if self._judged and self._wall_s - self._judged_at > REJUDGE_S:
                 self.rejudge()
             try:
-                yield from _Job(self, source, window, flat).run()
+                yield from _Job(self, source, window, flat, last).run()
             finally:
                 self._job_owner = None
 
@@ -355,9 +359,11 @@ class _Job:
     """One call or map(): the event loop in the caller's thread. Workers' reader threads
     write outputs in place and post completions; everything else happens here."""
 
-    def __init__(self, pool: Pool, source: Iterator[Sequence[Any]], window: int, flat: bool = False) -> None:
+    def __init__(self, pool: Pool, source: Iterator[Sequence[Any]], window: int, flat: bool = False,
+                 last: int | None = None) -> None:  # fmt: skip
         pool._job_id += 1
         self.flat = flat
+        self.last = last
         self.pool = pool
         self.id = pool._job_id
         self.source = source
@@ -367,6 +373,7 @@ class _Job:
         self.balancer.open = True
         self.items: list[_Item] = []  # read and not yet yielded
         self.units = 0
+        self.read = 0
         self.exhausted = False
         self.overlap = Overlap()
         self.alloc = threading.Lock()  # output allocation in reader threads
@@ -411,9 +418,12 @@ class _Job:
             rows = int(arrays[0].shape[0]) if self.splittable else 1
             item = _Item(arrays, self.units, rows, bool(raw) and is_torch(raw[0]), written=np.zeros(rows, bool))
             self.items.append(item)
-            if rows:
-                self.balancer.add(self.units, rows)
+            self.balancer.add(self.units, rows)
             self.units += rows
+            self.read += 1
+            if self.read == self.last:
+                self.exhausted = True
+                self.balancer.open = False
 
     def _lookahead(self) -> int:
         # Enough unassigned units for every device to take a full chunk, twice.
