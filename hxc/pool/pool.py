@@ -1,6 +1,6 @@
 """`Pool`: every usable device of this host working on one batch, or one stream.
 
-    with hxc.runtime.load("model.hxc", devices="all") as pool:   # a Pool
+    with Pool("model.hxc") as pool:     # every usable device; or Pool(bundle, ["cpu", "vulkan"])
         y = pool(x)                     # x's batch split across the devices, y as one call would return it
         for y in pool.map(batches):     # a stream of requests, results in input order
             ...
@@ -403,7 +403,7 @@ class _Job:
     # reading requests
 
     def _refill(self) -> None:
-        from hxc.runtime.io import is_torch
+        from hxc.dtypes import is_torch
         from hxc.runtime.loader import check_inputs
 
         want = self._lookahead()
@@ -576,7 +576,7 @@ class _Job:
     # results
 
     def _result(self, item: _Item) -> Any:
-        from hxc.runtime.io import to_torch
+        from hxc.dtypes import to_torch
         from hxc.runtime.loader import rebuild
 
         outputs = item.outputs or []

@@ -8,7 +8,7 @@ then native CPU code, then a software Vulkan device).
 
 Policies:
   latency     lowest p50 of the single-stream profile
-  throughput  most items (batch rows) per second in any recorded scenario
+  throughput  most items (batch rows) per second, offline batches preferred
   cost        lowest cost per 1,000 items = device price per hour / items per second
               (prices: hxc.runtime.prices); measured but unpriced ones follow priced ones
 
@@ -97,6 +97,7 @@ class Candidate:
     static_rank: int
     price: Price | None = None
     slo: SloVerdict | None = None  # set when the selection has an SLO and a measurement
+    preferred: bool = False  # of the reduced precision the caller asked for
 
     @property
     def profile(self) -> Profile | None:
@@ -238,8 +239,7 @@ def select(
         preferred = art.precision != "fp32" and art.precision == precision
         price = prices.price(dev, probe.cpu.cores) if prices is not None else None
         verdict = judge_slo(slo, latency.latency, latency.caller_overhead) if slo and latency else None
-        rank = fam.rank(art, dev) + (2 if preferred else 0)
-        candidates.append(Candidate(art, dev, latency, throughput, where, rank, price, verdict))
+        candidates.append(Candidate(art, dev, latency, throughput, where, fam.rank(art, dev), price, verdict, preferred))
 
     note = None
     if slo is not None and any(c.slo for c in candidates) and not any(c.slo and c.slo.met for c in candidates):
@@ -273,8 +273,10 @@ def _order_key(policy: str, slo: Slo | None, meets_any: bool):
     def key(c: Candidate) -> tuple:
         if c.profile is None:
             # Unmeasured: after every candidate that meets the SLO (or all measured ones
-            # when there is none), before those that miss it.
-            return (1, 0, 0.0, -c.static_rank)
+            # when there is none), before those that miss it. The asked-for precision
+            # breaks ties between builds of the same rank (cpu:host over cpu:host@fp16
+            # unless fp16 was asked for); it never outranks a better variant.
+            return (1, 0, 0.0, -c.static_rank, not c.preferred)
         # Profiles from this host outrank ones borrowed from a host with the same device.
         where = 0 if c.measured_on == "this host" else 1
         if slo is not None and c.slo is not None and not c.slo.met:
@@ -301,7 +303,8 @@ def _profiles_for(
 ) -> tuple[Profile | None, Profile | None, Literal["this host", "same device", None]]:
     """(latency profile, throughput profile, where measured). Latency: the newest
     single-stream one (else the newest of any scenario); throughput: of the newest
-    profile per scenario and batch, the one with the most items per second."""
+    offline profile per batch (else the newest single-stream one), the one with the
+    most items per second."""
     mine = [p for p in manifest.profiles if p.artifact_sha256 == art.sha256 and p.device == dev.label]
     for where, pool in (("this host", [p for p in mine if p.host_id == host_id]), ("same device", mine)):
         if not pool:
@@ -310,7 +313,8 @@ def _profiles_for(
         single = [p for p in pool if p.scenario == "single-stream"]
         latency = (single or pool)[-1]
         newest = {(p.scenario, p.batch): p for p in pool}
-        throughput = max(newest.values(), key=lambda p: p.items_per_second)
+        offline = [p for p in newest.values() if p.scenario == "offline"]
+        throughput = max(offline or newest.values(), key=lambda p: p.items_per_second)
         return latency, throughput, where  # type: ignore[return-value]
     return None, None, None
 
