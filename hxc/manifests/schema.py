@@ -199,6 +199,10 @@ class Profile:
     device_time_only: bool  # True when host<->device copies are outside the timed region
     recorded: str  # ISO 8601, UTC
     threads: int | None = None  # CPU threads it ran with, where that applies
+    # What a caller paid beyond `latency` when the artifact ran in a pool worker process
+    # (input checks, shared-memory copies, the process hop), measured by `hxc bench --pool`;
+    # SLO checks add it to the device time. None: not measured.
+    caller_overhead: LatencyStats | None = None
 
 
 @dataclass(frozen=True)
