@@ -31,6 +31,7 @@ SCHEMA_VERSION: tuple[int, int] = (2, 0)
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"  # written once by `hxc compile`, never changed after
 PROFILES_FILE = "profiles.json"  # measurements added later by `hxc bench` / `profiles merge`
+SIGNATURE_FILE = "manifest.sig"  # Ed25519 signatures over manifest.json, added by `hxc sign`
 GOLDEN_FILE = "golden.npz"
 PROGRAM_PT2 = "program.pt2"  # the program a PyTorch model's artifacts were built from
 PROGRAM_ONNX = "model.onnx"  # the ONNX model, for ONNX bundles
@@ -194,6 +195,10 @@ class Profile:
     device_time_only: bool  # True when host<->device copies are outside the timed region
     recorded: str  # ISO 8601, UTC
     threads: int | None = None  # CPU threads it ran with, where that applies
+    # What a caller paid beyond `latency` when the artifact ran in a pool worker process
+    # (input checks, shared-memory copies, the process hop), measured by `hxc bench --pool`;
+    # SLO checks add it to the device time. None: not measured.
+    caller_overhead: LatencyStats | None = None
 
 
 @dataclass(frozen=True)
