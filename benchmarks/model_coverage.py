@@ -71,7 +71,7 @@ def cover(name: str, work: Path, timeout: float, jobs: int) -> dict:
     out = work / f"{name}.hxc"
     t0 = time.perf_counter()
     try:
-        result = build_bundle(f"hxc.examples.zoo:{name}", out, "all", allow_partial=True, jobs_parallel=jobs)
+        result = build_bundle(f"hxc.examples.zoo:{name}", out, "all", allow_partial=True, jobs=jobs)
     except HxcError as e:  # the model did not even export
         return {"model": name, "error": e.message, "targets": {}}
     targets = {}

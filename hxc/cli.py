@@ -23,9 +23,63 @@ from typing import Any
 import click
 
 from hxc import __version__
-from hxc.errors import ExitCode, HxcError
+from hxc.bench.baselines import NAMES as BASELINE_NAMES
+from hxc.dtypes import PRECISIONS
+from hxc.errors import ExitCode, HxcError, UsageError
 
 JSON_HELP = "Print a machine-readable JSON result on stdout instead of tables."
+
+
+class CommaList(click.ParamType):
+    """A comma-separated list, each item checked by click, so that a bad item is a usage
+    error (exit 2) before any work starts: `fp32,fp16`, `8,32`."""
+
+    def __init__(self, name: str, *, choices: tuple[str, ...] = (), positive_ints: bool = False) -> None:
+        self.name = name
+        self.choices = choices
+        self.positive_ints = positive_ints
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, list):
+            return value  # already converted (a default)
+        items = [x.strip() for x in str(value).split(",") if x.strip()]
+        if not items:
+            self.fail(f"{value!r} lists nothing", param, ctx)
+        if self.positive_ints:
+            if not all(x.isdigit() and int(x) > 0 for x in items):
+                self.fail(f"{value!r} is not a comma-separated list of positive integers", param, ctx)
+            return [int(x) for x in items]
+        if bad := [x for x in items if x not in self.choices]:
+            self.fail(f"unknown {', '.join(map(repr, bad))}; choose from {', '.join(self.choices)}", param, ctx)
+        return list(dict.fromkeys(items))
+
+
+class _Hxc(click.Group):
+    """click's own usage errors the way hxc reports every mistake: one line on stderr
+    (a JSON object with --json) and exit code 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:  # fmt: skip
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            return super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `hxc`: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            from hxc import ui
+
+            where = f" (see `{e.ctx.command_path} -h`)" if e.ctx is not None else ""
+            if "--json" in argv:
+                ui.print_json({"ok": False, "error": e.format_message(), "exit_code": int(ExitCode.USAGE)})
+            else:
+                ui.error(e.format_message() + where)
+            sys.exit(int(ExitCode.USAGE))
+        except click.Abort:
+            from hxc import ui
+
+            ui.error("interrupted; nothing was written")
+            sys.exit(130)
 
 
 def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
@@ -36,9 +90,13 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
         as_json = kwargs.get("as_json", False)
         if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
             signal.signal(signal.SIGTERM, _terminate_like_interrupt)
+        keys = click.get_current_context().meta.get(_TRUSTED_KEYS_META)
+        saved = os.environ.get(TRUSTED_KEYS_ENV)
         try:
             from hxc import ui
 
+            if keys:
+                os.environ[TRUSTED_KEYS_ENV] = keys
             code = fn(*args, **kwargs)
         except HxcError as e:
             if as_json:
@@ -61,9 +119,19 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
             else:
                 ui.error(_os_error(e))
             sys.exit(int(ExitCode.ERROR))
+        finally:
+            if keys:
+                if saved is None:
+                    os.environ.pop(TRUSTED_KEYS_ENV, None)
+                else:
+                    os.environ[TRUSTED_KEYS_ENV] = saved
         sys.exit(int(code or 0))
 
     return wrapper
+
+
+_TRUSTED_KEYS_META = "hxc.trusted_keys"
+TRUSTED_KEYS_ENV = "HXC_TRUSTED_KEYS"  # hxc.manifests.signing reads it; named here so --help stays light
 
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
@@ -91,7 +159,7 @@ def _quiet_libraries() -> None:
     logging.getLogger("torch").setLevel(logging.ERROR)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(name="hxc", cls=_Hxc, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "-V", "--version", prog_name="hxc")
 @click.option("-v", "--verbose", count=True, help="Show more: -v for hxc's decisions, -vv for library warnings too.")
 def main(verbose: int) -> None:
@@ -113,7 +181,8 @@ def main(verbose: int) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write. [default: MODEL_NAME.hxc]")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Bundle to write: a directory, or one file if it ends in .hxcb. [default: MODEL_NAME.hxc]")
 @click.option("-t", "--targets", default="all", show_default=True,
               help="Comma-separated families (cpu, cuda, rocm, vulkan, all) or exact variants (cuda:sm_89). See `hxc targets`.")  # fmt: skip
 @click.option("-i", "--input", "inputs", multiple=True, metavar="SPEC",
@@ -127,7 +196,8 @@ def main(verbose: int) -> None:
 @click.option("--weights", type=click.Choice(["auto", "inline", "shared"]), default="auto", show_default=True,
               help="shared: store parameters once per bundle (weights.irpa) for all artifacts; inline: inside each "
                    "artifact; auto: shared from 16 MiB of parameters (or with bf16 parameters).")  # fmt: skip
-@click.option("-p", "--precision", "precisions", default="fp32", show_default=True, metavar="LIST",
+@click.option("-p", "--precision", "precisions", type=CommaList("LIST", choices=tuple(PRECISIONS)), default="fp32",
+              show_default=True,
               help="Compute precisions to build, e.g. fp32,fp16,bf16: one artifact per target and precision, same "
                    "interface. The loader picks a reduced one only when allowed.")  # fmt: skip
 @click.option("--tune", is_flag=True,
@@ -143,8 +213,8 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ...], dynamic_batch: bool,
-            example: Path | None, allow_pickle: bool, weights: str, precisions: str, tune: bool, iree_flags: tuple[str, ...],
-            allow_partial: bool, jobs: int | None, no_cache: bool,
+            example: Path | None, allow_pickle: bool, weights: str, precisions: list[str], tune: bool,
+            iree_flags: tuple[str, ...], allow_partial: bool, jobs: int | None, no_cache: bool,
             cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one IREE artifact per target.
 
@@ -157,28 +227,24 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
     hxc compile model.pt2 --targets cpu,cuda:sm_89,rocm:gfx942
     hxc compile net.py:make_model --input ?x3x224x224xf32
     """
+    from hxc import frontends, ui
     from hxc import targets as registry
-    from hxc import ui
 
     variants = registry.resolve(targets)  # bad names fail before any slow work
     extra_flags = registry.parse_extra_flags(iree_flags)
-    wanted = _precisions(precisions)
     from hxc.compiler.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
-    out = output or Path(_default_name(model) + ".hxc")
+    out = output or Path(frontends.recognise(model).model_name(model) + ".hxc")
     options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights,  # type: ignore[arg-type]
                             example=str(example) if example else None)
     with ui.CompileProgress(enabled=not as_json) as progress:
         result = build_bundle(
-            model, out, variants, options=options, precisions=wanted, allow_partial=allow_partial, jobs_parallel=jobs,
-            cache_dir=False if no_cache else (cache_dir or True), on_event=progress.on_event, on_stage=progress.set_stage,
+            model, out, variants, options=options, precisions=precisions, allow_partial=allow_partial, jobs=jobs,
+            cache_dir=cache_dir, use_cache=not no_cache, on_event=progress.on_event, on_stage=progress.set_stage,
             tune=_tuner() if tune else None, extra_flags=extra_flags,
         )  # fmt: skip
-    failed = result.failed
-    code = ExitCode.OK
-    if failed and not result.written:
-        code = ExitCode.PARTIAL if len(failed) < len(result.results) else ExitCode.ERROR
+    failed, code = result.failed, result.exit_code
     if as_json:
         ui.print_json({"ok": code == ExitCode.OK, "exit_code": int(code), **_build_json(result)})
         return code
@@ -192,8 +258,8 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
     for r in result.results:
         if r.fallback:
             ui.warn(f"{r.job.id}: compiled without hxc's speed flags, which failed ({r.fallback})")
-    for skipped in result.skipped:
-        ui.warn(f"skipped {skipped}: the {skipped.split(':')[0]} backend cannot generate {skipped.split('@')[1]} code")
+    for s in result.skipped:
+        ui.warn(f"skipped {s.target}@{s.precision}: {s.reason}")
     for r in failed:
         ui.error(f"{r.job.id}: {r.error}")
     if failed and not result.written:
@@ -211,23 +277,6 @@ def _tuner():
     return tune
 
 
-def _precisions(text: str) -> list[str]:
-    from hxc.errors import UsageError
-    from hxc.dtypes import PRECISIONS
-
-    wanted = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in wanted if p not in PRECISIONS]
-    if bad or not wanted:
-        raise UsageError(f"unknown precision {', '.join(bad) or repr(text)}", hint=f"choose from: {', '.join(PRECISIONS)}")
-    return wanted
-
-
-def _default_name(model: str) -> str:
-    if ":" in model and not Path(model).exists():
-        return model.rpartition(":")[2]
-    return Path(model).stem
-
-
 def _build_json(result: Any) -> dict[str, Any]:
     from hxc.manifests.schema import to_json
 
@@ -236,7 +285,7 @@ def _build_json(result: Any) -> dict[str, Any]:
         "written": result.written,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "artifacts": [to_json(a) for a in result.manifest.artifacts],
-        "skipped": result.skipped,
+        "skipped": [to_json(s) for s in result.skipped],
         "golden_outputs": result.manifest.golden_outputs,
         "golden_note": result.manifest.golden_note,
     }
@@ -269,19 +318,38 @@ def targets(as_json: bool) -> None:
     ui.out.print(t)
 
 
+def _set_trusted_keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    # Exported for the command's duration (see _command), so every read of the bundle
+    # in this process and in its worker processes checks them.
+    if value:
+        ctx.meta[_TRUSTED_KEYS_META] = os.pathsep.join(value)
+    return value
+
+
+TRUSTED_KEYS_OPTION = click.option(
+    "--trusted-keys", multiple=True, metavar="PATH", expose_value=False, callback=_set_trusted_keys,
+    help="Require a valid signature by one of these public keys (NAME.pub files or directories of them) before "
+         "any file of the bundle is used. Repeatable. [env: HXC_TRUSTED_KEYS, paths separated by ':']",
+)  # fmt: skip
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def inspect(bundle: Path, as_json: bool) -> None:
-    """Show a bundle's manifest: model, signature, toolchain, artifacts, profiles."""
+    """Show a bundle's manifest: model, signature, toolchain, artifacts, profiles,
+    and who signed it (verified when trusted keys are given)."""
     from hxc import ui
     from hxc.manifests import read_manifest
+    from hxc.manifests.bundle import signature_status
     from hxc.manifests.schema import to_json
 
-    m = read_manifest(bundle)
+    sig = signature_status(bundle)
+    m = read_manifest(bundle, trusted_keys=False)  # signature_status already checked it if asked to
     if as_json:
-        ui.print_json(to_json(m))
+        ui.print_json({**to_json(m), "signed_by": list(sig.key_ids), "signature_verified_by": sig.verified_by})
         return
     info = ui.table("", "", title=f"Bundle {bundle}  (schema {m.schema_version})")
     info.add_row("model", f"{m.model.name}  ({m.model.source_format}: {m.model.source})")
@@ -293,6 +361,12 @@ def inspect(bundle: Path, as_json: bool) -> None:
     tc = m.toolchain
     info.add_row("built with", f"hxc {tc.hxc}, IREE {tc.iree_compiler}, iree-turbine {tc.iree_turbine}, torch {tc.torch}")
     info.add_row("created", m.created)
+    if sig.verified_by:
+        info.add_row("signature", f"[green]verified[/green]: signed by trusted key {sig.verified_by}")
+    elif sig.key_ids:
+        info.add_row("signature", f"signed by key {', '.join(sig.key_ids)} (not checked: no --trusted-keys given)")
+    else:
+        info.add_row("signature", "unsigned")
     ui.out.print(info)
     ui.out.print()
     t = ui.table("artifact", "status", "binary", "driver", "size", "compile", "sha256", "notes", title="Artifacts")
@@ -319,60 +393,123 @@ DEVICE_OPTION = click.option(
 PRECISION_OPTION = click.option("--precision", default=None, help="Allow reduced-precision artifacts of this precision (fp16, bf16).")
 TOLERANCE_OPTION = click.option("--tolerance", type=float, default=None,
                                 help="Allow reduced-precision artifacts whose recorded error vs fp32 is at most this.")  # fmt: skip
-POLICY_OPTION = click.option("--policy", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True,
-                             help="What recorded profiles rank by.")  # fmt: skip
+POLICY_OPTION = click.option("--policy", type=click.Choice(["latency", "throughput", "cost"]), default="latency", show_default=True,
+                             help="latency: lowest p50; throughput: most items/s; cost: lowest cost per 1,000 items "
+                                  "(price per hour / items per second), from recorded profiles.")  # fmt: skip
+SLO_OPTIONS = (
+    click.option("--slo-ms", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MS",
+                 help="Latency target per call (device time + caller overhead); candidates that meet it rank first."),
+    click.option("--slo-percentile", type=click.Choice(["p99", "p50"]), default="p99", show_default=True,
+                 help="Which recorded percentile the SLO is judged on (p99 needs >= 100 samples to be more than a weak estimate)."),
+    click.option("--prices", "prices_file", type=click.Path(path_type=Path), envvar="HXC_PRICES", default=None,
+                 help="Prices TOML for --policy cost. [env: HXC_PRICES; default: ~/.config/hxc/prices.toml, else built-in]"),
+)  # fmt: skip
+
+
+def _slo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(SLO_OPTIONS):
+        fn = option(fn)
+    return fn
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @DEVICE_OPTION
 @POLICY_OPTION
+@_slo_options
 @PRECISION_OPTION
 @TOLERANCE_OPTION
-@click.option("--explain", is_flag=True, help="List every artifact, accepted or rejected, with the reason.")
+@click.option("--explain", is_flag=True, help="List every artifact, accepted or rejected, with the reason (and the cost and SLO arithmetic).")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
-def select(bundle: Path, device: str | None, policy: str, precision: str | None, tolerance: float | None,
-           explain: bool, as_json: bool) -> int:  # fmt: skip
-    """Show which artifact `hxc.runtime.load` would pick on this host, and why."""
+def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, slo_percentile: str,
+           prices_file: Path | None, precision: str | None, tolerance: float | None, explain: bool, as_json: bool) -> int:  # fmt: skip
+    """Show which artifact `hxc.runtime.load` would pick on this host, and why.
+
+    \b
+    hxc select model.hxc --explain
+    hxc select model.hxc --policy cost --slo-ms 150 --explain
+    """
     from hxc import ui
     from hxc.manifests import read_manifest
     from hxc.runtime import probe_host
     from hxc.runtime import select as choose
+    from hxc.runtime.prices import load_prices
 
-    sel = choose(read_manifest(bundle), probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance)
+    prices = load_prices(prices_file) if policy == "cost" or prices_file else None
+    sel = choose(read_manifest(bundle), probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance,
+                 slo_ms=slo_ms, slo_percentile=slo_percentile, prices=prices)  # fmt: skip
     if as_json:
         ui.print_json({
-            "ok": sel.best is not None, "policy": sel.policy, "forced": sel.forced,
+            "ok": sel.best is not None, "policy": sel.policy, "forced": sel.forced, "note": sel.note,
+            "slo": sel.slo and {"ms": sel.slo.ms, "percentile": sel.slo.percentile}, "currency": sel.currency,
             "choice": sel.best and {"artifact": sel.best.artifact.id, "device": sel.best.device.label, "uri": sel.best.device.uri},
-            "candidates": [{"artifact": c.artifact.id, "device": c.device.label, "reason": c.reason} for c in sel.candidates],
+            "candidates": [_candidate_json(c) for c in sel.candidates],
             "rejected": [{"artifact": r.artifact.id, "reason": r.reason} for r in sel.rejected],
         })  # fmt: skip
     elif explain:
-        ui.out.print(sel.explain(), markup=False)
+        ui.out.print(sel.explain(), markup=False, soft_wrap=True)
     elif sel.best:
         ui.out.print(f"{sel.best.artifact.id} on {sel.best.device.label}  ({sel.best.reason})", markup=False)
-    if sel.best is None:
-        if not as_json:
-            ui.error("no artifact in this bundle can run on this host (see --explain)")
-        return ExitCode.NO_COMPATIBLE_ARTIFACT
-    return ExitCode.OK
+        if sel.note:
+            ui.warn(sel.note)
+    if sel.best is None and not as_json:
+        ui.error("no artifact in this bundle can run on this host (see --explain)")
+    return sel.exit_code
+
+
+def _candidate_json(c: Any) -> dict[str, Any]:
+    lat = c.latency.latency if c.latency else None
+    return {
+        "artifact": c.artifact.id, "device": c.device.label, "reason": c.reason, "measured_on": c.measured_on,
+        "p50_ms": lat and lat.p50_ms, "p99_ms": lat and lat.p99_ms, "samples": lat and lat.iterations,
+        "items_per_second": c.items_per_second,
+        "price_per_hour": c.price and c.price.per_hour, "price_source": c.price and c.price.source,
+        "cost_per_1k_items": c.cost_per_1k,
+        "slo": c.slo and {"met": c.slo.met, "estimate_ms": c.slo.estimate_ms, "device_ms": c.slo.device_ms,
+                          "overhead_ms": c.slo.overhead_ms, "samples": c.slo.samples, "weak": c.slo.weak,
+                          "caveats": list(c.slo.caveats)},
+    }  # fmt: skip
+
+
+DEVICES_OPTION = click.option(
+    "--devices", default=None, metavar="all|LIST",
+    help="Use a pool of devices, each in its own worker process: `all`, or a comma-separated list of devices "
+         "(drivers, families, artifact ids). Batches are split across them by measured speed.",
+)  # fmt: skip
+PIN_OPTION = click.option(
+    "--pin", "pins", multiple=True, metavar="split|DEVICE=CORES",
+    help="Give pool devices their own CPU cores: `split` shares the cores out among CPU-type devices (the CPU and "
+         "a software Vulkan device), or DEVICE=CORES per device, e.g. --pin cpu=0-5 --pin vulkan=6,7.",
+)  # fmt: skip
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @click.option("-i", "--input", "inputs", multiple=True, required=True, metavar="FILE",
               help="A .npy file per input, in order, or one .npz holding them all.")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Save the outputs to this .npz file.")
 @DEVICE_OPTION
+@DEVICES_OPTION
+@PIN_OPTION
 @PRECISION_OPTION
 @TOLERANCE_OPTION
 @click.option("--strict", is_flag=True, help="Fail instead of falling back when --device cannot be used.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option("--in-process", is_flag=True,
+              help="Run in this process instead of a worker process (faster start; a crash inside IREE then takes hxc down).")  # fmt: skip
 @_command
-def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str | None, precision: str | None,
-        tolerance: float | None, strict: bool, as_json: bool) -> None:  # fmt: skip
-    """Run BUNDLE on input arrays and print (or save) the outputs."""
+def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str | None, devices: str | None,
+        pins: tuple[str, ...], precision: str | None, tolerance: float | None, strict: bool, in_process: bool,
+        as_json: bool) -> None:  # fmt: skip
+    """Run BUNDLE on input arrays and print (or save) the outputs.
+
+    \b
+    hxc run model.hxc -i x.npy
+    hxc run model.hxc -i batch.npy --devices all -o out.npz     # split across every device, with telemetry
+    """
     import numpy as np
 
     from hxc import runtime, ui
@@ -380,38 +517,115 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     from hxc.dtypes import from_storage, to_storage
 
     arrays = read_array_files(inputs)
-    model = runtime.load(bundle, device=device, strict=strict, precision=precision, tolerance=tolerance)
+    from hxc.manifests import read_manifest
+
     # bf16 and float8 arrays travel through .npy/.npz files as their raw bits.
-    arrays = [from_storage(a, s.dtype) for a, s in zip(arrays, model.signature.inputs)] + arrays[len(model.signature.inputs):]
-    outputs = model.run_flat(arrays)
+    inputs_spec = read_manifest(bundle).signature.inputs
+    arrays = [from_storage(a, s.dtype) for a, s in zip(arrays, inputs_spec)] + arrays[len(inputs_spec):]
+    pool = None
+    if devices:
+        if device:
+            raise UsageError("--device and --devices exclude each other", hint="--devices cpu,vulkan lists the devices to pool")
+        from hxc.pool import Pool
+
+        pool = Pool(bundle, devices, pin=_pin(pins), precision=precision, tolerance=tolerance)
+        with pool:
+            outputs = pool.run_flat(arrays)
+            stats = pool.stats()
+        signature = pool.signature
+        what = {"pool": [m.name for m in pool.members]}
+        ran = f"ran on a pool of {', '.join(m.name for m in pool.members)}"
+    else:
+        if pins:
+            raise UsageError("--pin needs --devices")
+        options = {"strict": strict, "precision": precision, "tolerance": tolerance}
+        if in_process:
+            model = runtime.load(bundle, device=device, **options)
+            outputs, signature = model.run_flat(arrays), model.signature
+            artifact, device_label = model.artifact.id, model.device.label
+        else:
+            # In a worker process: an artifact that crashes inside IREE is a one-line error.
+            from hxc.pool.worker import run_isolated
+            from hxc.runtime.loader import check_inputs
+
+            signature = read_manifest(bundle).signature
+            check_inputs(signature, arrays)  # usage mistakes stay exit 2, before any process starts
+            result = run_isolated(bundle, device or "", arrays, load_options=options)
+            outputs, artifact, device_label = result.outputs, result.artifact, result.device
+        what = {"artifact": artifact, "device": device_label}
+        ran = f"ran {artifact} on {device_label}"
     if output is not None:
         from hxc.manifests.bundle import atomic_savez
 
         atomic_savez(output, {f"output_{i}": to_storage(o) for i, o in enumerate(outputs)})
     if as_json:
+        from hxc.manifests.schema import to_json
+
         ui.print_json({
-            "ok": True, "artifact": model.artifact.id, "device": model.device.label, "saved_to": output and str(output),
+            "ok": True, **what, "saved_to": output and str(output),
             "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(o.shape),
                          "values": o.astype(np.float64).ravel()[:16].tolist(),  # NaN/inf print as null
                          "nonfinite": int(o.size - np.count_nonzero(np.isfinite(o.astype(np.float64))))}
-                        for s, o in zip(model.signature.outputs, outputs)],
+                        for s, o in zip(signature.outputs, outputs)],
+            **({"telemetry": to_json(stats)} if pool else {}),
         })  # fmt: skip
         return
-    ui.err.print(f"[dim]ran {model.artifact.id} on {model.device.label}[/dim]")
+    ui.err.print(f"[dim]{ran}[/dim]")
     with np.printoptions(precision=5, threshold=20, edgeitems=3):
-        for s, o in zip(model.signature.outputs, outputs):
+        for s, o in zip(signature.outputs, outputs):
             ui.out.print(f"{s.name} {'x'.join(map(str, o.shape))}x{s.dtype}:", markup=False)
             ui.out.print(str(o), markup=False)
+    if pool is not None:
+        ui.out.print()
+        ui.out.print(_telemetry_table(stats))
     if output is not None:
         ui.err.print(f"[dim]saved outputs to {output}[/dim]")
 
 
+def _pin(values: tuple[str, ...]) -> str | dict[str, list[int]] | None:
+    if not values:
+        return None
+    if values == ("split",):
+        return "split"
+    out: dict[str, list[int]] = {}
+    for v in values:
+        name, eq, cores = v.partition("=")
+        try:
+            if not eq or not name:
+                raise ValueError
+            out[name] = [c for part in cores.split(",") for c in _core_range(part)]
+        except ValueError:
+            raise UsageError(f"--pin {v!r}: expected `split` or DEVICE=CORES, e.g. cpu=0-5 or vulkan=6,7") from None
+    return out
+
+
+def _core_range(text: str) -> list[int]:
+    lo, _, hi = text.strip().partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+def _telemetry_table(stats: Any):
+    from hxc import ui
+
+    t = ui.table("device", "cores", "items", "chunks", "busy s", "utilisation", "items/s", "failures", "queue", "status",
+                 title=f"Pool telemetry ({stats.items} items in {stats.wall_s:.3g} s: {stats.items_per_second:.4g} items/s)")  # fmt: skip
+    for d in stats.devices:
+        status = d.health + (f": {d.reason}" if d.reason else "") + (f"; left out: {d.left_out}" if d.left_out else "")
+        t.add_row(f"{d.name} ({d.device})", ",".join(map(str, d.cpus)) if d.cpus else "all", str(d.items), str(d.chunks),
+                  f"{d.busy_s:.3g}", f"{d.utilisation:.0%}", f"{d.items_per_second:.4g}" if d.items_per_second else "-",
+                  str(d.failures), str(d.queue_depth), status)  # fmt: skip
+    return t
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @DEVICE_OPTION
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option("--in-process", is_flag=True,
+              help="Run in this process instead of a worker process (faster start; a crash inside IREE then takes hxc down).")  # fmt: skip
 @_command
-def verify(bundle: Path, device: str | None, as_json: bool) -> int:
+def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool) -> int:
     """Check every file of BUNDLE against its manifest's sha256 (exit 5 on any
     difference, for every artifact, runnable here or not), then run the golden sample
     on every artifact this host can run and compare with the reference outputs
@@ -419,7 +633,7 @@ def verify(bundle: Path, device: str | None, as_json: bool) -> int:
     from hxc import ui
     from hxc.runtime.verify import verify_bundle
 
-    report = verify_bundle(bundle, device=device)
+    report = verify_bundle(bundle, device=device, isolate=not in_process)
     results, code = report.results, report.exit_code
     if as_json:
         ui.print_json({"ok": report.ok, "exit_code": int(code), "integrity": list(report.integrity),
@@ -495,85 +709,118 @@ def doctor(as_json: bool) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--baseline", default="auto", show_default=True,
-              help="Baselines to time next to the artifacts: torch, torch-compile, onnxruntime, none (comma-separated). "
+@TRUSTED_KEYS_OPTION
+@click.option("--baseline", "baselines", type=CommaList("LIST", choices=(*BASELINE_NAMES, "auto", "none")), default="auto",
+              show_default=True,
+              help=f"Baselines to time next to the artifacts: {', '.join(BASELINE_NAMES)}, none (comma-separated). "
                    "auto = torch for PyTorch bundles, onnxruntime for ONNX ones.")  # fmt: skip
 @DEVICE_OPTION
-@click.option("--batch", "batches", default="8,32", show_default=True, help="Offline-scenario batch sizes (models with a dynamic batch).")
+@click.option("--batch", "batches", type=CommaList("LIST", positive_ints=True), default="8,32", show_default=True,
+              help="Offline-scenario batch sizes (models with a dynamic batch).")
 @click.option("--min-time", type=float, default=1.0, show_default=True, help="Seconds of timed calls per contender, at least.")
 @click.option("--min-iterations", type=int, default=20, show_default=True, help="Timed calls per contender, at least.")
 @click.option("--max-time", type=float, default=60.0, show_default=True, help="Stop a slow contender after this many seconds.")
 @click.option("--no-record", is_flag=True, help="Do not write the profiles into the bundle.")
 @click.option("--allow-pickle", is_flag=True,
               help="Let the PyTorch baselines load a program whose weights torch pickled; this runs code from the bundle.")  # fmt: skip
-@click.option("--fail-if-slower-than", "gate", default=None, metavar="BASELINE",
+@click.option("--fail-if-slower-than", "gate", type=click.Choice(BASELINE_NAMES), default=None,
               help="Exit with code 7 if the fastest artifact is slower than this baseline (e.g. torch) in single-stream.")  # fmt: skip
 @click.option("--margin", type=float, default=0.0, show_default=True, help="Tolerated slowdown for the gate (0.05 = 5%).")
+@click.option("--pool", "pool_mode", is_flag=True,
+              help="Pool mode: each device in its worker process (as `--devices` and `--pin` say): single-stream latency "
+                   "and caller overhead per device (recorded), then throughput of each device alone and of the pool, "
+                   "interleaved, with per-device utilisation.")  # fmt: skip
+@DEVICES_OPTION
+@PIN_OPTION
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Pool mode: interleaved rounds.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
-def bench(bundle: Path, baseline: str, device: str | None, batches: str, min_time: float, min_iterations: int,
-          max_time: float, no_record: bool, allow_pickle: bool, gate: str | None, margin: float, as_json: bool) -> int:  # fmt: skip
+def bench(bundle: Path, baselines: list[str], device: str | None, batches: list[int], min_time: float, min_iterations: int,
+          max_time: float, no_record: bool, allow_pickle: bool, gate: str | None, margin: float, pool_mode: bool,
+          devices: str | None, pins: tuple[str, ...], rounds: int, as_json: bool) -> int:  # fmt: skip
     """Time every artifact this host can run next to PyTorch, and record the results as
-    profiles in the bundle (which the runtime loader then uses to choose)."""
+    profiles in the bundle (which the runtime loader then uses to choose).
+
+    \b
+    hxc bench model.hxc
+    hxc bench model.hxc --pool --pin split       # the device pool: each device alone, and all together
+    """
     from hxc import ui
     from hxc.bench.measure import Budget
+
+    if pool_mode or devices or pins:
+        if gate or device:
+            raise UsageError("--fail-if-slower-than and --device do not apply to --pool", hint="use --devices")
+        budget = Budget(min_iterations=min_iterations, min_seconds=min_time, max_seconds=max_time)
+        return _bench_pool(bundle, devices or "all", _pin(pins), budget, min_time, rounds, not no_record, as_json)
     from hxc.bench.report import profiles_table, row_json, rows
     from hxc.bench.run import run_bench
     from hxc.manifests import read_manifest
+    from hxc.manifests.schema import to_json
 
     manifest = read_manifest(bundle)
-    names = _baselines(baseline, manifest.model.source_format)
-    if gate and gate not in names:
-        raise HxcError(f"--fail-if-slower-than {gate}: that baseline is not measured", hint=f"add --baseline {gate}")
-    try:
-        offline = [int(b) for b in batches.split(",") if b.strip()]
-    except ValueError:
-        raise HxcError(f"--batch takes comma-separated integers, not {batches!r}") from None
     budget = Budget(min_iterations=min_iterations, min_seconds=min_time, max_seconds=max_time)
     with ui.err.status("benchmarking…", spinner="dots") as status:
-        result = run_bench(bundle, baselines=names, device=device, offline_batches=offline, budget=budget,
-                           record=not no_record, allow_pickle=allow_pickle,
+        result = run_bench(bundle, baselines=baselines, device=device, offline_batches=batches, budget=budget,
+                           record=not no_record, allow_pickle=allow_pickle, gate=gate, margin=margin,
                            on_progress=lambda s: status.update(f"benchmarking: {s}"))  # fmt: skip
     table_rows = rows(manifest, result.profiles)
-    verdict = _gate(result.profiles, gate, margin) if gate else None
-    code = ExitCode.REGRESSION if verdict and not verdict["passed"] else ExitCode.OK
+    verdict, code = result.gate, result.exit_code
     if as_json:
-        from hxc.manifests.schema import to_json
-
+        gate_json = verdict and {**to_json(verdict), "message": verdict.message}
         ui.print_json({"ok": code == ExitCode.OK, "exit_code": int(code), "host": to_json(result.host),
-                       "recorded": result.recorded, "results": [row_json(r) for r in table_rows], "gate": verdict})  # fmt: skip
+                       "recorded": result.recorded, "results": [row_json(r) for r in table_rows], "gate": gate_json,
+                       "skipped_baselines": [to_json(s) for s in result.skipped_baselines]})  # fmt: skip
         return code
+    for s in result.skipped_baselines:
+        ui.warn(f"skipped baseline {s.baseline}: {s.reason}")
     ui.out.print(profiles_table(manifest, result.profiles))
     if result.recorded:
         ui.err.print(f"[dim]recorded {len(result.profiles)} profiles in {bundle}[/dim]")
     if verdict:
-        msg = verdict["message"]
-        ui.out.print(f"[green]gate passed:[/green] {msg}") if verdict["passed"] else ui.error(f"gate failed: {msg}")
+        ui.out.print(f"[green]gate passed:[/green] {verdict.message}") if verdict.passed else ui.error(f"gate failed: {verdict.message}")
     return code
 
 
-def _baselines(text: str, source_format: str) -> list[str]:
-    if text == "auto":
-        return ["onnxruntime"] if source_format == "onnx" else ["torch"]
-    if text == "none":
-        return []
-    return [b.strip() for b in text.split(",") if b.strip() and b.strip() != "none"]
+def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: float, rounds: int, record: bool,
+                as_json: bool) -> int:  # fmt: skip
+    from hxc import ui
+    from hxc.bench.pool import run_pool_bench
+    from hxc.manifests.schema import to_json
 
-
-def _gate(profiles: list, baseline: str, margin: float) -> dict:
-    name = {"torch": "torch:eager", "torch-compile": "torch:compile"}.get(baseline, baseline)
-    single = [p for p in profiles if p.scenario == "single-stream"]
-    base = next((p for p in single if p.candidate == name), None)
-    if base is None:
-        raise HxcError(f"--fail-if-slower-than {baseline}: that baseline was not measured", hint=f"add --baseline {baseline}")
-    arts = [p for p in single if p.artifact_sha256 is not None]
-    best = min(arts, key=lambda p: p.latency.p50_ms)
-    ratio = best.latency.p50_ms / base.latency.p50_ms
-    passed = ratio <= 1 + margin
-    return {"baseline": name, "best": best.candidate, "best_p50_ms": best.latency.p50_ms,
-            "baseline_p50_ms": base.latency.p50_ms, "ratio": round(ratio, 4), "margin": margin, "passed": passed,
-            "message": f"{best.candidate} p50 {best.latency.p50_ms:.3g} ms vs {name} {base.latency.p50_ms:.3g} ms "
-                       f"({ratio:.2f}x the baseline's time, allowed {1 + margin:.2f}x)"}  # fmt: skip
+    with ui.err.status("benchmarking the pool…", spinner="dots") as status:
+        r = run_pool_bench(bundle, devices=devices, pin=pin, budget=budget, seconds=seconds, rounds=rounds, record=record,
+                           on_progress=lambda s: status.update(f"benchmarking the pool: {s}"))  # fmt: skip
+    best = r.best_alone
+    summary = {"pool_items_per_second": r.pool_items_per_second, "sum_alone_items_per_second": r.sum_alone,
+               "vs_sum": r.pool_items_per_second / r.sum_alone if r.sum_alone else None, "best_alone": best.name,
+               "vs_best_alone": r.pool_items_per_second / best.alone_items_per_second if best.alone_items_per_second else None,
+               "spread": r.spread, "rounds": r.rounds, "pinned": r.pinned}  # fmt: skip
+    if as_json:
+        ui.print_json({"ok": True, "host": to_json(r.host), "recorded": r.recorded, **summary,
+                       "devices": [to_json(d) for d in r.devices], "profiles": [to_json(p) for p in r.profiles]})  # fmt: skip
+        return ExitCode.OK
+    t = ui.table("device", "cores", "alone items/s", "in the pool: items", "utilisation", "status",
+                 title=f"Pool throughput ({'pinned' if r.pinned else 'unpinned'}; medians of {r.rounds} interleaved rounds)")  # fmt: skip
+    for d in r.devices:
+        status = d.health + (f": {d.reason}" if d.reason else "") + (f"; left out: {d.left_out}" if d.left_out else "")
+        t.add_row(f"{d.name} ({d.device})", ",".join(map(str, d.cpus)) if d.cpus else "all", f"{d.alone_items_per_second:.4g}",
+                  str(d.pool_items), f"{d.utilisation:.0%}", status)  # fmt: skip
+    ui.out.print(t)
+    ui.out.print(f"pool: {r.pool_items_per_second:.4g} items/s = {summary['vs_sum']:.2f}x the devices' sum alone "
+                 f"({r.sum_alone:.4g}), {summary['vs_best_alone']:.2f}x the best alone ({best.name}); "
+                 f"spread over rounds {r.spread:.0%}", markup=False)  # fmt: skip
+    lat = ui.table("device", "p50 ms", "p99 ms", "samples", "caller overhead p50 ms", "p99 ms",
+                   title="Single-stream through the workers (device time, and what the caller pays beyond it)")  # fmt: skip
+    for p in r.profiles:
+        o = p.caller_overhead
+        lat.add_row(p.candidate, f"{p.latency.p50_ms:.3g}", f"{p.latency.p99_ms:.3g}", str(p.latency.iterations),
+                    _g(o.p50_ms if o else None), _g(o.p99_ms if o else None))  # fmt: skip
+    ui.out.print()
+    ui.out.print(lat)
+    if r.recorded:
+        ui.err.print(f"[dim]recorded {len(r.profiles)} profiles with caller overhead in {bundle}[/dim]")
+    return ExitCode.OK
 
 
 @main.group()
@@ -621,6 +868,91 @@ def report(bundle: Path, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, text.encode())
     ui.err.print(f"[dim]wrote {output}[/dim]")
+
+
+# --- trust: keys, signatures, single-file bundles ------------------------------------
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="NAME",
+              help="Write the private key to NAME (mode 0600) and the public key to NAME.pub.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def keygen(output: Path, as_json: bool) -> None:
+    """Create an Ed25519 key pair for signing bundles.
+
+    \b
+    hxc keygen -o ci-signing            # ci-signing (secret) + ci-signing.pub
+    hxc sign model.hxc --key ci-signing
+    hxc verify model.hxc --trusted-keys ci-signing.pub
+    """
+    from hxc import ui
+    from hxc.manifests.signing import generate_key
+
+    key = generate_key(output)
+    if as_json:
+        ui.print_json({"ok": True, "key_id": key.key_id, "private_key": str(output), "public_key": key.source})
+        return
+    ui.out.print(f"key id {key.key_id}: private key {output} (keep it secret), public key {key.source}", markup=False)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-k", "--key", type=click.Path(path_type=Path), required=True, help="Private key from `hxc keygen`.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def sign(bundle: Path, key: Path, as_json: bool) -> None:
+    """Sign BUNDLE's manifest (which holds the sha256 of every file it runs) with KEY.
+    Profiles added later by `hxc bench` are outside the signature and never break it.
+    Signing again with another key adds a second signature (key rotation)."""
+    from hxc import ui
+    from hxc.manifests.bundle import sign_bundle
+
+    public = sign_bundle(bundle, key)
+    if as_json:
+        ui.print_json({"ok": True, "bundle": str(bundle), "key_id": public.key_id})
+        return
+    ui.out.print(f"signed {bundle} with key {public.key_id}", markup=False)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The single-file bundle to write (.hxcb).")
+@TRUSTED_KEYS_OPTION
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def pack(bundle: Path, output: Path, as_json: bool) -> None:
+    """Write BUNDLE as one file (an uncompressed tar the loader maps in place), after
+    checking every file against the manifest. `hxc.runtime.load` and every command
+    accept either form."""
+    from hxc import ui
+    from hxc.manifests.bundle import pack_bundle
+
+    m = pack_bundle(bundle, output)
+    if as_json:
+        ui.print_json({"ok": True, "bundle": str(bundle), "archive": str(output), "files": len(m.files)})
+        return
+    ui.out.print(f"wrote {output}  ({len(m.files)} files, {ui.human_size(output.stat().st_size)})", markup=False)
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Directory to create.")
+@TRUSTED_KEYS_OPTION
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def unpack(archive: Path, output: Path, as_json: bool) -> None:
+    """Extract a single-file bundle into a new directory, for people to look at. Only
+    the files its manifest names are written, each checked first; links, devices,
+    paths outside the directory and duplicate names are refused."""
+    from hxc import ui
+    from hxc.manifests.bundle import unpack_bundle
+
+    m = unpack_bundle(archive, output)
+    if as_json:
+        ui.print_json({"ok": True, "archive": str(archive), "bundle": str(output), "files": len(m.files)})
+        return
+    ui.out.print(f"unpacked {archive} into {output}  ({len(m.files)} files)", markup=False)
 
 
 if __name__ == "__main__":

@@ -137,13 +137,8 @@ def test_archive_bombs_are_refused_before_anything_is_inflated(pt2, tmp_path, cl
 
 def test_the_size_limit_is_configurable_and_named(pt2, tmp_path, cli, monkeypatch):
     monkeypatch.setenv("HXC_MAX_MODEL_BYTES", "1000")
-    result = cli("compile", pt2, "-t", "cpu:host", "-o", tmp_path / "out.hxc")
+    result = cli("compile", pt2, "-t", "cpu:host", "-o", tmp_path / "out.hxc", "--no-cache")
     assert result.exit_code == ExitCode.ERROR and "HXC_MAX_MODEL_BYTES" in result.stderr
-
-
-@pytest.fixture
-def bundle(example_bundle: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(example_bundle, tmp_path / "b.hxc"))
 
 
 def _point_artifact_at(bundle: Path, artifact_id: str, rel: str, files: dict | None = None) -> None:

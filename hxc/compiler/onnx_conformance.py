@@ -228,7 +228,7 @@ def _compile(mlir: Path, operators_at: dict, f64: bool, workdir: Path, target: s
     from hxc.targets import resolve
 
     [variant] = resolve(target)
-    [r] = compile_all([CompileJob(mlir, file_sha256(mlir), variant, f64=f64)], workdir=workdir, parallel=1)
+    [r] = compile_all([CompileJob(mlir, file_sha256(mlir), variant, f64=f64)], workdir=workdir, jobs=1)
     if r.status == "ok" and r.vmfb is not None:
         return r.vmfb
     unlowered = r.operator == "torch.operator" and "legalize" in (r.error or "")

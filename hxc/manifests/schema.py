@@ -31,6 +31,7 @@ SCHEMA_VERSION: tuple[int, int] = (2, 0)
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"  # written once by `hxc compile`, never changed after
 PROFILES_FILE = "profiles.json"  # measurements added later by `hxc bench` / `profiles merge`
+SIGNATURE_FILE = "manifest.sig"  # Ed25519 signatures over manifest.json, added by `hxc sign`
 GOLDEN_FILE = "golden.npz"
 PROGRAM_PT2 = "program.pt2"  # the program a PyTorch model's artifacts were built from
 PROGRAM_ONNX = "model.onnx"  # the ONNX model, for ONNX bundles
@@ -46,12 +47,8 @@ class TensorSpec:
     """One input or output tensor. A dynamic dimension is a name instead of a size."""
 
     name: str
-    dtype: str
+    dtype: str  # an hxc dtype name (hxc.dtypes): f32, i64, bf16, ...
     shape: tuple[Dim, ...]
-
-    @property
-    def is_dynamic(self) -> bool:
-        return any(isinstance(d, str) for d in self.shape)
 
     def format(self) -> str:
         """The `--input` spelling: `?x3x224x224xf32`."""
@@ -131,7 +128,7 @@ class Artifact:
     variant: str
     backend: str  # IREE compiler backend: llvm-cpu, cuda, rocm, vulkan-spirv
     driver: str  # IREE HAL driver that runs it: local-task, cuda, hip, vulkan
-    binary: str  # what the vmfb carries: elf-x86_64, cubin, ptx, hsaco, spirv
+    binary: str  # what the vmfb carries: elf-x86_64, elf-arm_64, ptx, hsaco, spirv
     flags: tuple[str, ...]  # the exact iree-compile flags, input and output omitted
     requires: Requirements
     status: Literal["ok", "failed"]
@@ -209,6 +206,10 @@ class Profile:
     device_time_only: bool  # True when host<->device copies are outside the timed region
     recorded: str  # ISO 8601, UTC
     threads: int | None = None  # CPU threads it ran with, where that applies
+    # What a caller paid beyond `latency` when the artifact ran in a pool worker process
+    # (input checks, shared-memory copies, the process hop), measured by `hxc bench --pool`;
+    # SLO checks add it to the device time. None: not measured.
+    caller_overhead: LatencyStats | None = None
 
 
 @dataclass(frozen=True)
