@@ -339,6 +339,30 @@ def test_axes_computed_from_a_static_shape_are_folded(tmp_path, run_isolated):
     _close(got, want)
 
 
+def test_a_named_input_spec_is_for_that_input_only(tmp_path):
+    # `--input b=4xi64` once went to the first input too when that one had no spec of
+    # its own ("--input for 'a' says i64"); the ONNX node tests over empty sets
+    # (ReduceSum with a 2x0x4 input), which plain IREE passes, failed that way.
+    vi = helper.make_tensor_value_info
+    model = _onnx_model(
+        tmp_path / "named.onnx",
+        [helper.make_node("ReduceSum", ["a", "axes"], ["y"], keepdims=1), helper.make_node("Neg", ["b"], ["z"])],
+        [vi("a", TensorProto.FLOAT, [2, 3, 4]), vi("b", TensorProto.INT64, ["n"])],
+        [vi("y", TensorProto.FLOAT, [2, 1, 4]), vi("z", TensorProto.INT64, ["n"])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [1])], opset=18,
+    )  # fmt: skip
+    out = tmp_path / "named.hxc"
+    options = ImportOptions(inputs=("b=4xi64",))
+    assert build_bundle(str(model), out, "cpu:host", options=options).written
+    sig = read_manifest(out).signature
+    assert [s.shape for s in sig.inputs] == [(2, 3, 4), (4,)]
+    a, b = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32), np.arange(4, dtype=np.int64)
+    want = _ort(model, {"a": a, "b": b})
+    got = hxc.runtime.load(out, device="cpu", strict=True)(a, b)
+    _close(got[0], want[0])
+    np.testing.assert_array_equal(np.asarray(got[1]), want[1])
+
+
 @pytest.mark.parametrize("kind", ["attention", "rms_norm"])
 def test_onnx_function_operators_are_expanded(kind, tmp_path):
     # Opset-23 operators with no IREE lowering, defined by ONNX as functions of others.

@@ -153,11 +153,10 @@ def _run_case(case: Path, workdir: Path, target: str, timeout: float) -> None:
         raise _Outcome("fail", "non-tensor inputs or outputs (sequence, optional, map)")
     inputs = _read_all(sets[0], "input")
     expected = _read_all(sets[0], "output")
-    # Each test's own shapes, by input name; an empty input (a zero-size dimension,
-    # which `--input` refuses) keeps the shape the model declares.
+    # Each test's own shapes, by input name (zero-size dimensions included).
     initialized = {t.name for t in graph.initializer}
     names = [v.name for v in graph.input if v.name not in initialized]
-    specs = [f"{n}={_spec(a)}" for n, a in zip(names, inputs) if a.size or not a.ndim]
+    specs = [f"{n}={_spec(a)}" for n, a in zip(names, inputs)]
     try:
         imported = import_onnx(str(case / "model.onnx"), ImportOptions(inputs=tuple(specs), weights="inline"), workdir, lambda s: None)
     except HxcError as e:

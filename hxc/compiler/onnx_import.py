@@ -254,7 +254,9 @@ def _inputs(model: Any, options: ImportOptions) -> list[_Input]:
     by_name = {s.name: s for s in specs}
     result = []
     for i, v in enumerate(graph_inputs):
-        spec = by_name.get(v.name) or (specs[i] if i < len(specs) else None)
+        # A named spec is for its input only; an unnamed one (input_N) goes by position.
+        positional = specs[i] if i < len(specs) and specs[i].name == f"input_{i}" else None
+        spec = by_name.get(v.name) or positional
         result.append(_input(i, v, spec, options.dynamic_batch))
     return result
 
