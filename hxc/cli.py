@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -32,10 +33,12 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        from hxc import ui
-
         as_json = kwargs.get("as_json", False)
+        if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+            signal.signal(signal.SIGTERM, _terminate_like_interrupt)
         try:
+            from hxc import ui
+
             code = fn(*args, **kwargs)
         except HxcError as e:
             if as_json:
@@ -44,6 +47,8 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
                 ui.error(str(e))
             sys.exit(int(e.exit_code))
         except KeyboardInterrupt as e:
+            from hxc import ui
+
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
             ui.error(f"{'terminated' if signum == signal.SIGTERM else 'interrupted'}; nothing was written")
             sys.exit(128 + signum)
@@ -99,8 +104,6 @@ def main(verbose: int) -> None:
     hxc run model.hxc --input x.npy
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
-    if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
-        signal.signal(signal.SIGTERM, _terminate_like_interrupt)
     if verbose < 2:
         _quiet_libraries()
 
@@ -194,7 +197,7 @@ def _tuner():
 
 def _precisions(text: str) -> list[str]:
     from hxc.errors import UsageError
-    from hxc.manifests.schema import PRECISIONS
+    from hxc.dtypes import PRECISIONS
 
     wanted = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in wanted if p not in PRECISIONS]
@@ -446,7 +449,9 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
 
         ui.print_json({
             "ok": True, **what, "saved_to": output and str(output),
-            "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(o.shape), "values": o.astype(np.float64).ravel()[:16].tolist()}
+            "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(o.shape),
+                         "values": o.astype(np.float64).ravel()[:16].tolist(),  # NaN/inf print as null
+                         "nonfinite": int(o.size - np.count_nonzero(np.isfinite(o.astype(np.float64))))}
                         for s, o in zip(signature.outputs, outputs)],
             **({"telemetry": to_json(stats)} if pool else {}),
         })  # fmt: skip
@@ -515,7 +520,7 @@ def verify(bundle: Path, device: str | None, as_json: bool) -> int:
     results, code = report.results, report.exit_code
     if as_json:
         ui.print_json({"ok": report.ok, "exit_code": int(code), "integrity": list(report.integrity),
-                       "results": [r.__dict__ for r in results]})  # fmt: skip
+                       "results": [_verify_json(r) for r in results]})  # fmt: skip
         return code
     for problem in report.integrity:
         ui.error(f"integrity: {problem}")
@@ -528,6 +533,14 @@ def verify(bundle: Path, device: str | None, as_json: bool) -> int:
     elif not report.integrity:
         ui.error("no artifact in this bundle can run on this host (see `hxc select --explain`)")
     return code
+
+
+def _verify_json(r: Any) -> dict[str, Any]:
+    # An infinite error (a wrong shape, inf where PyTorch has a number) prints as null,
+    # with `nonfinite` saying so: null alone would read as "not measured".
+    errors = [x for x in (r.max_abs, r.max_rel) if x is not None]
+    return {"artifact": r.artifact, "device": r.device, "ok": r.ok, "max_abs": r.max_abs, "max_rel": r.max_rel,
+            "nonfinite": any(not math.isfinite(x) for x in errors), "error": r.error}
 
 
 def _g(x: float | None) -> str:

@@ -39,7 +39,7 @@ def _compile_args(models: dict[str, Path], out: Path, cache: Path) -> list[objec
 
 
 def _leftovers(out: Path) -> list[str]:
-    return sorted(p.name for p in out.parent.glob(f".{out.name}.*") if not p.name.endswith(".lock"))
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.*"))
 
 
 def _children_of_tree_alive(marker: str) -> list[str]:
@@ -70,7 +70,7 @@ def test_killed_compile_leaves_a_whole_bundle_and_no_children(old_bundle, models
         time.sleep(rng.uniform(1.0, 6.0))
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
-        if sig == signal.SIGTERM and proc.returncode != 0:
+        if sig == signal.SIGTERM and proc.returncode not in (0, -signal.SIGTERM):  # -15: before any work began
             assert proc.returncode == 128 + signal.SIGTERM and "terminated" in err and "Traceback" not in err
         time.sleep(0.5)  # let the kernel deliver PDEATHSIG
         assert not _children_of_tree_alive(str(old_bundle.parent)), "an iree-compile child outlived hxc"
@@ -135,7 +135,7 @@ def test_a_real_full_file_system(models, tmp_path):
         proc = _hxc("compile", models["pt2"], "-t", "cpu:host", "-o", mnt / "m.hxc", "--cache-dir", tmp_path / "c")
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == ExitCode.ERROR and "No space left on device" in err and "Traceback" not in err
-        assert list(mnt.iterdir()) in ([], [mnt / ".m.hxc.lock"])
+        assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)])
 

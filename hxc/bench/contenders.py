@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from hxc.bench.measure import Contender
-from hxc.errors import UsageError
+from hxc.errors import BundleError, UsageError
 from hxc.manifests.schema import Manifest
-from hxc.runtime.io import to_torch
+from hxc.dtypes import to_torch
 from hxc.runtime.probe import HostProbe
 from hxc.runtime.select import select
 
@@ -107,7 +107,7 @@ def load_torch_module(bundle: Path, manifest: Manifest, *, allow_pickle: bool = 
     import iree.runtime as rt
     import torch
 
-    from hxc.compiler.frontend import load_program
+    from hxc.compiler.torch_export import load_program
     from hxc.manifests.bundle import open_checked
 
     if manifest.model.source_format == "onnx" or not manifest.model.program_file:
@@ -131,4 +131,10 @@ def load_torch_module(bundle: Path, manifest: Manifest, *, allow_pickle: bool = 
             if name in stored:
                 new = stored[name].reshape(old.shape)
                 program.state_dict[name] = torch.nn.Parameter(new, requires_grad=False) if isinstance(old, torch.nn.Parameter) else new
+    # Weights saved as stride-0 placeholders (their values live in an archive) must never
+    # run as if they were the model's: that would time and compare garbage.
+    placeholders = [n for n, t in program.state_dict.items() if t.numel() > 1 and not any(t.stride())]
+    if placeholders:
+        raise BundleError(f"{bundle}: the program's weights ({placeholders[0]}, ...) are not in the bundle",
+                          hint="recompile it with this hxc")  # fmt: skip
     return program.module()

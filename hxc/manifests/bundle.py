@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from hxc.dtypes import NAMES
 from hxc.errors import BundleError, IntegrityError, first_line
 from hxc.manifests.schema import (
     FORMAT,
@@ -42,7 +43,6 @@ from hxc.manifests.schema import (
     PROFILES_FORMAT,
     SCHEMA_VERSION,
     FileHash,
-    DTYPES,
     Host,
     Manifest,
     OutputTree,
@@ -107,7 +107,7 @@ def _check_signature(sig: Signature, where: str) -> None:
     """Dtypes the runtime knows, sizes that are sizes, and an output structure that
     places every flat output exactly once: later code trusts all three."""
     for spec in (*sig.inputs, *sig.outputs):
-        if spec.dtype not in DTYPES:
+        if spec.dtype not in NAMES:
             raise BundleError(f"{where}: {spec.name} has unknown dtype {spec.dtype!r}")
         if any(isinstance(d, int) and d < 0 for d in spec.shape):
             raise BundleError(f"{where}: {spec.name} has a negative dimension")
@@ -375,10 +375,11 @@ def _private_copy(fd: int, size: int) -> mmap.mmap:
 def output_lock(output: Path) -> Iterator[None]:
     """Exclusive, short-lived ownership of an output path: held while a run creates
     its private directories beside it, removes stale ones, or swaps the bundle in, so
-    concurrent runs to one path never see each other's half-made state."""
+    concurrent runs to one path never see each other's half-made state. The lock is
+    an flock on the parent directory itself, so it leaves no file behind."""
     out = Path(output).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    fd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -600,7 +601,24 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
+def _process_umask() -> int:
+    # Linux reports the umask without changing it. Elsewhere, setting and restoring it is
+    # the only way, and that briefly leaves the process with umask 0: fine once at import,
+    # a race when compile worker threads create files at the same moment.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _process_umask()
+
+
+def _umask() -> int:
+    return _UMASK

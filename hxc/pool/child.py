@@ -72,9 +72,9 @@ def _load(config: dict[str, Any]):
     warmup: float | str
     t0 = time.perf_counter()
     try:
-        from hxc.runtime.io import numpy_dtype
+        from hxc.dtypes import dtype
 
-        zeros = [np.zeros([d if isinstance(d, int) else 1 for d in s.shape], numpy_dtype(s.dtype))
+        zeros = [np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype(s.dtype).numpy_dtype())
                  for s in model.signature.inputs]  # fmt: skip
         model.run_flat(zeros)
         warmup = (time.perf_counter() - t0) * 1000
@@ -89,11 +89,11 @@ def _load(config: dict[str, Any]):
 def _serve(channel, model, faults: dict[int, str]) -> None:
     from hxc.errors import first_line
     from hxc.pool.channel import ArrayRef, SharedBuffer, layout, write_arrays
-    from hxc.runtime.io import numpy_dtype
+    from hxc.dtypes import dtype
 
     signature = model.signature
-    in_dtypes = [numpy_dtype(s.dtype) for s in signature.inputs]
-    out_dtypes = [numpy_dtype(s.dtype) for s in signature.outputs]
+    in_dtypes = [dtype(s.dtype).numpy_dtype() for s in signature.inputs]
+    out_dtypes = [dtype(s.dtype).numpy_dtype() for s in signature.outputs]
     inputs: dict[int, SharedBuffer] = {}  # slot -> the pool's buffer
     outputs: dict[int, SharedBuffer] = {}  # slot -> ours
     served = 0

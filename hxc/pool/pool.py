@@ -393,7 +393,7 @@ class _Job:
     # reading requests
 
     def _refill(self) -> None:
-        from hxc.runtime.io import is_torch
+        from hxc.dtypes import is_torch
         from hxc.runtime.loader import check_inputs
 
         want = self._lookahead()
@@ -563,7 +563,7 @@ class _Job:
     # results
 
     def _result(self, item: _Item) -> Any:
-        from hxc.runtime.io import to_torch
+        from hxc.dtypes import to_torch
         from hxc.runtime.loader import rebuild
 
         outputs = item.outputs or []

@@ -399,9 +399,9 @@ class Worker:
             self._running[req.id] = req
 
     def _send(self, life: _Incarnation, req: _Request) -> None:
-        from hxc.runtime.io import numpy_dtype
+        from hxc.dtypes import dtype
 
-        dtypes = [numpy_dtype(s.dtype) for s in self.signature.inputs]
+        dtypes = [dtype(s.dtype).numpy_dtype() for s in self.signature.inputs]
         shapes = req.inputs.shapes if isinstance(req.inputs, Inputs) else tuple(a.shape for a in req.inputs)
         refs, nbytes = layout(shapes, [d.itemsize for d in dtypes])
         slot = req.slot
@@ -509,11 +509,11 @@ class Worker:
             req.future.set_result(result)
 
     def _deliver(self, life: _Incarnation, req: _Request, message: dict, received: float) -> Result:
-        from hxc.runtime.io import numpy_dtype
+        from hxc.dtypes import dtype
 
         assert req.slot is not None
         buf = life.outputs[req.slot]
-        views = [buf.view(ArrayRef.from_json(r), numpy_dtype(s.dtype)) for r, s in zip(message["outputs"], self.signature.outputs)]
+        views = [buf.view(ArrayRef.from_json(r), dtype(s.dtype).numpy_dtype()) for r, s in zip(message["outputs"], self.signature.outputs)]
         if req.sink is not None:
             req.sink(views)
             outputs = None

@@ -25,7 +25,8 @@ from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, Usag
 from hxc.manifests import read_manifest
 from hxc.manifests.bundle import CheckedFile, open_checked
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
-from hxc.runtime.io import dtype_name, is_torch, numpy_dtype, to_device, to_host, to_numpy, to_torch
+from hxc.dtypes import dtype, from_numpy, is_torch, to_numpy, to_torch
+from hxc.runtime.io import to_device, to_host
 from hxc.runtime.prices import PriceTable
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
@@ -320,8 +321,8 @@ def check_inputs(signature: Signature, inputs: Any) -> list[np.ndarray]:
     sizes: dict[str, int] = {}
     for i, (x, spec) in enumerate(zip(inputs, expected)):
         a = to_numpy(x)
-        if a.dtype != numpy_dtype(spec.dtype):
-            got = dtype_name(a.dtype) or str(a.dtype)
+        if a.dtype != dtype(spec.dtype).numpy_dtype():
+            got = getattr(from_numpy(a.dtype), "name", str(a.dtype))
             raise SignatureError(f"input {i} ({spec.name}) has dtype {got}; expected {spec.format()}")
         if a.ndim != len(spec.shape) or any(
             isinstance(d, int) and d != n for d, n in zip(spec.shape, a.shape)

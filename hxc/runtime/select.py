@@ -97,6 +97,7 @@ class Candidate:
     static_rank: int
     price: Price | None = None
     slo: SloVerdict | None = None  # set when the selection has an SLO and a measurement
+    preferred: bool = False  # of the reduced precision the caller asked for
 
     @property
     def profile(self) -> Profile | None:
@@ -238,8 +239,7 @@ def select(
         preferred = art.precision != "fp32" and art.precision == precision
         price = prices.price(dev, probe.cpu.cores) if prices is not None else None
         verdict = judge_slo(slo, latency.latency, latency.caller_overhead) if slo and latency else None
-        rank = fam.rank(art, dev) + (2 if preferred else 0)
-        candidates.append(Candidate(art, dev, latency, throughput, where, rank, price, verdict))
+        candidates.append(Candidate(art, dev, latency, throughput, where, fam.rank(art, dev), price, verdict, preferred))
 
     note = None
     if slo is not None and any(c.slo for c in candidates) and not any(c.slo and c.slo.met for c in candidates):
@@ -273,14 +273,16 @@ def _order_key(policy: str, slo: Slo | None, meets_any: bool):
     def key(c: Candidate) -> tuple:
         if c.profile is None:
             # Unmeasured: after every candidate that meets the SLO (or all measured ones
-            # when there is none), before those that miss it.
-            return (1, 0, 0.0, -c.static_rank)
+            # when there is none), before those that miss it. The asked-for precision
+            # breaks ties between builds of the same rank (cpu:host over cpu:host@fp16
+            # unless fp16 was asked for); it never outranks a better variant.
+            return (1, 0, 0.0, -c.static_rank, not c.preferred)
         # Profiles from this host outrank ones borrowed from a host with the same device.
         where = 0 if c.measured_on == "this host" else 1
         if slo is not None and c.slo is not None and not c.slo.met:
             # Missing the SLO: fastest first; first of all when nothing meets it.
-            return (0 if not meets_any else 2, where, c.slo.estimate_ms, -c.static_rank)
-        return (0, where, *_metric(c, policy), -c.static_rank)
+            return (0 if not meets_any else 2, where, c.slo.estimate_ms, -c.static_rank, not c.preferred)
+        return (0, where, *_metric(c, policy), -c.static_rank, not c.preferred)
 
     return key
 
