@@ -796,6 +796,8 @@ def report(bundle: Path, output: Path) -> None:
                    "cheapest device (price / measured speed) that meets its slo_ms.")  # fmt: skip
 @click.option("--slo-ms", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Default deadline per request, for requests without an `slo_ms` parameter.")
+@click.option("--prices", "prices_file", type=click.Path(path_type=Path), envvar="HXC_PRICES", default=None,
+              help="Prices TOML for the cost policy. [env: HXC_PRICES; default: ~/.config/hxc/prices.toml, else built-in]")
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1),
               help="Rows per device call when requests are merged (models with a dynamic batch dimension); 1 turns "
                    "dynamic batching off.")  # fmt: skip
@@ -810,7 +812,7 @@ def report(bundle: Path, output: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print events (listening, ready, stopped) as JSON lines on stdout.")
 @_command
 def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tuple[str, ...], policy: str,
-          slo_ms: float | None, max_batch_size: int, max_queue_delay_ms: float, max_queue: int, max_body_mb: float,
+          slo_ms: float | None, prices_file: Path | None, max_batch_size: int, max_queue_delay_ms: float, max_queue: int, max_body_mb: float,
           drain_timeout: float, as_json: bool) -> None:  # fmt: skip
     """Serve bundles over HTTP with the KServe v2 / Open Inference Protocol (what Triton's
     and KServe's clients speak), routing every request across this host's devices.
@@ -832,10 +834,12 @@ def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tup
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise UsageError(f"hxc serve needs the serving extra ({e.name} is not installed)", hint="pip install 'hxc[serve]'") from None
+    from hxc.runtime.prices import load_prices
     from hxc.serve.models import ServeOptions, find_models
     from hxc.serve.server import print_event, serve as run_server
 
     options = ServeOptions(host=host, port=port, devices=devices, pin=_pin(pins), policy=policy, slo_ms=slo_ms,
+                           prices=load_prices(prices_file),
                            max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue,
                            max_body_bytes=int(max_body_mb * 1024**2), drain_timeout_s=drain_timeout)  # fmt: skip
     run_server(find_models(models), options, on_event=print_event(as_json))

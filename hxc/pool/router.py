@@ -43,6 +43,8 @@ from hxc.errors import HxcError
 from hxc.pool.pool import SLOTS, Pool
 from hxc.pool.schedule import Speed
 from hxc.pool.worker import Health, Inputs, RequestFailed, Result, Worker, WorkerFailed
+from hxc.runtime.prices import PriceTable, load_prices
+from hxc.runtime.probe import probe_host
 
 POLICIES = ("latency", "cost")
 MAX_TRIES = 3  # devices one request may fail on before it fails
@@ -62,6 +64,23 @@ class NoDeviceReady(HxcError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class Admission:
+    """A place in a router's queue, taken before the request is read (`Router.admit`)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.used = False
+        self.released = False
+
+    def release(self) -> None:
+        """Give the place back unless a submitted request holds it (idempotent)."""
+        if self.used or self.released:
+            return
+        self.released = True
+        with self.router.lock:
+            self.router._outstanding -= 1
 
 
 @dataclass(frozen=True)
@@ -181,7 +200,7 @@ class _Device:
         if router.closed:
             return None
         if not self.ready():
-            if self.queue and self.worker.health in (Health.UNHEALTHY, Health.STOPPED):
+            if self.queue:  # failed, or restarting: what waits here goes elsewhere
                 stranded = list(self.queue)
                 self.queue.clear()
                 router._reroute_locked(stranded, self.name, f"{self.name} is {self.worker.health.value}: {self.worker.reason}")
@@ -288,7 +307,8 @@ class Router:
     `max_batch_size` rows per merged call (1 turns batching off); `max_queue_delay_ms`
     how long the oldest request may wait for others to join; `max_queue` requests in
     the router (waiting or running) before `submit` sheds load. `on_batch(device,
-    rows, requests)` is called for every completed call (for metrics)."""
+    rows, requests)` is called for every completed call (for metrics). `prices`: the
+    price table for the cost policy (default: `load_prices()`, as `hxc select`)."""
 
     def __init__(
         self,
@@ -299,6 +319,7 @@ class Router:
         max_batch_size: int = 32,
         max_queue_delay_ms: float = 0.0,
         max_queue: int = 256,
+        prices: PriceTable | None = None,
         on_batch: Callable[[str, int, int], None] | None = None,
     ) -> None:
         if policy not in POLICIES:
@@ -316,9 +337,13 @@ class Router:
         self.closed = False
         self._outstanding = 0  # requests submitted and not yet resolved
         self.shed = 0
+        prices = prices or load_prices()
+        cores = probe_host().cpu.cores
+        self.currency = prices.currency
         self.devices: list[_Device] = []
         for m in pool.members:
-            self.devices.append(_Device(self, m, _seeded_speed(m), m.candidate.price and m.candidate.price.per_hour))
+            price = prices.price(m.candidate.device, cores)
+            self.devices.append(_Device(self, m, _seeded_speed(m, pool.splittable), price.per_hour if price else None))
         pool.add_listener(self._worker_changed)
         for d in self.devices:
             d.thread.start()
@@ -329,10 +354,14 @@ class Router:
     def outstanding(self) -> int:
         return self._outstanding
 
-    def admit(self) -> None:
-        """Raise Overloaded (and count it shed) if a request submitted now would be."""
+    def admit(self) -> Admission:
+        """Take a place in the queue now, before the request is even read (a server sheds
+        load before buffering a body): raises Overloaded (and counts it shed) when every
+        place is taken. Hand the admission to `submit`, or `release()` it."""
         with self.lock:
             self._admit_locked()
+            self._outstanding += 1
+        return Admission(self)
 
     def _admit_locked(self) -> None:
         if self._outstanding >= self.max_queue:
@@ -342,34 +371,37 @@ class Router:
     def retry_after_s(self) -> float:
         """Seconds until the soonest device should have worked off what it holds."""
         with self.lock:
-            ready = [d for d in self.devices if d.ready()]
-            if not ready:
-                return 1.0
-            return max(1.0, min(d.finish_ms(1) for d in ready) / 1000)
+            finish = [d.finish_ms(1) for d in self.devices if d.ready()]
+            known = [f for f in finish if math.isfinite(f)]  # a busy device not measured yet cannot say
+            return min(60.0, max(1.0, min(known) / 1000)) if known else 1.0
 
     def ready(self) -> bool:
         return not self.closed and any(d.ready() for d in self.devices)
 
     def submit(self, arrays: Sequence[np.ndarray], *, slo_ms: float | None = None, policy: str | None = None,
-               device: str | None = None) -> Future:  # fmt: skip
+               device: str | None = None, admission: Admission | None = None) -> Future:  # fmt: skip
         """Route one request (arrays already checked against the signature); the Future
         gives a `Routed`, or raises NoDeviceReady / RequestFailed. Raises Overloaded at
-        once when the router is full. `device` restricts it to the devices that selector
-        names (as `hxc.runtime.load(device=...)` takes it: a driver, family or artifact id)."""
-        arrays = list(arrays)
-        rows = int(arrays[0].shape[0]) if self.batching else 1
-        only = self.matching(device) if device else None
-        future: Future = Future()
-        req = _Request(arrays, rows, future, slo_ms if slo_ms is not None else self.slo_ms, policy or self.policy, only)
-        with self.lock:
-            if self.closed:
-                raise NoDeviceReady("the server is shutting down")
-            self._admit_locked()
-            if not any(d.ready() for d in self.devices if only is None or d.name in only):
-                raise NoDeviceReady(self._why_not_ready_locked(), self.retry_after_s())
-            self._outstanding += 1
-            future.add_done_callback(self._resolved)
-            self._route_locked(req)
+        once when the router is full (unless `admission` holds its place already).
+        `device` restricts it to the devices that selector names (as
+        `hxc.runtime.load(device=...)` takes it: a driver, family or artifact id)."""
+        admission = admission or self.admit()
+        try:
+            arrays = list(arrays)
+            rows = int(arrays[0].shape[0]) if self.batching else 1
+            only = self.matching(device) if device else None
+            future: Future = Future()
+            req = _Request(arrays, rows, future, slo_ms if slo_ms is not None else self.slo_ms, policy or self.policy, only)
+            with self.lock:
+                if self.closed:
+                    raise NoDeviceReady("the server is shutting down")
+                if not any(d.ready() for d in self.devices if only is None or d.name in only):
+                    raise NoDeviceReady(self._why_not_ready_locked(), self.retry_after_s())
+                admission.used = True  # from here on the future's completion gives the place back
+                future.add_done_callback(self._resolved)
+                self._route_locked(req)
+        finally:
+            admission.release()
         return future
 
     def matching(self, selector: str) -> frozenset[str]:
@@ -459,15 +491,17 @@ class Router:
         return "no device is ready: " + "; ".join(parts)
 
 
-def _seeded_speed(member) -> Speed:
+def _seeded_speed(member, splittable: bool) -> Speed:
     """A device's speed before anything ran in this server: the single-stream and best
     offline profiles as two calls, so the fit of fixed cost + rate starts right (a
-    pinned worker has fewer cores than the profile had: nothing)."""
+    pinned worker has fewer cores than the profile had: nothing). Without a batch to
+    split, a unit is a whole request: the single-stream call."""
     speed = Speed()
     if member.worker.cpus:
         return speed
     cand = member.candidate
-    points = {(p.batch, p.latency.p50_ms) for p in (cand.latency, cand.throughput) if p is not None}
+    profiles = (cand.latency, cand.throughput) if splittable else (cand.latency,)
+    points = {(p.batch if splittable else 1, p.latency.p50_ms) for p in profiles if p is not None}
     for batch, p50 in sorted(points):
         speed.observe(batch, p50 / 1000)
     return speed

@@ -98,25 +98,30 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions) -> Starlett
                 why = model.error or ("still loading" if not model.loaded.is_set() else _not_ready(model))
                 raise ProtocolError(f"model {model.name!r} has no device ready: {why}", 503, retry_after_s=1.0)
             try:
-                # Shed before reading the body: a full server must not buffer more.
-                router.admit()  # type: ignore[attr-defined]
+                # Take a place in the queue before reading the body: a full server sheds
+                # the request without buffering it.
+                admission = router.admit()  # type: ignore[attr-defined]
             except HxcError as e:
-                raise _router_error(e, router, metrics, model.name) from None
-            body = await _read_body(request, options.max_body_bytes)
-            header = request.headers.get(HEADER_LENGTH)
-            if len(body) > THREAD_PARSE_BYTES:
-                parsed = await run_in_threadpool(parse_infer, body, header, model.signature)
-            else:
-                parsed = parse_infer(body, header, model.signature)
-            del body
+                raise _router_error(e, metrics, model.name) from None
             try:
-                future = router.submit(parsed.inputs, slo_ms=parsed.slo_ms, policy=parsed.policy, device=parsed.device)  # type: ignore[attr-defined]
-            except HxcError as e:
-                raise _router_error(e, router, metrics, model.name) from None
+                body = await _read_body(request, options.max_body_bytes)
+                header = request.headers.get(HEADER_LENGTH)
+                if len(body) > THREAD_PARSE_BYTES:
+                    parsed = await run_in_threadpool(parse_infer, body, header, model.signature)
+                else:
+                    parsed = parse_infer(body, header, model.signature)
+                del body
+                try:
+                    future = router.submit(parsed.inputs, slo_ms=parsed.slo_ms, policy=parsed.policy,  # type: ignore[attr-defined]
+                                           device=parsed.device, admission=admission)  # fmt: skip
+                except HxcError as e:
+                    raise _router_error(e, metrics, model.name) from None
+            finally:
+                admission.release()
             try:
                 routed = await asyncio.wrap_future(future)
             except HxcError as e:
-                raise _router_error(e, router, metrics, model.name) from None
+                raise _router_error(e, metrics, model.name) from None
             served = {"device": routed.device, "batch_rows": routed.batch_rows, "slo_missed": routed.slo_missed}
             content, headers = encode_infer(model.name, model.version, parsed, routed.outputs, model.signature, served)
         except ProtocolError as e:
@@ -140,6 +145,10 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions) -> Starlett
         status = exc.status_code
         message = f"no route {request.method} {request.url.path}" if status in (404, 405) else str(exc.detail)
         return Response(error_body(message), status_code=status, media_type="application/json")
+
+    async def protocol_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProtocolError)
+        return _error(exc)
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -177,18 +186,19 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions) -> Starlett
         Route("/metrics", prometheus),
     ]  # fmt: skip
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error, Exception: internal_error})  # fmt: skip
+                    exception_handlers={HTTPException: http_error, ProtocolError: protocol_error, Exception: internal_error})  # fmt: skip
     app.state.metrics = metrics
     app.state.on_ready = lambda: None
     return app
 
 
 def _error(e: ProtocolError) -> Response:
-    headers = {"Retry-After": str(math.ceil(e.retry_after_s))} if e.retry_after_s is not None else None
+    retry = e.retry_after_s
+    headers = {"Retry-After": str(math.ceil(retry) if math.isfinite(retry) else 1)} if retry is not None else None
     return Response(error_body(str(e)), status_code=e.status, media_type="application/json", headers=headers)
 
 
-def _router_error(e: HxcError, router, metrics: Metrics, model: str) -> ProtocolError:
+def _router_error(e: HxcError, metrics: Metrics, model: str) -> ProtocolError:
     from hxc.errors import UsageError
     from hxc.pool.router import NoDeviceReady, Overloaded
     from hxc.pool.worker import WorkerFailed

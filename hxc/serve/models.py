@@ -18,6 +18,7 @@ from pathlib import Path
 from hxc.errors import HxcError, UsageError, first_line
 from hxc.manifests import read_manifest
 from hxc.manifests.schema import Manifest
+from hxc.runtime.prices import PriceTable
 
 log = logging.getLogger("hxc.serve")
 VERSION = "1"  # bundles carry no model version; every model serves as version 1
@@ -39,6 +40,7 @@ class ServeOptions:
     max_body_bytes: int = 64 * 1024**2
     start_timeout_s: float = 180.0
     drain_timeout_s: float = 30.0
+    prices: PriceTable | None = None  # for the cost policy; None: hxc's defaults and the user's file
 
 
 @dataclass
@@ -105,7 +107,7 @@ def load_model(model: ServedModel, options: ServeOptions, on_batch=None) -> None
         pool = Pool(model.bundle, options.devices, pin=options.pin, judge=False, start_timeout_s=options.start_timeout_s)
         model.router = Router(
             pool, policy=options.policy, slo_ms=options.slo_ms, max_batch_size=options.max_batch_size,
-            max_queue_delay_ms=options.max_queue_delay_ms, max_queue=options.max_queue,
+            max_queue_delay_ms=options.max_queue_delay_ms, max_queue=options.max_queue, prices=options.prices,
             on_batch=(lambda device, rows, n: on_batch(model.name, device, rows, n)) if on_batch else None,
         )  # fmt: skip
         states = ", ".join(f"{s.name} ({s.health})" for s in model.router.states())  # type: ignore[attr-defined]

@@ -29,12 +29,13 @@ def serve(models: Sequence[ServedModel], options: ServeOptions, *, on_event: Cal
         emit({"event": "ready", "url": url, "models": [_model_event(m) for m in models]})
 
     app.state.on_ready = ready
-    # uvicorn's own 503 for too many connections is a backstop far above the queue
-    # limit (which sheds with the protocol's error and a Retry-After); it bounds the
-    # bodies being read at once to that many times max_body_bytes.
+    # Only admitted requests have their bodies read (the rest are shed first), so memory
+    # is bounded by max_queue x max_body_bytes plus a socket buffer per connection;
+    # uvicorn's own plain 503 for too many connections is only a backstop, far above the
+    # queue limit, so clients normally see the protocol's error with a Retry-After.
     config = uvicorn.Config(
         app, host=options.host, port=options.port, log_level="warning", access_log=False,
-        timeout_graceful_shutdown=options.drain_timeout_s, limit_concurrency=2 * options.max_queue + 64,
+        timeout_graceful_shutdown=options.drain_timeout_s, limit_concurrency=max(1000, 2 * options.max_queue + 64),
         lifespan="on", timeout_keep_alive=30,
     )  # fmt: skip
     server = uvicorn.Server(config)
