@@ -61,7 +61,7 @@ def test_the_runtime_only_install_has_no_compiler_and_serves(runtime_env, cnn):
     # The image's command: `hxc serve /mnt/models --host ... --port ...` on a directory of bundles.
     server = Server(cnn.parent)
     server.args[:4] = [str(py.parent / "hxc"), "serve"]
-    with server.start() as s:
+    with server as s:
         client = s.client()
         assert client.is_server_ready() and client.get_model_metadata("convnet")["inputs"][0]["shape"] == [-1, 3, 32, 32]
         import tritonclient.http as th

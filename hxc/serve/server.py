@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 
@@ -16,27 +17,24 @@ from hxc.serve.models import ServedModel, ServeOptions
 
 
 def serve(models: Sequence[ServedModel], options: ServeOptions, *, on_event: Callable[[dict], None] | None = None) -> None:
-    """Serve until told to stop. `on_event` hears {"event": "listening" | "ready" | "stopped", ...}."""
+    """Serve until told to stop. `on_event` hears {"event": "listening" | "ready" | "stopped", ...}:
+    listening once the port is bound, ready once every model's devices are up."""
     import uvicorn
 
     from hxc.serve.app import create_app
 
+    sock = _listen(options.host, options.port)
     app = create_app(models, options)
     url = f"http://{options.host}:{options.port}"
     emit = on_event or (lambda e: None)
-
-    def ready() -> None:
-        emit({"event": "ready", "url": url, "models": [_model_event(m) for m in models]})
-
-    app.state.on_ready = ready
+    app.state.on_ready = lambda: emit({"event": "ready", "url": url, "models": [_model_event(m) for m in models]})
     # Only admitted requests have their bodies read (the rest are shed first), so memory
     # is bounded by max_queue x max_body_bytes plus a socket buffer per connection;
     # uvicorn's own plain 503 for too many connections is only a backstop, far above the
     # queue limit, so clients normally see the protocol's error with a Retry-After.
     config = uvicorn.Config(
-        app, host=options.host, port=options.port, log_level="warning", access_log=False,
-        timeout_graceful_shutdown=options.drain_timeout_s, limit_concurrency=max(1000, 2 * options.max_queue + 64),
-        lifespan="on", timeout_keep_alive=30,
+        app, log_level="warning", access_log=False, timeout_graceful_shutdown=options.drain_timeout_s,
+        limit_concurrency=max(1000, 2 * options.max_queue + 64), lifespan="on", timeout_keep_alive=30,
     )  # fmt: skip
     server = uvicorn.Server(config)
     # uvicorn captures SIGTERM/SIGINT while serving and raises them again once it has
@@ -44,12 +42,23 @@ def serve(models: Sequence[ServedModel], options: ServeOptions, *, on_event: Cal
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     emit({"event": "listening", "url": url, "models": [m.name for m in models]})
-    server.run()
-    if not server.started:
-        from hxc.errors import HxcError
-
-        raise HxcError(f"could not listen on {options.host}:{options.port} (in use, or not an address of this host)")
+    server.run(sockets=[sock])
     emit({"event": "stopped", "url": url})
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything loads, so a port in use is one line."""
+    from hxc.errors import HxcError
+
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(2048)
+    except OSError as e:
+        raise HxcError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def _model_event(m: ServedModel) -> dict:
