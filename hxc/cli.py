@@ -425,7 +425,9 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     if devices:
         if device:
             raise UsageError("--device and --devices exclude each other", hint="--devices cpu,vulkan lists the devices to pool")
-        pool = runtime.load(bundle, devices=devices, pin=_pin(pins), precision=precision, tolerance=tolerance)
+        from hxc.pool import Pool
+
+        pool = Pool(bundle, devices, pin=_pin(pins), precision=precision, tolerance=tolerance)
         with pool:
             outputs = pool.run_flat(arrays)
             stats = pool.stats()

@@ -74,16 +74,21 @@ def _catch(fn):
 def test_one_batch_across_cpu_and_vulkan_equals_one_device_and_pytorch(bundles):
     cnn = bundles["convnet"]
     single = hxc.runtime.load(cnn, device="cpu:host", strict=True)
-    with hxc.runtime.load(cnn, devices="all") as pool:
-        assert isinstance(pool, Pool) and {m.name for m in pool.members} == {"cpu:host", "vulkan:spirv"}
+    with Pool(cnn) as pool:  # devices="all"
+        assert {m.name for m in pool.members} == {"cpu:host", "vulkan:spirv"}
+        elapsed = 0.0
         for batch in (33, 7, 1):  # unmeasured at first: each device gets a probe chunk
             x = _cnn_input(batch, seed=batch)
+            t0 = time.perf_counter()
             y = _run(lambda: pool(x))
+            elapsed += time.perf_counter() - t0
             assert y.shape == (batch, 10)
             assert compare(y, single.run_flat([x])[0], "f32").ok
             assert compare(y, _torch(convnet, x), "f32").ok
         stats = pool.stats()
         assert stats.items == 33 + 7 + 1 and all(d.items > 0 for d in stats.devices)  # both devices computed rows
+        assert 0 < stats.wall_s <= elapsed  # utilisation is over the calls' own time, counted once
+        assert all(0 < d.utilisation <= 1 for d in stats.devices)
         assert all(d.failures == 0 and d.health == "ready" for d in stats.devices)
         assert isinstance(pool(torch.from_numpy(_cnn_input(3))), torch.Tensor)  # torch in, torch out
         with pytest.raises(SignatureError, match="is empty"):  # checked once, before any worker sees it

@@ -85,6 +85,30 @@ def test_a_bad_request_fails_alone(cnn):
         assert w.submit([_x(1)]).result(WAIT).rows == 1
 
 
+def test_futures_complete_outside_the_workers_lock(cnn):
+    # A callback that calls back into the worker (as a server re-routing a failed
+    # request does) must not deadlock. Submitted while the worker starts, the request is
+    # sent (and fails) from the worker's reader thread, after the callback is attached.
+    import threading
+
+    from hxc.pool.worker import Inputs
+
+    def broken(views):
+        raise ValueError("cannot fill the inputs")
+
+    seen = []
+    done = threading.Event()
+    w = Worker(cnn, "cpu:host", "cpu", read_manifest(cnn).signature, backoff=Backoff(None)).start()
+    f = w.submit(Inputs(((1, 3, 32, 32),), broken))
+    f.add_done_callback(lambda f: (seen.append(w.stats().queue_depth), done.set()))
+    # On a deadlock the worker cannot even be closed: fail without trying to.
+    assert done.wait(WAIT), "the callback never ran: deadlocked on the worker's lock"
+    with pytest.raises(RequestFailed, match="cannot fill the inputs"):
+        f.result(WAIT)
+    assert seen == [0] and w.health == Health.READY
+    w.close()
+
+
 def test_a_sigkilled_worker_fails_its_requests_is_unhealthy_and_restarts(cnn):
     x = _x(16)
     with _worker(cnn, "cpu:host", backoff=Backoff(first_s=0.2)) as w:

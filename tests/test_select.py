@@ -87,7 +87,7 @@ def test_profiles_outrank_the_static_order(hosts, synthetic_manifest):
     measured = dataclasses.replace(m, profiles=(_profile(m, ada, "cpu:x86-64-v3", 0.5), _profile(m, ada, "cuda:sm_89", 2.0)))
     sel = select(measured, ada)
     assert _order(sel)[:3] == ["cpu:x86-64-v3", "cuda:sm_89", "cuda:sm_80"]  # measured first, by p50
-    assert sel.best.reason == "measured on this host: p50 0.5 ms, 2000/s"
+    assert sel.best.reason == "measured on this host: p50 0.5 ms, p99 0.5 ms (10 samples), 2000 items/s (single-stream batch 1)"
     # A host with the same device but another id (here: another hostname) lends its profiles.
     twin = dataclasses.replace(ada, hostname="ada-2", cpu=dataclasses.replace(ada.cpu, cores=8))
     assert twin.host().id != ada.host().id

@@ -2,7 +2,7 @@
 that splits a batch across them by measured speed, deadlines, restarts and telemetry.
 
     from hxc.pool import Pool
-    with Pool("model.hxc") as pool:        # or hxc.runtime.load("model.hxc", devices="all")
+    with Pool("model.hxc") as pool:        # every device; or Pool("model.hxc", ["cpu", "vulkan"], pin="split")
         y = pool(x)                        # one batch, split across every device
         for y in pool.map(batches): ...    # a stream, results in input order
         print(pool.explain(), pool.stats())

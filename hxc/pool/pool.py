@@ -1,6 +1,6 @@
 """`Pool`: every usable device of this host working on one batch, or one stream.
 
-    with hxc.runtime.load("model.hxc", devices="all") as pool:   # a Pool
+    with Pool("model.hxc") as pool:     # every usable device; or Pool(bundle, ["cpu", "vulkan"])
         y = pool(x)                     # x's batch split across the devices, y as one call would return it
         for y in pool.map(batches):     # a stream of requests, results in input order
             ...
@@ -26,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,19 +196,20 @@ class Pool:
         if not self.splittable:
             raise UsageError(f"{self.bundle}: cannot split a batch across devices: {self._not_splittable}",
                              hint="recompile with `hxc compile ... --dynamic-batch` (or use pool.map for whole requests)")  # fmt: skip
-        return next(self._run(iter([inputs]), window=1))
+        return _first(self._run(iter([inputs]), window=1, last=1))
 
     def run_flat(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Numpy in, flat numpy out (as `LoadedModel.run_flat`): split across devices when
         the batch can be, else run whole on one device."""
-        return next(self._run(iter([tuple(arrays)]), window=1, flat=True))
+        return _first(self._run(iter([tuple(arrays)]), window=1, flat=True, last=1))
 
     def map(self, items: Iterable[Any], *, window: int = 64) -> Iterator[Any]:
         """Run a stream of requests, keeping every device busy; yields results in input
         order. An item is the inputs of one call: an array, or a tuple of arrays. With a
         dynamic batch, consecutive items are merged into chunks and split back; without
         one, each item runs whole on one device. At most `window` items are read ahead."""
-        return self._run((x if isinstance(x, (tuple, list)) else (x,) for x in items), window=max(1, window))
+        last = len(items) if isinstance(items, Sized) else None
+        return self._run((x if isinstance(x, (tuple, list)) else (x,) for x in items), window=max(1, window), last=last)
 
     # --- state -----------------------------------------------------------------
 
@@ -311,7 +312,10 @@ class Pool:
         finally:
             self._only = previous
 
-    def _run(self, source: Iterator[Sequence[Any]], window: int, flat: bool = False) -> Iterator[Any]:
+    def _run(self, source: Iterator[Sequence[Any]], window: int, flat: bool = False,
+             last: int | None = None) -> Iterator[Any]:  # fmt: skip
+        """The job loop over `source`; `last`: how many items it holds, when known (a
+        call), so the end of the work is known from the start and chunks shrink toward it."""
         if self._job_owner == threading.get_ident():
             raise UsageError("this pool is already running a call or map() in this thread; finish it first")
         with self._job_lock:
@@ -319,7 +323,7 @@ class Pool:
             if self._judged and self._wall_s - self._judged_at > REJUDGE_S:
                 self.rejudge()
             try:
-                yield from _Job(self, source, window, flat).run()
+                yield from _Job(self, source, window, flat, last).run()
             finally:
                 self._job_owner = None
 
@@ -366,9 +370,11 @@ class _Job:
     """One call or map(): the event loop in the caller's thread. Workers' reader threads
     write outputs in place and post completions; everything else happens here."""
 
-    def __init__(self, pool: Pool, source: Iterator[Sequence[Any]], window: int, flat: bool = False) -> None:
+    def __init__(self, pool: Pool, source: Iterator[Sequence[Any]], window: int, flat: bool = False,
+                 last: int | None = None) -> None:  # fmt: skip
         pool._job_id += 1
         self.flat = flat
+        self.last = last
         self.pool = pool
         self.id = pool._job_id
         self.source = source
@@ -378,6 +384,7 @@ class _Job:
         self.balancer.open = True
         self.items: list[_Item] = []  # read and not yet yielded
         self.units = 0
+        self.read = 0
         self.exhausted = False
         self.overlap = Overlap()
         self.alloc = threading.Lock()  # output allocation in reader threads
@@ -385,13 +392,15 @@ class _Job:
         self.reasons: list[str] = []
 
     def run(self) -> Iterator[Any]:
-        t0 = time.perf_counter()
+        # Working time counts while this loop runs, not while the consumer holds a result.
+        t0: float | None = time.perf_counter()
         try:
             while True:
                 self._refill()
                 while self.items and self.items[0].done == self.items[0].units:
                     item = self.items.pop(0)
-                    self.pool._wall_s += time.perf_counter() - t0
+                    self.pool._wall_s += time.perf_counter() - t0  # type: ignore[operator]
+                    t0 = None
                     yield self._result(item)
                     t0 = time.perf_counter()
                 if self.exhausted and not self.items:
@@ -399,7 +408,8 @@ class _Job:
                 self._pump()
                 self._wait()
         finally:
-            self.pool._wall_s += time.perf_counter() - t0
+            if t0 is not None:
+                self.pool._wall_s += time.perf_counter() - t0
 
     # reading requests
 
@@ -419,9 +429,12 @@ class _Job:
             rows = int(arrays[0].shape[0]) if self.splittable else 1
             item = _Item(arrays, self.units, rows, bool(raw) and is_torch(raw[0]), written=np.zeros(rows, bool))
             self.items.append(item)
-            if rows:
-                self.balancer.add(self.units, rows)
+            self.balancer.add(self.units, rows)
             self.units += rows
+            self.read += 1
+            if self.read == self.last:
+                self.exhausted = True
+                self.balancer.open = False
 
     def _lookahead(self) -> int:
         # Enough unassigned units for every device to take a full chunk, twice.
@@ -583,6 +596,14 @@ class _Job:
         if item.as_torch:
             outputs = [to_torch(o, s.dtype) for o, s in zip(outputs, self.pool.signature.outputs)]
         return rebuild(self.pool.signature.output_tree, outputs)
+
+
+def _first(results: Iterator[Any]) -> Any:
+    """The one result of a one-request job, closing the job (and its lock) right away."""
+    try:
+        return next(results)
+    finally:
+        results.close()  # type: ignore[attr-defined]
 
 
 def _rate(x: float | None) -> str:

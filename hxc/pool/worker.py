@@ -198,6 +198,7 @@ class Worker:
         self._pending: collections.deque[_Request] = collections.deque()
         self._running: dict[int, _Request] = {}  # in the worker, oldest first
         self._free_slots = list(range(slots))
+        self._unsent: list[tuple[Future, Exception]] = []  # failed while sending, to fail outside the lock
         self._next_id = 0
         self._health = Health.STOPPED
         self._reason: str | None = None
@@ -279,12 +280,16 @@ class Worker:
             shapes = inputs.shapes if isinstance(inputs, Inputs) else [a.shape for a in inputs]
             rows = int(shapes[0][0]) if shapes and shapes[0] else 1
         with self._lock:
-            if self._health in (Health.UNHEALTHY, Health.STOPPED) or self._closed:
-                _fail_future(future, WorkerFailed(f"{self.name} is {self._health.value}" + (f": {self._reason}" if self._reason else "")))
-                return future
-            self._next_id += 1
-            self._pending.append(_Request(self._next_id, inputs, rows, sink, future))
-            self._pump()
+            refused = self._health in (Health.UNHEALTHY, Health.STOPPED) or self._closed
+            if not refused:
+                self._next_id += 1
+                self._pending.append(_Request(self._next_id, inputs, rows, sink, future))
+                self._pump()
+            state = f"{self._health.value}" + (f": {self._reason}" if self._reason else "")
+        # Futures complete outside the lock: their callbacks may call back into this worker.
+        if refused:
+            _fail_future(future, WorkerFailed(f"{self.name} is {state}"))
+        self._flush()
         return future
 
     def run(self, inputs: Sequence[np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
@@ -394,7 +399,7 @@ class Worker:
                 return
             except Exception as e:  # noqa: BLE001 - e.g. inputs that do not fit their declared shapes
                 self._free_slots.append(req.slot)
-                _fail_future(req.future, RequestFailed(f"{self.name}: {e}"))
+                self._unsent.append((req.future, RequestFailed(f"{self.name}: {e}")))
                 continue
             self._running[req.id] = req
 
@@ -443,6 +448,7 @@ class Worker:
             self._last_reply = time.perf_counter()
             self._set_health(Health.READY, self._reason)
             self._pump()
+        self._flush()
         self._notify()
         while True:
             timeout, overdue = self._next_deadline()
@@ -503,6 +509,7 @@ class Worker:
             if result is not None:
                 self._account(req, result, message)
             self._pump()
+        self._flush()
         if error is not None:
             _fail_future(req.future, error)
         elif not req.future.done():  # a caller may have cancelled it meanwhile
@@ -570,6 +577,13 @@ class Worker:
             self._counts["restarts"] += 1
             self._spawn()
         self._notify()
+
+    def _flush(self) -> None:
+        """Fail the requests `_pump` could not send (called without the lock)."""
+        with self._lock:
+            unsent, self._unsent = self._unsent, []
+        for future, error in unsent:
+            _fail_future(future, error)
 
     def _take_all(self) -> list[_Request]:
         failed = [*self._running.values(), *self._pending]

@@ -16,12 +16,12 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, UsageError, first_line
+from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, first_line
 from hxc.manifests import read_manifest
 from hxc.manifests.bundle import CheckedFile, open_checked
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
@@ -31,9 +31,6 @@ from hxc.runtime.prices import PriceTable
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
 from hxc.targets import Device
-
-if TYPE_CHECKING:
-    from hxc.pool import Pool
 
 log = logging.getLogger("hxc.runtime")
 PRIVATE_COPY_ENV = "HXC_PRIVATE_COPY"
@@ -123,9 +120,7 @@ def load(
     slo_ms: float | None = None,
     slo_percentile: str = "p99",
     prices: PriceTable | None = None,
-    devices: str | Sequence[str] | None = None,
-    **pool_options: Any,
-) -> LoadedModel | Pool:
+) -> LoadedModel:
     """Load the best artifact in `bundle` for this host.
 
     `device` (or $HXC_DEVICE) restricts the choice: a driver (`vulkan`, `local-task`,
@@ -148,17 +143,8 @@ def load(
     `slo_ms` puts the artifacts that meet that target (at `slo_percentile`, p99 or p50)
     first. See `hxc.runtime.select`.
 
-    `devices="all"` (or a list of device selectors) returns a `hxc.pool.Pool` instead:
-    every such device in its own worker process, one batch split across all of them
-    (`pool_options` go to `Pool`: pin, chunk_ms, judge, deadlines, backoff).
+    Every device at once, one batch split across them: `hxc.pool.Pool(bundle)`.
     """
-    if devices is not None:
-        from hxc.pool import Pool
-
-        return Pool(bundle, devices, policy=policy if policy != "latency" else "throughput", precision=precision,
-                    tolerance=tolerance, probe=probe, **pool_options)  # fmt: skip
-    if pool_options:
-        raise UsageError(f"unexpected argument(s) {', '.join(pool_options)}", hint="pool options need devices=...")
     path = Path(bundle)
     if private_copy is None:
         private_copy = os.environ.get(PRIVATE_COPY_ENV, "") not in ("", "0")

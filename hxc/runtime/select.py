@@ -8,7 +8,7 @@ then native CPU code, then a software Vulkan device).
 
 Policies:
   latency     lowest p50 of the single-stream profile
-  throughput  most items (batch rows) per second in any recorded scenario
+  throughput  most items (batch rows) per second, offline batches preferred
   cost        lowest cost per 1,000 items = device price per hour / items per second
               (prices: hxc.runtime.prices); measured but unpriced ones follow priced ones
 
@@ -303,7 +303,8 @@ def _profiles_for(
 ) -> tuple[Profile | None, Profile | None, Literal["this host", "same device", None]]:
     """(latency profile, throughput profile, where measured). Latency: the newest
     single-stream one (else the newest of any scenario); throughput: of the newest
-    profile per scenario and batch, the one with the most items per second."""
+    offline profile per batch (else the newest single-stream one), the one with the
+    most items per second."""
     mine = [p for p in manifest.profiles if p.artifact_sha256 == art.sha256 and p.device == dev.label]
     for where, pool in (("this host", [p for p in mine if p.host_id == host_id]), ("same device", mine)):
         if not pool:
@@ -312,7 +313,8 @@ def _profiles_for(
         single = [p for p in pool if p.scenario == "single-stream"]
         latency = (single or pool)[-1]
         newest = {(p.scenario, p.batch): p for p in pool}
-        throughput = max(newest.values(), key=lambda p: p.items_per_second)
+        offline = [p for p in newest.values() if p.scenario == "offline"]
+        throughput = max(offline or newest.values(), key=lambda p: p.items_per_second)
         return latency, throughput, where  # type: ignore[return-value]
     return None, None, None
 
