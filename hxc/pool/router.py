@@ -160,12 +160,13 @@ class _Device:
     def ready(self) -> bool:
         return self.worker.health == Health.READY
 
-    def finish_ms(self, rows: int) -> float:
-        """When a request of `rows` routed here now should be done; 0 for a device not
-        measured yet that is idle (so it gets measured), infinity if it is busy."""
+    def finish_ms(self, rows: int) -> float | None:
+        """When a request of `rows` routed here now should be done: None for a device
+        never measured that is idle (it can take a request to be measured), infinity
+        for one that is busy."""
         own = self.speed.seconds_for(rows)
         if own is None:
-            return 0.0 if not self.queue and not self.in_flight else math.inf
+            return None if not self.queue and not self.in_flight else math.inf
         ahead = sum(self.speed.seconds_for(sum(r.rows for r in b)) or 0.0 for b in self.in_flight)
         queued = sum(r.rows for r in self.queue)
         if queued:
@@ -217,6 +218,24 @@ class _Device:
             if rows < limit and left > 0:
                 self.wake.wait(left)
                 return []
+        return self._take(limit)
+
+    def dispatch_now(self) -> None:
+        """Send what waits here at once when the worker has room and nothing has to wait
+        for a batch to fill: a request to an idle device skips the dispatcher thread's
+        wake-up (a thread hop that costs most under load)."""
+        router = self.router
+        with router.lock:
+            if router.closed or router.max_queue_delay_s > 0 or not self.ready() or not self.queue or len(self.in_flight) >= SLOTS:
+                return
+            first = self.queue[0]
+            batch = self._take(router.max_batch_size if router.batching and not first.alone else 1)
+            self.in_flight.append(batch)
+        self._submit(batch)
+
+    def _take(self, limit: int) -> list[_Request]:
+        """The first waiting request and those that can join it, up to `limit` rows."""
+        first = self.queue[0]
         batch = [self.queue.popleft()]
         rows = first.rows
         keep: list[_Request] = []
@@ -372,7 +391,7 @@ class Router:
         """Seconds until the soonest device should have worked off what it holds."""
         with self.lock:
             finish = [d.finish_ms(1) for d in self.devices if d.ready()]
-            known = [f for f in finish if math.isfinite(f)]  # a busy device not measured yet cannot say
+            known = [f for f in finish if f is not None and math.isfinite(f)]  # a device not measured yet cannot say
             return min(60.0, max(1.0, min(known) / 1000)) if known else 1.0
 
     def ready(self) -> bool:
@@ -399,9 +418,11 @@ class Router:
                     raise NoDeviceReady(self._why_not_ready_locked(), self.retry_after_s())
                 admission.used = True  # from here on the future's completion gives the place back
                 future.add_done_callback(self._resolved)
-                self._route_locked(req)
+                chosen = self._route_locked(req)
         finally:
             admission.release()
+        if chosen is not None:
+            chosen.dispatch_now()
         return future
 
     def matching(self, selector: str) -> frozenset[str]:
@@ -418,22 +439,29 @@ class Router:
         with self.lock:
             self._outstanding -= 1
 
-    def _route_locked(self, req: _Request) -> None:
+    def _route_locked(self, req: _Request) -> _Device | None:
+        """Queue `req` on the best device for it (returned), or fail it (None)."""
         candidates = [d for d in self.devices if d.ready() and d.name not in req.tried and (req.only is None or d.name in req.only)]
         if not candidates:
             _fail(req.future, NoDeviceReady(self._why_not_ready_locked(req), self.retry_after_s()))
-            return
+            return None
         finish = {d.name: d.finish_ms(req.rows) for d in candidates}
-        soonest = min(candidates, key=lambda d: finish[d.name])
-        chosen = soonest
-        if req.policy == "cost":
-            meets = [d for d in candidates if req.slo_ms is None or finish[d.name] <= req.slo_ms]
-            if meets:
-                chosen = min(meets, key=lambda d: (d.cost_per_row(), finish[d.name]))
-        if req.slo_ms is not None and finish[chosen.name] > req.slo_ms:
-            req.slo_missed = True
+        known = [d for d in candidates if finish[d.name] is not None and math.isfinite(finish[d.name])]  # type: ignore[arg-type]
+        unmeasured = [d for d in candidates if finish[d.name] is None]  # idle, never measured
+        meets = [d for d in known if req.slo_ms is None or finish[d.name] <= req.slo_ms]  # type: ignore[operator]
+        if unmeasured and (req.slo_ms is None or not meets):
+            chosen = unmeasured[0]  # measure it: a deadline a measured device meets is not risked on it
+        elif meets:
+            by_cost = req.policy == "cost"
+            chosen = min(meets, key=lambda d: (d.cost_per_row() if by_cost else 0.0, finish[d.name]))
+        elif known:
+            chosen = min(known, key=lambda d: finish[d.name])  # type: ignore[arg-type, return-value]
+            req.slo_missed = True  # no device can meet it: the soonest takes it
+        else:
+            chosen = min(candidates, key=lambda d: len(d.queue) + len(d.in_flight))  # busy and never measured
         chosen.queue.append(req)
         chosen.wake.notify_all()
+        return chosen
 
     def _reroute_locked(self, requests: list[_Request], device: str, why: str) -> None:
         for r in requests:
