@@ -36,9 +36,13 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
         as_json = kwargs.get("as_json", False)
         if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
             signal.signal(signal.SIGTERM, _terminate_like_interrupt)
+        keys = click.get_current_context().meta.get(_TRUSTED_KEYS_META)
+        saved = os.environ.get(TRUSTED_KEYS_ENV)
         try:
             from hxc import ui
 
+            if keys:
+                os.environ[TRUSTED_KEYS_ENV] = keys
             code = fn(*args, **kwargs)
         except HxcError as e:
             if as_json:
@@ -61,9 +65,19 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
             else:
                 ui.error(_os_error(e))
             sys.exit(int(ExitCode.ERROR))
+        finally:
+            if keys:
+                if saved is None:
+                    os.environ.pop(TRUSTED_KEYS_ENV, None)
+                else:
+                    os.environ[TRUSTED_KEYS_ENV] = saved
         sys.exit(int(code or 0))
 
     return wrapper
+
+
+_TRUSTED_KEYS_META = "hxc.trusted_keys"
+TRUSTED_KEYS_ENV = "HXC_TRUSTED_KEYS"  # hxc.manifests.signing reads it; named here so --help stays light
 
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
@@ -113,7 +127,8 @@ def main(verbose: int) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write. [default: MODEL_NAME.hxc]")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Bundle to write: a directory, or one file if it ends in .hxcb. [default: MODEL_NAME.hxc]")
 @click.option("-t", "--targets", default="all", show_default=True,
               help="Comma-separated families (cpu, cuda, rocm, vulkan, all) or exact variants (cuda:sm_89). See `hxc targets`.")  # fmt: skip
 @click.option("-i", "--input", "inputs", multiple=True, metavar="SPEC",
@@ -251,19 +266,38 @@ def targets(as_json: bool) -> None:
     ui.out.print(t)
 
 
+def _set_trusted_keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    # Exported for the command's duration (see _command), so every read of the bundle
+    # in this process and in its worker processes checks them.
+    if value:
+        ctx.meta[_TRUSTED_KEYS_META] = os.pathsep.join(value)
+    return value
+
+
+TRUSTED_KEYS_OPTION = click.option(
+    "--trusted-keys", multiple=True, metavar="PATH", expose_value=False, callback=_set_trusted_keys,
+    help="Require a valid signature by one of these public keys (NAME.pub files or directories of them) before "
+         "any file of the bundle is used. Repeatable. [env: HXC_TRUSTED_KEYS, paths separated by ':']",
+)  # fmt: skip
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def inspect(bundle: Path, as_json: bool) -> None:
-    """Show a bundle's manifest: model, signature, toolchain, artifacts, profiles."""
+    """Show a bundle's manifest: model, signature, toolchain, artifacts, profiles,
+    and who signed it (verified when trusted keys are given)."""
     from hxc import ui
     from hxc.manifests import read_manifest
+    from hxc.manifests.bundle import signature_status
     from hxc.manifests.schema import to_json
 
-    m = read_manifest(bundle)
+    sig = signature_status(bundle)
+    m = read_manifest(bundle, trusted_keys=False)  # signature_status already checked it if asked to
     if as_json:
-        ui.print_json(to_json(m))
+        ui.print_json({**to_json(m), "signed_by": list(sig.key_ids), "signature_verified_by": sig.verified_by})
         return
     info = ui.table("", "", title=f"Bundle {bundle}  (schema {m.schema_version})")
     info.add_row("model", f"{m.model.name}  ({m.model.source_format}: {m.model.source})")
@@ -275,6 +309,12 @@ def inspect(bundle: Path, as_json: bool) -> None:
     tc = m.toolchain
     info.add_row("built with", f"hxc {tc.hxc}, IREE {tc.iree_compiler}, iree-turbine {tc.iree_turbine}, torch {tc.torch}")
     info.add_row("created", m.created)
+    if sig.verified_by:
+        info.add_row("signature", f"[green]verified[/green]: signed by trusted key {sig.verified_by}")
+    elif sig.key_ids:
+        info.add_row("signature", f"signed by key {', '.join(sig.key_ids)} (not checked: no --trusted-keys given)")
+    else:
+        info.add_row("signature", "unsigned")
     ui.out.print(info)
     ui.out.print()
     t = ui.table("artifact", "status", "binary", "driver", "size", "compile", "sha256", "notes", title="Artifacts")
@@ -322,6 +362,7 @@ def _slo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @DEVICE_OPTION
 @POLICY_OPTION
 @_slo_options
@@ -396,6 +437,7 @@ PIN_OPTION = click.option(
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @click.option("-i", "--input", "inputs", multiple=True, required=True, metavar="FILE",
               help="A .npy file per input, in order, or one .npz holding them all.")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Save the outputs to this .npz file.")
@@ -507,6 +549,7 @@ def _telemetry_table(stats: Any):
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @DEVICE_OPTION
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
@@ -594,6 +637,7 @@ def doctor(as_json: bool) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @click.option("--baseline", default="auto", show_default=True,
               help="Baselines to time next to the artifacts: torch, torch-compile, onnxruntime, none (comma-separated). "
                    "auto = torch for PyTorch bundles, onnxruntime for ONNX ones.")  # fmt: skip
@@ -780,6 +824,91 @@ def report(bundle: Path, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, text.encode())
     ui.err.print(f"[dim]wrote {output}[/dim]")
+
+
+# --- trust: keys, signatures, single-file bundles ------------------------------------
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="NAME",
+              help="Write the private key to NAME (mode 0600) and the public key to NAME.pub.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def keygen(output: Path, as_json: bool) -> None:
+    """Create an Ed25519 key pair for signing bundles.
+
+    \b
+    hxc keygen -o ci-signing            # ci-signing (secret) + ci-signing.pub
+    hxc sign model.hxc --key ci-signing
+    hxc verify model.hxc --trusted-keys ci-signing.pub
+    """
+    from hxc import ui
+    from hxc.manifests.signing import generate_key
+
+    key = generate_key(output)
+    if as_json:
+        ui.print_json({"ok": True, "key_id": key.key_id, "private_key": str(output), "public_key": key.source})
+        return
+    ui.out.print(f"key id {key.key_id}: private key {output} (keep it secret), public key {key.source}", markup=False)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-k", "--key", type=click.Path(path_type=Path), required=True, help="Private key from `hxc keygen`.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def sign(bundle: Path, key: Path, as_json: bool) -> None:
+    """Sign BUNDLE's manifest (which holds the sha256 of every file it runs) with KEY.
+    Profiles added later by `hxc bench` are outside the signature and never break it.
+    Signing again with another key adds a second signature (key rotation)."""
+    from hxc import ui
+    from hxc.manifests.bundle import sign_bundle
+
+    public = sign_bundle(bundle, key)
+    if as_json:
+        ui.print_json({"ok": True, "bundle": str(bundle), "key_id": public.key_id})
+        return
+    ui.out.print(f"signed {bundle} with key {public.key_id}", markup=False)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The single-file bundle to write (.hxcb).")
+@TRUSTED_KEYS_OPTION
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def pack(bundle: Path, output: Path, as_json: bool) -> None:
+    """Write BUNDLE as one file (an uncompressed tar the loader maps in place), after
+    checking every file against the manifest. `hxc.runtime.load` and every command
+    accept either form."""
+    from hxc import ui
+    from hxc.manifests.bundle import pack_bundle
+
+    m = pack_bundle(bundle, output)
+    if as_json:
+        ui.print_json({"ok": True, "bundle": str(bundle), "archive": str(output), "files": len(m.files)})
+        return
+    ui.out.print(f"wrote {output}  ({len(m.files)} files, {ui.human_size(output.stat().st_size)})", markup=False)
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Directory to create.")
+@TRUSTED_KEYS_OPTION
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def unpack(archive: Path, output: Path, as_json: bool) -> None:
+    """Extract a single-file bundle into a new directory, for people to look at. Only
+    the files its manifest names are written, each checked first; links, devices,
+    paths outside the directory and duplicate names are refused."""
+    from hxc import ui
+    from hxc.manifests.bundle import unpack_bundle
+
+    m = unpack_bundle(archive, output)
+    if as_json:
+        ui.print_json({"ok": True, "archive": str(archive), "bundle": str(output), "files": len(m.files)})
+        return
+    ui.out.print(f"unpacked {archive} into {output}  ({len(m.files)} files)", markup=False)
 
 
 # --- serve ---------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def cnn(tmp_path_factory) -> Path:
     from hxc.compiler.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
-    out = tmp_path_factory.mktemp("deploy") / "models" / "cnn.hxc"
+    out = tmp_path_factory.mktemp("deploy") / "models" / "cnn.hxcb"  # a single-file bundle
     result = build_bundle("hxc.examples:convnet", out, "cpu:host", options=ImportOptions(dynamic_batch=True))
     assert result.written, [r.error for r in result.failed]
     return out

@@ -236,7 +236,9 @@ def _inputs(model: Any, options: ImportOptions) -> list[_Input]:
     specs (matched by name, else by position) fixing or freeing their dimensions."""
     initialized = {t.name for t in model.graph.initializer}
     graph_inputs = [v for v in model.graph.input if v.name not in initialized]
-    specs = [parse_input_spec(s, i) for i, s in enumerate(options.inputs)]
+    # ONNX graphs take empty tensors as real inputs (e.g. an empty `axes`); PyTorch
+    # exports specialise and miscompile zero sizes, so only this frontend allows them.
+    specs = [parse_input_spec(s, i, allow_empty=True) for i, s in enumerate(options.inputs)]
     if len(specs) > len(graph_inputs):
         raise UsageError(f"{len(specs)} --input specs given, but the model has {len(graph_inputs)} input(s)")
     by_name = {s.name: s for s in specs}

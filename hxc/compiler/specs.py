@@ -21,7 +21,7 @@ MAX_DIM = 2**31 - 1  # IREE's index arithmetic on every target is 32-bit safe be
 _SPEC_RE = re.compile(r"^(?:(?P<name>[A-Za-z_]\w*)=)?(?P<dims>(?:(?:\d+|\?)x)*)(?P<dtype>[a-z]+\d*)$")
 
 
-def parse_input_spec(text: str, index: int = 0) -> TensorSpec:
+def parse_input_spec(text: str, index: int = 0, *, allow_empty: bool = False) -> TensorSpec:
     """`1x3x224x224xf32`, `?x128xi64` (dynamic first dim), `ids=1x128xi64` (named)."""
     m = _SPEC_RE.match(text.strip())
     if not m or m.group("dtype") not in NAMES:
@@ -31,8 +31,9 @@ def parse_input_spec(text: str, index: int = 0) -> TensorSpec:
         )
     dims: list[int | str] = []
     for j, d in enumerate(x for x in m.group("dims").split("x") if x):
-        if d != "?" and not 1 <= int(d) <= MAX_DIM:
-            raise UsageError(f"--input {text!r}: dimension {j} is {d}", hint=f"each dimension is 1 to {MAX_DIM}, or ? for dynamic")
+        if d != "?" and not (0 if allow_empty else 1) <= int(d) <= MAX_DIM:
+            raise UsageError(f"--input {text!r}: dimension {j} is {d}",
+                             hint=f"each dimension is {0 if allow_empty else 1} to {MAX_DIM}, or ? for dynamic")  # fmt: skip
         dims.append(f"d{index}_{j}" if d == "?" else int(d))
     elements = 1
     for d in dims:

@@ -31,6 +31,7 @@ SCHEMA_VERSION: tuple[int, int] = (2, 0)
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"  # written once by `hxc compile`, never changed after
 PROFILES_FILE = "profiles.json"  # measurements added later by `hxc bench` / `profiles merge`
+SIGNATURE_FILE = "manifest.sig"  # Ed25519 signatures over manifest.json, added by `hxc sign`
 GOLDEN_FILE = "golden.npz"
 PROGRAM_PT2 = "program.pt2"  # the program a PyTorch model's artifacts were built from
 PROGRAM_ONNX = "model.onnx"  # the ONNX model, for ONNX bundles

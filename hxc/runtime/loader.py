@@ -23,7 +23,7 @@ import numpy as np
 
 from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, first_line
 from hxc.manifests import read_manifest
-from hxc.manifests.bundle import CheckedFile, open_checked
+from hxc.manifests.bundle import CheckedFile, TrustedKeys, open_checked
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
 from hxc.dtypes import dtype, from_numpy, is_torch, to_numpy, to_torch
 from hxc.runtime.io import to_device, to_host
@@ -117,6 +117,7 @@ def load(
     tolerance: float | None = None,
     probe: HostProbe | None = None,
     private_copy: bool | None = None,
+    trusted_keys: TrustedKeys = None,
     slo_ms: float | None = None,
     slo_percentile: str = "p99",
     prices: PriceTable | None = None,
@@ -133,6 +134,9 @@ def load(
     chosen when allowed: `precision="fp16"`, or `tolerance=` at least their recorded
     error against fp32.
 
+    `trusted_keys` (public key files, or $HXC_TRUSTED_KEYS when None) requires a
+    valid signature by one of them before any file of the bundle is opened.
+
     `private_copy=True` (or $HXC_PRIVATE_COPY=1) runs a private in-memory copy of the
     checked bytes instead of a mapping of the bundle's file, so that writes to the
     file after loading cannot reach the running code (costs the artifact's size in
@@ -148,7 +152,7 @@ def load(
     path = Path(bundle)
     if private_copy is None:
         private_copy = os.environ.get(PRIVATE_COPY_ENV, "") not in ("", "0")
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, trusted_keys=trusted_keys)
     probe = probe or probe_host()
     options = {"precision": precision, "tolerance": tolerance, "slo_ms": slo_ms, "slo_percentile": slo_percentile,
                "prices": prices}  # fmt: skip

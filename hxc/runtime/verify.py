@@ -15,7 +15,7 @@ from hxc.arrays import ArrayFileError, read_npz
 from hxc.dtypes import compute_dtype, dtype, from_storage
 from hxc.errors import BundleError, ExitCode, HxcError, first_line
 from hxc.manifests import Manifest, Signature, read_manifest
-from hxc.manifests.bundle import check_all_files, open_checked
+from hxc.manifests.bundle import TrustedKeys, check_all_files, open_checked
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import select
 
@@ -122,7 +122,7 @@ class VerifyReport:
 
 
 def verify_bundle(
-    bundle: str | Path, *, device: str | None = None, probe: HostProbe | None = None
+    bundle: str | Path, *, device: str | None = None, probe: HostProbe | None = None, trusted_keys: TrustedKeys = None
 ) -> VerifyReport:
     """Check every build-time file of the bundle against the manifest (whether or not
     this host can run it), then run the golden sample on every artifact this host can
@@ -130,7 +130,7 @@ def verify_bundle(
     from hxc.runtime.loader import load
 
     path = Path(bundle)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, trusted_keys=trusted_keys)
     bad = check_all_files(path, manifest)
     integrity = tuple(bad.values())
     if manifest.golden_file in bad:
@@ -146,7 +146,8 @@ def verify_bundle(
             results.append(VerifyResult(cand.artifact.id, label, False, None, None, "not run: its files fail the integrity check"))
             continue
         try:
-            model = load(path, device=cand.artifact.id, strict=True, probe=probe, tolerance=float("inf"))
+            model = load(path, device=cand.artifact.id, strict=True, probe=probe, tolerance=float("inf"),
+                         trusted_keys=trusted_keys)  # fmt: skip
             outputs = model.run_flat(inputs)
         except HxcError as e:
             results.append(VerifyResult(cand.artifact.id, label, False, None, None, e.message))
