@@ -117,7 +117,7 @@ class DeviceState:
     price_per_hour: float | None
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its arrays have no truth value
 class _Request:
     arrays: list[np.ndarray]
     rows: int
@@ -287,7 +287,7 @@ class _Device:
         router = self.router
         error = future.exception()
         with router.lock:
-            self.in_flight.remove(batch)
+            self.in_flight = [b for b in self.in_flight if b is not batch]
             if error is None:
                 result: Result = future.result()
                 self.speed.observe(result.rows, result.worker_ms / 1000)
