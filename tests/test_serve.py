@@ -226,6 +226,33 @@ def test_server_and_model_metadata_and_readiness(server, bundles):
     assert all(d["health"] == "ready" for m in ready["models"] for d in m["devices"])
 
 
+def test_connections_have_nagle_off():
+    """asyncio turns Nagle's algorithm off only on sockets whose protocol says TCP; with it
+    on, every request on a kept-alive connection waits ~40 ms for a delayed ACK."""
+    import asyncio
+
+    from hxc.serve.server import listen
+
+    sock = listen("127.0.0.1", 0)
+
+    async def nodelay() -> int:
+        seen = asyncio.get_running_loop().create_future()
+
+        def accepted(reader, writer) -> None:
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(seen, WAIT)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(nodelay()) != 0
+
+
 # --- inference on each device ------------------------------------------------------------------
 
 
@@ -242,6 +269,34 @@ def test_infer_equals_pytorch_on_each_device(server, device, binary):
     x4 = np.random.default_rng(2).standard_normal((4, 64), dtype=np.float32)
     y4 = infer(c, "tiny-mlp", x4, binary=binary, device=device).as_numpy("output_0")
     assert compare(y4, torch_mlp(x4), "f32").ok
+
+
+def test_bf16_travels_as_binary_data_and_equals_pytorch(tmp_path):
+    """BF16 is Triton's extension: tritonclient sends and reads it only as binary data
+    (as ml_dtypes.bfloat16 arrays); asking for it as JSON is a protocol error."""
+    import ml_dtypes
+
+    from hxc.compiler.build import build_bundle
+    from hxc.examples.zoo import mlp_bf16
+
+    bundle = tmp_path / "mlp_bf16.hxc"
+    assert build_bundle("hxc.examples.zoo:mlp_bf16", bundle, "cpu:host").written
+    model, (example,) = mlp_bf16()
+    x = torch.randn_like(example)
+    with torch.no_grad():
+        expected = model(x).float().numpy()
+    with Server(bundle) as s:
+        c = s.client()
+        [meta] = c.get_model_metadata("mlp_bf16")["inputs"]
+        assert meta["datatype"] == "BF16"
+        t = th.InferInput(meta["name"], list(x.shape), "BF16")
+        t.set_data_from_numpy(x.float().numpy().astype(ml_dtypes.bfloat16), binary_data=True)
+        y = c.infer("mlp_bf16", [t]).as_numpy(c.get_model_metadata("mlp_bf16")["outputs"][0]["name"])
+        assert y.dtype == ml_dtypes.bfloat16 and compare(y.astype(np.float32), expected, "bf16").ok
+        out = th.InferRequestedOutput("output_0", binary_data=False)
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("mlp_bf16", [t], outputs=[out])
+        assert e.value.status() == "400" and "only as binary" in e.value.message()
 
 
 def test_request_ids_and_parameters_come_back(server):
@@ -404,6 +459,21 @@ def test_a_worker_killed_under_load_loses_no_request(bundles):
         assert metric(text, "hxc_device_failures_total", device="cpu:host") == 1
         assert metric(text, "hxc_inference_requests_total", model="convnet", status="ok") == len(xs)
         assert s.client().is_model_ready("convnet")  # the other device kept it ready
+
+
+def test_a_worker_that_hangs_is_killed_and_its_requests_rerouted(bundles):
+    # The CPU worker's 6th call never answers: its deadline (10x its measured time, at
+    # least 5 s) kills it, and what it held is served by the Vulkan device instead.
+    with Server(bundles["cnn"], env={"HXC_POOL_FAULT": "cpu:host:hang@6"}) as s:
+        xs = [images(1 + i % 2, seed=i) for i in range(24)]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda x: infer(s.client(), "convnet", x), xs))
+        check_all(xs, [r.as_numpy("output_0") for r in results])
+        text = s.metrics()
+        assert metric(text, "hxc_device_failures_total", device="cpu:host") == 1
+        assert metric(text, "hxc_inference_rerouted_total", device="cpu:host") >= 1
+        assert metric(text, "hxc_inference_requests_total", model="convnet", status="ok") == len(xs)
+        assert any(r.get_response()["parameters"]["device"] == "vulkan:spirv" for r in results)
 
 
 def test_no_device_ready_is_503_with_retry_after(bundles):

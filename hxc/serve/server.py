@@ -23,7 +23,7 @@ def serve(models: Sequence[ServedModel], options: ServeOptions, *, on_event: Cal
 
     from hxc.serve.app import create_app
 
-    sock = _listen(options.host, options.port)
+    sock = listen(options.host, options.port)
     app = create_app(models, options)
     url = f"http://{options.host}:{options.port}"
     emit = on_event or (lambda e: None)
@@ -46,15 +46,17 @@ def serve(models: Sequence[ServedModel], options: ServeOptions, *, on_event: Cal
     emit({"event": "stopped", "url": url})
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound before anything loads, so a port in use is one line."""
     from hxc.errors import HxcError
 
     try:
-        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        # proto must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that
+        # say so, and without it Nagle + delayed ACKs add ~40 ms to every keep-alive request.
+        sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(info[4])
+        sock.bind(address)
         sock.listen(2048)
     except OSError as e:
         raise HxcError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
