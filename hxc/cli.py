@@ -448,9 +448,12 @@ PIN_OPTION = click.option(
 @TOLERANCE_OPTION
 @click.option("--strict", is_flag=True, help="Fail instead of falling back when --device cannot be used.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option("--in-process", is_flag=True,
+              help="Run in this process instead of a worker process (faster start; a crash inside IREE then takes hxc down).")  # fmt: skip
 @_command
 def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str | None, devices: str | None,
-        pins: tuple[str, ...], precision: str | None, tolerance: float | None, strict: bool, as_json: bool) -> None:  # fmt: skip
+        pins: tuple[str, ...], precision: str | None, tolerance: float | None, strict: bool, in_process: bool,
+        as_json: bool) -> None:  # fmt: skip
     """Run BUNDLE on input arrays and print (or save) the outputs.
 
     \b
@@ -479,11 +482,23 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     else:
         if pins:
             raise UsageError("--pin needs --devices")
-        model = runtime.load(bundle, device=device, strict=strict, precision=precision, tolerance=tolerance)
-        outputs = model.run_flat(arrays)
-        signature = model.signature
-        what = {"artifact": model.artifact.id, "device": model.device.label}
-        ran = f"ran {model.artifact.id} on {model.device.label}"
+        options = {"strict": strict, "precision": precision, "tolerance": tolerance}
+        if in_process:
+            model = runtime.load(bundle, device=device, **options)
+            outputs, signature = model.run_flat(arrays), model.signature
+            artifact, device_label = model.artifact.id, model.device.label
+        else:
+            # In a worker process: an artifact that crashes inside IREE is a one-line error.
+            from hxc.manifests import read_manifest
+            from hxc.pool.worker import run_isolated
+            from hxc.runtime.loader import check_inputs
+
+            signature = read_manifest(bundle).signature
+            check_inputs(signature, arrays)  # usage mistakes stay exit 2, before any process starts
+            result = run_isolated(bundle, device or "", arrays, load_options=options)
+            outputs, artifact, device_label = result.outputs, result.artifact, result.device
+        what = {"artifact": artifact, "device": device_label}
+        ran = f"ran {artifact} on {device_label}"
     if output is not None:
         from hxc.manifests.bundle import atomic_savez
 
@@ -552,8 +567,10 @@ def _telemetry_table(stats: Any):
 @TRUSTED_KEYS_OPTION
 @DEVICE_OPTION
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option("--in-process", is_flag=True,
+              help="Run in this process instead of a worker process (faster start; a crash inside IREE then takes hxc down).")  # fmt: skip
 @_command
-def verify(bundle: Path, device: str | None, as_json: bool) -> int:
+def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool) -> int:
     """Check every file of BUNDLE against its manifest's sha256 (exit 5 on any
     difference, for every artifact, runnable here or not), then run the golden sample
     on every artifact this host can run and compare with the reference outputs
@@ -561,7 +578,7 @@ def verify(bundle: Path, device: str | None, as_json: bool) -> int:
     from hxc import ui
     from hxc.runtime.verify import verify_bundle
 
-    report = verify_bundle(bundle, device=device)
+    report = verify_bundle(bundle, device=device, isolate=not in_process)
     results, code = report.results, report.exit_code
     if as_json:
         ui.print_json({"ok": report.ok, "exit_code": int(code), "integrity": list(report.integrity),

@@ -138,21 +138,19 @@ def test_a_hung_worker_misses_its_deadline_and_is_killed(cnn, artifact):
     deadlines = Deadlines(factor=10, floor_s=1.0)
     with _worker(cnn, artifact, deadlines=deadlines, env={"HXC_POOL_FAULT": f"{artifact}:hang@2"}) as w:
         assert w.submit([_x(2)]).result(WAIT).rows == 2  # measured: the next deadline derives from it
-        t0 = time.monotonic()
+        # Failing with WorkerFailed (not result()'s TimeoutError) shows the worker's own
+        # deadline ended the wait, not the test's WAIT; no wall-clock assertion needed.
         with pytest.raises(WorkerFailed, match=r"missed its deadline: no answer after .* for 2 item\(s\); expected"):
             w.submit([_x(2)]).result(WAIT)
-        waited = time.monotonic() - t0
         assert w.health == Health.UNHEALTHY and "missed its deadline" in w.reason
         with pytest.raises(WorkerFailed, match="is unhealthy: missed its deadline"):
             w.submit([_x(1)]).result(WAIT)
-    # Ended by the deadline (10x the measured time, at least 1 s), not by the test's own WAIT.
-    assert waited < WAIT / 4
 
 
 def test_a_segfault_comes_back_as_one_line(cnn):
     # What `hxc verify`/`hxc run` can use so a crashing artifact cannot take them down.
     x = _x(3)
-    np.testing.assert_allclose(run_isolated(cnn, "cpu:host", [x])[0], _torch(x), atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(run_isolated(cnn, "cpu:host", [x]).outputs[0], _torch(x), atol=1e-4, rtol=1e-3)
     import os
 
     os.environ["HXC_POOL_FAULT"] = "cpu:host:segv@1"

@@ -46,7 +46,7 @@ def main(config: dict[str, Any]) -> None:
     except Exception as e:  # noqa: BLE001 - every load failure goes back as one line
         from hxc.errors import first_line
 
-        channel.send({"op": "failed", "message": first_line(e)})
+        channel.send({"op": "failed", "message": first_line(e), "exit_code": int(getattr(e, "exit_code", 1))})
         sys.exit(1)
     if cpus:
         _pin_all_threads(cpus)
@@ -65,7 +65,7 @@ def _load(config: dict[str, Any]):
     import hxc.runtime
 
     t0 = time.perf_counter()
-    model = hxc.runtime.load(config["bundle"], device=config["artifact"], strict=True)
+    model = hxc.runtime.load(config["bundle"], device=config["artifact"], **{"strict": True, **config.get("load", {})})
     load_ms = (time.perf_counter() - t0) * 1000
     # The first call sets up pipelines (seconds on lavapipe); do it before saying ready
     # so the first real request is timed like every other.

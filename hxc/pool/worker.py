@@ -29,11 +29,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from hxc.bench.measure import latency_stats
-from hxc.errors import HxcError
+from hxc.errors import ExitCode, HxcError
 from hxc.manifests.schema import LatencyStats, Signature
 from hxc.pool.channel import ArrayRef, Channel, ChannelClosed, SharedBuffer, layout, write_arrays
 
@@ -182,6 +183,7 @@ class Worker:
         env: dict[str, str] | None = None,
         name: str | None = None,
         on_change: Callable[[Worker], None] | None = None,
+        load_options: dict[str, Any] | None = None,
     ) -> None:
         self.bundle = Path(bundle)
         self.artifact = artifact
@@ -193,6 +195,7 @@ class Worker:
         self.name = name or f"{artifact} on {device}"
         self._slots = slots
         self._env = env or {}
+        self._load_options = load_options or {}  # more keyword arguments for hxc.runtime.load
         self._on_change = on_change
         self._lock = threading.Lock()
         self._pending: collections.deque[_Request] = collections.deque()
@@ -214,6 +217,7 @@ class Worker:
         self._counts = {"items": 0, "requests": 0, "busy_s": 0.0, "device_s": 0.0, "failures": 0, "restarts": 0}
         self._since = time.monotonic()
         self._closed = False
+        self.load_exit_code: int | None = None  # the HxcError exit code of the last failed load
         self.ready_info: dict = {}  # what the worker said when it became ready (pid, load time, threads)
 
     # --- lifecycle ---------------------------------------------------------------
@@ -368,7 +372,8 @@ class Worker:
         self._set_health(Health.STARTING, self._reason)
         channel, theirs = Channel.pair()
         config = {"bundle": str(self.bundle), "artifact": self.artifact, "fd": theirs.fileno(),
-                  "cpus": list(self.cpus) if self.cpus else None, "incarnation": self._incarnations}  # fmt: skip
+                  "cpus": list(self.cpus) if self.cpus else None, "incarnation": self._incarnations,
+                  "load": self._load_options}  # fmt: skip
         env = {**os.environ, **{k: "1" for k in CPU_ENV}, **self._env}
         if self.cpus:
             env["LP_NUM_THREADS"] = str(len(self.cpus))
@@ -439,6 +444,8 @@ class Worker:
             self._fail(life, f"died while loading ({_exit_reason(life.process)})")
             return
         if message.get("op") != "ready":
+            # An expected failure (integrity, no compatible artifact) keeps its exit code.
+            self.load_exit_code = message.get("exit_code")
             self._fail(life, f"failed to load: {message.get('message', message)}")
             return
         with self._lock:
@@ -626,18 +633,37 @@ def _exit_reason(process: subprocess.Popen) -> str:
     return f"exited with code {code}"
 
 
-def run_isolated(bundle: str | os.PathLike[str], artifact: str, inputs: Sequence[np.ndarray], *,
-                 timeout_s: float = 120.0) -> list[np.ndarray]:  # fmt: skip
+@dataclass(frozen=True)
+class IsolatedRun:
+    outputs: list[np.ndarray]
+    artifact: str  # what the worker chose and ran
+    device: str
+
+
+def run_isolated(
+    bundle: str | os.PathLike[str],
+    artifact: str,
+    inputs: Sequence[np.ndarray],
+    *,
+    timeout_s: float = 120.0,
+    load_options: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> IsolatedRun:
     """Run `artifact` of `bundle` once on `inputs` in a throwaway worker process, so a
     crash inside IREE (a segfault) comes back as a one-line WorkerFailed instead of
-    taking the caller down."""
+    taking the caller down. `artifact` is anything `hxc.runtime.load(device=...)`
+    takes ("" lets the worker choose); `load_options` are load's other arguments."""
     from hxc.manifests import read_manifest
 
     manifest = read_manifest(bundle)
     deadlines = Deadlines(unmeasured_s=timeout_s, load_s=timeout_s)
     worker = Worker(bundle, artifact, "its device", manifest.signature, deadlines=deadlines, backoff=Backoff(None), slots=1,
-                    name=artifact)  # fmt: skip
+                    name=artifact or "the bundle", env=env, load_options=load_options)  # fmt: skip
     with worker as w:
         if not w.wait_ready(timeout_s + 5):
-            raise WorkerFailed(f"{artifact} {w.reason or 'did not start'}")
-        return w.run(inputs)
+            error = WorkerFailed(f"{w.name} {w.reason or 'did not start'}")
+            if w.load_exit_code:
+                error.exit_code = ExitCode(w.load_exit_code)
+            raise error
+        outputs = w.run(inputs)
+        return IsolatedRun(outputs, w.ready_info["artifact"], w.ready_info["device"])

@@ -6,6 +6,7 @@ one thing everywhere.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,11 +123,20 @@ class VerifyReport:
 
 
 def verify_bundle(
-    bundle: str | Path, *, device: str | None = None, probe: HostProbe | None = None, trusted_keys: TrustedKeys = None
+    bundle: str | Path,
+    *,
+    device: str | None = None,
+    probe: HostProbe | None = None,
+    trusted_keys: TrustedKeys = None,
+    isolate: bool = True,
 ) -> VerifyReport:
     """Check every build-time file of the bundle against the manifest (whether or not
     this host can run it), then run the golden sample on every artifact this host can
-    run. Artifacts whose files fail the check are never run."""
+    run. Artifacts whose files fail the check are never run.
+
+    With `isolate` (the default) each artifact runs in its own worker process, so one
+    whose code crashes inside IREE (a segfault, an illegal instruction) is reported
+    as a failed artifact instead of taking the caller down."""
     from hxc.runtime.loader import load
 
     path = Path(bundle)
@@ -146,9 +156,12 @@ def verify_bundle(
             results.append(VerifyResult(cand.artifact.id, label, False, None, None, "not run: its files fail the integrity check"))
             continue
         try:
-            model = load(path, device=cand.artifact.id, strict=True, probe=probe, tolerance=float("inf"),
-                         trusted_keys=trusted_keys)  # fmt: skip
-            outputs = model.run_flat(inputs)
+            if isolate:
+                outputs = _run_in_worker(path, cand.artifact.id, inputs, trusted_keys)
+            else:
+                model = load(path, device=cand.artifact.id, strict=True, probe=probe, tolerance=float("inf"),
+                             trusted_keys=trusted_keys)  # fmt: skip
+                outputs = model.run_flat(inputs)
         except HxcError as e:
             results.append(VerifyResult(cand.artifact.id, label, False, None, None, e.message))
             continue
@@ -161,3 +174,13 @@ def verify_bundle(
             max(c.max_abs for c in comps), max(c.max_rel for c in comps),
         ))  # fmt: skip
     return VerifyReport(path, integrity, tuple(results))
+
+
+def _run_in_worker(bundle: Path, artifact: str, inputs: list[np.ndarray], trusted_keys: TrustedKeys) -> list[np.ndarray]:
+    from hxc.manifests.signing import TRUSTED_KEYS_ENV
+    from hxc.pool.worker import run_isolated
+
+    env = {}
+    if trusted_keys not in (None, False):  # explicit keys: the worker checks them too
+        env[TRUSTED_KEYS_ENV] = trusted_keys if isinstance(trusted_keys, str) else os.pathsep.join(map(str, trusted_keys))
+    return run_isolated(bundle, artifact, inputs, load_options={"tolerance": float("inf")}, env=env).outputs
