@@ -462,9 +462,9 @@ def test_a_worker_killed_under_load_loses_no_request(bundles):
 
 
 def test_a_worker_that_hangs_is_killed_and_its_requests_rerouted(bundles):
-    # The CPU worker's 6th call never answers: its deadline (10x its measured time, at
+    # The CPU worker's 3rd call never answers: its deadline (10x its measured time, at
     # least 5 s) kills it, and what it held is served by the Vulkan device instead.
-    with Server(bundles["cnn"], env={"HXC_POOL_FAULT": "cpu:host:hang@6"}) as s:
+    with Server(bundles["cnn"], env={"HXC_POOL_FAULT": "cpu:host:hang@3"}) as s:
         xs = [images(1 + i % 2, seed=i) for i in range(24)]
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda x: infer(s.client(), "convnet", x), xs))
