@@ -285,8 +285,8 @@ def _order_key(policy: str, slo: Slo | None, meets_any: bool):
         where = 0 if c.measured_on == "this host" else 1
         if slo is not None and c.slo is not None and not c.slo.met:
             # Missing the SLO: fastest first; first of all when nothing meets it.
-            return (0 if not meets_any else 2, where, c.slo.estimate_ms, -c.static_rank, not c.preferred)
-        return (0, where, *_metric(c, policy), -c.static_rank, not c.preferred)
+            return (0 if not meets_any else 2, where, c.slo.estimate_ms, -c.static_rank)
+        return (0, where, *_metric(c, policy), -c.static_rank)
 
     return key
 
