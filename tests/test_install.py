@@ -273,3 +273,28 @@ def test_the_serving_image_command_serves_without_torch_or_the_compiler(serving,
         with torch.no_grad():
             assert compare(y, model(torch.from_numpy(x)).numpy(), "f32").ok
     assert s.process.returncode == 0
+
+
+def test_the_deploy_files_start_hxc_serve_with_options_it_takes():
+    """deploy/Dockerfile's command and the InferenceService's arguments parse as `hxc serve`
+    arguments, probe the protocol's health routes, and give a drain its time."""
+    import click
+    import yaml
+
+    from hxc.cli import serve
+
+    docker = (REPO / "deploy" / "Dockerfile").read_text().splitlines()
+    entrypoint = json.loads(next(line for line in docker if line.startswith("ENTRYPOINT")).split(None, 1)[1])
+    cmd = json.loads(next(line for line in docker if line.startswith("CMD")).split(None, 1)[1])
+    assert entrypoint == ["hxc", "serve"]
+    predictor = yaml.safe_load((REPO / "deploy" / "inferenceservice.yaml").read_text())["spec"]["predictor"]
+    [container] = predictor["containers"]
+    for args in (cmd, container["args"]):
+        params = serve.make_context("serve", list(args)).params
+        assert params["models"] == ("/mnt/models",) and params["host"] == "0.0.0.0" and params["port"] == 8080
+    drain = serve.make_context("serve", list(container["args"])).params["drain_timeout"]
+    assert predictor["terminationGracePeriodSeconds"] > drain
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+    with pytest.raises(click.UsageError):  # the check can fail: an option hxc serve lacks
+        serve.make_context("serve", ["/mnt/models", "--no-such-option"])
