@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hxc.bench.contenders import artifact_contenders, baseline_contenders
+from hxc.bench.baselines import SkippedBaseline, baseline, is_baseline, resolve
+from hxc.bench.contenders import artifact_contenders
+from hxc.bench.gate import GateVerdict, judge
 from hxc.bench.measure import Budget, Timing, measure
-from hxc.errors import NoCompatibleArtifactError
+from hxc.errors import ExitCode, NoCompatibleArtifactError, UsageError
 from hxc.manifests import read_manifest, update_manifest
 from hxc.manifests.merge import add_profiles
 from hxc.manifests.schema import Host, Manifest, Profile
@@ -26,26 +28,42 @@ from hxc.runtime.verify import load_golden
 DEFAULT_OFFLINE_BATCHES = (8, 32)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BenchResult:
     host: Host
     profiles: list[Profile]
     recorded: bool
+    gate: GateVerdict | None = None  # with --fail-if-slower-than
+    skipped_baselines: tuple[SkippedBaseline, ...] = ()  # `auto` ones this install cannot run
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return self.gate.exit_code if self.gate is not None else ExitCode.OK
 
 
 def run_bench(
     bundle: str | Path,
     *,
-    baselines: Sequence[str] = ("torch",),
+    baselines: Sequence[str] = ("auto",),
     device: str | None = None,
     offline_batches: Sequence[int] = DEFAULT_OFFLINE_BATCHES,
     budget: Budget = Budget(),
     record: bool = True,
     allow_pickle: bool = False,
+    gate: str | None = None,
+    margin: float = 0.0,
     on_progress: Callable[[str], None] = lambda s: None,
 ) -> BenchResult:
+    """Time every artifact this host can run next to `baselines` (names, `auto` for the
+    bundle's frontend's default, `none`). With `gate` (a baseline name), the result's
+    exit code says whether the fastest artifact kept up with it within `margin`."""
     path = Path(bundle)
     manifest = read_manifest(path)
+    chosen, skipped = resolve(baselines, manifest)
+    gate_baseline = baseline(gate) if gate is not None else None
+    if gate_baseline is not None and gate_baseline not in chosen:
+        gate_baseline.require()  # named on purpose: say what to install, if that is why it is missing
+        raise UsageError(f"--fail-if-slower-than {gate}: that baseline is not measured", hint=f"add --baseline {gate}")
     probe = probe_host()
     host = probe.host()
     cpu = next((d for d in probe.devices if d.driver == "local-task"), None)
@@ -53,7 +71,7 @@ def run_bench(
     artifacts = artifact_contenders(path, manifest, probe, device)
     if not artifacts:
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host (see `hxc select --explain`)")
-    contenders = artifacts + baseline_contenders(path, manifest, list(baselines), cpu_label, allow_pickle)
+    contenders = artifacts + [b.make(b, path, manifest, cpu_label, allow_pickle) for b in chosen]
 
     golden_inputs, _ = load_golden(path, manifest)
     profiles: list[Profile] = []
@@ -63,7 +81,8 @@ def run_bench(
         profiles += [_profile(host.id, manifest, t, scenario, batch) for t in timings]
     if record:
         update_manifest(path, lambda m: add_profiles(m, [host], profiles))
-    return BenchResult(host, profiles, record)
+    verdict = judge(profiles, gate_baseline, margin) if gate_baseline is not None else None
+    return BenchResult(host, profiles, record, verdict, tuple(skipped))
 
 
 def scenarios(manifest: Manifest, golden: list[np.ndarray], offline_batches: Sequence[int]) -> list[tuple[str, int, list[np.ndarray]]]:
@@ -86,7 +105,7 @@ def _resize_batch(a: np.ndarray, batch: int) -> np.ndarray:
 def _profile(host_id: str, manifest: Manifest, t: Timing, scenario: str, batch: int) -> Profile:
     stats = t.stats()
     sha = None
-    if not t.contender.id.startswith(("torch:", "onnxruntime")):
+    if not is_baseline(t.contender.id):
         sha = manifest.artifact(t.contender.id).sha256
     throughput = 1000.0 / stats.mean_ms if stats.mean_ms else 0.0
     return Profile(

@@ -24,7 +24,8 @@ from hxc.compiler.cache import CompileCache, ImportCache, default_cache_dir
 from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
-from hxc.errors import HxcError, UsageError
+from hxc.errors import ExitCode, HxcError, UsageError
+from hxc.extras import require
 from hxc.frontends import Frontend
 from hxc.manifests.bundle import copy_hashed, file_hash, file_sha256, private_dir, remove_stale, write_manifest
 from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Signature, Weights, from_json, to_json
@@ -36,18 +37,36 @@ Tuner = Callable[[list[CompileResult], dict[str, ImportedModel], Path, CompileCa
                  list[CompileResult]]  # fmt: skip
 
 
-@dataclass
+@dataclass(frozen=True)
+class Skipped:
+    """A (target, precision) that was asked for but not built, and why."""
+
+    target: str  # the variant id: vulkan:spirv
+    precision: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class BuildResult:
     output: Path
     written: bool  # False when failed targets kept the bundle from being published
     manifest: Manifest
     results: list[CompileResult]
     timings: dict[str, float] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)  # target@precision a family cannot generate
+    skipped: tuple[Skipped, ...] = ()
 
     @property
     def failed(self) -> list[CompileResult]:
         return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """OK when a bundle was written; else PARTIAL when only some targets failed
+        (--allow-partial would have written the rest), ERROR when all did."""
+        failed = self.failed
+        if self.written or not failed:
+            return ExitCode.OK
+        return ExitCode.PARTIAL if len(failed) < len(self.results) else ExitCode.ERROR
 
 
 def build_bundle(
@@ -58,8 +77,9 @@ def build_bundle(
     options: ImportOptions | None = None,
     precisions: Sequence[str] = ("fp32",),
     allow_partial: bool = False,
-    jobs_parallel: int | None = None,
-    cache_dir: Path | None | bool = True,
+    jobs: int | None = None,
+    cache_dir: Path | None = None,
+    use_cache: bool = True,
     on_event: Callable[[CompileEvent], None] = lambda e: None,
     on_stage: Callable[[str], None] = lambda s: None,
     tune: Tuner | None = None,
@@ -67,25 +87,30 @@ def build_bundle(
     """Compile `source` for `targets` into the bundle directory `output`.
 
     Raises HxcError for problems before compiling (bad model, bad target name, export
-    failure). Compile failures are returned in the result, not raised. `tune`, when
-    given (`hxc.bench.tune.tune`), may replace results with faster builds it measured.
+    failure). Compile failures are returned in the result, not raised. `jobs` compiles
+    run at once (default: one per core). Imports and artifacts are cached in
+    `cache_dir` (default: `default_cache_dir()`) unless `use_cache` is False. `tune`,
+    when given (`hxc.bench.tune.tune`), may replace results with faster builds it
+    measured.
     """
     variants = resolve(targets) if isinstance(targets, str) else list(targets)
     options = options or ImportOptions()
     frontend = frontends.recognise(source)  # before any slow work: what the source is, or a one-line error
+    require(frontend.extra, f"compiling {frontend.summary}")
     wanted = list(dict.fromkeys(precisions))
     if unsupported := [p for p in wanted if p not in frontend.precisions]:
         raise UsageError(f"--precision {', '.join(unsupported)} is not supported for {frontend.summary}",
                          hint=f"it builds {', '.join(frontend.precisions)}; convert the model itself")  # fmt: skip
     builds = [(p, v) for p in wanted for v in variants if p in family(v.family).precisions]
-    skipped = [f"{v.id}@{p}" for p in wanted for v in variants if p not in family(v.family).precisions]
+    skipped = tuple(Skipped(v.id, p, f"the {v.family} backend cannot generate {p} code")
+                    for p in wanted for v in variants if p not in family(v.family).precisions)  # fmt: skip
     if not builds:
         # Checked before any slow work: a bundle without artifacts is no result.
         raise UsageError(
-            f"nothing to build: {', '.join(skipped) or 'no targets'} cannot be generated",
+            f"nothing to build: {', '.join(f'{s.target}@{s.precision}' for s in skipped) or 'no targets'} cannot be generated",
             hint="add fp32, or a family that generates reduced precision (see `hxc targets`)",
         )
-    cache_root = default_cache_dir() if cache_dir is True else (cache_dir or None)
+    cache_root = (cache_dir or default_cache_dir()) if use_cache else None
     cache = CompileCache(cache_root)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,10 +125,10 @@ def build_bundle(
         timings = dict(reference.timings)
 
         ir_sha = {p: file_sha256(imp.mlir) for p, imp in imports.items()}  # IR can be hundreds of MB: hash once
-        jobs = [CompileJob(imports[p].mlir, ir_sha[p], v, p) for p, v in builds]
+        compile_jobs = [CompileJob(imports[p].mlir, ir_sha[p], v, p) for p, v in builds]
         t = time.perf_counter()
         on_stage("compiling")
-        results = compile_all(jobs, workdir=work, parallel=jobs_parallel, cache=cache, on_event=on_event)
+        results = compile_all(compile_jobs, workdir=work, jobs=jobs, cache=cache, on_event=on_event)
         results = [_name_source_operator(r, imports[r.job.precision].operators_at) for r in results]
         timings["compile"] = time.perf_counter() - t
         if tune is not None:

@@ -47,12 +47,8 @@ class TensorSpec:
     """One input or output tensor. A dynamic dimension is a name instead of a size."""
 
     name: str
-    dtype: str
+    dtype: str  # an hxc dtype name (hxc.dtypes): f32, i64, bf16, ...
     shape: tuple[Dim, ...]
-
-    @property
-    def is_dynamic(self) -> bool:
-        return any(isinstance(d, str) for d in self.shape)
 
     def format(self) -> str:
         """The `--input` spelling: `?x3x224x224xf32`."""
@@ -129,7 +125,7 @@ class Artifact:
     variant: str
     backend: str  # IREE compiler backend: llvm-cpu, cuda, rocm, vulkan-spirv
     driver: str  # IREE HAL driver that runs it: local-task, cuda, hip, vulkan
-    binary: str  # what the vmfb carries: elf-x86_64, cubin, ptx, hsaco, spirv
+    binary: str  # what the vmfb carries: elf-x86_64, elf-arm_64, ptx, hsaco, spirv
     flags: tuple[str, ...]  # the exact iree-compile flags, input and output omitted
     requires: Requirements
     status: Literal["ok", "failed"]
