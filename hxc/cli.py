@@ -432,7 +432,8 @@ def doctor(as_json: bool) -> None:
 @DEVICE_OPTION
 @click.option("--batch", "batches", default="8,32", show_default=True, help="Offline-scenario batch sizes (models with a dynamic batch).")
 @click.option("--min-time", type=float, default=1.0, show_default=True, help="Seconds of timed calls per contender, at least.")
-@click.option("--min-iterations", type=int, default=20, show_default=True, help="Timed calls per contender, at least.")
+@click.option("--min-iterations", type=int, default=100, show_default=True,
+              help="Timed calls per contender, at least (p99 needs 100 to be observed rather than interpolated).")
 @click.option("--max-time", type=float, default=60.0, show_default=True, help="Stop a slow contender after this many seconds.")
 @click.option("--no-record", is_flag=True, help="Do not write the profiles into the bundle.")
 @click.option("--fail-if-slower-than", "gate", default=None, metavar="BASELINE",
@@ -469,9 +470,12 @@ def bench(bundle: Path, baseline: str, device: str | None, batches: str, min_tim
         from hxc.manifests.schema import to_json
 
         ui.print_json({"ok": code == ExitCode.OK, "exit_code": int(code), "host": to_json(result.host),
-                       "recorded": result.recorded, "results": [row_json(r) for r in table_rows], "gate": verdict})  # fmt: skip
+                       "recorded": result.recorded, "results": [row_json(r) for r in table_rows], "gate": verdict,
+                       "errors": result.errors})  # fmt: skip
         return code
     ui.out.print(profiles_table(manifest, result.profiles))
+    for e in result.errors:
+        ui.warn(f"not measured: {e}")
     if result.recorded:
         ui.err.print(f"[dim]recorded {len(result.profiles)} profiles in {bundle}[/dim]")
     if verdict:

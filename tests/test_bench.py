@@ -128,3 +128,35 @@ def test_tune_keeps_the_fastest_configuration_and_records_the_search(cli, tmp_pa
     model, _ = convnet()
     with torch.no_grad():
         torch.testing.assert_close(hxc.runtime.load(out)(x), model(x), atol=1e-4, rtol=1e-3)
+
+
+def test_cpu_numbers_agree_with_and_without_lavapipe_in_the_run(example_bundle):
+    """lavapipe computes on the CPU's cores: timed interleaved with it, a CPU artifact's
+    mean latency was 3.7x and its p99 25x what it is alone. Each device now gets phases
+    of its own. Runs with and without the Vulkan artifact alternate (A B A B A B, so
+    load from other processes reaches both alike), and the CPU numbers of the two must
+    agree within the spread that repeating one configuration shows."""
+    import math
+    import statistics
+
+    from hxc.bench.measure import Budget
+    from hxc.bench.run import run_bench
+
+    budget = Budget(warmup=3, min_iterations=30, min_seconds=0.3, max_seconds=5, phase_seconds=0.3)
+    runs: dict[str, list] = {"alone": [], "with lavapipe": []}
+    for _ in range(3):
+        for name, device in (("alone", "cpu"), ("with lavapipe", None)):
+            result = run_bench(example_bundle, baselines=(), device=device, budget=budget, record=False)
+            runs[name].append({p.candidate: p for p in result.profiles})
+
+    vk = runs["with lavapipe"][0]["vulkan:spirv"]
+    cpu = runs["with lavapipe"][0]["cpu:host"]
+    assert vk.conditions.isolated and vk.conditions.interleaved_with == ()
+    assert "vulkan:spirv" not in cpu.conditions.interleaved_with and "cpu:x86-64-v3" in cpu.conditions.interleaved_with
+
+    for metric in ("p50_ms", "mean_ms"):
+        logs = {name: [math.log(getattr(r["cpu:host"].latency, metric)) for r in rs] for name, rs in runs.items()}
+        a, b = logs["alone"], logs["with lavapipe"]
+        noise = (max(a) - min(a)) + (max(b) - min(b)) + math.log(1.25)
+        gap = abs(statistics.median(a) - statistics.median(b))
+        assert gap <= noise, (metric, [round(math.exp(x), 4) for x in a], [round(math.exp(x), 4) for x in b])

@@ -17,6 +17,7 @@ from hxc.runtime.probe import HostProbe
 from hxc.runtime.select import select
 
 BASELINES: tuple[str, ...] = ("torch", "torch-compile", "onnxruntime")
+BASELINE_IDS: tuple[str, ...] = ("torch:eager", "torch:compile", "onnxruntime")  # as they appear in profiles
 
 
 def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, device: str | None = None) -> list[Contender]:
@@ -35,7 +36,8 @@ def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, devi
             return holder["model"].prepare(inputs)
 
         threads = os.cpu_count() if cand.device.kind == "cpu" and cand.device.driver != "local-sync" else None
-        out.append(Contender(art.id, cand.device.label, open_, prepare, device_time_only=True, threads=threads))
+        out.append(Contender(art.id, cand.device.label, open_, prepare, device_time_only=True, threads=threads,
+                             close=holder.clear))  # fmt: skip
     return out
 
 

@@ -8,18 +8,20 @@ models with a dynamic batch dimension, offline throughput at several batch sizes
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from hxc.bench.contenders import artifact_contenders, baseline_contenders
-from hxc.bench.measure import Budget, Timing, measure
+from hxc.bench.contenders import BASELINE_IDS, artifact_contenders, baseline_contenders
+from hxc.bench.isolate import DeviceGroup, measure_devices
+from hxc.bench.measure import Budget, Contender, Timing
 from hxc.errors import NoCompatibleArtifactError
 from hxc.manifests import read_manifest, update_manifest
 from hxc.manifests.merge import add_profiles
-from hxc.manifests.schema import Host, Manifest, Profile
+from hxc.manifests.schema import Conditions, Host, Manifest, Profile
 from hxc.runtime.probe import probe_host
 from hxc.runtime.verify import load_golden
 
@@ -31,6 +33,7 @@ class BenchResult:
     host: Host
     profiles: list[Profile]
     recorded: bool
+    errors: list[str] = field(default_factory=list)  # devices that failed or hung during the run
 
 
 def run_bench(
@@ -47,22 +50,44 @@ def run_bench(
     manifest = read_manifest(path)
     probe = probe_host()
     host = probe.host()
-    cpu = next((d for d in probe.devices if d.driver == "local-task"), None)
-    cpu_label = cpu.label if cpu else "cpu"
-    artifacts = artifact_contenders(path, manifest, probe, device)
-    if not artifacts:
+    contenders = bench_contenders(path, tuple(baselines), device)
+    if not contenders:
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host (see `hxc select --explain`)")
-    contenders = artifacts + baseline_contenders(path, manifest, list(baselines), cpu_label)
+    groups = [
+        DeviceGroup(label, cs, functools.partial(bench_contenders, path, tuple(baselines), device, tuple(c.id for c in cs)))
+        for label, cs in by_device(contenders).items()
+    ]  # fmt: skip
 
     golden_inputs, _ = load_golden(path, manifest)
+    cases = scenarios(manifest, golden_inputs, offline_batches)
+    run = measure_devices(groups, [inputs for _, _, inputs in cases], budget, on_progress)
     profiles: list[Profile] = []
-    for scenario, batch, inputs in scenarios(manifest, golden_inputs, offline_batches):
-        on_progress(f"{scenario} at batch {batch}")
-        timings = measure(contenders, inputs, budget, on_progress)
+    for (scenario, batch, _), timings in zip(cases, run.timings):
         profiles += [_profile(host.id, manifest, t, scenario, batch) for t in timings]
-    if record:
+    if record and profiles:
         update_manifest(path, lambda m: add_profiles(m, [host], profiles))
-    return BenchResult(host, profiles, record)
+    return BenchResult(host, profiles, record and bool(profiles), run.errors)
+
+
+def bench_contenders(bundle: Path, baselines: tuple[str, ...], device: str | None,
+                     only: tuple[str, ...] | None = None) -> list[Contender]:  # fmt: skip
+    """What `hxc bench` times: the artifacts this host can run (on `device`, if given),
+    then the baselines; `only` keeps the named ones (a worker process's share)."""
+    path = Path(bundle)
+    manifest = read_manifest(path)
+    probe = probe_host()
+    cpu = next((d for d in probe.devices if d.driver == "local-task"), None)
+    out = artifact_contenders(path, manifest, probe, device)
+    if out:
+        out += baseline_contenders(path, manifest, list(baselines), cpu.label if cpu else "cpu")
+    return out if only is None else [c for c in out if c.id in only]
+
+
+def by_device(contenders: list[Contender]) -> dict[str, list[Contender]]:
+    groups: dict[str, list[Contender]] = {}
+    for c in contenders:
+        groups.setdefault(c.device, []).append(c)
+    return groups
 
 
 def scenarios(manifest: Manifest, golden: list[np.ndarray], offline_batches: Sequence[int]) -> list[tuple[str, int, list[np.ndarray]]]:
@@ -85,7 +110,7 @@ def _resize_batch(a: np.ndarray, batch: int) -> np.ndarray:
 def _profile(host_id: str, manifest: Manifest, t: Timing, scenario: str, batch: int) -> Profile:
     stats = t.stats()
     sha = None
-    if not t.contender.id.startswith(("torch:", "onnxruntime")):
+    if t.contender.id not in BASELINE_IDS:
         sha = manifest.artifact(t.contender.id).sha256
     throughput = 1000.0 / stats.mean_ms if stats.mean_ms else 0.0
     return Profile(
@@ -104,4 +129,5 @@ def _profile(host_id: str, manifest: Manifest, t: Timing, scenario: str, batch: 
         device_time_only=t.contender.device_time_only,
         recorded=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         threads=t.contender.threads,
+        conditions=Conditions(interleaved_with=t.interleaved_with, isolated=True, other_load=t.other_load),
     )

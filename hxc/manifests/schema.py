@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 FORMAT = "hxc-bundle"
-SCHEMA_VERSION: tuple[int, int] = (1, 0)
+SCHEMA_VERSION: tuple[int, int] = (1, 1)
 
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"
@@ -188,6 +188,26 @@ class LatencyStats:
         """(p90 - p50) / p50: how noisy the run was."""
         return (self.p90_ms - self.p50_ms) / self.p50_ms if self.p50_ms else 0.0
 
+    @property
+    def p99_observed(self) -> bool:
+        """Whether p99 rests on enough calls to be a tail observation (at least one call
+        at or above it) rather than an interpolation between the slowest few."""
+        return self.iterations >= P99_MIN_ITERATIONS
+
+
+# Below this many timed calls, p99 is not something to judge a latency target by.
+P99_MIN_ITERATIONS = 100
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What else was running while a profile was measured. `hxc bench` times each
+    device's candidates in a phase of their own; within it they are interleaved."""
+
+    interleaved_with: tuple[str, ...]  # the other candidates of the phase, all on the same device
+    isolated: bool  # True: no other device computed during the phase
+    other_load: float | None = None  # cores' worth of CPU time other processes used meanwhile
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -208,6 +228,9 @@ class Profile:
     device_time_only: bool  # True when host<->device copies are outside the timed region
     recorded: str  # ISO 8601, UTC
     threads: int | None = None  # CPU threads it ran with, where that applies
+    # None: recorded by hxc before 1.1, which interleaved every device in one run
+    # (a software Vulkan device then slowed the CPU candidates it ran beside).
+    conditions: Conditions | None = None
 
 
 @dataclass(frozen=True)
