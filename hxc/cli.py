@@ -83,6 +83,10 @@ def main(verbose: int) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write. [default: MODEL_NAME.hxc]")
 @click.option("-t", "--targets", default="all", show_default=True,
               help="Comma-separated families (cpu, cuda, rocm, vulkan, all) or exact variants (cuda:sm_89). See `hxc targets`.")  # fmt: skip
+@click.option("-b", "--backends", default="iree", show_default=True,
+              help="Engines that build artifacts, comma-separated: iree (every target), onnxruntime (ONNX program on "
+                   "ONNX Runtime: cpu, cuda, rocm), inductor (AOTInductor for this CPU and torch build); all = every "
+                   "one this host can build, whose failures then never block the bundle. See `hxc targets`.")  # fmt: skip
 @click.option("-i", "--input", "inputs", multiple=True, metavar="SPEC",
               help="Input shape and dtype, e.g. 1x3x224x224xf32; `?` makes a dimension dynamic (?x128xi64). Repeat per input.")  # fmt: skip
 @click.option("--dynamic-batch", is_flag=True, help="Make dimension 0 of every input dynamic.")
@@ -102,10 +106,10 @@ def main(verbose: int) -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), envvar="HXC_CACHE_DIR", help="Compile cache location. [env: HXC_CACHE_DIR; default: ~/.cache/hxc]")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
-def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ...], dynamic_batch: bool,
+def compile(model: str, output: Path | None, targets: str, backends: str, inputs: tuple[str, ...], dynamic_batch: bool,
             allow_pickle: bool, weights: str, precisions: str, tune: bool, allow_partial: bool, jobs: int | None, no_cache: bool,
             cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
-    """Compile MODEL into a bundle with one IREE artifact per target.
+    """Compile MODEL into a bundle with one artifact per target (and backend).
 
     MODEL is a torch.export archive (.pt2), a TorchScript archive, a pickled module
     (with --allow-pickle), an ONNX model, or a Python factory `file.py:make_model` /
@@ -115,11 +119,14 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
     hxc compile model.pt2 -o model.hxc
     hxc compile model.pt2 --targets cpu,cuda:sm_89,rocm:gfx942
     hxc compile net.py:make_model --input ?x3x224x224xf32
+    hxc compile model.pt2 -t cpu --backends iree,onnxruntime,inductor
     """
     from hxc import targets as registry
     from hxc import ui
+    from hxc.engines import resolve_backends
 
     variants = registry.resolve(targets)  # bad names fail before any slow work
+    resolve_backends(backends)
     wanted = _precisions(precisions)
     from hxc.compiler.build import build_bundle
     from hxc.compiler.imported import ImportOptions
@@ -128,27 +135,29 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
     options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights)  # type: ignore[arg-type]
     with ui.CompileProgress(enabled=not as_json) as progress:
         result = build_bundle(
-            model, out, variants, options=options, precisions=wanted, allow_partial=allow_partial, jobs_parallel=jobs,
-            cache_dir=False if no_cache else (cache_dir or True), on_event=progress.on_event, on_stage=progress.set_stage,
-            tune=_tuner() if tune else None,
+            model, out, variants, backends=backends, options=options, precisions=wanted, allow_partial=allow_partial,
+            jobs_parallel=jobs, cache_dir=False if no_cache else (cache_dir or True), on_event=progress.on_event,
+            on_stage=progress.set_stage, tune=_tuner() if tune else None, tune_engine=_engine_tuner() if tune else None,
         )  # fmt: skip
     failed = result.failed
     code = ExitCode.OK
     if failed and not result.written:
-        code = ExitCode.PARTIAL if len(failed) < len(result.results) else ExitCode.ERROR
+        code = ExitCode.PARTIAL if len(failed) < result.total else ExitCode.ERROR
     if as_json:
         ui.print_json({"ok": code == ExitCode.OK, "exit_code": int(code), **_build_json(result)})
         return code
     if result.written:
-        ui.out.print(f"[green]wrote[/green] {out}  ({len(result.results) - len(failed)} artifacts, "
-                     f"{sum(r.seconds for r in result.results):.1f}s of compile time, "
+        ui.out.print(f"[green]wrote[/green] {out}  ({result.total - len(failed)} artifacts, "
+                     f"{sum(r.seconds for r in (*result.results, *result.built)):.1f}s of compile time, "
                      f"{result.timings.get('compile', 0):.1f}s wall)")  # fmt: skip
+    for note in result.notes:
+        ui.warn(note)
     for skipped in result.skipped:
-        ui.warn(f"skipped {skipped}: the {skipped.split(':')[0]} backend cannot generate {skipped.split('@')[1]} code")
+        ui.warn(f"skipped {skipped}: that backend cannot generate {skipped.split('@')[1]} code for {skipped.split(':')[0]}")
     for r in failed:
-        ui.error(f"{r.job.id}: {r.error}")
+        ui.error(f"{r.id}: {r.error}")
     if failed and not result.written:
-        what = f"{len(failed)} of {len(result.results)} targets failed"
+        what = f"{len(failed)} of {result.total} targets failed"
         hint = "; pass --allow-partial to write a bundle without them" if code == ExitCode.PARTIAL else ""
         ui.error(f"{what}; nothing was written{hint}")
     elif failed:
@@ -160,6 +169,12 @@ def _tuner():
     from hxc.bench.tune import tune
 
     return tune
+
+
+def _engine_tuner():
+    from hxc.bench.tune import tune_built
+
+    return tune_built
 
 
 def _precisions(text: str) -> list[str]:
@@ -188,6 +203,7 @@ def _build_json(result: Any) -> dict[str, Any]:
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "artifacts": [to_json(a) for a in result.manifest.artifacts],
         "skipped": result.skipped,
+        "notes": result.notes,
     }
 
 
@@ -438,7 +454,8 @@ def doctor(as_json: bool) -> None:
 @click.option("--no-record", is_flag=True, help="Do not write the profiles into the bundle.")
 @click.option("--fail-if-slower-than", "gate", default=None, metavar="BASELINE",
               help="Exit with code 7 if the fastest artifact is slower than this baseline (e.g. torch) in single-stream.")  # fmt: skip
-@click.option("--margin", type=float, default=0.0, show_default=True, help="Tolerated slowdown for the gate (0.05 = 5%).")
+@click.option("--margin", type=float, default=0.0, show_default=True,
+              help="Tolerated slowdown for the gate (0.05 = 5%; negative: a required speed-up, -0.5 = 2x faster).")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def bench(bundle: Path, baseline: str, device: str | None, batches: str, min_time: float, min_iterations: int,

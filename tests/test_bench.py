@@ -100,11 +100,13 @@ def test_merge_profiles_from_another_host(bundle, tmp_path, cli):
 
 
 def test_regression_gate_exit_code(bundle, cli):
-    # lavapipe runs the CNN far slower than PyTorch on the CPU: the gate must trip.
-    slow = cli("bench", bundle, *QUICK, "--device", "vulkan", "--fail-if-slower-than", "torch", "--json")
+    # A negative margin asks for a speed-up: lavapipe is never 100x faster than PyTorch
+    # on the CPU (it is ~100x slower; on a busy 2-core machine PyTorch's p50 alone can
+    # swing 30x, so "slower than torch" is not something to bet a test on).
+    slow = cli("bench", bundle, *QUICK, "--device", "vulkan", "--fail-if-slower-than", "torch", "--margin", "-0.99", "--json")
     assert slow.exit_code == ExitCode.REGRESSION
     gate = json.loads(slow.stdout)["gate"]
-    assert gate["passed"] is False and gate["best"] == "vulkan:spirv" and gate["ratio"] > 1
+    assert gate["passed"] is False and gate["best"] == "vulkan:spirv" and gate["ratio"] > 0.01
     lenient = cli("bench", bundle, *QUICK, "--device", "vulkan", "--fail-if-slower-than", "torch", "--margin", "1e6")
     assert lenient.exit_code == 0 and "gate passed" in lenient.stdout
     missing = cli("bench", bundle, *QUICK, "--baseline", "none", "--fail-if-slower-than", "torch")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,9 @@ from hxc.compiler.cache import CompileCache, ImportCache, default_cache_dir
 from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
-from hxc.errors import UsageError
+from hxc.engines import DEFAULT_ENGINE, Engine, resolve_backends
+from hxc.engines.base import Built, BuildJob, artifact_id
+from hxc.errors import UsageError, first_line
 from hxc.manifests.bundle import file_sha256, write_manifest
 from hxc.manifests.schema import WEIGHTS_FILE, Signature, Weights, from_json, to_json
 from hxc.targets import Variant, family, resolve
@@ -37,6 +40,10 @@ Tuner = Callable[[list[CompileResult], dict[str, ImportedModel], Path, CompileCa
                  list[CompileResult]]  # fmt: skip
 
 
+# (built artifact, the job it came from) -> the same artifact with its fastest options
+EngineTuner = Callable[[Built, BuildJob], Built]
+
+
 @dataclass
 class BuildResult:
     output: Path
@@ -45,10 +52,23 @@ class BuildResult:
     results: list[CompileResult]
     timings: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # target@precision a family cannot generate
+    built: list[Built] = field(default_factory=list)  # artifacts of engines other than IREE
+    notes: list[str] = field(default_factory=list)  # e.g. backends `all` skipped, and why
+    optional: frozenset[str] = frozenset()  # engines asked for only through `all`
 
     @property
-    def failed(self) -> list[CompileResult]:
-        return [r for r in self.results if r.status == "failed"]
+    def failed(self) -> list[CompileResult | Built]:
+        return [r for r in (*self.results, *self.built) if r.status == "failed"]
+
+    @property
+    def blocking(self) -> list[CompileResult | Built]:
+        """Failures that keep a bundle from being written (unless --allow-partial):
+        those of backends asked for by name."""
+        return [r for r in self.failed if not (isinstance(r, Built) and r.engine in self.optional)]
+
+    @property
+    def total(self) -> int:
+        return len(self.results) + len(self.built)
 
 
 def build_bundle(
@@ -56,6 +76,7 @@ def build_bundle(
     output: str | Path,
     targets: str | Sequence[Variant] = "all",
     *,
+    backends: str = DEFAULT_ENGINE,
     options: ImportOptions | None = None,
     precisions: Sequence[str] = ("fp32",),
     allow_partial: bool = False,
@@ -64,14 +85,19 @@ def build_bundle(
     on_event: Callable[[CompileEvent], None] = lambda e: None,
     on_stage: Callable[[str], None] = lambda s: None,
     tune: Tuner | None = None,
+    tune_engine: EngineTuner | None = None,
 ) -> BuildResult:
-    """Compile `source` for `targets` into the bundle directory `output`.
+    """Compile `source` for `targets` into the bundle directory `output`, with every
+    engine in `backends` (`iree,onnxruntime,inductor`, or `all` for those this host can
+    build; failures of engines asked for only through `all` never block the bundle).
 
     Raises HxcError for problems before compiling (bad model, bad target name, export
     failure). Compile failures are returned in the result, not raised. `tune`, when
-    given (`hxc.bench.tune.tune`), may replace results with faster builds it measured.
+    given (`hxc.bench.tune.tune`), may replace results with faster builds it measured;
+    `tune_engine` does the same for other engines' artifacts.
     """
     variants = resolve(targets) if isinstance(targets, str) else list(targets)
+    engines, optional, notes = resolve_backends(backends)
     options = options or ImportOptions()
     cache_root = default_cache_dir() if cache_dir is True else (cache_dir or None)
     cache = CompileCache(cache_root)
@@ -91,7 +117,8 @@ def build_bundle(
         ir_sha = {p: file_sha256(imp.mlir) for p, imp in imports.items()}  # IR can be hundreds of MB: hash once
         jobs: list[CompileJob] = []
         skipped: list[str] = []
-        for precision in wanted:
+        iree = any(e.name == DEFAULT_ENGINE for e in engines)
+        for precision in wanted if iree else []:
             for v in variants:
                 if precision in family(v.family).precisions:
                     jobs.append(CompileJob(imports[precision].mlir, ir_sha[precision], v, precision))
@@ -107,12 +134,18 @@ def build_bundle(
             on_stage("tuning")
             results = tune(results, imports, work, cache, on_event)
             timings["tune"] = time.perf_counter() - t
+        others = [e for e in engines if e.name != DEFAULT_ENGINE]
+        built: list[Built] = []
+        if others:
+            t = time.perf_counter()
+            on_stage("building other backends")
+            built = build_engines(others, variants, wanted, reference, work, on_event, skipped, tune_engine)
+            timings["other backends"] = time.perf_counter() - t
 
-        manifest = _manifest(imports, wanted, ir_sha["fp32"], results)
-        failed = [r for r in results if r.status == "failed"]
-        if failed and not (allow_partial and len(failed) < len(results)):
-            # Nothing is published; an existing bundle at `out` stays as it was.
-            return BuildResult(out, False, manifest, results, timings, skipped)
+        manifest = _manifest(imports, wanted, ir_sha["fp32"], results, built)
+        result = BuildResult(out, False, manifest, results, timings, skipped, built, notes, optional)
+        if result.blocking and not (allow_partial and len(result.failed) < result.total):
+            return result  # nothing is published; an existing bundle at `out` stays as it was
 
         on_stage("writing bundle")
         with staged_bundle(out) as stage:
@@ -120,13 +153,17 @@ def build_bundle(
             for r, a in zip(results, manifest.artifacts):
                 if a.file is not None and r.vmfb is not None:
                     shutil.copyfile(r.vmfb, stage / a.file)
+            for b in built:  # several artifacts may share one file (ONNX Runtime's providers)
+                if b.status == "ok" and not b.in_bundle and not (stage / b.bundle_name).exists():  # type: ignore[operator]
+                    shutil.copyfile(b.file, stage / b.bundle_name)  # type: ignore[arg-type, operator]
             if reference.program is not None and reference.program_name:
                 shutil.copyfile(reference.program, stage / reference.program_name)
             for w in manifest.weights:
                 shutil.copyfile(imports[w.precision].weights, stage / w.file)  # type: ignore[arg-type]
             np.savez(stage / GOLDEN_FILE, **reference.golden)
             write_manifest(stage, manifest)
-    return BuildResult(out, True, manifest, results, timings, skipped)
+    result.written = True
+    return result
 
 
 def import_model(
@@ -205,8 +242,73 @@ def _imported_from_cache(entry: Path, source: str) -> ImportedModel:
     )
 
 
+def build_engines(engines: Sequence[Engine], variants: Sequence[Variant], precisions: Sequence[str],
+                  reference: ImportedModel, work: Path, on_event: Callable[[Any], None], skipped: list[str],
+                  tune_engine: EngineTuner | None = None) -> list[Built]:  # fmt: skip
+    """One artifact per engine, target family it serves, and precision; each checked
+    against the golden sample where this host can run it. One failing never stops the
+    others."""
+    families = list(dict.fromkeys(v.family for v in variants))
+    out: list[Built] = []
+    for eng in engines:
+        for precision in precisions:
+            first: Built | None = None
+            for fam in (f for f in families if f in eng.families):
+                if precision not in eng.precisions:
+                    skipped.append(f"{fam}:{eng.name}@{precision}")
+                    continue
+                job = BuildJob(fam, precision, reference.program, reference.program_name, reference.source_format,
+                               reference.weights, reference.golden, reference.signature, work, reuse=first)  # fmt: skip
+                label = artifact_id(fam, eng.name, precision)
+                on_event(EngineEvent("start", label))
+                b = eng.build(job)
+                if b.status == "ok":
+                    b = _check_golden(eng, b, job)
+                if b.status == "ok" and tune_engine is not None and job.reuse is None:
+                    b = tune_engine(b, job)
+                first = first or (b if b.status == "ok" else None)
+                on_event(EngineEvent("done", label, b))
+                out.append(b)
+    return out
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """Progress of an engine's build, shaped like CompileEvent for the progress display."""
+
+    kind: str  # start | done
+    label: str
+    result: Built | None = None
+
+
+def _check_golden(eng: Engine, b: Built, job: BuildJob) -> Built:
+    """Run a fresh artifact on the golden sample here, if this host can run it; a build
+    that computes the wrong thing is a failed build."""
+    from hxc.runtime.probe import probe_host
+    from hxc.runtime.verify import compare_outputs, golden_arrays
+
+    art = b.as_artifact()
+    fam = family(b.family)
+    device = next((d for d in probe_host().devices if d.driver in fam.drivers
+                   and fam.cannot_run(art, d) is None and eng.cannot_run(art, d) is None), None)  # fmt: skip
+    if device is None or eng.missing_at_runtime() is not None:
+        return b
+    inputs, expected = golden_arrays(job.golden, job.signature)
+    weights = (job.weights, PARAMETER_SCOPE) if job.weights is not None and eng.uses_shared_weights(art) else None
+    try:
+        outputs = eng.open(art, b.file, device, weights).invoke(inputs, job.signature)
+    except Exception as e:
+        return replace(b, status="failed", error=f"does not run here: {first_line(e)}")
+    comps = compare_outputs(outputs, expected, job.signature, b.precision)
+    worst = max((c.max_abs for c in comps), default=0.0)
+    if not all(c.ok for c in comps):
+        return replace(b, status="failed", error=f"wrong numbers: max abs error {worst:.3g} against the golden sample")
+    return replace(b, verified=f"golden sample on {device.label}: max abs error {worst:.2g}")
+
+
 def _manifest(
-    imports: dict[str, ImportedModel], precisions: list[str], ir_sha256: str, results: list[CompileResult]
+    imports: dict[str, ImportedModel], precisions: list[str], ir_sha256: str, results: list[CompileResult],
+    built: Sequence[Built] = (),
 ) -> Manifest:
     reference = imports["fp32"]
     weights = tuple(
@@ -231,7 +333,8 @@ def _manifest(
         ),
         signature=reference.signature,
         toolchain=toolchain(),
-        artifacts=tuple(_artifact_entry(r, imports[r.job.precision]) for r in results),
+        artifacts=(*(_artifact_entry(r, imports[r.job.precision]) for r in results),
+                   *(_built_entry(b, imports[b.precision]) for b in built)),
         weights=weights,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )
@@ -275,6 +378,13 @@ def _artifact_entry(r: CompileResult, imported: ImportedModel) -> Artifact:
         verified=r.verified,
         **common,
     )
+
+
+def _built_entry(b: Built, imported: ImportedModel) -> Artifact:
+    error = dict(precision_error=imported.precision_error)
+    if b.status == "failed" or b.file is None:
+        return b.as_artifact(**error)
+    return b.as_artifact(file=b.bundle_name, sha256=file_sha256(b.file), size=b.file.stat().st_size, **error)
 
 
 def toolchain() -> Toolchain:

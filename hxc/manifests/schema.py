@@ -118,6 +118,9 @@ class Requirements:
     gpu_archs: tuple[str, ...] = ()  # exact architectures that load the binary
     min_gpu_arch: str | None = None  # for forward-compatible code (PTX): this or newer
     vendor: str | None = None  # Vulkan vendor, when the SPIR-V is tuned for one
+    # Python distributions the artifact's engine needs at run time, `name==version`
+    # when the artifact is tied to that exact build (AOTInductor code and its torch).
+    packages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,13 +136,15 @@ class TuningTrial:
 
 @dataclass(frozen=True)
 class Artifact:
-    id: str  # family:variant, unique in a bundle
+    id: str  # family:variant[@precision], unique in a bundle (variant is the engine for non-IREE engines)
     family: str
     variant: str
-    backend: str  # IREE compiler backend: llvm-cpu, cuda, rocm, vulkan-spirv
-    driver: str  # IREE HAL driver that runs it: local-task, cuda, hip, vulkan
-    binary: str  # what the vmfb carries: elf-x86_64, cubin, ptx, hsaco, spirv
-    flags: tuple[str, ...]  # the exact iree-compile flags, input and output omitted
+    # Within the engine, what executes it: IREE's compiler backend (llvm-cpu, cuda, rocm,
+    # vulkan-spirv), ONNX Runtime's execution provider, Inductor's code generator (cpp).
+    backend: str
+    driver: str  # what loads it: IREE's HAL driver (local-task, cuda, hip, vulkan), onnxruntime, torch
+    binary: str  # what the file carries: elf-x86_64, cubin, ptx, hsaco, spirv; onnx; aoti-x86_64
+    flags: tuple[str, ...]  # the exact iree-compile flags (input and output omitted), or the engine's options
     requires: Requirements
     status: Literal["ok", "failed"]
     file: str | None = None  # relative to the bundle
@@ -155,6 +160,9 @@ class Artifact:
     # against the fp32 reference, on the golden sample.
     precision_error: float | None = None
     tuning: tuple[TuningTrial, ...] = ()  # the search that chose `flags`, when tuned
+    # The backend that built it and runs it (`hxc compile --backends`): iree, onnxruntime,
+    # inductor. A reader that predates this field would take any artifact for IREE's.
+    engine: str = "iree"
 
 
 @dataclass(frozen=True)

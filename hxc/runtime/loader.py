@@ -2,8 +2,9 @@
 
 The choice is never silent: the returned model carries the artifact and device it
 runs on, the full ranking (`explain()`), and every load attempt that failed before
-it. The chosen artifact is checked against the manifest's sha256 before IREE sees
-it, then memory-mapped (never copied into the process).
+it. The chosen artifact is checked against the manifest's sha256 before its engine
+(IREE, ONNX Runtime, AOTInductor) sees it; an IREE module is then memory-mapped
+(never copied into the process).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from hxc.engines import engine
+from hxc.engines.base import Session as EngineSession
 from hxc.errors import HxcError, IntegrityError, NoCompatibleArtifactError, SignatureError, first_line
 from hxc.manifests import read_manifest
 from hxc.manifests.bundle import file_sha256
@@ -48,7 +51,7 @@ class LoadedModel:
         candidate: Candidate,
         selection: Selection,
         attempts: list[LoadAttempt],
-        session: Session,
+        session: EngineSession,
     ) -> None:
         self.bundle = bundle
         self.manifest = manifest
@@ -142,12 +145,15 @@ def load(
     checked_weights: dict[str, tuple[Path, str] | None] = {}  # hashing 400 MB once is enough
     for cand in selection.candidates:
         _check_file(path, cand.artifact.file, cand.artifact.sha256, f"artifact {cand.artifact.id}")
-        precision = cand.artifact.precision
-        if precision not in checked_weights:
-            checked_weights[precision] = _weights(path, manifest, precision)
-        weights = checked_weights[precision]
+        eng = engine(cand.artifact.engine)  # select() only offers artifacts of engines it knows
+        weights = None
+        if eng.uses_shared_weights(cand.artifact):
+            precision = cand.artifact.precision
+            if precision not in checked_weights:
+                checked_weights[precision] = _weights(path, manifest, precision)
+            weights = checked_weights[precision]
         try:
-            session = Session.open(path / cand.artifact.file, cand.device, weights)  # type: ignore[operator]
+            session = eng.open(cand.artifact, path / cand.artifact.file, cand.device, weights)  # type: ignore[operator]
         except Exception as e:
             if strict:
                 raise HxcError(f"{cand.artifact.id} on {cand.device.label} failed to load: {first_line(e)}") from None
@@ -190,9 +196,10 @@ def _weights(bundle: Path, manifest: Manifest, precision: str) -> tuple[Path, st
 
 
 class Session:
-    """One vmfb loaded on one IREE device: its context and entry function. `load()`
-    builds these after checking the bundle; `hxc compile --tune` uses them directly on
-    freshly compiled candidates."""
+    """One vmfb loaded on one IREE device: its context and entry function; the IREE
+    engine's session (`hxc.engines.iree`), one implementation of
+    `hxc.engines.base.Session` among several. `load()` builds these after checking the
+    bundle; `hxc compile --tune` uses them directly on freshly compiled candidates."""
 
     def __init__(self, device: Any, context: Any, function: Any, keep_alive: tuple) -> None:
         self.device = device
