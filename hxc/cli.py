@@ -7,10 +7,13 @@ Every expected failure is an HxcError: one line on stderr (or a JSON object with
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -40,12 +43,37 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
             else:
                 ui.error(str(e))
             sys.exit(int(e.exit_code))
-        except KeyboardInterrupt:
-            ui.error("interrupted; nothing was written")
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+            ui.error(f"{'terminated' if signum == signal.SIGTERM else 'interrupted'}; nothing was written")
+            sys.exit(128 + signum)
+        except OSError as e:
+            # The environment, not hxc: a full disk, a read-only or forbidden path.
+            if e.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            if as_json:
+                ui.print_json({"ok": False, "error": _os_error(e), "exit_code": int(ExitCode.ERROR)})
+            else:
+                ui.error(_os_error(e))
+            sys.exit(int(ExitCode.ERROR))
         sys.exit(int(code or 0))
 
     return wrapper
+
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EMFILE, errno.ENOMEM}  # fmt: skip
+
+
+def _os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}; nothing was written"
+
+
+def _terminate_like_interrupt(signum: int, frame: Any) -> None:
+    # SIGTERM (kill, docker stop, CI cancellation) cleans up exactly as Ctrl-C does:
+    # running compiles are killed and no half-written output is left.
+    raise KeyboardInterrupt(signum)
 
 
 def _quiet_libraries() -> None:
@@ -71,6 +99,8 @@ def main(verbose: int) -> None:
     hxc run model.hxc --input x.npy
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+        signal.signal(signal.SIGTERM, _terminate_like_interrupt)
     if verbose < 2:
         _quiet_libraries()
 
@@ -341,9 +371,9 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     import numpy as np
 
     from hxc import runtime, ui
-    from hxc.runtime.io import read_arrays
+    from hxc.arrays import read_array_files
 
-    arrays = read_arrays(inputs)
+    arrays = read_array_files(inputs)
     model = runtime.load(bundle, device=device, strict=strict, precision=precision, tolerance=tolerance)
     outputs = model.run_flat(arrays)
     if output is not None:
@@ -372,23 +402,28 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def verify(bundle: Path, device: str | None, as_json: bool) -> int:
-    """Run the bundle's golden sample on every artifact this host can run and compare
-    with PyTorch's outputs. Exits non-zero on any mismatch."""
+    """Check every file of BUNDLE against its manifest's sha256 (exit 5 on any
+    difference, for every artifact, runnable here or not), then run the golden sample
+    on every artifact this host can run and compare with the reference outputs
+    (PyTorch's, or ONNX Runtime's for ONNX models; exit 6 on a mismatch)."""
     from hxc import ui
     from hxc.runtime.verify import verify_bundle
 
-    results = verify_bundle(bundle, device=device)
-    ok = bool(results) and all(r.ok for r in results)
-    code = ExitCode.OK if ok else (ExitCode.NO_COMPATIBLE_ARTIFACT if not results else ExitCode.MISMATCH)
+    report = verify_bundle(bundle, device=device)
+    results, code = report.results, report.exit_code
     if as_json:
-        ui.print_json({"ok": ok, "exit_code": int(code), "results": [r.__dict__ for r in results]})
+        ui.print_json({"ok": report.ok, "exit_code": int(code), "integrity": list(report.integrity),
+                       "results": [r.__dict__ for r in results]})  # fmt: skip
         return code
+    for problem in report.integrity:
+        ui.error(f"integrity: {problem}")
     t = ui.table("artifact", "device", "result", "max abs err", "max rel err", title=f"Golden-sample check of {bundle}")
     for r in results:
         verdict = "[green]match[/green]" if r.ok else f"[red]{'error: ' + r.error if r.error else 'MISMATCH'}[/red]"
         t.add_row(r.artifact, r.device, verdict, _g(r.max_abs), _g(r.max_rel))
-    ui.out.print(t)
-    if not results:
+    if results:
+        ui.out.print(t)
+    elif not report.integrity:
         ui.error("no artifact in this bundle can run on this host (see `hxc select --explain`)")
     return code
 
@@ -452,6 +487,8 @@ def doctor(as_json: bool) -> None:
               help="Timed calls per contender, at least (p99 needs 100 to be observed rather than interpolated).")
 @click.option("--max-time", type=float, default=60.0, show_default=True, help="Stop a slow contender after this many seconds.")
 @click.option("--no-record", is_flag=True, help="Do not write the profiles into the bundle.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Let the PyTorch baselines load a program whose weights torch pickled; this runs code from the bundle.")  # fmt: skip
 @click.option("--fail-if-slower-than", "gate", default=None, metavar="BASELINE",
               help="Exit with code 7 if the fastest artifact is slower than this baseline (e.g. torch) in single-stream.")  # fmt: skip
 @click.option("--margin", type=float, default=0.0, show_default=True,
@@ -459,7 +496,7 @@ def doctor(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def bench(bundle: Path, baseline: str, device: str | None, batches: str, min_time: float, min_iterations: int,
-          max_time: float, no_record: bool, gate: str | None, margin: float, as_json: bool) -> int:  # fmt: skip
+          max_time: float, no_record: bool, allow_pickle: bool, gate: str | None, margin: float, as_json: bool) -> int:  # fmt: skip
     """Time every artifact this host can run next to PyTorch, and record the results as
     profiles in the bundle (which the runtime loader then uses to choose)."""
     from hxc import ui
@@ -479,7 +516,8 @@ def bench(bundle: Path, baseline: str, device: str | None, batches: str, min_tim
     budget = Budget(min_iterations=min_iterations, min_seconds=min_time, max_seconds=max_time)
     with ui.err.status("benchmarking…", spinner="dots") as status:
         result = run_bench(bundle, baselines=names, device=device, offline_batches=offline, budget=budget,
-                           record=not no_record, on_progress=lambda s: status.update(f"benchmarking: {s}"))  # fmt: skip
+                           record=not no_record, allow_pickle=allow_pickle,
+                           on_progress=lambda s: status.update(f"benchmarking: {s}"))  # fmt: skip
     table_rows = rows(manifest, result.profiles)
     verdict = _gate(result.profiles, gate, margin) if gate else None
     code = ExitCode.REGRESSION if verdict and not verdict["passed"] else ExitCode.OK
@@ -536,7 +574,7 @@ def profiles() -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def profiles_merge(bundle: Path, sources: tuple[Path, ...], as_json: bool) -> None:
-    """Merge profiles recorded elsewhere (copies of this bundle, or their manifest.json,
+    """Merge profiles recorded elsewhere (copies of this bundle, or their profiles.json,
     e.g. from CI jobs on different runners) into BUNDLE."""
     from hxc import ui
     from hxc.manifests.merge import merge_profiles

@@ -82,7 +82,7 @@ def test_merge_profiles_from_another_host(bundle, tmp_path, cli):
     moved = tuple(dataclasses.replace(p, host_id=other.id) for p in m.profiles)
     update_manifest(elsewhere, lambda m: dataclasses.replace(m, hosts=(other,), profiles=moved))
 
-    result = cli("profiles", "merge", bundle, elsewhere / "manifest.json", "--json")
+    result = cli("profiles", "merge", bundle, elsewhere / "profiles.json", "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout)["added"] == len(moved)
     merged = read_manifest(bundle)

@@ -15,7 +15,6 @@ import hxc.runtime
 from hxc.errors import ExitCode
 from hxc.manifests import read_manifest
 from hxc.manifests.bundle import staged_bundle
-from hxc.manifests.schema import SCHEMA_VERSION
 from hxc.targets.cuda import find_ptxas
 
 ALL_FAMILIES = "cpu:host,cuda:sm_90,rocm:gfx942,vulkan:spirv"
@@ -55,8 +54,14 @@ def test_compile_every_family_then_run_cpu_and_vulkan_against_pytorch(fmt, model
 
 def test_bundle_layout_and_manifest_records(example_bundle):
     m = read_manifest(example_bundle)
-    assert m.schema_version == "{}.{}".format(*SCHEMA_VERSION) and m.format == "hxc-bundle"
+    assert m.schema_version == "2.0" and m.format == "hxc-bundle"
     assert (example_bundle / "program.pt2").is_file() and (example_bundle / "golden.npz").is_file()
+    # Every file written at build time has its sha256 and size recorded, and nothing else.
+    on_disk = {str(p.relative_to(example_bundle)) for p in example_bundle.rglob("*") if p.is_file()}
+    assert set(m.files) == on_disk - {"manifest.json", "profiles.json", ".lock"}
+    for rel, h in m.files.items():
+        data = (example_bundle / rel).read_bytes()
+        assert h.sha256 == hashlib.sha256(data).hexdigest() and h.size == len(data)
     assert m.toolchain.iree_compiler == "3.13.0" and m.toolchain.torch.startswith("2.13.0")
     assert len(m.model.source_sha256) == 64 and len(m.model.ir_sha256) == 64
     assert [(s.name, s.dtype, s.shape) for s in m.signature.inputs] == [("x", "f32", (1, 3, 32, 32))]
@@ -212,7 +217,7 @@ def test_inspect_shows_the_manifest(example_bundle, cli):
     if find_ptxas():
         assert "PTX assembled by ptxas" in table.stdout
     as_json = json.loads(cli("inspect", example_bundle, "--json").stdout)
-    assert as_json["schema_version"] == "{}.{}".format(*SCHEMA_VERSION) and len(as_json["artifacts"]) == 6
+    assert as_json["schema_version"] == "2.0" and len(as_json["artifacts"]) == 6
     missing = cli("inspect", example_bundle.parent / "nope.hxc")
     assert missing.exit_code == ExitCode.ERROR and "no such bundle" in _one_line_error(missing)
 

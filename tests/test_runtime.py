@@ -17,7 +17,8 @@ import torch
 import hxc.runtime
 from hxc.errors import BundleError, ExitCode, IntegrityError, NoCompatibleArtifactError, SignatureError
 from hxc.examples import convnet
-from hxc.manifests import read_manifest, update_manifest
+from hxc.manifests import read_manifest, update_manifest, write_manifest
+from hxc.manifests.bundle import file_hash
 from hxc.manifests.schema import LatencyStats, Profile
 from hxc.runtime import probe_host, select
 from hxc.targets import Device, family
@@ -129,7 +130,7 @@ def test_tampered_artifact_is_refused_and_never_run(bundle, cli):
         hxc.runtime.load(bundle)
     np.save(bundle.parent / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
     result = cli("run", bundle, "--input", bundle.parent / "x.npy")
-    assert result.exit_code == ExitCode.INTEGRITY and "refusing to run it" in result.stderr
+    assert result.exit_code == ExitCode.INTEGRITY and "refusing to use it" in result.stderr
 
 
 def test_an_artifact_that_fails_to_load_falls_through_to_the_next(bundle):
@@ -139,7 +140,7 @@ def test_an_artifact_that_fails_to_load_falls_through_to_the_next(bundle):
     cpu, vk = m.artifact("cpu:host"), m.artifact("vulkan:spirv")
     shutil.copyfile(bundle / vk.file, bundle / cpu.file)
     arts = tuple(dataclasses.replace(a, sha256=vk.sha256, size=vk.size) if a.id == "cpu:host" else a for a in m.artifacts)
-    update_manifest(bundle, lambda m: dataclasses.replace(m, artifacts=arts))
+    write_manifest(bundle, dataclasses.replace(m, artifacts=arts, files={**m.files, cpu.file: m.files[vk.file]}))
     model = hxc.runtime.load(bundle)
     assert model.artifact.id == "cpu:x86-64-v3"
     assert model.attempts[0].artifact == "cpu:host" and "failed to load" in model.explain()
@@ -149,9 +150,14 @@ def test_an_artifact_that_fails_to_load_falls_through_to_the_next(bundle):
 
 def test_newer_schema_is_refused_clearly(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["schema_version"] = "2.0"
+    manifest["schema_version"] = "3.0"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=r"schema 2\.0 is newer than this hxc reads.*upgrade hxc"):
+    with pytest.raises(BundleError, match=r"schema 3\.0 is newer than this hxc reads.*upgrade hxc"):
+        hxc.runtime.load(bundle)
+    # A bundle from before every file was hashed is refused too, with what to do about it.
+    manifest["schema_version"] = "1.0"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"schema 1\.0 predates per-file hashes.*rebuild it with `hxc compile`"):
         hxc.runtime.load(bundle)
 
 
@@ -206,5 +212,10 @@ def test_verify_reports_a_mismatch(bundle, cli):
     golden = dict(np.load(bundle / "golden.npz"))
     golden["output_0"] = golden["output_0"] + 1.0
     np.savez(bundle / "golden.npz", **golden)
+    result = cli("verify", bundle)
+    assert result.exit_code == ExitCode.INTEGRITY and "golden.npz: sha256" in result.stderr
+    # With the manifest agreeing (a wrong reference, not tampering), it is a numerical mismatch.
+    m = read_manifest(bundle)
+    write_manifest(bundle, dataclasses.replace(m, files={**m.files, "golden.npz": file_hash(bundle / "golden.npz")}))
     result = cli("verify", bundle)
     assert result.exit_code == ExitCode.MISMATCH and "MISMATCH" in result.stdout

@@ -41,7 +41,9 @@ def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, devi
     return out
 
 
-def baseline_contenders(bundle: Path, manifest: Manifest, names: list[str], cpu_label: str) -> list[Contender]:
+def baseline_contenders(
+    bundle: Path, manifest: Manifest, names: list[str], cpu_label: str, allow_pickle: bool = False
+) -> list[Contender]:
     out = []
     for name in names:
         if name not in BASELINES:
@@ -52,17 +54,17 @@ def baseline_contenders(bundle: Path, manifest: Manifest, names: list[str], cpu_
             raise UsageError(f"baseline {name!r} needs a PyTorch model; this bundle was built from ONNX",
                              hint="use --baseline onnxruntime")  # fmt: skip
         else:
-            out.append(_torch(bundle, manifest, cpu_label, compiled=name == "torch-compile"))
+            out.append(_torch(bundle, manifest, cpu_label, compiled=name == "torch-compile", allow_pickle=allow_pickle))
     return out
 
 
-def _torch(bundle: Path, manifest: Manifest, cpu_label: str, compiled: bool) -> Contender:
+def _torch(bundle: Path, manifest: Manifest, cpu_label: str, compiled: bool, allow_pickle: bool) -> Contender:
     import torch
 
     holder: dict[str, Any] = {}
 
     def open_() -> None:
-        module = load_torch_module(bundle, manifest)
+        module = load_torch_module(bundle, manifest, allow_pickle=allow_pickle)
         holder["fn"] = torch.compile(module) if compiled else module
 
     def prepare(inputs: list) -> Callable[[], None]:
@@ -97,25 +99,23 @@ def _onnxruntime(bundle: Path, manifest: Manifest, cpu_label: str) -> Contender:
     return Contender("onnxruntime", cpu_label, open_, prepare, device_time_only=True, threads=os.cpu_count())
 
 
-def load_torch_module(bundle: Path, manifest: Manifest) -> Any:
+def load_torch_module(bundle: Path, manifest: Manifest, *, allow_pickle: bool = False) -> Any:
     """The bundle's exported program as a runnable module, its weights restored from
-    the bundle's parameter archive when they were stored there."""
-    import warnings
-
-    import torch
+    the bundle's parameter archive when they were stored there. Both files are read
+    from their checked bytes, and the program is loaded without running code from it
+    (`allow_pickle` lifts that, for programs whose weights torch itself pickled)."""
+    from hxc.compiler.torch_program import program_with_weights
+    from hxc.manifests.bundle import open_checked
 
     if manifest.model.source_format == "onnx" or not manifest.model.program_file:
         raise UsageError("this bundle holds no PyTorch program")
-    program = torch.export.load(str(bundle / manifest.model.program_file))
+    checked = open_checked(bundle, manifest, manifest.model.program_file)
     weights = manifest.weights_for("fp32")
-    if weights is not None:
-        from iree.turbine.aot import ParameterArchive
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "non-writable NumPy array": we copy right away
-            stored = {name: entry.as_tensor().clone() for name, entry in ParameterArchive(bundle / weights.file).items()}
-        for name, old in list(program.state_dict.items()):
-            if name in stored:
-                new = stored[name].reshape(old.shape)
-                program.state_dict[name] = torch.nn.Parameter(new, requires_grad=False) if isinstance(old, torch.nn.Parameter) else new
+    irpa = open_checked(bundle, manifest, weights.file) if weights is not None else None
+    try:
+        program = program_with_weights(checked.bytes(), str(checked.path), irpa, allow_pickle=allow_pickle)
+    finally:
+        checked.close()
+        if irpa is not None:
+            irpa.close()
     return program.module()

@@ -44,17 +44,19 @@ def run_bench(
     offline_batches: Sequence[int] = DEFAULT_OFFLINE_BATCHES,
     budget: Budget = Budget(),
     record: bool = True,
+    allow_pickle: bool = False,
     on_progress: Callable[[str], None] = lambda s: None,
 ) -> BenchResult:
     path = Path(bundle)
     manifest = read_manifest(path)
     probe = probe_host()
     host = probe.host()
-    contenders = bench_contenders(path, tuple(baselines), device)
+    contenders = bench_contenders(path, tuple(baselines), device, allow_pickle)
     if not contenders:
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host (see `hxc select --explain`)")
     groups = [
-        DeviceGroup(label, cs, functools.partial(bench_contenders, path, tuple(baselines), device, tuple(c.id for c in cs)))
+        DeviceGroup(label, cs, functools.partial(bench_contenders, path, tuple(baselines), device, allow_pickle,
+                                                 tuple(c.id for c in cs)))
         for label, cs in by_device(contenders).items()
     ]  # fmt: skip
 
@@ -69,7 +71,7 @@ def run_bench(
     return BenchResult(host, profiles, record and bool(profiles), run.errors)
 
 
-def bench_contenders(bundle: Path, baselines: tuple[str, ...], device: str | None,
+def bench_contenders(bundle: Path, baselines: tuple[str, ...], device: str | None, allow_pickle: bool = False,
                      only: tuple[str, ...] | None = None) -> list[Contender]:  # fmt: skip
     """What `hxc bench` times: the artifacts this host can run (on `device`, if given),
     then the baselines; `only` keeps the named ones (a worker process's share)."""
@@ -79,7 +81,7 @@ def bench_contenders(bundle: Path, baselines: tuple[str, ...], device: str | Non
     cpu = next((d for d in probe.devices if d.driver == "local-task"), None)
     out = artifact_contenders(path, manifest, probe, device)
     if out:
-        out += baseline_contenders(path, manifest, list(baselines), cpu.label if cpu else "cpu")
+        out += baseline_contenders(path, manifest, list(baselines), cpu.label if cpu else "cpu", allow_pickle)
     return out if only is None else [c for c in out if c.id in only]
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,9 +27,9 @@ from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
 from hxc.engines import DEFAULT_ENGINE, Engine, resolve_backends
 from hxc.engines.base import Built, BuildJob, artifact_id
-from hxc.errors import UsageError, first_line
-from hxc.manifests.bundle import file_sha256, write_manifest
-from hxc.manifests.schema import WEIGHTS_FILE, Signature, Weights, from_json, to_json
+from hxc.errors import HxcError, UsageError, first_line
+from hxc.manifests.bundle import copy_hashed, file_hash, file_sha256, private_dir, remove_stale, write_manifest
+from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Signature, Weights, from_json, to_json
 from hxc.targets import Variant, family, resolve
 
 
@@ -103,8 +101,8 @@ def build_bundle(
     cache = CompileCache(cache_root)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".work", dir=out.parent) as work_dir:
-        work = Path(work_dir)
+    remove_stale(out)  # what killed runs to this path left behind
+    with private_dir(out, ".work") as work:
         imports: dict[str, ImportedModel] = {}
         for precision in dict.fromkeys(["fp32", *precisions]):  # fp32 first: it is the reference
             sub = work / precision
@@ -149,21 +147,39 @@ def build_bundle(
 
         on_stage("writing bundle")
         with staged_bundle(out) as stage:
-            (stage / ARTIFACTS_DIR).mkdir()
-            for r, a in zip(results, manifest.artifacts):
-                if a.file is not None and r.vmfb is not None:
-                    shutil.copyfile(r.vmfb, stage / a.file)
-            for b in built:  # several artifacts may share one file (ONNX Runtime's providers)
-                if b.status == "ok" and not b.in_bundle and not (stage / b.bundle_name).exists():  # type: ignore[operator]
-                    shutil.copyfile(b.file, stage / b.bundle_name)  # type: ignore[arg-type, operator]
-            if reference.program is not None and reference.program_name:
-                shutil.copyfile(reference.program, stage / reference.program_name)
-            for w in manifest.weights:
-                shutil.copyfile(imports[w.precision].weights, stage / w.file)  # type: ignore[arg-type]
-            np.savez(stage / GOLDEN_FILE, **reference.golden)
+            manifest = _write_files(stage, manifest, results, imports, built)
             write_manifest(stage, manifest)
     result.written = True
     return result
+
+
+def _write_files(
+    stage: Path, manifest: Manifest, results: list[CompileResult], imports: dict[str, ImportedModel],
+    built: Sequence[Built] = (),
+) -> Manifest:
+    """Copy every build-time file into the staged bundle and record the hash of the
+    bytes written, checked against the hash each was produced with."""
+    reference = imports["fp32"]
+    sources: dict[str, tuple[Path, FileHash | None]] = {}
+    for r, a in zip(results, manifest.artifacts):
+        if a.file is not None and r.vmfb is not None:
+            sources[a.file] = (r.vmfb, r.hash)
+    for b in built:  # several artifacts may share one file (ONNX Runtime's execution providers)
+        if b.status == "ok" and b.file is not None and b.bundle_name is not None and not b.in_bundle:
+            sources[b.bundle_name] = (b.file, None)
+    if reference.program is not None and reference.program_name:
+        sources[reference.program_name] = (reference.program, None)
+    for w in manifest.weights:
+        sources[w.file] = (imports[w.precision].weights, FileHash(w.sha256, w.size))  # type: ignore[assignment]
+    (stage / ARTIFACTS_DIR).mkdir()
+    files: dict[str, FileHash] = {}
+    for rel, (src, expected) in sources.items():
+        files[rel] = copy_hashed(src, stage / rel)
+        if expected is not None and files[rel] != expected:
+            raise HxcError(f"{src}: changed while it was copied into the bundle; nothing was written")
+    np.savez(stage / GOLDEN_FILE, **reference.golden)
+    files[GOLDEN_FILE] = file_hash(stage / GOLDEN_FILE)
+    return replace(manifest, files=files)
 
 
 def import_model(
@@ -315,12 +331,12 @@ def _manifest(
         Weights(
             file=WEIGHTS_FILE if p == "fp32" else WEIGHTS_FILE.replace(".irpa", f"-{p}.irpa"),
             scope=PARAMETER_SCOPE,
-            sha256=file_sha256(imports[p].weights),  # type: ignore[arg-type]
-            size=imports[p].weights.stat().st_size,  # type: ignore[union-attr]
+            sha256=h.sha256,
+            size=h.size,
             precision=p,
         )
         for p in precisions
-        if imports[p].weights is not None
+        if imports[p].weights is not None and (h := file_hash(imports[p].weights))  # type: ignore[arg-type]
     )
     return Manifest(
         model=ModelInfo(
@@ -370,11 +386,12 @@ def _artifact_entry(r: CompileResult, imported: ImportedModel) -> Artifact:
     )
     if r.status == "failed" or r.vmfb is None:
         return Artifact(status="failed", error=r.error, operator=r.operator, **common)
+    h = r.hash or file_hash(r.vmfb)
     return Artifact(
         status="ok",
         file=f"{ARTIFACTS_DIR}/{job.file_stem}.vmfb",
-        sha256=file_sha256(r.vmfb),
-        size=r.vmfb.stat().st_size,
+        sha256=h.sha256,
+        size=h.size,
         verified=r.verified,
         **common,
     )
@@ -384,7 +401,8 @@ def _built_entry(b: Built, imported: ImportedModel) -> Artifact:
     error = dict(precision_error=imported.precision_error)
     if b.status == "failed" or b.file is None:
         return b.as_artifact(**error)
-    return b.as_artifact(file=b.bundle_name, sha256=file_sha256(b.file), size=b.file.stat().st_size, **error)
+    h = file_hash(b.file)
+    return b.as_artifact(file=b.bundle_name, sha256=h.sha256, size=h.size, **error)
 
 
 def toolchain() -> Toolchain:

@@ -9,21 +9,28 @@
   still hit the compile cache when the IR comes out the same).
 
 Entries are written under a temporary name and renamed, so concurrent compiles never
-see half an entry. The location is $HXC_CACHE_DIR, else $XDG_CACHE_HOME/hxc, else
+see half an entry. Each entry records the sha256 of its files and is checked on every
+hit: a corrupted or tampered entry is discarded (and the work redone), never copied
+into a bundle under a fresh, "valid" hash. The location is $HXC_CACHE_DIR, else $XDG_CACHE_HOME/hxc, else
 ~/.cache/hxc.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hxc.manifests.bundle import atomic_write
+from hxc.manifests.bundle import atomic_write, copy_hashed, file_hash
+from hxc.manifests.schema import FileHash
+
+log = logging.getLogger("hxc.cache")
 
 
 def default_cache_dir() -> Path:
@@ -37,15 +44,12 @@ def default_cache_dir() -> Path:
 class CacheEntry:
     vmfb: Path
     verified: str | None
+    hash: FileHash  # of `vmfb`, checked when the entry was looked up
 
 
 class CompileCache:
     def __init__(self, root: Path | None) -> None:
         self.root = root / "compile" if root is not None else None
-
-    @property
-    def enabled(self) -> bool:
-        return self.root is not None
 
     @staticmethod
     def key(ir_sha256: str, flags: tuple[str, ...], compiler_version: str) -> str:
@@ -63,18 +67,39 @@ class CompileCache:
             return None
         try:
             info = json.loads(meta.read_text())
-        except (OSError, json.JSONDecodeError):
+            recorded = FileHash(str(info["sha256"]), int(info["size"]))
+            actual = file_hash(vmfb)
+        except (OSError, ValueError, KeyError, TypeError):
+            actual, recorded = None, None
+        if actual is None or actual != recorded:
+            log.warning("hxc: discarding a corrupt compile-cache entry %s", vmfb)
+            for f in (meta, vmfb):
+                with contextlib.suppress(OSError):
+                    f.unlink()
             return None
-        return CacheEntry(vmfb=vmfb, verified=info.get("verified"))
+        return CacheEntry(vmfb=vmfb, verified=info.get("verified"), hash=actual)
 
-    def put(self, key: str, vmfb: Path, verified: str | None) -> None:
+    def put(self, key: str, vmfb: Path, verified: str | None) -> FileHash:
+        """Store `vmfb`; returns the hash of the bytes stored. A cache that cannot be
+        written (read-only, full) is skipped with a warning: compiling goes on."""
         if self.root is None:
-            return
+            return file_hash(vmfb)
         dest, meta = self._paths(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # The metadata goes last: get() treats an entry without it as absent.
-        atomic_write(dest, vmfb.read_bytes())
-        atomic_write(meta, json.dumps({"verified": verified}).encode())
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{id(vmfb)}.tmp")
+            try:
+                stored = copy_hashed(vmfb, tmp)
+                os.replace(tmp, dest)
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            # The metadata goes last: get() treats an entry without it as absent.
+            atomic_write(meta, json.dumps({"verified": verified, "sha256": stored.sha256, "size": stored.size}).encode())
+            return stored
+        except OSError as e:
+            log.warning("hxc: cannot write the compile cache (%s); continuing without it", e)
+            return file_hash(vmfb)
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         assert self.root is not None
@@ -97,23 +122,43 @@ class ImportCache:
         return h.hexdigest()
 
     def get(self, key: str) -> Path | None:
+        """The entry's directory, after checking every file against the hashes its
+        meta.json recorded; a corrupt entry is removed and treated as a miss."""
         if self.root is None:
             return None
         entry = self.root / key[:2] / key
-        return entry if (entry / "meta.json").is_file() else None
+        try:
+            meta = json.loads((entry / "meta.json").read_text())
+            recorded = meta["files"]
+            intact = all(file_hash(entry / name) == FileHash(h["sha256"], h["size"]) for name, h in recorded.items())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            intact = False
+        if not intact:
+            log.warning("hxc: discarding a corrupt import-cache entry %s", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+        return entry
 
     def put(self, key: str, files: dict[str, Path], meta: dict) -> Path | None:
+        """Store an entry; a cache that cannot be written is skipped with a warning."""
         if self.root is None:
             return None
         final = self.root / key[:2] / key
-        final.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{key[:8]}.", dir=final.parent))
         try:
-            for name, src in files.items():
-                shutil.copyfile(src, stage / name)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=f".{key[:8]}.", dir=final.parent))
+        except OSError as e:
+            log.warning("hxc: cannot write the import cache (%s); continuing without it", e)
+            return None
+        try:
+            hashes = {name: copy_hashed(src, stage / name) for name, src in files.items()}
+            meta = {**meta, "files": {n: {"sha256": h.sha256, "size": h.size} for n, h in hashes.items()}}
             atomic_write(stage / "meta.json", json.dumps(meta).encode())
             os.rename(stage, final)
         except OSError:
-            # Another process stored the same entry first; theirs is as good as ours.
+            # Another process stored the same entry first (theirs is as good as ours),
+            # or the cache is full or read-only: either way, go on without it.
             shutil.rmtree(stage, ignore_errors=True)
         return final if (final / "meta.json").is_file() else None

@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from hxc.compiler.cache import CompileCache
-from hxc.manifests.schema import TuningTrial
+from hxc.manifests.schema import FileHash, TuningTrial
 from hxc.targets import CompilePlan, Variant, family
 from hxc.targets.base import CheckFailed
 
@@ -67,6 +68,7 @@ class CompileResult:
     seconds: float
     argv: tuple[str, ...]
     vmfb: Path | None = None
+    hash: FileHash | None = None  # of `vmfb`; the bundle's copy must match it
     cached: bool = False
     verified: str | None = None
     error: str | None = None  # one line
@@ -111,6 +113,22 @@ def compiler_version() -> str:
     return metadata.version("iree-base-compiler")
 
 
+# Run a command so that it dies with the thread that started it, even if hxc is
+# SIGKILLed (PR_SET_PDEATHSIG survives exec). If hxc died before prctl took effect the
+# parent has already changed: exit instead of compiling for nobody.
+_DIE_WITH_PARENT = (
+    "import ctypes,os,sys;ppid=int(sys.argv[1]);ctypes.CDLL(None).prctl(1,9);"
+    "os.getppid()==ppid or os._exit(1);os.execv(sys.argv[2],sys.argv[2:])"
+)
+
+
+def die_with_parent(argv: Sequence[str]) -> list[str]:
+    """`argv`, wrapped so the process is killed when hxc goes away (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
+
+
 class _Processes:
     """Running iree-compile processes, so an interrupt can kill them all."""
 
@@ -123,7 +141,7 @@ class _Processes:
         with self._lock:
             if self.cancelled:
                 return -1, "cancelled"
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(die_with_parent(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             self._procs.add(proc)
         try:
             _, stderr = proc.communicate()
@@ -184,7 +202,8 @@ def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Pr
     argv = (iree_compile_path(), str(job.ir), *plan.flags, "-o", str(out))
     hit = cache.get(key)
     if hit is not None:
-        return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, hit.vmfb, cached=True, verified=hit.verified)
+        return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, hit.vmfb, hit.hash, cached=True,
+                             verified=hit.verified)  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="hxc-bin-", dir=workdir) as bins:
         run_argv = [*argv]
@@ -201,8 +220,8 @@ def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Pr
         except CheckFailed as e:
             out.unlink(missing_ok=True)
             return CompileResult(job, plan, "failed", time.perf_counter() - t0, argv, error=str(e), stderr=stderr)
-    cache.put(key, out, verified)
-    return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, out, verified=verified, stderr=stderr)
+    stored = cache.put(key, out, verified)
+    return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, out, stored, verified=verified, stderr=stderr)
 
 
 _LOCATION = re.compile(r"^(?P<file>[^\s:][^:]*):(?P<line>\d+):\d+:\s*")

@@ -15,18 +15,24 @@ Formats are recognised from the file's contents, not its name:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
+import io
+import pickle
 import re
 import sys
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hxc.arrays import MAX_ARRAY_BYTES_ENV, max_array_bytes
+from hxc.compiler.pt2_archive import ALLOW_PICKLE_HINT, UnsafeModelError, inspect_pt2
 from hxc.compiler.sniff import looks_like_python_ref as _looks_like_python_ref
 from hxc.compiler.sniff import sniff
 from hxc.errors import LoweringError, ModelLoadError, UsageError, first_line
@@ -49,6 +55,7 @@ DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 # Size used for a dynamic dimension in generated example inputs. torch.export
 # specialises sizes 0 and 1, so a dimension meant to stay dynamic must not be 1.
 DYNAMIC_EXAMPLE_SIZE = 2
+MAX_DIM = 2**31 - 1  # IREE's index arithmetic on every target is 32-bit safe below this
 
 _SPEC_RE = re.compile(r"^(?:(?P<name>[A-Za-z_]\w*)=)?(?P<dims>(?:(?:\d+|\?)x)*)(?P<dtype>[a-z]+\d*)$")
 
@@ -63,7 +70,15 @@ def parse_input_spec(text: str, index: int = 0) -> TensorSpec:
         )
     dims: list[int | str] = []
     for j, d in enumerate(x for x in m.group("dims").split("x") if x):
+        if d != "?" and not 1 <= int(d) <= MAX_DIM:
+            raise UsageError(f"--input {text!r}: dimension {j} is {d}", hint=f"each dimension is 1 to {MAX_DIM}, or ? for dynamic")
         dims.append(f"d{index}_{j}" if d == "?" else int(d))
+    elements = 1
+    for d in dims:
+        elements *= DYNAMIC_EXAMPLE_SIZE if isinstance(d, str) else d
+    if elements * TORCH_DTYPES[m.group("dtype")].itemsize > max_array_bytes():
+        raise UsageError(f"--input {text!r}: an example input of that shape would not fit in memory",
+                         hint=f"the limit is {max_array_bytes()} bytes (${MAX_ARRAY_BYTES_ENV})")  # fmt: skip
     return TensorSpec(name=m.group("name") or f"input_{index}", dtype=m.group("dtype"), shape=tuple(dims))
 
 
@@ -101,7 +116,7 @@ def load_model(
     kind = sniff(path)
     digest = file_sha256(path)
     if kind == "pt2":
-        return _from_pt2(path, digest, specs, dynamic_batch)
+        return _from_pt2(path, digest, specs, dynamic_batch, allow_pickle)
     if kind == "torchscript":
         return _from_torchscript(path, digest, specs, dynamic_batch)
     if kind == "pickle":
@@ -119,11 +134,61 @@ def load_model(
 # --- formats ---------------------------------------------------------------------
 
 
-def _from_pt2(path: Path, digest: str, specs: list[TensorSpec], dynamic_batch: bool) -> LoadedModel:
+def load_program(
+    source: Path | bytes, where: str, *, allow_pickle: bool = False, check_expansion: bool = True
+) -> torch.export.ExportedProgram:
+    """torch.export.load, made safe: the archive is inspected first (no pickles, no
+    compiled code, sizes within limits; see pt2_archive), and the load itself runs
+    with unrestricted unpickling disabled, so nothing the inspection missed can run
+    code either. With `allow_pickle` the user has said they trust the file."""
+    inspect_pt2(source, where, allow_pickle=allow_pickle, check_expansion=check_expansion)
+    f = io.BytesIO(source) if isinstance(source, bytes) else str(source)
     try:
-        program = torch.export.load(str(path))
+        with contextlib.nullcontext() if allow_pickle else _no_code_from_pickles():
+            return torch.export.load(f)
+    except _RefusedPickle as e:
+        raise UnsafeModelError(f"{where}: loading it would run code from the file ({e})", hint=ALLOW_PICKLE_HINT) from None
+    except pickle.UnpicklingError as e:
+        raise UnsafeModelError(f"{where}: holds pickled data that is not plain tensors ({first_line(e)})",
+                               hint=ALLOW_PICKLE_HINT) from None  # fmt: skip
     except Exception as e:  # torch raises many types for a damaged archive
-        raise ModelLoadError(f"{path}: cannot read torch.export archive ({first_line(e)})") from None
+        raise ModelLoadError(f"{where}: cannot read torch.export archive ({first_line(e)})") from None
+
+
+class _RefusedPickle(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _no_code_from_pickles() -> Iterator[None]:
+    """While torch.export.load runs: every torch.load is weights-only (tensors and
+    plain containers, no code), and the unrestricted unpicklers it can reach refuse.
+    torch looks these up at call time, so swapping the attributes is enough."""
+    from torch.export.pt2_archive import _package
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise _RefusedPickle("it asks for an unrestricted unpickler")
+
+    real_load = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    saved = [(torch, "load", real_load), (torch._C, "_pickle_load_obj", torch._C._pickle_load_obj),
+             (_package, "pickle", _package.pickle)]  # fmt: skip
+    torch.load = weights_only_load  # type: ignore[assignment]
+    torch._C._pickle_load_obj = refuse  # type: ignore[attr-defined]
+    _package.pickle = types.SimpleNamespace(loads=refuse, load=refuse, dumps=pickle.dumps)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def _from_pt2(path: Path, digest: str, specs: list[TensorSpec], dynamic_batch: bool, allow_pickle: bool) -> LoadedModel:
+    program = load_program(path, str(path), allow_pickle=allow_pickle)
     if specs:
         args = example_inputs(specs)
         program = export_module(program.module(), args, _dynamic_shapes(specs, args, dynamic_batch), str(path))

@@ -1,6 +1,6 @@
-"""The model's PyTorch program as engines other than IREE take it: the bundle's
-exported program with its weights back in place (with shared weights the saved program
-holds stride-0 placeholders), at the precision an artifact computes in."""
+"""The model's PyTorch program as the bench baselines and engines other than IREE take
+it: the bundle's exported program with its weights back in place (with shared weights
+the saved program holds stride-0 placeholders), at the precision an artifact computes in."""
 
 from __future__ import annotations
 
@@ -9,19 +9,34 @@ from pathlib import Path
 from typing import Any
 
 
-def program_with_weights(program_file: Path, weights_file: Path | None) -> Any:
-    """The exported program a build wrote, with the parameters stored in the archive."""
-    import torch
+def program_with_weights(program: Path | bytes, where: str, weights: Path | Any | None, *,
+                         allow_pickle: bool = False) -> Any:  # fmt: skip
+    """The exported program (a file, or checked bytes), loaded without running code from
+    it, with the parameters of the archive `weights` (a file, or checked bytes with a
+    `buffer`) restored."""
+    from hxc.compiler.frontend import load_program
 
-    program = torch.export.load(str(program_file))
-    if weights_file is not None:
-        from iree.turbine.aot import ParameterArchive
+    # With shared weights the saved program holds stride-0 placeholders: their logical
+    # size is the model's, not a sign of a bomb.
+    loaded = load_program(program, where, allow_pickle=allow_pickle, check_expansion=weights is None)
+    if weights is not None:
+        restore_weights(loaded, archive_tensors(weights))
+    return loaded
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "non-writable NumPy array": we copy right away
-            stored = {name: entry.as_tensor().clone() for name, entry in ParameterArchive(weights_file).items()}
-        restore_weights(program, stored)
-    return program
+
+def archive_tensors(weights: Path | Any) -> dict[str, Any]:
+    """Every tensor of an IREE parameter archive, copied out of it."""
+    import iree.runtime as rt
+    from iree.turbine.aot import ParameterArchive
+
+    archive = ParameterArchive()
+    if isinstance(weights, Path):
+        archive.index.load(str(weights))
+    else:
+        archive.index.load_from_file_handle(rt.FileHandle.wrap_memory(weights.buffer), "irpa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "non-writable NumPy array": we copy right away
+        return {name: entry.as_tensor().clone() for name, entry in archive.items()}
 
 
 def restore_weights(program: Any, stored: dict[str, Any]) -> None:

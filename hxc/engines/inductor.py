@@ -121,7 +121,7 @@ def _compile(job: BuildJob) -> Any:
     from hxc.runtime.verify import golden_arrays
 
     assert job.program is not None
-    program = program_with_weights(job.program, job.weights)
+    program = program_with_weights(job.program, str(job.program), job.weights)
     inputs, _ = golden_arrays(job.golden, job.signature)
     from hxc.runtime.io import to_torch
 

@@ -162,7 +162,7 @@ def _export(job: BuildJob) -> tuple[Any, bool]:
     from hxc.compiler.torch_program import program_with_weights
 
     assert job.program is not None
-    program = program_with_weights(job.program, job.weights)
+    program = program_with_weights(job.program, str(job.program), job.weights)
     with torch.no_grad():
         onnx_program = torch.onnx.export(program, (), dynamo=True, optimize=True, opset_version=OPSET, verbose=False)
     model = onnx_program.model_proto

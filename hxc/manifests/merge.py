@@ -4,14 +4,12 @@ back from other machines (CI runners with different hardware) into one."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hxc.errors import BundleError
-from hxc.manifests.bundle import parse_manifest, read_manifest, update_manifest
-from hxc.manifests.schema import MANIFEST_FILE, Host, Manifest, Profile
+from hxc.manifests.bundle import ProfilesFile, read_manifest, read_profiles_file, update_manifest
+from hxc.manifests.schema import Host, Manifest, Profile
 
 
 def add_profiles(m: Manifest, hosts: Sequence[Host], profiles: Sequence[Profile]) -> Manifest:
@@ -41,8 +39,9 @@ class MergeResult:
 
 def merge_profiles(bundle: str | Path, sources: Sequence[str | Path]) -> MergeResult:
     """Merge profiles from other copies of this bundle (a bundle directory or its
-    manifest.json) into `bundle`. Only profiles of artifacts with the same sha256 (and
-    baselines) are taken: a profile of different bytes says nothing about these."""
+    profiles.json) into `bundle`. Only profiles of the same model, and of artifacts
+    with the same sha256 (or baselines), are taken: a profile of different bytes says
+    nothing about these."""
     target = read_manifest(bundle)
     mine = {a.sha256 for a in target.ok_artifacts}
     hosts: list[Host] = []
@@ -50,8 +49,8 @@ def merge_profiles(bundle: str | Path, sources: Sequence[str | Path]) -> MergeRe
     skipped: list[str] = []
     for src in sources:
         other = _read_any(Path(src))
-        if other.model.ir_sha256 != target.model.ir_sha256:
-            skipped.append(f"{src}: built from a different model (IR sha256 differs)")
+        if other.model_ir_sha256 != target.model.ir_sha256:
+            skipped.append(f"{src}: measured for a different model (IR sha256 differs)")
             continue
         for p in other.profiles:
             if p.artifact_sha256 is not None and p.artifact_sha256 not in mine:
@@ -65,13 +64,8 @@ def merge_profiles(bundle: str | Path, sources: Sequence[str | Path]) -> MergeRe
     return MergeResult(len(updated.profiles) - before, skipped, len(updated.hosts))
 
 
-def _read_any(path: Path) -> Manifest:
+def _read_any(path: Path) -> ProfilesFile:
     if path.is_dir():
-        return read_manifest(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path}: no such bundle or manifest") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not a manifest ({e})") from None
-    return parse_manifest(data, where=str(path) if path.name == MANIFEST_FILE else f"{path}")
+        m = read_manifest(path)
+        return ProfilesFile(m.model.ir_sha256, m.hosts, m.profiles)
+    return read_profiles_file(path)

@@ -21,10 +21,20 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 FORMAT = "hxc-bundle"
-SCHEMA_VERSION: tuple[int, int] = (1, 1)
+PROFILES_FORMAT = "hxc-profiles"
+# 2.0: every file written at build time has a sha256 and size in `files`, checked
+# before use; profiles moved out of manifest.json into profiles.json, so the manifest
+# is never rewritten after the build. A 1.x bundle has no hashes for its program and
+# golden sample, so this reader refuses it instead of trusting those files.
+# Also in 2.x: Profile.conditions (what else ran during a measurement), Artifact.engine
+# and Requirements.packages (artifacts of ONNX Runtime and AOTInductor). A reader that
+# predates `engine` would take such an artifact for IREE's and fail to load it; see the
+# README's "Schema versions" note on which number that needs.
+SCHEMA_VERSION: tuple[int, int] = (2, 0)
 
 # Bundle layout, relative to the bundle directory.
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = "manifest.json"  # written once by `hxc compile`, never changed after
+PROFILES_FILE = "profiles.json"  # measurements added later by `hxc bench` / `profiles merge`
 GOLDEN_FILE = "golden.npz"
 WEIGHTS_FILE = "weights.irpa"  # weights-fp16.irpa etc. for reduced-precision variants
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
@@ -254,7 +264,18 @@ class Weights:
 
 
 @dataclass(frozen=True)
+class FileHash:
+    """What a build-time file must be: checked (size first, then sha256) before use."""
+
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class Manifest:
+    """A bundle's description. `hosts` and `profiles` live in PROFILES_FILE on disk
+    (measurements that change after the build); everything else in MANIFEST_FILE."""
+
     model: ModelInfo
     signature: Signature
     toolchain: Toolchain
@@ -262,6 +283,9 @@ class Manifest:
     created: str  # ISO 8601, UTC
     golden_file: str | None = GOLDEN_FILE
     weights: tuple[Weights, ...] = ()  # empty: each artifact carries its own weights
+    # Every file written at build time, by path relative to the bundle. Files that
+    # change afterwards (profiles, lock) are deliberately not here.
+    files: dict[str, FileHash] = dataclasses.field(default_factory=dict)
     hosts: tuple[Host, ...] = ()
     profiles: tuple[Profile, ...] = ()
     format: str = FORMAT
@@ -279,6 +303,16 @@ class Manifest:
 
     def weights_for(self, precision: str) -> Weights | None:
         return next((w for w in self.weights if w.precision == precision), None)
+
+    def referenced_files(self) -> list[tuple[str, str]]:
+        """(path, what) for every file another record names: each must be in `files`."""
+        out = [(a.file, f"artifact {a.id}") for a in self.ok_artifacts if a.file is not None]
+        out += [(w.file, f"{w.precision} weights") for w in self.weights]
+        if self.model.program_file:
+            out.append((self.model.program_file, "the source program"))
+        if self.golden_file:
+            out.append((self.golden_file, "the golden sample"))
+        return out
 
 
 # --- JSON at the edge -------------------------------------------------------------

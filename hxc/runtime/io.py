@@ -88,30 +88,6 @@ def _mapped_copy(buffer: rt.HalBuffer, shape: tuple[int, ...], dtype: np.dtype) 
     return raw[: count * dtype.itemsize].copy().view(dtype).reshape(shape)
 
 
-def read_arrays(files: list[str] | tuple[str, ...]) -> list[np.ndarray]:
-    """Input arrays from .npy files (one per input) or a single .npz (all of them, in
-    the order they were saved)."""
-    from pathlib import Path
-
-    from hxc.errors import UsageError, first_line
-
-    arrays: list[np.ndarray] = []
-    for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise UsageError(f"{name}: no such input file")
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{name}: not a .npy or .npz array file ({first_line(e)})") from None
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                arrays.extend(loaded[k] for k in loaded.files)
-        else:
-            arrays.append(loaded)
-    return arrays
-
-
 def is_torch(x: object) -> bool:
     """A torch tensor, recognised without importing torch."""
     return type(x).__module__.startswith("torch") and hasattr(x, "detach")

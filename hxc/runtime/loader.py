@@ -2,9 +2,10 @@
 
 The choice is never silent: the returned model carries the artifact and device it
 runs on, the full ranking (`explain()`), and every load attempt that failed before
-it. The chosen artifact is checked against the manifest's sha256 before its engine
-(IREE, ONNX Runtime, AOTInductor) sees it; an IREE module is then memory-mapped
-(never copied into the process).
+it. The chosen artifact (and the shared weights) are opened once, checked against the
+manifest's size and sha256, and its engine (IREE, ONNX Runtime, AOTInductor) is given
+those very bytes (a mapping, or with `private_copy=True` a private copy), never the
+path again. The check is here, once, for every engine.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import numpy as np
 
 from hxc.engines import engine
 from hxc.engines.base import Session as EngineSession
-from hxc.errors import HxcError, IntegrityError, NoCompatibleArtifactError, SignatureError, first_line
+from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, first_line
 from hxc.manifests import read_manifest
-from hxc.manifests.bundle import file_sha256
+from hxc.manifests.bundle import CheckedFile, open_checked
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
 from hxc.runtime.io import dtype_name, is_torch, numpy_dtype, to_device, to_host, to_numpy, to_torch
 from hxc.runtime.probe import HostProbe, probe_host
@@ -32,6 +33,7 @@ from hxc.runtime.select import Candidate, Selection, select
 from hxc.targets import Device
 
 log = logging.getLogger("hxc.runtime")
+PRIVATE_COPY_ENV = "HXC_PRIVATE_COPY"
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ def load(
     precision: str | None = None,
     tolerance: float | None = None,
     probe: HostProbe | None = None,
+    private_copy: bool | None = None,
 ) -> LoadedModel:
     """Load the best artifact in `bundle` for this host.
 
@@ -120,8 +123,15 @@ def load(
     Reduced-precision artifacts (built with `hxc compile --precision fp16,...`) are only
     chosen when allowed: `precision="fp16"`, or `tolerance=` at least their recorded
     error against fp32.
+
+    `private_copy=True` (or $HXC_PRIVATE_COPY=1) runs a private in-memory copy of the
+    checked bytes instead of a mapping of the bundle's file, so that writes to the
+    file after loading cannot reach the running code (costs the artifact's size in
+    memory).
     """
     path = Path(bundle)
+    if private_copy is None:
+        private_copy = os.environ.get(PRIVATE_COPY_ENV, "") not in ("", "0")
     manifest = read_manifest(path)
     probe = probe or probe_host()
     allow = {"precision": precision, "tolerance": tolerance}
@@ -142,18 +152,21 @@ def load(
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host", hint=_summary(selection))
 
     attempts: list[LoadAttempt] = []
-    checked_weights: dict[str, tuple[Path, str] | None] = {}  # hashing 400 MB once is enough
+    checked_weights: dict[str, tuple[CheckedFile, str] | None] = {}  # hashing 400 MB once is enough
     for cand in selection.candidates:
-        _check_file(path, cand.artifact.file, cand.artifact.sha256, f"artifact {cand.artifact.id}")
+        assert cand.artifact.file is not None  # parse_manifest guarantees it for ok artifacts
+        module = open_checked(path, manifest, cand.artifact.file, private_copy=private_copy)
         eng = engine(cand.artifact.engine)  # select() only offers artifacts of engines it knows
         weights = None
         if eng.uses_shared_weights(cand.artifact):
             precision = cand.artifact.precision
             if precision not in checked_weights:
-                checked_weights[precision] = _weights(path, manifest, precision)
+                w = manifest.weights_for(precision)
+                checked_weights[precision] = None if w is None else (
+                    open_checked(path, manifest, w.file, private_copy=private_copy), w.scope)  # fmt: skip
             weights = checked_weights[precision]
         try:
-            session = eng.open(cand.artifact, path / cand.artifact.file, cand.device, weights)  # type: ignore[operator]
+            session = eng.open(cand.artifact, module, cand.device, weights)
         except Exception as e:
             if strict:
                 raise HxcError(f"{cand.artifact.id} on {cand.device.label} failed to load: {first_line(e)}") from None
@@ -173,28 +186,6 @@ def _summary(selection: Selection) -> str:
     return "; ".join(f"{r.artifact.id}: {r.reason}" for r in selection.rejected[:6]) or "the bundle has no artifacts"
 
 
-def _check_file(bundle: Path, rel: str | None, sha256: str | None, what: str) -> None:
-    assert rel is not None and sha256 is not None
-    file = bundle / rel
-    if not file.is_file():
-        raise IntegrityError(f"{file}: {what} is missing from the bundle")
-    actual = file_sha256(file)
-    if actual != sha256:
-        raise IntegrityError(
-            f"{file}: sha256 {actual[:12]}… does not match the manifest's {sha256[:12]}…; refusing to run it",
-            hint="the file was modified or corrupted; recompile or restore the bundle",
-        )
-
-
-def _weights(bundle: Path, manifest: Manifest, precision: str) -> tuple[Path, str] | None:
-    """The shared parameter archive and its scope, checked, or None for inline weights."""
-    w = manifest.weights_for(precision)
-    if w is None:
-        return None
-    _check_file(bundle, w.file, w.sha256, "the shared weights")
-    return bundle / w.file, w.scope
-
-
 class Session:
     """One vmfb loaded on one IREE device: its context and entry function; the IREE
     engine's session (`hxc.engines.iree`), one implementation of
@@ -210,22 +201,33 @@ class Session:
         self._keep_alive = keep_alive
 
     @classmethod
-    def open(cls, vmfb: Path, device: Device, weights: tuple[Path, str] | None = None) -> Session:
+    def open(
+        cls, vmfb: Path | CheckedFile, device: Device, weights: tuple[Path | CheckedFile, str] | None = None
+    ) -> Session:
+        """A bundle's checked files run from the checked bytes; a plain path (a fresh
+        build being tuned, not yet in a bundle) is mapped by IREE itself."""
         import iree.runtime as rt
 
         hal_device = rt.get_device(device.uri)  # cached by IREE: one device per URI per process
         instance = _instance()
-        module = rt.VmModule.mmap(instance, str(vmfb))
+        if isinstance(vmfb, CheckedFile):
+            module = rt.VmModule.wrap_buffer(instance, vmfb.buffer)
+        else:
+            module = rt.VmModule.mmap(instance, str(vmfb))
         modules = [rt.create_hal_module(instance, hal_device)]
-        keep_alive: tuple = (module,)
+        keep_alive: tuple = (vmfb, module)
         if weights is not None:
-            # The archive is memory-mapped; parameters are read (or imported) by the
+            # The archive stays mapped; parameters are read (or imported) by the
             # device when the module initialises.
+            source, scope = weights
             index = rt.ParameterIndex()
-            index.load(str(weights[0]))
-            provider = index.create_provider(scope=weights[1])
+            if isinstance(source, CheckedFile):
+                index.load_from_file_handle(rt.FileHandle.wrap_memory(source.buffer), "irpa")
+            else:
+                index.load(str(source))
+            provider = index.create_provider(scope=scope)
             modules.append(rt.create_io_parameters_module(instance, provider))
-            keep_alive = (module, index, provider)
+            keep_alive = (vmfb, module, source, index, provider)
         context = rt.VmContext(instance, modules=[*modules, module])
         function = module.lookup_function("main")
         if function is None:
@@ -297,6 +299,9 @@ def check_inputs(signature: Signature, inputs: Any) -> list[np.ndarray]:
             raise SignatureError(
                 f"input {i} ({spec.name}) has shape {'x'.join(map(str, a.shape)) or 'scalar'}; expected {spec.format()}"
             )
+        if a.size == 0:
+            raise SignatureError(f"input {i} ({spec.name}) is empty (shape {'x'.join(map(str, a.shape))}); "
+                                 "every dimension must be at least 1")  # fmt: skip
         for d, n in zip(spec.shape, a.shape):
             if isinstance(d, str):
                 if sizes.setdefault(d, n) != n:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hxc.errors import BundleError, HxcError, first_line
-from hxc.manifests import GOLDEN_FILE, Manifest, Signature, read_manifest
+from hxc.arrays import ArrayFileError, read_npz
+from hxc.errors import BundleError, ExitCode, HxcError, first_line
+from hxc.manifests import Manifest, Signature, read_manifest
+from hxc.manifests.bundle import check_all_files, open_checked
 from hxc.runtime.io import numpy_dtype
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import select
@@ -55,14 +57,18 @@ def compare(actual: np.ndarray, expected: np.ndarray, dtype: str) -> Comparison:
 
 
 def load_golden(bundle: Path, manifest: Manifest) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The golden inputs and outputs, as host arrays of the signature's dtypes."""
-    path = bundle / (manifest.golden_file or GOLDEN_FILE)
+    """The golden inputs and outputs, as host arrays of the signature's dtypes, read
+    from the checked bytes of the bundle's golden sample."""
+    if not manifest.golden_file:
+        raise BundleError(f"{bundle}: this bundle has no golden sample to compare against")
+    checked = open_checked(bundle, manifest, manifest.golden_file)
     try:
-        with np.load(path) as data:
-            arrays = dict(data)
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{path}: cannot read the golden sample ({first_line(e)})") from None
-    return golden_arrays(arrays, manifest.signature, str(path))
+        arrays = read_npz(checked.buffer, str(checked.path))
+    except ArrayFileError as e:
+        raise BundleError(e.message) from None
+    finally:
+        checked.close()
+    return golden_arrays(arrays, manifest.signature, str(checked.path))
 
 
 def golden_arrays(
@@ -98,14 +104,39 @@ class VerifyResult:
     error: str | None = None  # when it could not run at all
 
 
+@dataclass(frozen=True)
+class VerifyReport:
+    bundle: Path
+    integrity: tuple[str, ...]  # every build-time file whose bytes do not match the manifest
+    results: tuple[VerifyResult, ...]  # one per artifact this host can run
+
+    @property
+    def ok(self) -> bool:
+        return not self.integrity and bool(self.results) and all(r.ok for r in self.results)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if self.integrity:
+            return ExitCode.INTEGRITY
+        if not self.results:
+            return ExitCode.NO_COMPATIBLE_ARTIFACT
+        return ExitCode.OK if self.ok else ExitCode.MISMATCH
+
+
 def verify_bundle(
     bundle: str | Path, *, device: str | None = None, probe: HostProbe | None = None
-) -> list[VerifyResult]:
-    """Run the golden sample on every artifact this host can run."""
+) -> VerifyReport:
+    """Check every build-time file of the bundle against the manifest (whether or not
+    this host can run it), then run the golden sample on every artifact this host can
+    run. Artifacts whose files fail the check are never run."""
     from hxc.runtime.loader import load
 
     path = Path(bundle)
     manifest = read_manifest(path)
+    bad = check_all_files(path, manifest)
+    integrity = tuple(bad.values())
+    if manifest.golden_file in bad:
+        return VerifyReport(path, integrity, ())
     probe = probe or probe_host()
     inputs, expected = load_golden(path, manifest)
     # Every artifact is checked, reduced-precision ones against their own precision's tolerance.
@@ -113,6 +144,9 @@ def verify_bundle(
     results = []
     for cand in selection.candidates:
         label = cand.device.label
+        if cand.artifact.file in bad or any(w.file in bad for w in manifest.weights if w.precision == cand.artifact.precision):
+            results.append(VerifyResult(cand.artifact.id, label, False, None, None, "not run: its files fail the integrity check"))
+            continue
         try:
             model = load(path, device=cand.artifact.id, strict=True, probe=probe, tolerance=float("inf"))
             outputs = model.run_flat(inputs)
@@ -127,7 +161,7 @@ def verify_bundle(
             cand.artifact.id, label, all(c.ok for c in comps),
             max(c.max_abs for c in comps), max(c.max_rel for c in comps),
         ))  # fmt: skip
-    return results
+    return VerifyReport(path, integrity, tuple(results))
 
 
 def effective_dtype(dtype: str, precision: str) -> str:
