@@ -262,6 +262,13 @@ def targets(as_json: bool) -> None:
         for v in f.variants:
             t.add_row(v.id, "*" if v.default else "", v.binary, v.summary)
     ui.out.print(t)
+    from hxc.engines import engine, engine_names
+
+    b = ui.table("backend", "families", "here", "what", title="Backends (--backends; iree is the default)")
+    for e in map(engine, engine_names()):
+        why = e.missing_for_build()
+        b.add_row(e.name, ", ".join(e.families), "[green]builds[/green]" if why is None else f"[red]{why}[/red]", e.summary)
+    ui.out.print(b)
 
 
 @main.command()
