@@ -129,7 +129,8 @@ def experiments(flags: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
     return [
         ("winograd", (*flags, pipeline.format(WINOGRAD))),
         ("channels-last+winograd", (*flags, pipeline.format(f"iree-preprocessing-convert-conv-to-channels-last,{WINOGRAD}"))),
-        ("conv-data-tiling", (*without_im2col, "--iree-dispatch-creation-experimental-set-data-tiling-ops=matmul,scaled_matmul,convolution")),
+        ("conv-data-tiling", (*without_im2col, *(f"--iree-dispatch-creation-experimental-set-data-tiling-ops={op}"
+                                                 for op in ("matmul", "scaled_matmul", "convolution")))),
     ]
 
 

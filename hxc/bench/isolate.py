@@ -62,6 +62,7 @@ def measure_devices(groups: Sequence[DeviceGroup], scenarios: Sequence[list], bu
             for w in live:
                 on_progress(f"loading {', '.join(c.id for c in w.group.contenders)} on {w.group.device}")
                 w.ask(("prepare", inputs), budget.hang_seconds)
+                w.done = False
             while any(w.error is None and not w.done for w in live):
                 for w in live:
                     if w.error is None and not w.done:
