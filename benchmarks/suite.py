@@ -219,7 +219,7 @@ def main() -> None:
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
-    from hxc.runtime.io import to_numpy
+    from hxc.dtypes import to_numpy
 
     return to_numpy(t)
 

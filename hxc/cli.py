@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 import click
 
 from hxc import __version__
-from hxc.errors import ExitCode, HxcError
+from hxc.errors import ExitCode, HxcError, UsageError
 
 JSON_HELP = "Print a machine-readable JSON result on stdout instead of tables."
 
@@ -32,10 +33,16 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        from hxc import ui
-
         as_json = kwargs.get("as_json", False)
+        if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+            signal.signal(signal.SIGTERM, _terminate_like_interrupt)
+        keys = click.get_current_context().meta.get(_TRUSTED_KEYS_META)
+        saved = os.environ.get(TRUSTED_KEYS_ENV)
         try:
+            from hxc import ui
+
+            if keys:
+                os.environ[TRUSTED_KEYS_ENV] = keys
             code = fn(*args, **kwargs)
         except HxcError as e:
             if as_json:
@@ -44,6 +51,8 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
                 ui.error(str(e))
             sys.exit(int(e.exit_code))
         except KeyboardInterrupt as e:
+            from hxc import ui
+
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
             ui.error(f"{'terminated' if signum == signal.SIGTERM else 'interrupted'}; nothing was written")
             sys.exit(128 + signum)
@@ -56,9 +65,19 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
             else:
                 ui.error(_os_error(e))
             sys.exit(int(ExitCode.ERROR))
+        finally:
+            if keys:
+                if saved is None:
+                    os.environ.pop(TRUSTED_KEYS_ENV, None)
+                else:
+                    os.environ[TRUSTED_KEYS_ENV] = saved
         sys.exit(int(code or 0))
 
     return wrapper
+
+
+_TRUSTED_KEYS_META = "hxc.trusted_keys"
+TRUSTED_KEYS_ENV = "HXC_TRUSTED_KEYS"  # hxc.manifests.signing reads it; named here so --help stays light
 
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
@@ -99,8 +118,6 @@ def main(verbose: int) -> None:
     hxc run model.hxc --input x.npy
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
-    if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
-        signal.signal(signal.SIGTERM, _terminate_like_interrupt)
     if verbose < 2:
         _quiet_libraries()
 
@@ -110,7 +127,8 @@ def main(verbose: int) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write. [default: MODEL_NAME.hxc]")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Bundle to write: a directory, or one file if it ends in .hxcb. [default: MODEL_NAME.hxc]")
 @click.option("-t", "--targets", default="all", show_default=True,
               help="Comma-separated families (cpu, cuda, rocm, vulkan, all) or exact variants (cuda:sm_89). See `hxc targets`.")  # fmt: skip
 @click.option("-b", "--backends", default="iree", show_default=True,
@@ -209,7 +227,7 @@ def _engine_tuner():
 
 def _precisions(text: str) -> list[str]:
     from hxc.errors import UsageError
-    from hxc.manifests.schema import PRECISIONS
+    from hxc.dtypes import PRECISIONS
 
     wanted = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in wanted if p not in PRECISIONS]
@@ -271,19 +289,38 @@ def targets(as_json: bool) -> None:
     ui.out.print(b)
 
 
+def _set_trusted_keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    # Exported for the command's duration (see _command), so every read of the bundle
+    # in this process and in its worker processes checks them.
+    if value:
+        ctx.meta[_TRUSTED_KEYS_META] = os.pathsep.join(value)
+    return value
+
+
+TRUSTED_KEYS_OPTION = click.option(
+    "--trusted-keys", multiple=True, metavar="PATH", expose_value=False, callback=_set_trusted_keys,
+    help="Require a valid signature by one of these public keys (NAME.pub files or directories of them) before "
+         "any file of the bundle is used. Repeatable. [env: HXC_TRUSTED_KEYS, paths separated by ':']",
+)  # fmt: skip
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def inspect(bundle: Path, as_json: bool) -> None:
-    """Show a bundle's manifest: model, signature, toolchain, artifacts, profiles."""
+    """Show a bundle's manifest: model, signature, toolchain, artifacts, profiles,
+    and who signed it (verified when trusted keys are given)."""
     from hxc import ui
     from hxc.manifests import read_manifest
+    from hxc.manifests.bundle import signature_status
     from hxc.manifests.schema import to_json
 
-    m = read_manifest(bundle)
+    sig = signature_status(bundle)
+    m = read_manifest(bundle, trusted_keys=False)  # signature_status already checked it if asked to
     if as_json:
-        ui.print_json(to_json(m))
+        ui.print_json({**to_json(m), "signed_by": list(sig.key_ids), "signature_verified_by": sig.verified_by})
         return
     info = ui.table("", "", title=f"Bundle {bundle}  (schema {m.schema_version})")
     info.add_row("model", f"{m.model.name}  ({m.model.source_format}: {m.model.source})")
@@ -295,6 +332,12 @@ def inspect(bundle: Path, as_json: bool) -> None:
     tc = m.toolchain
     info.add_row("built with", f"hxc {tc.hxc}, IREE {tc.iree_compiler}, iree-turbine {tc.iree_turbine}, torch {tc.torch}")
     info.add_row("created", m.created)
+    if sig.verified_by:
+        info.add_row("signature", f"[green]verified[/green]: signed by trusted key {sig.verified_by}")
+    elif sig.key_ids:
+        info.add_row("signature", f"signed by key {', '.join(sig.key_ids)} (not checked: no --trusted-keys given)")
+    else:
+        info.add_row("signature", "unsigned")
     ui.out.print(info)
     ui.out.print()
     t = ui.table("artifact", "status", "binary", "driver", "size", "compile", "sha256", "notes", title="Artifacts")
@@ -321,39 +364,67 @@ DEVICE_OPTION = click.option(
 PRECISION_OPTION = click.option("--precision", default=None, help="Allow reduced-precision artifacts of this precision (fp16, bf16).")
 TOLERANCE_OPTION = click.option("--tolerance", type=float, default=None,
                                 help="Allow reduced-precision artifacts whose recorded error vs fp32 is at most this.")  # fmt: skip
-POLICY_OPTION = click.option("--policy", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True,
-                             help="What recorded profiles rank by.")  # fmt: skip
+POLICY_OPTION = click.option("--policy", type=click.Choice(["latency", "throughput", "cost"]), default="latency", show_default=True,
+                             help="latency: lowest p50; throughput: most items/s; cost: lowest cost per 1,000 items "
+                                  "(price per hour / items per second), from recorded profiles.")  # fmt: skip
+SLO_OPTIONS = (
+    click.option("--slo-ms", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MS",
+                 help="Latency target per call (device time + caller overhead); candidates that meet it rank first."),
+    click.option("--slo-percentile", type=click.Choice(["p99", "p50"]), default="p99", show_default=True,
+                 help="Which recorded percentile the SLO is judged on (p99 needs >= 100 samples to be more than a weak estimate)."),
+    click.option("--prices", "prices_file", type=click.Path(path_type=Path), envvar="HXC_PRICES", default=None,
+                 help="Prices TOML for --policy cost. [env: HXC_PRICES; default: ~/.config/hxc/prices.toml, else built-in]"),
+)  # fmt: skip
+
+
+def _slo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(SLO_OPTIONS):
+        fn = option(fn)
+    return fn
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @DEVICE_OPTION
 @POLICY_OPTION
+@_slo_options
 @PRECISION_OPTION
 @TOLERANCE_OPTION
-@click.option("--explain", is_flag=True, help="List every artifact, accepted or rejected, with the reason.")
+@click.option("--explain", is_flag=True, help="List every artifact, accepted or rejected, with the reason (and the cost and SLO arithmetic).")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
-def select(bundle: Path, device: str | None, policy: str, precision: str | None, tolerance: float | None,
-           explain: bool, as_json: bool) -> int:  # fmt: skip
-    """Show which artifact `hxc.runtime.load` would pick on this host, and why."""
+def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, slo_percentile: str,
+           prices_file: Path | None, precision: str | None, tolerance: float | None, explain: bool, as_json: bool) -> int:  # fmt: skip
+    """Show which artifact `hxc.runtime.load` would pick on this host, and why.
+
+    \b
+    hxc select model.hxc --explain
+    hxc select model.hxc --policy cost --slo-ms 150 --explain
+    """
     from hxc import ui
     from hxc.manifests import read_manifest
     from hxc.runtime import probe_host
     from hxc.runtime import select as choose
+    from hxc.runtime.prices import load_prices
 
-    sel = choose(read_manifest(bundle), probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance)
+    prices = load_prices(prices_file) if policy == "cost" or prices_file else None
+    sel = choose(read_manifest(bundle), probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance,
+                 slo_ms=slo_ms, slo_percentile=slo_percentile, prices=prices)  # fmt: skip
     if as_json:
         ui.print_json({
-            "ok": sel.best is not None, "policy": sel.policy, "forced": sel.forced,
+            "ok": sel.best is not None, "policy": sel.policy, "forced": sel.forced, "note": sel.note,
+            "slo": sel.slo and {"ms": sel.slo.ms, "percentile": sel.slo.percentile}, "currency": sel.currency,
             "choice": sel.best and {"artifact": sel.best.artifact.id, "device": sel.best.device.label, "uri": sel.best.device.uri},
-            "candidates": [{"artifact": c.artifact.id, "device": c.device.label, "reason": c.reason} for c in sel.candidates],
+            "candidates": [_candidate_json(c) for c in sel.candidates],
             "rejected": [{"artifact": r.artifact.id, "reason": r.reason} for r in sel.rejected],
         })  # fmt: skip
     elif explain:
-        ui.out.print(sel.explain(), markup=False)
+        ui.out.print(sel.explain(), markup=False, soft_wrap=True)
     elif sel.best:
         ui.out.print(f"{sel.best.artifact.id} on {sel.best.device.label}  ({sel.best.reason})", markup=False)
+        if sel.note:
+            ui.warn(sel.note)
     if sel.best is None:
         if not as_json:
             ui.error("no artifact in this bundle can run on this host (see --explain)")
@@ -361,54 +432,168 @@ def select(bundle: Path, device: str | None, policy: str, precision: str | None,
     return ExitCode.OK
 
 
+def _candidate_json(c: Any) -> dict[str, Any]:
+    lat = c.latency.latency if c.latency else None
+    return {
+        "artifact": c.artifact.id, "device": c.device.label, "reason": c.reason, "measured_on": c.measured_on,
+        "p50_ms": lat and lat.p50_ms, "p99_ms": lat and lat.p99_ms, "samples": lat and lat.iterations,
+        "items_per_second": c.items_per_second,
+        "price_per_hour": c.price and c.price.per_hour, "price_source": c.price and c.price.source,
+        "cost_per_1k_items": c.cost_per_1k,
+        "slo": c.slo and {"met": c.slo.met, "estimate_ms": c.slo.estimate_ms, "device_ms": c.slo.device_ms,
+                          "overhead_ms": c.slo.overhead_ms, "samples": c.slo.samples, "weak": c.slo.weak,
+                          "caveats": list(c.slo.caveats)},
+    }  # fmt: skip
+
+
+DEVICES_OPTION = click.option(
+    "--devices", default=None, metavar="all|LIST",
+    help="Use a pool of devices, each in its own worker process: `all`, or a comma-separated list of devices "
+         "(drivers, families, artifact ids). Batches are split across them by measured speed.",
+)  # fmt: skip
+PIN_OPTION = click.option(
+    "--pin", "pins", multiple=True, metavar="split|DEVICE=CORES",
+    help="Give pool devices their own CPU cores: `split` shares the cores out among CPU-type devices (the CPU and "
+         "a software Vulkan device), or DEVICE=CORES per device, e.g. --pin cpu=0-5 --pin vulkan=6,7.",
+)  # fmt: skip
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @click.option("-i", "--input", "inputs", multiple=True, required=True, metavar="FILE",
               help="A .npy file per input, in order, or one .npz holding them all.")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Save the outputs to this .npz file.")
 @DEVICE_OPTION
+@DEVICES_OPTION
+@PIN_OPTION
 @PRECISION_OPTION
 @TOLERANCE_OPTION
 @click.option("--strict", is_flag=True, help="Fail instead of falling back when --device cannot be used.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option("--in-process", is_flag=True,
+              help="Run in this process instead of a worker process (faster start; a crash inside IREE then takes hxc down).")  # fmt: skip
 @_command
-def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str | None, precision: str | None,
-        tolerance: float | None, strict: bool, as_json: bool) -> None:  # fmt: skip
-    """Run BUNDLE on input arrays and print (or save) the outputs."""
+def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str | None, devices: str | None,
+        pins: tuple[str, ...], precision: str | None, tolerance: float | None, strict: bool, in_process: bool,
+        as_json: bool) -> None:  # fmt: skip
+    """Run BUNDLE on input arrays and print (or save) the outputs.
+
+    \b
+    hxc run model.hxc -i x.npy
+    hxc run model.hxc -i batch.npy --devices all -o out.npz     # split across every device, with telemetry
+    """
     import numpy as np
 
     from hxc import runtime, ui
     from hxc.arrays import read_array_files
 
     arrays = read_array_files(inputs)
-    model = runtime.load(bundle, device=device, strict=strict, precision=precision, tolerance=tolerance)
-    outputs = model.run_flat(arrays)
+    pool = None
+    if devices:
+        if device:
+            raise UsageError("--device and --devices exclude each other", hint="--devices cpu,vulkan lists the devices to pool")
+        from hxc.pool import Pool
+
+        pool = Pool(bundle, devices, pin=_pin(pins), precision=precision, tolerance=tolerance)
+        with pool:
+            outputs = pool.run_flat(arrays)
+            stats = pool.stats()
+        signature = pool.signature
+        what = {"pool": [m.name for m in pool.members]}
+        ran = f"ran on a pool of {', '.join(m.name for m in pool.members)}"
+    else:
+        if pins:
+            raise UsageError("--pin needs --devices")
+        options = {"strict": strict, "precision": precision, "tolerance": tolerance}
+        if in_process:
+            model = runtime.load(bundle, device=device, **options)
+            outputs, signature = model.run_flat(arrays), model.signature
+            artifact, device_label = model.artifact.id, model.device.label
+        else:
+            # In a worker process: an artifact that crashes inside IREE is a one-line error.
+            from hxc.manifests import read_manifest
+            from hxc.pool.worker import run_isolated
+            from hxc.runtime.loader import check_inputs
+
+            signature = read_manifest(bundle).signature
+            check_inputs(signature, arrays)  # usage mistakes stay exit 2, before any process starts
+            result = run_isolated(bundle, device or "", arrays, load_options=options)
+            outputs, artifact, device_label = result.outputs, result.artifact, result.device
+        what = {"artifact": artifact, "device": device_label}
+        ran = f"ran {artifact} on {device_label}"
     if output is not None:
         from hxc.manifests.bundle import atomic_savez
 
         atomic_savez(output, {f"output_{i}": o for i, o in enumerate(outputs)})
     if as_json:
+        from hxc.manifests.schema import to_json
+
         ui.print_json({
-            "ok": True, "artifact": model.artifact.id, "device": model.device.label, "saved_to": output and str(output),
-            "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(o.shape), "values": o.astype(np.float64).ravel()[:16].tolist()}
-                        for s, o in zip(model.signature.outputs, outputs)],
+            "ok": True, **what, "saved_to": output and str(output),
+            "outputs": [{"name": s.name, "dtype": s.dtype, "shape": list(o.shape),
+                         "values": o.astype(np.float64).ravel()[:16].tolist(),  # NaN/inf print as null
+                         "nonfinite": int(o.size - np.count_nonzero(np.isfinite(o.astype(np.float64))))}
+                        for s, o in zip(signature.outputs, outputs)],
+            **({"telemetry": to_json(stats)} if pool else {}),
         })  # fmt: skip
         return
-    ui.err.print(f"[dim]ran {model.artifact.id} on {model.device.label}[/dim]")
+    ui.err.print(f"[dim]{ran}[/dim]")
     with np.printoptions(precision=5, threshold=20, edgeitems=3):
-        for s, o in zip(model.signature.outputs, outputs):
+        for s, o in zip(signature.outputs, outputs):
             ui.out.print(f"{s.name} {'x'.join(map(str, o.shape))}x{s.dtype}:", markup=False)
             ui.out.print(str(o), markup=False)
+    if pool is not None:
+        ui.out.print()
+        ui.out.print(_telemetry_table(stats))
     if output is not None:
         ui.err.print(f"[dim]saved outputs to {output}[/dim]")
 
 
+def _pin(values: tuple[str, ...]) -> str | dict[str, list[int]] | None:
+    if not values:
+        return None
+    if values == ("split",):
+        return "split"
+    out: dict[str, list[int]] = {}
+    for v in values:
+        name, eq, cores = v.partition("=")
+        try:
+            if not eq or not name:
+                raise ValueError
+            out[name] = [c for part in cores.split(",") for c in _core_range(part)]
+        except ValueError:
+            raise UsageError(f"--pin {v!r}: expected `split` or DEVICE=CORES, e.g. cpu=0-5 or vulkan=6,7") from None
+    return out
+
+
+def _core_range(text: str) -> list[int]:
+    lo, _, hi = text.strip().partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+def _telemetry_table(stats: Any):
+    from hxc import ui
+
+    t = ui.table("device", "cores", "items", "chunks", "busy s", "utilisation", "items/s", "failures", "queue", "status",
+                 title=f"Pool telemetry ({stats.items} items in {stats.wall_s:.3g} s: {stats.items_per_second:.4g} items/s)")  # fmt: skip
+    for d in stats.devices:
+        status = d.health + (f": {d.reason}" if d.reason else "") + (f"; left out: {d.left_out}" if d.left_out else "")
+        t.add_row(f"{d.name} ({d.device})", ",".join(map(str, d.cpus)) if d.cpus else "all", str(d.items), str(d.chunks),
+                  f"{d.busy_s:.3g}", f"{d.utilisation:.0%}", f"{d.items_per_second:.4g}" if d.items_per_second else "-",
+                  str(d.failures), str(d.queue_depth), status)  # fmt: skip
+    return t
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @DEVICE_OPTION
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option("--in-process", is_flag=True,
+              help="Run in this process instead of a worker process (faster start; a crash inside IREE then takes hxc down).")  # fmt: skip
 @_command
-def verify(bundle: Path, device: str | None, as_json: bool) -> int:
+def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool) -> int:
     """Check every file of BUNDLE against its manifest's sha256 (exit 5 on any
     difference, for every artifact, runnable here or not), then run the golden sample
     on every artifact this host can run and compare with the reference outputs
@@ -416,11 +601,11 @@ def verify(bundle: Path, device: str | None, as_json: bool) -> int:
     from hxc import ui
     from hxc.runtime.verify import verify_bundle
 
-    report = verify_bundle(bundle, device=device)
+    report = verify_bundle(bundle, device=device, isolate=not in_process)
     results, code = report.results, report.exit_code
     if as_json:
         ui.print_json({"ok": report.ok, "exit_code": int(code), "integrity": list(report.integrity),
-                       "results": [r.__dict__ for r in results]})  # fmt: skip
+                       "results": [_verify_json(r) for r in results]})  # fmt: skip
         return code
     for problem in report.integrity:
         ui.error(f"integrity: {problem}")
@@ -433,6 +618,14 @@ def verify(bundle: Path, device: str | None, as_json: bool) -> int:
     elif not report.integrity:
         ui.error("no artifact in this bundle can run on this host (see `hxc select --explain`)")
     return code
+
+
+def _verify_json(r: Any) -> dict[str, Any]:
+    # An infinite error (a wrong shape, inf where PyTorch has a number) prints as null,
+    # with `nonfinite` saying so: null alone would read as "not measured".
+    errors = [x for x in (r.max_abs, r.max_rel) if x is not None]
+    return {"artifact": r.artifact, "device": r.device, "ok": r.ok, "max_abs": r.max_abs, "max_rel": r.max_rel,
+            "nonfinite": any(not math.isfinite(x) for x in errors), "error": r.error}
 
 
 def _g(x: float | None) -> str:
@@ -484,6 +677,7 @@ def doctor(as_json: bool) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@TRUSTED_KEYS_OPTION
 @click.option("--baseline", default="auto", show_default=True,
               help="Baselines to time next to the artifacts: torch, torch-compile, onnxruntime, none (comma-separated). "
                    "auto = torch for PyTorch bundles, onnxruntime for ONNX ones.")  # fmt: skip
@@ -500,14 +694,33 @@ def doctor(as_json: bool) -> None:
               help="Exit with code 7 if the fastest artifact is slower than this baseline (e.g. torch) in single-stream.")  # fmt: skip
 @click.option("--margin", type=float, default=0.0, show_default=True,
               help="Tolerated slowdown for the gate (0.05 = 5%; negative: a required speed-up, -0.5 = 2x faster).")
+@click.option("--pool", "pool_mode", is_flag=True,
+              help="Pool mode: each device in its worker process (as `--devices` and `--pin` say): single-stream latency "
+                   "and caller overhead per device (recorded), then throughput of each device alone and of the pool, "
+                   "interleaved, with per-device utilisation.")  # fmt: skip
+@DEVICES_OPTION
+@PIN_OPTION
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Pool mode: interleaved rounds.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def bench(bundle: Path, baseline: str, device: str | None, batches: str, min_time: float, min_iterations: int,
-          max_time: float, no_record: bool, allow_pickle: bool, gate: str | None, margin: float, as_json: bool) -> int:  # fmt: skip
+          max_time: float, no_record: bool, allow_pickle: bool, gate: str | None, margin: float, pool_mode: bool,
+          devices: str | None, pins: tuple[str, ...], rounds: int, as_json: bool) -> int:  # fmt: skip
     """Time every artifact this host can run next to PyTorch, and record the results as
-    profiles in the bundle (which the runtime loader then uses to choose)."""
+    profiles in the bundle (which the runtime loader then uses to choose).
+
+    \b
+    hxc bench model.hxc
+    hxc bench model.hxc --pool --pin split       # the device pool: each device alone, and all together
+    """
     from hxc import ui
     from hxc.bench.measure import Budget
+
+    if pool_mode or devices or pins:
+        if gate or device:
+            raise UsageError("--fail-if-slower-than and --device do not apply to --pool", hint="use --devices")
+        budget = Budget(min_iterations=min_iterations, min_seconds=min_time, max_seconds=max_time)
+        return _bench_pool(bundle, devices or "all", _pin(pins), budget, min_time, rounds, not no_record, as_json)
     from hxc.bench.report import profiles_table, row_json, rows
     from hxc.bench.run import run_bench
     from hxc.manifests import read_manifest
@@ -544,6 +757,47 @@ def bench(bundle: Path, baseline: str, device: str | None, batches: str, min_tim
         msg = verdict["message"]
         ui.out.print(f"[green]gate passed:[/green] {msg}") if verdict["passed"] else ui.error(f"gate failed: {msg}")
     return code
+
+
+def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: float, rounds: int, record: bool,
+                as_json: bool) -> int:  # fmt: skip
+    from hxc import ui
+    from hxc.bench.pool import run_pool_bench
+    from hxc.manifests.schema import to_json
+
+    with ui.err.status("benchmarking the pool…", spinner="dots") as status:
+        r = run_pool_bench(bundle, devices=devices, pin=pin, budget=budget, seconds=seconds, rounds=rounds, record=record,
+                           on_progress=lambda s: status.update(f"benchmarking the pool: {s}"))  # fmt: skip
+    best = r.best_alone
+    summary = {"pool_items_per_second": r.pool_items_per_second, "sum_alone_items_per_second": r.sum_alone,
+               "vs_sum": r.pool_items_per_second / r.sum_alone if r.sum_alone else None, "best_alone": best.name,
+               "vs_best_alone": r.pool_items_per_second / best.alone_items_per_second if best.alone_items_per_second else None,
+               "spread": r.spread, "rounds": r.rounds, "pinned": r.pinned}  # fmt: skip
+    if as_json:
+        ui.print_json({"ok": True, "host": to_json(r.host), "recorded": r.recorded, **summary,
+                       "devices": [to_json(d) for d in r.devices], "profiles": [to_json(p) for p in r.profiles]})  # fmt: skip
+        return ExitCode.OK
+    t = ui.table("device", "cores", "alone items/s", "in the pool: items", "utilisation", "status",
+                 title=f"Pool throughput ({'pinned' if r.pinned else 'unpinned'}; medians of {r.rounds} interleaved rounds)")  # fmt: skip
+    for d in r.devices:
+        status = d.health + (f": {d.reason}" if d.reason else "") + (f"; left out: {d.left_out}" if d.left_out else "")
+        t.add_row(f"{d.name} ({d.device})", ",".join(map(str, d.cpus)) if d.cpus else "all", f"{d.alone_items_per_second:.4g}",
+                  str(d.pool_items), f"{d.utilisation:.0%}", status)  # fmt: skip
+    ui.out.print(t)
+    ui.out.print(f"pool: {r.pool_items_per_second:.4g} items/s = {summary['vs_sum']:.2f}x the devices' sum alone "
+                 f"({r.sum_alone:.4g}), {summary['vs_best_alone']:.2f}x the best alone ({best.name}); "
+                 f"spread over rounds {r.spread:.0%}", markup=False)  # fmt: skip
+    lat = ui.table("device", "p50 ms", "p99 ms", "samples", "caller overhead p50 ms", "p99 ms",
+                   title="Single-stream through the workers (device time, and what the caller pays beyond it)")  # fmt: skip
+    for p in r.profiles:
+        o = p.caller_overhead
+        lat.add_row(p.candidate, f"{p.latency.p50_ms:.3g}", f"{p.latency.p99_ms:.3g}", str(p.latency.iterations),
+                    _g(o.p50_ms if o else None), _g(o.p99_ms if o else None))  # fmt: skip
+    ui.out.print()
+    ui.out.print(lat)
+    if r.recorded:
+        ui.err.print(f"[dim]recorded {len(r.profiles)} profiles with caller overhead in {bundle}[/dim]")
+    return ExitCode.OK
 
 
 def _baselines(text: str, source_format: str) -> list[str]:
@@ -615,6 +869,91 @@ def report(bundle: Path, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, text.encode())
     ui.err.print(f"[dim]wrote {output}[/dim]")
+
+
+# --- trust: keys, signatures, single-file bundles ------------------------------------
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="NAME",
+              help="Write the private key to NAME (mode 0600) and the public key to NAME.pub.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def keygen(output: Path, as_json: bool) -> None:
+    """Create an Ed25519 key pair for signing bundles.
+
+    \b
+    hxc keygen -o ci-signing            # ci-signing (secret) + ci-signing.pub
+    hxc sign model.hxc --key ci-signing
+    hxc verify model.hxc --trusted-keys ci-signing.pub
+    """
+    from hxc import ui
+    from hxc.manifests.signing import generate_key
+
+    key = generate_key(output)
+    if as_json:
+        ui.print_json({"ok": True, "key_id": key.key_id, "private_key": str(output), "public_key": key.source})
+        return
+    ui.out.print(f"key id {key.key_id}: private key {output} (keep it secret), public key {key.source}", markup=False)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-k", "--key", type=click.Path(path_type=Path), required=True, help="Private key from `hxc keygen`.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def sign(bundle: Path, key: Path, as_json: bool) -> None:
+    """Sign BUNDLE's manifest (which holds the sha256 of every file it runs) with KEY.
+    Profiles added later by `hxc bench` are outside the signature and never break it.
+    Signing again with another key adds a second signature (key rotation)."""
+    from hxc import ui
+    from hxc.manifests.bundle import sign_bundle
+
+    public = sign_bundle(bundle, key)
+    if as_json:
+        ui.print_json({"ok": True, "bundle": str(bundle), "key_id": public.key_id})
+        return
+    ui.out.print(f"signed {bundle} with key {public.key_id}", markup=False)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The single-file bundle to write (.hxcb).")
+@TRUSTED_KEYS_OPTION
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def pack(bundle: Path, output: Path, as_json: bool) -> None:
+    """Write BUNDLE as one file (an uncompressed tar the loader maps in place), after
+    checking every file against the manifest. `hxc.runtime.load` and every command
+    accept either form."""
+    from hxc import ui
+    from hxc.manifests.bundle import pack_bundle
+
+    m = pack_bundle(bundle, output)
+    if as_json:
+        ui.print_json({"ok": True, "bundle": str(bundle), "archive": str(output), "files": len(m.files)})
+        return
+    ui.out.print(f"wrote {output}  ({len(m.files)} files, {ui.human_size(output.stat().st_size)})", markup=False)
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Directory to create.")
+@TRUSTED_KEYS_OPTION
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def unpack(archive: Path, output: Path, as_json: bool) -> None:
+    """Extract a single-file bundle into a new directory, for people to look at. Only
+    the files its manifest names are written, each checked first; links, devices,
+    paths outside the directory and duplicate names are refused."""
+    from hxc import ui
+    from hxc.manifests.bundle import unpack_bundle
+
+    m = unpack_bundle(archive, output)
+    if as_json:
+        ui.print_json({"ok": True, "archive": str(archive), "bundle": str(output), "files": len(m.files)})
+        return
+    ui.out.print(f"unpacked {archive} into {output}  ({len(m.files)} files)", markup=False)
 
 
 if __name__ == "__main__":

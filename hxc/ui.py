@@ -4,6 +4,7 @@ diagnostics to stderr, so `hxc ... --json > out.json` stays clean."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 import time
@@ -24,8 +25,26 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error, one li
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    """Strict JSON on stdout. JSON has no NaN or Infinity (Python's `json` would write
+    them anyway, and other parsers reject the document), so they print as null; results
+    that can hold them say so in a field of their own (`nonfinite`)."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def finite(x: float | None) -> float | None:
+    """A number as JSON can carry it: NaN and infinities become None."""
+    return x if x is None or math.isfinite(x) else None
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return finite(data)
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def error(message: str) -> None:

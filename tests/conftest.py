@@ -1,6 +1,7 @@
-"""Shared fixtures: real model files of every supported format, and bundles compiled
-once per session with the real IREE compiler (artifacts are cached across tests in
-a session-private cache, never the user's)."""
+"""Shared fixtures: real model files of every supported format, bundles compiled once
+per session with the real IREE compiler (artifacts are cached across tests in a
+session-private cache, never the user's), and synthetic hosts and manifests for
+selection tests that must hold on any machine, GPU runners included."""
 
 from __future__ import annotations
 
@@ -128,6 +129,14 @@ def example_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def bundle(example_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the example bundle, free to modify."""
+    import shutil
+
+    return Path(shutil.copytree(example_bundle, tmp_path / "b.hxc"))
+
+
+@pytest.fixture
 def cli():
     """Run the real `hxc` command in-process; returns click's Result."""
     runner = CliRunner()
@@ -137,3 +146,92 @@ def cli():
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False, env={"COLUMNS": "250"})
 
     return invoke
+
+
+# --- synthetic hosts -------------------------------------------------------------------
+# Selection and ranking are pure functions of a manifest and a HostProbe, so they are
+# tested on described hosts, not on whatever this machine happens to have.
+
+
+def _probe(name: str, isa: str, cpu_model: str, features: tuple[str, ...], devices: tuple = ()):
+    from hxc.runtime.probe import DriverStatus, HostProbe
+    from hxc.targets import Device, families
+    from hxc.targets.cpu import HostCpu
+
+    cpu = HostCpu(isa=isa, model=cpu_model, features=tuple(sorted(features)), cores=32)
+    cpu_devices = (Device("local-task", "local-task", cpu_model, "cpu", isa, cpu.features),
+                   Device("local-sync", "local-sync", cpu_model, "cpu", isa, cpu.features))  # fmt: skip
+    everything = (*cpu_devices, *devices)
+    statuses = []
+    for fam in families():
+        for driver in fam.drivers:
+            found = tuple(d for d in everything if d.driver == driver)
+            reason = None if found else f"no {driver} device on {name}"
+            statuses.append(DriverStatus(driver, fam.name, bool(found), reason, found))
+    return HostProbe(hostname=name, os="Linux", cpu=cpu, drivers=tuple(statuses), seconds=0.0)
+
+
+@pytest.fixture(scope="session")
+def hosts() -> dict:
+    """Described machines: an Ada workstation (sm_89, no AVX-512), an H100 server, an
+    MI300X server (Zen 4), an old Xeon without AVX-512 or GPU, and a Graviton3 (Arm
+    Neoverse V1) server, each as the loader's probe would report it."""
+    from hxc.targets import Device
+    from hxc.targets.cpu import AARCH64_V1, SAPPHIRE_RAPIDS, X86_64_V3, X86_64_V4
+
+    base_x86 = ("sse3", "ssse3", "sse4_1", "sse4_2", "popcnt")
+    zen4 = X86_64_V4 + base_x86 + ("avx512_bf16", "avx512vbmi", "avx512_vnni")
+    return {
+        "ada": _probe("ada-workstation", "x86_64", "Intel Core i9-13900K", X86_64_V3 + base_x86, (
+            Device("cuda", "cuda://GPU-0", "NVIDIA GeForce RTX 4090", "discrete-gpu", "sm_89", vendor="nvidia"),
+            Device("vulkan", "vulkan://0", "NVIDIA GeForce RTX 4090", "discrete-gpu", "nvidia", vendor="nvidia"),
+        )),
+        "h100": _probe("h100-server", "x86_64", "Intel Xeon Platinum 8480+", SAPPHIRE_RAPIDS + base_x86, (
+            Device("cuda", "cuda://GPU-0", "NVIDIA H100 80GB HBM3", "discrete-gpu", "sm_90", vendor="nvidia"),
+        )),
+        "mi300": _probe("mi300-server", "x86_64", "AMD EPYC 9654", zen4, (
+            Device("hip", "hip://0", "AMD Instinct MI300X", "discrete-gpu", "gfx942:sramecc+:xnack-", vendor="amd"),
+            Device("vulkan", "vulkan://0", "AMD Instinct MI300X", "discrete-gpu", "radv", vendor="amd"),
+        )),
+        "old_xeon": _probe("old-xeon", "x86_64", "Intel Xeon E5-2680 v3", X86_64_V3 + base_x86, (
+            Device("vulkan", "vulkan://0", "llvmpipe (LLVM 15.0.6, 256 bits)", "cpu", "llvmpipe", vendor="mesa"),
+        )),
+        "graviton3": _probe("graviton3", "aarch64", "Neoverse-V1", AARCH64_V1),
+    }
+
+
+@pytest.fixture(scope="session")
+def synthetic_manifest():
+    """A manifest with one artifact per (variant, precision), as `hxc compile` would
+    record them (cpu:host as compiled on a Sapphire Rapids machine), without
+    compiling anything. Call it with variant ids, or none for every registered one."""
+    import dataclasses
+
+    from hxc.manifests.schema import Artifact, Manifest, ModelInfo, OutputTree, Requirements, Signature, TensorSpec, Toolchain
+    from hxc.targets import all_variants, family
+    from hxc.targets.cpu import SAPPHIRE_RAPIDS
+
+    def make(ids: tuple[str, ...] = (), precisions: dict[str, float] | None = None) -> Manifest:
+        variants = [v for v in all_variants() if not ids or v.id in ids]
+        artifacts = []
+        for precision, error in {"fp32": None, **(precisions or {})}.items():
+            for v in variants:
+                fam = family(v.family)
+                requires = v.requires if v.id != "cpu:host" else Requirements(isa="x86_64", cpu_features=SAPPHIRE_RAPIDS)
+                suffix = "" if precision == "fp32" else f"@{precision}"
+                artifacts.append(Artifact(
+                    id=v.id + suffix, family=v.family, variant=v.name, backend=fam.backend, driver=fam.drivers[0],
+                    binary=v.binary, flags=v.flags, requires=requires, status="ok",
+                    file=f"artifacts/{v.family}-{v.name}{suffix}.vmfb", sha256=f"{len(artifacts):064x}", size=1,
+                    precision=precision, precision_error=error,
+                ))  # fmt: skip
+        spec = TensorSpec("x", "f32", (1, 8))
+        return Manifest(
+            model=ModelInfo("m", "m.pt2", "torch.export", "0" * 64, "program.pt2", "1" * 64),
+            signature=Signature((spec,), (dataclasses.replace(spec, name="output_0"),), OutputTree("leaf", 0)),
+            toolchain=Toolchain("0", "3.13.0", "3.9.0", "2.13.0", "3.11"),
+            artifacts=tuple(artifacts),
+            created="2025-01-01T00:00:00+00:00",
+        )
+
+    return make

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,19 +20,14 @@ from hxc.manifests import read_manifest, update_manifest
 QUICK = ["--min-time", "0.05", "--min-iterations", "3", "--max-time", "5"]
 
 
-@pytest.fixture
-def bundle(example_bundle: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(example_bundle, tmp_path / "b.hxc"))
-
-
 def test_bench_records_profiles_the_loader_then_uses(bundle, cli):
     result = cli("bench", bundle, *QUICK, "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     measured = {r["candidate"] for r in out["results"]}
-    assert measured == {"cpu:host", "cpu:x86-64-v3", "vulkan:spirv", "torch:eager"}
+    assert measured >= {"cpu:host", "cpu:x86-64-v3", "vulkan:spirv", "torch:eager"}
     m = read_manifest(bundle)
-    assert len(m.profiles) == 4 and [h.id for h in m.hosts] == [out["host"]["id"]]
+    assert len(m.profiles) == len(measured) and [h.id for h in m.hosts] == [out["host"]["id"]]
 
     model = hxc.runtime.load(bundle)
     assert model.candidate.measured_on == "this host"
@@ -64,13 +58,38 @@ def test_dynamic_batch_models_get_offline_scenarios(cli, tmp_path):
     assert offline["items_per_second"] == pytest.approx(offline["throughput"] * 16)
 
 
-def test_two_concurrent_bench_runs_both_land(bundle):
-    cmd = [sys.executable, "-m", "hxc.cli", "bench", str(bundle), *QUICK, "--device", "cpu", "--baseline", "none", "--json"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ) for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
-    per_run = [len(json.loads(o[0])["results"]) for o in outs]
-    assert len(read_manifest(bundle).profiles) == sum(per_run) == 4  # nothing lost to a race
+# Two processes record profiles into one bundle the way `hxc bench` does. Each starts
+# when the other is ready, and each holds its read-modify-write open for a second, so
+# without the bundle lock both would read the same manifest and one would lose its write.
+_WRITER = """
+import dataclasses, sys, time
+from pathlib import Path
+from hxc.manifests import update_manifest
+from hxc.manifests.merge import add_profiles
+from hxc.manifests.schema import Host, LatencyStats, Profile
+
+bundle, me, other = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+(bundle.parent / f"{me}.ready").touch()
+while not (bundle.parent / f"{other}.ready").exists():
+    time.sleep(0.001)
+host = Host(me, me, "cpu", 1, (), (), {})
+stats = LatencyStats(1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1)
+profile = Profile(me, "torch:eager", None, "cpu", "single-stream", 1, stats, 1.0, 1.0, None, None, None, True, "now")
+
+def slowly(m):
+    time.sleep(1.0)
+    return add_profiles(m, [host], [profile])
+
+update_manifest(bundle, slowly)
+"""
+
+
+def test_concurrent_profile_writers_both_land(bundle):
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(bundle), me, other], stderr=subprocess.PIPE, text=True)
+             for me, other in (("a", "b"), ("b", "a"))]  # fmt: skip
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert {h.id for h in read_manifest(bundle).hosts} == {"a", "b"}  # nothing lost to the race
 
 
 def test_merge_profiles_from_another_host(bundle, tmp_path, cli):
@@ -100,14 +119,13 @@ def test_merge_profiles_from_another_host(bundle, tmp_path, cli):
 
 
 def test_regression_gate_exit_code(bundle, cli):
-    # A negative margin asks for a speed-up: lavapipe is never 100x faster than PyTorch
-    # on the CPU (it is ~100x slower; on a busy 2-core machine PyTorch's p50 alone can
-    # swing 30x, so "slower than torch" is not something to bet a test on).
-    slow = cli("bench", bundle, *QUICK, "--device", "vulkan", "--fail-if-slower-than", "torch", "--margin", "-0.99", "--json")
+    # A margin of -0.999999 demands a million times PyTorch's speed: the gate must trip
+    # on any host; a margin of a million lets anything pass.
+    slow = cli("bench", bundle, *QUICK, "--device", "cpu", "--fail-if-slower-than", "torch", "--margin", "-0.999999", "--json")
     assert slow.exit_code == ExitCode.REGRESSION
     gate = json.loads(slow.stdout)["gate"]
-    assert gate["passed"] is False and gate["best"] == "vulkan:spirv" and gate["ratio"] > 0.01
-    lenient = cli("bench", bundle, *QUICK, "--device", "vulkan", "--fail-if-slower-than", "torch", "--margin", "1e6")
+    assert gate["passed"] is False and gate["best"].startswith("cpu:") and gate["ratio"] > 1e-6
+    lenient = cli("bench", bundle, *QUICK, "--device", "cpu", "--fail-if-slower-than", "torch", "--margin", "1e6")
     assert lenient.exit_code == 0 and "gate passed" in lenient.stdout
     missing = cli("bench", bundle, *QUICK, "--baseline", "none", "--fail-if-slower-than", "torch")
     assert missing.exit_code == ExitCode.ERROR and "is not measured" in missing.stderr
@@ -129,7 +147,7 @@ def test_tune_keeps_the_fastest_configuration_and_records_the_search(cli, tmp_pa
 
     model, _ = convnet()
     with torch.no_grad():
-        torch.testing.assert_close(hxc.runtime.load(out)(x), model(x), atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(hxc.runtime.load(out, device="cpu")(x), model(x), atol=1e-4, rtol=1e-3)
 
 
 def test_cpu_numbers_agree_with_and_without_lavapipe_in_the_run(tmp_path):

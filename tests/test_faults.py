@@ -39,7 +39,7 @@ def _compile_args(models: dict[str, Path], out: Path, cache: Path) -> list[objec
 
 
 def _leftovers(out: Path) -> list[str]:
-    return sorted(p.name for p in out.parent.glob(f".{out.name}.*") if not p.name.endswith(".lock"))
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.*"))
 
 
 def _children_of_tree_alive(marker: str) -> list[str]:
@@ -70,7 +70,7 @@ def test_killed_compile_leaves_a_whole_bundle_and_no_children(old_bundle, models
         time.sleep(rng.uniform(1.0, 6.0))
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
-        if sig == signal.SIGTERM and proc.returncode != 0:
+        if sig == signal.SIGTERM and proc.returncode not in (0, -signal.SIGTERM):  # -15: before any work began
             assert proc.returncode == 128 + signal.SIGTERM and "terminated" in err and "Traceback" not in err
         time.sleep(0.5)  # let the kernel deliver PDEATHSIG
         assert not _children_of_tree_alive(str(old_bundle.parent)), "an iree-compile child outlived hxc"
@@ -135,7 +135,7 @@ def test_a_real_full_file_system(models, tmp_path):
         proc = _hxc("compile", models["pt2"], "-t", "cpu:host", "-o", mnt / "m.hxc", "--cache-dir", tmp_path / "c")
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == ExitCode.ERROR and "No space left on device" in err and "Traceback" not in err
-        assert list(mnt.iterdir()) in ([], [mnt / ".m.hxc.lock"])
+        assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)])
 
@@ -207,3 +207,50 @@ def test_an_empty_batch_is_refused_before_it_reaches_the_device(models, tmp_path
     model = hxc.runtime.load(out, device=device, strict=True)
     with pytest.raises(SignatureError, match="is empty"):
         model(np.zeros((0, 3, 8, 8), np.float32))
+
+
+def _with_crashing_code(bundle: Path, artifact_id: str) -> None:
+    """Overwrite the executable code inside an artifact's embedded ELF with `ud2`
+    (an illegal instruction), then record the new hash: a valid-looking, validly
+    hashed artifact whose code crashes the process that runs it."""
+    import dataclasses
+    import struct
+
+    from hxc.manifests import read_manifest, write_manifest
+    from hxc.manifests.bundle import file_hash
+
+    m = read_manifest(bundle)
+    art = m.artifact(artifact_id)
+    path = bundle / art.file
+    data = bytearray(path.read_bytes())
+    elf = data.index(b"\x7fELF\x02\x01")
+    shoff, = struct.unpack_from("<Q", data, elf + 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, elf + 0x3A)
+    patched = 0
+    for i in range(shnum):
+        base = elf + shoff + i * shentsize
+        _, _, flags, _, offset, size = struct.unpack_from("<IIQQQQ", data, base)
+        if flags & 0x4 and size:  # SHF_EXECINSTR
+            data[elf + offset : elf + offset + size] = b"\x0f\x0b" * (size // 2) + b"\x90" * (size % 2)
+            patched += size
+    assert patched
+    path.write_bytes(bytes(data))
+    arts = tuple(dataclasses.replace(a, sha256=file_hash(path).sha256) if a.id == artifact_id else a for a in m.artifacts)
+    write_manifest(bundle, dataclasses.replace(m, artifacts=arts, files={**m.files, art.file: file_hash(path)}))
+
+
+def test_an_artifact_that_crashes_in_iree_does_not_take_hxc_down(old_bundle, cli, tmp_path):
+    _with_crashing_code(old_bundle, "cpu:host")
+    result = cli("verify", old_bundle, "--json")
+    report = json.loads(result.stdout)
+    assert result.exit_code == ExitCode.MISMATCH
+    crashed = next(r for r in report["results"] if r["artifact"] == "cpu:host")
+    assert not crashed["ok"] and "crashed (SIGILL)" in crashed["error"]
+    assert all(r["ok"] for r in report["results"] if r["artifact"] != "cpu:host")  # the others still checked
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
+    ran = cli("run", old_bundle, "-i", tmp_path / "x.npy", "--device", "cpu:host")
+    assert ran.exit_code == ExitCode.ERROR and "crashed (SIGILL)" in ran.stderr and "Traceback" not in ran.stderr
+    # What isolation prevents: in the caller's own process the same call kills it.
+    direct = _hxc("run", old_bundle, "-i", tmp_path / "x.npy", "--device", "cpu:host", "--in-process")
+    direct.communicate(timeout=300)
+    assert direct.returncode == -signal.SIGILL

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hxc.compiler.frontend import load_model, parse_input_spec
-from hxc.compiler.sniff import sniff
+from hxc.compiler.specs import parse_input_spec
 from hxc.errors import LoweringError, ModelLoadError, UsageError
+from hxc.frontends import export_program
+from hxc.frontends import recognise
 
 
 @pytest.mark.parametrize(
@@ -33,11 +34,18 @@ def test_malformed_input_specs(text):
 
 
 def test_formats_are_detected_from_contents(models):
-    assert sniff(models["pt2"]) == "pt2"
-    assert sniff(models["pt_holding_pt2"]) == "pt2"  # a .pt that holds a torch.export archive
-    assert sniff(models["torchscript"]) == "torchscript"
-    assert sniff(models["pickle"]) == "pickle"
-    assert sniff(models["garbage"]) == "unknown"
+    def fmt(key: str) -> str:
+        return recognise(str(models[key])).name
+
+    assert fmt("pt2") == "torch.export"
+    assert fmt("pt_holding_pt2") == "torch.export"  # a .pt that holds a torch.export archive
+    assert fmt("torchscript") == "torchscript"
+    assert fmt("pickle") == "pickle" and fmt("state_dict") == "pickle"
+    assert recognise(f"{models['factory']}:make_model").name == "python"
+    with pytest.raises(ModelLoadError, match="not a model hxc can read"):
+        recognise(str(models["garbage"]))
+    with pytest.raises(UsageError, match="a Python file needs a factory"):
+        recognise(str(models["factory"]))
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "pt_holding_pt2", "torchscript", "factory", "pickle"])
@@ -45,7 +53,7 @@ def test_every_format_exports_the_same_model(fmt, models, reference):
     source = f"{models['factory']}:make_model" if fmt == "factory" else str(models[fmt])
     extra = {"allow_pickle": True} if fmt == "pickle" else {}
     inputs = ("2x3x8x8xf32",) if fmt in ("torchscript", "pickle") else ()
-    loaded = load_model(source, inputs=inputs, **extra)
+    loaded = export_program(source, inputs=inputs, **extra)
     model, (x,) = reference.make_model()
     with torch.no_grad():
         want = model(x)
@@ -55,31 +63,31 @@ def test_every_format_exports_the_same_model(fmt, models, reference):
 
 
 def test_module_reference_imports_a_package(reference):
-    loaded = load_model("hxc.examples:mlp")
+    loaded = export_program("hxc.examples:mlp")
     assert loaded.name == "mlp" and loaded.source_format == "python"
     assert loaded.example_args[0].shape == (4, 64)
 
 
 def test_shapes_come_from_input_specs_when_the_factory_gives_none(models):
-    loaded = load_model(f"{models['factory']}:bare_module", inputs=["1x3x16x16xf32"])
+    loaded = export_program(f"{models['factory']}:bare_module", inputs=["1x3x16x16xf32"])
     assert loaded.example_args[0].shape == (1, 3, 16, 16)
     with pytest.raises(UsageError, match="no example inputs"):
-        load_model(f"{models['factory']}:bare_module")
+        export_program(f"{models['factory']}:bare_module")
 
 
 def test_pickle_needs_opt_in_and_names_the_flag(models):
     with pytest.raises(UsageError, match="--allow-pickle"):
-        load_model(str(models["pickle"]), inputs=["2x3x8x8xf32"])
+        export_program(str(models["pickle"]), inputs=["2x3x8x8xf32"])
 
 
 def test_state_dict_is_explained(models):
     with pytest.raises(ModelLoadError, match="state_dict"):
-        load_model(str(models["state_dict"]))
+        export_program(str(models["state_dict"]))
 
 
 def test_torchscript_needs_shapes(models):
     with pytest.raises(UsageError, match="--input"):
-        load_model(str(models["torchscript"]))
+        export_program(str(models["torchscript"]))
 
 
 @pytest.mark.parametrize(
@@ -97,20 +105,20 @@ def test_bad_sources(source, error, fragment, models):
     source = source.replace("TRUNCATED", str(models["truncated"])).replace("GARBAGE", str(models["garbage"]))
     source = source.replace("FACTORY", str(models["factory"]))
     with pytest.raises(error, match=fragment):
-        load_model(source)
+        export_program(source)
 
 
 def test_dynamic_dims_from_specs_and_flag(models):
     from hxc.compiler.lower import program_signature
 
-    by_spec = load_model(f"{models['factory']}:bare_module", inputs=["?x3x8x8xf32"])
+    by_spec = export_program(f"{models['factory']}:bare_module", inputs=["?x3x8x8xf32"])
     assert isinstance(program_signature(by_spec.program).inputs[0].shape[0], str)
-    by_flag = load_model(f"{models['factory']}:make_model", dynamic_batch=True)
+    by_flag = export_program(f"{models['factory']}:make_model", dynamic_batch=True)
     assert isinstance(program_signature(by_flag.program).inputs[0].shape[0], str)
-    from_program = load_model(str(models["pt2_dynamic"]))
+    from_program = export_program(str(models["pt2_dynamic"]))
     assert isinstance(program_signature(from_program.program).inputs[0].shape[0], str)
 
 
 def test_a_dimension_the_model_fixes_cannot_be_dynamic(models):
     with pytest.raises(LoweringError, match="torch.export failed"):
-        load_model(f"{models['factory']}:bare_module", inputs=["1x?x8x8xf32"])
+        export_program(f"{models['factory']}:bare_module", inputs=["1x?x8x8xf32"])

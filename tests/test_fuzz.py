@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from hxc.arrays import read_npy, read_npz
-from hxc.compiler.frontend import parse_input_spec
+from hxc.compiler.specs import parse_input_spec
 from hxc.compiler.pt2_archive import inspect_pt2
 from hxc.errors import ExitCode, HxcError
 from hxc.manifests.bundle import parse_manifest
@@ -65,6 +65,8 @@ def mutated_manifests(draw, base: dict) -> dict:
     data = copy.deepcopy(base)
     for _ in range(draw(st.integers(1, 3))):
         paths = [p for p in _paths(data) if p]
+        if not paths:
+            break
         path = draw(st.sampled_from(paths))
         parent = data
         for k in path[:-1]:

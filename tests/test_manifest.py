@@ -53,3 +53,24 @@ def test_not_a_manifest(tmp_path, text):
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(BundleError):
         read_manifest(tmp_path)
+
+
+def test_writing_files_never_changes_the_process_umask(tmp_path, monkeypatch):
+    # Compile threads write while other threads create files: setting the umask to 0,
+    # even briefly, would create those world-writable.
+    import os
+
+    from hxc.manifests.bundle import atomic_write, staged_bundle
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+
+    def refuse(mask: int) -> int:
+        raise AssertionError(f"os.umask({mask:o}) called while writing")
+
+    monkeypatch.setattr(os, "umask", refuse)
+    atomic_write(tmp_path / "a.json", b"{}")
+    with staged_bundle(tmp_path / "b.hxc") as stage:
+        (stage / "manifest.json").write_text("{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "b.hxc").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -8,7 +8,7 @@ import torch
 
 import hxc.runtime
 from hxc.compiler.build import build_bundle
-from hxc.runtime.verify import TOLERANCES
+from hxc.dtypes import dtype
 
 pytest.importorskip("transformers")
 
@@ -29,5 +29,5 @@ def test_architecture_lowers_and_matches_pytorch(name, tmp_path):
     with torch.no_grad():
         want = eager(*fresh)
     got = model(*fresh)
-    atol, rtol = TOLERANCES[result.manifest.signature.outputs[0].dtype]
+    atol, rtol = dtype(result.manifest.signature.outputs[0].dtype).tolerance
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)

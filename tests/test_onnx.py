@@ -6,7 +6,6 @@ and a slice of ONNX's own operator conformance tests."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +16,14 @@ import torch
 from onnx import TensorProto, helper
 
 import hxc.runtime
+from hxc.compiler import onnx_conformance
 from hxc.compiler.build import build_bundle
-from hxc.compiler.sniff import sniff
 from hxc.compiler.imported import ImportOptions
 from hxc.compiler.onnx_import import import_onnx
 from hxc.errors import ExitCode, UsageError
+from hxc.frontends import recognise
 from hxc.manifests import read_manifest
 from hxc.runtime.verify import verify_bundle
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import onnx_conformance  # noqa: E402
 
 F32 = {"atol": 1e-4, "rtol": 1e-3}
 
@@ -199,8 +196,13 @@ def test_broken_onnx_gives_one_line_and_writes_nothing(model, fragment, onnx_mod
 
 
 def test_onnx_is_recognised_by_content(onnx_models):
-    assert sniff(onnx_models["renamed"]) == "onnx"
-    assert sniff(onnx_models["external"]) == "onnx"
+    assert recognise(str(onnx_models["renamed"])).name == "onnx"  # model.bin
+    assert recognise(str(onnx_models["external"])).name == "onnx"
+
+
+def test_onnx_precision_other_than_fp32_is_refused_before_any_work(onnx_models, cli, tmp_path):
+    result = cli("compile", onnx_models["external"], "-t", "cpu:host", "-p", "fp16", "-o", tmp_path / "x.hxc")
+    assert result.exit_code == ExitCode.USAGE and "--precision fp16 is not supported for an ONNX model" in result.stderr
 
 
 # Passing node tests, one or two per operator family (picked from a full conformance run).

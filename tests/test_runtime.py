@@ -1,5 +1,7 @@
 """The runtime loader on this machine's real devices: llvm-cpu code on local-task and
-SPIR-V on Mesa's lavapipe Vulkan driver."""
+SPIR-V on the Vulkan device (Mesa's lavapipe where there is no GPU). Choices between
+hardware are tested on described hosts in test_select.py; these tests hold on any host,
+with or without a GPU."""
 
 from __future__ import annotations
 
@@ -8,26 +10,18 @@ import datetime
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import hxc.runtime
-from hxc.errors import BundleError, ExitCode, IntegrityError, NoCompatibleArtifactError, SignatureError
+from hxc.errors import BundleError, ExitCode, HxcError, IntegrityError, NoCompatibleArtifactError, SignatureError
 from hxc.examples import convnet
 from hxc.manifests import read_manifest, update_manifest, write_manifest
 from hxc.manifests.bundle import file_hash
 from hxc.manifests.schema import LatencyStats, Profile
 from hxc.runtime import probe_host, select
-from hxc.targets import Device, family
-
-
-@pytest.fixture
-def bundle(example_bundle: Path, tmp_path: Path) -> Path:
-    """A private copy of the example bundle, free to modify."""
-    return Path(shutil.copytree(example_bundle, tmp_path / "b.hxc"))
 
 
 def _reference(x: torch.Tensor) -> torch.Tensor:
@@ -36,42 +30,38 @@ def _reference(x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-def test_probe_finds_both_real_devices_and_reports_missing_drivers():
+def test_probe_finds_the_real_devices_and_reports_missing_drivers():
     probe = probe_host()
     assert probe is probe_host()  # once per process
     drivers = {s.name: s for s in probe.drivers}
+    # The suite needs a CPU and a Vulkan device (lavapipe, where there is no GPU).
     assert drivers["local-task"].available and drivers["vulkan"].available
-    [vk] = drivers["vulkan"].devices
-    assert vk.kind == "cpu" and "llvmpipe" in vk.name  # lavapipe is a CPU-type device
-    cpu = drivers["local-task"].devices[0]
-    assert cpu.arch == "x86_64" and "avx2" in cpu.features
-    for absent in ("cuda", "hip"):
-        assert not drivers[absent].available and drivers[absent].reason  # reported, not raised
-    assert "libcuda" in drivers["cuda"].reason
+    [cpu] = drivers["local-task"].devices
+    assert cpu.kind == "cpu" and cpu.arch == probe.cpu.isa and cpu.features == probe.cpu.features
+    for vk in drivers["vulkan"].devices:
+        assert vk.uri.startswith("vulkan") and vk.kind in ("cpu", "integrated-gpu", "discrete-gpu", "virtual-gpu", "other")
+        if "llvmpipe" in vk.name:
+            assert vk.kind == "cpu"  # lavapipe says what it is, so it ranks after native CPU code
+    for status in probe.drivers:
+        assert status.available == bool(status.devices)
+        assert status.available or status.reason  # an absent driver is reported with its reason, never raised
 
 
-def test_default_choice_is_native_cpu_and_every_rejection_has_a_reason(example_bundle):
-    sel = select(read_manifest(example_bundle), probe_host())
-    assert sel.best.artifact.id == "cpu:host" and sel.best.device.driver == "local-task"
-    assert [c.artifact.id for c in sel.candidates][-1] == "vulkan:spirv"  # software Vulkan ranks last
-    reasons = {r.artifact.id: r.reason for r in sel.rejected}
-    assert reasons["cpu:aarch64"] == "aarch64 code cannot run on this x86_64 CPU"
-    assert "cuda driver unavailable" in reasons["cuda:sm_90"]
-    assert "hip driver unavailable" in reasons["rocm:gfx942"]
-
-
-def test_cpu_levels_and_gpu_archs_the_device_lacks_are_rejected(example_bundle):
+def test_every_artifact_is_ranked_or_rejected_with_a_reason_here(example_bundle):
     m = read_manifest(example_bundle)
-    cpu = next(d for d in probe_host().devices if d.driver == "local-task")
-    old_cpu = dataclasses.replace(cpu, features=tuple(f for f in cpu.features if not f.startswith("avx512")))
-    assert "avx512f" in family("cpu").cannot_run(m.artifact("cpu:host"), old_cpu)
-    assert family("cpu").cannot_run(m.artifact("cpu:x86-64-v3"), old_cpu) is None
-    ampere = Device("cuda", "cuda://0", "A100", "discrete-gpu", "sm_80")
-    assert family("cuda").cannot_run(m.artifact("cuda:sm_90"), ampere) == "built for sm_90 or newer; this GPU is sm_80"
-    hopper = dataclasses.replace(ampere, arch="sm_90")
-    assert family("cuda").cannot_run(m.artifact("cuda:sm_90"), hopper) is None
-    mi250 = Device("hip", "hip://0", "MI250", "discrete-gpu", "gfx90a")
-    assert "cannot run on gfx90a" in family("rocm").cannot_run(m.artifact("rocm:gfx942"), mi250)
+    probe = probe_host()
+    sel = select(m, probe)
+    assert sorted([c.artifact.id for c in sel.candidates] + [r.artifact.id for r in sel.rejected]) == sorted(
+        a.id for a in m.artifacts
+    )
+    assert all(r.reason for r in sel.rejected)
+    cpus = [c.artifact.id for c in sel.candidates if c.artifact.family == "cpu"]
+    assert cpus[:2] == ["cpu:host", "cpu:x86-64-v3"]  # compiled here: the host's own code first
+    lavapipe = [c for c in sel.candidates if c.device.driver == "vulkan" and c.device.kind == "cpu"]
+    if lavapipe:
+        assert sel.candidates.index(lavapipe[0]) > sel.candidates.index(next(c for c in sel.candidates if c.artifact.id == "cpu:host"))
+    if not probe.driver("cuda").available:
+        assert "cuda driver unavailable" in {r.artifact.id: r.reason for r in sel.rejected}["cuda:sm_90"]
 
 
 @pytest.mark.parametrize("device, driver", [("vulkan", "vulkan"), ("cpu", "local-task"), ("local-sync", "local-sync")])
@@ -88,10 +78,14 @@ def test_env_var_forces_the_device(example_bundle, monkeypatch):
 
 
 def test_strict_raises_where_fallback_explains(example_bundle, caplog):
+    # This host as the loader sees it, minus any GPU: a request for CUDA cannot be honoured.
+    probe = dataclasses.replace(probe_host(), drivers=tuple(
+        dataclasses.replace(s, available=False, reason="no GPU", devices=()) if s.family in ("cuda", "rocm", "vulkan") else s
+        for s in probe_host().drivers))  # fmt: skip
     with pytest.raises(NoCompatibleArtifactError, match="requested device 'cuda'"):
-        hxc.runtime.load(example_bundle, device="cuda", strict=True)
+        hxc.runtime.load(example_bundle, device="cuda", strict=True, probe=probe)
     with caplog.at_level(logging.WARNING, logger="hxc.runtime"):
-        model = hxc.runtime.load(example_bundle, device="cuda")
+        model = hxc.runtime.load(example_bundle, device="cuda", probe=probe)
     assert model.artifact.id == "cpu:host"
     assert "requested device 'cuda' is not usable" in model.explain()
     assert any("not usable" in r.message for r in caplog.records)
@@ -127,9 +121,9 @@ def test_tampered_artifact_is_refused_and_never_run(bundle, cli):
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="does not match the manifest"):
-        hxc.runtime.load(bundle)
+        hxc.runtime.load(bundle, device="cpu")
     np.save(bundle.parent / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
-    result = cli("run", bundle, "--input", bundle.parent / "x.npy")
+    result = cli("run", bundle, "--input", bundle.parent / "x.npy", "--device", "cpu")
     assert result.exit_code == ExitCode.INTEGRITY and "refusing to use it" in result.stderr
 
 
@@ -141,11 +135,11 @@ def test_an_artifact_that_fails_to_load_falls_through_to_the_next(bundle):
     shutil.copyfile(bundle / vk.file, bundle / cpu.file)
     arts = tuple(dataclasses.replace(a, sha256=vk.sha256, size=vk.size) if a.id == "cpu:host" else a for a in m.artifacts)
     write_manifest(bundle, dataclasses.replace(m, artifacts=arts, files={**m.files, cpu.file: m.files[vk.file]}))
-    model = hxc.runtime.load(bundle)
+    model = hxc.runtime.load(bundle, device="cpu")
     assert model.artifact.id == "cpu:x86-64-v3"
     assert model.attempts[0].artifact == "cpu:host" and "failed to load" in model.explain()
-    with pytest.raises(Exception, match="cpu:host on local-task"):
-        hxc.runtime.load(bundle, strict=True)
+    with pytest.raises(HxcError, match=r"cpu:host on local-task: .* failed to load"):
+        hxc.runtime.load(bundle, device="cpu", strict=True)
 
 
 def test_newer_schema_is_refused_clearly(bundle):
@@ -195,11 +189,11 @@ def test_run_verify_select_and_doctor_commands(example_bundle, cli, tmp_path):
 
     verified = json.loads(cli("verify", example_bundle, "--json").stdout)
     assert verified["ok"]
-    assert {r["artifact"] for r in verified["results"]} == {"cpu:host", "cpu:x86-64-v3", "vulkan:spirv"}
+    assert {r["artifact"] for r in verified["results"]} >= {"cpu:host", "cpu:x86-64-v3", "vulkan:spirv"}
     assert all(r["max_abs"] < 1e-4 for r in verified["results"])
 
-    explained = cli("select", example_bundle, "--explain")
-    assert explained.exit_code == 0 and "-> #1 cpu:host" in explained.stdout and "x  cuda:sm_90" in explained.stdout
+    explained = cli("select", example_bundle, "--explain", "--device", "cpu")
+    assert explained.exit_code == 0 and "-> #1 cpu:host" in explained.stdout and "x  cpu:aarch64" in explained.stdout
 
     doctor = json.loads(cli("doctor", "--json").stdout)
     assert {d["name"] for d in doctor["drivers"] if d["available"]} >= {"local-task", "vulkan"}
@@ -219,3 +213,33 @@ def test_verify_reports_a_mismatch(bundle, cli):
     write_manifest(bundle, dataclasses.replace(m, files={**m.files, "golden.npz": file_hash(bundle / "golden.npz")}))
     result = cli("verify", bundle)
     assert result.exit_code == ExitCode.MISMATCH and "MISMATCH" in result.stdout
+
+
+def _strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as most JSON parsers outside Python do."""
+
+    def refuse(name: str):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_stays_valid_json_on_nan_and_infinite_results(bundle, cli, tmp_path):
+    # A NaN input gives NaN outputs; an infinite golden output gives an infinite error.
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    x[0, 0, 0, 0] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    ran = cli("run", bundle, "--input", tmp_path / "x.npy", "--device", "cpu", "--json")
+    assert ran.exit_code == 0
+    [out] = _strict_json(ran.stdout)["outputs"]
+    assert out["nonfinite"] == 10 and out["values"] == [None] * 10
+
+    golden = dict(np.load(bundle / "golden.npz"))
+    golden["output_0"][0, 0] = np.inf
+    np.savez(bundle / "golden.npz", **golden)
+    m = read_manifest(bundle)  # a wrong reference, not tampering: the manifest agrees
+    write_manifest(bundle, dataclasses.replace(m, files={**m.files, "golden.npz": file_hash(bundle / "golden.npz")}))
+    verified = cli("verify", bundle, "--device", "cpu", "--json")
+    assert verified.exit_code == ExitCode.MISMATCH
+    results = _strict_json(verified.stdout)["results"]
+    assert results and all(r["ok"] is False and r["nonfinite"] and r["max_abs"] is None for r in results)

@@ -137,7 +137,7 @@ def test_archive_bombs_are_refused_before_anything_is_inflated(pt2, tmp_path, cl
 
 def test_the_size_limit_is_configurable_and_named(pt2, tmp_path, cli, monkeypatch):
     monkeypatch.setenv("HXC_MAX_MODEL_BYTES", "1000")
-    result = cli("compile", pt2, "-t", "cpu:host", "-o", tmp_path / "out.hxc")
+    result = cli("compile", pt2, "-t", "cpu:host", "-o", tmp_path / "out.hxc", "--no-cache")
     assert result.exit_code == ExitCode.ERROR and "HXC_MAX_MODEL_BYTES" in result.stderr
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from hxc import targets
+from hxc.compiler.cache import CompileCache
 from hxc.compiler.driver import CompileJob, compile_all
 from hxc.errors import UsageError
 from hxc.targets.base import CheckFailed
@@ -71,10 +74,10 @@ def test_targets_command_lists_registry_as_json(cli):
 
 @pytest.fixture(scope="module")
 def mlp_ir(tmp_path_factory) -> tuple[Path, str]:
-    from hxc.compiler.frontend import load_model
     from hxc.compiler.lower import lower
+    from hxc.frontends import export_program
 
-    lowered = lower(load_model("hxc.examples:mlp").program)
+    lowered = lower(export_program("hxc.examples:mlp").program)
     path = tmp_path_factory.mktemp("ir") / "mlp.mlirbc"
     path.write_bytes(lowered.mlir)
     return path, hashlib.sha256(lowered.mlir).hexdigest()
@@ -104,6 +107,27 @@ def test_ptxas_rejects_ptx_the_claimed_gpu_cannot_run(tmp_path):
         cuda.check(plan, tmp_path)
     plan89 = cuda.plan(cuda.variant("sm_89"))
     assert "for sm_89" in cuda.check(plan89, tmp_path)
+
+
+@pytest.mark.skipif(find_ptxas() is None, reason="ptxas not installed")
+def test_ptx_cached_unchecked_is_not_reused_once_ptxas_is_installed(mlp_ir, tmp_path, monkeypatch):
+    ir, sha = mlp_ir
+    cache = CompileCache(tmp_path / "cache")
+    job = CompileJob(ir, sha, targets.family("cuda").variant("sm_89"))
+    try:
+        with monkeypatch.context() as env:  # a host without ptxas
+            env.setenv("PATH", os.path.dirname(sys.executable))
+            env.setenv("HXC_PTXAS", "")
+            env.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
+            find_ptxas.cache_clear()
+            [unchecked] = compile_all([job], workdir=tmp_path, cache=cache)
+    finally:
+        find_ptxas.cache_clear()
+    assert unchecked.status == "ok" and unchecked.verified is None
+    [checked] = compile_all([job], workdir=tmp_path, cache=cache)
+    assert not checked.cached and checked.verified.startswith("PTX assembled by ptxas")
+    [again] = compile_all([job], workdir=tmp_path, cache=cache)
+    assert again.cached and again.verified == checked.verified
 
 
 def test_hopper_variant_is_sm80_ptx_checked_for_sm90():

@@ -12,7 +12,8 @@ from hxc.compiler.imported import ImportOptions
 from hxc.errors import ExitCode
 from hxc.examples import convnet, mlp
 from hxc.manifests import read_manifest
-from hxc.runtime.verify import TOLERANCES, verify_bundle
+from hxc.dtypes import dtype
+from hxc.runtime.verify import verify_bundle
 
 TARGETS = "cpu:host,cpu:x86-64-v3,cpu:x86-64-v4,cpu:aarch64,cuda:sm_89,rocm:gfx942,vulkan:spirv"
 
@@ -84,20 +85,20 @@ def test_precision_variants_are_recorded_with_their_error(precisions):
 
 def test_reduced_precision_is_refused_by_default_and_allowed_on_request(precisions):
     m = read_manifest(precisions)
-    assert hxc.runtime.load(precisions).artifact.id == "cpu:host"
-    explained = hxc.runtime.load(precisions).explain()
+    assert hxc.runtime.load(precisions, device="cpu").artifact.id == "cpu:host"
+    explained = hxc.runtime.load(precisions, device="cpu").explain()
     assert "cpu:host@fp16: fp16 variant (error" in explained and "allow it with precision='fp16'" in explained
-    assert hxc.runtime.load(precisions, precision="bf16").artifact.id == "cpu:host@bf16"
+    assert hxc.runtime.load(precisions, precision="bf16", device="cpu").artifact.id == "cpu:host@bf16"
     fp16_err = m.artifact("cpu:host@fp16").precision_error
     allowed = hxc.runtime.select(m, hxc.runtime.probe_host(), tolerance=fp16_err * 1.01)
     assert "cpu:host@fp16" in [c.artifact.id for c in allowed.candidates]
     assert "cpu:host@bf16" in [r.artifact.id for r in allowed.rejected]
 
-    model = hxc.runtime.load(precisions, precision="fp16")
+    model = hxc.runtime.load(precisions, precision="fp16", device="cpu")
     x = torch.randn(1, 3, 32, 32)
     reference, _ = convnet()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), reference(x), atol=TOLERANCES["f16"][0], rtol=TOLERANCES["f16"][1])
+        torch.testing.assert_close(model(x), reference(x), atol=dtype("f16").tolerance[0], rtol=dtype("f16").tolerance[1])
     assert verify_bundle(precisions).ok
 
 
@@ -111,10 +112,10 @@ def test_bf16_model_compiles_and_matches_pytorch(tmp_path):
     assert m.signature.inputs[0].dtype == "bf16" and m.weights  # bf16 parameters go to the archive
     model, (x,) = mlp_bf16()
     x = torch.randn_like(x)
-    got = hxc.runtime.load(out)(x)
+    got = hxc.runtime.load(out, device="cpu")(x)
     assert got.dtype == torch.bfloat16
     with torch.no_grad():
-        torch.testing.assert_close(got.float(), model(x).float(), atol=TOLERANCES["bf16"][0], rtol=TOLERANCES["bf16"][1])
+        torch.testing.assert_close(got.float(), model(x).float(), atol=dtype("bf16").tolerance[0], rtol=dtype("bf16").tolerance[1])
 
 
 def test_bf16_parameters_cannot_be_inline(cli, tmp_path):
@@ -123,3 +124,35 @@ def test_bf16_parameters_cannot_be_inline(cli, tmp_path):
     bad = cli("compile", "hxc.examples:mlp", "-t", "cpu:host", "-p", "fp8", "-o", tmp_path / "y.hxc")
     assert bad.exit_code == ExitCode.USAGE and "unknown precision fp8" in bad.stderr
     assert not (tmp_path / "x.hxc").exists() and not (tmp_path / "y.hxc").exists()
+
+
+def test_a_build_that_would_produce_nothing_is_refused(cli, tmp_path):
+    # Vulkan offers fp32 only: `-t vulkan -p fp16` has nothing to compile.
+    result = cli("compile", "hxc.examples:mlp", "-t", "vulkan", "-p", "fp16", "-o", tmp_path / "x.hxc")
+    assert result.exit_code == ExitCode.USAGE
+    assert "nothing to build: vulkan:spirv@fp16" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reduced_precision_only_with_shared_weights_keeps_the_source_program(tmp_path):
+    # Without an fp32 artifact, the program (saved without its weights) still needs the
+    # fp32 archive: the PyTorch baseline runs on it.
+    from hxc.bench.contenders import load_torch_module
+
+    out = tmp_path / "fp16.hxc"
+    result = build_bundle("hxc.examples:mlp", out, "cpu:host", options=ImportOptions(weights="shared"), precisions=("fp16",))
+    assert result.written
+    m = read_manifest(out)
+    assert [a.id for a in m.artifacts] == ["cpu:host@fp16"]
+    assert {w.precision for w in m.weights} == {"fp32", "fp16"}
+    model, (x,) = mlp()
+    with torch.no_grad():
+        torch.testing.assert_close(load_torch_module(out, m)(x), model(x))
+    # A bundle whose program lost its weights is refused, not benchmarked on garbage.
+    import dataclasses
+
+    from hxc.errors import BundleError
+
+    without = dataclasses.replace(m, weights=tuple(w for w in m.weights if w.precision != "fp32"))
+    with pytest.raises(BundleError, match="weights .* are not in the bundle"):
+        load_torch_module(out, without)

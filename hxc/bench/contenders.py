@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from hxc.bench.measure import Contender
-from hxc.errors import UsageError
+from hxc.errors import BundleError, UsageError
 from hxc.manifests.schema import Manifest
-from hxc.runtime.io import to_torch
+from hxc.dtypes import to_torch
 from hxc.runtime.probe import HostProbe
 from hxc.runtime.select import select
 

@@ -59,16 +59,7 @@ class Timing:
         return sum(self.latencies_ms) / 1000
 
     def stats(self) -> LatencyStats:
-        xs = sorted(self.latencies_ms)
-        return LatencyStats(
-            p50_ms=_percentile(xs, 50),
-            p90_ms=_percentile(xs, 90),
-            p99_ms=_percentile(xs, 99),
-            mean_ms=statistics.fmean(xs),
-            stdev_ms=statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            min_ms=xs[0],
-            iterations=len(xs),
-        )
+        return latency_stats(self.latencies_ms)
 
 
 @dataclass(frozen=True)
@@ -217,6 +208,19 @@ class CpuUse:
         if self.machine_busy is None or start.machine_busy is None:
             return 0.0
         return max((self.machine_busy - start.machine_busy) - (self.this_process - start.this_process), 0.0)
+
+
+def latency_stats(samples_ms: list[float]) -> LatencyStats:
+    xs = sorted(samples_ms)
+    return LatencyStats(
+        p50_ms=_percentile(xs, 50),
+        p90_ms=_percentile(xs, 90),
+        p99_ms=_percentile(xs, 99),
+        mean_ms=statistics.fmean(xs),
+        stdev_ms=statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        min_ms=xs[0],
+        iterations=len(xs),
+    )
 
 
 def _percentile(sorted_xs: list[float], q: float) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hxc import __version__
+from hxc import __version__, frontends
 from hxc.compiler.cache import CompileCache, ImportCache, default_cache_dir
 from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
@@ -28,6 +28,7 @@ from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelI
 from hxc.engines import DEFAULT_ENGINE, Engine, resolve_backends
 from hxc.engines.base import Built, BuildJob, artifact_id
 from hxc.errors import HxcError, UsageError, first_line
+from hxc.frontends import Frontend
 from hxc.manifests.bundle import copy_hashed, file_hash, file_sha256, private_dir, remove_stale, write_manifest
 from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Signature, Weights, from_json, to_json
 from hxc.targets import Variant, family, resolve
@@ -97,6 +98,23 @@ def build_bundle(
     variants = resolve(targets) if isinstance(targets, str) else list(targets)
     engines, optional, notes = resolve_backends(backends)
     options = options or ImportOptions()
+    frontend = frontends.recognise(source)  # before any slow work: what the source is, or a one-line error
+    wanted = list(dict.fromkeys(precisions))
+    if unsupported := [p for p in wanted if p not in frontend.precisions]:
+        raise UsageError(f"--precision {', '.join(unsupported)} is not supported for {frontend.summary}",
+                         hint=f"it builds {', '.join(frontend.precisions)}; convert the model itself")  # fmt: skip
+    iree = any(e.name == DEFAULT_ENGINE for e in engines)
+    builds = [(p, v) for p in wanted for v in variants if p in family(v.family).precisions] if iree else []
+    skipped = [f"{v.id}@{p}" for p in wanted for v in variants if p not in family(v.family).precisions] if iree else []
+    others = [e for e in engines if e.name != DEFAULT_ENGINE]
+    families = {v.family for v in variants}
+    other_builds = [(p, e) for e in others for p in wanted if p in e.precisions and families & set(e.families)]
+    if not builds and not other_builds:
+        # Checked before any slow work: a bundle without artifacts is no result.
+        raise UsageError(
+            f"nothing to build: {', '.join(skipped) or 'no targets'} cannot be generated",
+            hint="add fp32, or a family that generates reduced precision (see `hxc targets`)",
+        )
     cache_root = default_cache_dir() if cache_dir is True else (cache_dir or None)
     cache = CompileCache(cache_root)
     out = Path(output)
@@ -104,24 +122,15 @@ def build_bundle(
     remove_stale(out)  # what killed runs to this path left behind
     with private_dir(out, ".work") as work:
         imports: dict[str, ImportedModel] = {}
-        for precision in dict.fromkeys(["fp32", *precisions]):  # fp32 first: it is the reference
+        for precision in dict.fromkeys(["fp32", *(p for p, _ in (*builds, *other_builds))]):  # fp32 first: it is the reference
             sub = work / precision
             sub.mkdir()
-            imports[precision] = import_model(source, replace(options, precision=precision), sub, on_stage, cache_root)
+            imports[precision] = import_model(frontend, source, replace(options, precision=precision), sub, on_stage, cache_root)
         reference = imports["fp32"]
         timings = dict(reference.timings)
 
-        wanted = list(dict.fromkeys(precisions))
         ir_sha = {p: file_sha256(imp.mlir) for p, imp in imports.items()}  # IR can be hundreds of MB: hash once
-        jobs: list[CompileJob] = []
-        skipped: list[str] = []
-        iree = any(e.name == DEFAULT_ENGINE for e in engines)
-        for precision in wanted if iree else []:
-            for v in variants:
-                if precision in family(v.family).precisions:
-                    jobs.append(CompileJob(imports[precision].mlir, ir_sha[precision], v, precision))
-                else:
-                    skipped.append(f"{v.id}@{precision}")
+        jobs = [CompileJob(imports[p].mlir, ir_sha[p], v, p) for p, v in builds]
         t = time.perf_counter()
         on_stage("compiling")
         results = compile_all(jobs, workdir=work, parallel=jobs_parallel, cache=cache, on_event=on_event)
@@ -132,7 +141,6 @@ def build_bundle(
             on_stage("tuning")
             results = tune(results, imports, work, cache, on_event)
             timings["tune"] = time.perf_counter() - t
-        others = [e for e in engines if e.name != DEFAULT_ENGINE]
         built: list[Built] = []
         if others:
             t = time.perf_counter()
@@ -140,7 +148,7 @@ def build_bundle(
             built = build_engines(others, variants, wanted, reference, work, on_event, skipped, tune_engine)
             timings["other backends"] = time.perf_counter() - t
 
-        manifest = _manifest(imports, wanted, ir_sha["fp32"], results, built)
+        manifest = _manifest(imports, [p for p in wanted if p in imports], ir_sha["fp32"], results, built)
         result = BuildResult(out, False, manifest, results, timings, skipped, built, notes, optional)
         if result.blocking and not (allow_partial and len(result.failed) < result.total):
             return result  # nothing is published; an existing bundle at `out` stays as it was
@@ -183,41 +191,21 @@ def _write_files(
 
 
 def import_model(
-    source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None], cache_root: Path | None = None
+    frontend: Frontend, source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None],
+    cache_root: Path | None = None,
 ) -> ImportedModel:
-    """Pick the frontend from the file's contents and import the model, through the
-    import cache for model files."""
-    from hxc.compiler.sniff import sniff_source
-
-    kind = sniff_source(source)
-    if kind == "onnx" and options.precision != "fp32":
-        raise UsageError("--precision fp16/bf16 is supported for PyTorch models only", hint="convert the ONNX model itself")
-    cache = ImportCache(cache_root if kind not in ("python-ref", "missing") else None)
+    """Import the model with its frontend, through the import cache for model files."""
+    cache = ImportCache(cache_root if frontend.cacheable else None)
     key = None
     if cache.root is not None:
-        key = ImportCache.key(_source_digest(kind, Path(source)), (kind, options), to_json(toolchain()))
+        key = ImportCache.key(frontend.digest(Path(source)), (frontend.name, options), to_json(toolchain()))
         if (entry := cache.get(key)) is not None:
             on_stage("reusing the cached import")
             return _imported_from_cache(entry, source)
-    if kind == "onnx":
-        from hxc.compiler.onnx_import import import_onnx
-
-        imported = import_onnx(source, options, workdir, on_stage)
-    else:
-        from hxc.compiler.torch_import import import_torch
-
-        imported = import_torch(source, options, workdir, on_stage)
+    imported = frontend.import_model(source, options, workdir, on_stage)
     if key is not None:
         _cache_import(cache, key, imported, workdir)
     return imported
-
-
-def _source_digest(kind: str, path: Path) -> str:
-    if kind == "onnx":
-        from hxc.compiler.onnx_import import source_digest
-
-        return source_digest(path)  # includes external weight files
-    return file_sha256(path)
 
 
 def _cache_import(cache: ImportCache, key: str, m: ImportedModel, workdir: Path) -> None:
@@ -327,6 +315,9 @@ def _manifest(
     built: Sequence[Built] = (),
 ) -> Manifest:
     reference = imports["fp32"]
+    # The bundle's program (program.pt2 without its weights, or model.onnx pointing into
+    # the archive) needs the fp32 archive even when no fp32 artifact is built.
+    stored = dict.fromkeys(["fp32", *precisions])
     weights = tuple(
         Weights(
             file=WEIGHTS_FILE if p == "fp32" else WEIGHTS_FILE.replace(".irpa", f"-{p}.irpa"),
@@ -335,7 +326,7 @@ def _manifest(
             size=h.size,
             precision=p,
         )
-        for p in precisions
+        for p in stored
         if imports[p].weights is not None and (h := file_hash(imports[p].weights))  # type: ignore[arg-type]
     )
     return Manifest(

@@ -195,9 +195,10 @@ def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Pr
     plan = fam.plan(variant)
     if job.flags is not None:
         plan = replace(plan, flags=job.flags)
-    # The variant is part of the key: two variants may share flags but not the check
-    # that proves their binary (cuda:sm_80 and cuda:sm_90 compile the same PTX).
-    key = CompileCache.key(job.ir_sha256, (variant.id, *plan.flags), compiler_version())
+    # The variant and the check are part of the key: two variants may share flags but not
+    # the check that proves their binary (cuda:sm_80 and cuda:sm_90 compile the same
+    # PTX), and PTX cached unchecked must not pass for checked once ptxas is installed.
+    key = CompileCache.key(job.ir_sha256, (variant.id, plan.checked_by or "unchecked", *plan.flags), compiler_version())
     out = workdir / f"{job.file_stem}.vmfb"
     argv = (iree_compile_path(), str(job.ir), *plan.flags, "-o", str(out))
     hit = cache.get(key)
@@ -243,7 +244,7 @@ def summarize_compile_error(stderr: str, code: int) -> tuple[str, str | None, st
     first = errors[0]
     m = _LOCATION.match(first)
     location = f"{m.group('file')}:{m.group('line')}" if m else None
-    text = _LOCATION.sub("", first).replace("error: ", "", 1).strip()
+    text = _LOCATION.sub("", first).removeprefix("<unknown>:0:").replace("error: ", "", 1).strip()
     if m := _OPAQUE.search(first):
         return f"no IREE lowering for {m.group(1)}", m.group(1), location
     operator = None

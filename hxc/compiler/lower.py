@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from hxc.dtypes import from_torch, interface_dtype
 from hxc.errors import LoweringError, first_line
 from hxc.manifests.schema import OutputTree, Signature, TensorSpec
 
@@ -113,8 +114,6 @@ def _aten_op(qualified: str) -> Any:
 def program_signature(program: torch.export.ExportedProgram) -> Signature:
     """Inputs and outputs as the compiled function sees them (flat, in order), and the
     tree that rebuilds the model's own output structure."""
-    from hxc.compiler.frontend import DTYPE_NAMES
-
     nodes = {n.name: n for n in program.graph.nodes}
     sig = program.graph_signature
 
@@ -122,15 +121,9 @@ def program_signature(program: torch.export.ExportedProgram) -> Signature:
         val = nodes[name].meta.get("val")
         if not isinstance(val, torch.Tensor):
             raise LoweringError(f"{label} is a {type(val).__name__}, not a tensor; hxc compiles tensor inputs and outputs only")
-        if val.dtype not in DTYPE_NAMES:
-            raise LoweringError(f"{label} has dtype {val.dtype}, which hxc does not support")
-        if val.dtype == torch.float64:
-            raise LoweringError(
-                f"{label} is float64; IREE demotes f64 to f32, which breaks the artifact's interface",
-                hint="cast the model and its inputs to float32",
-            )
+        dtype = interface_dtype(from_torch(val.dtype), label, f"dtype {val.dtype}")
         shape = tuple(d if isinstance(d, int) else str(d) for d in val.shape)
-        return TensorSpec(name=label, dtype=DTYPE_NAMES[val.dtype], shape=shape)
+        return TensorSpec(name=label, dtype=dtype, shape=shape)
 
     inputs = tuple(spec(n, n) for n in sig.user_inputs)
     out_names = [o for o in sig.user_outputs]

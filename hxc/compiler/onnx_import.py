@@ -25,8 +25,8 @@ The golden sample runs the user's original file with ONNX Runtime on determinist
 inputs: standard-normal floats, integers 0..9 and random booleans (as the PyTorch
 frontend does); if ONNX Runtime rejects those integers (an index out of range, a
 zero divisor), it is run again with every integer input at 0, then at 1. A dynamic dimension with no `--input` size gets size 2
-(DYNAMIC_EXAMPLE_SIZE, as in the PyTorch frontend; 1 would let a wrongly broadcast
-dimension pass unnoticed), one size per dimension name.
+(`hxc.dtypes.DYNAMIC_EXAMPLE_SIZE`, as in the PyTorch frontend), one size per
+dimension name.
 
 The program stored in the bundle (`model.onnx`) is the user's graph as given (not
 upgraded, shapes not fixed), in one file:
@@ -50,23 +50,20 @@ from typing import Any
 import numpy as np
 
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
+from hxc.compiler.specs import example_arrays, parse_input_spec
+from hxc.dtypes import DYNAMIC_EXAMPLE_SIZE, dtype, from_onnx, interface_dtype, to_storage
 from hxc.errors import LoweringError, ModelLoadError, UsageError, first_line
 from hxc.manifests.bundle import file_sha256
-from hxc.manifests.schema import WEIGHTS_FILE, OutputTree, Signature, TensorSpec
+from hxc.manifests.schema import PROGRAM_ONNX, WEIGHTS_FILE, OutputTree, Signature, TensorSpec
 
 log = logging.getLogger("hxc.compiler")
 
-PROGRAM_FILE = "model.onnx"
 TARGET_OPSET = 17  # models below this default-domain opset are upgraded to it
 # With shared weights, initializers with fewer elements stay inline in the IR: shape
 # and index constants the compiler must fold (iree-import-onnx's default threshold).
 NUM_ELEMENTS_THRESHOLD = 100
-DYNAMIC_EXAMPLE_SIZE = 2
 _TAG = "hxc.node."  # temporary node names that tie imported ops back to graph nodes
 _TAGGED = re.compile(r'^loc\("hxc\.node\.(\d+)"\)$')
-
-# ONNX TensorProto element types hxc can pass across the artifact boundary.
-_DTYPES = {1: "f32", 10: "f16", 16: "bf16", 11: "f64", 7: "i64", 6: "i32", 5: "i16", 3: "i8", 2: "u8", 9: "i1"}
 
 
 @dataclass(frozen=True)
@@ -78,9 +75,6 @@ class _Input:
 def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None]) -> ImportedModel:
     onnx = _onnx()
     path = Path(source)
-    precision = getattr(options, "precision", "fp32")
-    if precision != "fp32":
-        raise UsageError(f"--precision {precision} is not supported for ONNX models yet", hint="compile them at fp32")
     timings: dict[str, float] = {}
     t = time.perf_counter()
     on_stage("loading ONNX model")
@@ -128,7 +122,7 @@ def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Ca
         signature=signature,
         golden=golden,
         program=program,
-        program_name=PROGRAM_FILE,
+        program_name=PROGRAM_ONNX,
         weights=irpa,
         operators_at=operators_at,
         timings=timings,
@@ -240,11 +234,11 @@ def _op_name(node: Any) -> str:
 def _inputs(model: Any, options: ImportOptions) -> list[_Input]:
     """The artifact's inputs: graph inputs that are not initializers, with `--input`
     specs (matched by name, else by position) fixing or freeing their dimensions."""
-    from hxc.compiler.frontend import parse_input_spec
-
     initialized = {t.name for t in model.graph.initializer}
     graph_inputs = [v for v in model.graph.input if v.name not in initialized]
-    specs = [parse_input_spec(s, i) for i, s in enumerate(options.inputs)]
+    # ONNX graphs take empty tensors as real inputs (e.g. an empty `axes`); PyTorch
+    # exports specialise and miscompile zero sizes, so only this frontend allows them.
+    specs = [parse_input_spec(s, i, allow_empty=True) for i, s in enumerate(options.inputs)]
     if len(specs) > len(graph_inputs):
         raise UsageError(f"{len(specs)} --input specs given, but the model has {len(graph_inputs)} input(s)")
     by_name = {s.name: s for s in specs}
@@ -260,13 +254,13 @@ def _input(i: int, value: Any, spec: TensorSpec | None, dynamic_batch: bool) -> 
     if kind != "tensor_type":
         raise LoweringError(f"input {value.name!r} is a {kind or 'untyped value'}; hxc compiles tensor inputs only")
     tt = value.type.tensor_type
-    dtype = _dtype(tt.elem_type, f"input {value.name!r}")
+    elem = _dtype(tt.elem_type, f"input {value.name!r}")
     if not tt.HasField("shape") and spec is None:
         raise UsageError(f"input {value.name!r} has no shape in the model", hint="pass it, e.g. --input 1x3x224x224xf32")
     model_dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
     if spec is not None:
-        if spec.dtype != dtype:
-            raise UsageError(f"--input for {value.name!r} says {spec.dtype}, but the model's input is {dtype}")
+        if spec.dtype != elem:
+            raise UsageError(f"--input for {value.name!r} says {spec.dtype}, but the model's input is {elem}")
         if tt.HasField("shape") and len(spec.shape) != len(model_dims):
             raise UsageError(
                 f"--input for {value.name!r} has {len(spec.shape)} dimensions, but the model's input has {len(model_dims)}"
@@ -288,21 +282,12 @@ def _input(i: int, value: Any, spec: TensorSpec | None, dynamic_batch: bool) -> 
         else:
             dims.append(m)
             example.append(m)
-    return _Input(TensorSpec(value.name, dtype, tuple(dims)), tuple(example))
+    return _Input(TensorSpec(value.name, elem, tuple(dims)), tuple(example))
 
 
 def _dtype(elem_type: int, label: str) -> str:
-    onnx = _onnx()
-    dtype = _DTYPES.get(elem_type)
-    if dtype is None:
-        name = onnx.TensorProto.DataType.Name(elem_type) if elem_type else "no element type"
-        raise LoweringError(f"{label} has ONNX type {name}, which hxc does not support")
-    if dtype == "f64":
-        raise LoweringError(
-            f"{label} is float64; IREE demotes f64 to f32, which breaks the artifact's interface",
-            hint="convert the model to float32",
-        )
-    return dtype
+    what = f"ONNX type {_onnx().TensorProto.DataType.Name(elem_type)}" if elem_type else "no element type"
+    return interface_dtype(from_onnx(elem_type), label, what)
 
 
 def _output_specs(model: Any, golden: dict[str, np.ndarray]) -> tuple[TensorSpec, ...]:
@@ -312,12 +297,12 @@ def _output_specs(model: Any, golden: dict[str, np.ndarray]) -> tuple[TensorSpec
         if v.type.WhichOneof("value") != "tensor_type":
             raise LoweringError(f"{label} is not a tensor; hxc compiles tensor outputs only")
         tt = v.type.tensor_type
-        dtype = _dtype(tt.elem_type, label)
+        elem = _dtype(tt.elem_type, label)
         if tt.HasField("shape"):
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or f"out{i}_{j}") for j, d in enumerate(tt.shape.dim)]
         else:  # shape inference could not tell: the rank is what ONNX Runtime returned
             dims = [f"out{i}_{j}" for j in range(golden[f"output_{i}"].ndim)]
-        specs.append(TensorSpec(v.name, dtype, tuple(dims)))
+        specs.append(TensorSpec(v.name, elem, tuple(dims)))
     return tuple(specs)
 
 
@@ -360,32 +345,19 @@ def _golden(path: Path, inputs: list[_Input], n_outputs: int) -> dict[str, np.nd
         ) from None
     if len(outputs) != n_outputs or not all(isinstance(o, np.ndarray) for o in outputs):
         raise LoweringError(f"{path}: the model returns non-tensor values; hxc compiles tensor outputs only")
-    sample = {f"input_{k}": _raw(a) for k, a in enumerate(arrays)}
-    sample.update({f"output_{k}": _raw(np.asarray(o)) for k, o in enumerate(outputs)})
+    sample = {f"input_{k}": to_storage(a) for k, a in enumerate(arrays)}
+    sample.update({f"output_{k}": to_storage(np.asarray(o)) for k, o in enumerate(outputs)})
     return sample
 
 
 def _examples(inputs: list[_Input], *, ints: int | None = None, seed: int = 0) -> list[np.ndarray]:
     """Deterministic inputs, drawn as the PyTorch frontend draws them; with `ints`,
     integer and boolean inputs hold that value everywhere instead."""
-    from hxc.compiler.frontend import example_inputs
-    from hxc.compiler.torch_import import to_numpy
-
     specs = [TensorSpec(i.spec.name, i.spec.dtype, i.example_shape) for i in inputs]
-    arrays = [to_numpy(t) for t in example_inputs(specs, seed=seed)]
+    arrays = example_arrays(specs, seed=seed)
     if ints is not None:
-        arrays = [a if i.spec.dtype in ("f32", "f16", "bf16") else np.full_like(a, ints) for a, i in zip(arrays, inputs)]
-    return [a.view(_bf16()) if i.spec.dtype == "bf16" else a for a, i in zip(arrays, inputs)]
-
-
-def _bf16() -> np.dtype:
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-def _raw(a: np.ndarray) -> np.ndarray:
-    return a.view(np.uint16) if a.dtype == _bf16() else a  # .npz cannot name bf16: raw bits
+        arrays = [a if dtype(i.spec.dtype).is_float else np.full_like(a, ints) for a, i in zip(arrays, inputs)]
+    return arrays
 
 
 # --- import ------------------------------------------------------------------------
@@ -537,7 +509,7 @@ def _program(original: Any, path: Path, workdir: Path, irpa: Path | None, params
     if irpa is not None:
         point_at_archive(model, irpa, params)
     _load_external([t for t in _tensors(model.graph) if not _in_archive(t)], path.parent)
-    out = workdir / PROGRAM_FILE
+    out = workdir / PROGRAM_ONNX
     try:
         onnx.save_model(model, str(out))
     except (ValueError, MemoryError) as e:  # over protobuf's 2 GB: keep the graph file alone

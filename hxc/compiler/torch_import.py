@@ -1,5 +1,6 @@
-"""The PyTorch frontend: model file -> exported program -> IREE input IR, plus the
-golden sample (PyTorch's own outputs) and, for shared weights, a parameter archive.
+"""The PyTorch pipeline every PyTorch frontend ends in: exported program -> IREE input
+IR, plus the golden sample (PyTorch's own outputs), reduced-precision variants of the
+program and, for shared weights, a parameter archive.
 
 With shared weights every parameter and buffer becomes a named external parameter
 (`#flow.parameter.named<"model"::"layer.weight">`), written once to `weights.irpa`,
@@ -18,19 +19,23 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from hxc.compiler.frontend import load_model
+from hxc import dtypes
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
 from hxc.compiler.lower import lower
+from hxc.compiler.torch_export import ExportedModel, export_module
+from hxc.dtypes import to_numpy, to_storage
 from hxc.errors import LoweringError, UsageError
+from hxc.manifests.schema import PROGRAM_PT2
 
-PROGRAM_FILE = "program.pt2"
 
-
-def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None]) -> ImportedModel:
+def import_torch(
+    export: Callable[[], ExportedModel], options: ImportOptions, workdir: Path, on_stage: Callable[[str], None]
+) -> ImportedModel:
+    """Import the model `export()` loads and exports (a frontend's own step)."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
     on_stage("loading model")
-    model = load_model(source, inputs=options.inputs, dynamic_batch=options.dynamic_batch, allow_pickle=options.allow_pickle)
+    model = export()
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -72,7 +77,7 @@ def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: C
     timings["lower"] = time.perf_counter() - t
 
     # The bundle keeps the model's own program; reduced-precision ones are derived from it.
-    program_path = workdir / PROGRAM_FILE
+    program_path = workdir / PROGRAM_PT2
     if shared and options.precision == "fp32":
         _save_without_weights(program, program_path)
     else:
@@ -86,7 +91,7 @@ def import_torch(source: str, options: ImportOptions, workdir: Path, on_stage: C
         signature=lowered.signature,
         golden=golden,
         program=program_path,
-        program_name=PROGRAM_FILE,
+        program_name=PROGRAM_PT2,
         weights=irpa,
         precision=options.precision,
         precision_error=precision_error,
@@ -111,7 +116,9 @@ class AtPrecision(torch.nn.Module):
         return pytree.tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == self.dtype else t, out)
 
 
-def _at_precision(model, precision: str, golden: dict[str, np.ndarray]) -> tuple[torch.export.ExportedProgram, float]:
+def _at_precision(
+    model: ExportedModel, precision: str, golden: dict[str, np.ndarray]
+) -> tuple[torch.export.ExportedProgram, float]:
     """Re-export the model at `precision`; return the program and its error against the
     fp32 reference on the golden sample (max |y - y_fp32| / max |y_fp32|)."""
     if not any(a.dtype == torch.float32 for a in model.example_args) and not any(
@@ -136,10 +143,9 @@ def export_at_precision(program: torch.export.ExportedProgram, example_args: tup
     same dynamic dimensions; and the module that was exported."""
     import copy
 
-    from hxc.compiler.frontend import export_module
     from hxc.compiler.lower import program_signature
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = dtypes.dtype(dtypes.PRECISIONS[precision]).torch_dtype()
     wrapped = AtPrecision(copy.deepcopy(program.module()), dtype)
     dims = [{j: torch.export.Dim.DYNAMIC for j, d in enumerate(s.shape) if isinstance(d, str)}
             for s in program_signature(program).inputs]  # fmt: skip
@@ -173,13 +179,6 @@ def golden_sample(reference: Callable, args: tuple[torch.Tensor, ...]) -> dict[s
     flat = pytree.tree_leaves(outputs)
     if not all(isinstance(x, torch.Tensor) for x in flat):
         raise LoweringError("the model returns non-tensor values; hxc compiles tensor outputs only")
-    sample = {f"input_{i}": to_numpy(a) for i, a in enumerate(args)}
-    sample.update({f"output_{i}": to_numpy(o) for i, o in enumerate(flat)})
+    sample = {f"input_{i}": to_storage(to_numpy(a)) for i, a in enumerate(args)}
+    sample.update({f"output_{i}": to_storage(to_numpy(o)) for i, o in enumerate(flat)})
     return sample
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)  # .npz cannot name bf16: raw bits
-    return t.numpy()

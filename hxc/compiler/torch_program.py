@@ -14,13 +14,20 @@ def program_with_weights(program: Path | bytes, where: str, weights: Path | Any 
     """The exported program (a file, or checked bytes), loaded without running code from
     it, with the parameters of the archive `weights` (a file, or checked bytes with a
     `buffer`) restored."""
-    from hxc.compiler.frontend import load_program
+    from hxc.compiler.torch_export import load_program
+    from hxc.errors import BundleError
 
     # With shared weights the saved program holds stride-0 placeholders: their logical
     # size is the model's, not a sign of a bomb.
     loaded = load_program(program, where, allow_pickle=allow_pickle, check_expansion=weights is None)
     if weights is not None:
         restore_weights(loaded, archive_tensors(weights))
+    # Weights saved as stride-0 placeholders (their values live in an archive) must never
+    # run as if they were the model's: that would time and compare garbage.
+    placeholders = [n for n, t in loaded.state_dict.items() if t.numel() > 1 and not any(t.stride())]
+    if placeholders:
+        raise BundleError(f"{where}: the program's weights ({placeholders[0]}, ...) are not in the bundle",
+                          hint="recompile it with this hxc")  # fmt: skip
     return loaded
 
 

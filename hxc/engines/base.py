@@ -28,6 +28,10 @@ DEFAULT_ENGINE = "iree"
 class Session(Protocol):
     """One artifact opened for one device: what `LoadedModel` calls."""
 
+    # Seconds the last invoke() spent in the engine itself, conversions to and from
+    # host arrays excluded: what pool workers report as device time.
+    device_seconds: float
+
     def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
         """Host arrays in, host arrays out (flat, in signature order)."""
         ...

@@ -74,6 +74,7 @@ class InductorEngine(Engine):
 class InductorSession:
     def __init__(self, runner: Any) -> None:
         self.runner = runner
+        self.device_seconds = 0.0
 
     @classmethod
     def open(cls, package: bytes) -> InductorSession:
@@ -88,7 +89,7 @@ class InductorSession:
             return cls(torch._inductor.aoti_load_package(path))
 
     def _tensors(self, arrays: list[np.ndarray], signature: Signature) -> list[Any]:
-        from hxc.runtime.io import to_torch
+        from hxc.dtypes import to_torch
 
         return [to_torch(a, s.dtype) for a, s in zip(arrays, signature.inputs)]
 
@@ -96,10 +97,13 @@ class InductorSession:
         import torch
         import torch.utils._pytree as pytree
 
-        from hxc.runtime.io import to_numpy
+        from hxc.dtypes import to_numpy
 
+        tensors = self._tensors(arrays, signature)
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.runner(*self._tensors(arrays, signature))
+            out = self.runner(*tensors)
+        self.device_seconds = time.perf_counter() - t0
         return [to_numpy(t) for t in pytree.tree_leaves(out)]
 
     def prepare(self, arrays: list[np.ndarray], signature: Signature) -> Callable[[], None]:
@@ -123,7 +127,7 @@ def _compile(job: BuildJob) -> Any:
     assert job.program is not None
     program = program_with_weights(job.program, str(job.program), job.weights)
     inputs, _ = golden_arrays(job.golden, job.signature)
-    from hxc.runtime.io import to_torch
+    from hxc.dtypes import to_torch
 
     args = tuple(to_torch(a, s.dtype) for a, s in zip(inputs, job.signature.inputs))
     program = program_at_precision(program, args, job.precision)

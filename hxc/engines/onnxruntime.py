@@ -111,6 +111,7 @@ class OrtSession:
     def __init__(self, session: Any) -> None:
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
+        self.device_seconds = 0.0
 
     @classmethod
     def open(cls, model: bytes, provider: str, options: tuple[str, ...], weights: Any | None) -> OrtSession:
@@ -131,7 +132,11 @@ class OrtSession:
         return {n: np.ascontiguousarray(a) for n, a in zip(self.input_names, arrays)}
 
     def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
-        return list(self.session.run(None, self._feed(arrays)))
+        feed = self._feed(arrays)
+        t0 = time.perf_counter()
+        out = self.session.run(None, feed)
+        self.device_seconds = time.perf_counter() - t0
+        return list(out)
 
     def prepare(self, arrays: list[np.ndarray], signature: Signature) -> Callable[[], None]:
         feed, run = self._feed(arrays), self.session.run

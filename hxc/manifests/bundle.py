@@ -28,12 +28,15 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from hxc.errors import BundleError, IntegrityError, first_line
+from hxc.dtypes import NAMES
+from hxc.errors import BundleError, IntegrityError, UsageError, first_line
+from hxc.manifests import signing
+from hxc.manifests.archive import ARCHIVE_SUFFIX, Member, read_index, write_archive
 from hxc.manifests.schema import (
     FORMAT,
     LOCK_FILE,
@@ -41,8 +44,8 @@ from hxc.manifests.schema import (
     PROFILES_FILE,
     PROFILES_FORMAT,
     SCHEMA_VERSION,
+    SIGNATURE_FILE,
     FileHash,
-    DTYPES,
     Host,
     Manifest,
     OutputTree,
@@ -55,6 +58,10 @@ from hxc.manifests.schema import (
 
 log = logging.getLogger("hxc.bundle")
 
+# Which public keys must have signed a bundle: paths or keys; None: as $HXC_TRUSTED_KEYS
+# says; False: do not check.
+TrustedKeys = Sequence[str | os.PathLike[str]] | str | None | bool
+
 # A manifest or profiles file larger than this is refused before it is read: real
 # ones are kilobytes (a profile is ~1 KB; 64 MiB holds tens of thousands).
 MAX_METADATA_BYTES = 64 * 1024 * 1024
@@ -63,23 +70,55 @@ MAX_METADATA_BYTES = 64 * 1024 * 1024
 # --- reading ---------------------------------------------------------------------
 
 
-def read_manifest(bundle: str | os.PathLike[str]) -> Manifest:
-    """Read and check a bundle's manifest, with the profiles recorded beside it.
-    Every problem is a one-line BundleError (IntegrityError for paths that leave the
-    bundle)."""
-    path = Path(bundle)
-    if not path.exists():
-        raise BundleError(f"{path}: no such bundle")
-    if not path.is_dir():
-        raise BundleError(f"{path}: not a bundle (a bundle is a directory written by `hxc compile`)")
-    manifest_path = path / MANIFEST_FILE
+def read_manifest(
+    bundle: str | os.PathLike[str], *, trusted_keys: TrustedKeys = None
+) -> Manifest:
+    """Read and check a bundle's manifest (a bundle directory or a `.hxcb` archive),
+    with the profiles recorded beside it. Every problem is a one-line BundleError
+    (IntegrityError for paths that leave the bundle or a signature that fails).
+
+    Signatures: `trusted_keys` (public key paths or PublicKeys) requires the manifest
+    to carry a valid signature by one of them, checked over the exact bytes that are
+    then parsed; None means "as $HXC_TRUSTED_KEYS says" (required when it is set);
+    False skips the check (for `hxc inspect`, which only shows it).
+    """
+    src = bundle_source(Path(bundle))
     try:
-        raw = _read_small(path, MANIFEST_FILE)
+        raw = src.read_small(MANIFEST_FILE)
     except FileNotFoundError:
-        raise BundleError(f"{path}: not a bundle (no {MANIFEST_FILE})") from None
-    manifest = parse_manifest(_json(raw, manifest_path), where=str(manifest_path))
-    hosts, profiles = _read_profiles(path, manifest)
+        raise BundleError(f"{src.path}: not a bundle (no {MANIFEST_FILE})") from None
+    keys = None if trusted_keys is False else signing.trusted_keys(trusted_keys)
+    if keys is not None:
+        signing.check(raw, read_signatures(src), keys, str(src.path))
+    manifest = parse_manifest(_json(raw, src.where(MANIFEST_FILE)), where=src.where(MANIFEST_FILE))
+    hosts, profiles = _read_profiles(src, manifest)
     return dataclasses.replace(manifest, hosts=hosts, profiles=profiles)
+
+
+@dataclass(frozen=True)
+class SignatureStatus:
+    key_ids: tuple[str, ...]  # who signed it (unverified unless verified_by is set)
+    verified_by: str | None  # the trusted key whose signature verified
+    checked: bool  # whether trusted keys were given to check against
+
+
+def signature_status(bundle: Path, trusted_keys: TrustedKeys = None) -> SignatureStatus:
+    """Who signed a bundle, and whether that verifies against the trusted keys (if
+    any are given or set in $HXC_TRUSTED_KEYS). Raises like read_manifest on failure."""
+    src = bundle_source(Path(bundle))
+    sigs = read_signatures(src)
+    keys = None if trusted_keys is False else signing.trusted_keys(trusted_keys)
+    verified = None
+    if keys is not None:
+        verified = signing.check(src.read_small(MANIFEST_FILE), sigs, keys, str(src.path)).key_id
+    return SignatureStatus(tuple(s.key_id for s in sigs), verified, keys is not None)
+
+
+def read_signatures(src: BundleSource) -> list[signing.Signature]:
+    try:
+        return signing.parse_signatures(src.read_small(SIGNATURE_FILE), src.where(SIGNATURE_FILE))
+    except FileNotFoundError:
+        return []
 
 
 def parse_manifest(data: object, where: str = MANIFEST_FILE) -> Manifest:
@@ -107,7 +146,7 @@ def _check_signature(sig: Signature, where: str) -> None:
     """Dtypes the runtime knows, sizes that are sizes, and an output structure that
     places every flat output exactly once: later code trusts all three."""
     for spec in (*sig.inputs, *sig.outputs):
-        if spec.dtype not in DTYPES:
+        if spec.dtype not in NAMES:
             raise BundleError(f"{where}: {spec.name} has unknown dtype {spec.dtype!r}")
         if any(isinstance(d, int) and d < 0 for d in spec.shape):
             raise BundleError(f"{where}: {spec.name} has a negative dimension")
@@ -178,22 +217,6 @@ def _json(raw: bytes, where: Path | str) -> Any:
         raise BundleError(f"{where}: corrupt JSON (nested too deeply)") from None
 
 
-def _read_small(bundle: Path, rel: str) -> bytes:
-    """A metadata file of the bundle, opened without following links and size-checked
-    before reading."""
-    fd = _open_inside(bundle, rel)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise BundleError(f"{bundle / rel}: not a regular file")
-        if st.st_size > MAX_METADATA_BYTES:
-            raise BundleError(f"{bundle / rel}: {st.st_size} bytes, more than the {MAX_METADATA_BYTES} a bundle's metadata may have")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(MAX_METADATA_BYTES + 1)
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True)
 class ProfilesFile:
     model_ir_sha256: str  # which model these were measured for
@@ -218,26 +241,21 @@ def parse_profiles(data: object, where: str) -> ProfilesFile:
 def read_profiles_file(path: Path) -> ProfilesFile:
     """A standalone profiles.json (copied from another machine's bundle)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        raw = _read_limited_file(path)
     except FileNotFoundError:
         raise BundleError(f"{path}: no such bundle or profiles file") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise BundleError(f"{path}: not a regular file")
-        raw = f.read(MAX_METADATA_BYTES + 1)
-    if len(raw) > MAX_METADATA_BYTES:
-        raise BundleError(f"{path}: larger than the {MAX_METADATA_BYTES} bytes a profiles file may have")
     return parse_profiles(_json(raw, path), str(path))
 
 
-def _read_profiles(bundle: Path, manifest: Manifest) -> tuple[tuple[Host, ...], tuple[Profile, ...]]:
+def _read_profiles(src: BundleSource, manifest: Manifest) -> tuple[tuple[Host, ...], tuple[Profile, ...]]:
     """The measurements recorded beside the manifest. They are not build-time content
     and are never trusted for integrity: a corrupt file is reported and ignored."""
+    where = str(src.profiles_path)
     try:
-        raw = _read_small(bundle, PROFILES_FILE)
-        doc = parse_profiles(_json(raw, bundle / PROFILES_FILE), str(bundle / PROFILES_FILE))
+        raw = src.read_profiles()
+        doc = parse_profiles(_json(raw, where), where)
         if doc.model_ir_sha256 != manifest.model.ir_sha256:
-            raise BundleError(f"{bundle / PROFILES_FILE}: measured for a different model")
+            raise BundleError(f"{where}: measured for a different model")
     except FileNotFoundError:
         return (), ()
     except BundleError as e:
@@ -246,26 +264,175 @@ def _read_profiles(bundle: Path, manifest: Manifest) -> tuple[tuple[Host, ...], 
     return doc.hosts, doc.profiles
 
 
+# --- where a bundle's bytes come from ----------------------------------------------
+
+
+class BundleSource:
+    """A bundle on disk: a directory, or a single-file archive (`.hxcb`). Both hand
+    out metadata files (size-limited) and mappings of build-time files; nothing else
+    in hxc opens a bundle's files."""
+
+    path: Path
+    profiles_path: Path  # where measurements for this bundle are read and written
+
+    def where(self, rel: str) -> str:
+        raise NotImplementedError
+
+    def read_small(self, rel: str) -> bytes:
+        """A metadata file (FileNotFoundError if absent)."""
+        raise NotImplementedError
+
+    def map(self, rel: str, expected_size: int, private_copy: bool) -> tuple[Any, Any]:
+        """(buffer, owner) for a build-time file, after checking it is a regular file
+        of `expected_size` bytes; FileNotFoundError if absent."""
+        raise NotImplementedError
+
+    def read_profiles(self) -> bytes:
+        return _read_limited_file(self.profiles_path)
+
+
+class DirectorySource(BundleSource):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.profiles_path = path / PROFILES_FILE
+
+    def where(self, rel: str) -> str:
+        return str(self.path / rel)
+
+    def read_small(self, rel: str) -> bytes:
+        fd = _open_inside(self.path, rel)
+        with os.fdopen(fd, "rb") as f:
+            return _read_limited(f, self.where(rel))
+
+    def read_profiles(self) -> bytes:
+        return self.read_small(PROFILES_FILE)  # inside the directory: no links followed
+
+    def map(self, rel: str, expected_size: int, private_copy: bool) -> tuple[Any, Any]:
+        fd = _open_inside(self.path, rel)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IntegrityError(f"{self.where(rel)}: not a regular file; refusing to use it")
+            _check_size(self.where(rel), st.st_size, expected_size)
+            buffer = _private_copy(fd, 0, st.st_size) if private_copy else _map(fd, st.st_size)
+        finally:
+            os.close(fd)
+        return buffer, buffer
+
+
+class ArchiveSource(BundleSource):
+    """A `.hxcb`: one mapping of the archive, and slices of it for each member."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.profiles_path = path.with_name(path.name + ".profiles.json")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except IsADirectoryError:
+            raise BundleError(f"{path}: not a bundle") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BundleError(f"{path}: not a bundle (neither a directory nor an archive file)")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                self.members = read_index(f, st.st_size, str(path))
+            self._fd = os.dup(fd)
+            self._size = st.st_size
+        finally:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self._fd)
+
+    def where(self, rel: str) -> str:
+        return f"{self.path}:{rel}"
+
+    def _member(self, rel: str) -> Member:
+        try:
+            return self.members[rel]
+        except KeyError:
+            raise FileNotFoundError(rel) from None
+
+    def read_small(self, rel: str) -> bytes:
+        m = self._member(rel)
+        if m.size > MAX_METADATA_BYTES:
+            raise BundleError(f"{self.where(rel)}: {m.size} bytes, more than a bundle's metadata may have")
+        return os.pread(self._fd, m.size, m.offset)
+
+    def read_profiles(self) -> bytes:
+        # Measurements taken since packing live beside the archive (it is never
+        # rewritten for them); before any, the ones packed with it count.
+        try:
+            return super().read_profiles()
+        except FileNotFoundError:
+            return self.read_small(PROFILES_FILE)
+
+    def map(self, rel: str, expected_size: int, private_copy: bool) -> tuple[Any, Any]:
+        m = self._member(rel)
+        _check_size(self.where(rel), m.size, expected_size)
+        if private_copy:
+            buffer = _private_copy(self._fd, m.offset, m.size)
+            return buffer, buffer
+        whole = _map(self._fd, self._size)
+        return memoryview(whole)[m.offset : m.offset + m.size], whole
+
+
+def bundle_source(path: Path) -> BundleSource:
+    if path.is_dir():
+        return DirectorySource(path)
+    if not path.exists():
+        raise BundleError(f"{path}: no such bundle")
+    return ArchiveSource(path)
+
+
+def _check_size(where: str, actual: int, expected: int) -> None:
+    if actual != expected:
+        raise IntegrityError(
+            f"{where}: {actual} bytes where the manifest says {expected}; refusing to use it",
+            hint="the file was modified or truncated; recompile or restore the bundle",
+        )
+
+
+def _read_limited(f: Any, where: str) -> bytes:
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{where}: not a regular file")
+    data = f.read(MAX_METADATA_BYTES + 1)
+    if len(data) > MAX_METADATA_BYTES:
+        raise BundleError(f"{where}: more than the {MAX_METADATA_BYTES} bytes a bundle's metadata may have")
+    return data
+
+
+def _read_limited_file(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        return _read_limited(f, str(path))
+
+
 # --- checked files ---------------------------------------------------------------
 
 
 @dataclass
 class CheckedFile:
     """A bundle file whose bytes matched the manifest. `buffer` is a read-only view
-    of exactly the bytes that were hashed (a mapping of the opened file, or a private
-    copy); hand it to whatever runs the file instead of opening the path again."""
+    of exactly the bytes that were hashed (a mapping of the opened file or archive,
+    or a private copy); hand it to whatever runs the file instead of opening the path
+    again."""
 
-    path: Path
-    buffer: mmap.mmap
+    path: str
+    buffer: Any  # mmap.mmap or memoryview: the buffer protocol, read-only
     size: int
     private_copy: bool
+    _owner: Any = None  # the mapping `buffer` is a view of
 
     def bytes(self) -> bytes:
-        return self.buffer[: self.size] if self.size else b""
+        return bytes(self.buffer[: self.size]) if self.size else b""
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError, ValueError):
-            self.buffer.close()
+        for b in (self.buffer, self._owner):
+            with contextlib.suppress(BufferError, ValueError, AttributeError):
+                b.release() if isinstance(b, memoryview) else b.close()
 
 
 def open_checked(bundle: Path, manifest: Manifest, rel: str, *, private_copy: bool = False) -> CheckedFile:
@@ -278,44 +445,35 @@ def open_checked(bundle: Path, manifest: Manifest, rel: str, *, private_copy: bo
     A mapping still sees writes made to the same file in place; `private_copy=True`
     copies the bytes into private memory first, which rules that out too.
     """
+    src = bundle if isinstance(bundle, BundleSource) else bundle_source(Path(bundle))
+    where = src.where(rel)
     expected = manifest.files.get(rel)
     if expected is None:
-        raise IntegrityError(f"{bundle / rel}: not a file this bundle's manifest records; refusing to use it")
+        raise IntegrityError(f"{where}: not a file this bundle's manifest records; refusing to use it")
     check_relpath(rel)
     try:
-        fd = _open_inside(bundle, rel)
+        buffer, owner = src.map(rel, expected.size, private_copy)
     except FileNotFoundError:
-        raise IntegrityError(f"{bundle / rel}: missing from the bundle") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise IntegrityError(f"{bundle / rel}: not a regular file; refusing to use it")
-        if st.st_size != expected.size:
-            raise IntegrityError(
-                f"{bundle / rel}: {st.st_size} bytes where the manifest says {expected.size}; refusing to use it",
-                hint="the file was modified or truncated; recompile or restore the bundle",
-            )
-        buffer = _private_copy(fd, st.st_size) if private_copy else _map(fd, st.st_size)
-    finally:
-        os.close(fd)
-    actual = hashlib.sha256(buffer).hexdigest() if st.st_size else hashlib.sha256(b"").hexdigest()
+        raise IntegrityError(f"{where}: missing from the bundle") from None
+    checked = CheckedFile(where, buffer, expected.size, private_copy, owner)
+    actual = hashlib.sha256(buffer if expected.size else b"").hexdigest()
     if actual != expected.sha256:
-        with contextlib.suppress(BufferError):
-            buffer.close()
+        checked.close()
         raise IntegrityError(
-            f"{bundle / rel}: sha256 {actual[:12]}… does not match the manifest's {expected.sha256[:12]}…; refusing to use it",
+            f"{where}: sha256 {actual[:12]}… does not match the manifest's {expected.sha256[:12]}…; refusing to use it",
             hint="the file was modified or corrupted; recompile or restore the bundle",
         )
-    return CheckedFile(bundle / rel, buffer, st.st_size, private_copy)
+    return checked
 
 
 def check_all_files(bundle: Path, manifest: Manifest) -> dict[str, str]:
     """Check every build-time file of the bundle, whether or not this host can run it.
     Returns the problem with each file that fails, by path (empty: all good)."""
     problems = {}
+    src = bundle_source(Path(bundle))
     for rel in sorted(manifest.files):
         try:
-            open_checked(bundle, manifest, rel).close()
+            open_checked(src, manifest, rel).close()
         except BundleError as e:
             problems[rel] = str(e)
     return problems
@@ -352,19 +510,20 @@ def _map(fd: int, size: int) -> mmap.mmap:
     return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
 
 
-def _private_copy(fd: int, size: int) -> mmap.mmap:
+def _private_copy(fd: int, offset: int, size: int) -> mmap.mmap:
     # Anonymous memory is page-aligned, as IREE requires of a module's buffer.
     buf = mmap.mmap(-1, max(size, 1))
     view = memoryview(buf)
     done = 0
-    while done < size:
-        n = os.readv(fd, [view[done:size]])
-        if n == 0:
-            view.release()
-            buf.close()
-            raise IntegrityError("file shrank while it was being read; refusing to use it")
-        done += n
-    view.release()
+    try:
+        while done < size:
+            n = os.preadv(fd, [view[done:size]], offset + done)
+            if n == 0:
+                buf.close()
+                raise IntegrityError("file shrank while it was being read; refusing to use it")
+            done += n
+    finally:
+        view.release()
     return buf
 
 
@@ -375,10 +534,11 @@ def _private_copy(fd: int, size: int) -> mmap.mmap:
 def output_lock(output: Path) -> Iterator[None]:
     """Exclusive, short-lived ownership of an output path: held while a run creates
     its private directories beside it, removes stale ones, or swaps the bundle in, so
-    concurrent runs to one path never see each other's half-made state."""
+    concurrent runs to one path never see each other's half-made state. The lock is
+    an flock on the parent directory itself, so it leaves no file behind."""
     out = Path(output).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    fd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -444,16 +604,24 @@ def staged_bundle(output: str | os.PathLike[str]) -> Iterator[Path]:
     On any exception the staging directory is removed and `output`, if it existed,
     is left exactly as it was. The swap is one atomic exchange of the two directory
     entries (renameat2 RENAME_EXCHANGE), so whenever the process dies, `output` holds
-    the complete old bundle or the complete new one.
+    the complete old bundle or the complete new one. An output named `*.hxcb` gets
+    the bundle as a single-file archive, put in place by one atomic rename.
     """
     out = Path(output).absolute()
-    if out.exists() and not out.is_dir():
-        raise BundleError(f"{out}: exists and is not a directory; refusing to replace it")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).exists():
+    archive = out.suffix == ARCHIVE_SUFFIX
+    if archive and out.is_dir():
+        raise BundleError(f"{out}: is a directory; a {ARCHIVE_SUFFIX} bundle is a single file")
+    if not archive and out.exists() and not out.is_dir():
+        raise BundleError(f"{out}: exists and is not a directory; refusing to replace it",
+                          hint=f"name a {ARCHIVE_SUFFIX} output to write a single-file bundle")  # fmt: skip
+    if not archive and out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).exists():
         raise BundleError(f"{out}: exists and is not a bundle; refusing to replace it")
     with private_dir(out, ".tmp") as stage:
         os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes it private; a bundle is not
         yield stage
+        if archive:
+            _publish_archive(stage, out)
+            return
         with output_lock(out):
             if out.exists() and not (out / MANIFEST_FILE).exists() and out.is_dir() and any(out.iterdir()):
                 raise BundleError(f"{out}: became something other than a bundle; refusing to replace it")
@@ -461,6 +629,93 @@ def staged_bundle(output: str | os.PathLike[str]) -> Iterator[Path]:
             _swap_into_place(stage, out)
             _fault_point("after-swap")
         # `stage` now names the old bundle (or nothing); private_dir removes it.
+
+
+def _publish_archive(bundle_dir: Path, out: Path, extra: dict[str, bytes] | None = None) -> None:
+    """Pack a complete bundle directory into `out` (a rename of a finished file, so
+    `out` is the old archive or the new one, never part of one)."""
+    with private_dir(out, ".tmp") as work:
+        tmp = work / "bundle.hxcb"
+        names = [n for n in (MANIFEST_FILE, SIGNATURE_FILE, PROFILES_FILE) if (bundle_dir / n).is_file()]
+        manifest = parse_manifest(_json((bundle_dir / MANIFEST_FILE).read_bytes(), bundle_dir / MANIFEST_FILE))
+        extra = extra or {}
+        for name, data in extra.items():
+            (work / name).write_bytes(data)
+        members = [(n, work / n if n in extra else bundle_dir / n) for n in names if n not in extra]
+        members += [(n, work / n) for n in extra]
+        members += [(rel, bundle_dir / rel) for rel in sorted(manifest.files)]
+        write_archive(tmp, members)
+        os.chmod(tmp, 0o666 & ~_umask())
+        with output_lock(out):
+            _fault_point("before-swap")
+            os.replace(tmp, out)
+            _fault_point("after-swap")
+
+
+def pack_bundle(bundle: Path, output: Path, *, trusted_keys: TrustedKeys = None) -> Manifest:
+    """Write a bundle (a directory or another archive) as a single-file archive,
+    after checking every file against its manifest."""
+    manifest = read_manifest(bundle, trusted_keys=trusted_keys)
+    problems = check_all_files(bundle, manifest)
+    if problems:
+        raise IntegrityError(f"{bundle}: will not pack a damaged bundle: {next(iter(problems.values()))}")
+    with private_dir(Path(output).absolute(), ".work") as work:
+        _extract(bundle, manifest, work / "b")
+        _publish_archive(work / "b", Path(output).absolute())
+    return manifest
+
+
+def unpack_bundle(archive: Path, output: Path, *, trusted_keys: TrustedKeys = None) -> Manifest:
+    """Extract a single-file bundle into the directory `output` (which must not exist),
+    writing only the files its manifest names, each checked first."""
+    out = Path(output).absolute()
+    if out.exists():
+        raise UsageError(f"{out}: exists; unpack into a new directory")
+    manifest = read_manifest(archive, trusted_keys=trusted_keys)
+    src = bundle_source(Path(archive))
+    if isinstance(src, ArchiveSource):
+        known = {MANIFEST_FILE, SIGNATURE_FILE, PROFILES_FILE, *manifest.files}
+        unknown = sorted(set(src.members) - known)
+        if unknown:
+            raise IntegrityError(f"{archive}: holds {unknown[0]!r}, which its manifest does not name; refusing to unpack")
+    with staged_bundle(out) as stage:
+        _extract(archive, manifest, stage)
+    return manifest
+
+
+def _extract(bundle: Path, manifest: Manifest, target: Path) -> None:
+    """Write a bundle's checked files and metadata into a new directory `target`."""
+    src = bundle_source(Path(bundle))
+    target.mkdir(exist_ok=True)
+    for name in (MANIFEST_FILE, SIGNATURE_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (target / name).write_bytes(src.read_small(name))
+    with contextlib.suppress(FileNotFoundError):
+        (target / PROFILES_FILE).write_bytes(src.read_profiles())
+    for rel in sorted(manifest.files):
+        checked = open_checked(src, manifest, rel)
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "xb") as f:
+            f.write(checked.buffer)
+        checked.close()
+
+
+def sign_bundle(bundle: Path, key_path: Path) -> signing.PublicKey:
+    """Add (or renew) this key's signature over the bundle's manifest."""
+    key = signing.load_private_key(key_path)
+    src = bundle_source(Path(bundle))
+    read_manifest(bundle, trusted_keys=False)  # a well-formed bundle, before signing it
+    raw = src.read_small(MANIFEST_FILE)
+    signatures = signing.sign(raw, key, read_signatures(src))
+    data = signing.signatures_json(signatures)
+    if isinstance(src, ArchiveSource):
+        with private_dir(src.path, ".work") as work:
+            _extract(src.path, parse_manifest(_json(raw, src.where(MANIFEST_FILE))), work / "b")
+            _publish_archive(work / "b", src.path, extra={SIGNATURE_FILE: data})
+    else:
+        atomic_write(src.path / SIGNATURE_FILE, data)
+    return signing.public_of(key)
 
 
 def _swap_into_place(stage: Path, out: Path) -> None:
@@ -515,10 +770,10 @@ def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
     """Write a new bundle's manifest (at build time; afterwards only profiles change)."""
     atomic_write(bundle_dir / MANIFEST_FILE, manifest_json(manifest).encode())
     if manifest.hosts or manifest.profiles:
-        _write_profiles(bundle_dir, manifest)
+        _write_profiles(bundle_dir / PROFILES_FILE, manifest)
 
 
-def _write_profiles(bundle_dir: Path, manifest: Manifest) -> None:
+def _write_profiles(target: Path, manifest: Manifest) -> None:
     data = {
         "format": PROFILES_FORMAT,
         "schema_version": f"{SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1]}",
@@ -526,7 +781,7 @@ def _write_profiles(bundle_dir: Path, manifest: Manifest) -> None:
         "hosts": to_json(manifest.hosts),
         "profiles": to_json(manifest.profiles),
     }
-    atomic_write(bundle_dir / PROFILES_FILE, (json.dumps(data, indent=2) + "\n").encode())
+    atomic_write(target, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def atomic_write(target: Path, data: bytes) -> None:
@@ -562,15 +817,28 @@ def update_manifest(bundle: str | os.PathLike[str], change: Callable[[Manifest],
     `profiles`: the build-time manifest is never rewritten."""
     path = Path(bundle)
     read_manifest(path)  # fail early, with a clear message, before taking the lock
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    src = bundle_source(path)
+    # A directory holds its own lock file; an archive is never written to, so its
+    # profiles live beside it and the lock is on the directory it sits in.
+    with _profiles_lock(src):
         current = read_manifest(path)
         updated = change(current)
         if dataclasses.replace(updated, hosts=(), profiles=()) != dataclasses.replace(current, hosts=(), profiles=()):
             raise ValueError("update_manifest may only change hosts and profiles")  # a bug, not a user error
-        _write_profiles(path, updated)
+        _write_profiles(src.profiles_path, updated)
         return updated
+
+
+@contextlib.contextmanager
+def _profiles_lock(src: BundleSource) -> Iterator[None]:
+    if isinstance(src, ArchiveSource):
+        with output_lock(src.path):
+            yield
+        return
+    fd = os.open(src.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
         os.close(fd)  # releases the lock
 
@@ -600,7 +868,43 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
+def _process_umask() -> int:
+    # Linux reports the umask without changing it. Elsewhere, setting and restoring it is
+    # the only way, and that briefly leaves the process with umask 0: fine once at import,
+    # a race when compile worker threads create files at the same moment.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _process_umask()
+
+
+def _process_umask() -> int:
+    # Linux reports the umask without changing it. Elsewhere, setting and restoring it is
+    # the only way, and that briefly leaves the process with umask 0: fine once at import,
+    # a race when compile worker threads create files at the same moment.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
+def _umask() -> int:
+    return _UMASK

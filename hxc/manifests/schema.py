@@ -35,28 +35,13 @@ SCHEMA_VERSION: tuple[int, int] = (2, 0)
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"  # written once by `hxc compile`, never changed after
 PROFILES_FILE = "profiles.json"  # measurements added later by `hxc bench` / `profiles merge`
+SIGNATURE_FILE = "manifest.sig"  # Ed25519 signatures over manifest.json, added by `hxc sign`
 GOLDEN_FILE = "golden.npz"
+PROGRAM_PT2 = "program.pt2"  # the program a PyTorch model's artifacts were built from
+PROGRAM_ONNX = "model.onnx"  # the ONNX model, for ONNX bundles
 WEIGHTS_FILE = "weights.irpa"  # weights-fp16.irpa etc. for reduced-precision variants
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 ARTIFACTS_DIR = "artifacts"
 LOCK_FILE = ".lock"
-
-# Element types by their short names (as in `--input 1x3x224x224xf32` and IREE's
-# `--input=1x3xf32=...`), with the numpy dtype that holds them on the host. bf16 is
-# ml_dtypes' bfloat16 (a dependency of iree-base-runtime); in .npz files, which cannot
-# name that type, it is stored as its raw 16 bits (uint16).
-DTYPES: dict[str, str] = {
-    "f64": "float64",
-    "f32": "float32",
-    "f16": "float16",
-    "bf16": "bfloat16",
-    "i64": "int64",
-    "i32": "int32",
-    "i16": "int16",
-    "i8": "int8",
-    "u8": "uint8",
-    "i1": "bool",
-}
 
 Dim = int | str  # a static size, or the name of a dynamic dimension
 
@@ -246,9 +231,13 @@ class Profile:
     device_time_only: bool  # True when host<->device copies are outside the timed region
     recorded: str  # ISO 8601, UTC
     threads: int | None = None  # CPU threads it ran with, where that applies
-    # None: recorded by hxc before 1.1, which interleaved every device in one run
+    # None: recorded by an hxc that interleaved every device in one run
     # (a software Vulkan device then slowed the CPU candidates it ran beside).
     conditions: Conditions | None = None
+    # What a caller paid beyond `latency` when the artifact ran in a pool worker process
+    # (input checks, shared-memory copies, the process hop), measured by `hxc bench --pool`;
+    # SLO checks add it to the device time. None: not measured.
+    caller_overhead: LatencyStats | None = None
 
 
 @dataclass(frozen=True)

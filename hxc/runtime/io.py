@@ -14,56 +14,27 @@ from __future__ import annotations
 import numpy as np
 
 import iree.runtime as rt
-from hxc.manifests.schema import DTYPES
-
-_ELEMENT_TYPES = {
-    "f64": rt.HalElementType.FLOAT_64,
-    "f32": rt.HalElementType.FLOAT_32,
-    "f16": rt.HalElementType.FLOAT_16,
-    "bf16": rt.HalElementType.BFLOAT_16,
-    "i64": rt.HalElementType.SINT_64,
-    "i32": rt.HalElementType.SINT_32,
-    "i16": rt.HalElementType.SINT_16,
-    "i8": rt.HalElementType.SINT_8,
-    "u8": rt.HalElementType.UINT_8,
-    "i1": rt.HalElementType.BOOL_8,
-}
+from hxc.dtypes import dtype
 
 
-def numpy_dtype(name: str) -> np.dtype:
-    """The host dtype for a signature dtype; bf16 is ml_dtypes.bfloat16 (an IREE dependency)."""
-    if name == "bf16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(DTYPES[name])
-
-
-def dtype_name(dtype: np.dtype) -> str | None:
-    for name in DTYPES:
-        if numpy_dtype(name) == dtype:
-            return name
-    return None
-
-
-def to_device(device: rt.HalDevice, array: np.ndarray, dtype: str) -> rt.HalBufferView:
-    """Copy a host array into a new device-local buffer view."""
+def to_device(device: rt.HalDevice, array: np.ndarray, name: str) -> rt.HalBufferView:
+    """Copy a host array of hxc dtype `name` into a new device-local buffer view."""
     array = np.ascontiguousarray(array)
-    if dtype == "bf16":
+    if name == "bf16":
         array = array.view(np.uint16)  # the buffer protocol does not carry ml_dtypes types
     return device.allocator.allocate_buffer_copy(
         memory_type=rt.MemoryType.DEVICE_LOCAL,
         allowed_usage=rt.BufferUsage.DEFAULT,
         device=device,
         buffer=array,
-        element_type=_ELEMENT_TYPES[dtype],
+        element_type=dtype(name).iree_element_type(),
     )
 
 
-def to_host(device: rt.HalDevice, view: rt.HalBufferView, dtype: str) -> np.ndarray:
-    """Copy a device buffer view into a new host array."""
+def to_host(device: rt.HalDevice, view: rt.HalBufferView, name: str) -> np.ndarray:
+    """Copy a device buffer view into a new host array of hxc dtype `name`."""
     shape = tuple(view.shape)
-    host_dtype = numpy_dtype(dtype)
+    host_dtype = dtype(name).numpy_dtype()
     buffer = view.get_buffer()
     if int(buffer.allowed_usage()) & int(rt.BufferUsage.MAPPING_SCOPED):
         return _mapped_copy(buffer, shape, host_dtype)
@@ -88,27 +59,3 @@ def _mapped_copy(buffer: rt.HalBuffer, shape: tuple[int, ...], dtype: np.dtype) 
     return raw[: count * dtype.itemsize].copy().view(dtype).reshape(shape)
 
 
-def is_torch(x: object) -> bool:
-    """A torch tensor, recognised without importing torch."""
-    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
-
-
-def to_numpy(x: object) -> np.ndarray:
-    """A host array for a numpy array, a torch tensor (bf16 included) or a sequence."""
-    if is_torch(x):
-        import torch
-
-        t = x.detach().cpu().contiguous()  # type: ignore[attr-defined]
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(numpy_dtype("bf16"))
-        return t.numpy()
-    return np.asarray(x)
-
-
-def to_torch(a: np.ndarray, dtype: str) -> object:
-    import torch
-
-    a = np.ascontiguousarray(a)
-    if dtype == "bf16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Callable
@@ -25,9 +26,11 @@ from hxc.engines import engine
 from hxc.engines.base import Session as EngineSession
 from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, first_line
 from hxc.manifests import read_manifest
-from hxc.manifests.bundle import CheckedFile, open_checked
+from hxc.manifests.bundle import CheckedFile, TrustedKeys, open_checked
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
-from hxc.runtime.io import dtype_name, is_torch, numpy_dtype, to_device, to_host, to_numpy, to_torch
+from hxc.dtypes import dtype, from_numpy, is_torch, to_numpy, to_torch
+from hxc.runtime.io import to_device, to_host
+from hxc.runtime.prices import PriceTable
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
 from hxc.targets import Device
@@ -95,6 +98,12 @@ class LoadedModel:
         with self._lock:
             return self._session.invoke(check_inputs(self.signature, arrays), self.signature)
 
+    @property
+    def last_device_ms(self) -> float:
+        """Device time of the last call, host<->device copies excluded: what `hxc bench`
+        profiles measure, so a caller can tell its own overhead from it."""
+        return self._session.device_seconds * 1000
+
     def prepare(self, arrays: list[np.ndarray]) -> Callable[[], None]:
         """A zero-argument call on device-resident copies of `arrays` whose results stay
         on the device: the call `hxc bench` times, free of host<->device copies."""
@@ -111,6 +120,10 @@ def load(
     tolerance: float | None = None,
     probe: HostProbe | None = None,
     private_copy: bool | None = None,
+    trusted_keys: TrustedKeys = None,
+    slo_ms: float | None = None,
+    slo_percentile: str = "p99",
+    prices: PriceTable | None = None,
 ) -> LoadedModel:
     """Load the best artifact in `bundle` for this host.
 
@@ -124,18 +137,29 @@ def load(
     chosen when allowed: `precision="fp16"`, or `tolerance=` at least their recorded
     error against fp32.
 
+    `trusted_keys` (public key files, or $HXC_TRUSTED_KEYS when None) requires a
+    valid signature by one of them before any file of the bundle is opened.
+
     `private_copy=True` (or $HXC_PRIVATE_COPY=1) runs a private in-memory copy of the
     checked bytes instead of a mapping of the bundle's file, so that writes to the
     file after loading cannot reach the running code (costs the artifact's size in
     memory).
+
+    `policy` ranks by recorded profiles: "latency", "throughput" or "cost" (price per
+    hour / items per second, prices from `prices` or `hxc.runtime.prices.load_prices()`);
+    `slo_ms` puts the artifacts that meet that target (at `slo_percentile`, p99 or p50)
+    first. See `hxc.runtime.select`.
+
+    Every device at once, one batch split across them: `hxc.pool.Pool(bundle)`.
     """
     path = Path(bundle)
     if private_copy is None:
         private_copy = os.environ.get(PRIVATE_COPY_ENV, "") not in ("", "0")
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, trusted_keys=trusted_keys)
     probe = probe or probe_host()
-    allow = {"precision": precision, "tolerance": tolerance}
-    selection = select(manifest, probe, policy=policy, device=device, **allow)
+    options = {"precision": precision, "tolerance": tolerance, "slo_ms": slo_ms, "slo_percentile": slo_percentile,
+               "prices": prices}  # fmt: skip
+    selection = select(manifest, probe, policy=policy, device=device, **options)
     if not selection.candidates and selection.forced:
         if strict:
             raise NoCompatibleArtifactError(
@@ -145,7 +169,7 @@ def load(
         log.warning("hxc: requested device %r is not usable here; choosing another", selection.forced)
         refused = selection.forced
         selection = replace(
-            select(manifest, probe, policy=policy, device="", **allow),
+            select(manifest, probe, policy=policy, device="", **options),
             note=f"requested device {refused!r} is not usable here ({_summary(selection)}); fell back",
         )
     if not selection.candidates:
@@ -196,6 +220,7 @@ class Session:
         self.device = device
         self.context = context
         self.function = function
+        self.device_seconds = 0.0  # of the last invoke(), copies to and from the device excluded
         # The mapped module, the parameter index and its provider must outlive the
         # context that reads from them.
         self._keep_alive = keep_alive
@@ -259,7 +284,10 @@ class Session:
         import iree.runtime as rt
 
         results = rt.VmVariantList(len(signature.outputs))
-        self.context.invoke(self.function, self._args(arrays, signature), results)
+        args = self._args(arrays, signature)
+        t0 = time.perf_counter()
+        self.context.invoke(self.function, args, results)
+        self.device_seconds = time.perf_counter() - t0
         return [
             to_host(self.device, results.get_as_object(i, rt.HalBufferView), spec.dtype)
             for i, spec in enumerate(signature.outputs)
@@ -290,8 +318,8 @@ def check_inputs(signature: Signature, inputs: Any) -> list[np.ndarray]:
     sizes: dict[str, int] = {}
     for i, (x, spec) in enumerate(zip(inputs, expected)):
         a = to_numpy(x)
-        if a.dtype != numpy_dtype(spec.dtype):
-            got = dtype_name(a.dtype) or str(a.dtype)
+        if a.dtype != dtype(spec.dtype).numpy_dtype():
+            got = getattr(from_numpy(a.dtype), "name", str(a.dtype))
             raise SignatureError(f"input {i} ({spec.name}) has dtype {got}; expected {spec.format()}")
         if a.ndim != len(spec.shape) or any(
             isinstance(d, int) and d != n for d, n in zip(spec.shape, a.shape)

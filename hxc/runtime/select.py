@@ -7,10 +7,21 @@ device is present and can run it, and its engine has no objection (an AOTInducto
 package built against another torch, a missing execution provider).
 
 Ranking: artifacts measured by `hxc bench` come first, ordered by the policy's
-metric (p50 latency, or throughput), using profiles recorded on this very host, else
-on a host with the same device; so whichever engine measured fastest here runs.
-Unmeasured artifacts follow, in each family's static order (a native GPU, then native
-CPU code, then a software Vulkan device), IREE's before other engines'.
+metric, using profiles recorded on this very host, else on a host with the same
+device; so whichever engine measured fastest here runs. Unmeasured artifacts follow,
+in each family's static order (a native GPU, then native CPU code, then a software
+Vulkan device), IREE's before other engines'.
+
+Policies:
+  latency     lowest p50 of the single-stream profile
+  throughput  most items (batch rows) per second, offline batches preferred
+  cost        lowest cost per 1,000 items = device price per hour / items per second
+              (prices: hxc.runtime.prices); measured but unpriced ones follow priced ones
+
+With an SLO (`slo_ms`, judged on p99 or p50 of the single-stream profile plus the
+caller overhead the pool measured), candidates that meet it rank first, then the
+unmeasured (which cannot be judged), then those that miss it; if none meets it, the
+fastest is picked and the selection says so.
 """
 
 from __future__ import annotations
@@ -21,29 +32,115 @@ from typing import Literal
 
 from hxc.engines import engine
 from hxc.errors import UsageError
-from hxc.manifests.schema import Artifact, Manifest, Profile
+from hxc.manifests.schema import Artifact, LatencyStats, Manifest, Profile
+from hxc.runtime.prices import Price, PriceTable, cost_per_1k
 from hxc.runtime.probe import HostProbe
 from hxc.targets import Device, family
 
-Policy = Literal["latency", "throughput"]
-POLICIES: tuple[str, ...] = ("latency", "throughput")
+Policy = Literal["latency", "throughput", "cost"]
+POLICIES: tuple[str, ...] = ("latency", "throughput", "cost")
+SloPercentile = Literal["p50", "p99"]
+SLO_PERCENTILES: tuple[str, ...] = ("p50", "p99")
+# A percentile is a weak estimate below this many timed calls: p99 of 20 calls is just
+# the slowest of them. `hxc bench --min-iterations 100` records enough for p99.
+MIN_SAMPLES: dict[str, int] = {"p50": 10, "p99": 100}
 DEVICE_ENV = "HXC_DEVICE"
+
+
+@dataclass(frozen=True)
+class Slo:
+    """A latency target: the `percentile` of a call's latency as the caller sees it."""
+
+    ms: float
+    percentile: SloPercentile = "p99"
+
+    def __str__(self) -> str:
+        return f"{self.percentile} <= {self.ms:g} ms"
+
+
+@dataclass(frozen=True)
+class SloVerdict:
+    met: bool
+    estimate_ms: float  # device time at the percentile + caller overhead at the same percentile
+    device_ms: float
+    overhead_ms: float | None  # None: not measured, so the estimate is device time alone
+    samples: int
+    caveats: tuple[str, ...] = ()  # why the estimate is weak; empty when it is not
+
+    @property
+    def weak(self) -> bool:
+        return bool(self.caveats)
+
+    def describe(self, slo: Slo) -> str:
+        over = f" + overhead {self.overhead_ms:.3g}" if self.overhead_ms is not None else ""
+        text = (f"{slo.percentile} {self.device_ms:.3g}{over} = {self.estimate_ms:.3g} ms "
+                f"{'<=' if self.met else '>'} {slo.ms:g} ms: SLO {'met' if self.met else 'missed'}")  # fmt: skip
+        return text + (f" (weak: {'; '.join(self.caveats)})" if self.caveats else "")
+
+
+def judge_slo(slo: Slo, latency: LatencyStats, overhead: LatencyStats | None) -> SloVerdict:
+    """Whether a device whose calls took `latency` (device time) and cost a caller
+    `overhead` on top meets `slo`. Percentiles of the two are added, which errs on the
+    safe side."""
+    device_ms = getattr(latency, f"{slo.percentile}_ms")
+    overhead_ms = getattr(overhead, f"{slo.percentile}_ms") if overhead is not None else None
+    caveats = []
+    need = MIN_SAMPLES[slo.percentile]
+    if latency.iterations < need:
+        caveats.append(f"{slo.percentile} from {latency.iterations} samples, fewer than {need}")
+    if overhead is None:
+        caveats.append("caller overhead not measured (`hxc bench --pool` records it)")
+    estimate = device_ms + (overhead_ms or 0.0)
+    return SloVerdict(estimate <= slo.ms, estimate, device_ms, overhead_ms, latency.iterations, tuple(caveats))
 
 
 @dataclass(frozen=True)
 class Candidate:
     artifact: Artifact
     device: Device
-    profile: Profile | None  # the measurement that ranked it, if any
+    latency: Profile | None  # the single-stream measurement, if any
+    throughput: Profile | None  # the measurement with the most items/s, if any
     measured_on: Literal["this host", "same device", None]
     static_rank: int
+    price: Price | None = None
+    slo: SloVerdict | None = None  # set when the selection has an SLO and a measurement
+    preferred: bool = False  # of the reduced precision the caller asked for
+
+    @property
+    def profile(self) -> Profile | None:
+        return self.latency or self.throughput
+
+    @property
+    def items_per_second(self) -> float | None:
+        return self.throughput.items_per_second if self.throughput else None
+
+    @property
+    def cost_per_1k(self) -> float | None:
+        if self.price is None or self.items_per_second is None:
+            return None
+        return cost_per_1k(self.price, self.items_per_second)
 
     @property
     def reason(self) -> str:
         if self.profile is None:
             return f"no profile; static order {self.static_rank}"
-        p = self.profile
-        return f"measured on {self.measured_on}: p50 {p.latency.p50_ms:.3g} ms, {p.throughput:.4g}/s"
+        parts = [f"measured on {self.measured_on}"]
+        if self.latency is not None:
+            s = self.latency.latency
+            parts.append(f"p50 {s.p50_ms:.3g} ms, p99 {s.p99_ms:.3g} ms ({s.iterations} samples)")
+        if self.throughput is not None:
+            t = self.throughput
+            parts.append(f"{t.items_per_second:.4g} items/s ({t.scenario} batch {t.batch})")
+        return ": ".join(parts[:2]) + "".join(f", {p}" for p in parts[2:])
+
+    def arithmetic(self, currency: str = "USD") -> str:
+        """The cost arithmetic, for explain()."""
+        if self.price is None:
+            return "no price for this device (add it to prices.toml)"
+        head = f"{self.price.per_hour:.4g} {currency}/h ({self.price.source})"
+        if self.items_per_second is None:
+            return f"{head}; not measured, so it cannot be costed"
+        return f"{head} / ({self.items_per_second:.4g} items/s x 3600) x 1000 = {self.cost_per_1k:.3g} {currency} per 1k items"
 
 
 @dataclass(frozen=True)
@@ -59,18 +156,29 @@ class Selection:
     policy: str
     forced: str | None  # the device the caller asked for, if any
     note: str | None = None  # e.g. why a requested device was not honoured
+    slo: Slo | None = None
+    currency: str = "USD"
 
     @property
     def best(self) -> Candidate | None:
         return self.candidates[0] if self.candidates else None
 
     def explain(self) -> str:
-        lines = [f"policy: {self.policy}" + (f"; device forced to {self.forced!r}" if self.forced else "")]
+        head = f"policy: {self.policy}"
+        if self.policy == "cost":
+            head += " (cost per 1,000 items, i.e. batch rows = price per hour / (items per second x 3600) x 1000)"
+        if self.slo:
+            head += f"; SLO: {self.slo} per call, device time + caller overhead"
+        lines = [head + (f"; device forced to {self.forced!r}" if self.forced else "")]
         if self.note:
             lines.append(f"note: {self.note}")
         for i, c in enumerate(self.candidates):
             mark = "->" if i == 0 else "  "
             lines.append(f"{mark} #{i + 1} {c.artifact.id} on {c.device.label}: {c.reason}")
+            if self.policy == "cost":
+                lines.append(f"        cost: {c.arithmetic(self.currency)}")
+            if self.slo is not None:
+                lines.append("        slo: " + (c.slo.describe(self.slo) if c.slo else "not measured, cannot be judged"))
         for r in self.rejected:
             lines.append(f"   x  {r.artifact.id}: {r.reason}")
         return "\n".join(lines)
@@ -84,15 +192,26 @@ def select(
     device: str | None = None,
     precision: str | None = None,
     tolerance: float | None = None,
+    slo_ms: float | None = None,
+    slo_percentile: str = "p99",
+    prices: PriceTable | None = None,
 ) -> Selection:
     """Rank the manifest's artifacts for this host. `device` (or $HXC_DEVICE) restricts
     the choice to a driver (`vulkan`), a device URI, or a family (`cpu`).
 
     Reduced-precision artifacts are candidates only when allowed: `precision="fp16"`
     allows fp16 ones (and prefers them when nothing is measured); `tolerance=1e-2`
-    allows any whose recorded error against fp32 is at most that."""
+    allows any whose recorded error against fp32 is at most that.
+
+    `policy="cost"` prices devices with `prices` (default: `load_prices()`); `slo_ms`
+    ranks the candidates that meet that latency target at `slo_percentile` first."""
     if policy not in POLICIES:
         raise UsageError(f"unknown policy {policy!r}", hint=f"choose from: {', '.join(POLICIES)}")
+    slo = _slo(slo_ms, slo_percentile)
+    if prices is None and policy == "cost":
+        from hxc.runtime.prices import load_prices
+
+        prices = load_prices()
     # device="" means "no restriction", overriding $HXC_DEVICE.
     forced = (device if device is not None else os.environ.get(DEVICE_ENV)) or None
     host_id = probe.host().id
@@ -124,20 +243,35 @@ def select(
             rejected.append(Rejection(art, "; ".join(dict.fromkeys(r for r in reasons.values() if r))))
             continue
         if forced:
-            matching = [d for d in able if _matches(forced, d, art)]
+            matching = [d for d in able if matches_device(forced, d, art)]
             if not matching:
                 rejected.append(Rejection(art, f"not the requested device {forced!r}"))
                 continue
             able = matching
         # Prefer the family's first driver (local-task over local-sync) for this artifact.
         dev = min(able, key=lambda d: fam.drivers.index(d.driver))
-        profile, where = _profile_for(manifest, art, dev, host_id, policy)
+        latency, throughput, where = _profiles_for(manifest, art, dev, host_id)
         preferred = art.precision != "fp32" and art.precision == precision
-        rank = fam.rank(art, dev) + eng.static_rank_offset + (2 if preferred else 0)
-        candidates.append(Candidate(art, dev, profile, where, rank))
+        price = prices.price(dev, probe.cpu.cores) if prices is not None else None
+        verdict = judge_slo(slo, latency.latency, latency.caller_overhead) if slo and latency else None
+        candidates.append(Candidate(art, dev, latency, throughput, where, fam.rank(art, dev) + eng.static_rank_offset, price, verdict, preferred))
 
-    candidates.sort(key=lambda c: _order(c, policy))
-    return Selection(tuple(candidates), tuple(rejected), policy, forced)
+    note = None
+    if slo is not None and any(c.slo for c in candidates) and not any(c.slo and c.slo.met for c in candidates):
+        note = f"no candidate meets the SLO ({slo}); the fastest is picked"
+    order = _order_key(policy, slo, meets_any=note is None)
+    candidates.sort(key=order)
+    return Selection(tuple(candidates), tuple(rejected), policy, forced, note, slo, prices.currency if prices else "USD")
+
+
+def _slo(slo_ms: float | None, percentile: str) -> Slo | None:
+    if percentile not in SLO_PERCENTILES:
+        raise UsageError(f"unknown SLO percentile {percentile!r}", hint=f"choose from: {', '.join(SLO_PERCENTILES)}")
+    if slo_ms is None:
+        return None
+    if not slo_ms > 0:
+        raise UsageError(f"the SLO must be a positive number of milliseconds, not {slo_ms!r}")
+    return Slo(float(slo_ms), percentile)  # type: ignore[arg-type]
 
 
 def _precision_refused(art: Artifact, precision: str | None, tolerance: float | None) -> str | None:
@@ -150,30 +284,59 @@ def _precision_refused(art: Artifact, precision: str | None, tolerance: float | 
     return f"{art.precision} variant ({measured}): allow it with precision={art.precision!r} or a tolerance >= its error"
 
 
-def _order(c: Candidate, policy: str) -> tuple:
-    if c.profile is None:
-        return (1, 0.0, -c.static_rank)
-    # Profiles from this host outrank ones borrowed from a host with the same device.
-    where = 0 if c.measured_on == "this host" else 1
-    metric = c.profile.latency.p50_ms if policy == "latency" else -c.profile.throughput
-    return (0, where, metric, -c.static_rank)
+def _order_key(policy: str, slo: Slo | None, meets_any: bool):
+    def key(c: Candidate) -> tuple:
+        if c.profile is None:
+            # Unmeasured: after every candidate that meets the SLO (or all measured ones
+            # when there is none), before those that miss it. The asked-for precision
+            # breaks ties between builds of the same rank (cpu:host over cpu:host@fp16
+            # unless fp16 was asked for); it never outranks a better variant.
+            return (1, 0, 0.0, -c.static_rank, not c.preferred)
+        # Profiles from this host outrank ones borrowed from a host with the same device.
+        where = 0 if c.measured_on == "this host" else 1
+        if slo is not None and c.slo is not None and not c.slo.met:
+            # Missing the SLO: fastest first; first of all when nothing meets it.
+            return (0 if not meets_any else 2, where, c.slo.estimate_ms, -c.static_rank)
+        return (0, where, *_metric(c, policy), -c.static_rank)
+
+    return key
 
 
-def _profile_for(
-    manifest: Manifest, art: Artifact, dev: Device, host_id: str, policy: str
-) -> tuple[Profile | None, Literal["this host", "same device", None]]:
-    scenario = "single-stream" if policy == "latency" else "offline"
+def _metric(c: Candidate, policy: str) -> tuple[int, float]:
+    if policy == "cost":
+        cost = c.cost_per_1k
+        # Measured but priceless (or without a throughput): after the priced, fastest first.
+        return (0, cost) if cost is not None else (1, -(c.items_per_second or 0.0))
+    if policy == "throughput":
+        return (0, -(c.items_per_second or 0.0))
+    assert c.profile is not None
+    return (0, c.profile.latency.p50_ms)
+
+
+def _profiles_for(
+    manifest: Manifest, art: Artifact, dev: Device, host_id: str
+) -> tuple[Profile | None, Profile | None, Literal["this host", "same device", None]]:
+    """(latency profile, throughput profile, where measured). Latency: the newest
+    single-stream one (else the newest of any scenario); throughput: of the newest
+    offline profile per batch (else the newest single-stream one), the one with the
+    most items per second."""
     mine = [p for p in manifest.profiles if p.artifact_sha256 == art.sha256 and p.device == dev.label]
     for where, pool in (("this host", [p for p in mine if p.host_id == host_id]), ("same device", mine)):
-        for want in (scenario, None):
-            hits = [p for p in pool if want is None or p.scenario == want]
-            if hits:
-                # The newest measurement wins; the list is in recording order.
-                return hits[-1], where  # type: ignore[return-value]
-    return None, None
+        if not pool:
+            continue
+        # The list is in recording order: the newest measurement wins.
+        single = [p for p in pool if p.scenario == "single-stream"]
+        latency = (single or pool)[-1]
+        newest = {(p.scenario, p.batch): p for p in pool}
+        offline = [p for p in newest.values() if p.scenario == "offline"]
+        throughput = max(offline or newest.values(), key=lambda p: p.items_per_second)
+        return latency, throughput, where  # type: ignore[return-value]
+    return None, None, None
 
 
-def _matches(forced: str, device: Device, art: Artifact) -> bool:
+def matches_device(forced: str, device: Device, art: Artifact) -> bool:
+    """Whether `forced` (a driver, device URI, family or artifact id, as `device=` takes
+    it) names this device and artifact."""
     return forced in (device.driver, device.uri, art.family, art.id) or device.uri.startswith(forced + "://")
 
 

@@ -6,28 +6,19 @@ one thing everywhere.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hxc.arrays import ArrayFileError, read_npz
+from hxc.dtypes import compute_dtype, dtype, from_storage
 from hxc.errors import BundleError, ExitCode, HxcError, first_line
 from hxc.manifests import Manifest, Signature, read_manifest
-from hxc.manifests.bundle import check_all_files, open_checked
-from hxc.runtime.io import numpy_dtype
+from hxc.manifests.bundle import TrustedKeys, check_all_files, open_checked
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import select
-
-# (absolute, relative) tolerance per dtype: |actual - expected| <= atol + rtol * |expected|.
-# f32 leaves room for reassociated reductions on GPUs; reduced precision is looser.
-TOLERANCES: dict[str, tuple[float, float]] = {
-    "f64": (1e-6, 1e-5),
-    "f32": (1e-4, 1e-3),
-    "f16": (1e-2, 1e-2),
-    "bf16": (5e-2, 5e-2),
-}
-
 
 @dataclass(frozen=True)
 class Comparison:
@@ -36,24 +27,33 @@ class Comparison:
     ok: bool
 
 
-def compare(actual: np.ndarray, expected: np.ndarray, dtype: str) -> Comparison:
+def compare(actual: np.ndarray, expected: np.ndarray, name: str) -> Comparison:
+    """Outputs of hxc dtype `name` against the reference, at that dtype's tolerance
+    (`hxc.dtypes`); integers and booleans must match exactly."""
     if actual.shape != expected.shape:
         return Comparison(float("inf"), float("inf"), False)
-    if dtype not in TOLERANCES:  # integers and booleans must match exactly
+    tolerance = dtype(name).tolerance
+    if tolerance is None:
         diff = np.abs(actual.astype(np.int64) - expected.astype(np.int64))
         worst = float(diff.max()) if diff.size else 0.0
         return Comparison(worst, worst, worst == 0)
     a = actual.astype(np.float64)
     e = expected.astype(np.float64)
-    atol, rtol = TOLERANCES[dtype]
-    diff = np.abs(a - e)
-    if not diff.size:
+    if not e.size:
         return Comparison(0.0, 0.0, True)
-    finite = np.isfinite(a) == np.isfinite(e)
-    both_nan = np.isnan(a) & np.isnan(e)  # NaN where the reference has NaN is a match
-    rel = diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny)
-    ok = bool(finite.all() and np.all((diff <= atol + rtol * np.abs(e)) | (a == e) | both_nan))
-    return Comparison(float(np.nanmax(diff)), float(np.nanmax(np.where(np.abs(e) > atol, rel, 0.0))), ok)
+    atol, rtol = tolerance
+    # Equal values match (infinities included), and NaN where the reference has NaN;
+    # otherwise both must be finite and close. An infinite reference is not "close" to
+    # anything else: +inf against -inf is off by infinity, whatever rtol * inf says.
+    same = (a == e) | (np.isnan(a) & np.isnan(e))
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(same, 0.0, np.abs(a - e))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        close = np.isfinite(a) & np.isfinite(e) & (diff <= atol + rtol * np.abs(e))
+        rel = np.where(np.isfinite(e), diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny), diff)
+    ok = bool(np.all(same | close))
+    # Relative error is reported where the reference is not within atol of zero.
+    return Comparison(float(diff.max()), float(np.where(np.abs(e) > atol, rel, 0.0).max()), ok)
 
 
 def load_golden(bundle: Path, manifest: Manifest) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -76,11 +76,10 @@ def golden_arrays(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Golden inputs and outputs in signature order; bf16, stored as raw bits, as bf16."""
 
-    def typed(key: str, dtype: str) -> np.ndarray:
+    def typed(key: str, name: str) -> np.ndarray:
         if key not in arrays:
             raise BundleError(f"{where}: golden sample lacks {key}")
-        a = arrays[key]
-        return a.view(numpy_dtype("bf16")) if dtype == "bf16" else a
+        return from_storage(arrays[key], name)
 
     inputs = [typed(f"input_{i}", s.dtype) for i, s in enumerate(signature.inputs)]
     outputs = [typed(f"output_{i}", s.dtype) for i, s in enumerate(signature.outputs)]
@@ -91,7 +90,7 @@ def compare_outputs(
     outputs: list[np.ndarray], expected: list[np.ndarray], signature: Signature, precision: str
 ) -> list[Comparison]:
     """One comparison per output, at the tolerance of the artifact's compute precision."""
-    return [compare(o, x, effective_dtype(s.dtype, precision)) for o, x, s in zip(outputs, expected, signature.outputs)]
+    return [compare(o, x, compute_dtype(s.dtype, precision)) for o, x, s in zip(outputs, expected, signature.outputs)]
 
 
 @dataclass(frozen=True)
@@ -124,15 +123,24 @@ class VerifyReport:
 
 
 def verify_bundle(
-    bundle: str | Path, *, device: str | None = None, probe: HostProbe | None = None
+    bundle: str | Path,
+    *,
+    device: str | None = None,
+    probe: HostProbe | None = None,
+    trusted_keys: TrustedKeys = None,
+    isolate: bool = True,
 ) -> VerifyReport:
     """Check every build-time file of the bundle against the manifest (whether or not
     this host can run it), then run the golden sample on every artifact this host can
-    run. Artifacts whose files fail the check are never run."""
+    run. Artifacts whose files fail the check are never run.
+
+    With `isolate` (the default) each artifact runs in its own worker process, so one
+    whose code crashes inside IREE (a segfault, an illegal instruction) is reported
+    as a failed artifact instead of taking the caller down."""
     from hxc.runtime.loader import load
 
     path = Path(bundle)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, trusted_keys=trusted_keys)
     bad = check_all_files(path, manifest)
     integrity = tuple(bad.values())
     if manifest.golden_file in bad:
@@ -148,8 +156,12 @@ def verify_bundle(
             results.append(VerifyResult(cand.artifact.id, label, False, None, None, "not run: its files fail the integrity check"))
             continue
         try:
-            model = load(path, device=cand.artifact.id, strict=True, probe=probe, tolerance=float("inf"))
-            outputs = model.run_flat(inputs)
+            if isolate:
+                outputs = _run_in_worker(path, cand.artifact.id, inputs, trusted_keys)
+            else:
+                model = load(path, device=cand.artifact.id, strict=True, probe=probe, tolerance=float("inf"),
+                             trusted_keys=trusted_keys)  # fmt: skip
+                outputs = model.run_flat(inputs)
         except HxcError as e:
             results.append(VerifyResult(cand.artifact.id, label, False, None, None, e.message))
             continue
@@ -164,6 +176,11 @@ def verify_bundle(
     return VerifyReport(path, integrity, tuple(results))
 
 
-def effective_dtype(dtype: str, precision: str) -> str:
-    """A reduced-precision artifact's f32 outputs carry its compute precision's error."""
-    return {"fp16": "f16", "bf16": "bf16"}.get(precision, dtype) if dtype == "f32" else dtype
+def _run_in_worker(bundle: Path, artifact: str, inputs: list[np.ndarray], trusted_keys: TrustedKeys) -> list[np.ndarray]:
+    from hxc.manifests.signing import TRUSTED_KEYS_ENV
+    from hxc.pool.worker import run_isolated
+
+    env = {}
+    if trusted_keys not in (None, False):  # explicit keys: the worker checks them too
+        env[TRUSTED_KEYS_ENV] = trusted_keys if isinstance(trusted_keys, str) else os.pathsep.join(map(str, trusted_keys))
+    return run_isolated(bundle, artifact, inputs, load_options={"tolerance": float("inf")}, env=env).outputs

@@ -10,7 +10,7 @@ outside this package branches on a family's name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from hxc.manifests.schema import Artifact, Requirements
@@ -36,14 +36,17 @@ class Variant:
 class CompilePlan:
     """A variant made concrete for this compile host: the flags actually used and what the
     resulting binary will need. `dump_binaries` asks the driver to keep the executable
-    binaries so `TargetFamily.check` can inspect them."""
+    binaries so `TargetFamily.check` can inspect them. `checked_by` names the tool that
+    check runs (with its version): it is part of the compile cache key, because a cached
+    binary is only as good as the check it passed (PTX cached before ptxas was installed
+    was never assembled)."""
 
     variant: Variant
     flags: tuple[str, ...]
     binary: str
     requires: Requirements
     dump_binaries: bool = False
-    notes: tuple[str, ...] = field(default=())
+    checked_by: str | None = None
 
 
 @dataclass(frozen=True)

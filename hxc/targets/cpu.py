@@ -129,7 +129,7 @@ class CpuFamily(TargetFamily):
         wanted = X86_CODEGEN if cpu.isa == "x86_64" else AARCH64_CODEGEN
         requires = Requirements(isa=cpu.isa, cpu_features=tuple(f for f in wanted if f in cpu.features))
         binary = {"x86_64": "elf-x86_64", "aarch64": "elf-arm_64"}.get(cpu.isa, f"elf-{cpu.isa}")
-        return CompilePlan(variant, variant.flags, binary, requires, notes=(f"host CPU: {cpu.model}",))
+        return CompilePlan(variant, variant.flags, binary, requires)
 
     def describe_devices(self, driver: str, devices: list[dict], dump_info) -> list[Device]:
         cpu = host_cpu()

@@ -54,8 +54,9 @@ class CudaFamily(TargetFamily):
 
     def plan(self, variant: Variant) -> CompilePlan:
         if find_ptxas() is None:
-            return CompilePlan(variant, variant.flags, "ptx", variant.requires, notes=("ptxas not found: PTX not checked",))
-        return CompilePlan(variant, variant.flags, "ptx", variant.requires, dump_binaries=True)
+            return CompilePlan(variant, variant.flags, "ptx", variant.requires)  # PTX ships unchecked
+        return CompilePlan(variant, variant.flags, "ptx", variant.requires, dump_binaries=True,
+                           checked_by=f"ptxas {ptxas_version()}")  # fmt: skip
 
     def check(self, plan: CompilePlan, binaries: Path | None) -> str | None:
         ptxas = find_ptxas()
@@ -94,8 +95,9 @@ class CudaFamily(TargetFamily):
         return None
 
     def rank(self, artifact: Artifact, device: Device) -> int:
-        # The newest SM the GPU supports wins: its PTX may use that SM's instructions.
-        return 100 + (sm_number(artifact.requires.min_gpu_arch) or 0) // 10
+        # The most specific compatible SM wins: its PTX may use that SM's instructions.
+        # Every SM number counts (sm_89 over sm_86 over sm_80), so no two variants tie.
+        return 100 + (sm_number(artifact.requires.min_gpu_arch) or 0)
 
 
 def sm_number(arch: str | None) -> int | None:

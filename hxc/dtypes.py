@@ -1,0 +1,173 @@
+"""Element types: one record per dtype, and every other spelling derived from it.
+
+hxc names element types as IREE's tools do (`f32`, `i64`, `i1`: `--input 1x3xf32`).
+Each record carries that name's numpy, torch, ONNX, ONNX Runtime, IREE HAL and KServe
+v2 / Triton spellings and the tolerance outputs of that type are compared at. Nothing
+else in hxc lists dtypes. torch, onnx and IREE objects are looked up by name only when
+asked for, so importing this module imports none of them (nor numpy).
+
+bf16 has no numpy dtype of its own: on the host it is ml_dtypes' `bfloat16` (a
+dependency of iree-base-runtime), and in `.npz` files, which cannot name that type, it
+is stored as its raw 16 bits (`uint16`): `to_storage` / `from_storage`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hxc.errors import LoweringError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# Size a dynamic dimension gets in generated example inputs. torch.export specialises
+# sizes 0 and 1, and a size of 1 would let a wrongly broadcast dimension pass unnoticed.
+DYNAMIC_EXAMPLE_SIZE = 2
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str  # hxc's (and IREE's) name: f32
+    numpy: str  # numpy dtype name; "bfloat16" is ml_dtypes'
+    torch: str  # attribute of the torch module: float32
+    onnx: int  # onnx.TensorProto.DataType value
+    onnxruntime: str  # NodeArg.type: tensor(float)
+    iree: str  # iree.runtime.HalElementType member: FLOAT_32
+    kserve: str  # KServe v2 / Triton inference protocol datatype: FP32
+    # (atol, rtol) for comparing outputs: |actual - expected| <= atol + rtol * |expected|;
+    # None: must match exactly (integers, booleans).
+    tolerance: tuple[float, float] | None
+    # Carried across an artifact's interface. f64 is not: IREE demotes it to f32 inside
+    # the module, which breaks the interface.
+    interface: bool = True
+
+    @property
+    def is_float(self) -> bool:
+        return self.tolerance is not None
+
+    def numpy_dtype(self) -> np.dtype:
+        return _numpy_dtype(self.name)
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.torch)
+
+    def iree_element_type(self) -> Any:
+        import iree.runtime as rt
+
+        return getattr(rt.HalElementType, self.iree)
+
+
+# f32 leaves room for reassociated reductions on GPUs; reduced precision is looser.
+DTYPES: tuple[DType, ...] = (
+    DType("f64", "float64", "float64", 11, "tensor(double)", "FLOAT_64", "FP64", (1e-6, 1e-5), interface=False),
+    DType("f32", "float32", "float32", 1, "tensor(float)", "FLOAT_32", "FP32", (1e-4, 1e-3)),
+    DType("f16", "float16", "float16", 10, "tensor(float16)", "FLOAT_16", "FP16", (1e-2, 1e-2)),
+    DType("bf16", "bfloat16", "bfloat16", 16, "tensor(bfloat16)", "BFLOAT_16", "BF16", (5e-2, 5e-2)),
+    DType("i64", "int64", "int64", 7, "tensor(int64)", "SINT_64", "INT64", None),
+    DType("i32", "int32", "int32", 6, "tensor(int32)", "SINT_32", "INT32", None),
+    DType("i16", "int16", "int16", 5, "tensor(int16)", "SINT_16", "INT16", None),
+    DType("i8", "int8", "int8", 3, "tensor(int8)", "SINT_8", "INT8", None),
+    DType("u8", "uint8", "uint8", 2, "tensor(uint8)", "UINT_8", "UINT8", None),
+    DType("i1", "bool", "bool", 9, "tensor(bool)", "BOOL_8", "BOOL", None),
+)
+_BY_NAME = {d.name: d for d in DTYPES}
+NAMES: tuple[str, ...] = tuple(_BY_NAME)
+# Compute precisions a build may ask for, and the element type each computes in.
+PRECISIONS: dict[str, str] = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+
+
+def dtype(name: str) -> DType:
+    """The record for an hxc dtype name; KeyError for names hxc does not know."""
+    return _BY_NAME[name]
+
+
+def from_numpy(np_dtype: Any) -> DType | None:
+    return next((d for d in DTYPES if d.numpy_dtype() == np_dtype), None)
+
+
+def from_torch(torch_dtype: Any) -> DType | None:
+    return next((d for d in DTYPES if f"torch.{d.torch}" == str(torch_dtype)), None)
+
+
+def from_onnx(elem_type: int) -> DType | None:
+    return next((d for d in DTYPES if d.onnx == elem_type), None)
+
+
+def interface_dtype(found: DType | None, label: str, what: str) -> str:
+    """The hxc name of a model input's or output's element type, or a one-line
+    LoweringError saying why the artifact's interface cannot carry it. `what` names the
+    type as the model spells it (`dtype torch.complex64`, `ONNX type UINT16`)."""
+    if found is None:
+        raise LoweringError(f"{label} has {what}, which hxc does not support")
+    if not found.interface:
+        raise LoweringError(
+            f"{label} is float64; IREE demotes f64 to f32, which breaks the artifact's interface",
+            hint="convert the model and its inputs to float32",
+        )
+    return found.name
+
+
+def compute_dtype(name: str, precision: str) -> str:
+    """The dtype whose error an output carries: a reduced-precision artifact's f32
+    outputs carry its compute precision's error, whatever type they are returned in."""
+    return PRECISIONS.get(precision, name) if name == "f32" else name
+
+
+def to_storage(array: np.ndarray) -> np.ndarray:
+    """An array as an `.npz` can hold it: bf16 as its raw bits."""
+    import numpy as np
+
+    return array.view(np.uint16) if array.dtype == _numpy_dtype("bf16") else array
+
+
+def from_storage(array: np.ndarray, name: str) -> np.ndarray:
+    """The inverse of `to_storage`, for an array of hxc dtype `name`."""
+    return array.view(_numpy_dtype("bf16")) if name == "bf16" else array
+
+
+@functools.cache
+def _numpy_dtype(name: str) -> np.dtype:
+    import numpy as np
+
+    if name == "bf16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(_BY_NAME[name].numpy)
+
+
+# --- torch tensors <-> host arrays, without importing torch unless one is given ---------
+
+
+def is_torch(x: object) -> bool:
+    """A torch tensor, recognised without importing torch."""
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+def to_numpy(x: object) -> np.ndarray:
+    """A host array for a numpy array, a torch tensor (bf16 included) or a sequence."""
+    import numpy as np
+
+    if is_torch(x):
+        import torch
+
+        t = x.detach().cpu().contiguous()  # type: ignore[attr-defined]
+        if t.dtype == torch.bfloat16:  # numpy cannot take it directly: go through the bits
+            return t.view(torch.int16).numpy().view(_numpy_dtype("bf16"))
+        return t.numpy()
+    return np.asarray(x)
+
+
+def to_torch(array: np.ndarray, name: str) -> Any:
+    """A torch tensor sharing `array`'s memory where it can, for an array of hxc dtype `name`."""
+    import numpy as np
+    import torch
+
+    array = np.ascontiguousarray(array)
+    if name == "bf16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)

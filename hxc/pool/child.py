@@ -1,0 +1,184 @@
+"""The worker process: one artifact of one bundle on one device, serving the pool.
+
+It loads through `hxc.runtime.load` (so the bytes it maps are the bytes it hashed,
+and any backend the loader knows runs), warms up, says it is ready, and then runs
+one request at a time: inputs are read in place from the pool's shared memory,
+outputs written to its own. It exits when the pool says stop, when the control
+socket closes, or when its parent process is gone.
+
+Started as `python -c BOOTSTRAP CONFIG` (see `worker.py`): the bootstrap pins the
+process to its CPUs before anything starts a thread, so every thread inherits them.
+
+Fault injection, for tests only: `HXC_POOL_FAULT="<who>:<what>@<n>[,...]"` makes the
+first incarnation of a worker whose artifact id or driver is <who> misbehave on its
+n-th request: `hang` (never answers), `crash` (SIGKILLs itself), `segv` (a real
+segmentation fault). A restarted worker behaves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+FAULT_ENV = "HXC_POOL_FAULT"
+
+
+def main(config: dict[str, Any]) -> None:
+    from hxc.pool.channel import Channel, ChannelClosed
+
+    import socket
+
+    channel = Channel(socket.socket(fileno=config["fd"]))
+    _exit_with_parent()
+    cpus = config.get("cpus")
+    try:
+        if cpus:
+            import iree.runtime as rt
+
+            # Must be parsed before the first local-task device exists in this process.
+            rt.flags.parse_flags("--task_topology_cpu_ids=" + ",".join(map(str, cpus)))
+        model, ready = _load(config)
+    except Exception as e:  # noqa: BLE001 - every load failure goes back as one line
+        from hxc.errors import first_line
+
+        channel.send({"op": "failed", "message": first_line(e), "exit_code": int(getattr(e, "exit_code", 1))})
+        sys.exit(1)
+    if cpus:
+        _pin_all_threads(cpus)
+    channel.send({"op": "ready", **ready})
+    faults = _faults(os.environ.get(FAULT_ENV, ""), model, config.get("incarnation", 1))
+    try:
+        _serve(channel, model, faults)
+    except ChannelClosed:
+        pass
+    os._exit(0)  # skip IREE's teardown: the process is done and the pool may be gone
+
+
+def _load(config: dict[str, Any]):
+    import numpy as np
+
+    import hxc.runtime
+
+    t0 = time.perf_counter()
+    model = hxc.runtime.load(config["bundle"], device=config["artifact"], **{"strict": True, **config.get("load", {})})
+    load_ms = (time.perf_counter() - t0) * 1000
+    # The first call sets up pipelines (seconds on lavapipe); do it before saying ready
+    # so the first real request is timed like every other.
+    warmup: float | str
+    t0 = time.perf_counter()
+    try:
+        from hxc.dtypes import dtype
+
+        zeros = [np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype(s.dtype).numpy_dtype())
+                 for s in model.signature.inputs]  # fmt: skip
+        model.run_flat(zeros)
+        warmup = (time.perf_counter() - t0) * 1000
+    except Exception as e:  # noqa: BLE001 - a model that rejects zeros still serves real inputs
+        warmup = f"warm-up call failed: {e}".splitlines()[0]
+    ready = {"pid": os.getpid(), "artifact": model.artifact.id, "device": model.device.label, "load_ms": load_ms,
+             "warmup_ms": warmup if isinstance(warmup, float) else None, "threads": threading.active_count(),
+             "native_threads": len(os.listdir("/proc/self/task")), "cpus": sorted(os.sched_getaffinity(0))}  # fmt: skip
+    return model, ready
+
+
+def _serve(channel, model, faults: dict[int, str]) -> None:
+    from hxc.errors import first_line
+    from hxc.pool.channel import ArrayRef, SharedBuffer, layout, write_arrays
+    from hxc.dtypes import dtype
+
+    signature = model.signature
+    in_dtypes = [dtype(s.dtype).numpy_dtype() for s in signature.inputs]
+    out_dtypes = [dtype(s.dtype).numpy_dtype() for s in signature.outputs]
+    inputs: dict[int, SharedBuffer] = {}  # slot -> the pool's buffer
+    outputs: dict[int, SharedBuffer] = {}  # slot -> ours
+    served = 0
+    while True:
+        message, fds = channel.receive()
+        if message["op"] == "stop":
+            return
+        slot = message["slot"]
+        if fds:
+            if slot in inputs:
+                inputs[slot].close()
+            inputs[slot] = SharedBuffer(message["size"], fds[0])
+        served += 1
+        _inject(faults.get(served))
+        t0 = time.perf_counter()
+        try:
+            arrays = [inputs[slot].view(ArrayRef.from_json(r), dt) for r, dt in zip(message["inputs"], in_dtypes)]
+            results = model.run_flat(arrays)
+            del arrays
+        except Exception as e:  # noqa: BLE001 - a bad request fails alone; the worker keeps serving
+            channel.send({"op": "error", "id": message["id"], "message": first_line(e)})
+            continue
+        device_ms = model.last_device_ms
+        refs, nbytes = layout([r.shape for r in results], [dt.itemsize for dt in out_dtypes])
+        new_fd: list[int] = []
+        if slot not in outputs or outputs[slot].size < nbytes:
+            if slot in outputs:
+                outputs[slot].close()
+            outputs[slot] = SharedBuffer.at_least(nbytes)
+            new_fd = [outputs[slot].fd]
+        write_arrays(outputs[slot], refs, results)
+        reply = {"op": "done", "id": message["id"], "outputs": [r.to_json() for r in refs], "device_ms": device_ms,
+                 "worker_ms": (time.perf_counter() - t0) * 1000, "size": outputs[slot].size}  # fmt: skip
+        channel.send(reply, new_fd)
+
+
+def _faults(spec: str, model, incarnation: int) -> dict[int, str]:
+    """{request number: fault} for this worker, from HXC_POOL_FAULT."""
+    if not spec or incarnation != 1:
+        return {}
+    out = {}
+    for item in spec.split(","):
+        who, _, rest = item.strip().rpartition(":")
+        what, _, n = rest.partition("@")
+        if who in (model.artifact.id, model.device.driver) and what in ("hang", "crash", "segv"):
+            out[int(n or 1)] = what
+    return out
+
+
+def _inject(fault: str | None) -> None:
+    if fault == "hang":
+        while True:
+            time.sleep(3600)
+    if fault == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "segv":
+        ctypes.string_at(0)
+
+
+def _exit_with_parent() -> None:
+    """Exit when the pool's process is gone, even mid-call: an orphaned worker would
+    hold its device (and a hung one would spin) forever."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="hxc-parent-watch", daemon=True).start()
+
+
+def _pin_all_threads(cpus: list[int]) -> None:
+    # Threads inherit the process's CPUs, but some libraries reset their own (Mesa's
+    # shader-cache thread asks for every CPU): pin them all again once loaded.
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            pass
+
+
+# `python -c BOOTSTRAP CONFIG_JSON`: pin first, then import anything.
+BOOTSTRAP = (
+    "import json, os, sys; c = json.loads(sys.argv[1]); "
+    "c.get('cpus') and os.sched_setaffinity(0, c['cpus']); "
+    "from hxc.pool.child import main; main(c)"
+)

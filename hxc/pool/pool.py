@@ -1,0 +1,669 @@
+"""`Pool`: every usable device of this host working on one batch, or one stream.
+
+    with Pool("model.hxc") as pool:     # every usable device; or Pool(bundle, ["cpu", "vulkan"])
+        y = pool(x)                     # x's batch split across the devices, y as one call would return it
+        for y in pool.map(batches):     # a stream of requests, results in input order
+            ...
+        print(pool.explain())           # which device got what, and why
+        print(pool.stats())             # items, busy time, utilisation, failures per device
+
+Each device runs the best artifact for it in its own worker process (`worker.py`).
+A call is split into chunks that the devices pull from a shared queue
+(`schedule.Balancer`), sized from the bench profiles at first and from observed
+timings after, so a device 30x slower gets about 1/30 of the work and all finish
+together. A device whose worker fails or misses a deadline loses nothing: its chunk
+goes back to the queue and the call completes on the others; the worker restarts
+after a back-off and rejoins. A device that slows the others more than it helps
+(a software Vulkan device competing with the CPU for the same cores) is noticed from
+measurements and left out, with the reason in `explain()`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hxc.errors import HxcError, NoCompatibleArtifactError, UsageError
+from hxc.manifests import read_manifest
+from hxc.manifests.schema import Signature
+from hxc.pool.schedule import Balancer, Chunk, Overlap, Speed, judge
+from hxc.pool.worker import Backoff, Deadlines, Health, Inputs, RequestFailed, Worker, WorkerFailed
+from hxc.runtime.probe import HostProbe, probe_host
+from hxc.runtime.select import Candidate, Selection, matches_device, select
+
+SLOTS = 2  # chunks a worker holds at once: one running, the next already there
+JUDGE_SAMPLES = 3  # chunks measured alone, and beside the others, before a judgement
+REJUDGE_S = 60.0  # seconds of work after which a judgement is made again (loads change)
+
+
+@dataclass(frozen=True)
+class DeviceStats:
+    name: str  # the artifact id, which names the member
+    device: str
+    health: str
+    reason: str | None  # why it is (or last was) unhealthy
+    left_out: str | None  # why the judgement left it out of the split
+    cpus: tuple[int, ...] | None
+    items: int
+    chunks: int
+    busy_s: float  # worker time on this pool's chunks
+    utilisation: float  # busy / the pool's working wall time
+    failures: int  # times its worker crashed, was killed or missed a deadline
+    requeued: int  # chunks it lost that went back to the queue (and ran elsewhere, or later)
+    restarts: int
+    queue_depth: int
+    items_per_second: float | None  # the current speed estimate
+    speed_source: str | None  # "profile" or "measured"
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    wall_s: float  # time spent in calls (and map iterations) over which utilisation is counted
+    items: int
+    devices: tuple[DeviceStats, ...]
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.wall_s if self.wall_s else 0.0
+
+    def device(self, name: str) -> DeviceStats:
+        return next(d for d in self.devices if d.name == name or d.device == name or d.device.startswith(name))
+
+
+@dataclass
+class _Member:
+    candidate: Candidate
+    worker: Worker
+    speed: Speed
+    solo: Speed  # measured while no other device worked
+    shared: Speed  # measured while every other device worked
+    solo_prior: float | None
+    left_out: str | None = None
+    counts: dict[str, float] = field(default_factory=lambda: {"items": 0, "chunks": 0, "busy_s": 0.0, "requeued": 0})
+    last_done: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.candidate.artifact.id
+
+
+@dataclass
+class _Item:
+    """One request of a call or stream: its inputs, where its units lie in the job's
+    unit space, and its outputs as chunks complete."""
+
+    arrays: list[np.ndarray]
+    offset: int
+    units: int
+    as_torch: bool
+    outputs: list[np.ndarray] | None = None
+    written: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    done: int = 0
+
+
+class Pool:
+    """Every usable device of this host as one callable; see the module docstring.
+
+    `devices`: "all", or a list of selectors as `hxc.runtime.load(device=...)` takes them
+    (a driver, a family, an artifact id, a device URI), one device each.
+    `pin`: None (workers share every core), "split" (each CPU-type device — the host CPU
+    and a software Vulkan device — gets its own share of the cores), or
+    {selector: [core ids]}.
+    `chunk_ms`: about how long one chunk runs on any device; shorter balances more
+    finely and costs more process hops. `judge`: leave out devices that cost more than
+    they add (from measurements). `deadlines`, `backoff`: per-worker fault handling."""
+
+    def __init__(
+        self,
+        bundle: str | os.PathLike[str],
+        devices: str | Sequence[str] = "all",
+        *,
+        policy: str = "throughput",
+        pin: str | Mapping[str, Sequence[int]] | None = None,
+        chunk_ms: float = 50.0,
+        judge: bool = True,
+        deadlines: Deadlines = Deadlines(),
+        backoff: Backoff = Backoff(),
+        precision: str | None = None,
+        tolerance: float | None = None,
+        probe: HostProbe | None = None,
+        start_timeout_s: float = 180.0,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.bundle = Path(bundle)
+        self.manifest = read_manifest(self.bundle)
+        self.signature: Signature = self.manifest.signature
+        probe = probe or probe_host()
+        self.selection, chosen = _choose(self.manifest, probe, devices, policy, precision, tolerance)
+        self.batch_dim, self._not_splittable = _batch_dim(self.signature)
+        cpus = _pinning(pin, chosen)
+        self.pinned = any(cpus.values())
+        self._target_s = chunk_ms / 1000
+        self._judging = judge
+        self._judged = False
+        self._judged_at = 0.0  # the working time at the judgement: it is made again REJUDGE_S later
+        self._solo_trial: str | None = None  # a member measured alone before judging
+        self._only: set[str] | None = None  # members allowed to work, inside `using()`
+        self._events: queue.Queue = queue.Queue()
+        self._job_lock = threading.Lock()
+        self._job_owner: int | None = None
+        self._job_id = 0
+        self._wall_s = 0.0
+        self.members: list[_Member] = []
+        for cand in chosen:
+            # A profile speaks for a worker only if measured as it will run: a pinned one
+            # has fewer cores than the profile had, so it starts unmeasured.
+            profile = cand.throughput if not cpus[cand.artifact.id] else None
+            rows_per_s = profile.items_per_second if profile else None
+            # Units are rows when batches split, whole requests when they do not.
+            prior = (rows_per_s if self.splittable else profile.throughput) if profile else None
+            worker = Worker(
+                self.bundle, cand.artifact.id, cand.device.label, self.signature, cpus=cpus[cand.artifact.id],
+                deadlines=deadlines, backoff=backoff, slots=SLOTS, ms_per_item=1000 / rows_per_s if rows_per_s else None,
+                env=dict(env or {}), on_change=lambda w: self._events.put(("state", w)),
+            )  # fmt: skip
+            self.members.append(_Member(cand, worker, Speed(prior), Speed(), Speed(), prior))
+        for m in self.members:
+            m.worker.start()
+        deadline = time.monotonic() + start_timeout_s
+        for m in self.members:
+            m.worker.wait_ready(max(0.0, deadline - time.monotonic()))
+        if not any(m.worker.health == Health.READY for m in self.members):
+            reasons = "; ".join(f"{m.name}: {m.worker.reason or 'did not start in time'}" for m in self.members)
+            self.close()
+            raise NoCompatibleArtifactError(f"{self.bundle}: no device of the pool could start", hint=reasons)
+
+    # --- calls -----------------------------------------------------------------
+
+    @property
+    def splittable(self) -> bool:
+        """Whether a call's batch can be split across devices (a dynamic batch dimension)."""
+        return self._not_splittable is None
+
+    def __call__(self, *inputs: Any) -> Any:
+        """Run one batch across every device; outputs as one device would return them."""
+        if not self.splittable:
+            raise UsageError(f"{self.bundle}: cannot split a batch across devices: {self._not_splittable}",
+                             hint="recompile with `hxc compile ... --dynamic-batch` (or use pool.map for whole requests)")  # fmt: skip
+        return _first(self._run(iter([inputs]), window=1, last=1))
+
+    def run_flat(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Numpy in, flat numpy out (as `LoadedModel.run_flat`): split across devices when
+        the batch can be, else run whole on one device."""
+        return _first(self._run(iter([tuple(arrays)]), window=1, flat=True, last=1))
+
+    def map(self, items: Iterable[Any], *, window: int = 64) -> Iterator[Any]:
+        """Run a stream of requests, keeping every device busy; yields results in input
+        order. An item is the inputs of one call: an array, or a tuple of arrays. With a
+        dynamic batch, consecutive items are merged into chunks and split back; without
+        one, each item runs whole on one device. At most `window` items are read ahead."""
+        last = len(items) if isinstance(items, Sized) else None
+        return self._run((x if isinstance(x, (tuple, list)) else (x,) for x in items), window=max(1, window), last=last)
+
+    # --- state -----------------------------------------------------------------
+
+    def stats(self) -> PoolStats:
+        """Per device: items, chunks, busy time, utilisation (busy / the wall time of this
+        pool's calls), failures, restarts, queue depth, speed."""
+        devices = []
+        for m in self.members:
+            w = m.worker.stats()
+            c = m.counts
+            devices.append(DeviceStats(
+                m.name, m.candidate.device.label, w.health.value, w.reason, m.left_out, w.cpus, int(c["items"]),
+                int(c["chunks"]), c["busy_s"], c["busy_s"] / self._wall_s if self._wall_s else 0.0, w.failures,
+                int(c["requeued"]), w.restarts, w.queue_depth, m.speed.rate, m.speed.source,
+            ))  # fmt: skip
+        return PoolStats(self._wall_s, sum(d.items for d in devices), tuple(devices))
+
+    def explain(self) -> str:
+        lines = [f"pool of {len(self.members)} device(s) for {self.manifest.model.name}: chunks of about "
+                 f"{self._target_s * 1000:g} ms, pulled from a shared queue; judgement {'on' if self._judging else 'off'}"
+                 f"{'' if self.splittable else f'; batches are not split ({self._not_splittable})'}"]  # fmt: skip
+        for m in self.members:
+            w = m.worker
+            where = f"cores {','.join(map(str, w.cpus))}" if w.cpus else "all cores"
+            speed = f"{m.speed.rate:.4g} items/s ({m.speed.source})" if m.speed.rate else "speed not known yet"
+            lines.append(f"  {m.name} on {m.candidate.device.label} [{w.health.value}, pid {w.pid}, {where}]: {speed}")
+            if m.solo.samples or m.shared.samples or m.solo_prior:
+                solo = m.solo.median if m.solo.samples else m.solo_prior
+                lines.append(f"      alone {_rate(solo)} ({'measured' if m.solo.samples else 'profile'}), "
+                             f"beside the others {_rate(m.shared.median)} (medians of recent chunks)")  # fmt: skip
+            overhead = w.stats().overhead
+            if overhead is not None:
+                lines.append(f"      caller overhead beyond device time: p50 {overhead.p50_ms:.3g} ms, p99 {overhead.p99_ms:.3g} ms "
+                             f"({overhead.iterations} calls)")  # fmt: skip
+            if w.reason:
+                lines.append(f"      {'unhealthy' if w.health == Health.UNHEALTHY else 'last failure'}: {w.reason}")
+            if m.left_out:
+                lines.append(f"      left out of the split: {m.left_out}")
+        if self._judging and not self._judged and len(self.members) > 1:
+            lines.append("  not judged yet: needs each device measured alone (or a profile from `hxc bench`) and beside the others")
+        lines.append("selection per device:")
+        lines += ["  " + line for line in self.selection.explain().splitlines()]
+        return "\n".join(lines)
+
+    @property
+    def workers(self) -> list[Worker]:
+        """The per-device worker handles (submit, queue depth, health, stats): what a
+        server routing single requests uses directly."""
+        return [m.worker for m in self.members]
+
+    @property
+    def expected_rate(self) -> float:
+        """Units per second the devices taking work now should do together, by their
+        current speed estimates (1/s for one not measured yet)."""
+        return sum(m.speed.rate or 1.0 for m in self._kept())
+
+    def rejudge(self) -> None:
+        """Let left-out devices back in; the judgement is made again from new measurements."""
+        for m in self.members:
+            m.left_out = None
+            m.shared = Speed()
+        self._judged = False
+        self._solo_trial = None
+
+    def close(self) -> None:
+        for m in self.members:
+            m.worker.close()
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<hxc pool {self.manifest.model.name!r}: {', '.join(m.name for m in self.members)}>"
+
+    # --- the job loop ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def using(self, *names: str) -> Iterator[None]:
+        """Within the block, only these members (artifact ids or device selectors) take
+        work and no judgement is made: to measure a device alone, as pinned in the pool."""
+        only = {m.name for m in self.members if any(matches_device(n, m.candidate.device, m.candidate.artifact) for n in names)}
+        if not only:
+            raise UsageError(f"no device of the pool matches {', '.join(names)}", hint=", ".join(m.name for m in self.members))
+        previous, self._only = self._only, only
+        try:
+            yield
+        finally:
+            self._only = previous
+
+    def _run(self, source: Iterator[Sequence[Any]], window: int, flat: bool = False,
+             last: int | None = None) -> Iterator[Any]:  # fmt: skip
+        """The job loop over `source`; `last`: how many items it holds, when known (a
+        call), so the end of the work is known from the start and chunks shrink toward it."""
+        if self._job_owner == threading.get_ident():
+            raise UsageError("this pool is already running a call or map() in this thread; finish it first")
+        with self._job_lock:
+            self._job_owner = threading.get_ident()
+            if self._judged and self._wall_s - self._judged_at > REJUDGE_S:
+                self.rejudge()
+            try:
+                yield from _Job(self, source, window, flat, last).run()
+            finally:
+                self._job_owner = None
+
+    def _kept(self) -> list[_Member]:
+        """Members that share the work: ready and not left out — or, if every one of
+        those is gone, the left-out ones, which beat nothing."""
+        ready = [m for m in self.members if m.worker.health == Health.READY]
+        if self._only is not None:
+            return [m for m in ready if m.name in self._only]
+        return [m for m in ready if m.left_out is None] or ready
+
+    def _active(self) -> list[_Member]:
+        """Members that take chunks now: the kept ones, or one alone during a solo trial."""
+        kept = self._kept()
+        return [m for m in kept if m.name == self._solo_trial] or kept
+
+    def _maybe_judge(self) -> None:
+        active = self._kept()
+        if not self._judging or self._judged or len(active) < 2 or self._only is not None:
+            return
+        # What a device adds is its rate beside the others (or any measured rate, for a
+        # slow one whose few chunks rarely overlap the others' throughout); what it costs
+        # needs the others' rates beside it, measured a few times.
+        fastest = max(active, key=lambda m: m.speed.rate or 0.0)
+        if fastest.shared.samples < JUDGE_SAMPLES or any(m.speed.source != "measured" for m in active):
+            return
+        solo = {m.name: (m.solo.median if m.solo.samples >= JUDGE_SAMPLES else m.solo_prior) for m in active}
+        if not solo[fastest.name]:
+            # Never measured alone: let it work alone for a few chunks (a solo trial).
+            self._solo_trial = fastest.name
+            return
+        self._solo_trial = None
+        shared = {m.name: m.shared.median if m.shared.samples else m.speed.median for m in active}
+        verdicts = judge(solo, shared)
+        hint = ("; they compete for the same CPU cores: pin them to separate cores (pin='split') to use both"
+                if not self.pinned else "; pinned to separate cores, they still compete (memory, or other load)")  # fmt: skip
+        for m in active:
+            m.left_out = verdicts[m.name] + hint if m.name in verdicts else None
+        self._judged = True
+        self._judged_at = self._wall_s
+
+
+class _Job:
+    """One call or map(): the event loop in the caller's thread. Workers' reader threads
+    write outputs in place and post completions; everything else happens here."""
+
+    def __init__(self, pool: Pool, source: Iterator[Sequence[Any]], window: int, flat: bool = False,
+                 last: int | None = None) -> None:  # fmt: skip
+        pool._job_id += 1
+        self.flat = flat
+        self.last = last
+        self.pool = pool
+        self.id = pool._job_id
+        self.source = source
+        self.window = window
+        self.splittable = pool.splittable
+        self.balancer = Balancer(pool._target_s, max_units=None if self.splittable else 1)
+        self.balancer.open = True
+        self.items: list[_Item] = []  # read and not yet yielded
+        self.units = 0
+        self.read = 0
+        self.exhausted = False
+        self.overlap = Overlap()
+        self.alloc = threading.Lock()  # output allocation in reader threads
+        self.failures = 0
+        self.reasons: list[str] = []
+
+    def run(self) -> Iterator[Any]:
+        # Working time counts while this loop runs, not while the consumer holds a result.
+        t0: float | None = time.perf_counter()
+        try:
+            while True:
+                self._refill()
+                while self.items and self.items[0].done == self.items[0].units:
+                    item = self.items.pop(0)
+                    self.pool._wall_s += time.perf_counter() - t0  # type: ignore[operator]
+                    t0 = None
+                    yield self._result(item)
+                    t0 = time.perf_counter()
+                if self.exhausted and not self.items:
+                    return
+                self._pump()
+                self._wait()
+        finally:
+            if t0 is not None:
+                self.pool._wall_s += time.perf_counter() - t0
+
+    # reading requests
+
+    def _refill(self) -> None:
+        from hxc.dtypes import is_torch
+        from hxc.runtime.loader import check_inputs
+
+        want = self._lookahead()
+        while not self.exhausted and len(self.items) < self.window and (self.balancer.unassigned < want or not self.items):
+            try:
+                raw = next(self.source)
+            except StopIteration:
+                self.exhausted = True
+                self.balancer.open = False
+                break
+            arrays = check_inputs(self.pool.signature, raw)
+            rows = int(arrays[0].shape[0]) if self.splittable else 1
+            item = _Item(arrays, self.units, rows, bool(raw) and is_torch(raw[0]), written=np.zeros(rows, bool))
+            self.items.append(item)
+            self.balancer.add(self.units, rows)
+            self.units += rows
+            self.read += 1
+            if self.read == self.last:
+                self.exhausted = True
+                self.balancer.open = False
+
+    def _lookahead(self) -> int:
+        # Enough unassigned units for every device to take a full chunk, twice.
+        rates = sum(m.speed.rate or 1.0 for m in self.pool.members)
+        return max(1, int(2 * SLOTS * rates * self.pool._target_s))
+
+    # handing out chunks
+
+    def _pump(self) -> None:
+        active = self.pool._active()
+        names = {m.name for m in active}
+        speeds = {m.name: m.speed for m in self.pool.members}
+        for m in sorted(active, key=lambda m: -(m.speed.rate or 0.0)):
+            while len(self.balancer.in_flight(m.name)) < SLOTS:
+                chunk = self.balancer.next_chunk(m.name, speeds, names)
+                if chunk is None:
+                    break
+                self._submit(m, chunk)
+
+    def _submit(self, m: _Member, chunk: Chunk) -> None:
+        segments = self._segments(chunk)
+        if self.splittable:
+            # A chunk holds rows of one shape: stop at the first item whose rows differ.
+            first = segments[0][0].arrays
+            cut = next((i for i, (item, _, _) in enumerate(segments)
+                        if any(a.shape[1:] != b.shape[1:] for a, b in zip(item.arrays, first))), len(segments))  # fmt: skip
+            if cut < len(segments):
+                segments = segments[:cut]
+                chunk = self.balancer.shrink(m.name, chunk, sum(n for _, _, n in segments))
+            shapes = tuple((chunk.count, *a.shape[1:]) for a in first)
+        else:
+            shapes = tuple(a.shape for a in segments[0][0].arrays)
+        rows = chunk.count if self.splittable else int(shapes[0][0]) if shapes and shapes[0] else 1
+
+        def write(views: list[np.ndarray]) -> None:
+            at = 0
+            for item, src, n in segments:
+                for v, a in zip(views, item.arrays):
+                    v[at:at + n] = a[src:src + n] if self.splittable else a
+                at += n
+
+        def sink(views: list[np.ndarray]) -> None:
+            self._store(segments, views)
+
+        future = m.worker.submit(Inputs(shapes, write), rows=rows, sink=sink)
+        dispatched = time.perf_counter()
+        self.overlap.busy(m.name, dispatched, True)
+        future.add_done_callback(lambda f: self.pool._events.put(("done", self.id, m, chunk, f, dispatched)))
+
+    def _segments(self, chunk: Chunk) -> list[tuple[_Item, int, int]]:
+        """(item, first unit within it, units) for every item the chunk overlaps."""
+        offsets = [it.offset for it in self.items]
+        i = bisect.bisect_right(offsets, chunk.start) - 1
+        out, at = [], chunk.start
+        while at < chunk.end:
+            item = self.items[i]
+            n = min(chunk.end, item.offset + item.units) - at
+            if n > 0:
+                out.append((item, at - item.offset, n))
+                at += n
+            i += 1
+        return out
+
+    def _store(self, segments: list[tuple[_Item, int, int]], views: list[np.ndarray]) -> None:
+        """Outputs of a finished chunk into their items (a worker's reader thread)."""
+        total = sum(n for _, _, n in segments)
+        if self.splittable and any(v.shape[:1] != (total,) for v in views):
+            raise HxcError(f"an output has {views[0].shape[0]} rows for {total} input rows: this model's batch cannot be split")
+        at = 0
+        with self.alloc:
+            for item, src, n in segments:
+                if item.outputs is None:
+                    rows = item.units if self.splittable else None
+                    item.outputs = [np.empty((rows, *v.shape[1:]) if rows is not None else v.shape, v.dtype) for v in views]
+                if item.written[src:src + n].any():
+                    raise HxcError(f"internal error: rows {src}..{src + n} of a request were computed twice")
+                for out, v in zip(item.outputs, views):
+                    out[src:src + n] = v[at:at + n] if self.splittable else v
+                item.written[src:src + n] = True
+                at += n
+
+    # waiting for completions
+
+    def _wait(self) -> None:
+        events = self.pool._events
+        try:
+            event = events.get(timeout=0.5)
+        except queue.Empty:
+            self._check_progress()
+            return
+        while True:
+            self._handle(event)
+            try:
+                event = events.get_nowait()
+            except queue.Empty:
+                break
+        self._check_progress()
+
+    def _handle(self, event: tuple) -> None:
+        if event[0] == "state":
+            return  # health changed: the next pump sees it
+        _, job_id, m, chunk, future, dispatched = event
+        if job_id != self.id:
+            return  # a chunk of an earlier, abandoned call
+        now = time.perf_counter()
+        error = future.exception()
+        if error is None:
+            result = future.result()
+            self.balancer.done(m.name, chunk)
+            seconds = result.worker_ms / 1000
+            started = max(dispatched, m.last_done)
+            # Items per second depend on the chunk size (each call has a fixed cost), so
+            # rates learn from full chunks only: the short ones at a call's end would make
+            # a device look slower than it is (they still inform the fixed-cost fit).
+            full = m.speed.rate is None or chunk.count >= self.balancer.full_size(m.speed)
+            m.speed.observe(chunk.count, seconds, full)
+            if full:
+                kind = self.overlap.classify(m.name, started, now, {o.name for o in self.pool.members} - {m.name})
+                if kind == "solo":
+                    m.solo.observe(chunk.count, seconds)
+                elif kind == "shared":
+                    m.shared.observe(chunk.count, seconds)
+            m.last_done = now
+            m.counts["items"] += result.rows
+            m.counts["chunks"] += 1
+            m.counts["busy_s"] += seconds
+            for item, _, n in self._segments(chunk):
+                item.done += n
+            self.pool._maybe_judge()
+        elif isinstance(error, WorkerFailed):
+            self.balancer.failed(m.name, chunk)
+            m.counts["requeued"] += 1
+            self.failures += 1
+            self.reasons.append(str(error))
+        else:
+            raise error if isinstance(error, (RequestFailed, HxcError)) else HxcError(f"{m.name}: {error}")
+        self.overlap.busy(m.name, now, bool(self.balancer.in_flight(m.name)))
+
+    def _check_progress(self) -> None:
+        """Fail the call when no device is left to finish it."""
+        if self.balancer.idle or any(self.balancer.in_flight(m.name) for m in self.pool.members):
+            return
+        workers = [m.worker for m in self.pool.members]
+        alive = [w for w in workers if w.health in (Health.READY, Health.STARTING) or w.restart_pending]
+        limit = 3 * len(workers)
+        if not alive or self.failures > limit:
+            why = "; ".join(dict.fromkeys(self.reasons)) or "; ".join(f"{w.name}: {w.reason}" for w in workers)
+            raise HxcError(f"{self.pool.bundle}: every device of the pool failed ({self.failures} failures): {why}")
+
+    # results
+
+    def _result(self, item: _Item) -> Any:
+        from hxc.dtypes import to_torch
+        from hxc.runtime.loader import rebuild
+
+        outputs = item.outputs or []
+        if self.flat:
+            return outputs
+        if item.as_torch:
+            outputs = [to_torch(o, s.dtype) for o, s in zip(outputs, self.pool.signature.outputs)]
+        return rebuild(self.pool.signature.output_tree, outputs)
+
+
+def _first(results: Iterator[Any]) -> Any:
+    """The one result of a one-request job, closing the job (and its lock) right away."""
+    try:
+        return next(results)
+    finally:
+        results.close()  # type: ignore[attr-defined]
+
+
+def _rate(x: float | None) -> str:
+    return f"{x:.4g} items/s" if x else "not measured"
+
+
+def _choose(manifest, probe: HostProbe, devices: str | Sequence[str], policy: str, precision: str | None,
+            tolerance: float | None) -> tuple[Selection, list[Candidate]]:  # fmt: skip
+    """The selection over every device, and the best candidate per device."""
+    selection = select(manifest, probe, policy=policy, device="", precision=precision, tolerance=tolerance)
+    if devices == "all":
+        chosen: dict[str, Candidate] = {}
+        for c in selection.candidates:
+            chosen.setdefault(c.device.uri, c)
+        picked = list(chosen.values())
+    else:
+        if isinstance(devices, str):
+            devices = [d.strip() for d in devices.split(",") if d.strip()]
+        picked = []
+        for want in devices:
+            sel = select(manifest, probe, policy=policy, device=want, precision=precision, tolerance=tolerance)
+            if sel.best is None:
+                raise UsageError(f"no artifact can run on the requested device {want!r}",
+                                 hint="; ".join(f"{r.artifact.id}: {r.reason}" for r in sel.rejected[:4]))  # fmt: skip
+            if all(p.device.uri != sel.best.device.uri for p in picked):
+                picked.append(sel.best)
+    if not picked:
+        raise NoCompatibleArtifactError(f"{manifest.model.name}: no artifact in this bundle can run on this host",
+                                        hint="; ".join(f"{r.artifact.id}: {r.reason}" for r in selection.rejected[:6]))  # fmt: skip
+    return selection, picked
+
+
+def _pinning(pin: str | Mapping[str, Sequence[int]] | None, chosen: list[Candidate]) -> dict[str, tuple[int, ...] | None]:
+    """Cores per member (artifact id), or None where it is not pinned."""
+    out: dict[str, tuple[int, ...] | None] = {c.artifact.id: None for c in chosen}
+    if pin is None:
+        return out
+    available = sorted(os.sched_getaffinity(0))
+    if pin == "split":
+        cpu_kind = [c for c in chosen if c.device.kind == "cpu"]
+        if len(cpu_kind) > len(available):
+            raise UsageError(f"pin='split' needs a core per CPU-type device: {len(cpu_kind)} devices, {len(available)} cores")
+        share, extra = divmod(len(available), max(1, len(cpu_kind)))
+        start = 0
+        for i, c in enumerate(cpu_kind):
+            size = share + (extra if i == 0 else 0)  # the host CPU, first and fastest by far, takes the remainder
+            out[c.artifact.id] = tuple(available[start:start + size])
+            start += size
+        return out
+    if isinstance(pin, str):
+        raise UsageError(f"unknown pinning {pin!r}", hint="use None, 'split', or {device: [cores]}")
+    for want, cores in pin.items():
+        cores = tuple(int(c) for c in cores)
+        bad = [c for c in cores if c not in available]
+        if bad or not cores:
+            raise UsageError(f"pin {want!r}: cores {bad or cores} are not available (this process may use {available})")
+        hits = [c for c in chosen if matches_device(want, c.device, c.artifact)]
+        if not hits:
+            raise UsageError(f"pin {want!r}: no device of the pool matches it", hint=", ".join(c.artifact.id for c in chosen))
+        for c in hits:
+            out[c.artifact.id] = cores
+    return out
+
+
+def _batch_dim(signature: Signature) -> tuple[str | None, str | None]:
+    """(the batch dimension's name, or None and why batches cannot be split)."""
+    names = {s.shape[0] if s.shape else None for s in signature.inputs}
+    if len(names) != 1 or not isinstance(next(iter(names)), str):
+        return None, "the model has no dynamic batch dimension shared by all inputs"
+    dim = next(iter(names))
+    bad = [s.name for s in signature.outputs if not s.shape or s.shape[0] != dim]
+    if bad:
+        return None, f"output(s) {', '.join(bad)} have no batch dimension {dim!r}"
+    return dim, None

@@ -1,0 +1,283 @@
+"""Splitting work across devices of different speeds, and deciding which devices are
+worth using. Pure bookkeeping, no processes and no clock of its own: the pool drives
+it with real workers, `simulate.py` with simulated ones in virtual time.
+
+Work is a sequence of units (batch rows, or whole requests for models without a batch
+dimension) in a shared queue. Devices pull chunks as they have room (guided
+self-scheduling weighted by speed): a chunk is what the device does in about
+`target_s` at its estimated speed, but never more than it can finish before the
+whole job should end with every device working (the horizon), so all devices finish
+together, within about one chunk. A device too slow to finish even one unit before
+that horizon gets nothing. Speeds start from the bench profiles and follow observed
+timings from then on.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import math
+import statistics
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+
+# Near the end a chunk is at most this fraction of the time left: guided
+# self-scheduling's 1/k, which bounds the finish-time skew by a shrinking chunk.
+TAIL_CHUNKS = 4
+# A chunk runs at least this many times its device's fixed cost per call (so that cost
+# stays under a fifth of the device's time).
+FIXED_COST_SHARE = 5.0
+
+
+class Speed:
+    """How fast one device works: a prior (from profiles) until measured, then a moving
+    average of items per second over full-sized chunks that forgets the prior at once,
+    and a fit of chunk time = fixed cost per call + items / marginal rate over the recent
+    chunks of every size (a call's fixed cost dominates small chunks on some devices:
+    lavapipe spends ~100 ms on any call)."""
+
+    def __init__(self, prior: float | None = None, alpha: float = 0.3) -> None:
+        self.rate = prior if prior and prior > 0 else None
+        self.source = "profile" if self.rate else None
+        self.samples = 0
+        self._alpha = alpha
+        self._recent: collections.deque[float] = collections.deque(maxlen=16)  # items/s of full chunks
+        self._chunks: collections.deque[tuple[int, float]] = collections.deque(maxlen=16)  # (items, seconds), all
+
+    def observe(self, items: int, seconds: float, full: bool = True) -> None:
+        """A chunk of `items` took `seconds`; `full=False` for one cut short (a call's
+        last chunks), which only informs the fixed-cost fit."""
+        if seconds <= 0 or items <= 0:
+            return
+        self._chunks.append((items, seconds))
+        if not full and self.samples:
+            return
+        rate = items / seconds
+        self.rate = rate if self.samples == 0 or self.rate is None else (1 - self._alpha) * self.rate + self._alpha * rate
+        self.samples += 1
+        self.source = "measured"
+        self._recent.append(rate)
+
+    @property
+    def median(self) -> float | None:
+        """The median of the recent observations: robust to a stall, for judgements."""
+        return statistics.median(self._recent) if self._recent else self.rate
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds per call, items per second beyond it), by least squares over the
+        recent chunks, once their sizes differ; None before."""
+        if len({n for n, _ in self._chunks}) < 2:
+            return None
+        xs = [float(n) for n, _ in self._chunks]
+        ys = [t for _, t in self._chunks]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        if slope <= 0:
+            return None
+        return min(max(0.0, my - slope * mx), min(ys)), 1 / slope
+
+    @property
+    def fixed_s(self) -> float:
+        """The fixed cost of a call: from the fit, else at most the quickest chunk seen."""
+        fit = self.fit()
+        if fit is not None:
+            return fit[0]
+        return min((t for _, t in self._chunks), default=0.0)
+
+    def units_for(self, seconds: float) -> float:
+        """How many items fit in a chunk of `seconds`."""
+        fit = self.fit()
+        if fit is not None:
+            return (seconds - fit[0]) * fit[1]
+        return (self.rate or 0.0) * seconds
+
+    def __repr__(self) -> str:
+        return f"Speed({self.rate!r}, {self.source}, n={self.samples}, fixed={self.fixed_s:.3g} s)"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: int
+    count: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
+
+
+class Balancer:
+    """The shared queue of units and the rule for how many a device may take."""
+
+    def __init__(self, target_s: float = 0.05, min_chunk_s: float = 0.005, probe_units: int = 1,
+                 max_units: int | None = None) -> None:  # fmt: skip
+        self.target_s = target_s
+        self.max_units = max_units  # per chunk (1 for requests that cannot be merged)
+        # A chunk costs a process hop and copies (~0.5 ms); shorter chunks would be mostly that.
+        self.min_chunk_s = min_chunk_s
+        self.probe_units = probe_units
+        self._queue: list[tuple[int, int]] = []  # unassigned [start, end) ranges, sorted
+        self._in_flight: dict[str, list[Chunk]] = {}
+        self.open = False  # more units may still be added (a stream)
+
+    def add(self, start: int, count: int) -> None:
+        if count > 0:
+            self._push(start, start + count)
+
+    @property
+    def unassigned(self) -> int:
+        return sum(e - s for s, e in self._queue)
+
+    def in_flight(self, device: str) -> list[Chunk]:
+        return self._in_flight.get(device, [])
+
+    @property
+    def idle(self) -> bool:
+        """Nothing left to assign or waiting on a device."""
+        return not self._queue and not any(self._in_flight.values())
+
+    def next_chunk(self, device: str, speeds: Mapping[str, Speed], active: Collection[str]) -> Chunk | None:
+        """The next chunk for `device`, or None if it should take nothing now. `active`
+        are the devices sharing this work (those healthy and not left out)."""
+        if not self._queue:
+            return None
+        backlog = sum(c.count for c in self.in_flight(device))
+        speed = speeds[device]
+        rate = self.rate(speed)
+        if rate is None:
+            # Unmeasured and no profile: one small probe, then sizes follow its timing.
+            return None if backlog else self._take(device, self.probe_units)
+        known = {d: r for d in active if (r := self.rate(speeds[d]))}
+        fastest = max(known.values(), default=rate)
+        target = self.chunk_s(speed)
+        if self.open:
+            budget = math.inf
+        else:
+            pending = self.unassigned + sum(c.count for d in active for c in self.in_flight(d))
+            horizon = pending / sum(known.values() or [rate])
+            # Units it can still finish before the horizon, after what it already holds.
+            budget = max(0.0, speed.units_for(horizon) if speed.fit() else rate * horizon) - backlog
+            # Chunks shrink as the end nears, so the last ones are short everywhere.
+            target = max(self.min_chunk_s, min(target, horizon / TAIL_CHUNKS))
+        # About `target` of work, at least one unit, and no more than fits before the horizon.
+        size = min(max(1, int(speed.units_for(target))), self.unassigned, budget)  # type: ignore[call-overload]
+        size = math.floor(size)
+        if size < 1:
+            # Only the fastest device (when free) must take a unit it cannot finish in time:
+            # someone has to, and nobody would finish it sooner.
+            if rate < fastest or backlog:
+                return None
+            size = 1
+        return self._take(device, size)
+
+    def rate(self, speed: Speed) -> float | None:
+        """Items per second a device does in chunks of its usual length, its fixed cost
+        per call included."""
+        if speed.fit() is None:
+            return speed.rate
+        chunk = self.chunk_s(speed)
+        return speed.units_for(chunk) / chunk
+
+    def chunk_s(self, speed: Speed) -> float:
+        """How long a device's chunks should run: `target_s`, or long enough that its
+        fixed cost per call stays a small part of them."""
+        return max(self.target_s, FIXED_COST_SHARE * speed.fixed_s)
+
+    def full_size(self, speed: Speed) -> int:
+        """Chunks at least this big are full-sized for `speed` (not cut short at the end)."""
+        return max(1, int(0.5 * speed.units_for(self.chunk_s(speed))))
+
+    def done(self, device: str, chunk: Chunk) -> None:
+        self._in_flight[device].remove(chunk)
+
+    def shrink(self, device: str, chunk: Chunk, count: int) -> Chunk:
+        """Keep only the first `count` units of a chunk just taken; the rest go back."""
+        if count >= chunk.count:
+            return chunk
+        kept = Chunk(chunk.start, count)
+        flight = self._in_flight[device]
+        flight[flight.index(chunk)] = kept
+        self._push(kept.end, chunk.end)
+        return kept
+
+    def failed(self, device: str, chunk: Chunk) -> None:
+        """`chunk` did not complete on `device`: its units go back to the front."""
+        self._in_flight[device].remove(chunk)
+        self._push(chunk.start, chunk.end)
+
+    def _take(self, device: str, size: int) -> Chunk:
+        if self.max_units is not None:
+            size = min(size, self.max_units)
+        start, end = self._queue[0]
+        count = min(size, end - start)
+        if start + count == end:
+            self._queue.pop(0)
+        else:
+            self._queue[0] = (start + count, end)
+        chunk = Chunk(start, count)
+        self._in_flight.setdefault(device, []).append(chunk)
+        return chunk
+
+    def _push(self, start: int, end: int) -> None:
+        i = bisect.bisect(self._queue, (start, end))
+        self._queue.insert(i, (start, end))
+        # Merge neighbours so chunks can span what was split by a failure.
+        merged: list[tuple[int, int]] = []
+        for s, e in self._queue:
+            if merged and merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], e)
+            else:
+                merged.append((s, e))
+        self._queue = merged
+
+
+class Overlap:
+    """Classifies each finished chunk as run alone (no other device busy at any point
+    of it) or shared (every other device busy throughout), for the judgement below."""
+
+    def __init__(self) -> None:
+        self._busy_since: dict[str, float | None] = {}
+        self._idle_since: dict[str, float] = {}
+
+    def busy(self, device: str, now: float, busy: bool) -> None:
+        """Record that `device` has (or no longer has) work in flight."""
+        was = self._busy_since.get(device)
+        if busy and was is None:
+            self._busy_since[device] = now
+        elif not busy and was is not None:
+            self._busy_since[device] = None
+            self._idle_since[device] = now
+
+    def classify(self, device: str, started: float, ended: float, others: Collection[str]) -> str | None:
+        """"solo", "shared", or None (partly overlapped) for a chunk on `device`."""
+        if not others:
+            return "solo"
+        alone = all(self._busy_since.get(o) is None and self._idle_since.get(o, -math.inf) <= started for o in others)
+        if alone:
+            return "solo"
+        together = all((since := self._busy_since.get(o)) is not None and since <= started for o in others)
+        return "shared" if together else None
+
+
+def judge(solo: Mapping[str, float | None], shared: Mapping[str, float | None]) -> dict[str, str]:
+    """Devices that cost more than they add, each with the reason.
+
+    A device adds its own rate while sharing the work; it costs what the others lose
+    while it runs (their rate alone minus their rate beside it: CPU cores or memory it
+    competes for). It is left out when the cost is larger. The fastest device alone is
+    never left out; a device without a rate beside the others is not judged, and one
+    never measured alone adds nothing to the cost of the others."""
+    alone = {d: r for d, r in solo.items() if r}
+    if not alone:
+        return {}
+    best = max(alone, key=lambda d: alone[d])
+    out: dict[str, str] = {}
+    for d in sorted((d for d in shared if d != best and shared[d]), key=lambda d: shared[d]):  # type: ignore[arg-type,return-value]
+        adds = shared[d]
+        losses = {o: alone[o] - shared[o] for o in alone if o != d and o not in out and shared.get(o) and alone[o] > shared[o]}  # type: ignore[operator]
+        cost = sum(losses.values())
+        if cost > adds:  # type: ignore[operator]
+            worst = max(losses, key=lambda o: losses[o])
+            out[d] = (f"adds {adds:.4g} items/s but costs {cost:.4g}: {worst} does {shared[worst]:.4g} items/s "
+                      f"beside it against {alone[worst]:.4g} alone")  # fmt: skip
+    return out

@@ -1,0 +1,121 @@
+"""The pool's scheduler on simulated devices in virtual time: speeds of any ratio, noisy
+chunk times, profiles that are off, a device that dies mid-run. It exercises exactly
+the `Balancer` and `Speed` the real pool uses, so what it shows about balancing holds
+for the real pool too (`benchmarks/pool.py` runs both)."""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass, field
+
+from hxc.pool.schedule import Balancer, Chunk, Speed
+
+
+@dataclass(frozen=True)
+class SimDevice:
+    name: str
+    speed: float  # items per second, true mean
+    prior_error: float = 1.0  # the profile says speed x this
+    per_chunk_s: float = 0.0005  # fixed cost of a chunk (the process hop, copies)
+    noise: float = 0.1  # each chunk takes (1 +- noise) x its mean time, uniformly
+    fails_at: float | None = None  # virtual time at which it dies
+    detect_s: float = 0.0  # how long until the pool notices (0: a crash; a deadline for a hang)
+
+
+@dataclass
+class SimResult:
+    units: int
+    makespan_s: float
+    ideal_s: float  # all devices busy until the end, at their true mean speeds
+    finish_s: dict[str, float]  # when each device finished its last chunk
+    units_done: dict[str, int]
+    chunks: dict[str, int]
+    chunk_s: float  # one chunk: the target, or one unit of the slowest device if longer
+    lost: int  # units assigned to a device that died (re-queued)
+    dead: frozenset[str]
+    done: list[int] = field(repr=False, default_factory=list)  # completions per unit: all 1 if nothing was lost or doubled
+
+    @property
+    def efficiency(self) -> float:
+        return self.ideal_s / self.makespan_s
+
+    @property
+    def skew_s(self) -> float:
+        """Spread of the finish times of the devices that worked and stayed alive."""
+        alive = [t for d, t in self.finish_s.items() if self.units_done[d] and d not in self.dead]
+        return max(alive) - min(alive) if alive else 0.0
+
+
+def simulate(devices: list[SimDevice], units: int, *, target_s: float = 0.05, slots: int = 2, seed: int = 0) -> SimResult:
+    rng = random.Random(seed)
+    balancer = Balancer(target_s)
+    balancer.add(0, units)
+    speeds = {d.name: Speed(d.speed * d.prior_error) for d in devices}
+    by_name = {d.name: d for d in devices}
+    active = {d.name for d in devices}
+    free_at = {d.name: 0.0 for d in devices}
+    finish = {d.name: 0.0 for d in devices}
+    done_units = {d.name: 0 for d in devices}
+    chunks = {d.name: 0 for d in devices}
+    done = [0] * units
+    events: list[tuple[float, int, str, str, Chunk | None, float]] = []  # (time, seq, kind, device, chunk, duration)
+    seq = 0
+    lost = 0
+    for d in devices:
+        if d.fails_at is not None:
+            heapq.heappush(events, (d.fails_at + d.detect_s, seq, "fail", d.name, None, 0.0))
+            seq += 1
+
+    def pump(now: float) -> None:
+        nonlocal seq
+        for name in sorted(active):
+            dev = by_name[name]
+            while len(balancer.in_flight(name)) < slots:
+                chunk = balancer.next_chunk(name, speeds, active)
+                if chunk is None:
+                    break
+                mean = dev.per_chunk_s + chunk.count / dev.speed
+                duration = mean * (1 + rng.uniform(-dev.noise, dev.noise))
+                start = max(now, free_at[name])
+                free_at[name] = start + duration
+                heapq.heappush(events, (start + duration, seq, "done", name, chunk, duration))
+                seq += 1
+
+    pump(0.0)
+    now = 0.0
+    while events:
+        now, _, kind, name, chunk, duration = heapq.heappop(events)
+        dev = by_name[name]
+        if kind == "fail":
+            active.discard(name)
+            for c in list(balancer.in_flight(name)):
+                balancer.failed(name, c)
+                lost += c.count
+            pump(now)
+            continue
+        if name not in active or chunk not in balancer.in_flight(name):
+            continue  # finished after the device died: never delivered
+        if dev.fails_at is not None and now > dev.fails_at:
+            continue  # the device was dead by then; the failure event re-queues it
+        balancer.done(name, chunk)
+        speeds[name].observe(chunk.count, duration, chunk.count >= balancer.full_size(speeds[name]))
+        for u in range(chunk.start, chunk.end):
+            done[u] += 1
+        done_units[name] += chunk.count
+        chunks[name] += 1
+        finish[name] = now
+        pump(now)
+    dead = frozenset(d.name for d in devices if d.fails_at is not None and d.fails_at < max(finish.values()))
+    chunk_s = max(target_s, max(1 / d.speed for d in devices if done_units[d.name]))
+    return SimResult(units, max(finish.values()), _ideal(devices, units), finish, done_units, chunks, chunk_s, lost, dead, done)
+
+
+def _ideal(devices: list[SimDevice], units: int) -> float:
+    """The time T at which sum(speed x time alive before T) reaches `units`."""
+    lo, hi = 0.0, units / min(d.speed for d in devices) * 2 + max((d.fails_at or 0) for d in devices)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        work = sum(d.speed * (mid if d.fails_at is None else min(mid, d.fails_at)) for d in devices)
+        lo, hi = (mid, hi) if work < units else (lo, mid)
+    return hi

@@ -1,0 +1,267 @@
+"""The device pool on the real CPU (local-task, and local-sync as a second CPU device)
+and lavapipe Vulkan: one batch split across devices equals one device's result (and
+PyTorch's), streams come back in order, and a worker that is SIGKILLed or hangs mid-run
+loses nothing: the call completes, correctly, and the device is reported unhealthy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hxc.runtime
+from hxc.errors import HxcError, SignatureError, UsageError
+from hxc.examples import convnet, mlp
+from hxc.manifests import read_manifest
+from hxc.pool import Backoff, Deadlines, Pool
+from hxc.runtime.verify import compare
+
+WAIT = 120  # seconds any one pool call may take here before the test fails
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    """The example CNN and MLP with a dynamic batch, for the CPU and portable Vulkan."""
+    from hxc.compiler.build import build_bundle
+    from hxc.compiler.imported import ImportOptions
+
+    out = {}
+    d = tmp_path_factory.mktemp("pool-bundles")
+    for name in ("convnet", "mlp"):
+        result = build_bundle(f"hxc.examples:{name}", d / f"{name}.hxc", "cpu:host,vulkan:spirv",
+                              options=ImportOptions(dynamic_batch=True))  # fmt: skip
+        assert result.written, [r.error for r in result.failed]
+        out[name] = d / f"{name}.hxc"
+    return out
+
+
+def _torch(factory, x: np.ndarray) -> np.ndarray:
+    model, _ = factory()
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def _cnn_input(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+
+
+def _run(fn, timeout: float = WAIT):
+    """Run fn() in a thread and fail (rather than hang the suite) if it takes too long."""
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(result=_catch(fn)), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"pool call did not finish within {timeout} s"
+    if isinstance(box["result"], BaseException):
+        raise box["result"]
+    return box["result"]
+
+
+def _catch(fn):
+    try:
+        return fn()
+    except BaseException as e:  # noqa: BLE001 - handed back to the test thread
+        return e
+
+
+def test_one_batch_across_cpu_and_vulkan_equals_one_device_and_pytorch(bundles):
+    cnn = bundles["convnet"]
+    single = hxc.runtime.load(cnn, device="cpu:host", strict=True)
+    with Pool(cnn) as pool:  # devices="all"
+        assert {m.name for m in pool.members} == {"cpu:host", "vulkan:spirv"}
+        elapsed = 0.0
+        for batch in (33, 7, 1):  # unmeasured at first: each device gets a probe chunk
+            x = _cnn_input(batch, seed=batch)
+            t0 = time.perf_counter()
+            y = _run(lambda: pool(x))
+            elapsed += time.perf_counter() - t0
+            assert y.shape == (batch, 10)
+            assert compare(y, single.run_flat([x])[0], "f32").ok
+            assert compare(y, _torch(convnet, x), "f32").ok
+        stats = pool.stats()
+        assert stats.items == 33 + 7 + 1 and all(d.items > 0 for d in stats.devices)  # both devices computed rows
+        assert 0 < stats.wall_s <= elapsed  # utilisation is over the calls' own time, counted once
+        assert all(0 < d.utilisation <= 1 for d in stats.devices)
+        assert all(d.failures == 0 and d.health == "ready" for d in stats.devices)
+        assert isinstance(pool(torch.from_numpy(_cnn_input(3))), torch.Tensor)  # torch in, torch out
+        with pytest.raises(SignatureError, match="is empty"):  # checked once, before any worker sees it
+            pool(_cnn_input(0))
+        assert "caller overhead beyond device time: p50" in pool.explain()
+
+
+def test_map_streams_results_in_input_order(bundles):
+    rng = np.random.default_rng(1)
+    items = [rng.standard_normal((int(n), 64), dtype=np.float32) for n in rng.integers(1, 9, size=40)]
+    with Pool(bundles["mlp"], ["cpu", "vulkan"]) as pool:
+        results = _run(lambda: list(pool.map(items, window=8)))
+        stats = pool.stats()
+    assert len(results) == len(items)
+    for x, y in zip(items, results):
+        assert y.shape == (x.shape[0], 10) and compare(y, _torch(mlp, x), "f32").ok
+    assert stats.items == sum(len(x) for x in items)
+
+
+def test_a_model_without_a_dynamic_batch_is_explained(example_bundle):
+    with Pool(example_bundle, ["cpu:host"]) as pool:
+        assert not pool.splittable
+        with pytest.raises(UsageError, match=r"no dynamic batch dimension.*--dynamic-batch"):
+            pool(_cnn_input(1))
+        # Whole requests still stream through the pool, one device each.
+        xs = [_cnn_input(1, seed=i) for i in range(5)]
+        for x, y in zip(xs, _run(lambda: list(pool.map(xs)))):
+            assert compare(y, _torch(convnet, x), "f32").ok
+
+
+def _kill_after_first_chunk(pool: Pool, name: str, sig: int = signal.SIGKILL) -> threading.Thread:
+    member = next(m for m in pool.members if m.name == name or m.candidate.device.driver == name)
+    start = member.counts["chunks"]
+
+    def kill() -> None:
+        deadline = time.monotonic() + WAIT
+        while member.counts["chunks"] <= start and time.monotonic() < deadline:
+            time.sleep(0.001)
+        member.worker.kill(sig)
+
+    t = threading.Thread(target=kill, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("victim", ["local-task", "vulkan"])
+def test_a_worker_sigkilled_mid_run_loses_nothing(bundles, victim):
+    # Two CPU devices (local-task and local-sync) when the CPU worker dies, so the rest
+    # of the batch is not left to the 30x slower lavapipe.
+    devices = ["local-task", "local-sync"] if victim == "local-task" else ["cpu:host", "vulkan"]
+    x = _cnn_input(600, seed=3)
+    # No judgement: lavapipe must keep taking chunks however little it adds here.
+    with Pool(bundles["convnet"], devices, backoff=Backoff(first_s=300), judge=False) as pool:
+        pool(x[:64])  # measured: the vulkan worker now gets chunks it can finish
+        before = pool.stats().items
+        killer = _kill_after_first_chunk(pool, victim)
+        y = _run(lambda: pool(x))
+        killer.join()
+        stats = pool.stats()
+    assert compare(y, _torch(convnet, x), "f32").ok  # complete and correct
+    dead = next(d for d in stats.devices if d.device.startswith(victim))
+    assert dead.health == "unhealthy" and dead.reason == "was killed by SIGKILL" and dead.failures == 1
+    assert stats.items - before == 600  # every row once: the lost chunk counted only where it finished
+
+
+def test_a_hung_worker_is_killed_at_its_deadline_and_its_rows_rerun(bundles):
+    x = _cnn_input(300, seed=4)
+    # Its first chunk (a one-row probe: nothing is measured yet) hangs; an unmeasured
+    # device is given `unmeasured_s`.
+    deadlines = Deadlines(factor=5, floor_s=1.0, unmeasured_s=5.0)
+    with Pool(bundles["convnet"], ["cpu:host", "vulkan"], deadlines=deadlines, backoff=Backoff(first_s=300),
+              env={"HXC_POOL_FAULT": "vulkan:hang@1"}) as pool:  # fmt: skip
+        y = _run(lambda: pool(x))
+        stats = pool.stats()
+        explained = pool.explain()
+    assert compare(y, _torch(convnet, x), "f32").ok
+    vk = stats.device("vulkan:spirv")
+    assert vk.health == "unhealthy" and "missed its deadline" in vk.reason and vk.failures == 1
+    assert stats.items == 300
+    assert "unhealthy: missed its deadline" in explained
+
+
+def test_an_unhealthy_device_restarts_and_rejoins(bundles):
+    x = _cnn_input(64, seed=5)
+    with Pool(bundles["convnet"], ["local-task", "local-sync"], backoff=Backoff(first_s=0.2)) as pool:
+        sync = next(m for m in pool.members if m.candidate.device.driver == "local-sync")
+        first = sync.worker.pid
+        sync.worker.kill()
+        deadline = time.monotonic() + WAIT
+        while sync.worker.stats().restarts < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sync.worker.wait_ready(WAIT) and sync.worker.pid != first
+        assert sync.worker.stats().failures == 1 and sync.worker.reason == "was killed by SIGKILL"
+        y = _run(lambda: pool(x))
+        assert compare(y, _torch(convnet, x), "f32").ok
+
+
+def test_every_device_failing_is_an_error_not_a_hang(bundles):
+    with Pool(bundles["convnet"], ["cpu:host"], backoff=Backoff(None), env={"HXC_POOL_FAULT": "cpu:host:crash@1"}) as pool:
+        with pytest.raises(HxcError, match="every device of the pool failed.*killed by SIGKILL"):
+            _run(lambda: pool(_cnn_input(4)))
+
+
+def test_pinning_gives_each_device_its_own_cores(bundles):
+    import os
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    with Pool(bundles["convnet"], ["cpu:host", "vulkan"], pin="split") as pool:
+        info = {m.name: m.worker.ready_info for m in pool.members}
+        cpus = {m.name: m.worker.cpus for m in pool.members}
+        threads = {m.name: _thread_cpus(m.worker.pid) for m in pool.members}
+        names = {m.name: _thread_names(m.worker.pid) for m in pool.members}
+        x = _cnn_input(16)
+        assert compare(_run(lambda: pool(x)), _torch(convnet, x), "f32").ok
+    assert set(cpus["cpu:host"]).isdisjoint(cpus["vulkan:spirv"])
+    for name in cpus:
+        assert info[name]["cpus"] == list(cpus[name])  # the process's affinity
+        assert threads[name] == {tuple(cpus[name])}  # and every thread's, IREE's and Mesa's included
+    # IREE's task system runs one worker per given core; lavapipe one thread per core (LP_NUM_THREADS).
+    assert sum(n.startswith("iree-worker") for n in names["cpu:host"]) == len(cpus["cpu:host"])
+    assert sum(n.startswith("llvmpipe") for n in names["vulkan:spirv"]) == len(cpus["vulkan:spirv"])
+    with pytest.raises(UsageError, match="not available"):
+        Pool(bundles["convnet"], ["cpu:host"], pin={"cpu": [4096]})
+
+
+def _thread_cpus(pid: int) -> set[tuple[int, ...]]:
+    import os
+
+    return {tuple(sorted(os.sched_getaffinity(int(tid)))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def _thread_names(pid: int) -> list[str]:
+    import os
+
+    return [Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+def test_run_command_on_a_pool_prints_telemetry(bundles, cli, tmp_path):
+    x = _cnn_input(9, seed=6)
+    np.save(tmp_path / "x.npy", x)
+    result = cli("run", bundles["convnet"], "-i", tmp_path / "x.npy", "--devices", "all", "--json", "-o", tmp_path / "y.npz")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert set(out["pool"]) == {"cpu:host", "vulkan:spirv"}
+    assert compare(np.load(tmp_path / "y.npz")["output_0"], _torch(convnet, x), "f32").ok
+    telemetry = out["telemetry"]
+    assert telemetry["items"] == 9 and {d["name"] for d in telemetry["devices"]} == {"cpu:host", "vulkan:spirv"}
+    for d in telemetry["devices"]:
+        assert {"items", "chunks", "busy_s", "utilisation", "failures", "queue_depth", "health", "left_out"} <= set(d)
+    text = cli("run", bundles["convnet"], "-i", tmp_path / "x.npy", "--devices", "cpu,vulkan", "--pin", "split")
+    assert text.exit_code == 0 and "Pool telemetry (9 items" in text.stdout and "utilisation" in text.stdout
+    bad = cli("run", bundles["convnet"], "-i", tmp_path / "x.npy", "--devices", "all", "--pin", "cpu:zero")
+    assert bad.exit_code == 2 and "expected `split` or DEVICE=CORES" in bad.stderr
+    unknown = cli("run", bundles["convnet"], "-i", tmp_path / "x.npy", "--devices", "cuda")
+    assert unknown.exit_code == 2 and "no artifact can run on the requested device 'cuda'" in unknown.stderr
+
+
+def test_pool_bench_records_caller_overhead_that_slo_checks_then_add(bundles, cli, tmp_path):
+    bundle = Path(shutil.copytree(bundles["convnet"], tmp_path / "b.hxc"))
+    result = cli("bench", bundle, "--pool", "--min-time", "0.1", "--min-iterations", "5", "--max-time", "20",
+                 "--rounds", "1", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["recorded"] and out["pool_items_per_second"] > 0 and out["sum_alone_items_per_second"] > 0
+    assert {d["name"] for d in out["devices"]} == {"cpu:host", "vulkan:spirv"}
+    assert all(0 <= d["utilisation"] <= 1.05 for d in out["devices"])
+    profiles = read_manifest(bundle).profiles
+    assert {p.candidate for p in profiles} == {"cpu:host", "vulkan:spirv"}
+    assert all(p.caller_overhead is not None and p.caller_overhead.iterations >= 1 for p in profiles)
+    chosen = json.loads(cli("select", bundle, "--slo-ms", "1000", "--json").stdout)
+    verdicts = [c["slo"] for c in chosen["candidates"]]
+    assert all(v["overhead_ms"] is not None for v in verdicts)
+    assert all(v["estimate_ms"] == pytest.approx(v["device_ms"] + v["overhead_ms"]) for v in verdicts)
+    assert not any("overhead not measured" in c for v in verdicts for c in v["caveats"])

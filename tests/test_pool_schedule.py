@@ -1,0 +1,127 @@
+"""The pool's scheduler and judgement as arithmetic: chunk sizes, re-queueing, the rule
+that leaves out a device costing more than it adds, and the scheduler simulation's
+goals (>= 95% of the ideal summed throughput, finish skew within one chunk) for speeds
+1:1, 1:4, 1:30 and a device that dies mid-run. Virtual time: nothing here is timed."""
+
+from __future__ import annotations
+
+import pytest
+
+from hxc.pool.schedule import Balancer, Chunk, Overlap, Speed, judge
+from hxc.pool.simulate import SimDevice, simulate
+
+
+def test_chunks_follow_speed_and_the_horizon():
+    b = Balancer(target_s=0.05)
+    b.add(0, 10_000)
+    speeds = {"fast": Speed(3000.0), "slow": Speed(100.0)}
+    fast = b.next_chunk("fast", speeds, speeds)
+    slow = b.next_chunk("slow", speeds, speeds)
+    assert fast == Chunk(0, 150) and slow == Chunk(150, 5)  # 50 ms of work each
+    b.done("fast", fast)
+    b.done("slow", slow)
+
+    small = Balancer(target_s=0.05)
+    small.add(0, 20)
+    # 20 rows take both devices together 6.5 ms; one row takes the slow one 10 ms, and
+    # the fast one would be done with all of them before that: it gets nothing.
+    assert small.next_chunk("slow", speeds, speeds) is None
+    first = small.next_chunk("fast", speeds, speeds)
+    assert first is not None and first.count < 20  # chunks shrink toward the end
+    assert small.next_chunk("slow", speeds, speeds) is None
+
+
+def test_unmeasured_devices_get_one_probe_chunk_at_a_time():
+    b = Balancer()
+    b.add(0, 100)
+    speeds = {"a": Speed(), "b": Speed()}
+    assert b.next_chunk("a", speeds, speeds) == Chunk(0, 1)
+    assert b.next_chunk("a", speeds, speeds) is None  # until the probe is timed
+    assert b.next_chunk("b", speeds, speeds) == Chunk(1, 1)
+
+
+def test_failed_chunks_go_back_to_the_front_and_merge():
+    b = Balancer(target_s=0.05)
+    b.add(0, 1000)
+    speeds = {"a": Speed(1000.0), "b": Speed(1000.0)}
+    a1 = b.next_chunk("a", speeds, speeds)
+    b1 = b.next_chunk("b", speeds, speeds)
+    assert (a1, b1) == (Chunk(0, 50), Chunk(50, 50))
+    b.failed("a", a1)
+    assert b.unassigned == 950 and b.in_flight("a") == []
+    again = b.next_chunk("b", speeds, speeds)
+    assert again == Chunk(0, 50)  # the lost rows first
+    kept = b.shrink("b", again, 20)
+    # The 30 given back lie before rows 50..99 (still with b): the next chunk stops there.
+    assert kept == Chunk(0, 20) and b.next_chunk("a", speeds, speeds) == Chunk(20, 30)
+
+
+def test_whole_requests_are_never_merged():
+    b = Balancer(max_units=1)
+    b.add(0, 10)
+    assert b.next_chunk("a", {"a": Speed(1e6)}, ["a"]) == Chunk(0, 1)
+
+
+def test_a_device_that_shares_the_cores_and_adds_less_than_it_costs_is_left_out():
+    # lavapipe beside llvm-cpu on the same two cores: it adds 40 items/s, the CPU loses 1000.
+    verdict = judge({"cpu": 2800.0, "vulkan": 44.0}, {"cpu": 1800.0, "vulkan": 40.0})
+    assert set(verdict) == {"vulkan"}
+    assert verdict["vulkan"] == "adds 40 items/s but costs 1000: cpu does 1800 items/s beside it against 2800 alone"
+    # A real GPU costs the CPU a little (its host thread) and adds a lot: kept.
+    assert judge({"cpu": 2800.0, "gpu": 20000.0}, {"cpu": 2700.0, "gpu": 19800.0}) == {}
+    # Pinned to separate cores, the CPU loses nothing: kept.
+    assert judge({"cpu": 1400.0, "vulkan": 30.0}, {"cpu": 1410.0, "vulkan": 29.0}) == {}
+    # Never measured alone: nothing to judge by.
+    assert judge({"cpu": None, "vulkan": None}, {"cpu": 1800.0, "vulkan": 40.0}) == {}
+
+
+def test_overlap_tells_solo_from_shared_chunks():
+    o = Overlap()
+    o.busy("cpu", 0.0, True)
+    o.busy("vk", 0.0, True)
+    assert o.classify("cpu", 0.1, 0.2, {"vk"}) == "shared"
+    o.busy("vk", 0.3, False)
+    assert o.classify("cpu", 0.25, 0.35, {"vk"}) is None  # vk stopped halfway
+    assert o.classify("cpu", 0.4, 0.5, {"vk"}) == "solo"
+    assert o.classify("cpu", 0.4, 0.5, set()) == "solo"
+
+
+@pytest.mark.parametrize(
+    "case, devices",
+    [
+        ("1:1", [SimDevice("a", 1000), SimDevice("b", 1000)]),
+        ("1:4", [SimDevice("a", 4000), SimDevice("b", 1000, prior_error=2.0)]),  # a profile 2x off
+        ("1:30", [SimDevice("a", 3000, prior_error=0.5), SimDevice("b", 100)]),
+        ("1:30 unmeasured", [SimDevice("a", 3000, prior_error=0), SimDevice("b", 100, prior_error=0)]),
+        ("one dies", [SimDevice("a", 3000), SimDevice("b", 1000), SimDevice("c", 1000, fails_at=1.0, detect_s=0.2)]),
+    ],
+)
+def test_simulated_devices_reach_the_ideal_summed_throughput(case, devices):
+    r = simulate(devices, units=20_000, target_s=0.05)
+    assert r.done == [1] * 20_000  # every unit exactly once, the dead device's lost ones included
+    assert r.efficiency >= 0.95, f"{case}: {r.efficiency:.3f} of ideal"
+    assert r.skew_s <= r.chunk_s, f"{case}: finish skew {r.skew_s * 1000:.1f} ms > one chunk {r.chunk_s * 1000:.0f} ms"
+    if case == "one dies":
+        assert r.lost > 0 and "c" in r.dead
+    shares = {d.name: r.units_done[d.name] / 20_000 for d in devices if d.fails_at is None}
+    total = sum(d.speed for d in devices if d.fails_at is None)
+    if case != "one dies":
+        for d in devices:  # each got about its share of the speed
+            assert shares[d.name] == pytest.approx(d.speed / total, abs=0.02)
+
+
+def test_a_device_with_a_large_fixed_cost_per_call_gets_chunks_that_amortise_it():
+    # lavapipe spends tens of milliseconds on any call (copies through staging buffers):
+    # one-row chunks would be nearly all overhead.
+    speed = Speed()
+    for items, seconds in ((1, 0.1502), (5, 0.151), (40, 0.158)):
+        speed.observe(items, seconds)
+    fixed, marginal = speed.fit()
+    assert fixed == pytest.approx(0.15, abs=1e-3) and marginal == pytest.approx(5000, rel=0.01)
+    b = Balancer(target_s=0.05)
+    assert b.chunk_s(speed) == pytest.approx(5 * fixed)  # the fixed cost stays a fifth of a chunk
+    b.add(0, 1_000_000)
+    chunk = b.next_chunk("vk", {"vk": speed, "cpu": Speed(40_000.0)}, ["vk", "cpu"])
+    assert chunk.count == pytest.approx((5 * fixed - fixed) * marginal, rel=0.02)  # ~3000 rows, not 1
+    r = simulate([SimDevice("cpu", 40_000, prior_error=0), SimDevice("vk", 5000, per_chunk_s=0.15, prior_error=0)], 200_000)
+    assert r.units_done["vk"] / r.chunks["vk"] > 500 and r.done == [1] * 200_000

@@ -1,0 +1,147 @@
+"""The package's structure: no import cycles (imports inside functions count), and the
+layers that must stay light import nothing heavy: `hxc --help`, recognising a model
+file, and compiling an ONNX model (no torch)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hxc
+
+PACKAGE = Path(hxc.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every hxc module and the hxc modules it imports anywhere in its code, functions
+    included; only `if TYPE_CHECKING:` blocks, which never run, are left out."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        edges: set[str] = set()
+        skip: set[int] = set()
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and _is_type_checking(node):
+                skip |= {id(n) for child in node.body for n in ast.walk(child)}
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name.split(".")[0] == "hxc"}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: resolve against this module's package
+                    anchor = name.split(".") if is_package else name.split(".")[:-1]
+                    anchor = anchor[: len(anchor) - node.level + 1]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                if base.split(".")[0] != "hxc":
+                    continue
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    edges.add(sub if sub in modules else base)
+        graph[name] = {e for e in edges if e in modules and e != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_sees_function_level_imports():
+    graph = import_graph()
+    assert "hxc.compiler.torch_import" in graph["hxc.frontends.base"]  # imported inside a function
+    assert "hxc.compiler.torch_export" not in graph["hxc.frontends.base"]  # only under TYPE_CHECKING
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles_inside_hxc():
+    cycles = _cycles(import_graph())
+    assert cycles == [], "import cycles (counting imports inside functions): " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def _imported_after(code: str, *args: str) -> list[str]:
+    heavy = ("torch", "onnx", "onnxruntime", "iree.runtime", "iree.compiler", "iree.turbine")
+    probe = f"{code}\nimport sys, json; print(json.dumps([m for m in {heavy!r} if m in sys.modules]))"
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_help_imports_neither_torch_nor_iree():
+    assert _imported_after("from hxc.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass") == []
+    assert _imported_after("from hxc.cli import main\ntry:\n    main(['compile', '--help'])\nexcept SystemExit:\n    pass") == []
+
+
+@pytest.mark.parametrize("key", ["pt2", "torchscript", "pickle", "garbage"])
+def test_recognising_a_model_file_imports_nothing_heavy(key, models):
+    code = "import sys\nfrom hxc import frontends\ntry:\n    frontends.recognise(sys.argv[1])\nexcept Exception:\n    pass"
+    assert _imported_after(code, str(models[key])) == []
+
+
+def test_compiling_an_onnx_model_does_not_import_torch(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])  # fmt: skip
+    model = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    code = (
+        "import sys\nfrom hxc.compiler.build import build_bundle\n"
+        "assert build_bundle(sys.argv[1], sys.argv[2], 'cpu:host', cache_dir=False).written"
+    )
+    loaded = _imported_after(code, str(model), str(tmp_path / "relu.hxc"))
+    assert "torch" not in loaded and "iree.turbine" not in loaded
+    assert "onnx" in loaded  # the probe does see what the compile imported

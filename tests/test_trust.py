@@ -1,0 +1,228 @@
+"""Signed bundles and single-file archives: keys, signatures that cover every file that
+runs and survive profiling, refusal before anything is opened, and archives that are
+read in place and refuse every trick a tar file can play."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import stat
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hxc.runtime
+from hxc.errors import BundleError, ExitCode
+from hxc.manifests import read_manifest
+from hxc.manifests.bundle import open_checked
+from hxc.manifests.signing import UntrustedBundleError
+
+QUICK = ["--min-time", "0.01", "--min-iterations", "2", "--device", "cpu:host"]
+
+
+@pytest.fixture
+def bundle(example_bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(example_bundle, tmp_path / "b.hxc"))
+
+
+@pytest.fixture
+def keys(tmp_path: Path, cli) -> dict[str, Path]:
+    out = {}
+    for name in ("ci", "old", "stranger"):
+        result = cli("keygen", "-o", tmp_path / "keys" / name, "--json")
+        assert result.exit_code == 0, result.stderr
+        out[name] = tmp_path / "keys" / name
+    return out
+
+
+def _x() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+
+
+def test_keygen_writes_a_private_key_only_its_owner_can_read(keys, cli):
+    assert stat.S_IMODE(os.stat(keys["ci"]).st_mode) == 0o600
+    assert Path(f"{keys['ci']}.pub").read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    again = cli("keygen", "-o", keys["ci"])
+    assert again.exit_code == ExitCode.USAGE and "refusing to overwrite" in again.stderr
+    os.chmod(keys["old"], 0o644)
+    loose = cli("sign", "missing.hxc", "--key", keys["old"])
+    assert loose.exit_code == ExitCode.USAGE
+
+
+def test_signed_bundle_verifies_and_profiles_never_break_the_signature(bundle, keys, cli):
+    signed = cli("sign", bundle, "--key", keys["ci"], "--json")
+    key_id = json.loads(signed.stdout)["key_id"]
+    assert len(key_id) == 16
+    assert cli("bench", bundle, *QUICK, "--baseline", "none").exit_code == 0  # adds profiles after signing
+    result = cli("verify", bundle, "--trusted-keys", f"{keys['ci']}.pub", "--json")
+    assert result.exit_code == 0, result.stderr
+    shown = json.loads(cli("inspect", bundle, "--trusted-keys", f"{keys['ci']}.pub", "--json").stdout)
+    assert shown["signed_by"] == [key_id] and shown["signature_verified_by"] == key_id
+    assert "signed by key" in cli("inspect", bundle).stdout  # shown, not checked, without keys
+    model = hxc.runtime.load(bundle, trusted_keys=[f"{keys['ci']}.pub"])
+    np.testing.assert_allclose(model(_x()), hxc.runtime.load(bundle)(_x()), rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["unsigned", "untrusted", "changed", "truncated", "short", "other-manifest"])
+def test_bad_signatures_are_refused(bundle, example_bundle, keys, cli, tmp_path, case):
+    if case != "unsigned":
+        cli("sign", bundle, "--key", keys["stranger" if case == "untrusted" else "ci"])
+    sig = bundle / "manifest.sig"
+    if case == "changed":  # the manifest edited after signing: e.g. a hash swapped for another file's
+        data = json.loads((bundle / "manifest.json").read_text())
+        data["model"]["name"] = "renamed"
+        (bundle / "manifest.json").write_text(json.dumps(data))
+    elif case == "truncated":
+        sig.write_bytes(sig.read_bytes()[:40])
+    elif case == "short":
+        doc = json.loads(sig.read_text())
+        doc["signatures"][0]["signature"] = "AAAA"
+        sig.write_text(json.dumps(doc))
+    elif case == "other-manifest":
+        other = Path(shutil.copytree(example_bundle, tmp_path / "other.hxc"))
+        data = json.loads((other / "manifest.json").read_text())
+        data["created"] = "2000-01-01T00:00:00+00:00"
+        (other / "manifest.json").write_text(json.dumps(data))
+        cli("sign", other, "--key", keys["ci"])
+        shutil.copyfile(other / "manifest.sig", sig)
+    words = {"unsigned": "not signed", "untrusted": "is not trusted", "changed": "changed after signing",
+             "truncated": "unreadable signature", "short": "not 64", "other-manifest": "signed for another bundle"}[case]  # fmt: skip
+    with pytest.raises(UntrustedBundleError, match=words):
+        hxc.runtime.load(bundle, trusted_keys=[f"{keys['ci']}.pub"])
+    result = cli("run", bundle, "-i", bundle / "golden.npz", "--trusted-keys", f"{keys['ci']}.pub")
+    assert result.exit_code == ExitCode.INTEGRITY and words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_signatures_are_checked_before_torch_or_iree_opens_anything(bundle, keys, cli, tmp_path, models, monkeypatch):
+    # program.pt2 swapped for one whose pickle runs code, with the manifest's hash
+    # forged to match: an attacker who can rewrite the whole bundle.
+    from test_security import _with_pickled_weight
+
+    from hxc.manifests import write_manifest
+    from hxc.manifests.bundle import file_hash
+
+    marker = tmp_path / "ran"
+    _with_pickled_weight(models["pt2"], tmp_path / "evil.pt2", marker)
+    shutil.copyfile(tmp_path / "evil.pt2", bundle / "program.pt2")
+    m = read_manifest(bundle)
+    write_manifest(bundle, dataclasses.replace(m, files={**m.files, "program.pt2": file_hash(bundle / "program.pt2")}))
+    monkeypatch.setenv("HXC_TRUSTED_KEYS", f"{keys['ci']}.pub")
+    result = cli("bench", bundle, *QUICK, "--allow-pickle")
+    assert result.exit_code == ExitCode.INTEGRITY and "not signed" in result.stderr and not marker.exists()
+    # Without required signatures the same bundle does run the file's code (the user
+    # opted in with --allow-pickle): only the signature stood in the way.
+    monkeypatch.delenv("HXC_TRUSTED_KEYS")
+    cli("bench", bundle, *QUICK, "--allow-pickle")
+    assert marker.exists()
+
+
+def test_key_rotation_with_two_signatures(bundle, keys, cli):
+    cli("sign", bundle, "--key", keys["old"])
+    cli("sign", bundle, "--key", keys["ci"])
+    assert len(json.loads((bundle / "manifest.sig").read_text())["signatures"]) == 2
+    for trusted in ("old", "ci"):
+        assert cli("verify", bundle, "--trusted-keys", f"{keys[trusted]}.pub").exit_code == 0
+    directory = keys["ci"].parent
+    assert cli("verify", bundle, "--trusted-keys", directory).exit_code == 0  # a directory of *.pub files
+
+
+def test_single_file_bundles_run_in_place(bundle, keys, cli, tmp_path):
+    archive = tmp_path / "m.hxcb"
+    cli("sign", bundle, "--key", keys["ci"])
+    assert cli("pack", bundle, "-o", archive).exit_code == 0
+    with tarfile.open(archive) as t:  # a plain tar any tool can read
+        assert t.getnames()[0] == "manifest.json" and all(m.isreg() for m in t.getmembers())
+    want = hxc.runtime.load(bundle)(_x())
+    for device in ("cpu", "vulkan"):
+        got = hxc.runtime.load(archive, device=device, strict=True, trusted_keys=[f"{keys['ci']}.pub"])(_x())
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
+    # Mapped from the archive itself: the checked bytes are a view into one mapping of the file.
+    m = read_manifest(archive)
+    checked = open_checked(archive, m, m.artifact("cpu:host").file)
+    assert isinstance(checked.buffer, memoryview) and len(checked.buffer.obj) == archive.stat().st_size
+    checked.close()
+    assert cli("verify", archive, "--trusted-keys", f"{keys['ci']}.pub").exit_code == 0
+    # Profiles measured later go beside the archive; the archive itself never changes.
+    before = archive.read_bytes()
+    assert cli("bench", archive, *QUICK, "--baseline", "none").exit_code == 0
+    assert archive.read_bytes() == before and Path(f"{archive}.profiles.json").is_file()
+    assert read_manifest(archive).profiles
+    # Unpacking gives the same bundle back.
+    out = tmp_path / "again.hxc"
+    assert cli("unpack", archive, "-o", out).exit_code == 0
+    assert cli("verify", out, "--trusted-keys", f"{keys['ci']}.pub").exit_code == 0
+    # Packing is deterministic: the same bundle packs to the same bytes.
+    assert cli("pack", bundle, "-o", tmp_path / "second.hxcb").exit_code == 0
+    assert (tmp_path / "second.hxcb").read_bytes() == before
+
+
+def test_compile_straight_to_a_single_file_and_sign_it(models, keys, cli, tmp_path):
+    archive = tmp_path / "net.hxcb"
+    assert cli("compile", models["pt2"], "-t", "cpu:host", "-o", archive).exit_code == 0
+    assert archive.is_file() and not list(tmp_path.glob(".net.hxcb.*"))
+    assert cli("sign", archive, "--key", keys["ci"]).exit_code == 0
+    assert cli("verify", archive, "--trusted-keys", f"{keys['ci']}.pub").exit_code == 0
+
+
+def _tar(path: Path, entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as t:
+        for info, data in entries:
+            t.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _info(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.linkname = size, kind, link
+    return info
+
+
+@pytest.mark.parametrize("trick, words", [
+    ("absolute", "leaves the archive"),
+    ("dotdot", "leaves the archive"),
+    ("symlink", "symbolic link"),
+    ("hardlink", "hard link"),
+    ("device", "device"),
+    ("duplicate", "appears twice"),
+    ("lying-size", "past the end"),
+    ("gzip", "not a ustar tar"),
+])  # fmt: skip
+def test_hostile_archives_are_refused_and_nothing_is_written(bundle, cli, tmp_path, trick, words):
+    manifest = (bundle / "manifest.json").read_bytes()
+    good = [(_info("manifest.json", len(manifest)), manifest)]
+    path = tmp_path / "evil.hxcb"
+    if trick == "absolute":
+        _tar(path, [*good, (_info("/etc/evil", 1), b"x")])
+    elif trick == "dotdot":
+        _tar(path, [*good, (_info("artifacts/../../evil", 1), b"x")])
+    elif trick == "symlink":
+        _tar(path, [*good, (_info("golden.npz", kind=tarfile.SYMTYPE, link="/etc/passwd"), None)])
+    elif trick == "hardlink":
+        _tar(path, [*good, (_info("golden.npz", kind=tarfile.LNKTYPE, link="manifest.json"), None)])
+    elif trick == "device":
+        _tar(path, [*good, (_info("golden.npz", kind=tarfile.CHRTYPE), None)])
+    elif trick == "duplicate":
+        _tar(path, [*good, *good])
+    elif trick == "lying-size":
+        _tar(path, good)
+        raw = bytearray(path.read_bytes())
+        raw[124:136] = b"%011o\0" % (10**9)  # size field: a gigabyte
+        raw[148:156] = b"        "
+        raw[148:156] = b"%06o\0 " % sum(raw[:512])
+        path.write_bytes(bytes(raw))
+    elif trick == "gzip":  # compression (and so decompression bombs) is not a bundle archive
+        with tarfile.open(path, "w:gz") as t:
+            t.addfile(_info("manifest.json", len(manifest)), io.BytesIO(manifest))
+    before = set(tmp_path.rglob("*"))
+    for command in (["verify", path], ["unpack", path, "-o", tmp_path / "out"]):
+        result = cli(*command)
+        assert result.exit_code in (ExitCode.ERROR, ExitCode.INTEGRITY), result.stderr
+        assert words in result.stderr and "Traceback" not in result.stderr
+    assert set(tmp_path.rglob("*")) == before  # nothing written, anywhere
+    with pytest.raises(BundleError):
+        hxc.runtime.load(path)
