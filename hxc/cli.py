@@ -23,9 +23,63 @@ from typing import Any
 import click
 
 from hxc import __version__
+from hxc.bench.baselines import NAMES as BASELINE_NAMES
+from hxc.dtypes import PRECISIONS
 from hxc.errors import ExitCode, HxcError, UsageError
 
 JSON_HELP = "Print a machine-readable JSON result on stdout instead of tables."
+
+
+class CommaList(click.ParamType):
+    """A comma-separated list, each item checked by click, so that a bad item is a usage
+    error (exit 2) before any work starts: `fp32,fp16`, `8,32`."""
+
+    def __init__(self, name: str, *, choices: tuple[str, ...] = (), positive_ints: bool = False) -> None:
+        self.name = name
+        self.choices = choices
+        self.positive_ints = positive_ints
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, list):
+            return value  # already converted (a default)
+        items = [x.strip() for x in str(value).split(",") if x.strip()]
+        if not items:
+            self.fail(f"{value!r} lists nothing", param, ctx)
+        if self.positive_ints:
+            if not all(x.isdigit() and int(x) > 0 for x in items):
+                self.fail(f"{value!r} is not a comma-separated list of positive integers", param, ctx)
+            return [int(x) for x in items]
+        if bad := [x for x in items if x not in self.choices]:
+            self.fail(f"unknown {', '.join(map(repr, bad))}; choose from {', '.join(self.choices)}", param, ctx)
+        return list(dict.fromkeys(items))
+
+
+class _Hxc(click.Group):
+    """click's own usage errors the way hxc reports every mistake: one line on stderr
+    (a JSON object with --json) and exit code 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:  # fmt: skip
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            return super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `hxc`: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            from hxc import ui
+
+            where = f" (see `{e.ctx.command_path} -h`)" if e.ctx is not None else ""
+            if "--json" in argv:
+                ui.print_json({"ok": False, "error": e.format_message(), "exit_code": int(ExitCode.USAGE)})
+            else:
+                ui.error(e.format_message() + where)
+            sys.exit(int(ExitCode.USAGE))
+        except click.Abort:
+            from hxc import ui
+
+            ui.error("interrupted; nothing was written")
+            sys.exit(130)
 
 
 def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
@@ -105,7 +159,7 @@ def _quiet_libraries() -> None:
     logging.getLogger("torch").setLevel(logging.ERROR)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(name="hxc", cls=_Hxc, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "-V", "--version", prog_name="hxc")
 @click.option("-v", "--verbose", count=True, help="Show more: -v for hxc's decisions, -vv for library warnings too.")
 def main(verbose: int) -> None:
@@ -142,7 +196,8 @@ def main(verbose: int) -> None:
 @click.option("--weights", type=click.Choice(["auto", "inline", "shared"]), default="auto", show_default=True,
               help="shared: store parameters once per bundle (weights.irpa) for all artifacts; inline: inside each "
                    "artifact; auto: shared from 16 MiB of parameters (or with bf16 parameters).")  # fmt: skip
-@click.option("-p", "--precision", "precisions", default="fp32", show_default=True, metavar="LIST",
+@click.option("-p", "--precision", "precisions", type=CommaList("LIST", choices=tuple(PRECISIONS)), default="fp32",
+              show_default=True,
               help="Compute precisions to build, e.g. fp32,fp16,bf16: one artifact per target and precision, same "
                    "interface. The loader picks a reduced one only when allowed.")  # fmt: skip
 @click.option("--tune", is_flag=True,
@@ -155,7 +210,7 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def compile(model: str, output: Path | None, targets: str, backends: str, inputs: tuple[str, ...], dynamic_batch: bool,
-            allow_pickle: bool, weights: str, precisions: str, tune: bool, allow_partial: bool, jobs: int | None, no_cache: bool,
+            allow_pickle: bool, weights: str, precisions: list[str], tune: bool, allow_partial: bool, jobs: int | None, no_cache: bool,
             cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one artifact per target (and backend).
 
@@ -169,28 +224,22 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
     hxc compile net.py:make_model --input ?x3x224x224xf32
     hxc compile model.pt2 -t cpu --backends iree,onnxruntime,inductor
     """
+    from hxc import frontends, ui
     from hxc import targets as registry
-    from hxc import ui
-    from hxc.engines import resolve_backends
 
     variants = registry.resolve(targets)  # bad names fail before any slow work
-    resolve_backends(backends)
-    wanted = _precisions(precisions)
     from hxc.compiler.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
-    out = output or Path(_default_name(model) + ".hxc")
+    out = output or Path(frontends.recognise(model).model_name(model) + ".hxc")
     options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights)  # type: ignore[arg-type]
     with ui.CompileProgress(enabled=not as_json) as progress:
         result = build_bundle(
-            model, out, variants, backends=backends, options=options, precisions=wanted, allow_partial=allow_partial,
-            jobs_parallel=jobs, cache_dir=False if no_cache else (cache_dir or True), on_event=progress.on_event,
-            on_stage=progress.set_stage, tune=_tuner() if tune else None, tune_engine=_engine_tuner() if tune else None,
+            model, out, variants, backends=backends, options=options, precisions=precisions, allow_partial=allow_partial,
+            jobs=jobs, cache_dir=cache_dir, use_cache=not no_cache, on_event=progress.on_event, on_stage=progress.set_stage,
+            tune=_tuner() if tune else None, tune_engine=_engine_tuner() if tune else None,
         )  # fmt: skip
-    failed = result.failed
-    code = ExitCode.OK
-    if failed and not result.written:
-        code = ExitCode.PARTIAL if len(failed) < result.total else ExitCode.ERROR
+    failed, code = result.failed, result.exit_code
     if as_json:
         ui.print_json({"ok": code == ExitCode.OK, "exit_code": int(code), **_build_json(result)})
         return code
@@ -200,8 +249,8 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
                      f"{result.timings.get('compile', 0):.1f}s wall)")  # fmt: skip
     for note in result.notes:
         ui.warn(note)
-    for skipped in result.skipped:
-        ui.warn(f"skipped {skipped}: that backend cannot generate {skipped.split('@')[1]} code for {skipped.split(':')[0]}")
+    for s in result.skipped:
+        ui.warn(f"skipped {s.target}@{s.precision}: {s.reason}")
     for r in failed:
         ui.error(f"{r.id}: {r.error}")
     if failed and not result.written:
@@ -225,23 +274,6 @@ def _engine_tuner():
     return tune_built
 
 
-def _precisions(text: str) -> list[str]:
-    from hxc.errors import UsageError
-    from hxc.dtypes import PRECISIONS
-
-    wanted = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in wanted if p not in PRECISIONS]
-    if bad or not wanted:
-        raise UsageError(f"unknown precision {', '.join(bad) or repr(text)}", hint=f"choose from: {', '.join(PRECISIONS)}")
-    return wanted
-
-
-def _default_name(model: str) -> str:
-    if ":" in model and not Path(model).exists():
-        return model.rpartition(":")[2]
-    return Path(model).stem
-
-
 def _build_json(result: Any) -> dict[str, Any]:
     from hxc.manifests.schema import to_json
 
@@ -250,7 +282,7 @@ def _build_json(result: Any) -> dict[str, Any]:
         "written": result.written,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "artifacts": [to_json(a) for a in result.manifest.artifacts],
-        "skipped": result.skipped,
+        "skipped": [to_json(s) for s in result.skipped],
         "notes": result.notes,
     }
 
@@ -425,11 +457,9 @@ def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, 
         ui.out.print(f"{sel.best.artifact.id} on {sel.best.device.label}  ({sel.best.reason})", markup=False)
         if sel.note:
             ui.warn(sel.note)
-    if sel.best is None:
-        if not as_json:
-            ui.error("no artifact in this bundle can run on this host (see --explain)")
-        return ExitCode.NO_COMPATIBLE_ARTIFACT
-    return ExitCode.OK
+    if sel.best is None and not as_json:
+        ui.error("no artifact in this bundle can run on this host (see --explain)")
+    return sel.exit_code
 
 
 def _candidate_json(c: Any) -> dict[str, Any]:
@@ -678,11 +708,13 @@ def doctor(as_json: bool) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @TRUSTED_KEYS_OPTION
-@click.option("--baseline", default="auto", show_default=True,
-              help="Baselines to time next to the artifacts: torch, torch-compile, onnxruntime, none (comma-separated). "
+@click.option("--baseline", "baselines", type=CommaList("LIST", choices=(*BASELINE_NAMES, "auto", "none")), default="auto",
+              show_default=True,
+              help=f"Baselines to time next to the artifacts: {', '.join(BASELINE_NAMES)}, none (comma-separated). "
                    "auto = torch for PyTorch bundles, onnxruntime for ONNX ones.")  # fmt: skip
 @DEVICE_OPTION
-@click.option("--batch", "batches", default="8,32", show_default=True, help="Offline-scenario batch sizes (models with a dynamic batch).")
+@click.option("--batch", "batches", type=CommaList("LIST", positive_ints=True), default="8,32", show_default=True,
+              help="Offline-scenario batch sizes (models with a dynamic batch).")
 @click.option("--min-time", type=float, default=1.0, show_default=True, help="Seconds of timed calls per contender, at least.")
 @click.option("--min-iterations", type=int, default=100, show_default=True,
               help="Timed calls per contender, at least (p99 needs 100 to be observed rather than interpolated).")
@@ -690,7 +722,7 @@ def doctor(as_json: bool) -> None:
 @click.option("--no-record", is_flag=True, help="Do not write the profiles into the bundle.")
 @click.option("--allow-pickle", is_flag=True,
               help="Let the PyTorch baselines load a program whose weights torch pickled; this runs code from the bundle.")  # fmt: skip
-@click.option("--fail-if-slower-than", "gate", default=None, metavar="BASELINE",
+@click.option("--fail-if-slower-than", "gate", type=click.Choice(BASELINE_NAMES), default=None,
               help="Exit with code 7 if the fastest artifact is slower than this baseline (e.g. torch) in single-stream.")  # fmt: skip
 @click.option("--margin", type=float, default=0.0, show_default=True,
               help="Tolerated slowdown for the gate (0.05 = 5%; negative: a required speed-up, -0.5 = 2x faster).")
@@ -703,7 +735,7 @@ def doctor(as_json: bool) -> None:
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Pool mode: interleaved rounds.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
-def bench(bundle: Path, baseline: str, device: str | None, batches: str, min_time: float, min_iterations: int,
+def bench(bundle: Path, baselines: list[str], device: str | None, batches: list[int], min_time: float, min_iterations: int,
           max_time: float, no_record: bool, allow_pickle: bool, gate: str | None, margin: float, pool_mode: bool,
           devices: str | None, pins: tuple[str, ...], rounds: int, as_json: bool) -> int:  # fmt: skip
     """Time every artifact this host can run next to PyTorch, and record the results as
@@ -724,38 +756,31 @@ def bench(bundle: Path, baseline: str, device: str | None, batches: str, min_tim
     from hxc.bench.report import profiles_table, row_json, rows
     from hxc.bench.run import run_bench
     from hxc.manifests import read_manifest
+    from hxc.manifests.schema import to_json
 
     manifest = read_manifest(bundle)
-    names = _baselines(baseline, manifest.model.source_format)
-    if gate and gate not in names:
-        raise HxcError(f"--fail-if-slower-than {gate}: that baseline is not measured", hint=f"add --baseline {gate}")
-    try:
-        offline = [int(b) for b in batches.split(",") if b.strip()]
-    except ValueError:
-        raise HxcError(f"--batch takes comma-separated integers, not {batches!r}") from None
     budget = Budget(min_iterations=min_iterations, min_seconds=min_time, max_seconds=max_time)
     with ui.err.status("benchmarking…", spinner="dots") as status:
-        result = run_bench(bundle, baselines=names, device=device, offline_batches=offline, budget=budget,
-                           record=not no_record, allow_pickle=allow_pickle,
+        result = run_bench(bundle, baselines=baselines, device=device, offline_batches=batches, budget=budget,
+                           record=not no_record, allow_pickle=allow_pickle, gate=gate, margin=margin,
                            on_progress=lambda s: status.update(f"benchmarking: {s}"))  # fmt: skip
     table_rows = rows(manifest, result.profiles)
-    verdict = _gate(result.profiles, gate, margin) if gate else None
-    code = ExitCode.REGRESSION if verdict and not verdict["passed"] else ExitCode.OK
+    verdict, code = result.gate, result.exit_code
     if as_json:
-        from hxc.manifests.schema import to_json
-
+        gate_json = verdict and {**to_json(verdict), "message": verdict.message}
         ui.print_json({"ok": code == ExitCode.OK, "exit_code": int(code), "host": to_json(result.host),
-                       "recorded": result.recorded, "results": [row_json(r) for r in table_rows], "gate": verdict,
-                       "errors": result.errors})  # fmt: skip
+                       "recorded": result.recorded, "results": [row_json(r) for r in table_rows], "gate": gate_json,
+                       "skipped_baselines": [to_json(s) for s in result.skipped_baselines], "errors": list(result.errors)})  # fmt: skip
         return code
+    for s in result.skipped_baselines:
+        ui.warn(f"skipped baseline {s.baseline}: {s.reason}")
     ui.out.print(profiles_table(manifest, result.profiles))
     for e in result.errors:
         ui.warn(f"not measured: {e}")
     if result.recorded:
         ui.err.print(f"[dim]recorded {len(result.profiles)} profiles in {bundle}[/dim]")
     if verdict:
-        msg = verdict["message"]
-        ui.out.print(f"[green]gate passed:[/green] {msg}") if verdict["passed"] else ui.error(f"gate failed: {msg}")
+        ui.out.print(f"[green]gate passed:[/green] {verdict.message}") if verdict.passed else ui.error(f"gate failed: {verdict.message}")
     return code
 
 
@@ -798,30 +823,6 @@ def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: floa
     if r.recorded:
         ui.err.print(f"[dim]recorded {len(r.profiles)} profiles with caller overhead in {bundle}[/dim]")
     return ExitCode.OK
-
-
-def _baselines(text: str, source_format: str) -> list[str]:
-    if text == "auto":
-        return ["onnxruntime"] if source_format == "onnx" else ["torch"]
-    if text == "none":
-        return []
-    return [b.strip() for b in text.split(",") if b.strip() and b.strip() != "none"]
-
-
-def _gate(profiles: list, baseline: str, margin: float) -> dict:
-    name = {"torch": "torch:eager", "torch-compile": "torch:compile"}.get(baseline, baseline)
-    single = [p for p in profiles if p.scenario == "single-stream"]
-    base = next((p for p in single if p.candidate == name), None)
-    if base is None:
-        raise HxcError(f"--fail-if-slower-than {baseline}: that baseline was not measured", hint=f"add --baseline {baseline}")
-    arts = [p for p in single if p.artifact_sha256 is not None]
-    best = min(arts, key=lambda p: p.latency.p50_ms)
-    ratio = best.latency.p50_ms / base.latency.p50_ms
-    passed = ratio <= 1 + margin
-    return {"baseline": name, "best": best.candidate, "best_p50_ms": best.latency.p50_ms,
-            "baseline_p50_ms": base.latency.p50_ms, "ratio": round(ratio, 4), "margin": margin, "passed": passed,
-            "message": f"{best.candidate} p50 {best.latency.p50_ms:.3g} ms vs {name} {base.latency.p50_ms:.3g} ms "
-                       f"({ratio:.2f}x the baseline's time, allowed {1 + margin:.2f}x)"}  # fmt: skip
 
 
 @main.group()

@@ -47,29 +47,6 @@ class LoweringError(HxcError):
     """The model loaded but could not be exported or converted to IREE's input IR."""
 
 
-class CompileError(HxcError):
-    """iree-compile failed for one target. Keeps the argv and stderr to reproduce it."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        target: str,
-        argv: list[str],
-        stderr: str,
-        operator: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.target = target
-        self.argv = argv
-        self.stderr = stderr
-        self.operator = operator
-
-
-class PartialCompileError(HxcError):
-    exit_code = ExitCode.PARTIAL
-
-
 class BundleError(HxcError):
     """The bundle is missing, malformed, or from an incompatible schema."""
 

@@ -128,7 +128,7 @@ def test_regression_gate_exit_code(bundle, cli):
     lenient = cli("bench", bundle, *QUICK, "--device", "cpu", "--fail-if-slower-than", "torch", "--margin", "1e6")
     assert lenient.exit_code == 0 and "gate passed" in lenient.stdout
     missing = cli("bench", bundle, *QUICK, "--baseline", "none", "--fail-if-slower-than", "torch")
-    assert missing.exit_code == ExitCode.ERROR and "is not measured" in missing.stderr
+    assert missing.exit_code == ExitCode.USAGE and "is not measured" in missing.stderr
 
 
 def test_tune_keeps_the_fastest_configuration_and_records_the_search(cli, tmp_path):

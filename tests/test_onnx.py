@@ -97,7 +97,7 @@ def _ort(path: Path, *arrays: np.ndarray) -> list[np.ndarray]:
 
 def test_external_data_model_runs_on_cpu_and_vulkan_like_onnxruntime(onnx_models, tmp_path):
     out = tmp_path / "net.hxc"
-    result = build_bundle(str(onnx_models["external"]), out, "cpu:host,vulkan:spirv", cache_dir=False)
+    result = build_bundle(str(onnx_models["external"]), out, "cpu:host,vulkan:spirv", use_cache=False)
     assert result.written, [r.error for r in result.failed]
     m = read_manifest(out)
     assert m.model.source_format == "onnx" and m.model.program_file == "model.onnx" and not m.weights
@@ -118,7 +118,7 @@ def test_external_data_model_runs_on_cpu_and_vulkan_like_onnxruntime(onnx_models
 
 def test_old_opset_is_upgraded_and_keeps_its_semantics(onnx_models, tmp_path):
     out = tmp_path / "old.hxc"
-    result = build_bundle(str(onnx_models["opset9"]), out, "cpu:host", cache_dir=False)
+    result = build_bundle(str(onnx_models["opset9"]), out, "cpu:host", use_cache=False)
     assert result.written, [r.error for r in result.failed]
     x = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
     np.testing.assert_allclose(hxc.runtime.load(out)(x), _ort(onnx_models["opset9"], x)[0], **F32)
@@ -128,8 +128,8 @@ def test_old_opset_is_upgraded_and_keeps_its_semantics(onnx_models, tmp_path):
 def test_shared_weights_are_stored_once_and_match_inline(onnx_models, tmp_path):
     inline, shared = tmp_path / "inline.hxc", tmp_path / "shared.hxc"
     src = str(onnx_models["external"])
-    assert build_bundle(src, inline, "cpu:host", cache_dir=False).written
-    assert build_bundle(src, shared, "cpu:host,vulkan:spirv", options=ImportOptions(weights="shared"), cache_dir=False).written
+    assert build_bundle(src, inline, "cpu:host", use_cache=False).written
+    assert build_bundle(src, shared, "cpu:host,vulkan:spirv", options=ImportOptions(weights="shared"), use_cache=False).written
     m = read_manifest(shared)
     [w] = m.weights
     assert (shared / "weights.irpa").is_file() and w.file == "weights.irpa" and w.scope == "model"

@@ -141,11 +141,6 @@ def test_the_size_limit_is_configurable_and_named(pt2, tmp_path, cli, monkeypatc
     assert result.exit_code == ExitCode.ERROR and "HXC_MAX_MODEL_BYTES" in result.stderr
 
 
-@pytest.fixture
-def bundle(example_bundle: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(example_bundle, tmp_path / "b.hxc"))
-
-
 def _point_artifact_at(bundle: Path, artifact_id: str, rel: str, files: dict | None = None) -> None:
     m = read_manifest(bundle)
     art = m.artifact(artifact_id)

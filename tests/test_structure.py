@@ -140,7 +140,7 @@ def test_compiling_an_onnx_model_does_not_import_torch(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
     code = (
         "import sys\nfrom hxc.compiler.build import build_bundle\n"
-        "assert build_bundle(sys.argv[1], sys.argv[2], 'cpu:host', cache_dir=False).written"
+        "assert build_bundle(sys.argv[1], sys.argv[2], 'cpu:host', use_cache=False).written"
     )
     loaded = _imported_after(code, str(model), str(tmp_path / "relu.hxc"))
     assert "torch" not in loaded and "iree.turbine" not in loaded

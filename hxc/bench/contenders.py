@@ -10,14 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from hxc.bench.measure import Contender
-from hxc.errors import BundleError, UsageError
-from hxc.manifests.schema import Manifest
 from hxc.dtypes import to_torch
+from hxc.errors import UsageError
+from hxc.manifests.schema import PROGRAM_ONNX, PROGRAM_PT2, Manifest
 from hxc.runtime.probe import HostProbe
 from hxc.runtime.select import select
-
-BASELINES: tuple[str, ...] = ("torch", "torch-compile", "onnxruntime")
-BASELINE_IDS: tuple[str, ...] = ("torch:eager", "torch:compile", "onnxruntime")  # as they appear in profiles
 
 
 def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, device: str | None = None) -> list[Contender]:
@@ -41,24 +38,10 @@ def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, devi
     return out
 
 
-def baseline_contenders(
-    bundle: Path, manifest: Manifest, names: list[str], cpu_label: str, allow_pickle: bool = False
-) -> list[Contender]:
-    out = []
-    for name in names:
-        if name not in BASELINES:
-            raise UsageError(f"unknown baseline {name!r}", hint=f"choose from: {', '.join(BASELINES)}, none")
-        if name == "onnxruntime":
-            out.append(_onnxruntime(bundle, manifest, cpu_label))
-        elif manifest.model.source_format == "onnx":
-            raise UsageError(f"baseline {name!r} needs a PyTorch model; this bundle was built from ONNX",
-                             hint="use --baseline onnxruntime")  # fmt: skip
-        else:
-            out.append(_torch(bundle, manifest, cpu_label, compiled=name == "torch-compile", allow_pickle=allow_pickle))
-    return out
-
-
-def _torch(bundle: Path, manifest: Manifest, cpu_label: str, compiled: bool, allow_pickle: bool) -> Contender:
+def torch_contender(
+    candidate: str, bundle: Path, manifest: Manifest, cpu_label: str, *, compiled: bool, allow_pickle: bool
+) -> Contender:
+    """PyTorch eager (or torch.compile) on the bundle's program, weights restored."""
     import torch
 
     holder: dict[str, Any] = {}
@@ -77,26 +60,24 @@ def _torch(bundle: Path, manifest: Manifest, cpu_label: str, compiled: bool, all
 
         return call
 
-    return Contender("torch:compile" if compiled else "torch:eager", cpu_label, open_, prepare,
-                     device_time_only=True, threads=torch.get_num_threads())  # fmt: skip
+    return Contender(candidate, cpu_label, open_, prepare, device_time_only=True, threads=torch.get_num_threads())
 
 
-def _onnxruntime(bundle: Path, manifest: Manifest, cpu_label: str) -> Contender:
-    if manifest.model.source_format != "onnx" or not manifest.model.program_file:
-        raise UsageError("the onnxruntime baseline needs a bundle built from an ONNX model")
+def onnxruntime_contender(candidate: str, bundle: Path, manifest: Manifest, cpu_label: str) -> Contender:
+    """ONNX Runtime's CPU provider on the bundle's ONNX model."""
     holder: dict[str, Any] = {}
 
     def open_() -> None:
         import onnxruntime as ort
 
-        holder["session"] = ort.InferenceSession(str(bundle / manifest.model.program_file), providers=["CPUExecutionProvider"])
+        holder["session"] = ort.InferenceSession(str(bundle / PROGRAM_ONNX), providers=["CPUExecutionProvider"])
 
     def prepare(inputs: list) -> Callable[[], None]:
         session = holder["session"]
         feed = {i.name: a for i, a in zip(session.get_inputs(), inputs)}
         return lambda: session.run(None, feed)
 
-    return Contender("onnxruntime", cpu_label, open_, prepare, device_time_only=True, threads=os.cpu_count())
+    return Contender(candidate, cpu_label, open_, prepare, device_time_only=True, threads=os.cpu_count())
 
 
 def load_torch_module(bundle: Path, manifest: Manifest, *, allow_pickle: bool = False) -> Any:
@@ -107,7 +88,7 @@ def load_torch_module(bundle: Path, manifest: Manifest, *, allow_pickle: bool = 
     from hxc.compiler.torch_program import program_with_weights
     from hxc.manifests.bundle import open_checked
 
-    if manifest.model.source_format == "onnx" or not manifest.model.program_file:
+    if manifest.model.program_file != PROGRAM_PT2:
         raise UsageError("this bundle holds no PyTorch program")
     checked = open_checked(bundle, manifest, manifest.model.program_file)
     weights = manifest.weights_for("fp32")

@@ -10,9 +10,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from hxc.bench.baselines import REFERENCE, is_baseline
 from hxc.manifests.schema import Host, Manifest, Profile
 
-BASELINE = "torch:eager"
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Row:
     speedup: float | None  # baseline p50 / this p50, same host, scenario and batch
 
 
-def rows(manifest: Manifest, profiles: Iterable[Profile] | None = None, baseline: str = BASELINE) -> list[Row]:
+def rows(manifest: Manifest, profiles: Iterable[Profile] | None = None, baseline: str = REFERENCE.candidate) -> list[Row]:
     """Latest profile per (host, scenario, batch, candidate, device), with speed-ups."""
     hosts = {h.id: h for h in manifest.hosts}
     latest: dict[tuple, Profile] = {}
@@ -94,7 +94,7 @@ def svg_chart(manifest: Manifest, title: str | None = None) -> str:
             p = r.profile
             frac = 0.08 + 0.92 * ((math.log10(p.latency.p50_ms) - math.log10(lo)) / span if hi > lo else 1.0)
             w = frac * (width - left - right)
-            colour = "#8c8c8c" if p.candidate.startswith(("torch", "onnxruntime")) else "#3b7dd8"
+            colour = "#8c8c8c" if is_baseline(p.candidate) else "#3b7dd8"
             host = r.host.hostname if r.host else p.host_id[:8]
             label = f"{host} · {p.candidate} · {p.device.split(':', 1)[0]}"
             vs = "" if r.speedup is None else f"  {r.speedup:.2f}x vs torch"

@@ -10,15 +10,17 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from hxc.bench.contenders import BASELINE_IDS, artifact_contenders, baseline_contenders
+from hxc.bench.baselines import SkippedBaseline, baseline, is_baseline, resolve
+from hxc.bench.contenders import artifact_contenders
+from hxc.bench.gate import GateVerdict, judge
 from hxc.bench.isolate import DeviceGroup, measure_devices
 from hxc.bench.measure import Budget, Contender, Timing
-from hxc.errors import NoCompatibleArtifactError
+from hxc.errors import ExitCode, NoCompatibleArtifactError, UsageError
 from hxc.manifests import read_manifest, update_manifest
 from hxc.manifests.merge import add_profiles
 from hxc.manifests.schema import Conditions, Host, Manifest, Profile
@@ -28,34 +30,51 @@ from hxc.runtime.verify import load_golden
 DEFAULT_OFFLINE_BATCHES = (8, 32)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BenchResult:
     host: Host
     profiles: list[Profile]
     recorded: bool
-    errors: list[str] = field(default_factory=list)  # devices that failed or hung during the run
+    gate: GateVerdict | None = None  # with --fail-if-slower-than
+    skipped_baselines: tuple[SkippedBaseline, ...] = ()  # `auto` ones this install cannot run
+    errors: tuple[str, ...] = ()  # devices that failed or hung during the run
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return self.gate.exit_code if self.gate is not None else ExitCode.OK
 
 
 def run_bench(
     bundle: str | Path,
     *,
-    baselines: Sequence[str] = ("torch",),
+    baselines: Sequence[str] = ("auto",),
     device: str | None = None,
     offline_batches: Sequence[int] = DEFAULT_OFFLINE_BATCHES,
     budget: Budget = Budget(),
     record: bool = True,
     allow_pickle: bool = False,
+    gate: str | None = None,
+    margin: float = 0.0,
     on_progress: Callable[[str], None] = lambda s: None,
 ) -> BenchResult:
+    """Time every artifact this host can run next to `baselines` (names, `auto` for the
+    bundle's frontend's default, `none`). With `gate` (a baseline name), the result's
+    exit code says whether the fastest artifact kept up with it within `margin`."""
     path = Path(bundle)
     manifest = read_manifest(path)
+    chosen, skipped = resolve(baselines, manifest)
+    gate_baseline = baseline(gate) if gate is not None else None
+    if gate_baseline is not None and gate_baseline not in chosen:
+        gate_baseline.require()  # named on purpose: say what to install, if that is why it is missing
+        raise UsageError(f"--fail-if-slower-than {gate}: that baseline is not measured", hint=f"add --baseline {gate}")
     probe = probe_host()
     host = probe.host()
-    contenders = bench_contenders(path, tuple(baselines), device, allow_pickle)
+    names = tuple(b.name for b in chosen)
+    contenders = bench_contenders(path, names, device, allow_pickle)
     if not contenders:
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host (see `hxc select --explain`)")
     groups = [
-        DeviceGroup(label, cs, functools.partial(bench_contenders, path, tuple(baselines), device, allow_pickle,
+        DeviceGroup(label, cs, functools.partial(bench_contenders, path, names, device, allow_pickle,
                                                  tuple(c.id for c in cs)))
         for label, cs in by_device(contenders).items()
     ]  # fmt: skip
@@ -68,20 +87,21 @@ def run_bench(
         profiles += [_profile(host.id, manifest, t, scenario, batch) for t in timings]
     if record and profiles:
         update_manifest(path, lambda m: add_profiles(m, [host], profiles))
-    return BenchResult(host, profiles, record and bool(profiles), run.errors)
+    verdict = judge(profiles, gate_baseline, margin) if gate_baseline is not None else None
+    return BenchResult(host, profiles, record and bool(profiles), verdict, tuple(skipped), tuple(run.errors))
 
 
 def bench_contenders(bundle: Path, baselines: tuple[str, ...], device: str | None, allow_pickle: bool = False,
                      only: tuple[str, ...] | None = None) -> list[Contender]:  # fmt: skip
     """What `hxc bench` times: the artifacts this host can run (on `device`, if given),
-    then the baselines; `only` keeps the named ones (a worker process's share)."""
+    then the named baselines; `only` keeps the named ones (a worker process's share)."""
     path = Path(bundle)
     manifest = read_manifest(path)
     probe = probe_host()
     cpu = next((d for d in probe.devices if d.driver == "local-task"), None)
     out = artifact_contenders(path, manifest, probe, device)
     if out:
-        out += baseline_contenders(path, manifest, list(baselines), cpu.label if cpu else "cpu", allow_pickle)
+        out += [b.make(b, path, manifest, cpu.label if cpu else "cpu", allow_pickle) for b in map(baseline, baselines)]
     return out if only is None else [c for c in out if c.id in only]
 
 
@@ -112,7 +132,7 @@ def _resize_batch(a: np.ndarray, batch: int) -> np.ndarray:
 def _profile(host_id: str, manifest: Manifest, t: Timing, scenario: str, batch: int) -> Profile:
     stats = t.stats()
     sha = None
-    if t.contender.id not in BASELINE_IDS:
+    if not is_baseline(t.contender.id):
         sha = manifest.artifact(t.contender.id).sha256
     throughput = 1000.0 / stats.mean_ms if stats.mean_ms else 0.0
     return Profile(

@@ -27,7 +27,8 @@ from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
 from hxc.engines import DEFAULT_ENGINE, Engine, resolve_backends
 from hxc.engines.base import Built, BuildJob, artifact_id
-from hxc.errors import HxcError, UsageError, first_line
+from hxc.errors import ExitCode, HxcError, UsageError, first_line
+from hxc.extras import require
 from hxc.frontends import Frontend
 from hxc.manifests.bundle import copy_hashed, file_hash, file_sha256, private_dir, remove_stale, write_manifest
 from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Signature, Weights, from_json, to_json
@@ -43,14 +44,23 @@ Tuner = Callable[[list[CompileResult], dict[str, ImportedModel], Path, CompileCa
 EngineTuner = Callable[[Built, BuildJob], Built]
 
 
-@dataclass
+@dataclass(frozen=True)
+class Skipped:
+    """A (target, precision) that was asked for but not built, and why."""
+
+    target: str  # the variant id: vulkan:spirv
+    precision: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class BuildResult:
     output: Path
     written: bool  # False when failed targets kept the bundle from being published
     manifest: Manifest
     results: list[CompileResult]
     timings: dict[str, float] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)  # target@precision a family cannot generate
+    skipped: tuple[Skipped, ...] = ()
     built: list[Built] = field(default_factory=list)  # artifacts of engines other than IREE
     notes: list[str] = field(default_factory=list)  # e.g. backends `all` skipped, and why
     optional: frozenset[str] = frozenset()  # engines asked for only through `all`
@@ -69,6 +79,15 @@ class BuildResult:
     def total(self) -> int:
         return len(self.results) + len(self.built)
 
+    @property
+    def exit_code(self) -> ExitCode:
+        """OK when a bundle was written; else PARTIAL when only some targets failed
+        (--allow-partial would have written the rest), ERROR when all did."""
+        failed = self.failed
+        if self.written or not failed:
+            return ExitCode.OK
+        return ExitCode.PARTIAL if len(failed) < self.total else ExitCode.ERROR
+
 
 def build_bundle(
     source: str,
@@ -79,8 +98,9 @@ def build_bundle(
     options: ImportOptions | None = None,
     precisions: Sequence[str] = ("fp32",),
     allow_partial: bool = False,
-    jobs_parallel: int | None = None,
-    cache_dir: Path | None | bool = True,
+    jobs: int | None = None,
+    cache_dir: Path | None = None,
+    use_cache: bool = True,
     on_event: Callable[[CompileEvent], None] = lambda e: None,
     on_stage: Callable[[str], None] = lambda s: None,
     tune: Tuner | None = None,
@@ -91,31 +111,35 @@ def build_bundle(
     build; failures of engines asked for only through `all` never block the bundle).
 
     Raises HxcError for problems before compiling (bad model, bad target name, export
-    failure). Compile failures are returned in the result, not raised. `tune`, when
-    given (`hxc.bench.tune.tune`), may replace results with faster builds it measured;
-    `tune_engine` does the same for other engines' artifacts.
+    failure). Compile failures are returned in the result, not raised. `jobs` compiles
+    run at once (default: one per core). Imports and artifacts are cached in
+    `cache_dir` (default: `default_cache_dir()`) unless `use_cache` is False. `tune`,
+    when given (`hxc.bench.tune.tune`), may replace results with faster builds it
+    measured; `tune_engine` does the same for other engines' artifacts.
     """
     variants = resolve(targets) if isinstance(targets, str) else list(targets)
     engines, optional, notes = resolve_backends(backends)
     options = options or ImportOptions()
     frontend = frontends.recognise(source)  # before any slow work: what the source is, or a one-line error
+    require(frontend.extra, f"compiling {frontend.summary}")
     wanted = list(dict.fromkeys(precisions))
     if unsupported := [p for p in wanted if p not in frontend.precisions]:
         raise UsageError(f"--precision {', '.join(unsupported)} is not supported for {frontend.summary}",
                          hint=f"it builds {', '.join(frontend.precisions)}; convert the model itself")  # fmt: skip
     iree = any(e.name == DEFAULT_ENGINE for e in engines)
     builds = [(p, v) for p in wanted for v in variants if p in family(v.family).precisions] if iree else []
-    skipped = [f"{v.id}@{p}" for p in wanted for v in variants if p not in family(v.family).precisions] if iree else []
+    skipped = [Skipped(v.id, p, f"the {v.family} backend cannot generate {p} code")
+               for p in wanted for v in variants if iree and p not in family(v.family).precisions]  # fmt: skip
     others = [e for e in engines if e.name != DEFAULT_ENGINE]
     families = {v.family for v in variants}
     other_builds = [(p, e) for e in others for p in wanted if p in e.precisions and families & set(e.families)]
     if not builds and not other_builds:
         # Checked before any slow work: a bundle without artifacts is no result.
         raise UsageError(
-            f"nothing to build: {', '.join(skipped) or 'no targets'} cannot be generated",
+            f"nothing to build: {', '.join(f'{s.target}@{s.precision}' for s in skipped) or 'no targets'} cannot be generated",
             hint="add fp32, or a family that generates reduced precision (see `hxc targets`)",
         )
-    cache_root = default_cache_dir() if cache_dir is True else (cache_dir or None)
+    cache_root = (cache_dir or default_cache_dir()) if use_cache else None
     cache = CompileCache(cache_root)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,10 +154,10 @@ def build_bundle(
         timings = dict(reference.timings)
 
         ir_sha = {p: file_sha256(imp.mlir) for p, imp in imports.items()}  # IR can be hundreds of MB: hash once
-        jobs = [CompileJob(imports[p].mlir, ir_sha[p], v, p) for p, v in builds]
+        compile_jobs = [CompileJob(imports[p].mlir, ir_sha[p], v, p) for p, v in builds]
         t = time.perf_counter()
         on_stage("compiling")
-        results = compile_all(jobs, workdir=work, parallel=jobs_parallel, cache=cache, on_event=on_event)
+        results = compile_all(compile_jobs, workdir=work, jobs=jobs, cache=cache, on_event=on_event)
         results = [_name_source_operator(r, imports[r.job.precision].operators_at) for r in results]
         timings["compile"] = time.perf_counter() - t
         if tune is not None:
@@ -149,7 +173,7 @@ def build_bundle(
             timings["other backends"] = time.perf_counter() - t
 
         manifest = _manifest(imports, [p for p in wanted if p in imports], ir_sha["fp32"], results, built)
-        result = BuildResult(out, False, manifest, results, timings, skipped, built, notes, optional)
+        result = BuildResult(out, False, manifest, results, timings, tuple(skipped), built, notes, optional)
         if result.blocking and not (allow_partial and len(result.failed) < result.total):
             return result  # nothing is published; an existing bundle at `out` stays as it was
 
@@ -157,8 +181,7 @@ def build_bundle(
         with staged_bundle(out) as stage:
             manifest = _write_files(stage, manifest, results, imports, built)
             write_manifest(stage, manifest)
-    result.written = True
-    return result
+    return replace(result, manifest=manifest, written=True)
 
 
 def _write_files(
@@ -247,7 +270,7 @@ def _imported_from_cache(entry: Path, source: str) -> ImportedModel:
 
 
 def build_engines(engines: Sequence[Engine], variants: Sequence[Variant], precisions: Sequence[str],
-                  reference: ImportedModel, work: Path, on_event: Callable[[Any], None], skipped: list[str],
+                  reference: ImportedModel, work: Path, on_event: Callable[[Any], None], skipped: list[Skipped],
                   tune_engine: EngineTuner | None = None) -> list[Built]:  # fmt: skip
     """One artifact per engine, target family it serves, and precision; each checked
     against the golden sample where this host can run it. One failing never stops the
@@ -259,7 +282,7 @@ def build_engines(engines: Sequence[Engine], variants: Sequence[Variant], precis
             first: Built | None = None
             for fam in (f for f in families if f in eng.families):
                 if precision not in eng.precisions:
-                    skipped.append(f"{fam}:{eng.name}@{precision}")
+                    skipped.append(Skipped(f"{fam}:{eng.name}", precision, f"the {eng.name} backend does not build {precision}"))
                     continue
                 job = BuildJob(fam, precision, reference.program, reference.program_name, reference.source_format,
                                reference.weights, reference.golden, reference.signature, work, reuse=first)  # fmt: skip

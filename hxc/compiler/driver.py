@@ -158,18 +158,19 @@ class _Processes:
 
 
 def compile_all(
-    jobs: Sequence[CompileJob],
+    work: Sequence[CompileJob],
     *,
     workdir: Path,
-    parallel: int | None = None,
+    jobs: int | None = None,
     cache: CompileCache | None = None,
     on_event: Callable[[CompileEvent], None] = lambda e: None,
 ) -> list[CompileResult]:
-    """Run every job, `parallel` at a time; results come back in the order of `jobs`.
-    Artifacts land in `workdir` (or stay in the cache, for hits)."""
+    """Run every compile job in `work`, `jobs` at a time (default: one per core);
+    results come back in the order of `work`. Artifacts land in `workdir` (or stay in
+    the cache, for hits)."""
     cache = cache or CompileCache(None)
     procs = _Processes()
-    parallel = max(1, parallel or os.cpu_count() or 1)
+    jobs = max(1, jobs or os.cpu_count() or 1)
 
     def one(job: CompileJob) -> CompileResult:
         on_event(CompileEvent("start", job))
@@ -177,9 +178,9 @@ def compile_all(
         on_event(CompileEvent("done", job, result))
         return result
 
-    pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="iree-compile")
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="iree-compile")
     try:
-        futures = [pool.submit(one, j) for j in jobs]
+        futures = [pool.submit(one, j) for j in work]
         return [f.result() for f in futures]
     except BaseException:
         procs.kill_all()

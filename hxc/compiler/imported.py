@@ -13,7 +13,6 @@ import numpy as np
 from hxc.manifests.schema import Signature
 
 WeightsMode = Literal["auto", "inline", "shared"]
-WEIGHTS_MODES: tuple[str, ...] = ("auto", "inline", "shared")
 # With `auto`, parameters at least this large are stored once per bundle (in an IREE
 # parameter archive) instead of inside every artifact.
 SHARED_WEIGHTS_THRESHOLD = 16 * 1024 * 1024

@@ -16,20 +16,16 @@ from typing import TYPE_CHECKING
 
 from hxc.errors import ModelLoadError, UsageError
 from hxc.frontends.base import Frontend, Source
+from hxc.registry import member_names
 
 if TYPE_CHECKING:
     from hxc.compiler.torch_export import ExportedModel
 
 __all__ = ["Frontend", "Source", "by_format", "frontend", "frontend_names", "frontends", "export_program", "recognise"]
 
-_NOT_FRONTENDS = {"base"}
-
-
 @functools.cache
 def frontend_names() -> tuple[str, ...]:
-    here = Path(__file__).parent
-    names = (p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))
-    return tuple(sorted(n for n in names if n not in _NOT_FRONTENDS))
+    return member_names(__file__)
 
 
 @functools.cache

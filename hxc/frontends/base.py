@@ -87,7 +87,7 @@ class Frontend:
     precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")  # what it can build
     baseline: str = "torch"  # what `hxc bench` times the artifacts against by default
     program_file: str = PROGRAM_PT2  # the program it stores in the bundle
-    requires: tuple[str, ...] = ("torch", "iree.turbine", "iree.compiler")  # modules importing needs
+    extra: str = "compile"  # the hxc extra that installs what importing needs (hxc.extras)
     model_name: Callable[[str], str] = file_stem  # the model's name, from the source
 
 

@@ -108,6 +108,6 @@ FRONTEND = Frontend(
     precisions=("fp32",),  # convert the ONNX model itself for other precisions
     baseline="onnxruntime",
     program_file=PROGRAM_ONNX,
-    requires=("onnx", "onnxruntime", "iree.compiler"),
+    extra="onnx",
     order=40,
 )

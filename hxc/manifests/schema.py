@@ -51,12 +51,8 @@ class TensorSpec:
     """One input or output tensor. A dynamic dimension is a name instead of a size."""
 
     name: str
-    dtype: str
+    dtype: str  # an hxc dtype name (hxc.dtypes): f32, i64, bf16, ...
     shape: tuple[Dim, ...]
-
-    @property
-    def is_dynamic(self) -> bool:
-        return any(isinstance(d, str) for d in self.shape)
 
     def format(self) -> str:
         """The `--input` spelling: `?x3x224x224xf32`."""

@@ -13,7 +13,7 @@ import hashlib
 import platform
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import metadata
 
 from hxc import __version__
@@ -106,15 +106,7 @@ def _probe_driver(rt, fam, name: str, compiled_in: set[str]) -> DriverStatus:
         except Exception:
             return ""
 
-    devices = fam.describe_devices(name, found, dump_info)
-    # get_device() takes driver://path; the numeric device_id is an opaque handle.
-    devices = [_with_uri(d, name, f) for d, f in zip(devices, found)]
-    return DriverStatus(name, fam.name, True, None, tuple(devices))
-
-
-def _with_uri(device: Device, driver: str, found: dict) -> Device:
-    path = found.get("path") or ""
-    return replace(device, uri=f"{driver}://{path}" if path else driver)
+    return DriverStatus(name, fam.name, True, None, tuple(fam.describe_devices(name, found, dump_info)))
 
 
 def _driver_reason(e: Exception) -> str:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from hxc.engines import engine
-from hxc.errors import UsageError
+from hxc.errors import ExitCode, UsageError
 from hxc.manifests.schema import Artifact, LatencyStats, Manifest, Profile
 from hxc.runtime.prices import Price, PriceTable, cost_per_1k
 from hxc.runtime.probe import HostProbe
@@ -162,6 +162,10 @@ class Selection:
     @property
     def best(self) -> Candidate | None:
         return self.candidates[0] if self.candidates else None
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.OK if self.candidates else ExitCode.NO_COMPATIBLE_ARTIFACT
 
     def explain(self) -> str:
         head = f"policy: {self.policy}"

@@ -1,7 +1,9 @@
-"""Check artifacts' numbers against the golden sample PyTorch produced at compile time.
+"""Check artifacts' numbers against the bundle's golden sample: the reference outputs
+recorded at compile time, PyTorch's own for PyTorch models and ONNX Runtime's for ONNX
+models.
 
-The same tolerances serve `hxc verify` and the test suite, so "matches PyTorch" means
-one thing everywhere.
+The same tolerances (`hxc.dtypes`) serve `hxc verify`, `hxc compile --tune` and the
+test suite, so "matches the reference" means one thing everywhere.
 """
 
 from __future__ import annotations

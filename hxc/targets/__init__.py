@@ -9,9 +9,9 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
-from pathlib import Path
 
 from hxc.errors import UsageError
+from hxc.registry import member_names
 from hxc.targets.base import CompilePlan, Device, TargetFamily, Variant
 
 __all__ = [
@@ -26,14 +26,9 @@ __all__ = [
     "resolve",
 ]
 
-_NOT_FAMILIES = {"base"}
-
-
 @functools.cache
 def family_names() -> tuple[str, ...]:
-    here = Path(__file__).parent
-    names = (p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))
-    return tuple(sorted(n for n in names if n not in _NOT_FAMILIES))
+    return member_names(__file__)
 
 
 @functools.cache

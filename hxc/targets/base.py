@@ -67,6 +67,13 @@ class Device:
         return f"{self.driver}: {self.name}"
 
 
+def device_uri(driver: str, found: dict) -> str:
+    """What iree.runtime.get_device() takes for a device its driver listed: driver://path
+    (the numeric device_id is an opaque handle), or the bare driver name."""
+    path = found.get("path") or ""
+    return f"{driver}://{path}" if path else driver
+
+
 class CheckFailed(Exception):
     """A compiled binary failed its family's post-compile check (e.g. ptxas)."""
 
@@ -93,7 +100,7 @@ class TargetFamily:
         """Turn what an IREE driver reports into Devices. `dump_info(device_id)` returns
         the driver's text description of one device."""
         return [
-            Device(driver=driver, uri=f"{driver}://{d['device_id']}", name=d.get("name") or driver, kind="other")
+            Device(driver=driver, uri=device_uri(driver, d), name=d.get("name") or driver, kind="other")
             for d in devices
         ]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hxc.manifests.schema import Artifact, Requirements
-from hxc.targets.base import CompilePlan, Device, TargetFamily, Variant
+from hxc.targets.base import CompilePlan, Device, TargetFamily, Variant, device_uri
 
 # NHWC convolutions: 1.05x on ResNet-18 at batch 1 and 1.4x at batch 8 here, but IREE
 # 3.13 miscompiles some graphs with it ("operand #1 does not dominate this use" on the
@@ -133,7 +133,8 @@ class CpuFamily(TargetFamily):
 
     def describe_devices(self, driver: str, devices: list[dict], dump_info) -> list[Device]:
         cpu = host_cpu()
-        return [Device(driver, driver, cpu.model, "cpu", cpu.isa, cpu.features) for _ in devices[:1]]
+        # One device for the whole CPU, however many the driver lists.
+        return [Device(driver, device_uri(driver, d), cpu.model, "cpu", cpu.isa, cpu.features) for d in devices[:1]]
 
     def cannot_run(self, artifact: Artifact, device: Device) -> str | None:
         if reason := self.wrong_driver(device):

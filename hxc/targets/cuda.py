@@ -14,7 +14,8 @@ was never called; the vmfb still held PTX), so hxc runs ptxas itself instead:
   sm_90 to prove the Hopper JIT accepts it. It is offered only to compute capability
   9.0 and newer.
 
-Without ptxas the PTX ships unchecked, and the manifest says so.
+Without ptxas the PTX ships unchecked (the artifact's `verified` field stays empty), and
+the compile cache keys every artifact by the check it passed (`CompilePlan.checked_by`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import subprocess
 from pathlib import Path
 
 from hxc.manifests.schema import Artifact, Requirements
-from hxc.targets.base import CheckFailed, CompilePlan, Device, TargetFamily, Variant
+from hxc.targets.base import CheckFailed, CompilePlan, Device, TargetFamily, Variant, device_uri
 
 BASE_FLAGS = ("--iree-hal-target-device=cuda",)
 
@@ -79,7 +80,7 @@ class CudaFamily(TargetFamily):
             info = dump_info(d["device_id"])
             m = re.search(r"compute-capability:\s*(\d+)\.(\d+)", info)
             arch = f"sm_{m.group(1)}{m.group(2)}" if m else None
-            out.append(Device(driver, f"cuda://{d['device_id']}", d.get("name") or "CUDA GPU", "discrete-gpu", arch,
+            out.append(Device(driver, device_uri(driver, d), d.get("name") or "CUDA GPU", "discrete-gpu", arch,
                               vendor="nvidia", driver_version=_field(info, "driver-version")))  # fmt: skip
         return out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from hxc.manifests.schema import Artifact, Requirements
-from hxc.targets.base import Device, TargetFamily, Variant
+from hxc.targets.base import Device, TargetFamily, Variant, device_uri
 
 
 def _gfx(arch: str, summary: str, default: bool, aliases=()) -> Variant:
@@ -37,7 +37,7 @@ class RocmFamily(TargetFamily):
         out = []
         for d in devices:
             m = re.search(r"gpu-arch-name:\s*(gfx[0-9a-f]+)", dump_info(d["device_id"]))
-            out.append(Device(driver, f"hip://{d['device_id']}", d.get("name") or "AMD GPU", "discrete-gpu",
+            out.append(Device(driver, device_uri(driver, d), d.get("name") or "AMD GPU", "discrete-gpu",
                               m.group(1) if m else None, vendor="amd"))  # fmt: skip
         return out
 

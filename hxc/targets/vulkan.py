@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from hxc.manifests.schema import Artifact, Requirements
-from hxc.targets.base import Device, TargetFamily, Variant
+from hxc.targets.base import Device, TargetFamily, Variant, device_uri
 
 # Vulkan vendor IDs, as the driver reports them.
 VENDORS = {0x10DE: "nvidia", 0x1002: "amd", 0x8086: "intel", 0x13B5: "arm", 0x5143: "qualcomm", 0x10005: "mesa"}
@@ -46,7 +46,7 @@ class VulkanFamily(TargetFamily):
             fields = dict(re.findall(r"^(\w+):\s*(.*)$", info, flags=re.MULTILINE))
             vendor_id = int(fields.get("vendor_id", "0"), 16) if fields.get("vendor_id", "").startswith("0x") else 0
             out.append(Device(
-                driver, f"vulkan://{d['device_id']}", fields.get("name") or d.get("name") or "Vulkan device",
+                driver, device_uri(driver, d), fields.get("name") or d.get("name") or "Vulkan device",
                 fields.get("type", "other"), arch=fields.get("driver"), vendor=VENDORS.get(vendor_id, hex(vendor_id)),
                 driver_version=" ".join(x for x in (fields.get("driver_info"), fields.get("api")) if x) or None,
             ))  # fmt: skip

@@ -1,0 +1,229 @@
+"""The runtime-only install: `pip install hxc` with no extras, in a fresh virtual
+environment, runs bundles made by the full install — a PyTorch model, a bf16 model
+with shared weights, an ONNX model — through load, verify, run and bench, while torch
+and the IREE compiler are not importable there, and commands that need them say in one
+line what to install.
+
+Extending it to another command that must work runtime-only (`hxc serve`, once the
+server lands: with the `serve` extra) means adding the extra to `THIN_EXTRAS` and a
+test that calls `thin.hxc("serve", ...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hxc.compiler.build import build_bundle
+from hxc.errors import ExitCode
+from hxc.extras import EXTRAS
+
+REPO = Path(__file__).resolve().parent.parent
+THIN_EXTRAS: tuple[str, ...] = ()  # what the runtime-only environment installs beyond the core
+QUICK = ("--min-time", "0.05", "--min-iterations", "3", "--max-time", "5")
+NOT_SOURCE = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "*.hxc")
+
+
+@dataclass(frozen=True)
+class Env:
+    root: Path
+
+    @property
+    def python(self) -> Path:
+        return self.root / "bin" / "python"
+
+    def run(self, *args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess:
+        # A clean environment: nothing from the full install may leak in through PYTHONPATH.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+        return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=timeout, cwd=self.root)
+
+    def hxc(self, *args: str | Path) -> subprocess.CompletedProcess:
+        return self.run(self.root / "bin" / "hxc", *args)
+
+    def importable(self, module: str) -> bool:
+        code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 1)"
+        return self.run(self.python, "-c", code).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def thin(tmp_path_factory: pytest.TempPathFactory) -> Env:
+    """A fresh venv with hxc installed from a wheel of this checkout, without extras."""
+    d = tmp_path_factory.mktemp("thin")
+    # Built from a copy: setuptools builds in the source tree and never removes what a
+    # stale build/ holds, so a module deleted since could end up in the wheel.
+    source = Path(shutil.copytree(REPO, d / "src", ignore=shutil.ignore_patterns(*NOT_SOURCE)))
+    wheels = d / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", wheels, source],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    env = Env(d / "venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", env.root], check=True, timeout=120)
+    [wheel] = wheels.glob("hxc-*.whl")
+    spec = f"{wheel}[{','.join(THIN_EXTRAS)}]" if THIN_EXTRAS else str(wheel)
+    installed = subprocess.run([sys.executable, "-m", "pip", "--python", env.python, "install", "--quiet", spec],
+                               capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    return env
+
+
+@dataclass(frozen=True)
+class Built:
+    bundle: Path
+    inputs: Path  # an .npz of fresh inputs
+    expected: list[np.ndarray]  # the reference's outputs on them
+
+
+@pytest.fixture(scope="session")
+def full_built(example_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
+    """Bundles made by the full install, with fresh inputs and the reference's outputs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from hxc.examples import convnet
+    from hxc.examples.zoo import mlp_bf16
+
+    d = tmp_path_factory.mktemp("full-built")
+    rng = np.random.default_rng(5)
+    out: dict[str, Built] = {}
+
+    model, _ = convnet()
+    x = rng.standard_normal((1, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).numpy()
+    np.savez(d / "convnet-in.npz", x=x)
+    out["pytorch"] = Built(example_bundle, d / "convnet-in.npz", [y])
+
+    bf16 = d / "mlp_bf16.hxc"
+    assert build_bundle("hxc.examples.zoo:mlp_bf16", bf16, "cpu:host").written
+    model, (example,) = mlp_bf16()
+    xb = torch.randn_like(example)
+    with torch.no_grad():
+        yb = model(xb).float().numpy()
+    np.savez(d / "bf16-in.npz", x=xb.view(torch.int16).numpy().view(np.uint16))  # .npz holds bf16 as its bits
+    out["bf16"] = Built(bf16, d / "bf16-in.npz", [yb])
+
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [8, 4], w.ravel())],
+    )  # fmt: skip
+    src = d / "mm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    onnx_bundle = d / "mm.hxc"
+    assert build_bundle(str(src), onnx_bundle, "cpu:host").written
+    xo = rng.standard_normal((3, 8)).astype(np.float32)
+    yo = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": xo})[0]
+    np.savez(d / "mm-in.npz", x=xo)
+    out["onnx"] = Built(onnx_bundle, d / "mm-in.npz", [yo])
+    return out
+
+
+def test_the_extras_table_matches_pyproject():
+    """Every module hxc.extras says an extra provides comes from a distribution that
+    extra installs (checked against the installed distributions' own file lists)."""
+    import importlib.metadata as md
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in EXTRAS.values():
+        dists = [r.split("=")[0].split(">")[0].split("[")[0].strip() for r in extras[extra.name]]
+        for module in extra.modules:
+            prefix = module.replace(".", "/") + "/"
+            providers = [d for d in dists if any(str(f).startswith(prefix) for f in md.files(d) or ())]
+            assert providers, f"hxc[{extra.name}] installs nothing that provides {module} ({', '.join(dists)})"
+    core = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not any(r.startswith(("torch", "iree-base-compiler", "iree-turbine", "onnx")) for r in core)
+
+
+def test_the_runtime_install_has_no_torch_and_no_compiler(thin):
+    for module in ("torch", "iree.compiler", "iree.turbine", "onnx", "onnxruntime"):
+        assert not thin.importable(module), module
+    assert thin.importable("iree.runtime") and thin.importable("hxc.runtime")
+
+
+@pytest.mark.parametrize("kind", ["pytorch", "bf16", "onnx"])
+def test_bundles_from_the_full_install_load_verify_run_and_bench(kind, thin, full_built, tmp_path):
+    built = full_built[kind]
+    inspected = thin.hxc("inspect", built.bundle, "--json")
+    assert inspected.returncode == 0, inspected.stderr
+    chosen = json.loads(thin.hxc("select", built.bundle, "--json").stdout)
+    assert chosen["ok"] and chosen["choice"]["artifact"].startswith(("cpu:", "vulkan:"))
+
+    verified = thin.hxc("verify", built.bundle, "--json")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert json.loads(verified.stdout)["ok"]
+
+    # The Python API, and proof that it ran without the compiler or torch loaded.
+    code = (
+        "import json, sys, numpy as np, hxc.runtime\n"
+        "from hxc.dtypes import from_storage\n"
+        f"m = hxc.runtime.load({str(built.bundle)!r}, device='cpu')\n"
+        f"with np.load({str(built.inputs)!r}) as f:\n"
+        "    x = [from_storage(f[k], s.dtype) for k, s in zip(f.files, m.signature.inputs)]\n"
+        "[y] = m.run_flat(x)\n"
+        "print(json.dumps(np.asarray(y, np.float32).tolist()))\n"
+        "print(json.dumps(sorted(k for k in ('torch', 'iree.compiler', 'iree.turbine', 'onnx') if k in sys.modules)))"
+    )
+    api = thin.run(thin.python, "-c", code)
+    assert api.returncode == 0, api.stderr
+    values, heavy = api.stdout.strip().splitlines()
+    assert json.loads(heavy) == []
+    tolerance = {"atol": 5e-2, "rtol": 5e-2} if kind == "bf16" else {"atol": 1e-4, "rtol": 1e-3}
+    np.testing.assert_allclose(np.array(json.loads(values), np.float32), built.expected[0], **tolerance)
+
+    if kind != "bf16":  # .npy/.npz files cannot name bf16 for `hxc run`; the API above covers it
+        ran = thin.hxc("run", built.bundle, "-i", built.inputs, "-o", tmp_path / "out.npz", "--device", "cpu")
+        assert ran.returncode == 0, ran.stderr
+        with np.load(tmp_path / "out.npz") as got:
+            np.testing.assert_allclose(got["output_0"], built.expected[0], atol=1e-4, rtol=1e-3)
+
+    bench = thin.hxc("bench", built.bundle, *QUICK, "--device", "cpu", "--no-record", "--json")
+    assert bench.returncode == 0, bench.stderr
+    out = json.loads(bench.stdout)
+    assert {r["candidate"] for r in out["results"]} == {a for a in _cpu_artifacts(built.bundle)}
+    [skipped] = out["skipped_baselines"]  # the default baseline needs what this install lacks
+    assert skipped["baseline"] == ("onnxruntime" if kind == "onnx" else "torch") and "pip install 'hxc[" in skipped["reason"]
+    assert "skipped baseline" in thin.hxc("bench", built.bundle, *QUICK, "--device", "cpu", "--no-record").stderr
+
+
+def _cpu_artifacts(bundle: Path) -> set[str]:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return {a["id"] for a in manifest["artifacts"] if a["family"] == "cpu" and a["status"] == "ok"
+            and (a["requires"]["isa"] in (None, "x86_64"))}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, extra",
+    [
+        (["compile", "hxc.examples:mlp", "-t", "cpu:host"], "compile"),
+        (["compile", "MODEL.onnx", "-t", "cpu:host"], "onnx"),
+        (["bench", "BUNDLE", "--baseline", "torch"], "compile"),
+        (["bench", "BUNDLE", "--fail-if-slower-than", "torch"], "compile"),
+    ],
+)
+def test_commands_that_need_an_extra_name_it_in_one_line(args, extra, thin, full_built, tmp_path):
+    args = [str(full_built["onnx"].bundle.parent / "mm.onnx") if a == "MODEL.onnx" else a for a in args]
+    args = [str(full_built["pytorch"].bundle) if a == "BUNDLE" else a for a in args]
+    result = thin.hxc(*args, "-o", tmp_path / "x.hxc") if args[0] == "compile" else thin.hxc(*args)
+    assert result.returncode == ExitCode.ERROR, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pip install 'hxc[{extra}]'" in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.hxc").exists()
+
+
+def test_doctor_and_targets_work_runtime_only(thin):
+    doctor = thin.hxc("doctor", "--json")
+    assert doctor.returncode == 0, doctor.stderr
+    assert any(d["name"] == "local-task" and d["available"] for d in json.loads(doctor.stdout)["drivers"])
+    assert thin.hxc("targets").returncode == 0
