@@ -118,10 +118,10 @@ def build_bundle(
     measured; `tune_engine` does the same for other engines' artifacts.
     """
     variants = resolve(targets) if isinstance(targets, str) else list(targets)
-    engines, optional, notes = resolve_backends(backends)
     options = options or ImportOptions()
     frontend = frontends.recognise(source)  # before any slow work: what the source is, or a one-line error
     require(frontend.extra, f"compiling {frontend.summary}")
+    engines, optional, notes = resolve_backends(backends)
     wanted = list(dict.fromkeys(precisions))
     if unsupported := [p for p in wanted if p not in frontend.precisions]:
         raise UsageError(f"--precision {', '.join(unsupported)} is not supported for {frontend.summary}",

@@ -57,7 +57,9 @@ def resolve_backends(spec: str) -> tuple[list[Engine], frozenset[str], list[str]
             continue
         e = engine(item)
         if (why := e.missing_for_build()) is not None:
-            raise UsageError(f"backend {e.name} cannot build here: {why}")
+            from hxc.extras import MissingExtraError
+
+            raise MissingExtraError(f"backend {e.name} cannot build here: {why}")
         chosen.append(e)
         named.add(e.name)
     chosen = list(dict.fromkeys(chosen))

@@ -17,7 +17,7 @@ class IreeEngine(Engine):
     precisions = ("fp32", "fp16", "bf16")
     build_needs = ("iree.compiler",)
     run_needs = ("iree.runtime",)
-    install_hint = "pip install iree-base-runtime"
+    install_hint = "pip install 'hxc[compile]'"  # the runtime is in every install; the compiler is the extra
 
     def open(self, artifact: Artifact, file: Any, device: Device, weights: tuple[Any, str] | None) -> Session:
         from hxc.runtime.loader import Session as IreeSession
