@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _harness import save  # noqa: E402
 from suite import models  # noqa: E402
 
+from hxc import frontends  # noqa: E402
 from hxc.bench.measure import Budget, Contender, measure  # noqa: E402
 from hxc.compiler.build import import_model  # noqa: E402
 from hxc.compiler.driver import CompileJob, compile_all  # noqa: E402
@@ -72,7 +73,7 @@ def main() -> None:
     for name in args.models.split(","):
         ref, _ = models()[name]
         work = Path(tempfile.mkdtemp(prefix=f"hxc-flags-{name}-"))
-        imported = import_model(ref, ImportOptions(), work, lambda s: None)
+        imported = import_model(frontends.recognise(ref), ref, ImportOptions(), work, lambda s: None)
         sha = hashlib.sha256(imported.mlir.read_bytes()).hexdigest()
         plan = fam.plan(host)
         configs = fam.tuning_configs(plan)
