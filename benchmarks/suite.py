@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import tempfile
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import save  # noqa: E402
+from _harness import RESULTS, save  # noqa: E402
 
 from hxc.bench.measure import Budget, Contender, measure  # noqa: E402
 
@@ -170,6 +171,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(models()))
     ap.add_argument("--min-time", type=float, default=5.0, help="seconds of timed calls per contender")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other models' results in benchmarks/results/suite.json (each records its own peak)")
     args = ap.parse_args()
 
     peaks = {"fp32": peak_gflops(torch.float32), "bf16": peak_gflops(torch.bfloat16)}
@@ -177,6 +180,8 @@ def main() -> None:
           file=sys.stderr)  # fmt: skip
     budget = Budget(warmup=5, min_iterations=20, min_seconds=args.min_time, max_seconds=max(60.0, args.min_time))
     results = {}
+    if args.merge and (previous := RESULTS / "suite.json").exists():
+        results = json.loads(previous.read_text())["models"]
     for name in args.models.split(","):
         ref, precision = models()[name]
         mod, _, fn = ref.partition(":")
@@ -210,7 +215,8 @@ def main() -> None:
             gflops = n_flops / (s.p50_ms / 1000) / 1e9
             rows[t.contender.id] = {"p50_ms": s.p50_ms, "p90_ms": s.p90_ms, "spread": round(s.spread, 3), "iterations": s.iterations,
                                     "ratio_to_best_peer": s.p50_ms / best_peer, "gflops": gflops, "fraction_of_peak": gflops / peak}  # fmt: skip
-        results[name] = {"flops": n_flops, "precision": precision, "other_load": timings[0].other_load, **info, "contenders": rows}
+        results[name] = {"flops": n_flops, "precision": precision, "peak_gflops": peak, "other_load": timings[0].other_load,
+                         **info, "contenders": rows}  # fmt: skip
         print(f"{name}: " + ", ".join(f"{k} {v['p50_ms']:.3g} ms ({v['ratio_to_best_peer']:.2f}x best peer)" for k, v in rows.items()))
         # Saved after every model: a run of every model takes long enough to be cut short.
         path = save("suite", {"peak_gflops": peaks, "threads": torch.get_num_threads(), "min_time_s": args.min_time, "models": results})
