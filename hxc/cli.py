@@ -957,5 +957,67 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
     ui.out.print(f"unpacked {archive} into {output}  ({len(m.files)} files)", markup=False)
 
 
+# --- serve ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, metavar="BUNDLE|DIR|NAME=BUNDLE...")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option("--devices", default="all", show_default=True, metavar="all|LIST",
+              help="Devices to load every model on, each in its own worker process: `all`, or a comma-separated list "
+                   "(drivers, families, artifact ids).")  # fmt: skip
+@PIN_OPTION
+@click.option("--policy", type=click.Choice(["latency", "cost"]), default="latency", show_default=True,
+              help="How a request without its own `policy` parameter is routed: the soonest expected finish, or the "
+                   "cheapest device (price / measured speed) that meets its slo_ms.")  # fmt: skip
+@click.option("--slo-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Default deadline per request, for requests without an `slo_ms` parameter.")
+@click.option("--prices", "prices_file", type=click.Path(path_type=Path), envvar="HXC_PRICES", default=None,
+              help="Prices TOML for the cost policy. [env: HXC_PRICES; default: ~/.config/hxc/prices.toml, else built-in]")
+@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1),
+              help="Rows per device call when requests are merged (models with a dynamic batch dimension); 1 turns "
+                   "dynamic batching off.")  # fmt: skip
+@click.option("--max-queue-delay-ms", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="How long the oldest waiting request may wait for others to join its batch.")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1),
+              help="Requests per model, queued or running, before the server sheds load (503 with Retry-After).")
+@click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest request body accepted (413 beyond).")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds SIGTERM waits for requests in flight before the server exits.")
+@click.option("--json", "as_json", is_flag=True, help="Print events (listening, ready, stopped) as JSON lines on stdout.")
+@_command
+def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tuple[str, ...], policy: str,
+          slo_ms: float | None, prices_file: Path | None, max_batch_size: int, max_queue_delay_ms: float, max_queue: int, max_body_mb: float,
+          drain_timeout: float, as_json: bool) -> None:  # fmt: skip
+    """Serve bundles over HTTP with the KServe v2 / Open Inference Protocol (what Triton's
+    and KServe's clients speak), routing every request across this host's devices.
+
+    \b
+    hxc serve model.hxc                          # the model is named by its manifest
+    hxc serve resnet=model.hxc bundles/          # name one; serve every bundle in a directory
+    hxc serve model.hxc --host 0.0.0.0 --port 8080 --max-batch-size 16 --max-queue-delay-ms 2
+
+    \b
+    Each model is loaded on every usable device (one worker process each). A request may
+    carry parameters `slo_ms` and `policy` (latency|cost). Concurrent requests to a device
+    are merged into one call when the model has a dynamic batch dimension. GET /metrics
+    for Prometheus; SIGTERM drains requests in flight, then exits.
+    """
+    from hxc.extras import require
+
+    require("serve", "hxc serve")
+    from hxc.runtime.prices import load_prices
+    from hxc.serve.models import ServeOptions, find_models
+    from hxc.serve.server import print_event, serve as run_server
+
+    options = ServeOptions(host=host, port=port, devices=devices, pin=_pin(pins), policy=policy, slo_ms=slo_ms,
+                           prices=load_prices(prices_file),
+                           max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue,
+                           max_body_bytes=int(max_body_mb * 1024**2), drain_timeout_s=drain_timeout)  # fmt: skip
+    run_server(find_models(models), options, on_event=print_event(as_json))
+
+
 if __name__ == "__main__":
     main()

@@ -4,9 +4,9 @@ with shared weights, an ONNX model — through load, verify, run and bench, whil
 and the IREE compiler are not importable there, and commands that need them say in one
 line what to install.
 
-Extending it to another command that must work runtime-only (`hxc serve`, once the
-server lands: with the `serve` extra) means adding the extra to `THIN_EXTRAS` and a
-test that calls `thin.hxc("serve", ...)`.
+The serving image (deploy/Dockerfile) is the runtime-only install plus the `serve`
+extra; it cannot be built here (no container registry), so its install and start
+command are tested in a second fresh venv from the same wheel (`serving`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from hxc.errors import ExitCode
 from hxc.extras import EXTRAS
 
 REPO = Path(__file__).resolve().parent.parent
-THIN_EXTRAS: tuple[str, ...] = ()  # what the runtime-only environment installs beyond the core
 QUICK = ("--min-time", "0.05", "--min-iterations", "3", "--max-time", "5")
 NOT_SOURCE = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "*.hxc")
 
@@ -56,23 +55,38 @@ class Env:
 
 
 @pytest.fixture(scope="session")
-def thin(tmp_path_factory: pytest.TempPathFactory) -> Env:
-    """A fresh venv with hxc installed from a wheel of this checkout, without extras."""
-    d = tmp_path_factory.mktemp("thin")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel of this checkout."""
+    d = tmp_path_factory.mktemp("wheel")
     # Built from a copy: setuptools builds in the source tree and never removes what a
     # stale build/ holds, so a module deleted since could end up in the wheel.
     source = Path(shutil.copytree(REPO, d / "src", ignore=shutil.ignore_patterns(*NOT_SOURCE)))
     wheels = d / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", wheels, source],
                    check=True, capture_output=True, timeout=300)  # fmt: skip
-    env = Env(d / "venv")
+    [built] = wheels.glob("hxc-*.whl")
+    return built
+
+
+def _fresh_venv(root: Path, spec: str) -> Env:
+    env = Env(root)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", env.root], check=True, timeout=120)
-    [wheel] = wheels.glob("hxc-*.whl")
-    spec = f"{wheel}[{','.join(THIN_EXTRAS)}]" if THIN_EXTRAS else str(wheel)
     installed = subprocess.run([sys.executable, "-m", "pip", "--python", env.python, "install", "--quiet", spec],
                                capture_output=True, text=True, timeout=900)  # fmt: skip
     assert installed.returncode == 0, installed.stderr
     return env
+
+
+@pytest.fixture(scope="session")
+def thin(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Env:
+    """A fresh venv with hxc installed from a wheel of this checkout, without extras."""
+    return _fresh_venv(tmp_path_factory.mktemp("thin") / "venv", str(wheel))
+
+
+@pytest.fixture(scope="session")
+def serving(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Env:
+    """The serving image's install: the runtime-only install plus the `serve` extra."""
+    return _fresh_venv(tmp_path_factory.mktemp("serving") / "venv", f"{wheel}[serve]")
 
 
 @dataclass(frozen=True)
@@ -210,6 +224,7 @@ def _cpu_artifacts(bundle: Path) -> set[str]:
         (["compile", "MODEL.onnx", "-t", "cpu:host"], "onnx"),
         (["bench", "BUNDLE", "--baseline", "torch"], "compile"),
         (["bench", "BUNDLE", "--fail-if-slower-than", "torch"], "compile"),
+        (["serve", "BUNDLE"], "serve"),
     ],
 )
 def test_commands_that_need_an_extra_name_it_in_one_line(args, extra, thin, full_built, tmp_path):
@@ -227,3 +242,59 @@ def test_doctor_and_targets_work_runtime_only(thin):
     assert doctor.returncode == 0, doctor.stderr
     assert any(d["name"] == "local-task" and d["available"] for d in json.loads(doctor.stdout)["drivers"])
     assert thin.hxc("targets").returncode == 0
+
+
+def test_the_serving_image_command_serves_without_torch_or_the_compiler(serving, tmp_path):
+    """deploy/Dockerfile's install and command, `hxc serve DIR --host ... --port ...`, on a
+    directory holding a single-file bundle made by the full install; tritonclient gets
+    PyTorch's numbers."""
+    import tritonclient.http as th
+    from test_serve import Server
+
+    from hxc.compiler.imported import ImportOptions
+    from hxc.examples import convnet
+    from hxc.runtime.verify import compare
+
+    for module in ("torch", "iree.compiler", "iree.turbine", "onnx"):
+        assert not serving.importable(module), module
+    models = tmp_path / "models"
+    assert build_bundle("hxc.examples:convnet", models / "cnn.hxcb", "cpu:host", options=ImportOptions(dynamic_batch=True)).written
+    server = Server(models, "--host", "127.0.0.1")
+    server.args[:4] = [str(serving.root / "bin" / "hxc"), "serve"]
+    server.env = {k: v for k, v in server.env.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    with server as s:
+        client = s.client()
+        assert client.is_server_ready() and client.get_model_metadata("convnet")["inputs"][0]["shape"] == [-1, 3, 32, 32]
+        x = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
+        t = th.InferInput("x", [2, 3, 32, 32], "FP32")
+        t.set_data_from_numpy(x)
+        y = client.infer("convnet", [t]).as_numpy("output_0")
+        model, _ = convnet()
+        with torch.no_grad():
+            assert compare(y, model(torch.from_numpy(x)).numpy(), "f32").ok
+    assert s.process.returncode == 0
+
+
+def test_the_deploy_files_start_hxc_serve_with_options_it_takes():
+    """deploy/Dockerfile's command and the InferenceService's arguments parse as `hxc serve`
+    arguments, probe the protocol's health routes, and give a drain its time."""
+    import click
+    import yaml
+
+    from hxc.cli import serve
+
+    docker = (REPO / "deploy" / "Dockerfile").read_text().splitlines()
+    entrypoint = json.loads(next(line for line in docker if line.startswith("ENTRYPOINT")).split(None, 1)[1])
+    cmd = json.loads(next(line for line in docker if line.startswith("CMD")).split(None, 1)[1])
+    assert entrypoint == ["hxc", "serve"]
+    predictor = yaml.safe_load((REPO / "deploy" / "inferenceservice.yaml").read_text())["spec"]["predictor"]
+    [container] = predictor["containers"]
+    for args in (cmd, container["args"]):
+        params = serve.make_context("serve", list(args)).params
+        assert params["models"] == ("/mnt/models",) and params["host"] == "0.0.0.0" and params["port"] == 8080
+    drain = serve.make_context("serve", list(container["args"])).params["drain_timeout"]
+    assert predictor["terminationGracePeriodSeconds"] > drain
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+    with pytest.raises(click.UsageError):  # the check can fail: an option hxc serve lacks
+        serve.make_context("serve", ["/mnt/models", "--no-such-option"])

@@ -26,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,7 @@ class Pool:
         self._job_owner: int | None = None
         self._job_id = 0
         self._wall_s = 0.0
+        self._listeners: list[Callable[[Worker], None]] = []
         self.members: list[_Member] = []
         for cand in chosen:
             # A profile speaks for a worker only if measured as it will run: a pinned one
@@ -170,7 +171,7 @@ class Pool:
             worker = Worker(
                 self.bundle, cand.artifact.id, cand.device.label, self.signature, cpus=cpus[cand.artifact.id],
                 deadlines=deadlines, backoff=backoff, slots=SLOTS, ms_per_item=1000 / rows_per_s if rows_per_s else None,
-                env=dict(env or {}), on_change=lambda w: self._events.put(("state", w)),
+                env=dict(env or {}), on_change=self._worker_changed,
             )  # fmt: skip
             self.members.append(_Member(cand, worker, Speed(prior), Speed(), Speed(), prior))
         for m in self.members:
@@ -264,6 +265,16 @@ class Pool:
         """Units per second the devices taking work now should do together, by their
         current speed estimates (1/s for one not measured yet)."""
         return sum(m.speed.rate or 1.0 for m in self._kept())
+
+    def add_listener(self, callback: Callable[[Worker], None]) -> None:
+        """Call `callback(worker)` (in the worker's thread) whenever a worker's health
+        changes: how a router re-routes the queue of a device that failed."""
+        self._listeners.append(callback)
+
+    def _worker_changed(self, worker: Worker) -> None:
+        self._events.put(("state", worker))
+        for callback in self._listeners:
+            callback(worker)
 
     def rejudge(self) -> None:
         """Let left-out devices back in; the judgement is made again from new measurements."""

@@ -92,6 +92,13 @@ class Speed:
             return (seconds - fit[0]) * fit[1]
         return (self.rate or 0.0) * seconds
 
+    def seconds_for(self, items: int) -> float | None:
+        """How long one call of `items` should take (None before anything is known)."""
+        fit = self.fit()
+        if fit is not None:
+            return fit[0] + items / fit[1]
+        return items / self.rate if self.rate else None
+
     def __repr__(self) -> str:
         return f"Speed({self.rate!r}, {self.source}, n={self.samples}, fixed={self.fixed_s:.3g} s)"
 

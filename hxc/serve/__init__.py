@@ -1,0 +1,12 @@
+"""`hxc serve`: bundles behind the KServe v2 / Open Inference Protocol (HTTP/REST), every
+request routed across the device pool by deadline and cost.
+
+    models.py    bundles found, named and loaded (a Pool of worker processes + a Router each)
+    protocol.py  inference requests and responses: JSON tensors and binary tensor data
+    app.py       the REST routes on Starlette; errors as {"error": ...} with their statuses
+    metrics.py   Prometheus metrics
+    server.py    uvicorn, readiness, SIGTERM drains in-flight requests
+
+Routing, dynamic batching, bounded queues and failover live one layer down, in
+`hxc.pool.router`, on the pool's worker processes.
+"""

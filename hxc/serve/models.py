@@ -1,0 +1,126 @@
+"""The models a server holds: found from paths, named, loaded on every usable device.
+
+A path is a bundle (a directory with a manifest, or anything `hxc.runtime.load`
+accepts), or a directory of them; `NAME=PATH` names a model instead of its manifest.
+Manifests are read (and names checked) before the server starts, so a mistake is a
+one-line error; the devices are loaded afterwards, in the background, while the server
+already answers liveness and reports the model not ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hxc.errors import HxcError, UsageError, first_line
+from hxc.manifests import read_manifest
+from hxc.manifests.schema import Manifest
+from hxc.runtime.prices import PriceTable
+
+log = logging.getLogger("hxc.serve")
+VERSION = "1"  # bundles carry no model version; every model serves as version 1
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How `hxc serve` runs: the knobs of the CLI, in one record."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    devices: str = "all"
+    pin: str | dict[str, list[int]] | None = None
+    policy: str = "latency"
+    slo_ms: float | None = None
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 0.0
+    max_queue: int = 256
+    max_body_bytes: int = 64 * 1024**2
+    start_timeout_s: float = 180.0
+    drain_timeout_s: float = 30.0
+    prices: PriceTable | None = None  # for the cost policy; None: hxc's defaults and the user's file
+
+
+@dataclass
+class ServedModel:
+    name: str
+    bundle: Path
+    manifest: Manifest
+    version: str = VERSION
+    router: object | None = None  # hxc.pool.router.Router once loaded
+    error: str | None = None  # why loading failed
+    loaded: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def signature(self):
+        return self.manifest.signature
+
+    def ready(self) -> bool:
+        return self.router is not None and self.router.ready()  # type: ignore[attr-defined]
+
+
+def find_models(specs: Sequence[str]) -> list[ServedModel]:
+    """Models for the command line's paths (bundles, directories of bundles, NAME=PATH)."""
+    found: list[ServedModel] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = "", spec
+        elif not name or "/" in name:
+            name, path = "", spec  # a path with '=' in it
+        p = Path(path)
+        if not p.exists():
+            raise UsageError(f"{path}: no such bundle or directory")
+        bundles = [p] if _is_bundle(p) else sorted(c for c in p.iterdir() if _is_bundle(c)) if p.is_dir() else [p]
+        if not bundles:
+            raise UsageError(f"{path}: holds no bundle (a directory with manifest.json, or a .hxcb file)")
+        if name and len(bundles) > 1:
+            raise UsageError(f"{spec}: a name can only be given to one bundle, and {path} holds {len(bundles)}")
+        for b in bundles:
+            manifest = read_manifest(b)
+            found.append(ServedModel(name or manifest.model.name, b, manifest))
+    names = [m.name for m in found]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UsageError(f"two bundles serve as model {dupes[0]!r}",
+                         hint=f"name them: hxc serve {dupes[0]}-a=PATH {dupes[0]}-b=PATH")  # fmt: skip
+    bad = [n for n in names if not n or any(c in n for c in "/?#% ")]
+    if bad:
+        raise UsageError(f"model name {bad[0]!r} cannot be used in a URL path", hint="name it: hxc serve NAME=PATH")
+    return found
+
+
+def _is_bundle(p: Path) -> bool:
+    from hxc.manifests.bundle import MANIFEST_FILE
+
+    return (p.is_dir() and (p / MANIFEST_FILE).is_file()) or (p.is_file() and p.suffix == ".hxcb")
+
+
+def load_model(model: ServedModel, options: ServeOptions, on_batch=None) -> None:
+    """Start the model's device workers and its router (blocking: seconds per device)."""
+    from hxc.pool import Pool
+    from hxc.pool.router import Router
+
+    try:
+        pool = Pool(model.bundle, options.devices, pin=options.pin, judge=False, start_timeout_s=options.start_timeout_s)
+        model.router = Router(
+            pool, policy=options.policy, slo_ms=options.slo_ms, max_batch_size=options.max_batch_size,
+            max_queue_delay_ms=options.max_queue_delay_ms, max_queue=options.max_queue, prices=options.prices,
+            on_batch=(lambda device, rows, n: on_batch(model.name, device, rows, n)) if on_batch else None,
+        )  # fmt: skip
+        states = ", ".join(f"{s.name} ({s.health})" for s in model.router.states())  # type: ignore[attr-defined]
+        log.info("model %s: loaded on %s", model.name, states)
+    except HxcError as e:
+        model.error = first_line(e)
+        log.error("model %s: %s", model.name, model.error)
+    finally:
+        model.loaded.set()
+
+
+def close_model(model: ServedModel) -> None:
+    router = model.router
+    if router is not None:
+        router.close()  # type: ignore[attr-defined]
+        router.pool.close()  # type: ignore[attr-defined]
