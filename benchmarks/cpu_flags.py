@@ -3,8 +3,10 @@ models with the same harness as `hxc bench` (configurations interleaved, medians
 
 For each model this compiles `cpu:host` with every configuration the CPU family's
 tuner knows (default = data tiling + im2col, and one change at a time), plus the flag
-sets hxc does not use (IREE's own defaults with only the target CPU set), and times
-them all in one run. It also times the default build at 1 and 2 runtime threads.
+sets hxc does not use (IREE's own defaults with only the target CPU set, and IREE 3.13's
+experimental convolution paths: Winograd, convolution data tiling), checks each build
+against the golden sample, and times them all in one run. It also times the default
+build at 1 and 2 runtime threads.
 
     python benchmarks/cpu_flags.py [--models mlp,resnet18,bert-base,gpt2-small] [--min-time 3]
 """
@@ -25,12 +27,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _harness import save  # noqa: E402
 from suite import models  # noqa: E402
 
+from hxc import frontends  # noqa: E402
 from hxc.bench.measure import Budget, Contender, measure  # noqa: E402
 from hxc.compiler.build import import_model  # noqa: E402
 from hxc.compiler.driver import CompileJob, compile_all  # noqa: E402
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportOptions  # noqa: E402
 from hxc.runtime.loader import Session  # noqa: E402
 from hxc.runtime.probe import probe_host  # noqa: E402
+from hxc.runtime.verify import compare_outputs, golden_arrays  # noqa: E402
 from hxc.targets import family, resolve  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -69,22 +73,31 @@ def main() -> None:
     for name in args.models.split(","):
         ref, _ = models()[name]
         work = Path(tempfile.mkdtemp(prefix=f"hxc-flags-{name}-"))
-        imported = import_model(ref, ImportOptions(), work, lambda s: None)
+        imported = import_model(frontends.recognise(ref), ref, ImportOptions(), work, lambda s: None)
         sha = hashlib.sha256(imported.mlir.read_bytes()).hexdigest()
         plan = fam.plan(host)
         configs = fam.tuning_configs(plan)
         target_cpu = next(f for f in plan.flags if f.startswith("--iree-llvmcpu-target-cpu"))
         configs.append(("iree-defaults", ("--iree-hal-target-device=local",
                                           "--iree-hal-local-target-device-backends=llvm-cpu", target_cpu)))  # fmt: skip
+        configs += experiments(plan.flags)
         jobs = [dataclasses.replace(CompileJob(imported.mlir, sha, host), config=n, flags=f) for n, f in configs]
         print(f"{name}: compiling {len(jobs)} configurations", file=sys.stderr)
         compiled = compile_all(jobs, workdir=work)
         weights = (imported.weights, PARAMETER_SCOPE) if imported.weights else None
         inputs = [imported.golden[f"input_{i}"] for i in range(len(imported.signature.inputs))]
         contenders = []
+        errors: dict[str, float] = {}
+        _, expected = golden_arrays(imported.golden, imported.signature)
         for (cname, _), r in zip(configs, compiled):
             if r.status != "ok":
                 print(f"  {cname}: failed to compile: {r.error}", file=sys.stderr)
+                continue
+            outputs = Session.open(r.vmfb, device, weights).invoke(inputs, imported.signature)
+            comps = compare_outputs(outputs, expected, imported.signature, "fp32")
+            errors[cname] = max(c.max_abs for c in comps)
+            if not all(c.ok for c in comps):
+                print(f"  {cname}: wrong numbers (max abs error {errors[cname]:.3g}); not timed", file=sys.stderr)
                 continue
             holder: dict = {}
 
@@ -94,13 +107,32 @@ def main() -> None:
             contenders.append(Contender(cname, device.label, open_,
                                         lambda a, holder=holder: holder["s"].prepare(a, imported.signature), True))  # fmt: skip
         timings = {t.contender.id: t.stats().p50_ms for t in measure(contenders, inputs, budget)}
-        results[name] = {"p50_ms": timings, "failed": [c for (c, _), r in zip(configs, compiled) if r.status != "ok"]}
+        results[name] = {"p50_ms": timings, "max_abs_error": errors,
+                         "failed": {c: r.error for (c, _), r in zip(configs, compiled) if r.status != "ok"}}  # fmt: skip
         base = timings.get("default")
         print(f"{name}: " + ", ".join(f"{k} {v:.3g} ms ({v / base:.2f}x default)" for k, v in timings.items()))
         results[name]["threads"] = thread_scaling(compiled[0].vmfb, imported, work)
         print(f"{name}: default build, p50 by runtime threads: {results[name]['threads']}")
     path = save("cpu_flags", {"models": results})
     print(f"({path})")
+
+
+WINOGRAD = "iree-linalg-ext-convert-conv2d-to-winograd{replace-all-convs=true}"
+
+
+def experiments(flags: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+    """IREE 3.13's experimental convolution paths, on top of hxc's default flags. The
+    Winograd rewrite (F(6,3)) takes IREE's named 3x3 stride-1 convolutions, NCHW as
+    well as NHWC (13 of ResNet-18's 20 convolutions); convolution data tiling replaces
+    im2col for every convolution."""
+    without_im2col = tuple(f for f in flags if f != "--iree-global-opt-use-im2col-for-convs")
+    pipeline = "--iree-preprocessing-pass-pipeline=builtin.module(util.func({}))"
+    return [
+        ("winograd", (*flags, pipeline.format(WINOGRAD))),
+        ("channels-last+winograd", (*flags, pipeline.format(f"iree-preprocessing-convert-conv-to-channels-last,{WINOGRAD}"))),
+        ("conv-data-tiling", (*without_im2col, *(f"--iree-dispatch-creation-experimental-set-data-tiling-ops={op}"
+                                                 for op in ("matmul", "scaled_matmul", "convolution")))),
+    ]
 
 
 def thread_scaling(vmfb: Path, imported, work: Path) -> dict[str, float]:

@@ -185,6 +185,10 @@ def main(verbose: int) -> None:
               help="Bundle to write: a directory, or one file if it ends in .hxcb. [default: MODEL_NAME.hxc]")
 @click.option("-t", "--targets", default="all", show_default=True,
               help="Comma-separated families (cpu, cuda, rocm, vulkan, all) or exact variants (cuda:sm_89). See `hxc targets`.")  # fmt: skip
+@click.option("-b", "--backends", default="iree", show_default=True,
+              help="Engines that build artifacts, comma-separated: iree (every target), onnxruntime (ONNX program on "
+                   "ONNX Runtime: cpu, cuda, rocm), inductor (AOTInductor for this CPU and torch build); all = every "
+                   "one this host can build, whose failures then never block the bundle. See `hxc targets`.")  # fmt: skip
 @click.option("-i", "--input", "inputs", multiple=True, metavar="SPEC",
               help="Input shape and dtype, e.g. 1x3x224x224xf32; `?` makes a dimension dynamic (?x128xi64). Repeat per input.")  # fmt: skip
 @click.option("--dynamic-batch", is_flag=True, help="Make dimension 0 of every input dynamic.")
@@ -212,11 +216,11 @@ def main(verbose: int) -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), envvar="HXC_CACHE_DIR", help="Compile cache location. [env: HXC_CACHE_DIR; default: ~/.cache/hxc]")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
-def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ...], dynamic_batch: bool,
+def compile(model: str, output: Path | None, targets: str, backends: str, inputs: tuple[str, ...], dynamic_batch: bool,
             example: Path | None, allow_pickle: bool, weights: str, precisions: list[str], tune: bool,
             iree_flags: tuple[str, ...], allow_partial: bool, jobs: int | None, no_cache: bool,
             cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
-    """Compile MODEL into a bundle with one IREE artifact per target.
+    """Compile MODEL into a bundle with one artifact per target (and backend).
 
     MODEL is a torch.export archive (.pt2), a TorchScript archive, a pickled module
     (with --allow-pickle), an ONNX model, or a Python factory `file.py:make_model` /
@@ -226,6 +230,7 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
     hxc compile model.pt2 -o model.hxc
     hxc compile model.pt2 --targets cpu,cuda:sm_89,rocm:gfx942
     hxc compile net.py:make_model --input ?x3x224x224xf32
+    hxc compile model.pt2 -t cpu --backends iree,onnxruntime,inductor
     """
     from hxc import frontends, ui
     from hxc import targets as registry
@@ -240,17 +245,18 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
                             example=str(example) if example else None)
     with ui.CompileProgress(enabled=not as_json) as progress:
         result = build_bundle(
-            model, out, variants, options=options, precisions=precisions, allow_partial=allow_partial, jobs=jobs,
-            cache_dir=cache_dir, use_cache=not no_cache, on_event=progress.on_event, on_stage=progress.set_stage,
-            tune=_tuner() if tune else None, extra_flags=extra_flags,
+            model, out, variants, backends=backends, options=options, precisions=precisions, allow_partial=allow_partial,
+            jobs=jobs, cache_dir=cache_dir, use_cache=not no_cache, on_event=progress.on_event, on_stage=progress.set_stage,
+            tune=_tuner() if tune else None, tune_engine=_engine_tuner() if tune else None,
+            extra_flags=extra_flags,
         )  # fmt: skip
     failed, code = result.failed, result.exit_code
     if as_json:
         ui.print_json({"ok": code == ExitCode.OK, "exit_code": int(code), **_build_json(result)})
         return code
     if result.written:
-        ui.out.print(f"[green]wrote[/green] {out}  ({len(result.results) - len(failed)} artifacts, "
-                     f"{sum(r.seconds for r in result.results):.1f}s of compile time, "
+        ui.out.print(f"[green]wrote[/green] {out}  ({result.total - len(failed)} artifacts, "
+                     f"{sum(r.seconds for r in (*result.results, *result.built)):.1f}s of compile time, "
                      f"{result.timings.get('compile', 0):.1f}s wall)")  # fmt: skip
     if result.written and result.manifest.golden_note:
         ui.warn(f"no golden outputs ({result.manifest.golden_note}): `hxc verify` has nothing to compare against; "
@@ -258,12 +264,14 @@ def compile(model: str, output: Path | None, targets: str, inputs: tuple[str, ..
     for r in result.results:
         if r.fallback:
             ui.warn(f"{r.job.id}: compiled without hxc's speed flags, which failed ({r.fallback})")
+    for note in result.notes:
+        ui.warn(note)
     for s in result.skipped:
         ui.warn(f"skipped {s.target}@{s.precision}: {s.reason}")
     for r in failed:
-        ui.error(f"{r.job.id}: {r.error}")
+        ui.error(f"{r.id}: {r.error}")
     if failed and not result.written:
-        what = f"{len(failed)} of {len(result.results)} targets failed"
+        what = f"{len(failed)} of {result.total} targets failed"
         hint = "; pass --allow-partial to write a bundle without them" if code == ExitCode.PARTIAL else ""
         ui.error(f"{what}; nothing was written{hint}")
     elif failed:
@@ -277,6 +285,12 @@ def _tuner():
     return tune
 
 
+def _engine_tuner():
+    from hxc.bench.tune import tune_built
+
+    return tune_built
+
+
 def _build_json(result: Any) -> dict[str, Any]:
     from hxc.manifests.schema import to_json
 
@@ -288,6 +302,7 @@ def _build_json(result: Any) -> dict[str, Any]:
         "skipped": [to_json(s) for s in result.skipped],
         "golden_outputs": result.manifest.golden_outputs,
         "golden_note": result.manifest.golden_note,
+        "notes": result.notes,
     }
 
 
@@ -316,6 +331,13 @@ def targets(as_json: bool) -> None:
         for v in f.variants:
             t.add_row(v.id, "*" if v.default else "", v.binary, v.summary)
     ui.out.print(t)
+    from hxc.engines import engine, engine_names
+
+    b = ui.table("backend", "families", "here", "what", title="Backends (--backends; iree is the default)")
+    for e in map(engine, engine_names()):
+        why = e.missing_for_build()
+        b.add_row(e.name, ", ".join(e.families), "[green]builds[/green]" if why is None else f"[red]{why}[/red]", e.summary)
+    ui.out.print(b)
 
 
 def _set_trusted_keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -718,14 +740,16 @@ def doctor(as_json: bool) -> None:
 @click.option("--batch", "batches", type=CommaList("LIST", positive_ints=True), default="8,32", show_default=True,
               help="Offline-scenario batch sizes (models with a dynamic batch).")
 @click.option("--min-time", type=float, default=1.0, show_default=True, help="Seconds of timed calls per contender, at least.")
-@click.option("--min-iterations", type=int, default=20, show_default=True, help="Timed calls per contender, at least.")
+@click.option("--min-iterations", type=int, default=100, show_default=True,
+              help="Timed calls per contender, at least (p99 needs 100 to be observed rather than interpolated).")
 @click.option("--max-time", type=float, default=60.0, show_default=True, help="Stop a slow contender after this many seconds.")
 @click.option("--no-record", is_flag=True, help="Do not write the profiles into the bundle.")
 @click.option("--allow-pickle", is_flag=True,
               help="Let the PyTorch baselines load a program whose weights torch pickled; this runs code from the bundle.")  # fmt: skip
 @click.option("--fail-if-slower-than", "gate", type=click.Choice(BASELINE_NAMES), default=None,
               help="Exit with code 7 if the fastest artifact is slower than this baseline (e.g. torch) in single-stream.")  # fmt: skip
-@click.option("--margin", type=float, default=0.0, show_default=True, help="Tolerated slowdown for the gate (0.05 = 5%).")
+@click.option("--margin", type=float, default=0.0, show_default=True,
+              help="Tolerated slowdown for the gate (0.05 = 5%; negative: a required speed-up, -0.5 = 2x faster).")
 @click.option("--pool", "pool_mode", is_flag=True,
               help="Pool mode: each device in its worker process (as `--devices` and `--pin` say): single-stream latency "
                    "and caller overhead per device (recorded), then throughput of each device alone and of the pool, "
@@ -770,11 +794,13 @@ def bench(bundle: Path, baselines: list[str], device: str | None, batches: list[
         gate_json = verdict and {**to_json(verdict), "message": verdict.message}
         ui.print_json({"ok": code == ExitCode.OK, "exit_code": int(code), "host": to_json(result.host),
                        "recorded": result.recorded, "results": [row_json(r) for r in table_rows], "gate": gate_json,
-                       "skipped_baselines": [to_json(s) for s in result.skipped_baselines]})  # fmt: skip
+                       "skipped_baselines": [to_json(s) for s in result.skipped_baselines], "errors": list(result.errors)})  # fmt: skip
         return code
     for s in result.skipped_baselines:
         ui.warn(f"skipped baseline {s.baseline}: {s.reason}")
     ui.out.print(profiles_table(manifest, result.profiles))
+    for e in result.errors:
+        ui.warn(f"not measured: {e}")
     if result.recorded:
         ui.err.print(f"[dim]recorded {len(result.profiles)} profiles in {bundle}[/dim]")
     if verdict:

@@ -103,15 +103,15 @@ class CompileProgress:
 
     def on_event(self, event: Any) -> None:
         with self._lock:
-            row = self.rows.setdefault(event.job.label, {"state": "queued"})
+            row = self.rows.setdefault(event.label, {"state": "queued"})
             if event.kind == "start":
                 row.update(state="running", started=time.perf_counter())
             else:
                 r = event.result
-                size = r.vmfb.stat().st_size if r.vmfb is not None and r.vmfb.exists() else None
+                size = r.file.stat().st_size if r.file is not None and r.file.exists() else None
                 row.update(state=r.status, seconds=r.seconds, size=size, cached=r.cached, error=r.error)
                 if self._live is None and self.enabled:
-                    err.print(self._line(event.job.label, row))
+                    err.print(self._line(event.label, row))
         if self._live is not None:
             self._live.update(self._render())
 

@@ -1,8 +1,9 @@
 #!/bin/sh
 # System packages hxc's tests need: Mesa's Vulkan drivers (lavapipe, a software Vulkan
-# device) and the Vulkan loader, so Vulkan artifacts really run on a machine without a GPU.
+# device) and the Vulkan loader, so Vulkan artifacts really run on a machine without a GPU;
+# a C++ compiler for the inductor backend (AOTInductor compiles C++ at `hxc compile`).
 set -eu
-PKGS="mesa-vulkan-drivers libvulkan1"
+PKGS="mesa-vulkan-drivers libvulkan1 g++"
 if dpkg -s $PKGS >/dev/null 2>&1; then
     exit 0
 fi

@@ -11,7 +11,7 @@ from typing import Any
 
 from hxc.bench.measure import Contender
 from hxc.dtypes import to_torch
-from hxc.errors import BundleError, UsageError
+from hxc.errors import UsageError
 from hxc.manifests.schema import PROGRAM_ONNX, PROGRAM_PT2, Manifest
 from hxc.runtime.probe import HostProbe
 from hxc.runtime.select import select
@@ -33,7 +33,8 @@ def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, devi
             return holder["model"].prepare(inputs)
 
         threads = os.cpu_count() if cand.device.kind == "cpu" and cand.device.driver != "local-sync" else None
-        out.append(Contender(art.id, cand.device.label, open_, prepare, device_time_only=True, threads=threads))
+        out.append(Contender(art.id, cand.device.label, open_, prepare, device_time_only=True, threads=threads,
+                             close=holder.clear))  # fmt: skip
     return out
 
 
@@ -84,39 +85,18 @@ def load_torch_module(bundle: Path, manifest: Manifest, *, allow_pickle: bool = 
     the bundle's parameter archive when they were stored there. Both files are read
     from their checked bytes, and the program is loaded without running code from it
     (`allow_pickle` lifts that, for programs whose weights torch itself pickled)."""
-    import warnings
-
-    import iree.runtime as rt
-    import torch
-
-    from hxc.compiler.torch_export import load_program
+    from hxc.compiler.torch_program import program_with_weights
     from hxc.manifests.bundle import open_checked
 
     if manifest.model.program_file != PROGRAM_PT2:
         raise UsageError("this bundle holds no PyTorch program")
     checked = open_checked(bundle, manifest, manifest.model.program_file)
     weights = manifest.weights_for("fp32")
-    # With shared weights the saved program holds stride-0 placeholders: their logical
-    # size is the model's, not a sign of a bomb.
-    program = load_program(checked.bytes(), str(checked.path), allow_pickle=allow_pickle, check_expansion=weights is None)
-    checked.close()
-    if weights is not None:
-        from iree.turbine.aot import ParameterArchive
-
-        irpa = open_checked(bundle, manifest, weights.file)
-        archive = ParameterArchive()
-        archive.index.load_from_file_handle(rt.FileHandle.wrap_memory(irpa.buffer), "irpa")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "non-writable NumPy array": we copy right away
-            stored = {name: entry.as_tensor().clone() for name, entry in archive.items()}
-        for name, old in list(program.state_dict.items()):
-            if name in stored:
-                new = stored[name].reshape(old.shape)
-                program.state_dict[name] = torch.nn.Parameter(new, requires_grad=False) if isinstance(old, torch.nn.Parameter) else new
-    # Weights saved as stride-0 placeholders (their values live in an archive) must never
-    # run as if they were the model's: that would time and compare garbage.
-    placeholders = [n for n, t in program.state_dict.items() if t.numel() > 1 and not any(t.stride())]
-    if placeholders:
-        raise BundleError(f"{bundle}: the program's weights ({placeholders[0]}, ...) are not in the bundle",
-                          hint="recompile it with this hxc")  # fmt: skip
+    irpa = open_checked(bundle, manifest, weights.file) if weights is not None else None
+    try:
+        program = program_with_weights(checked.bytes(), str(checked.path), irpa, allow_pickle=allow_pickle)
+    finally:
+        checked.close()
+        if irpa is not None:
+            irpa.close()
     return program.module()

@@ -37,7 +37,7 @@ def rows(manifest: Manifest, profiles: Iterable[Profile] | None = None, baseline
 
 
 def row_json(r: Row) -> dict:
-    p, s = r.profile, r.profile.latency
+    p, s, c = r.profile, r.profile.latency, r.profile.conditions
     return {
         "host": p.host_id, "hostname": r.host.hostname if r.host else None, "candidate": p.candidate,
         "device": p.device, "scenario": p.scenario, "batch": p.batch, "p50_ms": s.p50_ms, "p90_ms": s.p90_ms,
@@ -46,6 +46,8 @@ def row_json(r: Row) -> dict:
         "items_per_second": p.items_per_second, "load_ms": p.load_ms, "first_call_ms": p.first_call_ms,
         "memory_mb": p.memory_mb, "device_time_only": p.device_time_only, "threads": p.threads,
         "speedup_vs_torch": None if r.speedup is None else round(r.speedup, 4), "recorded": p.recorded,
+        "p99_observed": s.p99_observed, "isolated": c.isolated if c else False,
+        "interleaved_with": list(c.interleaved_with) if c else None, "other_load": c.other_load if c else None,
     }  # fmt: skip
 
 

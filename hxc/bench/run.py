@@ -8,6 +8,7 @@ models with a dynamic batch dimension, offline throughput at several batch sizes
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,12 @@ import numpy as np
 from hxc.bench.baselines import SkippedBaseline, baseline, is_baseline, resolve
 from hxc.bench.contenders import artifact_contenders
 from hxc.bench.gate import GateVerdict, judge
-from hxc.bench.measure import Budget, Timing, measure
+from hxc.bench.isolate import DeviceGroup, measure_devices
+from hxc.bench.measure import Budget, Contender, Timing
 from hxc.errors import ExitCode, NoCompatibleArtifactError, UsageError
 from hxc.manifests import read_manifest, update_manifest
 from hxc.manifests.merge import add_profiles
-from hxc.manifests.schema import Host, Manifest, Profile
+from hxc.manifests.schema import Conditions, Host, Manifest, Profile
 from hxc.runtime.probe import probe_host
 from hxc.runtime.verify import load_golden
 
@@ -35,6 +37,7 @@ class BenchResult:
     recorded: bool
     gate: GateVerdict | None = None  # with --fail-if-slower-than
     skipped_baselines: tuple[SkippedBaseline, ...] = ()  # `auto` ones this install cannot run
+    errors: tuple[str, ...] = ()  # devices that failed or hung during the run
 
     @property
     def exit_code(self) -> ExitCode:
@@ -66,23 +69,47 @@ def run_bench(
         raise UsageError(f"--fail-if-slower-than {gate}: that baseline is not measured", hint=f"add --baseline {gate}")
     probe = probe_host()
     host = probe.host()
-    cpu = next((d for d in probe.devices if d.driver == "local-task"), None)
-    cpu_label = cpu.label if cpu else "cpu"
-    artifacts = artifact_contenders(path, manifest, probe, device)
-    if not artifacts:
+    names = tuple(b.name for b in chosen)
+    contenders = bench_contenders(path, names, device, allow_pickle)
+    if not contenders:
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host (see `hxc select --explain`)")
-    contenders = artifacts + [b.make(b, path, manifest, cpu_label, allow_pickle) for b in chosen]
+    groups = [
+        DeviceGroup(label, cs, functools.partial(bench_contenders, path, names, device, allow_pickle,
+                                                 tuple(c.id for c in cs)))
+        for label, cs in by_device(contenders).items()
+    ]  # fmt: skip
 
     golden_inputs, _ = load_golden(path, manifest)
+    cases = scenarios(manifest, golden_inputs, offline_batches)
+    run = measure_devices(groups, [inputs for _, _, inputs in cases], budget, on_progress)
     profiles: list[Profile] = []
-    for scenario, batch, inputs in scenarios(manifest, golden_inputs, offline_batches):
-        on_progress(f"{scenario} at batch {batch}")
-        timings = measure(contenders, inputs, budget, on_progress)
+    for (scenario, batch, _), timings in zip(cases, run.timings):
         profiles += [_profile(host.id, manifest, t, scenario, batch) for t in timings]
-    if record:
+    if record and profiles:
         update_manifest(path, lambda m: add_profiles(m, [host], profiles))
     verdict = judge(profiles, gate_baseline, margin) if gate_baseline is not None else None
-    return BenchResult(host, profiles, record, verdict, tuple(skipped))
+    return BenchResult(host, profiles, record and bool(profiles), verdict, tuple(skipped), tuple(run.errors))
+
+
+def bench_contenders(bundle: Path, baselines: tuple[str, ...], device: str | None, allow_pickle: bool = False,
+                     only: tuple[str, ...] | None = None) -> list[Contender]:  # fmt: skip
+    """What `hxc bench` times: the artifacts this host can run (on `device`, if given),
+    then the named baselines; `only` keeps the named ones (a worker process's share)."""
+    path = Path(bundle)
+    manifest = read_manifest(path)
+    probe = probe_host()
+    cpu = next((d for d in probe.devices if d.driver == "local-task"), None)
+    out = artifact_contenders(path, manifest, probe, device)
+    if out:
+        out += [b.make(b, path, manifest, cpu.label if cpu else "cpu", allow_pickle) for b in map(baseline, baselines)]
+    return out if only is None else [c for c in out if c.id in only]
+
+
+def by_device(contenders: list[Contender]) -> dict[str, list[Contender]]:
+    groups: dict[str, list[Contender]] = {}
+    for c in contenders:
+        groups.setdefault(c.device, []).append(c)
+    return groups
 
 
 def scenarios(manifest: Manifest, golden: list[np.ndarray], offline_batches: Sequence[int]) -> list[tuple[str, int, list[np.ndarray]]]:
@@ -124,4 +151,5 @@ def _profile(host_id: str, manifest: Manifest, t: Timing, scenario: str, batch: 
         device_time_only=t.contender.device_time_only,
         recorded=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         threads=t.contender.threads,
+        conditions=Conditions(interleaved_with=t.interleaved_with, isolated=True, other_load=t.other_load),
     )

@@ -12,6 +12,8 @@ from hxc.bench.measure import Budget, Contender, measure
 from hxc.compiler.cache import CompileCache
 from hxc.compiler.driver import CompileEvent, CompileResult, compile_all
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel
+from hxc.engines import engine
+from hxc.engines.base import Built, BuildJob
 from hxc.errors import first_line
 from hxc.manifests.schema import Artifact, Signature, TuningTrial
 from hxc.runtime.loader import Session
@@ -70,6 +72,41 @@ def _tune_one(r: CompileResult, imported: ImportedModel, workdir: Path, cache: C
     )  # fmt: skip
     chosen = next(t for (name, _), t in zip(configs, tried) if name == best)
     return dataclasses.replace(chosen, job=r.job, tuning=trials)
+
+
+def tune_built(built: Built, job: BuildJob, budget: Budget = TUNE_BUDGET) -> Built:
+    """`--tune` for another engine's artifact (ONNX Runtime's thread and graph
+    optimisation options): time each option set here on the golden sample, keep the
+    fastest that computes the right numbers, record the search."""
+    eng = engine(built.engine)
+    configs = eng.tuning_configs(built)
+    fam = family(built.family)
+    art = built.as_artifact()
+    device = next((d for d in probe_host().devices if d.driver in fam.drivers and fam.cannot_run(art, d) is None), None)
+    if len(configs) < 2 or device is None or built.file is None:
+        return built
+    inputs, expected = golden_arrays(job.golden, job.signature)
+    weights = (job.weights, PARAMETER_SCOPE) if job.weights is not None and eng.uses_shared_weights(art) else None
+    errors: dict[str, str] = {}
+    contenders = []
+    for name, options in configs:
+        variant = dataclasses.replace(art, flags=options)
+        try:
+            session = eng.open(variant, built.file, device, weights)
+            outputs = session.invoke(inputs, job.signature)
+        except Exception as e:
+            errors[name] = f"failed to run: {first_line(e)}"
+            continue
+        if not all(c.ok for c in compare_outputs(outputs, expected, job.signature, built.precision)):
+            errors[name] = "wrong numbers against the golden sample"
+            continue
+        contenders.append(Contender(name, device.label, lambda: None,
+                                    lambda a, s=session: s.prepare(a, job.signature), device_time_only=True))  # fmt: skip
+    p50 = {t.contender.id: t.stats().p50_ms for t in measure(contenders, inputs, budget)} if contenders else {}
+    best = min(p50, key=p50.get) if p50 else configs[0][0]  # type: ignore[arg-type]
+    trials = tuple(TuningTrial(config=name, flags=options, p50_ms=p50.get(name), chosen=name == best,
+                               error=errors.get(name)) for name, options in configs)  # fmt: skip
+    return dataclasses.replace(built, options=dict(configs)[best], tuning=trials)
 
 
 def _wrong_numbers(vmfb: Path, device: Device, weights, imported: ImportedModel, inputs: list,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,9 @@ from hxc.compiler.cache import CompileCache, ImportCache, default_cache_dir
 from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all, f64_interface
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
-from hxc.errors import ExitCode, HxcError, UsageError
+from hxc.engines import DEFAULT_ENGINE, Engine, resolve_backends
+from hxc.engines.base import Built, BuildJob, artifact_id
+from hxc.errors import ExitCode, HxcError, UsageError, first_line
 from hxc.extras import require
 from hxc.frontends import Frontend
 from hxc.frontends.base import one_export_per_build
@@ -37,6 +40,10 @@ from hxc.targets import Variant, extra_flags_for, family, resolve
 # (results, imports by precision, work dir, cache, progress callback) -> results
 Tuner = Callable[[list[CompileResult], dict[str, ImportedModel], Path, CompileCache, Callable[[CompileEvent], None]],
                  list[CompileResult]]  # fmt: skip
+
+
+# (built artifact, the job it came from) -> the same artifact with its fastest options
+EngineTuner = Callable[[Built, BuildJob], Built]
 
 
 @dataclass(frozen=True)
@@ -56,10 +63,23 @@ class BuildResult:
     results: list[CompileResult]
     timings: dict[str, float] = field(default_factory=dict)
     skipped: tuple[Skipped, ...] = ()
+    built: list[Built] = field(default_factory=list)  # artifacts of engines other than IREE
+    notes: list[str] = field(default_factory=list)  # e.g. backends `all` skipped, and why
+    optional: frozenset[str] = frozenset()  # engines asked for only through `all`
 
     @property
-    def failed(self) -> list[CompileResult]:
-        return [r for r in self.results if r.status == "failed"]
+    def failed(self) -> list[CompileResult | Built]:
+        return [r for r in (*self.results, *self.built) if r.status == "failed"]
+
+    @property
+    def blocking(self) -> list[CompileResult | Built]:
+        """Failures that keep a bundle from being written (unless --allow-partial):
+        those of backends asked for by name."""
+        return [r for r in self.failed if not (isinstance(r, Built) and r.engine in self.optional)]
+
+    @property
+    def total(self) -> int:
+        return len(self.results) + len(self.built)
 
     @property
     def exit_code(self) -> ExitCode:
@@ -68,7 +88,7 @@ class BuildResult:
         failed = self.failed
         if self.written or not failed:
             return ExitCode.OK
-        return ExitCode.PARTIAL if len(failed) < len(self.results) else ExitCode.ERROR
+        return ExitCode.PARTIAL if len(failed) < self.total else ExitCode.ERROR
 
 
 def build_bundle(
@@ -76,6 +96,7 @@ def build_bundle(
     output: str | Path,
     targets: str | Sequence[Variant] = "all",
     *,
+    backends: str = DEFAULT_ENGINE,
     options: ImportOptions | None = None,
     precisions: Sequence[str] = ("fp32",),
     allow_partial: bool = False,
@@ -86,8 +107,11 @@ def build_bundle(
     on_stage: Callable[[str], None] = lambda s: None,
     tune: Tuner | None = None,
     extra_flags: Sequence[tuple[str, str]] = (),
+    tune_engine: EngineTuner | None = None,
 ) -> BuildResult:
-    """Compile `source` for `targets` into the bundle directory `output`.
+    """Compile `source` for `targets` into the bundle directory `output`, with every
+    engine in `backends` (`iree,onnxruntime,inductor`, or `all` for those this host can
+    build; failures of engines asked for only through `all` never block the bundle).
 
     `extra_flags` are expert IREE flags as (family or variant id, flag) pairs
     (`hxc.targets.parse_extra_flags`), appended to the chosen variants' own.
@@ -97,20 +121,25 @@ def build_bundle(
     run at once (default: one per core). Imports and artifacts are cached in
     `cache_dir` (default: `default_cache_dir()`) unless `use_cache` is False. `tune`,
     when given (`hxc.bench.tune.tune`), may replace results with faster builds it
-    measured.
+    measured; `tune_engine` does the same for other engines' artifacts.
     """
     variants = resolve(targets) if isinstance(targets, str) else list(targets)
     options = options or ImportOptions()
     frontend = frontends.recognise(source)  # before any slow work: what the source is, or a one-line error
     require(frontend.extra, f"compiling {frontend.summary}")
+    engines, optional, notes = resolve_backends(backends)
     wanted = list(dict.fromkeys(precisions))
     if unsupported := [p for p in wanted if p not in frontend.precisions]:
         raise UsageError(f"--precision {', '.join(unsupported)} is not supported for {frontend.summary}",
                          hint=f"it builds {', '.join(frontend.precisions)}; convert the model itself")  # fmt: skip
-    builds = [(p, v) for p in wanted for v in variants if p in family(v.family).precisions]
-    skipped = tuple(Skipped(v.id, p, f"the {v.family} backend cannot generate {p} code")
-                    for p in wanted for v in variants if p not in family(v.family).precisions)  # fmt: skip
-    if not builds:
+    iree = any(e.name == DEFAULT_ENGINE for e in engines)
+    builds = [(p, v) for p in wanted for v in variants if p in family(v.family).precisions] if iree else []
+    skipped = [Skipped(v.id, p, f"the {v.family} backend cannot generate {p} code")
+               for p in wanted for v in variants if iree and p not in family(v.family).precisions]  # fmt: skip
+    others = [e for e in engines if e.name != DEFAULT_ENGINE]
+    families = {v.family for v in variants}
+    other_builds = [(p, e) for e in others for p in wanted if p in e.precisions and families & set(e.families)]
+    if not builds and not other_builds:
         # Checked before any slow work: a bundle without artifacts is no result.
         raise UsageError(
             f"nothing to build: {', '.join(f'{s.target}@{s.precision}' for s in skipped) or 'no targets'} cannot be generated",
@@ -126,7 +155,7 @@ def build_bundle(
         # Every import of this build derives from one exported model: a factory run twice
         # may build different weights (a module created with unseeded randomness).
         with one_export_per_build():
-            for precision in dict.fromkeys(["fp32", *(p for p, _ in builds)]):  # fp32 first: it is the reference
+            for precision in dict.fromkeys(["fp32", *(p for p, _ in (*builds, *other_builds))]):  # fp32 first: it is the reference
                 sub = work / precision
                 sub.mkdir()
                 imports[precision] = import_model(frontend, source, replace(options, precision=precision), sub, on_stage,
@@ -179,18 +208,23 @@ def build_bundle(
             on_stage("tuning")
             results = tune(results, imports, work, cache, on_event)
             timings["tune"] = time.perf_counter() - t
+        built: list[Built] = []
+        if others:
+            t = time.perf_counter()
+            on_stage("building other backends")
+            built = build_engines(others, variants, wanted, reference, work, on_event, skipped, tune_engine)
+            timings["other backends"] = time.perf_counter() - t
 
-        manifest = _manifest(imports, [p for p in wanted if p in imports], ir_sha[("fp32", ())], results)
-        failed = [r for r in results if r.status == "failed"]
-        if failed and not (allow_partial and len(failed) < len(results)):
-            # Nothing is published; an existing bundle at `out` stays as it was.
-            return BuildResult(out, False, manifest, results, timings, skipped)
+        manifest = _manifest(imports, [p for p in wanted if p in imports], ir_sha[("fp32", ())], results, built)
+        result = BuildResult(out, False, manifest, results, timings, tuple(skipped), built, notes, optional)
+        if result.blocking and not (allow_partial and len(result.failed) < result.total):
+            return result  # nothing is published; an existing bundle at `out` stays as it was
 
         on_stage("writing bundle")
         with staged_bundle(out) as stage:
-            manifest = _write_files(stage, manifest, results, imports)
+            manifest = _write_files(stage, manifest, results, imports, built)
             write_manifest(stage, manifest)
-    return BuildResult(out, True, manifest, results, timings, skipped)
+    return replace(result, manifest=manifest, written=True)
 
 
 def _operator_of(message: str) -> str | None:
@@ -213,7 +247,8 @@ def _casts_needed(variant: Variant, imported: ImportedModel) -> tuple[tuple[str,
 
 
 def _write_files(
-    stage: Path, manifest: Manifest, results: list[CompileResult], imports: dict[str, ImportedModel]
+    stage: Path, manifest: Manifest, results: list[CompileResult], imports: dict[str, ImportedModel],
+    built: Sequence[Built] = (),
 ) -> Manifest:
     """Copy every build-time file into the staged bundle and record the hash of the
     bytes written, checked against the hash each was produced with."""
@@ -222,6 +257,9 @@ def _write_files(
     for r, a in zip(results, manifest.artifacts):
         if a.file is not None and r.vmfb is not None:
             sources[a.file] = (r.vmfb, r.hash)
+    for b in built:  # several artifacts may share one file (ONNX Runtime's execution providers)
+        if b.status == "ok" and b.file is not None and b.bundle_name is not None and not b.in_bundle:
+            sources[b.bundle_name] = (b.file, None)
     if reference.program is not None and reference.program_name:
         sources[reference.program_name] = (reference.program, None)
     for w in manifest.weights:
@@ -309,8 +347,73 @@ def _imported_from_cache(entry: Path, source: str) -> ImportedModel:
     )
 
 
+def build_engines(engines: Sequence[Engine], variants: Sequence[Variant], precisions: Sequence[str],
+                  reference: ImportedModel, work: Path, on_event: Callable[[Any], None], skipped: list[Skipped],
+                  tune_engine: EngineTuner | None = None) -> list[Built]:  # fmt: skip
+    """One artifact per engine, target family it serves, and precision; each checked
+    against the golden sample where this host can run it. One failing never stops the
+    others."""
+    families = list(dict.fromkeys(v.family for v in variants))
+    out: list[Built] = []
+    for eng in engines:
+        for precision in precisions:
+            first: Built | None = None
+            for fam in (f for f in families if f in eng.families):
+                if precision not in eng.precisions:
+                    skipped.append(Skipped(f"{fam}:{eng.name}", precision, f"the {eng.name} backend does not build {precision}"))
+                    continue
+                job = BuildJob(fam, precision, reference.program, reference.program_name, reference.source_format,
+                               reference.weights, reference.golden, reference.signature, work, reuse=first)  # fmt: skip
+                label = artifact_id(fam, eng.name, precision)
+                on_event(EngineEvent("start", label))
+                b = eng.build(job)
+                if b.status == "ok":
+                    b = _check_golden(eng, b, job)
+                if b.status == "ok" and tune_engine is not None and job.reuse is None:
+                    b = tune_engine(b, job)
+                first = first or (b if b.status == "ok" else None)
+                on_event(EngineEvent("done", label, b))
+                out.append(b)
+    return out
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """Progress of an engine's build, shaped like CompileEvent for the progress display."""
+
+    kind: str  # start | done
+    label: str
+    result: Built | None = None
+
+
+def _check_golden(eng: Engine, b: Built, job: BuildJob) -> Built:
+    """Run a fresh artifact on the golden sample here, if this host can run it; a build
+    that computes the wrong thing is a failed build."""
+    from hxc.runtime.probe import probe_host
+    from hxc.runtime.verify import compare_outputs, golden_arrays
+
+    art = b.as_artifact()
+    fam = family(b.family)
+    device = next((d for d in probe_host().devices if d.driver in fam.drivers
+                   and fam.cannot_run(art, d) is None and eng.cannot_run(art, d) is None), None)  # fmt: skip
+    if device is None or eng.missing_at_runtime() is not None:
+        return b
+    inputs, expected = golden_arrays(job.golden, job.signature)
+    weights = (job.weights, PARAMETER_SCOPE) if job.weights is not None and eng.uses_shared_weights(art) else None
+    try:
+        outputs = eng.open(art, b.file, device, weights).invoke(inputs, job.signature)
+    except Exception as e:
+        return replace(b, status="failed", error=f"does not run here: {first_line(e)}")
+    comps = compare_outputs(outputs, expected, job.signature, b.precision)
+    worst = max((c.max_abs for c in comps), default=0.0)
+    if not all(c.ok for c in comps):
+        return replace(b, status="failed", error=f"wrong numbers: max abs error {worst:.3g} against the golden sample")
+    return replace(b, verified=f"golden sample on {device.label}: max abs error {worst:.2g}")
+
+
 def _manifest(
-    imports: dict[str, ImportedModel], precisions: list[str], ir_sha256: str, results: list[CompileResult]
+    imports: dict[str, ImportedModel], precisions: list[str], ir_sha256: str, results: list[CompileResult],
+    built: Sequence[Built] = (),
 ) -> Manifest:
     reference = imports["fp32"]
     # The bundle's program (program.pt2 without its weights, or model.onnx pointing into
@@ -338,7 +441,8 @@ def _manifest(
         ),
         signature=reference.signature,
         toolchain=toolchain(),
-        artifacts=tuple(_artifact_entry(r, imports[r.job.precision]) for r in results),
+        artifacts=(*(_artifact_entry(r, imports[r.job.precision]) for r in results),
+                   *(_built_entry(b, imports[b.precision]) for b in built)),
         weights=weights,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         golden_outputs=reference.golden_note is None,
@@ -388,6 +492,14 @@ def _artifact_entry(r: CompileResult, imported: ImportedModel) -> Artifact:
         verified=r.verified,
         **common,
     )
+
+
+def _built_entry(b: Built, imported: ImportedModel) -> Artifact:
+    error = dict(precision_error=imported.precision_error)
+    if b.status == "failed" or b.file is None:
+        return b.as_artifact(**error)
+    h = file_hash(b.file)
+    return b.as_artifact(file=b.bundle_name, sha256=h.sha256, size=h.size, **error)
 
 
 def toolchain() -> Toolchain:

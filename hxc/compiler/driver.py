@@ -97,12 +97,24 @@ class CompileResult:
     def variant(self) -> Variant:
         return self.plan.variant
 
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    @property
+    def file(self) -> Path | None:
+        return self.vmfb
+
 
 @dataclass(frozen=True)
 class CompileEvent:
     kind: Literal["start", "done"]
     job: CompileJob
     result: CompileResult | None = None
+
+    @property
+    def label(self) -> str:
+        return self.job.label
 
 
 @functools.cache

@@ -789,7 +789,7 @@ def _program(original: Any, path: Path, workdir: Path, irpa: Path | None, params
     model = onnx.ModelProto()
     model.CopyFrom(original)
     if irpa is not None:
-        _point_at_archive(model, irpa, params)
+        point_at_archive(model, irpa, params)
     _load_external([t for t in _tensors(model.graph) if not _in_archive(t)], path.parent)
     out = workdir / PROGRAM_ONNX
     try:
@@ -804,7 +804,7 @@ def _in_archive(t: Any) -> bool:
     return _is_external(t) and any(e.key == "location" and e.value == WEIGHTS_FILE for e in t.external_data)
 
 
-def _point_at_archive(model: Any, irpa: Path, params: dict[str, str]) -> None:
+def point_at_archive(model: Any, irpa: Path, params: dict[str, str]) -> None:
     """Make initializers stored in the parameter archive ONNX external data that
     points at their bytes in it."""
     import iree.runtime as rt

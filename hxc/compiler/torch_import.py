@@ -113,7 +113,7 @@ def import_torch(
     )
 
 
-class _AtPrecision(torch.nn.Module):
+class AtPrecision(torch.nn.Module):
     """The model computing in a reduced precision behind an unchanged interface:
     floating inputs are cast down on the way in and outputs back up on the way out,
     so a precision variant is a drop-in replacement for the fp32 artifact."""
@@ -250,16 +250,11 @@ def _at_precision(
 ) -> tuple[torch.export.ExportedProgram, float]:
     """Re-export the model at `precision`; return the program and its error against the
     fp32 reference on the golden sample (max |y - y_fp32| / max |y_fp32|)."""
-
-    from hxc.compiler.lower import program_signature
-
-    dtype = dtypes.dtype(dtypes.PRECISIONS[precision]).torch_dtype()
     if not any(a.dtype == torch.float32 for a in model.example_args) and not any(
         t.dtype == torch.float32 for t in model.program.state_dict.values()
     ):
         raise UsageError(f"--precision {precision} converts fp32 models; this one has no fp32 inputs or weights")
-    wrapped = _AtPrecision(copy.deepcopy(model.program.module()), dtype)
-    program = export_module(wrapped, model.example_args, _varargs_dynamic_shapes(model.program), model.source)
+    program, wrapped = export_at_precision(model.program, model.example_args, precision, model.source)
     with torch.no_grad():
         outputs = pytree.tree_leaves(wrapped(*model.example_args))
     error = 0.0
@@ -269,6 +264,17 @@ def _at_precision(
             scale = max(float(np.abs(ref).max()), 1e-12)
             error = max(error, float(np.abs(out.float().numpy() - ref).max()) / scale)
     return program, error
+
+
+def export_at_precision(program: torch.export.ExportedProgram, example_args: tuple, precision: str,
+                        source: str) -> tuple[torch.export.ExportedProgram, AtPrecision]:  # fmt: skip
+    """`program` computing in `precision` behind its own interface, exported with the
+    same dynamic dimensions; and the module that was exported."""
+    import copy
+
+    dtype = dtypes.dtype(dtypes.PRECISIONS[precision]).torch_dtype()
+    wrapped = AtPrecision(copy.deepcopy(program.module()), dtype)
+    return export_module(wrapped, example_args, _varargs_dynamic_shapes(program), source), wrapped
 
 
 def _program_weights(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:

@@ -26,6 +26,10 @@ PROFILES_FORMAT = "hxc-profiles"
 # before use; profiles moved out of manifest.json into profiles.json, so the manifest
 # is never rewritten after the build. A 1.x bundle has no hashes for its program and
 # golden sample, so this reader refuses it instead of trusting those files.
+# Also in 2.x: Profile.conditions (what else ran during a measurement), Artifact.engine
+# and Requirements.packages (artifacts of ONNX Runtime and AOTInductor). A reader that
+# predates `engine` would take such an artifact for IREE's and fail to load it; see the
+# README's "Schema versions" note on which number that needs.
 SCHEMA_VERSION: tuple[int, int] = (2, 0)
 
 # Bundle layout, relative to the bundle directory.
@@ -108,6 +112,9 @@ class Requirements:
     # Vulkan device features the SPIR-V needs (from the capabilities it declares):
     # shaderInt64, shaderFloat16, storageBuffer8BitAccess, subgroup:arithmetic, ...
     vulkan_features: tuple[str, ...] = ()
+    # Python distributions the artifact's engine needs at run time, `name==version`
+    # when the artifact is tied to that exact build (AOTInductor code and its torch).
+    packages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,13 +130,15 @@ class TuningTrial:
 
 @dataclass(frozen=True)
 class Artifact:
-    id: str  # family:variant, unique in a bundle
+    id: str  # family:variant[@precision], unique in a bundle (variant is the engine for non-IREE engines)
     family: str
     variant: str
-    backend: str  # IREE compiler backend: llvm-cpu, cuda, rocm, vulkan-spirv
-    driver: str  # IREE HAL driver that runs it: local-task, cuda, hip, vulkan
-    binary: str  # what the vmfb carries: elf-x86_64, elf-arm_64, ptx, hsaco, spirv
-    flags: tuple[str, ...]  # the exact iree-compile flags, input and output omitted
+    # Within the engine, what executes it: IREE's compiler backend (llvm-cpu, cuda, rocm,
+    # vulkan-spirv), ONNX Runtime's execution provider, Inductor's code generator (cpp).
+    backend: str
+    driver: str  # what loads it: IREE's HAL driver (local-task, cuda, hip, vulkan), onnxruntime, torch
+    binary: str  # what the file carries: elf-x86_64, cubin, ptx, hsaco, spirv; onnx; aoti-x86_64
+    flags: tuple[str, ...]  # the exact iree-compile flags (input and output omitted), or the engine's options
     requires: Requirements
     status: Literal["ok", "failed"]
     file: str | None = None  # relative to the bundle
@@ -153,6 +162,9 @@ class Artifact:
     # without 64-bit integers. The loader converts at the boundary (refusing integer
     # inputs that do not fit), so callers see the model's own signature.
     interface_casts: tuple[tuple[str, str], ...] = ()
+    # The backend that built it and runs it (`hxc compile --backends`): iree, onnxruntime,
+    # inductor. A reader that predates this field would take any artifact for IREE's.
+    engine: str = "iree"
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,26 @@ class LatencyStats:
         """(p90 - p50) / p50: how noisy the run was."""
         return (self.p90_ms - self.p50_ms) / self.p50_ms if self.p50_ms else 0.0
 
+    @property
+    def p99_observed(self) -> bool:
+        """Whether p99 rests on enough calls to be a tail observation (at least one call
+        at or above it) rather than an interpolation between the slowest few."""
+        return self.iterations >= P99_MIN_ITERATIONS
+
+
+# Below this many timed calls, p99 is not something to judge a latency target by.
+P99_MIN_ITERATIONS = 100
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What else was running while a profile was measured. `hxc bench` times each
+    device's candidates in a phase of their own; within it they are interleaved."""
+
+    interleaved_with: tuple[str, ...]  # the other candidates of the phase, all on the same device
+    isolated: bool  # True: no other device computed during the phase
+    other_load: float | None = None  # cores' worth of CPU time other processes used meanwhile
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -206,6 +238,9 @@ class Profile:
     device_time_only: bool  # True when host<->device copies are outside the timed region
     recorded: str  # ISO 8601, UTC
     threads: int | None = None  # CPU threads it ran with, where that applies
+    # None: recorded by an hxc that interleaved every device in one run
+    # (a software Vulkan device then slowed the CPU candidates it ran beside).
+    conditions: Conditions | None = None
     # What a caller paid beyond `latency` when the artifact ran in a pool worker process
     # (input checks, shared-memory copies, the process hop), measured by `hxc bench --pool`;
     # SLO checks add it to the device time. None: not measured.

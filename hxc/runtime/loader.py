@@ -3,8 +3,9 @@
 The choice is never silent: the returned model carries the artifact and device it
 runs on, the full ranking (`explain()`), and every load attempt that failed before
 it. The chosen artifact (and the shared weights) are opened once, checked against the
-manifest's size and sha256, and IREE is given that same mapping of the checked bytes
-(or, with `private_copy=True`, a private copy of them), never the path again.
+manifest's size and sha256, and its engine (IREE, ONNX Runtime, AOTInductor) is given
+those very bytes (a mapping, or with `private_copy=True` a private copy), never the
+path again. The check is here, once, for every engine.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from hxc.engines import engine
+from hxc.engines.base import Session as EngineSession
 from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, first_line
 from hxc.manifests import read_manifest
 from hxc.manifests.bundle import CheckedFile, TrustedKeys, open_checked
@@ -53,7 +56,7 @@ class LoadedModel:
         candidate: Candidate,
         selection: Selection,
         attempts: list[LoadAttempt],
-        session: Session,
+        session: EngineSession,
     ) -> None:
         self.bundle = bundle
         self.manifest = manifest
@@ -180,14 +183,17 @@ def load(
     for cand in selection.candidates:
         assert cand.artifact.file is not None  # parse_manifest guarantees it for ok artifacts
         module = open_checked(path, manifest, cand.artifact.file, private_copy=private_copy)
-        precision = cand.artifact.precision
-        if precision not in checked_weights:
-            w = manifest.weights_for(precision)
-            checked_weights[precision] = None if w is None else (
-                open_checked(path, manifest, w.file, private_copy=private_copy), w.scope)  # fmt: skip
-        weights = checked_weights[precision]
+        eng = engine(cand.artifact.engine)  # select() only offers artifacts of engines it knows
+        weights = None
+        if eng.uses_shared_weights(cand.artifact):
+            precision = cand.artifact.precision
+            if precision not in checked_weights:
+                w = manifest.weights_for(precision)
+                checked_weights[precision] = None if w is None else (
+                    open_checked(path, manifest, w.file, private_copy=private_copy), w.scope)  # fmt: skip
+            weights = checked_weights[precision]
         try:
-            session = Session.open(module, cand.device, weights)
+            session = eng.open(cand.artifact, module, cand.device, weights)
         except Exception as e:
             if strict:
                 raise HxcError(f"{cand.artifact.id} on {cand.device.label} failed to load: {first_line(e)}") from None
@@ -208,9 +214,10 @@ def _summary(selection: Selection) -> str:
 
 
 class Session:
-    """One vmfb loaded on one IREE device: its context and entry function. `load()`
-    builds these after checking the bundle; `hxc compile --tune` uses them directly on
-    freshly compiled candidates."""
+    """One vmfb loaded on one IREE device: its context and entry function; the IREE
+    engine's session (`hxc.engines.iree`), one implementation of
+    `hxc.engines.base.Session` among several. `load()` builds these after checking the
+    bundle; `hxc compile --tune` uses them directly on freshly compiled candidates."""
 
     def __init__(self, device: Any, context: Any, function: Any, keep_alive: tuple) -> None:
         self.device = device

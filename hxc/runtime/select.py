@@ -1,10 +1,16 @@
 """Choose which artifact to run, and say why: every artifact is accepted or rejected
 with a reason, and the accepted ones are ranked.
 
+An artifact is a candidate only where its engine's runtime is installed (ONNX
+Runtime, torch for AOTInductor: found without importing them), its target family's
+device is present and can run it, and its engine has no objection (an AOTInductor
+package built against another torch, a missing execution provider).
+
 Ranking: artifacts measured by `hxc bench` come first, ordered by the policy's
 metric, using profiles recorded on this very host, else on a host with the same
-device. Unmeasured artifacts follow, in each family's static order (a native GPU,
-then native CPU code, then a software Vulkan device).
+device; so whichever engine measured fastest here runs. Unmeasured artifacts follow,
+in each family's static order (a native GPU, then native CPU code, then a software
+Vulkan device), IREE's before other engines'.
 
 Policies:
   latency     lowest p50 of the single-stream profile
@@ -24,6 +30,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from hxc.engines import engine
 from hxc.errors import ExitCode, UsageError
 from hxc.manifests.schema import Artifact, LatencyStats, Manifest, Profile
 from hxc.runtime.prices import Price, PriceTable, cost_per_1k
@@ -221,12 +228,20 @@ def select(
         if (why := _precision_refused(art, precision, tolerance)) is not None:
             rejected.append(Rejection(art, why))
             continue
+        try:
+            eng = engine(art.engine)
+        except UsageError:
+            rejected.append(Rejection(art, f"built by backend {art.engine!r}, which this hxc does not know"))
+            continue
+        if (why := eng.missing_at_runtime()) is not None:
+            rejected.append(Rejection(art, why))
+            continue
         fam = family(art.family)
         devices = [d for d in probe.devices if d.driver in fam.drivers]
         if not devices:
             rejected.append(Rejection(art, _no_driver_reason(probe, fam.drivers)))
             continue
-        reasons = {d.label: fam.cannot_run(art, d) for d in devices}
+        reasons = {d.label: fam.cannot_run(art, d) or eng.cannot_run(art, d) for d in devices}
         able = [d for d in devices if reasons[d.label] is None]
         if not able:
             rejected.append(Rejection(art, "; ".join(dict.fromkeys(r for r in reasons.values() if r))))
@@ -243,7 +258,7 @@ def select(
         preferred = art.precision != "fp32" and art.precision == precision
         price = prices.price(dev, probe.cpu.cores) if prices is not None else None
         verdict = judge_slo(slo, latency.latency, latency.caller_overhead) if slo and latency else None
-        candidates.append(Candidate(art, dev, latency, throughput, where, fam.rank(art, dev), price, verdict, preferred))
+        candidates.append(Candidate(art, dev, latency, throughput, where, fam.rank(art, dev) + eng.static_rank_offset, price, verdict, preferred))
 
     note = None
     if slo is not None and any(c.slo for c in candidates) and not any(c.slo and c.slo.met for c in candidates):

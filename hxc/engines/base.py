@@ -1,0 +1,208 @@
+"""What every engine provides, and the records it shares with the rest of hxc.
+
+An engine (IREE, ONNX Runtime, AOTInductor) is one module in this package exposing
+`ENGINE`, an instance of an `Engine` subclass. It owns what differs between them:
+which target families it builds for, what it needs installed to build and to run,
+how it turns an imported model into an artifact file, what a host must have to run
+that file (beyond the family's own checks), and how to open it as a `Session`.
+The loader checks a file's integrity before handing it to an engine, once, for all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from hxc.manifests.schema import Artifact, Requirements, Signature, TuningTrial
+from hxc.targets import Device
+
+DEFAULT_ENGINE = "iree"
+
+
+class Session(Protocol):
+    """One artifact opened for one device: what `LoadedModel` calls."""
+
+    # Seconds the last invoke() spent in the engine itself, conversions to and from
+    # host arrays excluded: what pool workers report as device time.
+    device_seconds: float
+
+    def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
+        """Host arrays in, host arrays out (flat, in signature order)."""
+        ...
+
+    def prepare(self, arrays: list[np.ndarray], signature: Signature) -> Callable[[], None]:
+        """A zero-argument call on inputs already where the engine wants them, whose
+        results stay there: what `hxc bench` times."""
+        ...
+
+
+def artifact_id(family: str, engine: str, precision: str) -> str:
+    """`cpu:onnxruntime`, `cpu:inductor@bf16`: the engine takes the variant's place, so
+    ids read like every other artifact's (`cpu:host@fp16`) and `@` keeps its meaning."""
+    base = f"{family}:{engine}"
+    return base if precision == "fp32" else f"{base}@{precision}"
+
+
+def bundle_name(stem: str, precision: str, suffix: str) -> str:
+    """`artifacts/onnxruntime.onnx`, `artifacts/cpu-inductor-bf16.pt2`."""
+    from hxc.manifests.schema import ARTIFACTS_DIR
+
+    return f"{ARTIFACTS_DIR}/{stem}{'' if precision == 'fp32' else '-' + precision}{suffix}"
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """One artifact for an engine to build: the imported model (the reference import,
+    fp32), for one target family, at one compute precision."""
+
+    family: str
+    precision: str
+    program: Path | None  # the model's own program file (program.pt2 or model.onnx)
+    program_name: str | None  # its name in the bundle
+    program_format: str  # torch.export | torchscript | python | pickle | onnx
+    weights: Path | None  # the fp32 parameter archive, when weights are shared
+    golden: dict[str, np.ndarray]
+    signature: Signature
+    workdir: Path
+    # What the same engine built for another family from the same job: engines whose
+    # file serves several families (ONNX Runtime's execution providers) reuse it.
+    reuse: Built | None = None
+
+    @property
+    def from_onnx(self) -> bool:
+        return self.program_format == "onnx"
+
+
+@dataclass(frozen=True)
+class Built:
+    """What an engine made of a `BuildJob`: a file to put in the bundle (or a reason
+    it could not), with everything the manifest records about it."""
+
+    engine: str
+    family: str
+    precision: str
+    status: Literal["ok", "failed"]
+    seconds: float
+    backend: str  # what executes it inside the engine (ONNX Runtime's execution provider, ...)
+    driver: str  # the runtime that loads it
+    binary: str
+    options: tuple[str, ...]  # the engine's options, as name=value
+    requires: Requirements
+    file: Path | None = None
+    bundle_name: str | None = None  # where `file` goes in the bundle
+    # The bundle holds these bytes already under `bundle_name` (an ONNX model is its own
+    # ONNX Runtime artifact): the artifact names that file instead of a copy.
+    in_bundle: bool = False
+    verified: str | None = None
+    error: str | None = None
+    tuning: tuple[TuningTrial, ...] = ()
+
+    @property
+    def variant(self) -> str:
+        return self.engine
+
+    cached = False
+
+    def as_artifact(self, **recorded: Any) -> Artifact:
+        """The manifest's record of it; `recorded` adds what only the bundle knows
+        (file, sha256, size, precision_error)."""
+        common = dict(id=self.id, family=self.family, variant=self.variant, backend=self.backend, driver=self.driver,
+                      binary=self.binary, flags=self.options, requires=self.requires, precision=self.precision,
+                      compile_seconds=round(self.seconds, 3), tuning=self.tuning, engine=self.engine)  # fmt: skip
+        if self.status == "failed":
+            return Artifact(status="failed", error=self.error, **common, **recorded)  # type: ignore[arg-type]
+        return Artifact(status="ok", verified=self.verified, **common, **recorded)  # type: ignore[arg-type]
+
+    @property
+    def id(self) -> str:
+        return artifact_id(self.family, self.engine, self.precision)
+
+
+
+class Engine:
+    name: str
+    summary: str
+    families: tuple[str, ...]  # target families it builds artifacts for
+    precisions: tuple[str, ...] = ("fp32",)
+    build_needs: tuple[str, ...] = ()  # Python modules a build imports
+    run_needs: tuple[str, ...] = ()  # Python modules its artifacts need at run time
+    install_hint: str = ""
+    # Where an unmeasured artifact of this engine goes in the static order, relative to
+    # IREE's for the same device: IREE is the default until a bench says otherwise.
+    static_rank_offset: int = 0
+
+    def missing_for_build(self) -> str | None:
+        """None if this host can build this engine's artifacts, else why not."""
+        return _missing(self.build_needs, self.install_hint)
+
+    def missing_at_runtime(self) -> str | None:
+        """None if this process can run this engine's artifacts, else why not. Cheap:
+        finds the modules without importing them (the loader calls this for every
+        candidate, and importing torch to answer would cost a second)."""
+        return _missing(self.run_needs, self.install_hint)
+
+    def cannot_run(self, artifact: Artifact, device: Device) -> str | None:
+        """Engine-specific reasons beyond the target family's (a torch build, an
+        execution provider); None if there are none. Here: the Python distributions the
+        artifact was built against (`requires.packages`, `name==version`), read from
+        their metadata, without importing them."""
+        from importlib import metadata
+
+        for need in artifact.requires.packages:
+            name, _, version = need.partition("==")
+            try:
+                have = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                return f"needs {need}; {name} is not installed" + (f": {self.install_hint}" if self.install_hint else "")
+            if version and have != version:
+                return f"built against {name} {version}; this host has {name} {have}"
+        return None
+
+    def uses_shared_weights(self, artifact: Artifact) -> bool:
+        """Whether opening the artifact reads the bundle's shared parameter archive (so
+        the loader checks and hands it over)."""
+        return True
+
+    def build(self, job: BuildJob) -> Built:
+        raise NotImplementedError(f"the {self.name} engine builds through its own driver")
+
+    def open(self, artifact: Artifact, file: Any, device: Device, weights: tuple[Any, str] | None) -> Session:
+        """`file` is the artifact's checked file (a path or the checked bytes' holder),
+        `weights` the checked shared parameter archive and its scope, if any."""
+        raise NotImplementedError
+
+    def tuning_configs(self, built: Built) -> list[tuple[str, tuple[str, ...]]]:
+        """Option sets `hxc compile --tune` times, as (name, options); the first is the
+        build's own."""
+        return [("default", built.options)]
+
+
+def _missing(modules: tuple[str, ...], hint: str) -> str | None:
+    for name in modules:
+        if sys.modules.get(name, ...) is None:  # blocked on purpose (sys.modules[name] = None)
+            return f"{name} cannot be imported" + (f": {hint}" if hint else "")
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"{name} not installed" + (f": {hint}" if hint else "")
+    return None
+
+
+def file_bytes(file: Any) -> bytes:
+    """The bytes of a checked file: a path (a fresh build, not yet in a bundle) or an
+    object holding the bytes that were hashed."""
+    if isinstance(file, Path):
+        return file.read_bytes()
+    return bytes(file.buffer) if hasattr(file, "buffer") else bytes(file)
+
+
+def options_dict(options: tuple[str, ...]) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in options)
