@@ -192,6 +192,10 @@ def main(verbose: int) -> None:
 @click.option("-i", "--input", "inputs", multiple=True, metavar="SPEC",
               help="Input shape and dtype, e.g. 1x3x224x224xf32; `?` makes a dimension dynamic (?x128xi64). Repeat per input.")  # fmt: skip
 @click.option("--dynamic-batch", is_flag=True, help="Make dimension 0 of every input dynamic.")
+@click.option("--example", type=click.Path(path_type=Path), metavar="NPZ",
+              help="Example inputs for the golden sample (.npz; arrays named like the inputs, or input_0, ...), where "
+                   "generated ones are meaningless (shapes, indices); output_0, ... in it are used as expected outputs "
+                   "when the reference cannot run.")  # fmt: skip
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a pickled nn.Module (torch.save(model)); this runs code from the file.")
 @click.option("--weights", type=click.Choice(["auto", "inline", "shared"]), default="auto", show_default=True,
               help="shared: store parameters once per bundle (weights.irpa) for all artifacts; inline: inside each "
@@ -203,6 +207,9 @@ def main(verbose: int) -> None:
 @click.option("--tune", is_flag=True,
               help="For targets this host can run, try the family's alternative flag sets, time each here, and keep "
                    "the fastest (the search is recorded in the manifest).")  # fmt: skip
+@click.option("--iree-flag", "iree_flags", multiple=True, metavar="FAMILY[:VARIANT]:--FLAG",
+              help="Pass an IREE compiler flag to one target family or variant, e.g. vulkan:--iree-vulkan-target=rdna3 "
+                   "or cpu:host:--iree-opt-level=O2. Repeatable. Recorded in the artifact's flags and the cache key.")  # fmt: skip
 @click.option("--allow-partial", is_flag=True, help="Write the bundle even if some targets fail (failures are recorded in it).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Targets compiled at once. [default: CPU count]")
 @click.option("--no-cache", is_flag=True, help="Recompile everything instead of reusing cached artifacts.")
@@ -210,7 +217,8 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def compile(model: str, output: Path | None, targets: str, backends: str, inputs: tuple[str, ...], dynamic_batch: bool,
-            allow_pickle: bool, weights: str, precisions: list[str], tune: bool, allow_partial: bool, jobs: int | None, no_cache: bool,
+            example: Path | None, allow_pickle: bool, weights: str, precisions: list[str], tune: bool,
+            iree_flags: tuple[str, ...], allow_partial: bool, jobs: int | None, no_cache: bool,
             cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one artifact per target (and backend).
 
@@ -228,16 +236,19 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
     from hxc import targets as registry
 
     variants = registry.resolve(targets)  # bad names fail before any slow work
+    extra_flags = registry.parse_extra_flags(iree_flags)
     from hxc.compiler.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
     out = output or Path(frontends.recognise(model).model_name(model) + ".hxc")
-    options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights)  # type: ignore[arg-type]
+    options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights,  # type: ignore[arg-type]
+                            example=str(example) if example else None)
     with ui.CompileProgress(enabled=not as_json) as progress:
         result = build_bundle(
             model, out, variants, backends=backends, options=options, precisions=precisions, allow_partial=allow_partial,
             jobs=jobs, cache_dir=cache_dir, use_cache=not no_cache, on_event=progress.on_event, on_stage=progress.set_stage,
             tune=_tuner() if tune else None, tune_engine=_engine_tuner() if tune else None,
+            extra_flags=extra_flags,
         )  # fmt: skip
     failed, code = result.failed, result.exit_code
     if as_json:
@@ -247,6 +258,12 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
         ui.out.print(f"[green]wrote[/green] {out}  ({result.total - len(failed)} artifacts, "
                      f"{sum(r.seconds for r in (*result.results, *result.built)):.1f}s of compile time, "
                      f"{result.timings.get('compile', 0):.1f}s wall)")  # fmt: skip
+    if result.written and result.manifest.golden_note:
+        ui.warn(f"no golden outputs ({result.manifest.golden_note}): `hxc verify` has nothing to compare against; "
+                "pass --example inputs.npz with inputs the reference can run (or expected outputs as output_0, ...)")
+    for r in result.results:
+        if r.fallback:
+            ui.warn(f"{r.job.id}: compiled without hxc's speed flags, which failed ({r.fallback})")
     for note in result.notes:
         ui.warn(note)
     for s in result.skipped:
@@ -283,6 +300,8 @@ def _build_json(result: Any) -> dict[str, Any]:
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "artifacts": [to_json(a) for a in result.manifest.artifacts],
         "skipped": [to_json(s) for s in result.skipped],
+        "golden_outputs": result.manifest.golden_outputs,
+        "golden_note": result.manifest.golden_note,
         "notes": result.notes,
     }
 
@@ -517,8 +536,14 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
 
     from hxc import runtime, ui
     from hxc.arrays import read_array_files
+    from hxc.dtypes import from_storage, to_storage
 
     arrays = read_array_files(inputs)
+    from hxc.manifests import read_manifest
+
+    # bf16 and float8 arrays travel through .npy/.npz files as their raw bits.
+    inputs_spec = read_manifest(bundle).signature.inputs
+    arrays = [from_storage(a, s.dtype) for a, s in zip(arrays, inputs_spec)] + arrays[len(inputs_spec):]
     pool = None
     if devices:
         if device:
@@ -542,7 +567,6 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
             artifact, device_label = model.artifact.id, model.device.label
         else:
             # In a worker process: an artifact that crashes inside IREE is a one-line error.
-            from hxc.manifests import read_manifest
             from hxc.pool.worker import run_isolated
             from hxc.runtime.loader import check_inputs
 
@@ -555,7 +579,7 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     if output is not None:
         from hxc.manifests.bundle import atomic_savez
 
-        atomic_savez(output, {f"output_{i}": o for i, o in enumerate(outputs)})
+        atomic_savez(output, {f"output_{i}": to_storage(o) for i, o in enumerate(outputs)})
     if as_json:
         from hxc.manifests.schema import to_json
 

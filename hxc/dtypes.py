@@ -6,9 +6,10 @@ v2 / Triton spellings and the tolerance outputs of that type are compared at. No
 else in hxc lists dtypes. torch, onnx and IREE objects are looked up by name only when
 asked for, so importing this module imports none of them (nor numpy).
 
-bf16 has no numpy dtype of its own: on the host it is ml_dtypes' `bfloat16` (a
-dependency of iree-base-runtime), and in `.npz` files, which cannot name that type, it
-is stored as its raw 16 bits (`uint16`): `to_storage` / `from_storage`.
+bf16 and the float8 types have no numpy dtype of their own: on the host they are
+ml_dtypes' (a dependency of iree-base-runtime), and in `.npz` files, which cannot name
+those types, they are stored as their raw bits (`uint16`, `uint8`): `to_storage` /
+`from_storage`.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ class DType:
     # (atol, rtol) for comparing outputs: |actual - expected| <= atol + rtol * |expected|;
     # None: must match exactly (integers, booleans).
     tolerance: tuple[float, float] | None
-    # Carried across an artifact's interface. f64 is not: IREE demotes it to f32 inside
-    # the module, which breaks the interface.
+    # Carried across an artifact's interface. (f64 is, now that the targets that have it
+    # keep it, `--iree-input-demote-f64-to-f32=false`, and Vulkan casts it to f32.)
     interface: bool = True
 
     @property
@@ -63,7 +64,7 @@ class DType:
 
 # f32 leaves room for reassociated reductions on GPUs; reduced precision is looser.
 DTYPES: tuple[DType, ...] = (
-    DType("f64", "float64", "float64", 11, "tensor(double)", "FLOAT_64", "FP64", (1e-6, 1e-5), interface=False),
+    DType("f64", "float64", "float64", 11, "tensor(double)", "FLOAT_64", "FP64", (1e-6, 1e-5)),
     DType("f32", "float32", "float32", 1, "tensor(float)", "FLOAT_32", "FP32", (1e-4, 1e-3)),
     DType("f16", "float16", "float16", 10, "tensor(float16)", "FLOAT_16", "FP16", (1e-2, 1e-2)),
     DType("bf16", "bfloat16", "bfloat16", 16, "tensor(bfloat16)", "BFLOAT_16", "BF16", (5e-2, 5e-2)),
@@ -73,6 +74,17 @@ DTYPES: tuple[DType, ...] = (
     DType("i8", "int8", "int8", 3, "tensor(int8)", "SINT_8", "INT8", None),
     DType("u8", "uint8", "uint8", 2, "tensor(uint8)", "UINT_8", "UINT8", None),
     DType("i1", "bool", "bool", 9, "tensor(bool)", "BOOL_8", "BOOL", None),
+    DType("u16", "uint16", "uint16", 4, "tensor(uint16)", "UINT_16", "UINT16", None),
+    DType("u32", "uint32", "uint32", 12, "tensor(uint32)", "UINT_32", "UINT32", None),
+    DType("u64", "uint64", "uint64", 13, "tensor(uint64)", "UINT_64", "UINT64", None),
+    # float8: no KServe v2 / Triton datatype. Tolerance: one step of the mantissa near 1
+    # (3 bits for e4m3, 2 for e5m2).
+    DType("f8e4m3fn", "float8_e4m3fn", "float8_e4m3fn", 17, "tensor(float8e4m3fn)", "FLOAT_8_E4M3_FN", "", (0.125, 0.125)),
+    DType("f8e4m3fnuz", "float8_e4m3fnuz", "float8_e4m3fnuz", 18, "tensor(float8e4m3fnuz)", "FLOAT_8_E4M3_FNUZ", "",
+          (0.125, 0.125)),
+    DType("f8e5m2", "float8_e5m2", "float8_e5m2", 19, "tensor(float8e5m2)", "FLOAT_8_E5M2", "", (0.25, 0.25)),
+    DType("f8e5m2fnuz", "float8_e5m2fnuz", "float8_e5m2fnuz", 20, "tensor(float8e5m2fnuz)", "FLOAT_8_E5M2_FNUZ", "",
+          (0.25, 0.25)),
 )
 _BY_NAME = {d.name: d for d in DTYPES}
 NAMES: tuple[str, ...] = tuple(_BY_NAME)
@@ -111,33 +123,43 @@ def interface_dtype(found: DType | None, label: str, what: str) -> str:
     return found.name
 
 
-def compute_dtype(name: str, precision: str) -> str:
+def compute_dtype(name: str, precision: str, casts: tuple[tuple[str, str], ...] = ()) -> str:
     """The dtype whose error an output carries: a reduced-precision artifact's f32
-    outputs carry its compute precision's error, whatever type they are returned in."""
+    outputs carry its compute precision's error, whatever type they are returned in;
+    an f64 output an artifact computes as f32 (Artifact.interface_casts) carries f32's."""
+    if name == "f64" and dict(casts).get("f64") == "f32":
+        return "f32"
     return PRECISIONS.get(precision, name) if name == "f32" else name
 
 
-def to_storage(array: np.ndarray) -> np.ndarray:
-    """An array as an `.npz` can hold it: bf16 as its raw bits."""
-    import numpy as np
+def _foreign(np_dtype: np.dtype) -> bool:
+    """A dtype numpy itself does not define (ml_dtypes' bf16 and float8): `.npz` files,
+    the buffer protocol and torch cannot take it."""
+    return np_dtype.type.__module__.startswith("ml_dtypes")
 
-    return array.view(np.uint16) if array.dtype == _numpy_dtype("bf16") else array
+
+def to_storage(array: np.ndarray) -> np.ndarray:
+    """An array as an `.npz` (or the buffer protocol) can hold it: bf16 and float8 as
+    their raw bits."""
+    return array.view(f"u{array.dtype.itemsize}") if _foreign(array.dtype) else array
 
 
 def from_storage(array: np.ndarray, name: str) -> np.ndarray:
     """The inverse of `to_storage`, for an array of hxc dtype `name`."""
-    return array.view(_numpy_dtype("bf16")) if name == "bf16" else array
+    want = _numpy_dtype(name)
+    return array.view(want) if _foreign(want) and array.dtype.kind == "u" and array.dtype.itemsize == want.itemsize else array
 
 
 @functools.cache
 def _numpy_dtype(name: str) -> np.dtype:
     import numpy as np
 
-    if name == "bf16":
-        import ml_dtypes
+    numpy_name = _BY_NAME[name].numpy
+    if hasattr(np, numpy_name):
+        return np.dtype(numpy_name)
+    import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(_BY_NAME[name].numpy)
+    return np.dtype(getattr(ml_dtypes, numpy_name))
 
 
 # --- torch tensors <-> host arrays, without importing torch unless one is given ---------
@@ -156,8 +178,9 @@ def to_numpy(x: object) -> np.ndarray:
         import torch
 
         t = x.detach().cpu().contiguous()  # type: ignore[attr-defined]
-        if t.dtype == torch.bfloat16:  # numpy cannot take it directly: go through the bits
-            return t.view(torch.int16).numpy().view(_numpy_dtype("bf16"))
+        found = from_torch(t.dtype)
+        if found is not None and _foreign(_numpy_dtype(found.name)):  # numpy cannot take it: go through the bits
+            return t.view(torch.uint8 if t.element_size() == 1 else torch.int16).numpy().view(_numpy_dtype(found.name))
         return t.numpy()
     return np.asarray(x)
 
@@ -167,7 +190,9 @@ def to_torch(array: np.ndarray, name: str) -> Any:
     import numpy as np
     import torch
 
-    array = np.ascontiguousarray(array)
-    if name == "bf16":
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    array = np.asarray(array, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
+    d = dtype(name)
+    if _foreign(_numpy_dtype(name)):
+        raw = array.view(np.uint8 if array.dtype.itemsize == 1 else np.int16)
+        return torch.from_numpy(raw).view(d.torch_dtype())
     return torch.from_numpy(array)

@@ -59,6 +59,10 @@ class NoCompatibleArtifactError(HxcError):
     exit_code = ExitCode.NO_COMPATIBLE_ARTIFACT
 
 
+class NothingToCompareError(HxcError):
+    """`hxc verify` on a bundle whose golden sample has no expected outputs."""
+
+
 class SignatureError(HxcError, ValueError):
     """Inputs given to a loaded model do not match its recorded signature."""
 

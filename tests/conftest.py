@@ -52,7 +52,7 @@ FACTORY_SOURCE = textwrap.dedent(
     class IntMod(nn.Module):
         def forward(self, x):
             q = torch.remainder(x, 3)
-            return q + 1
+            return q * 4294967296 + 1  # needs 64-bit integers
 
     def make_model():
         torch.manual_seed(0)
@@ -235,3 +235,36 @@ def synthetic_manifest():
         )
 
     return make
+
+
+# lavapipe can hang inside IREE 3.13, and a hung IREE call cannot be interrupted from
+# Python: every Vulkan run in the coverage tests happens in a child process with a limit.
+VULKAN_TIMEOUT_S = 240
+
+
+@pytest.fixture
+def run_isolated(tmp_path: Path):
+    """Run a bundle in a child `hxc run` process on `device`, killed after `timeout`
+    seconds; returns the flat outputs (bf16/float8 as their own types)."""
+    import subprocess
+
+    import numpy as np
+
+    from hxc.manifests import read_manifest
+    from hxc.dtypes import from_storage, to_storage
+
+    def run(bundle: Path, arrays: list, device: str, timeout: float = VULKAN_TIMEOUT_S) -> list:
+        inputs, outputs = tmp_path / "isolated-in.npz", tmp_path / "isolated-out.npz"
+        np.savez(inputs, **{f"input_{i}": to_storage(np.asarray(a)) for i, a in enumerate(arrays)})
+        argv = [sys.executable, "-m", "hxc.cli", "run", str(bundle), "-i", str(inputs), "-o", str(outputs),
+                "--device", device, "--strict", "--json"]  # fmt: skip
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{bundle} on {device}: no result after {timeout}s (hung in the driver)")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        signature = read_manifest(bundle).signature
+        with np.load(outputs) as got:
+            return [from_storage(got[f"output_{i}"], s.dtype) for i, s in enumerate(signature.outputs)]
+
+    return run

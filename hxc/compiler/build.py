@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ import numpy as np
 
 from hxc import __version__, frontends
 from hxc.compiler.cache import CompileCache, ImportCache, default_cache_dir
-from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all
+from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all, f64_interface
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
 from hxc.engines import DEFAULT_ENGINE, Engine, resolve_backends
@@ -30,9 +31,10 @@ from hxc.engines.base import Built, BuildJob, artifact_id
 from hxc.errors import ExitCode, HxcError, UsageError, first_line
 from hxc.extras import require
 from hxc.frontends import Frontend
+from hxc.frontends.base import one_export_per_build
 from hxc.manifests.bundle import copy_hashed, file_hash, file_sha256, private_dir, remove_stale, write_manifest
 from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Signature, Weights, from_json, to_json
-from hxc.targets import Variant, family, resolve
+from hxc.targets import Variant, extra_flags_for, family, resolve
 
 
 # (results, imports by precision, work dir, cache, progress callback) -> results
@@ -104,11 +106,15 @@ def build_bundle(
     on_event: Callable[[CompileEvent], None] = lambda e: None,
     on_stage: Callable[[str], None] = lambda s: None,
     tune: Tuner | None = None,
+    extra_flags: Sequence[tuple[str, str]] = (),
     tune_engine: EngineTuner | None = None,
 ) -> BuildResult:
     """Compile `source` for `targets` into the bundle directory `output`, with every
     engine in `backends` (`iree,onnxruntime,inductor`, or `all` for those this host can
     build; failures of engines asked for only through `all` never block the bundle).
+
+    `extra_flags` are expert IREE flags as (family or variant id, flag) pairs
+    (`hxc.targets.parse_extra_flags`), appended to the chosen variants' own.
 
     Raises HxcError for problems before compiling (bad model, bad target name, export
     failure). Compile failures are returned in the result, not raised. `jobs` compiles
@@ -146,19 +152,56 @@ def build_bundle(
     remove_stale(out)  # what killed runs to this path left behind
     with private_dir(out, ".work") as work:
         imports: dict[str, ImportedModel] = {}
-        for precision in dict.fromkeys(["fp32", *(p for p, _ in (*builds, *other_builds))]):  # fp32 first: it is the reference
-            sub = work / precision
-            sub.mkdir()
-            imports[precision] = import_model(frontend, source, replace(options, precision=precision), sub, on_stage, cache_root)
-        reference = imports["fp32"]
-        timings = dict(reference.timings)
+        # Every import of this build derives from one exported model: a factory run twice
+        # may build different weights (a module created with unseeded randomness).
+        with one_export_per_build():
+            for precision in dict.fromkeys(["fp32", *(p for p, _ in (*builds, *other_builds))]):  # fp32 first: it is the reference
+                sub = work / precision
+                sub.mkdir()
+                imports[precision] = import_model(frontend, source, replace(options, precision=precision), sub, on_stage,
+                                                  cache_root)  # fmt: skip
+            reference = imports["fp32"]
+            timings = dict(reference.timings)
 
-        ir_sha = {p: file_sha256(imp.mlir) for p, imp in imports.items()}  # IR can be hundreds of MB: hash once
-        compile_jobs = [CompileJob(imports[p].mlir, ir_sha[p], v, p) for p, v in builds]
+            irs: dict[tuple[str, tuple], ImportedModel] = {(p, ()): imp for p, imp in imports.items()}
+            # IR can be hundreds of MB: hash each once (the reference's goes into the manifest).
+            ir_sha: dict[tuple[str, tuple], str] = {("fp32", ()): file_sha256(reference.mlir)}
+            compile_jobs: list[CompileJob] = []
+            cast_errors: dict[tuple[str, tuple], str] = {}
+            unbuildable: list[CompileJob] = []  # variants whose cast interface the model cannot have
+            order: list[str] = []  # artifact ids as requested
+            for precision, v in builds:
+                casts = _casts_needed(v, imports[precision])
+                key = (precision, casts)
+                if key not in irs and key not in cast_errors:
+                    sub = work / f"{precision}-{'-'.join(f'{a}{b}' for a, b in casts)}"
+                    sub.mkdir()
+                    try:
+                        irs[key] = import_model(frontend, source, replace(options, precision=precision, interface_casts=casts),
+                                                sub, on_stage, cache_root)  # fmt: skip
+                    except HxcError as e:  # this variant cannot carry the model; the others still can
+                        cast_errors[key] = e.message
+                if key in cast_errors:
+                    unbuildable.append(CompileJob(reference.mlir, ir_sha[("fp32", ())], v, precision, casts=casts))
+                    order.append(unbuildable[-1].id)
+                    continue
+                if key not in ir_sha:
+                    ir_sha[key] = file_sha256(irs[key].mlir)
+                compile_jobs.append(CompileJob(irs[key].mlir, ir_sha[key], v, precision, extra=extra_flags_for(v, extra_flags),
+                                       casts=casts, f64=f64_interface(irs[key].signature)))  # fmt: skip
+                order.append(compile_jobs[-1].id)
         t = time.perf_counter()
         on_stage("compiling")
         results = compile_all(compile_jobs, workdir=work, jobs=jobs, cache=cache, on_event=on_event)
-        results = [_name_source_operator(r, imports[r.job.precision].operators_at) for r in results]
+        for job in unbuildable:
+            plan = family(job.variant.family).plan(job.variant)
+            failed = CompileResult(job, plan, "failed", 0.0, (), error=cast_errors[(job.precision, job.casts)],
+                                   operator=_operator_of(cast_errors[(job.precision, job.casts)]))  # fmt: skip
+            on_event(CompileEvent("done", job, failed))
+            results.append(failed)
+        results.sort(key=lambda r: order.index(r.job.id))
+        results = [_name_source_operator(r, irs.get((r.job.precision, r.job.casts), reference).operators_at)
+                   for r in results]  # fmt: skip
         timings["compile"] = time.perf_counter() - t
         if tune is not None:
             t = time.perf_counter()
@@ -172,7 +215,7 @@ def build_bundle(
             built = build_engines(others, variants, wanted, reference, work, on_event, skipped, tune_engine)
             timings["other backends"] = time.perf_counter() - t
 
-        manifest = _manifest(imports, [p for p in wanted if p in imports], ir_sha["fp32"], results, built)
+        manifest = _manifest(imports, [p for p in wanted if p in imports], ir_sha[("fp32", ())], results, built)
         result = BuildResult(out, False, manifest, results, timings, tuple(skipped), built, notes, optional)
         if result.blocking and not (allow_partial and len(result.failed) < result.total):
             return result  # nothing is published; an existing bundle at `out` stays as it was
@@ -182,6 +225,25 @@ def build_bundle(
             manifest = _write_files(stage, manifest, results, imports, built)
             write_manifest(stage, manifest)
     return replace(result, manifest=manifest, written=True)
+
+
+def _operator_of(message: str) -> str | None:
+    m = re.search(r"\b(aten\.[\w.]+)", message)
+    return m.group(1) if m else None
+
+
+def _casts_needed(variant: Variant, imported: ImportedModel) -> tuple[tuple[str, str], ...]:
+    """The variant's interface casts that this model needs: for element types in its
+    signature, or in its weights when they live in a shared archive (whose bytes the
+    variant could not read as another type), or i64 for int64 constants IREE's
+    demotion cannot rewrite as they are stored."""
+    sig = imported.signature
+    present = {s.dtype for s in (*sig.inputs, *sig.outputs)}
+    if imported.weights is not None:
+        present |= set(imported.weight_dtypes)
+    if imported.int64_constants:
+        present.add("i64")
+    return tuple(c for c in variant.interface_casts if c[0] in present)
 
 
 def _write_files(
@@ -213,6 +275,7 @@ def _write_files(
     return replace(manifest, files=files)
 
 
+
 def import_model(
     frontend: Frontend, source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None],
     cache_root: Path | None = None,
@@ -221,7 +284,8 @@ def import_model(
     cache = ImportCache(cache_root if frontend.cacheable else None)
     key = None
     if cache.root is not None:
-        key = ImportCache.key(frontend.digest(Path(source)), (frontend.name, options), to_json(toolchain()))
+        key = ImportCache.key(_source_digest(frontend, Path(source), options), (frontend.name, options),
+                              to_json(toolchain()))  # fmt: skip
         if (entry := cache.get(key)) is not None:
             on_stage("reusing the cached import")
             return _imported_from_cache(entry, source)
@@ -229,6 +293,14 @@ def import_model(
     if key is not None:
         _cache_import(cache, key, imported, workdir)
     return imported
+
+
+def _source_digest(frontend: Frontend, path: Path, options: ImportOptions) -> str:
+    digest = frontend.digest(path)
+    if options.example:  # the example file's contents, not just its name, decide the golden sample
+        example = Path(options.example)
+        digest += ":" + (file_sha256(example) if example.is_file() else "missing")
+    return digest
 
 
 def _cache_import(cache: ImportCache, key: str, m: ImportedModel, workdir: Path) -> None:
@@ -243,6 +315,8 @@ def _cache_import(cache: ImportCache, key: str, m: ImportedModel, workdir: Path)
         "name": m.name, "source_format": m.source_format, "source_sha256": m.source_sha256,
         "program_name": m.program_name, "signature": to_json(m.signature), "operators_at": m.operators_at,
         "ir_name": m.mlir.name, "precision": m.precision, "precision_error": m.precision_error,
+        "golden_reference": m.golden_reference, "golden_note": m.golden_note, "weight_dtypes": list(m.weight_dtypes),
+        "int64_constants": m.int64_constants,
     }  # fmt: skip
     cache.put(key, files, meta)
 
@@ -265,6 +339,10 @@ def _imported_from_cache(entry: Path, source: str) -> ImportedModel:
         operators_at={k: tuple(v) for k, v in meta["operators_at"].items()},
         precision=meta["precision"],
         precision_error=meta["precision_error"],
+        golden_reference=meta.get("golden_reference", "pytorch"),
+        golden_note=meta.get("golden_note"),
+        weight_dtypes=tuple(meta.get("weight_dtypes", ())),
+        int64_constants=meta.get("int64_constants", False),
         timings={"import (cached)": 0.0},
     )
 
@@ -367,6 +445,9 @@ def _manifest(
                    *(_built_entry(b, imports[b.precision]) for b in built)),
         weights=weights,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        golden_outputs=reference.golden_note is None,
+        golden_reference=reference.golden_reference if reference.golden_note is None else None,
+        golden_note=reference.golden_note,
     )
 
 
@@ -391,12 +472,14 @@ def _artifact_entry(r: CompileResult, imported: ImportedModel) -> Artifact:
         driver=fam.drivers[0],
         binary=r.plan.binary,
         flags=r.plan.flags,
-        requires=r.plan.requires,
+        requires=r.requirements,
         compile_seconds=round(r.seconds, 3),
         cached=r.cached,
         precision=job.precision,
         precision_error=imported.precision_error,
         tuning=r.tuning,
+        fallback=r.fallback,
+        interface_casts=r.job.casts,
     )
     if r.status == "failed" or r.vmfb is None:
         return Artifact(status="failed", error=r.error, operator=r.operator, **common)

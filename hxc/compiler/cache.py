@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hxc.manifests.bundle import atomic_write, copy_hashed, file_hash
-from hxc.manifests.schema import FileHash
+from hxc.manifests.schema import FileHash, Requirements, SchemaError, from_json, to_json
 
 log = logging.getLogger("hxc.cache")
 
@@ -45,6 +45,7 @@ class CacheEntry:
     vmfb: Path
     verified: str | None
     hash: FileHash  # of `vmfb`, checked when the entry was looked up
+    requires: Requirements | None = None  # what the binaries need, read from them when compiled
 
 
 class CompileCache:
@@ -77,9 +78,13 @@ class CompileCache:
                 with contextlib.suppress(OSError):
                     f.unlink()
             return None
-        return CacheEntry(vmfb=vmfb, verified=info.get("verified"), hash=actual)
+        try:
+            requires = from_json(Requirements, info["requires"]) if info.get("requires") else None
+        except SchemaError:
+            return None
+        return CacheEntry(vmfb=vmfb, verified=info.get("verified"), hash=actual, requires=requires)
 
-    def put(self, key: str, vmfb: Path, verified: str | None) -> FileHash:
+    def put(self, key: str, vmfb: Path, verified: str | None, requires: Requirements | None = None) -> FileHash:
         """Store `vmfb`; returns the hash of the bytes stored. A cache that cannot be
         written (read-only, full) is skipped with a warning: compiling goes on."""
         if self.root is None:
@@ -95,7 +100,8 @@ class CompileCache:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
             # The metadata goes last: get() treats an entry without it as absent.
-            atomic_write(meta, json.dumps({"verified": verified, "sha256": stored.sha256, "size": stored.size}).encode())
+            meta_json = {"verified": verified, "sha256": stored.sha256, "size": stored.size, "requires": to_json(requires)}
+            atomic_write(meta, json.dumps(meta_json).encode())
             return stored
         except OSError as e:
             log.warning("hxc: cannot write the compile cache (%s); continuing without it", e)

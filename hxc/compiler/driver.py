@@ -10,6 +10,7 @@ decides what a partial result means. Ctrl-C kills every running compile.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import shlex
@@ -27,9 +28,11 @@ from pathlib import Path
 from typing import Literal
 
 from hxc.compiler.cache import CompileCache
-from hxc.manifests.schema import FileHash, TuningTrial
+from hxc.manifests.schema import FileHash, Requirements, Signature, TuningTrial
 from hxc.targets import CompilePlan, Variant, family
-from hxc.targets.base import CheckFailed
+from hxc.targets.base import KEEP_F64, CheckFailed
+
+log = logging.getLogger("hxc.compiler")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,13 @@ class CompileJob:
     # A tuning alternative: its name and the full flags that replace the family's plan.
     config: str = "default"
     flags: tuple[str, ...] | None = None
+    # Expert flags from `--iree-flag`, appended to whatever the family chose; they are
+    # part of the recorded flags and the cache key like any other.
+    extra: tuple[str, ...] = ()
+    # The interface casts its IR was built with (Artifact.interface_casts).
+    casts: tuple[tuple[str, str], ...] = ()
+    # Whether its IR takes or returns f64 tensors (see `f64_interface`).
+    f64: bool = False
 
     @property
     def id(self) -> str:
@@ -76,6 +86,12 @@ class CompileResult:
     location: str | None = None  # file:line in the model's source where it failed
     stderr: str = ""
     tuning: tuple[TuningTrial, ...] = ()  # set by `hxc compile --tune`
+    fallback: str | None = None  # why the family's safer flags were used: the default flags' error
+    requires: Requirements | None = None  # what the binaries need, when they say more than the plan
+
+    @property
+    def requirements(self) -> Requirements:
+        return self.requires or self.plan.requires
 
     @property
     def variant(self) -> Variant:
@@ -157,6 +173,11 @@ class _Processes:
                 p.kill()
 
 
+def f64_interface(signature: Signature) -> bool:
+    """Whether a function takes or returns f64 tensors, which IREE must then not demote."""
+    return any(t.dtype == "f64" for t in (*signature.inputs, *signature.outputs))
+
+
 def compile_all(
     work: Sequence[CompileJob],
     *,
@@ -196,6 +217,31 @@ def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Pr
     plan = fam.plan(variant)
     if job.flags is not None:
         plan = replace(plan, flags=job.flags)
+    if not job.f64:
+        # Keeping f64 is for f64 interfaces only: inside a model IREE's demotion is what
+        # plain IREE does, and kept f64 scalars break CUDA reductions ("failed to
+        # distribute" at every layer_norm).
+        plan = replace(plan, flags=tuple(f for f in plan.flags if f != KEEP_F64))
+    if job.extra:
+        plan = replace(plan, flags=(*plan.flags, *job.extra))
+    result = _compile_plan(job, plan, workdir, cache, procs, t0)
+    safer = fam.fallback_flags(plan) if result.status == "failed" and job.config == "default" else None
+    if safer is None or safer == plan.flags or procs.cancelled:
+        return result
+    # A flag chosen for speed must never cost a model: retry with what IREE does by
+    # default, and record why.
+    retry = _compile_plan(job, replace(plan, flags=safer), workdir, cache, procs, t0)
+    if retry.status == "failed":
+        return result
+    log.info("hxc: %s: default flags failed (%s); compiled with the family's safer flags", job.id, result.error)
+    return replace(retry, fallback=result.error)
+
+
+def _compile_plan(
+    job: CompileJob, plan: CompilePlan, workdir: Path, cache: CompileCache, procs: _Processes, t0: float
+) -> CompileResult:
+    fam = family(job.variant.family)
+    variant = job.variant
     # The variant and the check are part of the key: two variants may share flags but not
     # the check that proves their binary (cuda:sm_80 and cuda:sm_90 compile the same
     # PTX), and PTX cached unchecked must not pass for checked once ptxas is installed.
@@ -205,7 +251,7 @@ def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Pr
     hit = cache.get(key)
     if hit is not None:
         return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, hit.vmfb, hit.hash, cached=True,
-                             verified=hit.verified)  # fmt: skip
+                             verified=hit.verified, requires=hit.requires)  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="hxc-bin-", dir=workdir) as bins:
         run_argv = [*argv]
@@ -222,8 +268,10 @@ def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Pr
         except CheckFailed as e:
             out.unlink(missing_ok=True)
             return CompileResult(job, plan, "failed", time.perf_counter() - t0, argv, error=str(e), stderr=stderr)
-    stored = cache.put(key, out, verified)
-    return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, out, stored, verified=verified, stderr=stderr)
+        requires = fam.binary_requirements(plan, Path(bins) if plan.dump_binaries else None)
+    stored = cache.put(key, out, verified, requires)
+    return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, out, stored, verified=verified, stderr=stderr,
+                         requires=requires)  # fmt: skip
 
 
 _LOCATION = re.compile(r"^(?P<file>[^\s:][^:]*):(?P<line>\d+):\d+:\s*")

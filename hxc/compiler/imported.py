@@ -26,6 +26,11 @@ class ImportOptions:
     allow_pickle: bool = False
     weights: WeightsMode = "auto"
     precision: str = "fp32"  # compute precision; the interface stays as the model's
+    example: str | None = None  # --example inputs.npz: the golden sample's inputs (and maybe outputs)
+    # (model dtype, artifact dtype) pairs: build the IR with these element types at the
+    # interface instead of the model's (a variant whose code generator lacks them);
+    # such an import carries its weights inline.
+    interface_casts: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -36,13 +41,19 @@ class ImportedModel:
     source_sha256: str
     mlir: Path  # IREE input IR (MLIR bytecode or text), function `main`
     signature: Signature
-    golden: dict[str, np.ndarray]  # input_i / output_i; bf16 as raw uint16
+    golden: dict[str, np.ndarray]  # input_i / output_i (outputs absent when no reference ran); bf16 as raw uint16
     program: Path | None  # the program the IR came from, copied into the bundle
     program_name: str | None  # its file name in the bundle
     weights: Path | None = None  # IREE parameter archive (.irpa), when weights are shared
     precision: str = "fp32"
     precision_error: float | None = None  # vs the fp32 reference, for reduced precision
     operators_at: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    golden_reference: str | None = "pytorch"  # who computed the golden outputs: pytorch, onnxruntime, user
+    golden_note: str | None = None  # why the golden sample has no outputs
+    weight_dtypes: tuple[str, ...] = ()  # element types of the model's parameters and buffers
+    # The IR holds int64 constants that IREE's i64->i32 demotion cannot rewrite as
+    # they are stored; a variant that demotes needs its own import (ImportOptions.interface_casts).
+    int64_constants: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
 

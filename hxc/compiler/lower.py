@@ -10,6 +10,7 @@ and the program is lowered again.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from hxc.manifests.schema import OutputTree, Signature, TensorSpec
 
 _OPAQUE_OP = re.compile(r'"torch\.operator"\([^)]*\)\s*<\{name = "torch\.([\w.]+)"\}>')
 _MAX_ROUNDS = 4
+_INT64_RESOURCE = re.compile(r"dense_resource<[^>]+> : tensor<[^>]*xsi64>")
 
 
 @dataclass
@@ -34,15 +36,33 @@ class Lowered:
     # The aten operators at each model source line ("file.py:12"). IREE reports errors
     # at these locations, which is how a failure is traced back to the operator.
     operators_at: dict[str, tuple[str, ...]]
+    int64_constants: bool = False  # int64 tensor constants stored as resource blobs
 
 
-def lower(program: torch.export.ExportedProgram) -> Lowered:
-    signature = program_signature(program)
-    from iree.turbine import aot
+def decomposition_table() -> dict:
+    """Core ATen: torch's default decompositions plus iree-turbine's."""
     from iree.turbine.aot.decompositions import current_aot_decompositions
 
     table = torch.export.default_decompositions()
     table.update(current_aot_decompositions())
+    return table
+
+
+def to_core_aten(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    return _decompose(program, decomposition_table())
+
+
+def lower(program: torch.export.ExportedProgram, *, narrow_int64: bool = False) -> Lowered:
+    """`narrow_int64`: the IR is for a variant that computes int64 in 32 bits; its
+    int64 constants must fit (LoweringError otherwise) and are written so that IREE's
+    i64->i32 demotion can rewrite them (see `_inline_int64_literals`)."""
+    if narrow_int64:
+        with _inline_int64_literals():
+            return lower(program)
+    signature = program_signature(program)
+    from iree.turbine import aot
+
+    table = decomposition_table()
     extra: set[Any] = set()
     for _ in range(_MAX_ROUNDS):
         decomposed = _decompose(program, table)
@@ -62,7 +82,40 @@ def lower(program: torch.export.ExportedProgram) -> Lowered:
         extra |= new
         table.update(torch._decomp.get_decompositions(list(new)))
     mlir = _bytecode(exported)
-    return Lowered(mlir=mlir, signature=signature, program=decomposed, operators_at=source_operators(program))
+    return Lowered(mlir=mlir, signature=signature, program=decomposed, operators_at=source_operators(program),
+                   int64_constants=bool(_INT64_RESOURCE.search(text)))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _inline_int64_literals():
+    """While importing, make int64 tensor constants plain dense attributes instead of
+    MLIR resource blobs: IREE's i64->i32 demotion rewrites the former and fails on the
+    latter ("'arith.constant' op failed to verify that all of {value, result} have
+    same type"). Constants come from the program and from decompositions run during
+    import (upsampling indices), so this is the one place that sees them all."""
+    import numpy as np
+    from iree.compiler.extras import fx_importer as fx
+
+    original = fx._make_vtensor_literal_op
+
+    def literal(tensor: torch.Tensor, vtensor_type: Any, tracker: Any) -> Any:
+        if tensor.dtype != torch.int64 or tensor.numel() <= 1 or tensor.is_meta or isinstance(tensor, fx.TorchFakeTensor):
+            return original(tensor, vtensor_type, tracker)
+        values = tensor.detach().cpu().contiguous().numpy()
+        if values.min() < -(2**31) or values.max() >= 2**31:
+            raise LoweringError(
+                f"a {tuple(tensor.shape)} int64 constant holds values beyond 32 bits; portable SPIR-V computes "
+                "int64 in 32 bits, so this model needs a variant with native int64",
+                hint="compile for vulkan:desktop",
+            )
+        attr = fx.DenseElementsAttr.get(values, type=fx.IntegerType.get_signed(64), shape=values.shape)
+        return fx.Operation.create(name="torch.vtensor.literal", results=[vtensor_type], attributes={"value": attr})
+
+    fx._make_vtensor_literal_op = literal
+    try:
+        yield
+    finally:
+        fx._make_vtensor_literal_op = original
 
 
 _FRAME = re.compile(r'File "([^"]+)", line ([0-9]+),')

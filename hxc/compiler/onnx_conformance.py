@@ -137,6 +137,7 @@ def run_case(case: Path, workdir: Path, target: str = TARGET, timeout: float = 3
 def _run_case(case: Path, workdir: Path, target: str, timeout: float) -> None:
     import numpy as np
 
+    from hxc.compiler.driver import f64_interface
     from hxc.compiler.imported import ImportOptions
     from hxc.compiler.onnx_import import import_onnx
     from hxc.errors import HxcError
@@ -152,14 +153,17 @@ def _run_case(case: Path, workdir: Path, target: str, timeout: float) -> None:
         raise _Outcome("fail", "non-tensor inputs or outputs (sequence, optional, map)")
     inputs = _read_all(sets[0], "input")
     expected = _read_all(sets[0], "output")
-    specs = [_spec(a) for a in inputs]
+    # Each test's own shapes, by input name (zero-size dimensions included).
+    initialized = {t.name for t in graph.initializer}
+    names = [v.name for v in graph.input if v.name not in initialized]
+    specs = [f"{n}={_spec(a)}" for n, a in zip(names, inputs)]
     try:
         imported = import_onnx(str(case / "model.onnx"), ImportOptions(inputs=tuple(specs), weights="inline"), workdir, lambda s: None)
     except HxcError as e:
         raise _Outcome("fail", _import_category(e.message), e.message) from None
-    vmfb = _compile(imported.mlir, imported.operators_at, workdir, target, timeout)
+    vmfb = _compile(imported.mlir, imported.operators_at, f64_interface(imported.signature), workdir, target, timeout)
     try:
-        got = _invoke(vmfb, inputs)
+        got = _invoke(vmfb, inputs, imported.signature)
     except Exception as e:
         raise _Outcome("fail", "runtime error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if len(got) != len(expected):
@@ -213,43 +217,40 @@ def _import_category(message: str) -> str:
     return "import into MLIR failed"
 
 
-def _compile(mlir: Path, operators_at: dict, workdir: Path, target: str, timeout: float) -> Path:
-    from hxc.compiler.driver import iree_compile_path, summarize_compile_error
-    from hxc.targets import family, resolve
+def _compile(mlir: Path, operators_at: dict, f64: bool, workdir: Path, target: str, timeout: float) -> Path:
+    """Compile as `hxc compile` does: through hxc's driver, with its flags and its
+    fallback to safer flags. (`timeout` is enforced by the parent killing this worker
+    and its process group.)"""
+    from hxc.compiler.build import _name_source_operator
+    from hxc.compiler.driver import CompileJob, compile_all
+    from hxc.manifests.bundle import file_sha256
+    from hxc.targets import resolve
 
     [variant] = resolve(target)
-    flags = family(variant.family).plan(variant).flags
-    out = workdir / "model.vmfb"
-    try:
-        proc = subprocess.run([iree_compile_path(), str(mlir), *flags, "-o", str(out)],
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise _Outcome("fail", "compile timeout") from None
-    if proc.returncode == 0:
-        return out
-    error, operator, location = summarize_compile_error(proc.stderr, proc.returncode)
-    onnx_ops = operators_at.get(location or "")
-    op = ", ".join(onnx_ops) if onnx_ops else operator
-    if proc.returncode < 0:
+    [r] = compile_all([CompileJob(mlir, file_sha256(mlir), variant, f64=f64)], workdir=workdir, jobs=1)
+    if r.status == "ok" and r.vmfb is not None:
+        return r.vmfb
+    unlowered = r.operator == "torch.operator" and "legalize" in (r.error or "")
+    r = _name_source_operator(r, operators_at)
+    error, operator = r.error or "", r.operator
+    if "killed by signal" in error:
         category = "iree-compile crashed"
-    elif operator == "torch.operator" and "legalize" in error:
+    elif unlowered:
         category = "no IREE lowering for the ONNX op"
     else:
         category = "IREE compile error (after lowering)"
-    raise _Outcome("fail", category, error, op)
+    raise _Outcome("fail", category, error, operator)
 
 
-def _invoke(vmfb: Path, inputs: list) -> list:
-    import numpy as np
+def _invoke(vmfb: Path, inputs: list, signature) -> list:
+    """Run the artifact through hxc's runtime session (its host<->device copies, which
+    keep scalars scalar) on the CPU driver. The loader's input checks are left out:
+    they refuse empty inputs, which some node tests feed (an empty axes list)."""
+    from hxc.runtime.loader import Session
+    from hxc.targets import Device
 
-    import iree.runtime as rt
-
-    config = rt.Config("local-sync")
-    module = rt.VmModule.mmap(config.vm_instance, str(vmfb))
-    context = rt.SystemContext(vm_modules=[module], config=config)
-    result = context.modules[module.name]["main"](*inputs)
-    results = result if isinstance(result, (list, tuple)) else [result]
-    return [np.asarray(r.to_host()) if hasattr(r, "to_host") else np.asarray(r) for r in results]
+    session = Session.open(vmfb, Device("local-sync", "local-sync", "cpu", "cpu"))
+    return session.invoke(list(inputs), signature)
 
 
 # --- many tests, in worker processes -------------------------------------------------
@@ -262,9 +263,12 @@ def run_conformance(
     timeout: float = 300,
     target: str = TARGET,
     on_result: Callable[[CaseResult], None] = lambda r: None,
+    worker: Sequence[str] = ("-m", __name__),
 ) -> list[CaseResult]:
     """Run `cases` in `jobs` worker processes (so a crash or a hang costs one test, not
-    the run); results come back in the order of `cases`."""
+    the run); results come back in the order of `cases`. `worker` is what python runs
+    as the worker (`-m MODULE` or a script) with `--worker --target T`: one case path
+    per line of stdin, one marked JSON result per line of stdout (`worker_loop`)."""
     todo: queue.Queue[tuple[int, Path]] = queue.Queue()
     for item in enumerate(cases):
         todo.put(item)
@@ -278,8 +282,8 @@ def run_conformance(
             except queue.Empty:
                 break
             if proc is None or proc.poll() is not None:
-                proc = _start_worker(target)
-            timer = threading.Timer(timeout, proc.kill)
+                proc = _start_worker(target, worker)
+            timer = threading.Timer(timeout, _kill_group, (proc,))
             timer.start()
             t0 = time.perf_counter()
             try:
@@ -298,7 +302,7 @@ def run_conformance(
                 result = CaseResult(**json.loads(line[len(_MARK):]))
             else:
                 killed = time.perf_counter() - t0 >= timeout
-                proc.kill()
+                _kill_group(proc)
                 proc.wait()
                 proc = None
                 result = CaseResult(case.name, "fail", "timeout" if killed else "crash", seconds=round(time.perf_counter() - t0, 3))
@@ -316,15 +320,25 @@ def run_conformance(
     return [r for r in results if r is not None]
 
 
-def _start_worker(target: str) -> subprocess.Popen:
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill a worker and the iree-compile it may be running (its own process group)."""
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+def _start_worker(target: str, worker: Sequence[str]) -> subprocess.Popen:
     env = {**os.environ, "IREE_PY_RUNTIME_FLAGS": os.environ.get("IREE_PY_RUNTIME_FLAGS", "")}
     return subprocess.Popen(
-        [sys.executable, "-m", __name__, "--worker", "--target", target],
+        [sys.executable, *worker, "--worker", "--target", target],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        start_new_session=True,
     )  # fmt: skip
 
 
-def _worker(target: str) -> None:
+def worker_loop(target: str, run: Callable[[Path, Path, str], CaseResult] = lambda c, w, t: run_case(c, w, t)) -> None:
+    """A worker process: one case path per line of stdin, one marked JSON result per line of stdout."""
     import logging
     import warnings
 
@@ -333,7 +347,7 @@ def _worker(target: str) -> None:
     for line in sys.stdin:
         case = Path(line.strip())
         with tempfile.TemporaryDirectory(prefix="hxc-conformance-") as work:
-            result = run_case(case, Path(work), target)
+            result = run(case, Path(work), target)
         sys.stdout.write(_MARK + json.dumps(asdict(result)) + "\n")
         sys.stdout.flush()
 
@@ -362,4 +376,4 @@ def summarize(results: Sequence[CaseResult]) -> dict:
 
 
 if __name__ == "__main__":  # a worker process, started by run_conformance
-    _worker(sys.argv[sys.argv.index("--target") + 1])
+    worker_loop(sys.argv[sys.argv.index("--target") + 1])

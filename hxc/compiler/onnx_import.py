@@ -24,9 +24,13 @@ written):
 The golden sample runs the user's original file with ONNX Runtime on deterministic
 inputs: standard-normal floats, integers 0..9 and random booleans (as the PyTorch
 frontend does); if ONNX Runtime rejects those integers (an index out of range, a
-zero divisor), it is run again with every integer input at 0, then at 1. A dynamic dimension with no `--input` size gets size 2
-(`hxc.dtypes.DYNAMIC_EXAMPLE_SIZE`, as in the PyTorch frontend), one size per
-dimension name.
+zero divisor), it is run again with every integer input at 0, then at 1. A dynamic
+dimension with no `--input` size gets size 2 (`hxc.dtypes.DYNAMIC_EXAMPLE_SIZE`, as in
+the PyTorch frontend), one size per dimension name. `--example inputs.npz` replaces
+the generated inputs (and may carry expected outputs). The golden sample is a
+convenience, never a condition: when ONNX Runtime cannot load the model or run it on
+those inputs, the bundle is built with inputs only and `golden_note` says why, so
+`hxc verify` can say it has nothing to compare against.
 
 The program stored in the bundle (`model.onnx`) is the user's graph as given (not
 upgraded, shapes not fixed), in one file:
@@ -49,9 +53,10 @@ from typing import Any
 
 import numpy as np
 
+from hxc.compiler.examples import Example, read_example
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
 from hxc.compiler.specs import example_arrays, parse_input_spec
-from hxc.dtypes import DYNAMIC_EXAMPLE_SIZE, dtype, from_onnx, interface_dtype, to_storage
+from hxc.dtypes import DYNAMIC_EXAMPLE_SIZE, dtype, from_numpy, from_onnx, from_storage, interface_dtype, to_storage
 from hxc.errors import LoweringError, ModelLoadError, UsageError, first_line
 from hxc.manifests.bundle import file_sha256
 from hxc.manifests.schema import PROGRAM_ONNX, WEIGHTS_FILE, OutputTree, Signature, TensorSpec
@@ -88,7 +93,8 @@ def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Ca
 
     t = time.perf_counter()
     on_stage("running ONNX Runtime for the golden sample")
-    golden = _golden(path, inputs, len(original.graph.output))
+    example = read_example(options.example) if options.example else None
+    golden, golden_reference, golden_note = _golden(path, inputs, len(original.graph.output), example)
     timings["golden"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -99,14 +105,15 @@ def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Ca
     shared = any(_numel(x) >= NUM_ELEMENTS_THRESHOLD for x in inits) and wants_shared_weights(
         options.weights, total, has_bf16
     )
-    model, names = _prepare(original, path, inputs, load_all=not shared)
+    shared = shared and not options.interface_casts  # a cast interface is for one variant: weights inside it
+    model, names = _prepare(original, path, inputs, load_all=not shared, casts=options.interface_casts)
     label = path.name.replace(":", "_")
     irpa = workdir / WEIGHTS_FILE if shared else None
     mlir = workdir / "model.mlirbc"
     params = _to_mlir(model, names, label, mlir, irpa, path.parent)
     signature = Signature(
         inputs=tuple(i.spec for i in inputs),
-        outputs=_output_specs(model, golden),
+        outputs=_output_specs(model, golden, mlir),
         output_tree=_output_tree(len(model.graph.output)),
     )
     operators_at = {f"{label}:{i + 1}": (_op_name(n),) for i, n in enumerate(original.graph.node)}
@@ -121,9 +128,12 @@ def import_onnx(source: str, options: ImportOptions, workdir: Path, on_stage: Ca
         mlir=mlir,
         signature=signature,
         golden=golden,
+        golden_reference=golden_reference,
+        golden_note=golden_note,
         program=program,
         program_name=PROGRAM_ONNX,
         weights=irpa,
+        weight_dtypes=tuple(sorted({d.name for x in inits if (d := from_onnx(x.data_type)) is not None})),
         operators_at=operators_at,
         timings=timings,
     )
@@ -244,7 +254,9 @@ def _inputs(model: Any, options: ImportOptions) -> list[_Input]:
     by_name = {s.name: s for s in specs}
     result = []
     for i, v in enumerate(graph_inputs):
-        spec = by_name.get(v.name) or (specs[i] if i < len(specs) else None)
+        # A named spec is for its input only; an unnamed one (input_N) goes by position.
+        positional = specs[i] if i < len(specs) and specs[i].name == f"input_{i}" else None
+        spec = by_name.get(v.name) or positional
         result.append(_input(i, v, spec, options.dynamic_batch))
     return result
 
@@ -290,8 +302,9 @@ def _dtype(elem_type: int, label: str) -> str:
     return interface_dtype(from_onnx(elem_type), label, what)
 
 
-def _output_specs(model: Any, golden: dict[str, np.ndarray]) -> tuple[TensorSpec, ...]:
+def _output_specs(model: Any, golden: dict[str, np.ndarray], mlir: Path) -> tuple[TensorSpec, ...]:
     specs = []
+    ranks: list[int | None] | None = None
     for i, v in enumerate(model.graph.output):
         label = f"output {v.name!r}"
         if v.type.WhichOneof("value") != "tensor_type":
@@ -300,10 +313,33 @@ def _output_specs(model: Any, golden: dict[str, np.ndarray]) -> tuple[TensorSpec
         elem = _dtype(tt.elem_type, label)
         if tt.HasField("shape"):
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or f"out{i}_{j}") for j, d in enumerate(tt.shape.dim)]
-        else:  # shape inference could not tell: the rank is what ONNX Runtime returned
-            dims = [f"out{i}_{j}" for j in range(golden[f"output_{i}"].ndim)]
+        else:  # shape inference could not tell: the rank is what ONNX Runtime returned, else what IREE's importer typed
+            if f"output_{i}" in golden:
+                rank = golden[f"output_{i}"].ndim
+            else:
+                ranks = ranks if ranks is not None else _result_ranks(mlir)
+                rank = ranks[i] if i < len(ranks) else None
+                if rank is None:
+                    raise LoweringError(f"{label} has no known rank", hint="pass example inputs ONNX Runtime can run: --example inputs.npz")
+            dims = [f"out{i}_{j}" for j in range(rank)]
         specs.append(TensorSpec(v.name, elem, tuple(dims)))
     return tuple(specs)
+
+
+def _result_ranks(mlir: Path) -> list[int | None]:
+    """The rank of each result of the imported `main`, None where it is unranked."""
+    from iree.compiler import ir
+
+    with ir.Context() as ctx:
+        ctx.allow_unregistered_dialects = True
+        module = ir.Module.parse(mlir.read_bytes())
+        for op in module.body.operations:
+            if op.operation.name == "func.func":
+                text = str(op.attributes["function_type"])
+                results = text.split("->", 1)[1]
+                return [None if "<*" in t else (0 if t == "[]" else t.count(",") + 1)
+                        for t in re.findall(r"vtensor<(\*|\[[^\]]*\])", results)]  # fmt: skip
+    return []
 
 
 def _output_tree(n: int) -> OutputTree:
@@ -315,39 +351,67 @@ def _output_tree(n: int) -> OutputTree:
 # --- golden sample -----------------------------------------------------------------
 
 
-def _golden(path: Path, inputs: list[_Input], n_outputs: int) -> dict[str, np.ndarray]:
+def _golden(
+    path: Path, inputs: list[_Input], n_outputs: int, example: Example | None
+) -> tuple[dict[str, np.ndarray], str | None, str | None]:
+    """The golden sample: inputs and ONNX Runtime's outputs on them, who made the
+    outputs (onnxruntime, or the example file) and, when there are none, why."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise UsageError("compiling ONNX models needs onnxruntime for the golden sample", hint="pip install onnxruntime") from None
+    if example is not None:
+        candidates = [_user_inputs(example, inputs)]
+    else:
+        # Random integers may not suit the model (an index past a small dimension, a zero
+        # divisor): then every integer input is tried at 0 (a valid index into any
+        # non-empty dimension), then at 1 (a valid divisor).
+        candidates = [_examples(inputs, ints=ints) for ints in (None, 0, 1)]
+    outputs, reference, note = None, "onnxruntime", None
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model ({first_line(e)})") from None
-    # Random integers may not suit the model (an index past a small dimension, a zero
-    # divisor): then every integer input is tried at 0 (a valid index into any
-    # non-empty dimension), then at 1 (a valid divisor).
-    first: Exception | None = None
-    for ints in (None, 0, 1):
-        arrays = _examples(inputs, ints=ints)
-        try:
-            outputs = session.run(None, {i.spec.name: a for i, a in zip(inputs, arrays)})
-            break
-        except Exception as e:
-            first = first or e
+        note = f"ONNX Runtime cannot load the model ({first_line(e)})"
     else:
-        shapes = ", ".join(f"{i.spec.name}: {'x'.join(map(str, i.example_shape))}" for i in inputs)
-        raise LoweringError(
-            f"{path}: ONNX Runtime failed on example inputs ({shapes}): {first_line(first)}",
-            hint="inputs that carry shapes, indices or sizes need real values; fix their shapes with --input",
-        ) from None
-    if len(outputs) != n_outputs or not all(isinstance(o, np.ndarray) for o in outputs):
+        first: Exception | None = None
+        for arrays in candidates:
+            try:
+                outputs = session.run(None, {i.spec.name: a for i, a in zip(inputs, arrays)})
+                break
+            except Exception as e:
+                first = first or e
+        else:
+            shapes = ", ".join(f"{i.spec.name}: {'x'.join(map(str, a.shape)) or 'scalar'}" for i, a in zip(inputs, candidates[0]))
+            note = f"ONNX Runtime failed on the {'--example' if example else 'generated'} inputs ({shapes}): {first_line(first)}"
+    arrays = candidates[0] if outputs is None else arrays
+    if outputs is not None and (len(outputs) != n_outputs or not all(isinstance(o, np.ndarray) for o in outputs)):
         raise LoweringError(f"{path}: the model returns non-tensor values; hxc compiles tensor outputs only")
+    if outputs is None and example is not None and example.outputs is not None:
+        outputs, reference, note = list(example.outputs), "user", None  # the user's outputs stand in for ONNX Runtime's
     sample = {f"input_{k}": to_storage(a) for k, a in enumerate(arrays)}
+    if outputs is None:
+        return sample, None, note
     sample.update({f"output_{k}": to_storage(np.asarray(o)) for k, o in enumerate(outputs)})
-    return sample
+    return sample, reference, None
+
+
+def _user_inputs(example: Example, inputs: list[_Input]) -> list[np.ndarray]:
+    """The example's arrays in input order, checked against the signature."""
+    arrays = example.ordered([i.spec.name for i in inputs])
+    out = []
+    for a, i in zip(arrays, inputs):
+        spec = i.spec
+        a = from_storage(a, spec.dtype)
+        found = from_numpy(a.dtype)
+        if found is None or found.name != spec.dtype:
+            raise UsageError(f"{example.path}: the array for input {spec.name!r} is {a.dtype}; the model takes {spec.format()}")
+        if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, a.shape)):
+            raise UsageError(f"{example.path}: the array for input {spec.name!r} has shape "
+                             f"{'x'.join(map(str, a.shape)) or 'scalar'}; the model takes {spec.format()}")  # fmt: skip
+        out.append(a)
+    return out
 
 
 def _examples(inputs: list[_Input], *, ints: int | None = None, seed: int = 0) -> list[np.ndarray]:
@@ -363,7 +427,9 @@ def _examples(inputs: list[_Input], *, ints: int | None = None, seed: int = 0) -
 # --- import ------------------------------------------------------------------------
 
 
-def _prepare(original: Any, path: Path, inputs: list[_Input], *, load_all: bool) -> tuple[Any, list[str]]:
+def _prepare(
+    original: Any, path: Path, inputs: list[_Input], *, load_all: bool, casts: tuple[tuple[str, str], ...] = ()
+) -> tuple[Any, list[str]]:
     """A copy of the model ready for IREE's importer: nodes tagged, input shapes set,
     opset upgraded, shapes inferred, graph named `main`. Returns it and the nodes'
     original names."""
@@ -392,12 +458,228 @@ def _prepare(original: Any, path: Path, inputs: list[_Input], *, load_all: bool)
     # Small tensors must be in memory (the importer inlines them, shape inference
     # reads them); large ones only when they are inlined too.
     _load_external([t for t in _tensors(model.graph) if load_all or _numel(t) < NUM_ELEMENTS_THRESHOLD], path.parent)
+    model = _expand_functions(model, path)
+    if casts:
+        _cast_interface(model, dict(casts))
+    model = fold_constants(model)
     try:
         model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as e:
         raise LoweringError(f"{path}: ONNX shape inference failed ({first_line(e)})") from None
     model.graph.name = "main"
     return model, names
+
+
+# Operators IREE 3.13's ONNX importer has no lowering for, but which ONNX defines as
+# functions of other operators: they are replaced by their function bodies (for the
+# model's opset) before import.
+EXPAND_AS_FUNCTIONS = frozenset({"Attention", "RMSNormalization", "LinearAttention", "CausalConvWithState",
+                                 "RotaryEmbedding", "Swish"})  # fmt: skip
+_EXPAND_DOMAIN = "hxc.expand"
+
+
+def _expand_functions(model: Any, path: Path) -> Any:
+    """The model with top-level nodes of EXPAND_AS_FUNCTIONS replaced by the ONNX
+    function that defines them (context-dependent ones built for the node's own
+    attributes and input types), through ONNX's own inliner."""
+    onnx = _onnx()
+    wanted = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in EXPAND_AS_FUNCTIONS]
+    if not wanted:
+        return model
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), TARGET_OPSET)
+    try:
+        typed = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+    except Exception:
+        typed = model
+    types = {v.name: v.type for v in [*typed.graph.input, *typed.graph.value_info, *typed.graph.output]}
+    for t in typed.graph.initializer:
+        tp = onnx.TypeProto()
+        tp.tensor_type.elem_type = t.data_type
+        types.setdefault(t.name, tp)
+    functions = []
+    for k, node in enumerate(wanted):
+        body = _function_body(node, opset, types)
+        if body is None:
+            continue
+        body.domain, body.name = _EXPAND_DOMAIN, f"{node.op_type}_{k}"
+        node.domain, node.op_type = _EXPAND_DOMAIN, body.name
+        functions.append(body)
+    if not functions:
+        return model
+    model.functions.extend(functions)
+    model.opset_import.add(domain=_EXPAND_DOMAIN, version=1)
+    try:
+        from onnx import inliner
+
+        return inliner.inline_local_functions(model)
+    except Exception as e:
+        raise LoweringError(f"{path}: cannot expand {', '.join(sorted({f.name.rsplit('_', 1)[0] for f in functions}))} "
+                            f"into ONNX operators IREE lowers ({first_line(e)})") from None  # fmt: skip
+
+
+def _function_body(node: Any, opset: int, types: dict[str, Any]) -> Any:
+    """The FunctionProto defining `node` at `opset`, or None when ONNX has none."""
+    onnx = _onnx()
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, domain="")
+    except Exception:
+        return None
+    call = onnx.NodeProto()
+    call.CopyFrom(node)
+    for name, attr in schema.attributes.items():  # the body may read attributes the node leaves at default
+        if name not in {a.name for a in call.attribute} and attr.default_value.name:
+            call.attribute.append(attr.default_value)
+    body = onnx.FunctionProto()
+    versions = [v for v in schema.function_opset_versions if v <= opset]
+    if versions:
+        body.ParseFromString(schema.get_function_with_opset_version(max(versions)))
+        return body
+    versions = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
+    if not versions or any(i and i not in types for i in call.input):
+        return None
+    empty = onnx.TypeProto()
+    raw = schema.get_context_dependent_function_with_opset_version(
+        max(versions), call.SerializeToString(), [(types[i] if i else empty).SerializeToString() for i in call.input]
+    )
+    body.ParseFromString(raw)
+    # The function's attribute references need the node's values at the call site.
+    node.ClearField("attribute")
+    node.attribute.extend(call.attribute)
+    return body
+
+
+# Folded results larger than this stay computed at run time: folding is for shapes,
+# axes, pads and indices, not for rewriting weights.
+FOLD_MAX_ELEMENTS = 4096
+# Never folded: randomness, and ops whose value is not a function of their inputs.
+_NEVER_FOLD = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                         "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceConstruct", "Optional"})  # fmt: skip
+
+
+def fold_constants(model: Any) -> Any:
+    """Replace top-level nodes whose inputs are all known by Constant nodes holding
+    their outputs: initializers and Constant nodes are known, and so is the Shape (and
+    Size) of a tensor whose shape inference found static. IREE needs axes, pads,
+    shapes and repeat counts as constants ("dim is not constant"); in exported models
+    they are often computed from shapes at run time. Values come from ONNX's reference
+    implementation, node by node; a node it cannot run is left as it is."""
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    try:
+        typed = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        typed = model
+    shapes = {}
+    for v in [*typed.graph.input, *typed.graph.value_info, *typed.graph.output]:
+        tt = v.type.tensor_type
+        if v.type.WhichOneof("value") == "tensor_type" and tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            if all(d is not None for d in dims):
+                shapes[v.name] = dims
+    known: dict[str, np.ndarray] = {}
+    for t in model.graph.initializer:
+        if not _is_external(t) and _numel(t) <= FOLD_MAX_ELEMENTS:
+            known[t.name] = numpy_helper.to_array(t)
+    graph_inputs = {v.name for v in model.graph.input} - {t.name for t in model.graph.initializer}
+    opsets = list(model.opset_import)
+    folded = 0
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NEVER_FOLD or any(a.HasField("g") or a.graphs for a in node.attribute):
+            continue
+        values = _fold_node(node, known, shapes, graph_inputs, opsets)
+        if values is None:
+            continue
+        outputs = [o for o in node.output if o]
+        if len(values) != len(outputs) or any(not isinstance(v, np.ndarray) or v.size > FOLD_MAX_ELEMENTS for v in values):
+            continue
+        if node.op_type == "Constant":
+            known.update(zip(outputs, values))
+            continue
+        known.update(zip(outputs, values))
+        if len(outputs) != 1:
+            continue  # a Constant node has one output; multi-output folds only feed later folds
+        name = node.name
+        node.CopyFrom(onnx.helper.make_node("Constant", [], outputs, name=name,
+                                            value=numpy_helper.from_array(values[0], outputs[0])))  # fmt: skip
+        folded += 1
+    if folded:
+        log.info("hxc: folded %d ONNX nodes into constants", folded)
+    return model
+
+
+def _fold_node(node: Any, known: dict, shapes: dict, graph_inputs: set[str], opsets: list) -> list | None:
+    if node.op_type in ("Shape", "Size") and node.input and node.input[0] in shapes:
+        dims = np.array(shapes[node.input[0]], dtype=np.int64)
+        if node.op_type == "Size":
+            return [np.array(dims.prod(), dtype=np.int64)]
+        attrs = {a.name: a.i for a in node.attribute}
+        start, end = attrs.get("start", 0), attrs.get("end", len(dims))
+        return [dims[start:end]]
+    inputs = [i for i in node.input if i]
+    if node.op_type != "Constant" and (not inputs or not all(i in known for i in inputs)):
+        return None
+    onnx = _onnx()
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        feeds = {i: known[i] for i in inputs}
+        graph = helper.make_graph(
+            [node], "fold",
+            [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(known[i].dtype), known[i].shape) for i in inputs],
+            [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=opsets)
+        return [np.asarray(v) for v in ReferenceEvaluator(model).run(None, feeds)]
+    except Exception:
+        return None
+
+
+def _cast_interface(model: Any, casts: dict[str, str]) -> None:
+    """Give graph inputs and outputs of the element types in `casts` the other type,
+    with Cast nodes inside the graph, so the model computes as before behind an
+    interface a variant can carry (see ImportOptions.interface_casts)."""
+    from onnx import helper
+
+    graph = model.graph
+    renamed: dict[str, str] = {}
+    front = []
+    for v in graph.input:
+        found = from_onnx(v.type.tensor_type.elem_type)
+        if found is not None and found.name in casts and v.type.WhichOneof("value") == "tensor_type":
+            dtype_name = found.name
+            inner = f"{v.name}__hxc_model"
+            renamed[v.name] = inner
+            front.append(helper.make_node("Cast", [v.name], [inner], to=v.type.tensor_type.elem_type,
+                                          name=f"hxc_cast_in_{len(front)}"))  # fmt: skip
+            v.type.tensor_type.elem_type = dtype(casts[dtype_name]).onnx
+    _rename_uses(graph, renamed)
+    back = []
+    for v in graph.output:
+        found = from_onnx(v.type.tensor_type.elem_type)
+        if found is not None and found.name in casts and v.type.WhichOneof("value") == "tensor_type":
+            inner = f"{v.name}__hxc_model"
+            for node in graph.node:  # the producer writes the model-typed value under a new name
+                node.output[:] = [inner if o == v.name else o for o in node.output]
+            _rename_uses(graph, {v.name: inner})
+            back.append(helper.make_node("Cast", [inner], [v.name], to=dtype(casts[found.name]).onnx,
+                                         name=f"hxc_cast_out_{len(back)}"))  # fmt: skip
+            v.type.tensor_type.elem_type = dtype(casts[found.name]).onnx
+    nodes = [*front, *graph.node, *back]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _rename_uses(graph: Any, renamed: dict[str, str]) -> None:
+    """Point every node input (subgraphs included) named in `renamed` at its new name."""
+    if not renamed:
+        return
+    for node in graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _rename_uses(g, renamed)
 
 
 def _set_input_shapes(model: Any, inputs: list[_Input]) -> bool:

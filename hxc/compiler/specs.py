@@ -18,7 +18,7 @@ from hxc.errors import UsageError
 from hxc.manifests.schema import TensorSpec
 
 MAX_DIM = 2**31 - 1  # IREE's index arithmetic on every target is 32-bit safe below this
-_SPEC_RE = re.compile(r"^(?:(?P<name>[A-Za-z_]\w*)=)?(?P<dims>(?:(?:\d+|\?)x)*)(?P<dtype>[a-z]+\d*)$")
+_SPEC_RE = re.compile(r"^(?:(?P<name>[A-Za-z_]\w*)=)?(?P<dims>(?:(?:\d+|\?)x)*)(?P<dtype>[a-z][a-z0-9]*)$")
 
 
 def parse_input_spec(text: str, index: int = 0, *, allow_empty: bool = False) -> TensorSpec:

@@ -10,6 +10,7 @@ placeholders), so the bundle holds one copy of the weights.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from hxc import dtypes
+from hxc.compiler.examples import Example, read_example
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
 from hxc.compiler.lower import lower
 from hxc.compiler.torch_export import ExportedModel, export_module
@@ -36,6 +38,8 @@ def import_torch(
     t = time.perf_counter()
     on_stage("loading model")
     model = export()
+    if options.example:
+        model = with_example(model, read_example(options.example))
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -47,13 +51,17 @@ def import_torch(
     if options.precision != "fp32":
         on_stage(f"converting to {options.precision}")
         program, precision_error = _at_precision(model, options.precision, golden)
+    if options.interface_casts:
+        on_stage("casting the interface")
+        program = _with_casts(program, model, dict(options.interface_casts))
 
     t = time.perf_counter()
     on_stage("lowering to IREE input IR")
     weights = _program_weights(program)
     total = sum(w.numel() * w.element_size() for w in weights.values())
     has_bf16 = any(w.dtype == torch.bfloat16 for w in weights.values())
-    shared = bool(weights) and wants_shared_weights(options.weights, total, has_bf16)
+    # A cast interface is for one variant: its weights (cast like the rest) go inside it.
+    shared = bool(weights) and not options.interface_casts and wants_shared_weights(options.weights, total, has_bf16)
     if has_bf16 and not shared:
         raise UsageError(
             "this model has bf16 parameters, which iree-turbine cannot store inside an artifact",
@@ -69,7 +77,7 @@ def import_torch(
             archive.add_tensor(name, tensor.detach().contiguous())
         irpa = workdir / f"weights-{options.precision}.irpa"
         archive.save(irpa)
-    lowered = lower(program)
+    lowered = lower(program, narrow_int64=("i64", "i32") in options.interface_casts)
     if len(lowered.signature.outputs) != sum(1 for k in golden if k.startswith("output_")):
         raise LoweringError("PyTorch returned a different number of outputs than the exported program")
     mlir = workdir / "model.mlirbc"
@@ -77,8 +85,10 @@ def import_torch(
     timings["lower"] = time.perf_counter() - t
 
     # The bundle keeps the model's own program; reduced-precision ones are derived from it.
-    program_path = workdir / PROGRAM_PT2
-    if shared and options.precision == "fp32":
+    program_path: Path | None = workdir / PROGRAM_PT2
+    if options.interface_casts:
+        program_path = None  # only the model's own import provides the bundle's program
+    elif shared and options.precision == "fp32":
         _save_without_weights(program, program_path)
     else:
         torch.export.save(model.program, str(program_path))
@@ -91,8 +101,11 @@ def import_torch(
         signature=lowered.signature,
         golden=golden,
         program=program_path,
-        program_name=PROGRAM_PT2,
+        program_name=PROGRAM_PT2 if program_path is not None else None,
         weights=irpa,
+        int64_constants=lowered.int64_constants,
+        weight_dtypes=tuple(sorted({d.name for w in _program_weights(model.program).values()
+                                    if (d := dtypes.from_torch(w.dtype)) is not None})),  # fmt: skip
         precision=options.precision,
         precision_error=precision_error,
         operators_at=lowered.operators_at,
@@ -114,6 +127,122 @@ class AtPrecision(torch.nn.Module):
         args = tuple(a.to(self.dtype) if a.dtype == torch.float32 else a for a in args)
         out = self.module(*args)
         return pytree.tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == self.dtype else t, out)
+
+
+class _CastInterface(torch.nn.Module):
+    """The model behind an interface of other element types: inputs arrive as the
+    artifact's types and are cast back to what the model takes; outputs leave cast to
+    the artifact's types. Floating types promoted to f32 are computed in f32."""
+
+    def __init__(self, module: torch.nn.Module, in_dtypes: list[torch.dtype], casts: dict[torch.dtype, torch.dtype]):
+        super().__init__()
+        promoted = {d for d, to in casts.items() if d.is_floating_point and to == torch.float32}
+        self.module = module.to(torch.float32) if promoted else module
+        self.model_dtypes = [torch.float32 if d in promoted else d for d in in_dtypes]
+        self.casts = casts
+
+    def forward(self, *args: torch.Tensor):
+        args = tuple(a.to(d) for a, d in zip(args, self.model_dtypes))
+        out = self.module(*args)
+        return pytree.tree_map(lambda t: t.to(self.casts.get(t.dtype, t.dtype)) if isinstance(t, torch.Tensor) else t, out)
+
+
+def _with_casts(program: torch.export.ExportedProgram, model: ExportedModel, casts: dict[str, str]) -> torch.export.ExportedProgram:
+    """`program` re-exported behind an interface with `casts` applied (see _CastInterface)."""
+    by_dtype = {dtypes.dtype(k).torch_dtype(): dtypes.dtype(v).torch_dtype() for k, v in casts.items()}
+    in_dtypes = [a.dtype for a in model.example_args]
+    if by_dtype.get(torch.int64) == torch.int32:
+        # Decompose first: decompositions create int64 constants too (upsampling indices).
+        from hxc.compiler.lower import to_core_aten
+
+        module = to_core_aten(program).module()
+        _narrow_int64_constants(module, model.source)
+    else:
+        module = program.module()
+    wrapped = _CastInterface(copy.deepcopy(module), in_dtypes, by_dtype)  # .to() would change the shared weights
+    args = tuple(a.to(by_dtype.get(a.dtype, a.dtype)) for a in model.example_args)
+    return export_module(wrapped, args, _varargs_dynamic_shapes(program), model.source)
+
+
+_CLAMPED_BOUNDS = {torch.ops.aten.slice.Tensor, torch.ops.aten.slice_copy.Tensor, torch.ops.aten.slice_scatter.default}
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    return target._schema.name.replace("::", ".") if isinstance(target, torch._ops.OpOverload) else str(target)
+
+
+def _narrow_int64_constants(gm: torch.fx.GraphModule, source: str) -> None:
+    """Store the graph's int64 constants (buffers such as position ids, lifted tensors)
+    as int32 and widen them where they are read. IREE's i64->i32 demotion cannot
+    rewrite large i64 constants (MLIR resource blobs); an i32 constant plus a
+    conversion it can. A constant outside the 32-bit range makes demotion unsafe, as
+    does an integer literal beyond it in an op computing int64 (slice bounds excepted:
+    they are clamped to the dimension)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target not in _CLAMPED_BOUNDS:
+            val = node.meta.get("val")
+            big = [x for x in pytree.tree_leaves((node.args, node.kwargs)) if type(x) is int and not -(2**31) <= x < 2**31]
+            if big and isinstance(val, torch.Tensor) and val.dtype == torch.int64:
+                raise LoweringError(
+                    f"{source}: {_op_name(node)} computes int64 with the constant {big[0]}, beyond 32 bits; "
+                    "portable SPIR-V computes int64 in 32 bits, so this model needs a variant with native int64",
+                    hint="compile for vulkan:desktop",
+                )
+        if node.op != "get_attr":
+            continue
+        owner, _, leaf = node.target.rpartition(".")
+        holder = gm.get_submodule(owner) if owner else gm
+        t = getattr(holder, leaf, None)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+            continue
+        if t.numel() and (int(t.min()) < -(2**31) or int(t.max()) >= 2**31):
+            raise LoweringError(
+                f"{source}: constant {node.target} holds 64-bit integers beyond 32 bits; "
+                "portable SPIR-V computes int64 in 32 bits, so this model needs a variant with native int64",
+                hint="compile for vulkan:desktop",
+            )
+        narrow = f"{leaf}_hxc_i32"
+        holder.register_buffer(narrow, t.to(torch.int32), persistent=False)
+        with gm.graph.inserting_after(node):
+            read = gm.graph.get_attr(f"{owner}.{narrow}" if owner else narrow)
+        with gm.graph.inserting_after(read):
+            wide = gm.graph.call_function(torch.ops.aten._to_copy.default, (read,), {"dtype": torch.int64})
+        node.replace_all_uses_with(wide)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _varargs_dynamic_shapes(program: torch.export.ExportedProgram) -> tuple | None:
+    """`program`'s dynamic dimensions for a wrapper whose forward takes `*args`:
+    torch.export wants them nested as the one `args` parameter."""
+    from hxc.compiler.lower import program_signature
+
+    dims = tuple({j: torch.export.Dim.DYNAMIC for j, d in enumerate(s.shape) if isinstance(d, str)}
+                 for s in program_signature(program).inputs)  # fmt: skip
+    return (dims,) if any(dims) else None
+
+
+def with_example(model: ExportedModel, example: Example) -> ExportedModel:
+    """`model` with the example file's arrays as its example inputs (the golden
+    sample's), checked against the program's inputs."""
+    import dataclasses
+
+    from hxc.compiler.lower import program_signature
+
+    specs = program_signature(model.program).inputs
+    args = []
+    for a, spec in zip(example.ordered([s.name for s in specs]), specs):
+        a = dtypes.from_storage(a, spec.dtype)
+        found = dtypes.from_numpy(a.dtype)
+        if found is None or found.name != spec.dtype:
+            raise UsageError(f"{example.path}: the array for input {spec.name!r} is {a.dtype}; the model takes {spec.format()}")
+        if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, a.shape)):
+            raise UsageError(f"{example.path}: the array for input {spec.name!r} has shape "
+                             f"{'x'.join(map(str, a.shape)) or 'scalar'}; the model takes {spec.format()}")  # fmt: skip
+        args.append(dtypes.to_torch(a, spec.dtype))
+    return dataclasses.replace(model, example_args=tuple(args))
 
 
 def _at_precision(
@@ -143,13 +272,9 @@ def export_at_precision(program: torch.export.ExportedProgram, example_args: tup
     same dynamic dimensions; and the module that was exported."""
     import copy
 
-    from hxc.compiler.lower import program_signature
-
     dtype = dtypes.dtype(dtypes.PRECISIONS[precision]).torch_dtype()
     wrapped = AtPrecision(copy.deepcopy(program.module()), dtype)
-    dims = [{j: torch.export.Dim.DYNAMIC for j, d in enumerate(s.shape) if isinstance(d, str)}
-            for s in program_signature(program).inputs]  # fmt: skip
-    return export_module(wrapped, example_args, tuple(dims) if any(dims) else None, source), wrapped
+    return export_module(wrapped, example_args, _varargs_dynamic_shapes(program), source), wrapped
 
 
 def _program_weights(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:

@@ -160,6 +160,182 @@ def mlp_bf16() -> Example:
     return model, (torch.randn(4, 64).to(torch.bfloat16),)
 
 
+# --- more families, for the coverage benchmark (benchmarks/model_coverage.py) ---------
+
+
+def resnet18_64() -> Example:
+    """ResNet-18 on a 64x64 image: the architecture at a size lavapipe runs quickly."""
+    model, (x,) = resnet18()
+    return model, (x[:, :, :64, :64].contiguous(),)
+
+
+def mobilenet() -> Example:
+    """MobileNetV2-style inverted residuals: depthwise 3x3, ReLU6, batch norm."""
+    torch.manual_seed(0)
+
+    def inverted(cin: int, cout: int, stride: int) -> nn.Module:
+        mid = cin * 4
+        return nn.Sequential(
+            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
+            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
+            nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+        inverted(16, 24, 2), inverted(24, 32, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    ).eval()  # fmt: skip
+    from hxc.examples import _randomize_norms
+
+    _randomize_norms(model)
+    return model, (torch.randn(1, 3, 64, 64),)
+
+
+class _UNet(nn.Module):
+    """A diffusion-style UNet block: group norm, SiLU, downsample, nearest upsample, skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(4, 32, 3, padding=1)
+        self.down = nn.Sequential(nn.GroupNorm(8, 32), nn.SiLU(), nn.Conv2d(32, 64, 3, 2, 1))
+        self.mid = nn.Sequential(nn.GroupNorm(8, 64), nn.SiLU(), nn.Conv2d(64, 64, 3, padding=1))
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(64, 32, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(8, 64), nn.SiLU(), nn.Conv2d(64, 4, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        u = self.up(self.mid(self.down(h)))
+        return self.out(torch.cat([h, u], dim=1))
+
+
+def unet() -> Example:
+    torch.manual_seed(0)
+    return _UNet().eval(), (torch.randn(1, 4, 32, 32),)
+
+
+def torch_transformer() -> Example:
+    """PyTorch's own nn.TransformerEncoder (fused multi-head attention), with a padding mask."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0)
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+        def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+            return self.enc(x, src_key_padding_mask=pad)
+
+    pad = torch.zeros(2, 16, dtype=torch.bool)
+    pad[1, 12:] = True
+    return Encoder().eval(), (torch.randn(2, 16, 64), pad)
+
+
+class _Recommender(nn.Module):
+    """DLRM-style: embedding bags over integer ids, a bottom MLP, pairwise dot interactions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(nn.EmbeddingBag(100, 16, mode="sum") for _ in range(3))
+        self.bottom = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.top = nn.Sequential(nn.Linear(16 + 6, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        feats = [self.bottom(dense)] + [t(ids[:, i]) for i, t in enumerate(self.tables)]
+        z = torch.stack(feats, dim=1)
+        dots = torch.bmm(z, z.transpose(1, 2))
+        i, j = torch.triu_indices(4, 4, offset=1)
+        return torch.sigmoid(self.top(torch.cat([feats[0], dots[:, i, j]], dim=1)))
+
+
+def recommender() -> Example:
+    torch.manual_seed(0)
+    return _Recommender().eval(), (torch.randn(4, 8), torch.randint(0, 100, (4, 3, 5)))
+
+
+def convnext() -> Example:
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.ConvNextConfig(num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, image_size=32)
+    return _hf(T.ConvNextModel(cfg), torch.randn(1, 3, 32, 32))
+
+
+def swin() -> Example:
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4)
+    return _hf(T.SwinModel(cfg), torch.randn(1, 3, 32, 32))
+
+
+def clip_text() -> Example:
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.CLIPTextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+    return _hf(T.CLIPTextModel(cfg), _ids(1, 16, 1000))
+
+
+def wav2vec2() -> Example:
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                           num_conv_pos_embedding_groups=4)  # fmt: skip
+    return _hf(T.Wav2Vec2Model(cfg), torch.randn(1, 1600))
+
+
+def bloom() -> Example:
+    """ALiBi attention (slopes from the head count), no position embeddings."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.BloomConfig(vocab_size=1000, hidden_size=64, n_layer=2, n_head=4)
+    return _hf(T.BloomModel(cfg), _ids(1, 16, 1000))
+
+
+def deberta() -> Example:
+    """Disentangled attention with log-bucketed relative positions."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.DebertaV2Config(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=128, max_position_embeddings=128, relative_attention=True,
+                            position_buckets=16, pos_att_type=["p2c", "c2p"])  # fmt: skip
+    return _hf(T.DebertaV2Model(cfg), _ids(1, 16, 1000))
+
+
+def segformer() -> Example:
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                            num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2])  # fmt: skip
+    return _hf(T.SegformerModel(cfg), torch.randn(1, 3, 32, 32))
+
+
+def mamba() -> Example:
+    """A selective state-space model (Mamba), without the CUDA kernels: the sequential scan."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.MambaConfig(vocab_size=1000, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)
+    return _hf(T.MambaModel(cfg), _ids(1, 16, 1000))
+
+
+def qwen2() -> Example:
+    """Grouped-query attention with a sliding window and biased QKV projections."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    return _hf(T.Qwen2Model(cfg), _ids(1, 16, 1000))
+
+
 class _Block(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()

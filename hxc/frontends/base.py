@@ -12,9 +12,11 @@ tell what a file is); everything heavier is imported inside the functions that n
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,14 +93,66 @@ class Frontend:
     model_name: Callable[[str], str] = file_stem  # the model's name, from the source
 
 
+# The exports of the build in progress (`one_export_per_build`), by source and options.
+_EXPORTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hxc_exports", default=None)
+
+
+@contextlib.contextmanager
+def one_export_per_build() -> Iterator[None]:
+    """Within this block every import of a PyTorch source (each precision, each cast
+    interface) starts from one export: a factory run twice may build different weights
+    (a module created with unseeded randomness), and exporting again costs time."""
+    token = _EXPORTS.set({})
+    try:
+        yield
+    finally:
+        _EXPORTS.reset(token)
+
+
 def through_torch_export(export: ExportFn) -> ImportFn:
     """The import step of every PyTorch frontend: its `export`, then hxc's PyTorch
     pipeline (golden sample, precision, weights, lowering)."""
+
+    def exported(source: str, options: ImportOptions) -> ExportedModel:
+        memo = _EXPORTS.get()
+        key = (source, options.inputs, options.dynamic_batch, options.allow_pickle, options.example)
+        if memo is not None and key in memo:
+            return memo[key]
+        model = _export_with_example_shapes(export, source, options)
+        if memo is not None:
+            memo[key] = model
+        return model
 
     @functools.wraps(export)
     def import_model(source: str, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None]) -> ImportedModel:
         from hxc.compiler.torch_import import import_torch
 
-        return import_torch(lambda: export(source, options), options, workdir, on_stage)
+        return import_torch(lambda: exported(source, options), options, workdir, on_stage)
 
     return import_model
+
+
+def _export_with_example_shapes(export: ExportFn, source: str, options: ImportOptions) -> ExportedModel:
+    """`export`; a format that carries no shapes (TorchScript, pickles) and got no
+    `--input` takes its input specs from the `--example` file's arrays."""
+    from dataclasses import replace
+
+    from hxc.errors import UsageError
+
+    try:
+        return export(source, options)
+    except UsageError:
+        if not options.example or options.inputs:
+            raise
+    from hxc.compiler.examples import read_example
+    from hxc.dtypes import from_numpy
+    from hxc.manifests.schema import TensorSpec
+
+    example = read_example(options.example)
+    specs = []
+    for name, a in zip(example.names, example.inputs):
+        found = from_numpy(a.dtype)
+        if found is None:
+            raise UsageError(f"{example.path}: array {name!r} has dtype {a.dtype}, which hxc does not support")
+        specs.append(TensorSpec(name, found.name, a.shape).format())
+    return export(source, replace(options, inputs=tuple(specs)))

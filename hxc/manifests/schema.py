@@ -109,6 +109,9 @@ class Requirements:
     gpu_archs: tuple[str, ...] = ()  # exact architectures that load the binary
     min_gpu_arch: str | None = None  # for forward-compatible code (PTX): this or newer
     vendor: str | None = None  # Vulkan vendor, when the SPIR-V is tuned for one
+    # Vulkan device features the SPIR-V needs (from the capabilities it declares):
+    # shaderInt64, shaderFloat16, storageBuffer8BitAccess, subgroup:arithmetic, ...
+    vulkan_features: tuple[str, ...] = ()
     # Python distributions the artifact's engine needs at run time, `name==version`
     # when the artifact is tied to that exact build (AOTInductor code and its torch).
     packages: tuple[str, ...] = ()
@@ -151,6 +154,14 @@ class Artifact:
     # against the fp32 reference, on the golden sample.
     precision_error: float | None = None
     tuning: tuple[TuningTrial, ...] = ()  # the search that chose `flags`, when tuned
+    # Set when the family's default flags failed and `flags` are its safer fallback
+    # (e.g. CPU without data tiling): the default flags' error.
+    fallback: str | None = None
+    # Element types this artifact takes and returns in place of the model's, as
+    # (model dtype, artifact dtype) pairs, e.g. ("i64", "i32") for portable SPIR-V
+    # without 64-bit integers. The loader converts at the boundary (refusing integer
+    # inputs that do not fit), so callers see the model's own signature.
+    interface_casts: tuple[tuple[str, str], ...] = ()
     # The backend that built it and runs it (`hxc compile --backends`): iree, onnxruntime,
     # inductor. A reader that predates this field would take any artifact for IREE's.
     engine: str = "iree"
@@ -267,6 +278,12 @@ class Manifest:
     artifacts: tuple[Artifact, ...]
     created: str  # ISO 8601, UTC
     golden_file: str | None = GOLDEN_FILE
+    # Whether the golden sample holds expected outputs (it always holds inputs), who
+    # computed them (pytorch, onnxruntime, or user: from `--example`), and if it holds
+    # none, why (the reference could not run on the example inputs).
+    golden_outputs: bool = True
+    golden_reference: str | None = None
+    golden_note: str | None = None
     weights: tuple[Weights, ...] = ()  # empty: each artifact carries its own weights
     # Every file written at build time, by path relative to the bundle. Files that
     # change afterwards (profiles, lock) are deliberately not here.

@@ -114,7 +114,8 @@ def _serve(channel, model, faults: dict[int, str]) -> None:
             results = model.run_flat(arrays)
             del arrays
         except Exception as e:  # noqa: BLE001 - a bad request fails alone; the worker keeps serving
-            channel.send({"op": "error", "id": message["id"], "message": first_line(e)})
+            channel.send({"op": "error", "id": message["id"], "message": first_line(e),
+                          "exit_code": int(getattr(e, "exit_code", 1))})
             continue
         device_ms = model.last_device_ms
         refs, nbytes = layout([r.shape for r in results], [dt.itemsize for dt in out_dtypes])

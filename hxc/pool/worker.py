@@ -506,6 +506,8 @@ class Worker:
         result = None
         if message["op"] == "error":
             error = RequestFailed(f"{self.name}: {message['message']}")
+            # A usage mistake the loader found (an input beyond an artifact's range) keeps its code.
+            error.exit_code = ExitCode(message.get("exit_code", ExitCode.ERROR))
         else:
             try:
                 result = self._deliver(life, req, message, now)

@@ -29,7 +29,7 @@ from hxc.manifests import read_manifest
 from hxc.manifests.bundle import CheckedFile, TrustedKeys, open_checked
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
 from hxc.dtypes import dtype, from_numpy, is_torch, to_numpy, to_torch
-from hxc.runtime.io import to_device, to_host
+from hxc.runtime.io import cast_inputs, cast_outputs, cast_signature, to_device, to_host
 from hxc.runtime.prices import PriceTable
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
@@ -66,6 +66,8 @@ class LoadedModel:
         self.attempts = attempts
         self._session = session
         self._lock = threading.Lock()
+        # What the artifact itself takes and returns (see Artifact.interface_casts).
+        self._artifact_signature = cast_signature(self.signature, candidate.artifact.interface_casts)
 
     @property
     def artifact(self) -> Artifact:
@@ -86,17 +88,17 @@ class LoadedModel:
 
     def __call__(self, *inputs: Any) -> Any:
         as_torch = is_torch(inputs[0]) if inputs else False
-        arrays = check_inputs(self.signature, inputs)
-        with self._lock:  # one IREE invocation at a time per loaded model
-            flat = self._session.invoke(arrays, self.signature)
+        flat = self.run_flat(check_inputs(self.signature, inputs))
         if as_torch:
             flat = [to_torch(a, spec.dtype) for a, spec in zip(flat, self.signature.outputs)]
         return rebuild(self.signature.output_tree, flat)
 
     def run_flat(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Numpy in, flat numpy out: the path `verify` and `run` use."""
-        with self._lock:
-            return self._session.invoke(check_inputs(self.signature, arrays), self.signature)
+        inner = cast_inputs(check_inputs(self.signature, arrays), self.signature, self._artifact_signature)
+        with self._lock:  # one IREE invocation at a time per loaded model
+            flat = self._session.invoke(inner, self._artifact_signature)
+        return cast_outputs(flat, self.signature)
 
     @property
     def last_device_ms(self) -> float:
@@ -107,7 +109,8 @@ class LoadedModel:
     def prepare(self, arrays: list[np.ndarray]) -> Callable[[], None]:
         """A zero-argument call on device-resident copies of `arrays` whose results stay
         on the device: the call `hxc bench` times, free of host<->device copies."""
-        return self._session.prepare(check_inputs(self.signature, arrays), self.signature)
+        inner = cast_inputs(check_inputs(self.signature, arrays), self.signature, self._artifact_signature)
+        return self._session.prepare(inner, self._artifact_signature)
 
 
 def load(

@@ -16,7 +16,7 @@ import numpy as np
 
 from hxc.arrays import ArrayFileError, read_npz
 from hxc.dtypes import compute_dtype, dtype, from_storage
-from hxc.errors import BundleError, ExitCode, HxcError, first_line
+from hxc.errors import BundleError, ExitCode, HxcError, NothingToCompareError, first_line
 from hxc.manifests import Manifest, Signature, read_manifest
 from hxc.manifests.bundle import TrustedKeys, check_all_files, open_checked
 from hxc.runtime.probe import HostProbe, probe_host
@@ -76,7 +76,9 @@ def load_golden(bundle: Path, manifest: Manifest) -> tuple[list[np.ndarray], lis
 def golden_arrays(
     arrays: dict[str, np.ndarray], signature: Signature, where: str = "golden sample"
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Golden inputs and outputs in signature order; bf16, stored as raw bits, as bf16."""
+    """Golden inputs and outputs in signature order; bf16 and float8, stored as raw
+    bits, as their own types. Outputs are empty when the sample has none (the
+    reference could not compute them; `Manifest.golden_note` says why)."""
 
     def typed(key: str, name: str) -> np.ndarray:
         if key not in arrays:
@@ -84,15 +86,21 @@ def golden_arrays(
         return from_storage(arrays[key], name)
 
     inputs = [typed(f"input_{i}", s.dtype) for i, s in enumerate(signature.inputs)]
-    outputs = [typed(f"output_{i}", s.dtype) for i, s in enumerate(signature.outputs)]
+    has_outputs = any(k.startswith("output_") for k in arrays)
+    outputs = [typed(f"output_{i}", s.dtype) for i, s in enumerate(signature.outputs)] if has_outputs else []
     return inputs, outputs
 
 
 def compare_outputs(
-    outputs: list[np.ndarray], expected: list[np.ndarray], signature: Signature, precision: str
+    outputs: list[np.ndarray],
+    expected: list[np.ndarray],
+    signature: Signature,
+    precision: str,
+    casts: tuple[tuple[str, str], ...] = (),
 ) -> list[Comparison]:
-    """One comparison per output, at the tolerance of the artifact's compute precision."""
-    return [compare(o, x, compute_dtype(s.dtype, precision)) for o, x, s in zip(outputs, expected, signature.outputs)]
+    """One comparison per output, at the tolerance of the artifact's compute precision
+    (and of the narrower type it carries an output as, for f64 computed in f32)."""
+    return [compare(o, x, compute_dtype(s.dtype, precision, casts)) for o, x, s in zip(outputs, expected, signature.outputs)]
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,12 @@ def verify_bundle(
     integrity = tuple(bad.values())
     if manifest.golden_file in bad:
         return VerifyReport(path, integrity, ())
+    if not manifest.golden_outputs:
+        raise NothingToCompareError(
+            f"{path}: the golden sample has no expected outputs, so there is nothing to compare against: "
+            f"{manifest.golden_note or 'no reference ran at compile time'}",
+            hint="recompile with --example inputs.npz (inputs the reference can run, or expected outputs as output_0, ...)",
+        )
     probe = probe or probe_host()
     inputs, expected = load_golden(path, manifest)
     # Every artifact is checked, reduced-precision ones against their own precision's tolerance.
@@ -170,7 +184,7 @@ def verify_bundle(
         except Exception as e:  # an IREE runtime failure on this device
             results.append(VerifyResult(cand.artifact.id, label, False, None, None, first_line(e)))
             continue
-        comps = compare_outputs(outputs, expected, manifest.signature, cand.artifact.precision)
+        comps = compare_outputs(outputs, expected, manifest.signature, cand.artifact.precision, cand.artifact.interface_casts)
         results.append(VerifyResult(
             cand.artifact.id, label, all(c.ok for c in comps),
             max(c.max_abs for c in comps), max(c.max_rel for c in comps),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+from collections.abc import Sequence
 
 from hxc.errors import UsageError
 from hxc.registry import member_names
@@ -20,9 +21,11 @@ __all__ = [
     "TargetFamily",
     "Variant",
     "all_variants",
+    "extra_flags_for",
     "families",
     "family",
     "family_names",
+    "parse_extra_flags",
     "resolve",
 ]
 
@@ -73,6 +76,35 @@ def resolve(spec: str | list[str]) -> list[Variant]:
                 chosen = [v]
         out.extend(v for v in chosen if v not in out)
     return out
+
+
+def parse_extra_flags(specs: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """Expert IREE flags, `FAMILY[:VARIANT]:--flag[=value]`, as (selector, flag) pairs.
+    The selector names a family (every variant of it) or one variant (by name or alias,
+    stored by its name). Unknown families and variants raise UsageError."""
+    out = []
+    for spec in specs:
+        selector, sep, rest = spec.partition(":--")
+        if not sep or not selector or not rest:
+            raise UsageError(
+                f"malformed --iree-flag {spec!r}",
+                hint="write FAMILY[:VARIANT]:--flag, e.g. vulkan:--iree-vulkan-target=rdna3 or cpu:host:--iree-opt-level=O2",
+            )
+        fam_name, _, var_name = selector.partition(":")
+        fam = family(fam_name)
+        if var_name:
+            v = fam.variant(var_name)
+            if v is None:
+                names = [x.name for x in fam.variants] + [a for x in fam.variants for a in x.aliases]
+                raise UsageError(_unknown(f"{fam.name} variant {var_name!r}", var_name, names))
+            selector = v.id
+        out.append((selector, "--" + rest))
+    return tuple(out)
+
+
+def extra_flags_for(variant: Variant, extra: Sequence[tuple[str, str]]) -> tuple[str, ...]:
+    """The expert flags (from `parse_extra_flags`) that apply to `variant`, in order."""
+    return tuple(flag for selector, flag in extra if selector in (variant.family, variant.id))
 
 
 def _unknown(what: str, given: str, valid: tuple[str, ...] | list[str]) -> str:

@@ -26,6 +26,9 @@ class Variant:
     requires: Requirements
     binary: str
     aliases: tuple[str, ...] = ()
+    # (model dtype, artifact dtype): element types this variant's code generator lacks,
+    # carried as another type across the artifact's interface (see Artifact.interface_casts).
+    interface_casts: tuple[tuple[str, str], ...] = ()
 
     @property
     def id(self) -> str:
@@ -65,6 +68,12 @@ class Device:
     @property
     def label(self) -> str:
         return f"{self.driver}: {self.name}"
+
+
+# IREE demotes f64 to f32 by default, and then an artifact's f64 inputs and outputs are
+# read as f32 ("tensor element type mismatch"). Families whose code generators have f64
+# (CPU, CUDA, ROCm) keep it; Vulkan carries f64 across its interface as f32.
+KEEP_F64 = "--iree-input-demote-f64-to-f32=false"
 
 
 def device_uri(driver: str, found: dict) -> str:
@@ -111,6 +120,17 @@ class TargetFamily:
     def rank(self, artifact: Artifact, device: Device) -> int:
         """Static preference when no benchmark profile decides: higher runs first."""
         return 0
+
+    def binary_requirements(self, plan: CompilePlan, binaries: Path | None) -> Requirements | None:
+        """What the compiled binaries need of a device beyond `plan.requires`, read from
+        the binaries themselves (e.g. SPIR-V capabilities); None when nothing is added."""
+        return None
+
+    def fallback_flags(self, plan: CompilePlan) -> tuple[str, ...] | None:
+        """Safer flags to retry with when a compile with `plan.flags` fails: the plan
+        without the flags the family adds for speed (IREE's own defaults). None when the
+        family adds none."""
+        return None
 
     def tuning_configs(self, plan: CompilePlan) -> list[tuple[str, tuple[str, ...]]]:
         """Flag configurations `hxc compile --tune` tries, as (name, full flags). The

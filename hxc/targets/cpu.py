@@ -18,17 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hxc.manifests.schema import Artifact, Requirements
-from hxc.targets.base import CompilePlan, Device, TargetFamily, Variant, device_uri
+from hxc.targets.base import KEEP_F64, CompilePlan, Device, TargetFamily, Variant, device_uri
 
 # NHWC convolutions: 1.05x on ResNet-18 at batch 1 and 1.4x at batch 8 here, but IREE
 # 3.13 miscompiles some graphs with it ("operand #1 does not dominate this use" on the
 # TorchScript-converted test CNN), so it is a tuning alternative, not a default.
 CHANNELS_LAST = "--iree-preprocessing-pass-pipeline=builtin.module(util.func(iree-preprocessing-convert-conv-to-channels-last))"
+# Chosen for speed, not needed for correctness: a compile that fails with them is
+# retried without them (IREE 3.13's data tiling fails on some boolean code:
+# "'linalg.pack' op expected padding_value has 'i8' but got: 'i1'").
+SPEED_FLAGS = ("--iree-opt-data-tiling", "--iree-global-opt-use-im2col-for-convs")
 COMMON_FLAGS = (
     "--iree-hal-target-device=local",
     "--iree-hal-local-target-device-backends=llvm-cpu",
-    "--iree-opt-data-tiling",
-    "--iree-global-opt-use-im2col-for-convs",
+    KEEP_F64,
+    *SPEED_FLAGS,
 )
 
 # x86-64 micro-architecture levels, as /proc/cpuinfo spells the flags.
@@ -146,6 +150,10 @@ class CpuFamily(TargetFamily):
         if missing:
             return f"needs CPU features this CPU lacks: {', '.join(missing)}"
         return None
+
+    def fallback_flags(self, plan: CompilePlan) -> tuple[str, ...] | None:
+        safer = tuple(f for f in plan.flags if f not in SPEED_FLAGS)
+        return safer if safer != plan.flags else None
 
     def tuning_configs(self, plan: CompilePlan) -> list[tuple[str, tuple[str, ...]]]:
         # Each alternative drops or adds one thing the defaults decide, so the search

@@ -28,9 +28,9 @@ import subprocess
 from pathlib import Path
 
 from hxc.manifests.schema import Artifact, Requirements
-from hxc.targets.base import CheckFailed, CompilePlan, Device, TargetFamily, Variant, device_uri
+from hxc.targets.base import KEEP_F64, CheckFailed, CompilePlan, Device, TargetFamily, Variant, device_uri
 
-BASE_FLAGS = ("--iree-hal-target-device=cuda",)
+BASE_FLAGS = ("--iree-hal-target-device=cuda", KEEP_F64)
 
 
 def _ptx(name: str, codegen_sm: str, summary: str, default: bool, aliases=()) -> Variant:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 
 from hxc.manifests.schema import Artifact, Requirements
-from hxc.targets.base import Device, TargetFamily, Variant, device_uri
+from hxc.targets.base import KEEP_F64, Device, TargetFamily, Variant, device_uri
 
 
 def _gfx(arch: str, summary: str, default: bool, aliases=()) -> Variant:
-    return Variant("rocm", arch, summary, default, ("--iree-hal-target-device=hip", f"--iree-rocm-target={arch}"),
+    return Variant("rocm", arch, summary, default, ("--iree-hal-target-device=hip", KEEP_F64, f"--iree-rocm-target={arch}"),
                    Requirements(gpu_archs=(arch,)), "hsaco", tuple(aliases))  # fmt: skip
 
 

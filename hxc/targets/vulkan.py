@@ -1,31 +1,104 @@
-"""Any Vulkan 1.3 device through IREE's SPIR-V backend, run by the vulkan driver.
+"""Any Vulkan device through IREE's SPIR-V backend, run by the vulkan driver.
 
-The portable variant targets IREE's baseline profile (vp_android_baseline_2022) and
-runs on any conformant Vulkan device, including Mesa's software driver lavapipe
-(device type `cpu`), which is how this project tests Vulkan without a GPU. The tuned
-variants use one vendor's subgroup sizes and cooperative-matrix extensions and are
-picked only on that vendor's devices.
+Two default variants, because Vulkan devices differ most in the integer and float
+widths their shaders may use:
+- `spirv`, portable: IREE's baseline profile (vp_android_baseline_2022: 32-bit
+  integers and floats only), which any conformant device runs. 64-bit integers are
+  computed in 32 bits (`--iree-input-demote-i64-to-i32`) and f16/bf16 in f32. Where
+  the model's interface has those types, the artifact takes and returns the 32-bit
+  ones and the loader converts at the boundary, refusing integer inputs that do not
+  fit in 32 bits, so callers still see the model's own signature.
+- `desktop`: what current desktop drivers (NVIDIA, AMD, Intel, Mesa's lavapipe) offer:
+  64/16/8-bit integers, f16 and 8/16-bit storage, within the workgroup limits every
+  Vulkan device meets. IREE has no such target by name, so the variant passes a full
+  target description to `--iree-hal-target-device`. It uses no subgroup operations:
+  IREE's vendor profiles that have 64-bit integers also assume a subgroup size (32 for
+  NVIDIA's), and code built that way returned wrong numbers on lavapipe (subgroup size
+  8; BERT max abs error 3.5). bf16 is computed in f32 (IREE's SPIR-V path has no bf16).
+The vendor-tuned variants use one vendor's subgroup sizes and cooperative-matrix
+extensions and are picked only on that vendor's devices.
+
+Each artifact records the Vulkan features its SPIR-V needs, read from the
+capabilities the compiled shaders declare, and the loader checks them against the
+device: IREE's device info gives shaderFloat16, shaderInt8, the storage features and
+the subgroup operations; shaderInt64/Int16/Float64 come from the Vulkan API itself
+(`_vulkan_api`). A feature neither source reports is not held against the device:
+loading is the test then, and a load failure moves on to the next artifact.
 """
 
 from __future__ import annotations
 
 import re
+import struct
+from pathlib import Path
 
 from hxc.manifests.schema import Artifact, Requirements
-from hxc.targets.base import Device, TargetFamily, Variant, device_uri
+from hxc.targets.base import CompilePlan, Device, TargetFamily, Variant, device_uri
 
 # Vulkan vendor IDs, as the driver reports them.
 VENDORS = {0x10DE: "nvidia", 0x1002: "amd", 0x8086: "intel", 0x13B5: "arm", 0x5143: "qualcomm", 0x10005: "mesa"}
 
+# SPIR-V capability (its enum value) -> the Vulkan device feature that allows it.
+# Capabilities every Vulkan device has (Shader, Matrix) are not listed.
+CAPABILITY_FEATURES = {
+    9: "shaderFloat16",
+    10: "shaderFloat64",
+    11: "shaderInt64",
+    12: "shaderBufferInt64Atomics",
+    22: "shaderInt16",
+    39: "shaderInt8",
+    61: "subgroup:basic",
+    62: "subgroup:vote",
+    63: "subgroup:arithmetic",
+    64: "subgroup:ballot",
+    65: "subgroup:shuffle",
+    66: "subgroup:shuffle_relative",
+    4433: "storageBuffer16BitAccess",
+    4434: "uniformAndStorageBuffer16BitAccess",
+    4435: "storagePushConstant16",
+    4441: "variablePointersStorageBuffer",
+    4442: "variablePointers",
+    4448: "storageBuffer8BitAccess",
+    4449: "uniformAndStorageBuffer8BitAccess",
+    4450: "storagePushConstant8",
+    5347: "bufferDeviceAddress",
+    6016: "shaderIntegerDotProduct",
+    6017: "shaderIntegerDotProduct",
+    6018: "shaderIntegerDotProduct",
+    6019: "shaderIntegerDotProduct",
+    6022: "cooperativeMatrix",
+}
+# VkSubgroupFeatureFlagBits, as IREE's device info prints the mask.
+_SUBGROUP_OPS = {"basic": 0x1, "vote": 0x2, "arithmetic": 0x4, "ballot": 0x8, "shuffle": 0x10, "shuffle_relative": 0x20}
+# Features the loader can learn from the Vulkan API when IREE does not say.
+_CORE = ("shaderFloat64", "shaderInt64", "shaderInt16")
 
-def _spirv(name: str, summary: str, default: bool, target: str | None, vendor: str | None) -> Variant:
-    flags = ("--iree-hal-target-device=vulkan",) + ((f"--iree-vulkan-target={target}",) if target else ())
-    return Variant("vulkan", name, summary, default, flags, Requirements(vendor=vendor), "spirv")
+_BASE = ("--iree-hal-target-device=vulkan",)
+# The desktop profile as an IREE GPU target: the integer and float widths desktop
+# drivers support, no subgroup operations, and the Vulkan spec's minimum limits.
+_DESKTOP_TARGET = (
+    '--iree-hal-target-device=#hal.device.target<"vulkan", [#hal.executable.target<"vulkan-spirv", "vulkan-spirv-fb", '
+    '{iree_codegen.target_info = #iree_gpu.target<arch = "", features = "spirv:v1.3,cap:Shader", '
+    "wgp = <compute = fp32|fp16|int64|int32|int16|int8, storage = b64|b32|b16|b8, subgroup = none, "
+    "subgroup_size_choices = [64], max_workgroup_sizes = [128, 128, 64], max_thread_count_per_workgroup = 128, "
+    'max_workgroup_memory_bytes = 16384, max_workgroup_counts = [65535, 65535, 65535]>>}>]> : !hal.device'
+)
+_PROMOTE_BF16 = ("--iree-input-promote-bf16-to-f32",)
+_PORTABLE = ("--iree-input-demote-i64-to-i32", "--iree-input-promote-f16-to-f32", *_PROMOTE_BF16)
+_PORTABLE_CASTS = (("i64", "i32"), ("f16", "f32"), ("bf16", "f32"), ("f64", "f32"))
+_DESKTOP_CASTS = (("bf16", "f32"), ("f64", "f32"))
+
+
+def _spirv(name: str, summary: str, default: bool, flags: tuple[str, ...], vendor: str | None,
+           casts: tuple[tuple[str, str], ...], aliases: tuple[str, ...] = ()) -> Variant:  # fmt: skip
+    device = () if any(f.startswith("--iree-hal-target-device=") for f in flags) else _BASE
+    return Variant("vulkan", name, summary, default, (*device, *flags), Requirements(vendor=vendor), "spirv",
+                   aliases, casts)  # fmt: skip
 
 
 class VulkanFamily(TargetFamily):
     name = "vulkan"
-    summary = "Any Vulkan 1.3 GPU (or Mesa lavapipe), through IREE's SPIR-V backend"
+    summary = "Any Vulkan GPU (or Mesa lavapipe), through IREE's SPIR-V backend"
     backend = "vulkan-spirv"
     drivers = ("vulkan",)
     # Reduced precision is not offered: bf16 fails to compile for SPIR-V (`vector.bitcast`
@@ -33,11 +106,29 @@ class VulkanFamily(TargetFamily):
     # numbers on lavapipe (max abs error 0.46 against PyTorch on the example CNN).
     precisions = ("fp32",)
     variants = (
-        _spirv("spirv", "portable SPIR-V for any Vulkan 1.3 device (IREE baseline profile)", True, None, None),
-        _spirv("rdna3", "SPIR-V tuned for AMD RDNA3", False, "rdna3", "amd"),
-        _spirv("ampere", "SPIR-V tuned for NVIDIA Ampere", False, "ampere", "nvidia"),
-        _spirv("ada", "SPIR-V tuned for NVIDIA Ada", False, "ada", "nvidia"),
-    )
+        _spirv("spirv", "portable SPIR-V for any Vulkan device: 32-bit types only (i64 computed in i32, f16/bf16 in f32)",
+               True, _PORTABLE, None, _PORTABLE_CASTS, ("portable",)),
+        _spirv("desktop", "SPIR-V for desktop-class Vulkan (NVIDIA, AMD, Intel, lavapipe): i64, f16, 8/16-bit types",
+               True, (_DESKTOP_TARGET, *_PROMOTE_BF16), None, _DESKTOP_CASTS),
+        _spirv("rdna3", "SPIR-V tuned for AMD RDNA3", False, ("--iree-vulkan-target=rdna3", *_PROMOTE_BF16), "amd",
+               _DESKTOP_CASTS),
+        _spirv("ampere", "SPIR-V tuned for NVIDIA Ampere", False, ("--iree-vulkan-target=ampere", *_PROMOTE_BF16),
+               "nvidia", _DESKTOP_CASTS),
+        _spirv("ada", "SPIR-V tuned for NVIDIA Ada", False, ("--iree-vulkan-target=ada", *_PROMOTE_BF16), "nvidia",
+               _DESKTOP_CASTS),
+    )  # fmt: skip
+
+    def plan(self, variant: Variant) -> CompilePlan:
+        # The shaders are kept so their capabilities become the artifact's requirements.
+        return CompilePlan(variant, variant.flags, variant.binary, variant.requires, dump_binaries=True)
+
+    def binary_requirements(self, plan: CompilePlan, binaries: Path | None) -> Requirements | None:
+        if binaries is None:
+            return None
+        features: set[str] = set()
+        for spv in sorted(binaries.rglob("*.spv")):
+            features |= {CAPABILITY_FEATURES[c] for c in spirv_capabilities(spv.read_bytes()) if c in CAPABILITY_FEATURES}
+        return Requirements(vendor=plan.requires.vendor, vulkan_features=tuple(sorted(features)))
 
     def describe_devices(self, driver: str, devices: list[dict], dump_info) -> list[Device]:
         out = []
@@ -49,6 +140,7 @@ class VulkanFamily(TargetFamily):
                 driver, device_uri(driver, d), fields.get("name") or d.get("name") or "Vulkan device",
                 fields.get("type", "other"), arch=fields.get("driver"), vendor=VENDORS.get(vendor_id, hex(vendor_id)),
                 driver_version=" ".join(x for x in (fields.get("driver_info"), fields.get("api")) if x) or None,
+                features=device_features(info),
             ))  # fmt: skip
         return out
 
@@ -58,13 +150,74 @@ class VulkanFamily(TargetFamily):
         want = artifact.requires.vendor
         if want and device.vendor != want:
             return f"SPIR-V tuned for {want} GPUs; this device is {device.vendor}"
+        missing = missing_features(artifact.requires.vulkan_features, device)
+        if missing:
+            return f"needs Vulkan features this device lacks: {', '.join(missing)}"
         return None
 
     def rank(self, artifact: Artifact, device: Device) -> int:
         # Without measurements, a real GPU beats CPU code, and CPU code beats a software
         # Vulkan device (lavapipe reports type `cpu` and is ~35x slower than llvm-cpu).
+        # Among Vulkan variants that fit: vendor-tuned, then the one using the most of
+        # the device (native 64-bit integers, f16), then the portable one.
         base = {"discrete-gpu": 80, "integrated-gpu": 45, "virtual-gpu": 40}.get(device.kind, 10)
-        return base + (5 if artifact.requires.vendor else 0)
+        return base + (5 if artifact.requires.vendor else 0) + (0 if artifact.interface_casts else 2)
+
+
+def spirv_capabilities(binary: bytes) -> set[int]:
+    """The OpCapability operands of a SPIR-V module (empty if it is not one)."""
+    if len(binary) < 20 or len(binary) % 4:
+        return set()
+    magic = struct.unpack_from("<I", binary)[0]
+    order = "<" if magic == 0x07230203 else ">" if magic == 0x03022307 else None
+    if order is None:
+        return set()
+    words = struct.unpack(f"{order}{len(binary) // 4}I", binary)
+    caps, i = set(), 5
+    while i < len(words):
+        count, opcode = words[i] >> 16, words[i] & 0xFFFF
+        if opcode == 17 and count >= 2:  # OpCapability
+            caps.add(words[i + 1])
+        elif opcode not in (17, 10, 11, 14, 15, 16):  # capabilities come first; stop at the first other section
+            break
+        i += max(count, 1)
+    return caps
+
+
+def device_features(info: str) -> tuple[str, ...]:
+    """Features from IREE's device info text: its `features:` line and the subgroup
+    operations mask, as `name` when supported and `no:name` when not (features it does
+    not mention stay unknown)."""
+    found: list[str] = []
+    if m := re.search(r"^features:(.*)$", info, flags=re.MULTILINE):
+        found += [k if v == "yes" else f"no:{k}" for k, v in re.findall(r"(\w+)=(\w+)", m.group(1))]
+    if m := re.search(r"^subgroup:.*operations=(0x[0-9a-fA-F]+)", info, flags=re.MULTILINE):
+        mask = int(m.group(1), 16)
+        found += [("" if mask & bit else "no:") + f"subgroup:{name}" for name, bit in _SUBGROUP_OPS.items()]
+    return tuple(found)
+
+
+def missing_features(needed: tuple[str, ...], device: Device) -> list[str]:
+    """The needed features the device is known to lack. A feature nobody reports for
+    this device counts as present: loading the artifact is then the test."""
+    lacks = {f[3:] for f in device.features if f.startswith("no:")}
+    if any(f in _CORE and f not in device.features and f not in lacks for f in needed):
+        core = core_features(device)
+        if core is not None:
+            lacks |= set(_CORE) - set(core)
+    return [f for f in needed if f in lacks]
+
+
+def core_features(device: Device) -> tuple[str, ...] | None:
+    """shaderInt64/Int16/Float64 of this device from the Vulkan API, or None if unknown.
+    Asked only when an artifact needs one of them: it costs a Vulkan instance."""
+    from hxc.targets._vulkan_api import physical_devices
+
+    found = physical_devices()
+    if found is None:
+        return None
+    matches = [p for p in found if p.name == device.name]
+    return matches[0].features if len(matches) == 1 or (matches and len({m.features for m in matches}) == 1) else None
 
 
 FAMILY = VulkanFamily()

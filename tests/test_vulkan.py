@@ -1,0 +1,164 @@
+"""Vulkan for every model: the portable and desktop variants on the real lavapipe
+device (every run in a child process with a time limit: `run_isolated`), compared with
+PyTorch or ONNX Runtime; and the loader's Vulkan feature check against the real
+lavapipe device and against device records of hardware this machine does not have."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from hxc.compiler.build import build_bundle
+from hxc.manifests import read_manifest
+from hxc.runtime import probe_host, select
+from hxc.dtypes import dtype, to_numpy
+from hxc.targets import Device, family
+from hxc.targets.vulkan import core_features, spirv_capabilities
+
+VK = family("vulkan")
+
+
+@pytest.fixture(scope="module")
+def int64_onnx(tmp_path_factory) -> Path:
+    """Position-id style integer code: remainder and a cumulative sum on int64."""
+    path = tmp_path_factory.mktemp("vk") / "int64.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Mod", ["a", "b"], ["m"]), helper.make_node("CumSum", ["m", "axis"], ["y"])], "int64",
+        [helper.make_tensor_value_info("a", TensorProto.INT64, [4, 8]), helper.make_tensor_value_info("b", TensorProto.INT64, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [4, 8])],
+        [helper.make_tensor("axis", TensorProto.INT64, [], [1])],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def int64_bundle(int64_onnx, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vkb") / "int64.hxc"
+    assert build_bundle(str(int64_onnx), out, "vulkan").written
+    return out
+
+
+def _lavapipe() -> Device:
+    [vk] = probe_host().driver("vulkan").devices
+    return vk
+
+
+# --- the feature check -------------------------------------------------------------------
+
+
+def test_lavapipe_features_come_from_iree_and_the_vulkan_api():
+    vk = _lavapipe()
+    # IREE's device info: supported, unsupported, subgroup operations.
+    assert {"shaderFloat16", "shaderInt8", "storageBuffer16BitAccess", "subgroup:arithmetic"} <= set(vk.features)
+    assert "no:cooperativeMatrix" in vk.features
+    # What IREE does not report, from vkGetPhysicalDeviceFeatures.
+    assert "shaderInt64" not in vk.features and "no:shaderInt64" not in vk.features
+    assert set(core_features(vk)) == {"shaderInt64", "shaderInt16", "shaderFloat64"}
+
+
+def test_artifacts_record_the_features_their_spirv_needs(int64_bundle):
+    m = read_manifest(int64_bundle)
+    desktop, portable = m.artifact("vulkan:desktop"), m.artifact("vulkan:spirv")
+    assert "shaderInt64" in desktop.requires.vulkan_features and not desktop.interface_casts
+    assert portable.requires.vulkan_features == () and portable.interface_casts == (("i64", "i32"),)
+    # The requirement is read from the shaders in the artifact itself.
+    import zipfile
+
+    with zipfile.ZipFile(int64_bundle / desktop.file) as z:
+        blobs = [z.read(n) for n in z.namelist() if "spirv" in n]
+    # The SPIR-V sits inside IREE's executable flatbuffer; find its magic number.
+    modules = [b[i : i + (len(b) - i) // 4 * 4] for b in blobs if (i := b.find(b"\x03\x02\x23\x07")) >= 0]
+    assert modules and any(11 in spirv_capabilities(m) for m in modules)  # 11 = OpCapability Int64
+
+
+def test_real_lavapipe_takes_both_variants_desktop_first(int64_bundle):
+    sel = select(read_manifest(int64_bundle), probe_host())
+    assert [c.artifact.id for c in sel.candidates] == ["vulkan:desktop", "vulkan:spirv"]
+
+
+def test_real_lavapipe_refuses_features_it_lacks(int64_bundle):
+    m = read_manifest(int64_bundle)
+    arts = tuple(dataclasses.replace(a, requires=dataclasses.replace(a.requires, vulkan_features=("cooperativeMatrix",)))
+                 if a.id == "vulkan:desktop" else a for a in m.artifacts)  # fmt: skip
+    sel = select(dataclasses.replace(m, artifacts=arts), probe_host())
+    assert [c.artifact.id for c in sel.candidates] == ["vulkan:spirv"]
+    [why] = [r.reason for r in sel.rejected if r.artifact.id == "vulkan:desktop"]
+    assert why == "needs Vulkan features this device lacks: cooperativeMatrix"
+
+
+@pytest.mark.parametrize(
+    "features,verdict",
+    [
+        (("shaderInt8", "no:shaderInt64"), "needs Vulkan features this device lacks: shaderInt64"),  # e.g. Mali
+        (("shaderInt8", "shaderInt64"), None),  # a desktop GPU
+        ((), None),  # a driver that reports nothing: loading is the test
+        (("no:shaderInt8", "no:storageBuffer8BitAccess", "no:shaderInt64"),
+         "needs Vulkan features this device lacks: shaderInt64, shaderInt8, storageBuffer8BitAccess"),
+    ],
+)  # fmt: skip
+def test_feature_check_on_device_records(int64_bundle, features, verdict):
+    desktop = dataclasses.replace(
+        read_manifest(int64_bundle).artifact("vulkan:desktop"),
+        requires=dataclasses.replace(read_manifest(int64_bundle).artifact("vulkan:desktop").requires,
+                                     vulkan_features=("shaderInt64", "shaderInt8", "storageBuffer8BitAccess")),
+    )  # fmt: skip
+    gpu = Device("vulkan", "vulkan://0", "Some GPU", "discrete-gpu", vendor="arm", features=features)
+    assert VK.cannot_run(desktop, gpu) == verdict
+    portable = read_manifest(int64_bundle).artifact("vulkan:spirv")
+    assert VK.cannot_run(portable, gpu) is None  # 32-bit SPIR-V runs on any of them
+    if verdict is None:
+        assert VK.rank(desktop, gpu) > VK.rank(portable, gpu)
+
+
+# --- both variants run on lavapipe and match --------------------------------------------------
+
+
+def test_int64_model_runs_on_both_variants_like_onnxruntime(int64_onnx, int64_bundle, run_isolated):
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(-(2**30), 2**30, (4, 8)), rng.integers(1, 1000, (4, 8))
+    [want] = ort.InferenceSession(str(int64_onnx)).run(None, {"a": a, "b": b})
+    for variant in ("vulkan:desktop", "vulkan:spirv"):
+        [got] = run_isolated(int64_bundle, [a, b], variant)
+        assert got.dtype == np.int64 and np.array_equal(got, want), variant
+
+
+def test_portable_variant_refuses_integers_beyond_32_bits(int64_bundle, tmp_path):
+    x = tmp_path / "x.npz"
+    np.savez(x, a=np.full((4, 8), 2**40, np.int64), b=np.ones((4, 8), np.int64))
+    argv = [sys.executable, "-m", "hxc.cli", "run", str(int64_bundle), "-i", str(x), "--device", "vulkan:spirv", "--strict"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert "computes i64 as i32" in line and "1099511627776" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "mlp_bf16", "cnn_f16", "lstm"])
+def test_zoo_models_on_both_vulkan_variants_match_pytorch(name, tmp_path, run_isolated):
+    # i64 token ids (bert), bf16 (promoted to f32 on SPIR-V), f16, recurrent state.
+    from hxc.examples import zoo
+
+    out = tmp_path / f"{name}.hxc"
+    result = build_bundle(f"hxc.examples.zoo:{name}", out, "vulkan")
+    assert result.written, [r.error for r in result.failed]
+    eager, args = getattr(zoo, name)()
+    fresh = tuple(torch.randint_like(a, 0, 1000) if not a.is_floating_point() else torch.randn_like(a) for a in args)
+    with torch.no_grad():
+        want = torch.utils._pytree.tree_leaves(eager(*fresh))
+    spec = result.manifest.signature.outputs[0]
+    atol, rtol = dtype(spec.dtype).tolerance or (0, 0)
+    for variant in ("vulkan:desktop", "vulkan:spirv"):
+        got = run_isolated(out, [to_numpy(a) for a in fresh], variant)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.astype(np.float64), to_numpy(w).astype(np.float64), atol=atol, rtol=rtol,
+                                       err_msg=f"{name} on {variant}")  # fmt: skip
