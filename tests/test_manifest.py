@@ -74,3 +74,31 @@ def test_writing_files_never_changes_the_process_umask(tmp_path, monkeypatch):
         (stage / "manifest.json").write_text("{}")
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "b.hxc").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_2x_bundle_still_reads_with_the_defaults_it_meant(example_bundle):
+    """3.0 added fields a 2.x reader would misread; their defaults are exactly what a
+    2.x bundle meant (every artifact IREE's, no interface casts, no Vulkan features)."""
+    data = json.loads((example_bundle / "manifest.json").read_text())
+    data["schema_version"] = "2.0"
+    for a in data["artifacts"]:
+        for field in ("engine", "interface_casts"):
+            a.pop(field, None)
+        a.get("requires", {}).pop("vulkan_features", None)
+    m = parse_manifest(data)
+    assert {a.engine for a in m.artifacts} == {"iree"}
+    assert all(not a.interface_casts and not a.requires.vulkan_features for a in m.artifacts)
+
+
+def test_profiles_keep_their_own_version_so_older_readers_can_read_them(example_bundle):
+    """A newer hxc bench writing profiles into a bundle must not make the profiles
+    unreadable to the hxc that built it: profiles.json is versioned apart from the manifest."""
+    from hxc.manifests.bundle import parse_profiles
+    from hxc.manifests.schema import PROFILES_SCHEMA_VERSION
+
+    data = {"format": "hxc-profiles", "model_ir_sha256": "x", "hosts": [], "profiles": []}
+    data["schema_version"] = f"{PROFILES_SCHEMA_VERSION[0]}.{PROFILES_SCHEMA_VERSION[1]}"
+    assert parse_profiles(data, "profiles.json").profiles == ()
+    data["schema_version"] = f"{PROFILES_SCHEMA_VERSION[0] + 1}.0"
+    with pytest.raises(BundleError, match="newer than this hxc reads"):
+        parse_profiles(data, "profiles.json")

@@ -43,6 +43,7 @@ from hxc.manifests.schema import (
     MANIFEST_FILE,
     PROFILES_FILE,
     PROFILES_FORMAT,
+    PROFILES_SCHEMA_VERSION,
     SCHEMA_VERSION,
     SIGNATURE_FILE,
     FileHash,
@@ -167,15 +168,15 @@ def _check_signature(sig: Signature, where: str) -> None:
         raise BundleError(f"{where}: output_tree does not place each of the {len(sig.outputs)} outputs exactly once")
 
 
-def _check_version(data: dict, where: str) -> tuple[int, int]:
+def _check_version(data: dict, where: str, reads: tuple[int, int] = SCHEMA_VERSION) -> tuple[int, int]:
     version = data.get("schema_version")
     try:
         major, minor = (int(x) for x in str(version).split("."))
     except ValueError:
         raise BundleError(f"{where}: unreadable schema_version {version!r}") from None
-    if major > SCHEMA_VERSION[0]:
+    if major > reads[0]:
         raise BundleError(
-            f"{where}: bundle schema {version} is newer than this hxc reads ({SCHEMA_VERSION[0]}.x)",
+            f"{where}: bundle schema {version} is newer than this hxc reads ({reads[0]}.x)",
             hint="upgrade hxc to read it",
         )
     return major, minor
@@ -227,7 +228,7 @@ class ProfilesFile:
 def parse_profiles(data: object, where: str) -> ProfilesFile:
     if not isinstance(data, dict) or data.get("format") != PROFILES_FORMAT:
         raise BundleError(f"{where}: not an hxc profiles file")
-    _check_version(data, where)
+    _check_version(data, where, reads=PROFILES_SCHEMA_VERSION)
     try:
         return ProfilesFile(
             from_json(str, data.get("model_ir_sha256"), where="profiles.model_ir_sha256"),
@@ -776,7 +777,7 @@ def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
 def _write_profiles(target: Path, manifest: Manifest) -> None:
     data = {
         "format": PROFILES_FORMAT,
-        "schema_version": f"{SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1]}",
+        "schema_version": f"{PROFILES_SCHEMA_VERSION[0]}.{PROFILES_SCHEMA_VERSION[1]}",
         "model_ir_sha256": manifest.model.ir_sha256,
         "hosts": to_json(manifest.hosts),
         "profiles": to_json(manifest.profiles),

@@ -26,11 +26,17 @@ PROFILES_FORMAT = "hxc-profiles"
 # before use; profiles moved out of manifest.json into profiles.json, so the manifest
 # is never rewritten after the build. A 1.x bundle has no hashes for its program and
 # golden sample, so this reader refuses it instead of trusting those files.
-# Also in 2.x: Profile.conditions (what else ran during a measurement), Artifact.engine
-# and Requirements.packages (artifacts of ONNX Runtime and AOTInductor). A reader that
-# predates `engine` would take such an artifact for IREE's and fail to load it; see the
-# README's "Schema versions" note on which number that needs.
-SCHEMA_VERSION: tuple[int, int] = (2, 0)
+# 3.0: Artifact.engine (ONNX Runtime and AOTInductor artifacts beside IREE's),
+# Artifact.interface_casts (Vulkan's portable variant takes 32-bit types at its
+# interface) and Requirements.vulkan_features. A 2.x reader would misread all three
+# (load an .onnx as a .vmfb, call a cast artifact with the model's own types, skip the
+# Vulkan feature check), hence the major bump. This reader still reads 2.x bundles:
+# their fields' defaults (engine "iree", no casts, no features) are what they meant.
+SCHEMA_VERSION: tuple[int, int] = (3, 0)
+# profiles.json is versioned on its own: nothing in it changed meaning in 3.0, so a
+# 2.x hxc can still read the profiles a newer hxc bench adds to its bundles.
+# 2.1: Profile.conditions (what else ran during a measurement).
+PROFILES_SCHEMA_VERSION: tuple[int, int] = (2, 1)
 
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"  # written once by `hxc compile`, never changed after
