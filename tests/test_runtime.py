@@ -17,6 +17,7 @@ import torch
 
 import hxc.runtime
 from hxc.errors import BundleError, ExitCode, HxcError, IntegrityError, NoCompatibleArtifactError, SignatureError
+from hxc.manifests.schema import SCHEMA_VERSION
 from hxc.examples import convnet
 from hxc.manifests import read_manifest, update_manifest, write_manifest
 from hxc.manifests.bundle import file_hash
@@ -144,9 +145,10 @@ def test_an_artifact_that_fails_to_load_falls_through_to_the_next(bundle):
 
 def test_newer_schema_is_refused_clearly(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["schema_version"] = "3.0"
+    newer = SCHEMA_VERSION[0] + 1
+    manifest["schema_version"] = f"{newer}.0"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=r"schema 3\.0 is newer than this hxc reads.*upgrade hxc"):
+    with pytest.raises(BundleError, match=rf"schema {newer}\.0 is newer than this hxc reads.*upgrade hxc"):
         hxc.runtime.load(bundle)
     # A bundle from before every file was hashed is refused too, with what to do about it.
     manifest["schema_version"] = "1.0"
