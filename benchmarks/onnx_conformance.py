@@ -15,10 +15,9 @@ import argparse
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
-from hxc.compiler.onnx_conformance import TARGET, CaseResult, list_tests, node_tests_dir, run_conformance, summarize
+from hxc.compiler.onnx_conformance import TARGET, list_tests, node_tests_dir, progress_printer, run_conformance, summarize
 
 
 def _versions() -> dict[str, str]:
@@ -37,15 +36,8 @@ def main() -> None:
 
     cases = list_tests(node_tests_dir(), args.only)
     print(f"{len(cases)} ONNX node tests, {args.jobs} at a time, for {args.target}", file=sys.stderr)
-    done: Counter[str] = Counter()
     t0 = time.perf_counter()
-
-    def progress(r: CaseResult) -> None:
-        done[r.status] += 1
-        n = sum(done.values())
-        if n % 50 == 0 or n == len(cases):
-            print(f"  {n}/{len(cases)}  pass {done['pass']}  fail {done['fail']}  skip {done['skip']}  "
-                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)  # fmt: skip
+    progress = progress_printer(len(cases))
 
     results = run_conformance(cases, jobs=args.jobs, timeout=args.timeout, target=args.target, on_result=progress)
     summary = summarize(results)

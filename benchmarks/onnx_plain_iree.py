@@ -28,10 +28,11 @@ from pathlib import Path
 
 from hxc.compiler.onnx_conformance import (
     CaseResult,
-    _Outcome,
-    _read_all,
+    Outcome,
     list_tests,
     node_tests_dir,
+    progress_printer,
+    read_case,
     run_conformance,
     worker_loop,
 )
@@ -48,65 +49,57 @@ def run_plain(case: Path, workdir: Path, target: str = "plain-iree", timeout: fl
     t0 = time.perf_counter()
     try:
         _run_plain(case, workdir, timeout)
-        outcome = _Outcome("pass", "")
-    except _Outcome as o:
+        outcome = Outcome("pass", "")
+    except Outcome as o:
         outcome = o
     except Exception as e:
-        outcome = _Outcome("fail", f"script error: {type(e).__name__}", str(e).splitlines()[0][:300] if str(e) else "")
+        outcome = Outcome("fail", f"script error: {type(e).__name__}", str(e).splitlines()[0][:300] if str(e) else "")
     return CaseResult(case.name, outcome.status, outcome.category, outcome.detail[:400], outcome.operator,
                       round(time.perf_counter() - t0, 3))  # fmt: skip
 
 
 def _run_plain(case: Path, work: Path, timeout: float) -> None:
     import numpy as np
-    import onnx
 
     from hxc.compiler.driver import iree_compile_path, summarize_compile_error
     from hxc.dtypes import from_numpy
     from hxc.runtime.verify import compare
 
-    sets = sorted(case.glob("test_data_set_*"))
-    if len(sets) != 1:
-        raise _Outcome("skip", "several data sets" if sets else "no data set")
-    graph = onnx.load(str(case / "model.onnx"), load_external_data=False).graph
-    if any(v.type.WhichOneof("value") != "tensor_type" for v in [*graph.input, *graph.output]):
-        raise _Outcome("fail", "non-tensor inputs or outputs (sequence, optional, map)")
-    inputs = _read_all(sets[0], "input")
-    expected = _read_all(sets[0], "output")
+    graph, inputs, expected = read_case(case)
     mlir, vmfb = work / "model.mlir", work / "model.vmfb"
     importer = Path(sys.executable).parent / "iree-import-onnx"
     try:
         proc = subprocess.run([str(importer), str(case / "model.onnx"), "-o", str(mlir)],
                               capture_output=True, text=True, timeout=timeout)  # fmt: skip
     except subprocess.TimeoutExpired:
-        raise _Outcome("fail", "import timeout") from None
+        raise Outcome("fail", "import timeout") from None
     if proc.returncode != 0:
         lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
-        raise _Outcome("fail", "import failed", lines[-1][:300] if lines else f"exit {proc.returncode}")
+        raise Outcome("fail", "import failed", lines[-1][:300] if lines else f"exit {proc.returncode}")
     try:
         proc = subprocess.run([iree_compile_path(), str(mlir), *PLAIN_FLAGS, "-o", str(vmfb)],
                               capture_output=True, text=True, timeout=timeout)  # fmt: skip
     except subprocess.TimeoutExpired:
-        raise _Outcome("fail", "compile timeout") from None
+        raise Outcome("fail", "compile timeout") from None
     if proc.returncode != 0:
         error, operator, _ = summarize_compile_error(proc.stderr, proc.returncode)
-        raise _Outcome("fail", "iree-compile crashed" if proc.returncode < 0 else "iree-compile error", error, operator)
+        raise Outcome("fail", "iree-compile crashed" if proc.returncode < 0 else "iree-compile error", error, operator)
     try:
         got = _invoke(vmfb, inputs)
     except Exception as e:
-        raise _Outcome("fail", "runtime error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise Outcome("fail", "runtime error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if len(got) != len(expected):
-        raise _Outcome("fail", "wrong number of outputs", f"{len(got)} vs {len(expected)}")
+        raise Outcome("fail", "wrong number of outputs", f"{len(got)} vs {len(expected)}")
     for k, (a, e) in enumerate(zip(got, expected)):
         a = np.asarray(a)
         if a.shape != e.shape:
-            raise _Outcome("fail", "wrong output shape", f"output {k}: {a.shape} vs {e.shape}")
+            raise Outcome("fail", "wrong output shape", f"output {k}: {a.shape} vs {e.shape}")
         found = from_numpy(e.dtype)
         if found is None:
-            raise _Outcome("fail", "unsupported element type", f"output dtype {e.dtype}")
+            raise Outcome("fail", "unsupported element type", f"output dtype {e.dtype}")
         c = compare(a.astype(e.dtype), e, found.name)
         if not c.ok:
-            raise _Outcome("fail", "numerical mismatch", f"output {k}: max abs err {c.max_abs:.3g}")
+            raise Outcome("fail", "numerical mismatch", f"output {k}: max abs err {c.max_abs:.3g}")
 
 
 def _invoke(vmfb: Path, inputs: list) -> list:
@@ -168,15 +161,8 @@ def main() -> None:
 
     cases = list_tests(node_tests_dir(), args.only)
     print(f"{len(cases)} ONNX node tests through plain IREE, {args.jobs} at a time", file=sys.stderr)
-    done: Counter[str] = Counter()
     t0 = time.perf_counter()
-
-    def progress(r: CaseResult) -> None:
-        done[r.status] += 1
-        n = sum(done.values())
-        if n % 50 == 0 or n == len(cases):
-            print(f"  {n}/{len(cases)}  pass {done['pass']}  fail {done['fail']}  skip {done['skip']}  "
-                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)  # fmt: skip
+    progress = progress_printer(len(cases))
 
     results = run_conformance(cases, jobs=args.jobs, timeout=args.timeout, on_result=progress, worker=(__file__,))
     ran = [r for r in results if r.status != "skip"]

@@ -93,7 +93,6 @@ def _inline_int64_literals():
     latter ("'arith.constant' op failed to verify that all of {value, result} have
     same type"). Constants come from the program and from decompositions run during
     import (upsampling indices), so this is the one place that sees them all."""
-    import numpy as np
     from iree.compiler.extras import fx_importer as fx
 
     original = fx._make_vtensor_literal_op

@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 TARGET = "cpu:host"
 _MARK = "@@hxc-conformance "
@@ -113,7 +114,9 @@ def list_tests(root: Path, only: str | None = None) -> list[Path]:
 # --- one test ------------------------------------------------------------------------
 
 
-class _Outcome(Exception):
+class Outcome(Exception):
+    """How one test ended, raised from anywhere in running it (status pass/fail/skip)."""
+
     def __init__(self, status: str, category: str, detail: str = "", operator: str | None = None) -> None:
         super().__init__(detail)
         self.status, self.category, self.detail, self.operator = status, category, detail, operator
@@ -124,11 +127,11 @@ def run_case(case: Path, workdir: Path, target: str = TARGET, timeout: float = 3
     t0 = time.perf_counter()
     try:
         _run_case(case, workdir, target, timeout)
-        outcome = _Outcome("pass", "")
-    except _Outcome as o:
+        outcome = Outcome("pass", "")
+    except Outcome as o:
         outcome = o
     except Exception as e:  # a bug in hxc: keep it visible as its own category
-        outcome = _Outcome("fail", f"hxc bug: {type(e).__name__}", str(e).splitlines()[0][:300] if str(e) else "")
+        outcome = Outcome("fail", f"hxc bug: {type(e).__name__}", str(e).splitlines()[0][:300] if str(e) else "")
     detail = outcome.detail.replace(f"{case}/", "")  # messages name the model file by its full path
     return CaseResult(case.name, outcome.status, outcome.category, detail[:400], outcome.operator,
                       round(time.perf_counter() - t0, 3))  # fmt: skip
@@ -143,16 +146,7 @@ def _run_case(case: Path, workdir: Path, target: str, timeout: float) -> None:
     from hxc.errors import HxcError
     from hxc.runtime.verify import compare
 
-    sets = sorted(case.glob("test_data_set_*"))
-    if len(sets) != 1:
-        raise _Outcome("skip", "several data sets" if sets else "no data set")
-    import onnx
-
-    graph = onnx.load(str(case / "model.onnx"), load_external_data=False).graph
-    if any(v.type.WhichOneof("value") != "tensor_type" for v in [*graph.input, *graph.output]):
-        raise _Outcome("fail", "non-tensor inputs or outputs (sequence, optional, map)")
-    inputs = _read_all(sets[0], "input")
-    expected = _read_all(sets[0], "output")
+    graph, inputs, expected = read_case(case)
     # Each test's own shapes, by input name (zero-size dimensions included).
     initialized = {t.name for t in graph.initializer}
     names = [v.name for v in graph.input if v.name not in initialized]
@@ -160,21 +154,35 @@ def _run_case(case: Path, workdir: Path, target: str, timeout: float) -> None:
     try:
         imported = import_onnx(str(case / "model.onnx"), ImportOptions(inputs=tuple(specs), weights="inline"), workdir, lambda s: None)
     except HxcError as e:
-        raise _Outcome("fail", _import_category(e.message), e.message) from None
+        raise Outcome("fail", _import_category(e.message), e.message) from None
     vmfb = _compile(imported.mlir, imported.operators_at, f64_interface(imported.signature), workdir, target, timeout)
     try:
         got = _invoke(vmfb, inputs, imported.signature)
     except Exception as e:
-        raise _Outcome("fail", "runtime error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise Outcome("fail", "runtime error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if len(got) != len(expected):
-        raise _Outcome("fail", "wrong number of outputs", f"{len(got)} vs {len(expected)}")
+        raise Outcome("fail", "wrong number of outputs", f"{len(got)} vs {len(expected)}")
     for k, (a, e, spec) in enumerate(zip(got, expected, imported.signature.outputs)):
         a = np.asarray(a)
         if a.shape != e.shape:
-            raise _Outcome("fail", "wrong output shape", f"output {k}: {a.shape} vs {e.shape}")
+            raise Outcome("fail", "wrong output shape", f"output {k}: {a.shape} vs {e.shape}")
         c = compare(a.astype(e.dtype), e, spec.dtype)
         if not c.ok:
-            raise _Outcome("fail", "numerical mismatch", f"output {k}: max abs err {c.max_abs:.3g}")
+            raise Outcome("fail", "numerical mismatch", f"output {k}: max abs err {c.max_abs:.3g}")
+
+
+def read_case(case: Path) -> tuple[Any, list, list]:
+    """A node test's graph, inputs and expected outputs; raises Outcome for tests that
+    cannot be run as one call (several data sets, non-tensor values)."""
+    import onnx
+
+    sets = sorted(case.glob("test_data_set_*"))
+    if len(sets) != 1:
+        raise Outcome("skip", "several data sets" if sets else "no data set")
+    graph = onnx.load(str(case / "model.onnx"), load_external_data=False).graph
+    if any(v.type.WhichOneof("value") != "tensor_type" for v in [*graph.input, *graph.output]):
+        raise Outcome("fail", "non-tensor inputs or outputs (sequence, optional, map)")
+    return graph, _read_all(sets[0], "input"), _read_all(sets[0], "output")
 
 
 def _read_all(ds: Path, kind: str) -> list:
@@ -191,7 +199,7 @@ def _read(p: Path):
     try:
         return numpy_helper.to_array(t)
     except Exception as e:
-        raise _Outcome("fail", "unsupported element type", str(e)) from None
+        raise Outcome("fail", "unsupported element type", str(e)) from None
 
 
 def _spec(a) -> str:
@@ -199,7 +207,7 @@ def _spec(a) -> str:
 
     found = from_numpy(a.dtype)
     if found is None:
-        raise _Outcome("fail", "unsupported element type", f"input dtype {a.dtype}")
+        raise Outcome("fail", "unsupported element type", f"input dtype {a.dtype}")
     return "x".join([*map(str, a.shape), found.name])
 
 
@@ -239,7 +247,7 @@ def _compile(mlir: Path, operators_at: dict, f64: bool, workdir: Path, target: s
         category = "no IREE lowering for the ONNX op"
     else:
         category = "IREE compile error (after lowering)"
-    raise _Outcome("fail", category, error, operator)
+    raise Outcome("fail", category, error, operator)
 
 
 def _invoke(vmfb: Path, inputs: list, signature) -> list:
@@ -318,6 +326,21 @@ def run_conformance(
     for t in threads:
         t.join()
     return [r for r in results if r is not None]
+
+
+def progress_printer(total: int, every: int = 50) -> Callable[[CaseResult], None]:
+    """An `on_result` for run_conformance: a running count to stderr every `every` tests."""
+    done: Counter[str] = Counter()
+    t0 = time.perf_counter()
+
+    def progress(r: CaseResult) -> None:
+        done[r.status] += 1
+        n = sum(done.values())
+        if n % every == 0 or n == total:
+            print(f"  {n}/{total}  pass {done['pass']}  fail {done['fail']}  skip {done['skip']}  "
+                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)  # fmt: skip
+
+    return progress
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
