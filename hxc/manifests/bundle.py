@@ -888,24 +888,5 @@ def _process_umask() -> int:
 _UMASK = _process_umask()
 
 
-def _process_umask() -> int:
-    # Linux reports the umask without changing it. Elsewhere, setting and restoring it is
-    # the only way, and that briefly leaves the process with umask 0: fine once at import,
-    # a race when compile worker threads create files at the same moment.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _process_umask()
-
-
 def _umask() -> int:
     return _UMASK
