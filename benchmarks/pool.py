@@ -8,6 +8,10 @@ For the example CNN and a 3-layer MLP, both with a dynamic batch, compiled for t
 
   pinned (pin="split": the CPU worker on one core, lavapipe on the other)
     - each device alone, through its worker, as pinned in the pool
+    - both devices at once but independently (each its own one-device pool on its own
+      core, called from its own thread): what the two cores give when both compute, the
+      ceiling for any pool here (the devices share memory bandwidth and caches even when
+      pinned apart)
     - the pool of both with judgement off (balancing: the scheduler alone decides who
       gets what): goal >= 90% of the sum, each device busy >= 90%
     - the pool of both with judgement on (on a host shared with other jobs it may still
@@ -31,6 +35,7 @@ Writes benchmarks/results/pool.json.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import statistics
 import sys
@@ -113,14 +118,25 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
             cpu.run_flat([x[start:start + step]])
         return n / (time.perf_counter() - t0)
 
+    # The same devices pinned as in `pinned`, each in a pool of its own, to run at once.
+    separate = [Pool(bundle, [m.name], pin={m.name: m.worker.cpus}) for m in pinned.members]
+
+    def concurrently() -> None:
+        with concurrent.futures.ThreadPoolExecutor(len(separate)) as ex:
+            rates = list(ex.map(lambda p: sized_call(p, row, row, seconds), separate))
+        for p, rate in zip(separate, rates):
+            record(f"{p.members[0].name} at once, pinned", rate)
+        record("both at once, pinned, no pool", sum(rates))
+
     try:
-        for pool in (pinned, pinned_all, unpinned, naive):  # warm up, measure speeds, let the judgement happen
+        for pool in (pinned, pinned_all, unpinned, naive, *separate):  # warm up, measure speeds, let the judgement happen
             sized_call(pool, row, row, seconds)
         for r in range(rounds):
             print(f"{name}: round {r + 1}/{rounds}", file=sys.stderr)
             for m in pinned.members:
                 with pinned.using(m.name):
                     record(f"{m.name} alone, pinned", sized_call(pinned, row, row, seconds))
+            concurrently()
             pool_call("pinned pool, judgement off", pinned_all)
             pool_call("pinned pool", pinned)
             pool_call("unpinned pool", unpinned)
@@ -133,13 +149,20 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
         left_out = {m.name: m.left_out for m in unpinned.members}
         left_out_pinned = {m.name: m.left_out for m in pinned.members}
     finally:
-        for pool in (pinned, pinned_all, unpinned, naive):
+        for pool in (pinned, pinned_all, unpinned, naive, *separate):
             pool.close()
 
     med = {k: statistics.median(v) for k, v in times.items()}
     spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()}
     alone = {m: med[f"{m} alone, pinned"] for m in ("cpu:host", "vulkan:spirv")}
-    best_single = max(v for k, v in med.items() if k.startswith("cpu:host alone, all cores"))
+    singles = [k for k in med if k.startswith("cpu:host alone, all cores")]
+    best_label = max(singles, key=lambda k: med[k])
+    best_single = med[best_label]
+    # Round by round against the same round's best single: drift of the machine's speed
+    # between rounds then cancels out.
+    paired = statistics.median(p / b for p, b in zip(times["unpinned pool"], times[best_label]))
+    paired_balancing = statistics.median(p / c for p, c in zip(times["pinned pool, judgement off"],
+                                                               times["both at once, pinned, no pool"]))  # fmt: skip
     out = {
         "items_per_second": med,
         "spread": spread,
@@ -150,6 +173,8 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
             "pool_vs_sum": med["pinned pool, judgement off"] / sum(alone.values()),
             "busy": {d: statistics.median(v) for d, v in busy["pinned pool, judgement off"].items()},
             "goal": "pool >= 0.90 x sum, each device busy >= 0.90",
+            "both_at_once_vs_sum": med["both at once, pinned, no pool"] / sum(alone.values()),
+            "pool_vs_both_at_once": paired_balancing,
             "judgement_on_vs_sum": med["pinned pool"] / sum(alone.values()),
             "judgement_on_busy": {d: statistics.median(v) for d, v in busy["pinned pool"].items()},
             "judgement_on_left_out": left_out_pinned,
@@ -157,6 +182,8 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
         "judgement": {
             "pool_vs_best_single": med["unpinned pool"] / best_single,
             "best_single": best_single,
+            "best_single_is": best_label,
+            "pool_vs_best_single_paired": paired,
             "judgement_off_vs_best_single": med["unpinned pool, judgement off"] / best_single,
             "busy": {d: statistics.median(v) for d, v in busy["unpinned pool"].items()},
             "left_out": left_out,
@@ -164,8 +191,11 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
         },
         "explain": explain,
     }
-    print(f"{name}: balancing {out['balancing']['pool_vs_sum']:.3f} of the pinned sum, busy {out['balancing']['busy']}; "
-          f"judgement {out['judgement']['pool_vs_best_single']:.3f} of the best single", file=sys.stderr)  # fmt: skip
+    print(f"{name}: balancing {out['balancing']['pool_vs_sum']:.3f} of the pinned sum "
+          f"({out['balancing']['pool_vs_both_at_once']:.3f} of both at once, which is "
+          f"{out['balancing']['both_at_once_vs_sum']:.3f} of the sum), busy {out['balancing']['busy']}; "
+          f"judgement {out['judgement']['pool_vs_best_single']:.3f} of the best single ({best_label}; "
+          f"paired by round {paired:.3f})", file=sys.stderr)  # fmt: skip
     return out
 
 

@@ -31,6 +31,38 @@ def test_chunks_follow_speed_and_the_horizon():
     assert small.next_chunk("slow", speeds, speeds) is None
 
 
+def test_a_device_working_alone_takes_full_chunks_to_the_end():
+    # Nobody to finish together with: the last chunks are not cut into slivers (each
+    # would cost a process hop for a handful of rows).
+    b = Balancer(target_s=0.05)
+    b.add(0, 1_000)
+    speeds = {"cpu": Speed(3000.0), "vulkan": Speed(100.0)}
+    sizes = []
+    while (chunk := b.next_chunk("cpu", speeds, ["cpu"])) is not None:
+        sizes.append(chunk.count)
+        b.done("cpu", chunk)
+    assert sizes == [150] * 6 + [100]
+    # The same work shared with a second device ends in shrinking chunks.
+    shared = Balancer(target_s=0.05)
+    shared.add(0, 1_000)
+    sizes = []
+    while (chunk := shared.next_chunk("cpu", speeds, speeds)) is not None:
+        sizes.append(chunk.count)
+        shared.done("cpu", chunk)
+    assert sizes[-1] < 100 and len(sizes) > 7
+
+
+def test_the_speed_fit_follows_every_new_chunk():
+    s = Speed()
+    s.observe(10, 0.011)
+    assert s.fit() is None  # one size only
+    s.observe(20, 0.021)
+    fixed, rate = s.fit()
+    assert fixed == pytest.approx(0.001) and rate == pytest.approx(1000)
+    s.observe(40, 0.081)  # slower per item now: the fit must not be the cached one
+    assert s.fit()[1] < 1000
+
+
 def test_unmeasured_devices_get_one_probe_chunk_at_a_time():
     b = Balancer()
     b.add(0, 100)

@@ -44,6 +44,7 @@ class Speed:
         self._alpha = alpha
         self._recent: collections.deque[float] = collections.deque(maxlen=16)  # items/s of full chunks
         self._chunks: collections.deque[tuple[int, float]] = collections.deque(maxlen=16)  # (items, seconds), all
+        self._fit: tuple[float, float] | None | bool = False  # cached fit(); False: not computed since the last chunk
 
     def observe(self, items: int, seconds: float, full: bool = True) -> None:
         """A chunk of `items` took `seconds`; `full=False` for one cut short (a call's
@@ -51,6 +52,7 @@ class Speed:
         if seconds <= 0 or items <= 0:
             return
         self._chunks.append((items, seconds))
+        self._fit = False
         if not full and self.samples:
             return
         rate = items / seconds
@@ -66,7 +68,13 @@ class Speed:
 
     def fit(self) -> tuple[float, float] | None:
         """(fixed seconds per call, items per second beyond it), by least squares over the
-        recent chunks, once their sizes differ; None before."""
+        recent chunks, once their sizes differ; None before. The scheduler asks for it
+        several times per chunk handed out, so it is computed once per observed chunk."""
+        if self._fit is False:
+            self._fit = self._least_squares()
+        return self._fit  # type: ignore[return-value]
+
+    def _least_squares(self) -> tuple[float, float] | None:
         if len({n for n, _ in self._chunks}) < 2:
             return None
         xs = [float(n) for n, _ in self._chunks]
@@ -157,7 +165,9 @@ class Balancer:
         known = {d: r for d in active if (r := self.rate(speeds[d]))}
         fastest = max(known.values(), default=rate)
         target = self.chunk_s(speed)
-        if self.open:
+        if self.open or set(active) <= {device}:
+            # A stream has no known end; a device working alone has nobody to finish
+            # together with, so shrinking its last chunks would only add hops.
             budget = math.inf
         else:
             pending = self.unassigned + sum(c.count for d in active for c in self.in_flight(d))
