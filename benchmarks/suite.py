@@ -11,12 +11,17 @@ with frozen weights (`torch._inductor.config.freezing`), ONNX Runtime run direct
 harness, A B C ... interleaved, medians, and its achieved GFLOP/s is compared with this
 CPU's measured peak (a large f32 matmul in PyTorch; bf16 rows use a bf16 matmul).
 
+Every contender gets at least 50 calls (up to --max-time), and besides p50 ratios
+each row has its ratio to the best peer paired round by round (the median of its
+block medians over the best peer's, block i of each having run in the same round),
+which holds when the machine's load changes during the run.
+
 Models: an MLP, ResNet-18 at batch 1 and 8, BERT-base and GPT-2 small (transformers
 configs, random weights), and the MLP and BERT-base in bf16 (`--precision bf16`,
 against PyTorch in bf16).
 
     python benchmarks/suite.py                        # every model
-    python benchmarks/suite.py --models mlp,resnet18 --min-time 3
+    python benchmarks/suite.py --models mlp,resnet18 --min-time 3 [--max-time 90]
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import RESULTS, save  # noqa: E402
 
-from hxc.bench.measure import Budget, Contender, measure  # noqa: E402
+from hxc.bench.measure import Budget, Contender, measure, paired_ratio  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -45,6 +50,10 @@ ENGINES = "iree,onnxruntime,inductor"
 ARTIFACTS = {"cpu:host": "hxc iree", "cpu:onnxruntime": "hxc onnxruntime", "cpu:inductor": "hxc inductor"}
 PEERS = ("torch eager", "torch.compile", "onnxruntime")
 COLUMNS = ("hxc selected", *ARTIFACTS.values(), *PEERS)
+# Calls per contender at the least. With 20, a ResNet-18 (~100 ms a call: one call per
+# block) had a p90 twice its p50 and the same ORT artifact measured 115 ms through the
+# loader and 92 ms alone in one run; slow contenders still stop at --max-time.
+MIN_ITERATIONS = 50
 
 
 def models() -> dict[str, tuple[str, str]]:
@@ -146,7 +155,7 @@ def hxc_contenders(ref: str, precision: str, work: Path, min_time: float) -> tup
     allow = {"precision": precision} if precision != "fp32" else {}
     suffix = "" if precision == "fp32" else f"@{precision}"
     run_bench(bundle, baselines=(), device="cpu", offline_batches=(),
-              budget=Budget(warmup=3, min_iterations=20, min_seconds=min_time / 2, max_seconds=60))  # fmt: skip
+              budget=Budget(warmup=3, min_iterations=MIN_ITERATIONS, min_seconds=min_time / 2, max_seconds=60))  # fmt: skip
     selected = hxc.runtime.load(bundle, **allow)
     info["selected"] = selected.artifact.id
     print(f"  hxc bench done; the loader selects {selected.artifact.id}", file=sys.stderr)
@@ -171,6 +180,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(models()))
     ap.add_argument("--min-time", type=float, default=5.0, help="seconds of timed calls per contender")
+    ap.add_argument("--max-time", type=float, default=90.0,
+                    help=f"seconds after which a contender stops short of {MIN_ITERATIONS} calls (torch eager on BERT-base)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other models' results in benchmarks/results/suite.json (each records its own peak)")
     args = ap.parse_args()
@@ -178,7 +189,7 @@ def main() -> None:
     peaks = {"fp32": peak_gflops(torch.float32), "bf16": peak_gflops(torch.bfloat16)}
     print(f"measured peak: {peaks['fp32']:.0f} GFLOP/s f32, {peaks['bf16']:.0f} bf16 ({torch.get_num_threads()} threads)",
           file=sys.stderr)  # fmt: skip
-    budget = Budget(warmup=5, min_iterations=20, min_seconds=args.min_time, max_seconds=max(60.0, args.min_time))
+    budget = Budget(warmup=5, min_iterations=MIN_ITERATIONS, min_seconds=args.min_time, max_seconds=max(args.max_time, args.min_time))
     results = {}
     if args.merge and (previous := RESULTS / "suite.json").exists():
         results = json.loads(previous.read_text())["models"]
@@ -208,16 +219,20 @@ def main() -> None:
             contenders.append(ort)
         timings = measure(contenders, arrays, budget)
         peak = peaks[precision]
-        best_peer = min((t.stats().p50_ms for t in timings if t.contender.id in PEERS))
+        best = min((t for t in timings if t.contender.id in PEERS), key=lambda t: t.stats().p50_ms)
+        best_peer = best.stats().p50_ms
         rows = {}
         for t in timings:
             s = t.stats()
             gflops = n_flops / (s.p50_ms / 1000) / 1e9
             rows[t.contender.id] = {"p50_ms": s.p50_ms, "p90_ms": s.p90_ms, "spread": round(s.spread, 3), "iterations": s.iterations,
-                                    "ratio_to_best_peer": s.p50_ms / best_peer, "gflops": gflops, "fraction_of_peak": gflops / peak}  # fmt: skip
+                                    "ratio_to_best_peer": s.p50_ms / best_peer, "gflops": gflops, "fraction_of_peak": gflops / peak,
+                                    # Round by round against the best peer: the ratio to trust on a busy machine.
+                                    "paired_ratio_to_best_peer": paired_ratio(t, best), "rounds": len(t.block_medians_ms)}  # fmt: skip
         results[name] = {"flops": n_flops, "precision": precision, "peak_gflops": peak, "other_load": timings[0].other_load,
-                         **info, "contenders": rows}  # fmt: skip
-        print(f"{name}: " + ", ".join(f"{k} {v['p50_ms']:.3g} ms ({v['ratio_to_best_peer']:.2f}x best peer)" for k, v in rows.items()))
+                         "min_time_s": args.min_time, "min_iterations": MIN_ITERATIONS, **info, "contenders": rows}  # fmt: skip
+        print(f"{name}: " + ", ".join(f"{k} {v['p50_ms']:.3g} ms ({v['ratio_to_best_peer']:.2f}x best peer, "
+                                      f"{v['paired_ratio_to_best_peer'] or float('nan'):.2f}x paired)" for k, v in rows.items()))  # fmt: skip
         # Saved after every model: a run of every model takes long enough to be cut short.
         path = save("suite", {"peak_gflops": peaks, "threads": torch.get_num_threads(), "min_time_s": args.min_time, "models": results})
     print_markdown(results)

@@ -189,3 +189,28 @@ def test_cpu_numbers_agree_with_and_without_lavapipe_in_the_run(tmp_path):
             noise = (max(a) - min(a)) + (max(b) - min(b)) + math.log(1.25)
             gap = abs(statistics.median(a) - statistics.median(b))
             assert gap <= noise, (batch, metric, [round(math.exp(x), 4) for x in a], [round(math.exp(x), 4) for x in b])
+
+
+def test_block_medians_pair_contenders_round_by_round():
+    """The harness keeps each block's median in order, one block per contender per
+    round, so `paired_ratio` compares blocks that ran in the same round."""
+    import statistics
+
+    from hxc.bench.measure import Budget, Contender, Timing, measure, paired_ratio
+
+    calls: list[str] = []
+
+    def contender(name: str) -> Contender:
+        return Contender(name, "cpu", lambda: None, lambda _inputs: lambda: calls.append(name), device_time_only=False)
+
+    # Zero-length blocks: one call each, so every block's median is that call's time.
+    budget = Budget(warmup=0, min_iterations=6, min_seconds=0.0, block_seconds=0.0, settle_seconds=0.0)
+    a, b = measure([contender("a"), contender("b")], [], budget)
+    assert calls[2:] == ["a", "b"] * 6  # after each one's first call: A B A B ...
+    for t in (a, b):
+        assert t.block_medians_ms == t.latencies_ms and len(t.block_medians_ms) == 6
+    assert paired_ratio(a, a) == 1.0
+    assert paired_ratio(a, b) == statistics.median(x / y for x, y in zip(a.block_medians_ms, b.block_medians_ms))
+    elsewhere = Timing(contender("c"), 0.0, 0.0, None, list(b.latencies_ms), block_medians_ms=list(b.block_medians_ms))
+    elsewhere.contender.device = "vulkan"
+    assert paired_ratio(a, elsewhere) is None  # different devices never share a round

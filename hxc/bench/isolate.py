@@ -191,4 +191,5 @@ def _serve(conn: Any, build: Callable[[], list[Contender]], budget: Budget) -> N
 
 def _plain(t: Timing) -> dict:
     return {"id": t.contender.id, "load_ms": t.load_ms, "first_call_ms": t.first_call_ms, "memory_mb": t.memory_mb,
-            "latencies_ms": t.latencies_ms, "interleaved_with": t.interleaved_with, "other_load": t.other_load}  # fmt: skip
+            "latencies_ms": t.latencies_ms, "interleaved_with": t.interleaved_with, "other_load": t.other_load,
+            "block_medians_ms": t.block_medians_ms}  # fmt: skip

@@ -53,6 +53,11 @@ class Timing:
     latencies_ms: list[float] = field(default_factory=list)
     interleaved_with: tuple[str, ...] = ()  # the other contenders of its phase
     other_load: float | None = None  # cores' worth of CPU other processes used while it was timed
+    # Each block's median, in order. Blocks go round by round (A B C A B C ...) and a
+    # contender that has enough stops for good, so block i of two contenders ran in
+    # the same round for every i both reached: ratios of those pairs cancel load that
+    # came and went between rounds (`paired_ratio`).
+    block_medians_ms: list[float] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
@@ -60,6 +65,14 @@ class Timing:
 
     def stats(self) -> LatencyStats:
         return latency_stats(self.latencies_ms)
+
+
+def paired_ratio(a: Timing, b: Timing) -> float | None:
+    """The median, over the rounds both ran in, of a's block median over b's: a ratio
+    that holds when the load on the machine changes between rounds. None without any
+    shared round (timings from different phases)."""
+    pairs = [x / y for x, y in zip(a.block_medians_ms, b.block_medians_ms) if y > 0]
+    return statistics.median(pairs) if pairs and b.contender.device == a.contender.device else None
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,7 @@ class Phase:
 
     def _block(self, t: Timing, call: Callable[[], None]) -> None:
         time.sleep(self.budget.settle_seconds)
+        first = len(t.latencies_ms)
         block_end = time.perf_counter() + self.budget.block_seconds
         while True:
             t0 = time.perf_counter_ns()
@@ -174,6 +188,7 @@ class Phase:
             t.latencies_ms.append((time.perf_counter_ns() - t0) / 1e6)
             if time.perf_counter() >= block_end:
                 break
+        t.block_medians_ms.append(statistics.median(t.latencies_ms[first:]))
 
     def close(self) -> None:
         self._calls.clear()

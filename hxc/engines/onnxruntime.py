@@ -111,6 +111,8 @@ class OrtSession:
     def __init__(self, session: Any) -> None:
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
+        # Asked for by name: run(None, ...) lists the outputs again on every call.
+        self.output_names = [o.name for o in session.get_outputs()]
         self.device_seconds = 0.0
 
     @classmethod
@@ -129,18 +131,20 @@ class OrtSession:
         return cls(ort.InferenceSession(model, so, providers=[provider]))
 
     def _feed(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-        return {n: np.ascontiguousarray(a) for n, a in zip(self.input_names, arrays)}
+        # Contiguous arrays (nearly all) go as they are. Not np.ascontiguousarray for the
+        # rest: it turns a scalar (0-d array) into shape (1,), and a 0-d array is contiguous.
+        return {n: a if a.flags.c_contiguous else np.ascontiguousarray(a) for n, a in zip(self.input_names, arrays)}
 
     def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
         feed = self._feed(arrays)
         t0 = time.perf_counter()
-        out = self.session.run(None, feed)
+        out = self.session.run(self.output_names, feed)
         self.device_seconds = time.perf_counter() - t0
-        return list(out)
+        return out
 
     def prepare(self, arrays: list[np.ndarray], signature: Signature) -> Callable[[], None]:
-        feed, run = self._feed(arrays), self.session.run
-        return lambda: run(None, feed)
+        feed, run, names = self._feed(arrays), self.session.run, self.output_names
+        return lambda: run(names, feed)
 
 
 def _root_cause(e: BaseException) -> str:

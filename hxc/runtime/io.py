@@ -6,15 +6,19 @@ minImportedHostPointerAlignment (4096 on Mesa's lavapipe), which numpy arrays ar
 not, so they fail there with "host allocation import pointer does not satisfy ...".
 hxc never imports host pointers: inputs are copied into device-owned buffers, and
 outputs that the host cannot map are read back through a mappable staging buffer
-with a queue copy, as a GPU application would.
+with a queue copy, as a GPU application would. `Transfers` is the per-call path: it
+takes shortcuts where they do the same thing (see there).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
 import iree.runtime as rt
 from hxc.dtypes import dtype, to_storage
+from hxc.manifests.schema import Signature
 
 
 def to_device(device: rt.HalDevice, array: np.ndarray, name: str) -> rt.HalBufferView:
@@ -58,6 +62,81 @@ def _mapped_copy(buffer: rt.HalBuffer, shape: tuple[int, ...], dtype: np.dtype) 
     return raw[: count * dtype.itemsize].copy().view(dtype).reshape(shape)
 
 
+class Transfers:
+    """Host arrays to and from one IREE device for one signature, with everything that
+    does not change between calls looked up once: each input's HAL element type and
+    whether it can go to the device as it is, and how each output comes back.
+
+    The general paths are `to_device` / `to_host` (every driver, every dtype).
+    Two shortcuts, taken only where they do the same thing: a C-contiguous input of a
+    dtype the buffer protocol carries is copied into a new device buffer directly; an
+    output of a host-memory device (`HOST_MEMORY_DRIVERS`) is copied out through
+    DLPack, which costs about half what mapping the buffer does (3.8 vs 6.1 µs for a
+    16 KB output), since the device pointer of such a buffer is a host pointer."""
+
+    def __init__(self, device: rt.HalDevice, host_memory: bool, signature: Signature) -> None:
+        self.device = device
+        self.signature = signature
+        self._list = rt.VmVariantList
+        self._copy = device.allocator.allocate_buffer_copy
+        self._memory, self._usage = rt.MemoryType.DEVICE_LOCAL, rt.BufferUsage.DEFAULT  # as to_device
+        self._view_type = rt.HalBufferView
+        # (hxc dtype, IREE element type, buffer protocol carries it) per input.
+        self._inputs = [(s.dtype, dtype(s.dtype).iree_element_type(), dtype(s.dtype).numpy_native) for s in signature.inputs]
+        # (hxc dtype, numpy dtype, DLPack may carry it) per output. DLPack has no
+        # bool or ml_dtypes types that numpy reads; those take to_host.
+        self._outputs = []
+        for s in signature.outputs:
+            want = dtype(s.dtype).numpy_dtype()
+            self._outputs.append((s.dtype, want, host_memory and want.kind in "fiu" and dtype(s.dtype).numpy_native))
+
+    def upload(self, arrays: list[np.ndarray]) -> Any:
+        args = self._list(len(arrays))
+        for a, (name, element_type, direct) in zip(arrays, self._inputs):
+            if direct and a.flags.c_contiguous:
+                args.push_ref(self._copy(self._memory, self._usage, self.device, a, element_type))
+            else:
+                args.push_ref(to_device(self.device, a, name))
+        return args
+
+    def results(self) -> Any:
+        return self._list(len(self._outputs))
+
+    def download(self, results: Any) -> list[np.ndarray]:
+        out = []
+        for i, (name, want, dlpack) in enumerate(self._outputs):
+            view = results.get_as_object(i, self._view_type)
+            if dlpack:
+                a = np.from_dlpack(_DLPack(self.device.create_dlpack_capsule(view, _DLPACK_CPU, 0)))
+                if a.dtype == want:
+                    out.append(a.copy())  # own the bytes: the device buffer is IREE's to reuse
+                    continue
+            out.append(to_host(self.device, view, name))
+        return out
+
+
+# HAL drivers whose buffers live in host memory: the device pointer DLPack exports is
+# a host pointer, so numpy can read it. Every other driver (Vulkan, lavapipe included,
+# CUDA, HIP) reads back through to_host.
+HOST_MEMORY_DRIVERS = frozenset({"local-task", "local-sync"})
+_DLPACK_CPU = 1  # kDLCPU
+
+
+class _DLPack:
+    """What `np.from_dlpack` takes: an object with `__dlpack__`, around IREE's capsule."""
+
+    __slots__ = ("capsule",)
+
+    def __init__(self, capsule: Any) -> None:
+        self.capsule = capsule
+
+    def __dlpack__(self, **_: Any) -> Any:
+        return self.capsule
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (_DLPACK_CPU, 0)
+
+
 def cast_signature(signature, casts: tuple[tuple[str, str], ...]):
     """The signature an artifact with `interface_casts` really has."""
     from dataclasses import replace
@@ -90,13 +169,4 @@ def cast_inputs(arrays: list[np.ndarray], model_sig, artifact_sig) -> list[np.nd
                     hint="choose an artifact with native 64-bit integers, e.g. device='vulkan:desktop' or a CPU one",
                 )
         out.append(a.astype(want))
-    return out
-
-
-def cast_outputs(arrays: list[np.ndarray], model_sig) -> list[np.ndarray]:
-    """Artifact outputs back as the model's types (widening, or f32 rounded to f16/bf16)."""
-    out = []
-    for a, m in zip(arrays, model_sig.outputs):
-        want = dtype(m.dtype).numpy_dtype()
-        out.append(a if a.dtype == want else a.astype(want))
     return out

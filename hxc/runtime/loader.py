@@ -29,7 +29,7 @@ from hxc.manifests import read_manifest
 from hxc.manifests.bundle import CheckedFile, TrustedKeys, open_checked
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
 from hxc.dtypes import dtype, from_numpy, is_torch, to_numpy, to_torch
-from hxc.runtime.io import cast_inputs, cast_outputs, cast_signature, to_device, to_host
+from hxc.runtime.io import HOST_MEMORY_DRIVERS, Transfers, cast_inputs, cast_signature
 from hxc.runtime.prices import PriceTable
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
@@ -68,6 +68,8 @@ class LoadedModel:
         self._lock = threading.Lock()
         # What the artifact itself takes and returns (see Artifact.interface_casts).
         self._artifact_signature = cast_signature(self.signature, candidate.artifact.interface_casts)
+        # Everything a call needs to know about the signature, worked out once (see CallPlan).
+        self._plan = CallPlan(self.signature, self._artifact_signature)
 
     @property
     def artifact(self) -> Artifact:
@@ -87,18 +89,28 @@ class LoadedModel:
         return f"<hxc model {self.manifest.model.name!r}: {self.artifact.id} on {self.device.label}>"
 
     def __call__(self, *inputs: Any) -> Any:
-        as_torch = is_torch(inputs[0]) if inputs else False
-        flat = self.run_flat(check_inputs(self.signature, inputs))
-        if as_torch:
-            flat = [to_torch(a, spec.dtype) for a, spec in zip(flat, self.signature.outputs)]
-        return rebuild(self.signature.output_tree, flat)
+        plan = self._plan
+        # Numpy, the common case, is told apart from torch by one type comparison.
+        if inputs and type(inputs[0]) is not np.ndarray and is_torch(inputs[0]):
+            flat = self._run(plan.check([to_numpy(x) for x in inputs]))
+            flat = [to_torch(a, name) for a, name in zip(flat, plan.output_dtypes)]
+        else:
+            flat = self._run(plan.check(inputs))
+        return flat[plan.single_output] if plan.single_output is not None else rebuild(self.signature.output_tree, flat)
 
     def run_flat(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Numpy in, flat numpy out: the path `verify` and `run` use."""
-        inner = cast_inputs(check_inputs(self.signature, arrays), self.signature, self._artifact_signature)
+        return self._run(self._plan.check(arrays))
+
+    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Checked host arrays in, flat host arrays of the model's types out."""
+        plan = self._plan
+        if plan.input_casts:
+            arrays = cast_inputs(arrays, self.signature, self._artifact_signature)
         with self._lock:  # one IREE invocation at a time per loaded model
-            flat = self._session.invoke(inner, self._artifact_signature)
-        return cast_outputs(flat, self.signature)
+            flat = self._session.invoke(arrays, self._artifact_signature)
+        # Artifact outputs back as the model's types (widening, or f32 rounded to f16/bf16).
+        return [a if a.dtype == want else a.astype(want) for a, want in zip(flat, plan.output_numpy)]
 
     @property
     def last_device_ms(self) -> float:
@@ -219,11 +231,13 @@ class Session:
     `hxc.engines.base.Session` among several. `load()` builds these after checking the
     bundle; `hxc compile --tune` uses them directly on freshly compiled candidates."""
 
-    def __init__(self, device: Any, context: Any, function: Any, keep_alive: tuple) -> None:
+    def __init__(self, device: Any, context: Any, function: Any, keep_alive: tuple, host_memory: bool = False) -> None:
         self.device = device
         self.context = context
         self.function = function
         self.device_seconds = 0.0  # of the last invoke(), copies to and from the device excluded
+        self.host_memory = host_memory
+        self._last_transfers: Transfers | None = None
         # The mapped module, the parameter index and its provider must outlive the
         # context that reads from them.
         self._keep_alive = keep_alive
@@ -260,41 +274,35 @@ class Session:
         function = module.lookup_function("main")
         if function is None:
             raise HxcError(f"{vmfb}: has no 'main' function")
-        return cls(hal_device, context, function, keep_alive)
+        return cls(hal_device, context, function, keep_alive, host_memory=device.driver in HOST_MEMORY_DRIVERS)
 
-    def _args(self, arrays: list[np.ndarray], signature: Signature) -> Any:
-        import iree.runtime as rt
-
-        args = rt.VmVariantList(len(arrays))
-        for a, spec in zip(arrays, signature.inputs):
-            args.push_ref(to_device(self.device, a, spec.dtype))
-        return args
+    def _transfers(self, signature: Signature) -> Transfers:
+        # Callers pass the same signature object every time (the artifact's), so one
+        # slot, checked by identity (not by hashing the signature), is enough.
+        t = self._last_transfers
+        if t is None or t.signature is not signature:
+            t = self._last_transfers = Transfers(self.device, self.host_memory, signature)
+        return t
 
     def prepare(self, arrays: list[np.ndarray], signature: Signature) -> Callable[[], None]:
-        import iree.runtime as rt
-
-        args = self._args(arrays, signature)
-        n_out = len(signature.outputs)
+        t = self._transfers(signature)
+        args, results = t.upload(arrays), t.results
         context, function = self.context, self.function
 
         def call() -> None:
             # `main` is the synchronous entry point: it returns once the device is done.
-            context.invoke(function, args, rt.VmVariantList(n_out))
+            context.invoke(function, args, results())
 
         return call
 
     def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
-        import iree.runtime as rt
-
-        results = rt.VmVariantList(len(signature.outputs))
-        args = self._args(arrays, signature)
+        t = self._transfers(signature)
+        args = t.upload(arrays)
+        results = t.results()
         t0 = time.perf_counter()
         self.context.invoke(self.function, args, results)
         self.device_seconds = time.perf_counter() - t0
-        return [
-            to_host(self.device, results.get_as_object(i, rt.HalBufferView), spec.dtype)
-            for i, spec in enumerate(signature.outputs)
-        ]
+        return t.download(results)
 
 
 @functools.cache
@@ -306,6 +314,40 @@ def _instance() -> Any:
 
 
 # --- inputs and outputs ------------------------------------------------------------
+
+
+class CallPlan:
+    """What a call checks and converts, worked out once per loaded model, so that the
+    common call (host arrays of exactly the signature's dtypes and static shapes)
+    costs a few comparisons. Anything else goes through `check_inputs`, which accepts
+    what it accepted before (dynamic dimensions, sequences, array subclasses) and
+    raises the same errors."""
+
+    def __init__(self, signature: Signature, artifact_signature: Signature) -> None:
+        self.signature = signature
+        specs = signature.inputs
+        self.count = len(specs)
+        # (numpy dtype, shape) per input, or None when a dimension is dynamic (or 0,
+        # which check_inputs refuses as empty): those inputs always take the full check.
+        static = all(isinstance(d, int) and d > 0 for s in specs for d in s.shape)
+        self.expected = tuple((dtype(s.dtype).numpy_dtype(), tuple(s.shape)) for s in specs) if static else None
+        self.input_casts = any(m.dtype != a.dtype for m, a in zip(specs, artifact_signature.inputs))
+        self.output_dtypes = tuple(s.dtype for s in signature.outputs)
+        self.output_numpy = tuple(dtype(s.dtype).numpy_dtype() for s in signature.outputs)
+        tree = signature.output_tree
+        self.single_output = tree.index if tree.kind == "leaf" else None
+
+    def check(self, inputs: Any) -> list[np.ndarray]:
+        """`check_inputs(signature, inputs)`, by cheap comparisons where they suffice."""
+        expected = self.expected
+        if expected is not None and len(inputs) == self.count:
+            for x, (want_dtype, want_shape) in zip(inputs, expected):
+                # A subclass (np.matrix, a memmap) or anything else takes the full check.
+                if type(x) is not np.ndarray or x.dtype != want_dtype or x.shape != want_shape:
+                    break
+            else:
+                return list(inputs)
+        return check_inputs(self.signature, inputs)
 
 
 def check_inputs(signature: Signature, inputs: Any) -> list[np.ndarray]:
