@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import hxc.runtime
 from hxc.compiler.build import build_bundle
@@ -187,6 +187,26 @@ def test_depthwise_convolution_shapes_on_both_vulkan_variants(factory, tmp_path,
     for variant in ("vulkan:spirv", "vulkan:desktop"):
         [got] = run_isolated(out, [x.numpy()], variant)
         _close(got, want)
+
+
+def test_onnx_depthwise_convolution_on_lavapipe(tmp_path, run_isolated):
+    # ONNX's grouped Conv reaches IREE as the same depthwise op (max abs error 10 without
+    # the loop reordering): the fix sits below the frontends.
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((8, 1, 3, 3)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    model = _onnx_model(
+        tmp_path / "dw.onnx",
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], group=8, pads=[1, 1, 1, 1], strides=[2, 2])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 5, 5])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )  # fmt: skip
+    out = tmp_path / "dw-onnx.hxc"
+    assert build_bundle(str(model), out, "vulkan:spirv").written
+    x = rng.standard_normal((1, 8, 10, 10)).astype(np.float32)
+    [want] = _ort(model, {"x": x})
+    [got] = run_isolated(out, [x], "vulkan:spirv")
+    _close(got, want)
 
 
 # --- element types IREE carries ----------------------------------------------------------

@@ -4,10 +4,11 @@
 // depthwise conv, conv1d included: groups == channels) is wrong. The named op iterates
 // (n, oh, ow, c, kh, kw) while its output is indexed (n, c, oh, ow); the BaseDistribute
 // pipeline then maps threads to the conv as (x, y) and to the fused zero-fill and bias
-// add as (y, x) on one workgroup-memory tile, with no barrier between them, and lavapipe
-// returns only the first output column right (the rest: bias alone). Interchanging the
-// loops to the output's order (n, c, oh, ow, kh, kw) gives one distribution for all of
-// them. Same arithmetic, same summation order: only the loop nest changes.
+// add as (y, x) on one workgroup-memory tile, with no barrier between them (in a
+// one-layer test lavapipe got only the first output column right; the rest held the bias
+// alone). Interchanging the loops to the output's order (n, c, oh, ow, kh, kw) gives one
+// distribution for all of them. Same arithmetic, same summation order: only the loop nest
+// changes.
 module attributes {transform.with_named_sequence} {
   transform.named_sequence @__transform_main(%root: !transform.any_op {transform.readonly}) {
     %convs = transform.structured.match ops{["linalg.depthwise_conv_2d_nchw_chw"]} in %root

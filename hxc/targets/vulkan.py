@@ -16,7 +16,9 @@ widths their shaders may use:
   NVIDIA's), and code built that way returned wrong numbers on lavapipe (subgroup size
   8; BERT max abs error 3.5). bf16 is computed in f32 (IREE's SPIR-V path has no bf16).
 The vendor-tuned variants use one vendor's subgroup sizes and cooperative-matrix
-extensions and are picked only on that vendor's devices.
+extensions and are picked only on that vendor's devices. Every variant's compile also
+reorders the loops of depthwise convolutions first (spirv_depthwise.mlir): IREE 3.13's
+SPIR-V code for them is wrong otherwise.
 
 Each artifact records the Vulkan features its SPIR-V needs, read from the
 capabilities the compiled shaders declare, and the loader checks them against the
