@@ -96,6 +96,28 @@ def test_every_variant_compiles_to_its_binary_format(variant, mlp_ir, tmp_path):
         assert result.verified == f"PTX assembled by ptxas {ptxas_version()} for {plan.requires.min_gpu_arch}"
 
 
+def test_every_vulkan_compile_carries_the_depthwise_transform():
+    # IREE 3.13's SPIR-V depthwise convolutions are wrong without it (tests/test_coverage.py
+    # runs them on lavapipe); the spec must ship inside the package.
+    from hxc.targets.vulkan import DEPTHWISE_SPEC
+
+    assert DEPTHWISE_SPEC.is_file() and "linalg.depthwise_conv_2d_nchw_chw" in DEPTHWISE_SPEC.read_text()
+    vulkan = targets.family("vulkan")
+    for variant in vulkan.variants:
+        assert f"--iree-preprocessing-transform-spec-filename={DEPTHWISE_SPEC}" in vulkan.plan(variant).flags
+
+
+def test_the_compile_cache_key_follows_the_files_flags_name(tmp_path):
+    # A transform or tuning spec is read by the compile: editing it must miss the cache.
+    spec = tmp_path / "spec.mlir"
+    spec.write_text("module {}\n")
+    flags = ("--iree-hal-target-device=vulkan", f"--iree-preprocessing-transform-spec-filename={spec}")
+    before = CompileCache.key("ir", flags, "3.13.0")
+    assert CompileCache.key("ir", flags, "3.13.0") == before
+    spec.write_text("module attributes {transform.with_named_sequence} {}\n")
+    assert CompileCache.key("ir", flags, "3.13.0") != before
+
+
 @pytest.mark.skipif(find_ptxas() is None, reason="ptxas not installed")
 def test_ptxas_rejects_ptx_the_claimed_gpu_cannot_run(tmp_path):
     # PTX written for sm_89 must not pass as sm_80 code: ptxas refuses it, so the

@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hxc.manifests.bundle import atomic_write, copy_hashed, file_hash
+from hxc.manifests.bundle import atomic_write, copy_hashed, file_hash, file_sha256
 from hxc.manifests.schema import FileHash, Requirements, SchemaError, from_json, to_json
 
 log = logging.getLogger("hxc.cache")
@@ -48,6 +48,18 @@ class CacheEntry:
     requires: Requirements | None = None  # what the binaries need, read from them when compiled
 
 
+def _flag_file_digests(flags: tuple[str, ...]) -> list[str]:
+    """sha256 of each file a `--flag=PATH` names (a transform spec, a tuning spec): the
+    compile reads it, so an edited file must miss the cache even though the flag did not
+    change."""
+    out = []
+    for flag in flags:
+        _, eq, value = flag.partition("=")
+        if eq and value and os.path.isfile(value):
+            out.append(f"{value}:{file_sha256(value)}")
+    return out
+
+
 class CompileCache:
     def __init__(self, root: Path | None) -> None:
         self.root = root / "compile" if root is not None else None
@@ -55,7 +67,7 @@ class CompileCache:
     @staticmethod
     def key(ir_sha256: str, flags: tuple[str, ...], compiler_version: str) -> str:
         h = hashlib.sha256()
-        for part in (ir_sha256, compiler_version, *flags):
+        for part in (ir_sha256, compiler_version, *flags, *_flag_file_digests(flags)):
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()

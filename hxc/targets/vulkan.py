@@ -16,7 +16,9 @@ widths their shaders may use:
   NVIDIA's), and code built that way returned wrong numbers on lavapipe (subgroup size
   8; BERT max abs error 3.5). bf16 is computed in f32 (IREE's SPIR-V path has no bf16).
 The vendor-tuned variants use one vendor's subgroup sizes and cooperative-matrix
-extensions and are picked only on that vendor's devices.
+extensions and are picked only on that vendor's devices. Every variant's compile also
+reorders the loops of depthwise convolutions first (spirv_depthwise.mlir): IREE 3.13's
+SPIR-V code for them is wrong otherwise.
 
 Each artifact records the Vulkan features its SPIR-V needs, read from the
 capabilities the compiled shaders declare, and the loader checks them against the
@@ -85,6 +87,10 @@ _DESKTOP_TARGET = (
 )
 _PROMOTE_BF16 = ("--iree-input-promote-bf16-to-f32",)
 _PORTABLE = ("--iree-input-demote-i64-to-i32", "--iree-input-promote-f16-to-f32", *_PROMOTE_BF16)
+# A transform applied to every SPIR-V compile: it reorders the loops of depthwise
+# convolutions, whose code IREE 3.13 otherwise gets wrong (see the file). A path inside
+# the installed package, so it goes in at plan time, not in the variants' flags.
+DEPTHWISE_SPEC = Path(__file__).with_name("spirv_depthwise.mlir")
 _PORTABLE_CASTS = (("i64", "i32"), ("f16", "f32"), ("bf16", "f32"), ("f64", "f32"))
 _DESKTOP_CASTS = (("bf16", "f32"), ("f64", "f32"))
 
@@ -120,7 +126,8 @@ class VulkanFamily(TargetFamily):
 
     def plan(self, variant: Variant) -> CompilePlan:
         # The shaders are kept so their capabilities become the artifact's requirements.
-        return CompilePlan(variant, variant.flags, variant.binary, variant.requires, dump_binaries=True)
+        flags = (*variant.flags, f"--iree-preprocessing-transform-spec-filename={DEPTHWISE_SPEC}")
+        return CompilePlan(variant, flags, variant.binary, variant.requires, dump_binaries=True)
 
     def binary_requirements(self, plan: CompilePlan, binaries: Path | None) -> Requirements | None:
         if binaries is None:
