@@ -472,46 +472,88 @@ def _prepare(
 
 # Operators IREE 3.13's ONNX importer has no lowering for, but which ONNX defines as
 # functions of other operators: they are replaced by their function bodies (for the
-# model's opset) before import.
+# model's opset) before import. Operators ONNX gives no usable function for have
+# hxc's own bodies, for the forms IREE cannot lower (onnx_decompose.DECOMPOSITIONS).
 EXPAND_AS_FUNCTIONS = frozenset({"Attention", "RMSNormalization", "LinearAttention", "CausalConvWithState",
-                                 "RotaryEmbedding", "Swish"})  # fmt: skip
+                                 "RotaryEmbedding", "Swish", "SwiGLU", "NegativeLogLikelihoodLoss",
+                                 "SoftmaxCrossEntropyLoss"})  # fmt: skip
 _EXPAND_DOMAIN = "hxc.expand"
+# A function body may call another expandable operator (SwiGLU calls Swish): expansion
+# runs again on the inlined graph, this many times at most.
+_EXPAND_ROUNDS = 3
 
 
 def _expand_functions(model: Any, path: Path) -> Any:
     """The model with top-level nodes of EXPAND_AS_FUNCTIONS replaced by the ONNX
     function that defines them (context-dependent ones built for the node's own
-    attributes and input types), through ONNX's own inliner."""
+    attributes and input types), and nodes hxc decomposes by hxc's function for
+    them, through ONNX's own inliner."""
+    for _ in range(_EXPAND_ROUNDS):
+        model, expanded = _expand_once(model, path)
+        if not expanded:
+            break
+    return model
+
+
+def _expand_once(model: Any, path: Path) -> tuple[Any, bool]:
+    from hxc.compiler.onnx_decompose import DECOMPOSITIONS
+
     onnx = _onnx()
-    wanted = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in EXPAND_AS_FUNCTIONS]
+    from onnx import numpy_helper
+
+    expandable = EXPAND_AS_FUNCTIONS | DECOMPOSITIONS.keys()
+    wanted = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in expandable]
     if not wanted:
-        return model
+        return model, False
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), TARGET_OPSET)
     try:
         typed = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
     except Exception:
         typed = model
     types = {v.name: v.type for v in [*typed.graph.input, *typed.graph.value_info, *typed.graph.output]}
+    known: dict[str, np.ndarray] = {}
     for t in typed.graph.initializer:
         tp = onnx.TypeProto()
         tp.tensor_type.elem_type = t.data_type
+        tp.tensor_type.shape.dim.extend(onnx.TensorShapeProto.Dimension(dim_value=d) for d in t.dims)
         types.setdefault(t.name, tp)
+        if not _is_external(t) and _numel(t) <= FOLD_MAX_ELEMENTS:
+            known[t.name] = numpy_helper.to_array(t)
+    for n in model.graph.node:  # Constant nodes holding a tensor
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and [a.name for a in n.attribute] == ["value"]:
+            known[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
     functions = []
+    used = {f.name for f in model.functions}
     for k, node in enumerate(wanted):
-        body = _function_body(node, opset, types)
+        if node.op_type in DECOMPOSITIONS:
+            body = DECOMPOSITIONS[node.op_type](node, opset, types, known)
+            if body is not None:
+                node.ClearField("attribute")  # hxc's bodies carry the attribute values themselves
+        else:
+            body = _function_body(node, opset, types)
         if body is None:
             continue
-        body.domain, body.name = _EXPAND_DOMAIN, f"{node.op_type}_{k}"
+        name = next(f"{node.op_type}_{j}" for j in range(k, k + len(used) + 1) if f"{node.op_type}_{j}" not in used)
+        used.add(name)
+        body.domain, body.name = _EXPAND_DOMAIN, name
         node.domain, node.op_type = _EXPAND_DOMAIN, body.name
         functions.append(body)
     if not functions:
-        return model
+        return model, False
     model.functions.extend(functions)
-    model.opset_import.add(domain=_EXPAND_DOMAIN, version=1)
+    if not any(o.domain == _EXPAND_DOMAIN for o in model.opset_import):
+        model.opset_import.add(domain=_EXPAND_DOMAIN, version=1)
+    # Types of every value let the inliner convert a body written for an older opset
+    # than the model's (ONNX's Swish body is at opset 24; a SwiGLU model at 28).
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(typed.graph.value_info)
     try:
         from onnx import inliner
 
-        return inliner.inline_local_functions(model)
+        try:
+            return inliner.inline_local_functions(model, convert_version=True), True
+        except Exception:
+            return inliner.inline_local_functions(model), True
     except Exception as e:
         raise LoweringError(f"{path}: cannot expand {', '.join(sorted({f.name.rsplit('_', 1)[0] for f in functions}))} "
                             f"into ONNX operators IREE lowers ({first_line(e)})") from None  # fmt: skip
@@ -533,19 +575,50 @@ def _function_body(node: Any, opset: int, types: dict[str, Any]) -> Any:
     versions = [v for v in schema.function_opset_versions if v <= opset]
     if versions:
         body.ParseFromString(schema.get_function_with_opset_version(max(versions)))
-        return body
-    versions = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
-    if not versions or any(i and i not in types for i in call.input):
-        return None
-    empty = onnx.TypeProto()
-    raw = schema.get_context_dependent_function_with_opset_version(
-        max(versions), call.SerializeToString(), [(types[i] if i else empty).SerializeToString() for i in call.input]
-    )
-    body.ParseFromString(raw)
-    # The function's attribute references need the node's values at the call site.
+    else:
+        versions = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
+        if not versions or any(i and i not in types for i in call.input):
+            return None
+        empty = onnx.TypeProto()
+        raw = schema.get_context_dependent_function_with_opset_version(
+            max(versions), call.SerializeToString(), [(types[i] if i else empty).SerializeToString() for i in call.input]
+        )
+        body.ParseFromString(raw)
+    _at_model_opset(body, opset)
+    # The function's attribute references need the node's values at the call site,
+    # defaults included (SwiGLU's body reads `alpha` even when the node leaves it out).
     node.ClearField("attribute")
     node.attribute.extend(call.attribute)
     return body
+
+
+def _at_model_opset(body: Any, opset: int) -> None:
+    """Declare `body` at the model's opset when no operator it uses (subgraphs included)
+    changed between the function's opset and the model's: ONNX's inliner leaves a call
+    whose function imports another opset than the model uninlined (a Swish body is
+    written for opset 24; a SwiGLU model is at 28)."""
+    onnx = _onnx()
+    own = next((o for o in body.opset_import if o.domain in ("", "ai.onnx")), None)
+    if own is None or own.version == opset:
+        return
+
+    def unchanged(nodes: Any) -> bool:
+        for n in nodes:
+            if n.domain not in ("", "ai.onnx"):
+                continue
+            try:
+                before, now = (onnx.defs.get_schema(n.op_type, v).since_version for v in (own.version, opset))
+                if before != now:
+                    return False
+            except Exception:
+                return False
+            for a in n.attribute:
+                if not all(unchanged(g.node) for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)):
+                    return False
+        return True
+
+    if unchanged(body.node):
+        own.version = opset
 
 
 # Folded results larger than this stay computed at run time: folding is for shapes,
