@@ -277,6 +277,33 @@ def _decomposition_case(kind: str, rng: np.random.Generator):
         want = a / (1 + np.exp(-0.5 * a)) * b
         nodes = [helper.make_node("SwiGLU", ["a", "b"], ["y"], alpha=0.5)]
         return nodes, [("a", TensorProto.FLOAT, a), ("b", TensorProto.FLOAT, b)], (TensorProto.FLOAT, [2, 5]), 28, want
+    if kind == "matmul_vector_batch":  # IREE rejects 1-D x 3-D
+        a, b = f32(4), f32(2, 3, 4, 5)
+        nodes = [helper.make_node("MatMul", ["a", "b"], ["y"])]
+        ins = [("a", TensorProto.FLOAT, a), ("b", TensorProto.FLOAT, b)]
+        return nodes, ins, (TensorProto.FLOAT, [2, 3, 5]), 13, None
+    if kind == "qlinear_matmul_3d":  # IREE's own lowering is off by up to 134 for stacked matrices
+        a, b = rng.integers(-128, 128, (2, 3, 4)).astype(np.int8), rng.integers(-128, 128, (2, 4, 5)).astype(np.int8)
+        scale = lambda v: np.array([v], np.float32)  # noqa: E731
+        point = lambda v: np.array([v], np.int8)  # noqa: E731
+        scalars = [("a_scale", TensorProto.FLOAT, scale(0.0066)), ("a_zp", TensorProto.INT8, point(-14)),
+                   ("b", TensorProto.INT8, b), ("b_scale", TensorProto.FLOAT, scale(0.00705)),
+                   ("b_zp", TensorProto.INT8, point(-13)), ("y_scale", TensorProto.FLOAT, scale(0.0107)),
+                   ("y_zp", TensorProto.INT8, point(-9))]  # fmt: skip
+        nodes = [helper.make_node("QLinearMatMul", ["a", *[n for n, _, _ in scalars]], ["y"])]
+        return nodes, [("a", TensorProto.INT8, a), *scalars], (TensorProto.INT8, [2, 3, 5]), 21, None
+    if kind == "l2_normalization":  # a zero norm gives 0 (ONNX's reference), not IREE's NaN
+        x = f32(2, 3, 4)
+        x[:, 1, 2] = 0
+        norm = np.sqrt((x**2).sum(axis=0, keepdims=True))
+        want = np.where(norm == 0, 0, x / np.where(norm == 0, 1, norm)).astype(np.float32)
+        nodes = [helper.make_node("LpNormalization", ["x"], ["y"], axis=0, p=2)]
+        return nodes, [("x", TensorProto.FLOAT, x)], (TensorProto.FLOAT, [2, 3, 4]), 22, want
+    if kind == "space_to_depth_crd":  # opset 28's CRD mode: IREE ignores the mode; ONNX's function body is right
+        x = f32(1, 2, 4, 6)
+        want = x.reshape(1, 2, 2, 2, 3, 2).transpose(0, 1, 3, 5, 2, 4).reshape(1, 8, 2, 3)
+        nodes = [helper.make_node("SpaceToDepth", ["x"], ["y"], blocksize=2, mode="CRD")]
+        return nodes, [("x", TensorProto.FLOAT, x)], (TensorProto.FLOAT, [1, 8, 2, 3]), 28, want
     assert kind == "nll_loss"  # IREE's own lowering fails on a weighted, per-pixel loss
     logp, target = f32(2, 3, 4, 2), rng.integers(0, 3, (2, 4, 2)).astype(np.int64)
     nodes = [helper.make_node("NegativeLogLikelihoodLoss", ["logp", "t", "w"], ["y"], reduction="mean", ignore_index=1)]
@@ -285,8 +312,8 @@ def _decomposition_case(kind: str, rng: np.random.Generator):
     return nodes, ins, (TensorProto.FLOAT, []), 22, None
 
 
-@pytest.mark.parametrize("kind", ["cumprod", "cumsum_runtime_axis", "lppool_dilated", "range_f16", "swiglu",
-                                  "nll_loss"])  # fmt: skip
+@pytest.mark.parametrize("kind", ["cumprod", "cumsum_runtime_axis", "lppool_dilated", "range_f16", "swiglu", "nll_loss",
+                                  "matmul_vector_batch", "qlinear_matmul_3d", "l2_normalization", "space_to_depth_crd"])  # fmt: skip
 def test_operators_iree_lacks_are_rewritten_and_match(kind, tmp_path):
     nodes, inputs, (out_type, out_shape), opset, want = _decomposition_case(kind, np.random.default_rng(11))
     vi = helper.make_tensor_value_info
@@ -303,8 +330,11 @@ def test_operators_iree_lacks_are_rewritten_and_match(kind, tmp_path):
         [want] = _ort(path, *arrays)
     got = np.asarray(hxc.runtime.load(out)(*arrays))
     assert got.shape == want.shape and got.dtype == want.dtype
-    tol = {"atol": 1e-3, "rtol": 1e-3} if got.dtype == np.float16 else F32
-    np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), **tol)
+    if got.dtype.kind in "iu":
+        np.testing.assert_array_equal(got, want)
+    else:
+        tol = {"atol": 1e-3, "rtol": 1e-3} if got.dtype == np.float16 else F32
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), **tol)
 
 
 def test_reduction_over_an_empty_axes_input_reduces_everything(tmp_path):

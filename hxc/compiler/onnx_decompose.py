@@ -192,6 +192,94 @@ def _range_low_precision(node: Any, opset: int, types: dict, known: dict) -> Any
     return _function(node, opset, nodes, formals)
 
 
+# --- MatMul, QLinearMatMul ------------------------------------------------------------
+
+
+def _matmul_vector_batch(node: Any, opset: int, types: dict, known: dict) -> Any:
+    """MatMul of a vector with a stack of matrices (1-D x 3-D and up, or the reverse),
+    which IREE's lowering rejects: the vector becomes a one-row (one-column) matrix,
+    as MatMul's definition (numpy's matmul) says, and that dimension is dropped again."""
+    a, b = (_shape(types, i) for i in node.input)
+    if a is None or b is None or not ((len(a) == 1 and len(b) >= 3) or (len(b) == 1 and len(a) >= 3)):
+        return None
+    from onnx import helper
+
+    at, drop = (0, -2) if len(a) == 1 else (-1, -1)
+    vector = "A" if len(a) == 1 else "B"
+    nodes = [
+        _const("at", np.array([at], np.int64)), _const("drop", np.array([drop], np.int64)),
+        helper.make_node("Unsqueeze", [vector, "at"], ["matrix"]),
+        helper.make_node("MatMul", ["matrix", "B"] if vector == "A" else ["A", "matrix"], ["product"]),
+        helper.make_node("Squeeze", ["product", "drop"], ["Y"]),
+    ]  # fmt: skip
+    return _function(node, opset, nodes, ["A", "B"])
+
+
+def _qlinear_matmul_batched(node: Any, opset: int, types: dict, known: dict) -> Any:
+    """QLinearMatMul of stacked (3-D and up) matrices, which IREE lowers wrongly (off by
+    up to 134 on ONNX's tests; 2-D is right): ONNX's definition, step by step, for
+    per-tensor scales and zero points: the int32 product of the zero-point-shifted
+    integers, scaled by a_scale * b_scale / y_scale, shifted by y_zero_point, rounded
+    half to even and saturated to the output type."""
+    shapes = [_shape(types, i) if i else None for i in node.input]
+    if len(node.input) != 8 or any(s is None for s in shapes) or max(len(shapes[0]), len(shapes[3])) < 3:
+        return None
+    if any(int(np.prod(shapes[k])) != 1 for k in (1, 2, 4, 5, 6, 7)):
+        return None  # per-axis quantization: not this rewrite
+    out_type = _elem_type(types, node.input[7])
+    if out_type not in (2, 3):  # UINT8, INT8
+        return None
+    from onnx import helper
+
+    info = np.iinfo(np.uint8 if out_type == 2 else np.int8)
+    i32 = 6  # INT32
+    nodes = [
+        helper.make_node("Cast", ["A"], ["a32"], to=i32), helper.make_node("Cast", ["A_ZP"], ["a_zp32"], to=i32),
+        helper.make_node("Cast", ["B"], ["b32"], to=i32), helper.make_node("Cast", ["B_ZP"], ["b_zp32"], to=i32),
+        helper.make_node("Sub", ["a32", "a_zp32"], ["a_shifted"]),
+        helper.make_node("Sub", ["b32", "b_zp32"], ["b_shifted"]),
+        helper.make_node("MatMul", ["a_shifted", "b_shifted"], ["product"]),
+        helper.make_node("Mul", ["A_SCALE", "B_SCALE"], ["ab_scale"]),
+        helper.make_node("Div", ["ab_scale", "Y_SCALE"], ["scale"]),
+        helper.make_node("Cast", ["scale"], ["scale32"], to=_FLOAT),
+        helper.make_node("Cast", ["product"], ["product_f"], to=_FLOAT),
+        helper.make_node("Cast", ["Y_ZP"], ["y_zp_f"], to=_FLOAT),
+        helper.make_node("Mul", ["product_f", "scale32"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "y_zp_f"], ["shifted"]),
+        helper.make_node("Round", ["shifted"], ["rounded"]),
+        _const("lo", np.array(info.min, np.float32)), _const("hi", np.array(info.max, np.float32)),
+        helper.make_node("Clip", ["rounded", "lo", "hi"], ["saturated"]),
+        helper.make_node("Cast", ["saturated"], ["Y"], to=out_type),
+    ]  # fmt: skip
+    return _function(node, opset, nodes, ["A", "A_SCALE", "A_ZP", "B", "B_SCALE", "B_ZP", "Y_SCALE", "Y_ZP"])
+
+
+# --- LpNormalization ----------------------------------------------------------------
+
+
+def _l2_normalization(node: Any, opset: int, types: dict, known: dict) -> Any:
+    """LpNormalization with p = 2: x / sqrt(sum x^2) along the axis, 0 where that norm
+    is 0 (as ONNX's reference defines it; IREE's lowering gives NaN there)."""
+    attrs = _attrs(node)
+    if attrs.get("p", 2) != 2:
+        return None
+    from onnx import helper
+
+    axis = np.array([attrs.get("axis", -1)], np.int64)
+    nodes = [
+        _const("axis", axis), _const("zero", np.zeros((), np.float32)),
+        helper.make_node("ReduceSumSquare", ["X", "axis"], ["squares"], keepdims=1),
+        helper.make_node("Sqrt", ["squares"], ["norm"]),
+        helper.make_node("CastLike", ["zero", "X"], ["zero_x"]),
+        helper.make_node("Equal", ["norm", "zero_x"], ["null"]),
+        helper.make_node("Div", ["X", "norm"], ["scaled"]),
+        helper.make_node("Where", ["null", "zero_x", "scaled"], ["Y"]),
+    ]  # fmt: skip
+    if opset < 18:  # ReduceSumSquare takes its axes as an attribute before opset 18
+        nodes[2] = helper.make_node("ReduceSumSquare", ["X"], ["squares"], keepdims=1, axes=[int(axis[0])])
+    return _function(node, opset, nodes, ["X"])
+
+
 _REDUCTIONS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
                "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")  # fmt: skip
 
@@ -200,5 +288,8 @@ DECOMPOSITIONS: dict[str, Builder] = {
     "CumProd": _cumprod,
     "LpPool": _lppool,
     "Range": _range_low_precision,
+    "MatMul": _matmul_vector_batch,
+    "QLinearMatMul": _qlinear_matmul_batched,
+    "LpNormalization": _l2_normalization,
     **{op: _reduce_empty_axes for op in _REDUCTIONS},
 }

@@ -476,7 +476,7 @@ def _prepare(
 # hxc's own bodies, for the forms IREE cannot lower (onnx_decompose.DECOMPOSITIONS).
 EXPAND_AS_FUNCTIONS = frozenset({"Attention", "RMSNormalization", "LinearAttention", "CausalConvWithState",
                                  "RotaryEmbedding", "Swish", "SwiGLU", "NegativeLogLikelihoodLoss",
-                                 "SoftmaxCrossEntropyLoss"})  # fmt: skip
+                                 "SoftmaxCrossEntropyLoss", "SpaceToDepth"})  # fmt: skip
 _EXPAND_DOMAIN = "hxc.expand"
 # A function body may call another expandable operator (SwiGLU calls Swish): expansion
 # runs again on the inlined graph, this many times at most.
