@@ -523,7 +523,6 @@ def _expand_once(model: Any, path: Path) -> tuple[Any, bool]:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and [a.name for a in n.attribute] == ["value"]:
             known[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
     functions = []
-    used = {f.name for f in model.functions}
     for k, node in enumerate(wanted):
         if node.op_type in DECOMPOSITIONS:
             body = DECOMPOSITIONS[node.op_type](node, opset, types, known)
@@ -533,9 +532,7 @@ def _expand_once(model: Any, path: Path) -> tuple[Any, bool]:
             body = _function_body(node, opset, types)
         if body is None:
             continue
-        name = next(f"{node.op_type}_{j}" for j in range(k, k + len(used) + 1) if f"{node.op_type}_{j}" not in used)
-        used.add(name)
-        body.domain, body.name = _EXPAND_DOMAIN, name
+        body.domain, body.name = _EXPAND_DOMAIN, f"{node.op_type}_{k}"  # inlined and dropped within the round
         node.domain, node.op_type = _EXPAND_DOMAIN, body.name
         functions.append(body)
     if not functions:
@@ -543,8 +540,9 @@ def _expand_once(model: Any, path: Path) -> tuple[Any, bool]:
     model.functions.extend(functions)
     if not any(o.domain == _EXPAND_DOMAIN for o in model.opset_import):
         model.opset_import.add(domain=_EXPAND_DOMAIN, version=1)
-    # Types of every value let the inliner convert a body written for an older opset
-    # than the model's (ONNX's Swish body is at opset 24; a SwiGLU model at 28).
+    # ONNX's inliner leaves a call uninlined when its body imports another opset than
+    # the model (ONNX's Swish body is at opset 24; a SwiGLU model at 28); it converts
+    # the body when it knows every value's type.
     del model.graph.value_info[:]
     model.graph.value_info.extend(typed.graph.value_info)
     try:
@@ -584,41 +582,11 @@ def _function_body(node: Any, opset: int, types: dict[str, Any]) -> Any:
             max(versions), call.SerializeToString(), [(types[i] if i else empty).SerializeToString() for i in call.input]
         )
         body.ParseFromString(raw)
-    _at_model_opset(body, opset)
     # The function's attribute references need the node's values at the call site,
     # defaults included (SwiGLU's body reads `alpha` even when the node leaves it out).
     node.ClearField("attribute")
     node.attribute.extend(call.attribute)
     return body
-
-
-def _at_model_opset(body: Any, opset: int) -> None:
-    """Declare `body` at the model's opset when no operator it uses (subgraphs included)
-    changed between the function's opset and the model's: ONNX's inliner leaves a call
-    whose function imports another opset than the model uninlined (a Swish body is
-    written for opset 24; a SwiGLU model is at 28)."""
-    onnx = _onnx()
-    own = next((o for o in body.opset_import if o.domain in ("", "ai.onnx")), None)
-    if own is None or own.version == opset:
-        return
-
-    def unchanged(nodes: Any) -> bool:
-        for n in nodes:
-            if n.domain not in ("", "ai.onnx"):
-                continue
-            try:
-                before, now = (onnx.defs.get_schema(n.op_type, v).since_version for v in (own.version, opset))
-                if before != now:
-                    return False
-            except Exception:
-                return False
-            for a in n.attribute:
-                if not all(unchanged(g.node) for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)):
-                    return False
-        return True
-
-    if unchanged(body.node):
-        own.version = opset
 
 
 # Folded results larger than this stay computed at run time: folding is for shapes,
