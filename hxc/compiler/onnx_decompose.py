@@ -8,8 +8,10 @@ about its inputs (types from shape inference, values of initializers and Constan
 nodes) and returns a FunctionProto whose formal inputs and outputs are the node's
 (attribute values already applied), or None where its rewrite does not apply: the
 node is then left for IREE as it is. Every rewrite is exact in the operator's own
-semantics (no logarithms, no approximations), and is only made where IREE's own
-lowering fails, so a model IREE already compiles is not changed.
+semantics (no logarithms, no approximations), and is only made for the forms IREE
+rejects or computes wrongly: other nodes of the same operator stay IREE's.
+
+Imported only when an ONNX model is compiled, so onnx is imported at the top.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from onnx import TensorProto, helper, numpy_helper
 
+# CumProd's masked product holds (elements of x) x (length of the axis) values.
+CUMPROD_MAX_ELEMENTS = 1 << 24
 # A builder: (node, opset, value types by name, known constant values by name) -> FunctionProto | None.
 Builder = Callable[[Any, int, dict[str, Any], dict[str, np.ndarray]], Any]
 
@@ -38,23 +43,17 @@ def _elem_type(types: dict[str, Any], name: str) -> int:
 
 
 def _attrs(node: Any) -> dict[str, Any]:
-    from onnx import helper
-
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _function(node: Any, opset: int, nodes: list[Any], inputs: list[str]) -> Any:
     """A function for `node` over formal inputs `inputs` (one per node input, used or
     not) and output Y; the inliner maps them onto the node's values."""
-    from onnx import helper
-
     opsets = [helper.make_opsetid("", opset)]
     return helper.make_function("", node.op_type, inputs[: len(node.input)], ["Y"], nodes, opsets)
 
 
 def _const(name: str, value: np.ndarray) -> Any:
-    from onnx import helper, numpy_helper
-
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name))
 
 
@@ -75,9 +74,7 @@ def _cumsum(node: Any, opset: int, types: dict, known: dict) -> Any:
     (-1 names the same one), and IREE needs it as a constant ("dim is not constant")."""
     if node.input[1] in known or _axis_value(node, types, known) is None:
         return None
-    from onnx import helper
-
-    axis_type = _elem_type(types, node.input[1]) or 7  # INT64
+    axis_type = _elem_type(types, node.input[1]) or TensorProto.INT64
     zero = np.zeros((), dtype=helper.tensor_dtype_to_np_dtype(axis_type))
     attrs = {k: v for k, v in _attrs(node).items() if k in ("exclusive", "reverse")}
     nodes = [_const("axis0", zero), helper.make_node("CumSum", ["X", "axis0"], ["Y"], **attrs)]
@@ -88,15 +85,16 @@ def _cumprod(node: Any, opset: int, types: dict, known: dict) -> Any:
     """CumProd (no IREE lowering) as a masked product: y[..i..] = prod_j (M[i, j] ? x[..j..] : 1)
     with M the lower (or, reversed, upper) triangle, strict when exclusive. Multiplies
     the same values as the definition (zeros and signs exact); needs the axis and its
-    length as constants, and builds an N x N intermediate along it."""
-    from onnx import helper
-
+    length as constants, and builds an N x N intermediate along it (up to
+    CUMPROD_MAX_ELEMENTS elements; longer axes are left to IREE, which refuses them)."""
     shape = _shape(types, node.input[0])
     axis = _axis_value(node, types, known)
     if shape is None or axis is None or not -len(shape) <= axis < len(shape):
         return None
     axis %= len(shape)
     n = shape[axis]
+    if int(np.prod(shape)) * n > CUMPROD_MAX_ELEMENTS:
+        return None
     attrs = _attrs(node)
     i, j = np.arange(n)[:, None], np.arange(n)[None, :]
     masks = {(0, 0): j <= i, (1, 0): j < i, (0, 1): j >= i, (1, 1): j > i}  # by (exclusive, reverse)
@@ -125,8 +123,6 @@ def _reduce_empty_axes(node: Any, opset: int, types: dict, known: dict) -> Any:
     (or, with noop_with_empty_axes, none)."""
     if len(node.input) < 2 or not node.input[1] or node.input[1] in known or _shape(types, node.input[1]) != [0]:
         return None
-    from onnx import helper
-
     attrs = _attrs(node)
     if attrs.get("noop_with_empty_axes", 0):
         reduced = helper.make_node("Identity", ["X"], ["Y"])
@@ -143,8 +139,6 @@ def _lppool(node: Any, opset: int, types: dict, known: dict) -> Any:
     (sum over each window of |x|^p)^(1/p), the window sum being a depthwise convolution
     with ones, which takes the same kernel, strides, pads, dilations and auto_pad.
     Padded positions add 0, as in LpPool."""
-    from onnx import helper
-
     shape = _shape(types, node.input[0])
     attrs = _attrs(node)
     dilated = any(d != 1 for d in attrs.get("dilations", []))
@@ -171,20 +165,16 @@ def _lppool(node: Any, opset: int, types: dict, known: dict) -> Any:
 
 # --- Range ----------------------------------------------------------------------------
 
-_FLOAT, _FLOAT16, _BFLOAT16 = 1, 10, 16
-
 
 def _range_low_precision(node: Any, opset: int, types: dict, known: dict) -> Any:
     """Range over float16/bfloat16 (IREE lowers it for f32 and integers): computed in
     float32 and rounded once, as ONNX's reference (numpy's arange) computes
     start + i * delta in float before storing each element."""
     elem = _elem_type(types, node.input[0])
-    if elem not in (_FLOAT16, _BFLOAT16):
+    if elem not in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
         return None
-    from onnx import helper
-
     formals = ["START", "LIMIT", "DELTA"]
-    nodes = [helper.make_node("Cast", [v], [f"{v}_f32"], to=_FLOAT) for v in formals]
+    nodes = [helper.make_node("Cast", [v], [f"{v}_f32"], to=TensorProto.FLOAT) for v in formals]
     nodes += [
         helper.make_node("Range", [f"{v}_f32" for v in formals], ["range_f32"]),
         helper.make_node("Cast", ["range_f32"], ["Y"], to=elem),
@@ -202,8 +192,6 @@ def _matmul_vector_batch(node: Any, opset: int, types: dict, known: dict) -> Any
     a, b = (_shape(types, i) for i in node.input)
     if a is None or b is None or not ((len(a) == 1 and len(b) >= 3) or (len(b) == 1 and len(a) >= 3)):
         return None
-    from onnx import helper
-
     at, drop = (0, -2) if len(a) == 1 else (-1, -1)
     vector = "A" if len(a) == 1 else "B"
     nodes = [
@@ -227,12 +215,10 @@ def _qlinear_matmul_batched(node: Any, opset: int, types: dict, known: dict) -> 
     if any(int(np.prod(shapes[k])) != 1 for k in (1, 2, 4, 5, 6, 7)):
         return None  # per-axis quantization: not this rewrite
     out_type = _elem_type(types, node.input[7])
-    if out_type not in (2, 3):  # UINT8, INT8
+    if out_type not in (TensorProto.UINT8, TensorProto.INT8):
         return None
-    from onnx import helper
-
-    info = np.iinfo(np.uint8 if out_type == 2 else np.int8)
-    i32 = 6  # INT32
+    info = np.iinfo(helper.tensor_dtype_to_np_dtype(out_type))
+    i32, f32 = TensorProto.INT32, TensorProto.FLOAT
     nodes = [
         helper.make_node("Cast", ["A"], ["a32"], to=i32), helper.make_node("Cast", ["A_ZP"], ["a_zp32"], to=i32),
         helper.make_node("Cast", ["B"], ["b32"], to=i32), helper.make_node("Cast", ["B_ZP"], ["b_zp32"], to=i32),
@@ -241,9 +227,9 @@ def _qlinear_matmul_batched(node: Any, opset: int, types: dict, known: dict) -> 
         helper.make_node("MatMul", ["a_shifted", "b_shifted"], ["product"]),
         helper.make_node("Mul", ["A_SCALE", "B_SCALE"], ["ab_scale"]),
         helper.make_node("Div", ["ab_scale", "Y_SCALE"], ["scale"]),
-        helper.make_node("Cast", ["scale"], ["scale32"], to=_FLOAT),
-        helper.make_node("Cast", ["product"], ["product_f"], to=_FLOAT),
-        helper.make_node("Cast", ["Y_ZP"], ["y_zp_f"], to=_FLOAT),
+        helper.make_node("Cast", ["scale"], ["scale32"], to=f32),
+        helper.make_node("Cast", ["product"], ["product_f"], to=f32),
+        helper.make_node("Cast", ["Y_ZP"], ["y_zp_f"], to=f32),
         helper.make_node("Mul", ["product_f", "scale32"], ["scaled"]),
         helper.make_node("Add", ["scaled", "y_zp_f"], ["shifted"]),
         helper.make_node("Round", ["shifted"], ["rounded"]),
@@ -263,8 +249,6 @@ def _l2_normalization(node: Any, opset: int, types: dict, known: dict) -> Any:
     attrs = _attrs(node)
     if attrs.get("p", 2) != 2:
         return None
-    from onnx import helper
-
     axis = np.array([attrs.get("axis", -1)], np.int64)
     nodes = [
         _const("axis", axis), _const("zero", np.zeros((), np.float32)),
