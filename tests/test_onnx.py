@@ -1,6 +1,7 @@
 """`hxc compile model.onnx` end to end: real ONNX files in (external data, old opsets,
 shared weights), bundles out, artifacts that run on the CPU and lavapipe Vulkan and
 match ONNX Runtime; unsupported operators and broken files refused with one line;
+operators IREE cannot lower, rewritten into ones it can, matching ONNX Runtime (or numpy);
 and a slice of ONNX's own operator conformance tests."""
 
 from __future__ import annotations
