@@ -512,14 +512,12 @@ def _expand_once(model: Any, path: Path) -> tuple[Any, bool]:
     except Exception:
         pass
     types = {v.name: v.type for v in [*typed.graph.input, *typed.graph.value_info, *typed.graph.output]}
-    known: dict[str, np.ndarray] = {}
     for t in typed.graph.initializer:
         tp = onnx.TypeProto()
         tp.tensor_type.elem_type = t.data_type
         tp.tensor_type.shape.dim.extend(onnx.TensorShapeProto.Dimension(dim_value=d) for d in t.dims)
         types.setdefault(t.name, tp)
-        if not _is_external(t) and _numel(t) <= FOLD_MAX_ELEMENTS:
-            known[t.name] = numpy_helper.to_array(t)
+    known = _small_initializers(typed.graph)
     for n in model.graph.node:  # Constant nodes holding a tensor
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and [a.name for a in n.attribute] == ["value"]:
             known[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
@@ -637,10 +635,7 @@ def fold_constants(model: Any) -> Any:
             dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
             if all(d is not None for d in dims):
                 shapes[v.name] = dims
-    known: dict[str, np.ndarray] = {}
-    for t in model.graph.initializer:
-        if not _is_external(t) and _numel(t) <= FOLD_MAX_ELEMENTS:
-            known[t.name] = numpy_helper.to_array(t)
+    known = _small_initializers(model.graph)
     graph_inputs = {v.name for v in model.graph.input} - {t.name for t in model.graph.initializer}
     opsets = list(model.opset_import)
     folded = 0
@@ -666,6 +661,14 @@ def fold_constants(model: Any) -> Any:
     if folded:
         log.info("hxc: folded %d ONNX nodes into constants", folded)
     return model
+
+
+def _small_initializers(graph: Any) -> dict[str, np.ndarray]:
+    """The values of the initializers folding may read: in memory, at most FOLD_MAX_ELEMENTS."""
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in graph.initializer
+            if not _is_external(t) and _numel(t) <= FOLD_MAX_ELEMENTS}  # fmt: skip
 
 
 def _fold_node(node: Any, known: dict, shapes: dict, graph_inputs: set[str], opsets: list) -> list | None:
