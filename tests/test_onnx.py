@@ -1,6 +1,7 @@
 """`hxc compile model.onnx` end to end: real ONNX files in (external data, old opsets,
 shared weights), bundles out, artifacts that run on the CPU and lavapipe Vulkan and
 match ONNX Runtime; unsupported operators and broken files refused with one line;
+operators IREE cannot lower, rewritten into ones it can, matching ONNX Runtime (or numpy);
 and a slice of ONNX's own operator conformance tests."""
 
 from __future__ import annotations
@@ -242,3 +243,119 @@ def test_import_cache_notices_changed_external_weights(onnx_models, tmp_path):
     assert first.manifest.model.ir_sha256 != second.manifest.model.ir_sha256
     got = hxc.runtime.load(tmp_path / "b.hxc")(x)
     np.testing.assert_allclose(got[0], _ort(d / "net.onnx", x)[0], **F32)
+
+
+# --- operators IREE cannot lower, rewritten into ones it can ---------------------------
+
+
+def _decomposition_case(kind: str, rng: np.random.Generator):
+    """(nodes, inputs as (name, TensorProto type, array), output type and shape, opset,
+    numpy reference or None for ONNX Runtime's) for one of hxc's rewrites."""
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    if kind == "cumprod":  # no IREE lowering; zeros and negatives must stay exact (no logarithms)
+        x = np.array([[2.0, -1.5, 0.0, 3.0], [-0.5, 4.0, 1.25, -2.0], [1.0, 0.0, -3.0, 0.5]], np.float32)
+        axis = helper.make_tensor("axis", TensorProto.INT64, [], [1])
+        nodes = [helper.make_node("Constant", [], ["axis"], value=axis),
+                 helper.make_node("CumProd", ["x", "axis"], ["y"], exclusive=1, reverse=1)]  # fmt: skip
+        return nodes, [("x", TensorProto.FLOAT, x)], (TensorProto.FLOAT, [3, 4]), 26, None
+    if kind == "cumsum_runtime_axis":  # a 1-D input: the run-time axis can only be 0
+        x = f32(6)
+        nodes = [helper.make_node("CumSum", ["x", "axis"], ["y"], reverse=1)]
+        ins = [("x", TensorProto.FLOAT, x), ("axis", TensorProto.INT32, np.array(0, np.int32))]
+        return nodes, ins, (TensorProto.FLOAT, [6]), 14, None
+    if kind == "lppool_dilated":
+        attrs = {"kernel_shape": [2, 2], "dilations": [2, 2], "p": 3, "pads": [1, 0, 1, 1]}
+        nodes = [helper.make_node("LpPool", ["x"], ["y"], **attrs)]
+        return nodes, [("x", TensorProto.FLOAT, f32(1, 3, 6, 5))], (TensorProto.FLOAT, [1, 3, 6, 4]), 22, None
+    if kind == "range_f16":
+        # ONNX Runtime has no float16 Range; numpy's arange is ONNX's reference for it.
+        bounds = {"start": 1.5, "limit": 9.0, "delta": 0.75}
+        ins = [(n, TensorProto.FLOAT16, np.array(v, np.float16)) for n, v in bounds.items()]
+        nodes = [helper.make_node("Range", ["start", "limit", "delta"], ["y"])]
+        return nodes, ins, (TensorProto.FLOAT16, [10]), 11, np.arange(1.5, 9.0, 0.75, dtype=np.float16)
+    if kind == "swiglu":  # ONNX's function body calls Swish, whose body is written for opset 24
+        a, b = f32(2, 5), f32(2, 5)
+        want = a / (1 + np.exp(-0.5 * a)) * b
+        nodes = [helper.make_node("SwiGLU", ["a", "b"], ["y"], alpha=0.5)]
+        return nodes, [("a", TensorProto.FLOAT, a), ("b", TensorProto.FLOAT, b)], (TensorProto.FLOAT, [2, 5]), 28, want
+    if kind == "matmul_vector_batch":  # IREE rejects 1-D x 3-D
+        a, b = f32(4), f32(2, 3, 4, 5)
+        nodes = [helper.make_node("MatMul", ["a", "b"], ["y"])]
+        ins = [("a", TensorProto.FLOAT, a), ("b", TensorProto.FLOAT, b)]
+        return nodes, ins, (TensorProto.FLOAT, [2, 3, 5]), 13, None
+    if kind == "qlinear_matmul_3d":  # IREE's own lowering is off by up to 134 for stacked matrices
+        a, b = rng.integers(-128, 128, (2, 3, 4)).astype(np.int8), rng.integers(-128, 128, (2, 4, 5)).astype(np.int8)
+        scale = lambda v: np.array([v], np.float32)  # noqa: E731
+        point = lambda v: np.array([v], np.int8)  # noqa: E731
+        scalars = [("a_scale", TensorProto.FLOAT, scale(0.0066)), ("a_zp", TensorProto.INT8, point(-14)),
+                   ("b", TensorProto.INT8, b), ("b_scale", TensorProto.FLOAT, scale(0.00705)),
+                   ("b_zp", TensorProto.INT8, point(-13)), ("y_scale", TensorProto.FLOAT, scale(0.0107)),
+                   ("y_zp", TensorProto.INT8, point(-9))]  # fmt: skip
+        nodes = [helper.make_node("QLinearMatMul", ["a", *[n for n, _, _ in scalars]], ["y"])]
+        return nodes, [("a", TensorProto.INT8, a), *scalars], (TensorProto.INT8, [2, 3, 5]), 21, None
+    if kind == "l2_normalization":  # a zero norm gives 0 (ONNX's reference), not IREE's NaN
+        x = f32(2, 3, 4)
+        x[:, 1, 2] = 0
+        norm = np.sqrt((x**2).sum(axis=0, keepdims=True))
+        want = np.where(norm == 0, 0, x / np.where(norm == 0, 1, norm)).astype(np.float32)
+        nodes = [helper.make_node("LpNormalization", ["x"], ["y"], axis=0, p=2)]
+        return nodes, [("x", TensorProto.FLOAT, x)], (TensorProto.FLOAT, [2, 3, 4]), 22, want
+    if kind == "space_to_depth_crd":  # opset 28's CRD mode: IREE ignores the mode; ONNX's function body is right
+        x = f32(1, 2, 4, 6)
+        want = x.reshape(1, 2, 2, 2, 3, 2).transpose(0, 1, 3, 5, 2, 4).reshape(1, 8, 2, 3)
+        nodes = [helper.make_node("SpaceToDepth", ["x"], ["y"], blocksize=2, mode="CRD")]
+        return nodes, [("x", TensorProto.FLOAT, x)], (TensorProto.FLOAT, [1, 8, 2, 3]), 28, want
+    assert kind == "nll_loss"  # IREE's own lowering fails on a weighted, per-pixel loss
+    logp, target = f32(2, 3, 4, 2), rng.integers(0, 3, (2, 4, 2)).astype(np.int64)
+    nodes = [helper.make_node("NegativeLogLikelihoodLoss", ["logp", "t", "w"], ["y"], reduction="mean", ignore_index=1)]
+    w = np.abs(f32(3))
+    ins = [("logp", TensorProto.FLOAT, logp), ("t", TensorProto.INT64, target), ("w", TensorProto.FLOAT, w)]
+    return nodes, ins, (TensorProto.FLOAT, []), 22, None
+
+
+@pytest.mark.parametrize("kind", ["cumprod", "cumsum_runtime_axis", "lppool_dilated", "range_f16", "swiglu", "nll_loss",
+                                  "matmul_vector_batch", "qlinear_matmul_3d", "l2_normalization", "space_to_depth_crd"])  # fmt: skip
+def test_operators_iree_lacks_are_rewritten_and_match(kind, tmp_path):
+    nodes, inputs, (out_type, out_shape), opset, want = _decomposition_case(kind, np.random.default_rng(11))
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, kind, [vi(n, t, a.shape) for n, t, a in inputs], [vi("y", out_type, out_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    path = tmp_path / f"{kind}.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / f"{kind}.hxc"
+    result = build_bundle(str(path), out, "cpu:host", use_cache=False)
+    assert result.written, [r.error for r in result.failed]
+    arrays = [a for _, _, a in inputs]
+    if want is None:
+        [want] = _ort(path, *arrays)
+    got = np.asarray(hxc.runtime.load(out)(*arrays))
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if got.dtype.kind in "iu":
+        np.testing.assert_array_equal(got, want)
+    else:
+        tol = {"atol": 1e-3, "rtol": 1e-3} if got.dtype == np.float16 else F32
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), **tol)
+
+
+def test_reduction_over_an_empty_axes_input_reduces_everything(tmp_path):
+    # An `axes` input of shape [0] means every axis. IREE cannot lower it as a run-time
+    # list at opset 28 (what ONNX's ReduceLogSum function body gives); hxc drops it.
+    # hxc.runtime.load refuses empty inputs, so this runs as a conformance case does.
+    from onnx import numpy_helper
+
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=1, noop_with_empty_axes=0),
+             helper.make_node("Log", ["s"], ["y"])]  # fmt: skip
+    inputs = [vi("x", TensorProto.FLOAT, [3, 4, 5]), vi("axes", TensorProto.INT64, [0])]
+    graph = helper.make_graph(nodes, "empty_axes", inputs, [vi("y", TensorProto.FLOAT, [1, 1, 1])])
+    case = tmp_path / "test_empty_axes"
+    (case / "test_data_set_0").mkdir(parents=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 28)]), str(case / "model.onnx"))
+    x = np.abs(np.random.default_rng(5).standard_normal((3, 4, 5))).astype(np.float32)
+    for name, a in (("input_0", x), ("input_1", np.zeros(0, np.int64)), ("output_0", np.log(x.sum(keepdims=True)))):
+        (case / "test_data_set_0" / f"{name}.pb").write_bytes(numpy_helper.from_array(a).SerializeToString())
+    work = tmp_path / "work"
+    work.mkdir()
+    r = onnx_conformance.run_case(case, work)
+    assert r.status == "pass", (r.category, r.detail)

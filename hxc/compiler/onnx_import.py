@@ -472,49 +472,106 @@ def _prepare(
 
 # Operators IREE 3.13's ONNX importer has no lowering for, but which ONNX defines as
 # functions of other operators: they are replaced by their function bodies (for the
-# model's opset) before import.
+# model's opset) before import. Operators ONNX gives no usable function for have
+# hxc's own bodies, for the forms IREE cannot lower (onnx_decompose.DECOMPOSITIONS).
 EXPAND_AS_FUNCTIONS = frozenset({"Attention", "RMSNormalization", "LinearAttention", "CausalConvWithState",
-                                 "RotaryEmbedding", "Swish"})  # fmt: skip
+                                 "RotaryEmbedding", "Swish", "SwiGLU", "NegativeLogLikelihoodLoss",
+                                 "SoftmaxCrossEntropyLoss", "SpaceToDepth"})  # fmt: skip
 _EXPAND_DOMAIN = "hxc.expand"
+# A function body may call another expandable operator (SwiGLU calls Swish): expansion
+# runs again on the inlined graph, this many times at most.
+_EXPAND_ROUNDS = 3
 
 
 def _expand_functions(model: Any, path: Path) -> Any:
     """The model with top-level nodes of EXPAND_AS_FUNCTIONS replaced by the ONNX
     function that defines them (context-dependent ones built for the node's own
-    attributes and input types), through ONNX's own inliner."""
+    attributes and input types), and nodes hxc decomposes by hxc's function for
+    them, through ONNX's own inliner."""
+    for _ in range(_EXPAND_ROUNDS):
+        model, expanded = _expand_once(model, path)
+        if not expanded:
+            break
+    return model
+
+
+def _expand_once(model: Any, path: Path) -> tuple[Any, bool]:
+    from hxc.compiler.onnx_decompose import DECOMPOSITIONS
+
     onnx = _onnx()
-    wanted = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in EXPAND_AS_FUNCTIONS]
+    from onnx import numpy_helper
+
+    expandable = EXPAND_AS_FUNCTIONS | DECOMPOSITIONS.keys()
+    wanted = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in expandable]
     if not wanted:
-        return model
+        return model, False
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), TARGET_OPSET)
+    typed = _skeleton(model)
     try:
-        typed = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+        typed = onnx.shape_inference.infer_shapes(typed, check_type=False, strict_mode=False)
     except Exception:
-        typed = model
+        pass
     types = {v.name: v.type for v in [*typed.graph.input, *typed.graph.value_info, *typed.graph.output]}
     for t in typed.graph.initializer:
         tp = onnx.TypeProto()
         tp.tensor_type.elem_type = t.data_type
+        tp.tensor_type.shape.dim.extend(onnx.TensorShapeProto.Dimension(dim_value=d) for d in t.dims)
         types.setdefault(t.name, tp)
+    known = _small_initializers(typed.graph)
+    for n in model.graph.node:  # Constant nodes holding a tensor
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and [a.name for a in n.attribute] == ["value"]:
+            known[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
     functions = []
     for k, node in enumerate(wanted):
-        body = _function_body(node, opset, types)
+        if node.op_type in DECOMPOSITIONS:
+            body = DECOMPOSITIONS[node.op_type](node, opset, types, known)
+            if body is not None:
+                node.ClearField("attribute")  # hxc's bodies carry the attribute values themselves
+        else:
+            body = _function_body(node, opset, types)
         if body is None:
             continue
-        body.domain, body.name = _EXPAND_DOMAIN, f"{node.op_type}_{k}"
+        body.domain, body.name = _EXPAND_DOMAIN, f"{node.op_type}_{k}"  # inlined and dropped within the round
         node.domain, node.op_type = _EXPAND_DOMAIN, body.name
         functions.append(body)
     if not functions:
-        return model
+        return model, False
     model.functions.extend(functions)
-    model.opset_import.add(domain=_EXPAND_DOMAIN, version=1)
+    if not any(o.domain == _EXPAND_DOMAIN for o in model.opset_import):
+        model.opset_import.add(domain=_EXPAND_DOMAIN, version=1)
+    # ONNX's inliner leaves a call uninlined when its body imports another opset than
+    # the model (ONNX's Swish body is at opset 24; a SwiGLU model at 28); it converts
+    # the body when it knows every value's type.
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(typed.graph.value_info)
     try:
         from onnx import inliner
 
-        return inliner.inline_local_functions(model)
+        try:
+            return inliner.inline_local_functions(model, convert_version=True), True
+        except Exception:
+            return inliner.inline_local_functions(model), True
     except Exception as e:
         raise LoweringError(f"{path}: cannot expand {', '.join(sorted({f.name.rsplit('_', 1)[0] for f in functions}))} "
                             f"into ONNX operators IREE lowers ({first_line(e)})") from None  # fmt: skip
+
+
+def _skeleton(model: Any) -> Any:
+    """`model` for shape inference: initializers over FOLD_MAX_ELEMENTS elements keep
+    their name, type and dimensions but not their data (inference reads only small
+    constants: shapes, axes), so a big model's weights are not copied (a MatMul model
+    with 128 MB of weights: 0.01 s instead of 1.3 s)."""
+    onnx = _onnx()
+    light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions)
+    graph = light.graph
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for t in model.graph.initializer:
+        if _numel(t) > FOLD_MAX_ELEMENTS:
+            graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+        else:
+            graph.initializer.append(t)
+    return light
 
 
 def _function_body(node: Any, opset: int, types: dict[str, Any]) -> Any:
@@ -533,16 +590,17 @@ def _function_body(node: Any, opset: int, types: dict[str, Any]) -> Any:
     versions = [v for v in schema.function_opset_versions if v <= opset]
     if versions:
         body.ParseFromString(schema.get_function_with_opset_version(max(versions)))
-        return body
-    versions = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
-    if not versions or any(i and i not in types for i in call.input):
-        return None
-    empty = onnx.TypeProto()
-    raw = schema.get_context_dependent_function_with_opset_version(
-        max(versions), call.SerializeToString(), [(types[i] if i else empty).SerializeToString() for i in call.input]
-    )
-    body.ParseFromString(raw)
-    # The function's attribute references need the node's values at the call site.
+    else:
+        versions = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
+        if not versions or any(i and i not in types for i in call.input):
+            return None
+        empty = onnx.TypeProto()
+        raw = schema.get_context_dependent_function_with_opset_version(
+            max(versions), call.SerializeToString(), [(types[i] if i else empty).SerializeToString() for i in call.input]
+        )
+        body.ParseFromString(raw)
+    # The function's attribute references need the node's values at the call site,
+    # defaults included (SwiGLU's body reads `alpha` even when the node leaves it out).
     node.ClearField("attribute")
     node.attribute.extend(call.attribute)
     return body
@@ -577,10 +635,7 @@ def fold_constants(model: Any) -> Any:
             dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
             if all(d is not None for d in dims):
                 shapes[v.name] = dims
-    known: dict[str, np.ndarray] = {}
-    for t in model.graph.initializer:
-        if not _is_external(t) and _numel(t) <= FOLD_MAX_ELEMENTS:
-            known[t.name] = numpy_helper.to_array(t)
+    known = _small_initializers(model.graph)
     graph_inputs = {v.name for v in model.graph.input} - {t.name for t in model.graph.initializer}
     opsets = list(model.opset_import)
     folded = 0
@@ -606,6 +661,14 @@ def fold_constants(model: Any) -> Any:
     if folded:
         log.info("hxc: folded %d ONNX nodes into constants", folded)
     return model
+
+
+def _small_initializers(graph: Any) -> dict[str, np.ndarray]:
+    """The values of the initializers folding may read: in memory, at most FOLD_MAX_ELEMENTS."""
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in graph.initializer
+            if not _is_external(t) and _numel(t) <= FOLD_MAX_ELEMENTS}  # fmt: skip
 
 
 def _fold_node(node: Any, known: dict, shapes: dict, graph_inputs: set[str], opsets: list) -> list | None:
