@@ -225,6 +225,55 @@ def _summary(selection: Selection) -> str:
     return "; ".join(f"{r.artifact.id}: {r.reason}" for r in selection.rejected[:6]) or "the bundle has no artifacts"
 
 
+# Threads that poll while a device is idle: with IREE 3.13 on lavapipe, each Vulkan
+# device gets two threads that wait for "any of" several semaphores, which Mesa 22's
+# lavapipe implements by polling in a loop (vkWaitSemaphores with WAIT_ANY on syncs
+# without native wait-any): two cores burnt for as long as the process holds the device,
+# idle or not, taking them from every other device and process on the host.
+SPIN_SAMPLES = 8  # looks at the new threads' states, 5 ms apart
+
+
+def _hal_device(device: Device) -> Any:
+    """IREE's device for `device` (cached by IREE: one per URI per process). Threads the
+    Vulkan driver starts and leaves polling are moved to SCHED_IDLE: they then run only
+    on a core nothing else wants, which is where a device that just finished its work
+    leaves them, so a call's completion is still seen at once on an idle host."""
+    import iree.runtime as rt
+
+    if device.driver != "vulkan" or not hasattr(os, "SCHED_IDLE"):
+        return rt.get_device(device.uri)
+    before = set(_thread_states())
+    hal_device = rt.get_device(device.uri)
+    # A thread of an idle device should be asleep; one found running or runnable at every
+    # look is polling (by state, not by CPU time, which a busy host would hide).
+    polling = set(_thread_states()) - before
+    for _ in range(SPIN_SAMPLES):
+        if not polling:
+            break
+        time.sleep(0.005)
+        states = _thread_states()
+        polling = {t for t in polling if states.get(t) == "R"}
+    for tid in polling:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            log.debug("thread %d of %s polls while idle: moved to SCHED_IDLE", tid, device.uri)
+        except OSError:
+            pass
+    return hal_device
+
+
+def _thread_states() -> dict[int, str]:
+    """The scheduler state (R running or runnable, S sleeping, ...) of each thread of this process."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                out[int(tid)] = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # the thread ended meanwhile
+    return out
+
+
 class Session:
     """One vmfb loaded on one IREE device: its context and entry function; the IREE
     engine's session (`hxc.engines.iree`), one implementation of
@@ -250,7 +299,7 @@ class Session:
         build being tuned, not yet in a bundle) is mapped by IREE itself."""
         import iree.runtime as rt
 
-        hal_device = rt.get_device(device.uri)  # cached by IREE: one device per URI per process
+        hal_device = _hal_device(device)
         instance = _instance()
         if isinstance(vmfb, CheckedFile):
             module = rt.VmModule.wrap_buffer(instance, vmfb.buffer)
