@@ -44,6 +44,7 @@ from hxc.runtime.select import Candidate, Selection, matches_device, select
 SLOTS = 2  # chunks a worker holds at once: one running, the next already there
 JUDGE_SAMPLES = 3  # chunks measured alone, and beside the others, before a judgement
 REJUDGE_S = 60.0  # seconds of work after which a judgement is made again (loads change)
+CONFIRM_S = 5.0  # the first judgement, made from a few early chunks, is checked again this soon
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class Pool:
         self._judging = judge
         self._judged = False
         self._judged_at = 0.0  # the working time at the judgement: it is made again REJUDGE_S later
+        self._judgements = 0
         self._solo_trial: str | None = None  # a member measured alone before judging
         self._only: set[str] | None = None  # members allowed to work, inside `using()`
         self._events: queue.Queue = queue.Queue()
@@ -320,7 +322,7 @@ class Pool:
             raise UsageError("this pool is already running a call or map() in this thread; finish it first")
         with self._job_lock:
             self._job_owner = threading.get_ident()
-            if self._judged and self._wall_s - self._judged_at > REJUDGE_S:
+            if self._judged and self._wall_s - self._judged_at > (REJUDGE_S if self._judgements > 1 else CONFIRM_S):
                 self.rejudge()
             try:
                 yield from _Job(self, source, window, flat, last).run()
@@ -351,8 +353,11 @@ class Pool:
         if fastest.shared.samples < JUDGE_SAMPLES or any(m.speed.source != "measured" for m in active):
             return
         solo = {m.name: (m.solo.median if m.solo.samples >= JUDGE_SAMPLES else m.solo_prior) for m in active}
-        if not solo[fastest.name]:
-            # Never measured alone: let it work alone for a few chunks (a solo trial).
+        if fastest.solo.samples < JUDGE_SAMPLES:
+            # Not measured alone in this pool's chunks: let it work alone for a few (a solo
+            # trial). Its profile is no substitute: measured in another process, at other
+            # batch sizes (the MLP's said 5x less than its 50 ms chunks do), it would make
+            # any cost of the others invisible.
             self._solo_trial = fastest.name
             return
         self._solo_trial = None
@@ -364,6 +369,7 @@ class Pool:
             m.left_out = verdicts[m.name] + hint if m.name in verdicts else None
         self._judged = True
         self._judged_at = self._wall_s
+        self._judgements += 1
 
 
 class _Job:
