@@ -3,8 +3,9 @@
 Two default variants, because Vulkan devices differ most in the integer and float
 widths their shaders may use:
 - `spirv`, portable: IREE's baseline profile (vp_android_baseline_2022: 32-bit
-  integers and floats only), which any conformant device runs. 64-bit integers are
-  computed in 32 bits (`--iree-input-demote-i64-to-i32`) and f16/bf16 in f32. Where
+  integers and floats only), which any conformant device runs, plus 8-bit storage for
+  booleans (see _PORTABLE_TARGET): only a model that stores them needs it. 64-bit
+  integers are computed in 32 bits (`--iree-input-demote-i64-to-i32`) and f16/bf16 in f32. Where
   the model's interface has those types, the artifact takes and returns the 32-bit
   ones and the loader converts at the boundary, refusing integer inputs that do not
   fit in 32 bits, so callers still see the model's own signature.
