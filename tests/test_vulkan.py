@@ -197,3 +197,105 @@ def test_an_idle_lavapipe_device_takes_no_cpu_from_other_work(example_bundle):
     total, normal = map(float, proc.stdout.split())
     assert total > 0.5, "no thread polls any more: the SCHED_IDLE move may be unnecessary (check IREE/Mesa)"
     assert normal < 0.1, f"threads at normal priority used {normal:.2f} s of CPU in 1 s while the device was idle"
+
+
+# --- patterns the portable variant once got wrong or could not build -------------------------
+
+_PATTERN_MODELS = """
+import torch
+from torch import nn
+
+class Attention(nn.Module):
+    def forward(self, q, k, v):
+        return nn.functional.scaled_dot_product_attention(q, k, v)
+
+class PaddedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mha = nn.MultiheadAttention(64, 4, batch_first=True)
+
+    def forward(self, x, pad):
+        return self.mha(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+
+def sdpa_100():
+    # torch's _safe_softmax reduces each of the 4 x 100 score rows to one boolean
+    # ("all -inf?"), stored as 400 bytes between two dispatches.
+    torch.manual_seed(0)
+    return Attention(), tuple(torch.randn(1, 4, 100, 16) for _ in range(3))
+
+class PairScores(nn.Module):
+    # int64 ids (the portable variant re-exports the program behind an i32 interface),
+    # and two graphs whose decomposition leaves an aliasing prims.squeeze: unbinding
+    # torch.triu_indices (DLRM's interactions) and squeezing a weight (Mamba's conv).
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 8)
+        self.conv = nn.Conv1d(4, 4, 3, groups=4, padding=2)
+
+    def forward(self, ids):
+        z = self.emb(ids)
+        d = z @ z.transpose(1, 2)
+        i, j = torch.triu_indices(4, 4, offset=1)
+        w = self.conv.weight.squeeze(1)
+        return d[:, i, j], nn.functional.conv1d(z, w.unsqueeze(1), groups=4)
+
+def pair_scores():
+    return PairScores().eval(), (torch.randint(0, 50, (2, 4)),)
+
+def padding_mask():
+    # A boolean input read (broadcast over heads) by a vectorized dispatch.
+    pad = torch.zeros(2, 16, dtype=torch.bool)
+    pad[1, 12:] = True
+    torch.manual_seed(1)
+    return PaddedAttention().eval(), (torch.randn(2, 16, 64), pad)
+"""
+
+
+def _load(tmp_path: Path, factory: str):
+    """Write _PATTERN_MODELS to tmp_path/patterns.py; the model and inputs `factory` makes."""
+    import importlib.util
+
+    path = tmp_path / "patterns.py"
+    path.write_text(_PATTERN_MODELS)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return getattr(mod, factory)()
+
+
+@pytest.mark.parametrize("factory", ["sdpa_100", "padding_mask"])
+def test_boolean_tensors_on_both_vulkan_variants(factory, tmp_path, run_isolated):
+    # With 32-bit storage only (IREE's baseline profile), IREE 3.13 emulates these i8
+    # buffers in i32 words and lavapipe returned wrong numbers: max abs error 0.35 for
+    # sdpa_100 (the last 16 of the 400 booleans never written) and 0.26 for the padding
+    # mask (4 bytes read as 4 i32 words). The portable variant now stores them in 8 bits,
+    # and says so in its requirements.
+    model, args = _load(tmp_path, factory)
+    out = tmp_path / f"{factory}.hxc"
+    result = build_bundle(f"{tmp_path / 'patterns.py'}:{factory}", out, "vulkan:spirv,vulkan:desktop")
+    assert result.written, [r.error for r in result.failed]
+    with torch.no_grad():
+        want = model(*args).numpy()
+    for variant in ("vulkan:spirv", "vulkan:desktop"):
+        [got] = run_isolated(out, [a.numpy() for a in args], variant)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=variant)
+    portable = read_manifest(out).artifact("vulkan:spirv")
+    assert {"shaderInt8", "storageBuffer8BitAccess"} <= set(portable.requires.vulkan_features)
+
+
+def test_aliasing_prims_do_not_stop_the_32_bit_interface(tmp_path, run_isolated):
+    # "Found a custom (non-ATen) operator whose output has alias annotations:
+    # prims::squeeze" when the decomposed program was re-exported behind the portable
+    # variant's i32 interface (DeBERTa, Mamba and the recommender could not be built).
+    model, args = _load(tmp_path, "pair_scores")
+    out = tmp_path / "pairs.hxc"
+    result = build_bundle(f"{tmp_path / 'patterns.py'}:pair_scores", out, "vulkan:spirv")
+    assert result.written, [r.error for r in result.failed]
+    assert read_manifest(out).artifact("vulkan:spirv").interface_casts == (("i64", "i32"),)
+    with torch.no_grad():
+        want = [w.numpy() for w in model(*args)]
+    got = run_isolated(out, [a.numpy() for a in args], "vulkan:spirv")
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)

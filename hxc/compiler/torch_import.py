@@ -156,12 +156,33 @@ def _with_casts(program: torch.export.ExportedProgram, model: ExportedModel, cas
         from hxc.compiler.lower import to_core_aten
 
         module = to_core_aten(program).module()
+        _aten_views(module)
         _narrow_int64_constants(module, model.source)
     else:
         module = program.module()
     wrapped = _CastInterface(copy.deepcopy(module), in_dtypes, by_dtype)  # .to() would change the shared weights
     args = tuple(a.to(by_dtype.get(a.dtype, a.dtype)) for a in model.example_args)
     return export_module(wrapped, args, _varargs_dynamic_shapes(program), model.source)
+
+
+# Aliasing prims that torch's decompositions leave in a core-ATen graph, and the ATen view
+# op taking the same arguments. Re-exported, the graph is functionalized again, which
+# refuses a non-ATen op whose output aliases its input ("Found a custom (non-ATen)
+# operator whose output has alias annotations: prims::squeeze"): DeBERTa's attention
+# mask, Mamba's conv weight and torch.triu_indices (the DLRM-style recommender) all hit it.
+_PRIM_VIEWS = {
+    torch.ops.prims.squeeze.default: torch.ops.aten.squeeze.dims,
+    torch.ops.prims.transpose.default: torch.ops.aten.permute.default,
+    torch.ops.prims.view_of.default: torch.ops.aten.alias.default,
+}
+
+
+def _aten_views(gm: torch.fx.GraphModule) -> None:
+    """Replace the aliasing prims of a decomposed graph by their ATen views (_PRIM_VIEWS)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _PRIM_VIEWS:
+            node.target = _PRIM_VIEWS[node.target]
+    gm.recompile()
 
 
 _CLAMPED_BOUNDS = {torch.ops.aten.slice.Tensor, torch.ops.aten.slice_copy.Tensor, torch.ops.aten.slice_scatter.default}

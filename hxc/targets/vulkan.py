@@ -3,8 +3,9 @@
 Two default variants, because Vulkan devices differ most in the integer and float
 widths their shaders may use:
 - `spirv`, portable: IREE's baseline profile (vp_android_baseline_2022: 32-bit
-  integers and floats only), which any conformant device runs. 64-bit integers are
-  computed in 32 bits (`--iree-input-demote-i64-to-i32`) and f16/bf16 in f32. Where
+  integers and floats only), which any conformant device runs, plus 8-bit storage for
+  booleans (see _PORTABLE_TARGET): only a model that stores them needs it. 64-bit
+  integers are computed in 32 bits (`--iree-input-demote-i64-to-i32`) and f16/bf16 in f32. Where
   the model's interface has those types, the artifact takes and returns the 32-bit
   ones and the loader converts at the boundary, refusing integer inputs that do not
   fit in 32 bits, so callers still see the model's own signature.
@@ -76,17 +77,34 @@ _SUBGROUP_OPS = {"basic": 0x1, "vote": 0x2, "arithmetic": 0x4, "ballot": 0x8, "s
 _CORE = ("shaderFloat64", "shaderInt64", "shaderInt16")
 
 _BASE = ("--iree-hal-target-device=vulkan",)
-# The desktop profile as an IREE GPU target: the integer and float widths desktop
-# drivers support, no subgroup operations, and the Vulkan spec's minimum limits.
-_DESKTOP_TARGET = (
-    '--iree-hal-target-device=#hal.device.target<"vulkan", [#hal.executable.target<"vulkan-spirv", "vulkan-spirv-fb", '
-    '{iree_codegen.target_info = #iree_gpu.target<arch = "", features = "spirv:v1.3,cap:Shader", '
-    "wgp = <compute = fp32|fp16|int64|int32|int16|int8, storage = b64|b32|b16|b8, subgroup = none, "
-    "subgroup_size_choices = [64], max_workgroup_sizes = [128, 128, 64], max_thread_count_per_workgroup = 128, "
-    'max_workgroup_memory_bytes = 16384, max_workgroup_counts = [65535, 65535, 65535]>>}>]> : !hal.device'
-)
+
+
+def _gpu_target(arch: str, compute: str, storage: str) -> str:
+    """An IREE Vulkan target with these compute and storage widths, no subgroup
+    operations, and the Vulkan spec's minimum workgroup limits (those of IREE's
+    baseline profile, vp_android_baseline_2022)."""
+    return (
+        '--iree-hal-target-device=#hal.device.target<"vulkan", [#hal.executable.target<"vulkan-spirv", "vulkan-spirv-fb", '
+        f'{{iree_codegen.target_info = #iree_gpu.target<arch = "{arch}", features = "spirv:v1.3,cap:Shader", '
+        f"wgp = <compute = {compute}, storage = {storage}, subgroup = none, "
+        "subgroup_size_choices = [64], max_workgroup_sizes = [128, 128, 64], max_thread_count_per_workgroup = 128, "
+        "max_workgroup_memory_bytes = 16384, max_workgroup_counts = [65535, 65535, 65535]>>}>]> : !hal.device"
+    )
+
+
+# The desktop profile: the integer and float widths desktop drivers support.
+_DESKTOP_TARGET = _gpu_target("", "fp32|fp16|int64|int32|int16|int8", "b64|b32|b16|b8")
+# The portable profile: IREE's baseline (32-bit compute and storage) plus 8-bit integers
+# and 8-bit storage buffers, which hold booleans (IREE stores i1 tensors as i8). With
+# 32-bit storage only, IREE 3.13 emulates i8 buffers in i32 words and gets it wrong in two
+# ways seen on lavapipe: a vectorized read of a padding mask loaded 4 i32 words for 4
+# bytes (nn.MultiheadAttention with key_padding_mask, max abs error 0.26), and a
+# boolean row reduction (torch's _safe_softmax in SDPA) left the last 16 of 400 bytes
+# unwritten (Whisper's encoder, 0.062). SPIR-V declares Int8/StorageBuffer8BitAccess only
+# where the model has such tensors, and the artifact then requires those features.
+_PORTABLE_TARGET = _gpu_target("vp_android_baseline_2022", "fp32|int32|int8", "b32|b8")
 _PROMOTE_BF16 = ("--iree-input-promote-bf16-to-f32",)
-_PORTABLE = ("--iree-input-demote-i64-to-i32", "--iree-input-promote-f16-to-f32", *_PROMOTE_BF16)
+_PORTABLE = (_PORTABLE_TARGET, "--iree-input-demote-i64-to-i32", "--iree-input-promote-f16-to-f32", *_PROMOTE_BF16)
 # A transform applied to every SPIR-V compile: it reorders the loops of depthwise
 # convolutions, whose code IREE 3.13 otherwise gets wrong (see the file). A path inside
 # the installed package, so it goes in at plan time, not in the variants' flags.
