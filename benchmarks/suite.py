@@ -1,5 +1,5 @@
 """hxc against PyTorch eager, torch.compile and ONNX Runtime on real models, in one
-interleaved run per model (same inputs, same thread count).
+run per model (same inputs, same thread count).
 
 For each model, one bundle is built with every backend (`hxc compile -t cpu:host
 --backends iree,onnxruntime,inductor`), `hxc bench` records its profiles, and the
@@ -8,13 +8,19 @@ artifact the loader then selects is timed through the whole `hxc.runtime` call
 bundle's artifacts alone and the peers at their best: PyTorch eager, torch.compile
 with frozen weights (`torch._inductor.config.freezing`), ONNX Runtime run directly
 (full graph optimisation, one thread per core). Every contender is timed with hxc's
-harness, A B C ... interleaved, medians, and its achieved GFLOP/s is compared with this
-CPU's measured peak (a large f32 matmul in PyTorch; bf16 rows use a bf16 matmul).
+harness (`hxc.bench.isolate`), as `hxc bench` times them: one worker process per
+runtime (IREE; ONNX Runtime; libtorch for eager, torch.compile and AOTInductor), the
+processes taking turns of one second while the others are stopped, and within a
+process A B C ... interleaved; medians. Runtimes are kept apart because their thread
+pools slow each other down in one process (IREE's GPT-2 artifact: 115-125 ms alone,
+144 ms beside the other two), and a deployed model runs one of them. Each achieved
+GFLOP/s is compared with this CPU's measured peak (a large f32 matmul in PyTorch;
+bf16 rows use a bf16 matmul).
 
 Every contender gets at least 50 calls (up to --max-time), and besides p50 ratios
-each row has its ratio to the best peer paired round by round (the median of its
-block medians over the best peer's, block i of each having run in the same round),
-which holds when the machine's load changes during the run.
+each row shares a process with a peer its ratio to it paired round by round (the
+median of its block medians over the peer's, block i of each having run in the same
+round), which holds when the machine's load changes during the run.
 
 Models: an MLP, ResNet-18 at batch 1 and 8, BERT-base and GPT-2 small (transformers
 configs, random weights), and the MLP and BERT-base in bf16 (`--precision bf16`,
@@ -27,6 +33,7 @@ against PyTorch in bf16).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -42,14 +49,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import RESULTS, save  # noqa: E402
 
-from hxc.bench.measure import Budget, Contender, measure, paired_ratio  # noqa: E402
+from hxc.bench.isolate import DeviceGroup, measure_devices  # noqa: E402
+from hxc.bench.measure import Budget, Contender, paired_ratio  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
 ENGINES = "iree,onnxruntime,inductor"
-ARTIFACTS = {"cpu:host": "hxc iree", "cpu:onnxruntime": "hxc onnxruntime", "cpu:inductor": "hxc inductor"}
+# artifact id -> (column, the runtime library that runs it: each is timed in its own process)
+ARTIFACTS = {"cpu:host": ("hxc iree", "iree"), "cpu:onnxruntime": ("hxc onnxruntime", "onnxruntime"),
+             "cpu:inductor": ("hxc inductor", "torch")}  # fmt: skip
+RUNTIMES = ("iree", "onnxruntime", "torch")
 PEERS = ("torch eager", "torch.compile", "onnxruntime")
-COLUMNS = ("hxc selected", *ARTIFACTS.values(), *PEERS)
+COLUMNS = ("hxc selected", *(label for label, _ in ARTIFACTS.values()), *PEERS)
 # Calls per contender at the least. With 20, a ResNet-18 (~100 ms a call: one call per
 # block) had a p90 twice its p50 and the same ORT artifact measured 115 ms through the
 # loader and 92 ms alone in one run; slow contenders still stop at --max-time.
@@ -109,20 +120,26 @@ def torch_contender(name: str, fn, args) -> Contender:
 
         return call
 
-    return Contender(name, "cpu", lambda: None, prepare, device_time_only=False, threads=torch.get_num_threads())
+    return Contender(name, "cpu", lambda: None, prepare, device_time_only=False, threads=torch.get_num_threads(),
+                     runtime="torch")
 
 
-def ort_contender(model: torch.nn.Module, args: tuple, work: Path) -> Contender | None:
-    """ONNX Runtime on the model exported by torch.onnx (dynamo), the same exporter
-    hxc's onnxruntime backend uses, at its best settings."""
-    import onnxruntime as ort
-
+def export_onnx(model: torch.nn.Module, args: tuple, work: Path) -> Path | None:
+    """The model exported by torch.onnx (dynamo), the same exporter hxc's onnxruntime
+    backend uses; None (said on stderr) for a model that does not export."""
     path = work / "peer.onnx"
     try:
         torch.onnx.export(model, args, str(path), dynamo=True, optimize=True, verbose=False)
-    except Exception as e:  # some models do not export; say so and go on
+    except Exception as e:
         print(f"  onnxruntime: torch.onnx.export failed ({str(e).splitlines()[0][:120]})", file=sys.stderr)
         return None
+    return path
+
+
+def ort_contender(path: Path, args: tuple) -> Contender:
+    """ONNX Runtime run directly, at its best settings."""
+    import onnxruntime as ort
+
     holder = {}
 
     def open_():
@@ -136,15 +153,85 @@ def ort_contender(model: torch.nn.Module, args: tuple, work: Path) -> Contender 
         feed = {i.name: a.numpy() for i, a in zip(s.get_inputs(), args)}
         return lambda: s.run(None, feed)
 
-    return Contender("onnxruntime", "cpu", open_, prepare, device_time_only=False, threads=os.cpu_count())
+    return Contender("onnxruntime", "cpu", open_, prepare, device_time_only=False, threads=os.cpu_count(),
+                     runtime="onnxruntime")
 
 
-def hxc_contenders(ref: str, precision: str, work: Path, min_time: float) -> tuple[list[Contender], dict]:
-    """Each artifact of an all-backends bundle alone, and the one the loader selects
-    after `hxc bench`, called the way a user calls it."""
+def model_and_inputs(name: str) -> tuple[torch.nn.Module, tuple, str]:
+    ref, precision = models()[name]
+    mod, _, fn = ref.partition(":")
+    model, inputs = getattr(importlib.import_module(mod), fn)()
+    return model, inputs, precision
+
+
+def to_precision(model: torch.nn.Module, inputs: tuple, precision: str) -> tuple[torch.nn.Module, tuple]:
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+        inputs = tuple(a.to(torch.bfloat16) if a.is_floating_point() else a for a in inputs)
+    return model, inputs
+
+
+def build_group(runtime: str, name: str, bundle: Path, selected: str, ok: tuple[str, ...], onnx: Path | None) -> list[Contender]:
+    """One runtime's contenders, built in the worker process that times them: the
+    bundle's artifact of that runtime, the selected one if it is of that runtime, and
+    the peers running on it (eager and torch.compile on libtorch, ONNX Runtime). Cheap
+    until each contender's `open`, so the parent can build them to know their names."""
     import hxc.runtime
+
+    model, inputs, precision = model_and_inputs(name)
+    model, inputs = to_precision(model, inputs, precision)
+    allow = {"precision": precision} if precision != "fp32" else {}
+    suffix = "" if precision == "fp32" else f"@{precision}"
+    out = []
+    for art_id, (label, art_runtime) in ARTIFACTS.items():
+        if art_runtime != runtime:
+            continue
+        if art_id + suffix == selected:
+            holder = {}
+
+            def open_selected():
+                holder["m"] = hxc.runtime.load(bundle, **allow)
+                assert holder["m"].artifact.id == selected, (holder["m"].artifact.id, selected)
+
+            out.append(Contender("hxc selected", "cpu", open_selected, lambda inputs: lambda: holder["m"](*inputs),
+                                 device_time_only=False, threads=os.cpu_count(), runtime=runtime))  # fmt: skip
+        if art_id + suffix in ok:
+            art_holder = {}
+
+            def open_(art_id=art_id + suffix, holder=art_holder):
+                holder["m"] = hxc.runtime.load(bundle, device=art_id, strict=True, **allow)
+
+            out.append(Contender(label, "cpu", open_, lambda inputs, holder=art_holder: holder["m"].prepare(inputs),
+                                 device_time_only=True, threads=os.cpu_count(), runtime=runtime))  # fmt: skip
+    if runtime == "torch":
+        out.append(torch_contender("torch eager", model, inputs))
+        compiled = {}
+
+        def compile_():
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True  # torch.compile at its best for inference: weights are constants
+            compiled["fn"] = torch.compile(model)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                compiled["fn"](*inputs)
+            print(f"  torch.compile (frozen): first call {time.perf_counter() - t:.1f}s", file=sys.stderr)
+
+        tc = torch_contender("torch.compile", lambda *a: compiled["fn"](*a), inputs)
+        tc.open = compile_
+        out.append(tc)
+    if runtime == "onnxruntime" and onnx is not None:
+        out.append(ort_contender(onnx, inputs))
+    return out
+
+
+def build_bundle_and_bench(ref: str, precision: str, work: Path, min_time: float) -> tuple[Path, dict]:
+    """An all-backends bundle, `hxc bench` on it, and the artifact the loader then selects."""
     from hxc.bench.run import run_bench
     from hxc.compiler.build import build_bundle
+    from hxc.manifests.bundle import read_manifest
+    from hxc.runtime.probe import probe_host
+    from hxc.runtime.select import select
 
     bundle = work / "model.hxc"
     t = time.perf_counter()
@@ -152,28 +239,14 @@ def hxc_contenders(ref: str, precision: str, work: Path, min_time: float) -> tup
     assert result.written, [(r.id, r.error) for r in result.failed]
     info = {"compile_s": round(time.perf_counter() - t, 1), "failed": {r.id: r.error for r in result.failed}}
     print(f"  compiled in {info['compile_s']}s; failed: {info['failed'] or 'none'}", file=sys.stderr)
-    allow = {"precision": precision} if precision != "fp32" else {}
-    suffix = "" if precision == "fp32" else f"@{precision}"
     run_bench(bundle, baselines=(), device="cpu", offline_batches=(),
               budget=Budget(warmup=3, min_iterations=MIN_ITERATIONS, min_seconds=min_time / 2, max_seconds=60))  # fmt: skip
-    selected = hxc.runtime.load(bundle, **allow)
-    info["selected"] = selected.artifact.id
-    print(f"  hxc bench done; the loader selects {selected.artifact.id}", file=sys.stderr)
-
-    out = [Contender("hxc selected", "cpu", lambda: None, lambda inputs: lambda: selected(*inputs),
-                     device_time_only=False, threads=os.cpu_count())]  # fmt: skip
-    for art_id, label in ARTIFACTS.items():
-        art_id += suffix
-        if art_id not in {a.id for a in result.manifest.ok_artifacts}:
-            continue
-        holder = {}
-
-        def open_(art_id=art_id, holder=holder):
-            holder["m"] = hxc.runtime.load(bundle, device=art_id, strict=True, **allow)
-
-        out.append(Contender(label, "cpu", open_, lambda inputs, holder=holder: holder["m"].prepare(inputs),
-                             device_time_only=True, threads=os.cpu_count()))  # fmt: skip
-    return out, info
+    manifest = read_manifest(bundle)
+    allow = {"precision": precision} if precision != "fp32" else {}
+    info["selected"] = select(manifest, probe_host(), **allow).best.artifact.id
+    info["built"] = sorted(a.id for a in manifest.ok_artifacts)
+    print(f"  hxc bench done; the loader selects {info['selected']}", file=sys.stderr)
+    return bundle, info
 
 
 def main() -> None:
@@ -194,30 +267,23 @@ def main() -> None:
     if args.merge and (previous := RESULTS / "suite.json").exists():
         results = json.loads(previous.read_text())["models"]
     for name in args.models.split(","):
-        ref, precision = models()[name]
-        mod, _, fn = ref.partition(":")
-        model, inputs = getattr(importlib.import_module(mod), fn)()
+        ref = models()[name][0]
+        model, inputs, precision = model_and_inputs(name)
         n_flops = flops(model, inputs)
         arrays = [_host(a) for a in inputs]  # hxc's artifacts keep the model's interface, bf16 ones too
-        if precision == "bf16":
-            model = model.to(torch.bfloat16)
-            inputs = tuple(a.to(torch.bfloat16) if a.is_floating_point() else a for a in inputs)
-        print(f"{name}: building contenders", file=sys.stderr)
+        model, inputs = to_precision(model, inputs, precision)
+        print(f"{name}: building the bundle", file=sys.stderr)
         work = Path(tempfile.mkdtemp(prefix=f"hxc-suite-{name}-"))
-        contenders, info = hxc_contenders(ref, precision, work, args.min_time)
-        contenders.append(torch_contender("torch eager", model, inputs))
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True  # torch.compile at its best for inference: weights are constants
-        compiled = torch.compile(model)
-        t = time.perf_counter()
-        with torch.inference_mode():
-            compiled(*inputs)
-        print(f"  torch.compile (frozen): first call {time.perf_counter() - t:.1f}s", file=sys.stderr)
-        contenders.append(torch_contender("torch.compile", compiled, inputs))
-        if precision == "fp32" and (ort := ort_contender(model, inputs, work)) is not None:
-            contenders.append(ort)
-        timings = measure(contenders, arrays, budget)
+        bundle, info = build_bundle_and_bench(ref, precision, work, args.min_time)
+        onnx = export_onnx(model, inputs, work) if precision == "fp32" else None
+        groups = [DeviceGroup(f"cpu ({runtime})", [], functools.partial(build_group, runtime, name, bundle, info["selected"],
+                                                                       tuple(info["built"]), onnx))
+                  for runtime in RUNTIMES]  # fmt: skip
+        for g in groups:
+            g.contenders.extend(g.build())  # described here too, so results map back to contenders
+        run = measure_devices(groups, [arrays], budget, on_progress=lambda s: print(f"  {s}", file=sys.stderr))
+        assert not run.errors, run.errors
+        timings = run.timings[0]
         peak = peaks[precision]
         best = min((t for t in timings if t.contender.id in PEERS), key=lambda t: t.stats().p50_ms)
         best_peer = best.stats().p50_ms
@@ -227,12 +293,19 @@ def main() -> None:
             gflops = n_flops / (s.p50_ms / 1000) / 1e9
             rows[t.contender.id] = {"p50_ms": s.p50_ms, "p90_ms": s.p90_ms, "spread": round(s.spread, 3), "iterations": s.iterations,
                                     "ratio_to_best_peer": s.p50_ms / best_peer, "gflops": gflops, "fraction_of_peak": gflops / peak,
-                                    # Round by round against the best peer: the ratio to trust on a busy machine.
-                                    "paired_ratio_to_best_peer": paired_ratio(t, best), "rounds": len(t.block_medians_ms)}  # fmt: skip
-        results[name] = {"flops": n_flops, "precision": precision, "peak_gflops": peak, "other_load": timings[0].other_load,
+                                    "rounds": len(t.block_medians_ms)}  # fmt: skip
+            # Round by round against the best peer timed in the same process: the ratio to
+            # trust on a busy machine (processes take turns, so rounds pair only within one).
+            same = [u for u in timings if u.contender.id in PEERS and u.contender.process == t.contender.process and u is not t]
+            if same:
+                peer = min(same, key=lambda u: u.stats().p50_ms)
+                rows[t.contender.id] |= {"paired_peer": peer.contender.id, "paired_ratio": paired_ratio(t, peer)}
+        results[name] = {"flops": n_flops, "precision": precision, "peak_gflops": peak,
+                         "other_load": max((t.other_load or 0.0 for t in timings), default=None), "runtimes": RUNTIMES,
                          "min_time_s": args.min_time, "min_iterations": MIN_ITERATIONS, **info, "contenders": rows}  # fmt: skip
-        print(f"{name}: " + ", ".join(f"{k} {v['p50_ms']:.3g} ms ({v['ratio_to_best_peer']:.2f}x best peer, "
-                                      f"{v['paired_ratio_to_best_peer'] or float('nan'):.2f}x paired)" for k, v in rows.items()))  # fmt: skip
+        print(f"{name}: " + ", ".join(f"{k} {v['p50_ms']:.3g} ms ({v['ratio_to_best_peer']:.2f}x best peer"
+                                      + (f", {v['paired_ratio'] or float('nan'):.2f}x {v['paired_peer']} paired" if "paired_peer" in v else "")
+                                      + ")" for k, v in rows.items()))  # fmt: skip
         # Saved after every model: a run of every model takes long enough to be cut short.
         path = save("suite", {"peak_gflops": peaks, "threads": torch.get_num_threads(), "min_time_s": args.min_time, "models": results})
     print_markdown(results)

@@ -76,7 +76,7 @@ def run_bench(
     groups = [
         DeviceGroup(label, cs, functools.partial(bench_contenders, path, names, device, allow_pickle,
                                                  tuple(c.id for c in cs)))
-        for label, cs in by_device(contenders).items()
+        for label, cs in by_process(contenders).items()
     ]  # fmt: skip
 
     golden_inputs, _ = load_golden(path, manifest)
@@ -105,10 +105,15 @@ def bench_contenders(bundle: Path, baselines: tuple[str, ...], device: str | Non
     return out if only is None else [c for c in out if c.id in only]
 
 
-def by_device(contenders: list[Contender]) -> dict[str, list[Contender]]:
+def by_process(contenders: list[Contender]) -> dict[str, list[Contender]]:
+    """Contenders grouped by the process that times them (device and runtime), labelled."""
     groups: dict[str, list[Contender]] = {}
+    runtimes: dict[str, set[str]] = {}
     for c in contenders:
-        groups.setdefault(c.device, []).append(c)
+        runtimes.setdefault(c.device, set()).add(c.runtime)
+    for c in contenders:
+        label = c.device if len(runtimes[c.device]) == 1 else f"{c.device} ({c.runtime})"
+        groups.setdefault(label, []).append(c)
     return groups
 
 
