@@ -8,19 +8,15 @@ artifact the loader then selects is timed through the whole `hxc.runtime` call
 bundle's artifacts alone and the peers at their best: PyTorch eager, torch.compile
 with frozen weights (`torch._inductor.config.freezing`), ONNX Runtime run directly
 (full graph optimisation, one thread per core). Every contender is timed with hxc's
-harness (`hxc.bench.isolate`), as `hxc bench` times them: one worker process per
-runtime (IREE; ONNX Runtime; libtorch for eager, torch.compile and AOTInductor), the
-processes taking turns of one second while the others are stopped, and within a
-process A B C ... interleaved; medians. Runtimes are kept apart because their thread
-pools slow each other down in one process (IREE's GPT-2 artifact: 115-125 ms alone,
-144 ms beside the other two), and a deployed model runs one of them. Each achieved
-GFLOP/s is compared with this CPU's measured peak (a large f32 matmul in PyTorch;
-bf16 rows use a bf16 matmul).
-
-Every contender gets at least 50 calls (up to --max-time), and besides p50 ratios
-each row shares a process with a peer its ratio to it paired round by round (the
-median of its block medians over the peer's, block i of each having run in the same
-round), which holds when the machine's load changes during the run.
+harness (`hxc.bench.isolate`), as `hxc bench` times them: each in a worker process
+of its own, the processes taking turns of one second while the others are stopped
+(SIGSTOP), so load that comes and goes reaches all alike; medians. They are kept
+apart because runtimes, and even two sessions of one, slow each other down in one
+process (see `hxc.bench.measure`), and a deployed model runs one of them. Each
+achieved GFLOP/s is compared with this CPU's measured peak (a large f32 matmul in
+PyTorch; bf16 rows use a bf16 matmul). Every contender gets at least 50 calls (up to
+--max-time), split over `--processes` (2) fresh worker processes one after the other,
+because one process's speed is partly luck.
 
 Models: an MLP, ResNet-18 at batch 1 and 8, BERT-base and GPT-2 small (transformers
 configs, random weights), and the MLP and BERT-base in bf16 (`--precision bf16`,
@@ -33,9 +29,11 @@ against PyTorch in bf16).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -50,17 +48,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _harness import RESULTS, save  # noqa: E402
 
 from hxc.bench.isolate import DeviceGroup, measure_devices  # noqa: E402
-from hxc.bench.measure import Budget, Contender, paired_ratio  # noqa: E402
+from hxc.bench.measure import Budget, Contender, Timing  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
 ENGINES = "iree,onnxruntime,inductor"
-# artifact id -> (column, the runtime library that runs it: each is timed in its own process)
-ARTIFACTS = {"cpu:host": ("hxc iree", "iree"), "cpu:onnxruntime": ("hxc onnxruntime", "onnxruntime"),
-             "cpu:inductor": ("hxc inductor", "torch")}  # fmt: skip
-RUNTIMES = ("iree", "onnxruntime", "torch")
+ARTIFACTS = {"cpu:host": "hxc iree", "cpu:onnxruntime": "hxc onnxruntime", "cpu:inductor": "hxc inductor"}
 PEERS = ("torch eager", "torch.compile", "onnxruntime")
-COLUMNS = ("hxc selected", *(label for label, _ in ARTIFACTS.values()), *PEERS)
+COLUMNS = ("hxc selected", *ARTIFACTS.values(), *PEERS)
 # Calls per contender at the least. With 20, a ResNet-18 (~100 ms a call: one call per
 # block) had a p90 twice its p50 and the same ORT artifact measured 115 ms through the
 # loader and 92 ms alone in one run; slow contenders still stop at --max-time.
@@ -120,8 +115,7 @@ def torch_contender(name: str, fn, args) -> Contender:
 
         return call
 
-    return Contender(name, "cpu", lambda: None, prepare, device_time_only=False, threads=torch.get_num_threads(),
-                     runtime="torch")
+    return Contender(name, "cpu", lambda: None, prepare, device_time_only=False, threads=torch.get_num_threads())
 
 
 def export_onnx(model: torch.nn.Module, args: tuple, work: Path) -> Path | None:
@@ -153,8 +147,7 @@ def ort_contender(path: Path, args: tuple) -> Contender:
         feed = {i.name: a.numpy() for i, a in zip(s.get_inputs(), args)}
         return lambda: s.run(None, feed)
 
-    return Contender("onnxruntime", "cpu", open_, prepare, device_time_only=False, threads=os.cpu_count(),
-                     runtime="onnxruntime")
+    return Contender("onnxruntime", "cpu", open_, prepare, device_time_only=False, threads=os.cpu_count())
 
 
 def model_and_inputs(name: str) -> tuple[torch.nn.Module, tuple, str]:
@@ -171,58 +164,69 @@ def to_precision(model: torch.nn.Module, inputs: tuple, precision: str) -> tuple
     return model, inputs
 
 
-def build_group(runtime: str, name: str, bundle: Path, selected: str, ok: tuple[str, ...], onnx: Path | None) -> list[Contender]:
-    """One runtime's contenders, built in the worker process that times them: the
-    bundle's artifact of that runtime, the selected one if it is of that runtime, and
-    the peers running on it (eager and torch.compile on libtorch, ONNX Runtime). Cheap
-    until each contender's `open`, so the parent can build them to know their names."""
+def build_contender(column: str, name: str, bundle: Path, selected: str, onnx: Path | None) -> list[Contender]:
+    """One column's contender, built in the worker process that times it."""
     import hxc.runtime
 
     model, inputs, precision = model_and_inputs(name)
     model, inputs = to_precision(model, inputs, precision)
     allow = {"precision": precision} if precision != "fp32" else {}
-    suffix = "" if precision == "fp32" else f"@{precision}"
-    out = []
-    for art_id, (label, art_runtime) in ARTIFACTS.items():
-        if art_runtime != runtime:
-            continue
-        if art_id + suffix == selected:
-            holder = {}
+    holder = {}
+    if column == "hxc selected":
 
-            def open_selected():
-                holder["m"] = hxc.runtime.load(bundle, **allow)
-                assert holder["m"].artifact.id == selected, (holder["m"].artifact.id, selected)
+        def open_selected():
+            holder["m"] = hxc.runtime.load(bundle, **allow)
+            assert holder["m"].artifact.id == selected, (holder["m"].artifact.id, selected)
 
-            out.append(Contender("hxc selected", "cpu", open_selected, lambda inputs: lambda: holder["m"](*inputs),
-                                 device_time_only=False, threads=os.cpu_count(), runtime=runtime))  # fmt: skip
-        if art_id + suffix in ok:
-            art_holder = {}
+        return [Contender(column, "cpu", open_selected, lambda inputs: lambda: holder["m"](*inputs),
+                          device_time_only=False, threads=os.cpu_count())]  # fmt: skip
+    if column in ARTIFACTS.values():
+        art_id = next(a for a, c in ARTIFACTS.items() if c == column) + ("" if precision == "fp32" else f"@{precision}")
 
-            def open_(art_id=art_id + suffix, holder=art_holder):
-                holder["m"] = hxc.runtime.load(bundle, device=art_id, strict=True, **allow)
+        def open_():
+            holder["m"] = hxc.runtime.load(bundle, device=art_id, strict=True, **allow)
 
-            out.append(Contender(label, "cpu", open_, lambda inputs, holder=art_holder: holder["m"].prepare(inputs),
-                                 device_time_only=True, threads=os.cpu_count(), runtime=runtime))  # fmt: skip
-    if runtime == "torch":
-        out.append(torch_contender("torch eager", model, inputs))
-        compiled = {}
+        return [Contender(column, "cpu", open_, lambda inputs: holder["m"].prepare(inputs),
+                          device_time_only=True, threads=os.cpu_count())]  # fmt: skip
+    if column == "torch eager":
+        return [torch_contender(column, model, inputs)]
+    if column == "torch.compile":
 
         def compile_():
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True  # torch.compile at its best for inference: weights are constants
-            compiled["fn"] = torch.compile(model)
+            holder["fn"] = torch.compile(model)
             t = time.perf_counter()
             with torch.inference_mode():
-                compiled["fn"](*inputs)
+                holder["fn"](*inputs)
             print(f"  torch.compile (frozen): first call {time.perf_counter() - t:.1f}s", file=sys.stderr)
 
-        tc = torch_contender("torch.compile", lambda *a: compiled["fn"](*a), inputs)
+        tc = torch_contender(column, lambda *a: holder["fn"](*a), inputs)
         tc.open = compile_
-        out.append(tc)
-    if runtime == "onnxruntime" and onnx is not None:
-        out.append(ort_contender(onnx, inputs))
-    return out
+        return [tc]
+    assert column == "onnxruntime" and onnx is not None
+    return [ort_contender(onnx, inputs)]
+
+
+def timed_in_fresh_processes(groups: list[DeviceGroup], arrays: list, budget: Budget, n: int) -> list[Timing]:
+    """`measure_devices` n times, each with fresh worker processes and 1/n of the
+    budget, the calls pooled: one process's luck (GPT-2's IREE artifact: 117-143 ms
+    in three processes in a row) weighs 1/n."""
+    part = dataclasses.replace(budget, min_seconds=budget.min_seconds / n,
+                               min_iterations=math.ceil(budget.min_iterations / n), max_seconds=budget.max_seconds / n)  # fmt: skip
+    timings: dict[str, Timing] = {}
+    for i in range(n):
+        run = measure_devices(groups, [arrays], part, on_progress=lambda s: print(f"  [{i + 1}/{n}] {s}", file=sys.stderr))
+        assert not run.errors, run.errors
+        for t in run.timings[0]:
+            if (kept := timings.get(t.contender.id)) is None:
+                timings[t.contender.id] = t
+            else:
+                kept.latencies_ms += t.latencies_ms
+                kept.block_medians_ms += t.block_medians_ms
+                kept.other_load = max(kept.other_load or 0.0, t.other_load or 0.0)
+    return list(timings.values())
 
 
 def build_bundle_and_bench(ref: str, precision: str, work: Path, min_time: float) -> tuple[Path, dict]:
@@ -255,6 +259,8 @@ def main() -> None:
     ap.add_argument("--min-time", type=float, default=5.0, help="seconds of timed calls per contender")
     ap.add_argument("--max-time", type=float, default=90.0,
                     help=f"seconds after which a contender stops short of {MIN_ITERATIONS} calls (torch eager on BERT-base)")
+    ap.add_argument("--processes", type=int, default=2,
+                    help="fresh worker processes per contender, one after the other, each with its share of the calls")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other models' results in benchmarks/results/suite.json (each records its own peak)")
     args = ap.parse_args()
@@ -276,14 +282,14 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix=f"hxc-suite-{name}-"))
         bundle, info = build_bundle_and_bench(ref, precision, work, args.min_time)
         onnx = export_onnx(model, inputs, work) if precision == "fp32" else None
-        groups = [DeviceGroup(f"cpu ({runtime})", [], functools.partial(build_group, runtime, name, bundle, info["selected"],
-                                                                       tuple(info["built"]), onnx))
-                  for runtime in RUNTIMES]  # fmt: skip
-        for g in groups:
-            g.contenders.extend(g.build())  # described here too, so results map back to contenders
-        run = measure_devices(groups, [arrays], budget, on_progress=lambda s: print(f"  {s}", file=sys.stderr))
-        assert not run.errors, run.errors
-        timings = run.timings[0]
+        suffix = "" if precision == "fp32" else f"@{precision}"
+        columns = ["hxc selected", *(c for a, c in ARTIFACTS.items() if a + suffix in info["built"]), "torch eager", "torch.compile"]
+        columns += ["onnxruntime"] if onnx is not None else []
+        # One process per contender; the parent's copies only name them.
+        groups = [DeviceGroup(column, [Contender(column, "cpu", lambda: None, lambda _: lambda: None, device_time_only=False)],
+                              functools.partial(build_contender, column, name, bundle, info["selected"], onnx))
+                  for column in columns]  # fmt: skip
+        timings = timed_in_fresh_processes(groups, arrays, budget, args.processes)
         peak = peaks[precision]
         best = min((t for t in timings if t.contender.id in PEERS), key=lambda t: t.stats().p50_ms)
         best_peer = best.stats().p50_ms
@@ -294,18 +300,12 @@ def main() -> None:
             rows[t.contender.id] = {"p50_ms": s.p50_ms, "p90_ms": s.p90_ms, "spread": round(s.spread, 3), "iterations": s.iterations,
                                     "ratio_to_best_peer": s.p50_ms / best_peer, "gflops": gflops, "fraction_of_peak": gflops / peak,
                                     "rounds": len(t.block_medians_ms)}  # fmt: skip
-            # Round by round against the best peer timed in the same process: the ratio to
-            # trust on a busy machine (processes take turns, so rounds pair only within one).
-            same = [u for u in timings if u.contender.id in PEERS and u.contender.process == t.contender.process and u is not t]
-            if same:
-                peer = min(same, key=lambda u: u.stats().p50_ms)
-                rows[t.contender.id] |= {"paired_peer": peer.contender.id, "paired_ratio": paired_ratio(t, peer)}
+
         results[name] = {"flops": n_flops, "precision": precision, "peak_gflops": peak,
-                         "other_load": max((t.other_load or 0.0 for t in timings), default=None), "runtimes": RUNTIMES,
+                         "other_load": max((t.other_load or 0.0 for t in timings), default=None), "processes_each": args.processes,
                          "min_time_s": args.min_time, "min_iterations": MIN_ITERATIONS, **info, "contenders": rows}  # fmt: skip
-        print(f"{name}: " + ", ".join(f"{k} {v['p50_ms']:.3g} ms ({v['ratio_to_best_peer']:.2f}x best peer"
-                                      + (f", {v['paired_ratio'] or float('nan'):.2f}x {v['paired_peer']} paired" if "paired_peer" in v else "")
-                                      + ")" for k, v in rows.items()))  # fmt: skip
+        print(f"{name}: " + ", ".join(f"{k} {v['p50_ms']:.3g} ms ({v['ratio_to_best_peer']:.2f}x best peer)"
+                                      for k, v in rows.items()))  # fmt: skip
         # Saved after every model: a run of every model takes long enough to be cut short.
         path = save("suite", {"peak_gflops": peaks, "threads": torch.get_num_threads(), "min_time_s": args.min_time, "models": results})
     print_markdown(results)

@@ -133,11 +133,8 @@ def test_bench_measures_every_engine_and_the_loader_follows(three, tmp_path, cli
     measured = {(r["candidate"], r["scenario"]) for r in out["results"]}
     assert {(a, s) for a in ENGINES for s in ("single-stream", "offline")} <= measured
     single = [r for r in out["results"] if r["scenario"] == "single-stream" and r["candidate"] in ENGINES]
-    # Each runtime is timed in its own process (their thread pools slow each other down),
-    # so only contenders of the same runtime are interleaved: AOTInductor beside eager.
-    together = {r["candidate"]: set(r["interleaved_with"]) for r in single}
-    assert all(r["isolated"] for r in single)
-    assert together == {"cpu:host": set(), "cpu:onnxruntime": set(), "cpu:inductor": {"torch:eager"}}
+    # Each is timed in a process of its own (runtimes' thread pools slow each other down).
+    assert all(r["isolated"] and r["interleaved_with"] == [] for r in single)
     fastest = min(single, key=lambda r: r["p50_ms"])["candidate"]
     assert hxc.runtime.load(bundle).artifact.id == fastest
 

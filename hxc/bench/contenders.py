@@ -17,11 +17,6 @@ from hxc.runtime.probe import HostProbe
 from hxc.runtime.select import select
 
 
-# The runtime library that executes each engine's artifacts: AOTInductor's run on libtorch,
-# beside PyTorch's own baselines.
-RUNTIMES = {"inductor": "torch"}
-
-
 def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, device: str | None = None) -> list[Contender]:
     """One contender per artifact this host can run (reduced precision included)."""
     from hxc.runtime.loader import load
@@ -39,7 +34,7 @@ def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, devi
 
         threads = os.cpu_count() if cand.device.kind == "cpu" and cand.device.driver != "local-sync" else None
         out.append(Contender(art.id, cand.device.label, open_, prepare, device_time_only=True, threads=threads,
-                             close=holder.clear, runtime=RUNTIMES.get(art.engine, art.engine)))  # fmt: skip
+                             close=holder.clear))  # fmt: skip
     return out
 
 
@@ -65,8 +60,7 @@ def torch_contender(
 
         return call
 
-    return Contender(candidate, cpu_label, open_, prepare, device_time_only=True, threads=torch.get_num_threads(),
-                     runtime="torch")
+    return Contender(candidate, cpu_label, open_, prepare, device_time_only=True, threads=torch.get_num_threads())
 
 
 def onnxruntime_contender(candidate: str, bundle: Path, manifest: Manifest, cpu_label: str) -> Contender:
@@ -83,8 +77,7 @@ def onnxruntime_contender(candidate: str, bundle: Path, manifest: Manifest, cpu_
         feed = {i.name: a for i, a in zip(session.get_inputs(), inputs)}
         return lambda: session.run(None, feed)
 
-    return Contender(candidate, cpu_label, open_, prepare, device_time_only=True, threads=os.cpu_count(),
-                     runtime="onnxruntime")
+    return Contender(candidate, cpu_label, open_, prepare, device_time_only=True, threads=os.cpu_count())
 
 
 def load_torch_module(bundle: Path, manifest: Manifest, *, allow_pickle: bool = False) -> Any:

@@ -1,11 +1,10 @@
-"""Each device (and each runtime on it) measured in a worker process of its own, one at
-a time.
+"""Each contender measured in a worker process of its own, one at a time.
 
 A device can cost CPU in its process from the moment it exists (an IREE Vulkan device
 on lavapipe keeps ~0.3 of a core busy while idle), so devices that share the host's
-cores are never alive and running in one process; nor are two runtimes' thread pools
-(IREE's, ONNX Runtime's, libtorch's OpenMP), which slow each other down in one process
-(see `hxc.bench.measure`). Each group gets a worker process
+cores are never alive and running in one process; nor are two runtimes, or even two
+sessions of one, which slow each other down (see `hxc.bench.measure`). Each group
+(one contender, as `hxc bench` groups them) gets a worker process
 (spawned, so no runtime state is inherited); the parent loads them one by one, then
 lets them take turns: one phase of `Budget.phase_seconds` at a time, every other
 worker stopped (SIGSTOP) meanwhile, so not even an idle device's threads run while
@@ -31,8 +30,8 @@ from hxc.errors import first_line
 
 @dataclass(frozen=True)
 class DeviceGroup:
-    """The contenders of one device and runtime (`device` is the label shown for the
-    group). `contenders` describe them in this process (never
+    """Contenders timed in one process, interleaved (`device` is the label shown for
+    the group). `contenders` describe them in this process (never
     opened here when they run in a worker); `build` makes the same contenders in the
     worker, so it must pickle: a module-level function, or a functools.partial of one."""
 

@@ -10,14 +10,15 @@ Contenders on different devices are never timed side by side in one process: an
 IREE Vulkan device on lavapipe keeps ~0.3 of a core busy from the moment it is
 created, even with no work queued, and its calls keep the cores busy after they
 return. Timed interleaved with it, a CPU artifact's p99 went from 0.40 to 9.8 ms and
-PyTorch's batch-32 p50 from 5.2 to 19.5 ms. Nor are different runtimes on one device
-(IREE, ONNX Runtime, libtorch): each has its own thread pool, whose threads spin or
-wake after a call in ways that land in the next runtime's numbers. On GPT-2 small,
-IREE's artifact took 115-125 ms alone and 144 ms interleaved in one process with the
-AOTInductor and ONNX Runtime artifacts, enough to turn the ranking around; a deployed
-model runs one artifact per process, so that is how each is measured.
-`hxc.bench.isolate` gives each (device, runtime) a worker process of its own and lets
-only one run at a time. What else was running (the phase's other contenders, the CPU
+PyTorch's batch-32 p50 from 5.2 to 19.5 ms. Nor are two contenders on one device:
+runtimes' thread pools (IREE's, ONNX Runtime's, libtorch's OpenMP) spin or wake
+after a call in ways that land in the next one's numbers, and even two ONNX Runtime
+sessions slow each other (GPT-2 small: 131-136 ms alone, 142-145 ms beside a second
+session, twice each; BERT-base's ONNX Runtime artifact measured 126 ms alone and 156 ms
+in a process holding two more sessions), enough to turn the ranking around. A deployed
+model runs one artifact per process, so that is how `hxc bench` measures each:
+`hxc.bench.isolate` gives every contender a worker process of its own and lets only
+one run at a time. What else was running (any contenders interleaved with it, the CPU
 time other processes used meanwhile) is kept with each timing.
 """
 
@@ -47,14 +48,6 @@ class Contender:
     device_time_only: bool
     threads: int | None = None
     close: Callable[[], None] = lambda: None
-    # What executes it (iree, onnxruntime, torch): contenders of one device and runtime
-    # share a process and are interleaved; other runtimes are timed in their own.
-    runtime: str = "iree"
-
-    @property
-    def process(self) -> tuple[str, str]:
-        """Contenders with the same key are timed in one process, interleaved."""
-        return (self.device, self.runtime)
 
 
 @dataclass
@@ -83,9 +76,9 @@ class Timing:
 def paired_ratio(a: Timing, b: Timing) -> float | None:
     """The median, over the rounds both ran in, of a's block median over b's: a ratio
     that holds when the load on the machine changes between rounds. None without any
-    shared round (timings from different processes)."""
+    shared round (timings that were not interleaved in one process)."""
     pairs = [x / y for x, y in zip(a.block_medians_ms, b.block_medians_ms) if y > 0]
-    return statistics.median(pairs) if pairs and b.contender.process == a.contender.process else None
+    return statistics.median(pairs) if pairs and (a is b or b.contender.id in a.interleaved_with) else None
 
 
 @dataclass(frozen=True)
@@ -110,12 +103,11 @@ class Budget:
 
 def measure(contenders: list[Contender], inputs: list, budget: Budget = Budget(),
             on_progress: Callable[[str], None] = lambda s: None) -> list[Timing]:  # fmt: skip
-    """Load, warm up and time contenders that all run on one device and runtime,
-    interleaved, in this process. Others are measured apart with
-    `hxc.bench.isolate.measure_devices`."""
-    processes = {c.process for c in contenders}
-    if len(processes) > 1:
-        raise ValueError(f"measure() times one device and runtime per process, got {sorted(processes)}; use measure_devices()")
+    """Load, warm up and time contenders that all run on one device, interleaved, in
+    this process. `hxc.bench.isolate.measure_devices` measures them apart."""
+    devices = {c.device for c in contenders}
+    if len(devices) > 1:
+        raise ValueError(f"measure() times one device per process, got {sorted(devices)}; use measure_devices()")
     phase = Phase(contenders, inputs, budget, on_progress)
     try:
         while not phase.done:

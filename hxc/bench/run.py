@@ -106,15 +106,9 @@ def bench_contenders(bundle: Path, baselines: tuple[str, ...], device: str | Non
 
 
 def by_process(contenders: list[Contender]) -> dict[str, list[Contender]]:
-    """Contenders grouped by the process that times them (device and runtime), labelled."""
-    groups: dict[str, list[Contender]] = {}
-    runtimes: dict[str, set[str]] = {}
-    for c in contenders:
-        runtimes.setdefault(c.device, set()).add(c.runtime)
-    for c in contenders:
-        label = c.device if len(runtimes[c.device]) == 1 else f"{c.device} ({c.runtime})"
-        groups.setdefault(label, []).append(c)
-    return groups
+    """Contenders by the worker process that times them, labelled: one each
+    (`hxc.bench.measure` says why)."""
+    return {f"{c.id} on {c.device}": [c] for c in contenders}
 
 
 def scenarios(manifest: Manifest, golden: list[np.ndarray], offline_batches: Sequence[int]) -> list[tuple[str, int, list[np.ndarray]]]:
