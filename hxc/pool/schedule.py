@@ -258,15 +258,17 @@ class Balancer:
 
     def _ends(self, device: str, speed: Speed, now: float) -> list[float] | None:
         """When each chunk `device` holds should finish, in the order it runs them (None
-        if its speed is not known). A head chunk already past its prediction is taken to
-        finish now: a late device is the deadline's business, not a backup's."""
+        if its speed is not known). A head chunk already past its prediction (a stall,
+        a hang its deadline has not caught yet) is given half its predicted time again:
+        how late it will be is unknown, and such stragglers are what backups are for."""
         ends, at = [], now
         for i, chunk in enumerate(self._order.get(device, [])):
             seconds = speed.seconds_for(chunk.count)
             if seconds is None:
                 return None
             if i == 0:
-                at = max(now, self._since.get(device, now) + seconds)
+                predicted = self._since.get(device, now) + seconds
+                at = predicted if predicted > now else now + seconds / 2
             else:
                 at += seconds
             ends.append(at)
