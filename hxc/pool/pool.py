@@ -11,7 +11,9 @@ Each device runs the best artifact for it in its own worker process (`worker.py`
 A call is split into chunks that the devices pull from a shared queue
 (`schedule.Balancer`), sized from the bench profiles at first and from observed
 timings after, so a device 30x slower gets about 1/30 of the work and all finish
-together. A device whose worker fails or misses a deadline loses nothing: its chunk
+together; at a call's end an idle device may compute a backup copy of a slower one's
+last chunk, and whichever copy finishes first is stored (the other is dropped). A
+device whose worker fails or misses a deadline loses nothing: its chunk
 goes back to the queue and the call completes on the others; the worker restarts
 after a back-off and rejoins. A device that slows the others more than it helps
 (a software Vulkan device competing with the CPU for the same cores) is noticed from
