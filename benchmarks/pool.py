@@ -13,7 +13,8 @@ For the example CNN and a 3-layer MLP, both with a dynamic batch, compiled for t
       ceiling for any pool here (the devices share memory bandwidth and caches even when
       pinned apart)
     - the pool of both with judgement off (balancing: the scheduler alone decides who
-      gets what): goal >= 90% of the sum, each device busy >= 90%
+      gets what): goal >= 90% of the sum, each device busy >= 90%; and the same with
+      backup copies off (the fast device idles while the slow one ends the call)
     - the pool of both with judgement on (on a host shared with other jobs it may still
       leave lavapipe out when the others' load makes it look costly)
   unpinned (every worker sees both cores, the normal case)
@@ -27,15 +28,18 @@ For the example CNN and a 3-layer MLP, both with a dynamic batch, compiled for t
 A naive even split is computed from the devices' measured rates (2 x the slower one):
 running it for real would take minutes on lavapipe. Then the scheduler simulation:
 devices with speeds 1:1, 1:4 and 1:30, and one that dies mid-run, against the ideal
-summed throughput (goal >= 95%, finish skew within one chunk).
+summed throughput (goal >= 95%, finish skew within one chunk), and short calls (2 s,
+after a first call that measured the speeds) with a slow device 30x and 100x slower
+that spends 100 ms on any call, with and without backup copies.
 
-Writes benchmarks/results/pool.json.
+Writes benchmarks/results/pool.json (or --out PATH).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import statistics
 import sys
@@ -65,6 +69,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=2.0, help="about how long each measured call runs")
     ap.add_argument("--models", default="convnet,mlp")
+    ap.add_argument("--out", type=Path, help="write the results here instead of benchmarks/results/pool.json")
     args = ap.parse_args()
     os.environ.setdefault("HXC_CACHE_DIR", str(Path(tempfile.gettempdir()) / "hxc-bench-cache"))
     results = {"rounds": args.rounds, "seconds_per_call": args.seconds, "load_before": os.getloadavg(), "models": {}}
@@ -73,7 +78,11 @@ def main() -> None:
             results["models"][name] = bench_model(name, Path(tmp), args.rounds, args.seconds)
     results["load_after"] = os.getloadavg()
     results["simulation"] = simulation()
-    path = save("pool", results)
+    if args.out:
+        path = args.out
+        path.write_text(json.dumps(results, indent=2) + "\n")
+    else:
+        path = save("pool", results)
     print(f"wrote {path}", file=sys.stderr)
 
 
@@ -88,11 +97,13 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
 
     pinned = Pool(bundle, pin="split")
     pinned_all = Pool(bundle, pin="split", judge=False)
+    pinned_nobackup = Pool(bundle, pin="split", judge=False, backups=False)
     unpinned = Pool(bundle)
     naive = Pool(bundle, judge=False)
     times: dict[str, list[float]] = {}
     busy: dict[str, dict[str, list[float]]] = {"pinned pool": {}, "pinned pool, judgement off": {}, "unpinned pool": {},
-                                               "unpinned pool, judgement off": {}}  # fmt: skip
+                                               "unpinned pool, judgement off": {},
+                                               "pinned pool, judgement off, no backups": {}}  # fmt: skip
 
     def record(label: str, rate: float) -> None:
         times.setdefault(label, []).append(rate)
@@ -129,7 +140,7 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
         record("both at once, pinned, no pool", sum(rates))
 
     try:
-        for pool in (pinned, pinned_all, unpinned, naive, *separate):  # warm up, measure speeds, let the judgement happen
+        for pool in (pinned, pinned_all, pinned_nobackup, unpinned, naive, *separate):  # warm up, measure speeds, let the judgement happen
             sized_call(pool, row, row, seconds)
         for r in range(rounds):
             print(f"{name}: round {r + 1}/{rounds}", file=sys.stderr)
@@ -138,6 +149,7 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
                     record(f"{m.name} alone, pinned", sized_call(pinned, row, row, seconds))
             concurrently()
             pool_call("pinned pool, judgement off", pinned_all)
+            pool_call("pinned pool, judgement off, no backups", pinned_nobackup)
             pool_call("pinned pool", pinned)
             pool_call("unpinned pool", unpinned)
             pool_call("unpinned pool, judgement off", naive)
@@ -148,8 +160,9 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
         explain = {"pinned": pinned.explain(), "pinned, judgement off": pinned_all.explain(), "unpinned": unpinned.explain()}
         left_out = {m.name: m.left_out for m in unpinned.members}
         left_out_pinned = {m.name: m.left_out for m in pinned.members}
+        copies = {d.name: {"backups": d.backups, "wasted_rows": d.wasted, "items": d.items} for d in pinned_all.stats().devices}
     finally:
-        for pool in (pinned, pinned_all, unpinned, naive, *separate):
+        for pool in (pinned, pinned_all, pinned_nobackup, unpinned, naive, *separate):
             pool.close()
 
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -173,6 +186,9 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
             "pool_vs_sum": med["pinned pool, judgement off"] / sum(alone.values()),
             "busy": {d: statistics.median(v) for d, v in busy["pinned pool, judgement off"].items()},
             "goal": "pool >= 0.90 x sum, each device busy >= 0.90",
+            "backups": copies,  # over every call of the pinned pool (warm-up included)
+            "no_backups_vs_sum": med["pinned pool, judgement off, no backups"] / sum(alone.values()),
+            "no_backups_busy": {d: statistics.median(v) for d, v in busy["pinned pool, judgement off, no backups"].items()},
             "both_at_once_vs_sum": med["both at once, pinned, no pool"] / sum(alone.values()),
             "pool_vs_both_at_once": paired_balancing,
             "judgement_on_vs_sum": med["pinned pool"] / sum(alone.values()),
@@ -194,6 +210,7 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
     print(f"{name}: balancing {out['balancing']['pool_vs_sum']:.3f} of the pinned sum "
           f"({out['balancing']['pool_vs_both_at_once']:.3f} of both at once, which is "
           f"{out['balancing']['both_at_once_vs_sum']:.3f} of the sum), busy {out['balancing']['busy']}; "
+          f"without backups {out['balancing']['no_backups_vs_sum']:.3f}, busy {out['balancing']['no_backups_busy']}; "
           f"judgement {out['judgement']['pool_vs_best_single']:.3f} of the best single ({best_label}; "
           f"paired by round {paired:.3f})", file=sys.stderr)  # fmt: skip
     return out
@@ -215,6 +232,20 @@ def simulation() -> dict:
                      "every_unit_once": r.done == [1] * r.units}  # fmt: skip
         print(f"simulation {case}: {r.efficiency:.3f} of ideal, skew {r.skew_s * 1000:.1f} ms (chunk {r.chunk_s * 1000:.0f} ms)",
               file=sys.stderr)  # fmt: skip
+    # Short calls: 2 s of work after a first call that measured the speeds (and the slow
+    # device's 100 ms per call), medians over seeds, with and without backup copies.
+    for ratio in (30, 100):
+        devices = [SimDevice("fast", 3000, prior_error=0), SimDevice("slow", 3000 / ratio, per_chunk_s=0.1, prior_error=0)]
+        units = int(2 * sum(d.speed for d in devices))
+        for backups in (False, True):
+            runs = [simulate(devices, units, warmup=units, backups=backups, seed=s) for s in range(7)]
+            case = f"1:{ratio}, 2 s calls, 100 ms per slow call, backups {'on' if backups else 'off'}"
+            out[case] = {"efficiency": statistics.median(r.efficiency for r in runs),
+                         "efficiency_range": [min(r.efficiency for r in runs), max(r.efficiency for r in runs)],
+                         "backups": sum(r.backups for r in runs), "wasted_units": sum(r.wasted for r in runs),
+                         "every_unit_once": all(r.done == [1] * r.units for r in runs)}  # fmt: skip
+            print(f"simulation {case}: median {out[case]['efficiency']:.3f} of ideal "
+                  f"({min(r.efficiency for r in runs):.3f}-{max(r.efficiency for r in runs):.3f})", file=sys.stderr)  # fmt: skip
     return out
 
 

@@ -629,13 +629,14 @@ def _core_range(text: str) -> list[int]:
 def _telemetry_table(stats: Any):
     from hxc import ui
 
-    t = ui.table("device", "cores", "items", "chunks", "busy s", "utilisation", "items/s", "failures", "queue", "status",
+    t = ui.table("device", "cores", "items", "chunks", "busy s", "utilisation", "items/s", "backups (rows dropped)", "failures",
+                 "queue", "status",
                  title=f"Pool telemetry ({stats.items} items in {stats.wall_s:.3g} s: {stats.items_per_second:.4g} items/s)")  # fmt: skip
     for d in stats.devices:
         status = d.health + (f": {d.reason}" if d.reason else "") + (f"; left out: {d.left_out}" if d.left_out else "")
         t.add_row(f"{d.name} ({d.device})", ",".join(map(str, d.cpus)) if d.cpus else "all", str(d.items), str(d.chunks),
                   f"{d.busy_s:.3g}", f"{d.utilisation:.0%}", f"{d.items_per_second:.4g}" if d.items_per_second else "-",
-                  str(d.failures), str(d.queue_depth), status)  # fmt: skip
+                  f"{d.backups} ({d.wasted})", str(d.failures), str(d.queue_depth), status)  # fmt: skip
     return t
 
 

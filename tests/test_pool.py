@@ -173,6 +173,41 @@ def test_a_hung_worker_is_killed_at_its_deadline_and_its_rows_rerun(bundles):
     assert "unhealthy: missed its deadline" in explained
 
 
+def test_a_backup_copy_ends_a_call_whose_slow_device_stalls_and_the_stalled_original_changes_nothing(bundles):
+    # lavapipe's third request hangs (until its deadline, longer than the CPU needs for
+    # the rest of any call here): at the end of that call the idle CPU computes a copy
+    # of the stalled chunk, the call returns complete, and when the original is killed
+    # at its deadline nothing is re-run or written again.
+    cnn = bundles["convnet"]
+    single = hxc.runtime.load(cnn, device="cpu:host", strict=True)
+    with Pool(cnn, ["cpu:host", "vulkan"], judge=False, deadlines=Deadlines(floor_s=20.0), backoff=Backoff(first_s=300),
+              env={"HXC_POOL_FAULT": "vulkan:hang@3"}) as pool:  # fmt: skip
+        vk_worker = next(m.worker for m in pool.members if m.name == "vulkan:spirv")
+        rows = 0
+        for i in range(10):
+            w = vk_worker.stats()
+            if w.requests == 2 and w.queue_depth:
+                break  # a call returned while lavapipe holds its third request, the one that hangs
+            x = _cnn_input(64 if i < 2 else 1500, seed=10 + i)
+            y = _run(lambda: pool(x))
+            rows += len(x)
+            assert compare(y, single.run_flat([x])[0], "f32").ok and compare(y, _torch(convnet, x), "f32").ok
+        stats = pool.stats()
+        cpu, vk = stats.device("cpu:host"), stats.device("vulkan:spirv")
+        assert cpu.backups >= 1 and vk.items > 0
+        assert stats.items == rows  # each row stored once, by whichever copy came first
+        assert "backup copies run: " in pool.explain()
+        deadline = time.monotonic() + WAIT
+        while pool.stats().device("vulkan:spirv").health != "unhealthy" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "missed its deadline" in (pool.stats().device("vulkan:spirv").reason or "")
+        x = _cnn_input(33, seed=99)
+        y = _run(lambda: pool(x))  # the stalled copy's failure arrives here: dropped, not re-queued
+        assert compare(y, _torch(convnet, x), "f32").ok
+        stats = pool.stats()
+        assert stats.items == rows + 33 and stats.device("vulkan:spirv").failures == 1
+
+
 def test_an_unhealthy_device_restarts_and_rejoins(bundles):
     x = _cnn_input(64, seed=5)
     with Pool(bundles["convnet"], ["local-task", "local-sync"], backoff=Backoff(first_s=0.2)) as pool:

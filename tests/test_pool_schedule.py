@@ -157,3 +157,91 @@ def test_a_device_with_a_large_fixed_cost_per_call_gets_chunks_that_amortise_it(
     assert chunk.count == pytest.approx((5 * fixed - fixed) * marginal, rel=0.02)  # ~3000 rows, not 1
     r = simulate([SimDevice("cpu", 40_000, prior_error=0), SimDevice("vk", 5000, per_chunk_s=0.15, prior_error=0)], 200_000)
     assert r.units_done["vk"] / r.chunks["vk"] > 500 and r.done == [1] * 200_000
+
+
+def _slow_holds_the_last_chunk(b: Balancer, speeds: dict[str, Speed]) -> Chunk:
+    """The slow device takes a chunk; the fast one does everything else."""
+    b.add(0, 1000)
+    slow = b.next_chunk("slow", speeds, speeds, now=0.0)
+    now = 0.0
+    while (fast := b.next_chunk("fast", speeds, speeds, now=now)) is not None and fast not in b.in_flight("slow"):
+        now += fast.count / 3000
+        assert b.done("fast", fast, now=now)
+    if fast is not None:  # already a copy: put it back for the test to take
+        b.drop("fast", fast)
+        b.copies -= 1
+    assert b.unassigned == 0 and slow.count >= 1
+    return slow
+
+
+def test_an_idle_fast_device_backs_up_a_slow_devices_last_chunk():
+    speeds = {"fast": Speed(3000.0), "slow": Speed(10.0)}
+    b = Balancer(target_s=0.05)
+    b.open = True  # a stream has no known end: nothing is copied
+    b.add(0, 1000)
+    slow = b.next_chunk("slow", speeds, speeds, now=0.0)
+    while (fast := b.next_chunk("fast", speeds, speeds, now=0.0)) is not None:
+        b.done("fast", fast, now=0.0)
+    assert b.copies == 0
+    b = Balancer(target_s=0.05)
+    slow = _slow_holds_the_last_chunk(b, speeds)
+    # Nothing left: the fast device copies the slow one's chunk, which it finishes long
+    # before the slow one (predicted to need slow.count / 10 s) would.
+    copy = b.next_chunk("fast", speeds, speeds, now=0.05)
+    assert copy == slow and b.copies == 1
+    assert b.next_chunk("fast", speeds, speeds, now=0.05) is None  # one copy per chunk
+    assert not b.idle
+    assert b.done("fast", copy, now=0.06)  # the first to finish counts
+    assert b.idle and b.stale("slow") == [slow] and b.held("slow") == 1 and b.wasted == slow.count
+    assert not b.done("slow", slow, now=0.5)  # the original finishes later: dropped
+    assert b.held("slow") == 0
+
+
+def test_no_backup_that_would_not_finish_well_before_the_original():
+    speeds = {"a": Speed(1000.0), "b": Speed(1000.0)}
+    b = Balancer(target_s=0.05)
+    b.add(0, 100)
+    second = b.next_chunk("b", speeds, speeds, now=0.0)
+    now = 0.0
+    while b.unassigned:
+        chunk = b.next_chunk("a", speeds, speeds, now=now)
+        now += chunk.count / 1000
+        b.done("a", chunk, now=now)
+    assert b.next_chunk("a", speeds, speeds, now=now) is None  # as fast as the holder: too little to gain
+    assert b.done("b", second, now=0.05) and b.copies == 0
+
+
+def test_a_backup_whose_original_fails_is_not_requeued_and_stale_copies_carry_over():
+    speeds = {"fast": Speed(3000.0), "slow": Speed(10.0)}
+    b = Balancer(target_s=0.05)
+    slow = _slow_holds_the_last_chunk(b, speeds)
+    copy = b.next_chunk("fast", speeds, speeds, now=0.05)
+    assert copy == slow
+    assert not b.failed("slow", slow, now=0.06)  # the copy still runs: nothing goes back
+    assert b.unassigned == 0 and b.done("fast", copy, now=0.07) and b.idle
+    # Both copies failing puts the units back once.
+    c = Balancer(target_s=0.05)
+    slow = _slow_holds_the_last_chunk(c, speeds)
+    copy = c.next_chunk("fast", speeds, speeds, now=0.05)
+    assert not c.failed("fast", copy) and c.failed("slow", slow) and c.unassigned == slow.count
+    # A copy still running when a call returns keeps its device busy in the next one.
+    d = Balancer(target_s=0.05)
+    d.hold("slow", Chunk(0, 5))
+    d.add(0, 1000)
+    assert d.held("slow") == 1
+    d.drop("slow", Chunk(0, 5), now=0.1, stale=True)
+    assert d.held("slow") == 0
+
+
+@pytest.mark.parametrize("ratio", [30, 100])
+def test_backups_shorten_short_calls_with_a_slow_device_that_has_a_fixed_cost_per_call(ratio):
+    # 2 s calls, after a first call that measured the speeds; the slow device spends
+    # 100 ms on any call, as lavapipe does.
+    devices = [SimDevice("fast", 3000, prior_error=0), SimDevice("slow", 3000 / ratio, per_chunk_s=0.1, prior_error=0)]
+    units = int(2 * sum(d.speed for d in devices))
+    runs = {b: [simulate(devices, units, warmup=units, backups=b, seed=s) for s in range(5)] for b in (False, True)}
+    for r in runs[True] + runs[False]:
+        assert r.done == [1] * units  # every unit stored exactly once, copies or not
+    mean = {b: sum(r.efficiency for r in rs) / len(rs) for b, rs in runs.items()}
+    assert mean[True] >= 0.95 and mean[True] > mean[False]
+    assert sum(r.backups for r in runs[True]) >= 1 and all(r.backups == 0 for r in runs[False])

@@ -11,7 +11,9 @@ Each device runs the best artifact for it in its own worker process (`worker.py`
 A call is split into chunks that the devices pull from a shared queue
 (`schedule.Balancer`), sized from the bench profiles at first and from observed
 timings after, so a device 30x slower gets about 1/30 of the work and all finish
-together. A device whose worker fails or misses a deadline loses nothing: its chunk
+together; at a call's end an idle device may compute a backup copy of a slower one's
+last chunk, and whichever copy finishes first is stored (the other is dropped). A
+device whose worker fails or misses a deadline loses nothing: its chunk
 goes back to the queue and the call completes on the others; the worker restarts
 after a back-off and rejoins. A device that slows the others more than it helps
 (a software Vulkan device competing with the CPU for the same cores) is noticed from
@@ -65,6 +67,8 @@ class DeviceStats:
     queue_depth: int
     items_per_second: float | None  # the current speed estimate
     speed_source: str | None  # "profile" or "measured"
+    backups: int = 0  # backup copies it ran of chunks another device held (at a call's end)
+    wasted: int = 0  # rows it computed whose results were dropped: another copy was stored first
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,8 @@ class _Member:
     shared: Speed  # measured while every other device worked
     solo_prior: float | None
     left_out: str | None = None
-    counts: dict[str, float] = field(default_factory=lambda: {"items": 0, "chunks": 0, "busy_s": 0.0, "requeued": 0})
+    counts: dict[str, float] = field(default_factory=lambda: {"items": 0, "chunks": 0, "busy_s": 0.0, "requeued": 0,
+                                                                      "backups": 0, "wasted": 0})
     last_done: float = 0.0
 
     @property
@@ -121,7 +126,9 @@ class Pool:
     and a software Vulkan device — gets its own share of the cores), or
     {selector: [core ids]}.
     `chunk_ms`: about how long one chunk runs on any device; shorter balances more
-    finely and costs more process hops. `judge`: leave out devices that cost more than
+    finely and costs more process hops. `backups`: at a call's end, let an idle device
+    compute a copy of a slower device's chunk it would finish well before it (the first
+    copy to finish is stored, the other dropped). `judge`: leave out devices that cost more than
     they add (from measurements). `deadlines`, `backoff`: per-worker fault handling."""
 
     def __init__(
@@ -132,6 +139,7 @@ class Pool:
         policy: str = "throughput",
         pin: str | Mapping[str, Sequence[int]] | None = None,
         chunk_ms: float = 50.0,
+        backups: bool = True,
         judge: bool = True,
         deadlines: Deadlines = Deadlines(),
         backoff: Backoff = Backoff(),
@@ -150,6 +158,10 @@ class Pool:
         cpus = _pinning(pin, chosen)
         self.pinned = any(cpus.values())
         self._target_s = chunk_ms / 1000
+        self._backups = backups
+        # Chunks workers still compute for calls that have returned (copies that lost):
+        # the next call counts them in those devices' backlogs.
+        self._carry: dict[str, list[Chunk]] = {}
         self._judging = judge
         self._judged = False
         self._judged_at = 0.0  # the working time at the judgement: it is made again REJUDGE_S later
@@ -225,13 +237,15 @@ class Pool:
             devices.append(DeviceStats(
                 m.name, m.candidate.device.label, w.health.value, w.reason, m.left_out, w.cpus, int(c["items"]),
                 int(c["chunks"]), c["busy_s"], c["busy_s"] / self._wall_s if self._wall_s else 0.0, w.failures,
-                int(c["requeued"]), w.restarts, w.queue_depth, m.speed.rate, m.speed.source,
+                int(c["requeued"]), w.restarts, w.queue_depth, m.speed.rate, m.speed.source, int(c["backups"]),
+                int(c["wasted"]),
             ))  # fmt: skip
         return PoolStats(self._wall_s, sum(d.items for d in devices), tuple(devices))
 
     def explain(self) -> str:
         lines = [f"pool of {len(self.members)} device(s) for {self.manifest.model.name}: chunks of about "
-                 f"{self._target_s * 1000:g} ms, pulled from a shared queue; judgement {'on' if self._judging else 'off'}"
+                 f"{self._target_s * 1000:g} ms, pulled from a shared queue; backups {'on' if self._backups else 'off'}; "
+                 f"judgement {'on' if self._judging else 'off'}"
                  f"{'' if self.splittable else f'; batches are not split ({self._not_splittable})'}"]  # fmt: skip
         for m in self.members:
             w = m.worker
@@ -242,6 +256,9 @@ class Pool:
                 solo = m.solo.median if m.solo.samples else m.solo_prior
                 lines.append(f"      alone {_rate(solo)} ({'measured' if m.solo.samples else 'profile'}), "
                              f"beside the others {_rate(m.shared.median)} (medians of recent chunks)")  # fmt: skip
+            if m.counts["backups"] or m.counts["wasted"]:
+                lines.append(f"      backup copies run: {int(m.counts['backups'])}; rows computed but dropped (another copy "
+                             f"was first): {int(m.counts['wasted'])}")  # fmt: skip
             overhead = w.stats().overhead
             if overhead is not None:
                 lines.append(f"      caller overhead beyond device time: p50 {overhead.p50_ms:.3g} ms, p99 {overhead.p99_ms:.3g} ms "
@@ -386,8 +403,12 @@ class _Job:
         self.source = source
         self.window = window
         self.splittable = pool.splittable
-        self.balancer = Balancer(pool._target_s, max_units=None if self.splittable else 1)
+        self.balancer = Balancer(pool._target_s, max_units=None if self.splittable else 1, backups=pool._backups)
         self.balancer.open = True
+        for name, chunks in pool._carry.items():
+            for chunk in chunks:
+                self.balancer.hold(name, chunk)
+        self.finished = False  # set when the call returns: a late copy must not write into its outputs
         self.items: list[_Item] = []  # read and not yet yielded
         self.units = 0
         self.read = 0
@@ -416,6 +437,10 @@ class _Job:
         finally:
             if t0 is not None:
                 self.pool._wall_s += time.perf_counter() - t0
+            with self.alloc:
+                self.finished = True
+            b = self.balancer
+            self.pool._carry = {m.name: [*b.stale(m.name), *b.in_flight(m.name)] for m in self.pool.members}
 
     # reading requests
 
@@ -454,10 +479,12 @@ class _Job:
         names = {m.name for m in active}
         speeds = {m.name: m.speed for m in self.pool.members}
         for m in sorted(active, key=lambda m: -(m.speed.rate or 0.0)):
-            while len(self.balancer.in_flight(m.name)) < SLOTS:
-                chunk = self.balancer.next_chunk(m.name, speeds, names)
+            while self.balancer.held(m.name) < SLOTS:
+                copies = self.balancer.copies
+                chunk = self.balancer.next_chunk(m.name, speeds, names, time.perf_counter())
                 if chunk is None:
                     break
+                m.counts["backups"] += self.balancer.copies - copies
                 self._submit(m, chunk)
 
     def _submit(self, m: _Member, chunk: Chunk) -> None:
@@ -482,13 +509,15 @@ class _Job:
                     v[at:at + n] = a[src:src + n] if self.splittable else a
                 at += n
 
+        stored: list[bool] = []  # whether this copy's rows were stored (set before the future completes)
+
         def sink(views: list[np.ndarray]) -> None:
-            self._store(segments, views)
+            stored.append(self._store(segments, views))
 
         future = m.worker.submit(Inputs(shapes, write), rows=rows, sink=sink)
         dispatched = time.perf_counter()
         self.overlap.busy(m.name, dispatched, True)
-        future.add_done_callback(lambda f: self.pool._events.put(("done", self.id, m, chunk, f, dispatched)))
+        future.add_done_callback(lambda f: self.pool._events.put(("done", self.id, m, chunk, f, dispatched, stored)))
 
     def _segments(self, chunk: Chunk) -> list[tuple[_Item, int, int]]:
         """(item, first unit within it, units) for every item the chunk overlaps."""
@@ -504,13 +533,19 @@ class _Job:
             i += 1
         return out
 
-    def _store(self, segments: list[tuple[_Item, int, int]], views: list[np.ndarray]) -> None:
-        """Outputs of a finished chunk into their items (a worker's reader thread)."""
+    def _store(self, segments: list[tuple[_Item, int, int]], views: list[np.ndarray]) -> bool:
+        """Outputs of a finished chunk into their items (a worker's reader thread); False,
+        and nothing written, if another copy of the chunk was stored first or the call
+        has returned (its arrays belong to the caller now). Rows are claimed under the
+        lock, so two copies finishing at once cannot both write."""
         total = sum(n for _, _, n in segments)
         if self.splittable and any(v.shape[:1] != (total,) for v in views):
             raise HxcError(f"an output has {views[0].shape[0]} rows for {total} input rows: this model's batch cannot be split")
         at = 0
         with self.alloc:
+            # Copies are of whole chunks, so a chunk's rows are either all stored or none.
+            if self.finished or all(item.written[src:src + n].all() for item, src, n in segments):
+                return False
             for item, src, n in segments:
                 if item.outputs is None:
                     rows = item.units if self.splittable else None
@@ -521,6 +556,7 @@ class _Job:
                     out[src:src + n] = v[at:at + n] if self.splittable else v
                 item.written[src:src + n] = True
                 at += n
+        return True
 
     # waiting for completions
 
@@ -542,14 +578,28 @@ class _Job:
     def _handle(self, event: tuple) -> None:
         if event[0] == "state":
             return  # health changed: the next pump sees it
-        _, job_id, m, chunk, future, dispatched = event
-        if job_id != self.id:
-            return  # a chunk of an earlier, abandoned call
+        _, job_id, m, chunk, future, dispatched, stored = event
         now = time.perf_counter()
         error = future.exception()
-        if error is None:
+        if job_id != self.id:
+            # A copy still running when an earlier call returned (or of an abandoned
+            # call): its device is free of it now; its rows were dropped.
+            self.balancer.drop(m.name, chunk, now, stale=True)
+            if error is None:
+                m.counts["busy_s"] += future.result().worker_ms / 1000
+                m.counts["wasted"] += chunk.count
+            return
+        if error is None and stored != [True]:
+            # A copy that finished second: its device was busy, its rows are dropped.
+            self.balancer.drop(m.name, chunk, now)
             result = future.result()
-            self.balancer.done(m.name, chunk)
+            m.speed.observe(chunk.count, result.worker_ms / 1000, chunk.count >= self.balancer.full_size(m.speed))
+            m.last_done = now
+            m.counts["busy_s"] += result.worker_ms / 1000
+            m.counts["wasted"] += chunk.count
+        elif error is None:
+            result = future.result()
+            self.balancer.done(m.name, chunk, now)
             seconds = result.worker_ms / 1000
             started = max(dispatched, m.last_done)
             # Items per second depend on the chunk size (each call has a fixed cost), so
@@ -571,13 +621,13 @@ class _Job:
                 item.done += n
             self.pool._maybe_judge()
         elif isinstance(error, WorkerFailed):
-            self.balancer.failed(m.name, chunk)
+            self.balancer.failed(m.name, chunk, now)
             m.counts["requeued"] += 1
             self.failures += 1
             self.reasons.append(str(error))
         else:
             raise error if isinstance(error, (RequestFailed, HxcError)) else HxcError(f"{m.name}: {error}")
-        self.overlap.busy(m.name, now, bool(self.balancer.in_flight(m.name)))
+        self.overlap.busy(m.name, now, bool(self.balancer.held(m.name)))
 
     def _check_progress(self) -> None:
         """Fail the call when no device is left to finish it."""

@@ -10,6 +10,13 @@ whole job should end with every device working (the horizon), so all devices fin
 together, within about one chunk. A device too slow to finish even one unit before
 that horizon gets nothing. Speeds start from the bench profiles and follow observed
 timings from then on.
+
+At the end of a call (nothing left unassigned), a device with room may compute a
+backup copy of a chunk another device holds, when it would finish the copy well before
+the holder is predicted to finish the original (MapReduce's backup tasks): a slow
+device's last chunk no longer keeps the fast ones idle. The first copy to finish
+counts; the other becomes stale: its device is still busy with it (it counts in that
+device's backlog, also in the next call, via `hold`), and its result is dropped.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ TAIL_CHUNKS = 4
 # A chunk runs at least this many times its device's fixed cost per call (so that cost
 # stays under a fifth of the device's time).
 FIXED_COST_SHARE = 5.0
+# A backup copy is made only if the idle device would finish it within this fraction of
+# the time the holder still needs: a copy that saves little still costs a slot (and,
+# on devices sharing cores, the original's speed).
+BACKUP_GAIN = 0.5
 
 
 class Speed:
@@ -125,15 +136,23 @@ class Balancer:
     """The shared queue of units and the rule for how many a device may take."""
 
     def __init__(self, target_s: float = 0.05, min_chunk_s: float = 0.005, probe_units: int = 1,
-                 max_units: int | None = None) -> None:  # fmt: skip
+                 max_units: int | None = None, backups: bool = True) -> None:  # fmt: skip
         self.target_s = target_s
+        self.backups = backups
         self.max_units = max_units  # per chunk (1 for requests that cannot be merged)
         # A chunk costs a process hop and copies (~0.5 ms); shorter chunks would be mostly that.
         self.min_chunk_s = min_chunk_s
         self.probe_units = probe_units
         self._queue: list[tuple[int, int]] = []  # unassigned [start, end) ranges, sorted
         self._in_flight: dict[str, list[Chunk]] = {}
+        # Copies whose result will be dropped (another copy finished first), still running.
+        self._stale: dict[str, list[Chunk]] = {}
+        # Everything a device holds, in the order it runs them, and when the first started.
+        self._order: dict[str, list[Chunk]] = {}
+        self._since: dict[str, float] = {}
         self.open = False  # more units may still be added (a stream)
+        self.copies = 0  # backup copies handed out
+        self.wasted = 0  # units of copies that lost (their results dropped)
 
     def add(self, start: int, count: int) -> None:
         if count > 0:
@@ -146,17 +165,33 @@ class Balancer:
     def in_flight(self, device: str) -> list[Chunk]:
         return self._in_flight.get(device, [])
 
+    def stale(self, device: str) -> list[Chunk]:
+        """Chunks `device` is still computing whose results will be dropped."""
+        return self._stale.get(device, [])
+
+    def held(self, device: str) -> int:
+        """How many chunks `device` holds, stale ones included: what fills its slots."""
+        return len(self.in_flight(device)) + len(self.stale(device))
+
+    def hold(self, device: str, chunk: Chunk) -> None:
+        """`device` is still busy with `chunk` of an earlier call (a stale copy): count it
+        in its backlog until `drop(device, chunk, stale=True)`."""
+        self._stale.setdefault(device, []).append(chunk)
+        self._order.setdefault(device, []).append(chunk)
+
     @property
     def idle(self) -> bool:
         """Nothing left to assign or waiting on a device."""
         return not self._queue and not any(self._in_flight.values())
 
-    def next_chunk(self, device: str, speeds: Mapping[str, Speed], active: Collection[str]) -> Chunk | None:
+    def next_chunk(self, device: str, speeds: Mapping[str, Speed], active: Collection[str],
+                   now: float | None = None) -> Chunk | None:  # fmt: skip
         """The next chunk for `device`, or None if it should take nothing now. `active`
-        are the devices sharing this work (those healthy and not left out)."""
+        are the devices sharing this work (those healthy and not left out). `now` (any
+        clock, the same in every call) lets it predict when devices finish, for backups."""
         if not self._queue:
-            return None
-        backlog = sum(c.count for c in self.in_flight(device))
+            return self._backup(device, speeds, active, now)
+        backlog = sum(c.count for c in self._order.get(device, []))
         speed = speeds[device]
         rate = self.rate(speed)
         if rate is None:
@@ -185,7 +220,59 @@ class Balancer:
             if rate < fastest or backlog:
                 return None
             size = 1
-        return self._take(device, size)
+        return self._take(device, size, now)
+
+    def _backup(self, device: str, speeds: Mapping[str, Speed], active: Collection[str], now: float | None) -> Chunk | None:
+        """A copy of the chunk held elsewhere whose copy here would gain the most, if any
+        gains enough (see BACKUP_GAIN); only once nothing is left to assign in a call."""
+        if not self.backups or self.open or now is None or device not in active:
+            return None
+        mine = self._ends(device, speeds[device], now)
+        if mine is None:
+            return None
+        free = mine[-1] if mine else now
+        best: tuple[float, Chunk] | None = None
+        for other, chunks in self._in_flight.items():
+            if other == device or not chunks:
+                continue
+            ends = self._ends(other, speeds[other], now)
+            if ends is None:
+                continue
+            held = self._order[other]
+            for chunk in chunks:
+                if any(chunk in self.in_flight(d) for d in self._in_flight if d != other):
+                    continue  # already has a copy
+                theirs = ends[held.index(chunk)] - now
+                ours = speeds[device].seconds_for(chunk.count)
+                if ours is None or free + ours - now > BACKUP_GAIN * theirs:
+                    continue
+                if best is None or theirs > best[0]:
+                    best = (theirs, chunk)
+        if best is None:
+            return None
+        chunk = best[1]
+        self._in_flight.setdefault(device, []).append(chunk)
+        self._add_order(device, chunk, now)
+        self.copies += 1
+        return chunk
+
+    def _ends(self, device: str, speed: Speed, now: float) -> list[float] | None:
+        """When each chunk `device` holds should finish, in the order it runs them (None
+        if its speed is not known). A head chunk already past its prediction (a stall,
+        a hang its deadline has not caught yet) is given half its predicted time again:
+        how late it will be is unknown, and such stragglers are what backups are for."""
+        ends, at = [], now
+        for i, chunk in enumerate(self._order.get(device, [])):
+            seconds = speed.seconds_for(chunk.count)
+            if seconds is None:
+                return None
+            if i == 0:
+                predicted = self._since.get(device, now) + seconds
+                at = predicted if predicted > now else now + seconds / 2
+            else:
+                at += seconds
+            ends.append(at)
+        return ends
 
     def rate(self, speed: Speed) -> float | None:
         """Items per second a device does in chunks of its usual length, its fixed cost
@@ -204,8 +291,36 @@ class Balancer:
         """Chunks at least this big are full-sized for `speed` (not cut short at the end)."""
         return max(1, int(0.5 * speed.units_for(self.chunk_s(speed))))
 
-    def done(self, device: str, chunk: Chunk) -> None:
+    def done(self, device: str, chunk: Chunk, now: float | None = None) -> bool:
+        """`device` finished `chunk`: True if this copy counts (the first to finish),
+        False for a stale copy whose result must be dropped. Other copies become stale."""
+        self._finished(device, chunk, now)
+        if chunk in self.stale(device):
+            self._stale[device].remove(chunk)
+            return False
         self._in_flight[device].remove(chunk)
+        for other, chunks in self._in_flight.items():
+            if chunk in chunks:
+                chunks.remove(chunk)
+                self._stale.setdefault(other, []).append(chunk)
+                self.wasted += chunk.count
+        return True
+
+    def drop(self, device: str, chunk: Chunk, now: float | None = None, *, stale: bool = False) -> None:
+        """A copy on `device` ended without counting (another copy's result was stored
+        first); `stale=True` for one held over from an earlier call (`hold`)."""
+        self._finished(device, chunk, now)
+        if not stale and chunk in self.in_flight(device):
+            self._in_flight[device].remove(chunk)
+        elif chunk in self.stale(device):
+            self._stale[device].remove(chunk)
+
+    def _finished(self, device: str, chunk: Chunk, now: float | None) -> None:
+        order = self._order.get(device, [])
+        if chunk in order:
+            order.remove(chunk)
+        if now is not None:
+            self._since[device] = now  # the next one it holds starts now
 
     def shrink(self, device: str, chunk: Chunk, count: int) -> Chunk:
         """Keep only the first `count` units of a chunk just taken; the rest go back."""
@@ -214,15 +329,31 @@ class Balancer:
         kept = Chunk(chunk.start, count)
         flight = self._in_flight[device]
         flight[flight.index(chunk)] = kept
+        order = self._order[device]
+        order[order.index(chunk)] = kept
         self._push(kept.end, chunk.end)
         return kept
 
-    def failed(self, device: str, chunk: Chunk) -> None:
-        """`chunk` did not complete on `device`: its units go back to the front."""
-        self._in_flight[device].remove(chunk)
-        self._push(chunk.start, chunk.end)
+    def failed(self, device: str, chunk: Chunk, now: float | None = None) -> bool:
+        """`chunk` did not complete on `device`: its units go back to the front, unless
+        another copy of it still runs (or it was stale). True if they went back."""
+        self._finished(device, chunk, now)
+        if chunk in self.in_flight(device):
+            self._in_flight[device].remove(chunk)
+            if not any(chunk in chunks for chunks in self._in_flight.values()):
+                self._push(chunk.start, chunk.end)
+                return True
+        elif chunk in self.stale(device):
+            self._stale[device].remove(chunk)
+        return False
 
-    def _take(self, device: str, size: int) -> Chunk:
+    def _add_order(self, device: str, chunk: Chunk, now: float | None) -> None:
+        order = self._order.setdefault(device, [])
+        if not order and now is not None:
+            self._since[device] = now
+        order.append(chunk)
+
+    def _take(self, device: str, size: int, now: float | None = None) -> Chunk:
         if self.max_units is not None:
             size = min(size, self.max_units)
         start, end = self._queue[0]
@@ -233,6 +364,7 @@ class Balancer:
             self._queue[0] = (start + count, end)
         chunk = Chunk(start, count)
         self._in_flight.setdefault(device, []).append(chunk)
+        self._add_order(device, chunk, now)
         return chunk
 
     def _push(self, start: int, end: int) -> None:

@@ -35,6 +35,8 @@ class SimResult:
     lost: int  # units assigned to a device that died (re-queued)
     dead: frozenset[str]
     done: list[int] = field(repr=False, default_factory=list)  # completions per unit: all 1 if nothing was lost or doubled
+    backups: int = 0  # backup copies handed out
+    wasted: int = 0  # units computed by a copy that finished second (dropped)
 
     @property
     def efficiency(self) -> float:
@@ -47,21 +49,43 @@ class SimResult:
         return max(alive) - min(alive) if alive else 0.0
 
 
-def simulate(devices: list[SimDevice], units: int, *, target_s: float = 0.05, slots: int = 2, seed: int = 0) -> SimResult:
+def simulate(devices: list[SimDevice], units: int, *, target_s: float = 0.05, slots: int = 2, seed: int = 0,
+             backups: bool = True, warmup: int = 0) -> SimResult:  # fmt: skip
+    """Run `units` across `devices`; `warmup` units first, in a call of their own, so
+    that speeds (and fixed costs) are measured as in a pool's later calls (the result
+    is for the second call only; a copy still running from the first keeps its device
+    busy into it, as in the pool)."""
     rng = random.Random(seed)
-    balancer = Balancer(target_s)
-    balancer.add(0, units)
     speeds = {d.name: Speed(d.speed * d.prior_error) for d in devices}
+    start_at = 0.0
+    carried: dict[str, list[tuple[float, Chunk]]] = {}
+    free_at = {d.name: 0.0 for d in devices}
+    if warmup:
+        first = _run(devices, warmup, speeds, free_at, {}, 0.0, target_s, slots, rng, backups)
+        start_at, carried = first[0].makespan_s, first[1]
+    return _run(devices, units, speeds, free_at, carried, start_at, target_s, slots, rng, backups)[0]
+
+
+def _run(devices: list[SimDevice], units: int, speeds: dict[str, Speed], free_at: dict[str, float],
+         carried: dict[str, list[tuple[float, Chunk]]], t0: float, target_s: float, slots: int, rng: random.Random,
+         backups: bool) -> tuple[SimResult, dict[str, list[tuple[float, Chunk]]]]:  # fmt: skip
+    balancer = Balancer(target_s, backups=backups)
+    balancer.add(0, units)
     by_name = {d.name: d for d in devices}
     active = {d.name for d in devices}
-    free_at = {d.name: 0.0 for d in devices}
-    finish = {d.name: 0.0 for d in devices}
+    finish = {d.name: t0 for d in devices}
     done_units = {d.name: 0 for d in devices}
     chunks = {d.name: 0 for d in devices}
     done = [0] * units
     events: list[tuple[float, int, str, str, Chunk | None, float]] = []  # (time, seq, kind, device, chunk, duration)
     seq = 0
     lost = 0
+    stale_ends: dict[str, list[tuple[float, Chunk]]] = {}  # copies still running when the call ends
+    for name, held in carried.items():
+        for end, chunk in held:
+            balancer.hold(name, chunk)
+            heapq.heappush(events, (end, seq, "stale", name, chunk, 0.0))
+            seq += 1
     for d in devices:
         if d.fails_at is not None:
             heapq.heappush(events, (d.fails_at + d.detect_s, seq, "fail", d.name, None, 0.0))
@@ -71,8 +95,8 @@ def simulate(devices: list[SimDevice], units: int, *, target_s: float = 0.05, sl
         nonlocal seq
         for name in sorted(active):
             dev = by_name[name]
-            while len(balancer.in_flight(name)) < slots:
-                chunk = balancer.next_chunk(name, speeds, active)
+            while balancer.held(name) < slots:
+                chunk = balancer.next_chunk(name, speeds, active, now)
                 if chunk is None:
                     break
                 mean = dev.per_chunk_s + chunk.count / dev.speed
@@ -80,26 +104,34 @@ def simulate(devices: list[SimDevice], units: int, *, target_s: float = 0.05, sl
                 start = max(now, free_at[name])
                 free_at[name] = start + duration
                 heapq.heappush(events, (start + duration, seq, "done", name, chunk, duration))
+                stale_ends.setdefault(name, []).append((start + duration, chunk))
                 seq += 1
 
-    pump(0.0)
-    now = 0.0
-    while events:
+    pump(t0)
+    now = t0
+    while events and not (balancer.idle and all(done)):
         now, _, kind, name, chunk, duration = heapq.heappop(events)
         dev = by_name[name]
-        if kind == "fail":
-            active.discard(name)
-            for c in list(balancer.in_flight(name)):
-                balancer.failed(name, c)
-                lost += c.count
+        if kind == "stale":
+            balancer.drop(name, chunk, now, stale=True)
             pump(now)
             continue
-        if name not in active or chunk not in balancer.in_flight(name):
+        if kind == "fail":
+            active.discard(name)
+            for c in [*balancer.in_flight(name), *balancer.stale(name)]:
+                if balancer.failed(name, c):
+                    lost += c.count
+            pump(now)
+            continue
+        if name not in active or (chunk not in balancer.in_flight(name) and chunk not in balancer.stale(name)):
             continue  # finished after the device died: never delivered
         if dev.fails_at is not None and now > dev.fails_at:
             continue  # the device was dead by then; the failure event re-queues it
-        balancer.done(name, chunk)
+        stale_ends[name].remove((now, chunk))
         speeds[name].observe(chunk.count, duration, chunk.count >= balancer.full_size(speeds[name]))
+        if not balancer.done(name, chunk, now):
+            pump(now)
+            continue
         for u in range(chunk.start, chunk.end):
             done[u] += 1
         done_units[name] += chunk.count
@@ -108,7 +140,12 @@ def simulate(devices: list[SimDevice], units: int, *, target_s: float = 0.05, sl
         pump(now)
     dead = frozenset(d.name for d in devices if d.fails_at is not None and d.fails_at < max(finish.values()))
     chunk_s = max(target_s, max(1 / d.speed for d in devices if done_units[d.name]))
-    return SimResult(units, max(finish.values()), _ideal(devices, units), finish, done_units, chunks, chunk_s, lost, dead, done)
+    # The call ends when every unit is done; copies still running carry into the next.
+    end = max(finish.values())
+    carry = {n: [(e, c) for e, c in held if e > end] for n, held in stale_ends.items() if n in active}
+    result = SimResult(units, end - t0, _ideal(devices, units), {n: f - t0 for n, f in finish.items()}, done_units, chunks,
+                       chunk_s, lost, dead, done, balancer.copies, balancer.wasted)  # fmt: skip
+    return result, carry
 
 
 def _ideal(devices: list[SimDevice], units: int) -> float:
