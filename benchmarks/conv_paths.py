@@ -10,7 +10,13 @@ Ways tried (all on top of hxc's `cpu:host` flags unless said):
 - ukernels-mmt4d: the data-tiled matmuls through IREE's mmt4d ukernel;
 - slices: a PyTorch-level rewrite before export (`hxc.compiler.conv_matmul`): each
   convolution becomes NHWC "im2col by slices" (pad, kh*kw strided slices, concat along
-  channels) and one plain matmul, which IREE data-tiles like any matmul.
+  channels) and one plain matmul, which IREE data-tiles like any matmul;
+- sum: the same slices, one matmul per kernel position, summed (no concatenation);
+- fuse-pad: `--iree-dispatch-creation-enable-fuse-padding-into-linalg-consumer-ops`
+  (`slices+fuse-pad`: a rewritten model compiled with that configuration's flags).
+
+Results (README "Measurements"): `benchmarks/results/conv_paths.json`; `--out NAME`
+writes another file, `--merge` keeps the batch sizes it already holds.
 
     python benchmarks/conv_paths.py [--batches 1,8] [--configs default,slices,...] [--min-time 3]
 """
@@ -80,8 +86,12 @@ def flag_configs(flags: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     return {
         "default": flags,
         "channels-last": (*flags, CHANNELS_LAST),
-        "img2col-op": (*without, PIPELINE.format("iree-preprocessing-convert-conv-to-channels-last,"
-                                                 "iree-global-opt-convert-conv2d-to-img2col")),  # fmt: skip
+        "img2col-op": (
+            *without,
+            PIPELINE.format(
+                "iree-preprocessing-convert-conv-to-channels-last,iree-global-opt-convert-conv2d-to-img2col"
+            ),
+        ),  # fmt: skip
         "ukernels-mmt4d": (*flags, "--iree-llvmcpu-enable-ukernels=mmt4d"),
         "fuse-pad": (*flags, "--iree-dispatch-creation-enable-fuse-padding-into-linalg-consumer-ops"),
     }
@@ -106,8 +116,11 @@ def main() -> None:
         suffix = "_b8" if batch == 8 else ""
         if batch not in (1, 8):
             raise SystemExit("--batches: 1 and 8 only (the suite's ResNet-18 sizes)")
-        refs = {"original": f"hxc.examples.zoo:resnet18{suffix}", "slices": f"conv_paths:resnet18_slices{suffix}",
-                "sum": f"conv_paths:resnet18_sum{suffix}"}
+        refs = {
+            "original": f"hxc.examples.zoo:resnet18{suffix}",
+            "slices": f"conv_paths:resnet18_slices{suffix}",
+            "sum": f"conv_paths:resnet18_sum{suffix}",
+        }
         work = Path(tempfile.mkdtemp(prefix=f"hxc-convpaths-b{batch}-"))
         for k in refs:
             (work / k).mkdir()
@@ -136,7 +149,10 @@ def main() -> None:
             [out] = Session.open(r.vmfb, device, weights).invoke(inputs, imp.signature)
             errors[name] = float(np.abs(np.asarray(out) - expected).max())
             ok = np.allclose(out, expected, rtol=1e-3, atol=1e-4)
-            print(f"  {name}: max abs error vs PyTorch {errors[name]:.3g}{'' if ok else ' WRONG: not timed'}", file=sys.stderr)
+            print(
+                f"  {name}: max abs error vs PyTorch {errors[name]:.3g}{'' if ok else ' WRONG: not timed'}",
+                file=sys.stderr,
+            )
             if not ok:
                 continue
             holder: dict = {}
