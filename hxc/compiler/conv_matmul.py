@@ -12,10 +12,10 @@ Only ordinary 2-D convolutions are rewritten (groups=1, zero padding given as nu
 depthwise and grouped ones are left as they are: their matmul would be per group, with
 too little work per matmul to gain anything.
 
-Not applied by `hxc compile` (yet): measured by `benchmarks/conv_paths.py`, it is 1.2x
-faster than hxc's default on ResNet-18 at batch 8 but no faster than IREE's own
-channels-last conversion (already a `--tune` alternative), and it needs the model as an
-`nn.Module`, which `.pt2` and TorchScript inputs are not.
+Not applied by `hxc compile` (yet): measured by `benchmarks/conv_paths.py` on ResNet-18,
+it is 1.1x (batch 1) and 1.3x (batch 8) faster than hxc's default but within 7% of IREE's
+own channels-last conversion (already a `--tune` alternative), still short of PyTorch
+eager, and it needs the model as an `nn.Module`, which `.pt2` and TorchScript inputs are not.
 """
 
 from __future__ import annotations
