@@ -8,7 +8,7 @@ Ways tried (all on top of hxc's `cpu:host` flags unless said):
 - img2col-op: IREE's preprocessing materialises im2col as its own linalg op
   (`iree-global-opt-convert-conv2d-to-img2col`) after channels-last, instead of the fused one;
 - ukernels-mmt4d: the data-tiled matmuls through IREE's mmt4d ukernel;
-- slices: a PyTorch-level rewrite before export (`hxc.compiler.conv_matmul`): each
+- slices: a PyTorch-level rewrite before export (`benchmarks/_conv_matmul.py`): each
   convolution becomes NHWC "im2col by slices" (pad, kh*kw strided slices, concat along
   channels) and one plain matmul, which IREE data-tiles like any matmul;
 - sum: the same slices, one matmul per kernel position, summed (no concatenation);
@@ -57,7 +57,7 @@ PIPELINE = "--iree-preprocessing-pass-pipeline=builtin.module(util.func({}))"
 
 def resnet18_slices(batch: int = 1):
     """hxc's ResNet-18 with its convolutions rewritten before export."""
-    from hxc.compiler.conv_matmul import convs_as_matmuls
+    from _conv_matmul import convs_as_matmuls
     from hxc.examples.zoo import resnet18
 
     model, args = resnet18(batch)
@@ -70,7 +70,7 @@ def resnet18_slices_b8():
 
 def resnet18_sum(batch: int = 1):
     """As `resnet18_slices`, but one matmul per kernel position, summed (no concat)."""
-    from hxc.compiler.conv_matmul import convs_as_matmuls
+    from _conv_matmul import convs_as_matmuls
     from hxc.examples.zoo import resnet18
 
     model, args = resnet18(batch)
