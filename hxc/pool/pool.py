@@ -405,15 +405,19 @@ class _Job:
         self.splittable = pool.splittable
         self.balancer = Balancer(pool._target_s, max_units=None if self.splittable else 1, backups=pool._backups)
         self.balancer.open = True
+        self.overlap = Overlap()
+        started = time.perf_counter()
         for name, chunks in pool._carry.items():
             for chunk in chunks:
                 self.balancer.hold(name, chunk)
+            # Still computing for an earlier call: the others' chunks meanwhile are not
+            # solo (counted so, they made lavapipe look free and the judgement kept it).
+            self.overlap.busy(name, started, bool(chunks))
         self.finished = False  # set when the call returns: a late copy must not write into its outputs
         self.items: list[_Item] = []  # read and not yet yielded
         self.units = 0
         self.read = 0
         self.exhausted = False
-        self.overlap = Overlap()
         self.alloc = threading.Lock()  # output allocation in reader threads
         self.failures = 0
         self.reasons: list[str] = []
@@ -588,6 +592,7 @@ class _Job:
             if error is None:
                 m.counts["busy_s"] += future.result().worker_ms / 1000
                 m.counts["wasted"] += chunk.count
+            self.overlap.busy(m.name, now, bool(self.balancer.held(m.name)))
             return
         if error is None and stored != [True]:
             # A copy that finished second: its device was busy, its rows are dropped.
