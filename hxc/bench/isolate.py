@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hxc.bench.measure import Budget, Contender, Phase, Timing, measure
-from hxc.errors import first_line
+from hxc.errors import BundleError, SignatureError, UsageError, first_line
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,9 @@ class _Worker:
         if kind == "error":
             self._fail(payload)
             return None
+        if kind == "raise":
+            self._fail(first_line(payload))
+            raise payload
         return payload
 
     @contextmanager
@@ -185,6 +188,10 @@ def _serve(conn: Any, build: Callable[[], list[Contender]], budget: Budget) -> N
                 conn.send(("result", [_plain(t) for t in phase.timings]))
             else:
                 break
+    except (UsageError, BundleError, SignatureError) as e:
+        # The user's mistake or a bundle that fails its checks, not a device failing: the
+        # parent raises it as it would have in one process (exit codes included).
+        conn.send(("raise", e))
     except Exception as e:  # reported to the parent, which keeps the other devices' results
         conn.send(("error", first_line(e)))
     finally:
