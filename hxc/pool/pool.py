@@ -626,8 +626,9 @@ class _Job:
                 item.done += n
             self.pool._maybe_judge()
         elif isinstance(error, WorkerFailed):
-            self.balancer.failed(m.name, chunk, now)
-            m.counts["requeued"] += 1
+            # Not re-queued when another copy of it still runs (a backup) or it was stale.
+            if self.balancer.failed(m.name, chunk, now):
+                m.counts["requeued"] += 1
             self.failures += 1
             self.reasons.append(str(error))
         else:
