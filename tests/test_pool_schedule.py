@@ -245,3 +245,56 @@ def test_backups_shorten_short_calls_with_a_slow_device_that_has_a_fixed_cost_pe
     mean = {b: sum(r.efficiency for r in rs) / len(rs) for b, rs in runs.items()}
     assert mean[True] >= 0.95 and mean[True] > mean[False]
     assert sum(r.backups for r in runs[True]) >= 1 and all(r.backups == 0 for r in runs[False])
+
+
+@pytest.mark.parametrize("cliff", [100, 150])
+def test_a_device_slower_per_item_in_large_chunks_gets_smaller_ones(cliff):
+    # IREE's CPU code on the example CNN takes ~1.5x longer per row past ~250 rows; a
+    # chunk sized by time alone can land past such a cliff. Tried in turn with chunks
+    # of half the time, the smaller size wins and is kept.
+    devices = [SimDevice("cpu", 4600, cliff=cliff), SimDevice("vk", 150, per_chunk_s=0.1)]
+    units = int(2 * sum(d.speed for d in devices))
+    eff = {}
+    for tune in (False, True):
+        runs = [simulate(devices, units, warmup=4 * units, tune=tune, seed=s) for s in range(5)]
+        assert all(r.done == [1] * units for r in runs)
+        eff[tune] = sorted(r.efficiency for r in runs)[2]
+    assert eff[True] >= 0.9 and eff[True] > eff[False] + 0.1, eff
+
+
+def test_no_smaller_chunks_where_they_are_not_faster_or_the_fixed_cost_forbids():
+    # Linear cost: half-size chunks are no faster, so the search ends at the full size.
+    s = Speed(3000.0)
+    b = Balancer(target_s=0.05)
+    b.add(0, 1_000_000)
+    for _ in range(20):
+        chunk = b.next_chunk("cpu", {"cpu": s}, ["cpu"])
+        b.done("cpu", chunk)
+        s.observe(chunk.count, 0.0005 + chunk.count / 3000)
+    assert s.tuned and s.scale == 1.0
+    # A fixed cost of 150 ms per call: chunks are already 5x that, never halved.
+    vk = Speed()
+    for items, seconds in ((1, 0.1502), (5, 0.151), (40, 0.158)):
+        vk.observe(items, seconds)
+    assert vk.next_scale(max(0.02, 5 * vk.fixed_s) / b.chunk_s(vk)) == 1.0 and vk.tuned
+
+
+def test_the_fixed_cost_is_one_the_timings_show():
+    # Sizes too alike (a device at a steady size): the last good fit stays; a fit
+    # through them could put the fixed cost anywhere, and chunks would grow 5x.
+    s = Speed()
+    for items, seconds in ((100, 0.0205), (50, 0.0105), (200, 0.0405)):
+        s.observe(items, seconds)
+    noisy = [0.036, 0.044, 0.041, 0.037] * 6  # one size, noisy
+    fits = []
+    for seconds in noisy:
+        s.observe(181, seconds)
+        fits.append(s.fit())
+    assert fits[-1] is not None and set(fits[16:]) == {fits[15]}  # the window is all 181 from the 16th on
+    assert Balancer(target_s=0.05).chunk_s(s) == 0.05
+    # Noisy timings over a narrow range: whatever the intercept, its lower bound is ~0.
+    t = Speed()
+    for items, seconds in ((150, 0.036), (160, 0.030), (175, 0.044), (230, 0.047), (200, 0.040), (165, 0.041)):
+        t.observe(items, seconds)
+    assert t.fit() is not None and t.fixed_s < 0.005
+    assert Balancer(target_s=0.05).chunk_s(t) == 0.05

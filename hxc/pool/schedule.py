@@ -39,6 +39,14 @@ FIXED_COST_SHARE = 5.0
 # the time the holder still needs: a copy that saves little still costs a slot (and,
 # on devices sharing cores, the original's speed).
 BACKUP_GAIN = 0.5
+# Chunk-size tuning (see `Speed.size`): chunks per size in a trial, how much faster per
+# item the smaller size must be to be adopted, and the shortest chunk it may try (a
+# chunk also costs the caller a process hop and copies, which device time leaves out).
+# The fixed-cost fit needs chunk sizes at least this far apart (largest / smallest).
+FIT_SPREAD = 1.5
+TUNE_TRIALS = 3
+TUNE_GAIN = 1.05
+TUNE_MIN_S = 0.02
 
 
 class Speed:
@@ -46,7 +54,17 @@ class Speed:
     average of items per second over full-sized chunks that forgets the prior at once,
     and a fit of chunk time = fixed cost per call + items / marginal rate over the recent
     chunks of every size (a call's fixed cost dominates small chunks on some devices:
-    lavapipe spends ~100 ms on any call)."""
+    lavapipe spends ~100 ms on any call).
+
+    It also finds how long the device's chunks should be to work fastest (`scale`, a
+    fraction of the pool's chunk time). Time per item is not constant in the chunk
+    size: past a model-specific size IREE's CPU code gets much slower per row (the
+    example CNN on this 2-core host: 0.19-0.23 ms per row in chunks of 64-224 rows,
+    0.28-0.31 ms from 256 up; the MLP past ~100,000 rows), and a chunk sized by time
+    alone can sit past that cliff. So once measured, chunks of half the time are tried,
+    in turn with full ones; the half is kept if it is clearly faster per item, and then
+    its half is tried, down to TUNE_MIN_S (and never below FIXED_COST_SHARE
+    times the fixed cost per call)."""
 
     def __init__(self, prior: float | None = None, alpha: float = 0.3) -> None:
         self.rate = prior if prior and prior > 0 else None
@@ -56,6 +74,49 @@ class Speed:
         self._recent: collections.deque[float] = collections.deque(maxlen=16)  # items/s of full chunks
         self._chunks: collections.deque[tuple[int, float]] = collections.deque(maxlen=16)  # (items, seconds), all
         self._fit: tuple[float, float] | None | bool = False  # cached fit(); False: not computed since the last chunk
+        self._good_fit: tuple[float, float] | None = None  # the last fit made from sizes that differed enough
+        self._fixed_low = 0.0  # its fixed cost, less two standard errors
+        self.scale = 1.0  # the best fraction of the chunk time found so far
+        self.tuned = False  # the search has ended
+        self._trial: dict[float, list[float]] | None = None  # {scale: items/s} for the scale and its half
+        self._handed: dict[int, float] = {}  # chunk size -> the scale it was handed out at, during a trial
+        self._turn = 0
+
+    def next_scale(self, min_scale: float) -> float:
+        """The fraction of the chunk time for the next full chunk: the best found, or
+        during a trial, it and its half in turn (no half below `min_scale`)."""
+        if self.tuned or self.samples < TUNE_TRIALS:
+            return self.scale
+        if self._trial is None:
+            if self.scale / 2 < min_scale:
+                self.tuned = True
+                return self.scale
+            self._trial = {self.scale: [], self.scale / 2: []}
+            self._handed = {}
+        # In turn, so both see the same conditions (the other devices, other load).
+        self._turn += 1
+        return self.scale / 2 if self._turn % 2 else self.scale
+
+    def handed(self, items: int, scale: float) -> None:
+        """A chunk of `items` was handed out at `scale` (so its timing counts for it)."""
+        if self._trial is not None:
+            # A size both arms produced would say nothing about either.
+            self._handed[items] = scale if self._handed.get(items, scale) == scale else math.nan
+
+    def _tune(self, items: int, seconds: float) -> None:
+        trial = self._trial
+        scale = self._handed.get(items)
+        if trial is None or scale not in trial:
+            return
+        trial[scale].append(items / seconds)
+        if min(len(v) for v in trial.values()) < TUNE_TRIALS:
+            return
+        self._trial = None
+        half = self.scale / 2
+        if statistics.median(trial[half]) >= TUNE_GAIN * statistics.median(trial[self.scale]):
+            self.scale = half
+        else:
+            self.tuned = True
 
     def observe(self, items: int, seconds: float, full: bool = True) -> None:
         """A chunk of `items` took `seconds`; `full=False` for one cut short (a call's
@@ -64,6 +125,7 @@ class Speed:
             return
         self._chunks.append((items, seconds))
         self._fit = False
+        self._tune(items, seconds)
         if not full and self.samples:
             return
         rate = items / seconds
@@ -86,22 +148,34 @@ class Speed:
         return self._fit  # type: ignore[return-value]
 
     def _least_squares(self) -> tuple[float, float] | None:
-        if len({n for n, _ in self._chunks}) < 2:
-            return None
         xs = [float(n) for n, _ in self._chunks]
+        if not xs or max(xs) < FIT_SPREAD * min(xs):
+            # Sizes too alike to tell a fixed cost from noise (a device at a steady size):
+            # keep the last fit. A fit through them could put the fixed cost anywhere up
+            # to a whole chunk's time, and chunks would then grow 5x for no reason.
+            return self._good_fit
         ys = [t for _, t in self._chunks]
         mx, my = statistics.fmean(xs), statistics.fmean(ys)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
         if slope <= 0:
-            return None
-        return min(max(0.0, my - slope * mx), min(ys)), 1 / slope
+            return self._good_fit
+        fixed = min(max(0.0, my - slope * mx), min(ys))
+        self._good_fit = fixed, 1 / slope
+        # Chunks grow to FIXED_COST_SHARE x the fixed cost, so it must be one the
+        # timings show, not noise: its lower bound (estimate - 2 standard errors).
+        n, sxx = len(xs), sum((x - mx) ** 2 for x in xs)
+        if n > 2:
+            var = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys)) / (n - 2)
+            fixed = max(0.0, fixed - 2 * math.sqrt(var * (1 / n + mx * mx / sxx)))
+        self._fixed_low = fixed
+        return self._good_fit
 
     @property
     def fixed_s(self) -> float:
-        """The fixed cost of a call: from the fit, else at most the quickest chunk seen."""
-        fit = self.fit()
-        if fit is not None:
-            return fit[0]
+        """The fixed cost of a call that the timings show: the fit's lower bound, else at
+        most the quickest chunk seen."""
+        if self.fit() is not None:
+            return self._fixed_low
         return min((t for _, t in self._chunks), default=0.0)
 
     def units_for(self, seconds: float) -> float:
@@ -136,9 +210,10 @@ class Balancer:
     """The shared queue of units and the rule for how many a device may take."""
 
     def __init__(self, target_s: float = 0.05, min_chunk_s: float = 0.005, probe_units: int = 1,
-                 max_units: int | None = None, backups: bool = True) -> None:  # fmt: skip
+                 max_units: int | None = None, backups: bool = True, tune: bool = True) -> None:  # fmt: skip
         self.target_s = target_s
         self.backups = backups
+        self.tune = tune  # look for a shorter chunk time a device works faster at (`Speed.next_scale`)
         self.max_units = max_units  # per chunk (1 for requests that cannot be merged)
         # A chunk costs a process hop and copies (~0.5 ms); shorter chunks would be mostly that.
         self.min_chunk_s = min_chunk_s
@@ -211,9 +286,16 @@ class Balancer:
             budget = max(0.0, speed.units_for(horizon) if speed.fit() else rate * horizon) - backlog
             # Chunks shrink as the end nears, so the last ones are short everywhere.
             target = max(self.min_chunk_s, min(target, horizon / TAIL_CHUNKS))
+        scale, full = 1.0, self.chunk_s(speed)
+        if self.tune and self.max_units is None and target >= full * speed.scale:
+            # Not cut by a call's tail: the fraction of the time this device works fastest at.
+            # Never so short that its fixed cost per call would weigh more than it does now.
+            scale = speed.next_scale(max(TUNE_MIN_S, FIXED_COST_SHARE * speed.fixed_s) / full)
+            target = full * scale
         # About `target` of work, at least one unit, and no more than fits before the horizon.
         size = min(max(1, int(speed.units_for(target))), self.unassigned, budget)  # type: ignore[call-overload]
         size = math.floor(size)
+        speed.handed(size, scale)
         if size < 1:
             # Only the fastest device (when free) must take a unit it cannot finish in time:
             # someone has to, and nobody would finish it sooner.
@@ -279,7 +361,7 @@ class Balancer:
         per call included."""
         if speed.fit() is None:
             return speed.rate
-        chunk = self.chunk_s(speed)
+        chunk = self.chunk_s(speed) * speed.scale
         return speed.units_for(chunk) / chunk
 
     def chunk_s(self, speed: Speed) -> float:
@@ -289,7 +371,7 @@ class Balancer:
 
     def full_size(self, speed: Speed) -> int:
         """Chunks at least this big are full-sized for `speed` (not cut short at the end)."""
-        return max(1, int(0.5 * speed.units_for(self.chunk_s(speed))))
+        return max(1, int(0.5 * speed.units_for(self.chunk_s(speed) * speed.scale)))
 
     def done(self, device: str, chunk: Chunk, now: float | None = None) -> bool:
         """`device` finished `chunk`: True if this copy counts (the first to finish),

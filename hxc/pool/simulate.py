@@ -21,6 +21,14 @@ class SimDevice:
     noise: float = 0.1  # each chunk takes (1 +- noise) x its mean time, uniformly
     fails_at: float | None = None  # virtual time at which it dies
     detect_s: float = 0.0  # how long until the pool notices (0: a crash; a deadline for a hang)
+    # Chunks of more than `cliff` units run `cliff_slowdown` x slower per unit (caches:
+    # IREE's CPU code on the example CNN past ~250 rows); `speed` is the speed below it.
+    cliff: int | None = None
+    cliff_slowdown: float = 1.5
+
+    def seconds(self, units: int) -> float:
+        slow = self.cliff_slowdown if self.cliff is not None and units > self.cliff else 1.0
+        return self.per_chunk_s + units * slow / self.speed
 
 
 @dataclass
@@ -50,7 +58,7 @@ class SimResult:
 
 
 def simulate(devices: list[SimDevice], units: int, *, target_s: float = 0.05, slots: int = 2, seed: int = 0,
-             backups: bool = True, warmup: int = 0) -> SimResult:  # fmt: skip
+             backups: bool = True, warmup: int = 0, tune: bool = True) -> SimResult:  # fmt: skip
     """Run `units` across `devices`; `warmup` units first, in a call of their own, so
     that speeds (and fixed costs) are measured as in a pool's later calls (the result
     is for the second call only; a copy still running from the first keeps its device
@@ -61,15 +69,15 @@ def simulate(devices: list[SimDevice], units: int, *, target_s: float = 0.05, sl
     carried: dict[str, list[tuple[float, Chunk]]] = {}
     free_at = {d.name: 0.0 for d in devices}
     if warmup:
-        first = _run(devices, warmup, speeds, free_at, {}, 0.0, target_s, slots, rng, backups)
+        first = _run(devices, warmup, speeds, free_at, {}, 0.0, target_s, slots, rng, backups, tune)
         start_at, carried = first[0].makespan_s, first[1]
-    return _run(devices, units, speeds, free_at, carried, start_at, target_s, slots, rng, backups)[0]
+    return _run(devices, units, speeds, free_at, carried, start_at, target_s, slots, rng, backups, tune)[0]
 
 
 def _run(devices: list[SimDevice], units: int, speeds: dict[str, Speed], free_at: dict[str, float],
          carried: dict[str, list[tuple[float, Chunk]]], t0: float, target_s: float, slots: int, rng: random.Random,
-         backups: bool) -> tuple[SimResult, dict[str, list[tuple[float, Chunk]]]]:  # fmt: skip
-    balancer = Balancer(target_s, backups=backups)
+         backups: bool, tune: bool) -> tuple[SimResult, dict[str, list[tuple[float, Chunk]]]]:  # fmt: skip
+    balancer = Balancer(target_s, backups=backups, tune=tune)
     balancer.add(0, units)
     by_name = {d.name: d for d in devices}
     active = {d.name for d in devices}
@@ -99,7 +107,7 @@ def _run(devices: list[SimDevice], units: int, speeds: dict[str, Speed], free_at
                 chunk = balancer.next_chunk(name, speeds, active, now)
                 if chunk is None:
                     break
-                mean = dev.per_chunk_s + chunk.count / dev.speed
+                mean = dev.seconds(chunk.count)
                 duration = mean * (1 + rng.uniform(-dev.noise, dev.noise))
                 start = max(now, free_at[name])
                 free_at[name] = start + duration
