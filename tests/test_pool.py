@@ -253,6 +253,25 @@ def test_pinning_gives_each_device_its_own_cores(bundles):
         Pool(bundles["convnet"], ["cpu:host"], pin={"cpu": [4096]})
 
 
+def test_lavapipe_on_the_cpus_cores_is_left_out_from_measurements(bundles):
+    # Unpinned, lavapipe computes on the CPU device's own two cores and adds ~1% of its
+    # rate: it cannot show a gain beyond the noise, and the judgement, made from
+    # chunks timed alone and side by side, leaves it out and says why.
+    with Pool(bundles["convnet"], ["cpu:host", "vulkan"]) as pool:
+        x = _cnn_input(1000)
+        expected = _torch(convnet, x)
+        deadline = time.monotonic() + 60
+        while pool.members[1].left_out is None and time.monotonic() < deadline:
+            assert compare(_run(lambda: pool(x)), expected, "f32").ok
+        vk = pool.stats().device("vulkan")
+        assert vk.left_out is not None and "items/s" in vk.left_out, pool.explain()
+        assert "left out of the split: " in pool.explain()
+        before = vk.items
+        assert compare(_run(lambda: pool(x)), expected, "f32").ok
+        assert pool.stats().device("vulkan").items == before  # it takes no more work
+        assert pool.stats().device("cpu:host").left_out is None
+
+
 def _thread_cpus(pid: int) -> set[tuple[int, ...]]:
     import os
 

@@ -107,6 +107,31 @@ def test_a_device_that_shares_the_cores_and_adds_less_than_it_costs_is_left_out(
     assert judge({"cpu": None, "vulkan": None}, {"cpu": 1800.0, "vulkan": 40.0}) == {}
 
 
+def test_a_device_on_the_others_cores_must_show_a_gain_beyond_the_noise():
+    # The MLP: lavapipe adds 0.15% while the CPU's rate swings by far more than that;
+    # beside it the CPU happened to measure faster. Competing for its cores, lavapipe
+    # cannot show a gain: left out. Pinned to a core of its own, nothing shows a cost: kept.
+    solo, shared, noise = {"cpu": 1_000_000.0, "vk": 1600.0}, {"cpu": 1_020_000.0, "vk": 1500.0}, {"cpu": 60_000.0}
+    verdict = judge(solo, shared, noise, contended={"cpu", "vk"})
+    assert verdict["vk"].startswith("adds no more than it may cost: adds 1500 items/s, costs 0 (+-1.2e+05)")
+    assert judge(solo, shared, noise) == {}
+    # A clear gain, beyond the noise: kept even on the same cores.
+    assert judge({"cpu": 3000.0, "vk": 2000.0}, {"cpu": 2500.0, "vk": 1800.0}, {"cpu": 50.0}, contended={"cpu", "vk"}) == {}
+    # Not on the same cores, a cost within the noise is no reason to leave a device out;
+    # one beyond it still is.
+    assert judge({"cpu": 2800.0, "gpu": 500.0}, {"cpu": 2200.0, "gpu": 450.0}, {"cpu": 200.0}) == {}
+    assert set(judge({"cpu": 2800.0, "gpu": 500.0}, {"cpu": 1600.0, "gpu": 450.0}, {"cpu": 200.0})) == {"gpu"}
+
+
+def test_the_error_of_a_speed_follows_the_spread_of_its_rates():
+    steady, noisy = Speed(), Speed()
+    assert steady.error == 0.0
+    for i in range(10):
+        steady.observe(100, 0.1)
+        noisy.observe(100, 0.1 if i % 2 else 0.2)
+    assert steady.error == 0.0 and noisy.error > 100
+
+
 def test_overlap_tells_solo_from_shared_chunks():
     o = Overlap()
     o.busy("cpu", 0.0, True)

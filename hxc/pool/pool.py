@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import os
 import queue
 import threading
@@ -44,7 +45,7 @@ from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, matches_device, select
 
 SLOTS = 2  # chunks a worker holds at once: one running, the next already there
-JUDGE_SAMPLES = 3  # chunks measured alone, and beside the others, before a judgement
+JUDGE_SAMPLES = 5  # chunks measured alone, and beside the others, before a judgement
 REJUDGE_S = 60.0  # seconds of work after which a judgement is made again (loads change)
 CONFIRM_S = 5.0  # the first judgement, made from a few early chunks, is checked again this soon
 
@@ -379,7 +380,8 @@ class Pool:
             return
         self._solo_trial = None
         shared = {m.name: m.shared.median if m.shared.samples else m.speed.median for m in active}
-        verdicts = judge(solo, shared)
+        noise = {m.name: math.hypot(m.solo.error, m.shared.error) for m in active}
+        verdicts = judge(solo, shared, noise, {m.name for m in active if _competes(m, active)})
         hint = ("; they compete for the same CPU cores: pin them to separate cores (pin='split') to use both"
                 if not self.pinned else "; pinned to separate cores, they still compete (memory, or other load)")  # fmt: skip
         for m in active:
@@ -658,6 +660,16 @@ class _Job:
         if item.as_torch:
             outputs = [to_torch(o, s.dtype) for o, s in zip(outputs, self.pool.signature.outputs)]
         return rebuild(self.pool.signature.output_tree, outputs)
+
+
+def _competes(m: _Member, members: Sequence[_Member]) -> bool:
+    """Whether `m` computes on CPU cores another member computes on too (the host CPU
+    and a software Vulkan device, unless pinned apart)."""
+    if m.candidate.device.kind != "cpu":
+        return False
+    mine = set(m.worker.cpus or os.sched_getaffinity(0))
+    return any(o is not m and o.candidate.device.kind == "cpu" and mine & set(o.worker.cpus or os.sched_getaffinity(0))
+               for o in members)  # fmt: skip
 
 
 def _first(results: Iterator[Any]) -> Any:

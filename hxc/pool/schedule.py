@@ -139,6 +139,16 @@ class Speed:
         """The median of the recent observations: robust to a stall, for judgements."""
         return statistics.median(self._recent) if self._recent else self.rate
 
+    @property
+    def error(self) -> float:
+        """The standard error of `median`, in items/s, from the spread of the recent
+        rates (MAD-based, so one stall does not inflate it); 0 before two."""
+        if len(self._recent) < 2:
+            return 0.0
+        med = statistics.median(self._recent)
+        mad = statistics.median(abs(r - med) for r in self._recent)
+        return 1.2533 * 1.4826 * mad / math.sqrt(len(self._recent))
+
     def fit(self) -> tuple[float, float] | None:
         """(fixed seconds per call, items per second beyond it), by least squares over the
         recent chunks, once their sizes differ; None before. The scheduler asks for it
@@ -371,7 +381,8 @@ class Balancer:
 
     def full_size(self, speed: Speed) -> int:
         """Chunks at least this big are full-sized for `speed` (not cut short at the end)."""
-        return max(1, int(0.5 * speed.units_for(self.chunk_s(speed) * speed.scale)))
+        # Above half: the half-time chunks of a size trial are not full-sized either.
+        return max(1, int(0.6 * speed.units_for(self.chunk_s(speed) * speed.scale)))
 
     def done(self, device: str, chunk: Chunk, now: float | None = None) -> bool:
         """`device` finished `chunk`: True if this copy counts (the first to finish),
@@ -490,24 +501,44 @@ class Overlap:
         return "shared" if together else None
 
 
-def judge(solo: Mapping[str, float | None], shared: Mapping[str, float | None]) -> dict[str, str]:
+def judge(solo: Mapping[str, float | None], shared: Mapping[str, float | None],
+          noise: Mapping[str, float] | None = None, contended: Collection[str] = ()) -> dict[str, str]:  # fmt: skip
     """Devices that cost more than they add, each with the reason.
 
     A device adds its own rate while sharing the work; it costs what the others lose
     while it runs (their rate alone minus their rate beside it: CPU cores or memory it
-    competes for). It is left out when the cost is larger. The fastest device alone is
-    never left out; a device without a rate beside the others is not judged, and one
-    never measured alone adds nothing to the cost of the others."""
+    competes for). The fastest device alone is never left out; a device without a rate
+    beside the others is not judged, and one never measured alone adds nothing to the
+    cost of the others.
+
+    Rates are noisy (the example MLP's swing 2x from one second to the next), so the
+    cost is known only within `noise`: each device's standard error of (rate alone -
+    rate beside), in items/s. Who must prove what depends on whether a device competes
+    for the others' cores (`contended`: a software device on the CPU's cores). Such a
+    device is left out unless it adds more than it costs by twice the noise: it is
+    expected to cost, and a gain lost in the noise is not worth a process and a share
+    of the cores. Any other device (a GPU; one pinned to cores of its own) is expected
+    to cost nothing and is left out only when it costs more than it adds by twice the
+    noise."""
     alone = {d: r for d, r in solo.items() if r}
     if not alone:
         return {}
+    noise = noise or {}
     best = max(alone, key=lambda d: alone[d])
     out: dict[str, str] = {}
     for d in sorted((d for d in shared if d != best and shared[d]), key=lambda d: shared[d]):  # type: ignore[arg-type,return-value]
-        adds = shared[d]
-        losses = {o: alone[o] - shared[o] for o in alone if o != d and o not in out and shared.get(o) and alone[o] > shared[o]}  # type: ignore[operator]
-        cost = sum(losses.values())
-        if cost > adds:  # type: ignore[operator]
+        adds: float = shared[d]  # type: ignore[assignment]
+        others = [o for o in alone if o != d and o not in out and shared.get(o)]
+        losses = {o: alone[o] - shared[o] for o in others}  # type: ignore[operator]
+        cost = sum(max(0.0, x) for x in losses.values())
+        margin = 2 * math.sqrt(sum(noise.get(o, 0.0) ** 2 for o in others))
+        if d in contended and adds - cost <= margin:
+            worst = max(losses, key=lambda o: losses[o], default=None)
+            beside = (f": {worst} does {shared[worst]:.4g} items/s beside it against {alone[worst]:.4g} alone"
+                      if worst is not None else "")  # fmt: skip
+            verdict = "costs more than it adds" if cost > adds else "adds no more than it may cost"
+            out[d] = f"{verdict}: adds {adds:.4g} items/s, costs {cost:.4g} (+-{margin:.3g}){beside}"
+        elif d not in contended and cost - margin > adds:
             worst = max(losses, key=lambda o: losses[o])
             out[d] = (f"adds {adds:.4g} items/s but costs {cost:.4g}: {worst} does {shared[worst]:.4g} items/s "
                       f"beside it against {alone[worst]:.4g} alone")  # fmt: skip
