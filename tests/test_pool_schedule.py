@@ -287,7 +287,7 @@ def test_a_device_slower_per_item_in_large_chunks_gets_smaller_ones(cliff):
     assert eff[True] >= 0.9 and eff[True] > eff[False] + 0.1, eff
 
 
-def test_no_smaller_chunks_where_they_are_not_faster_or_the_fixed_cost_forbids():
+def test_no_smaller_chunks_where_they_are_not_faster():
     # Linear cost: half-size chunks are no faster, so the search ends at the full size.
     s = Speed(3000.0)
     b = Balancer(target_s=0.05)
@@ -297,14 +297,20 @@ def test_no_smaller_chunks_where_they_are_not_faster_or_the_fixed_cost_forbids()
         b.done("cpu", chunk)
         s.observe(chunk.count, 0.0005 + chunk.count / 3000)
     assert s.tuned and s.scale == 1.0
-    # A fixed cost of 150 ms per call: chunks are already 5x that, never halved.
+    # A fixed cost of 150 ms per call (lavapipe): the half-time chunks measure slower.
     vk = Speed()
     for items, seconds in ((1, 0.1502), (5, 0.151), (40, 0.158)):
         vk.observe(items, seconds)
-    assert vk.next_scale(max(0.02, 5 * vk.fixed_s) / b.chunk_s(vk)) == 1.0 and vk.tuned
+    b = Balancer(target_s=0.05)
+    b.add(0, 10_000_000)
+    for _ in range(12):
+        chunk = b.next_chunk("vk", {"vk": vk}, ["vk"])
+        b.done("vk", chunk)
+        vk.observe(chunk.count, 0.15 + chunk.count / 5000)
+    assert vk.tuned and vk.scale == 1.0
 
 
-def test_the_fixed_cost_is_one_the_timings_show():
+def test_the_fixed_cost_fit_keeps_its_estimate_through_sizes_too_alike():
     # Sizes too alike (a device at a steady size): the last good fit stays; a fit
     # through them could put the fixed cost anywhere, and chunks would grow 5x.
     s = Speed()
@@ -317,9 +323,3 @@ def test_the_fixed_cost_is_one_the_timings_show():
         fits.append(s.fit())
     assert fits[-1] is not None and set(fits[16:]) == {fits[15]}  # the window is all 181 from the 16th on
     assert Balancer(target_s=0.05).chunk_s(s) == 0.05
-    # Noisy timings over a narrow range: whatever the intercept, its lower bound is ~0.
-    t = Speed()
-    for items, seconds in ((150, 0.036), (160, 0.030), (175, 0.044), (230, 0.047), (200, 0.040), (165, 0.041)):
-        t.observe(items, seconds)
-    assert t.fit() is not None and t.fixed_s < 0.005
-    assert Balancer(target_s=0.05).chunk_s(t) == 0.05

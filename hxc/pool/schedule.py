@@ -63,8 +63,8 @@ class Speed:
     0.28-0.31 ms from 256 up; the MLP past ~100,000 rows), and a chunk sized by time
     alone can sit past that cliff. So once measured, chunks of half the time are tried,
     in turn with full ones; the half is kept if it is clearly faster per item, and then
-    its half is tried, down to TUNE_MIN_S (and never below FIXED_COST_SHARE
-    times the fixed cost per call)."""
+    its half is tried, down to TUNE_MIN_S. A device with a large fixed cost per call
+    measures its half-time chunks slower and keeps its size."""
 
     def __init__(self, prior: float | None = None, alpha: float = 0.3) -> None:
         self.rate = prior if prior and prior > 0 else None
@@ -75,7 +75,6 @@ class Speed:
         self._chunks: collections.deque[tuple[int, float]] = collections.deque(maxlen=16)  # (items, seconds), all
         self._fit: tuple[float, float] | None | bool = False  # cached fit(); False: not computed since the last chunk
         self._good_fit: tuple[float, float] | None = None  # the last fit made from sizes that differed enough
-        self._fixed_low = 0.0  # its fixed cost, less two standard errors
         self.scale = 1.0  # the best fraction of the chunk time found so far
         self.tuned = False  # the search has ended
         self._trial: dict[float, list[float]] | None = None  # {scale: items/s} for the scale and its half
@@ -95,7 +94,7 @@ class Speed:
             self._handed = {}
         # In turn, so both see the same conditions (the other devices, other load).
         self._turn += 1
-        return self.scale / 2 if self._turn % 2 else self.scale
+        return self.scale if self._turn % 2 else self.scale / 2
 
     def handed(self, items: int, scale: float) -> None:
         """A chunk of `items` was handed out at `scale` (so its timing counts for it)."""
@@ -169,23 +168,17 @@ class Speed:
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
         if slope <= 0:
             return self._good_fit
-        fixed = min(max(0.0, my - slope * mx), min(ys))
-        self._good_fit = fixed, 1 / slope
-        # Chunks grow to FIXED_COST_SHARE x the fixed cost, so it must be one the
-        # timings show, not noise: its lower bound (estimate - 2 standard errors).
-        n, sxx = len(xs), sum((x - mx) ** 2 for x in xs)
-        if n > 2:
-            var = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys)) / (n - 2)
-            fixed = max(0.0, fixed - 2 * math.sqrt(var * (1 / n + mx * mx / sxx)))
-        self._fixed_low = fixed
+        self._good_fit = min(max(0.0, my - slope * mx), min(ys)), 1 / slope
         return self._good_fit
 
     @property
     def fixed_s(self) -> float:
-        """The fixed cost of a call that the timings show: the fit's lower bound, else at
-        most the quickest chunk seen."""
-        if self.fit() is not None:
-            return self._fixed_low
+        """The fixed cost of a call: from the fit, else at most the quickest chunk seen.
+        (An estimate too high costs only coarser chunks, one too low costs throughput:
+        lavapipe pinned to one core spends 0.2-1.5 s on any call.)"""
+        fit = self.fit()
+        if fit is not None:
+            return fit[0]
         return min((t for _, t in self._chunks), default=0.0)
 
     def units_for(self, seconds: float) -> float:
@@ -299,8 +292,8 @@ class Balancer:
         scale, full = 1.0, self.chunk_s(speed)
         if self.tune and self.max_units is None and target >= full * speed.scale:
             # Not cut by a call's tail: the fraction of the time this device works fastest at.
-            # Never so short that its fixed cost per call would weigh more than it does now.
-            scale = speed.next_scale(max(TUNE_MIN_S, FIXED_COST_SHARE * speed.fixed_s) / full)
+            # Down to TUNE_MIN_S: the measured rates, not the fixed-cost estimate, decide.
+            scale = speed.next_scale(TUNE_MIN_S / full)
             target = full * scale
         # About `target` of work, at least one unit, and no more than fits before the horizon.
         size = min(max(1, int(speed.units_for(target))), self.unassigned, budget)  # type: ignore[call-overload]
