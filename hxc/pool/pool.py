@@ -283,8 +283,12 @@ class Pool:
     @property
     def expected_rate(self) -> float:
         """Units per second the devices taking work now should do together, by their
-        current speed estimates (1/s for one not measured yet)."""
-        return sum(m.speed.rate or 1.0 for m in self._kept())
+        current speed estimates in chunks of their usual length (1/s for one not
+        measured yet). Not the rate of the chunks seen so far: a device with a large
+        cost per call (lavapipe: 0.27 s) measured in small calls would then be sized
+        small calls forever."""
+        rates = Balancer(self._target_s)
+        return sum(rates.rate(m.speed) or 1.0 for m in self._kept())
 
     def add_listener(self, callback: Callable[[Worker], None]) -> None:
         """Call `callback(worker)` (in the worker's thread) whenever a worker's health
