@@ -5,7 +5,9 @@ lavapipe device and against device records of hardware this machine does not hav
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +199,19 @@ def test_an_idle_lavapipe_device_takes_no_cpu_from_other_work(example_bundle):
     total, normal = map(float, proc.stdout.split())
     assert total > 0.5, "no thread polls any more: the SCHED_IDLE move may be unnecessary (check IREE/Mesa)"
     assert normal < 0.1, f"threads at normal priority used {normal:.2f} s of CPU in 1 s while the device was idle"
+
+
+def test_in_a_process_pinned_to_one_core_the_pollers_get_nice_19_not_sched_idle(example_bundle):
+    # There the calling thread polls too, on the same core, and a SCHED_IDLE poller saw
+    # completions up to 1.5 s late; nice 19 keeps it from starving.
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores to pin to fewer")
+    probe = IDLE_PROBE.replace("import hxc.runtime", "import hxc.runtime; os.sched_setaffinity(0, [min(os.sched_getaffinity(0))])")
+    probe += "print(sorted((os.sched_getscheduler(t), os.getpriority(os.PRIO_PROCESS, t)) for t in busy if busy[t] > 0.2))\n"
+    proc = subprocess.run([sys.executable, "-c", probe, str(example_bundle)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    spinning = ast.literal_eval(proc.stdout.splitlines()[-1])
+    assert spinning and all(policy == os.SCHED_OTHER and nice == 19 for policy, nice in spinning), spinning
 
 
 # --- patterns the portable variant once got wrong or could not build -------------------------
