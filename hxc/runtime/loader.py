@@ -10,6 +10,7 @@ path again. The check is here, once, for every engine.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -17,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -239,11 +240,12 @@ def _hal_device(device: Device) -> Any:
     on a core nothing else wants, which is where a device that just finished its work
     leaves them, so a call's completion is still seen at once on an idle host.
 
-    Not in a process pinned to some of the cores (a pool's lavapipe worker, `pin=`):
-    there the calling thread waits by polling too, at normal priority, on the same
-    cores, and a SCHED_IDLE poller saw completions 0.2-1.5 s late (the CNN, 4 rows on
-    one core: median 0.76 s a call). Those cores are the process's own, so the pollers
-    get nice 19 instead: 0.12-0.40 s (median 0.26 s; 0.33 s at normal priority)."""
+    In a process pinned to some of the cores (a pool's lavapipe worker, `pin=`), the
+    calling thread waits by polling too, at normal priority, on the same cores, and a
+    SCHED_IDLE poller starved during calls: completions were seen 0.2-1.5 s late (the
+    CNN, 4 rows on one core: median 0.76 s a call). There the pollers are recorded in
+    `_AWAKE` and run at nice 19 for the length of each call (`_awake`): 0.12-0.40 s,
+    median 0.26 s (0.33 s at normal priority); between calls they stay SCHED_IDLE."""
     import iree.runtime as rt
 
     if device.driver != "vulkan" or not hasattr(os, "SCHED_IDLE"):
@@ -259,17 +261,43 @@ def _hal_device(device: Device) -> Any:
         time.sleep(0.005)
         states = _thread_states()
         polling = {t for t in polling if states.get(t) == "R"}
-    pinned = len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
+    moved = []
     for tid in polling:
         try:
-            if pinned:
-                os.setpriority(os.PRIO_PROCESS, tid, 19)
-            else:
-                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-            log.debug("thread %d of %s polls while idle: %s", tid, device.uri, "nice 19" if pinned else "SCHED_IDLE")
+            os.setpriority(os.PRIO_PROCESS, tid, 19)  # kept under SCHED_IDLE, used by _awake
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            moved.append(tid)
+            log.debug("thread %d of %s polls while idle: moved to SCHED_IDLE", tid, device.uri)
         except OSError:
             pass
+    if moved and len(os.sched_getaffinity(0)) < (os.cpu_count() or 1):
+        _AWAKE[device.uri] = tuple(moved)
     return hal_device
+
+
+# Per device URI: polling threads that must run during calls (see _hal_device).
+_AWAKE: dict[str, tuple[int, ...]] = {}
+
+
+@contextlib.contextmanager
+def _awake(threads: tuple[int, ...]) -> Iterator[None]:
+    """The polling threads at normal policy (their nice 19) while a call runs."""
+    if not threads:
+        yield
+        return
+    _set_policy(threads, os.SCHED_OTHER)
+    try:
+        yield
+    finally:
+        _set_policy(threads, os.SCHED_IDLE)
+
+
+def _set_policy(threads: tuple[int, ...], policy: int) -> None:
+    for tid in threads:
+        try:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+        except OSError:
+            pass
 
 
 def _thread_states() -> dict[int, str]:
@@ -290,12 +318,14 @@ class Session:
     `hxc.engines.base.Session` among several. `load()` builds these after checking the
     bundle; `hxc compile --tune` uses them directly on freshly compiled candidates."""
 
-    def __init__(self, device: Any, context: Any, function: Any, keep_alive: tuple, host_memory: bool = False) -> None:
+    def __init__(self, device: Any, context: Any, function: Any, keep_alive: tuple, host_memory: bool = False,
+                 awake: tuple[int, ...] = ()) -> None:  # fmt: skip
         self.device = device
         self.context = context
         self.function = function
         self.device_seconds = 0.0  # of the last invoke(), copies to and from the device excluded
         self.host_memory = host_memory
+        self._awake = awake  # polling threads to wake for each call (see _hal_device)
         self._last_transfers: Transfers | None = None
         # The mapped module, the parameter index and its provider must outlive the
         # context that reads from them.
@@ -333,7 +363,8 @@ class Session:
         function = module.lookup_function("main")
         if function is None:
             raise HxcError(f"{vmfb}: has no 'main' function")
-        return cls(hal_device, context, function, keep_alive, host_memory=device.driver in HOST_MEMORY_DRIVERS)
+        return cls(hal_device, context, function, keep_alive, host_memory=device.driver in HOST_MEMORY_DRIVERS,
+                   awake=_AWAKE.get(device.uri, ()))  # fmt: skip
 
     def _transfers(self, signature: Signature) -> Transfers:
         # Callers pass the same signature object every time (the artifact's), so one
@@ -345,23 +376,27 @@ class Session:
 
     def prepare(self, arrays: list[np.ndarray], signature: Signature) -> Callable[[], None]:
         t = self._transfers(signature)
-        args, results = t.upload(arrays), t.results
+        with _awake(self._awake):
+            args, results = t.upload(arrays), t.results
         context, function = self.context, self.function
+        awake = self._awake
 
         def call() -> None:
             # `main` is the synchronous entry point: it returns once the device is done.
-            context.invoke(function, args, results())
+            with _awake(awake):
+                context.invoke(function, args, results())
 
         return call
 
     def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
         t = self._transfers(signature)
-        args = t.upload(arrays)
-        results = t.results()
-        t0 = time.perf_counter()
-        self.context.invoke(self.function, args, results)
-        self.device_seconds = time.perf_counter() - t0
-        return t.download(results)
+        with _awake(self._awake):  # copies to and from the device wait on it too
+            args = t.upload(arrays)
+            results = t.results()
+            t0 = time.perf_counter()
+            self.context.invoke(self.function, args, results)
+            self.device_seconds = time.perf_counter() - t0
+            return t.download(results)
 
 
 @functools.cache
