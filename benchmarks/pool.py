@@ -22,8 +22,8 @@ For the example CNN and a 3-layer MLP, both with a dynamic batch, compiled for t
       configuration, the CPU artifact on all cores
     - the pool of both with judgement off (what leaving nothing out would give)
     - the CPU artifact alone: in this process (the whole batch in one call, and in calls
-      of the pool's chunk size), and through its worker; the best of the three is the
-      "best single configuration"
+      of the pool's chunk size, after its size search), and through its worker; the
+      best of the three is the "best single configuration"
 
 A naive even split is computed from the devices' measured rates (2 x the slower one):
 running it for real would take minutes on lavapipe. Then the scheduler simulation:
@@ -108,11 +108,21 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
     def record(label: str, rate: float) -> None:
         times.setdefault(label, []).append(rate)
         print(f"  {name} {label}: {rate:.4g} items/s", file=sys.stderr, flush=True)
+        settle()
+
+    def settle() -> None:
+        # A call returns once every row is stored, but a losing backup copy may still be
+        # computing (lavapipe: up to ~1 s); the next measurement starts when it is done,
+        # or it would pay for it (the unpinned pool, measured after the pinned one, did).
+        deadline = time.monotonic() + 30
+        while any(w.queue_depth for p in every for w in p.workers) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def pool_call(label: str, pool: Pool) -> None:
         before = pool.stats()
-        record(label, sized_call(pool, row, row, seconds))
+        rate = sized_call(pool, row, row, seconds)
         after = pool.stats()
+        record(label, rate)
         wall = after.wall_s - before.wall_s
         for a, b in zip(after.devices, before.devices):
             busy[label].setdefault(a.name, []).append((a.busy_s - b.busy_s) / wall)
@@ -122,7 +132,7 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
         # pool's own chunk size for the CPU (smaller batches are kinder to the caches).
         speed = next(m for m in unpinned.members if m.name == "cpu:host").speed
         n = max(1, int((speed.rate or 1000) * seconds))
-        step = max(1, int(speed.units_for(0.05))) if chunked else n
+        step = max(1, int(speed.units_for(0.05 * speed.scale))) if chunked else n
         x = np.ascontiguousarray(np.broadcast_to(row[0], (n, *row[0].shape[1:])))
         t0 = time.perf_counter()
         for start in range(0, n, step):
@@ -131,6 +141,7 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
 
     # The same devices pinned as in `pinned`, each in a pool of its own, to run at once.
     separate = [Pool(bundle, [m.name], pin={m.name: m.worker.cpus}) for m in pinned.members]
+    every = (pinned, pinned_all, pinned_nobackup, unpinned, naive, *separate)
 
     def concurrently() -> None:
         with concurrent.futures.ThreadPoolExecutor(len(separate)) as ex:
@@ -140,8 +151,9 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
         record("both at once, pinned, no pool", sum(rates))
 
     try:
-        for pool in (pinned, pinned_all, pinned_nobackup, unpinned, naive, *separate):  # warm up, measure speeds, let the judgement happen
+        for pool in every:  # warm up, measure speeds, let the judgement happen
             sized_call(pool, row, row, seconds)
+            settle()
         for r in range(rounds):
             print(f"{name}: round {r + 1}/{rounds}", file=sys.stderr)
             for m in pinned.members:
@@ -161,8 +173,11 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
         left_out = {m.name: m.left_out for m in unpinned.members}
         left_out_pinned = {m.name: m.left_out for m in pinned.members}
         copies = {d.name: {"backups": d.backups, "wasted_rows": d.wasted, "items": d.items} for d in pinned_all.stats().devices}
+        chunk_scale = {label: {m.name: {"scale": m.speed.scale, "tuned": m.speed.tuned, "fixed_ms": m.speed.fixed_s * 1000}
+                               for m in pool.members}
+                       for label, pool in (("pinned", pinned_all), ("unpinned", unpinned))}  # fmt: skip
     finally:
-        for pool in (pinned, pinned_all, pinned_nobackup, unpinned, naive, *separate):
+        for pool in every:
             pool.close()
 
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -205,6 +220,7 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
             "left_out": left_out,
             "goal": "pool >= 0.95 x the CPU artifact alone on all cores",
         },
+        "chunk_time_scale": chunk_scale,  # the fraction of the 50 ms chunk time each device's size search settled on
         "explain": explain,
     }
     print(f"{name}: balancing {out['balancing']['pool_vs_sum']:.3f} of the pinned sum "

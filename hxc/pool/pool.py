@@ -372,9 +372,8 @@ class Pool:
         # slow one whose few chunks rarely overlap the others' throughout); what it costs
         # needs the others' rates beside it, measured a few times.
         fastest = max(active, key=lambda m: m.speed.rate or 0.0)
-        if fastest.shared.samples < JUDGE_SAMPLES or any(m.speed.source != "measured" for m in active):
+        if any(m.speed.source != "measured" for m in active):
             return
-        solo = {m.name: (m.solo.median if m.solo.samples >= JUDGE_SAMPLES else m.solo_prior) for m in active}
         if fastest.solo.samples < JUDGE_SAMPLES:
             # Not measured alone in this pool's chunks: let it work alone for a few (a solo
             # trial). Its profile is no substitute: measured in another process, at other
@@ -383,9 +382,24 @@ class Pool:
             self._solo_trial = fastest.name
             return
         self._solo_trial = None
-        shared = {m.name: m.shared.median if m.shared.samples else m.speed.median for m in active}
-        noise = {m.name: math.hypot(m.solo.error, m.shared.error) for m in active}
-        verdicts = judge(solo, shared, noise, {m.name for m in active if _competes(m, active)})
+        contended = {m.name for m in active if _competes(m, active)}
+        if fastest.shared.samples < JUDGE_SAMPLES:
+            # Not yet measured beside the others, which can take many calls when a slow
+            # device's few chunks rarely overlap the fast one's throughout (each of them
+            # costing the fast one meanwhile). A device on the same cores that adds less
+            # than the noise of the fastest's own rate cannot show a gain whatever that
+            # measurement says: such devices are left out now; otherwise wait for it.
+            margin = 2 * fastest.solo.error
+            small = {m.name: m.speed.median or 0.0 for m in active if m is not fastest and m.name in contended}
+            if len(small) < len(active) - 1 or any(rate > margin for rate in small.values()):
+                return
+            verdicts = {name: f"adds no more than it may cost: adds {rate:.4g} items/s, within the noise of "
+                              f"{fastest.name}'s own rate (+-{margin:.3g})" for name, rate in small.items()}  # fmt: skip
+        else:
+            solo = {m.name: (m.solo.median if m.solo.samples >= JUDGE_SAMPLES else m.solo_prior) for m in active}
+            shared = {m.name: m.shared.median if m.shared.samples else m.speed.median for m in active}
+            noise = {m.name: math.hypot(m.solo.error, m.shared.error) for m in active}
+            verdicts = judge(solo, shared, noise, contended)
         hint = ("; they compete for the same CPU cores: pin them to separate cores (pin='split') to use both"
                 if not self.pinned else "; pinned to separate cores, they still compete (memory, or other load)")  # fmt: skip
         for m in active:
