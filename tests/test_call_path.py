@@ -120,6 +120,31 @@ def test_results_are_the_callers_own(loaded):
     np.testing.assert_allclose(second, _eager(torch.from_numpy(_x(1))).numpy(), atol=1e-4, rtol=1e-3)
 
 
+def test_borrowed_inputs_give_pytorchs_values_and_stay_untouched(mlp_bundle):
+    """A pool worker lets the CPU device read its shared-memory inputs in place
+    (`borrow_inputs`): the same values as a copying call and PyTorch, for inputs at
+    the worker's 64-byte offsets and at ones IREE may refuse to import (then copied),
+    with the inputs unchanged and the results the caller's own."""
+    from hxc.pool.channel import ArrayRef, SharedBuffer
+
+    copying = hxc.runtime.load(mlp_bundle, device="cpu:host", strict=True)
+    borrowing = hxc.runtime.load(mlp_bundle, device="cpu:host", strict=True)
+    borrowing.borrow_inputs()
+    shared = SharedBuffer(1 << 20)
+    raw = np.zeros(4 * 64 + 1, np.float32)
+    inputs = {f"shared memory at {off}": shared.view(ArrayRef(off, (4, 64)), np.dtype(np.float32)) for off in (0, 64, 4096)}
+    inputs["4 bytes off alignment"] = raw[1:].reshape(4, 64)
+    for i, (name, a) in enumerate(inputs.items()):
+        a[...] = _x(i)
+        before = a.copy()
+        y = borrowing.run_flat([a])[0]
+        np.testing.assert_array_equal(y, copying.run_flat([a])[0], err_msg=name)
+        np.testing.assert_allclose(y, _eager(torch.from_numpy(before)).numpy(), atol=1e-4, rtol=1e-3, err_msg=name)
+        np.testing.assert_array_equal(a, before, err_msg=name)
+        a[...] = 0  # the result does not follow its input
+        np.testing.assert_allclose(y, _eager(torch.from_numpy(before)).numpy(), atol=1e-4, rtol=1e-3, err_msg=name)
+
+
 @pytest.mark.parametrize("artifact", ARTIFACTS)
 def test_nested_outputs_and_integers(models, reference, tmp_path_factory, artifact):
     """Several outputs in a dict and a tuple, and 64-bit integers in and out: what the

@@ -77,8 +77,10 @@ class Transfers:
     def __init__(self, device: rt.HalDevice, host_memory: bool, signature: Signature) -> None:
         self.device = device
         self.signature = signature
+        self.host_memory = host_memory
         self._list = rt.VmVariantList
         self._copy = device.allocator.allocate_buffer_copy
+        self._import = device.allocator.import_host_allocation
         self._memory, self._usage = rt.MemoryType.DEVICE_LOCAL, rt.BufferUsage.DEFAULT  # as to_device
         self._view_type = rt.HalBufferView
         # (hxc dtype, IREE element type, buffer protocol carries it) per input.
@@ -90,10 +92,20 @@ class Transfers:
             want = dtype(s.dtype).numpy_dtype()
             self._outputs.append((s.dtype, want, host_memory and want.kind in "fiu" and dtype(s.dtype).numpy_native))
 
-    def upload(self, arrays: list[np.ndarray]) -> Any:
+    def upload(self, arrays: list[np.ndarray], borrow: bool = False) -> Any:
+        """Device buffers for `arrays`: copies, or with `borrow` on a host-memory device
+        the arrays' own memory (the caller keeps them unchanged and alive until the
+        call returns). Borrowing saves a copy per call: 1.7 ms of a 23 ms call for
+        50,000 MLP rows of 256 bytes."""
         args = self._list(len(arrays))
         for a, (name, element_type, direct) in zip(arrays, self._inputs):
             if direct and a.flags.c_contiguous:
+                # IREE's CPU code assumes its buffers 64-byte aligned; it imports one that is
+                # not without complaint and then crashes (SIGSEGV, 4 bytes off): copy those.
+                if borrow and self.host_memory and a.size and a.ctypes.data % BORROW_ALIGNMENT == 0:
+                    buffer = self._import(a, self._memory | rt.MemoryType.HOST_VISIBLE, self._usage)
+                    args.push_ref(rt.HalBufferView(buffer, a.shape, element_type))
+                    continue
                 args.push_ref(self._copy(self._memory, self._usage, self.device, a, element_type))
             else:
                 args.push_ref(to_device(self.device, a, name))
@@ -119,6 +131,7 @@ class Transfers:
 # a host pointer, so numpy can read it. Every other driver (Vulkan, lavapipe included,
 # CUDA, HIP) reads back through to_host.
 HOST_MEMORY_DRIVERS = frozenset({"local-task", "local-sync"})
+BORROW_ALIGNMENT = 64  # IREE_HAL_HEAP_BUFFER_ALIGNMENT: what a host-memory device may read in place
 _DLPACK_CPU = 1  # kDLCPU
 
 

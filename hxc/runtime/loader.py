@@ -103,6 +103,14 @@ class LoadedModel:
         """Numpy in, flat numpy out: the path `verify` and `run` use."""
         return self._run(self._plan.check(arrays))
 
+    def borrow_inputs(self) -> None:
+        """From now on a device in host memory (local-task) reads the arrays given to
+        `run_flat` in place instead of copying them: the caller promises they stay
+        unchanged and alive until each call returns. A pool worker does, for inputs in
+        shared memory it holds until it replies. Other devices and engines copy as before."""
+        if hasattr(self._session, "borrow_inputs"):
+            self._session.borrow_inputs = True
+
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Checked host arrays in, flat host arrays of the model's types out."""
         plan = self._plan
@@ -326,6 +334,7 @@ class Session:
         self.device_seconds = 0.0  # of the last invoke(), copies to and from the device excluded
         self.host_memory = host_memory
         self._awake = awake  # polling threads to wake for each call (see _hal_device)
+        self.borrow_inputs = False  # see LoadedModel.borrow_inputs
         self._last_transfers: Transfers | None = None
         # The mapped module, the parameter index and its provider must outlive the
         # context that reads from them.
@@ -391,7 +400,7 @@ class Session:
     def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
         t = self._transfers(signature)
         with _awake(self._awake):  # copies to and from the device wait on it too
-            args = t.upload(arrays)
+            args = t.upload(arrays, self.borrow_inputs)
             results = t.results()
             t0 = time.perf_counter()
             self.context.invoke(self.function, args, results)
