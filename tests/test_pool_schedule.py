@@ -287,26 +287,26 @@ def test_a_device_slower_per_item_in_large_chunks_gets_smaller_ones(cliff):
     assert eff[True] >= 0.9 and eff[True] > eff[False] + 0.1, eff
 
 
+def _alone(speed: Speed, fixed_s: float, rate: float, chunks: int) -> None:
+    """`chunks` chunks on one device whose chunk takes fixed_s + units / rate."""
+    b = Balancer(target_s=0.05)
+    b.add(0, 10_000_000)
+    for _ in range(chunks):
+        chunk = b.next_chunk("d", {"d": speed}, ["d"])
+        b.done("d", chunk)
+        speed.observe(chunk.count, fixed_s + chunk.count / rate)
+
+
 def test_no_smaller_chunks_where_they_are_not_faster():
     # Linear cost: half-size chunks are no faster, so the search ends at the full size.
-    s = Speed(3000.0)
-    b = Balancer(target_s=0.05)
-    b.add(0, 1_000_000)
-    for _ in range(20):
-        chunk = b.next_chunk("cpu", {"cpu": s}, ["cpu"])
-        b.done("cpu", chunk)
-        s.observe(chunk.count, 0.0005 + chunk.count / 3000)
-    assert s.tuned and s.scale == 1.0
+    cpu = Speed(3000.0)
+    _alone(cpu, 0.0005, 3000, 20)
+    assert cpu.tuned and cpu.scale == 1.0
     # A fixed cost of 150 ms per call (lavapipe): the half-time chunks measure slower.
     vk = Speed()
     for items, seconds in ((1, 0.1502), (5, 0.151), (40, 0.158)):
         vk.observe(items, seconds)
-    b = Balancer(target_s=0.05)
-    b.add(0, 10_000_000)
-    for _ in range(12):
-        chunk = b.next_chunk("vk", {"vk": vk}, ["vk"])
-        b.done("vk", chunk)
-        vk.observe(chunk.count, 0.15 + chunk.count / 5000)
+    _alone(vk, 0.15, 5000, 12)
     assert vk.tuned and vk.scale == 1.0
 
 
