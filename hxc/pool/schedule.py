@@ -39,11 +39,11 @@ FIXED_COST_SHARE = 5.0
 # the time the holder still needs: a copy that saves little still costs a slot (and,
 # on devices sharing cores, the original's speed).
 BACKUP_GAIN = 0.5
-# Chunk-size tuning (see `Speed.size`): chunks per size in a trial, how much faster per
-# item the smaller size must be to be adopted, and the shortest chunk it may try (a
-# chunk also costs the caller a process hop and copies, which device time leaves out).
 # The fixed-cost fit needs chunk sizes at least this far apart (largest / smallest).
 FIT_SPREAD = 1.5
+# Chunk-size search (`Speed.next_scale`): chunks per size in a trial, how much faster per
+# item the smaller size must be to be adopted, and the shortest chunk it may try (a
+# chunk also costs the caller a process hop and copies, which device time leaves out).
 TUNE_TRIALS = 3
 TUNE_GAIN = 1.05
 TUNE_MIN_S = 0.02
