@@ -24,7 +24,7 @@ from hxc import dtypes
 from hxc.compiler.examples import Example, read_example
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
 from hxc.compiler.lower import lower
-from hxc.compiler.torch_export import ExportedModel, export_module
+from hxc.compiler.torch_export import ExportedModel, export_module, save_program
 from hxc.dtypes import to_numpy, to_storage
 from hxc.errors import LoweringError, UsageError
 from hxc.manifests.schema import PROGRAM_PT2
@@ -91,7 +91,7 @@ def import_torch(
     elif shared and options.precision == "fp32":
         _save_without_weights(program, program_path)
     else:
-        torch.export.save(model.program, str(program_path))
+        save_program(model.program, program_path)
     return ImportedModel(
         name=model.name,
         source=model.source,
@@ -313,7 +313,7 @@ def _save_without_weights(program: torch.export.ExportedProgram, path: Path) -> 
             program.state_dict[name] = torch.nn.Parameter(empty, requires_grad=False) if isinstance(t, torch.nn.Parameter) else empty
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="No complete tensor found")  # about the placeholders
-            torch.export.save(program, str(path))
+            save_program(program, path)
     finally:
         program.state_dict.update(saved)
 
