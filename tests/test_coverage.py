@@ -534,7 +534,8 @@ def test_roll_matches_pytorch_on_cpu_and_vulkan(dynamic, tmp_path, run_isolated)
     path = tmp_path / "rolls.py"
     path.write_text(_ROLL_MODELS)
     out = tmp_path / "rolls.hxc"
-    result = build_bundle(f"{path}:make_model", out, "cpu:host,vulkan:spirv", options=ImportOptions(dynamic_batch=dynamic))
+    options = ImportOptions(dynamic_batch=dynamic)
+    result = build_bundle(f"{path}:make_model", out, "cpu:host,vulkan:spirv", options=options)
     assert result.written, [r.error for r in result.failed]
     model, (x,) = _factory(path, "make_model")
     if dynamic:
