@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,7 @@ def decomposition_table() -> dict:
     return table
 
 
-def _roll(x: torch.Tensor, shifts: list[int], dims: list[int] = ()) -> torch.Tensor:  # type: ignore[assignment]
+def _roll(x: torch.Tensor, shifts: Sequence[int], dims: Sequence[int] = ()) -> torch.Tensor:
     """`torch.roll` as one gather per rolled dimension, its indices computed as tensors:
     `(arange(n) - shift) remainder n`. torch's own decomposition computes the start
     with Python's `%` on the size, which for a dynamic size becomes `aten.fmod.int`,
