@@ -59,6 +59,8 @@ ZOO: dict[str, str] = {
     "wav2vec2": "wav2vec 2.0: conv feature extractor, grouped positional conv (transformers)",
     "torch_transformer": "torch.nn.TransformerEncoder with a padding mask",
     "recommender": "DLRM-style recommender: EmbeddingBag over int64 ids, dot interactions",
+    "roll": "token shift: torch.roll along the features and the batch",
+    "bf16_decoder_block": "bfloat16 decoder block: SDPA with an additive mask built in forward",
 }
 # Devices this machine has: CPU code runs on local-task, SPIR-V on lavapipe.
 RUNNABLE_FAMILIES = ("cpu", "vulkan")

@@ -126,6 +126,25 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_bundle(old_bundle, models, tm
     assert again.wait(timeout=600) == 0 and _leftovers(old_bundle) == []
 
 
+def test_a_full_disk_while_the_program_archive_is_written(old_bundle, models, tmp_path):
+    # A limit below the program archive's size (program.pt2, about the size of the model
+    # file) but above the IR's: the first write to fail is torch's archive writer, whose
+    # C++ destructor used to throw and abort the process (exit 134, no message).
+    size = models["pt2"].stat().st_size // 2
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    proc = _hxc("compile", models["pt2"], "-t", "cpu:host", "-o", old_bundle, "--cache-dir", tmp_path / "c",
+                "--no-cache", preexec_fn=limit)  # fmt: skip
+    _, err = proc.communicate(timeout=600)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error")]
+    assert proc.returncode == ExitCode.ERROR, err
+    assert len(lines) == 1 and "program.pt2: File too large" in lines[0] and "Traceback" not in err, err
+    _assert_whole_bundle(old_bundle)
+    assert _leftovers(old_bundle) == []
+
+
 def test_a_real_full_file_system(models, tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()

@@ -791,7 +791,7 @@ def atomic_write(target: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
+        with name_write_errors(target), os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -849,12 +849,24 @@ def copy_hashed(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Fil
     is the hash of the bytes it ships, not of a source that may differ."""
     h = hashlib.sha256()
     size = 0
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
+    with name_write_errors(dst), open(src, "rb") as fin, open(dst, "xb") as fout:
         while chunk := fin.read(1 << 20):
             h.update(chunk)
             fout.write(chunk)
             size += len(chunk)
     return FileHash(h.hexdigest(), size)
+
+
+@contextlib.contextmanager
+def name_write_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """A failed write names no file (`[Errno 28] No space left on device`); give it
+    the file it was writing, so the one-line error says where the disk is full."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+        raise
 
 
 def file_hash(path: str | os.PathLike[str]) -> FileHash:
