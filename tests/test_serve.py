@@ -435,6 +435,60 @@ def test_cost_policy_takes_the_cheapest_device_that_meets_the_deadline(server):
     assert where(policy="cost", slo_ms=5) == "cpu:host"
 
 
+# --- start-up ---------------------------------------------------------------------------------
+
+
+def _hxc_serve(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
+    """`hxc serve ARGS` expected to stop before it serves (bounded: a server that starts
+    anyway fails the test with TimeoutExpired instead of hanging)."""
+    return subprocess.run([sys.executable, "-m", "hxc.cli", "serve", *map(str, args), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a b", "caf\u00e9", "x%2F"])
+def test_a_model_name_that_is_not_a_safe_url_segment_is_refused(bundles, name):
+    r = _hxc_serve(f"{name}={bundles['mlp']}", timeout=60)
+    assert r.returncode == 2 and "cannot be used in a URL path" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def _with_header_field(archive: bytes, offset: int, width: int, value: bytes) -> bytes:
+    """The archive with one field of its first tar header replaced and the header's
+    checksum recomputed, so only that field is wrong."""
+    header = bytearray(archive[:512])
+    header[offset:offset + width] = value.ljust(width, b"\0")
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + archive[512:]
+
+
+def test_a_bad_bundle_in_a_served_directory_is_skipped_and_the_others_served(bundles, tmp_path):
+    from hxc.manifests.bundle import pack_bundle
+
+    served = tmp_path / "models"
+    served.mkdir()
+    pack_bundle(bundles["mlp"], served / "good.hxcb")
+    good = (served / "good.hxcb").read_bytes()
+    (served / "garbage.hxcb").write_bytes(b"not an archive" * 100)
+    (served / "truncated.hxcb").write_bytes(good[:len(good) // 2])
+    (served / "negative-size.hxcb").write_bytes(_with_header_field(good, 124, 12, b"-0000001"))
+    with Server(served, "--devices", "cpu") as s:
+        assert [m["name"] for m in s.events[-1]["models"]] == ["mlp"]
+        x = np.random.default_rng(3).standard_normal((4, 64), dtype=np.float32)
+        t = th.InferInput("input", [4, 64], "FP32")
+        t.set_data_from_numpy(x)
+        assert compare(s.client().infer("mlp", [t]).as_numpy("output_0"), torch_mlp(x), "f32").ok
+        assert s.stop() == 0
+        stderr = s.process.stderr.read()
+    skipped = [line for line in stderr.splitlines() if "skipping" in line]
+    assert sorted(line.split(":")[1].strip().rsplit("/", 1)[1] for line in skipped) == \
+        ["garbage.hxcb", "negative-size.hxcb", "truncated.hxcb"], stderr  # fmt: skip
+    assert "Traceback" not in stderr
+    # Named on the command line, the same bundle is an error, not a skip.
+    r = _hxc_serve(served / "truncated.hxcb", timeout=60)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 # --- failures, shutdown, overload (servers of their own) ------------------------------------------
 
 
