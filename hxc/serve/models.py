@@ -45,9 +45,19 @@ class ServeOptions:
     max_queue_delay_ms: float = 0.0
     max_queue: int = 256
     max_body_bytes: int = 64 * 1024**2
+    max_receiving_bytes: int = 256 * 1024**2  # held by all bodies still arriving, together
+    body_timeout_s: float = 30.0  # from the end of a request's headers to the end of its body
+    header_timeout_s: float = 10.0  # from a connection's first byte (or its last response) to a request's headers
     start_timeout_s: float = 180.0
     drain_timeout_s: float = 30.0
     prices: PriceTable | None = None  # for the cost policy; None: hxc's defaults and the user's file
+    # SHA-256 digests of the API keys (never the keys); empty: no authentication.
+    api_key_digests: tuple[bytes, ...] = field(default=(), repr=False)
+    auth_health: bool = False  # the health probes need a key too
+    open_metrics: bool = False  # /metrics needs no key
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_ca_certs: Path | None = None  # clients must present a certificate signed by one of these
 
 
 @dataclass
