@@ -1009,13 +1009,34 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
               help="Requests per model, queued or running, before the server sheds load (503 with Retry-After).")
 @click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest request body accepted (413 beyond).")
+@click.option("--max-receiving-mb", default=256.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Memory all request bodies still arriving may hold together (503 with Retry-After beyond); at least "
+                   "--max-body-mb.")  # fmt: skip
+@click.option("--body-timeout-s", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a request's body may take to arrive after its headers (408 beyond).")
+@click.option("--header-timeout-s", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a connection may take to send a request's headers (closed beyond).")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
               help="Seconds SIGTERM waits for requests in flight before the server exits.")
+@click.option("--api-key", "api_key", envvar="HXC_API_KEY", default=None, metavar="KEY[,KEY...]",
+              help="Require one of these keys (Authorization: Bearer KEY, or an api-key header); several so one can be "
+                   "rotated. Prefer the environment or --api-key-file: a command line is visible to every user. "
+                   "[env: HXC_API_KEY]")  # fmt: skip
+@click.option("--api-key-file", type=click.Path(path_type=Path, dir_okay=False), envvar="HXC_API_KEY_FILE", default=None,
+              help="Read the keys from a file (one a line, or comma-separated; # comments). [env: HXC_API_KEY_FILE]")
+@click.option("--auth-health", is_flag=True, help="Require the key on /v2/health/live and /v2/health/ready too (open by default, for probes).")
+@click.option("--open-metrics", is_flag=True, help="Serve /metrics without a key (it needs one by default when keys are set).")
+@click.option("--ssl-certfile", type=click.Path(path_type=Path), default=None, help="Serve HTTPS with this PEM certificate (chain).")
+@click.option("--ssl-keyfile", type=click.Path(path_type=Path), default=None, help="The certificate's PEM private key (unencrypted).")
+@click.option("--ssl-ca-certs", type=click.Path(path_type=Path), default=None,
+              help="Require client certificates signed by one of these PEM CA certificates (mutual TLS).")
 @click.option("--json", "as_json", is_flag=True, help="Print events (listening, ready, stopped) as JSON lines on stdout.")
 @_command
 def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tuple[str, ...], policy: str,
           slo_ms: float | None, prices_file: Path | None, max_batch_size: int, max_queue_delay_ms: float, max_queue: int, max_body_mb: float,
-          drain_timeout: float, as_json: bool) -> None:  # fmt: skip
+          max_receiving_mb: float, body_timeout_s: float, header_timeout_s: float, drain_timeout: float, api_key: str | None,
+          api_key_file: Path | None, auth_health: bool, open_metrics: bool, ssl_certfile: Path | None, ssl_keyfile: Path | None,
+          ssl_ca_certs: Path | None, as_json: bool) -> None:  # fmt: skip
     """Serve bundles over HTTP with the KServe v2 / Open Inference Protocol (what Triton's
     and KServe's clients speak), routing every request across this host's devices.
 
@@ -1023,6 +1044,7 @@ def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tup
     hxc serve model.hxc                          # the model is named by its manifest
     hxc serve resnet=model.hxc bundles/          # name one; serve every bundle in a directory
     hxc serve model.hxc --host 0.0.0.0 --port 8080 --max-batch-size 16 --max-queue-delay-ms 2
+    HXC_API_KEY_FILE=keys.txt hxc serve model.hxc --host 0.0.0.0 --ssl-certfile cert.pem --ssl-keyfile key.pem
 
     \b
     Each model is loaded on every usable device (one worker process each). A request may
@@ -1034,14 +1056,53 @@ def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tup
 
     require("serve", "hxc serve")
     from hxc.runtime.prices import load_prices
+    from hxc.serve.guard import key_digests
     from hxc.serve.models import ServeOptions, find_models
-    from hxc.serve.server import print_event, serve as run_server
+    from hxc.serve.server import print_event, serve as run_server, tls_context
 
+    if max_receiving_mb < max_body_mb:
+        raise UsageError(f"--max-receiving-mb ({max_receiving_mb:g}) must be at least --max-body-mb ({max_body_mb:g}), "
+                         "or no body of the largest size could be received")  # fmt: skip
+    keys = _api_keys(api_key, api_key_file)
+    if auth_health and not keys:
+        raise UsageError("--auth-health needs API keys (HXC_API_KEY or --api-key-file)")
     options = ServeOptions(host=host, port=port, devices=devices, pin=_pin(pins), policy=policy, slo_ms=slo_ms,
                            prices=load_prices(prices_file),
                            max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue,
-                           max_body_bytes=int(max_body_mb * 1024**2), drain_timeout_s=drain_timeout)  # fmt: skip
+                           max_body_bytes=int(max_body_mb * 1024**2), max_receiving_bytes=int(max_receiving_mb * 1024**2),
+                           body_timeout_s=body_timeout_s, header_timeout_s=header_timeout_s, drain_timeout_s=drain_timeout,
+                           api_key_digests=key_digests(keys), auth_health=auth_health, open_metrics=open_metrics,
+                           ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, ssl_ca_certs=ssl_ca_certs)  # fmt: skip
+    tls_context(options)  # a bad certificate is one line before any bundle is read
     run_server(find_models(models), options, on_event=print_event(as_json))
+
+
+def _api_keys(api_key: str | None, key_file: Path | None) -> list[str]:
+    """The keys from --api-key / $HXC_API_KEY and --api-key-file. The variable is taken
+    out of the environment, so the device worker processes never inherit it."""
+    from click.core import ParameterSource
+
+    from hxc import ui
+    from hxc.serve.guard import KEY_ENV, parse_keys
+
+    os.environ.pop(KEY_ENV, None)
+    source = click.get_current_context().get_parameter_source("api_key")
+    where = "--api-key" if source is ParameterSource.COMMANDLINE else f"${KEY_ENV}"
+    keys = parse_keys(api_key or "", where)
+    if keys and source is ParameterSource.COMMANDLINE:
+        ui.warn(f"an API key on the command line is visible to every user of this host (ps); pass it in ${KEY_ENV} or --api-key-file")
+    if key_file is not None:
+        try:
+            if key_file.stat().st_size > 1024**2:
+                raise UsageError(f"--api-key-file {key_file}: more than 1 MiB; not a key file")
+            text = key_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--api-key-file {key_file}: cannot read it ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+        from_file = parse_keys(text, f"--api-key-file {key_file}")
+        if not from_file:
+            raise UsageError(f"--api-key-file {key_file}: holds no API key")
+        keys += from_file
+    return keys
 
 
 if __name__ == "__main__":

@@ -294,7 +294,16 @@ def test_the_deploy_files_start_hxc_serve_with_options_it_takes():
         assert params["models"] == ("/mnt/models",) and params["host"] == "0.0.0.0" and params["port"] == 8080
     drain = serve.make_context("serve", list(container["args"])).params["drain_timeout"]
     assert predictor["terminationGracePeriodSeconds"] > drain
-    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+    scheme = {"scheme": "HTTPS"} if "--ssl-certfile" in container["args"] else {}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080, **scheme}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080, **scheme}
+    # Keys come from a mounted Secret, never the command line; certificates from mounted Secrets too.
+    assert "--api-key" not in container["args"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secrets = {v["name"] for v in predictor["volumes"] if "secret" in v}
+    params = serve.make_context("serve", list(container["args"])).params
+    for path in (env["HXC_API_KEY_FILE"], params["ssl_certfile"], params["ssl_keyfile"]):
+        assert any(str(path).startswith(mounts[name] + "/") for name in secrets), path
     with pytest.raises(click.UsageError):  # the check can fail: an option hxc serve lacks
         serve.make_context("serve", ["/mnt/models", "--no-such-option"])

@@ -67,7 +67,7 @@ class NoDeviceReady(HxcError):
 
 
 class Admission:
-    """A place in a router's queue, taken before the request is read (`Router.admit`)."""
+    """A place in a router's queue, taken before the request is parsed (`Router.admit`)."""
 
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -374,8 +374,9 @@ class Router:
         return self._outstanding
 
     def admit(self) -> Admission:
-        """Take a place in the queue now, before the request is even read (a server sheds
-        load before buffering a body): raises Overloaded (and counts it shed) when every
+        """Take a place in the queue now, before the request is parsed (a server sheds load
+        before spending time on it; `hxc serve` does so once the body has arrived, so a
+        stalled upload holds no place): raises Overloaded (and counts it shed) when every
         place is taken. Hand the admission to `submit`, or `release()` it."""
         with self.lock:
             self._admit_locked()
