@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import hxc.runtime
-from hxc.errors import BundleError, ExitCode
+from hxc.errors import BundleError, ExitCode, IntegrityError
 from hxc.manifests import read_manifest
 from hxc.manifests.bundle import open_checked
 from hxc.manifests.signing import UntrustedBundleError
@@ -221,8 +221,45 @@ def test_hostile_archives_are_refused_and_nothing_is_written(bundle, cli, tmp_pa
     before = set(tmp_path.rglob("*"))
     for command in (["verify", path], ["unpack", path, "-o", tmp_path / "out"]):
         result = cli(*command)
-        assert result.exit_code in (ExitCode.ERROR, ExitCode.INTEGRITY), result.stderr
+        assert result.exit_code == ExitCode.INTEGRITY, result.stderr  # every archive defect
         assert words in result.stderr and "Traceback" not in result.stderr
     assert set(tmp_path.rglob("*")) == before  # nothing written, anywhere
     with pytest.raises(BundleError):
         hxc.runtime.load(path)
+
+def _set_field(raw: bytearray, header: int, start: int, end: int, value: bytes) -> None:
+    """Write `value` into one numeric field of the tar header at byte `header`, with a
+    valid checksum, so only the field itself is wrong."""
+    raw[header + start : header + end] = value.ljust(end - start, b"\0")[: end - start]
+    raw[header + 148 : header + 156] = b" " * 8
+    raw[header + 148 : header + 156] = b"%06o\0 " % sum(raw[header : header + 512])
+
+
+@pytest.mark.parametrize("size", [b"-0001000", b"-1", b"+0000012", b"0_1", b" 1 2", b"\x80\0\0\0\0\0\0\0\0\0\0\x01", b"12x"])
+def test_archive_numbers_are_octal_digits_only(bundle, cli, tmp_path, size):
+    """A size field the tar spec does not allow (a sign, an underscore, base-256, junk
+    after the digits) is an integrity error in every command and in load(), never an
+    OSError from seeking to a negative offset."""
+    archive = tmp_path / "m.hxcb"
+    assert cli("pack", bundle, "-o", archive).exit_code == 0
+    raw = bytearray(archive.read_bytes())
+    second = 512 + -(-int(raw[124:135], 8) // 512) * 512  # the header after manifest.json's data
+    _set_field(raw, second, 124, 136, size)
+    archive.write_bytes(bytes(raw))
+    for command in (["inspect", archive], ["verify", archive], ["unpack", archive, "-o", tmp_path / "out"],
+                    ["run", archive, "-i", bundle / "golden.npz"]):  # fmt: skip
+        result = cli(*command)
+        assert result.exit_code == ExitCode.INTEGRITY, result.stderr
+        assert "not octal digits" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(IntegrityError, match="not octal digits"):
+        hxc.runtime.load(archive)
+
+
+def test_archive_numbers_keep_the_padding_tar_writers_use():
+    from hxc.manifests.archive import _octal
+
+    assert _octal(b"00000001750\0", "x") == 1000  # Python's tarfile and GNU tar
+    assert _octal(b"   1750 \0\0\0\0", "x") == 1000  # old writers pad with spaces on the left
+    assert _octal(b"001750\0 ", "x") == 1000  # the checksum field's own form
+
