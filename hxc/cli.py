@@ -994,8 +994,8 @@ def sign(bundle: Path, key: Path, sequence: int | None, profiles: bool, as_json:
     if as_json:
         ui.print_json({"ok": True, "bundle": str(bundle), "key_id": public.key_id, "sequence": sequence})
         return
-    ui.out.print(f"signed {bundle} with key {public.key_id}" + (f" (sequence {sequence})" if sequence is not None else ""),
-                 markup=False)  # fmt: skip
+    numbered = f" (sequence {sequence})" if sequence is not None else ""
+    ui.out.print(f"signed {bundle} with key {public.key_id}{numbered}", markup=False)
 
 
 @main.command()

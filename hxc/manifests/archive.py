@@ -11,9 +11,9 @@ sparse or pax/GNU extension entries), each name once, each checksum valid and ea
 size within the file. Numbers are read as the tar format writes them (octal digits,
 padded with spaces and NULs) and nothing else, so no sign, separator or base-256
 form can turn a size negative. Every defect is an IntegrityError: a damaged or
-hostile archive is refused like a damaged bundle file (exit 5). There is no compression, so nothing can inflate. Packing is
-deterministic (zero mtimes and owners, sorted members), so the same bundle always
-packs to the same bytes.
+hostile archive is refused like a damaged bundle file (exit 5). There is no
+compression, so nothing can inflate. Packing is deterministic (zero mtimes and
+owners, sorted members), so the same bundle always packs to the same bytes.
 """
 
 from __future__ import annotations

@@ -118,7 +118,9 @@ class BundleRead:
     profiles_note: str | None  # why the profiles were ignored, or who signed them
 
 
-def read_bundle(bundle: str | os.PathLike[str], policy: signing.TrustPolicy | None, *, profiles: bool = True) -> BundleRead:
+def read_bundle(
+    bundle: str | os.PathLike[str], policy: signing.TrustPolicy | None, *, profiles: bool = True
+) -> BundleRead:
     """read_manifest with a resolved policy (None: check no signature), saying what
     became of the profiles."""
     src = bundle_source(Path(bundle))
@@ -127,8 +129,8 @@ def read_bundle(bundle: str | os.PathLike[str], policy: signing.TrustPolicy | No
     except FileNotFoundError:
         raise BundleError(f"{src.path}: not a bundle (no {MANIFEST_FILE})") from None
     keys = policy.public_keys() if policy is not None else None
-    if keys is not None:
-        signing.check(raw, read_signatures(src), keys, str(src.path), min_sequence=policy.min_sequence)  # type: ignore[union-attr]
+    if policy is not None and keys is not None:
+        signing.check(raw, read_signatures(src), keys, str(src.path), min_sequence=policy.min_sequence)
     manifest = parse_manifest(_json(raw, src.where(MANIFEST_FILE)), where=src.where(MANIFEST_FILE))
     if not profiles:
         return BundleRead(manifest, None)
@@ -152,9 +154,9 @@ def signature_status(bundle: Path, trusted_keys: TrustedKeys = None) -> Signatur
     sigs = read_signatures(src)
     policy = trust_policy(trusted_keys)
     keys = policy.public_keys() if policy is not None else None
-    if keys is None:
+    if policy is None or keys is None:
         return SignatureStatus(tuple(s.key_id for s in sigs), None, False)
-    v = signing.check(src.read_small(MANIFEST_FILE), sigs, keys, str(src.path), min_sequence=policy.min_sequence)  # type: ignore[union-attr]
+    v = signing.check(src.read_small(MANIFEST_FILE), sigs, keys, str(src.path), min_sequence=policy.min_sequence)
     return SignatureStatus(tuple(s.key_id for s in sigs), v.key.key_id, True, v.sequence)
 
 

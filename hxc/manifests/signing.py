@@ -294,8 +294,8 @@ def sign_profiles(manifest_bytes: bytes, profiles_bytes: bytes, private_key: Any
     profiles = hashlib.sha256(profiles_bytes).hexdigest()
     unsigned = Signature(public_of(private_key).key_id, digest, b"", profiles_sha256=profiles)
     mine = dataclasses.replace(unsigned, signature=private_key.sign(_message(unsigned, manifest_bytes, profiles_bytes)))
-    keep = [s for s in existing if s.key_id != mine.key_id and s.manifest_sha256 == digest and s.profiles_sha256 == profiles]
-    return keep + [mine]
+    same = [s for s in existing if s.manifest_sha256 == digest and s.profiles_sha256 == profiles]
+    return [s for s in same if s.key_id != mine.key_id] + [mine]
 
 
 def signatures_json(signatures: Sequence[Signature]) -> bytes:

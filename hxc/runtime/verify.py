@@ -197,7 +197,9 @@ def verify_bundle(
     return VerifyReport(path, integrity, tuple(results))
 
 
-def _run_in_worker(bundle: Path, artifact: str, inputs: list[np.ndarray], trust: TrustPolicy | None) -> list[np.ndarray]:
+def _run_in_worker(
+    bundle: Path, artifact: str, inputs: list[np.ndarray], trust: TrustPolicy | None
+) -> list[np.ndarray]:
     from hxc.pool.worker import run_isolated
 
     env = trust.env() if trust is not None else {}  # the worker checks what this process checked
