@@ -26,6 +26,8 @@ from hxc import __version__
 from hxc.bench.baselines import NAMES as BASELINE_NAMES
 from hxc.dtypes import PRECISIONS
 from hxc.errors import ExitCode, HxcError, UsageError
+# Light (the cryptography library loads only to sign or verify), so `hxc --help` stays quick.
+from hxc.manifests.signing import MAX_SEQUENCE, MIN_SEQUENCE_ENV, SIGNED_PROFILES_ENV, TRUSTED_KEYS_ENV, TrustPolicy
 
 JSON_HELP = "Print a machine-readable JSON result on stdout instead of tables."
 
@@ -90,13 +92,14 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
         as_json = kwargs.get("as_json", False)
         if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
             signal.signal(signal.SIGTERM, _terminate_like_interrupt)
-        keys = click.get_current_context().meta.get(_TRUSTED_KEYS_META)
-        saved = os.environ.get(TRUSTED_KEYS_ENV)
+        # The trust options, exported for the command's duration (see _trust_option).
+        trust = click.get_current_context().meta.get(_TRUST_META, {})
+        saved = {name: os.environ.get(name) for name in trust}
         try:
             from hxc import ui
 
-            if keys:
-                os.environ[TRUSTED_KEYS_ENV] = keys
+            os.environ.update(trust)
+            TrustPolicy.from_env().checked()  # fails closed, in every command: e.g. HXC_TRUSTED_KEYS set but empty
             code = fn(*args, **kwargs)
         except HxcError as e:
             if as_json:
@@ -120,18 +123,17 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
                 ui.error(_os_error(e))
             sys.exit(int(ExitCode.ERROR))
         finally:
-            if keys:
-                if saved is None:
-                    os.environ.pop(TRUSTED_KEYS_ENV, None)
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
                 else:
-                    os.environ[TRUSTED_KEYS_ENV] = saved
+                    os.environ[name] = value
         sys.exit(int(code or 0))
 
     return wrapper
 
 
-_TRUSTED_KEYS_META = "hxc.trusted_keys"
-TRUSTED_KEYS_ENV = "HXC_TRUSTED_KEYS"  # hxc.manifests.signing reads it; named here so --help stays light
+_TRUST_META = "hxc.trust_env"
 
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
@@ -340,19 +342,45 @@ def targets(as_json: bool) -> None:
     ui.out.print(b)
 
 
-def _set_trusted_keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
-    # Exported for the command's duration (see _command), so every read of the bundle
-    # in this process and in its worker processes checks them.
-    if value:
-        ctx.meta[_TRUSTED_KEYS_META] = os.pathsep.join(value)
-    return value
+def _trust_option(env: str, value: Callable[[Any], str | None]) -> Callable[..., Any]:
+    """A callback that records an option's value as the environment variable `env`
+    (hxc.manifests.signing reads it), exported for the command's duration by _command,
+    so every read of the bundle in this process and in its worker processes checks it."""
+
+    def callback(ctx: click.Context, param: click.Parameter, given: Any) -> Any:
+        text = value(given)
+        if text is not None:
+            ctx.meta.setdefault(_TRUST_META, {})[env] = text
+        return given
+
+    return callback
 
 
 TRUSTED_KEYS_OPTION = click.option(
-    "--trusted-keys", multiple=True, metavar="PATH", expose_value=False, callback=_set_trusted_keys,
+    "--trusted-keys", multiple=True, metavar="PATH", expose_value=False,
+    # Given but empty (`--trusted-keys ""`) is exported as such, and refused: never "no keys required".
+    callback=_trust_option(TRUSTED_KEYS_ENV, lambda v: os.pathsep.join(v) if v else None),
     help="Require a valid signature by one of these public keys (NAME.pub files or directories of them) before "
          "any file of the bundle is used. Repeatable. [env: HXC_TRUSTED_KEYS, paths separated by ':']",
 )  # fmt: skip
+MIN_SEQUENCE_OPTION = click.option(
+    "--min-sequence", type=click.IntRange(0, MAX_SEQUENCE), metavar="N", expose_value=False,
+    callback=_trust_option(MIN_SEQUENCE_ENV, lambda v: None if v is None else str(v)),
+    help="Refuse a bundle whose trusted signature carries a sequence number below N (`hxc sign --sequence`): an "
+         "older bundle put back in place. Needs trusted keys. [env: HXC_MIN_SEQUENCE]",
+)  # fmt: skip
+SIGNED_PROFILES_OPTION = click.option(
+    "--require-signed-profiles", is_flag=True, expose_value=False,
+    callback=_trust_option(SIGNED_PROFILES_ENV, lambda v: "1" if v else None),
+    help="Choose by profiles only if a trusted key signed them (`hxc sign --profiles`); otherwise ignore them (the "
+         "static order decides; `hxc select --explain` says so). [env: HXC_REQUIRE_SIGNED_PROFILES=1]",
+)  # fmt: skip
+
+
+def _trust_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in (SIGNED_PROFILES_OPTION, MIN_SEQUENCE_OPTION, TRUSTED_KEYS_OPTION):
+        fn = option(fn)
+    return fn
 
 
 @main.command()
@@ -371,7 +399,8 @@ def inspect(bundle: Path, as_json: bool) -> None:
     sig = signature_status(bundle)
     m = read_manifest(bundle, trusted_keys=False)  # signature_status already checked it if asked to
     if as_json:
-        ui.print_json({**to_json(m), "signed_by": list(sig.key_ids), "signature_verified_by": sig.verified_by})
+        ui.print_json({**to_json(m), "signed_by": list(sig.key_ids), "signature_verified_by": sig.verified_by,
+                       "signature_sequence": sig.sequence})  # fmt: skip
         return
     info = ui.table("", "", title=f"Bundle {bundle}  (schema {m.schema_version})")
     info.add_row("model", f"{m.model.name}  ({m.model.source_format}: {m.model.source})")
@@ -384,7 +413,8 @@ def inspect(bundle: Path, as_json: bool) -> None:
     info.add_row("built with", f"hxc {tc.hxc}, IREE {tc.iree_compiler}, iree-turbine {tc.iree_turbine}, torch {tc.torch}")
     info.add_row("created", m.created)
     if sig.verified_by:
-        info.add_row("signature", f"[green]verified[/green]: signed by trusted key {sig.verified_by}")
+        sequence = f" (sequence {sig.sequence})" if sig.sequence is not None else ""
+        info.add_row("signature", f"[green]verified[/green]: signed by trusted key {sig.verified_by}{sequence}")
     elif sig.key_ids:
         info.add_row("signature", f"signed by key {', '.join(sig.key_ids)} (not checked: no --trusted-keys given)")
     else:
@@ -436,7 +466,7 @@ def _slo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@TRUSTED_KEYS_OPTION
+@_trust_options
 @DEVICE_OPTION
 @POLICY_OPTION
 @_slo_options
@@ -454,17 +484,19 @@ def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, 
     hxc select model.hxc --policy cost --slo-ms 150 --explain
     """
     from hxc import ui
-    from hxc.manifests import read_manifest
+    from hxc.manifests.bundle import read_bundle, trust_policy
     from hxc.runtime import probe_host
     from hxc.runtime import select as choose
     from hxc.runtime.prices import load_prices
 
     prices = load_prices(prices_file) if policy == "cost" or prices_file else None
-    sel = choose(read_manifest(bundle), probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance,
-                 slo_ms=slo_ms, slo_percentile=slo_percentile, prices=prices)  # fmt: skip
+    read = read_bundle(bundle, trust_policy())
+    sel = choose(read.manifest, probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance,
+                 slo_ms=slo_ms, slo_percentile=slo_percentile, prices=prices, profiles_note=read.profiles_note)  # fmt: skip
     if as_json:
         ui.print_json({
             "ok": sel.best is not None, "policy": sel.policy, "forced": sel.forced, "note": sel.note,
+            "profiles_note": sel.profiles_note,
             "slo": sel.slo and {"ms": sel.slo.ms, "percentile": sel.slo.percentile}, "currency": sel.currency,
             "choice": sel.best and {"artifact": sel.best.artifact.id, "device": sel.best.device.label, "uri": sel.best.device.uri},
             "candidates": [_candidate_json(c) for c in sel.candidates],
@@ -509,7 +541,7 @@ PIN_OPTION = click.option(
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@TRUSTED_KEYS_OPTION
+@_trust_options
 @click.option("-i", "--input", "inputs", multiple=True, required=True, metavar="FILE",
               help="A .npy file per input, in order, or one .npz holding them all.")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Save the outputs to this .npz file.")
@@ -541,8 +573,10 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     arrays = read_array_files(inputs)
     from hxc.manifests import read_manifest
 
+    # The signature is all this process needs: whatever chooses the artifact reads the profiles.
+    manifest = read_manifest(bundle, profiles=False)
     # bf16 and float8 arrays travel through .npy/.npz files as their raw bits.
-    inputs_spec = read_manifest(bundle).signature.inputs
+    inputs_spec = manifest.signature.inputs
     arrays = [from_storage(a, s.dtype) for a, s in zip(arrays, inputs_spec)] + arrays[len(inputs_spec):]
     pool = None
     if devices:
@@ -570,7 +604,7 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
             from hxc.pool.worker import run_isolated
             from hxc.runtime.loader import check_inputs
 
-            signature = read_manifest(bundle).signature
+            signature = manifest.signature
             check_inputs(signature, arrays)  # usage mistakes stay exit 2, before any process starts
             result = run_isolated(bundle, device or "", arrays, load_options=options)
             outputs, artifact, device_label = result.outputs, result.artifact, result.device
@@ -642,7 +676,7 @@ def _telemetry_table(stats: Any):
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@TRUSTED_KEYS_OPTION
+@_trust_options
 @DEVICE_OPTION
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.option("--in-process", is_flag=True,
@@ -732,7 +766,7 @@ def doctor(as_json: bool) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@TRUSTED_KEYS_OPTION
+@_trust_options
 @click.option("--baseline", "baselines", type=CommaList("LIST", choices=(*BASELINE_NAMES, "auto", "none")), default="auto",
               show_default=True,
               help=f"Baselines to time next to the artifacts: {', '.join(BASELINE_NAMES)}, none (comma-separated). "
@@ -926,20 +960,42 @@ def keygen(output: Path, as_json: bool) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-k", "--key", type=click.Path(path_type=Path), required=True, help="Private key from `hxc keygen`.")
+@click.option("--sequence", type=click.IntRange(0, MAX_SEQUENCE), default=None, metavar="N",
+              help="Sign a sequence number with the manifest (e.g. a release or build number): hosts that require at "
+                   "least N (--min-sequence) refuse older bundles signed by the same key.")  # fmt: skip
+@click.option("--profiles", "profiles", is_flag=True,
+              help="Sign the bundle's profiles as they are now (profiles.sig), for hosts that require signed profiles; "
+                   "profiles recorded later need signing again.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
-def sign(bundle: Path, key: Path, as_json: bool) -> None:
+def sign(bundle: Path, key: Path, sequence: int | None, profiles: bool, as_json: bool) -> None:
     """Sign BUNDLE's manifest (which holds the sha256 of every file it runs) with KEY.
     Profiles added later by `hxc bench` are outside the signature and never break it.
-    Signing again with another key adds a second signature (key rotation)."""
-    from hxc import ui
-    from hxc.manifests.bundle import sign_bundle
+    Signing again with another key adds a second signature (key rotation).
 
-    public = sign_bundle(bundle, key)
-    if as_json:
-        ui.print_json({"ok": True, "bundle": str(bundle), "key_id": public.key_id})
+    \b
+    hxc sign model.hxc --key ci-signing --sequence 42     # refuse anything older with --min-sequence 42
+    hxc sign model.hxc --key ci-signing --profiles        # after `hxc bench`: vouch for its profiles too
+    """
+    from hxc import ui
+    from hxc.manifests.bundle import sign_bundle, sign_profiles
+
+    if profiles:
+        if sequence is not None:
+            raise UsageError("--sequence goes with the manifest's signature, not the profiles'",
+                             hint="sign the manifest and the profiles in two runs")  # fmt: skip
+        public, count = sign_profiles(bundle, key)
+        if as_json:
+            ui.print_json({"ok": True, "bundle": str(bundle), "key_id": public.key_id, "profiles": count})
+            return
+        ui.out.print(f"signed the {count} profiles of {bundle} with key {public.key_id}", markup=False)
         return
-    ui.out.print(f"signed {bundle} with key {public.key_id}", markup=False)
+    public = sign_bundle(bundle, key, sequence=sequence)
+    if as_json:
+        ui.print_json({"ok": True, "bundle": str(bundle), "key_id": public.key_id, "sequence": sequence})
+        return
+    numbered = f" (sequence {sequence})" if sequence is not None else ""
+    ui.out.print(f"signed {bundle} with key {public.key_id}{numbered}", markup=False)
 
 
 @main.command()
@@ -987,6 +1043,7 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("models", nargs=-1, required=True, metavar="BUNDLE|DIR|NAME=BUNDLE...")
+@_trust_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 @click.option("--devices", default="all", show_default=True, metavar="all|LIST",

@@ -657,7 +657,7 @@ def run_isolated(
     takes ("" lets the worker choose); `load_options` are load's other arguments."""
     from hxc.manifests import read_manifest
 
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle, profiles=False)  # the signature; the worker's load() reads the profiles
     deadlines = Deadlines(unmeasured_s=timeout_s, load_s=timeout_s)
     worker = Worker(bundle, artifact, "its device", manifest.signature, deadlines=deadlines, backoff=Backoff(None), slots=1,
                     name=artifact or "the bundle", env=env, load_options=load_options)  # fmt: skip

@@ -26,8 +26,7 @@ import numpy as np
 from hxc.engines import engine
 from hxc.engines.base import Session as EngineSession
 from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, first_line
-from hxc.manifests import read_manifest
-from hxc.manifests.bundle import CheckedFile, TrustedKeys, open_checked
+from hxc.manifests.bundle import CheckedFile, TrustedKeys, open_checked, read_bundle, trust_policy
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
 from hxc.dtypes import dtype, from_numpy, is_torch, to_numpy, to_torch
 from hxc.runtime.io import HOST_MEMORY_DRIVERS, Transfers, cast_inputs, cast_signature
@@ -145,6 +144,8 @@ def load(
     probe: HostProbe | None = None,
     private_copy: bool | None = None,
     trusted_keys: TrustedKeys = None,
+    min_sequence: int | None = None,
+    require_signed_profiles: bool | None = None,
     slo_ms: float | None = None,
     slo_percentile: str = "p99",
     prices: PriceTable | None = None,
@@ -162,7 +163,12 @@ def load(
     error against fp32.
 
     `trusted_keys` (public key files, or $HXC_TRUSTED_KEYS when None) requires a
-    valid signature by one of them before any file of the bundle is opened.
+    valid signature by one of them before any file of the bundle is opened;
+    `min_sequence` (or $HXC_MIN_SEQUENCE) refuses a bundle whose signature carries a
+    lower sequence number (`hxc sign --sequence`): an older bundle put back in place.
+    `require_signed_profiles=True` (or $HXC_REQUIRE_SIGNED_PROFILES=1) ranks by
+    profiles only if a trusted key signed them (`hxc sign --profiles`), and by the
+    static order otherwise (explain() says so).
 
     `private_copy=True` (or $HXC_PRIVATE_COPY=1) runs a private in-memory copy of the
     checked bytes instead of a mapping of the bundle's file, so that writes to the
@@ -179,10 +185,11 @@ def load(
     path = Path(bundle)
     if private_copy is None:
         private_copy = os.environ.get(PRIVATE_COPY_ENV, "") not in ("", "0")
-    manifest = read_manifest(path, trusted_keys=trusted_keys)
+    read = read_bundle(path, trust_policy(trusted_keys, min_sequence, require_signed_profiles))
+    manifest = read.manifest
     probe = probe or probe_host()
     options = {"precision": precision, "tolerance": tolerance, "slo_ms": slo_ms, "slo_percentile": slo_percentile,
-               "prices": prices}  # fmt: skip
+               "prices": prices, "profiles_note": read.profiles_note}  # fmt: skip
     selection = select(manifest, probe, policy=policy, device=device, **options)
     if not selection.candidates and selection.forced:
         if strict:

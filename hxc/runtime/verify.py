@@ -8,7 +8,6 @@ test suite, so "matches the reference" means one thing everywhere.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import numpy as np
 from hxc.arrays import ArrayFileError, read_npz
 from hxc.dtypes import compute_dtype, dtype, from_storage
 from hxc.errors import BundleError, ExitCode, HxcError, NothingToCompareError, first_line
-from hxc.manifests import Manifest, Signature, read_manifest
-from hxc.manifests.bundle import TrustedKeys, check_all_files, open_checked
+from hxc.manifests import Manifest, Signature
+from hxc.manifests.bundle import TrustedKeys, check_all_files, open_checked, read_bundle, trust_policy
+from hxc.manifests.signing import TrustPolicy
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import select
 
@@ -138,6 +138,7 @@ def verify_bundle(
     device: str | None = None,
     probe: HostProbe | None = None,
     trusted_keys: TrustedKeys = None,
+    min_sequence: int | None = None,
     isolate: bool = True,
 ) -> VerifyReport:
     """Check every build-time file of the bundle against the manifest (whether or not
@@ -146,11 +147,15 @@ def verify_bundle(
 
     With `isolate` (the default) each artifact runs in its own worker process, so one
     whose code crashes inside IREE (a segfault, an illegal instruction) is reported
-    as a failed artifact instead of taking the caller down."""
+    as a failed artifact instead of taking the caller down.
+
+    `trusted_keys` and `min_sequence` are checked as `load()` checks them, here and
+    in every worker."""
     from hxc.runtime.loader import load
 
     path = Path(bundle)
-    manifest = read_manifest(path, trusted_keys=trusted_keys)
+    trust = trust_policy(trusted_keys, min_sequence)
+    manifest = read_bundle(path, trust).manifest
     bad = check_all_files(path, manifest)
     integrity = tuple(bad.values())
     if manifest.golden_file in bad:
@@ -173,10 +178,10 @@ def verify_bundle(
             continue
         try:
             if isolate:
-                outputs = _run_in_worker(path, cand.artifact.id, inputs, trusted_keys)
+                outputs = _run_in_worker(path, cand.artifact.id, inputs, trust)
             else:
                 model = load(path, device=cand.artifact.id, strict=True, probe=probe, tolerance=float("inf"),
-                             trusted_keys=trusted_keys)  # fmt: skip
+                             trusted_keys=trusted_keys, min_sequence=min_sequence)  # fmt: skip
                 outputs = model.run_flat(inputs)
         except HxcError as e:
             results.append(VerifyResult(cand.artifact.id, label, False, None, None, e.message))
@@ -192,11 +197,10 @@ def verify_bundle(
     return VerifyReport(path, integrity, tuple(results))
 
 
-def _run_in_worker(bundle: Path, artifact: str, inputs: list[np.ndarray], trusted_keys: TrustedKeys) -> list[np.ndarray]:
-    from hxc.manifests.signing import TRUSTED_KEYS_ENV
+def _run_in_worker(
+    bundle: Path, artifact: str, inputs: list[np.ndarray], trust: TrustPolicy | None
+) -> list[np.ndarray]:
     from hxc.pool.worker import run_isolated
 
-    env = {}
-    if trusted_keys not in (None, False):  # explicit keys: the worker checks them too
-        env[TRUSTED_KEYS_ENV] = trusted_keys if isinstance(trusted_keys, str) else os.pathsep.join(map(str, trusted_keys))
+    env = trust.env() if trust is not None else {}  # the worker checks what this process checked
     return run_isolated(bundle, artifact, inputs, load_options={"tolerance": float("inf")}, env=env).outputs
