@@ -303,9 +303,6 @@ class Check:
         self.doc["ok"] = bool(self.steps) and all(s.status == "ok" for s in self.steps)
         _write_json(self.out / "gpu_check.json", self.doc)
 
-    def cap(self, name: str) -> float:
-        return self.plan[name][0]
-
     def _slot(self, name: str) -> tuple[float, str | None]:
         """The step's timeout: its cap, or what is left after every later step's floor."""
         cap, floor = self.plan.pop(name)
@@ -319,11 +316,13 @@ class Check:
         self.plan.pop(name, None)
         return self._record(Step(name, error=reason))
 
-    def run(self, name: str, argv: Sequence[str | Path], *, env: dict[str, str], cwd: Path,
-            parse: Callable[[int | None, str, str], tuple[bool, Any]] | None = None) -> Step:  # fmt: skip
-        """Run one step. `parse(rc, stdout, stderr)` says whether it passed and what to keep;
+    def run(self, name: str, argv: Sequence[str | Path] | Callable[[float], Sequence[str | Path]], *, env: dict[str, str],
+            cwd: Path, parse: Callable[[int | None, str, str], tuple[bool, Any]] | None = None) -> Step:  # fmt: skip
+        """Run one step. `argv` may be a function of the step's timeout (for steps that
+        pace themselves); `parse(rc, stdout, stderr)` says whether it passed and what to keep:
         by default it passed when it exited 0, and stdout is kept when it is JSON."""
         slot, reason = self._slot(name)
+        argv = argv(slot) if callable(argv) else argv
         step = Step(name, command=[str(a) for a in argv], timeout_s=round(slot, 1))
         if reason:
             step.error = reason
@@ -483,21 +482,21 @@ def _remote_steps(check: Check, host: Host, folder: Path, args: argparse.Namespa
     for m, b in bundles.items():
         check.run(f"verify:{m}", host.hxc("verify", b, "--json"), env=env, cwd=work, parse=_verify_parse(args.gpu))
     for m, b in bundles.items():
-        check.run(f"torch:{m}", host.step("torch", "--bundle", b, "--devices", args.torch_devices, "--batch", "32",
-                                          "--min-time", str(args.min_time), "--max-total", str(check.cap(f"torch:{m}") - 30)),
+        check.run(f"torch:{m}", lambda slot, b=b: host.step("torch", "--bundle", b, "--devices", args.torch_devices, "--batch", "32",
+                                                            "--min-time", str(args.min_time), "--max-total", f"{slot * 0.6:.0f}"),
                   env=env, cwd=work)  # fmt: skip
     for m, b in bundles.items():
         check.run(f"bench:{m}", host.hxc("bench", b, "--json", "--batch", "32", "--min-time", str(args.min_time),
                                          "--max-time", str(10 * args.scale)), env=env, cwd=work, parse=_bench_parse)  # fmt: skip
     devices = f"{args.gpu},{args.cpu}"
     if "convnet" in bundles:
-        check.run("pool", host.step("pool", "--bundle", bundles["convnet"], "--devices", devices, "--rows", "256",
-                                    "--timeout", str(check.cap("pool") - 10)), env=env, cwd=work)  # fmt: skip
+        check.run("pool", lambda slot: host.step("pool", "--bundle", bundles["convnet"], "--devices", devices, "--rows", "256",
+                                                 "--timeout", f"{slot * 0.7:.0f}"), env=env, cwd=work)  # fmt: skip
     else:
         check.skip("pool", "no convnet bundle")
     if bundles:
-        check.run("serve", host.step("serve", *bundles.values(), "--devices", devices, "--gpu", args.gpu,
-                                     "--timeout", str(check.cap("serve") - 10)), env=env, cwd=work)  # fmt: skip
+        check.run("serve", lambda slot: host.step("serve", *bundles.values(), "--devices", devices, "--gpu", args.gpu,
+                                                  "--timeout", f"{slot - 5:.0f}"), env=env, cwd=work)  # fmt: skip
     else:
         check.skip("serve", "no bundles")
 
@@ -532,7 +531,7 @@ def _install(check: Check, host: Host, wheels: Path, hxc_wheel: Path) -> None:
     step = check.run("install", [*base, f"{hxc_wheel}[serve]"], env=host.env, cwd=host.work, parse=installed)
     if step.status == "failed" and re.search(r"Permission denied|Read-only file system|Errno 13|Errno 30", step.error or ""):
         prefix = host.work / "prefix"
-        check.plan["install-prefix"] = (check.cap("install"), 5)
+        check.plan["install-prefix"] = (REMOTE_PLAN["install"][0], 5)
         retry = check.run("install-prefix", [*base, "--prefix", prefix, f"{hxc_wheel}[serve]"], env=host.env, cwd=host.work,
                           parse=installed)  # fmt: skip
         if retry.status == "ok":

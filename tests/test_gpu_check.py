@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -88,6 +89,39 @@ def test_a_step_that_cannot_get_its_floor_is_not_started(tmp_path):
     late = check.run("late", touch, env=dict(os.environ), cwd=tmp_path)
     assert early.status == late.status == "skipped" and not marker.exists()
     assert "10 s are kept for later steps" in early.error and "not enough time left" in late.error
+
+
+def test_an_install_into_a_read_only_environment_goes_to_a_prefix_the_steps_then_see(tmp_path):
+    """A host Python whose environment cannot be written (pip says so; a stand-in script
+    plays that part in front of the real interpreter): the install goes to a prefix, which
+    every later step gets on its PYTHONPATH."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    wheel = wheels / "gcprobe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("gcprobe/__init__.py", "WHERE = __file__\n")
+        z.writestr("gcprobe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: gcprobe\nVersion: 1.0\n")
+        z.writestr("gcprobe-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("gcprobe-1.0.dist-info/RECORD", "")
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/sh
+case " $* " in
+  *" install "*" --prefix "*) ;;
+  *" install "*) echo "ERROR: Could not install packages due to an OSError: [Errno 30] Read-only file system: '/opt/x'" >&2; exit 1 ;;
+esac
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    check = gpu_check.Check(tmp_path / "out", 600, {"install": (120, 5)}, {})
+    host = gpu_check.Host(str(python), gpu_check._child_env(), work)
+    gpu_check._install(check, host, wheels, wheel)
+    assert [(s.name, s.status) for s in check.steps] == [("install", "failed"), ("install-prefix", "ok")]
+    assert "Read-only file system" in check.steps[0].error
+    seen = subprocess.run([python, "-c", "import gcprobe; print(gcprobe.WHERE)"], capture_output=True, text=True, env=host.env,
+                          cwd=work, timeout=60)  # fmt: skip
+    assert seen.returncode == 0 and seen.stdout.startswith(str(work / "prefix")), seen.stderr
 
 
 def test_a_host_without_the_unversioned_libcuda_gets_a_link_on_the_loader_path(tmp_path):
