@@ -405,7 +405,7 @@ REMOTE_PLAN: dict[str, tuple[float, float]] = {
     "host": (20, 3), "install": (150, 20), "versions": (60, 5), "doctor": (60, 5),
     **{f"select:{m}": (30, 3) for m in MODELS}, **{f"verify:{m}": (120, 10) for m in MODELS},
     **{f"torch:{m}": (90, 10) for m in MODELS}, **{f"bench:{m}": (150, 20) for m in MODELS},
-    "pool": (90, 15), "serve": (120, 20),
+    "pool": (90, 20), "serve": (120, 30),
 }  # fmt: skip
 
 

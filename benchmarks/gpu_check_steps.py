@@ -323,6 +323,8 @@ def _requests(base: str, bundles: Sequence[str], gpu: str, deadline: float) -> l
 
 def serve_check(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
+    # Kept for the server to drain and stop; a short timeout keeps a third of itself for that.
+    stop_s = min(args.stop_s, args.timeout / 3)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "hxc.cli", "serve", *args.bundles, "--devices", args.devices, "--port", str(port), "--json"]
@@ -331,7 +333,7 @@ def serve_check(args: argparse.Namespace) -> int:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             t0 = time.monotonic()
-            while time.monotonic() < deadline - args.stop_s and proc.poll() is None:
+            while time.monotonic() < deadline - stop_s and proc.poll() is None:
                 try:
                     if _http("GET", f"{base}/v2/health/ready", timeout=2)[0] == 200:
                         doc["ready_s"] = round(time.monotonic() - t0, 2)
@@ -340,7 +342,7 @@ def serve_check(args: argparse.Namespace) -> int:
                     pass
                 time.sleep(0.3)
             if "ready_s" in doc:
-                doc["requests"] = _requests(base, args.bundles, args.gpu, deadline - args.stop_s)
+                doc["requests"] = _requests(base, args.bundles, args.gpu, deadline - stop_s)
                 metrics = str(_http("GET", f"{base}/metrics", timeout=10)[1])
                 doc["metrics"] = [line for line in metrics.splitlines() if line.startswith("hxc_inference_requests_total")]
         except OSError as e:
@@ -396,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--devices", required=True)
     p.add_argument("--gpu", required=True, help="the device selector requests are sent to")
     p.add_argument("--timeout", type=float, default=100)
-    p.add_argument("--stop-s", type=float, default=15, help="of --timeout, kept for the server to stop")
+    p.add_argument("--stop-s", type=float, default=15, help="of --timeout, kept for the server to stop (a third at most)")
     args = ap.parse_args(argv)
     run = {"facts": facts, "versions": versions, "torch": torch_check, "pool": pool_check, "serve": serve_check}
     return run[args.command](args)
