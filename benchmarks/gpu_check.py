@@ -622,16 +622,13 @@ def summarize(steps: list[Step], gpu: str) -> dict[str, Any]:
 def summary_lines(doc: dict[str, Any]) -> list[str]:
     s = doc.get("summary") or {}
     lines = [f"steps: {', '.join(f'{k} {v}' for k, v in s.get('steps', {}).items())}"]
-    for name in ("host", "versions"):
-        if name in s:
-            lines.append(f"{name}: {json.dumps(s[name])}")
+    lines += [f"{name}: {json.dumps(s[name])}" for name in ("host", "versions") if name in s]
     for r in s.get("latency", []):
         cols = ", ".join(f"{k.removesuffix('_p50_ms')} {v:.3g} ms" for k, v in r.items() if k.endswith("_p50_ms") and v)
-        lines.append(f"{r['model']} batch {r['batch']}: {cols}"
-                     + (f"; hxc GPU {r['hxc_gpu_speedup_vs_torch_cuda']}x torch CUDA" if "hxc_gpu_speedup_vs_torch_cuda" in r else ""))  # fmt: skip
-    for name in ("select_picks_gpu", "gpu_verified", "torch_loads_program_pt2", "torch_matches_golden", "pool", "serve"):
-        if name in s:
-            lines.append(f"{name}: {json.dumps(s[name])}")
+        speedup = r.get("hxc_gpu_speedup_vs_torch_cuda")
+        lines.append(f"{r['model']} batch {r['batch']}: {cols}" + (f"; hxc GPU {speedup}x torch CUDA" if speedup else ""))
+    verdicts = ("select_picks_gpu", "gpu_verified", "torch_loads_program_pt2", "torch_matches_golden", "pool", "serve")
+    lines += [f"{name}: {json.dumps(s[name])}" for name in verdicts if name in s]
     lines.append(f"ok: {doc.get('ok')} ({doc.get('seconds')} s of {doc.get('budget_s')} s)")
     return lines
 

@@ -183,3 +183,23 @@ def test_the_pool_and_serve_steps_on_the_cpu(cnn):
     assert [(r["sent_to"], r["status"], r["matches_golden"]) for r in served["requests"]] == [("gpu", 200, True), ("routed", 200, True)]
     assert set(served["verdict"]["ran_on"].values()) == {"cpu:host"}
     assert any('status="ok"' in line for line in served["metrics"])
+
+
+def test_the_summary_sets_the_gpu_artifact_against_pytorch_on_cuda():
+    """What the dry run cannot show (no CUDA here): CUDA's rows land in the GPU columns and
+    the speed-up is PyTorch's p50 on CUDA over the GPU artifact's, the eager module first."""
+    Step = gpu_check.Step
+    bench = Step("bench:convnet", "ok", result={"results": [
+        {"candidate": "cuda:sm_90", "device": "cuda: NVIDIA H100 80GB HBM3", "batch": 32, "p50_ms": 0.25},
+        {"candidate": "cpu:x86-64-v3", "device": "local-task: Intel Xeon", "batch": 32, "p50_ms": 4.0}]})  # fmt: skip
+    torch_run = Step("torch:convnet", "ok", result={
+        "sources": {"program.pt2": {"ok": False, "error": "newer archive"}, "factory": {"ok": True}},
+        "checks": [{"source": "factory", "device": "cuda", "ok": True}],
+        "timings": [{"source": "factory", "device": "cuda", "batch": 32, "p50_ms": 0.5},
+                    {"source": "factory", "device": "cpu", "batch": 32, "p50_ms": 3.0}]})  # fmt: skip
+    s = gpu_check.summarize([bench, torch_run], "cuda")
+    assert s["latency"] == [{"model": "convnet", "batch": 32, "hxc_gpu_p50_ms": 0.25, "hxc_gpu_artifact": "cuda:sm_90",
+                             "hxc_cpu_p50_ms": 4.0, "hxc_cpu_artifact": "cpu:x86-64-v3", "torch_cuda_factory_p50_ms": 0.5,
+                             "torch_cpu_factory_p50_ms": 3.0, "hxc_gpu_speedup_vs_torch_cuda": 2.0}]  # fmt: skip
+    assert s["torch_loads_program_pt2"] == {"convnet": False} and s["torch_matches_golden"] == {"convnet": {"factory@cuda": True}}
+    assert "convnet batch 32: hxc_gpu 0.25 ms" in "\n".join(gpu_check.summary_lines({"summary": s}))
