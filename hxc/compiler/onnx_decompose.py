@@ -264,6 +264,66 @@ def _l2_normalization(node: Any, opset: int, types: dict, known: dict) -> Any:
     return _function(node, opset, nodes, ["X"])
 
 
+# --- BitShift -----------------------------------------------------------------------
+
+# The shift amount of a BitShift this module wrote (in range by construction); ONNX's
+# inliner keeps a value's name as a prefix ("hxc_shift_in_range__3"), so the next
+# expansion round leaves that node to IREE.
+_SHIFT_IN_RANGE = "hxc_shift_in_range"
+
+
+def _bitshift(node: Any, opset: int, types: dict, known: dict) -> Any:
+    """BitShift by an amount outside 0..bits-1 (negative, or the type's width or more),
+    which ONNX defines (opset 28: the sign fill alone, -1 for a right shift of a negative
+    signed value, else 0) and IREE lowers to LLVM shifts whose result is then undefined
+    (poison): the code for one CPU gives ONNX's answer by chance (AVX-512's variable
+    shifts give 0), for another not (x86-64-v3 and SPIR-V returned [0, 4, -1] for int8
+    [-8, 4, -1] << [-1, -8, -16], ONNX says [0, 0, 0]). The amount is put in range
+    first (0, or bits-1 for a signed right shift, which is the sign fill itself), and
+    out-of-range elements of a left or unsigned right shift are 0. A constant amount
+    already in range is left to IREE."""
+    if node.input[1].startswith(_SHIFT_IN_RANGE):
+        return None
+    elem = _elem_type(types, node.input[0])
+    if elem not in _INTEGER_TYPES:
+        return None
+    np_type = helper.tensor_dtype_to_np_dtype(elem)
+    bits = np.iinfo(np_type).bits
+    if node.input[1] in known:
+        amount = np.asarray(known[node.input[1]])
+        if ((amount >= 0) & (amount < bits)).all():
+            return None
+    direction = _attrs(node).get("direction", b"")
+    right = (direction.decode() if isinstance(direction, bytes) else direction) == "RIGHT"
+    signed = np.issubdtype(np_type, np.signedinteger)
+    nodes = [
+        _const("zero", np.zeros((), np_type)), _const("width", np.array(bits, np_type)),
+        helper.make_node("Less", ["SHIFT", "width"], ["below_width"]),
+        helper.make_node("Not", ["below_width"], ["too_far"]),
+    ]  # fmt: skip
+    if signed:
+        nodes += [helper.make_node("Less", ["SHIFT", "zero"], ["negative"]),
+                  helper.make_node("Or", ["negative", "too_far"], ["outside"])]  # fmt: skip
+    else:
+        nodes.append(helper.make_node("Identity", ["too_far"], ["outside"]))
+    if right and signed:
+        nodes += [
+            _const("fill", np.array(bits - 1, np_type)),
+            helper.make_node("Where", ["outside", "fill", "SHIFT"], [_SHIFT_IN_RANGE]),
+            helper.make_node("BitShift", ["X", _SHIFT_IN_RANGE], ["Y"], direction="RIGHT"),
+        ]  # fmt: skip
+    else:
+        nodes += [
+            helper.make_node("Where", ["outside", "zero", "SHIFT"], [_SHIFT_IN_RANGE]),
+            helper.make_node("BitShift", ["X", _SHIFT_IN_RANGE], ["shifted"], direction="RIGHT" if right else "LEFT"),
+            helper.make_node("Where", ["outside", "zero", "shifted"], ["Y"]),
+        ]  # fmt: skip
+    return _function(node, opset, nodes, ["X", "SHIFT"])
+
+
+_INTEGER_TYPES = frozenset({TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64,
+                            TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64})  # fmt: skip
+
 _REDUCTIONS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
                "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")  # fmt: skip
 
@@ -275,5 +335,6 @@ DECOMPOSITIONS: dict[str, Builder] = {
     "MatMul": _matmul_vector_batch,
     "QLinearMatMul": _qlinear_matmul_batched,
     "LpNormalization": _l2_normalization,
+    "BitShift": _bitshift,
     **{op: _reduce_empty_axes for op in _REDUCTIONS},
 }
