@@ -11,7 +11,7 @@ compared with its own expected outputs at hxc's tolerances
 Tests plain IREE passes and hxc fails are run again `--recheck` times through both, so
 a nondeterministic test is named as such, with its pass counts as the evidence.
 
-    python benchmarks/onnx_conformance.py [--jobs 2] [--only REGEX] [--timeout 300] [--recheck 4] [--hxc-only]
+    python benchmarks/onnx_conformance.py [--jobs 2] [--only REGEX] [--timeout 300] [--recheck 4] [--hxc-only] [--log F]
 
 Results go to benchmarks/results/onnx_conformance.json (full runs only): hxc's summary
 at the top level, plain IREE's under `plain_iree`, the comparison under
@@ -21,15 +21,18 @@ at the top level, plain IREE's under `plain_iree`, the comparison under
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from hxc.compiler.onnx_conformance import (
     HXC,
     PLAIN,
     TARGET,
+    CaseResult,
     list_tests,
     node_tests_dir,
     progress_printer,
@@ -63,6 +66,7 @@ def main() -> None:
     ap.add_argument("--recheck", type=int, default=4, help="runs again of each test plain IREE passes and hxc fails")
     ap.add_argument("--hxc-only", action="store_true", help="leave plain IREE out")
     ap.add_argument("--target", default=TARGET)
+    ap.add_argument("--log", type=Path, help="append each result to this file as a JSON line as it comes")
     args = ap.parse_args()
 
     cases = list_tests(node_tests_dir(), args.only)
@@ -70,8 +74,16 @@ def main() -> None:
     print(f"{len(cases)} ONNX node tests through {' and '.join(pipelines)}, {args.jobs} at a time, for {args.target}",
           file=sys.stderr)  # fmt: skip
     t0 = time.perf_counter()
+    progress = progress_printer(len(cases) * len(pipelines), every=100)
+
+    def on_result(r: CaseResult) -> None:
+        progress(r)
+        if args.log:  # a run of hours: what it found so far, readable while it runs
+            with args.log.open("a") as f:
+                f.write(json.dumps(asdict(r)) + "\n")
+
     results = run_conformance(cases, jobs=args.jobs, timeout=args.timeout, target=args.target, pipelines=pipelines,
-                              on_result=progress_printer(len(cases) * len(pipelines), every=100))  # fmt: skip
+                              on_result=on_result)  # fmt: skip
     summary = summarize(results, HXC)
     if not args.hxc_only:
         plain = summarize(results, PLAIN)
