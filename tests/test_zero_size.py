@@ -9,7 +9,6 @@ compared with PyTorch's own (the example MLP) or ONNX Runtime's (small ONNX mode
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,7 @@ from hxc.errors import HxcError
 from hxc.examples import mlp
 from hxc.pool import Pool
 from hxc.runtime.verify import compare, verify_bundle
-
-WAIT = 120  # seconds a pool call may take here before the test fails
+from test_pool import WAIT, _run  # a pool call in a thread, failed (not hung) after a bound
 W = np.arange(12, dtype=np.float32).reshape(4, 3) / 7 - 0.5
 
 
@@ -148,24 +146,6 @@ def _save(path: Path, a: np.ndarray) -> Path:
 # --- pools ------------------------------------------------------------------------------------
 
 
-def _run(fn, timeout: float = WAIT):
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed back to the test thread
-            box["result"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"pool call did not finish within {timeout} s"
-    if isinstance(box["result"], BaseException):
-        raise box["result"]
-    return box["result"]
-
-
 def test_a_pool_returns_zero_rows_for_a_zero_row_batch(bundles):
     with Pool(bundles["mlp"], ["cpu", "vulkan"]) as pool:
         assert pool.splittable
@@ -194,6 +174,24 @@ def test_a_pool_runs_a_call_vulkan_cannot_answer_on_a_device_that_can(bundles):
         assert _run(lambda: alone(_rows(0, features=5))).shape == (0,)  # empty by its shape: answered
         x = _rows(2, features=5)
         assert compare(_run(lambda: alone(x)), _ort(bundles["rowsum.onnx"], x), "f32").ok
+
+
+def test_the_server_router_sends_a_call_vulkan_cannot_answer_to_the_cpu(bundles):
+    # What `hxc serve` routes: each request alone (max_batch_size=1) to the device that
+    # should finish it first, but one with empty rows whose sums only a device computes
+    # only to a device that runs it; empty outputs can go anywhere.
+    from hxc.pool.router import Router
+
+    with Pool(bundles["rowsum"], ["cpu", "vulkan"], judge=False) as pool:
+        router = Router(pool, max_batch_size=1)
+        try:
+            for n in (3, 2, 4, 1):  # one at a time: once the CPU is measured, an unmeasured device is tried next
+                routed = router.submit([np.zeros((n, 0), np.float32)]).result(WAIT)
+                assert routed.device == "cpu:host" and compare(routed.outputs[0], np.zeros(n, np.float32), "f32").ok
+            on_vulkan = router.submit([_rows(0, features=5)], device="vulkan").result(WAIT)
+            assert on_vulkan.device == "vulkan:spirv" and on_vulkan.outputs[0].shape == (0,)
+        finally:
+            router.close()
 
 
 # --- the golden sample ------------------------------------------------------------------------
