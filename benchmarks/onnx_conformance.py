@@ -12,6 +12,7 @@ Tests plain IREE passes and hxc fails are run again `--recheck` times through bo
 a nondeterministic test is named as such, with its pass counts as the evidence.
 
     python benchmarks/onnx_conformance.py [--jobs 2] [--only REGEX] [--timeout 300] [--recheck 4] [--hxc-only] [--log F]
+    python benchmarks/onnx_conformance.py --only REGEX --merge   # re-run some tests into the saved full run
 
 Results go to benchmarks/results/onnx_conformance.json (full runs only): hxc's summary
 at the top level, plain IREE's under `plain_iree`, the comparison under
@@ -58,6 +59,20 @@ def recheck(cases: list[Path], times: int, jobs: int, timeout: float, target: st
     return out
 
 
+RESULTS_FILE = Path(__file__).parent / "results" / "onnx_conformance.json"
+
+
+def _saved_results(saved: dict) -> list[CaseResult]:
+    """The per-test results of a saved run, for both pipelines (what the file keeps of them)."""
+    out = []
+    for pipeline, part in ((HXC, saved), (PLAIN, saved["plain_iree"])):
+        out += [CaseResult(n, "pass", "", pipeline=pipeline) for n in part["passed_tests"]]
+        out += [CaseResult(f["name"], "fail", f["category"], f["detail"], f["operator"], pipeline=pipeline)
+                for f in part["failures"]]  # fmt: skip
+        out += [CaseResult(n, "skip", "", pipeline=pipeline) for n in saved["skipped_tests"]]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
@@ -67,7 +82,12 @@ def main() -> None:
     ap.add_argument("--hxc-only", action="store_true", help="leave plain IREE out")
     ap.add_argument("--target", default=TARGET)
     ap.add_argument("--log", type=Path, help="append each result to this file as a JSON line as it comes")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --only: replace those tests' results in the saved full run (after a change that "
+                         "concerns only them) and save it, recording what was re-run")  # fmt: skip
     args = ap.parse_args()
+    if args.merge and (not args.only or args.hxc_only):
+        ap.error("--merge needs --only and both pipelines")
 
     cases = list_tests(node_tests_dir(), args.only)
     pipelines = (HXC,) if args.hxc_only else (HXC, PLAIN)
@@ -84,6 +104,14 @@ def main() -> None:
 
     results = run_conformance(cases, jobs=args.jobs, timeout=args.timeout, target=args.target, pipelines=pipelines,
                               on_result=on_result)  # fmt: skip
+    merged: list[dict] = []
+    if args.merge:
+        saved = json.loads(RESULTS_FILE.read_text())
+        rerun = {c.name for c in cases}
+        results = [r for r in _saved_results(saved) if r.name not in rerun] + results
+        merged = [*saved.get("merged", []), {"only": args.only, "tests": len(rerun), "seconds": round(time.perf_counter() - t0, 1),
+                                             "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]  # fmt: skip
+        cases = list_tests(node_tests_dir())
     summary = summarize(results, HXC)
     if not args.hxc_only:
         plain = summarize(results, PLAIN)
@@ -98,10 +126,12 @@ def main() -> None:
             for t in versus["plain_only_tests"]:
                 t["recheck"] = counts[t["name"]]
         summary["versus_plain_iree"] = versus
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["seconds"] = saved["seconds"] if args.merge else round(time.perf_counter() - t0, 1)
     summary["versions"] = _versions()
+    if merged:
+        summary["merged"] = merged  # re-runs of some tests after the full run, with their regex and time
     where = "not saved: --only ran a subset"
-    if not args.only:  # the results file always describes a full run
+    if not args.only or args.merge:  # the results file always describes a full run
         sys.path.insert(0, str(Path(__file__).parent))
         from _harness import save
 
