@@ -34,7 +34,7 @@ from hxc.runtime.io import HOST_MEMORY_DRIVERS, Transfers, cast_inputs, cast_sig
 from hxc.runtime.prices import PriceTable
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
-from hxc.targets import Device
+from hxc.targets import Device, families
 
 log = logging.getLogger("hxc.runtime")
 PRIVATE_COPY_ENV = "HXC_PRIVATE_COPY"
@@ -374,8 +374,6 @@ class Session:
         function = module.lookup_function("main")
         if function is None:
             raise HxcError(f"{vmfb}: has no 'main' function")
-        from hxc.targets import families
-
         empty_dispatch = all(f.empty_dispatch for f in families() if device.driver in f.drivers)
         return cls(hal_device, context, function, keep_alive, host_memory=device.driver in HOST_MEMORY_DRIVERS,
                    awake=_AWAKE.get(device.uri, ()), empty_dispatch=empty_dispatch, label=device.label)  # fmt: skip
