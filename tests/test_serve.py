@@ -279,6 +279,16 @@ def test_infer_equals_pytorch_on_each_device(server, device, binary):
     assert compare(y4, torch_mlp(x4), "f32").ok
 
 
+@pytest.mark.parametrize("device", ["cpu", "vulkan"])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_a_zero_row_request_gets_zero_rows_on_each_device(server, device, binary):
+    # KServe v2 allows a 0 in a shape (0 bytes of binary data); Vulkan's answer comes from
+    # the output's shape (see test_zero_size.py).
+    r = infer(server.client(), "convnet", images(0), binary=binary, binary_out=binary, device=device)
+    assert r.as_numpy("output_0").shape == (0, 10)
+    assert r.get_response()["parameters"]["device"].startswith(device)
+
+
 def test_bf16_travels_as_binary_data_and_equals_pytorch(tmp_path):
     """BF16 is Triton's extension: tritonclient sends and reads it only as binary data
     (as ml_dtypes.bfloat16 arrays); asking for it as JSON is a protocol error."""

@@ -70,6 +70,23 @@ def test_responses_decode_in_tritonclient():
     assert response["parameters"] == {"device": "cpu:host"} and "data" in response["outputs"][1]
 
 
+@pytest.mark.parametrize("binary", [True, False])
+def test_a_zero_row_request_parses_and_its_empty_outputs_come_back(binary):
+    # KServe v2 allows 0 in a shape; as binary data such a tensor is 0 bytes.
+    arrays = _inputs(0)
+    body, length = _triton_body(arrays, binary)
+    req = parse_infer(body, length, SIG)
+    assert [a.shape for a in req.inputs] == [(0, 3), (0, 3), (0,)] and req.rows == 0
+    assert [a.dtype for a in req.inputs] == [a.dtype for a in arrays]
+    outputs = [np.zeros((0, 3), np.float32), np.zeros((0, 2), ml_dtypes.bfloat16)]
+    wanted = [th.InferRequestedOutput("y", binary_data=binary), th.InferRequestedOutput("h", binary_data=True)]
+    req = parse_infer(*_triton_body(arrays, binary, outputs=wanted), SIG)
+    content, headers = encode_infer("m", "1", req, outputs, SIG)
+    result = th.InferResult.from_response_body(content, header_length=int(headers[HEADER_LENGTH]))
+    assert result.as_numpy("y").shape == (0, 3) and result.as_numpy("h").shape == (0, 2)
+    assert result.get_output("h")["parameters"]["binary_data_size"] == 0
+
+
 def test_metadata_lists_dynamic_dims_as_minus_one_and_kserve_datatypes():
     meta = tensor_metadata(SIG)
     assert meta["inputs"][0] == {"name": "x", "datatype": "FP32", "shape": [-1, 3]}

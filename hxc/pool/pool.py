@@ -48,6 +48,7 @@ SLOTS = 2  # chunks a worker holds at once: one running, the next already there
 JUDGE_SAMPLES = 5  # chunks measured alone, and beside the others, before a judgement
 REJUDGE_S = 60.0  # seconds of work after which a judgement is made again (loads change)
 CONFIRM_S = 5.0  # the first judgement, made from a few early chunks, is checked again this soon
+EMPTY_CALL_TIMEOUT_S = 300.0  # a backstop: the worker's own deadline ends a hung call sooner
 
 
 @dataclass(frozen=True)
@@ -351,6 +352,23 @@ class Pool:
             finally:
                 self._job_owner = None
 
+    def _empty_call(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """The outputs of a call where a dynamic dimension is 0 (a zero-row batch): from
+        the inputs' shapes when they alone make every output empty (no worker is asked),
+        else from one device whose driver runs empty dispatches, called with the whole
+        request (there are no rows to split; see TargetFamily.empty_dispatch)."""
+        from hxc.runtime.loader import empty_outputs
+        from hxc.targets import family
+
+        answered = empty_outputs(self.signature, arrays)
+        if answered is not None:
+            return answered
+        able = [m for m in self.members if m.worker.health == Health.READY and family(m.candidate.artifact.family).empty_dispatch]
+        if not able:
+            raise HxcError(f"{self.bundle}: a dimension is 0 in this call and no ready device of the pool can run "
+                           "such a call (Vulkan cannot dispatch over empty buffers)", hint="add a CPU device to the pool")  # fmt: skip
+        return able[0].worker.run(arrays, timeout=EMPTY_CALL_TIMEOUT_S)
+
     def _kept(self) -> list[_Member]:
         """Members that share the work: ready and not left out — or, if every one of
         those is gone, the left-out ones, which beat nothing."""
@@ -470,7 +488,7 @@ class _Job:
 
     def _refill(self) -> None:
         from hxc.dtypes import is_torch
-        from hxc.runtime.loader import check_inputs
+        from hxc.runtime.loader import check_inputs, empty_at_run_time
 
         want = self._lookahead()
         while not self.exhausted and len(self.items) < self.window and (self.balancer.unassigned < want or not self.items):
@@ -482,7 +500,10 @@ class _Job:
                 break
             arrays = check_inputs(self.pool.signature, raw)
             rows = int(arrays[0].shape[0]) if self.splittable else 1
-            item = _Item(arrays, self.units, rows, bool(raw) and is_torch(raw[0]), written=np.zeros(rows, bool))
+            outputs = None
+            if empty_at_run_time(self.pool.signature, arrays):  # a zero-row batch, or another dimension 0
+                outputs, rows = self.pool._empty_call(arrays), 0  # no unit of it goes into the split
+            item = _Item(arrays, self.units, rows, bool(raw) and is_torch(raw[0]), outputs=outputs, written=np.zeros(rows, bool))
             self.items.append(item)
             self.balancer.add(self.units, rows)
             self.units += rows
