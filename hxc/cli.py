@@ -557,6 +557,10 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
         signature = pool.signature
         what = {"pool": [m.name for m in pool.members]}
         ran = f"ran on a pool of {', '.join(m.name for m in pool.members)}"
+        if not pool.splittable:
+            # Not an error: the whole batch ran on the best device that had room.
+            on = ", ".join(d.name for d in stats.devices if d.items) or "no device"
+            ran += f"; the batch was not split ({pool.not_splittable}): it ran whole on {on}"
     else:
         if pins:
             raise UsageError("--pin needs --devices")

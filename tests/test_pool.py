@@ -119,6 +119,41 @@ def test_a_model_without_a_dynamic_batch_is_explained(example_bundle):
             assert compare(y, _torch(convnet, x), "f32").ok
 
 
+@pytest.fixture(scope="module")
+def static_mlp(tmp_path_factory) -> Path:
+    """The example MLP with its static batch of 4, for the CPU and portable Vulkan."""
+    from hxc.compiler.build import build_bundle
+
+    out = tmp_path_factory.mktemp("static") / "mlp.hxc"
+    result = build_bundle("hxc.examples:mlp", out, "cpu:host,vulkan:spirv")
+    assert result.written, [r.error for r in result.failed]
+    return out
+
+
+@pytest.mark.parametrize("devices", ["all", "vulkan,cpu", "cpu"])
+def test_a_static_batch_runs_whole_on_the_best_listed_device(static_mlp, cli, tmp_path, devices):
+    # A batch of 4 rows that cannot be split is one request: it runs whole, on the best
+    # device listed (the CPU, even when listed last), and that is not an error.
+    x = np.random.default_rng(7).standard_normal((4, 64), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = cli("run", static_mlp, "-i", tmp_path / "x.npy", "--devices", devices, "--json", "-o", tmp_path / "y.npz")
+    assert result.exit_code == 0, result.output
+    assert compare(np.load(tmp_path / "y.npz")["output_0"], _torch(mlp, x), "f32").ok
+    ran = {d["name"]: d["items"] for d in json.loads(result.stdout)["telemetry"]["devices"]}
+    assert ran["cpu:host"] == 4 and sum(ran.values()) == 4
+    text = cli("run", static_mlp, "-i", tmp_path / "x.npy", "--devices", devices)
+    assert text.exit_code == 0 and "the batch was not split" in text.stderr and "ran whole on cpu:host" in text.stderr
+
+
+def test_a_stream_of_static_batches_runs_each_whole_on_some_device(static_mlp):
+    xs = [np.random.default_rng(i).standard_normal((4, 64), dtype=np.float32) for i in range(12)]
+    with Pool(static_mlp, ["cpu", "vulkan"], judge=False) as pool:
+        results = _run(lambda: list(pool.map(xs, window=4)))
+        assert compare(_run(lambda: pool.run_flat([xs[0]]))[0], _torch(mlp, xs[0]), "f32").ok
+    for x, y in zip(xs, results):
+        assert y.shape == (4, 10) and compare(y, _torch(mlp, x), "f32").ok
+
+
 def _kill_after_first_chunk(pool: Pool, name: str, sig: int = signal.SIGKILL) -> threading.Thread:
     member = next(m for m in pool.members if m.name == name or m.candidate.device.driver == name)
     start = member.counts["chunks"]

@@ -206,6 +206,11 @@ class Pool:
         """Whether a call's batch can be split across devices (a dynamic batch dimension)."""
         return self._not_splittable is None
 
+    @property
+    def not_splittable(self) -> str | None:
+        """Why a call's batch cannot be split across devices (None if it can)."""
+        return self._not_splittable
+
     def __call__(self, *inputs: Any) -> Any:
         """Run one batch across every device; outputs as one device would return them."""
         if not self.splittable:
@@ -527,10 +532,15 @@ class _Job:
         rows = chunk.count if self.splittable else int(shapes[0][0]) if shapes and shapes[0] else 1
 
         def write(views: list[np.ndarray]) -> None:
+            if not self.splittable:
+                # One whole request (its one unit is the request, not a row).
+                for v, a in zip(views, segments[0][0].arrays):
+                    v[...] = a
+                return
             at = 0
             for item, src, n in segments:
                 for v, a in zip(views, item.arrays):
-                    v[at:at + n] = a[src:src + n] if self.splittable else a
+                    v[at:at + n] = a[src:src + n]
                 at += n
 
         stored: list[bool] = []  # whether this copy's rows were stored (set before the future completes)
@@ -577,7 +587,10 @@ class _Job:
                 if item.written[src:src + n].any():
                     raise HxcError(f"internal error: rows {src}..{src + n} of a request were computed twice")
                 for out, v in zip(item.outputs, views):
-                    out[src:src + n] = v[at:at + n] if self.splittable else v
+                    if self.splittable:
+                        out[src:src + n] = v[at:at + n]
+                    else:
+                        out[...] = v  # the whole request's outputs, whatever their leading dimension
                 item.written[src:src + n] = True
                 at += n
         return True
@@ -722,6 +735,10 @@ def _choose(manifest, probe: HostProbe, devices: str | Sequence[str], policy: st
                                  hint="; ".join(f"{r.artifact.id}: {r.reason}" for r in sel.rejected[:4]))  # fmt: skip
             if all(p.device.uri != sel.best.device.uri for p in picked):
                 picked.append(sel.best)
+        # Best first, whatever order they were listed in: a request that cannot be split
+        # goes to the first device with room, which should be the best one.
+        rank = {(c.artifact.id, c.device.uri): i for i, c in enumerate(selection.candidates)}
+        picked.sort(key=lambda c: rank.get((c.artifact.id, c.device.uri), len(rank)))
     if not picked:
         raise NoCompatibleArtifactError(f"{manifest.model.name}: no artifact in this bundle can run on this host",
                                         hint="; ".join(f"{r.artifact.id}: {r.reason}" for r in selection.rejected[:6]))  # fmt: skip
