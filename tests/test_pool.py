@@ -74,7 +74,8 @@ def _catch(fn):
 def test_one_batch_across_cpu_and_vulkan_equals_one_device_and_pytorch(bundles):
     cnn = bundles["convnet"]
     single = hxc.runtime.load(cnn, device="cpu:host", strict=True)
-    with Pool(cnn) as pool:  # devices="all"
+    # Without backup copies, so that lavapipe's probe rows are stored however long it takes.
+    with Pool(cnn, backups=False) as pool:  # devices="all"
         assert {m.name for m in pool.members} == {"cpu:host", "vulkan:spirv"}
         elapsed = 0.0
         for batch in (33, 7, 1):  # unmeasured at first: each device gets a probe chunk
@@ -194,10 +195,10 @@ def test_a_worker_sigkilled_mid_run_loses_nothing(bundles, victim):
 def test_a_hung_worker_is_killed_at_its_deadline_and_its_rows_rerun(bundles):
     x = _cnn_input(300, seed=4)
     # Its first chunk (a one-row probe: nothing is measured yet) hangs; an unmeasured
-    # device is given `unmeasured_s`.
+    # device is given `unmeasured_s`. Without backup copies the call waits for it.
     deadlines = Deadlines(factor=5, floor_s=1.0, unmeasured_s=5.0)
     with Pool(bundles["convnet"], ["cpu:host", "vulkan"], deadlines=deadlines, backoff=Backoff(first_s=300),
-              env={"HXC_POOL_FAULT": "vulkan:hang@1"}) as pool:  # fmt: skip
+              backups=False, env={"HXC_POOL_FAULT": "vulkan:hang@1"}) as pool:  # fmt: skip
         y = _run(lambda: pool(x))
         stats = pool.stats()
         explained = pool.explain()
@@ -206,6 +207,32 @@ def test_a_hung_worker_is_killed_at_its_deadline_and_its_rows_rerun(bundles):
     assert vk.health == "unhealthy" and "missed its deadline" in vk.reason and vk.failures == 1
     assert stats.items == 300
     assert "unhealthy: missed its deadline" in explained
+
+
+def test_a_call_does_not_wait_on_a_device_before_it_is_measured(bundles):
+    # lavapipe, not measured yet, gets a one-row probe, which hangs here (on a busy host
+    # its first call took 2.6 s, against 0.06 s for the CPU's 63 rows). The CPU copies
+    # the probe once it has done the rest, and the call returns without it: long before
+    # lavapipe's deadline, so nothing was killed or re-run.
+    x = _cnn_input(64, seed=8)
+    with Pool(bundles["convnet"], ["cpu:host", "vulkan"], deadlines=Deadlines(unmeasured_s=60.0), backoff=Backoff(None),
+              env={"HXC_POOL_FAULT": "vulkan:hang@1"}) as pool:  # fmt: skip
+        y = _run(lambda: pool(x))
+        stats = pool.stats()
+    assert compare(y, _torch(convnet, x), "f32").ok
+    cpu, vk = stats.device("cpu:host"), stats.device("vulkan:spirv")
+    assert cpu.items == 64 and cpu.backups == 1
+    assert vk.items == 0 and vk.queue_depth == 1 and vk.failures == 0 and vk.health == "ready"
+
+
+def test_an_unmeasured_devices_dropped_probe_still_measures_it(bundles):
+    with Pool(bundles["mlp"], ["cpu:host", "vulkan"], judge=False) as pool:
+        vk = next(m for m in pool.members if m.name == "vulkan:spirv")
+        x = np.random.default_rng(2).standard_normal((64, 64), dtype=np.float32)
+        deadline = time.monotonic() + WAIT
+        while vk.speed.source != "measured" and time.monotonic() < deadline:
+            assert compare(_run(lambda: pool(x)), _torch(mlp, x), "f32").ok
+        assert vk.speed.source == "measured" and pool.stats().device("vulkan").failures == 0
 
 
 def test_a_backup_copy_ends_a_call_whose_slow_device_stalls_and_the_stalled_original_changes_nothing(bundles):

@@ -451,6 +451,9 @@ class _Job:
         # Working time counts while this loop runs, not while the consumer holds a result.
         t0: float | None = time.perf_counter()
         try:
+            # Copies of earlier calls that finished meanwhile: their devices are free, and
+            # measured, before the first chunk is handed out.
+            self._drain()
             while True:
                 self._refill()
                 while self.items and self.items[0].done == self.items[0].units:
@@ -598,19 +601,23 @@ class _Job:
     # waiting for completions
 
     def _wait(self) -> None:
-        events = self.pool._events
         try:
-            event = events.get(timeout=0.5)
+            event = self.pool._events.get(timeout=0.5)
         except queue.Empty:
             self._check_progress()
             return
-        while True:
-            self._handle(event)
-            try:
-                event = events.get_nowait()
-            except queue.Empty:
-                break
+        self._handle(event)
+        self._drain()
         self._check_progress()
+
+    def _drain(self) -> None:
+        """Handle every event already posted, without waiting."""
+        while True:
+            try:
+                event = self.pool._events.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(event)
 
     def _handle(self, event: tuple) -> None:
         if event[0] == "state":
@@ -620,10 +627,14 @@ class _Job:
         error = future.exception()
         if job_id != self.id:
             # A copy still running when an earlier call returned (or of an abandoned
-            # call): its device is free of it now; its rows were dropped.
+            # call): its device is free of it now; its rows were dropped, its timing is
+            # kept (an unmeasured device's probe is always copied, and would otherwise
+            # never measure it).
             self.balancer.drop(m.name, chunk, now, stale=True)
             if error is None:
-                m.counts["busy_s"] += future.result().worker_ms / 1000
+                seconds = future.result().worker_ms / 1000
+                m.speed.observe(chunk.count, seconds, chunk.count >= self.balancer.full_size(m.speed))
+                m.counts["busy_s"] += seconds
                 m.counts["wasted"] += chunk.count
             self.overlap.busy(m.name, now, bool(self.balancer.held(m.name)))
             return
