@@ -229,65 +229,42 @@ def test_a_hung_worker_is_killed_at_its_deadline_and_its_rows_rerun(bundles):
     assert "unhealthy: missed its deadline" in explained
 
 
-def test_a_call_does_not_wait_on_a_device_before_it_is_measured(bundles):
+def test_a_backup_copy_ends_a_call_whose_slow_device_stalls_and_the_stalled_original_changes_nothing(bundles):
     # lavapipe, not measured yet, gets a one-row probe, which hangs here (on a busy host
-    # its first call took 2.6 s, against 0.06 s for the CPU's 63 rows). The CPU copies
-    # the probe once it has done the rest, and the call returns without it: long before
-    # lavapipe's deadline, so nothing was killed or re-run.
+    # its first call took 2.6 s, against 0.06 s for the CPU's other 63 rows). Nothing
+    # predicts when it ends, so the CPU copies it once it has done the rest, and the call
+    # returns without it, long before lavapipe's deadline. When the stalled original is
+    # killed at its deadline, nothing is re-run or written again.
+    cnn = bundles["convnet"]
     x = _cnn_input(64, seed=8)
-    with Pool(bundles["convnet"], ["cpu:host", "vulkan"], deadlines=Deadlines(unmeasured_s=60.0), backoff=Backoff(None),
+    with Pool(cnn, ["cpu:host", "vulkan"], deadlines=Deadlines(unmeasured_s=20.0), backoff=Backoff(first_s=300),
               env={"HXC_POOL_FAULT": "vulkan:hang@1"}) as pool:  # fmt: skip
         y = _run(lambda: pool(x))
         stats = pool.stats()
-    assert compare(y, _torch(convnet, x), "f32").ok
-    cpu, vk = stats.device("cpu:host"), stats.device("vulkan:spirv")
-    assert cpu.items == 64 and cpu.backups == 1
-    assert vk.items == 0 and vk.queue_depth == 1 and vk.failures == 0 and vk.health == "ready"
+        assert compare(y, _torch(convnet, x), "f32").ok
+        cpu, vk = stats.device("cpu:host"), stats.device("vulkan:spirv")
+        assert cpu.items == 64 and cpu.backups == 1
+        assert vk.items == 0 and vk.queue_depth == 1 and vk.failures == 0 and vk.health == "ready"
+        assert "backup copies run: 1" in pool.explain()
+        assert pool.settle(WAIT)  # until the stalled copy ends: killed at its deadline
+        vk = pool.stats().device("vulkan:spirv")
+        assert vk.health == "unhealthy" and "missed its deadline" in vk.reason and vk.failures == 1
+        assert vk.requeued == 0 and vk.queue_depth == 0  # its rows were stored already: nothing goes back
+        x2 = _cnn_input(33, seed=99)
+        assert compare(_run(lambda: pool(x2)), _torch(convnet, x2), "f32").ok
+        assert pool.stats().items == 64 + 33  # each row stored once, by whichever copy came first
 
 
 def test_an_unmeasured_devices_dropped_probe_still_measures_it(bundles):
-    with Pool(bundles["mlp"], ["cpu:host", "vulkan"], judge=False) as pool:
-        vk = next(m for m in pool.members if m.name == "vulkan:spirv")
-        x = np.random.default_rng(2).standard_normal((64, 64), dtype=np.float32)
-        deadline = time.monotonic() + WAIT
-        while vk.speed.source != "measured" and time.monotonic() < deadline:
-            assert compare(_run(lambda: pool(x)), _torch(mlp, x), "f32").ok
-        assert vk.speed.source == "measured" and pool.stats().device("vulkan").failures == 0
-
-
-def test_a_backup_copy_ends_a_call_whose_slow_device_stalls_and_the_stalled_original_changes_nothing(bundles):
-    # lavapipe's third request hangs (until its deadline, longer than the CPU needs for
-    # the rest of any call here): at the end of that call the idle CPU computes a copy
-    # of the stalled chunk, the call returns complete, and when the original is killed
-    # at its deadline nothing is re-run or written again.
-    cnn = bundles["convnet"]
-    single = hxc.runtime.load(cnn, device="cpu:host", strict=True)
-    with Pool(cnn, ["cpu:host", "vulkan"], judge=False, deadlines=Deadlines(floor_s=20.0), backoff=Backoff(first_s=300),
-              env={"HXC_POOL_FAULT": "vulkan:hang@3"}) as pool:  # fmt: skip
-        vk_worker = next(m.worker for m in pool.members if m.name == "vulkan:spirv")
-        rows = 0
-        for i in range(10):
-            w = vk_worker.stats()
-            if w.requests == 2 and w.queue_depth:
-                break  # a call returned while lavapipe holds its third request, the one that hangs
-            x = _cnn_input(64 if i < 2 else 1500, seed=10 + i)
-            y = _run(lambda: pool(x))
-            rows += len(x)
-            assert compare(y, single.run_flat([x])[0], "f32").ok and compare(y, _torch(convnet, x), "f32").ok
-        stats = pool.stats()
-        cpu, vk = stats.device("cpu:host"), stats.device("vulkan:spirv")
-        assert cpu.backups >= 1 and vk.items > 0
-        assert stats.items == rows  # each row stored once, by whichever copy came first
-        assert "backup copies run: " in pool.explain()
-        deadline = time.monotonic() + WAIT
-        while pool.stats().device("vulkan:spirv").health != "unhealthy" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "missed its deadline" in (pool.stats().device("vulkan:spirv").reason or "")
-        x = _cnn_input(33, seed=99)
-        y = _run(lambda: pool(x))  # the stalled copy's failure arrives here: dropped, not re-queued
-        assert compare(y, _torch(convnet, x), "f32").ok
-        stats = pool.stats()
-        assert stats.items == rows + 33 and stats.device("vulkan:spirv").failures == 1
+    # lavapipe answers its probe 5 s late: the CPU's copy is stored, lavapipe's dropped
+    # when it comes, after the call, and its timing measures lavapipe all the same.
+    x = np.random.default_rng(2).standard_normal((64, 64), dtype=np.float32)
+    with Pool(bundles["mlp"], ["cpu:host", "vulkan"], judge=False, env={"HXC_POOL_FAULT": "vulkan:slow@1"}) as pool:
+        assert compare(_run(lambda: pool(x)), _torch(mlp, x), "f32").ok
+        assert pool.stats().device("vulkan").speed_source is None
+        assert pool.settle(WAIT)
+        vk = pool.stats().device("vulkan")
+        assert vk.speed_source == "measured" and vk.items == 0 and vk.wasted == 1 and vk.failures == 0
 
 
 def test_an_unhealthy_device_restarts_and_rejoins(bundles):

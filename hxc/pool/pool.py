@@ -313,6 +313,21 @@ class Pool:
         self._judged = False
         self._solo_trial = None
 
+    def settle(self, timeout_s: float = 60.0) -> bool:
+        """Wait (at most `timeout_s`) for the copies still computing for calls that have
+        returned (backup copies that lost, an unmeasured device's probe): their devices are
+        then free and their timings taken, so the next call starts with every device idle
+        and pays for none of them (what a measurement needs). True if none is left."""
+        if self._job_owner == threading.get_ident():
+            raise UsageError("this pool is running a call or map() in this thread; finish it before settle()")
+        with self._job_lock:
+            job = _Job(self, iter(()), window=1)
+            try:
+                job.settle(time.monotonic() + timeout_s)
+            finally:
+                job.close()
+        return not any(self._carry.values())
+
     def close(self) -> None:
         for m in self.members:
             m.worker.close()
@@ -469,10 +484,24 @@ class _Job:
         finally:
             if t0 is not None:
                 self.pool._wall_s += time.perf_counter() - t0
-            with self.alloc:
-                self.finished = True
-            b = self.balancer
-            self.pool._carry = {m.name: [*b.stale(m.name), *b.in_flight(m.name)] for m in self.pool.members}
+            self.close()
+
+    def close(self) -> None:
+        """End the job: nothing more is written into its items' arrays, and what its
+        devices still compute carries over into the next job's backlogs."""
+        with self.alloc:
+            self.finished = True
+        b = self.balancer
+        self.pool._carry = {m.name: [*b.stale(m.name), *b.in_flight(m.name)] for m in self.pool.members}
+
+    def settle(self, deadline: float) -> None:
+        """Handle completions until no device holds a chunk of an earlier job (or the deadline)."""
+        self._drain()
+        while any(self.balancer.held(m.name) for m in self.pool.members) and (left := deadline - time.monotonic()) > 0:
+            try:
+                self._handle(self.pool._events.get(timeout=min(0.5, left)))
+            except queue.Empty:
+                pass
 
     # reading requests
 
