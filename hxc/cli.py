@@ -657,6 +657,8 @@ def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool) ->
     difference, for every artifact, runnable here or not), then run the golden sample
     on every artifact this host can run and compare with the reference outputs
     (PyTorch's, or ONNX Runtime's for ONNX models; exit 6 on a mismatch)."""
+    from rich.markup import escape
+
     from hxc import ui
     from hxc.runtime.verify import verify_bundle
 
@@ -664,7 +666,9 @@ def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool) ->
     results, code = report.results, report.exit_code
     if as_json:
         ui.print_json({"ok": report.ok, "exit_code": int(code), "integrity": list(report.integrity),
-                       "results": [_verify_json(r) for r in results]})  # fmt: skip
+                       "results": [_verify_json(r) for r in results],
+                       "not_run": [{"artifact": n.artifact, "reason": n.reason, "sha256_ok": n.sha256_ok}
+                                   for n in report.not_run]})  # fmt: skip
         return code
     for problem in report.integrity:
         ui.error(f"integrity: {problem}")
@@ -672,9 +676,18 @@ def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool) ->
     for r in results:
         verdict = "[green]match[/green]" if r.ok else f"[red]{'error: ' + r.error if r.error else 'MISMATCH'}[/red]"
         t.add_row(r.artifact, r.device, verdict, _g(r.max_abs), _g(r.max_rel))
-    if results:
+    for n in report.not_run:
+        # Still part of the check: its bytes were hashed, only the golden sample could not run here.
+        checked = {True: "sha256 ok", False: "[red]sha256 differs[/red]", None: "no file"}[n.sha256_ok]
+        # The reason's first clause; all of it is in --json and `hxc select --explain`.
+        t.add_row(n.artifact, "-", f"[dim]{checked}; not run: {escape(n.reason.split(': ', 1)[0])}[/dim]", "-", "-")
+    if results or report.not_run:
         ui.out.print(t)
-    elif not report.integrity:
+    if report.not_run:
+        intact = sum(n.sha256_ok is True for n in report.not_run)
+        ui.out.print(f"{len(results)} artifact(s) ran the golden sample; the other {len(report.not_run)} were not run here "
+                     f"(why: above, or `hxc select --explain`), and {intact} of them matched their sha256", markup=False)  # fmt: skip
+    if not results and not report.integrity:
         ui.error("no artifact in this bundle can run on this host (see `hxc select --explain`)")
     return code
 
