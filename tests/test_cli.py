@@ -118,3 +118,13 @@ def test_verify_names_every_artifact_it_did_not_run_and_whether_its_bytes_matche
     tampered = cli("verify", bundle, "--json")
     assert tampered.exit_code == ExitCode.INTEGRITY
     assert {n["artifact"]: n["sha256_ok"] for n in json.loads(tampered.stdout)["not_run"]}["cuda:sm_90"] is False
+
+
+@pytest.mark.parametrize("content", [b"import torch\n", b"\x89PNG" + bytes(range(256)) * 8], ids=["short", "long"])
+def test_a_file_that_is_no_bundle_is_called_so(cli, tmp_path, content):
+    path = tmp_path / "mlp.py"
+    path.write_bytes(content)
+    for command in ("inspect", "select", "verify"):
+        result = cli(command, path)
+        assert result.exit_code == ExitCode.ERROR and "not an hxc bundle" in result.stderr, result.stderr
+        assert "truncated" not in result.stderr and "Traceback" not in result.stderr
