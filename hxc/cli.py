@@ -830,6 +830,7 @@ def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: floa
                 as_json: bool) -> int:  # fmt: skip
     from hxc import ui
     from hxc.bench.pool import run_pool_bench
+    from hxc.bench.report import NOISY_SPREAD, number, percent, ratio
     from hxc.manifests.schema import to_json
 
     with ui.err.status("benchmarking the pool…", spinner="dots") as status:
@@ -839,7 +840,7 @@ def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: floa
     summary = {"pool_items_per_second": r.pool_items_per_second, "sum_alone_items_per_second": r.sum_alone,
                "vs_sum": r.pool_items_per_second / r.sum_alone if r.sum_alone else None, "best_alone": best.name,
                "vs_best_alone": r.pool_items_per_second / best.alone_items_per_second if best.alone_items_per_second else None,
-               "spread": r.spread, "rounds": r.rounds, "pinned": r.pinned}  # fmt: skip
+               "spread": r.spread, "noisy": r.spread > NOISY_SPREAD, "rounds": r.rounds, "pinned": r.pinned}  # fmt: skip
     if as_json:
         ui.print_json({"ok": True, "host": to_json(r.host), "recorded": r.recorded, **summary,
                        "devices": [to_json(d) for d in r.devices], "profiles": [to_json(p) for p in r.profiles]})  # fmt: skip
@@ -848,12 +849,16 @@ def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: floa
                  title=f"Pool throughput ({'pinned' if r.pinned else 'unpinned'}; medians of {r.rounds} interleaved rounds)")  # fmt: skip
     for d in r.devices:
         status = d.health + (f": {d.reason}" if d.reason else "") + (f"; left out: {d.left_out}" if d.left_out else "")
-        t.add_row(f"{d.name} ({d.device})", ",".join(map(str, d.cpus)) if d.cpus else "all", f"{d.alone_items_per_second:.4g}",
+        t.add_row(f"{d.name} ({d.device})", ",".join(map(str, d.cpus)) if d.cpus else "all", number(d.alone_items_per_second, 4),
                   str(d.pool_items), f"{d.utilisation:.0%}", status)  # fmt: skip
     ui.out.print(t)
-    ui.out.print(f"pool: {r.pool_items_per_second:.4g} items/s = {summary['vs_sum']:.2f}x the devices' sum alone "
-                 f"({r.sum_alone:.4g}), {summary['vs_best_alone']:.2f}x the best alone ({best.name}); "
-                 f"spread over rounds {r.spread:.0%}", markup=False)  # fmt: skip
+    vs_sum, vs_best = (ratio(x) if x is not None else "-" for x in (summary["vs_sum"], summary["vs_best_alone"]))
+    ui.out.print(f"pool: {number(r.pool_items_per_second, 4)} items/s = {vs_sum} the devices' sum alone "
+                 f"({number(r.sum_alone, 4)}), {vs_best} the best alone ({best.name}); "
+                 f"spread over rounds {percent(r.spread)}", markup=False)  # fmt: skip
+    if r.spread > NOISY_SPREAD:
+        ui.warn(f"these numbers are noise: the pool's rounds differ by more than {percent(NOISY_SPREAD)} of their median "
+                f"(the machine was busy); re-run when it is quieter, or with more --rounds")  # fmt: skip
     lat = ui.table("device", "p50 ms", "p99 ms", "samples", "caller overhead p50 ms", "p99 ms",
                    title="Single-stream through the workers (device time, and what the caller pays beyond it)")  # fmt: skip
     for p in r.profiles:
@@ -908,7 +913,13 @@ def report(bundle: Path, output: Path) -> None:
     m = read_manifest(bundle)
     if not m.profiles:
         raise HxcError(f"{bundle}: no profiles recorded yet", hint="run `hxc bench` first")
-    text = svg_chart(m) if output.suffix.lower() == ".svg" else html_report(m)
+    if output.suffix.lower() == ".svg":
+        text = svg_chart(m)
+    else:
+        from hxc.runtime import probe_host, select
+
+        probe = probe_host()  # the page says which artifact the loader picks on this host
+        text = html_report(m, select(m, probe), probe.hostname)
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, text.encode())
     ui.err.print(f"[dim]wrote {output}[/dim]")
