@@ -312,15 +312,19 @@ def test_pinning_gives_each_device_its_own_cores(bundles):
         Pool(bundles["convnet"], ["cpu:host"], pin={"cpu": [4096]})
 
 
-def test_lavapipe_on_the_cpus_cores_is_left_out_from_measurements(bundles):
+def test_lavapipe_on_the_cpus_cores_is_left_out_from_measurements(bundles, monkeypatch):
     # Unpinned, lavapipe computes on the CPU device's own two cores and adds ~1% of its
     # rate: it cannot show a gain beyond the noise, and the judgement, made from
-    # chunks timed alone and side by side, leaves it out and says why.
+    # chunks timed alone and side by side, leaves it out and says why. The first
+    # judgement is made again after 5 s of work, which a busy host reaches within one
+    # call (then lavapipe is let back in to be measured): held off here.
+    monkeypatch.setattr("hxc.pool.pool.CONFIRM_S", 3600.0)
     with Pool(bundles["convnet"], ["cpu:host", "vulkan"]) as pool:
         x = _cnn_input(1000)
         expected = _torch(convnet, x)
-        deadline = time.monotonic() + 60
-        while pool.members[1].left_out is None and time.monotonic() < deadline:
+        for _ in range(30):  # calls, not seconds: each takes longer on a busy host
+            if pool.members[1].left_out is not None:
+                break
             assert compare(_run(lambda: pool(x)), expected, "f32").ok
         vk = pool.stats().device("vulkan")
         assert vk.left_out is not None and "items/s" in vk.left_out, pool.explain()
