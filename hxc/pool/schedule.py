@@ -15,9 +15,10 @@ At the end of a call (nothing left unassigned), a device with room may compute a
 backup copy of a chunk another device holds, when it would finish the copy well before
 the holder is predicted to finish the original (MapReduce's backup tasks): a slow
 device's last chunk no longer keeps the fast ones idle. A chunk held by a device not
-measured yet (its one-unit probe) is always copied: nothing predicts when it ends. The first copy to finish
-counts; the other becomes stale: its device is still busy with it (it counts in that
-device's backlog, also in the next call, via `hold`), and its result is dropped.
+measured yet (its one-unit probe) is always copied: nothing predicts when it ends. The
+first copy to finish counts; the other becomes stale: its device is still busy with it
+(it counts in that device's backlog, also in the next call, via `hold`), and its result
+is dropped.
 """
 
 from __future__ import annotations
