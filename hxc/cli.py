@@ -849,7 +849,8 @@ def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: floa
                  title=f"Pool throughput ({'pinned' if r.pinned else 'unpinned'}; medians of {r.rounds} interleaved rounds)")  # fmt: skip
     for d in r.devices:
         status = d.health + (f": {d.reason}" if d.reason else "") + (f"; left out: {d.left_out}" if d.left_out else "")
-        t.add_row(f"{d.name} ({d.device})", ",".join(map(str, d.cpus)) if d.cpus else "all", number(d.alone_items_per_second, 4),
+        t.add_row(f"{d.name} ({d.device})", ",".join(map(str, d.cpus)) if d.cpus else "all",
+                  number(d.alone_items_per_second, 4),
                   str(d.pool_items), f"{d.utilisation:.0%}", status)  # fmt: skip
     ui.out.print(t)
     vs_sum, vs_best = (ratio(x) if x is not None else "-" for x in (summary["vs_sum"], summary["vs_best_alone"]))

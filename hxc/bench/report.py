@@ -172,9 +172,11 @@ def html_report(manifest: Manifest, selection: Selection | None = None, hostname
     body = "".join(
         f"<tr{' class=noisy' if r.noisy else ''}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
             r.host.hostname if r.host else r.profile.host_id[:8], r.profile.scenario, r.profile.batch,
-            r.profile.candidate, r.profile.device, number(r.profile.latency.p50_ms) + ("*" if noisy(r.profile.latency) else ""),
+            r.profile.candidate, r.profile.device,
+            number(r.profile.latency.p50_ms) + ("*" if noisy(r.profile.latency) else ""),
             number(r.profile.latency.p90_ms), number(r.profile.latency.p99_ms), number(r.profile.items_per_second, 4),
-            "-" if r.speedup is None else ratio(r.speedup) + ("*" if r.noisy else ""), percent(r.profile.latency.spread),
+            "-" if r.speedup is None else ratio(r.speedup) + ("*" if r.noisy else ""),
+            percent(r.profile.latency.spread),
         )) + "</tr>"
         for r in rs
     )  # fmt: skip
