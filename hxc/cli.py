@@ -591,6 +591,10 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
         signature = pool.signature
         what = {"pool": [m.name for m in pool.members]}
         ran = f"ran on a pool of {', '.join(m.name for m in pool.members)}"
+        if not pool.splittable:
+            # Not an error: the whole batch ran on the best device that had room.
+            on = ", ".join(d.name for d in stats.devices if d.items) or "no device"
+            ran += f"; the batch was not split ({pool.not_splittable}): it ran whole on {on}"
     else:
         if pins:
             raise UsageError("--pin needs --devices")
@@ -687,6 +691,8 @@ def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool) ->
     difference, for every artifact, runnable here or not), then run the golden sample
     on every artifact this host can run and compare with the reference outputs
     (PyTorch's, or ONNX Runtime's for ONNX models; exit 6 on a mismatch)."""
+    from rich.markup import escape
+
     from hxc import ui
     from hxc.runtime.verify import verify_bundle
 
@@ -694,7 +700,9 @@ def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool) ->
     results, code = report.results, report.exit_code
     if as_json:
         ui.print_json({"ok": report.ok, "exit_code": int(code), "integrity": list(report.integrity),
-                       "results": [_verify_json(r) for r in results]})  # fmt: skip
+                       "results": [_verify_json(r) for r in results],
+                       "not_run": [{"artifact": n.artifact, "reason": n.reason, "sha256_ok": n.sha256_ok}
+                                   for n in report.not_run]})  # fmt: skip
         return code
     for problem in report.integrity:
         ui.error(f"integrity: {problem}")
@@ -702,9 +710,18 @@ def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool) ->
     for r in results:
         verdict = "[green]match[/green]" if r.ok else f"[red]{'error: ' + r.error if r.error else 'MISMATCH'}[/red]"
         t.add_row(r.artifact, r.device, verdict, _g(r.max_abs), _g(r.max_rel))
-    if results:
+    for n in report.not_run:
+        # Still part of the check: its bytes were hashed, only the golden sample could not run here.
+        checked = {True: "sha256 ok", False: "[red]sha256 differs[/red]", None: "no file"}[n.sha256_ok]
+        # The reason's first clause; all of it is in --json and `hxc select --explain`.
+        t.add_row(n.artifact, "-", f"[dim]{checked}; not run: {escape(n.reason.split(': ', 1)[0])}[/dim]", "-", "-")
+    if results or report.not_run:
         ui.out.print(t)
-    elif not report.integrity:
+    if report.not_run:
+        intact = sum(n.sha256_ok is True for n in report.not_run)
+        ui.out.print(f"{len(results)} artifact(s) ran the golden sample; the other {len(report.not_run)} were not run here "
+                     f"(why: above, or `hxc select --explain`), and {intact} of them matched their sha256", markup=False)  # fmt: skip
+    if not results and not report.integrity:
         ui.error("no artifact in this bundle can run on this host (see `hxc select --explain`)")
     return code
 
@@ -847,6 +864,7 @@ def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: floa
                 as_json: bool) -> int:  # fmt: skip
     from hxc import ui
     from hxc.bench.pool import run_pool_bench
+    from hxc.bench.report import NOISY_SPREAD, number, percent, ratio
     from hxc.manifests.schema import to_json
 
     with ui.err.status("benchmarking the pool…", spinner="dots") as status:
@@ -856,7 +874,7 @@ def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: floa
     summary = {"pool_items_per_second": r.pool_items_per_second, "sum_alone_items_per_second": r.sum_alone,
                "vs_sum": r.pool_items_per_second / r.sum_alone if r.sum_alone else None, "best_alone": best.name,
                "vs_best_alone": r.pool_items_per_second / best.alone_items_per_second if best.alone_items_per_second else None,
-               "spread": r.spread, "rounds": r.rounds, "pinned": r.pinned}  # fmt: skip
+               "spread": r.spread, "noisy": r.spread > NOISY_SPREAD, "rounds": r.rounds, "pinned": r.pinned}  # fmt: skip
     if as_json:
         ui.print_json({"ok": True, "host": to_json(r.host), "recorded": r.recorded, **summary,
                        "devices": [to_json(d) for d in r.devices], "profiles": [to_json(p) for p in r.profiles]})  # fmt: skip
@@ -865,12 +883,17 @@ def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: floa
                  title=f"Pool throughput ({'pinned' if r.pinned else 'unpinned'}; medians of {r.rounds} interleaved rounds)")  # fmt: skip
     for d in r.devices:
         status = d.health + (f": {d.reason}" if d.reason else "") + (f"; left out: {d.left_out}" if d.left_out else "")
-        t.add_row(f"{d.name} ({d.device})", ",".join(map(str, d.cpus)) if d.cpus else "all", f"{d.alone_items_per_second:.4g}",
+        t.add_row(f"{d.name} ({d.device})", ",".join(map(str, d.cpus)) if d.cpus else "all",
+                  number(d.alone_items_per_second, 4),
                   str(d.pool_items), f"{d.utilisation:.0%}", status)  # fmt: skip
     ui.out.print(t)
-    ui.out.print(f"pool: {r.pool_items_per_second:.4g} items/s = {summary['vs_sum']:.2f}x the devices' sum alone "
-                 f"({r.sum_alone:.4g}), {summary['vs_best_alone']:.2f}x the best alone ({best.name}); "
-                 f"spread over rounds {r.spread:.0%}", markup=False)  # fmt: skip
+    vs_sum, vs_best = (ratio(x) if x is not None else "-" for x in (summary["vs_sum"], summary["vs_best_alone"]))
+    ui.out.print(f"pool: {number(r.pool_items_per_second, 4)} items/s = {vs_sum} the devices' sum alone "
+                 f"({number(r.sum_alone, 4)}), {vs_best} the best alone ({best.name}); "
+                 f"spread over rounds {percent(r.spread)}", markup=False)  # fmt: skip
+    if r.spread > NOISY_SPREAD:
+        ui.warn(f"these numbers are noise: the pool's rounds differ by more than {percent(NOISY_SPREAD)} of their median "
+                f"(the machine was busy); re-run when it is quieter, or with more --rounds")  # fmt: skip
     lat = ui.table("device", "p50 ms", "p99 ms", "samples", "caller overhead p50 ms", "p99 ms",
                    title="Single-stream through the workers (device time, and what the caller pays beyond it)")  # fmt: skip
     for p in r.profiles:
@@ -925,7 +948,13 @@ def report(bundle: Path, output: Path) -> None:
     m = read_manifest(bundle)
     if not m.profiles:
         raise HxcError(f"{bundle}: no profiles recorded yet", hint="run `hxc bench` first")
-    text = svg_chart(m) if output.suffix.lower() == ".svg" else html_report(m)
+    if output.suffix.lower() == ".svg":
+        text = svg_chart(m)
+    else:
+        from hxc.runtime import probe_host, select
+
+        probe = probe_host()  # the page says which artifact the loader picks on this host
+        text = html_report(m, select(m, probe), probe.hostname)
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, text.encode())
     ui.err.print(f"[dim]wrote {output}[/dim]")

@@ -52,6 +52,13 @@ def read_index(f: io.BufferedReader | io.BytesIO, file_size: int, where: str) ->
     while True:
         f.seek(pos)
         header = f.read(BLOCK)
+        if pos == 0 and (len(header) < BLOCK or (header[257:262] != b"ustar" and header != b"\0" * BLOCK)):
+            # Any other file named as a bundle (a model's .py, a .pt): say what it is not,
+            # not how it fails to parse as a tar.
+            why = "shorter than one tar header" if len(header) < BLOCK else "not a ustar tar file"
+            raise BundleError(
+                f"{where}: not an hxc bundle (neither a bundle directory nor a {ARCHIVE_SUFFIX} archive: {why})"
+            )
         if len(header) < BLOCK:
             raise IntegrityError(f"{where}: truncated archive (a header ends past the end of the file)")
         if header == b"\0" * BLOCK:

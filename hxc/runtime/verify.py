@@ -114,10 +114,21 @@ class VerifyResult:
 
 
 @dataclass(frozen=True)
+class NotRun:
+    """An artifact this host cannot run (or that `device` left out): why, and whether
+    its file was still checked against the manifest's sha256 and matched."""
+
+    artifact: str
+    reason: str
+    sha256_ok: bool | None  # None: it has no file to check (it failed to compile)
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     bundle: Path
     integrity: tuple[str, ...]  # every build-time file whose bytes do not match the manifest
     results: tuple[VerifyResult, ...]  # one per artifact this host can run
+    not_run: tuple[NotRun, ...] = ()  # every other artifact
 
     @property
     def ok(self) -> bool:
@@ -194,7 +205,13 @@ def verify_bundle(
             cand.artifact.id, label, all(c.ok for c in comps),
             max(c.max_abs for c in comps), max(c.max_rel for c in comps),
         ))  # fmt: skip
-    return VerifyReport(path, integrity, tuple(results))
+    ran = {r.artifact for r in results}
+    not_run: dict[str, NotRun] = {}
+    for r in selection.rejected:
+        if r.artifact.id not in ran:
+            checked = r.artifact.file not in bad if r.artifact.file else None
+            not_run.setdefault(r.artifact.id, NotRun(r.artifact.id, r.reason, checked))
+    return VerifyReport(path, integrity, tuple(results), tuple(not_run.values()))
 
 
 def _run_in_worker(
