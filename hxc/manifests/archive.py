@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from hxc.errors import IntegrityError
+from hxc.errors import BundleError, IntegrityError
 
 ARCHIVE_SUFFIX = ".hxcb"
 BLOCK = 512
@@ -56,9 +56,12 @@ def read_index(f: io.BufferedReader | io.BytesIO, file_size: int, where: str) ->
             # Any other file named as a bundle (a model's .py, a .pt): say what it is not,
             # not how it fails to parse as a tar.
             why = "shorter than one tar header" if len(header) < BLOCK else "not a ustar tar file"
-            raise BundleError(
-                f"{where}: not an hxc bundle (neither a bundle directory nor a {ARCHIVE_SUFFIX} archive: {why})"
-            )
+            if not str(where).endswith(ARCHIVE_SUFFIX):
+                raise BundleError(
+                    f"{where}: not an hxc bundle (neither a bundle directory nor a {ARCHIVE_SUFFIX} archive: {why})"
+                )
+            # A file that claims to be a bundle archive and is not one (compressed, damaged) is a defect.
+            raise IntegrityError(f"{where}: {why}; a {ARCHIVE_SUFFIX} is an uncompressed POSIX tar file")
         if len(header) < BLOCK:
             raise IntegrityError(f"{where}: truncated archive (a header ends past the end of the file)")
         if header == b"\0" * BLOCK:
