@@ -19,9 +19,10 @@ import numpy as np
 
 from hxc.dtypes import to_numpy, to_torch
 from hxc.errors import BundleError, HxcError, UsageError, first_line
+from hxc.extras import require
 from hxc.manifests.schema import Manifest
 
-WHAT = "reference outputs for inputs the golden sample does not cover"
+WHAT = "computing reference outputs for inputs the golden sample does not cover"
 
 
 def reference_outputs(bundle: Path, manifest: Manifest, input_sets: Sequence[list[np.ndarray]]) -> list[list[np.ndarray]]:
@@ -32,9 +33,9 @@ def reference_outputs(bundle: Path, manifest: Manifest, input_sets: Sequence[lis
 
     chosen = baseline(by_format(manifest.model.source_format).baseline)
     if chosen.program != manifest.model.program_file:
-        raise UsageError(f"{bundle}: holds no {chosen.program} to compute {WHAT} with",
+        raise UsageError(f"{bundle}: holds no {chosen.program} for {WHAT}",
                          hint="give --example files that hold the expected outputs (output_0, ...)")  # fmt: skip
-    chosen.require()  # MissingExtraError on a runtime-only install, naming the extra
+    require(chosen.extra, WHAT, chosen.requires)  # a runtime-only install: one line naming the extra
     run = _torch if chosen.name == "torch" else _onnxruntime
     try:
         outputs = run(bundle, manifest, input_sets)
