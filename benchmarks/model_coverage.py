@@ -87,7 +87,7 @@ def cover(name: str, work: Path, timeout: float, jobs: int, targets: str = "all"
     cells = {}
     for art in result.manifest.artifacts:
         cells[art.id] = {"compiled": art.status == "ok", "error": art.error, "operator": art.operator,
-                           "fallback": art.fallback, "ran": None, "matched": None}  # fmt: skip
+                         "fallback": art.fallback, "verified": art.verified, "ran": None, "matched": None}  # fmt: skip
     shapes = dynamic_shapes(result.manifest.signature, DYNAMIC_SIZES)
     if result.written:
         for art in result.manifest.ok_artifacts:
@@ -226,9 +226,10 @@ def main() -> None:
                 save(record, summary(complete=False))
     s = summary(complete=True)
     print(table(s["results"], targets))
+    gpu = [t for t in targets if t.split(":")[0] in ("cuda", "rocm", "vulkan")]
     print(f"\n{len(s['cpu_matched'])}/{s['models']} match PyTorch on cpu:host; "
-          f"{len(s['cpu_matched_and_every_gpu_target'])} of those also compile for every CUDA, ROCm and Vulkan target "
-          "and match on lavapipe")  # fmt: skip
+          f"{len(s['cpu_matched_and_every_gpu_target'])} of those also compile for every GPU target built "
+          f"({', '.join(gpu) or 'none'}) and match on lavapipe")  # fmt: skip
     if record:
         print(f"wrote {save(record, s)}", file=sys.stderr)
 
