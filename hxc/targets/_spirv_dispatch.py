@@ -1,9 +1,8 @@
 """Find, and make safe, the SPIR-V dispatches IREE 3.13 distributes wrongly.
 
-IREE's SPIR-V `BaseDistribute` pipeline (its default for anything that is not a
-static-shape matmul, convolution or subgroup reduction: every dynamic-shape
-reduction, and every reduction on a target without subgroup operations, which both
-of hxc's default Vulkan variants are) tiles a dispatch to workgroups, keeps the
+IREE's SPIR-V `BaseDistribute` pipeline (the one IREE 3.13 picks for every reduction
+of hxc's default Vulkan variants, which declare no subgroup operations, static or
+dynamic, and for dynamic-shape dispatches) tiles a dispatch to workgroups, keeps the
 intermediate tensors between its ops in workgroup memory, then tiles *each op on its
 own loops* to invocations, with no barrier between the ops. That is right only when
 every op indexes each intermediate with the same loops in the same positions, so
@@ -13,7 +12,9 @@ LayerNorm whose output is transposed: `nn.MultiheadAttention` with batch_first d
 that to a pre-norm encoder's input; a reduction over a middle dimension, whose result
 is broadcast back along it), and there one invocation reads what another writes: on
 lavapipe (8-wide subgroups run in order) every row past the first 8 read a zero sum,
-so a pre-norm `nn.TransformerEncoder` at batch 2 returned Inf from length 8 on.
+so a pre-norm `nn.TransformerEncoder` at batch 2 returned Inf from length 8 on. The
+depthwise-convolution bug `spirv_depthwise.mlir` works around is the same race (the
+conv's loops against its zero fill's).
 
 The check reads the configured executables (`--iree-hal-dump-executable-configurations-to`)
 with IREE's own MLIR parser: in a BaseDistribute dispatch, every value one linalg op
