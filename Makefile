@@ -8,11 +8,15 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
+# One line per step (the pip step takes minutes, and says nothing else unless it fails).
 $(VENV)/.installed: pyproject.toml scripts/install-system-deps.sh
-	scripts/install-system-deps.sh
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test]'
-	touch $@
+	@scripts/install-system-deps.sh
+	@echo "setup: creating the virtualenv $(VENV)…"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "setup: installing hxc and its pinned toolchain into $(VENV) (~1.5 GB, a few minutes)…"
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test]'
+	@touch $@
+	@echo "setup: done; use $(BIN)/hxc (or activate $(VENV))"
 
 demo: setup
 	$(BIN)/hxc compile hxc.examples:convnet --targets all -o example.hxc

@@ -62,6 +62,8 @@ ZOO: dict[str, str] = {
     "wav2vec2": "wav2vec 2.0: conv feature extractor, grouped positional conv (transformers)",
     "torch_transformer": "torch.nn.TransformerEncoder with a padding mask",
     "recommender": "DLRM-style recommender: EmbeddingBag over int64 ids, dot interactions",
+    "roll": "token shift: torch.roll along the features and the batch",
+    "bf16_decoder_block": "bfloat16 decoder block: SDPA with an additive mask built in forward",
     # dynamic shapes, checked at every size of DYNAMIC_SIZES
     "prenorm_encoder": "pre-norm nn.TransformerEncoder, position table sliced to a dynamic length (issue 33)",
     "attention_pool": "attention pooling: softmax and mean over a dynamic sequence (not the last dimension)",

@@ -115,8 +115,8 @@ def bench_model(name: str, tmp: Path, rounds: int, seconds: float) -> dict:
         # computing (lavapipe: up to ~1 s); the next measurement starts when it is done,
         # or it would pay for it (the unpinned pool, measured after the pinned one, did).
         deadline = time.monotonic() + 30
-        while any(w.queue_depth for p in every for w in p.workers) and time.monotonic() < deadline:
-            time.sleep(0.005)
+        for p in every:
+            p.settle(max(0.0, deadline - time.monotonic()))
 
     def pool_call(label: str, pool: Pool) -> None:
         before = pool.stats()

@@ -26,6 +26,8 @@ from hxc import __version__
 from hxc.bench.baselines import NAMES as BASELINE_NAMES
 from hxc.dtypes import PRECISIONS
 from hxc.errors import ExitCode, HxcError, UsageError
+# Light (the cryptography library loads only to sign or verify), so `hxc --help` stays quick.
+from hxc.manifests.signing import MAX_SEQUENCE, MIN_SEQUENCE_ENV, SIGNED_PROFILES_ENV, TRUSTED_KEYS_ENV, TrustPolicy
 
 JSON_HELP = "Print a machine-readable JSON result on stdout instead of tables."
 
@@ -90,13 +92,14 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
         as_json = kwargs.get("as_json", False)
         if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
             signal.signal(signal.SIGTERM, _terminate_like_interrupt)
-        keys = click.get_current_context().meta.get(_TRUSTED_KEYS_META)
-        saved = os.environ.get(TRUSTED_KEYS_ENV)
+        # The trust options, exported for the command's duration (see _trust_option).
+        trust = click.get_current_context().meta.get(_TRUST_META, {})
+        saved = {name: os.environ.get(name) for name in trust}
         try:
             from hxc import ui
 
-            if keys:
-                os.environ[TRUSTED_KEYS_ENV] = keys
+            os.environ.update(trust)
+            TrustPolicy.from_env().checked()  # fails closed, in every command: e.g. HXC_TRUSTED_KEYS set but empty
             code = fn(*args, **kwargs)
         except HxcError as e:
             if as_json:
@@ -120,18 +123,17 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
                 ui.error(_os_error(e))
             sys.exit(int(ExitCode.ERROR))
         finally:
-            if keys:
-                if saved is None:
-                    os.environ.pop(TRUSTED_KEYS_ENV, None)
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
                 else:
-                    os.environ[TRUSTED_KEYS_ENV] = saved
+                    os.environ[name] = value
         sys.exit(int(code or 0))
 
     return wrapper
 
 
-_TRUSTED_KEYS_META = "hxc.trusted_keys"
-TRUSTED_KEYS_ENV = "HXC_TRUSTED_KEYS"  # hxc.manifests.signing reads it; named here so --help stays light
+_TRUST_META = "hxc.trust_env"
 
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
@@ -340,19 +342,45 @@ def targets(as_json: bool) -> None:
     ui.out.print(b)
 
 
-def _set_trusted_keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
-    # Exported for the command's duration (see _command), so every read of the bundle
-    # in this process and in its worker processes checks them.
-    if value:
-        ctx.meta[_TRUSTED_KEYS_META] = os.pathsep.join(value)
-    return value
+def _trust_option(env: str, value: Callable[[Any], str | None]) -> Callable[..., Any]:
+    """A callback that records an option's value as the environment variable `env`
+    (hxc.manifests.signing reads it), exported for the command's duration by _command,
+    so every read of the bundle in this process and in its worker processes checks it."""
+
+    def callback(ctx: click.Context, param: click.Parameter, given: Any) -> Any:
+        text = value(given)
+        if text is not None:
+            ctx.meta.setdefault(_TRUST_META, {})[env] = text
+        return given
+
+    return callback
 
 
 TRUSTED_KEYS_OPTION = click.option(
-    "--trusted-keys", multiple=True, metavar="PATH", expose_value=False, callback=_set_trusted_keys,
+    "--trusted-keys", multiple=True, metavar="PATH", expose_value=False,
+    # Given but empty (`--trusted-keys ""`) is exported as such, and refused: never "no keys required".
+    callback=_trust_option(TRUSTED_KEYS_ENV, lambda v: os.pathsep.join(v) if v else None),
     help="Require a valid signature by one of these public keys (NAME.pub files or directories of them) before "
          "any file of the bundle is used. Repeatable. [env: HXC_TRUSTED_KEYS, paths separated by ':']",
 )  # fmt: skip
+MIN_SEQUENCE_OPTION = click.option(
+    "--min-sequence", type=click.IntRange(0, MAX_SEQUENCE), metavar="N", expose_value=False,
+    callback=_trust_option(MIN_SEQUENCE_ENV, lambda v: None if v is None else str(v)),
+    help="Refuse a bundle whose trusted signature carries a sequence number below N (`hxc sign --sequence`): an "
+         "older bundle put back in place. Needs trusted keys. [env: HXC_MIN_SEQUENCE]",
+)  # fmt: skip
+SIGNED_PROFILES_OPTION = click.option(
+    "--require-signed-profiles", is_flag=True, expose_value=False,
+    callback=_trust_option(SIGNED_PROFILES_ENV, lambda v: "1" if v else None),
+    help="Choose by profiles only if a trusted key signed them (`hxc sign --profiles`); otherwise ignore them (the "
+         "static order decides; `hxc select --explain` says so). [env: HXC_REQUIRE_SIGNED_PROFILES=1]",
+)  # fmt: skip
+
+
+def _trust_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in (SIGNED_PROFILES_OPTION, MIN_SEQUENCE_OPTION, TRUSTED_KEYS_OPTION):
+        fn = option(fn)
+    return fn
 
 
 @main.command()
@@ -371,7 +399,8 @@ def inspect(bundle: Path, as_json: bool) -> None:
     sig = signature_status(bundle)
     m = read_manifest(bundle, trusted_keys=False)  # signature_status already checked it if asked to
     if as_json:
-        ui.print_json({**to_json(m), "signed_by": list(sig.key_ids), "signature_verified_by": sig.verified_by})
+        ui.print_json({**to_json(m), "signed_by": list(sig.key_ids), "signature_verified_by": sig.verified_by,
+                       "signature_sequence": sig.sequence})  # fmt: skip
         return
     info = ui.table("", "", title=f"Bundle {bundle}  (schema {m.schema_version})")
     info.add_row("model", f"{m.model.name}  ({m.model.source_format}: {m.model.source})")
@@ -384,7 +413,8 @@ def inspect(bundle: Path, as_json: bool) -> None:
     info.add_row("built with", f"hxc {tc.hxc}, IREE {tc.iree_compiler}, iree-turbine {tc.iree_turbine}, torch {tc.torch}")
     info.add_row("created", m.created)
     if sig.verified_by:
-        info.add_row("signature", f"[green]verified[/green]: signed by trusted key {sig.verified_by}")
+        sequence = f" (sequence {sig.sequence})" if sig.sequence is not None else ""
+        info.add_row("signature", f"[green]verified[/green]: signed by trusted key {sig.verified_by}{sequence}")
     elif sig.key_ids:
         info.add_row("signature", f"signed by key {', '.join(sig.key_ids)} (not checked: no --trusted-keys given)")
     else:
@@ -436,7 +466,7 @@ def _slo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@TRUSTED_KEYS_OPTION
+@_trust_options
 @DEVICE_OPTION
 @POLICY_OPTION
 @_slo_options
@@ -454,17 +484,19 @@ def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, 
     hxc select model.hxc --policy cost --slo-ms 150 --explain
     """
     from hxc import ui
-    from hxc.manifests import read_manifest
+    from hxc.manifests.bundle import read_bundle, trust_policy
     from hxc.runtime import probe_host
     from hxc.runtime import select as choose
     from hxc.runtime.prices import load_prices
 
     prices = load_prices(prices_file) if policy == "cost" or prices_file else None
-    sel = choose(read_manifest(bundle), probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance,
-                 slo_ms=slo_ms, slo_percentile=slo_percentile, prices=prices)  # fmt: skip
+    read = read_bundle(bundle, trust_policy())
+    sel = choose(read.manifest, probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance,
+                 slo_ms=slo_ms, slo_percentile=slo_percentile, prices=prices, profiles_note=read.profiles_note)  # fmt: skip
     if as_json:
         ui.print_json({
             "ok": sel.best is not None, "policy": sel.policy, "forced": sel.forced, "note": sel.note,
+            "profiles_note": sel.profiles_note,
             "slo": sel.slo and {"ms": sel.slo.ms, "percentile": sel.slo.percentile}, "currency": sel.currency,
             "choice": sel.best and {"artifact": sel.best.artifact.id, "device": sel.best.device.label, "uri": sel.best.device.uri},
             "candidates": [_candidate_json(c) for c in sel.candidates],
@@ -509,7 +541,7 @@ PIN_OPTION = click.option(
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@TRUSTED_KEYS_OPTION
+@_trust_options
 @click.option("-i", "--input", "inputs", multiple=True, required=True, metavar="FILE",
               help="A .npy file per input, in order, or one .npz holding them all.")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Save the outputs to this .npz file.")
@@ -541,8 +573,10 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     arrays = read_array_files(inputs)
     from hxc.manifests import read_manifest
 
+    # The signature is all this process needs: whatever chooses the artifact reads the profiles.
+    manifest = read_manifest(bundle, profiles=False)
     # bf16 and float8 arrays travel through .npy/.npz files as their raw bits.
-    inputs_spec = read_manifest(bundle).signature.inputs
+    inputs_spec = manifest.signature.inputs
     arrays = [from_storage(a, s.dtype) for a, s in zip(arrays, inputs_spec)] + arrays[len(inputs_spec):]
     pool = None
     if devices:
@@ -557,6 +591,10 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
         signature = pool.signature
         what = {"pool": [m.name for m in pool.members]}
         ran = f"ran on a pool of {', '.join(m.name for m in pool.members)}"
+        if not pool.splittable:
+            # Not an error: the whole batch ran on the best device that had room.
+            on = ", ".join(d.name for d in stats.devices if d.items) or "no device"
+            ran += f"; the batch was not split ({pool.not_splittable}): it ran whole on {on}"
     else:
         if pins:
             raise UsageError("--pin needs --devices")
@@ -570,7 +608,7 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
             from hxc.pool.worker import run_isolated
             from hxc.runtime.loader import check_inputs
 
-            signature = read_manifest(bundle).signature
+            signature = manifest.signature
             check_inputs(signature, arrays)  # usage mistakes stay exit 2, before any process starts
             result = run_isolated(bundle, device or "", arrays, load_options=options)
             outputs, artifact, device_label = result.outputs, result.artifact, result.device
@@ -642,7 +680,7 @@ def _telemetry_table(stats: Any):
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@TRUSTED_KEYS_OPTION
+@_trust_options
 @DEVICE_OPTION
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.option("--in-process", is_flag=True,
@@ -667,6 +705,8 @@ def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool, sh
     \b
     hxc verify model.hxc --shapes x=1x33x64 --shapes x=2x512x64
     hxc verify model.hxc --example long_input.npz"""
+    from rich.markup import escape
+
     from hxc import ui
     from hxc.runtime.verify import GOLDEN, verify_bundle
 
@@ -674,7 +714,9 @@ def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool, sh
     results, code = report.results, report.exit_code
     if as_json:
         ui.print_json({"ok": report.ok, "exit_code": int(code), "integrity": list(report.integrity),
-                       "results": [_verify_json(r) for r in results]})  # fmt: skip
+                       "results": [_verify_json(r) for r in results],
+                       "not_run": [{"artifact": n.artifact, "reason": n.reason, "sha256_ok": n.sha256_ok}
+                                   for n in report.not_run]})  # fmt: skip
         return code
     for problem in report.integrity:
         ui.error(f"integrity: {problem}")
@@ -684,9 +726,19 @@ def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool, sh
     for r in results:
         verdict = "[green]match[/green]" if r.ok else f"[red]{'error: ' + r.error if r.error else 'MISMATCH'}[/red]"
         t.add_row(r.artifact, r.device, *([r.sample] if several else []), verdict, _g(r.max_abs), _g(r.max_rel))
-    if results:
+    for n in report.not_run:
+        # Still part of the check: its bytes were hashed, only the golden sample could not run here.
+        checked = {True: "sha256 ok", False: "[red]sha256 differs[/red]", None: "no file"}[n.sha256_ok]
+        # The reason's first clause; all of it is in --json and `hxc select --explain`.
+        t.add_row(n.artifact, "-", *(["-"] if several else []),
+                  f"[dim]{checked}; not run: {escape(n.reason.split(': ', 1)[0])}[/dim]", "-", "-")
+    if results or report.not_run:
         ui.out.print(t)
-    elif not report.integrity:
+    if report.not_run:
+        intact = sum(n.sha256_ok is True for n in report.not_run)
+        ui.out.print(f"{len(results)} artifact(s) ran the golden sample; the other {len(report.not_run)} were not run here "
+                     f"(why: above, or `hxc select --explain`), and {intact} of them matched their sha256", markup=False)  # fmt: skip
+    if not results and not report.integrity:
         ui.error("no artifact in this bundle can run on this host (see `hxc select --explain`)")
     return code
 
@@ -748,7 +800,7 @@ def doctor(as_json: bool) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@TRUSTED_KEYS_OPTION
+@_trust_options
 @click.option("--baseline", "baselines", type=CommaList("LIST", choices=(*BASELINE_NAMES, "auto", "none")), default="auto",
               show_default=True,
               help=f"Baselines to time next to the artifacts: {', '.join(BASELINE_NAMES)}, none (comma-separated). "
@@ -829,6 +881,7 @@ def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: floa
                 as_json: bool) -> int:  # fmt: skip
     from hxc import ui
     from hxc.bench.pool import run_pool_bench
+    from hxc.bench.report import NOISY_SPREAD, number, percent, ratio
     from hxc.manifests.schema import to_json
 
     with ui.err.status("benchmarking the pool…", spinner="dots") as status:
@@ -838,7 +891,7 @@ def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: floa
     summary = {"pool_items_per_second": r.pool_items_per_second, "sum_alone_items_per_second": r.sum_alone,
                "vs_sum": r.pool_items_per_second / r.sum_alone if r.sum_alone else None, "best_alone": best.name,
                "vs_best_alone": r.pool_items_per_second / best.alone_items_per_second if best.alone_items_per_second else None,
-               "spread": r.spread, "rounds": r.rounds, "pinned": r.pinned}  # fmt: skip
+               "spread": r.spread, "noisy": r.spread > NOISY_SPREAD, "rounds": r.rounds, "pinned": r.pinned}  # fmt: skip
     if as_json:
         ui.print_json({"ok": True, "host": to_json(r.host), "recorded": r.recorded, **summary,
                        "devices": [to_json(d) for d in r.devices], "profiles": [to_json(p) for p in r.profiles]})  # fmt: skip
@@ -847,12 +900,17 @@ def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: floa
                  title=f"Pool throughput ({'pinned' if r.pinned else 'unpinned'}; medians of {r.rounds} interleaved rounds)")  # fmt: skip
     for d in r.devices:
         status = d.health + (f": {d.reason}" if d.reason else "") + (f"; left out: {d.left_out}" if d.left_out else "")
-        t.add_row(f"{d.name} ({d.device})", ",".join(map(str, d.cpus)) if d.cpus else "all", f"{d.alone_items_per_second:.4g}",
+        t.add_row(f"{d.name} ({d.device})", ",".join(map(str, d.cpus)) if d.cpus else "all",
+                  number(d.alone_items_per_second, 4),
                   str(d.pool_items), f"{d.utilisation:.0%}", status)  # fmt: skip
     ui.out.print(t)
-    ui.out.print(f"pool: {r.pool_items_per_second:.4g} items/s = {summary['vs_sum']:.2f}x the devices' sum alone "
-                 f"({r.sum_alone:.4g}), {summary['vs_best_alone']:.2f}x the best alone ({best.name}); "
-                 f"spread over rounds {r.spread:.0%}", markup=False)  # fmt: skip
+    vs_sum, vs_best = (ratio(x) if x is not None else "-" for x in (summary["vs_sum"], summary["vs_best_alone"]))
+    ui.out.print(f"pool: {number(r.pool_items_per_second, 4)} items/s = {vs_sum} the devices' sum alone "
+                 f"({number(r.sum_alone, 4)}), {vs_best} the best alone ({best.name}); "
+                 f"spread over rounds {percent(r.spread)}", markup=False)  # fmt: skip
+    if r.spread > NOISY_SPREAD:
+        ui.warn(f"these numbers are noise: the pool's rounds differ by more than {percent(NOISY_SPREAD)} of their median "
+                f"(the machine was busy); re-run when it is quieter, or with more --rounds")  # fmt: skip
     lat = ui.table("device", "p50 ms", "p99 ms", "samples", "caller overhead p50 ms", "p99 ms",
                    title="Single-stream through the workers (device time, and what the caller pays beyond it)")  # fmt: skip
     for p in r.profiles:
@@ -907,7 +965,13 @@ def report(bundle: Path, output: Path) -> None:
     m = read_manifest(bundle)
     if not m.profiles:
         raise HxcError(f"{bundle}: no profiles recorded yet", hint="run `hxc bench` first")
-    text = svg_chart(m) if output.suffix.lower() == ".svg" else html_report(m)
+    if output.suffix.lower() == ".svg":
+        text = svg_chart(m)
+    else:
+        from hxc.runtime import probe_host, select
+
+        probe = probe_host()  # the page says which artifact the loader picks on this host
+        text = html_report(m, select(m, probe), probe.hostname)
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, text.encode())
     ui.err.print(f"[dim]wrote {output}[/dim]")
@@ -942,20 +1006,42 @@ def keygen(output: Path, as_json: bool) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-k", "--key", type=click.Path(path_type=Path), required=True, help="Private key from `hxc keygen`.")
+@click.option("--sequence", type=click.IntRange(0, MAX_SEQUENCE), default=None, metavar="N",
+              help="Sign a sequence number with the manifest (e.g. a release or build number): hosts that require at "
+                   "least N (--min-sequence) refuse older bundles signed by the same key.")  # fmt: skip
+@click.option("--profiles", "profiles", is_flag=True,
+              help="Sign the bundle's profiles as they are now (profiles.sig), for hosts that require signed profiles; "
+                   "profiles recorded later need signing again.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
-def sign(bundle: Path, key: Path, as_json: bool) -> None:
+def sign(bundle: Path, key: Path, sequence: int | None, profiles: bool, as_json: bool) -> None:
     """Sign BUNDLE's manifest (which holds the sha256 of every file it runs) with KEY.
     Profiles added later by `hxc bench` are outside the signature and never break it.
-    Signing again with another key adds a second signature (key rotation)."""
-    from hxc import ui
-    from hxc.manifests.bundle import sign_bundle
+    Signing again with another key adds a second signature (key rotation).
 
-    public = sign_bundle(bundle, key)
-    if as_json:
-        ui.print_json({"ok": True, "bundle": str(bundle), "key_id": public.key_id})
+    \b
+    hxc sign model.hxc --key ci-signing --sequence 42     # refuse anything older with --min-sequence 42
+    hxc sign model.hxc --key ci-signing --profiles        # after `hxc bench`: vouch for its profiles too
+    """
+    from hxc import ui
+    from hxc.manifests.bundle import sign_bundle, sign_profiles
+
+    if profiles:
+        if sequence is not None:
+            raise UsageError("--sequence goes with the manifest's signature, not the profiles'",
+                             hint="sign the manifest and the profiles in two runs")  # fmt: skip
+        public, count = sign_profiles(bundle, key)
+        if as_json:
+            ui.print_json({"ok": True, "bundle": str(bundle), "key_id": public.key_id, "profiles": count})
+            return
+        ui.out.print(f"signed the {count} profiles of {bundle} with key {public.key_id}", markup=False)
         return
-    ui.out.print(f"signed {bundle} with key {public.key_id}", markup=False)
+    public = sign_bundle(bundle, key, sequence=sequence)
+    if as_json:
+        ui.print_json({"ok": True, "bundle": str(bundle), "key_id": public.key_id, "sequence": sequence})
+        return
+    numbered = f" (sequence {sequence})" if sequence is not None else ""
+    ui.out.print(f"signed {bundle} with key {public.key_id}{numbered}", markup=False)
 
 
 @main.command()
@@ -1003,6 +1089,7 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("models", nargs=-1, required=True, metavar="BUNDLE|DIR|NAME=BUNDLE...")
+@_trust_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 @click.option("--devices", default="all", show_default=True, metavar="all|LIST",
@@ -1025,13 +1112,34 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
               help="Requests per model, queued or running, before the server sheds load (503 with Retry-After).")
 @click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest request body accepted (413 beyond).")
+@click.option("--max-receiving-mb", default=256.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Memory all request bodies still arriving may hold together (503 with Retry-After beyond); at least "
+                   "--max-body-mb.")  # fmt: skip
+@click.option("--body-timeout-s", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a request's body may take to arrive after its headers (408 beyond).")
+@click.option("--header-timeout-s", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a connection may take to send a request's headers (closed beyond).")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
               help="Seconds SIGTERM waits for requests in flight before the server exits.")
+@click.option("--api-key", "api_key", envvar="HXC_API_KEY", default=None, metavar="KEY[,KEY...]",
+              help="Require one of these keys (Authorization: Bearer KEY, or an api-key header); several so one can be "
+                   "rotated. Prefer the environment or --api-key-file: a command line is visible to every user. "
+                   "[env: HXC_API_KEY]")  # fmt: skip
+@click.option("--api-key-file", type=click.Path(path_type=Path, dir_okay=False), envvar="HXC_API_KEY_FILE", default=None,
+              help="Read the keys from a file (one a line, or comma-separated; # comments). [env: HXC_API_KEY_FILE]")
+@click.option("--auth-health", is_flag=True, help="Require the key on /v2/health/live and /v2/health/ready too (open by default, for probes).")
+@click.option("--open-metrics", is_flag=True, help="Serve /metrics without a key (it needs one by default when keys are set).")
+@click.option("--ssl-certfile", type=click.Path(path_type=Path), default=None, help="Serve HTTPS with this PEM certificate (chain).")
+@click.option("--ssl-keyfile", type=click.Path(path_type=Path), default=None, help="The certificate's PEM private key (unencrypted).")
+@click.option("--ssl-ca-certs", type=click.Path(path_type=Path), default=None,
+              help="Require client certificates signed by one of these PEM CA certificates (mutual TLS).")
 @click.option("--json", "as_json", is_flag=True, help="Print events (listening, ready, stopped) as JSON lines on stdout.")
 @_command
 def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tuple[str, ...], policy: str,
           slo_ms: float | None, prices_file: Path | None, max_batch_size: int, max_queue_delay_ms: float, max_queue: int, max_body_mb: float,
-          drain_timeout: float, as_json: bool) -> None:  # fmt: skip
+          max_receiving_mb: float, body_timeout_s: float, header_timeout_s: float, drain_timeout: float, api_key: str | None,
+          api_key_file: Path | None, auth_health: bool, open_metrics: bool, ssl_certfile: Path | None, ssl_keyfile: Path | None,
+          ssl_ca_certs: Path | None, as_json: bool) -> None:  # fmt: skip
     """Serve bundles over HTTP with the KServe v2 / Open Inference Protocol (what Triton's
     and KServe's clients speak), routing every request across this host's devices.
 
@@ -1039,6 +1147,7 @@ def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tup
     hxc serve model.hxc                          # the model is named by its manifest
     hxc serve resnet=model.hxc bundles/          # name one; serve every bundle in a directory
     hxc serve model.hxc --host 0.0.0.0 --port 8080 --max-batch-size 16 --max-queue-delay-ms 2
+    HXC_API_KEY_FILE=keys.txt hxc serve model.hxc --host 0.0.0.0 --ssl-certfile cert.pem --ssl-keyfile key.pem
 
     \b
     Each model is loaded on every usable device (one worker process each). A request may
@@ -1050,14 +1159,53 @@ def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tup
 
     require("serve", "hxc serve")
     from hxc.runtime.prices import load_prices
+    from hxc.serve.guard import key_digests
     from hxc.serve.models import ServeOptions, find_models
-    from hxc.serve.server import print_event, serve as run_server
+    from hxc.serve.server import print_event, serve as run_server, tls_context
 
+    if max_receiving_mb < max_body_mb:
+        raise UsageError(f"--max-receiving-mb ({max_receiving_mb:g}) must be at least --max-body-mb ({max_body_mb:g}), "
+                         "or no body of the largest size could be received")  # fmt: skip
+    keys = _api_keys(api_key, api_key_file)
+    if auth_health and not keys:
+        raise UsageError("--auth-health needs API keys (HXC_API_KEY or --api-key-file)")
     options = ServeOptions(host=host, port=port, devices=devices, pin=_pin(pins), policy=policy, slo_ms=slo_ms,
                            prices=load_prices(prices_file),
                            max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue,
-                           max_body_bytes=int(max_body_mb * 1024**2), drain_timeout_s=drain_timeout)  # fmt: skip
+                           max_body_bytes=int(max_body_mb * 1024**2), max_receiving_bytes=int(max_receiving_mb * 1024**2),
+                           body_timeout_s=body_timeout_s, header_timeout_s=header_timeout_s, drain_timeout_s=drain_timeout,
+                           api_key_digests=key_digests(keys), auth_health=auth_health, open_metrics=open_metrics,
+                           ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, ssl_ca_certs=ssl_ca_certs)  # fmt: skip
+    tls_context(options)  # a bad certificate is one line before any bundle is read
     run_server(find_models(models), options, on_event=print_event(as_json))
+
+
+def _api_keys(api_key: str | None, key_file: Path | None) -> list[str]:
+    """The keys from --api-key / $HXC_API_KEY and --api-key-file. The variable is taken
+    out of the environment, so the device worker processes never inherit it."""
+    from click.core import ParameterSource
+
+    from hxc import ui
+    from hxc.serve.guard import KEY_ENV, parse_keys
+
+    os.environ.pop(KEY_ENV, None)
+    source = click.get_current_context().get_parameter_source("api_key")
+    where = "--api-key" if source is ParameterSource.COMMANDLINE else f"${KEY_ENV}"
+    keys = parse_keys(api_key or "", where)
+    if keys and source is ParameterSource.COMMANDLINE:
+        ui.warn(f"an API key on the command line is visible to every user of this host (ps); pass it in ${KEY_ENV} or --api-key-file")
+    if key_file is not None:
+        try:
+            if key_file.stat().st_size > 1024**2:
+                raise UsageError(f"--api-key-file {key_file}: more than 1 MiB; not a key file")
+            text = key_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--api-key-file {key_file}: cannot read it ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+        from_file = parse_keys(text, f"--api-key-file {key_file}")
+        if not from_file:
+            raise UsageError(f"--api-key-file {key_file}: holds no API key")
+        keys += from_file
+    return keys
 
 
 if __name__ == "__main__":

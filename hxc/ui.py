@@ -65,8 +65,9 @@ def human_size(n: int | float | None) -> str:
     return f"{n:.1f} GiB"
 
 
-def table(*columns: str, title: str | None = None) -> Table:
-    t = Table(title=title, title_justify="left", header_style="bold", box=None, pad_edge=False)
+def table(*columns: str, title: str | None = None, caption: str | None = None) -> Table:
+    t = Table(title=title, title_justify="left", header_style="bold", box=None, pad_edge=False, caption=caption,
+              caption_justify="left", caption_style="yellow")  # fmt: skip
     for c in columns:
         t.add_column(c, overflow="fold")
     return t

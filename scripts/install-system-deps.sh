@@ -5,6 +5,7 @@
 set -eu
 PKGS="mesa-vulkan-drivers libvulkan1 g++"
 if dpkg -s $PKGS >/dev/null 2>&1; then
+    echo "install-system-deps: system packages already installed ($PKGS)"
     exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
@@ -14,7 +15,9 @@ fi
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
+echo "install-system-deps: installing system packages ($PKGS)…"
 $SUDO apt-get install -y -qq $PKGS >/dev/null 2>&1 || {
+    echo "install-system-deps: updating apt's package lists, then installing again…"
     $SUDO apt-get update -qq >/dev/null
     $SUDO apt-get install -y -qq $PKGS >/dev/null
 }

@@ -216,3 +216,49 @@ def test_block_medians_pair_contenders_round_by_round():
     assert paired_ratio(a, elsewhere) is None  # different devices never share a round
     apart = Timing(contender("d"), 0.0, 0.0, None, list(b.latencies_ms), block_medians_ms=list(b.block_medians_ms))
     assert paired_ratio(a, apart) is None  # nor do contenders timed in other processes, on any device
+
+
+def _timed(candidate: str, sha: str | None, p50: float, p90: float, load: float | None = None):
+    from hxc.manifests.schema import Conditions, LatencyStats, Profile
+
+    stats = LatencyStats(p50, p90, p90, p50, 0.0, p50, 200)
+    return Profile("h", candidate, sha, "cpu", "single-stream", 4, stats, 1000 / p50, 4000 / p50, None, None, None, True,
+                   "now", conditions=Conditions((), True, load))  # fmt: skip
+
+
+def test_noisy_timings_and_tiny_ratios_say_so(synthetic_manifest, cli):
+    from rich.console import Console
+
+    from hxc.bench.report import html_report, number, profiles_table, ratio, row_json, rows
+    from hxc.manifests.schema import Host
+    from hxc.runtime import select
+
+    m = synthetic_manifest(("cpu:x86-64-v3", "vulkan:spirv"))
+    sha = {a.id: a.sha256 for a in m.artifacts}
+    # torch's p90 270x its p50 (a busy machine), lavapipe 300x slower than torch.
+    profiles = (_timed("torch:eager", None, 0.361, 97.5, load=2.0), _timed("cpu:x86-64-v3", sha["cpu:x86-64-v3"], 0.02, 0.027),
+                _timed("vulkan:spirv", sha["vulkan:spirv"], 108.0, 110.0))  # fmt: skip
+    host = Host("h", "vm", "AMD EPYC", 2, (), (), {})
+    m = dataclasses.replace(m, hosts=(host,), profiles=profiles)
+    console = Console(width=250, record=True)
+    console.print(profiles_table(m))
+    text = console.export_text()
+    assert "0.00x" not in text and "0.0033x*" in text and "26,908% noisy" in text
+    assert "* noise: 3 of 3 rows" in text and "re-run `hxc bench`" in text and "up to 2.0 cores" in text
+    assert [row_json(r)["noisy"] for r in rows(m)] == [True, True, True]  # torch's own, and every ratio to it
+    assert number(26960.4) == "26,960" and number(0.0224) == "0.0224" and ratio(1 / 300) == "0.0033x"
+    page = html_report(m, select(m, _sapphire_rapids()), "vm")
+    assert "e+0" not in page and "re-run `hxc bench`" in page
+    assert "The loader's pick on vm" in page and "<b>cpu:x86-64-v3</b>" in page
+
+
+def _sapphire_rapids():
+    from hxc.runtime.probe import DriverStatus, HostProbe
+    from hxc.targets import Device, families
+    from hxc.targets.cpu import SAPPHIRE_RAPIDS, HostCpu
+
+    cpu = HostCpu(isa="x86_64", model="AMD EPYC", features=tuple(sorted(SAPPHIRE_RAPIDS)), cores=2)
+    dev = Device("local-task", "local-task", "AMD EPYC", "cpu", "x86_64", cpu.features)
+    drivers = tuple(DriverStatus(d, f.name, d == "local-task", None, (dev,) if d == "local-task" else ())
+                    for f in families() for d in f.drivers)  # fmt: skip
+    return HostProbe(hostname="vm", os="Linux", cpu=cpu, drivers=drivers, seconds=0.0)

@@ -98,3 +98,33 @@ def test_the_gate_compares_the_fastest_artifact_with_the_baseline():
     assert judge(profiles, torch, margin=0.1).exit_code == ExitCode.OK
     with pytest.raises(UsageError, match="--fail-if-slower-than torch-compile: that baseline was not measured"):
         judge(profiles, baseline("torch-compile"), margin=0.0)
+
+
+def test_verify_names_every_artifact_it_did_not_run_and_whether_its_bytes_matched(bundle, cli):
+    from hxc.manifests import read_manifest
+
+    everything = {a.id for a in read_manifest(bundle).artifacts}
+    out = json.loads(cli("verify", bundle, "--json").stdout)
+    ran = {r["artifact"] for r in out["results"]}
+    not_run = {n["artifact"]: n for n in out["not_run"]}
+    assert ran | set(not_run) == everything and not ran & set(not_run)
+    assert not_run["cuda:sm_90"]["sha256_ok"] is True and "cuda" in not_run["cuda:sm_90"]["reason"]
+    text = cli("verify", bundle)
+    assert "sha256 ok; not run: " in text.stdout
+    assert f"the other {len(not_run)} were not run here" in text.stdout and f"{len(not_run)} of them matched" in text.stdout
+    # An artifact this host cannot run is still hash-checked.
+    cuda = bundle / next(a.file for a in read_manifest(bundle).artifacts if a.id == "cuda:sm_90")
+    cuda.write_bytes(cuda.read_bytes()[:-1] + b"x")
+    tampered = cli("verify", bundle, "--json")
+    assert tampered.exit_code == ExitCode.INTEGRITY
+    assert {n["artifact"]: n["sha256_ok"] for n in json.loads(tampered.stdout)["not_run"]}["cuda:sm_90"] is False
+
+
+@pytest.mark.parametrize("content", [b"import torch\n", b"\x89PNG" + bytes(range(256)) * 8], ids=["short", "long"])
+def test_a_file_that_is_no_bundle_is_called_so(cli, tmp_path, content):
+    path = tmp_path / "mlp.py"
+    path.write_bytes(content)
+    for command in ("inspect", "select", "verify"):
+        result = cli(command, path)
+        assert result.exit_code == ExitCode.ERROR and "not an hxc bundle" in result.stderr, result.stderr
+        assert "truncated" not in result.stderr and "Traceback" not in result.stderr

@@ -511,6 +511,43 @@ def test_onnx_function_operators_are_expanded(kind, tmp_path):
 # --- PyTorch frontend patterns ---------------------------------------------------------------
 
 
+_ROLL_MODELS = """
+import torch
+
+class Rolls(torch.nn.Module):
+    def forward(self, x):
+        # one dimension, two at once (one of them the batch), the flattened tensor; and
+        # fmod by a number, which torch's own decomposition of roll used
+        return (torch.roll(x, 3, -1) + torch.roll(x, (1, -130), (0, 1)) * 2 + torch.roll(x, 5) * 3,
+                torch.fmod(x * 10, 3))
+
+def make_model():
+    return Rolls(), (torch.randn(2, 128),)
+"""
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-batch"])
+def test_roll_matches_pytorch_on_cpu_and_vulkan(dynamic, tmp_path, run_isolated):
+    # torch's decomposition of torch.roll gathers at `(arange(n) + start) fmod n`: IREE
+    # failed on `aten.fmod.Scalar` for every target ("failed to legalize operation
+    # 'torch.constant.int'"), and with a dynamic size on the start's `%` (aten.fmod.int).
+    path = tmp_path / "rolls.py"
+    path.write_text(_ROLL_MODELS)
+    out = tmp_path / "rolls.hxc"
+    options = ImportOptions(dynamic_batch=dynamic)
+    result = build_bundle(f"{path}:make_model", out, "cpu:host,vulkan:spirv", options=options)
+    assert result.written, [r.error for r in result.failed]
+    model, (x,) = _factory(path, "make_model")
+    if dynamic:
+        x = torch.randn(3, 128)  # another batch size than the example's
+    want = [w.numpy() for w in model(x)]
+    got = hxc.runtime.load(out, device="cpu", strict=True)(x.numpy())
+    vk = run_isolated(out, [x.numpy()], "vulkan:spirv")
+    for g, v, w in zip(got, vk, want):
+        _close(g, w)
+        _close(v, w)
+
+
 def test_reduced_precision_with_a_dynamic_batch(tmp_path):
     # The fp16 wrapper takes `*args`: torch.export wants its dynamic shapes nested as
     # that one argument ("inputs[0] is a tuple, but dynamic_shapes[0] is a dict").

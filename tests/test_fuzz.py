@@ -200,3 +200,48 @@ def test_array_reader_round_trips_and_never_crashes_on_damage(a, data):
             reader(blob, "x")
         except HxcError as e:
             assert e.exit_code == ExitCode.USAGE
+
+
+# Fields of a ustar header: (start, end) byte ranges.
+_TAR_FIELDS = [(0, 100), (100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (156, 157),
+               (157, 257), (257, 263), (263, 265), (345, 500)]  # fmt: skip
+
+
+@st.composite
+def mutated_tars(draw, base: bytes) -> bytes:
+    """A real archive with header fields rewritten (checksum fixed up or not), bytes
+    flipped, or the file cut short."""
+    raw = bytearray(base)
+    headers = [0, 1024]  # two one-block members: their headers
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.sampled_from(headers))
+        start, end = draw(st.sampled_from(_TAR_FIELDS))
+        value = draw(st.binary(max_size=end - start) | st.sampled_from([b"-1", b"-0001000", b"+7", b"1_0", b"77777777777",
+                                                                        b"\x80" + b"\xff" * 11, b"../x", b"/etc"]))  # fmt: skip
+        raw[at + start : at + end] = value.ljust(end - start, b"\0")[: end - start]
+        if draw(st.booleans()):
+            raw[at + 148 : at + 156] = b" " * 8
+            raw[at + 148 : at + 156] = b"%06o\0 " % sum(raw[at : at + 512])
+    return bytes(raw[: draw(st.integers(0, len(raw)))] if draw(st.booleans()) else raw)
+
+
+def test_archive_header_parser_never_crashes(tmp_path):
+    from hxc.manifests.archive import read_index, write_archive
+
+    for name, data in (("a", b"x" * 100), ("b", b"y" * 200)):
+        (tmp_path / name).write_bytes(data)
+    write_archive(tmp_path / "t.hxcb", [("a", tmp_path / "a"), ("b", tmp_path / "b")])
+    base = (tmp_path / "t.hxcb").read_bytes()
+
+    @settings(max_examples=settings().max_examples * 5)
+    @given(mutated_tars(base))
+    def check(raw):
+        try:
+            members = read_index(io.BytesIO(raw), len(raw), "t.hxcb")
+        except HxcError as e:
+            assert e.exit_code == ExitCode.INTEGRITY and "\n" not in str(e)
+            return
+        for m in members.values():  # whatever is accepted lies inside the file
+            assert 0 <= m.offset and m.offset + m.size <= len(raw) and m.offset % 512 == 0
+
+    check()

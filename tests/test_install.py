@@ -309,7 +309,39 @@ def test_the_deploy_files_start_hxc_serve_with_options_it_takes():
         assert params["models"] == ("/mnt/models",) and params["host"] == "0.0.0.0" and params["port"] == 8080
     drain = serve.make_context("serve", list(container["args"])).params["drain_timeout"]
     assert predictor["terminationGracePeriodSeconds"] > drain
-    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+    scheme = {"scheme": "HTTPS"} if "--ssl-certfile" in container["args"] else {}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080, **scheme}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080, **scheme}
+    # Keys come from a mounted Secret, never the command line; certificates from mounted Secrets too.
+    assert "--api-key" not in container["args"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secrets = {v["name"] for v in predictor["volumes"] if "secret" in v}
+    params = serve.make_context("serve", list(container["args"])).params
+    for path in (env["HXC_API_KEY_FILE"], params["ssl_certfile"], params["ssl_keyfile"]):
+        assert any(str(path).startswith(mounts[name] + "/") for name in secrets), path
     with pytest.raises(click.UsageError):  # the check can fail: an option hxc serve lacks
         serve.make_context("serve", ["/mnt/models", "--no-such-option"])
+
+
+def test_the_set_up_says_each_step_and_nothing_else(tmp_path):
+    # `make setup` with a stand-in for Python that records what it is asked: the steps
+    # run, one line each, in order (the real pip step takes minutes and ~1.5 GB).
+    if shutil.which("make") is None or shutil.which("dpkg") is None:
+        pytest.skip("needs make and dpkg")
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n'
+                    'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; fi\n'
+                    f'echo "$@" >> "{tmp_path}/calls"\n')  # fmt: skip
+    fake.chmod(0o755)
+    venv = tmp_path / "venv"
+    result = subprocess.run(["make", "--no-print-directory", "setup", f"VENV={venv}", f"PYTHON={fake}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    if "install-system-deps: installing" in result.stdout:
+        pytest.skip("this machine lacks the system packages (the step would install them)")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["install-system-deps", "setup", "setup", "setup"], lines
+    assert "creating the virtualenv" in lines[1] and "pinned toolchain" in lines[2] and "~1.5 GB" in lines[2]
+    assert lines[3].startswith("setup: done") and not result.stderr
+    assert (venv / ".installed").exists() and "pip install --quiet" in (tmp_path / "calls").read_text()

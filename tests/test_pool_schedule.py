@@ -72,6 +72,33 @@ def test_unmeasured_devices_get_one_probe_chunk_at_a_time():
     assert b.next_chunk("b", speeds, speeds) == Chunk(1, 1)
 
 
+def test_an_unmeasured_devices_probe_is_always_backed_up_once_nothing_is_left():
+    # The slow device's probe could take any time (nothing predicts it): once the fast
+    # one has done the rest, it copies the probe, so the call does not wait on it.
+    speeds = {"fast": Speed(3000.0), "slow": Speed()}
+    b = Balancer(target_s=0.05)
+    probe = _slow_holds_the_last_chunk(b, speeds)
+    assert probe.count == 1
+    assert b.next_chunk("fast", speeds, speeds, now=0.05) == probe and b.copies == 1
+    assert b.done("fast", probe, now=0.06) and b.idle and b.stale("slow") == [probe]
+    # Off with backups: the call waits for the probe.
+    off = Balancer(target_s=0.05, backups=False)
+    _slow_holds_the_last_chunk(off, speeds)
+    assert off.next_chunk("fast", speeds, speeds, now=0.05) is None
+
+
+def test_a_call_does_not_wait_on_a_device_before_it_is_measured():
+    # Nothing measured, no profiles; the slow device's first call takes 2.6 s (lavapipe
+    # on a busy host). The call takes about what the fast device needs alone, and the
+    # slow device is measured from its dropped copy for the next call.
+    fast, slow = SimDevice("cpu", 1400, prior_error=0), SimDevice("vk", 400, per_chunk_s=2.6, prior_error=0)
+    r = simulate([fast, slow], units=64)
+    assert r.done == [1] * 64 and r.backups == 1 and r.units_done["vk"] == 0
+    assert r.makespan_s < 2 * (64 / fast.speed + 2 * fast.per_chunk_s)
+    second = simulate([fast, slow], units=64, warmup=64)
+    assert second.done == [1] * 64 and second.makespan_s < 2 * (64 / fast.speed + 2 * fast.per_chunk_s)
+
+
 def test_failed_chunks_go_back_to_the_front_and_merge():
     b = Balancer(target_s=0.05)
     b.add(0, 1000)

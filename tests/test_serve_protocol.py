@@ -70,6 +70,23 @@ def test_responses_decode_in_tritonclient():
     assert response["parameters"] == {"device": "cpu:host"} and "data" in response["outputs"][1]
 
 
+@pytest.mark.parametrize("binary", [True, False])
+def test_a_zero_row_request_parses_and_its_empty_outputs_come_back(binary):
+    # KServe v2 allows 0 in a shape; as binary data such a tensor is 0 bytes.
+    arrays = _inputs(0)
+    body, length = _triton_body(arrays, binary)
+    req = parse_infer(body, length, SIG)
+    assert [a.shape for a in req.inputs] == [(0, 3), (0, 3), (0,)] and req.rows == 0
+    assert [a.dtype for a in req.inputs] == [a.dtype for a in arrays]
+    outputs = [np.zeros((0, 3), np.float32), np.zeros((0, 2), ml_dtypes.bfloat16)]
+    wanted = [th.InferRequestedOutput("y", binary_data=binary), th.InferRequestedOutput("h", binary_data=True)]
+    req = parse_infer(*_triton_body(arrays, binary, outputs=wanted), SIG)
+    content, headers = encode_infer("m", "1", req, outputs, SIG)
+    result = th.InferResult.from_response_body(content, header_length=int(headers[HEADER_LENGTH]))
+    assert result.as_numpy("y").shape == (0, 3) and result.as_numpy("h").shape == (0, 2)
+    assert result.get_output("h")["parameters"]["binary_data_size"] == 0
+
+
 def test_metadata_lists_dynamic_dims_as_minus_one_and_kserve_datatypes():
     meta = tensor_metadata(SIG)
     assert meta["inputs"][0] == {"name": "x", "datatype": "FP32", "shape": [-1, 3]}
@@ -181,3 +198,59 @@ def test_deeply_nested_json_is_refused_not_a_crash():
     body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ' + b"[" * 100000 + b"]" * 100000 + b"}]}"
     with pytest.raises(ProtocolError):
         parse_infer(body, None, SIG)
+
+
+def _strict_json(raw: bytes):
+    """What a strict parser (JavaScript's, Go's) accepts: no NaN or Infinity literals."""
+
+    def refuse(literal: str):
+        raise ValueError(f"{literal} is not JSON")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("data,message", [
+    ("[NaN, 1, 2]", "NaN"),
+    ("[1, Infinity, 2]", "Infinity"),
+    ("[1, 2, -Infinity]", "-Infinity"),
+    ("[1e400, 1, 2]", "out of range for FP32"),  # valid JSON that overflows a double
+    ("[1e39, 1, 2]", "out of range for FP32"),  # a double, but not a float32
+])  # fmt: skip
+def test_non_finite_json_inputs_are_refused(data, message):
+    body = _json(GOOD).replace(b"[1, 2, 3]", data.encode(), 1)
+    assert body != _json(GOOD)
+    with pytest.raises(ProtocolError) as e:
+        parse_infer(body, None, SIG)
+    assert e.value.status == 400 and message in str(e.value) and "binary tensor data" in str(e.value)
+    # NaN anywhere in the header, not only in tensor data.
+    with pytest.raises(ProtocolError, match="binary tensor data"):
+        parse_infer(_json(GOOD)[:-1] + b', "parameters": {"slo_ms": NaN}}', None, SIG)
+
+
+def test_non_finite_binary_inputs_pass_unchanged():
+    x = np.array([[np.nan, np.inf, -np.inf]], np.float32)
+    header = _json({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "parameters": {"binary_data_size": 12}},
+                               GOOD["inputs"][1], GOOD["inputs"][2]]})  # fmt: skip
+    got = parse_infer(header + x.tobytes(), str(len(header)), SIG).inputs[0]
+    assert got.tobytes() == x.tobytes()
+
+
+def test_non_finite_outputs_are_null_in_json_and_unchanged_in_binary():
+    y = np.array([[np.nan, 1.5, np.inf], [-np.inf, 0.0, -2.0]], np.float32)
+    h = np.array([[np.nan, 1], [2, 3]], ml_dtypes.bfloat16)
+    req = parse_infer(_json({**GOOD, "outputs": [{"name": "y"}, {"name": "h", "parameters": {"binary_data": True}}]}), None, SIG)
+    content, headers = encode_infer("m", "1", req, [y, h], SIG)
+    length = int(headers[HEADER_LENGTH])
+    doc = _strict_json(content[:length])
+    assert doc["outputs"][0]["data"] == [None, 1.5, None, None, 0.0, -2.0]
+    assert doc["outputs"][0]["parameters"] == {"nonfinite": True}
+    result = th.InferResult.from_response_body(content, header_length=length)
+    np.testing.assert_array_equal(result.as_numpy("y"), np.where(np.isfinite(y), y, np.nan))  # tritonclient: null is NaN
+    assert result.as_numpy("h").tobytes() == h.tobytes()  # binary: NaN as it was
+    # Binary FP32 keeps NaN and both infinities bit for bit; finite JSON outputs carry no flag.
+    req = parse_infer(_json({**GOOD, "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}), None, SIG)
+    content, headers = encode_infer("m", "1", req, [y, h], SIG)
+    assert content[int(headers[HEADER_LENGTH]):] == y.tobytes()
+    req = parse_infer(_json({**GOOD, "outputs": [{"name": "y"}]}), None, SIG)
+    content, _ = encode_infer("m", "1", req, [np.ones((2, 3), np.float32), h], SIG)
+    assert "parameters" not in _strict_json(content)["outputs"][0]

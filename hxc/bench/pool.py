@@ -98,9 +98,14 @@ def run_pool_bench(
         for r in range(rounds):
             for m in pool.members:
                 on_progress(f"round {r + 1}/{rounds}: {m.name} alone")
+                # Each measurement starts with every device idle: a copy still computing for
+                # an earlier call (lavapipe: up to seconds) would slow it, and its busy time
+                # would count in this call's utilisation.
+                pool.settle()
                 with pool.using(m.name):
                     alone[m.name].append(sized_call(pool, row, single, seconds))
             on_progress(f"round {r + 1}/{rounds}: the pool")
+            pool.settle()
             before = pool.stats()
             pool_rates.append(sized_call(pool, row, single, seconds))
             this = _delta(before, pool.stats())

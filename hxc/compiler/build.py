@@ -32,7 +32,8 @@ from hxc.errors import ExitCode, HxcError, UsageError, first_line
 from hxc.extras import require
 from hxc.frontends import Frontend
 from hxc.frontends.base import one_export_per_build
-from hxc.manifests.bundle import copy_hashed, file_hash, file_sha256, private_dir, remove_stale, write_manifest
+from hxc.manifests.bundle import (copy_hashed, file_hash, file_sha256, name_write_errors, private_dir, remove_stale,
+                                  write_manifest)
 from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Signature, Weights, from_json, to_json
 from hxc.targets import Variant, extra_flags_for, family, resolve
 
@@ -270,7 +271,8 @@ def _write_files(
         files[rel] = copy_hashed(src, stage / rel)
         if expected is not None and files[rel] != expected:
             raise HxcError(f"{src}: changed while it was copied into the bundle; nothing was written")
-    np.savez(stage / GOLDEN_FILE, **reference.golden)
+    with name_write_errors(stage / GOLDEN_FILE):
+        np.savez(stage / GOLDEN_FILE, **reference.golden)
     files[GOLDEN_FILE] = file_hash(stage / GOLDEN_FILE)
     return replace(manifest, files=files)
 

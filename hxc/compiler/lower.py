@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,34 @@ def decomposition_table() -> dict:
 
     table = torch.export.default_decompositions()
     table.update(current_aot_decompositions())
+    table[torch.ops.aten.fmod.Scalar] = _fmod_scalar
+    table[torch.ops.aten.roll.default] = _roll
     return table
+
+
+def _roll(x: torch.Tensor, shifts: Sequence[int], dims: Sequence[int] = ()) -> torch.Tensor:
+    """`torch.roll` as one gather per rolled dimension, its indices computed as tensors:
+    `(arange(n) - shift) remainder n`. torch's own decomposition computes the start
+    with Python's `%` on the size, which for a dynamic size becomes `aten.fmod.int`,
+    an op torch-mlir cannot import; tensor arithmetic works for static and dynamic
+    sizes alike, and for any shift (negative, larger than the size)."""
+    if not dims:  # roll the flattened tensor, then restore its shape
+        return _roll(x.flatten(), shifts, [0]).view(x.shape)
+    for shift, dim in zip(shifts, dims):
+        n = x.shape[dim]
+        if isinstance(n, int) and n == 0:
+            continue
+        size = torch.scalar_tensor(n, dtype=torch.int64, device=x.device)
+        x = x.index_select(dim, torch.remainder(torch.arange(n, device=x.device) - shift, size))
+    return x
+
+
+def _fmod_scalar(x: torch.Tensor, other: float | int | bool) -> torch.Tensor:
+    """`aten.fmod.Scalar` as `aten.fmod.Tensor` with a 0-d tensor: torch-mlir lowers
+    only the latter; the former fails in IREE with "failed to legalize operation
+    'torch.constant.int'". torch's decomposition of `torch.roll` produces it (indices
+    `(arange(n) + n - shift) fmod n`), as does `torch.fmod(x, 3)` written in a model."""
+    return torch.ops.aten.fmod.Tensor(x, torch.scalar_tensor(other, dtype=torch.result_type(x, other), device=x.device))
 
 
 def to_core_aten(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

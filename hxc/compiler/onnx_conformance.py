@@ -1,13 +1,21 @@
-"""ONNX's own operator conformance tests, run through hxc's ONNX frontend.
+"""ONNX's own operator conformance tests, run through hxc the way a user runs a model.
 
 Each node test (one small model per operator variant, with inputs and expected outputs)
-is imported by hxc's ONNX frontend, compiled for a target (cpu:host) with iree-compile
-and run; IREE's outputs are compared with the expected ones at hxc's tolerances. Each
-failure gets a category: where in the pipeline it failed and why. Tests run in worker
-processes, so a crash or a hang costs one test, not the run.
+goes through hxc's public path: `build_bundle` (what `hxc compile model.onnx -t cpu:host
+--input ... --example ...` does: import, compile, golden sample, bundle) with the test's
+own input shapes and its own inputs and outputs as the example, then
+`hxc.runtime.load(bundle)` and a call with the test's inputs exactly as given (empty
+ones included). The outputs are compared with the expected ones at hxc's tolerances.
+Each failure gets a category: where in the pipeline it failed and why.
 
-`benchmarks/onnx_conformance.py` runs all of them and records the pass rate; the test
-suite runs a slice. The node tests come from the onnx package: its
+The same tests also run through IREE alone (`run_plain`: `iree-import-onnx`,
+`iree-compile` with IREE's defaults for the host CPU, the IREE runtime), on the same
+inputs and in the same run, so that "hxc is never worse than plain IREE" is measured,
+not assumed. Every (test, pipeline) runs in a worker process, so a crash or a hang
+costs one result, not the run.
+
+`benchmarks/onnx_conformance.py` runs all of them and records both pass rates and the
+comparison; the test suite runs a slice. The node tests come from the onnx package: its
 `backend/test/data/node` directory when the wheel ships it, otherwise they are
 generated from `onnx.backend.test.case.node` into the hxc cache (once per onnx
 version). Tests with more than one data set are skipped.
@@ -32,6 +40,13 @@ from typing import Any
 
 TARGET = "cpu:host"
 _MARK = "@@hxc-conformance "
+HXC, PLAIN = "hxc", "plain-iree"  # the pipelines a test runs through
+# IREE's defaults: only what it cannot guess (which device and CPU) is named.
+PLAIN_FLAGS = (
+    "--iree-hal-target-device=local",
+    "--iree-hal-local-target-device-backends=llvm-cpu",
+    "--iree-llvmcpu-target-cpu=host",
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,7 @@ class CaseResult:
     detail: str = ""
     operator: str | None = None  # the ONNX operator a failed compile names
     seconds: float = 0.0
+    pipeline: str = HXC  # hxc, or plain-iree (IREE alone)
 
 
 # --- test data -----------------------------------------------------------------------
@@ -123,52 +139,146 @@ class Outcome(Exception):
 
 
 def run_case(case: Path, workdir: Path, target: str = TARGET, timeout: float = 300) -> CaseResult:
-    """Import, compile and run one node test; never raises."""
+    """Build, load and call one node test through hxc's public path; never raises."""
+    return _outcome(case, HXC, lambda: _run_case(case, workdir, target), "hxc bug")
+
+
+def run_plain(case: Path, workdir: Path, target: str = TARGET, timeout: float = 300) -> CaseResult:
+    """One node test through IREE alone, as a user without hxc would run it; never raises."""
+    return _outcome(case, PLAIN, lambda: _run_plain(case, workdir, timeout), "script error")
+
+
+PIPELINES: dict[str, Callable[[Path, Path, str], CaseResult]] = {HXC: run_case, PLAIN: run_plain}
+
+
+def _outcome(case: Path, pipeline: str, run: Callable[[], None], bug: str) -> CaseResult:
     t0 = time.perf_counter()
     try:
-        _run_case(case, workdir, target, timeout)
+        run()
         outcome = Outcome("pass", "")
     except Outcome as o:
         outcome = o
-    except Exception as e:  # a bug in hxc: keep it visible as its own category
-        outcome = Outcome("fail", f"hxc bug: {type(e).__name__}", str(e).splitlines()[0][:300] if str(e) else "")
+    except Exception as e:  # a bug in hxc (or in this script): keep it visible as its own category
+        outcome = Outcome("fail", f"{bug}: {type(e).__name__}", str(e).splitlines()[0][:300] if str(e) else "")
     detail = outcome.detail.replace(f"{case}/", "")  # messages name the model file by its full path
     return CaseResult(case.name, outcome.status, outcome.category, detail[:400], outcome.operator,
-                      round(time.perf_counter() - t0, 3))  # fmt: skip
+                      round(time.perf_counter() - t0, 3), pipeline)  # fmt: skip
 
 
-def _run_case(case: Path, workdir: Path, target: str, timeout: float) -> None:
+def _run_case(case: Path, workdir: Path, target: str) -> None:
     import numpy as np
 
-    from hxc.compiler.driver import f64_interface
+    import hxc.runtime
+    from hxc.compiler.build import build_bundle
     from hxc.compiler.imported import ImportOptions
-    from hxc.compiler.onnx_import import import_onnx
+    from hxc.dtypes import to_storage
     from hxc.errors import HxcError
-    from hxc.runtime.verify import compare
 
     graph, inputs, expected = read_case(case)
-    # Each test's own shapes, by input name (zero-size dimensions included).
+    # Each test's own shapes, by input name (zero-size dimensions included), and its own
+    # inputs and expected outputs as the example (`hxc compile --example`).
     initialized = {t.name for t in graph.initializer}
     names = [v.name for v in graph.input if v.name not in initialized]
-    specs = [f"{n}={_spec(a)}" for n, a in zip(names, inputs)]
+    specs = tuple(f"{n}={_spec(a)}" for n, a in zip(names, inputs))
+    example = workdir / "example.npz"
+    np.savez(example, **{f"input_{i}": to_storage(a) for i, a in enumerate(inputs)},
+             **{f"output_{i}": to_storage(a) for i, a in enumerate(expected)})  # fmt: skip
+    bundle = workdir / "model.hxc"
+    # An example holds inputs; a model without any gets ONNX Runtime's golden sample.
+    options = ImportOptions(inputs=specs, weights="inline", example=str(example) if inputs else None)
     try:
-        imported = import_onnx(str(case / "model.onnx"), ImportOptions(inputs=tuple(specs), weights="inline"), workdir, lambda s: None)
+        built = build_bundle(str(case / "model.onnx"), bundle, target, options=options, jobs=1, use_cache=False)
     except HxcError as e:
         raise Outcome("fail", _import_category(e.message), e.message) from None
-    vmfb = _compile(imported.mlir, imported.operators_at, f64_interface(imported.signature), workdir, target, timeout)
+    if not built.written:
+        [r] = built.results
+        raise Outcome("fail", _compile_category(r.error or ""), r.error or "", r.operator)
     try:
-        got = _invoke(vmfb, inputs, imported.signature)
+        model = hxc.runtime.load(bundle, device=target, strict=True)
+        out = model(*inputs)
+    except HxcError as e:
+        raise Outcome("fail", "runtime error", e.message) from None
     except Exception as e:
         raise Outcome("fail", "runtime error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    got = list(out) if isinstance(out, (tuple, list)) else [out]
+    _compare(got, expected, [s.dtype for s in model.signature.outputs])
+
+
+def _compile_category(error: str) -> str:
+    if "killed by signal" in error:
+        return "iree-compile crashed"
+    if "torch.operator" in error and "legalize" in error:
+        return "no IREE lowering for the ONNX op"
+    return "IREE compile error (after lowering)"
+
+
+def _compare(got: list, expected: list, dtypes: list[str | None]) -> None:
+    """Raise Outcome unless `got` matches `expected` (shapes, then values at the
+    tolerance of each output's hxc dtype)."""
+    import numpy as np
+
+    from hxc.dtypes import from_numpy
+    from hxc.runtime.verify import compare
+
     if len(got) != len(expected):
         raise Outcome("fail", "wrong number of outputs", f"{len(got)} vs {len(expected)}")
-    for k, (a, e, spec) in enumerate(zip(got, expected, imported.signature.outputs)):
+    for k, (a, e, name) in enumerate(zip(got, expected, dtypes)):
         a = np.asarray(a)
         if a.shape != e.shape:
             raise Outcome("fail", "wrong output shape", f"output {k}: {a.shape} vs {e.shape}")
-        c = compare(a.astype(e.dtype), e, spec.dtype)
+        if name is None:
+            found = from_numpy(e.dtype)
+            if found is None:
+                raise Outcome("fail", "unsupported element type", f"output dtype {e.dtype}")
+            name = found.name
+        c = compare(a.astype(e.dtype), e, name)
         if not c.ok:
             raise Outcome("fail", "numerical mismatch", f"output {k}: max abs err {c.max_abs:.3g}")
+
+
+def _run_plain(case: Path, work: Path, timeout: float) -> None:
+    from hxc.compiler.driver import iree_compile_path, summarize_compile_error
+
+    graph, inputs, expected = read_case(case)
+    mlir, vmfb = work / "model.mlir", work / "model.vmfb"
+    importer = Path(sys.executable).parent / "iree-import-onnx"
+    try:
+        proc = subprocess.run([str(importer), str(case / "model.onnx"), "-o", str(mlir)],
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise Outcome("fail", "import timeout") from None
+    if proc.returncode != 0:
+        lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+        raise Outcome("fail", "import failed", lines[-1][:300] if lines else f"exit {proc.returncode}")
+    try:
+        proc = subprocess.run([iree_compile_path(), str(mlir), *PLAIN_FLAGS, "-o", str(vmfb)],
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise Outcome("fail", "compile timeout") from None
+    if proc.returncode != 0:
+        error, operator, _ = summarize_compile_error(proc.stderr, proc.returncode)
+        raise Outcome("fail", "iree-compile crashed" if proc.returncode < 0 else "iree-compile error", error, operator)
+    try:
+        got = _invoke_plain(vmfb, inputs)
+    except Exception as e:
+        raise Outcome("fail", "runtime error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    _compare(got, expected, [None] * len(expected))
+
+
+def _invoke_plain(vmfb: Path, inputs: list) -> list:
+    """The IREE Python runtime called with the test's numpy inputs, as IREE documents it."""
+    import numpy as np
+
+    import iree.runtime as rt
+
+    config = rt.Config("local-sync")
+    module = rt.VmModule.mmap(config.vm_instance, str(vmfb))
+    context = rt.SystemContext(vm_modules=[module], config=config)
+    # The importer names the function after the ONNX graph.
+    [name] = [f for f in module.function_names if not f.startswith("__") and "$" not in f]
+    result = context.modules[module.name][name](*inputs)
+    results = result if isinstance(result, (list, tuple)) else [result]
+    return [np.asarray(r.to_host()) if hasattr(r, "to_host") else np.asarray(r) for r in results]
 
 
 def read_case(case: Path) -> tuple[Any, list, list]:
@@ -225,42 +335,6 @@ def _import_category(message: str) -> str:
     return "import into MLIR failed"
 
 
-def _compile(mlir: Path, operators_at: dict, f64: bool, workdir: Path, target: str, timeout: float) -> Path:
-    """Compile as `hxc compile` does: through hxc's driver, with its flags and its
-    fallback to safer flags. (`timeout` is enforced by the parent killing this worker
-    and its process group.)"""
-    from hxc.compiler.build import _name_source_operator
-    from hxc.compiler.driver import CompileJob, compile_all
-    from hxc.manifests.bundle import file_sha256
-    from hxc.targets import resolve
-
-    [variant] = resolve(target)
-    [r] = compile_all([CompileJob(mlir, file_sha256(mlir), variant, f64=f64)], workdir=workdir, jobs=1)
-    if r.status == "ok" and r.vmfb is not None:
-        return r.vmfb
-    unlowered = r.operator == "torch.operator" and "legalize" in (r.error or "")
-    r = _name_source_operator(r, operators_at)
-    error, operator = r.error or "", r.operator
-    if "killed by signal" in error:
-        category = "iree-compile crashed"
-    elif unlowered:
-        category = "no IREE lowering for the ONNX op"
-    else:
-        category = "IREE compile error (after lowering)"
-    raise Outcome("fail", category, error, operator)
-
-
-def _invoke(vmfb: Path, inputs: list, signature) -> list:
-    """Run the artifact through hxc's runtime session (its host<->device copies, which
-    keep scalars scalar) on the CPU driver. The loader's input checks are left out:
-    they refuse empty inputs, which some node tests feed (an empty axes list)."""
-    from hxc.runtime.loader import Session
-    from hxc.targets import Device
-
-    session = Session.open(vmfb, Device("local-sync", "local-sync", "cpu", "cpu"))
-    return session.invoke(list(inputs), signature)
-
-
 # --- many tests, in worker processes -------------------------------------------------
 
 
@@ -270,32 +344,37 @@ def run_conformance(
     jobs: int = 2,
     timeout: float = 300,
     target: str = TARGET,
+    pipelines: Sequence[str] = (HXC,),
     on_result: Callable[[CaseResult], None] = lambda r: None,
-    worker: Sequence[str] = ("-m", __name__),
 ) -> list[CaseResult]:
-    """Run `cases` in `jobs` worker processes (so a crash or a hang costs one test, not
-    the run); results come back in the order of `cases`. `worker` is what python runs
-    as the worker (`-m MODULE` or a script) with `--worker --target T`: one case path
-    per line of stdin, one marked JSON result per line of stdout (`worker_loop`)."""
-    todo: queue.Queue[tuple[int, Path]] = queue.Queue()
-    for item in enumerate(cases):
-        todo.put(item)
-    results: list[CaseResult | None] = [None] * len(cases)
+    """Run every case through every pipeline (`hxc`, `plain-iree`) in `jobs` worker
+    processes, so a crash or a hang costs one result, not the run; `timeout` seconds
+    per case and pipeline. Results come back case by case, in the order of
+    `pipelines` within a case. A worker is `python -m hxc.compiler.onnx_conformance
+    --worker --target T`: one `PIPELINE<TAB>CASE` per line of stdin, one marked JSON
+    result per line of stdout (`worker_loop`)."""
+    unknown = [p for p in pipelines if p not in PIPELINES]
+    if unknown:
+        raise ValueError(f"unknown pipeline(s) {unknown}; choose from {list(PIPELINES)}")
+    todo: queue.Queue[tuple[int, Path, str]] = queue.Queue()
+    for i, (case, pipeline) in enumerate((c, p) for c in cases for p in pipelines):
+        todo.put((i, case, pipeline))
+    results: list[CaseResult | None] = [None] * (len(cases) * len(pipelines))
 
     def worker_thread() -> None:
         proc = None
         while True:
             try:
-                i, case = todo.get_nowait()
+                i, case, pipeline = todo.get_nowait()
             except queue.Empty:
                 break
             if proc is None or proc.poll() is not None:
-                proc = _start_worker(target, worker)
+                proc = _start_worker(target)
             timer = threading.Timer(timeout, _kill_group, (proc,))
             timer.start()
             t0 = time.perf_counter()
             try:
-                proc.stdin.write(f"{case}\n")
+                proc.stdin.write(f"{pipeline}\t{case}\n")
                 proc.stdin.flush()
                 line = ""
                 while True:
@@ -313,7 +392,8 @@ def run_conformance(
                 _kill_group(proc)
                 proc.wait()
                 proc = None
-                result = CaseResult(case.name, "fail", "timeout" if killed else "crash", seconds=round(time.perf_counter() - t0, 3))
+                result = CaseResult(case.name, "fail", "timeout" if killed else "crash",
+                                    seconds=round(time.perf_counter() - t0, 3), pipeline=pipeline)  # fmt: skip
             results[i] = result
             on_result(result)
         if proc is not None:
@@ -351,26 +431,28 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _start_worker(target: str, worker: Sequence[str]) -> subprocess.Popen:
+def _start_worker(target: str) -> subprocess.Popen:
     env = {**os.environ, "IREE_PY_RUNTIME_FLAGS": os.environ.get("IREE_PY_RUNTIME_FLAGS", "")}
     return subprocess.Popen(
-        [sys.executable, *worker, "--worker", "--target", target],
+        [sys.executable, "-m", __name__, "--worker", "--target", target],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
         start_new_session=True,
     )  # fmt: skip
 
 
-def worker_loop(target: str, run: Callable[[Path, Path, str], CaseResult] = lambda c, w, t: run_case(c, w, t)) -> None:
-    """A worker process: one case path per line of stdin, one marked JSON result per line of stdout."""
+def worker_loop(target: str) -> None:
+    """A worker process: one `PIPELINE<TAB>CASE` per line of stdin, one marked JSON
+    result per line of stdout."""
     import logging
     import warnings
 
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
     for line in sys.stdin:
-        case = Path(line.strip())
+        pipeline, _, path = line.rstrip("\n").partition("\t")
+        case = Path(path)
         with tempfile.TemporaryDirectory(prefix="hxc-conformance-") as work:
-            result = run(case, Path(work), target)
+            result = PIPELINES[pipeline](case, Path(work), target)
         sys.stdout.write(_MARK + json.dumps(asdict(result)) + "\n")
         sys.stdout.flush()
 
@@ -378,12 +460,15 @@ def worker_loop(target: str, run: Callable[[Path, Path, str], CaseResult] = lamb
 # --- summary -------------------------------------------------------------------------
 
 
-def summarize(results: Sequence[CaseResult]) -> dict:
+def summarize(results: Sequence[CaseResult], pipeline: str = HXC) -> dict:
+    """Pass rate, failures by category and every test's outcome for one pipeline."""
+    results = [r for r in results if r.pipeline == pipeline]
     ran = [r for r in results if r.status != "skip"]
     passed = [r for r in ran if r.status == "pass"]
     failed = [r for r in ran if r.status == "fail"]
     ops = Counter(r.operator for r in failed if r.category == "no IREE lowering for the ONNX op" and r.operator)
     return {
+        "pipeline": pipeline if pipeline != PLAIN else f"iree-import-onnx + iree-compile {' '.join(PLAIN_FLAGS)} + iree.runtime (local-sync)",
         "target": TARGET,
         "passed": len(passed),
         "total": len(ran),
@@ -395,6 +480,25 @@ def summarize(results: Sequence[CaseResult]) -> dict:
         "skipped_tests": [r.name for r in results if r.status == "skip"],
         "failures": [{"name": r.name, "category": r.category, "operator": r.operator, "detail": r.detail[:200]}
                      for r in failed],  # fmt: skip
+    }
+
+
+def versus_plain(results: Sequence[CaseResult]) -> dict:
+    """Tests plain IREE passes and hxc fails (with hxc's failure for each), and the
+    reverse, from one run of both pipelines."""
+    by = {(r.name, r.pipeline): r for r in results}
+    names = dict.fromkeys(r.name for r in results)
+    passes = lambda n, p: (r := by.get((n, p))) is not None and r.status == "pass"  # noqa: E731
+    worse = [n for n in names if passes(n, PLAIN) and not passes(n, HXC)]
+    better = [n for n in names if passes(n, HXC) and not passes(n, PLAIN)]
+    hxc_failure = lambda n: by[(n, HXC)] if (n, HXC) in by else None  # noqa: E731
+    return {
+        "plain_only": len(worse),
+        "hxc_only": len(better),
+        "plain_only_by_hxc_category": dict(Counter(getattr(hxc_failure(n), "category", "not run") for n in worse).most_common()),
+        "plain_only_tests": [{"name": n, "category": getattr(hxc_failure(n), "category", "not run"),
+                              "detail": getattr(hxc_failure(n), "detail", "")[:200]} for n in worse],  # fmt: skip
+        "hxc_only_tests": better,
     }
 
 

@@ -10,7 +10,9 @@ example inputs mean the same for all of them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import os
 import pickle
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +62,62 @@ def load_program(
                                hint=ALLOW_PICKLE_HINT) from None  # fmt: skip
     except Exception as e:  # torch raises many types for a damaged archive
         raise ModelLoadError(f"{where}: cannot read torch.export archive ({first_line(e)})") from None
+
+
+def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
+    """torch.export.save, made safe on a full disk. Given a path, torch's C++ archive
+    writer throws from its destructor when a write fails and the process aborts
+    (`terminate called after throwing an instance of 'c10::Error'`). Through a file
+    object that never fails toward torch, the archive streams to disk with Python's
+    I/O (no copy in memory) and the first OSError (ENOSPC, EFBIG) is raised here,
+    once the writer has finished."""
+    with open(path, "wb", buffering=0) as f:
+        sink = _FailSoftFile(f)
+        torch.export.save(program, sink)
+        if sink.error is not None:
+            raise sink.error
+
+
+class _FailSoftFile(io.RawIOBase):
+    """A file that records its first write error instead of raising it, and discards
+    every write after it (see save_program)."""
+
+    def __init__(self, f: io.FileIO) -> None:
+        super().__init__()
+        self.f = f
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if self.error is None:
+            try:
+                while view:  # FileIO may write less than asked (a file size limit reached)
+                    written = self.f.write(view)
+                    if not written:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.f.name)
+                    view = view[written:]
+            except OSError as e:
+                self.error = e if e.filename else OSError(e.errno, e.strerror, self.f.name)
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if self.error is not None:
+            return 0
+        try:
+            return self.f.seek(offset, whence)
+        except OSError as e:
+            self.error = e
+            return 0
+
+    def tell(self) -> int:
+        return 0 if self.error is not None else self.f.tell()
 
 
 class _RefusedPickle(Exception):

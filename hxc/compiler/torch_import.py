@@ -14,6 +14,7 @@ import copy
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from hxc import dtypes
 from hxc.compiler.examples import Example, read_example
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
 from hxc.compiler.lower import lower
-from hxc.compiler.torch_export import ExportedModel, export_module
+from hxc.compiler.torch_export import ExportedModel, export_module, save_program
 from hxc.dtypes import to_numpy, to_storage
 from hxc.errors import LoweringError, UsageError
 from hxc.manifests.schema import PROGRAM_PT2
@@ -91,7 +92,7 @@ def import_torch(
     elif shared and options.precision == "fp32":
         _save_without_weights(program, program_path)
     else:
-        torch.export.save(model.program, str(program_path))
+        save_program(model.program, program_path)
     return ImportedModel(
         name=model.name,
         source=model.source,
@@ -137,7 +138,10 @@ class _CastInterface(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, in_dtypes: list[torch.dtype], casts: dict[torch.dtype, torch.dtype]):
         super().__init__()
         promoted = {d for d, to in casts.items() if d.is_floating_point and to == torch.float32}
-        self.module = module.to(torch.float32) if promoted else module
+        if promoted:
+            module = module.to(torch.float32)
+            _promote_graph_dtypes(module, promoted)
+        self.module = module
         self.model_dtypes = [torch.float32 if d in promoted else d for d in in_dtypes]
         self.casts = casts
 
@@ -145,6 +149,36 @@ class _CastInterface(torch.nn.Module):
         args = tuple(a.to(d) for a, d in zip(args, self.model_dtypes))
         out = self.module(*args)
         return pytree.tree_map(lambda t: t.to(self.casts.get(t.dtype, t.dtype)) if isinstance(t, torch.Tensor) else t, out)
+
+
+# Reinterpreting bits (`x.view(torch.int16)`): its element type is the point, not a
+# precision to promote.
+_BITCASTS = {torch.ops.aten.view.dtype}
+
+
+def _promote_graph_dtypes(module: torch.nn.Module, promoted: set[torch.dtype]) -> None:
+    """Compute in f32 what the exported graph itself makes in a `promoted` type:
+    `.to(torch.float32)` casts parameters and buffers, but the graph also names dtypes
+    (`torch.full(..., dtype=x.dtype)` for an additive attention mask, `.to(bf16)`) and
+    holds tensor constants; left as they were, a bf16 mask met an f32 query in
+    scaled_dot_product_attention and the re-export failed."""
+    def widen(x: Any) -> Any:
+        return torch.float32 if isinstance(x, torch.dtype) and x in promoted else x
+
+    for gm in module.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                owner, _, leaf = node.target.rpartition(".")
+                holder = gm.get_submodule(owner) if owner else gm
+                t = getattr(holder, leaf, None)
+                if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and t.dtype in promoted:
+                    setattr(holder, leaf, t.to(torch.float32))
+            elif node.op == "call_function" and node.target not in _BITCASTS:
+                node.args = pytree.tree_map(widen, node.args)
+                node.kwargs = pytree.tree_map(widen, node.kwargs)
+        gm.recompile()
 
 
 def _with_casts(program: torch.export.ExportedProgram, model: ExportedModel, casts: dict[str, str]) -> torch.export.ExportedProgram:
@@ -313,7 +347,7 @@ def _save_without_weights(program: torch.export.ExportedProgram, path: Path) -> 
             program.state_dict[name] = torch.nn.Parameter(empty, requires_grad=False) if isinstance(t, torch.nn.Parameter) else empty
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="No complete tensor found")  # about the placeholders
-            torch.export.save(program, str(path))
+            save_program(program, path)
     finally:
         program.state_dict.update(saved)
 

@@ -395,6 +395,54 @@ def qwen2() -> Example:
     return _hf(T.Qwen2Model(cfg), _ids(1, 16, 1000))
 
 
+class _TokenShift(nn.Module):
+    """Mixing by shifting (RWKV's token shift, Swin's shifted windows): torch.roll along
+    the features, and along the batch and features at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(128, 128)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.roll(x, 3, -1) + torch.roll(x, (1, -5), (0, 1)))
+
+
+def roll() -> Example:
+    torch.manual_seed(0)
+    return _TokenShift().eval(), (torch.randn(2, 128),)
+
+
+class _DecoderBlock(nn.Module):
+    """A pre-norm decoder block on scaled_dot_product_attention with an additive mask
+    built in forward, in the input's dtype, from a causal mask and a 0/1 attention mask
+    (as transformers builds it)."""
+
+    def __init__(self, dim: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        lowest = torch.finfo(x.dtype).min
+        causal = torch.full((s, s), lowest, dtype=x.dtype, device=x.device).triu(1)
+        mask = causal.masked_fill(attention_mask[:, None, None, :] == 0, lowest)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, s, d))
+        return x + self.mlp(self.ln2(x))
+
+
+def bf16_decoder_block() -> Example:
+    """_DecoderBlock in bfloat16; the last 4 of 16 positions of the second sequence are padding."""
+    torch.manual_seed(0)
+    attention_mask = torch.ones(2, 16, dtype=torch.int64)
+    attention_mask[1, 12:] = 0
+    return _DecoderBlock().eval().to(torch.bfloat16), (torch.randn(2, 16, 64).to(torch.bfloat16), attention_mask)
+
+
 class _Block(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()

@@ -8,26 +8,34 @@ would reopen a gap between checking and using. Any `tar` can list and unpack it.
 Reading trusts nothing: hxc parses the headers itself and accepts only regular files
 with plain relative names (no absolute paths, `..`, links, devices, directories,
 sparse or pax/GNU extension entries), each name once, each checksum valid and each
-size within the file. There is no compression, so nothing can inflate. Packing is
-deterministic (zero mtimes and owners, sorted members), so the same bundle always
-packs to the same bytes.
+size within the file. Numbers are read as the tar format writes them (octal digits,
+padded with spaces and NULs) and nothing else, so no sign, separator or base-256
+form can turn a size negative. Every defect is an IntegrityError: a damaged or
+hostile archive is refused like a damaged bundle file (exit 5). There is no
+compression, so nothing can inflate. Packing is deterministic (zero mtimes and
+owners, sorted members), so the same bundle always packs to the same bytes.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from hxc.errors import BundleError, IntegrityError
+from hxc.errors import IntegrityError
 
 ARCHIVE_SUFFIX = ".hxcb"
 BLOCK = 512
 MAX_MEMBERS = 100_000
 _REGULAR = (b"0", b"\x00")
+# A tar number: octal digits, with spaces before and spaces or NULs after (the ustar
+# spec; old writers pad on the left with spaces). `int(text, 8)` alone would also take
+# a sign, underscores and surrounding whitespace: "-1000" made a negative size.
+_NUMBER = re.compile(rb" *([0-7]+)[ \0]*")
 
 
 @dataclass(frozen=True)
@@ -44,12 +52,19 @@ def read_index(f: io.BufferedReader | io.BytesIO, file_size: int, where: str) ->
     while True:
         f.seek(pos)
         header = f.read(BLOCK)
+        if pos == 0 and (len(header) < BLOCK or (header[257:262] != b"ustar" and header != b"\0" * BLOCK)):
+            # Any other file named as a bundle (a model's .py, a .pt): say what it is not,
+            # not how it fails to parse as a tar.
+            why = "shorter than one tar header" if len(header) < BLOCK else "not a ustar tar file"
+            raise BundleError(
+                f"{where}: not an hxc bundle (neither a bundle directory nor a {ARCHIVE_SUFFIX} archive: {why})"
+            )
         if len(header) < BLOCK:
-            raise BundleError(f"{where}: truncated archive (a header ends past the end of the file)")
+            raise IntegrityError(f"{where}: truncated archive (a header ends past the end of the file)")
         if header == b"\0" * BLOCK:
             return members  # end-of-archive marker
         if len(members) >= MAX_MEMBERS:
-            raise BundleError(f"{where}: more than {MAX_MEMBERS} entries; refusing it")
+            raise IntegrityError(f"{where}: more than {MAX_MEMBERS} entries; refusing it")
         name, size, kind = _parse_header(header, where)
         if kind not in _REGULAR:
             what = {b"1": "a hard link", b"2": "a symbolic link", b"3": "a device", b"4": "a device", b"5": "a directory",
@@ -70,7 +85,7 @@ def read_index(f: io.BufferedReader | io.BytesIO, file_size: int, where: str) ->
 
 def _parse_header(header: bytes, where: str) -> tuple[str, int, bytes]:
     if header[257:262] != b"ustar":
-        raise BundleError(f"{where}: not a bundle archive (not a ustar tar file)")
+        raise IntegrityError(f"{where}: not a bundle archive (not a ustar tar file)")
     stored = _octal(header[148:156], where)
     computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
     if stored != computed:
@@ -85,13 +100,10 @@ def _parse_header(header: bytes, where: str) -> tuple[str, int, bytes]:
 
 
 def _octal(field: bytes, where: str) -> int:
-    text = field.split(b"\0", 1)[0].strip()
-    if not text or field[0] & 0x80:  # base-256 sizes are a GNU extension: never written by hxc
-        raise BundleError(f"{where}: corrupt archive (a numeric header field is not octal)")
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise BundleError(f"{where}: corrupt archive (a numeric header field is not octal)") from None
+    match = _NUMBER.fullmatch(field)
+    if match is None:  # also base-256 (a GNU extension, never written by hxc)
+        raise IntegrityError(f"{where}: corrupt archive (a numeric header field is not octal digits)")
+    return int(match.group(1), 8)
 
 
 def write_archive(target: Path, files: Iterable[tuple[str, Path]]) -> None:

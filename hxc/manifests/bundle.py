@@ -44,6 +44,7 @@ from hxc.manifests.schema import (
     PROFILES_FILE,
     PROFILES_FORMAT,
     PROFILES_SCHEMA_VERSION,
+    PROFILES_SIGNATURE_FILE,
     SCHEMA_VERSION,
     SIGNATURE_FILE,
     FileHash,
@@ -63,37 +64,79 @@ log = logging.getLogger("hxc.bundle")
 # says; False: do not check.
 TrustedKeys = Sequence[str | os.PathLike[str]] | str | None | bool
 
-# A manifest or profiles file larger than this is refused before it is read: real
-# ones are kilobytes (a profile is ~1 KB; 64 MiB holds tens of thousands).
+# A manifest larger than this is refused before it is read: real ones are kilobytes.
 MAX_METADATA_BYTES = 64 * 1024 * 1024
+# Profiles are measurements anyone who can write beside the bundle can add, read on
+# every load, so they are bounded well below that: a profile is ~1.5 KB as written, and
+# a bundle keeps the newest MAX_PROFILES (`hxc bench` drops older ones beyond it). A
+# larger or longer file is ignored with a warning, as a corrupt one is.
+MAX_PROFILES = 4096
+MAX_HOSTS = 1024
+MAX_PROFILES_BYTES = 8 * 1024 * 1024
 
 
 # --- reading ---------------------------------------------------------------------
 
 
 def read_manifest(
-    bundle: str | os.PathLike[str], *, trusted_keys: TrustedKeys = None
+    bundle: str | os.PathLike[str],
+    *,
+    trusted_keys: TrustedKeys = None,
+    min_sequence: int | None = None,
+    require_signed_profiles: bool | None = None,
+    profiles: bool = True,
 ) -> Manifest:
     """Read and check a bundle's manifest (a bundle directory or a `.hxcb` archive),
     with the profiles recorded beside it. Every problem is a one-line BundleError
     (IntegrityError for paths that leave the bundle or a signature that fails).
 
-    Signatures: `trusted_keys` (public key paths or PublicKeys) requires the manifest
+    Signatures: `trusted_keys` (public key paths) requires the manifest
     to carry a valid signature by one of them, checked over the exact bytes that are
     then parsed; None means "as $HXC_TRUSTED_KEYS says" (required when it is set);
-    False skips the check (for `hxc inspect`, which only shows it).
+    False skips the check (for `hxc inspect`, which only shows it). `min_sequence`
+    also requires that signature to carry at least that sequence number (refusing an
+    older bundle); `require_signed_profiles` uses only profiles a trusted key signed.
+    Both fall back to the environment where None (see signing.TrustPolicy).
+    `profiles=False` leaves them unread, for callers that need the build-time part.
     """
+    policy = trust_policy(trusted_keys, min_sequence, require_signed_profiles)
+    return read_bundle(bundle, policy, profiles=profiles).manifest
+
+
+def trust_policy(trusted_keys: TrustedKeys = None, min_sequence: int | None = None,
+                 require_signed_profiles: bool | None = None) -> signing.TrustPolicy | None:  # fmt: skip
+    """What a read must check, from a caller's arguments and the environment; None for
+    `trusted_keys=False` (check nothing)."""
+    if trusted_keys is False:
+        return None
+    return signing.TrustPolicy.resolve(trusted_keys, min_sequence, require_signed_profiles)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class BundleRead:
+    manifest: Manifest  # with its profiles, if they were read and kept
+    profiles_note: str | None  # why the profiles were ignored, or who signed them
+
+
+def read_bundle(
+    bundle: str | os.PathLike[str], policy: signing.TrustPolicy | None, *, profiles: bool = True
+) -> BundleRead:
+    """read_manifest with a resolved policy (None: check no signature), saying what
+    became of the profiles."""
     src = bundle_source(Path(bundle))
     try:
         raw = src.read_small(MANIFEST_FILE)
     except FileNotFoundError:
         raise BundleError(f"{src.path}: not a bundle (no {MANIFEST_FILE})") from None
-    keys = None if trusted_keys is False else signing.trusted_keys(trusted_keys)
-    if keys is not None:
-        signing.check(raw, read_signatures(src), keys, str(src.path))
+    keys = policy.public_keys() if policy is not None else None
+    if policy is not None and keys is not None:
+        signing.check(raw, read_signatures(src), keys, str(src.path), min_sequence=policy.min_sequence)
     manifest = parse_manifest(_json(raw, src.where(MANIFEST_FILE)), where=src.where(MANIFEST_FILE))
-    hosts, profiles = _read_profiles(src, manifest)
-    return dataclasses.replace(manifest, hosts=hosts, profiles=profiles)
+    if not profiles:
+        return BundleRead(manifest, None)
+    signed_by = keys if policy is not None and policy.signed_profiles else None
+    hosts, found, note = _read_profiles(src, manifest, raw, signed_by)
+    return BundleRead(dataclasses.replace(manifest, hosts=hosts, profiles=found), note)
 
 
 @dataclass(frozen=True)
@@ -101,6 +144,7 @@ class SignatureStatus:
     key_ids: tuple[str, ...]  # who signed it (unverified unless verified_by is set)
     verified_by: str | None  # the trusted key whose signature verified
     checked: bool  # whether trusted keys were given to check against
+    sequence: int | None = None  # the sequence number the verified signature carries
 
 
 def signature_status(bundle: Path, trusted_keys: TrustedKeys = None) -> SignatureStatus:
@@ -108,18 +152,35 @@ def signature_status(bundle: Path, trusted_keys: TrustedKeys = None) -> Signatur
     any are given or set in $HXC_TRUSTED_KEYS). Raises like read_manifest on failure."""
     src = bundle_source(Path(bundle))
     sigs = read_signatures(src)
-    keys = None if trusted_keys is False else signing.trusted_keys(trusted_keys)
-    verified = None
-    if keys is not None:
-        verified = signing.check(src.read_small(MANIFEST_FILE), sigs, keys, str(src.path)).key_id
-    return SignatureStatus(tuple(s.key_id for s in sigs), verified, keys is not None)
+    policy = trust_policy(trusted_keys)
+    keys = policy.public_keys() if policy is not None else None
+    if policy is None or keys is None:
+        return SignatureStatus(tuple(s.key_id for s in sigs), None, False)
+    v = signing.check(src.read_small(MANIFEST_FILE), sigs, keys, str(src.path), min_sequence=policy.min_sequence)
+    return SignatureStatus(tuple(s.key_id for s in sigs), v.key.key_id, True, v.sequence)
 
 
 def read_signatures(src: BundleSource) -> list[signing.Signature]:
+    """The signatures over the manifest (none if there are none)."""
+    limit = signing.MAX_SIGNATURE_FILE
+    return _signatures(lambda: src.read_small(SIGNATURE_FILE, limit=limit), src.where(SIGNATURE_FILE))
+
+
+def read_profiles_signatures(src: BundleSource) -> list[signing.Signature]:
+    """The signatures over the profiles (none if there are none)."""
+    return _signatures(src.read_profiles_signature, str(src.profiles_signature_path))
+
+
+def _signatures(read: Callable[[], bytes], where: str) -> list[signing.Signature]:
+    # A signature file that cannot be read as one (too large, not a regular file) is
+    # refused like a forged one (exit 5); its size is checked before any of it is read.
     try:
-        return signing.parse_signatures(src.read_small(SIGNATURE_FILE), src.where(SIGNATURE_FILE))
+        raw = read()
     except FileNotFoundError:
         return []
+    except BundleError as e:
+        raise signing.UntrustedBundleError(f"{e.message}; refusing the signature file") from None
+    return signing.parse_signatures(raw, where)
 
 
 def parse_manifest(data: object, where: str = MANIFEST_FILE) -> Manifest:
@@ -229,6 +290,10 @@ def parse_profiles(data: object, where: str) -> ProfilesFile:
     if not isinstance(data, dict) or data.get("format") != PROFILES_FORMAT:
         raise BundleError(f"{where}: not an hxc profiles file")
     _check_version(data, where, reads=PROFILES_SCHEMA_VERSION)
+    for field, limit in (("profiles", MAX_PROFILES), ("hosts", MAX_HOSTS)):
+        items = data.get(field, [])
+        if isinstance(items, list) and len(items) > limit:
+            raise BundleError(f"{where}: {len(items)} {field}, more than the {limit} a bundle keeps")
     try:
         return ProfilesFile(
             from_json(str, data.get("model_ir_sha256"), where="profiles.model_ir_sha256"),
@@ -237,32 +302,43 @@ def parse_profiles(data: object, where: str) -> ProfilesFile:
         )
     except SchemaError as e:
         raise BundleError(f"{where}: invalid profiles: {e}") from None
+    except RecursionError:
+        raise BundleError(f"{where}: invalid profiles: nested too deeply") from None
 
 
 def read_profiles_file(path: Path) -> ProfilesFile:
     """A standalone profiles.json (copied from another machine's bundle)."""
     try:
-        raw = _read_limited_file(path)
+        raw = _read_limited_file(path, MAX_PROFILES_BYTES)
     except FileNotFoundError:
         raise BundleError(f"{path}: no such bundle or profiles file") from None
     return parse_profiles(_json(raw, path), str(path))
 
 
-def _read_profiles(src: BundleSource, manifest: Manifest) -> tuple[tuple[Host, ...], tuple[Profile, ...]]:
-    """The measurements recorded beside the manifest. They are not build-time content
-    and are never trusted for integrity: a corrupt file is reported and ignored."""
+def _read_profiles(
+    src: BundleSource, manifest: Manifest, manifest_raw: bytes, signed_by: Sequence[signing.PublicKey] | None
+) -> tuple[tuple[Host, ...], tuple[Profile, ...], str | None]:
+    """The measurements recorded beside the manifest, and a note on them. They are not
+    build-time content and are never trusted for integrity: a file that is corrupt,
+    too large, or (when `signed_by` keys are given) not signed by one of them is
+    reported and ignored."""
     where = str(src.profiles_path)
     try:
         raw = src.read_profiles()
+        note = None
+        if signed_by is not None:
+            key = signing.check_profiles(manifest_raw, raw, read_profiles_signatures(src), signed_by, where)
+            note = f"profiles signed by trusted key {key.key_id}"
         doc = parse_profiles(_json(raw, where), where)
         if doc.model_ir_sha256 != manifest.model.ir_sha256:
             raise BundleError(f"{where}: measured for a different model")
     except FileNotFoundError:
-        return (), ()
+        return (), (), None
     except BundleError as e:
-        log.warning("hxc: ignoring the bundle's profiles: %s", e)
-        return (), ()
-    return doc.hosts, doc.profiles
+        required = " (signed profiles are required)" if isinstance(e, signing.UntrustedBundleError) else ""
+        log.warning("hxc: ignoring the bundle's profiles%s: %s", required, e)
+        return (), (), f"profiles ignored{required}: {e}"
+    return doc.hosts, doc.profiles, note
 
 
 # --- where a bundle's bytes come from ----------------------------------------------
@@ -275,12 +351,14 @@ class BundleSource:
 
     path: Path
     profiles_path: Path  # where measurements for this bundle are read and written
+    profiles_signature_path: Path  # and the signatures over them (`hxc sign --profiles`)
 
     def where(self, rel: str) -> str:
         raise NotImplementedError
 
-    def read_small(self, rel: str) -> bytes:
-        """A metadata file (FileNotFoundError if absent)."""
+    def read_small(self, rel: str, limit: int = MAX_METADATA_BYTES) -> bytes:
+        """A metadata file (FileNotFoundError if absent), refused (BundleError) if it
+        holds more than `limit` bytes, before it is read."""
         raise NotImplementedError
 
     def map(self, rel: str, expected_size: int, private_copy: bool) -> tuple[Any, Any]:
@@ -289,24 +367,32 @@ class BundleSource:
         raise NotImplementedError
 
     def read_profiles(self) -> bytes:
-        return _read_limited_file(self.profiles_path)
+        return _read_limited_file(self.profiles_path, MAX_PROFILES_BYTES)
+
+    def read_profiles_signature(self) -> bytes:
+        return _read_limited_file(self.profiles_signature_path, signing.MAX_SIGNATURE_FILE)
 
 
 class DirectorySource(BundleSource):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.profiles_path = path / PROFILES_FILE
+        self.profiles_signature_path = path / PROFILES_SIGNATURE_FILE
 
     def where(self, rel: str) -> str:
         return str(self.path / rel)
 
-    def read_small(self, rel: str) -> bytes:
+    def read_small(self, rel: str, limit: int = MAX_METADATA_BYTES) -> bytes:
         fd = _open_inside(self.path, rel)
         with os.fdopen(fd, "rb") as f:
-            return _read_limited(f, self.where(rel))
+            return _read_limited(f, self.where(rel), limit)
 
+    # Inside the directory: no links followed.
     def read_profiles(self) -> bytes:
-        return self.read_small(PROFILES_FILE)  # inside the directory: no links followed
+        return self.read_small(PROFILES_FILE, MAX_PROFILES_BYTES)
+
+    def read_profiles_signature(self) -> bytes:
+        return self.read_small(PROFILES_SIGNATURE_FILE, signing.MAX_SIGNATURE_FILE)
 
     def map(self, rel: str, expected_size: int, private_copy: bool) -> tuple[Any, Any]:
         fd = _open_inside(self.path, rel)
@@ -327,6 +413,7 @@ class ArchiveSource(BundleSource):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.profiles_path = path.with_name(path.name + ".profiles.json")
+        self.profiles_signature_path = path.with_name(path.name + ".profiles.sig")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except IsADirectoryError:
@@ -355,19 +442,26 @@ class ArchiveSource(BundleSource):
         except KeyError:
             raise FileNotFoundError(rel) from None
 
-    def read_small(self, rel: str) -> bytes:
+    def read_small(self, rel: str, limit: int = MAX_METADATA_BYTES) -> bytes:
         m = self._member(rel)
-        if m.size > MAX_METADATA_BYTES:
-            raise BundleError(f"{self.where(rel)}: {m.size} bytes, more than a bundle's metadata may have")
+        if m.size > limit:
+            raise BundleError(f"{self.where(rel)}: {m.size} bytes, more than the {limit} it may have")
         return os.pread(self._fd, m.size, m.offset)
 
+    # Measurements taken since packing live beside the archive (it is never rewritten
+    # for them), and so do the signatures over them; before any, the packed ones count.
+    # A signature read from one place and profiles from the other never verify together.
     def read_profiles(self) -> bytes:
-        # Measurements taken since packing live beside the archive (it is never
-        # rewritten for them); before any, the ones packed with it count.
         try:
             return super().read_profiles()
         except FileNotFoundError:
-            return self.read_small(PROFILES_FILE)
+            return self.read_small(PROFILES_FILE, MAX_PROFILES_BYTES)
+
+    def read_profiles_signature(self) -> bytes:
+        try:
+            return super().read_profiles_signature()
+        except FileNotFoundError:
+            return self.read_small(PROFILES_SIGNATURE_FILE, signing.MAX_SIGNATURE_FILE)
 
     def map(self, rel: str, expected_size: int, private_copy: bool) -> tuple[Any, Any]:
         m = self._member(rel)
@@ -395,20 +489,22 @@ def _check_size(where: str, actual: int, expected: int) -> None:
         )
 
 
-def _read_limited(f: Any, where: str) -> bytes:
+def _read_limited(f: Any, where: str, limit: int) -> bytes:
     st = os.fstat(f.fileno())
     if not stat.S_ISREG(st.st_mode):
         raise BundleError(f"{where}: not a regular file")
-    data = f.read(MAX_METADATA_BYTES + 1)
-    if len(data) > MAX_METADATA_BYTES:
-        raise BundleError(f"{where}: more than the {MAX_METADATA_BYTES} bytes a bundle's metadata may have")
+    # The size first, so an oversized file costs nothing; then at most one byte more
+    # than allowed, for a file that grows meanwhile.
+    data = f.read(limit + 1) if st.st_size <= limit else b""
+    if st.st_size > limit or len(data) > limit:
+        raise BundleError(f"{where}: {max(st.st_size, len(data))} bytes, more than the {limit} it may have")
     return data
 
 
-def _read_limited_file(path: Path) -> bytes:
+def _read_limited_file(path: Path, limit: int) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as f:
-        return _read_limited(f, str(path))
+        return _read_limited(f, str(path), limit)
 
 
 # --- checked files ---------------------------------------------------------------
@@ -637,7 +733,8 @@ def _publish_archive(bundle_dir: Path, out: Path, extra: dict[str, bytes] | None
     `out` is the old archive or the new one, never part of one)."""
     with private_dir(out, ".tmp") as work:
         tmp = work / "bundle.hxcb"
-        names = [n for n in (MANIFEST_FILE, SIGNATURE_FILE, PROFILES_FILE) if (bundle_dir / n).is_file()]
+        metadata = (MANIFEST_FILE, SIGNATURE_FILE, PROFILES_FILE, PROFILES_SIGNATURE_FILE)
+        names = [n for n in metadata if (bundle_dir / n).is_file()]
         manifest = parse_manifest(_json((bundle_dir / MANIFEST_FILE).read_bytes(), bundle_dir / MANIFEST_FILE))
         extra = extra or {}
         for name, data in extra.items():
@@ -675,7 +772,7 @@ def unpack_bundle(archive: Path, output: Path, *, trusted_keys: TrustedKeys = No
     manifest = read_manifest(archive, trusted_keys=trusted_keys)
     src = bundle_source(Path(archive))
     if isinstance(src, ArchiveSource):
-        known = {MANIFEST_FILE, SIGNATURE_FILE, PROFILES_FILE, *manifest.files}
+        known = {MANIFEST_FILE, SIGNATURE_FILE, PROFILES_FILE, PROFILES_SIGNATURE_FILE, *manifest.files}
         unknown = sorted(set(src.members) - known)
         if unknown:
             raise IntegrityError(f"{archive}: holds {unknown[0]!r}, which its manifest does not name; refusing to unpack")
@@ -691,8 +788,12 @@ def _extract(bundle: Path, manifest: Manifest, target: Path) -> None:
     for name in (MANIFEST_FILE, SIGNATURE_FILE):
         with contextlib.suppress(FileNotFoundError):
             (target / name).write_bytes(src.read_small(name))
-    with contextlib.suppress(FileNotFoundError):
+    # Profiles travel as they are (checked when read); oversized ones were already
+    # reported and ignored, and are left behind.
+    with contextlib.suppress(FileNotFoundError, BundleError):
         (target / PROFILES_FILE).write_bytes(src.read_profiles())
+    with contextlib.suppress(FileNotFoundError, BundleError):
+        (target / PROFILES_SIGNATURE_FILE).write_bytes(src.read_profiles_signature())
     for rel in sorted(manifest.files):
         checked = open_checked(src, manifest, rel)
         dest = target / rel
@@ -702,13 +803,14 @@ def _extract(bundle: Path, manifest: Manifest, target: Path) -> None:
         checked.close()
 
 
-def sign_bundle(bundle: Path, key_path: Path) -> signing.PublicKey:
-    """Add (or renew) this key's signature over the bundle's manifest."""
+def sign_bundle(bundle: Path, key_path: Path, *, sequence: int | None = None) -> signing.PublicKey:
+    """Add (or renew) this key's signature over the bundle's manifest, with a
+    sequence number for rollback checks if given."""
     key = signing.load_private_key(key_path)
     src = bundle_source(Path(bundle))
-    read_manifest(bundle, trusted_keys=False)  # a well-formed bundle, before signing it
+    read_manifest(bundle, trusted_keys=False, profiles=False)  # a well-formed bundle, before signing it
     raw = src.read_small(MANIFEST_FILE)
-    signatures = signing.sign(raw, key, read_signatures(src))
+    signatures = signing.sign(raw, key, read_signatures(src), sequence=sequence)
     data = signing.signatures_json(signatures)
     if isinstance(src, ArchiveSource):
         with private_dir(src.path, ".work") as work:
@@ -717,6 +819,27 @@ def sign_bundle(bundle: Path, key_path: Path) -> signing.PublicKey:
     else:
         atomic_write(src.path / SIGNATURE_FILE, data)
     return signing.public_of(key)
+
+
+def sign_profiles(bundle: Path, key_path: Path) -> tuple[signing.PublicKey, int]:
+    """Sign the bundle's profiles as they are now (their exact bytes, bound to its
+    manifest) into PROFILES_SIGNATURE_FILE, beside the profiles; returns the key and
+    how many profiles were signed. Profiles recorded later are not covered: sign again."""
+    key = signing.load_private_key(key_path)
+    src = bundle_source(Path(bundle))
+    manifest = read_manifest(bundle, trusted_keys=False, profiles=False)
+    raw = src.read_small(MANIFEST_FILE)
+    where = str(src.profiles_path)
+    try:
+        profiles = src.read_profiles()
+    except FileNotFoundError:
+        raise UsageError(f"{bundle}: has no profiles to sign", hint="record some with `hxc bench` first") from None
+    doc = parse_profiles(_json(profiles, where), where)  # well-formed and within bounds, before vouching for them
+    if doc.model_ir_sha256 != manifest.model.ir_sha256:
+        raise BundleError(f"{where}: measured for a different model; refusing to sign them")
+    signatures = signing.sign_profiles(raw, profiles, key, read_profiles_signatures(src))
+    atomic_write(src.profiles_signature_path, signing.signatures_json(signatures))
+    return signing.public_of(key), len(doc.profiles)
 
 
 def _swap_into_place(stage: Path, out: Path) -> None:
@@ -775,14 +898,30 @@ def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
 
 
 def _write_profiles(target: Path, manifest: Manifest) -> None:
-    data = {
-        "format": PROFILES_FORMAT,
-        "schema_version": f"{PROFILES_SCHEMA_VERSION[0]}.{PROFILES_SCHEMA_VERSION[1]}",
-        "model_ir_sha256": manifest.model.ir_sha256,
-        "hosts": to_json(manifest.hosts),
-        "profiles": to_json(manifest.profiles),
-    }
-    atomic_write(target, (json.dumps(data, indent=2) + "\n").encode())
+    # Within the bounds a reader accepts: the newest MAX_PROFILES (selection uses the
+    # newest measurement anyway), the hosts they name, and fewer still while the file
+    # would be too large (only unusually long text gets there).
+    profiles = manifest.profiles[-MAX_PROFILES:]
+    for _ in range(32):  # each pass keeps fewer profiles, down to none
+        hosts = manifest.hosts
+        if len(hosts) > MAX_HOSTS or len(profiles) < len(manifest.profiles):
+            used = {p.host_id for p in profiles}
+            hosts = tuple(h for h in hosts if h.id in used)[-MAX_HOSTS:]
+        data = {
+            "format": PROFILES_FORMAT,
+            "schema_version": f"{PROFILES_SCHEMA_VERSION[0]}.{PROFILES_SCHEMA_VERSION[1]}",
+            "model_ir_sha256": manifest.model.ir_sha256,
+            "hosts": to_json(hosts),
+            "profiles": to_json(profiles),
+        }
+        raw = (json.dumps(data, indent=2) + "\n").encode()
+        if len(raw) <= MAX_PROFILES_BYTES or not profiles:
+            break
+        profiles = profiles[len(profiles) - int(len(profiles) * MAX_PROFILES_BYTES / len(raw) * 0.9) :]
+    if len(manifest.profiles) > len(profiles):
+        log.warning("hxc: keeping the newest %d of %d profiles (a bundle keeps at most %d, in %d bytes)",
+                    len(profiles), len(manifest.profiles), MAX_PROFILES, MAX_PROFILES_BYTES)  # fmt: skip
+    atomic_write(target, raw)
 
 
 def atomic_write(target: Path, data: bytes) -> None:
@@ -791,7 +930,7 @@ def atomic_write(target: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
+        with name_write_errors(target), os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -817,12 +956,14 @@ def update_manifest(bundle: str | os.PathLike[str], change: Callable[[Manifest],
     manifest with the profiles written. `change` may only change `hosts` and
     `profiles`: the build-time manifest is never rewritten."""
     path = Path(bundle)
-    read_manifest(path)  # fail early, with a clear message, before taking the lock
+    # The profiles there are amended, not trusted for a choice: unsigned ones are kept
+    # even where signed ones are required (they would be lost otherwise).
+    read_manifest(path, require_signed_profiles=False)  # fail early, with a clear message, before taking the lock
     src = bundle_source(path)
     # A directory holds its own lock file; an archive is never written to, so its
     # profiles live beside it and the lock is on the directory it sits in.
     with _profiles_lock(src):
-        current = read_manifest(path)
+        current = read_manifest(path, require_signed_profiles=False)
         updated = change(current)
         if dataclasses.replace(updated, hosts=(), profiles=()) != dataclasses.replace(current, hosts=(), profiles=()):
             raise ValueError("update_manifest may only change hosts and profiles")  # a bug, not a user error
@@ -849,12 +990,24 @@ def copy_hashed(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Fil
     is the hash of the bytes it ships, not of a source that may differ."""
     h = hashlib.sha256()
     size = 0
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
+    with name_write_errors(dst), open(src, "rb") as fin, open(dst, "xb") as fout:
         while chunk := fin.read(1 << 20):
             h.update(chunk)
             fout.write(chunk)
             size += len(chunk)
     return FileHash(h.hexdigest(), size)
+
+
+@contextlib.contextmanager
+def name_write_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """A failed write names no file (`[Errno 28] No space left on device`); give it
+    the file it was writing, so the one-line error says where the disk is full."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+        raise
 
 
 def file_hash(path: str | os.PathLike[str]) -> FileHash:

@@ -57,7 +57,8 @@ def merge_profiles(bundle: str | Path, sources: Sequence[str | Path]) -> MergeRe
                 skipped.append(f"{src}: {p.candidate} profile is for other bytes than this bundle's artifact")
                 continue
             profiles.append(p)
-        hosts += [h for h in other.hosts if any(p.host_id == h.id for p in other.profiles)]
+        measured = {p.host_id for p in other.profiles}  # a set: a list made this hosts x profiles
+        hosts += [h for h in other.hosts if h.id in measured]
 
     before = len(target.profiles)
     updated = update_manifest(bundle, lambda m: add_profiles(m, hosts, profiles))

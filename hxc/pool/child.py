@@ -11,8 +11,8 @@ process to its CPUs before anything starts a thread, so every thread inherits th
 
 Fault injection, for tests only: `HXC_POOL_FAULT="<who>:<what>@<n>[,...]"` makes the
 first incarnation of a worker whose artifact id or driver is <who> misbehave on its
-n-th request: `hang` (never answers), `crash` (SIGKILLs itself), `segv` (a real
-segmentation fault). A restarted worker behaves.
+n-th request: `hang` (never answers), `slow` (answers 5 s late), `crash` (SIGKILLs
+itself), `segv` (a real segmentation fault). A restarted worker behaves.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 FAULT_ENV = "HXC_POOL_FAULT"
+SLOW_S = 5.0  # how late a `slow` fault answers
 
 
 def main(config: dict[str, Any]) -> None:
@@ -142,7 +143,7 @@ def _faults(spec: str, model, incarnation: int) -> dict[int, str]:
     for item in spec.split(","):
         who, _, rest = item.strip().rpartition(":")
         what, _, n = rest.partition("@")
-        if who in (model.artifact.id, model.device.driver) and what in ("hang", "crash", "segv"):
+        if who in (model.artifact.id, model.device.driver) and what in ("hang", "slow", "crash", "segv"):
             out[int(n or 1)] = what
     return out
 
@@ -151,6 +152,8 @@ def _inject(fault: str | None) -> None:
     if fault == "hang":
         while True:
             time.sleep(3600)
+    if fault == "slow":
+        time.sleep(SLOW_S)
     if fault == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
     if fault == "segv":

@@ -48,6 +48,7 @@ SLOTS = 2  # chunks a worker holds at once: one running, the next already there
 JUDGE_SAMPLES = 5  # chunks measured alone, and beside the others, before a judgement
 REJUDGE_S = 60.0  # seconds of work after which a judgement is made again (loads change)
 CONFIRM_S = 5.0  # the first judgement, made from a few early chunks, is checked again this soon
+EMPTY_CALL_TIMEOUT_S = 300.0  # a backstop: the worker's own deadline ends a hung call sooner
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,11 @@ class Pool:
         """Whether a call's batch can be split across devices (a dynamic batch dimension)."""
         return self._not_splittable is None
 
+    @property
+    def not_splittable(self) -> str | None:
+        """Why a call's batch cannot be split across devices (None if it can)."""
+        return self._not_splittable
+
     def __call__(self, *inputs: Any) -> Any:
         """Run one batch across every device; outputs as one device would return them."""
         if not self.splittable:
@@ -308,6 +314,21 @@ class Pool:
         self._judged = False
         self._solo_trial = None
 
+    def settle(self, timeout_s: float = 60.0) -> bool:
+        """Wait (at most `timeout_s`) for the copies still computing for calls that have
+        returned (backup copies that lost, an unmeasured device's probe): their devices are
+        then free and their timings taken, so the next call starts with every device idle
+        and pays for none of them (what a measurement needs). True if none is left."""
+        if self._job_owner == threading.get_ident():
+            raise UsageError("this pool is running a call or map() in this thread; finish it before settle()")
+        with self._job_lock:
+            job = _Job(self, iter(()), window=1)
+            try:
+                job.settle(time.monotonic() + timeout_s)
+            finally:
+                job.close()
+        return not any(self._carry.values())
+
     def close(self) -> None:
         for m in self.members:
             m.worker.close()
@@ -350,6 +371,23 @@ class Pool:
                 yield from _Job(self, source, window, flat, last).run()
             finally:
                 self._job_owner = None
+
+    def _empty_call(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """The outputs of a call where a dynamic dimension is 0 (a zero-row batch): from
+        the inputs' shapes when they alone make every output empty (no worker is asked),
+        else from one device whose driver runs empty dispatches, called with the whole
+        request (there are no rows to split; see TargetFamily.empty_dispatch)."""
+        from hxc.runtime.loader import empty_outputs
+        from hxc.targets import family
+
+        answered = empty_outputs(self.signature, arrays)
+        if answered is not None:
+            return answered
+        able = [m for m in self.members if m.worker.health == Health.READY and family(m.candidate.artifact.family).empty_dispatch]
+        if not able:
+            raise HxcError(f"{self.bundle}: a dimension is 0 in this call and no ready device of the pool can run "
+                           "such a call (Vulkan cannot dispatch over empty buffers)", hint="add a CPU device to the pool")  # fmt: skip
+        return able[0].worker.run(arrays, timeout=EMPTY_CALL_TIMEOUT_S)
 
     def _kept(self) -> list[_Member]:
         """Members that share the work: ready and not left out — or, if every one of
@@ -446,6 +484,9 @@ class _Job:
         # Working time counts while this loop runs, not while the consumer holds a result.
         t0: float | None = time.perf_counter()
         try:
+            # Copies of earlier calls that finished meanwhile: their devices are free, and
+            # measured, before the first chunk is handed out.
+            self._drain()
             while True:
                 self._refill()
                 while self.items and self.items[0].done == self.items[0].units:
@@ -461,16 +502,30 @@ class _Job:
         finally:
             if t0 is not None:
                 self.pool._wall_s += time.perf_counter() - t0
-            with self.alloc:
-                self.finished = True
-            b = self.balancer
-            self.pool._carry = {m.name: [*b.stale(m.name), *b.in_flight(m.name)] for m in self.pool.members}
+            self.close()
+
+    def close(self) -> None:
+        """End the job: nothing more is written into its items' arrays, and what its
+        devices still compute carries over into the next job's backlogs."""
+        with self.alloc:
+            self.finished = True
+        b = self.balancer
+        self.pool._carry = {m.name: [*b.stale(m.name), *b.in_flight(m.name)] for m in self.pool.members}
+
+    def settle(self, deadline: float) -> None:
+        """Handle completions until no device holds a chunk of an earlier job (or the deadline)."""
+        self._drain()
+        while any(self.balancer.held(m.name) for m in self.pool.members) and (left := deadline - time.monotonic()) > 0:
+            try:
+                self._handle(self.pool._events.get(timeout=min(0.5, left)))
+            except queue.Empty:
+                pass
 
     # reading requests
 
     def _refill(self) -> None:
         from hxc.dtypes import is_torch
-        from hxc.runtime.loader import check_inputs
+        from hxc.runtime.loader import check_inputs, empty_at_run_time
 
         want = self._lookahead()
         while not self.exhausted and len(self.items) < self.window and (self.balancer.unassigned < want or not self.items):
@@ -482,7 +537,10 @@ class _Job:
                 break
             arrays = check_inputs(self.pool.signature, raw)
             rows = int(arrays[0].shape[0]) if self.splittable else 1
-            item = _Item(arrays, self.units, rows, bool(raw) and is_torch(raw[0]), written=np.zeros(rows, bool))
+            outputs = None
+            if empty_at_run_time(self.pool.signature, arrays):  # a zero-row batch, or another dimension 0
+                outputs, rows = self.pool._empty_call(arrays), 0  # no unit of it goes into the split
+            item = _Item(arrays, self.units, rows, bool(raw) and is_torch(raw[0]), outputs=outputs, written=np.zeros(rows, bool))
             self.items.append(item)
             self.balancer.add(self.units, rows)
             self.units += rows
@@ -527,10 +585,15 @@ class _Job:
         rows = chunk.count if self.splittable else int(shapes[0][0]) if shapes and shapes[0] else 1
 
         def write(views: list[np.ndarray]) -> None:
+            if not self.splittable:
+                # One whole request (its one unit is the request, not a row).
+                for v, a in zip(views, segments[0][0].arrays):
+                    v[...] = a
+                return
             at = 0
             for item, src, n in segments:
                 for v, a in zip(views, item.arrays):
-                    v[at:at + n] = a[src:src + n] if self.splittable else a
+                    v[at:at + n] = a[src:src + n]
                 at += n
 
         stored: list[bool] = []  # whether this copy's rows were stored (set before the future completes)
@@ -577,7 +640,10 @@ class _Job:
                 if item.written[src:src + n].any():
                     raise HxcError(f"internal error: rows {src}..{src + n} of a request were computed twice")
                 for out, v in zip(item.outputs, views):
-                    out[src:src + n] = v[at:at + n] if self.splittable else v
+                    if self.splittable:
+                        out[src:src + n] = v[at:at + n]
+                    else:
+                        out[...] = v  # the whole request's outputs, whatever their leading dimension
                 item.written[src:src + n] = True
                 at += n
         return True
@@ -585,19 +651,23 @@ class _Job:
     # waiting for completions
 
     def _wait(self) -> None:
-        events = self.pool._events
         try:
-            event = events.get(timeout=0.5)
+            event = self.pool._events.get(timeout=0.5)
         except queue.Empty:
             self._check_progress()
             return
-        while True:
-            self._handle(event)
-            try:
-                event = events.get_nowait()
-            except queue.Empty:
-                break
+        self._handle(event)
+        self._drain()
         self._check_progress()
+
+    def _drain(self) -> None:
+        """Handle every event already posted, without waiting."""
+        while True:
+            try:
+                event = self.pool._events.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(event)
 
     def _handle(self, event: tuple) -> None:
         if event[0] == "state":
@@ -607,10 +677,14 @@ class _Job:
         error = future.exception()
         if job_id != self.id:
             # A copy still running when an earlier call returned (or of an abandoned
-            # call): its device is free of it now; its rows were dropped.
+            # call): its device is free of it now; its rows were dropped, its timing is
+            # kept (an unmeasured device's probe is always copied, and would otherwise
+            # never measure it).
             self.balancer.drop(m.name, chunk, now, stale=True)
             if error is None:
-                m.counts["busy_s"] += future.result().worker_ms / 1000
+                seconds = future.result().worker_ms / 1000
+                m.speed.observe(chunk.count, seconds, chunk.count >= self.balancer.full_size(m.speed))
+                m.counts["busy_s"] += seconds
                 m.counts["wasted"] += chunk.count
             self.overlap.busy(m.name, now, bool(self.balancer.held(m.name)))
             return
@@ -722,6 +796,10 @@ def _choose(manifest, probe: HostProbe, devices: str | Sequence[str], policy: st
                                  hint="; ".join(f"{r.artifact.id}: {r.reason}" for r in sel.rejected[:4]))  # fmt: skip
             if all(p.device.uri != sel.best.device.uri for p in picked):
                 picked.append(sel.best)
+        # Best first, whatever order they were listed in: a request that cannot be split
+        # goes to the first device with room, which should be the best one.
+        rank = {(c.artifact.id, c.device.uri): i for i, c in enumerate(selection.candidates)}
+        picked.sort(key=lambda c: rank.get((c.artifact.id, c.device.uri), len(rank)))
     if not picked:
         raise NoCompatibleArtifactError(f"{manifest.model.name}: no artifact in this bundle can run on this host",
                                         hint="; ".join(f"{r.artifact.id}: {r.reason}" for r in selection.rejected[:6]))  # fmt: skip

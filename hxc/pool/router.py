@@ -67,7 +67,7 @@ class NoDeviceReady(HxcError):
 
 
 class Admission:
-    """A place in a router's queue, taken before the request is read (`Router.admit`)."""
+    """A place in a router's queue, taken before the request is parsed (`Router.admit`)."""
 
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -374,8 +374,9 @@ class Router:
         return self._outstanding
 
     def admit(self) -> Admission:
-        """Take a place in the queue now, before the request is even read (a server sheds
-        load before buffering a body): raises Overloaded (and counts it shed) when every
+        """Take a place in the queue now, before the request is parsed (a server sheds load
+        before spending time on it; `hxc serve` does so once the body has arrived, so a
+        stalled upload holds no place): raises Overloaded (and counts it shed) when every
         place is taken. Hand the admission to `submit`, or `release()` it."""
         with self.lock:
             self._admit_locked()
@@ -409,6 +410,7 @@ class Router:
             arrays = list(arrays)
             rows = int(arrays[0].shape[0]) if self.batching else 1
             only = self.matching(device) if device else None
+            only = self._able_for(arrays, only)
             future: Future = Future()
             req = _Request(arrays, rows, future, slo_ms if slo_ms is not None else self.slo_ms, policy or self.policy, only)
             with self.lock:
@@ -424,6 +426,19 @@ class Router:
         if chosen is not None:
             chosen.dispatch_now()
         return future
+
+    def _able_for(self, arrays: list[np.ndarray], only: frozenset[str] | None) -> frozenset[str] | None:
+        """`only`, narrowed for a call where a dynamic dimension is 0 and the outputs are
+        not empty by their shapes alone, to the devices whose driver runs it (Vulkan
+        cannot: TargetFamily.empty_dispatch), when any of them may take it; else as is."""
+        from hxc.runtime.loader import empty_at_run_time, empty_outputs
+        from hxc.targets import family
+
+        signature = self.pool.signature
+        if not empty_at_run_time(signature, arrays) or empty_outputs(signature, arrays) is not None:
+            return only
+        able = frozenset(d.name for d in self.devices if family(d.candidate.artifact.family).empty_dispatch)
+        return (able if only is None else only & able) or only
 
     def matching(self, selector: str) -> frozenset[str]:
         """The devices `selector` names; UsageError if none."""

@@ -14,9 +14,11 @@ timings from then on.
 At the end of a call (nothing left unassigned), a device with room may compute a
 backup copy of a chunk another device holds, when it would finish the copy well before
 the holder is predicted to finish the original (MapReduce's backup tasks): a slow
-device's last chunk no longer keeps the fast ones idle. The first copy to finish
-counts; the other becomes stale: its device is still busy with it (it counts in that
-device's backlog, also in the next call, via `hold`), and its result is dropped.
+device's last chunk no longer keeps the fast ones idle. A chunk held by a device not
+measured yet (its one-unit probe) is always copied: nothing predicts when it ends. The
+first copy to finish counts; the other becomes stale: its device is still busy with it
+(it counts in that device's backlog, also in the next call, via `hold`), and its result
+is dropped.
 """
 
 from __future__ import annotations
@@ -278,9 +280,11 @@ class Balancer:
         known = {d: r for d in active if (r := self.rate(speeds[d]))}
         fastest = max(known.values(), default=rate)
         target = self.chunk_s(speed)
-        if self.open or set(active) <= {device}:
+        if self.open or set(known) <= {device}:
             # A stream has no known end; a device working alone has nobody to finish
-            # together with, so shrinking its last chunks would only add hops.
+            # together with, so shrinking its last chunks would only add hops. Devices
+            # not measured yet do not count: they take a one-unit probe at most, and a
+            # probe is copied at the call's end rather than waited for.
             budget = math.inf
         else:
             pending = self.unassigned + sum(c.count for d in active for c in self.in_flight(d))
@@ -320,14 +324,15 @@ class Balancer:
         for other, chunks in self._in_flight.items():
             if other == device or not chunks:
                 continue
+            # A holder not measured yet may take any time (lavapipe's first call: 0.2-2.6 s
+            # for one row), so its chunks are always worth a copy: a call never waits on
+            # a device before it is measured, and the holder is measured all the same.
             ends = self._ends(other, speeds[other], now)
-            if ends is None:
-                continue
             held = self._order[other]
             for chunk in chunks:
                 if any(chunk in self.in_flight(d) for d in self._in_flight if d != other):
                     continue  # already has a copy
-                theirs = ends[held.index(chunk)] - now
+                theirs = math.inf if ends is None else ends[held.index(chunk)] - now
                 ours = speeds[device].seconds_for(chunk.count)
                 if ours is None or free + ours - now > BACKUP_GAIN * theirs:
                     continue

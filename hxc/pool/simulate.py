@@ -66,7 +66,7 @@ def simulate(devices: list[SimDevice], units: int, *, target_s: float = 0.05, sl
     rng = random.Random(seed)
     speeds = {d.name: Speed(d.speed * d.prior_error) for d in devices}
     start_at = 0.0
-    carried: dict[str, list[tuple[float, Chunk]]] = {}
+    carried: dict[str, list[tuple[float, Chunk, float]]] = {}
     free_at = {d.name: 0.0 for d in devices}
     if warmup:
         first = _run(devices, warmup, speeds, free_at, {}, 0.0, target_s, slots, rng, backups, tune)
@@ -75,8 +75,8 @@ def simulate(devices: list[SimDevice], units: int, *, target_s: float = 0.05, sl
 
 
 def _run(devices: list[SimDevice], units: int, speeds: dict[str, Speed], free_at: dict[str, float],
-         carried: dict[str, list[tuple[float, Chunk]]], t0: float, target_s: float, slots: int, rng: random.Random,
-         backups: bool, tune: bool) -> tuple[SimResult, dict[str, list[tuple[float, Chunk]]]]:  # fmt: skip
+         carried: dict[str, list[tuple[float, Chunk, float]]], t0: float, target_s: float, slots: int,
+         rng: random.Random, backups: bool, tune: bool) -> tuple[SimResult, dict[str, list[tuple[float, Chunk, float]]]]:  # fmt: skip
     balancer = Balancer(target_s, backups=backups, tune=tune)
     balancer.add(0, units)
     by_name = {d.name: d for d in devices}
@@ -88,11 +88,12 @@ def _run(devices: list[SimDevice], units: int, speeds: dict[str, Speed], free_at
     events: list[tuple[float, int, str, str, Chunk | None, float]] = []  # (time, seq, kind, device, chunk, duration)
     seq = 0
     lost = 0
-    stale_ends: dict[str, list[tuple[float, Chunk]]] = {}  # copies still running when the call ends
+    # (end, chunk, duration) of every chunk handed out: copies still running when the call ends carry over.
+    stale_ends: dict[str, list[tuple[float, Chunk, float]]] = {}
     for name, held in carried.items():
-        for end, chunk in held:
+        for end, chunk, duration in held:
             balancer.hold(name, chunk)
-            heapq.heappush(events, (end, seq, "stale", name, chunk, 0.0))
+            heapq.heappush(events, (end, seq, "stale", name, chunk, duration))
             seq += 1
     for d in devices:
         if d.fails_at is not None:
@@ -112,7 +113,7 @@ def _run(devices: list[SimDevice], units: int, speeds: dict[str, Speed], free_at
                 start = max(now, free_at[name])
                 free_at[name] = start + duration
                 heapq.heappush(events, (start + duration, seq, "done", name, chunk, duration))
-                stale_ends.setdefault(name, []).append((start + duration, chunk))
+                stale_ends.setdefault(name, []).append((start + duration, chunk, duration))
                 seq += 1
 
     pump(t0)
@@ -121,7 +122,9 @@ def _run(devices: list[SimDevice], units: int, speeds: dict[str, Speed], free_at
         now, _, kind, name, chunk, duration = heapq.heappop(events)
         dev = by_name[name]
         if kind == "stale":
+            # As the pool: the copy's result is dropped, its timing kept.
             balancer.drop(name, chunk, now, stale=True)
+            speeds[name].observe(chunk.count, duration, chunk.count >= balancer.full_size(speeds[name]))
             pump(now)
             continue
         if kind == "fail":
@@ -135,7 +138,7 @@ def _run(devices: list[SimDevice], units: int, speeds: dict[str, Speed], free_at
             continue  # finished after the device died: never delivered
         if dev.fails_at is not None and now > dev.fails_at:
             continue  # the device was dead by then; the failure event re-queues it
-        stale_ends[name].remove((now, chunk))
+        stale_ends[name].remove((now, chunk, duration))
         speeds[name].observe(chunk.count, duration, chunk.count >= balancer.full_size(speeds[name]))
         if not balancer.done(name, chunk, now):
             pump(now)
@@ -150,7 +153,7 @@ def _run(devices: list[SimDevice], units: int, speeds: dict[str, Speed], free_at
     chunk_s = max(target_s, max(1 / d.speed for d in devices if done_units[d.name]))
     # The call ends when every unit is done; copies still running carry into the next.
     end = max(finish.values())
-    carry = {n: [(e, c) for e, c in held if e > end] for n, held in stale_ends.items() if n in active}
+    carry = {n: [(e, c, s) for e, c, s in held if e > end] for n, held in stale_ends.items() if n in active}
     result = SimResult(units, end - t0, _ideal(devices, units), {n: f - t0 for n, f in finish.items()}, done_units, chunks,
                        chunk_s, lost, dead, done, balancer.copies, balancer.wasted)  # fmt: skip
     return result, carry

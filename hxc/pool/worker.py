@@ -675,7 +675,7 @@ def isolated_worker(
     restarts, so a crash fails the run it happened in and every later one."""
     from hxc.manifests import read_manifest
 
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle, profiles=False)  # the signature; the worker's load() reads the profiles
     # Every run gets the whole `timeout_s`: runs of one worker may differ in size (a
     # longer sequence), so the first one's speed predicts nothing for the next.
     deadlines = Deadlines(floor_s=timeout_s, unmeasured_s=timeout_s, load_s=timeout_s)

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,15 +26,14 @@ import numpy as np
 from hxc.engines import engine
 from hxc.engines.base import Session as EngineSession
 from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, first_line
-from hxc.manifests import read_manifest
-from hxc.manifests.bundle import CheckedFile, TrustedKeys, open_checked
+from hxc.manifests.bundle import CheckedFile, TrustedKeys, open_checked, read_bundle, trust_policy
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
 from hxc.dtypes import dtype, from_numpy, is_torch, to_numpy, to_torch
 from hxc.runtime.io import HOST_MEMORY_DRIVERS, Transfers, cast_inputs, cast_signature
 from hxc.runtime.prices import PriceTable
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
-from hxc.targets import Device
+from hxc.targets import Device, families
 
 log = logging.getLogger("hxc.runtime")
 PRIVATE_COPY_ENV = "HXC_PRIVATE_COPY"
@@ -145,6 +144,8 @@ def load(
     probe: HostProbe | None = None,
     private_copy: bool | None = None,
     trusted_keys: TrustedKeys = None,
+    min_sequence: int | None = None,
+    require_signed_profiles: bool | None = None,
     slo_ms: float | None = None,
     slo_percentile: str = "p99",
     prices: PriceTable | None = None,
@@ -162,7 +163,12 @@ def load(
     error against fp32.
 
     `trusted_keys` (public key files, or $HXC_TRUSTED_KEYS when None) requires a
-    valid signature by one of them before any file of the bundle is opened.
+    valid signature by one of them before any file of the bundle is opened;
+    `min_sequence` (or $HXC_MIN_SEQUENCE) refuses a bundle whose signature carries a
+    lower sequence number (`hxc sign --sequence`): an older bundle put back in place.
+    `require_signed_profiles=True` (or $HXC_REQUIRE_SIGNED_PROFILES=1) ranks by
+    profiles only if a trusted key signed them (`hxc sign --profiles`), and by the
+    static order otherwise (explain() says so).
 
     `private_copy=True` (or $HXC_PRIVATE_COPY=1) runs a private in-memory copy of the
     checked bytes instead of a mapping of the bundle's file, so that writes to the
@@ -179,10 +185,11 @@ def load(
     path = Path(bundle)
     if private_copy is None:
         private_copy = os.environ.get(PRIVATE_COPY_ENV, "") not in ("", "0")
-    manifest = read_manifest(path, trusted_keys=trusted_keys)
+    read = read_bundle(path, trust_policy(trusted_keys, min_sequence, require_signed_profiles))
+    manifest = read.manifest
     probe = probe or probe_host()
     options = {"precision": precision, "tolerance": tolerance, "slo_ms": slo_ms, "slo_percentile": slo_percentile,
-               "prices": prices}  # fmt: skip
+               "prices": prices, "profiles_note": read.profiles_note}  # fmt: skip
     selection = select(manifest, probe, policy=policy, device=device, **options)
     if not selection.candidates and selection.forced:
         if strict:
@@ -327,7 +334,7 @@ class Session:
     bundle; `hxc compile --tune` uses them directly on freshly compiled candidates."""
 
     def __init__(self, device: Any, context: Any, function: Any, keep_alive: tuple, host_memory: bool = False,
-                 awake: tuple[int, ...] = ()) -> None:  # fmt: skip
+                 awake: tuple[int, ...] = (), empty_dispatch: bool = True, label: str = "the device") -> None:  # fmt: skip
         self.device = device
         self.context = context
         self.function = function
@@ -335,6 +342,8 @@ class Session:
         self.host_memory = host_memory
         self._awake = awake  # polling threads to wake for each call (see _hal_device)
         self.borrow_inputs = False  # see LoadedModel.borrow_inputs
+        self.empty_dispatch = empty_dispatch  # see TargetFamily.empty_dispatch
+        self.label = label
         self._last_transfers: Transfers | None = None
         # The mapped module, the parameter index and its provider must outlive the
         # context that reads from them.
@@ -372,8 +381,9 @@ class Session:
         function = module.lookup_function("main")
         if function is None:
             raise HxcError(f"{vmfb}: has no 'main' function")
+        empty_dispatch = all(f.empty_dispatch for f in families() if device.driver in f.drivers)
         return cls(hal_device, context, function, keep_alive, host_memory=device.driver in HOST_MEMORY_DRIVERS,
-                   awake=_AWAKE.get(device.uri, ()))  # fmt: skip
+                   awake=_AWAKE.get(device.uri, ()), empty_dispatch=empty_dispatch, label=device.label)  # fmt: skip
 
     def _transfers(self, signature: Signature) -> Transfers:
         # Callers pass the same signature object every time (the artifact's), so one
@@ -383,7 +393,27 @@ class Session:
             t = self._last_transfers = Transfers(self.device, self.host_memory, signature)
         return t
 
+    def _answered(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray] | None:
+        """The outputs of a call this device cannot run (a dimension that is 0 at run time
+        on a driver without empty dispatches) when the inputs' shapes alone make every
+        output empty; None when the device is to be called."""
+        if self.empty_dispatch or not empty_at_run_time(signature, arrays):
+            return None
+        return empty_outputs(signature, arrays)
+
+    def _refused(self, e: Exception, arrays: list[np.ndarray], signature: Signature) -> Exception:
+        """IREE's error for a dispatch over an empty buffer as a one-line HxcError that
+        says why; any other error as it is."""
+        if "empty buffer range" not in str(e):
+            return e
+        shapes = ", ".join(f"{s.name} {'x'.join(map(str, a.shape)) or 'scalar'}" for s, a in zip(signature.inputs, arrays))
+        return HxcError(f"{self.label} cannot run this call: a dimension is 0 at run time ({shapes}), and this driver "
+                        "cannot dispatch over empty buffers; not every output is empty by its shape alone, so hxc "
+                        "cannot answer it without the device", hint="run it on a CPU artifact (device='cpu')")  # fmt: skip
+
     def prepare(self, arrays: list[np.ndarray], signature: Signature) -> Callable[[], None]:
+        if self._answered(arrays, signature) is not None:
+            return lambda: None  # nothing to compute: see _answered
         t = self._transfers(signature)
         with _awake(self._awake):
             args, results = t.upload(arrays), t.results
@@ -398,12 +428,19 @@ class Session:
         return call
 
     def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
+        answered = self._answered(arrays, signature)
+        if answered is not None:
+            self.device_seconds = 0.0
+            return answered
         t = self._transfers(signature)
         with _awake(self._awake):  # copies to and from the device wait on it too
             args = t.upload(arrays, self.borrow_inputs)
             results = t.results()
             t0 = time.perf_counter()
-            self.context.invoke(self.function, args, results)
+            try:
+                self.context.invoke(self.function, args, results)
+            except Exception as e:
+                raise self._refused(e, arrays, signature) from None
             self.device_seconds = time.perf_counter() - t0
             return t.download(results)
 
@@ -430,9 +467,9 @@ class CallPlan:
         self.signature = signature
         specs = signature.inputs
         self.count = len(specs)
-        # (numpy dtype, shape) per input, or None when a dimension is dynamic (or 0,
-        # which check_inputs refuses as empty): those inputs always take the full check.
-        static = all(isinstance(d, int) and d > 0 for s in specs for d in s.shape)
+        # (numpy dtype, shape) per input, or None when a dimension is dynamic: those
+        # inputs always take the full check.
+        static = all(isinstance(d, int) for s in specs for d in s.shape)
         self.expected = tuple((dtype(s.dtype).numpy_dtype(), tuple(s.shape)) for s in specs) if static else None
         self.input_casts = any(m.dtype != a.dtype for m, a in zip(specs, artifact_signature.inputs))
         self.output_dtypes = tuple(s.dtype for s in signature.outputs)
@@ -475,15 +512,33 @@ def check_inputs(signature: Signature, inputs: Any) -> list[np.ndarray]:
             raise SignatureError(
                 f"input {i} ({spec.name}) has shape {'x'.join(map(str, a.shape)) or 'scalar'}; expected {spec.format()}"
             )
-        if a.size == 0:
-            raise SignatureError(f"input {i} ({spec.name}) is empty (shape {'x'.join(map(str, a.shape))}); "
-                                 "every dimension must be at least 1")  # fmt: skip
         for d, n in zip(spec.shape, a.shape):
             if isinstance(d, str):
                 if sizes.setdefault(d, n) != n:
                     raise SignatureError(f"input {i} ({spec.name}): dynamic dim {d} is {n} here but {sizes[d]} in an earlier input")
         arrays.append(a)
     return arrays
+
+
+def empty_at_run_time(signature: Signature, arrays: Sequence[np.ndarray]) -> bool:
+    """Whether a dynamic dimension of some input is 0 in this call (a statically 0
+    dimension is the compiler's to fold away)."""
+    return any(n == 0 and isinstance(d, str) for s, a in zip(signature.inputs, arrays) for d, n in zip(s.shape, a.shape))
+
+
+def empty_outputs(signature: Signature, arrays: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+    """The outputs of a call on `arrays` when their shapes alone determine them: every
+    output's shape is known from the signature (static dimensions, dynamic ones named
+    after an input's) and holds a 0, so there is no value to compute. None otherwise
+    (an output's size is not known, or it has values: a sum over an empty axis is 0)."""
+    sizes = {d: n for s, a in zip(signature.inputs, arrays) for d, n in zip(s.shape, a.shape) if isinstance(d, str)}
+    out = []
+    for spec in signature.outputs:
+        shape = [d if isinstance(d, int) else sizes.get(d) for d in spec.shape]
+        if any(n is None for n in shape) or 0 not in shape:
+            return None
+        out.append(np.empty(shape, dtype(spec.dtype).numpy_dtype()))
+    return out
 
 
 def format_specs(specs: tuple[TensorSpec, ...]) -> str:

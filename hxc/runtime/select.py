@@ -158,6 +158,7 @@ class Selection:
     note: str | None = None  # e.g. why a requested device was not honoured
     slo: Slo | None = None
     currency: str = "USD"
+    profiles_note: str | None = None  # profiles ignored (and why), or who signed them
 
     @property
     def best(self) -> Candidate | None:
@@ -176,6 +177,8 @@ class Selection:
         lines = [head + (f"; device forced to {self.forced!r}" if self.forced else "")]
         if self.note:
             lines.append(f"note: {self.note}")
+        if self.profiles_note:
+            lines.append(self.profiles_note)
         for i, c in enumerate(self.candidates):
             mark = "->" if i == 0 else "  "
             lines.append(f"{mark} #{i + 1} {c.artifact.id} on {c.device.label}: {c.reason}")
@@ -199,6 +202,7 @@ def select(
     slo_ms: float | None = None,
     slo_percentile: str = "p99",
     prices: PriceTable | None = None,
+    profiles_note: str | None = None,
 ) -> Selection:
     """Rank the manifest's artifacts for this host. `device` (or $HXC_DEVICE) restricts
     the choice to a driver (`vulkan`), a device URI, or a family (`cpu`).
@@ -208,7 +212,9 @@ def select(
     allows any whose recorded error against fp32 is at most that.
 
     `policy="cost"` prices devices with `prices` (default: `load_prices()`); `slo_ms`
-    ranks the candidates that meet that latency target at `slo_percentile` first."""
+    ranks the candidates that meet that latency target at `slo_percentile` first.
+    `profiles_note` (from reading the bundle: profiles ignored, and why) goes into
+    explain()."""
     if policy not in POLICIES:
         raise UsageError(f"unknown policy {policy!r}", hint=f"choose from: {', '.join(POLICIES)}")
     slo = _slo(slo_ms, slo_percentile)
@@ -265,7 +271,8 @@ def select(
         note = f"no candidate meets the SLO ({slo}); the fastest is picked"
     order = _order_key(policy, slo, meets_any=note is None)
     candidates.sort(key=order)
-    return Selection(tuple(candidates), tuple(rejected), policy, forced, note, slo, prices.currency if prices else "USD")
+    return Selection(tuple(candidates), tuple(rejected), policy, forced, note, slo, prices.currency if prices else "USD",
+                     profiles_note)  # fmt: skip
 
 
 def _slo(slo_ms: float | None, percentile: str) -> Slo | None:

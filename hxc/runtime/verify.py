@@ -24,8 +24,9 @@ import numpy as np
 from hxc.arrays import ArrayFileError, max_array_bytes, read_npz
 from hxc.dtypes import compute_dtype, dtype, from_storage
 from hxc.errors import BundleError, ExitCode, HxcError, NothingToCompareError, UsageError, first_line
-from hxc.manifests import Manifest, Signature, TensorSpec, read_manifest
-from hxc.manifests.bundle import TrustedKeys, check_all_files, open_checked
+from hxc.manifests import Manifest, Signature, TensorSpec
+from hxc.manifests.bundle import TrustedKeys, check_all_files, open_checked, read_bundle, trust_policy
+from hxc.manifests.signing import TrustPolicy
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import select
 
@@ -205,10 +206,21 @@ class VerifyResult:
 
 
 @dataclass(frozen=True)
+class NotRun:
+    """An artifact this host cannot run (or that `device` left out): why, and whether
+    its file was still checked against the manifest's sha256 and matched."""
+
+    artifact: str
+    reason: str
+    sha256_ok: bool | None  # None: it has no file to check (it failed to compile)
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     bundle: Path
     integrity: tuple[str, ...]  # every build-time file whose bytes do not match the manifest
     results: tuple[VerifyResult, ...]  # one per artifact this host can run and sample
+    not_run: tuple[NotRun, ...] = ()  # every other artifact
 
     @property
     def ok(self) -> bool:
@@ -229,6 +241,7 @@ def verify_bundle(
     device: str | None = None,
     probe: HostProbe | None = None,
     trusted_keys: TrustedKeys = None,
+    min_sequence: int | None = None,
     isolate: bool = True,
     shapes: Sequence[str] = (),
     examples: Sequence[str | Path] = (),
@@ -242,9 +255,13 @@ def verify_bundle(
     With `isolate` (the default) each artifact runs in its own worker process, so one
     whose code crashes inside IREE (a segfault, an illegal instruction) is reported
     as a failed artifact instead of taking the caller down; each run there gets
-    `timeout_s`."""
+    `timeout_s`.
+
+    `trusted_keys` and `min_sequence` are checked as `load()` checks them, here and
+    in every worker."""
     path = Path(bundle)
-    manifest = read_manifest(path, trusted_keys=trusted_keys)
+    trust = trust_policy(trusted_keys, min_sequence)
+    manifest = read_bundle(path, trust).manifest
     bad = check_all_files(path, manifest)
     integrity = tuple(bad.values())
     if manifest.golden_file in bad:
@@ -278,7 +295,7 @@ def verify_bundle(
             results += [VerifyResult(art.id, label, False, None, None, "not run: its files fail the integrity check", s.label)
                         for s in samples]  # fmt: skip
             continue
-        runs = _run_samples(path, art.id, samples, isolate, probe, trusted_keys, timeout_s)
+        runs = _run_samples(path, art.id, samples, isolate, probe, trust, timeout_s)
         for s, run in zip(samples, runs):
             if isinstance(run, str):
                 results.append(VerifyResult(art.id, label, False, None, None, run, s.label))
@@ -287,11 +304,17 @@ def verify_bundle(
             comps = compare_outputs(run, s.expected, manifest.signature, art.precision, art.interface_casts)
             results.append(VerifyResult(art.id, label, all(c.ok for c in comps), max(c.max_abs for c in comps),
                                         max(c.max_rel for c in comps), sample=s.label))  # fmt: skip
-    return VerifyReport(path, integrity, tuple(results))
+    ran = {r.artifact for r in results}
+    not_run: dict[str, NotRun] = {}
+    for r in selection.rejected:
+        if r.artifact.id not in ran:
+            checked = r.artifact.file not in bad if r.artifact.file else None
+            not_run.setdefault(r.artifact.id, NotRun(r.artifact.id, r.reason, checked))
+    return VerifyReport(path, integrity, tuple(results), tuple(not_run.values()))
 
 
 def _run_samples(bundle: Path, artifact: str, samples: list[Sample], isolate: bool, probe: HostProbe,
-                 trusted_keys: TrustedKeys, timeout_s: float) -> list[list[np.ndarray] | str]:  # fmt: skip
+                 trust: TrustPolicy | None, timeout_s: float) -> list[list[np.ndarray] | str]:  # fmt: skip
     """Each sample's outputs on one artifact, loaded once, or the one-line reason it
     could not run."""
     from hxc.runtime.loader import load
@@ -302,11 +325,13 @@ def _run_samples(bundle: Path, artifact: str, samples: list[Sample], isolate: bo
             from hxc.pool.worker import isolated_worker
 
             with isolated_worker(bundle, artifact, timeout_s=timeout_s, load_options={"tolerance": float("inf")},
-                                 env=_worker_env(trusted_keys)) as worker:  # fmt: skip
+                                 env=trust.env() if trust is not None else {}) as worker:  # fmt: skip
                 run = worker.run
                 runs = [_one(run, s) for s in samples]
         else:
-            model = load(bundle, device=artifact, strict=True, probe=probe, tolerance=float("inf"), trusted_keys=trusted_keys)
+            keys = trust.keys if trust is not None else False  # None: the caller checked nothing
+            model = load(bundle, device=artifact, strict=True, probe=probe, tolerance=float("inf"), trusted_keys=keys,
+                         min_sequence=trust.min_sequence if trust is not None else None)  # fmt: skip
             runs = [_one(model.run_flat, s) for s in samples]
     except HxcError as e:  # it did not load
         return [e.message] * len(samples)
@@ -323,11 +348,3 @@ def _one(run: Any, sample: Sample) -> list[np.ndarray] | str:
     except Exception as e:  # an IREE runtime failure at these inputs
         return first_line(e)
 
-
-def _worker_env(trusted_keys: TrustedKeys) -> dict[str, str]:
-    from hxc.manifests.signing import TRUSTED_KEYS_ENV
-
-    env = {}
-    if trusted_keys not in (None, False):  # explicit keys: the worker checks them too
-        env[TRUSTED_KEYS_ENV] = trusted_keys if isinstance(trusted_keys, str) else os.pathsep.join(map(str, trusted_keys))
-    return env

@@ -2,11 +2,17 @@
 Starlette. Requests are parsed and answered by `protocol.py`, routed by each model's
 `Router`; this module only moves bytes, maps errors to statuses, and counts.
 
+Every request first passes `guard.Guard` (API key, then the whole body, bounded in
+size and time), so a route runs only for an authorised request whose body has
+arrived, and takes a queue slot only then.
+
 Every error is the protocol's `{"error": "..."}` with its status: 400 for a request
-the protocol or the model refuses, 404 for an unknown model, version or path, 413 for
+the protocol or the model refuses, 401 for a missing or wrong API key, 404 for an
+unknown model, version or path, 408 for a body that did not arrive in time, 413 for
 a body over the limit, 415 for an unknown content encoding, 503 (with Retry-After)
-when the model's queue is full or no device is ready, 500 for a failure inside the
-server (logged with its traceback; the server keeps serving).
+when the model's queue is full, bodies arriving fill their memory bound, or no device
+is ready, 500 for a failure inside the server (logged with its traceback; the server
+keeps serving).
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from collections.abc import Sequence
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import hxc
 from hxc.errors import HxcError
+from hxc.serve.guard import Guard, error_content
 from hxc.serve.metrics import Metrics
 from hxc.serve.models import ServedModel, ServeOptions, close_model, load_model
 from hxc.serve.protocol import HEADER_LENGTH, ProtocolError, encode_infer, error_body, parse_infer, tensor_metadata
@@ -97,14 +105,14 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions) -> Starlett
             if router is None or not model.ready():
                 why = model.error or ("still loading" if not model.loaded.is_set() else _not_ready(model))
                 raise ProtocolError(f"model {model.name!r} has no device ready: {why}", 503, retry_after_s=1.0)
+            # The guard has read the whole body already (a stalled upload never gets
+            # here), so a queue slot is held only by a request that has arrived.
+            body = await _read_body(request, options.max_body_bytes)
             try:
-                # Take a place in the queue before reading the body: a full server sheds
-                # the request without buffering it.
                 admission = router.admit()  # type: ignore[attr-defined]
             except HxcError as e:
                 raise _router_error(e, metrics, model.name) from None
             try:
-                body = await _read_body(request, options.max_body_bytes)
                 header = request.headers.get(HEADER_LENGTH)
                 if len(body) > THREAD_PARSE_BYTES:
                     parsed = await run_in_threadpool(parse_infer, body, header, model.signature)
@@ -144,7 +152,7 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions) -> Starlett
         assert isinstance(exc, HTTPException)
         status = exc.status_code
         message = f"no route {request.method} {request.url.path}" if status in (404, 405) else str(exc.detail)
-        return Response(error_body(message), status_code=status, media_type="application/json")
+        return Response(error_content(request.url.path, status, message), status_code=status, media_type="application/json")
 
     async def protocol_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProtocolError)
@@ -185,7 +193,11 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions) -> Starlett
         Route("/v2/models/{name}" + v + "/infer", infer, methods=["POST"]),
         Route("/metrics", prometheus),
     ]  # fmt: skip
-    app = Starlette(routes=routes, lifespan=lifespan,
+    guard = Middleware(Guard, api_key_digests=options.api_key_digests, auth_health=options.auth_health,
+                       open_metrics=options.open_metrics, max_body_bytes=options.max_body_bytes,
+                       max_receiving_bytes=options.max_receiving_bytes, body_timeout_s=options.body_timeout_s,
+                       on_refused=lambda reason: metrics.refused.labels(reason).inc(), gauge=metrics.receiving)  # fmt: skip
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[guard],
                     exception_handlers={HTTPException: http_error, ProtocolError: protocol_error, Exception: internal_error})  # fmt: skip
     app.state.metrics = metrics
     app.state.on_ready = lambda: None
@@ -221,8 +233,9 @@ def _not_ready(model: ServedModel) -> str:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, decoded, refusing anything over `limit` bytes before reading it
-    all (413), and compressed bodies that inflate beyond it."""
+    """The request body, decoded, refusing anything over `limit` bytes (413), and
+    compressed bodies that inflate beyond it. (The guard has received it already and
+    checked its raw size; this is where it is inflated.)"""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ProtocolError(f"the request body is {declared} bytes, more than the limit of {limit}", 413)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -37,6 +37,10 @@ class Metrics:
                                   ["model", "device"], registry=r)  # fmt: skip
         self.shed = Counter("hxc_inference_shed", "Requests refused because the model's queue was full (503 with Retry-After)",
                             ["model"], registry=r)  # fmt: skip
+        self.refused = Counter("hxc_http_refused", "Requests turned away before any route saw them, by reason (unauthorized, "
+                               "body_too_large, body_timeout, receiving_full, client_gone)", ["reason"], registry=r)  # fmt: skip
+        self.receiving = Gauge("hxc_http_receiving_bytes", "Bytes held by request bodies still arriving (--max-receiving-mb bounds it)",
+                               registry=r)  # fmt: skip
         r.register(_StateCollector(models))
 
     def batch_done(self, model: str, device: str, rows: int, requests: int) -> None:

@@ -4,12 +4,16 @@ A path is a bundle (a directory with a manifest, or anything `hxc.runtime.load`
 accepts), or a directory of them; `NAME=PATH` names a model instead of its manifest.
 Manifests are read (and names checked) before the server starts, so a mistake is a
 one-line error; the devices are loaded afterwards, in the background, while the server
-already answers liveness and reports the model not ready.
+already answers liveness and reports the model not ready. In a directory of bundles,
+one that cannot be read is skipped with a warning and the others are served (a bad
+upload to a shared model directory must not take every model down); a bundle named
+on the command line must be readable.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +26,9 @@ from hxc.runtime.prices import PriceTable
 
 log = logging.getLogger("hxc.serve")
 VERSION = "1"  # bundles carry no model version; every model serves as version 1
+# A model name is one URL path segment as is: RFC 3986's unreserved characters, and
+# not "." or ".." (which clients and proxies resolve away).
+NAME = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -38,9 +45,19 @@ class ServeOptions:
     max_queue_delay_ms: float = 0.0
     max_queue: int = 256
     max_body_bytes: int = 64 * 1024**2
+    max_receiving_bytes: int = 256 * 1024**2  # held by all bodies still arriving, together
+    body_timeout_s: float = 30.0  # from the end of a request's headers to the end of its body
+    header_timeout_s: float = 10.0  # from a connection's first byte (or its last response) to a request's headers
     start_timeout_s: float = 180.0
     drain_timeout_s: float = 30.0
     prices: PriceTable | None = None  # for the cost policy; None: hxc's defaults and the user's file
+    # SHA-256 digests of the API keys (never the keys); empty: no authentication.
+    api_key_digests: tuple[bytes, ...] = field(default=(), repr=False)
+    auth_health: bool = False  # the health probes need a key too
+    open_metrics: bool = False  # /metrics needs no key
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_ca_certs: Path | None = None  # clients must present a certificate signed by one of these
 
 
 @dataclass
@@ -73,22 +90,32 @@ def find_models(specs: Sequence[str]) -> list[ServedModel]:
         p = Path(path)
         if not p.exists():
             raise UsageError(f"{path}: no such bundle or directory")
-        bundles = [p] if _is_bundle(p) else sorted(c for c in p.iterdir() if _is_bundle(c)) if p.is_dir() else [p]
+        scanned = p.is_dir() and not _is_bundle(p)
+        bundles = sorted(c for c in p.iterdir() if _is_bundle(c)) if scanned else [p]
         if not bundles:
             raise UsageError(f"{path}: holds no bundle (a directory with manifest.json, or a .hxcb file)")
         if name and len(bundles) > 1:
             raise UsageError(f"{spec}: a name can only be given to one bundle, and {path} holds {len(bundles)}")
+        readable = []
         for b in bundles:
-            manifest = read_manifest(b)
-            found.append(ServedModel(name or manifest.model.name, b, manifest))
+            try:
+                readable.append((b, read_manifest(b)))
+            except (HxcError, OSError) as e:
+                if not scanned:
+                    raise
+                log.warning("hxc serve: skipping %s: %s", b, first_line(e))
+        if not readable:
+            raise UsageError(f"{path}: none of its {len(bundles)} bundle(s) can be read (each is named above)")
+        found.extend(ServedModel(name or manifest.model.name, b, manifest) for b, manifest in readable)
     names = [m.name for m in found]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UsageError(f"two bundles serve as model {dupes[0]!r}",
                          hint=f"name them: hxc serve {dupes[0]}-a=PATH {dupes[0]}-b=PATH")  # fmt: skip
-    bad = [n for n in names if not n or any(c in n for c in "/?#% ")]
+    bad = [n for n in names if not NAME.fullmatch(n) or n in (".", "..")]
     if bad:
-        raise UsageError(f"model name {bad[0]!r} cannot be used in a URL path", hint="name it: hxc serve NAME=PATH")
+        raise UsageError(f"model name {bad[0][:130]!r} cannot be used in a URL path: a name is 1 to 128 letters, digits "
+                         "and . _ ~ - (not . or ..)", hint="name it: hxc serve NAME=PATH")  # fmt: skip
     return found
 
 

@@ -16,7 +16,10 @@ Binary tensor data extension (what tritonclient sends and expects):
   the request names none and sets the request parameter `binary_data_output`, comes
   back the same way, with `binary_data_size` in its JSON entry.
 BF16 has no JSON spelling in the protocol (it is Triton's extension), so it travels
-only as binary data.
+only as binary data. Neither do NaN and the infinities (JSON has no spelling for them,
+and strict parsers refuse Python's `NaN`): a JSON request holding one is a 400, and a
+non-finite value in a JSON output is `null`, with `"parameters": {"nonfinite": true}`
+on that output (tritonclient reads `null` as NaN); binary data carries them unchanged.
 """
 
 from __future__ import annotations
@@ -91,7 +94,9 @@ def parse_infer(body: bytes, header_length: str | None, signature: Signature) ->
     header (None when the body is JSON alone)."""
     header_bytes, binary = _split(body, header_length)
     try:
-        doc = json.loads(header_bytes)
+        doc = json.loads(header_bytes, parse_constant=_non_finite)
+    except ProtocolError:
+        raise
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise ProtocolError(f"the inference header is not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(doc, dict):
@@ -162,14 +167,16 @@ def encode_infer(model: str, version: str, request: InferRequest, outputs: Seque
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            entry["data"] = array.ravel().tolist()
+            entry["data"], finite = _json_list(array)
+            if not finite:
+                entry["parameters"] = {"nonfinite": True}
         entries.append(entry)
     doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
     if request.id is not None:
         doc["id"] = request.id
     if parameters:
         doc["parameters"] = dict(parameters)
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return header, {"content-type": "application/json"}
     return b"".join([header, *chunks]), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
@@ -193,6 +200,21 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
         raise ProtocolError(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
     view = memoryview(body)
     return bytes(view[:n]), view[n:]
+
+
+def _non_finite(literal: str) -> Any:
+    raise ProtocolError(f"the inference header holds {literal}, which is not JSON: use binary tensor data for non-finite values")
+
+
+def _json_list(array: np.ndarray) -> tuple[list, bool]:
+    """The array as a flat JSON list, and whether every value was finite (the others
+    become None: JSON has no NaN or infinity)."""
+    flat = array.ravel()
+    if flat.dtype.kind != "f" or (finite := np.isfinite(flat)).all():
+        return flat.tolist(), True
+    values = flat.astype(object)  # Python floats, and room for None
+    values[~finite] = None
+    return values.tolist(), False
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -278,7 +300,13 @@ def _json_data(data: Any, kind: DType, shape: list[int], count: int, where: str)
         if parsed.min() < info.min or parsed.max() > info.max:
             raise ProtocolError(f"{where}: a value is out of range for {kind.kserve}")
     with np.errstate(over="ignore", invalid="ignore"):
-        return parsed.astype(np_dtype).reshape(shape)
+        array = parsed.astype(np_dtype).reshape(shape)
+    if parsed.size and np_dtype.kind == "f" and not np.isfinite(array).all():
+        # A literal NaN/Infinity was refused while parsing, so this is a number JSON
+        # spells but this dtype cannot hold (1e39 for FP32, 70000 for FP16, 1e400).
+        raise ProtocolError(f"{where}: a value is out of range for {kind.kserve} "
+                            "(use binary tensor data for non-finite values)")  # fmt: skip
+    return array
 
 
 def _requested_outputs(raw: Any, signature: Signature, binary_default: bool) -> tuple[RequestedOutput, ...]:

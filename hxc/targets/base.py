@@ -107,6 +107,10 @@ class TargetFamily:
     drivers: tuple[str, ...]  # HAL drivers that run this family's artifacts, preferred first
     variants: tuple[Variant, ...]
     precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")  # what its code generator supports
+    # Whether its IREE driver runs a dispatch whose buffers are empty (a dimension that
+    # is 0 at run time). Measured True for the CPU drivers; see vulkan.py for the one
+    # that does not. CUDA and HIP are left to the device (not measured: no GPU here).
+    empty_dispatch: bool = True
 
     def plan(self, variant: Variant) -> CompilePlan:
         """The concrete compile for this host. Families whose flags depend on installed
