@@ -685,18 +685,32 @@ def _telemetry_table(stats: Any):
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.option("--in-process", is_flag=True,
               help="Run in this process instead of a worker process (faster start; a crash inside IREE then takes hxc down).")  # fmt: skip
+@click.option("--shapes", "shapes", multiple=True, metavar="NAME=DIMS[,...]",
+              help="Also check generated inputs of these shapes, e.g. x=1x33x64 (dynamic dimensions only may change); "
+                   "repeatable. The reference outputs come from the bundle's own program (needs torch, or onnxruntime "
+                   "for ONNX models).")  # fmt: skip
+@click.option("--example", "examples", multiple=True, type=click.Path(path_type=Path), metavar="NPZ",
+              help="Also check these inputs (.npz, arrays named like the inputs or input_0, ...); its output_0, ... are "
+                   "the expected outputs, else the reference computes them as for --shapes. Repeatable.")  # fmt: skip
 @_command
-def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool) -> int:
+def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool, shapes: tuple[str, ...],
+           examples: tuple[Path, ...]) -> int:  # fmt: skip
     """Check every file of BUNDLE against its manifest's sha256 (exit 5 on any
     difference, for every artifact, runnable here or not), then run the golden sample
     on every artifact this host can run and compare with the reference outputs
-    (PyTorch's, or ONNX Runtime's for ONNX models; exit 6 on a mismatch)."""
+    (PyTorch's, or ONNX Runtime's for ONNX models; exit 6 on a mismatch). A model with
+    dynamic dimensions is right only at the sizes it was checked at: --shapes and
+    --example add more.
+
+    \b
+    hxc verify model.hxc --shapes x=1x33x64 --shapes x=2x512x64
+    hxc verify model.hxc --example long_input.npz"""
     from rich.markup import escape
 
     from hxc import ui
-    from hxc.runtime.verify import verify_bundle
+    from hxc.runtime.verify import GOLDEN, verify_bundle
 
-    report = verify_bundle(bundle, device=device, isolate=not in_process)
+    report = verify_bundle(bundle, device=device, isolate=not in_process, shapes=shapes, examples=examples)
     results, code = report.results, report.exit_code
     if as_json:
         ui.print_json({"ok": report.ok, "exit_code": int(code), "integrity": list(report.integrity),
@@ -706,15 +720,18 @@ def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool) ->
         return code
     for problem in report.integrity:
         ui.error(f"integrity: {problem}")
-    t = ui.table("artifact", "device", "result", "max abs err", "max rel err", title=f"Golden-sample check of {bundle}")
+    several = any(r.sample != GOLDEN for r in results)
+    t = ui.table("artifact", "device", *(["inputs"] if several else []), "result", "max abs err", "max rel err",
+                 title=f"{'Check' if several else 'Golden-sample check'} of {bundle}")  # fmt: skip
     for r in results:
         verdict = "[green]match[/green]" if r.ok else f"[red]{'error: ' + r.error if r.error else 'MISMATCH'}[/red]"
-        t.add_row(r.artifact, r.device, verdict, _g(r.max_abs), _g(r.max_rel))
+        t.add_row(r.artifact, r.device, *([r.sample] if several else []), verdict, _g(r.max_abs), _g(r.max_rel))
     for n in report.not_run:
         # Still part of the check: its bytes were hashed, only the golden sample could not run here.
         checked = {True: "sha256 ok", False: "[red]sha256 differs[/red]", None: "no file"}[n.sha256_ok]
         # The reason's first clause; all of it is in --json and `hxc select --explain`.
-        t.add_row(n.artifact, "-", f"[dim]{checked}; not run: {escape(n.reason.split(': ', 1)[0])}[/dim]", "-", "-")
+        t.add_row(n.artifact, "-", *(["-"] if several else []),
+                  f"[dim]{checked}; not run: {escape(n.reason.split(': ', 1)[0])}[/dim]", "-", "-")
     if results or report.not_run:
         ui.out.print(t)
     if report.not_run:
@@ -730,8 +747,8 @@ def _verify_json(r: Any) -> dict[str, Any]:
     # An infinite error (a wrong shape, inf where PyTorch has a number) prints as null,
     # with `nonfinite` saying so: null alone would read as "not measured".
     errors = [x for x in (r.max_abs, r.max_rel) if x is not None]
-    return {"artifact": r.artifact, "device": r.device, "ok": r.ok, "max_abs": r.max_abs, "max_rel": r.max_rel,
-            "nonfinite": any(not math.isfinite(x) for x in errors), "error": r.error}
+    return {"artifact": r.artifact, "device": r.device, "sample": r.sample, "ok": r.ok, "max_abs": r.max_abs,
+            "max_rel": r.max_rel, "nonfinite": any(not math.isfinite(x) for x in errors), "error": r.error}
 
 
 def _g(x: float | None) -> str:

@@ -225,16 +225,31 @@ def _cpu_artifacts(bundle: Path) -> set[str]:
         (["bench", "BUNDLE", "--baseline", "torch"], "compile"),
         (["bench", "BUNDLE", "--fail-if-slower-than", "torch"], "compile"),
         (["serve", "BUNDLE"], "serve"),
+        # PyTorch's outputs at other shapes come from the bundle's program: torch is needed.
+        (["verify", "BUNDLE", "--shapes", "x=1x3x32x32", "--device", "cpu"], "compile"),
+        (["verify", "ONNX_BUNDLE", "--shapes", "x=5x8"], "onnx"),
     ],
 )
 def test_commands_that_need_an_extra_name_it_in_one_line(args, extra, thin, full_built, tmp_path):
     args = [str(full_built["onnx"].bundle.parent / "mm.onnx") if a == "MODEL.onnx" else a for a in args]
     args = [str(full_built["pytorch"].bundle) if a == "BUNDLE" else a for a in args]
+    args = [str(full_built["onnx"].bundle) if a == "ONNX_BUNDLE" else a for a in args]
     result = thin.hxc(*args, "-o", tmp_path / "x.hxc") if args[0] == "compile" else thin.hxc(*args)
     assert result.returncode == ExitCode.ERROR, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"pip install 'hxc[{extra}]'" in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "x.hxc").exists()
+
+
+def test_verify_takes_examples_with_expected_outputs_runtime_only(thin, full_built, tmp_path):
+    # No reference can run here, but an example that holds its expected outputs needs none.
+    built = full_built["onnx"]
+    with np.load(built.inputs) as f:
+        np.savez(tmp_path / "with-outputs.npz", **f, output_0=built.expected[0])
+    checked = thin.hxc("verify", built.bundle, "--example", tmp_path / "with-outputs.npz", "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert [r["sample"] for r in json.loads(checked.stdout)["results"] if r["artifact"] == "cpu:host"] == [
+        "golden", str(tmp_path / "with-outputs.npz")]  # fmt: skip
 
 
 def test_doctor_and_targets_work_runtime_only(thin):

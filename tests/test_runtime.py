@@ -245,3 +245,71 @@ def test_json_output_stays_valid_json_on_nan_and_infinite_results(bundle, cli, t
     assert verified.exit_code == ExitCode.MISMATCH
     results = _strict_json(verified.stdout)["results"]
     assert results and all(r["ok"] is False and r["nonfinite"] and r["max_abs"] is None for r in results)
+
+
+# --- hxc verify at other sizes (--shapes) and on other inputs (--example) -----------------
+
+
+@pytest.fixture(scope="module")
+def dynamic_bundle(models, tmp_path_factory) -> Path:
+    """The test CNN with a dynamic batch (1..64), for the CPU."""
+    from hxc.compiler.build import build_bundle
+
+    out = tmp_path_factory.mktemp("dyn") / "net-dynamic.hxc"
+    assert build_bundle(str(models["pt2_dynamic"]), out, "cpu:host").written
+    return out
+
+
+def test_verify_checks_generated_inputs_at_other_shapes_against_pytorch(dynamic_bundle, reference, cli):
+    checked = cli("verify", dynamic_bundle, "--shapes", "x=5x3x8x8", "--shapes", "33x3x8x8", "--json")
+    assert checked.exit_code == 0, checked.stdout + checked.stderr
+    results = json.loads(checked.stdout)["results"]
+    assert [(r["artifact"], r["sample"]) for r in results] == [("cpu:host", s) for s in ("golden", "x=5x3x8x8", "33x3x8x8")]
+    assert all(r["ok"] and r["max_abs"] < 1e-4 for r in results)
+    # The generated inputs really have those shapes, and the reference is PyTorch on them.
+    from hxc.runtime.verify import shaped_sample
+
+    sample = shaped_sample(read_manifest(dynamic_bundle).signature, "x=5x3x8x8")
+    assert sample.inputs[0].shape == (5, 3, 8, 8) and sample.expected is None
+    table = cli("verify", dynamic_bundle, "--shapes", "x=5x3x8x8")
+    assert table.exit_code == 0 and "x=5x3x8x8" in table.stdout and "inputs" in table.stdout
+
+
+def test_verify_example_files_with_and_without_expected_outputs(dynamic_bundle, reference, cli, tmp_path):
+    model, _ = reference.make_model()
+    x = np.random.default_rng(3).standard_normal((7, 3, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "inputs.npz", x=x)  # PyTorch computes what to expect
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).numpy()
+    np.savez(tmp_path / "right.npz", x=x, output_0=y)
+    np.savez(tmp_path / "wrong.npz", x=x, output_0=y + 1)  # expected outputs win over the reference
+    good = cli("verify", dynamic_bundle, "--example", tmp_path / "inputs.npz", "--example", tmp_path / "right.npz", "--json")
+    assert good.exit_code == 0, good.stdout + good.stderr
+    assert [r["sample"] for r in json.loads(good.stdout)["results"]] == ["golden", str(tmp_path / "inputs.npz"),
+                                                                         str(tmp_path / "right.npz")]  # fmt: skip
+    bad = cli("verify", dynamic_bundle, "--example", tmp_path / "wrong.npz", "--json")
+    assert bad.exit_code == ExitCode.MISMATCH
+    assert [r["ok"] for r in json.loads(bad.stdout)["results"]] == [True, False]
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("y=5x3x8x8", "no input 'y'"),
+        ("x=5x3x9x8", "only its dynamic dimensions can change"),
+        ("x=5x3x8", "has 4 dimensions"),
+        ("x=5xAx8x8", "is not a shape"),
+        ("x=0x3x8x8", "is not a shape"),
+        ("x=5x3x8x8,5x3x8x8", "no input 1"),
+    ],
+)  # fmt: skip
+def test_verify_refuses_bad_shapes_in_one_line(dynamic_bundle, cli, spec, fragment):
+    result = cli("verify", dynamic_bundle, "--shapes", spec)
+    assert result.exit_code == ExitCode.USAGE, result.stdout + result.stderr
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_verify_refuses_an_example_that_does_not_fit_the_signature(dynamic_bundle, cli, tmp_path):
+    np.savez(tmp_path / "odd.npz", x=np.zeros((2, 3, 9, 8), np.float32))
+    result = cli("verify", dynamic_bundle, "--example", tmp_path / "odd.npz")
+    assert result.exit_code == ExitCode.USAGE and "odd.npz" in result.stderr and "Traceback" not in result.stderr

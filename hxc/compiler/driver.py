@@ -253,25 +253,45 @@ def _compile_plan(
         return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, hit.vmfb, hit.hash, cached=True,
                              verified=hit.verified, requires=hit.requires)  # fmt: skip
 
-    with tempfile.TemporaryDirectory(prefix="hxc-bin-", dir=workdir) as bins:
-        run_argv = [*argv]
-        if plan.dump_binaries:
-            run_argv.append(f"--iree-hal-dump-executable-binaries-to={bins}")
-        code, stderr = procs.run(run_argv)
-        if code != 0:
-            error, operator, location = summarize_compile_error(stderr, code)
-            _save_temps(job, argv, stderr)
-            return CompileResult(job, plan, "failed", time.perf_counter() - t0, argv, error=error, operator=operator,
-                                 location=location, stderr=stderr)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="hxc-bin-", dir=workdir) as tmp:
+        bins, configured = Path(tmp) / "binaries", Path(tmp) / "configured"
+        dump = [f"--iree-hal-dump-executable-binaries-to={bins}"] if plan.dump_binaries else []
+        configs = [f"--iree-hal-dump-executable-configurations-to={configured}"] if plan.dump_configurations else []
+        code, stderr = procs.run([*argv, *dump, *configs])
         try:
-            verified = fam.check(plan, Path(bins))
+            amendment = fam.amend_configurations(plan, configured) if code == 0 and plan.dump_configurations else None
+            if amendment is not None and amendment.rewrite is not None:
+                shutil.rmtree(bins, ignore_errors=True)
+                code, stderr = _compile_amended(argv, dump, amendment.rewrite, Path(tmp), procs)
+            if code != 0:
+                error, operator, location = summarize_compile_error(stderr, code)
+                _save_temps(job, argv, stderr)
+                return CompileResult(job, plan, "failed", time.perf_counter() - t0, argv, error=error, operator=operator,
+                                     location=location, stderr=stderr)  # fmt: skip
+            verified = "; ".join(x for x in (fam.check(plan, bins), amendment and amendment.note) if x) or None
         except CheckFailed as e:
             out.unlink(missing_ok=True)
             return CompileResult(job, plan, "failed", time.perf_counter() - t0, argv, error=str(e), stderr=stderr)
-        requires = fam.binary_requirements(plan, Path(bins) if plan.dump_binaries else None)
+        requires = fam.binary_requirements(plan, bins if plan.dump_binaries else None)
     stored = cache.put(key, out, verified, requires)
     return CompileResult(job, plan, "ok", time.perf_counter() - t0, argv, out, stored, verified=verified, stderr=stderr,
                          requires=requires)  # fmt: skip
+
+
+def _compile_amended(
+    argv: tuple[str, ...], dump: list[str], rewrite: Callable[[str], str], tmp: Path, procs: _Processes
+) -> tuple[int, str]:
+    """The compile `argv` again in two steps, the family's `rewrite` of IREE's configured
+    module between them: up to the configured executables, then on from there (same
+    flags, same output, binaries dumped again)."""
+    exe, ir, *flags, _, out = argv
+    configured, amended = tmp / "configured-module.mlir", tmp / "amended-module.mlir"
+    code, stderr = procs.run([exe, ir, *flags, "--compile-to=executable-configurations", "-o", str(configured)])
+    if code != 0:
+        return code, stderr
+    amended.write_text(rewrite(configured.read_text()))
+    configured.unlink()
+    return procs.run([exe, str(amended), *flags, "--compile-from=executable-configurations", "-o", out, *dump])
 
 
 _LOCATION = re.compile(r"^(?P<file>[^\s:][^:]*):(?P<line>\d+):\d+:\s*")

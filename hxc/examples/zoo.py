@@ -231,6 +231,65 @@ def torch_transformer() -> Example:
     return Encoder().eval(), (torch.randn(2, 16, 64), pad)
 
 
+# --- dynamic shapes: checked at several sizes (benchmarks/model_coverage.py) ---------
+
+
+def _dynamic(model: nn.Module, args: tuple[torch.Tensor, ...], dims: tuple) -> torch.export.ExportedProgram:
+    """`model` exported on `args`, with `dims` as torch.export's dynamic_shapes."""
+    with torch.no_grad():
+        return torch.export.export(model.eval(), args, dynamic_shapes=dims)
+
+
+class _PreNormEncoder(nn.Module):
+    """Issue 33's model: a pre-norm nn.TransformerEncoder with a learned position table
+    sliced to the input's length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True, norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.pos = nn.Parameter(torch.randn(1, 512, 64) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc(x + self.pos[:, : x.shape[1]])
+
+
+def prenorm_encoder() -> torch.export.ExportedProgram:
+    """Batch 2, dynamic sequence length (2..512). On Vulkan its LayerNorm is fused with
+    the transpose nn.MultiheadAttention applies, which IREE 3.13 distributed wrongly
+    (Inf from length 8 on lavapipe) until hxc serialised such dispatches."""
+    torch.manual_seed(0)
+    return _dynamic(_PreNormEncoder(), (torch.randn(2, 16, 64),), ({1: torch.export.Dim("seq", min=2, max=512)},))
+
+
+class _AttentionPool(nn.Module):
+    """A sequence classifier that reduces over the sequence, not the last dimension: the
+    features are centred over it and pooled by a softmax over it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.score, self.head = nn.Linear(32, 32), nn.Linear(32, 1), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj(x))
+        h = h - h.mean(1, keepdim=True)
+        w = torch.softmax(self.score(h), dim=1)
+        return self.head((w * h).sum(1))
+
+
+def attention_pool() -> torch.export.ExportedProgram:
+    """Batch 2, dynamic sequence length (2..4096)."""
+    torch.manual_seed(0)
+    return _dynamic(_AttentionPool(), (torch.randn(2, 16, 32),), ({1: torch.export.Dim("seq", min=2, max=4096)},))
+
+
+def bert_dynamic() -> torch.export.ExportedProgram:
+    """The zoo's BERT at batch 2 with a dynamic sequence length (2..512)."""
+    model, _ = bert(batch=2)
+    # _FirstOutput takes *args: their shapes nest one level deeper.
+    return _dynamic(model, (_ids(2, 16, 1000),), (({1: torch.export.Dim("seq", min=2, max=512)},),))
+
+
 class _Recommender(nn.Module):
     """DLRM-style: embedding bags over integer ids, a bottom MLP, pairwise dot interactions."""
 

@@ -17,6 +17,7 @@ After a back-off the worker is restarted, and it is healthy again once it has lo
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import json
 import os
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -655,10 +656,29 @@ def run_isolated(
     crash inside IREE (a segfault) comes back as a one-line WorkerFailed instead of
     taking the caller down. `artifact` is anything `hxc.runtime.load(device=...)`
     takes ("" lets the worker choose); `load_options` are load's other arguments."""
+    with isolated_worker(bundle, artifact, timeout_s=timeout_s, load_options=load_options, env=env) as w:
+        outputs = w.run(inputs)
+        return IsolatedRun(outputs, w.ready_info["artifact"], w.ready_info["device"])
+
+
+@contextlib.contextmanager
+def isolated_worker(
+    bundle: str | os.PathLike[str],
+    artifact: str,
+    *,
+    timeout_s: float = 120.0,
+    load_options: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[Worker]:
+    """A throwaway worker process with `artifact` of `bundle` loaded and ready, for
+    several runs (`Worker.run`, each within `timeout_s`) of one loaded model; it never
+    restarts, so a crash fails the run it happened in and every later one."""
     from hxc.manifests import read_manifest
 
     manifest = read_manifest(bundle, profiles=False)  # the signature; the worker's load() reads the profiles
-    deadlines = Deadlines(unmeasured_s=timeout_s, load_s=timeout_s)
+    # Every run gets the whole `timeout_s`: runs of one worker may differ in size (a
+    # longer sequence), so the first one's speed predicts nothing for the next.
+    deadlines = Deadlines(floor_s=timeout_s, unmeasured_s=timeout_s, load_s=timeout_s)
     worker = Worker(bundle, artifact, "its device", manifest.signature, deadlines=deadlines, backoff=Backoff(None), slots=1,
                     name=artifact or "the bundle", env=env, load_options=load_options)  # fmt: skip
     with worker as w:
@@ -667,5 +687,4 @@ def run_isolated(
             if w.load_exit_code:
                 error.exit_code = ExitCode(w.load_exit_code)
             raise error
-        outputs = w.run(inputs)
-        return IsolatedRun(outputs, w.ready_info["artifact"], w.ready_info["device"])
+        yield w

@@ -1,6 +1,10 @@
 """Check artifacts' numbers against the bundle's golden sample: the reference outputs
 recorded at compile time, PyTorch's own for PyTorch models and ONNX Runtime's for ONNX
-models.
+models; and, on request, at other input shapes (`--shapes x=1x33x64`: generated inputs,
+drawn like the golden sample's) or on other inputs (`--example file.npz`), against
+expected outputs the file holds or else the reference rebuilt from the bundle
+(`hxc.runtime.reference`: needs torch or onnxruntime installed). A model with dynamic
+dimensions is only as right as the sizes it was checked at.
 
 The same tolerances (`hxc.dtypes`) serve `hxc verify`, `hxc compile --tune` and the
 test suite, so "matches the reference" means one thing everywhere.
@@ -8,19 +12,25 @@ test suite, so "matches the reference" means one thing everywhere.
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from hxc.arrays import ArrayFileError, read_npz
+from hxc.arrays import ArrayFileError, max_array_bytes, read_npz
 from hxc.dtypes import compute_dtype, dtype, from_storage
-from hxc.errors import BundleError, ExitCode, HxcError, NothingToCompareError, first_line
-from hxc.manifests import Manifest, Signature
+from hxc.errors import BundleError, ExitCode, HxcError, NothingToCompareError, UsageError, first_line
+from hxc.manifests import Manifest, Signature, TensorSpec
 from hxc.manifests.bundle import TrustedKeys, check_all_files, open_checked, read_bundle, trust_policy
 from hxc.manifests.signing import TrustPolicy
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import select
+
+GOLDEN = "golden"
 
 @dataclass(frozen=True)
 class Comparison:
@@ -104,6 +114,87 @@ def compare_outputs(
 
 
 @dataclass(frozen=True)
+class Sample:
+    """Inputs to check artifacts on and the outputs they must give."""
+
+    label: str  # "golden", "x=1x33x64" (--shapes), or the --example file
+    inputs: list[np.ndarray]
+    expected: list[np.ndarray] | None  # None until the reference computes them
+
+
+def shaped_sample(signature: Signature, text: str) -> Sample:
+    """Generated inputs (drawn like the golden sample's) at the shapes `text` gives:
+    `NAME=DIMS,...` (`x=1x33x64`; names as the signature has them, or input_0, ...),
+    or bare `DIMS` in input order. Inputs left out take their static shape, their
+    dynamic dimensions bound by the inputs given (dimensions with one name are one
+    size)."""
+    from hxc.compiler.specs import MAX_DIM, example_arrays
+
+    specs = signature.inputs
+    given: dict[int, tuple[int, ...]] = {}
+    for k, part in enumerate(p.strip() for p in text.split(",")):
+        name, sep, dims = part.rpartition("=")
+        index = _input_index(signature, name) if sep else k
+        if index is None or index >= len(specs):
+            raise UsageError(f"--shapes {text!r}: no input {name or k!r}",
+                             hint=f"the model's inputs: {', '.join(s.format() for s in specs)}")  # fmt: skip
+        if not re.fullmatch(r"\d+(x\d+)*", dims) or not all(1 <= int(d) <= MAX_DIM for d in dims.split("x")):
+            raise UsageError(f"--shapes {text!r}: {dims!r} is not a shape", hint="dimensions joined by x, e.g. x=1x33x64")
+        given[index] = tuple(int(d) for d in dims.split("x"))
+    bound: dict[str, int] = {}
+    for i, shape in given.items():
+        spec = specs[i]
+        if len(shape) != len(spec.shape):
+            raise UsageError(f"--shapes {text!r}: input {spec.name} has {len(spec.shape)} dimensions ({spec.format()})")
+        for want, got in zip(spec.shape, shape):
+            if isinstance(want, str) and bound.setdefault(want, got) != got:
+                raise UsageError(f"--shapes {text!r}: dimension {want} is {bound[want]} in one input and {got} in another")
+            if isinstance(want, int) and want != got:
+                raise UsageError(f"--shapes {text!r}: input {spec.name} is {spec.format()}; only its dynamic dimensions can change")
+    shapes = []
+    for i, spec in enumerate(specs):
+        shape = given.get(i) or tuple(bound.get(d, d) if isinstance(d, str) else d for d in spec.shape)
+        if free := [d for d in shape if isinstance(d, str)]:
+            raise UsageError(f"--shapes {text!r}: says nothing of {spec.name}'s dynamic dimension {free[0]}",
+                             hint=f"give its shape too: {spec.name}=DIMS")  # fmt: skip
+        shapes.append(tuple(int(d) for d in shape))
+    size = sum(int(np.prod(sh)) * dtype(s.dtype).numpy_dtype().itemsize for sh, s in zip(shapes, specs))
+    if size > max_array_bytes():
+        raise UsageError(f"--shapes {text!r}: the inputs would take {size} bytes; the limit is {max_array_bytes()}")
+    arrays = example_arrays([TensorSpec(s.name, s.dtype, sh) for s, sh in zip(specs, shapes)])
+    return Sample(text, arrays, None)
+
+
+def _input_index(signature: Signature, name: str) -> int | None:
+    names = [s.name for s in signature.inputs]
+    if name in names:
+        return names.index(name)
+    if m := re.fullmatch(r"input_(\d+)", name):
+        return int(m.group(1))
+    return None
+
+
+def example_sample(signature: Signature, path: str | Path) -> Sample:
+    """Inputs from an example file (`hxc.compiler.examples`), checked against the
+    signature as a call's would be, with its expected outputs when it holds them."""
+    from hxc.compiler.examples import read_example
+    from hxc.runtime.loader import check_inputs
+
+    example = read_example(path)
+    arrays = [from_storage(a, s.dtype) for a, s in zip(example.ordered([s.name for s in signature.inputs]), signature.inputs)]
+    try:
+        arrays = check_inputs(signature, arrays)
+    except HxcError as e:
+        raise UsageError(f"{path}: {e.message}") from None
+    expected = None
+    if example.outputs is not None:
+        if len(example.outputs) != len(signature.outputs):
+            raise UsageError(f"{path}: holds {len(example.outputs)} expected outputs; the model has {len(signature.outputs)}")
+        expected = [from_storage(a, s.dtype) for a, s in zip(example.outputs, signature.outputs)]
+    return Sample(str(path), arrays, expected)
+
+
+@dataclass(frozen=True)
 class VerifyResult:
     artifact: str
     device: str
@@ -111,6 +202,7 @@ class VerifyResult:
     max_abs: float | None
     max_rel: float | None
     error: str | None = None  # when it could not run at all
+    sample: str = GOLDEN  # which inputs (Sample.label)
 
 
 @dataclass(frozen=True)
@@ -127,7 +219,7 @@ class NotRun:
 class VerifyReport:
     bundle: Path
     integrity: tuple[str, ...]  # every build-time file whose bytes do not match the manifest
-    results: tuple[VerifyResult, ...]  # one per artifact this host can run
+    results: tuple[VerifyResult, ...]  # one per artifact this host can run and sample
     not_run: tuple[NotRun, ...] = ()  # every other artifact
 
     @property
@@ -151,19 +243,22 @@ def verify_bundle(
     trusted_keys: TrustedKeys = None,
     min_sequence: int | None = None,
     isolate: bool = True,
+    shapes: Sequence[str] = (),
+    examples: Sequence[str | Path] = (),
+    timeout_s: float = 120.0,
 ) -> VerifyReport:
     """Check every build-time file of the bundle against the manifest (whether or not
-    this host can run it), then run the golden sample on every artifact this host can
-    run. Artifacts whose files fail the check are never run.
+    this host can run it), then run the golden sample, and a sample per `shapes` text
+    and `examples` file, on every artifact this host can run. Artifacts whose files
+    fail the check are never run.
 
     With `isolate` (the default) each artifact runs in its own worker process, so one
     whose code crashes inside IREE (a segfault, an illegal instruction) is reported
-    as a failed artifact instead of taking the caller down.
+    as a failed artifact instead of taking the caller down; each run there gets
+    `timeout_s`.
 
     `trusted_keys` and `min_sequence` are checked as `load()` checks them, here and
     in every worker."""
-    from hxc.runtime.loader import load
-
     path = Path(bundle)
     trust = trust_policy(trusted_keys, min_sequence)
     manifest = read_bundle(path, trust).manifest
@@ -171,40 +266,44 @@ def verify_bundle(
     integrity = tuple(bad.values())
     if manifest.golden_file in bad:
         return VerifyReport(path, integrity, ())
-    if not manifest.golden_outputs:
+    # Inputs are read (and bad ones refused) before anything runs.
+    extra = [shaped_sample(manifest.signature, t) for t in shapes] + [example_sample(manifest.signature, e) for e in examples]
+    samples = [Sample(GOLDEN, *load_golden(path, manifest))] if manifest.golden_outputs else []
+    if not samples and not extra:
         raise NothingToCompareError(
             f"{path}: the golden sample has no expected outputs, so there is nothing to compare against: "
             f"{manifest.golden_note or 'no reference ran at compile time'}",
-            hint="recompile with --example inputs.npz (inputs the reference can run, or expected outputs as output_0, ...)",
+            hint="recompile with --example inputs.npz (inputs the reference can run, or expected outputs as output_0, ...), "
+            "or check inputs of your own: hxc verify --example FILE.npz",
         )
+    if unknown := [s for s in extra if s.expected is None]:
+        if program := manifest.model.program_file:
+            if program in bad:
+                raise BundleError(f"{path}: its {program} fails the integrity check; it cannot compute reference outputs")
+        from hxc.runtime.reference import reference_outputs
+
+        computed = iter(reference_outputs(path, manifest, [s.inputs for s in unknown]))
+        extra = [s if s.expected is not None else Sample(s.label, s.inputs, next(computed)) for s in extra]
+    samples += extra
     probe = probe or probe_host()
-    inputs, expected = load_golden(path, manifest)
     # Every artifact is checked, reduced-precision ones against their own precision's tolerance.
     selection = select(manifest, probe, device=device, tolerance=float("inf"))
     results = []
     for cand in selection.candidates:
-        label = cand.device.label
-        if cand.artifact.file in bad or any(w.file in bad for w in manifest.weights if w.precision == cand.artifact.precision):
-            results.append(VerifyResult(cand.artifact.id, label, False, None, None, "not run: its files fail the integrity check"))
+        art, label = cand.artifact, cand.device.label
+        if art.file in bad or any(w.file in bad for w in manifest.weights if w.precision == art.precision):
+            results += [VerifyResult(art.id, label, False, None, None, "not run: its files fail the integrity check", s.label)
+                        for s in samples]  # fmt: skip
             continue
-        try:
-            if isolate:
-                outputs = _run_in_worker(path, cand.artifact.id, inputs, trust)
-            else:
-                model = load(path, device=cand.artifact.id, strict=True, probe=probe, tolerance=float("inf"),
-                             trusted_keys=trusted_keys, min_sequence=min_sequence)  # fmt: skip
-                outputs = model.run_flat(inputs)
-        except HxcError as e:
-            results.append(VerifyResult(cand.artifact.id, label, False, None, None, e.message))
-            continue
-        except Exception as e:  # an IREE runtime failure on this device
-            results.append(VerifyResult(cand.artifact.id, label, False, None, None, first_line(e)))
-            continue
-        comps = compare_outputs(outputs, expected, manifest.signature, cand.artifact.precision, cand.artifact.interface_casts)
-        results.append(VerifyResult(
-            cand.artifact.id, label, all(c.ok for c in comps),
-            max(c.max_abs for c in comps), max(c.max_rel for c in comps),
-        ))  # fmt: skip
+        runs = _run_samples(path, art.id, samples, isolate, probe, trust, timeout_s)
+        for s, run in zip(samples, runs):
+            if isinstance(run, str):
+                results.append(VerifyResult(art.id, label, False, None, None, run, s.label))
+                continue
+            assert s.expected is not None
+            comps = compare_outputs(run, s.expected, manifest.signature, art.precision, art.interface_casts)
+            results.append(VerifyResult(art.id, label, all(c.ok for c in comps), max(c.max_abs for c in comps),
+                                        max(c.max_rel for c in comps), sample=s.label))  # fmt: skip
     ran = {r.artifact for r in results}
     not_run: dict[str, NotRun] = {}
     for r in selection.rejected:
@@ -214,10 +313,38 @@ def verify_bundle(
     return VerifyReport(path, integrity, tuple(results), tuple(not_run.values()))
 
 
-def _run_in_worker(
-    bundle: Path, artifact: str, inputs: list[np.ndarray], trust: TrustPolicy | None
-) -> list[np.ndarray]:
-    from hxc.pool.worker import run_isolated
+def _run_samples(bundle: Path, artifact: str, samples: list[Sample], isolate: bool, probe: HostProbe,
+                 trust: TrustPolicy | None, timeout_s: float) -> list[list[np.ndarray] | str]:  # fmt: skip
+    """Each sample's outputs on one artifact, loaded once, or the one-line reason it
+    could not run."""
+    from hxc.runtime.loader import load
 
-    env = trust.env() if trust is not None else {}  # the worker checks what this process checked
-    return run_isolated(bundle, artifact, inputs, load_options={"tolerance": float("inf")}, env=env).outputs
+    runs: list[list[np.ndarray] | str] = []
+    try:
+        if isolate:
+            from hxc.pool.worker import isolated_worker
+
+            with isolated_worker(bundle, artifact, timeout_s=timeout_s, load_options={"tolerance": float("inf")},
+                                 env=trust.env() if trust is not None else {}) as worker:  # fmt: skip
+                run = worker.run
+                runs = [_one(run, s) for s in samples]
+        else:
+            keys = trust.keys if trust is not None else False  # None: the caller checked nothing
+            model = load(bundle, device=artifact, strict=True, probe=probe, tolerance=float("inf"), trusted_keys=keys,
+                         min_sequence=trust.min_sequence if trust is not None else None)  # fmt: skip
+            runs = [_one(model.run_flat, s) for s in samples]
+    except HxcError as e:  # it did not load
+        return [e.message] * len(samples)
+    except Exception as e:  # an IREE runtime failure on this device
+        return [first_line(e)] * len(samples)
+    return runs
+
+
+def _one(run: Any, sample: Sample) -> list[np.ndarray] | str:
+    try:
+        return run(sample.inputs)
+    except HxcError as e:
+        return e.message
+    except Exception as e:  # an IREE runtime failure at these inputs
+        return first_line(e)
+

@@ -10,6 +10,7 @@ outside this package branches on a family's name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +40,11 @@ class Variant:
 class CompilePlan:
     """A variant made concrete for this compile host: the flags actually used and what the
     resulting binary will need. `dump_binaries` asks the driver to keep the executable
-    binaries so `TargetFamily.check` can inspect them. `checked_by` names the tool that
-    check runs (with its version): it is part of the compile cache key, because a cached
-    binary is only as good as the check it passed (PTX cached before ptxas was installed
-    was never assembled)."""
+    binaries so `TargetFamily.check` can inspect them; `dump_configurations` keeps the
+    configured executables for `TargetFamily.amend_configurations`. `checked_by` names
+    the tool that check runs (with its version): it is part of the compile cache key,
+    because a cached binary is only as good as the check it passed (PTX cached before
+    ptxas was installed was never assembled)."""
 
     variant: Variant
     flags: tuple[str, ...]
@@ -50,6 +52,7 @@ class CompilePlan:
     requires: Requirements
     dump_binaries: bool = False
     checked_by: str | None = None
+    dump_configurations: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,16 @@ def device_uri(driver: str, found: dict) -> str:
     return f"{driver}://{path}" if path else driver
 
 
+@dataclass(frozen=True)
+class Amendment:
+    """A family's verdict on IREE's configured executables (`TargetFamily.amend_configurations`)."""
+
+    note: str  # what was checked and changed, for the artifact's `verified` field
+    # The whole configured module (MLIR text, `--compile-to=executable-configurations`) ->
+    # the module to compile on from there; None when the configurations are right as they are.
+    rewrite: Callable[[str], str] | None = None
+
+
 class CheckFailed(Exception):
     """A compiled binary failed its family's post-compile check (e.g. ptxas)."""
 
@@ -107,6 +120,14 @@ class TargetFamily:
     def check(self, plan: CompilePlan, binaries: Path | None) -> str | None:
         """Prove the compiled binaries are sound; return how, or None if nothing was
         checked. Raise CheckFailed with a one-line reason if they are not."""
+        return None
+
+    def amend_configurations(self, plan: CompilePlan, configs: Path) -> Amendment | None:
+        """Check the configured executables IREE dumped into `configs` during a compile
+        (`plan.dump_configurations`). Returns what was checked, and a rewrite of the whole
+        configured module when some would be compiled wrongly (the driver then compiles
+        again through it), or None if the family checks nothing. Raise CheckFailed if the
+        configurations cannot be checked."""
         return None
 
     def describe_devices(self, driver: str, devices: list[dict], dump_info) -> list[Device]:

@@ -36,7 +36,7 @@ import struct
 from pathlib import Path
 
 from hxc.manifests.schema import Artifact, Requirements
-from hxc.targets.base import CompilePlan, Device, TargetFamily, Variant, device_uri
+from hxc.targets.base import Amendment, CheckFailed, CompilePlan, Device, TargetFamily, Variant, device_uri
 
 # Vulkan vendor IDs, as the driver reports them.
 VENDORS = {0x10DE: "nvidia", 0x1002: "amd", 0x8086: "intel", 0x13B5: "arm", 0x5143: "qualcomm", 0x10005: "mesa"}
@@ -109,6 +109,10 @@ _PORTABLE = (_PORTABLE_TARGET, "--iree-input-demote-i64-to-i32", "--iree-input-p
 # convolutions, whose code IREE 3.13 otherwise gets wrong (see the file). A path inside
 # the installed package, so it goes in at plan time, not in the variants' flags.
 DEPTHWISE_SPEC = Path(__file__).with_name("spirv_depthwise.mlir")
+# Names the check of IREE's invocation mapping (hxc.targets._spirv_dispatch) in the
+# compile cache key and the artifact's `verified` note: SPIR-V compiled before it was
+# checked is compiled again.
+DISPATCH_CHECK = "hxc dispatch-mapping check 1"
 _PORTABLE_CASTS = (("i64", "i32"), ("f16", "f32"), ("bf16", "f32"), ("f64", "f32"))
 _DESKTOP_CASTS = (("bf16", "f32"), ("f64", "f32"))
 
@@ -151,9 +155,32 @@ class VulkanFamily(TargetFamily):
     )  # fmt: skip
 
     def plan(self, variant: Variant) -> CompilePlan:
-        # The shaders are kept so their capabilities become the artifact's requirements.
+        # The shaders are kept so their capabilities become the artifact's requirements,
+        # and the configured dispatches so the ones IREE would distribute wrongly are
+        # found and serialised (`amend_configurations`); the check is in the cache key.
         flags = (*variant.flags, f"--iree-preprocessing-transform-spec-filename={DEPTHWISE_SPEC}")
-        return CompilePlan(variant, flags, variant.binary, variant.requires, dump_binaries=True)
+        return CompilePlan(variant, flags, variant.binary, variant.requires, dump_binaries=True,
+                           checked_by=DISPATCH_CHECK, dump_configurations=True)  # fmt: skip
+
+    def amend_configurations(self, plan: CompilePlan, configs: Path) -> Amendment | None:
+        from hxc.targets._spirv_dispatch import DispatchCheckError, find_all, serialise
+
+        try:
+            total, found = find_all(configs)
+        except DispatchCheckError as e:
+            raise CheckFailed(f"cannot check how IREE distributes the SPIR-V dispatches: {e}") from None
+        if not found:
+            return Amendment(f"{DISPATCH_CHECK}: none of {total} dispatches shares memory across invocations")
+
+        def rewrite(module: str) -> str:
+            try:
+                return serialise(module, found)
+            except DispatchCheckError as e:
+                raise CheckFailed(f"cannot serialise the SPIR-V dispatches IREE would distribute wrongly: {e}") from None
+
+        first = found[0]
+        return Amendment(f"{DISPATCH_CHECK}: {len(found)} of {total} dispatches run one invocation per workgroup, "
+                         f"their ops' loops disagree ({first.executable}: {first.reason})", rewrite)  # fmt: skip
 
     def binary_requirements(self, plan: CompilePlan, binaries: Path | None) -> Requirements | None:
         if binaries is None:
