@@ -55,10 +55,16 @@ def serve(models: Sequence[ServedModel], options: ServeOptions, *, on_event: Cal
         ssl_cert_reqs=ssl.CERT_REQUIRED if options.ssl_ca_certs else ssl.CERT_NONE,
     )  # fmt: skip
     server = uvicorn.Server(config)
+
+    def stop(*_: object) -> None:
+        server.should_exit = True
+
     # uvicorn captures SIGTERM/SIGINT while serving and raises them again once it has
     # drained; by then the work is done, so they must end the process quietly (exit 0).
+    # A signal that arrives before uvicorn captures them (just after `listening`) must
+    # still stop it: a handler that ignored it left the server running, deaf to Ctrl-C.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+        signal.signal(sig, stop)
     listening = {"event": "listening", "url": url, "models": [m.name for m in models],
                  "auth": bool(options.api_key_digests), "tls": tls is not None}  # fmt: skip
     if not options.api_key_digests and not _loopback(sock):
