@@ -112,6 +112,15 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
 
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
             ui.error(f"{'terminated' if signum == signal.SIGTERM else 'interrupted'}; nothing was written")
+            if signum == signal.SIGTERM:
+                # Everything was cleaned up on the way here (and compile children die with
+                # hxc). Leave now: an interrupt raised while a C extension ran Python code
+                # (torch's import does) makes CPython end a caught interrupt by killing
+                # itself with SIGINT at exit, and a second SIGTERM during finalisation
+                # would meet the default handler; either way not 143.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(128 + signum)
             sys.exit(128 + signum)
         except OSError as e:
             # The environment, not hxc: a full disk, a read-only or forbidden path.
