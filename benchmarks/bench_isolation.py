@@ -27,10 +27,10 @@ from _harness import save  # noqa: E402
 
 from hxc.bench.measure import Budget, Phase  # noqa: E402
 from hxc.bench.run import bench_contenders, run_bench, scenarios  # noqa: E402
-from hxc.compiler.build import build_bundle  # noqa: E402
+from hxc.build import build_bundle  # noqa: E402
 from hxc.compiler.imported import ImportOptions  # noqa: E402
 from hxc.manifests import read_manifest  # noqa: E402
-from hxc.runtime.verify import load_golden  # noqa: E402
+from hxc.verify import load_golden  # noqa: E402
 
 WATCH = ("cpu:host", "torch:eager")
 

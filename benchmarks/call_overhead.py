@@ -52,7 +52,7 @@ def model_row(name: str, ref: str, rounds: int, per_round: int) -> dict:
     import torch
 
     import hxc.runtime
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.dtypes import to_numpy
 
     mod, _, fn = ref.partition(":")

@@ -41,10 +41,10 @@ from suite import torch_contender  # noqa: E402
 
 from hxc import frontends  # noqa: E402
 from hxc.bench.measure import Budget, Contender, measure, paired_ratio  # noqa: E402
-from hxc.compiler.build import import_model  # noqa: E402
+from hxc.build import import_model  # noqa: E402
 from hxc.compiler.driver import CompileJob, compile_all  # noqa: E402
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportOptions  # noqa: E402
-from hxc.runtime.loader import Session  # noqa: E402
+from hxc.engines.iree import IreeSession as Session  # noqa: E402
 from hxc.runtime.probe import probe_host  # noqa: E402
 from hxc.targets import family, resolve  # noqa: E402
 from hxc.targets.cpu import CHANNELS_LAST  # noqa: E402

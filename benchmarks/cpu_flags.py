@@ -29,12 +29,12 @@ from suite import models  # noqa: E402
 
 from hxc import frontends  # noqa: E402
 from hxc.bench.measure import Budget, Contender, measure  # noqa: E402
-from hxc.compiler.build import import_model  # noqa: E402
+from hxc.build import import_model  # noqa: E402
 from hxc.compiler.driver import CompileJob, compile_all  # noqa: E402
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportOptions  # noqa: E402
-from hxc.runtime.loader import Session  # noqa: E402
+from hxc.engines.iree import IreeSession as Session  # noqa: E402
 from hxc.runtime.probe import probe_host  # noqa: E402
-from hxc.runtime.verify import compare_outputs, golden_arrays  # noqa: E402
+from hxc.golden import compare_outputs, golden_arrays  # noqa: E402
 from hxc.targets import family, resolve  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -43,7 +43,7 @@ CHILD = r"""
 import sys, json, time, numpy as np, iree.runtime as rt
 rt.flags.parse_flags(f"--task_topology_max_group_count={sys.argv[4]}")
 from pathlib import Path
-from hxc.runtime.loader import Session
+from hxc.engines.iree import IreeSession as Session
 from hxc.runtime.probe import probe_host
 from hxc.manifests.schema import from_json, Signature
 sig = from_json(Signature, json.loads(Path(sys.argv[2]).read_text()))

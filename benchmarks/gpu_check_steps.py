@@ -154,7 +154,8 @@ def torch_check(args: argparse.Namespace) -> int:
 
     from hxc.errors import first_line
     from hxc.manifests import read_manifest
-    from hxc.runtime.verify import compare, load_golden
+    from hxc.golden import compare
+    from hxc.verify import load_golden
 
     bundle = Path(args.bundle)
     manifest = read_manifest(bundle)
@@ -223,7 +224,8 @@ def pool_check(args: argparse.Namespace) -> int:
     import numpy as np
 
     from hxc.manifests import read_manifest
-    from hxc.runtime.verify import compare, load_golden
+    from hxc.golden import compare
+    from hxc.verify import load_golden
 
     bundle = Path(args.bundle)
     manifest = read_manifest(bundle)
@@ -295,7 +297,8 @@ def _requests(base: str, bundles: Sequence[str], gpu: str, deadline: float) -> l
 
     from hxc.dtypes import dtype
     from hxc.manifests import read_manifest
-    from hxc.runtime.verify import compare, load_golden
+    from hxc.golden import compare
+    from hxc.verify import load_golden
 
     done = []
     for b in bundles:

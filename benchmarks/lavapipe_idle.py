@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _harness import save  # noqa: E402
 
 import hxc.runtime  # noqa: E402
-from hxc.compiler.build import build_bundle  # noqa: E402
+from hxc.build import build_bundle  # noqa: E402
 
 # Loads lavapipe, makes one call, then holds the idle device until stdin closes;
 # argv[2] == "normal" puts the threads the loader made SCHED_IDLE back at SCHED_OTHER.

@@ -77,7 +77,7 @@ RUNNABLE_FAMILIES = ("cpu", "vulkan")
 
 
 def cover(name: str, work: Path, timeout: float, jobs: int, targets: str = "all") -> dict:
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.errors import HxcError
 
     out = work / f"{name}.hxc"

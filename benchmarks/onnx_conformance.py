@@ -3,7 +3,7 @@ than plain IREE? Every ONNX node test, through hxc and through IREE alone, in on
 
 Each test runs through two pipelines on its own inputs (empty ones included) and is
 compared with its own expected outputs at hxc's tolerances
-(`hxc.compiler.onnx_conformance`):
+(`hxc.bench.onnx_conformance`):
 - hxc, the way a user runs a model: `build_bundle` for cpu:host (= `hxc compile
   model.onnx --input ... --example ...`), then `hxc.runtime.load(bundle)(*inputs)`;
 - plain IREE: `iree-import-onnx` (no options), `iree-compile` with IREE's defaults for
@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from hxc.compiler.onnx_conformance import (
+from hxc.bench.onnx_conformance import (
     HXC,
     PLAIN,
     TARGET,

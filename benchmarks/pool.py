@@ -55,7 +55,7 @@ from _harness import save  # noqa: E402
 from hxc.bench.measure import Budget  # noqa: E402
 from hxc.bench.pool import sized_call  # noqa: E402
 from hxc.bench.run import run_bench  # noqa: E402
-from hxc.compiler.build import build_bundle  # noqa: E402
+from hxc.build import build_bundle  # noqa: E402
 from hxc.compiler.imported import ImportOptions  # noqa: E402
 from hxc.pool import Pool  # noqa: E402
 from hxc.pool.simulate import SimDevice, simulate  # noqa: E402

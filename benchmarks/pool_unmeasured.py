@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import save  # noqa: E402
 
-from hxc.compiler.build import build_bundle  # noqa: E402
+from hxc.build import build_bundle  # noqa: E402
 from hxc.compiler.imported import ImportOptions  # noqa: E402
 from hxc.pool import Pool  # noqa: E402
 

@@ -65,7 +65,7 @@ def main() -> None:
         _security(args)
         return
 
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
     import hxc.runtime
 
@@ -141,7 +141,7 @@ async def _load(url: str, inputs: list[np.ndarray], expected: list[np.ndarray], 
                 headers: dict | None = None, ssl_context=None) -> dict:  # fmt: skip
     import tritonclient.http.aio as tha
 
-    from hxc.runtime.verify import compare
+    from hxc.golden import compare
 
     client = tha.InferenceServerClient(url, conn_limit=concurrency, ssl=ssl_context is not None, ssl_context=ssl_context)
     lat: list[float] = []
@@ -186,7 +186,7 @@ async def _load(url: str, inputs: list[np.ndarray], expected: list[np.ndarray], 
 def _security(args: argparse.Namespace) -> None:
     import ssl
 
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
     import hxc.runtime
 
@@ -265,7 +265,7 @@ async def _interleaved(targets: dict, inputs: list[np.ndarray], expected: list[n
     hits every server alike; each server's CPU time per request from /proc."""
     import tritonclient.http.aio as tha
 
-    from hxc.runtime.verify import compare
+    from hxc.golden import compare
 
     names = list(targets)
     clients = {name: tha.InferenceServerClient(url, conn_limit=1, ssl=ctx is not None, ssl_context=ctx)

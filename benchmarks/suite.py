@@ -232,7 +232,7 @@ def timed_in_fresh_processes(groups: list[DeviceGroup], arrays: list, budget: Bu
 def build_bundle_and_bench(ref: str, precision: str, work: Path, min_time: float) -> tuple[Path, dict]:
     """An all-backends bundle, `hxc bench` on it, and the artifact the loader then selects."""
     from hxc.bench.run import run_bench
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.manifests.bundle import read_manifest
     from hxc.runtime.probe import probe_host
     from hxc.runtime.select import select

@@ -26,7 +26,7 @@ CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import hxc.runtime
-from hxc.runtime.verify import load_golden
+from hxc.verify import load_golden
 from hxc.manifests import read_manifest
 from pathlib import Path
 b = Path(sys.argv[1])

@@ -248,7 +248,7 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
 
     variants = registry.resolve(targets)  # bad names fail before any slow work
     extra_flags = registry.parse_extra_flags(iree_flags)
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
     out = output or Path(frontends.recognise(model).model_name(model) + ".hxc")
@@ -717,7 +717,7 @@ def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool, sh
     from rich.markup import escape
 
     from hxc import ui
-    from hxc.runtime.verify import GOLDEN, verify_bundle
+    from hxc.verify import GOLDEN, verify_bundle
 
     report = verify_bundle(bundle, device=device, isolate=not in_process, shapes=shapes, examples=examples)
     results, code = report.results, report.exit_code

@@ -118,7 +118,7 @@ def reference(models: dict[str, Path]):
 def example_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in example compiled for a CPU level this host has, aarch64, the
     portable Vulkan variant, and one CUDA and one ROCm variant."""
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "convnet.hxc"
     result = build_bundle(

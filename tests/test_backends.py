@@ -30,7 +30,7 @@ QUICK = ["--min-time", "0.05", "--min-iterations", "5", "--max-time", "5"]
 @pytest.fixture(scope="session")
 def three(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example CNN with a dynamic batch, built by all three engines for the CPU."""
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
     out = tmp_path_factory.mktemp("engines") / "cnn.hxc"

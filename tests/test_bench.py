@@ -162,7 +162,7 @@ def test_cpu_numbers_agree_with_and_without_lavapipe_in_the_run(tmp_path):
 
     from hxc.bench.measure import Budget
     from hxc.bench.run import run_bench
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
     bundle = tmp_path / "cnn.hxc"

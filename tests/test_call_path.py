@@ -21,7 +21,7 @@ ARTIFACTS = ("cpu:host", "cpu:onnxruntime")
 
 
 def _build(source: str, out: Path) -> Path:
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
 
     result = build_bundle(source, out, "cpu:host", backends="iree,onnxruntime")
     assert result.written, [(r.id, r.error) for r in result.failed]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hxc.compiler.driver import summarize_compile_error
-from hxc.runtime.verify import compare
+from hxc.golden import compare
 
 F32 = np.float32
 

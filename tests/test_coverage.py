@@ -19,12 +19,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import hxc.runtime
-from hxc.compiler.build import build_bundle
+from hxc.build import build_bundle
 from hxc.compiler.imported import ImportOptions
 from hxc.errors import ExitCode
 from hxc.manifests import read_manifest
 from hxc.dtypes import dtype
-from hxc.runtime.verify import verify_bundle
+from hxc.verify import verify_bundle
 
 
 def _onnx_model(path: Path, nodes, inputs, outputs, initializers=(), opset: int = 17) -> Path:
@@ -581,6 +581,6 @@ def test_every_import_of_a_build_sees_the_same_weights(tmp_path, run_isolated):
     assert result.written, [r.error for r in result.failed]
     assert result.manifest.artifact("vulkan:spirv").interface_casts == (("f16", "f32"),)  # its own import
     assert verify_bundle(out, device="cpu").ok
-    inputs, expected = __import__("hxc.runtime.verify", fromlist=["load_golden"]).load_golden(out, read_manifest(out))
+    inputs, expected = __import__("hxc.verify", fromlist=["load_golden"]).load_golden(out, read_manifest(out))
     [got] = run_isolated(out, inputs, "vulkan:spirv")
     _close(got, expected[0], "f16")

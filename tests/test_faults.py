@@ -23,7 +23,7 @@ import torch
 
 import hxc.runtime
 from hxc.errors import BundleError, ExitCode
-from hxc.runtime.verify import verify_bundle
+from hxc.verify import verify_bundle
 
 HXC = [sys.executable, "-m", "hxc.cli"]
 
@@ -222,7 +222,7 @@ def test_a_truncated_golden_sample(old_bundle, cli):
 def test_an_empty_batch_gives_an_empty_result_on_either_device(models, reference, tmp_path, device):
     # The CPU computes it; Vulkan cannot dispatch over empty buffers, and the loader
     # answers from the output's shape instead (more in test_zero_size.py).
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
 
     out = tmp_path / "dyn.hxc"
     build_bundle(str(models["pt2_dynamic"]), out, "cpu:host,vulkan")

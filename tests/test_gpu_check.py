@@ -142,7 +142,7 @@ def test_a_host_without_the_unversioned_libcuda_gets_a_link_on_the_loader_path(t
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The check's CNN with a dynamic batch, for this host's CPU."""
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
     out = tmp_path_factory.mktemp("gpu-check") / "convnet.hxc"

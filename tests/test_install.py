@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from hxc.compiler.build import build_bundle
+from hxc.build import build_bundle
 from hxc.errors import ExitCode
 from hxc.extras import EXTRAS
 
@@ -268,7 +268,7 @@ def test_the_serving_image_command_serves_without_torch_or_the_compiler(serving,
 
     from hxc.compiler.imported import ImportOptions
     from hxc.examples import convnet
-    from hxc.runtime.verify import compare
+    from hxc.golden import compare
 
     for module in ("torch", "iree.compiler", "iree.turbine", "onnx"):
         assert not serving.importable(module), module

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hxc.runtime
-from hxc.compiler.build import build_bundle
+from hxc.build import build_bundle
 from hxc.dtypes import dtype
 
 pytest.importorskip("transformers")

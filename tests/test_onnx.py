@@ -17,14 +17,14 @@ import torch
 from onnx import TensorProto, helper
 
 import hxc.runtime
-from hxc.compiler import onnx_conformance
-from hxc.compiler.build import build_bundle
+from hxc.bench import onnx_conformance
+from hxc.build import build_bundle
 from hxc.compiler.imported import ImportOptions
 from hxc.compiler.onnx_import import import_onnx
 from hxc.errors import ExitCode, UsageError
 from hxc.frontends import recognise
 from hxc.manifests import read_manifest
-from hxc.runtime.verify import verify_bundle
+from hxc.verify import verify_bundle
 
 F32 = {"atol": 1e-4, "rtol": 1e-3}
 

@@ -21,7 +21,7 @@ from hxc.errors import HxcError, UsageError
 from hxc.examples import convnet, mlp
 from hxc.manifests import read_manifest
 from hxc.pool import Backoff, Deadlines, Pool
-from hxc.runtime.verify import compare
+from hxc.golden import compare
 
 WAIT = 120  # seconds any one pool call may take here before the test fails
 
@@ -29,7 +29,7 @@ WAIT = 120  # seconds any one pool call may take here before the test fails
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
     """The example CNN and MLP with a dynamic batch, for the CPU and portable Vulkan."""
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
     out = {}
@@ -122,7 +122,7 @@ def test_a_model_without_a_dynamic_batch_is_explained(example_bundle):
 @pytest.fixture(scope="module")
 def static_mlp(tmp_path_factory) -> Path:
     """The example MLP with its static batch of 4, for the CPU and portable Vulkan."""
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
 
     out = tmp_path_factory.mktemp("static") / "mlp.hxc"
     result = build_bundle("hxc.examples:mlp", out, "cpu:host,vulkan:spirv")

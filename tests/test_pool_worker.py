@@ -16,7 +16,7 @@ import hxc.runtime
 from hxc.examples import convnet
 from hxc.manifests import read_manifest
 from hxc.pool import Backoff, Deadlines, Health, RequestFailed, Worker, WorkerFailed, run_isolated
-from hxc.runtime.verify import compare
+from hxc.golden import compare
 
 # Bounds every wait on a worker, so a hung device fails the test instead of the suite.
 WAIT = 120
@@ -25,7 +25,7 @@ WAIT = 120
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory) -> Path:
     """The example CNN with a dynamic batch, for the CPU and the portable Vulkan target."""
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
     out = tmp_path_factory.mktemp("pool") / "cnn.hxc"

@@ -11,6 +11,8 @@ import json
 import logging
 import shutil
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -253,7 +255,7 @@ def test_json_output_stays_valid_json_on_nan_and_infinite_results(bundle, cli, t
 @pytest.fixture(scope="module")
 def dynamic_bundle(models, tmp_path_factory) -> Path:
     """The test CNN with a dynamic batch (1..64), for the CPU."""
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
 
     out = tmp_path_factory.mktemp("dyn") / "net-dynamic.hxc"
     assert build_bundle(str(models["pt2_dynamic"]), out, "cpu:host").written
@@ -267,7 +269,7 @@ def test_verify_checks_generated_inputs_at_other_shapes_against_pytorch(dynamic_
     assert [(r["artifact"], r["sample"]) for r in results] == [("cpu:host", s) for s in ("golden", "x=5x3x8x8", "33x3x8x8")]
     assert all(r["ok"] and r["max_abs"] < 1e-4 for r in results)
     # The generated inputs really have those shapes, and the reference is PyTorch on them.
-    from hxc.runtime.verify import shaped_sample
+    from hxc.verify import shaped_sample
 
     sample = shaped_sample(read_manifest(dynamic_bundle).signature, "x=5x3x8x8")
     assert sample.inputs[0].shape == (5, 3, 8, 8) and sample.expected is None

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import hxc.runtime
-from hxc.compiler.build import build_bundle
+from hxc.build import build_bundle
 from hxc.errors import ExitCode, IntegrityError
 from hxc.manifests import read_manifest, write_manifest
 from hxc.manifests.bundle import file_hash
@@ -252,7 +252,7 @@ def test_corrupt_cache_entries_are_discarded_and_redone(models, tmp_path, caplog
     assert "discarding a corrupt import-cache entry" in caplog.text
     assert not again.results[0].cached
     assert again.manifest.artifacts[0].sha256 == first.manifest.artifacts[0].sha256
-    assert hxc.runtime.verify.verify_bundle(tmp_path / "b.hxc").ok
+    assert hxc.verify.verify_bundle(tmp_path / "b.hxc").ok
 
 
 def test_bad_array_files_are_one_line_usage_errors(example_bundle, tmp_path, cli):

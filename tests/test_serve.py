@@ -29,7 +29,7 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from hxc.examples import convnet, mlp
-from hxc.runtime.verify import compare
+from hxc.golden import compare
 from tls_certs import make_tls_files
 
 WAIT = 120
@@ -157,7 +157,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 def bundles(tmp_path_factory) -> dict[str, Path]:
     """The example CNN with a dynamic batch and the example MLP (static batch of 4), both
     for the CPU and the portable Vulkan target."""
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
     d = tmp_path_factory.mktemp("serve")
@@ -294,7 +294,7 @@ def test_bf16_travels_as_binary_data_and_equals_pytorch(tmp_path):
     (as ml_dtypes.bfloat16 arrays); asking for it as JSON is a protocol error."""
     import ml_dtypes
 
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.examples.zoo import mlp_bf16
 
     bundle = tmp_path / "mlp_bf16.hxc"

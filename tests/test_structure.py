@@ -1,5 +1,6 @@
-"""The package's structure: no import cycles (imports inside functions count), and the
-layers that must stay light import nothing heavy: `hxc --help`, recognising a model
+"""The package's structure: imports go only down the pipeline's layers (`LAYERS`; imports
+inside functions count), there are no import cycles, and the layers that must stay
+light import nothing heavy: `hxc --help`, recognising a model
 file, and compiling an ONNX model (no torch)."""
 
 from __future__ import annotations
@@ -98,6 +99,60 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+# The pipeline's layers, top to bottom: a module imports only from its own row or rows
+# below (imports inside functions count; `if TYPE_CHECKING:` blocks do not). Data flows
+# one way: model -> IR -> artifacts -> bundle -> load -> run, pool, serve.
+# `verify` and `reference` sit with the tools: checking a bundle runs each artifact in a
+# throwaway worker (a crash in IREE must not take the check down) and rebuilds the
+# reference from the bundle's program through its frontend.
+LAYERS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (9, ("hxc.cli",)),
+    (8, ("hxc.bench", "hxc.serve", "hxc.verify", "hxc.reference")),
+    (7, ("hxc.build", "hxc.frontends")),
+    (6, ("hxc.pool",)),
+    (5, ("hxc.runtime",)),
+    (4, ("hxc.engines",)),
+    (3, ("hxc.compiler",)),
+    (2, ("hxc.targets", "hxc.manifests")),
+    (1, ("hxc", "hxc.errors", "hxc.registry", "hxc.ui", "hxc.dtypes", "hxc.arrays", "hxc.extras", "hxc.examples",
+         "hxc.golden", "hxc.stats")),
+)
+
+
+def layer(module: str) -> int | None:
+    """The row of `module`: that of the longest package or module name it is or lies in
+    (`hxc` itself is only the package's `__init__`)."""
+    best: tuple[int, int] | None = None
+    for row, names in LAYERS:
+        for name in names:
+            inside = module == name or (name != "hxc" and module.startswith(name + "."))
+            if inside and (best is None or len(name) > best[1]):
+                best = (row, len(name))
+    return best[0] if best else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that climbs the table, and every module the table does not place."""
+    found = [f"{m} is in no row of LAYERS" for m in sorted(graph) if layer(m) is None]
+    for m in sorted(graph):
+        for target in sorted(graph[m]):
+            if (layer(m) or 0) < (layer(target) or 0):
+                found.append(f"{m} (row {layer(m)}) imports {target} (row {layer(target)})")
+    return found
+
+
+def test_imports_only_go_down_the_layers():
+    climbing = upward_imports(import_graph())
+    assert climbing == [], "imports that climb the layers:\n" + "\n".join(climbing)
+
+
+def test_the_layer_check_finds_a_climbing_import():
+    graph = {"hxc.engines.iree": {"hxc.runtime.loader"}, "hxc.runtime.loader": {"hxc.engines.base"},
+             "hxc.engines.base": set(), "hxc.nowhere": set()}  # fmt: skip
+    assert upward_imports(graph) == ["hxc.nowhere is in no row of LAYERS",
+                                     "hxc.engines.iree (row 4) imports hxc.runtime.loader (row 5)"]  # fmt: skip
+
+
 def test_the_graph_sees_function_level_imports():
     graph = import_graph()
     assert "hxc.compiler.torch_import" in graph["hxc.frontends.base"]  # imported inside a function
@@ -139,7 +194,7 @@ def test_compiling_an_onnx_model_does_not_import_torch(tmp_path):
     model = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
     code = (
-        "import sys\nfrom hxc.compiler.build import build_bundle\n"
+        "import sys\nfrom hxc.build import build_bundle\n"
         "assert build_bundle(sys.argv[1], sys.argv[2], 'cpu:host', use_cache=False).written"
     )
     loaded = _imported_after(code, str(model), str(tmp_path / "relu.hxc"))

@@ -20,12 +20,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from hxc.compiler.build import build_bundle
+from hxc.build import build_bundle
 from hxc.manifests import read_manifest
 from hxc.runtime import probe_host, select
 from hxc.dtypes import dtype, to_numpy
 from hxc.targets import Device, family
-from hxc.runtime.verify import verify_bundle
+from hxc.verify import verify_bundle
 from hxc.targets.vulkan import DEPTHWISE_SPEC, DISPATCH_CHECK, core_features, spirv_capabilities
 
 VK = family("vulkan")
@@ -178,7 +178,7 @@ IDLE_PROBE = r"""
 import json, os, sys, time
 import numpy as np
 import hxc.runtime
-from hxc.runtime.loader import _thread_states
+from hxc.engines.iree import _thread_states
 
 m = hxc.runtime.load(sys.argv[1], device="vulkan:spirv", strict=True)
 m.run_flat([np.zeros((1, 3, 32, 32), np.float32)])
@@ -222,7 +222,7 @@ import os, sys, threading, time
 import numpy as np
 os.sched_setaffinity(0, [min(os.sched_getaffinity(0))])
 import hxc.runtime
-from hxc.runtime.loader import _AWAKE
+from hxc.engines.iree import _AWAKE
 
 m = hxc.runtime.load(sys.argv[1], device="vulkan:spirv", strict=True)
 x = np.zeros((1, 3, 32, 32), np.float32)

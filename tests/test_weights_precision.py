@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import hxc.runtime
-from hxc.compiler.build import build_bundle
+from hxc.build import build_bundle
 from hxc.compiler.imported import ImportOptions
 from hxc.errors import ExitCode
 from hxc.examples import convnet, mlp
 from hxc.manifests import read_manifest
 from hxc.dtypes import dtype
-from hxc.runtime.verify import verify_bundle
+from hxc.verify import verify_bundle
 
 TARGETS = "cpu:host,cpu:x86-64-v3,cpu:x86-64-v4,cpu:aarch64,cuda:sm_89,rocm:gfx942,vulkan:spirv"
 

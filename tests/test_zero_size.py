@@ -22,7 +22,8 @@ import hxc.runtime
 from hxc.errors import HxcError
 from hxc.examples import mlp
 from hxc.pool import Pool
-from hxc.runtime.verify import compare, verify_bundle
+from hxc.golden import compare
+from hxc.verify import verify_bundle
 from test_pool import WAIT, _run  # a pool call in a thread, failed (not hung) after a bound
 W = np.arange(12, dtype=np.float32).reshape(4, 3) / 7 - 0.5
 
@@ -47,7 +48,7 @@ def _onnx_model(path: Path, kind: str) -> Path:
 def bundles(tmp_path_factory) -> dict[str, Path]:
     """The example MLP with a dynamic batch, and the two ONNX models, for the CPU and
     the portable Vulkan target."""
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
     d = tmp_path_factory.mktemp("zero-size")
@@ -198,7 +199,7 @@ def test_the_server_router_sends_a_call_vulkan_cannot_answer_to_the_cpu(bundles)
 
 
 def test_a_golden_sample_of_zero_rows_is_verified_on_every_device(bundles, tmp_path):
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
     np.savez(tmp_path / "example.npz", x=np.zeros((0, 4), np.float32))

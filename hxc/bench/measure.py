@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hxc.manifests.schema import P99_MIN_ITERATIONS, LatencyStats
+from hxc.stats import P99_MIN_ITERATIONS, LatencyStats, latency_stats
 
 
 @dataclass
@@ -229,28 +229,6 @@ class CpuUse:
         if self.machine_busy is None or start.machine_busy is None:
             return 0.0
         return max((self.machine_busy - start.machine_busy) - (self.this_process - start.this_process), 0.0)
-
-
-def latency_stats(samples_ms: list[float]) -> LatencyStats:
-    xs = sorted(samples_ms)
-    return LatencyStats(
-        p50_ms=_percentile(xs, 50),
-        p90_ms=_percentile(xs, 90),
-        p99_ms=_percentile(xs, 99),
-        mean_ms=statistics.fmean(xs),
-        stdev_ms=statistics.stdev(xs) if len(xs) > 1 else 0.0,
-        min_ms=xs[0],
-        iterations=len(xs),
-    )
-
-
-def _percentile(sorted_xs: list[float], q: float) -> float:
-    if len(sorted_xs) == 1:
-        return sorted_xs[0]
-    pos = (len(sorted_xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
 def _resident_mb() -> float | None:

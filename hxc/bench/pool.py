@@ -24,14 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from hxc.bench.measure import Budget, latency_stats
+from hxc.bench.measure import Budget
+from hxc.stats import latency_stats
 from hxc.bench.run import scenarios
 from hxc.manifests import update_manifest
 from hxc.manifests.merge import add_profiles
 from hxc.manifests.schema import Host, Profile
 from hxc.pool.pool import Pool, PoolStats
 from hxc.runtime.probe import probe_host
-from hxc.runtime.verify import load_golden
+from hxc.verify import load_golden
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from hxc.manifests import read_manifest, update_manifest
 from hxc.manifests.merge import add_profiles
 from hxc.manifests.schema import Conditions, Host, Manifest, Profile
 from hxc.runtime.probe import probe_host
-from hxc.runtime.verify import load_golden
+from hxc.verify import load_golden
 
 DEFAULT_OFFLINE_BATCHES = (8, 32)
 

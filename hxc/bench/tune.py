@@ -16,9 +16,9 @@ from hxc.engines import engine
 from hxc.engines.base import Built, BuildJob
 from hxc.errors import first_line
 from hxc.manifests.schema import Artifact, Signature, TuningTrial
-from hxc.runtime.loader import Session
+from hxc.engines.iree import IreeSession as Session
 from hxc.runtime.probe import probe_host
-from hxc.runtime.verify import compare_outputs, golden_arrays
+from hxc.golden import compare_outputs, golden_arrays
 from hxc.targets import Device, family
 
 TUNE_BUDGET = Budget(warmup=2, min_iterations=10, min_seconds=0.5, max_seconds=20.0)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from hxc.dtypes import dtype
 from hxc.manifests.schema import Artifact, Requirements, Signature, TuningTrial
 from hxc.targets import Device
 
@@ -206,3 +207,62 @@ def file_bytes(file: Any) -> bytes:
 
 def options_dict(options: tuple[str, ...]) -> dict[str, str]:
     return dict(o.split("=", 1) for o in options)
+
+
+# --- what every engine's session shares ----------------------------------------
+
+
+def empty_at_run_time(signature: Signature, arrays: Sequence[np.ndarray]) -> bool:
+    """Whether a dynamic dimension of some input is 0 in this call (a statically 0
+    dimension is the compiler's to fold away)."""
+    return any(n == 0 and isinstance(d, str) for s, a in zip(signature.inputs, arrays) for d, n in zip(s.shape, a.shape))
+
+
+def empty_outputs(signature: Signature, arrays: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+    """The outputs of a call on `arrays` when their shapes alone determine them: every
+    output's shape is known from the signature (static dimensions, dynamic ones named
+    after an input's) and holds a 0, so there is no value to compute. None otherwise
+    (an output's size is not known, or it has values: a sum over an empty axis is 0)."""
+    sizes = {d: n for s, a in zip(signature.inputs, arrays) for d, n in zip(s.shape, a.shape) if isinstance(d, str)}
+    out = []
+    for spec in signature.outputs:
+        shape = [d if isinstance(d, int) else sizes.get(d) for d in spec.shape]
+        if any(n is None for n in shape) or 0 not in shape:
+            return None
+        out.append(np.empty(shape, dtype(spec.dtype).numpy_dtype()))
+    return out
+
+
+def cast_signature(signature, casts: tuple[tuple[str, str], ...]):
+    """The signature an artifact with `interface_casts` really has."""
+    from dataclasses import replace
+
+    table = dict(casts)
+    if not table:
+        return signature
+    swap = lambda specs: tuple(replace(s, dtype=table.get(s.dtype, s.dtype)) for s in specs)  # noqa: E731
+    return replace(signature, inputs=swap(signature.inputs), outputs=swap(signature.outputs))
+
+
+def cast_inputs(arrays: list[np.ndarray], model_sig, artifact_sig) -> list[np.ndarray]:
+    """Model-typed inputs as the artifact's types. Integers must fit: a value the
+    narrower type cannot hold is refused, never wrapped around."""
+    from hxc.errors import SignatureError
+
+    out = []
+    for i, (a, m, s) in enumerate(zip(arrays, model_sig.inputs, artifact_sig.inputs)):
+        if m.dtype == s.dtype:
+            out.append(a)
+            continue
+        want = dtype(s.dtype).numpy_dtype()
+        if want.kind in "iu" and a.size:
+            info = np.iinfo(want)
+            lo, hi = a.min(), a.max()
+            if lo < info.min or hi > info.max:
+                raise SignatureError(
+                    f"input {i} ({m.name}) holds {lo}..{hi}; this artifact computes {m.dtype} as {s.dtype} "
+                    f"(range {info.min}..{info.max})",
+                    hint="choose an artifact with native 64-bit integers, e.g. device='vulkan:desktop' or a CPU one",
+                )
+        out.append(a.astype(want))
+    return out

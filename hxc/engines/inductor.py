@@ -122,7 +122,7 @@ def _compile(job: BuildJob) -> Any:
     import torch
 
     from hxc.compiler.torch_program import program_at_precision, program_with_weights
-    from hxc.runtime.verify import golden_arrays
+    from hxc.golden import golden_arrays
 
     assert job.program is not None
     program = program_with_weights(job.program, str(job.program), job.weights)

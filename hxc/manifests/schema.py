@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any, Literal
 
+# Profiles record latency statistics; the record is defined with its arithmetic.
+from hxc.stats import P99_MIN_ITERATIONS, LatencyStats  # noqa: F401  (re-exported)
+
 FORMAT = "hxc-bundle"
 PROFILES_FORMAT = "hxc-profiles"
 # 2.0: every file written at build time has a sha256 and size in `files`, checked
@@ -191,32 +194,6 @@ class Host:
     versions: dict[str, str]  # hxc, iree-base-runtime, torch
 
 
-@dataclass(frozen=True)
-class LatencyStats:
-    """Milliseconds per call over `iterations` timed calls."""
-
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    stdev_ms: float
-    min_ms: float
-    iterations: int
-
-    @property
-    def spread(self) -> float:
-        """(p90 - p50) / p50: how noisy the run was."""
-        return (self.p90_ms - self.p50_ms) / self.p50_ms if self.p50_ms else 0.0
-
-    @property
-    def p99_observed(self) -> bool:
-        """Whether p99 rests on enough calls to be a tail observation (at least one call
-        at or above it) rather than an interpolation between the slowest few."""
-        return self.iterations >= P99_MIN_ITERATIONS
-
-
-# Below this many timed calls, p99 is not something to judge a latency target by.
-P99_MIN_ITERATIONS = 100
 
 
 @dataclass(frozen=True)

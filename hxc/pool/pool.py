@@ -377,7 +377,7 @@ class Pool:
         the inputs' shapes when they alone make every output empty (no worker is asked),
         else from one device whose driver runs empty dispatches, called with the whole
         request (there are no rows to split; see TargetFamily.empty_dispatch)."""
-        from hxc.runtime.loader import empty_outputs
+        from hxc.engines.base import empty_outputs
         from hxc.targets import family
 
         answered = empty_outputs(self.signature, arrays)
@@ -525,7 +525,8 @@ class _Job:
 
     def _refill(self) -> None:
         from hxc.dtypes import is_torch
-        from hxc.runtime.loader import check_inputs, empty_at_run_time
+        from hxc.engines.base import empty_at_run_time
+        from hxc.runtime.loader import check_inputs
 
         want = self._lookahead()
         while not self.exhausted and len(self.items) < self.window and (self.balancer.unassigned < want or not self.items):

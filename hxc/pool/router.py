@@ -431,7 +431,7 @@ class Router:
         """`only`, narrowed for a call where a dynamic dimension is 0 and the outputs are
         not empty by their shapes alone, to the devices whose driver runs it (Vulkan
         cannot: TargetFamily.empty_dispatch), when any of them may take it; else as is."""
-        from hxc.runtime.loader import empty_at_run_time, empty_outputs
+        from hxc.engines.base import empty_at_run_time, empty_outputs
         from hxc.targets import family
 
         signature = self.pool.signature

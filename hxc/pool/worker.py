@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from hxc.bench.measure import latency_stats
+from hxc.stats import latency_stats
 from hxc.errors import ExitCode, HxcError
 from hxc.manifests.schema import LatencyStats, Signature
 from hxc.pool.channel import ArrayRef, Channel, ChannelClosed, SharedBuffer, layout, write_arrays

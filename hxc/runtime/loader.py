@@ -10,30 +10,26 @@ path again. The check is here, once, for every engine.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from hxc.engines import engine
-from hxc.engines.base import Session as EngineSession
+from hxc.engines.base import Session as EngineSession, cast_inputs, cast_signature
 from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, first_line
 from hxc.manifests.bundle import CheckedFile, TrustedKeys, open_checked, read_bundle, trust_policy
 from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
 from hxc.dtypes import dtype, from_numpy, is_torch, to_numpy, to_torch
-from hxc.runtime.io import HOST_MEMORY_DRIVERS, Transfers, cast_inputs, cast_signature
 from hxc.runtime.prices import PriceTable
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
-from hxc.targets import Device, families
+from hxc.targets import Device
 
 log = logging.getLogger("hxc.runtime")
 PRIVATE_COPY_ENV = "HXC_PRIVATE_COPY"
@@ -241,218 +237,6 @@ def _summary(selection: Selection) -> str:
     return "; ".join(f"{r.artifact.id}: {r.reason}" for r in selection.rejected[:6]) or "the bundle has no artifacts"
 
 
-# Threads that poll while a device is idle: with IREE 3.13 on lavapipe, each Vulkan
-# device gets two threads that wait for "any of" several semaphores, which Mesa 22's
-# lavapipe implements by polling in a loop (vkWaitSemaphores with WAIT_ANY on syncs
-# without native wait-any): two cores burnt for as long as the process holds the device,
-# idle or not, taking them from every other device and process on the host.
-SPIN_SAMPLES = 8  # looks at the new threads' states, 5 ms apart
-
-
-def _hal_device(device: Device) -> Any:
-    """IREE's device for `device` (cached by IREE: one per URI per process). Threads the
-    Vulkan driver starts and leaves polling are moved to SCHED_IDLE: they then run only
-    on a core nothing else wants, which is where a device that just finished its work
-    leaves them, so a call's completion is still seen at once on an idle host.
-
-    In a process pinned to some of the cores (a pool's lavapipe worker, `pin=`), the
-    calling thread waits by polling too, at normal priority, on the same cores, and a
-    SCHED_IDLE poller starved during calls: completions were seen 0.2-1.5 s late (the
-    CNN, 4 rows on one core: median 0.76 s a call). There the pollers are recorded in
-    `_AWAKE` and run at nice 19 for the length of each call (`_awake`): 0.12-0.40 s,
-    median 0.26 s (0.33 s at normal priority); between calls they stay SCHED_IDLE."""
-    import iree.runtime as rt
-
-    if device.driver != "vulkan" or not hasattr(os, "SCHED_IDLE"):
-        return rt.get_device(device.uri)
-    before = set(_thread_states())
-    hal_device = rt.get_device(device.uri)
-    # A thread of an idle device should be asleep; one found running or runnable at every
-    # look is polling (by state, not by CPU time, which a busy host would hide).
-    polling = set(_thread_states()) - before
-    for _ in range(SPIN_SAMPLES):
-        if not polling:
-            break
-        time.sleep(0.005)
-        states = _thread_states()
-        polling = {t for t in polling if states.get(t) == "R"}
-    moved = []
-    for tid in polling:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, 19)  # kept under SCHED_IDLE, used by _awake
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-            moved.append(tid)
-            log.debug("thread %d of %s polls while idle: moved to SCHED_IDLE", tid, device.uri)
-        except OSError:
-            pass
-    if moved and len(os.sched_getaffinity(0)) < (os.cpu_count() or 1):
-        _AWAKE[device.uri] = tuple(moved)
-    return hal_device
-
-
-# Per device URI: polling threads that must run during calls (see _hal_device).
-_AWAKE: dict[str, tuple[int, ...]] = {}
-
-
-@contextlib.contextmanager
-def _awake(threads: tuple[int, ...]) -> Iterator[None]:
-    """The polling threads at normal policy (their nice 19) while a call runs."""
-    if not threads:
-        yield
-        return
-    _set_policy(threads, os.SCHED_OTHER)
-    try:
-        yield
-    finally:
-        _set_policy(threads, os.SCHED_IDLE)
-
-
-def _set_policy(threads: tuple[int, ...], policy: int) -> None:
-    for tid in threads:
-        try:
-            os.sched_setscheduler(tid, policy, os.sched_param(0))
-        except OSError:
-            pass
-
-
-def _thread_states() -> dict[int, str]:
-    """The scheduler state (R running or runnable, S sleeping, ...) of each thread of this process."""
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                out[int(tid)] = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue  # the thread ended meanwhile
-    return out
-
-
-class Session:
-    """One vmfb loaded on one IREE device: its context and entry function; the IREE
-    engine's session (`hxc.engines.iree`), one implementation of
-    `hxc.engines.base.Session` among several. `load()` builds these after checking the
-    bundle; `hxc compile --tune` uses them directly on freshly compiled candidates."""
-
-    def __init__(self, device: Any, context: Any, function: Any, keep_alive: tuple, host_memory: bool = False,
-                 awake: tuple[int, ...] = (), empty_dispatch: bool = True, label: str = "the device") -> None:  # fmt: skip
-        self.device = device
-        self.context = context
-        self.function = function
-        self.device_seconds = 0.0  # of the last invoke(), copies to and from the device excluded
-        self.host_memory = host_memory
-        self._awake = awake  # polling threads to wake for each call (see _hal_device)
-        self.borrow_inputs = False  # see LoadedModel.borrow_inputs
-        self.empty_dispatch = empty_dispatch  # see TargetFamily.empty_dispatch
-        self.label = label
-        self._last_transfers: Transfers | None = None
-        # The mapped module, the parameter index and its provider must outlive the
-        # context that reads from them.
-        self._keep_alive = keep_alive
-
-    @classmethod
-    def open(
-        cls, vmfb: Path | CheckedFile, device: Device, weights: tuple[Path | CheckedFile, str] | None = None
-    ) -> Session:
-        """A bundle's checked files run from the checked bytes; a plain path (a fresh
-        build being tuned, not yet in a bundle) is mapped by IREE itself."""
-        import iree.runtime as rt
-
-        hal_device = _hal_device(device)
-        instance = _instance()
-        if isinstance(vmfb, CheckedFile):
-            module = rt.VmModule.wrap_buffer(instance, vmfb.buffer)
-        else:
-            module = rt.VmModule.mmap(instance, str(vmfb))
-        modules = [rt.create_hal_module(instance, hal_device)]
-        keep_alive: tuple = (vmfb, module)
-        if weights is not None:
-            # The archive stays mapped; parameters are read (or imported) by the
-            # device when the module initialises.
-            source, scope = weights
-            index = rt.ParameterIndex()
-            if isinstance(source, CheckedFile):
-                index.load_from_file_handle(rt.FileHandle.wrap_memory(source.buffer), "irpa")
-            else:
-                index.load(str(source))
-            provider = index.create_provider(scope=scope)
-            modules.append(rt.create_io_parameters_module(instance, provider))
-            keep_alive = (vmfb, module, source, index, provider)
-        context = rt.VmContext(instance, modules=[*modules, module])
-        function = module.lookup_function("main")
-        if function is None:
-            raise HxcError(f"{vmfb}: has no 'main' function")
-        empty_dispatch = all(f.empty_dispatch for f in families() if device.driver in f.drivers)
-        return cls(hal_device, context, function, keep_alive, host_memory=device.driver in HOST_MEMORY_DRIVERS,
-                   awake=_AWAKE.get(device.uri, ()), empty_dispatch=empty_dispatch, label=device.label)  # fmt: skip
-
-    def _transfers(self, signature: Signature) -> Transfers:
-        # Callers pass the same signature object every time (the artifact's), so one
-        # slot, checked by identity (not by hashing the signature), is enough.
-        t = self._last_transfers
-        if t is None or t.signature is not signature:
-            t = self._last_transfers = Transfers(self.device, self.host_memory, signature)
-        return t
-
-    def _answered(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray] | None:
-        """The outputs of a call this device cannot run (a dimension that is 0 at run time
-        on a driver without empty dispatches) when the inputs' shapes alone make every
-        output empty; None when the device is to be called."""
-        if self.empty_dispatch or not empty_at_run_time(signature, arrays):
-            return None
-        return empty_outputs(signature, arrays)
-
-    def _refused(self, e: Exception, arrays: list[np.ndarray], signature: Signature) -> Exception:
-        """IREE's error for a dispatch over an empty buffer as a one-line HxcError that
-        says why; any other error as it is."""
-        if "empty buffer range" not in str(e):
-            return e
-        shapes = ", ".join(f"{s.name} {'x'.join(map(str, a.shape)) or 'scalar'}" for s, a in zip(signature.inputs, arrays))
-        return HxcError(f"{self.label} cannot run this call: a dimension is 0 at run time ({shapes}), and this driver "
-                        "cannot dispatch over empty buffers; not every output is empty by its shape alone, so hxc "
-                        "cannot answer it without the device", hint="run it on a CPU artifact (device='cpu')")  # fmt: skip
-
-    def prepare(self, arrays: list[np.ndarray], signature: Signature) -> Callable[[], None]:
-        if self._answered(arrays, signature) is not None:
-            return lambda: None  # nothing to compute: see _answered
-        t = self._transfers(signature)
-        with _awake(self._awake):
-            args, results = t.upload(arrays), t.results
-        context, function = self.context, self.function
-        awake = self._awake
-
-        def call() -> None:
-            # `main` is the synchronous entry point: it returns once the device is done.
-            with _awake(awake):
-                context.invoke(function, args, results())
-
-        return call
-
-    def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
-        answered = self._answered(arrays, signature)
-        if answered is not None:
-            self.device_seconds = 0.0
-            return answered
-        t = self._transfers(signature)
-        with _awake(self._awake):  # copies to and from the device wait on it too
-            args = t.upload(arrays, self.borrow_inputs)
-            results = t.results()
-            t0 = time.perf_counter()
-            try:
-                self.context.invoke(self.function, args, results)
-            except Exception as e:
-                raise self._refused(e, arrays, signature) from None
-            self.device_seconds = time.perf_counter() - t0
-            return t.download(results)
-
-
-@functools.cache
-def _instance() -> Any:
-    # One VM instance per process, as IREE recommends; contexts are per model.
-    import iree.runtime as rt
-
-    return rt.VmInstance()
-
-
 # --- inputs and outputs ------------------------------------------------------------
 
 
@@ -518,27 +302,6 @@ def check_inputs(signature: Signature, inputs: Any) -> list[np.ndarray]:
                     raise SignatureError(f"input {i} ({spec.name}): dynamic dim {d} is {n} here but {sizes[d]} in an earlier input")
         arrays.append(a)
     return arrays
-
-
-def empty_at_run_time(signature: Signature, arrays: Sequence[np.ndarray]) -> bool:
-    """Whether a dynamic dimension of some input is 0 in this call (a statically 0
-    dimension is the compiler's to fold away)."""
-    return any(n == 0 and isinstance(d, str) for s, a in zip(signature.inputs, arrays) for d, n in zip(s.shape, a.shape))
-
-
-def empty_outputs(signature: Signature, arrays: Sequence[np.ndarray]) -> list[np.ndarray] | None:
-    """The outputs of a call on `arrays` when their shapes alone determine them: every
-    output's shape is known from the signature (static dimensions, dynamic ones named
-    after an input's) and holds a 0, so there is no value to compute. None otherwise
-    (an output's size is not known, or it has values: a sum over an empty axis is 0)."""
-    sizes = {d: n for s, a in zip(signature.inputs, arrays) for d, n in zip(s.shape, a.shape) if isinstance(d, str)}
-    out = []
-    for spec in signature.outputs:
-        shape = [d if isinstance(d, int) else sizes.get(d) for d in spec.shape]
-        if any(n is None for n in shape) or 0 not in shape:
-            return None
-        out.append(np.empty(shape, dtype(spec.dtype).numpy_dtype()))
-    return out
 
 
 def format_specs(specs: tuple[TensorSpec, ...]) -> str:

@@ -139,7 +139,7 @@ class VulkanFamily(TargetFamily):
     # on lavapipe with a MatMul + ReduceSum model and 0 rows; the device stays usable.
     # Statically 0 dimensions are folded away by the compiler and run. The loader answers
     # such calls itself where the outputs' shapes alone say they are empty (see
-    # hxc.runtime.loader.Session.invoke).
+    # hxc.engines.iree.IreeSession.invoke).
     empty_dispatch = False
     variants = (
         _spirv("spirv", "portable SPIR-V for any Vulkan device: 32-bit types only (i64 computed in i32, f16/bf16 in f32)",

@@ -3,7 +3,7 @@ recorded at compile time, PyTorch's own for PyTorch models and ONNX Runtime's fo
 models; and, on request, at other input shapes (`--shapes x=1x33x64`: generated inputs,
 drawn like the golden sample's) or on other inputs (`--example file.npz`), against
 expected outputs the file holds or else the reference rebuilt from the bundle
-(`hxc.runtime.reference`: needs torch or onnxruntime installed). A model with dynamic
+(`hxc.reference`: needs torch or onnxruntime installed). A model with dynamic
 dimensions is only as right as the sizes it was checked at.
 
 The same tolerances (`hxc.dtypes`) serve `hxc verify`, `hxc compile --tune` and the
@@ -12,7 +12,6 @@ test suite, so "matches the reference" means one thing everywhere.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from hxc.arrays import ArrayFileError, max_array_bytes, read_npz
-from hxc.dtypes import compute_dtype, dtype, from_storage
+from hxc.dtypes import dtype, from_storage
+from hxc.golden import Comparison, compare, compare_outputs, golden_arrays  # noqa: F401  (the golden arithmetic, re-exported)
 from hxc.errors import BundleError, ExitCode, HxcError, NothingToCompareError, UsageError, first_line
 from hxc.manifests import Manifest, Signature, TensorSpec
 from hxc.manifests.bundle import TrustedKeys, check_all_files, open_checked, read_bundle, trust_policy
@@ -31,41 +31,6 @@ from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import select
 
 GOLDEN = "golden"
-
-@dataclass(frozen=True)
-class Comparison:
-    max_abs: float
-    max_rel: float
-    ok: bool
-
-
-def compare(actual: np.ndarray, expected: np.ndarray, name: str) -> Comparison:
-    """Outputs of hxc dtype `name` against the reference, at that dtype's tolerance
-    (`hxc.dtypes`); integers and booleans must match exactly."""
-    if actual.shape != expected.shape:
-        return Comparison(float("inf"), float("inf"), False)
-    tolerance = dtype(name).tolerance
-    if tolerance is None:
-        diff = np.abs(actual.astype(np.int64) - expected.astype(np.int64))
-        worst = float(diff.max()) if diff.size else 0.0
-        return Comparison(worst, worst, worst == 0)
-    a = actual.astype(np.float64)
-    e = expected.astype(np.float64)
-    if not e.size:
-        return Comparison(0.0, 0.0, True)
-    atol, rtol = tolerance
-    # Equal values match (infinities included), and NaN where the reference has NaN;
-    # otherwise both must be finite and close. An infinite reference is not "close" to
-    # anything else: +inf against -inf is off by infinity, whatever rtol * inf says.
-    same = (a == e) | (np.isnan(a) & np.isnan(e))
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.where(same, 0.0, np.abs(a - e))
-        diff = np.where(np.isnan(diff), np.inf, diff)
-        close = np.isfinite(a) & np.isfinite(e) & (diff <= atol + rtol * np.abs(e))
-        rel = np.where(np.isfinite(e), diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny), diff)
-    ok = bool(np.all(same | close))
-    # Relative error is reported where the reference is not within atol of zero.
-    return Comparison(float(diff.max()), float(np.where(np.abs(e) > atol, rel, 0.0).max()), ok)
 
 
 def load_golden(bundle: Path, manifest: Manifest) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -82,35 +47,6 @@ def load_golden(bundle: Path, manifest: Manifest) -> tuple[list[np.ndarray], lis
         checked.close()
     return golden_arrays(arrays, manifest.signature, str(checked.path))
 
-
-def golden_arrays(
-    arrays: dict[str, np.ndarray], signature: Signature, where: str = "golden sample"
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Golden inputs and outputs in signature order; bf16 and float8, stored as raw
-    bits, as their own types. Outputs are empty when the sample has none (the
-    reference could not compute them; `Manifest.golden_note` says why)."""
-
-    def typed(key: str, name: str) -> np.ndarray:
-        if key not in arrays:
-            raise BundleError(f"{where}: golden sample lacks {key}")
-        return from_storage(arrays[key], name)
-
-    inputs = [typed(f"input_{i}", s.dtype) for i, s in enumerate(signature.inputs)]
-    has_outputs = any(k.startswith("output_") for k in arrays)
-    outputs = [typed(f"output_{i}", s.dtype) for i, s in enumerate(signature.outputs)] if has_outputs else []
-    return inputs, outputs
-
-
-def compare_outputs(
-    outputs: list[np.ndarray],
-    expected: list[np.ndarray],
-    signature: Signature,
-    precision: str,
-    casts: tuple[tuple[str, str], ...] = (),
-) -> list[Comparison]:
-    """One comparison per output, at the tolerance of the artifact's compute precision
-    (and of the narrower type it carries an output as, for f64 computed in f32)."""
-    return [compare(o, x, compute_dtype(s.dtype, precision, casts)) for o, x, s in zip(outputs, expected, signature.outputs)]
 
 
 @dataclass(frozen=True)
@@ -280,7 +216,7 @@ def verify_bundle(
         if program := manifest.model.program_file:
             if program in bad:
                 raise BundleError(f"{path}: its {program} fails the integrity check; it cannot compute reference outputs")
-        from hxc.runtime.reference import reference_outputs
+        from hxc.reference import reference_outputs
 
         computed = iter(reference_outputs(path, manifest, [s.inputs for s in unknown]))
         extra = [s if s.expected is not None else Sample(s.label, s.inputs, next(computed)) for s in extra]

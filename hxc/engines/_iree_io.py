@@ -148,38 +148,3 @@ class _DLPack:
 
     def __dlpack_device__(self) -> tuple[int, int]:
         return (_DLPACK_CPU, 0)
-
-
-def cast_signature(signature, casts: tuple[tuple[str, str], ...]):
-    """The signature an artifact with `interface_casts` really has."""
-    from dataclasses import replace
-
-    table = dict(casts)
-    if not table:
-        return signature
-    swap = lambda specs: tuple(replace(s, dtype=table.get(s.dtype, s.dtype)) for s in specs)  # noqa: E731
-    return replace(signature, inputs=swap(signature.inputs), outputs=swap(signature.outputs))
-
-
-def cast_inputs(arrays: list[np.ndarray], model_sig, artifact_sig) -> list[np.ndarray]:
-    """Model-typed inputs as the artifact's types. Integers must fit: a value the
-    narrower type cannot hold is refused, never wrapped around."""
-    from hxc.errors import SignatureError
-
-    out = []
-    for i, (a, m, s) in enumerate(zip(arrays, model_sig.inputs, artifact_sig.inputs)):
-        if m.dtype == s.dtype:
-            out.append(a)
-            continue
-        want = dtype(s.dtype).numpy_dtype()
-        if want.kind in "iu" and a.size:
-            info = np.iinfo(want)
-            lo, hi = a.min(), a.max()
-            if lo < info.min or hi > info.max:
-                raise SignatureError(
-                    f"input {i} ({m.name}) holds {lo}..{hi}; this artifact computes {m.dtype} as {s.dtype} "
-                    f"(range {info.min}..{info.max})",
-                    hint="choose an artifact with native 64-bit integers, e.g. device='vulkan:desktop' or a CPU one",
-                )
-        out.append(a.astype(want))
-    return out

@@ -392,7 +392,7 @@ def _check_golden(eng: Engine, b: Built, job: BuildJob) -> Built:
     """Run a fresh artifact on the golden sample here, if this host can run it; a build
     that computes the wrong thing is a failed build."""
     from hxc.runtime.probe import probe_host
-    from hxc.runtime.verify import compare_outputs, golden_arrays
+    from hxc.golden import compare_outputs, golden_arrays
 
     art = b.as_artifact()
     fam = family(b.family)

@@ -169,7 +169,7 @@ def _run_case(case: Path, workdir: Path, target: str) -> None:
     import numpy as np
 
     import hxc.runtime
-    from hxc.compiler.build import build_bundle
+    from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
     from hxc.dtypes import to_storage
     from hxc.errors import HxcError
@@ -218,7 +218,7 @@ def _compare(got: list, expected: list, dtypes: list[str | None]) -> None:
     import numpy as np
 
     from hxc.dtypes import from_numpy
-    from hxc.runtime.verify import compare
+    from hxc.golden import compare
 
     if len(got) != len(expected):
         raise Outcome("fail", "wrong number of outputs", f"{len(got)} vs {len(expected)}")
@@ -350,7 +350,7 @@ def run_conformance(
     """Run every case through every pipeline (`hxc`, `plain-iree`) in `jobs` worker
     processes, so a crash or a hang costs one result, not the run; `timeout` seconds
     per case and pipeline. Results come back case by case, in the order of
-    `pipelines` within a case. A worker is `python -m hxc.compiler.onnx_conformance
+    `pipelines` within a case. A worker is `python -m hxc.bench.onnx_conformance
     --worker --target T`: one `PIPELINE<TAB>CASE` per line of stdin, one marked JSON
     result per line of stdout (`worker_loop`)."""
     unknown = [p for p in pipelines if p not in PIPELINES]
