@@ -441,7 +441,7 @@ def _manifest(
             program_file=reference.program_name,
             ir_sha256=ir_sha256,
         ),
-        signature=reference.signature,
+        functions=reference.function_specs,
         toolchain=toolchain(),
         artifacts=(*(_artifact_entry(r, imports[r.job.precision]) for r in results),
                    *(_built_entry(b, imports[b.precision]) for b in built)),

@@ -207,7 +207,8 @@ def synthetic_manifest():
     compiling anything. Call it with variant ids, or none for every registered one."""
     import dataclasses
 
-    from hxc.manifests.schema import Artifact, Manifest, ModelInfo, OutputTree, Requirements, Signature, TensorSpec, Toolchain
+    from hxc.manifests.schema import (Artifact, FunctionSpec, Manifest, ModelInfo, OutputTree, Requirements, Signature,
+                                      TensorSpec, Toolchain)
     from hxc.targets import all_variants, family
     from hxc.targets.cpu import SAPPHIRE_RAPIDS
 
@@ -228,7 +229,8 @@ def synthetic_manifest():
         spec = TensorSpec("x", "f32", (1, 8))
         return Manifest(
             model=ModelInfo("m", "m.pt2", "torch.export", "0" * 64, "program.pt2", "1" * 64),
-            signature=Signature((spec,), (dataclasses.replace(spec, name="output_0"),), OutputTree("leaf", 0)),
+            functions={"main": FunctionSpec(Signature((spec,), (dataclasses.replace(spec, name="output_0"),),
+                                                      OutputTree("leaf", 0)))},
             toolchain=Toolchain("0", "3.13.0", "3.9.0", "2.13.0", "3.11"),
             artifacts=tuple(artifacts),
             created="2025-01-01T00:00:00+00:00",

@@ -190,9 +190,9 @@ def _manifest(bundle: Path) -> dict:
 
 
 @pytest.mark.parametrize("mutate, words", [
-    (lambda d: d["signature"]["inputs"][0].update(dtype="c128"), "unknown dtype 'c128'"),
-    (lambda d: d["signature"].update(output_tree={"kind": "tuple", "items": []}), "exactly once"),
-    (lambda d: d["signature"].update(output_tree={"kind": "leaf", "index": 7}), "exactly once"),
+    (lambda d: d["functions"]["main"]["signature"]["inputs"][0].update(dtype="c128"), "unknown dtype 'c128'"),
+    (lambda d: d["functions"]["main"]["signature"].update(output_tree={"kind": "tuple", "items": []}), "exactly once"),
+    (lambda d: d["functions"]["main"]["signature"].update(output_tree={"kind": "leaf", "index": 7}), "exactly once"),
     (lambda d: d["artifacts"][0].update(file=None), "names no file"),
     (lambda d: d["artifacts"][0].pop("status"), "missing field 'status'"),
 ])  # fmt: skip

@@ -36,8 +36,11 @@ def test_wrong_types_and_missing_fields_are_named(example_bundle):
     data["artifacts"][0]["size"] = "big"
     with pytest.raises(BundleError, match=r"manifest\.artifacts\[0\]\.size"):
         parse_manifest(data)
-    del data["signature"]
+    del data["functions"]["main"]["signature"]
     with pytest.raises(BundleError, match="missing field 'signature'"):
+        parse_manifest(data)
+    del data["functions"]
+    with pytest.raises(BundleError, match="missing field 'functions'"):
         parse_manifest(data)
 
 

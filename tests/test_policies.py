@@ -17,6 +17,7 @@ import hxc.runtime
 from hxc.errors import ExitCode, UsageError
 from hxc.manifests import read_manifest, update_manifest
 from hxc.manifests.schema import (
+    FunctionSpec,
     Artifact,
     LatencyStats,
     Manifest,
@@ -86,7 +87,7 @@ def _manifest(host: HostProbe, *, samples: int = 200, vk_overhead: LatencyStats 
     spec = TensorSpec("x", "f32", ("batch", 4))
     return Manifest(
         ModelInfo("m", "m.pt2", "torch.export", "0" * 64, None, "0" * 64),
-        Signature((spec,), (spec,), OutputTree("leaf", 0)),
+        {"main": FunctionSpec(Signature((spec,), (spec,), OutputTree("leaf", 0)))},
         Toolchain("0", "3.13.0", None, None, "3.11"),
         ARTIFACTS, "2026-01-01T00:00:00+00:00", hosts=(host.host(),), profiles=profiles,
     )  # fmt: skip

@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from hxc.manifests.schema import Signature
+from hxc.manifests.schema import MAIN, FunctionSpec, Signature
 
 WeightsMode = Literal["auto", "inline", "shared"]
 # With `auto`, parameters at least this large are stored once per bundle (in an IREE
@@ -55,6 +55,13 @@ class ImportedModel:
     # they are stored; a variant that demotes needs its own import (ImportOptions.interface_casts).
     int64_constants: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    # A model of several entry points (or with state): each function, its IR function of
+    # the same name. Empty for a plain model: one function, `main`, of `signature`.
+    functions: dict[str, FunctionSpec] = field(default_factory=dict)
+
+    @property
+    def function_specs(self) -> dict[str, FunctionSpec]:
+        return self.functions or {MAIN: FunctionSpec(self.signature)}
 
 
 def wants_shared_weights(mode: str, total_bytes: int, has_bf16: bool) -> bool:

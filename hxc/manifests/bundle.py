@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import shutil
@@ -47,7 +48,9 @@ from hxc.manifests.schema import (
     PROFILES_SIGNATURE_FILE,
     SCHEMA_VERSION,
     SIGNATURE_FILE,
+    MAIN,
     FileHash,
+    FunctionSpec,
     Host,
     Manifest,
     OutputTree,
@@ -193,15 +196,47 @@ def parse_manifest(data: object, where: str = MANIFEST_FILE) -> Manifest:
             "sample cannot be checked; this hxc refuses it",
             hint="rebuild it with `hxc compile` (profiles can be re-recorded with `hxc bench`)",
         )
+    if version[0] < 4 and "signature" in data and "functions" not in data:
+        # Before functions, a bundle was one stateless entry point, `main`.
+        data = {**data, "functions": {MAIN: {"signature": data["signature"]}}}
     try:
         manifest = from_json(Manifest, data, where="manifest")
     except SchemaError as e:
         raise BundleError(f"{where}: invalid manifest: {e}") from None
     except RecursionError:
         raise BundleError(f"{where}: invalid manifest: nested too deeply") from None
-    _check_signature(manifest.signature, where)
+    _check_functions(manifest.functions, where)
     _check_references(manifest, where)
     return manifest
+
+
+MAX_FUNCTIONS = 64
+
+
+def _check_functions(functions: dict[str, FunctionSpec], where: str) -> None:
+    """Names that are entry points (they are looked up in the artifact), signatures
+    the runtime can trust, and states whose recorded size is their shape's: the size
+    is what the runtime checks against the device's memory before allocating."""
+    if not functions or len(functions) > MAX_FUNCTIONS:
+        raise BundleError(f"{where}: a manifest names 1 to {MAX_FUNCTIONS} functions, not {len(functions)}")
+    for name, fn in functions.items():
+        if not name.isidentifier():
+            raise BundleError(f"{where}: function name {name[:40]!r} is not an identifier")
+        _check_signature(fn.signature, f"{where}: function {name}")
+        for s in (*fn.reads, *fn.writes):
+            if s.dtype not in NAMES:
+                raise BundleError(f"{where}: function {name}: state {s.name} has unknown dtype {s.dtype!r}")
+            if any(d < 0 for d in s.shape) or s.slots < 1 or (s.slots > 1 and (not s.shape or s.shape[0] != s.slots)):
+                raise BundleError(f"{where}: function {name}: state {s.name} has shape {s.shape} for {s.slots} slot(s)")
+            if s.bytes != state_bytes(s.dtype, s.shape):
+                raise BundleError(f"{where}: function {name}: state {s.name} records {s.bytes} bytes; its shape and "
+                                  f"dtype hold {state_bytes(s.dtype, s.shape)}")  # fmt: skip
+
+
+def state_bytes(dtype_name: str, shape: tuple[int, ...]) -> int:
+    from hxc.dtypes import dtype
+
+    return dtype(dtype_name).numpy_dtype().itemsize * math.prod(shape)
 
 
 def _check_signature(sig: Signature, where: str) -> None:

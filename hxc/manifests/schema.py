@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 # Profiles record latency statistics; the record is defined with its arithmetic.
+from hxc.errors import SignatureError
 from hxc.stats import P99_MIN_ITERATIONS, LatencyStats  # noqa: F401  (re-exported)
 
 FORMAT = "hxc-bundle"
@@ -38,7 +39,11 @@ PROFILES_FORMAT = "hxc-profiles"
 # (load an .onnx as a .vmfb, call a cast artifact with the model's own types, skip the
 # Vulkan feature check), hence the major bump. This reader still reads 2.x bundles:
 # their fields' defaults (engine "iree", no casts, no features) are what they meant.
-SCHEMA_VERSION: tuple[int, int] = (3, 0)
+# 4.0: `functions` replaces `signature`: an artifact has one or more named entry points
+# (`main` for a plain model; `init` and `step`, `prefill` and `decode`...), each with its
+# signature and the device-resident state it reads and writes. A 3.x reader would find
+# no signature; this reader reads 3.x and 2.x bundles as one function, `main`.
+SCHEMA_VERSION: tuple[int, int] = (4, 0)
 # profiles.json is versioned on its own: nothing in it changed meaning in 3.0, so a
 # 2.x hxc can still read the profiles a newer hxc bench adds to its bundles.
 # 2.1: Profile.conditions (what else ran during a measurement).
@@ -92,6 +97,58 @@ class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     output_tree: OutputTree
+
+
+MAIN = "main"  # the entry point of a plain model: what `model(...)` calls
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """A named value the runtime keeps on the device between calls (a recurrent hidden
+    state, a KV cache): allocated by whoever holds the session, zero at first, passed
+    into the functions that read it and replaced by those that write it. Its leading
+    dimension holds `slots` independent slots (one per sequence of a batched cache)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]  # static: a state is allocated before its first call
+    bytes: int  # shape x dtype size: what it holds on the device
+    slots: int = 1
+
+    def tensor(self) -> TensorSpec:
+        return TensorSpec(self.name, self.dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """One entry point of the artifacts. The caller passes `signature.inputs` and gets
+    `signature.outputs`; the state named in `reads` follows the inputs into the
+    artifact's function, and the state in `writes` follows its outputs out."""
+
+    signature: Signature
+    reads: tuple[StateSpec, ...] = ()
+    writes: tuple[StateSpec, ...] = ()
+
+    @property
+    def states(self) -> tuple[StateSpec, ...]:
+        """Every state it touches, once each."""
+        return tuple({s.name: s for s in (*self.reads, *self.writes)}.values())
+
+    @property
+    def call_signature(self) -> Signature:
+        """What the artifact's function itself takes and returns: inputs then the state it
+        reads; outputs then the state it writes (the output tree covers the outputs only)."""
+        if not self.reads and not self.writes:
+            return self.signature
+        return Signature(inputs=(*self.signature.inputs, *(s.tensor() for s in self.reads)),
+                         outputs=(*self.signature.outputs, *(s.tensor() for s in self.writes)),
+                         output_tree=self.signature.output_tree)  # fmt: skip
+
+
+def golden_prefix(function: str) -> str:
+    """Keys of a function's golden sample in golden.npz: `input_0` for `main` (as before
+    functions), `step.input_0` for the others."""
+    return "" if function == MAIN else f"{function}."
 
 
 @dataclass(frozen=True)
@@ -260,7 +317,7 @@ class Manifest:
     (measurements that change after the build); everything else in MANIFEST_FILE."""
 
     model: ModelInfo
-    signature: Signature
+    functions: dict[str, FunctionSpec]  # entry points by name: `main` alone for a plain model
     toolchain: Toolchain
     artifacts: tuple[Artifact, ...]
     created: str  # ISO 8601, UTC
@@ -279,6 +336,22 @@ class Manifest:
     profiles: tuple[Profile, ...] = ()
     format: str = FORMAT
     schema_version: str = f"{SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1]}"
+
+    @property
+    def signature(self) -> Signature:
+        """The signature of `main`, what `model(...)` takes; a bundle without `main` (a
+        model of several functions: `model.call(name, ...)`) has none."""
+        main = self.functions.get(MAIN)
+        if main is None:
+            raise SignatureError(f"this model has no {MAIN!r} function; its functions are {', '.join(self.functions)}",
+                                 hint="call one by name: model.call(name, ...)")  # fmt: skip
+        return main.signature
+
+    @property
+    def stateless_main(self) -> bool:
+        """Whether the model is one function, `main`, without state: what everything that
+        predates functions (pools, the server, bench, verify) runs."""
+        return list(self.functions) == [MAIN] and not self.functions[MAIN].states
 
     def artifact(self, artifact_id: str) -> Artifact:
         for a in self.artifacts:
