@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -20,18 +21,31 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from hxc.dtypes import dtype
-from hxc.manifests.schema import Artifact, Requirements, Signature, TuningTrial
+from hxc.errors import HxcError
+from hxc.manifests.schema import MAIN, Artifact, FunctionSpec, Requirements, Signature, StateSpec, TuningTrial
 from hxc.targets import Device
 
 DEFAULT_ENGINE = "iree"
 
 
 class Session(Protocol):
-    """One artifact opened for one device: what `LoadedModel` calls."""
+    """One artifact opened for one device: what `LoadedModel` calls.
 
-    # Seconds the last invoke() spent in the engine itself, conversions to and from
-    # host arrays excluded: what pool workers report as device time.
+    `call(function, arrays, spec, state)` is the contract: host arrays in for the
+    function's inputs, and the values of the state it reads as this engine's own
+    device-resident handles (IREE buffer views); host arrays out for its outputs, and
+    the state it writes as new handles, never copied to the host unless asked
+    (`state_to_host`). `spec` is the function's `FunctionSpec` as the artifact has it
+    (interface casts applied). `invoke` is `call` of a stateless `main`, the common
+    path, kept without the state bookkeeping."""
+
+    # Seconds the last call spent in the engine itself, conversions to and from host
+    # arrays excluded: what pool workers report as device time.
     device_seconds: float
+
+    def call(self, function: str, arrays: list[np.ndarray], spec: FunctionSpec,
+             state: Mapping[str, Any] | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:  # fmt: skip
+        ...
 
     def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
         """Host arrays in, host arrays out (flat, in signature order)."""
@@ -41,6 +55,52 @@ class Session(Protocol):
         """A zero-argument call on inputs already where the engine wants them, whose
         results stay there: what `hxc bench` times."""
         ...
+
+    def state_zeros(self, spec: StateSpec) -> Any:
+        """A new device-resident value of `spec`, all zeros."""
+        ...
+
+    def state_from_host(self, array: np.ndarray, spec: StateSpec) -> Any:
+        ...
+
+    def state_to_host(self, value: Any, spec: StateSpec) -> np.ndarray:
+        ...
+
+
+@dataclass
+class TransferCounts:
+    """Host<->device copies made by hxc's transfer layer in this process: inputs and
+    outputs of calls, and state moved in or out. State that stays on the device between
+    calls never adds to `state_to_device` or `state_to_host`."""
+
+    to_device: int = 0  # input arrays copied to a device
+    to_host: int = 0  # output arrays copied back
+    state_to_device: int = 0  # state values copied in from the host (zeros allocated, imported)
+    state_to_host: int = 0  # state values read back (exported)
+
+    def snapshot(self) -> TransferCounts:
+        return dataclasses.replace(self)
+
+
+TRANSFERS = TransferCounts()
+
+
+class StatelessSession:
+    """What the sessions of engines that build only a stateless `main` share: the call
+    contract for that one function, and a one-line refusal for anything else."""
+
+    engine_name = "this engine"
+
+    def call(self, function: str, arrays: list[np.ndarray], spec: FunctionSpec,
+             state: Mapping[str, Any] | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:  # fmt: skip
+        if function != MAIN or state or spec.reads or spec.writes:
+            raise HxcError(f"{self.engine_name} artifacts have one function, {MAIN}, without state; not {function!r}")
+        return self.invoke(arrays, spec.signature), {}  # type: ignore[attr-defined]
+
+    def _no_state(self, *_: Any) -> Any:
+        raise HxcError(f"{self.engine_name} artifacts keep no state on the device")
+
+    state_zeros = state_from_host = state_to_host = _no_state
 
 
 def artifact_id(family: str, engine: str, precision: str) -> str:
@@ -242,6 +302,18 @@ def cast_signature(signature, casts: tuple[tuple[str, str], ...]):
         return signature
     swap = lambda specs: tuple(replace(s, dtype=table.get(s.dtype, s.dtype)) for s in specs)  # noqa: E731
     return replace(signature, inputs=swap(signature.inputs), outputs=swap(signature.outputs))
+
+
+def cast_function(spec: FunctionSpec, casts: tuple[tuple[str, str], ...]) -> FunctionSpec:
+    """The function an artifact with `interface_casts` really has: its signature and
+    its state in the artifact's types."""
+    from dataclasses import replace
+
+    table = dict(casts)
+    if not table:
+        return spec
+    swap = lambda states: tuple(replace(s, dtype=table.get(s.dtype, s.dtype)) for s in states)  # noqa: E731
+    return replace(spec, signature=cast_signature(spec.signature, casts), reads=swap(spec.reads), writes=swap(spec.writes))
 
 
 def cast_inputs(arrays: list[np.ndarray], model_sig, artifact_sig) -> list[np.ndarray]:

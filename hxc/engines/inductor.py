@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from hxc.engines.base import Built, BuildJob, Engine, Session, bundle_name, file_bytes
+from hxc.engines.base import Built, BuildJob, Engine, Session, bundle_name, file_bytes, StatelessSession
 from hxc.errors import first_line
 from hxc.manifests.schema import Artifact, Requirements, Signature
 from hxc.targets import Device
@@ -71,7 +71,9 @@ class InductorEngine(Engine):
         return InductorSession.open(file_bytes(file))
 
 
-class InductorSession:
+class InductorSession(StatelessSession):
+    engine_name = "AOTInductor"
+
     def __init__(self, runner: Any) -> None:
         self.runner = runner
         self.device_seconds = 0.0

@@ -9,16 +9,16 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hxc.engines.base import Engine, Session, empty_at_run_time, empty_outputs
+from hxc.engines.base import TRANSFERS, Engine, Session, empty_at_run_time, empty_outputs
 from hxc.errors import HxcError
 from hxc.manifests.bundle import CheckedFile
-from hxc.manifests.schema import Artifact, Signature
+from hxc.manifests.schema import MAIN, Artifact, FunctionSpec, Signature, StateSpec
 from hxc.targets import Device, families, family_names
 
 log = logging.getLogger("hxc.runtime")
@@ -127,16 +127,21 @@ def _thread_states() -> dict[int, str]:
 
 
 class IreeSession:
-    """One vmfb loaded on one IREE device: its context and entry function; the IREE
-    engine's session (`hxc.engines.iree`), one implementation of
-    `hxc.engines.base.Session` among several. `load()` builds these after checking the
-    bundle; `hxc compile --tune` uses them directly on freshly compiled candidates."""
+    """One vmfb loaded on one IREE device: its context and entry points; the IREE
+    engine's session, one implementation of `hxc.engines.base.Session` among several.
+    `load()` builds these after checking the bundle; `hxc compile --tune` uses them
+    directly on freshly compiled candidates. State values are IREE buffer views: what a
+    function returns is passed straight back into the next call, on the device."""
 
-    def __init__(self, device: Any, context: Any, function: Any, keep_alive: tuple, host_memory: bool = False,
+    def __init__(self, device: Any, context: Any, module: Any, keep_alive: tuple, host_memory: bool = False,
                  awake: tuple[int, ...] = (), empty_dispatch: bool = True, label: str = "the device") -> None:  # fmt: skip
         self.device = device
         self.context = context
-        self.function = function
+        self.module = module
+        self._functions: dict[str, Any] = {}
+        self._call_transfers: dict[str, Any] = {}
+        # `main`, what invoke() and prepare() call; None in a module of other functions.
+        self.function = self._lookup(MAIN, required=False)
         self.device_seconds = 0.0  # of the last invoke(), copies to and from the device excluded
         self.host_memory = host_memory
         self._awake = awake  # polling threads to wake for each call (see _hal_device)
@@ -182,12 +187,65 @@ class IreeSession:
             modules.append(rt.create_io_parameters_module(instance, provider))
             keep_alive = (vmfb, module, source, index, provider)
         context = rt.VmContext(instance, modules=[*modules, module])
-        function = module.lookup_function("main")
-        if function is None:
-            raise HxcError(f"{vmfb}: has no 'main' function")
         empty_dispatch = all(f.empty_dispatch for f in families() if device.driver in f.drivers)
-        return cls(hal_device, context, function, keep_alive, host_memory=device.driver in _iree_io.HOST_MEMORY_DRIVERS,
+        return cls(hal_device, context, module, keep_alive, host_memory=device.driver in _iree_io.HOST_MEMORY_DRIVERS,
                    awake=_AWAKE.get(device.uri, ()), empty_dispatch=empty_dispatch, label=device.label)  # fmt: skip
+
+    def _lookup(self, name: str, required: bool = True) -> Any:
+        # lookup_function on the very VmModule that went into the context (IREE_NOTES).
+        if name not in self._functions:
+            self._functions[name] = self.module.lookup_function(name)
+        if self._functions[name] is None and required:
+            raise HxcError(f"this artifact has no function {name!r}")
+        return self._functions[name]
+
+    def call(self, function: str, arrays: list[np.ndarray], spec: FunctionSpec,
+             state: Mapping[str, Any] | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:  # fmt: skip
+        """`spec` as the artifact has it (interface casts applied). The state it reads is
+        pushed after the inputs as the buffer views given; the state it writes comes back
+        as the buffer views the function returned, left on the device."""
+        if not spec.reads and not spec.writes and function == MAIN:
+            return self.invoke(arrays, spec.signature), {}
+        state = state or {}
+        if missing := [s.name for s in spec.reads if s.name not in state]:
+            raise HxcError(f"function {function!r} reads state {', '.join(missing)}, which this call was not given")
+        fn = self._lookup(function)
+        t = self._call_transfers.get(function)
+        if t is None or t.signature is not spec.signature:
+            t = self._call_transfers[function] = self._io.Transfers(self.device, self.host_memory, spec.signature)
+        n = len(spec.signature.outputs)
+        with _awake(self._awake):
+            args = t.upload(arrays, self.borrow_inputs, extra=len(spec.reads))
+            for s in spec.reads:
+                args.push_ref(state[s.name])
+            results = self._io.rt.VmVariantList(n + len(spec.writes))
+            t0 = time.perf_counter()
+            self.context.invoke(fn, args, results)
+            self.device_seconds = time.perf_counter() - t0
+            outputs = t.download(results)
+            view = self._io.rt.HalBufferView
+            written = {s.name: results.get_as_object(n + i, view) for i, s in enumerate(spec.writes)}
+        return outputs, written
+
+    def _main(self) -> Any:
+        if self.function is None:
+            raise HxcError(f"this artifact has no function {MAIN!r}", hint="call one of its functions by name")
+        return self.function
+
+    def state_zeros(self, spec: StateSpec) -> Any:
+        from hxc.dtypes import dtype
+
+        return self.state_from_host(np.zeros(spec.shape, dtype(spec.dtype).numpy_dtype()), spec)
+
+    def state_from_host(self, array: np.ndarray, spec: StateSpec) -> Any:
+        TRANSFERS.state_to_device += 1
+        with _awake(self._awake):
+            return self._io.to_device(self.device, array, spec.dtype)
+
+    def state_to_host(self, value: Any, spec: StateSpec) -> np.ndarray:
+        TRANSFERS.state_to_host += 1
+        with _awake(self._awake):
+            return self._io.to_host(self.device, value, spec.dtype)
 
     def _transfers(self, signature: Signature) -> Any:
         # Callers pass the same signature object every time (the artifact's), so one
@@ -221,7 +279,7 @@ class IreeSession:
         t = self._transfers(signature)
         with _awake(self._awake):
             args, results = t.upload(arrays), t.results
-        context, function = self.context, self.function
+        context, function = self.context, self._main()
         awake = self._awake
 
         def call() -> None:
@@ -242,7 +300,7 @@ class IreeSession:
             results = t.results()
             t0 = time.perf_counter()
             try:
-                self.context.invoke(self.function, args, results)
+                self.context.invoke(self.function or self._main(), args, results)
             except Exception as e:
                 raise self._refused(e, arrays, signature) from None
             self.device_seconds = time.perf_counter() - t0

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from hxc.engines.base import Built, BuildJob, Engine, Session, bundle_name, file_bytes, options_dict
+from hxc.engines.base import Built, BuildJob, Engine, Session, bundle_name, file_bytes, options_dict, StatelessSession
 from hxc.errors import first_line
 from hxc.manifests.schema import WEIGHTS_FILE, Artifact, Requirements, Signature
 from hxc.targets import Device
@@ -107,7 +107,9 @@ class OnnxRuntimeEngine(Engine):
         return configs
 
 
-class OrtSession:
+class OrtSession(StatelessSession):
+    engine_name = "ONNX Runtime"
+
     def __init__(self, session: Any) -> None:
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]

@@ -15,16 +15,16 @@ import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from hxc.engines import engine
-from hxc.engines.base import Session as EngineSession, cast_inputs, cast_signature
+from hxc.engines.base import Session as EngineSession, cast_function, cast_inputs
 from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, first_line
 from hxc.manifests.bundle import CheckedFile, TrustedKeys, open_checked, read_bundle, trust_policy
-from hxc.manifests.schema import Artifact, Manifest, OutputTree, Signature, TensorSpec
+from hxc.manifests.schema import MAIN, Artifact, FunctionSpec, Manifest, OutputTree, Signature, StateSpec, TensorSpec
 from hxc.dtypes import dtype, from_numpy, is_torch, to_numpy, to_torch
 from hxc.runtime.prices import PriceTable
 from hxc.runtime.probe import HostProbe, probe_host
@@ -56,16 +56,23 @@ class LoadedModel:
     ) -> None:
         self.bundle = bundle
         self.manifest = manifest
-        self.signature: Signature = manifest.signature
+        self.functions: dict[str, FunctionSpec] = dict(manifest.functions)
         self.candidate = candidate
         self.selection = selection
         self.attempts = attempts
         self._session = session
         self._lock = threading.Lock()
-        # What the artifact itself takes and returns (see Artifact.interface_casts).
-        self._artifact_signature = cast_signature(self.signature, candidate.artifact.interface_casts)
-        # Everything a call needs to know about the signature, worked out once (see CallPlan).
-        self._plan = CallPlan(self.signature, self._artifact_signature)
+        casts = candidate.artifact.interface_casts
+        # What the artifact itself takes and returns, per function (see Artifact.interface_casts).
+        self._artifact_specs = {name: cast_function(fn, casts) for name, fn in self.functions.items()}
+        self._plans = {name: CallPlan(fn.signature, self._artifact_specs[name].signature)
+                       for name, fn in self.functions.items()}  # fmt: skip
+        # `model(...)` calls main: its signature and plan, looked up once.
+        main = self.functions.get(MAIN)
+        self.signature: Signature = main.signature if main else None  # type: ignore[assignment]
+        self._artifact_signature = self._artifact_specs[MAIN].signature if main else None
+        self._plan = self._plans.get(MAIN)
+        self._stateful_main = bool(main and main.states)
 
     @property
     def artifact(self) -> Artifact:
@@ -86,6 +93,8 @@ class LoadedModel:
 
     def __call__(self, *inputs: Any) -> Any:
         plan = self._plan
+        if plan is None or self._stateful_main:
+            return self.call(MAIN, *inputs)  # says what is missing
         # Numpy, the common case, is told apart from torch by one type comparison.
         if inputs and type(inputs[0]) is not np.ndarray and is_torch(inputs[0]):
             flat = self._run(plan.check([to_numpy(x) for x in inputs]))
@@ -96,7 +105,83 @@ class LoadedModel:
 
     def run_flat(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Numpy in, flat numpy out: the path `verify` and `run` use."""
+        if self._plan is None or self._stateful_main:
+            return self.call_flat(MAIN, arrays)
         return self._run(self._plan.check(arrays))
+
+    # --- functions and state -----------------------------------------------------
+
+    def call(self, function: str, *inputs: Any, state: ModelState | None = None) -> Any:
+        """Call entry point `function` (see `functions`) like the model's method: numpy
+        or torch in, the same kind out. A function that reads or writes state takes
+        `state=` (from `new_state()`), whose values it reads and replaces on the
+        device; they never come to the host unless asked (`ModelState.to_host`)."""
+        plan = self._function_plan(function)
+        torch_in = bool(inputs) and type(inputs[0]) is not np.ndarray and is_torch(inputs[0])
+        arrays = plan.check([to_numpy(x) for x in inputs] if torch_in else inputs)
+        flat = self.call_flat(function, arrays, state=state, checked=True)
+        if torch_in:
+            flat = [to_torch(a, name) for a, name in zip(flat, plan.output_dtypes)]
+        fn = self.functions[function]
+        return flat[plan.single_output] if plan.single_output is not None else rebuild(fn.signature.output_tree, flat)
+
+    def call_flat(self, function: str, arrays: list[np.ndarray], *, state: ModelState | None = None,
+                  checked: bool = False) -> list[np.ndarray]:  # fmt: skip
+        """`call` with numpy in and flat numpy out."""
+        plan = self._function_plan(function)
+        if not checked:
+            arrays = plan.check(arrays)
+        fn, spec = self.functions[function], self._artifact_specs[function]
+        if (fn.reads or fn.writes) and state is None:
+            raise SignatureError(f"function {function!r} keeps state ({', '.join(s.name for s in fn.states)}) on the device",
+                                 hint="pass state=model.new_state()")  # fmt: skip
+        if state is not None and state.model is not self:
+            raise SignatureError("this state belongs to another loaded model")
+        if plan.input_casts:
+            arrays = cast_inputs(arrays, fn.signature, spec.signature)
+        with self._lock:
+            flat, written = self._session.call(function, arrays, spec, state.values if state is not None else None)
+            if state is not None:
+                state.values.update(written)
+        return [a if a.dtype == want else a.astype(want) for a, want in zip(flat, plan.output_numpy)]
+
+    def _function_plan(self, function: str) -> CallPlan:
+        plan = self._plans.get(function)
+        if plan is None:
+            raise SignatureError(f"this model has no function {function!r}; its functions are {', '.join(self.functions)}")
+        return plan
+
+    @property
+    def state_specs(self) -> dict[str, StateSpec]:
+        """Every state any function reads or writes, by name (as the artifact holds it)."""
+        return {s.name: s for spec in self._artifact_specs.values() for s in spec.states}
+
+    def new_state(self) -> ModelState:
+        """Every state of the model, allocated zero on this model's device, after checking
+        that they fit in the device's memory."""
+        specs = self.state_specs
+        check_fits(sum(s.bytes for s in specs.values()), self.device)
+        with self._lock:
+            return ModelState(self, {name: self._session.state_zeros(s) for name, s in specs.items()})
+
+    def import_state(self, arrays: Mapping[str, np.ndarray]) -> ModelState:
+        """A state made of host arrays (`ModelState.to_host()` of another model, moved
+        here): each copied to this model's device once."""
+        specs = self.state_specs
+        if unknown := set(arrays) - set(specs):
+            raise SignatureError(f"this model keeps no state {', '.join(sorted(unknown))}",
+                                 hint=f"its states: {', '.join(specs) or 'none'}")  # fmt: skip
+        values = {}
+        for name, a in arrays.items():
+            s = specs[name]
+            a = to_numpy(a)
+            if a.dtype != dtype(s.dtype).numpy_dtype() or tuple(a.shape) != tuple(s.shape):
+                raise SignatureError(f"state {name} must be {s.tensor().format()}, not "
+                                     f"{'x'.join(map(str, a.shape)) or 'scalar'}x{a.dtype}")  # fmt: skip
+            values[name] = a
+        check_fits(sum(specs[n].bytes for n in values), self.device)
+        with self._lock:
+            return ModelState(self, {n: self._session.state_from_host(a, specs[n]) for n, a in values.items()})
 
     def borrow_inputs(self) -> None:
         """From now on a device in host memory (local-task) reads the arrays given to
@@ -127,6 +212,55 @@ class LoadedModel:
         on the device: the call `hxc bench` times, free of host<->device copies."""
         inner = cast_inputs(check_inputs(self.signature, arrays), self.signature, self._artifact_signature)
         return self._session.prepare(inner, self._artifact_signature)
+
+
+class ModelState:
+    """The device-resident state of one loaded model (its hidden state, its KV cache),
+    by name: the engine's own handles, passed into each call that reads them and
+    replaced by each call that writes them. Only `to_host` copies them to the host."""
+
+    def __init__(self, model: LoadedModel, values: dict[str, Any]) -> None:
+        self.model = model
+        self.values = values
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory the state holds."""
+        specs = self.model.state_specs
+        return sum(specs[n].bytes for n in self.values)
+
+    def to_host(self) -> dict[str, np.ndarray]:
+        """Each value copied to a host array (to inspect it, or move it to another device
+        with `import_state`)."""
+        specs = self.model.state_specs
+        with self.model._lock:
+            return {n: self.model._session.state_to_host(v, specs[n]) for n, v in self.values.items()}
+
+    def __repr__(self) -> str:
+        return f"<hxc state {', '.join(self.values)}: {self.nbytes} bytes on {self.model.device.label}>"
+
+
+def check_fits(nbytes: int, device: Device) -> None:
+    """Refuse, in one line, to allocate state larger than the memory a device has free:
+    host memory for the CPU and for CPU-backed Vulkan (lavapipe); a GPU's own memory is
+    not reported to hxc, so there the device's allocator is the judge."""
+    if device.kind != "cpu" and device.driver not in ("local-task", "local-sync"):
+        return
+    available = _available_host_memory()
+    if available is not None and nbytes > available:
+        raise HxcError(f"the model's state needs {nbytes / 2**20:.1f} MiB; {device.label} has "
+                       f"{available / 2**20:.1f} MiB free", hint="use fewer slots or a shorter context")  # fmt: skip
+
+
+def _available_host_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def load(
