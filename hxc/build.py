@@ -34,7 +34,7 @@ from hxc.frontends import Frontend
 from hxc.frontends.base import one_export_per_build
 from hxc.manifests.bundle import (copy_hashed, file_hash, file_sha256, name_write_errors, private_dir, remove_stale,
                                   write_manifest)
-from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Signature, Weights, from_json, to_json
+from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Requirements, Signature, Weights, from_json, to_json
 from hxc.targets import Variant, extra_flags_for, family, resolve
 
 
@@ -189,7 +189,7 @@ def build_bundle(
                 if key not in ir_sha:
                     ir_sha[key] = file_sha256(irs[key].mlir)
                 compile_jobs.append(CompileJob(irs[key].mlir, ir_sha[key], v, precision, extra=extra_flags_for(v, extra_flags),
-                                       casts=casts, f64=f64_interface(irs[key].signature)))  # fmt: skip
+                                       casts=casts, f64=f64_interface(irs[key].interface)))  # fmt: skip
                 order.append(compile_jobs[-1].id)
         t = time.perf_counter()
         on_stage("compiling")
@@ -238,7 +238,7 @@ def _casts_needed(variant: Variant, imported: ImportedModel) -> tuple[tuple[str,
     signature, or in its weights when they live in a shared archive (whose bytes the
     variant could not read as another type), or i64 for int64 constants IREE's
     demotion cannot rewrite as they are stored."""
-    sig = imported.signature
+    sig = imported.interface
     present = {s.dtype for s in (*sig.inputs, *sig.outputs)}
     if imported.weights is not None:
         present |= set(imported.weight_dtypes)
@@ -363,6 +363,11 @@ def build_engines(engines: Sequence[Engine], variants: Sequence[Variant], precis
             for fam in (f for f in families if f in eng.families):
                 if precision not in eng.precisions:
                     skipped.append(Skipped(f"{fam}:{eng.name}", precision, f"the {eng.name} backend does not build {precision}"))
+                    continue
+                if reference.functions:  # several functions, or state: IREE's alone for now
+                    fns = ", ".join(reference.functions)
+                    out.append(Built(eng.name, fam, precision, "failed", 0.0, "", "", "", (), Requirements(),
+                                     error=f"the {eng.name} backend builds one stateless function; this model has {fns}"))
                     continue
                 job = BuildJob(fam, precision, reference.program, reference.program_name, reference.source_format,
                                reference.weights, reference.golden, reference.signature, work, reuse=first)  # fmt: skip

@@ -63,6 +63,16 @@ class ImportedModel:
     def function_specs(self) -> dict[str, FunctionSpec]:
         return self.functions or {MAIN: FunctionSpec(self.signature)}
 
+    @property
+    def interface(self) -> Signature:
+        """Every tensor that crosses the artifact's interface, over all its functions
+        (state included): what decides a variant's interface casts."""
+        calls = [f.call_signature for f in self.function_specs.values()]
+        if len(calls) == 1:
+            return calls[0]
+        return Signature(inputs=tuple(s for c in calls for s in c.inputs), outputs=tuple(s for c in calls for s in c.outputs),
+                         output_tree=self.signature.output_tree)  # fmt: skip
+
 
 def wants_shared_weights(mode: str, total_bytes: int, has_bf16: bool) -> bool:
     if mode == "shared":

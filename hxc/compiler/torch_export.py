@@ -38,9 +38,12 @@ class ExportedModel:
     source: str
     source_format: str
     source_sha256: str
-    program: torch.export.ExportedProgram
+    program: torch.export.ExportedProgram | None  # None for a module of several functions
     example_args: tuple[torch.Tensor, ...]
     reference: Callable[..., Any]
+    # A module that declares several functions (`hxc.functions`): exported per function
+    # by `hxc.compiler.functions`, not as one program.
+    functions_module: torch.nn.Module | None = None
 
 
 def load_program(

@@ -39,6 +39,12 @@ def import_torch(
     t = time.perf_counter()
     on_stage("loading model")
     model = export()
+    if model.functions_module is not None:
+        from hxc.compiler.functions import import_functions
+
+        return import_functions(model.functions_module, name=model.name, source=model.source,
+                                source_format=model.source_format, digest=model.source_sha256, options=options,
+                                workdir=workdir, on_stage=on_stage)  # fmt: skip
     if options.example:
         model = with_example(model, read_example(options.example))
     timings["load"] = time.perf_counter() - t

@@ -41,6 +41,38 @@ def mlp() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return model, (torch.randn(4, 64),)
 
 
+class RNNCell(nn.Module):
+    """A recurrent cell of two functions sharing its weights, its hidden state kept on
+    the device between calls: `init(x0)` starts it, `step(x, h)` advances it. Each
+    returns the cell's output, then the new hidden state."""
+
+    def __init__(self, features: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        from hxc.functions import Function
+
+        self.encode = nn.Linear(features, hidden)
+        self.cell = nn.GRUCell(hidden, hidden)
+        self.head = nn.Linear(hidden, features)
+        x = torch.randn(1, features)
+        self.hxc_state = {"h": torch.randn(1, hidden)}
+        self.hxc_functions = {"init": Function(args=(x,), writes=("h",)),
+                              "step": Function(args=(x,), reads=("h",), writes=("h",))}  # fmt: skip
+
+    def init(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.encode(x0))
+        return self.head(h), h
+
+    def step(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.cell(torch.relu(self.encode(x)), h)
+        return self.head(h), h
+
+
+def rnn_cell() -> nn.Module:
+    """Two functions, `init` and `step`, with a hidden state kept on the device."""
+    torch.manual_seed(0)
+    return RNNCell().eval()
+
+
 def _randomize_norms(model: nn.Module) -> None:
     # Fresh batch norms are the identity; random statistics make numerical checks mean something.
     for m in model.modules():

@@ -111,6 +111,8 @@ def _export(source: str, options: ImportOptions) -> ExportedModel:
             hint="return an nn.Module, (module, example_inputs), or an ExportedProgram",
         )
     model.eval()
+    if getattr(model, "hxc_functions", None):  # several entry points: exported one by one
+        return ExportedModel(name, source, FRONTEND.name, digest, None, (), model, functions_module=model)
     args: tuple = ()
     if given is not None:
         args = (given,) if isinstance(given, torch.Tensor) else tuple(given)

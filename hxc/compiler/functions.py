@@ -1,0 +1,185 @@
+"""Models of several functions with state kept on the device: one IR module with one
+entry point per function, the weights shared by all of them.
+
+A PyTorch module declares them on itself (`hxc.functions.Function`: `hxc_functions`
+and `hxc_state`). A function's method (its name, or `method=`) takes its `args` and then the state it
+reads, in order, and returns its outputs followed by the state it writes, in order.
+Each is exported with iree-turbine's `FxProgramsBuilder` (two `export_program`s on one
+root module: the parameters become globals shared by every entry point), decomposed
+to core ATen like a single program (`hxc.compiler.lower`), and imported as one module.
+The golden sample holds each function's inputs (state included, from the examples)
+and PyTorch's own outputs, under `step.input_0`, ... (`golden_prefix`).
+
+What this first form leaves out, each refused in one line: reduced precision, weights
+in a shared archive, and interface casts (a variant that needs them fails alone).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from hxc.compiler.imported import ImportedModel, ImportOptions
+from hxc.dtypes import from_torch, to_numpy, to_storage
+from hxc.functions import Function
+from hxc.errors import LoweringError, ModelLoadError, UsageError, first_line
+from hxc.manifests.schema import FunctionSpec, OutputTree, Signature, StateSpec, TensorSpec, golden_prefix
+
+MAX_FUNCTIONS = 64  # as the manifest reader allows
+
+
+def declared_functions(module: Any) -> dict[str, Function] | None:
+    """The functions `module` declares, or None for a plain model (one `forward`)."""
+    declared = getattr(module, "hxc_functions", None)
+    return dict(declared) if declared else None
+
+
+def import_functions(module: torch.nn.Module, *, name: str, source: str, source_format: str, digest: str,
+                     options: ImportOptions, workdir: Path, on_stage: Callable[[str], None]) -> ImportedModel:  # fmt: skip
+    functions = declared_functions(module)
+    assert functions is not None
+    states = _states(module, functions, source)
+    if options.precision != "fp32":
+        raise UsageError(f"{source}: models of several functions are built in fp32 only, not {options.precision}")
+    if options.interface_casts:
+        raise LoweringError("models of several functions cannot take a cast interface yet (this variant needs "
+                            f"{', '.join(f'{a} as {b}' for a, b in options.interface_casts)})")  # fmt: skip
+    if options.weights == "shared":
+        raise UsageError(f"{source}: models of several functions keep their weights inside each artifact (--weights "
+                         "shared is not supported for them yet)")  # fmt: skip
+    timings: dict[str, float] = {}
+    module.eval()
+
+    t = time.perf_counter()
+    on_stage("running PyTorch for the golden sample")
+    golden: dict[str, Any] = {}
+    specs: dict[str, FunctionSpec] = {}
+    calls: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...]]] = {}
+    for fname, fn in functions.items():
+        method = getattr(module, fn.method or fname, None)
+        if not callable(method):
+            raise ModelLoadError(f"{source}: function {fname!r} has no method {fn.method or fname!r} on the module")
+        args = (*fn.args, *(states[s] for s in fn.reads))
+        with torch.no_grad():
+            try:
+                out = method(*args)
+            except Exception as e:
+                raise ModelLoadError(f"{source}: function {fname!r} raised {type(e).__name__}: {first_line(e)}") from None
+        flat = pytree.tree_leaves(out)
+        if not all(isinstance(x, torch.Tensor) for x in flat) or len(flat) < len(fn.writes):
+            raise LoweringError(f"function {fname!r} must return tensors: its outputs, then the state it writes "
+                                f"({', '.join(fn.writes) or 'none'})")  # fmt: skip
+        for s, value in zip(fn.writes, flat[len(flat) - len(fn.writes):]):
+            if value.shape != states[s].shape or value.dtype != states[s].dtype:
+                raise LoweringError(f"function {fname!r} returns state {s} as {tuple(value.shape)} {value.dtype}; "
+                                    f"hxc_state declares {tuple(states[s].shape)} {states[s].dtype}")  # fmt: skip
+        prefix = golden_prefix(fname)
+        golden.update({f"{prefix}input_{i}": to_storage(to_numpy(a)) for i, a in enumerate(args)})
+        golden.update({f"{prefix}output_{i}": to_storage(to_numpy(o)) for i, o in enumerate(flat)})
+        user = flat[: len(flat) - len(fn.writes)]
+        signature = Signature(inputs=tuple(_spec(f"input_{i}", a) for i, a in enumerate(fn.args)),
+                              outputs=tuple(_spec(f"output_{i}", o) for i, o in enumerate(user)),
+                              output_tree=_tree(len(user)))  # fmt: skip
+        specs[fname] = FunctionSpec(signature, reads=tuple(_state(s, states[s], module) for s in fn.reads),
+                                    writes=tuple(_state(s, states[s], module) for s in fn.writes))  # fmt: skip
+        calls[fname] = (method, args)
+    timings["golden"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    on_stage("lowering to IREE input IR")
+    mlir = workdir / "model.mlirbc"
+    mlir.write_bytes(_lower(module, calls))
+    timings["lower"] = time.perf_counter() - t
+    first = next(iter(specs.values()))
+    return ImportedModel(
+        name=name,
+        source=source,
+        source_format=source_format,
+        source_sha256=digest,
+        mlir=mlir,
+        signature=first.call_signature,
+        golden=golden,
+        program=None,
+        program_name=None,
+        weight_dtypes=tuple(sorted({d.name for p in module.state_dict().values()
+                                    if (d := from_torch(p.dtype)) is not None})),  # fmt: skip
+        timings=timings,
+        functions=specs,
+    )
+
+
+def _states(module: Any, functions: dict[str, Function], source: str) -> dict[str, torch.Tensor]:
+    if len(functions) > MAX_FUNCTIONS:
+        raise UsageError(f"{source}: {len(functions)} functions; hxc takes at most {MAX_FUNCTIONS}")
+    states = dict(getattr(module, "hxc_state", None) or {})
+    for fname, fn in functions.items():
+        if not fname.isidentifier():
+            raise UsageError(f"{source}: function name {fname!r} is not an identifier")
+        if not isinstance(fn, Function):
+            raise UsageError(f"{source}: hxc_functions[{fname!r}] is a {type(fn).__name__}, not hxc.functions.Function")
+        if unknown := [s for s in (*fn.reads, *fn.writes) if s not in states]:
+            raise UsageError(f"{source}: function {fname!r} names state {', '.join(unknown)}, which hxc_state does not declare")
+        if not all(isinstance(a, torch.Tensor) for a in fn.args):
+            raise UsageError(f"{source}: function {fname!r}: example args must be tensors")
+    for s, value in states.items():
+        if not isinstance(value, torch.Tensor) or value.ndim == 0:
+            raise UsageError(f"{source}: hxc_state[{s!r}] must be an example tensor with at least one dimension")
+    return states
+
+
+def _spec(label: str, t: torch.Tensor) -> TensorSpec:
+    found = from_torch(t.dtype)
+    if found is None:
+        raise LoweringError(f"{label} has dtype {t.dtype}, which hxc does not support")
+    return TensorSpec(label, found.name, tuple(t.shape))
+
+
+def _state(name: str, example: torch.Tensor, module: Any) -> StateSpec:
+    spec = _spec(name, example)
+    slots = int(getattr(module, "hxc_state_slots", {}).get(name, 1))
+    return StateSpec(name=name, dtype=spec.dtype, shape=tuple(int(d) for d in spec.shape),
+                     bytes=example.numel() * example.element_size(), slots=slots)  # fmt: skip
+
+
+def _tree(outputs: int) -> OutputTree:
+    if outputs == 1:
+        return OutputTree("leaf", 0)
+    return OutputTree("tuple", items=tuple(OutputTree("leaf", i) for i in range(outputs)))
+
+
+def _lower(module: torch.nn.Module, calls: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...]]]) -> bytes:
+    """One MLIR module: each function exported from the shared root module, decomposed
+    to core ATen with hxc's table, and imported together (weights as shared globals)."""
+    from iree.turbine import aot
+    from iree.turbine.aot.compiled_module import ExportTargetDef
+
+    from hxc.compiler.lower import _bytecode, _decompose, decomposition_table
+
+    builder = aot.FxProgramsBuilder(module)
+    table = decomposition_table()
+    for fname, (method, args) in calls.items():
+        attr = method.__name__
+
+        def entry(root: torch.nn.Module, *a: torch.Tensor, _attr: str = attr) -> Any:
+            return getattr(root, _attr)(*a)
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                builder.export_program(entry, name=fname, args=args, strict=False)
+        except Exception as e:
+            raise LoweringError(f"cannot export function {fname!r} ({type(e).__name__}: {first_line(e)})") from None
+        builder.programs[fname] = ExportTargetDef(_decompose(builder.programs[fname].target, table))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = aot.export(builder, module_name="module")
+    except Exception as e:
+        raise LoweringError(f"cannot import the functions into MLIR ({type(e).__name__}: {first_line(e)})") from None
+    return _bytecode(exported)
