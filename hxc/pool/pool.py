@@ -100,7 +100,7 @@ class Pool:
     copy to finish is stored, the other dropped). `judge`: leave out devices that cost more than
     they add (from measurements). `deadlines`, `backoff`: per-worker fault handling.
     `trust`: what the bundle must prove (None: as $HXC_TRUSTED_KEYS says), handed to
-    every worker explicitly. The processes are `self.workers` (`workers.Workers`)."""
+    every worker explicitly. The processes are `self.processes` (a `workers.Workers`)."""
 
     def __init__(
         self,
@@ -121,15 +121,15 @@ class Pool:
         env: Mapping[str, str] | None = None,
         trust: TrustPolicy | None = None,
     ) -> None:
-        self.workers = Workers(bundle, devices, policy=policy, pin=pin, deadlines=deadlines, backoff=backoff,
-                               precision=precision, tolerance=tolerance, probe=probe, start_timeout_s=start_timeout_s,
-                               env=env, trust=trust)  # fmt: skip
-        self.bundle = self.workers.bundle
-        self.manifest = self.workers.manifest
-        self.signature: Signature = self.workers.signature
-        self.selection = self.workers.selection
-        self.batch_dim, self._not_splittable = self.workers.batch_dim, self.workers.not_splittable
-        self.pinned = self.workers.pinned
+        self.processes = Workers(bundle, devices, policy=policy, pin=pin, deadlines=deadlines, backoff=backoff,
+                                 precision=precision, tolerance=tolerance, probe=probe, start_timeout_s=start_timeout_s,
+                                 env=env, trust=trust)  # fmt: skip
+        self.bundle = self.processes.bundle
+        self.manifest = self.processes.manifest
+        self.signature: Signature = self.processes.signature
+        self.selection = self.processes.selection
+        self.batch_dim, self._not_splittable = self.processes.batch_dim, self.processes.not_splittable
+        self.pinned = self.processes.pinned
         self._target_s = chunk_ms / 1000
         self._backups = backups
         # Chunks workers still compute for calls that have returned (copies that lost):
@@ -147,14 +147,14 @@ class Pool:
         self._job_id = 0
         self._wall_s = 0.0
         self.members: list[SplitMember] = []
-        for m in self.workers.members:
+        for m in self.processes.members:
             # A profile speaks for a worker only if measured as it will run: a pinned one
             # has fewer cores than the profile had, so it starts unmeasured.
             profile = m.candidate.throughput if not m.worker.cpus else None
             # Units are rows when batches split, whole requests when they do not.
             prior = (profile.items_per_second if self.splittable else profile.throughput) if profile else None
             self.members.append(SplitMember(m.candidate, m.worker, Speed(prior), Speed(), Speed(), prior))
-        self.workers.add_listener(self._worker_changed)
+        self.processes.add_listener(self._worker_changed)
 
     # --- calls -----------------------------------------------------------------
 
@@ -255,7 +255,7 @@ class Pool:
     def add_listener(self, callback: Callable[[Worker], None]) -> None:
         """Call `callback(worker)` (in the worker's thread) whenever a worker's health
         changes: how a router re-routes the queue of a device that failed."""
-        self.workers.add_listener(callback)
+        self.processes.add_listener(callback)
 
     def _worker_changed(self, worker: Worker) -> None:
         self._events.put(("state", worker))  # wakes the job loop: the next pump sees it
@@ -284,7 +284,7 @@ class Pool:
         return not any(self._carry.values())
 
     def close(self) -> None:
-        self.workers.close()
+        self.processes.close()
 
     def __enter__(self) -> Pool:
         return self

@@ -350,7 +350,7 @@ class Router:
         on_batch: Callable[[str, int, int], None] | None = None,
     ) -> None:
         policies.policy(policy)  # an unknown name fails here, before any thread starts
-        self.workers: Workers = workers.workers if isinstance(workers, Pool) else workers
+        self.workers: Workers = workers.processes if isinstance(workers, Pool) else workers
         self.policy = policy
         self.slo_ms = slo_ms
         splittable = self.workers.splittable
