@@ -504,13 +504,14 @@ def test_pool_workers_are_handed_the_trusted_keys_not_the_environment(bundle, ke
         Workers(bundle, "cpu", trust=TrustPolicy(f"{keys['stranger']}.pub"))  # refused before any process starts
 
 
-def test_trust_options_never_change_the_environment(bundle, keys, cli, monkeypatch):
+def test_trust_options_never_change_the_environment(bundle, keys, cli, monkeypatch, tmp_path):
     monkeypatch.delenv("HXC_TRUSTED_KEYS", raising=False)
     cli("sign", bundle, "--key", keys["ci"])
-    result = cli("run", bundle, "-i", bundle / "golden.npz", "--trusted-keys", f"{keys['ci']}.pub", "--devices", "cpu")
+    np.save(tmp_path / "x.npy", _x())
+    result = cli("run", bundle, "-i", tmp_path / "x.npy", "--trusted-keys", f"{keys['ci']}.pub", "--devices", "cpu")
     assert result.exit_code == 0, result.stderr
     assert "HXC_TRUSTED_KEYS" not in os.environ
-    result = cli("run", bundle, "-i", bundle / "golden.npz", "--trusted-keys", f"{keys['stranger']}.pub", "--devices", "cpu")
+    result = cli("run", bundle, "-i", tmp_path / "x.npy", "--trusted-keys", f"{keys['stranger']}.pub", "--devices", "cpu")
     assert result.exit_code == ExitCode.INTEGRITY and "no trusted signature" in result.stderr
     monkeypatch.setenv("HXC_TRUSTED_KEYS", "")
     result = cli("inspect", bundle)
