@@ -238,8 +238,8 @@ class Pool:
 
     @property
     def workers(self) -> list[Worker]:
-        """The per-device worker handles (submit, queue depth, health, stats): what a
-        server routing single requests uses directly."""
+        """The per-device worker handles (submit, queue depth, health, stats); the
+        processes as one object are `self.processes`."""
         return [m.worker for m in self.members]
 
     @property
