@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import importlib
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,10 @@ from hxc.dtypes import PRECISIONS
 from hxc.errors import ExitCode, HxcError, UsageError
 # Light (the cryptography library loads only to sign or verify), so `hxc --help` stays quick.
 from hxc.manifests.signing import MAX_SEQUENCE, MIN_SEQUENCE_ENV, SIGNED_PROFILES_ENV, TRUSTED_KEYS_ENV, TrustPolicy
+# Found by file name, nothing imported: the routing policies `hxc serve --policy` offers.
+from hxc.pool.policies import policy_names
+
+ROUTING_POLICIES = policy_names()
 
 JSON_HELP = "Print a machine-readable JSON result on stdout instead of tables."
 
@@ -84,6 +89,20 @@ class _Hxc(click.Group):
             sys.exit(130)
 
 
+class LazyChoice(click.Choice):
+    """A click.Choice whose names come from the module that defines them, imported only
+    when click needs them (parsing the option, or its command's help), so `hxc --help`
+    stays quick and the names are written in one place."""
+
+    def __init__(self, names: Callable[[], Sequence[str]]) -> None:
+        self._names = names
+        self.case_sensitive = True
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._names())
+
+
 def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
     """Turn HxcErrors into one-line messages (or JSON) and exit codes."""
 
@@ -92,14 +111,15 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
         as_json = kwargs.get("as_json", False)
         if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
             signal.signal(signal.SIGTERM, _terminate_like_interrupt)
-        # The trust options, exported for the command's duration (see _trust_option).
-        trust = click.get_current_context().meta.get(_TRUST_META, {})
-        saved = {name: os.environ.get(name) for name in trust}
+        ctx = click.get_current_context()
         try:
             from hxc import ui
 
-            os.environ.update(trust)
-            TrustPolicy.from_env().checked()  # fails closed, in every command: e.g. HXC_TRUSTED_KEYS set but empty
+            # The trust options over the environment, resolved once and handed to the
+            # library explicitly (`_trust()`); the environment itself is never changed.
+            # Fails closed, in every command: e.g. HXC_TRUSTED_KEYS set but empty.
+            given = ctx.meta.get(_TRUST_META, {})
+            ctx.meta[_TRUST_POLICY] = TrustPolicy.from_env({**os.environ, **given}).checked()
             code = fn(*args, **kwargs)
         except HxcError as e:
             if as_json:
@@ -131,18 +151,25 @@ def _command(fn: Callable[..., int | None]) -> Callable[..., None]:
             else:
                 ui.error(_os_error(e))
             sys.exit(int(ExitCode.ERROR))
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
         sys.exit(int(code or 0))
 
     return wrapper
 
 
-_TRUST_META = "hxc.trust_env"
+_TRUST_META = "hxc.trust_env"  # the trust options given, as the variables they stand for
+_TRUST_POLICY = "hxc.trust"  # the command's resolved TrustPolicy
+
+
+def _trust() -> TrustPolicy:
+    """What every bundle this command reads must prove: its trust options, else
+    $HXC_TRUSTED_KEYS, $HXC_MIN_SEQUENCE and $HXC_REQUIRE_SIGNED_PROFILES."""
+    return click.get_current_context().meta[_TRUST_POLICY]
+
+
+def _trust_args() -> dict[str, Any]:
+    """`_trust()` as the keyword arguments of read_manifest and hxc.runtime.load."""
+    t = _trust()
+    return {"trusted_keys": t.keys, "min_sequence": t.min_sequence, "require_signed_profiles": t.signed_profiles}
 
 
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
@@ -353,8 +380,9 @@ def targets(as_json: bool) -> None:
 
 def _trust_option(env: str, value: Callable[[Any], str | None]) -> Callable[..., Any]:
     """A callback that records an option's value as the environment variable `env`
-    (hxc.manifests.signing reads it), exported for the command's duration by _command,
-    so every read of the bundle in this process and in its worker processes checks it."""
+    stands for it; _command resolves them over the real environment into the command's
+    TrustPolicy (`_trust()`), which the command hands to every read of the bundle, in
+    this process and in its worker processes."""
 
     def callback(ctx: click.Context, param: click.Parameter, given: Any) -> Any:
         text = value(given)
@@ -405,7 +433,7 @@ def inspect(bundle: Path, as_json: bool) -> None:
     from hxc.manifests.bundle import signature_status
     from hxc.manifests.schema import to_json
 
-    sig = signature_status(bundle)
+    sig = signature_status(bundle, trusted_keys=_trust().keys)
     m = read_manifest(bundle, trusted_keys=False)  # signature_status already checked it if asked to
     if as_json:
         ui.print_json({**to_json(m), "signed_by": list(sig.key_ids), "signature_verified_by": sig.verified_by,
@@ -454,7 +482,7 @@ DEVICE_OPTION = click.option(
 PRECISION_OPTION = click.option("--precision", default=None, help="Allow reduced-precision artifacts of this precision (fp16, bf16).")
 TOLERANCE_OPTION = click.option("--tolerance", type=float, default=None,
                                 help="Allow reduced-precision artifacts whose recorded error vs fp32 is at most this.")  # fmt: skip
-POLICY_OPTION = click.option("--policy", type=click.Choice(["latency", "throughput", "cost"]), default="latency", show_default=True,
+POLICY_OPTION = click.option("--policy", type=LazyChoice(lambda: importlib.import_module("hxc.runtime.select").POLICIES), default="latency", show_default=True,
                              help="latency: lowest p50; throughput: most items/s; cost: lowest cost per 1,000 items "
                                   "(price per hour / items per second), from recorded profiles.")  # fmt: skip
 SLO_OPTIONS = (
@@ -493,13 +521,13 @@ def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, 
     hxc select model.hxc --policy cost --slo-ms 150 --explain
     """
     from hxc import ui
-    from hxc.manifests.bundle import read_bundle, trust_policy
+    from hxc.manifests.bundle import read_bundle
     from hxc.runtime import probe_host
     from hxc.runtime import select as choose
     from hxc.runtime.prices import load_prices
 
     prices = load_prices(prices_file) if policy == "cost" or prices_file else None
-    read = read_bundle(bundle, trust_policy())
+    read = read_bundle(bundle, _trust())
     sel = choose(read.manifest, probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance,
                  slo_ms=slo_ms, slo_percentile=slo_percentile, prices=prices, profiles_note=read.profiles_note)  # fmt: skip
     if as_json:
@@ -583,7 +611,7 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     from hxc.manifests import read_manifest
 
     # The signature is all this process needs: whatever chooses the artifact reads the profiles.
-    manifest = read_manifest(bundle, profiles=False)
+    manifest = read_manifest(bundle, profiles=False, **_trust_args())
     # bf16 and float8 arrays travel through .npy/.npz files as their raw bits.
     inputs_spec = manifest.signature.inputs
     arrays = [from_storage(a, s.dtype) for a, s in zip(arrays, inputs_spec)] + arrays[len(inputs_spec):]
@@ -593,7 +621,7 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
             raise UsageError("--device and --devices exclude each other", hint="--devices cpu,vulkan lists the devices to pool")
         from hxc.pool import Pool
 
-        pool = Pool(bundle, devices, pin=_pin(pins), precision=precision, tolerance=tolerance)
+        pool = Pool(bundle, devices, pin=_pin(pins), precision=precision, tolerance=tolerance, trust=_trust())
         with pool:
             outputs = pool.run_flat(arrays)
             stats = pool.stats()
@@ -607,7 +635,7 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     else:
         if pins:
             raise UsageError("--pin needs --devices")
-        options = {"strict": strict, "precision": precision, "tolerance": tolerance}
+        options = {"strict": strict, "precision": precision, "tolerance": tolerance, **_trust_args()}
         if in_process:
             model = runtime.load(bundle, device=device, **options)
             outputs, signature = model.run_flat(arrays), model.signature
@@ -619,7 +647,9 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
 
             signature = manifest.signature
             check_inputs(signature, arrays)  # usage mistakes stay exit 2, before any process starts
-            result = run_isolated(bundle, device or "", arrays, load_options=options)
+            from hxc.pool.workers import load_options
+
+            result = run_isolated(bundle, device or "", arrays, load_options={**options, **load_options(_trust())})
             outputs, artifact, device_label = result.outputs, result.artifact, result.device
         what = {"artifact": artifact, "device": device_label}
         ran = f"ran {artifact} on {device_label}"
@@ -719,7 +749,7 @@ def verify(bundle: Path, device: str | None, in_process: bool, as_json: bool, sh
     from hxc import ui
     from hxc.verify import GOLDEN, verify_bundle
 
-    report = verify_bundle(bundle, device=device, isolate=not in_process, shapes=shapes, examples=examples)
+    report = verify_bundle(bundle, device=device, isolate=not in_process, shapes=shapes, examples=examples, trust=_trust())
     results, code = report.results, report.exit_code
     if as_json:
         ui.print_json({"ok": report.ok, "exit_code": int(code), "integrity": list(report.integrity),
@@ -860,11 +890,11 @@ def bench(bundle: Path, baselines: list[str], device: str | None, batches: list[
     from hxc.manifests import read_manifest
     from hxc.manifests.schema import to_json
 
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle, **_trust_args())
     budget = Budget(min_iterations=min_iterations, min_seconds=min_time, max_seconds=max_time)
     with ui.err.status("benchmarking…", spinner="dots") as status:
         result = run_bench(bundle, baselines=baselines, device=device, offline_batches=batches, budget=budget,
-                           record=not no_record, allow_pickle=allow_pickle, gate=gate, margin=margin,
+                           record=not no_record, allow_pickle=allow_pickle, gate=gate, margin=margin, trust=_trust(),
                            on_progress=lambda s: status.update(f"benchmarking: {s}"))  # fmt: skip
     table_rows = rows(manifest, result.profiles)
     verdict, code = result.gate, result.exit_code
@@ -895,7 +925,7 @@ def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: floa
 
     with ui.err.status("benchmarking the pool…", spinner="dots") as status:
         r = run_pool_bench(bundle, devices=devices, pin=pin, budget=budget, seconds=seconds, rounds=rounds, record=record,
-                           on_progress=lambda s: status.update(f"benchmarking the pool: {s}"))  # fmt: skip
+                           trust=_trust(), on_progress=lambda s: status.update(f"benchmarking the pool: {s}"))  # fmt: skip
     best = r.best_alone
     summary = {"pool_items_per_second": r.pool_items_per_second, "sum_alone_items_per_second": r.sum_alone,
                "vs_sum": r.pool_items_per_second / r.sum_alone if r.sum_alone else None, "best_alone": best.name,
@@ -1066,7 +1096,7 @@ def pack(bundle: Path, output: Path, as_json: bool) -> None:
     from hxc import ui
     from hxc.manifests.bundle import pack_bundle
 
-    m = pack_bundle(bundle, output)
+    m = pack_bundle(bundle, output, trusted_keys=_trust().keys)
     if as_json:
         ui.print_json({"ok": True, "bundle": str(bundle), "archive": str(output), "files": len(m.files)})
         return
@@ -1086,7 +1116,7 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
     from hxc import ui
     from hxc.manifests.bundle import unpack_bundle
 
-    m = unpack_bundle(archive, output)
+    m = unpack_bundle(archive, output, trusted_keys=_trust().keys)
     if as_json:
         ui.print_json({"ok": True, "archive": str(archive), "bundle": str(output), "files": len(m.files)})
         return
@@ -1105,7 +1135,7 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
               help="Devices to load every model on, each in its own worker process: `all`, or a comma-separated list "
                    "(drivers, families, artifact ids).")  # fmt: skip
 @PIN_OPTION
-@click.option("--policy", type=click.Choice(["latency", "cost"]), default="latency", show_default=True,
+@click.option("--policy", type=click.Choice(ROUTING_POLICIES), default=ROUTING_POLICIES[0], show_default=True,
               help="How a request without its own `policy` parameter is routed: the soonest expected finish, or the "
                    "cheapest device (price / measured speed) that meets its slo_ms.")  # fmt: skip
 @click.option("--slo-ms", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -1160,7 +1190,7 @@ def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tup
 
     \b
     Each model is loaded on every usable device (one worker process each). A request may
-    carry parameters `slo_ms` and `policy` (latency|cost). Concurrent requests to a device
+    carry parameters `slo_ms` and `policy` (as --policy). Concurrent requests to a device
     are merged into one call when the model has a dynamic batch dimension. GET /metrics
     for Prometheus; SIGTERM drains requests in flight, then exits.
     """
@@ -1184,9 +1214,9 @@ def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tup
                            max_body_bytes=int(max_body_mb * 1024**2), max_receiving_bytes=int(max_receiving_mb * 1024**2),
                            body_timeout_s=body_timeout_s, header_timeout_s=header_timeout_s, drain_timeout_s=drain_timeout,
                            api_key_digests=key_digests(keys), auth_health=auth_health, open_metrics=open_metrics,
-                           ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, ssl_ca_certs=ssl_ca_certs)  # fmt: skip
+                           ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, ssl_ca_certs=ssl_ca_certs, trust=_trust())  # fmt: skip
     tls_context(options)  # a bad certificate is one line before any bundle is read
-    run_server(find_models(models), options, on_event=print_event(as_json))
+    run_server(find_models(models, options.trust), options, on_event=print_event(as_json))
 
 
 def _api_keys(api_key: str | None, key_file: Path | None) -> list[str]:

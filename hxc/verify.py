@@ -178,6 +178,7 @@ def verify_bundle(
     probe: HostProbe | None = None,
     trusted_keys: TrustedKeys = None,
     min_sequence: int | None = None,
+    trust: TrustPolicy | None = None,
     isolate: bool = True,
     shapes: Sequence[str] = (),
     examples: Sequence[str | Path] = (),
@@ -194,9 +195,10 @@ def verify_bundle(
     `timeout_s`.
 
     `trusted_keys` and `min_sequence` are checked as `load()` checks them, here and
-    in every worker."""
+    in every worker (handed to it explicitly); `trust`, a resolved policy (the CLI's),
+    replaces both."""
     path = Path(bundle)
-    trust = trust_policy(trusted_keys, min_sequence)
+    trust = trust if trust is not None else trust_policy(trusted_keys, min_sequence)
     manifest = read_bundle(path, trust).manifest
     bad = check_all_files(path, manifest)
     integrity = tuple(bad.values())
@@ -259,9 +261,10 @@ def _run_samples(bundle: Path, artifact: str, samples: list[Sample], isolate: bo
     try:
         if isolate:
             from hxc.pool.worker import isolated_worker
+            from hxc.pool.workers import load_options
 
-            with isolated_worker(bundle, artifact, timeout_s=timeout_s, load_options={"tolerance": float("inf")},
-                                 env=trust.env() if trust is not None else {}) as worker:  # fmt: skip
+            with isolated_worker(bundle, artifact, timeout_s=timeout_s,
+                                 load_options={"tolerance": float("inf"), **load_options(trust)}) as worker:  # fmt: skip
                 run = worker.run
                 runs = [_one(run, s) for s in samples]
         else:

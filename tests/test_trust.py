@@ -475,3 +475,45 @@ def test_an_oversized_signature_file_is_refused_before_it_is_read(bundle, keys, 
         assert result.exit_code == ExitCode.INTEGRITY and "refusing the signature file" in result.stderr, command
     with pytest.raises(UntrustedBundleError, match="314572800 bytes"):
         hxc.runtime.load(bundle, trusted_keys=[pub])
+
+
+def test_pool_workers_are_handed_the_trusted_keys_not_the_environment(bundle, keys, cli, monkeypatch):
+    """A worker process checks the bundle with the keys its parent gives it in its load
+    options; what its environment says (inherited from the parent) does not decide."""
+    from hxc.manifests.signing import TrustPolicy
+    from hxc.pool import Backoff, Health, Worker
+    from hxc.pool.workers import Workers, load_options
+
+    cli("sign", bundle, "--key", keys["ci"])
+    signature = read_manifest(bundle, trusted_keys=False).signature
+    expected = hxc.runtime.load(bundle, device="cpu:host")(_x())
+    # The environment names the wrong key: explicit keys win, in the worker too.
+    monkeypatch.setenv("HXC_TRUSTED_KEYS", f"{keys['stranger']}.pub")
+    with Workers(bundle, "cpu", trust=TrustPolicy(f"{keys['ci']}.pub")) as workers:
+        (member,) = workers.members
+        assert member.worker.health == Health.READY
+        np.testing.assert_allclose(member.worker.run([_x()], timeout=60)[0], expected, rtol=1e-6)
+    monkeypatch.delenv("HXC_TRUSTED_KEYS")
+    wrong = Worker(bundle, "cpu:host", "cpu", signature, backoff=Backoff(None),
+                   load_options=load_options(TrustPolicy(f"{keys['stranger']}.pub")))  # fmt: skip
+    with wrong:
+        assert not wrong.wait_ready(60)
+        assert wrong.health == Health.UNHEALTHY and "no trusted signature" in (wrong.reason or "")
+        assert wrong.load_exit_code == ExitCode.INTEGRITY
+    with pytest.raises(UntrustedBundleError, match="no trusted signature"):
+        Workers(bundle, "cpu", trust=TrustPolicy(f"{keys['stranger']}.pub"))  # refused before any process starts
+
+
+def test_trust_options_never_change_the_environment(bundle, keys, cli, monkeypatch, tmp_path):
+    monkeypatch.delenv("HXC_TRUSTED_KEYS", raising=False)
+    cli("sign", bundle, "--key", keys["ci"])
+    np.save(tmp_path / "x.npy", _x())
+    result = cli("run", bundle, "-i", tmp_path / "x.npy", "--trusted-keys", f"{keys['ci']}.pub", "--devices", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert "HXC_TRUSTED_KEYS" not in os.environ
+    result = cli("run", bundle, "-i", tmp_path / "x.npy", "--trusted-keys", f"{keys['stranger']}.pub", "--devices", "cpu")
+    assert result.exit_code == ExitCode.INTEGRITY and "no trusted signature" in result.stderr
+    monkeypatch.setenv("HXC_TRUSTED_KEYS", "")
+    result = cli("inspect", bundle)
+    assert result.exit_code == ExitCode.USAGE and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "set but name no key" in result.stderr and "Traceback" not in result.stderr

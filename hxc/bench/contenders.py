@@ -12,22 +12,28 @@ from typing import Any
 from hxc.bench.measure import Contender
 from hxc.dtypes import to_torch
 from hxc.errors import UsageError
+from hxc.manifests.bundle import trust_policy
 from hxc.manifests.schema import PROGRAM_ONNX, PROGRAM_PT2, Manifest
+from hxc.manifests.signing import TrustPolicy
 from hxc.runtime.probe import HostProbe
 from hxc.runtime.select import select
 
 
-def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, device: str | None = None) -> list[Contender]:
-    """One contender per artifact this host can run (reduced precision included)."""
+def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, device: str | None = None,
+                        trust: TrustPolicy | None = None) -> list[Contender]:  # fmt: skip
+    """One contender per artifact this host can run (reduced precision included), each
+    loaded under `trust` (None: as $HXC_TRUSTED_KEYS says)."""
+    from hxc.pool.workers import load_options
     from hxc.runtime.loader import load
 
+    checks = load_options(trust if trust is not None else trust_policy())
     out = []
     for cand in select(manifest, probe, device=device, tolerance=float("inf")).candidates:
         holder: dict[str, Any] = {}
         art = cand.artifact
 
         def open_(art=art, holder=holder) -> None:
-            holder["model"] = load(bundle, device=art.id, strict=True, tolerance=float("inf"), probe=probe)
+            holder["model"] = load(bundle, device=art.id, strict=True, tolerance=float("inf"), probe=probe, **checks)
 
         def prepare(inputs: list, holder=holder) -> Callable[[], None]:
             return holder["model"].prepare(inputs)

@@ -30,6 +30,7 @@ from hxc.bench.run import scenarios
 from hxc.manifests import update_manifest
 from hxc.manifests.merge import add_profiles
 from hxc.manifests.schema import Host, Profile
+from hxc.manifests.signing import TrustPolicy
 from hxc.pool.pool import Pool, PoolStats
 from hxc.runtime.probe import probe_host
 from hxc.verify import load_golden
@@ -80,13 +81,14 @@ def run_pool_bench(
     seconds: float = 2.0,
     rounds: int = 3,
     record: bool = True,
+    trust: TrustPolicy | None = None,
     on_progress: Callable[[str], None] = lambda s: None,
 ) -> PoolBench:
     path = Path(bundle)
     probe = probe_host()
     host = probe.host()
     on_progress("starting the pool's workers")
-    with Pool(path, devices, pin=pin, probe=probe) as pool:
+    with Pool(path, devices, pin=pin, probe=probe, trust=trust) as pool:
         golden, _ = load_golden(path, pool.manifest)
         single = scenarios(pool.manifest, golden, [])[0][2]
         profiles = _single_stream(pool, single, host.id, budget, on_progress)

@@ -21,9 +21,11 @@ from hxc.bench.gate import GateVerdict, judge
 from hxc.bench.isolate import DeviceGroup, measure_devices
 from hxc.bench.measure import Budget, Contender, Timing
 from hxc.errors import ExitCode, NoCompatibleArtifactError, UsageError
-from hxc.manifests import read_manifest, update_manifest
+from hxc.manifests import update_manifest
+from hxc.manifests.bundle import read_bundle, trust_policy
 from hxc.manifests.merge import add_profiles
 from hxc.manifests.schema import Conditions, Host, Manifest, Profile
+from hxc.manifests.signing import TrustPolicy
 from hxc.runtime.probe import probe_host
 from hxc.verify import load_golden
 
@@ -55,13 +57,17 @@ def run_bench(
     allow_pickle: bool = False,
     gate: str | None = None,
     margin: float = 0.0,
+    trust: TrustPolicy | None = None,
     on_progress: Callable[[str], None] = lambda s: None,
 ) -> BenchResult:
     """Time every artifact this host can run next to `baselines` (names, `auto` for the
     bundle's frontend's default, `none`). With `gate` (a baseline name), the result's
-    exit code says whether the fastest artifact kept up with it within `margin`."""
+    exit code says whether the fastest artifact kept up with it within `margin`.
+    `trust`: what the bundle must prove (None: as $HXC_TRUSTED_KEYS says), here and in
+    every process that times it."""
     path = Path(bundle)
-    manifest = read_manifest(path)
+    trust = trust if trust is not None else trust_policy()
+    manifest = read_bundle(path, trust).manifest
     chosen, skipped = resolve(baselines, manifest)
     gate_baseline = baseline(gate) if gate is not None else None
     if gate_baseline is not None and gate_baseline not in chosen:
@@ -70,12 +76,12 @@ def run_bench(
     probe = probe_host()
     host = probe.host()
     names = tuple(b.name for b in chosen)
-    contenders = bench_contenders(path, names, device, allow_pickle)
+    contenders = bench_contenders(path, names, device, allow_pickle, trust=trust)
     if not contenders:
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host (see `hxc select --explain`)")
     groups = [
         DeviceGroup(label, cs, functools.partial(bench_contenders, path, names, device, allow_pickle,
-                                                 tuple(c.id for c in cs)))
+                                                 tuple(c.id for c in cs), trust))
         for label, cs in by_process(contenders).items()
     ]  # fmt: skip
 
@@ -92,14 +98,16 @@ def run_bench(
 
 
 def bench_contenders(bundle: Path, baselines: tuple[str, ...], device: str | None, allow_pickle: bool = False,
-                     only: tuple[str, ...] | None = None) -> list[Contender]:  # fmt: skip
+                     only: tuple[str, ...] | None = None, trust: TrustPolicy | None = None) -> list[Contender]:  # fmt: skip
     """What `hxc bench` times: the artifacts this host can run (on `device`, if given),
-    then the named baselines; `only` keeps the named ones (a worker process's share)."""
+    then the named baselines; `only` keeps the named ones (a worker process's share).
+    `trust` as run_bench's."""
     path = Path(bundle)
-    manifest = read_manifest(path)
+    trust = trust if trust is not None else trust_policy()
+    manifest = read_bundle(path, trust).manifest
     probe = probe_host()
     cpu = next((d for d in probe.devices if d.driver == "local-task"), None)
-    out = artifact_contenders(path, manifest, probe, device)
+    out = artifact_contenders(path, manifest, probe, device, trust)
     if out:
         out += [b.make(b, path, manifest, cpu.label if cpu else "cpu", allow_pickle) for b in map(baseline, baselines)]
     return out if only is None else [c for c in out if c.id in only]

@@ -6,12 +6,31 @@ that splits a batch across them by measured speed, deadlines, restarts and telem
         y = pool(x)                        # one batch, split across every device
         for y in pool.map(batches): ...    # a stream, results in input order
         print(pool.explain(), pool.stats())
+
+In three parts: `workers.py` (the worker processes of a bundle: start, health,
+restart), `split.py` (one batch or stream split across them; `pool.py` is the `Pool`
+around it) and `router.py` (single requests, as a server gets them, ranked by the
+registered policies in `policies/`).
+
+The names below are imported when first used, so that `hxc.pool.policies` (the
+policy names the CLI lists) costs no process machinery to import.
 """
 
-from hxc.pool.pool import DeviceStats, Pool, PoolStats
-from hxc.pool.worker import Backoff, Deadlines, Health, RequestFailed, Result, Worker, WorkerFailed, WorkerStats, run_isolated
+from __future__ import annotations
 
-__all__ = [
-    "Backoff", "Deadlines", "DeviceStats", "Health", "Pool", "PoolStats", "RequestFailed", "Result", "Worker", "WorkerFailed",
-    "WorkerStats", "run_isolated",
-]  # fmt: skip
+import importlib
+from typing import Any
+
+_WHERE = {
+    "DeviceStats": "pool", "Pool": "pool", "PoolStats": "pool", "Workers": "workers", "Backoff": "worker",
+    "Deadlines": "worker", "Health": "worker", "RequestFailed": "worker", "Result": "worker", "Worker": "worker",
+    "WorkerFailed": "worker", "WorkerStats": "worker", "run_isolated": "worker",
+}  # fmt: skip
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'hxc.pool' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"hxc.pool.{_WHERE[name]}"), name)

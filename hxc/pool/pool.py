@@ -7,8 +7,8 @@
         print(pool.explain())           # which device got what, and why
         print(pool.stats())             # items, busy time, utilisation, failures per device
 
-Each device runs the best artifact for it in its own worker process (`worker.py`).
-A call is split into chunks that the devices pull from a shared queue
+Each device runs the best artifact for it in its own worker process (`workers.py`
+starts them; `worker.py` is one). A call is split (`split.py`) into chunks that the devices pull from a shared queue
 (`schedule.Balancer`), sized from the bench profiles at first and from observed
 timings after, so a device 30x slower gets about 1/30 of the work and all finish
 together; at a call's end an idle device may compute a backup copy of a slower one's
@@ -22,7 +22,6 @@ measurements and left out, with the reason in `explain()`.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import math
 import os
@@ -30,21 +29,21 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from hxc.errors import HxcError, NoCompatibleArtifactError, UsageError
-from hxc.manifests import read_manifest
+from hxc.errors import HxcError, UsageError
 from hxc.manifests.schema import Signature
-from hxc.pool.schedule import Balancer, Chunk, Overlap, Speed, judge
-from hxc.pool.worker import Backoff, Deadlines, Health, Inputs, RequestFailed, Worker, WorkerFailed
-from hxc.runtime.probe import HostProbe, probe_host
-from hxc.runtime.select import Candidate, Selection, matches_device, select
+from hxc.manifests.signing import TrustPolicy
+from hxc.pool.schedule import Balancer, Chunk, Speed, judge
+from hxc.pool.split import Job, SplitMember
+from hxc.pool.worker import Backoff, Deadlines, Health, Worker
+from hxc.pool.workers import Workers
+from hxc.runtime.probe import HostProbe
+from hxc.runtime.select import matches_device
 
-SLOTS = 2  # chunks a worker holds at once: one running, the next already there
 JUDGE_SAMPLES = 5  # chunks measured alone, and beside the others, before a judgement
 REJUDGE_S = 60.0  # seconds of work after which a judgement is made again (loads change)
 CONFIRM_S = 5.0  # the first judgement, made from a few early chunks, is checked again this soon
@@ -87,38 +86,6 @@ class PoolStats:
         return next(d for d in self.devices if d.name == name or d.device == name or d.device.startswith(name))
 
 
-@dataclass
-class _Member:
-    candidate: Candidate
-    worker: Worker
-    speed: Speed
-    solo: Speed  # measured while no other device worked
-    shared: Speed  # measured while every other device worked
-    solo_prior: float | None
-    left_out: str | None = None
-    counts: dict[str, float] = field(default_factory=lambda: {"items": 0, "chunks": 0, "busy_s": 0.0, "requeued": 0,
-                                                                      "backups": 0, "wasted": 0})
-    last_done: float = 0.0
-
-    @property
-    def name(self) -> str:
-        return self.candidate.artifact.id
-
-
-@dataclass
-class _Item:
-    """One request of a call or stream: its inputs, where its units lie in the job's
-    unit space, and its outputs as chunks complete."""
-
-    arrays: list[np.ndarray]
-    offset: int
-    units: int
-    as_torch: bool
-    outputs: list[np.ndarray] | None = None
-    written: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-    done: int = 0
-
-
 class Pool:
     """Every usable device of this host as one callable; see the module docstring.
 
@@ -131,7 +98,9 @@ class Pool:
     finely and costs more process hops. `backups`: at a call's end, let an idle device
     compute a copy of a slower device's chunk it would finish well before it (the first
     copy to finish is stored, the other dropped). `judge`: leave out devices that cost more than
-    they add (from measurements). `deadlines`, `backoff`: per-worker fault handling."""
+    they add (from measurements). `deadlines`, `backoff`: per-worker fault handling.
+    `trust`: what the bundle must prove (None: as $HXC_TRUSTED_KEYS says), handed to
+    every worker explicitly. The processes are `self.processes` (a `workers.Workers`)."""
 
     def __init__(
         self,
@@ -150,15 +119,17 @@ class Pool:
         probe: HostProbe | None = None,
         start_timeout_s: float = 180.0,
         env: Mapping[str, str] | None = None,
+        trust: TrustPolicy | None = None,
     ) -> None:
-        self.bundle = Path(bundle)
-        self.manifest = read_manifest(self.bundle)
-        self.signature: Signature = self.manifest.signature
-        probe = probe or probe_host()
-        self.selection, chosen = _choose(self.manifest, probe, devices, policy, precision, tolerance)
-        self.batch_dim, self._not_splittable = _batch_dim(self.signature)
-        cpus = _pinning(pin, chosen)
-        self.pinned = any(cpus.values())
+        self.processes = Workers(bundle, devices, policy=policy, pin=pin, deadlines=deadlines, backoff=backoff,
+                                 precision=precision, tolerance=tolerance, probe=probe, start_timeout_s=start_timeout_s,
+                                 env=env, trust=trust)  # fmt: skip
+        self.bundle = self.processes.bundle
+        self.manifest = self.processes.manifest
+        self.signature: Signature = self.processes.signature
+        self.selection = self.processes.selection
+        self.batch_dim, self._not_splittable = self.processes.batch_dim, self.processes.not_splittable
+        self.pinned = self.processes.pinned
         self._target_s = chunk_ms / 1000
         self._backups = backups
         # Chunks workers still compute for calls that have returned (copies that lost):
@@ -175,30 +146,15 @@ class Pool:
         self._job_owner: int | None = None
         self._job_id = 0
         self._wall_s = 0.0
-        self._listeners: list[Callable[[Worker], None]] = []
-        self.members: list[_Member] = []
-        for cand in chosen:
+        self.members: list[SplitMember] = []
+        for m in self.processes.members:
             # A profile speaks for a worker only if measured as it will run: a pinned one
             # has fewer cores than the profile had, so it starts unmeasured.
-            profile = cand.throughput if not cpus[cand.artifact.id] else None
-            rows_per_s = profile.items_per_second if profile else None
+            profile = m.candidate.throughput if not m.worker.cpus else None
             # Units are rows when batches split, whole requests when they do not.
-            prior = (rows_per_s if self.splittable else profile.throughput) if profile else None
-            worker = Worker(
-                self.bundle, cand.artifact.id, cand.device.label, self.signature, cpus=cpus[cand.artifact.id],
-                deadlines=deadlines, backoff=backoff, slots=SLOTS, ms_per_item=1000 / rows_per_s if rows_per_s else None,
-                env=dict(env or {}), on_change=self._worker_changed,
-            )  # fmt: skip
-            self.members.append(_Member(cand, worker, Speed(prior), Speed(), Speed(), prior))
-        for m in self.members:
-            m.worker.start()
-        deadline = time.monotonic() + start_timeout_s
-        for m in self.members:
-            m.worker.wait_ready(max(0.0, deadline - time.monotonic()))
-        if not any(m.worker.health == Health.READY for m in self.members):
-            reasons = "; ".join(f"{m.name}: {m.worker.reason or 'did not start in time'}" for m in self.members)
-            self.close()
-            raise NoCompatibleArtifactError(f"{self.bundle}: no device of the pool could start", hint=reasons)
+            prior = (profile.items_per_second if self.splittable else profile.throughput) if profile else None
+            self.members.append(SplitMember(m.candidate, m.worker, Speed(prior), Speed(), Speed(), prior))
+        self.processes.add_listener(self._worker_changed)
 
     # --- calls -----------------------------------------------------------------
 
@@ -282,8 +238,8 @@ class Pool:
 
     @property
     def workers(self) -> list[Worker]:
-        """The per-device worker handles (submit, queue depth, health, stats): what a
-        server routing single requests uses directly."""
+        """The per-device worker handles (submit, queue depth, health, stats); the
+        processes as one object are `self.processes`."""
         return [m.worker for m in self.members]
 
     @property
@@ -299,12 +255,10 @@ class Pool:
     def add_listener(self, callback: Callable[[Worker], None]) -> None:
         """Call `callback(worker)` (in the worker's thread) whenever a worker's health
         changes: how a router re-routes the queue of a device that failed."""
-        self._listeners.append(callback)
+        self.processes.add_listener(callback)
 
     def _worker_changed(self, worker: Worker) -> None:
-        self._events.put(("state", worker))
-        for callback in self._listeners:
-            callback(worker)
+        self._events.put(("state", worker))  # wakes the job loop: the next pump sees it
 
     def rejudge(self) -> None:
         """Let left-out devices back in; the judgement is made again from new measurements."""
@@ -322,7 +276,7 @@ class Pool:
         if self._job_owner == threading.get_ident():
             raise UsageError("this pool is running a call or map() in this thread; finish it before settle()")
         with self._job_lock:
-            job = _Job(self, iter(()), window=1)
+            job = Job(self, iter(()), window=1)
             try:
                 job.settle(time.monotonic() + timeout_s)
             finally:
@@ -330,8 +284,7 @@ class Pool:
         return not any(self._carry.values())
 
     def close(self) -> None:
-        for m in self.members:
-            m.worker.close()
+        self.processes.close()
 
     def __enter__(self) -> Pool:
         return self
@@ -368,7 +321,7 @@ class Pool:
             if self._judged and self._wall_s - self._judged_at > (REJUDGE_S if self._judgements > 1 else CONFIRM_S):
                 self.rejudge()
             try:
-                yield from _Job(self, source, window, flat, last).run()
+                yield from Job(self, source, window, flat, last).run()
             finally:
                 self._job_owner = None
 
@@ -389,7 +342,7 @@ class Pool:
                            "such a call (Vulkan cannot dispatch over empty buffers)", hint="add a CPU device to the pool")  # fmt: skip
         return able[0].worker.run(arrays, timeout=EMPTY_CALL_TIMEOUT_S)
 
-    def _kept(self) -> list[_Member]:
+    def _kept(self) -> list[SplitMember]:
         """Members that share the work: ready and not left out — or, if every one of
         those is gone, the left-out ones, which beat nothing."""
         ready = [m for m in self.members if m.worker.health == Health.READY]
@@ -397,7 +350,7 @@ class Pool:
             return [m for m in ready if m.name in self._only]
         return [m for m in ready if m.left_out is None] or ready
 
-    def _active(self) -> list[_Member]:
+    def _active(self) -> list[SplitMember]:
         """Members that take chunks now: the kept ones, or one alone during a solo trial."""
         kept = self._kept()
         return [m for m in kept if m.name == self._solo_trial] or kept
@@ -447,315 +400,7 @@ class Pool:
         self._judgements += 1
 
 
-class _Job:
-    """One call or map(): the event loop in the caller's thread. Workers' reader threads
-    write outputs in place and post completions; everything else happens here."""
-
-    def __init__(self, pool: Pool, source: Iterator[Sequence[Any]], window: int, flat: bool = False,
-                 last: int | None = None) -> None:  # fmt: skip
-        pool._job_id += 1
-        self.flat = flat
-        self.last = last
-        self.pool = pool
-        self.id = pool._job_id
-        self.source = source
-        self.window = window
-        self.splittable = pool.splittable
-        self.balancer = Balancer(pool._target_s, max_units=None if self.splittable else 1, backups=pool._backups)
-        self.balancer.open = True
-        self.overlap = Overlap()
-        started = time.perf_counter()
-        for name, chunks in pool._carry.items():
-            for chunk in chunks:
-                self.balancer.hold(name, chunk)
-            # Still computing for an earlier call: the others' chunks meanwhile are not
-            # solo (counted so, they made lavapipe look free and the judgement kept it).
-            self.overlap.busy(name, started, bool(chunks))
-        self.finished = False  # set when the call returns: a late copy must not write into its outputs
-        self.items: list[_Item] = []  # read and not yet yielded
-        self.units = 0
-        self.read = 0
-        self.exhausted = False
-        self.alloc = threading.Lock()  # output allocation in reader threads
-        self.failures = 0
-        self.reasons: list[str] = []
-
-    def run(self) -> Iterator[Any]:
-        # Working time counts while this loop runs, not while the consumer holds a result.
-        t0: float | None = time.perf_counter()
-        try:
-            # Copies of earlier calls that finished meanwhile: their devices are free, and
-            # measured, before the first chunk is handed out.
-            self._drain()
-            while True:
-                self._refill()
-                while self.items and self.items[0].done == self.items[0].units:
-                    item = self.items.pop(0)
-                    self.pool._wall_s += time.perf_counter() - t0  # type: ignore[operator]
-                    t0 = None
-                    yield self._result(item)
-                    t0 = time.perf_counter()
-                if self.exhausted and not self.items:
-                    return
-                self._pump()
-                self._wait()
-        finally:
-            if t0 is not None:
-                self.pool._wall_s += time.perf_counter() - t0
-            self.close()
-
-    def close(self) -> None:
-        """End the job: nothing more is written into its items' arrays, and what its
-        devices still compute carries over into the next job's backlogs."""
-        with self.alloc:
-            self.finished = True
-        b = self.balancer
-        self.pool._carry = {m.name: [*b.stale(m.name), *b.in_flight(m.name)] for m in self.pool.members}
-
-    def settle(self, deadline: float) -> None:
-        """Handle completions until no device holds a chunk of an earlier job (or the deadline)."""
-        self._drain()
-        while any(self.balancer.held(m.name) for m in self.pool.members) and (left := deadline - time.monotonic()) > 0:
-            try:
-                self._handle(self.pool._events.get(timeout=min(0.5, left)))
-            except queue.Empty:
-                pass
-
-    # reading requests
-
-    def _refill(self) -> None:
-        from hxc.dtypes import is_torch
-        from hxc.engines.base import empty_at_run_time
-        from hxc.runtime.loader import check_inputs
-
-        want = self._lookahead()
-        while not self.exhausted and len(self.items) < self.window and (self.balancer.unassigned < want or not self.items):
-            try:
-                raw = next(self.source)
-            except StopIteration:
-                self.exhausted = True
-                self.balancer.open = False
-                break
-            arrays = check_inputs(self.pool.signature, raw)
-            rows = int(arrays[0].shape[0]) if self.splittable else 1
-            outputs = None
-            if empty_at_run_time(self.pool.signature, arrays):  # a zero-row batch, or another dimension 0
-                outputs, rows = self.pool._empty_call(arrays), 0  # no unit of it goes into the split
-            item = _Item(arrays, self.units, rows, bool(raw) and is_torch(raw[0]), outputs=outputs, written=np.zeros(rows, bool))
-            self.items.append(item)
-            self.balancer.add(self.units, rows)
-            self.units += rows
-            self.read += 1
-            if self.read == self.last:
-                self.exhausted = True
-                self.balancer.open = False
-
-    def _lookahead(self) -> int:
-        # Enough unassigned units for every device to take a full chunk, twice.
-        rates = sum(m.speed.rate or 1.0 for m in self.pool.members)
-        return max(1, int(2 * SLOTS * rates * self.pool._target_s))
-
-    # handing out chunks
-
-    def _pump(self) -> None:
-        active = self.pool._active()
-        names = {m.name for m in active}
-        speeds = {m.name: m.speed for m in self.pool.members}
-        for m in sorted(active, key=lambda m: -(m.speed.rate or 0.0)):
-            while self.balancer.held(m.name) < SLOTS:
-                copies = self.balancer.copies
-                chunk = self.balancer.next_chunk(m.name, speeds, names, time.perf_counter())
-                if chunk is None:
-                    break
-                m.counts["backups"] += self.balancer.copies - copies
-                self._submit(m, chunk)
-
-    def _submit(self, m: _Member, chunk: Chunk) -> None:
-        segments = self._segments(chunk)
-        if self.splittable:
-            # A chunk holds rows of one shape: stop at the first item whose rows differ.
-            first = segments[0][0].arrays
-            cut = next((i for i, (item, _, _) in enumerate(segments)
-                        if any(a.shape[1:] != b.shape[1:] for a, b in zip(item.arrays, first))), len(segments))  # fmt: skip
-            if cut < len(segments):
-                segments = segments[:cut]
-                chunk = self.balancer.shrink(m.name, chunk, sum(n for _, _, n in segments))
-            shapes = tuple((chunk.count, *a.shape[1:]) for a in first)
-        else:
-            shapes = tuple(a.shape for a in segments[0][0].arrays)
-        rows = chunk.count if self.splittable else int(shapes[0][0]) if shapes and shapes[0] else 1
-
-        def write(views: list[np.ndarray]) -> None:
-            if not self.splittable:
-                # One whole request (its one unit is the request, not a row).
-                for v, a in zip(views, segments[0][0].arrays):
-                    v[...] = a
-                return
-            at = 0
-            for item, src, n in segments:
-                for v, a in zip(views, item.arrays):
-                    v[at:at + n] = a[src:src + n]
-                at += n
-
-        stored: list[bool] = []  # whether this copy's rows were stored (set before the future completes)
-
-        def sink(views: list[np.ndarray]) -> None:
-            stored.append(self._store(segments, views))
-
-        future = m.worker.submit(Inputs(shapes, write), rows=rows, sink=sink)
-        dispatched = time.perf_counter()
-        self.overlap.busy(m.name, dispatched, True)
-        future.add_done_callback(lambda f: self.pool._events.put(("done", self.id, m, chunk, f, dispatched, stored)))
-
-    def _segments(self, chunk: Chunk) -> list[tuple[_Item, int, int]]:
-        """(item, first unit within it, units) for every item the chunk overlaps."""
-        offsets = [it.offset for it in self.items]
-        i = bisect.bisect_right(offsets, chunk.start) - 1
-        out, at = [], chunk.start
-        while at < chunk.end:
-            item = self.items[i]
-            n = min(chunk.end, item.offset + item.units) - at
-            if n > 0:
-                out.append((item, at - item.offset, n))
-                at += n
-            i += 1
-        return out
-
-    def _store(self, segments: list[tuple[_Item, int, int]], views: list[np.ndarray]) -> bool:
-        """Outputs of a finished chunk into their items (a worker's reader thread); False,
-        and nothing written, if another copy of the chunk was stored first or the call
-        has returned (its arrays belong to the caller now). Rows are claimed under the
-        lock, so two copies finishing at once cannot both write."""
-        total = sum(n for _, _, n in segments)
-        if self.splittable and any(v.shape[:1] != (total,) for v in views):
-            raise HxcError(f"an output has {views[0].shape[0]} rows for {total} input rows: this model's batch cannot be split")
-        at = 0
-        with self.alloc:
-            # Copies are of whole chunks, so a chunk's rows are either all stored or none.
-            if self.finished or all(item.written[src:src + n].all() for item, src, n in segments):
-                return False
-            for item, src, n in segments:
-                if item.outputs is None:
-                    rows = item.units if self.splittable else None
-                    item.outputs = [np.empty((rows, *v.shape[1:]) if rows is not None else v.shape, v.dtype) for v in views]
-                if item.written[src:src + n].any():
-                    raise HxcError(f"internal error: rows {src}..{src + n} of a request were computed twice")
-                for out, v in zip(item.outputs, views):
-                    if self.splittable:
-                        out[src:src + n] = v[at:at + n]
-                    else:
-                        out[...] = v  # the whole request's outputs, whatever their leading dimension
-                item.written[src:src + n] = True
-                at += n
-        return True
-
-    # waiting for completions
-
-    def _wait(self) -> None:
-        try:
-            event = self.pool._events.get(timeout=0.5)
-        except queue.Empty:
-            self._check_progress()
-            return
-        self._handle(event)
-        self._drain()
-        self._check_progress()
-
-    def _drain(self) -> None:
-        """Handle every event already posted, without waiting."""
-        while True:
-            try:
-                event = self.pool._events.get_nowait()
-            except queue.Empty:
-                return
-            self._handle(event)
-
-    def _handle(self, event: tuple) -> None:
-        if event[0] == "state":
-            return  # health changed: the next pump sees it
-        _, job_id, m, chunk, future, dispatched, stored = event
-        now = time.perf_counter()
-        error = future.exception()
-        if job_id != self.id:
-            # A copy still running when an earlier call returned (or of an abandoned
-            # call): its device is free of it now; its rows were dropped, its timing is
-            # kept (an unmeasured device's probe is always copied, and would otherwise
-            # never measure it).
-            self.balancer.drop(m.name, chunk, now, stale=True)
-            if error is None:
-                seconds = future.result().worker_ms / 1000
-                m.speed.observe(chunk.count, seconds, chunk.count >= self.balancer.full_size(m.speed))
-                m.counts["busy_s"] += seconds
-                m.counts["wasted"] += chunk.count
-            self.overlap.busy(m.name, now, bool(self.balancer.held(m.name)))
-            return
-        if error is None and stored != [True]:
-            # A copy that finished second: its device was busy, its rows are dropped.
-            self.balancer.drop(m.name, chunk, now)
-            result = future.result()
-            m.speed.observe(chunk.count, result.worker_ms / 1000, chunk.count >= self.balancer.full_size(m.speed))
-            m.last_done = now
-            m.counts["busy_s"] += result.worker_ms / 1000
-            m.counts["wasted"] += chunk.count
-        elif error is None:
-            result = future.result()
-            self.balancer.done(m.name, chunk, now)
-            seconds = result.worker_ms / 1000
-            started = max(dispatched, m.last_done)
-            # Items per second depend on the chunk size (each call has a fixed cost), so
-            # rates learn from full chunks only: the short ones at a call's end would make
-            # a device look slower than it is (they still inform the fixed-cost fit).
-            full = m.speed.rate is None or chunk.count >= self.balancer.full_size(m.speed)
-            m.speed.observe(chunk.count, seconds, full)
-            if full:
-                kind = self.overlap.classify(m.name, started, now, {o.name for o in self.pool.members} - {m.name})
-                if kind == "solo":
-                    m.solo.observe(chunk.count, seconds)
-                elif kind == "shared":
-                    m.shared.observe(chunk.count, seconds)
-            m.last_done = now
-            m.counts["items"] += result.rows
-            m.counts["chunks"] += 1
-            m.counts["busy_s"] += seconds
-            for item, _, n in self._segments(chunk):
-                item.done += n
-            self.pool._maybe_judge()
-        elif isinstance(error, WorkerFailed):
-            # Not re-queued when another copy of it still runs (a backup) or it was stale.
-            if self.balancer.failed(m.name, chunk, now):
-                m.counts["requeued"] += 1
-            self.failures += 1
-            self.reasons.append(str(error))
-        else:
-            raise error if isinstance(error, (RequestFailed, HxcError)) else HxcError(f"{m.name}: {error}")
-        self.overlap.busy(m.name, now, bool(self.balancer.held(m.name)))
-
-    def _check_progress(self) -> None:
-        """Fail the call when no device is left to finish it."""
-        if self.balancer.idle or any(self.balancer.in_flight(m.name) for m in self.pool.members):
-            return
-        workers = [m.worker for m in self.pool.members]
-        alive = [w for w in workers if w.health in (Health.READY, Health.STARTING) or w.restart_pending]
-        limit = 3 * len(workers)
-        if not alive or self.failures > limit:
-            why = "; ".join(dict.fromkeys(self.reasons)) or "; ".join(f"{w.name}: {w.reason}" for w in workers)
-            raise HxcError(f"{self.pool.bundle}: every device of the pool failed ({self.failures} failures): {why}")
-
-    # results
-
-    def _result(self, item: _Item) -> Any:
-        from hxc.dtypes import to_torch
-        from hxc.runtime.loader import rebuild
-
-        outputs = item.outputs or []
-        if self.flat:
-            return outputs
-        if item.as_torch:
-            outputs = [to_torch(o, s.dtype) for o, s in zip(outputs, self.pool.signature.outputs)]
-        return rebuild(self.pool.signature.output_tree, outputs)
-
-
-def _competes(m: _Member, members: Sequence[_Member]) -> bool:
+def _competes(m: SplitMember, members: Sequence[SplitMember]) -> bool:
     """Whether `m` computes on CPU cores another member computes on too (the host CPU
     and a software Vulkan device, unless pinned apart)."""
     if m.candidate.device.kind != "cpu":
@@ -775,77 +420,3 @@ def _first(results: Iterator[Any]) -> Any:
 
 def _rate(x: float | None) -> str:
     return f"{x:.4g} items/s" if x else "not measured"
-
-
-def _choose(manifest, probe: HostProbe, devices: str | Sequence[str], policy: str, precision: str | None,
-            tolerance: float | None) -> tuple[Selection, list[Candidate]]:  # fmt: skip
-    """The selection over every device, and the best candidate per device."""
-    selection = select(manifest, probe, policy=policy, device="", precision=precision, tolerance=tolerance)
-    if devices == "all":
-        chosen: dict[str, Candidate] = {}
-        for c in selection.candidates:
-            chosen.setdefault(c.device.uri, c)
-        picked = list(chosen.values())
-    else:
-        if isinstance(devices, str):
-            devices = [d.strip() for d in devices.split(",") if d.strip()]
-        picked = []
-        for want in devices:
-            sel = select(manifest, probe, policy=policy, device=want, precision=precision, tolerance=tolerance)
-            if sel.best is None:
-                raise UsageError(f"no artifact can run on the requested device {want!r}",
-                                 hint="; ".join(f"{r.artifact.id}: {r.reason}" for r in sel.rejected[:4]))  # fmt: skip
-            if all(p.device.uri != sel.best.device.uri for p in picked):
-                picked.append(sel.best)
-        # Best first, whatever order they were listed in: a request that cannot be split
-        # goes to the first device with room, which should be the best one.
-        rank = {(c.artifact.id, c.device.uri): i for i, c in enumerate(selection.candidates)}
-        picked.sort(key=lambda c: rank.get((c.artifact.id, c.device.uri), len(rank)))
-    if not picked:
-        raise NoCompatibleArtifactError(f"{manifest.model.name}: no artifact in this bundle can run on this host",
-                                        hint="; ".join(f"{r.artifact.id}: {r.reason}" for r in selection.rejected[:6]))  # fmt: skip
-    return selection, picked
-
-
-def _pinning(pin: str | Mapping[str, Sequence[int]] | None, chosen: list[Candidate]) -> dict[str, tuple[int, ...] | None]:
-    """Cores per member (artifact id), or None where it is not pinned."""
-    out: dict[str, tuple[int, ...] | None] = {c.artifact.id: None for c in chosen}
-    if pin is None:
-        return out
-    available = sorted(os.sched_getaffinity(0))
-    if pin == "split":
-        cpu_kind = [c for c in chosen if c.device.kind == "cpu"]
-        if len(cpu_kind) > len(available):
-            raise UsageError(f"pin='split' needs a core per CPU-type device: {len(cpu_kind)} devices, {len(available)} cores")
-        share, extra = divmod(len(available), max(1, len(cpu_kind)))
-        start = 0
-        for i, c in enumerate(cpu_kind):
-            size = share + (extra if i == 0 else 0)  # the host CPU, first and fastest by far, takes the remainder
-            out[c.artifact.id] = tuple(available[start:start + size])
-            start += size
-        return out
-    if isinstance(pin, str):
-        raise UsageError(f"unknown pinning {pin!r}", hint="use None, 'split', or {device: [cores]}")
-    for want, cores in pin.items():
-        cores = tuple(int(c) for c in cores)
-        bad = [c for c in cores if c not in available]
-        if bad or not cores:
-            raise UsageError(f"pin {want!r}: cores {bad or cores} are not available (this process may use {available})")
-        hits = [c for c in chosen if matches_device(want, c.device, c.artifact)]
-        if not hits:
-            raise UsageError(f"pin {want!r}: no device of the pool matches it", hint=", ".join(c.artifact.id for c in chosen))
-        for c in hits:
-            out[c.artifact.id] = cores
-    return out
-
-
-def _batch_dim(signature: Signature) -> tuple[str | None, str | None]:
-    """(the batch dimension's name, or None and why batches cannot be split)."""
-    names = {s.shape[0] if s.shape else None for s in signature.inputs}
-    if len(names) != 1 or not isinstance(next(iter(names)), str):
-        return None, "the model has no dynamic batch dimension shared by all inputs"
-    dim = next(iter(names))
-    bad = [s.name for s in signature.outputs if not s.shape or s.shape[0] != dim]
-    if bad:
-        return None, f"output(s) {', '.join(bad)} have no batch dimension {dim!r}"
-    return dim, None

@@ -1,8 +1,8 @@
 """Single requests routed across a pool's devices, one at a time, as a server needs them.
 
 `Pool` splits one batch across every device; a server instead gets many small requests
-at once, each with its own deadline. `Router` sits on the same worker processes
-(`pool.workers`) and adds what that needs:
+at once, each with its own deadline. `Router` sits on a bundle's worker processes
+(`workers.Workers`, the same a `Pool` stands on) and adds what that needs:
 
 - **a queue per device with dynamic batching**, as Triton's dynamic batcher does:
   while a device is busy, requests routed to it wait in its queue; when it has room,
@@ -13,10 +13,11 @@ at once, each with its own deadline. `Router` sits on the same worker processes
 - **routing per request** by the recorded profiles and live state: each device's
   expected finish time for the request = the work ahead of it (its queue and what its
   worker holds, at the device's measured speed) + the request's own time + the caller
-  overhead the worker measured. `latency` picks the soonest finish; `cost` the
-  cheapest device (price per hour / measured items per second) whose finish meets the
-  request's `slo_ms`. A request no device can finish in time goes to the soonest one
-  and is marked an SLO miss.
+  overhead the worker measured: an `Estimate` per device, which the request's policy
+  (a registered module in `policies/`) ranks. `latency` picks the soonest finish;
+  `cost` the cheapest device (price per hour / measured items per second) whose finish
+  meets the request's `slo_ms`. A request no device can finish in time goes to the
+  soonest one and is marked an SLO miss.
 - **bounded queues**: beyond `max_queue` requests in the router, `submit` raises
   `Overloaded` with a retry-after estimate instead of queueing.
 - **failover**: when a worker fails, every request it held and every request queued
@@ -40,13 +41,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hxc.errors import HxcError
-from hxc.pool.pool import SLOTS, Pool
+from hxc.pool import policies
+from hxc.pool.policies.base import Estimate, misses
+from hxc.pool.pool import Pool
 from hxc.pool.schedule import Speed
 from hxc.pool.worker import Health, Inputs, RequestFailed, Result, Worker, WorkerFailed
+from hxc.pool.workers import SLOTS, Member, Workers
 from hxc.runtime.prices import PriceTable, load_prices
 from hxc.runtime.probe import probe_host
 
-POLICIES = ("latency", "cost")
 MAX_TRIES = 3  # devices one request may fail on before it fails
 
 
@@ -139,7 +142,7 @@ class _Request:
 class _Device:
     """One device's queue, its speed and its dispatcher thread."""
 
-    def __init__(self, router: Router, member, speed: Speed, price_per_hour: float | None) -> None:
+    def __init__(self, router: Router, member: Member, speed: Speed, price_per_hour: float | None) -> None:
         self.router = router
         self.candidate = member.candidate
         self.worker: Worker = member.worker
@@ -174,11 +177,15 @@ class _Device:
             ahead += math.ceil(queued / batch) * (self.speed.seconds_for(min(queued, batch)) or 0.0)
         return (ahead + own) * 1000 + self.overhead_ms
 
-    def cost_per_row(self) -> float:
+    def cost_per_row(self) -> float | None:
+        """The price of one row at the measured speed (None: no price, or not measured)."""
         rate = self.speed.rate
         if self.price_per_hour is None or not rate:
-            return math.inf
+            return None
         return self.price_per_hour / 3600 / rate
+
+    def estimate(self, rows: int) -> Estimate:
+        return Estimate(self.finish_ms(rows), price_per_unit=self.cost_per_row())
 
     # --- the dispatcher thread ----------------------------------------------------
 
@@ -320,9 +327,10 @@ class _Device:
 
 
 class Router:
-    """Routes single requests across `pool`'s workers; see the module docstring.
+    """Routes single requests across `workers` (a `Workers`, or a `Pool`'s); see the
+    module docstring. The workers are the caller's to close.
 
-    `policy` and `slo_ms` are the defaults a request's own parameters override.
+    `policy` (a name in `policies.policy_names()`) and `slo_ms` are the defaults a request's own parameters override.
     `max_batch_size` rows per merged call (1 turns batching off); `max_queue_delay_ms`
     how long the oldest request may wait for others to join; `max_queue` requests in
     the router (waiting or running) before `submit` sheds load. `on_batch(device,
@@ -331,7 +339,7 @@ class Router:
 
     def __init__(
         self,
-        pool: Pool,
+        workers: Workers | Pool,
         *,
         policy: str = "latency",
         slo_ms: float | None = None,
@@ -341,13 +349,13 @@ class Router:
         prices: PriceTable | None = None,
         on_batch: Callable[[str, int, int], None] | None = None,
     ) -> None:
-        if policy not in POLICIES:
-            raise HxcError(f"unknown routing policy {policy!r}; choose from {', '.join(POLICIES)}")
-        self.pool = pool
+        policies.policy(policy)  # an unknown name fails here, before any thread starts
+        self.workers: Workers = workers.processes if isinstance(workers, Pool) else workers
         self.policy = policy
         self.slo_ms = slo_ms
-        self.batching = pool.splittable and max_batch_size > 1
-        self.max_batch_size = max(1, max_batch_size) if pool.splittable else 1
+        splittable = self.workers.splittable
+        self.batching = splittable and max_batch_size > 1
+        self.max_batch_size = max(1, max_batch_size) if splittable else 1
         self.max_queue_delay_s = max(0.0, max_queue_delay_ms) / 1000
         self.max_queue = max_queue
         self.on_batch = on_batch
@@ -360,10 +368,10 @@ class Router:
         cores = probe_host().cpu.cores
         self.currency = prices.currency
         self.devices: list[_Device] = []
-        for m in pool.members:
+        for m in self.workers.members:
             price = prices.price(m.candidate.device, cores)
-            self.devices.append(_Device(self, m, _seeded_speed(m, pool.splittable), price.per_hour if price else None))
-        pool.add_listener(self._worker_changed)
+            self.devices.append(_Device(self, m, _seeded_speed(m, splittable), price.per_hour if price else None))
+        self.workers.add_listener(self._worker_changed)
         for d in self.devices:
             d.thread.start()
 
@@ -405,6 +413,7 @@ class Router:
         once when the router is full (unless `admission` holds its place already).
         `device` restricts it to the devices that selector names (as
         `hxc.runtime.load(device=...)` takes it: a driver, family or artifact id)."""
+        policies.policy(policy or self.policy)  # an unknown name is the caller's mistake, before a place is taken
         admission = admission or self.admit()
         try:
             arrays = list(arrays)
@@ -434,7 +443,7 @@ class Router:
         from hxc.engines.base import empty_at_run_time, empty_outputs
         from hxc.targets import family
 
-        signature = self.pool.signature
+        signature = self.workers.signature
         if not empty_at_run_time(signature, arrays) or empty_outputs(signature, arrays) is not None:
             return only
         able = frozenset(d.name for d in self.devices if family(d.candidate.artifact.family).empty_dispatch)
@@ -455,25 +464,17 @@ class Router:
             self._outstanding -= 1
 
     def _route_locked(self, req: _Request) -> _Device | None:
-        """Queue `req` on the best device for it (returned), or fail it (None)."""
-        candidates = [d for d in self.devices if d.ready() and d.name not in req.tried and (req.only is None or d.name in req.only)]
-        if not candidates:
+        """Queue `req` on the device its policy ranks first (returned), or fail it (None)."""
+        devices = [d for d in self.devices if d.ready() and d.name not in req.tried and (req.only is None or d.name in req.only)]
+        if not devices:
             _fail(req.future, NoDeviceReady(self._why_not_ready_locked(req), self.retry_after_s()))
             return None
-        finish = {d.name: d.finish_ms(req.rows) for d in candidates}
-        known = [d for d in candidates if finish[d.name] is not None and math.isfinite(finish[d.name])]  # type: ignore[arg-type]
-        unmeasured = [d for d in candidates if finish[d.name] is None]  # idle, never measured
-        meets = [d for d in known if req.slo_ms is None or finish[d.name] <= req.slo_ms]  # type: ignore[operator]
-        if unmeasured and (req.slo_ms is None or not meets):
-            chosen = unmeasured[0]  # measure it: a deadline a measured device meets is not risked on it
-        elif meets:
-            by_cost = req.policy == "cost"
-            chosen = min(meets, key=lambda d: (d.cost_per_row() if by_cost else 0.0, finish[d.name]))
-        elif known:
-            chosen = min(known, key=lambda d: finish[d.name])  # type: ignore[arg-type, return-value]
+        request = policies.Request(req.rows, req.slo_ms)
+        candidates = [policies.Candidate(d.name, d.estimate(req.rows), len(d.queue) + len(d.in_flight), d) for d in devices]
+        best = policies.choose(req.policy, request, candidates)[0]
+        if misses(request, best):
             req.slo_missed = True  # no device can meet it: the soonest takes it
-        else:
-            chosen = min(candidates, key=lambda d: len(d.queue) + len(d.in_flight))  # busy and never measured
+        chosen: _Device = best.handle
         chosen.queue.append(req)
         chosen.wake.notify_all()
         return chosen

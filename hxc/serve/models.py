@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hxc.errors import HxcError, UsageError, first_line
-from hxc.manifests import read_manifest
+from hxc.manifests.bundle import read_bundle, trust_policy
 from hxc.manifests.schema import Manifest
+from hxc.manifests.signing import TrustPolicy
+from hxc.pool.policies import DEFAULT_POLICY
 from hxc.runtime.prices import PriceTable
 
 log = logging.getLogger("hxc.serve")
@@ -39,7 +41,7 @@ class ServeOptions:
     port: int = 8000
     devices: str = "all"
     pin: str | dict[str, list[int]] | None = None
-    policy: str = "latency"
+    policy: str = DEFAULT_POLICY  # a name in hxc.pool.policies.policy_names()
     slo_ms: float | None = None
     max_batch_size: int = 32
     max_queue_delay_ms: float = 0.0
@@ -58,6 +60,9 @@ class ServeOptions:
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     ssl_ca_certs: Path | None = None  # clients must present a certificate signed by one of these
+    # What every bundle must prove (trusted keys, minimum sequence, signed profiles),
+    # checked here and handed to every worker process; None: as $HXC_TRUSTED_KEYS says.
+    trust: TrustPolicy | None = None
 
 
 @dataclass
@@ -78,8 +83,10 @@ class ServedModel:
         return self.router is not None and self.router.ready()  # type: ignore[attr-defined]
 
 
-def find_models(specs: Sequence[str]) -> list[ServedModel]:
-    """Models for the command line's paths (bundles, directories of bundles, NAME=PATH)."""
+def find_models(specs: Sequence[str], trust: TrustPolicy | None = None) -> list[ServedModel]:
+    """Models for the command line's paths (bundles, directories of bundles, NAME=PATH),
+    each checked against `trust` (None: as $HXC_TRUSTED_KEYS says)."""
+    trust = trust if trust is not None else trust_policy()
     found: list[ServedModel] = []
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -99,7 +106,7 @@ def find_models(specs: Sequence[str]) -> list[ServedModel]:
         readable = []
         for b in bundles:
             try:
-                readable.append((b, read_manifest(b)))
+                readable.append((b, read_bundle(b, trust).manifest))
             except (HxcError, OSError) as e:
                 if not scanned:
                     raise
@@ -127,19 +134,23 @@ def _is_bundle(p: Path) -> bool:
 
 def load_model(model: ServedModel, options: ServeOptions, on_batch=None) -> None:
     """Start the model's device workers and its router (blocking: seconds per device)."""
-    from hxc.pool import Pool
     from hxc.pool.router import Router
+    from hxc.pool.workers import Workers
 
+    workers = None
     try:
-        pool = Pool(model.bundle, options.devices, pin=options.pin, judge=False, start_timeout_s=options.start_timeout_s)
+        workers = Workers(model.bundle, options.devices, pin=options.pin, start_timeout_s=options.start_timeout_s,
+                          trust=options.trust)  # fmt: skip
         model.router = Router(
-            pool, policy=options.policy, slo_ms=options.slo_ms, max_batch_size=options.max_batch_size,
+            workers, policy=options.policy, slo_ms=options.slo_ms, max_batch_size=options.max_batch_size,
             max_queue_delay_ms=options.max_queue_delay_ms, max_queue=options.max_queue, prices=options.prices,
             on_batch=(lambda device, rows, n: on_batch(model.name, device, rows, n)) if on_batch else None,
         )  # fmt: skip
         states = ", ".join(f"{s.name} ({s.health})" for s in model.router.states())  # type: ignore[attr-defined]
         log.info("model %s: loaded on %s", model.name, states)
     except HxcError as e:
+        if workers is not None and model.router is None:
+            workers.close()
         model.error = first_line(e)
         log.error("model %s: %s", model.name, model.error)
     finally:
@@ -150,4 +161,4 @@ def close_model(model: ServedModel) -> None:
     router = model.router
     if router is not None:
         router.close()  # type: ignore[attr-defined]
-        router.pool.close()  # type: ignore[attr-defined]
+        router.workers.close()  # type: ignore[attr-defined]

@@ -35,9 +35,10 @@ import numpy as np
 from hxc.dtypes import DTYPES, DType, dtype
 from hxc.errors import HxcError, SignatureError
 from hxc.manifests.schema import Signature
+from hxc.pool.policies import policy_names
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-POLICIES = ("latency", "cost")
+POLICIES = policy_names()  # the routing policies a request's `policy` parameter may name
 # JSON element kinds numpy infers that each hxc dtype accepts (an integer input
 # refuses 1.5 instead of truncating it; a float input takes integers).
 _ACCEPTS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
