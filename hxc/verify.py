@@ -25,6 +25,7 @@ from hxc.dtypes import dtype, from_storage
 from hxc.golden import Comparison, compare, compare_outputs, golden_arrays  # noqa: F401  (the golden arithmetic, re-exported)
 from hxc.errors import BundleError, ExitCode, HxcError, NothingToCompareError, UsageError, first_line
 from hxc.manifests import Manifest, Signature, TensorSpec
+from hxc.manifests.schema import golden_prefix
 from hxc.manifests.bundle import TrustedKeys, check_all_files, open_checked, read_bundle, trust_policy
 from hxc.manifests.signing import TrustPolicy
 from hxc.runtime.probe import HostProbe, probe_host
@@ -36,16 +37,32 @@ GOLDEN = "golden"
 def load_golden(bundle: Path, manifest: Manifest) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The golden inputs and outputs, as host arrays of the signature's dtypes, read
     from the checked bytes of the bundle's golden sample."""
+    return golden_arrays(_golden_file(bundle, manifest), manifest.signature, f"{bundle}/{manifest.golden_file}")
+
+
+def function_samples(bundle: Path, manifest: Manifest) -> list[Sample]:
+    """The golden sample of each function of a model of several functions (or with
+    state): inputs then the state read, outputs then the state written."""
+    arrays = _golden_file(bundle, manifest)
+    samples = []
+    for name, fn in manifest.functions.items():
+        prefix = golden_prefix(name)
+        inputs, outputs = golden_arrays({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)},
+                                        fn.call_signature, f"{bundle}/{manifest.golden_file} ({name})")  # fmt: skip
+        samples.append(Sample(f"{GOLDEN} {name}", inputs, outputs, function=name))
+    return samples
+
+
+def _golden_file(bundle: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     if not manifest.golden_file:
         raise BundleError(f"{bundle}: this bundle has no golden sample to compare against")
     checked = open_checked(bundle, manifest, manifest.golden_file)
     try:
-        arrays = read_npz(checked.buffer, str(checked.path))
+        return read_npz(checked.buffer, str(checked.path))
     except ArrayFileError as e:
         raise BundleError(e.message) from None
     finally:
         checked.close()
-    return golden_arrays(arrays, manifest.signature, str(checked.path))
 
 
 
@@ -56,6 +73,9 @@ class Sample:
     label: str  # "golden", "x=1x33x64" (--shapes), or the --example file
     inputs: list[np.ndarray]
     expected: list[np.ndarray] | None  # None until the reference computes them
+    # A model of several functions, or with state: the function the sample calls. Its
+    # inputs and outputs are the function's call signature's (state read, state written).
+    function: str | None = None
 
 
 def shaped_sample(signature: Signature, text: str) -> Sample:
@@ -204,9 +224,18 @@ def verify_bundle(
     integrity = tuple(bad.values())
     if manifest.golden_file in bad:
         return VerifyReport(path, integrity, ())
+    if not manifest.stateless_main:
+        if shapes or examples:
+            raise UsageError(f"{path}: --shapes and --example check models of one stateless function; this one has "
+                             f"{', '.join(manifest.functions)}")  # fmt: skip
     # Inputs are read (and bad ones refused) before anything runs.
-    extra = [shaped_sample(manifest.signature, t) for t in shapes] + [example_sample(manifest.signature, e) for e in examples]
-    samples = [Sample(GOLDEN, *load_golden(path, manifest))] if manifest.golden_outputs else []
+    extra = [] if not manifest.stateless_main else [shaped_sample(manifest.signature, t) for t in shapes] + [example_sample(manifest.signature, e) for e in examples]
+    if not manifest.golden_outputs:
+        samples = []
+    elif manifest.stateless_main:
+        samples = [Sample(GOLDEN, *load_golden(path, manifest))]
+    else:
+        samples = function_samples(path, manifest)
     if not samples and not extra:
         raise NothingToCompareError(
             f"{path}: the golden sample has no expected outputs, so there is nothing to compare against: "
@@ -239,7 +268,8 @@ def verify_bundle(
                 results.append(VerifyResult(art.id, label, False, None, None, run, s.label))
                 continue
             assert s.expected is not None
-            comps = compare_outputs(run, s.expected, manifest.signature, art.precision, art.interface_casts)
+            signature = manifest.functions[s.function].call_signature if s.function else manifest.signature
+            comps = compare_outputs(run, s.expected, signature, art.precision, art.interface_casts)
             results.append(VerifyResult(art.id, label, all(c.ok for c in comps), max(c.max_abs for c in comps),
                                         max(c.max_rel for c in comps), sample=s.label))  # fmt: skip
     ran = {r.artifact for r in results}
@@ -265,13 +295,12 @@ def _run_samples(bundle: Path, artifact: str, samples: list[Sample], isolate: bo
 
             with isolated_worker(bundle, artifact, timeout_s=timeout_s,
                                  load_options={"tolerance": float("inf"), **load_options(trust)}) as worker:  # fmt: skip
-                run = worker.run
-                runs = [_one(run, s) for s in samples]
+                runs = [_one(lambda s: _in_worker(worker, s), s) for s in samples]
         else:
             keys = trust.keys if trust is not None else False  # None: the caller checked nothing
             model = load(bundle, device=artifact, strict=True, probe=probe, tolerance=float("inf"), trusted_keys=keys,
                          min_sequence=trust.min_sequence if trust is not None else None)  # fmt: skip
-            runs = [_one(model.run_flat, s) for s in samples]
+            runs = [_one(lambda s: _in_process(model, s), s) for s in samples]
     except HxcError as e:  # it did not load
         return [e.message] * len(samples)
     except Exception as e:  # an IREE runtime failure on this device
@@ -279,9 +308,36 @@ def _run_samples(bundle: Path, artifact: str, samples: list[Sample], isolate: bo
     return runs
 
 
+def _in_process(model: Any, s: Sample) -> list[np.ndarray]:
+    if s.function is None:
+        return model.run_flat(s.inputs)
+    fn = model.functions[s.function]
+    n = len(fn.signature.inputs)
+    state = model.import_state({r.name: a for r, a in zip(fn.reads, s.inputs[n:])})
+    outputs = model.call_flat(s.function, s.inputs[:n], state=state)
+    written = state.to_host()
+    return [*outputs, *(written[w.name] for w in fn.writes)]
+
+
+def _in_worker(worker: Any, s: Sample) -> list[np.ndarray]:
+    """A function's sample over the worker protocol: its state imported from the sample,
+    the call, then the state exported to compare what it wrote."""
+    if s.function is None:
+        return worker.run(s.inputs)
+    fn = worker.functions[s.function]
+    n = len(fn.signature.inputs)
+    worker.import_state("verify", {r.name: a for r, a in zip(fn.reads, s.inputs[n:])}).result()
+    try:
+        outputs = worker.submit(s.inputs[:n], function=s.function, state="verify").result().outputs
+        written = worker.state_arrays(worker.export_state("verify").result())
+    finally:
+        worker.drop_state("verify").result()
+    return [*outputs, *(written[w.name] for w in fn.writes)]
+
+
 def _one(run: Any, sample: Sample) -> list[np.ndarray] | str:
     try:
-        return run(sample.inputs)
+        return run(sample)
     except HxcError as e:
         return e.message
     except Exception as e:  # an IREE runtime failure at these inputs

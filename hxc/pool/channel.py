@@ -7,6 +7,18 @@ descriptor to the other side with the message that first uses it (SCM_RIGHTS). A
 message then names tensors by (buffer, offset, shape, dtype), and the reader views
 them in place. Nothing is left behind in /dev/shm when a process dies: a memfd lives
 exactly as long as some process holds it.
+
+The worker protocol (version `PROTOCOL`; a worker that speaks another is refused when
+it says it is ready). The pool sends `{"op": ..., "id": n, ...}`:
+- `call`: `function` (default `main`) on `inputs` in the pool's buffer for `slot`; with
+  `state`, the named state the worker holds is read and replaced on its device;
+- `open` / `drop`: allocate (zero) or free state `state` on the worker's device;
+- `export`: state `state` copied to the host, its values (`names`) as outputs;
+- `import`: `inputs` (the values of `names`) copied to the device as state `state`;
+- `stop`.
+The worker answers each request with `done` (outputs in its buffer for the slot,
+`device_ms`, `worker_ms`, `state_bytes`: the device memory its states hold) or `error`;
+a reply may come in several parts, each `done` with `"more": true` before the last.
 """
 
 from __future__ import annotations
@@ -20,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+PROTOCOL = 2  # 1: one operation, run main; 2: functions, state, parts
 
 MAX_MESSAGE = 1 << 16  # JSON control messages only; tensors go through shared memory
 MAX_FDS = 8

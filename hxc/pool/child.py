@@ -30,13 +30,17 @@ SLOW_S = 5.0  # how late a `slow` fault answers
 
 
 def main(config: dict[str, Any]) -> None:
-    from hxc.pool.channel import Channel, ChannelClosed
+    from hxc.pool.channel import PROTOCOL, Channel, ChannelClosed
 
     import socket
 
     channel = Channel(socket.socket(fileno=config["fd"]))
     _exit_with_parent()
     cpus = config.get("cpus")
+    if config.get("protocol") != PROTOCOL:
+        channel.send({"op": "failed", "message": f"this worker speaks protocol {PROTOCOL}, not {config.get('protocol')}",
+                      "exit_code": 1})  # fmt: skip
+        sys.exit(1)
     try:
         if cpus:
             import iree.runtime as rt
@@ -54,7 +58,7 @@ def main(config: dict[str, Any]) -> None:
     # Inputs sit in the pool's shared memory, unchanged until this worker replies: a
     # CPU device reads them in place (one copy per row less than a plain call would make).
     model.borrow_inputs()
-    channel.send({"op": "ready", **ready})
+    channel.send({"op": "ready", "protocol": PROTOCOL, **ready})
     faults = _faults(os.environ.get(FAULT_ENV, ""), model, config.get("incarnation", 1))
     try:
         _serve(channel, model, faults)
@@ -78,9 +82,10 @@ def _load(config: dict[str, Any]):
     try:
         from hxc.dtypes import dtype
 
-        zeros = [np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype(s.dtype).numpy_dtype())
-                 for s in model.signature.inputs]  # fmt: skip
-        model.run_flat(zeros)
+        if model.manifest.stateless_main:  # a model of functions warms up on its first calls
+            zeros = [np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype(s.dtype).numpy_dtype())
+                     for s in model.signature.inputs]  # fmt: skip
+            model.run_flat(zeros)
         warmup = (time.perf_counter() - t0) * 1000
     except Exception as e:  # noqa: BLE001 - a model that rejects zeros still serves real inputs
         warmup = f"warm-up call failed: {e}".splitlines()[0]
@@ -92,14 +97,11 @@ def _load(config: dict[str, Any]):
 
 def _serve(channel, model, faults: dict[int, str]) -> None:
     from hxc.errors import first_line
-    from hxc.pool.channel import ArrayRef, SharedBuffer, layout, write_arrays
-    from hxc.dtypes import dtype
+    from hxc.pool.channel import SharedBuffer
 
-    signature = model.signature
-    in_dtypes = [dtype(s.dtype).numpy_dtype() for s in signature.inputs]
-    out_dtypes = [dtype(s.dtype).numpy_dtype() for s in signature.outputs]
     inputs: dict[int, SharedBuffer] = {}  # slot -> the pool's buffer
     outputs: dict[int, SharedBuffer] = {}  # slot -> ours
+    states: dict[str, Any] = {}  # reference -> the ModelState this worker holds
     served = 0
     while True:
         message, fds = channel.receive()
@@ -114,25 +116,77 @@ def _serve(channel, model, faults: dict[int, str]) -> None:
         _inject(faults.get(served))
         t0 = time.perf_counter()
         try:
-            arrays = [inputs[slot].view(ArrayRef.from_json(r), dt) for r, dt in zip(message["inputs"], in_dtypes)]
-            results = model.run_flat(arrays)
-            del arrays
+            results = _operate(model, message, inputs.get(slot), states)
         except Exception as e:  # noqa: BLE001 - a bad request fails alone; the worker keeps serving
             channel.send({"op": "error", "id": message["id"], "message": first_line(e),
-                          "exit_code": int(getattr(e, "exit_code", 1))})
+                          "exit_code": int(getattr(e, "exit_code", 1)), "state_bytes": _held(states)})  # fmt: skip
             continue
-        device_ms = model.last_device_ms
-        refs, nbytes = layout([r.shape for r in results], [dt.itemsize for dt in out_dtypes])
-        new_fd: list[int] = []
-        if slot not in outputs or outputs[slot].size < nbytes:
-            if slot in outputs:
-                outputs[slot].close()
-            outputs[slot] = SharedBuffer.at_least(nbytes)
-            new_fd = [outputs[slot].fd]
-        write_arrays(outputs[slot], refs, results)
-        reply = {"op": "done", "id": message["id"], "outputs": [r.to_json() for r in refs], "device_ms": device_ms,
-                 "worker_ms": (time.perf_counter() - t0) * 1000, "size": outputs[slot].size}  # fmt: skip
-        channel.send(reply, new_fd)
+        device_ms = model.last_device_ms if message["op"] in ("call", "run") else 0.0
+        _reply(channel, outputs, slot, message["id"], results, device_ms, t0, _held(states))
+
+
+def _operate(model, message: dict, buffer, states: dict[str, Any]) -> list:
+    """One request's outputs (host arrays), by its operation."""
+    from hxc.dtypes import dtype
+    from hxc.pool.channel import ArrayRef
+
+    op, ref = message["op"], message.get("state")
+
+    def read(specs) -> list:
+        return [buffer.view(ArrayRef.from_json(r), dtype(s.dtype).numpy_dtype()) for r, s in zip(message["inputs"], specs)]
+
+    def held() -> Any:
+        if ref not in states:
+            from hxc.errors import HxcError
+
+            raise HxcError(f"this worker holds no state {ref!r} (opened elsewhere, dropped, or lost in a restart)")
+        return states[ref]
+
+    if op in ("call", "run"):  # `run`: protocol 1's only operation, main
+        function = message.get("function", "main")
+        arrays = read(model.functions[function].signature.inputs)
+        if ref is None and function == "main" and model.manifest.stateless_main:
+            return model.run_flat(arrays)
+        return model.call_flat(function, arrays, state=held() if ref is not None else None)
+    specs = model.state_specs
+    if op == "open":
+        states[ref] = model.new_state()
+        return []
+    if op == "drop":
+        held()
+        del states[ref]
+        return []
+    if op == "export":
+        values = held().to_host()
+        return [values[n] for n in message["names"]]
+    if op == "import":
+        names = message["names"]
+        arrays = read([specs[n].tensor() for n in names])
+        states[ref] = model.import_state(dict(zip(names, (a.copy() for a in arrays))))
+        return []
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def _held(states: dict[str, Any]) -> int:
+    return sum(s.nbytes for s in states.values())
+
+
+def _reply(channel, outputs: dict, slot: int, request: int, results: list, device_ms: float, t0: float,
+           state_bytes: int) -> None:  # fmt: skip
+    from hxc.pool.channel import SharedBuffer, layout, write_arrays
+
+    refs, nbytes = layout([r.shape for r in results], [r.dtype.itemsize for r in results])
+    new_fd: list[int] = []
+    if slot not in outputs or outputs[slot].size < nbytes:
+        if slot in outputs:
+            outputs[slot].close()
+        outputs[slot] = SharedBuffer.at_least(nbytes)
+        new_fd = [outputs[slot].fd]
+    write_arrays(outputs[slot], refs, results)
+    reply = {"op": "done", "id": request, "outputs": [r.to_json() for r in refs], "device_ms": device_ms,
+             "worker_ms": (time.perf_counter() - t0) * 1000, "size": outputs[slot].size,
+             "state_bytes": state_bytes}  # fmt: skip
+    channel.send(reply, new_fd)
 
 
 def _faults(spec: str, model, incarnation: int) -> dict[int, str]:

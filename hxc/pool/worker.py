@@ -36,8 +36,8 @@ import numpy as np
 
 from hxc.stats import latency_stats
 from hxc.errors import ExitCode, HxcError
-from hxc.manifests.schema import LatencyStats, Signature
-from hxc.pool.channel import ArrayRef, Channel, ChannelClosed, SharedBuffer, layout, write_arrays
+from hxc.manifests.schema import MAIN, FunctionSpec, LatencyStats, Signature
+from hxc.pool.channel import PROTOCOL, ArrayRef, Channel, ChannelClosed, SharedBuffer, layout, write_arrays
 
 CPU_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -150,6 +150,11 @@ class _Request:
     slot: int | None = None
     dispatched: float = 0.0
     idle_at_dispatch: bool = False
+    op: str = "call"  # call | open | drop | export | import (see hxc.pool.child)
+    function: str = MAIN
+    state: str | None = None  # the state reference the request reads, writes, or moves
+    names: tuple[str, ...] = ()  # state values moved by export/import, in order
+    on_part: Sink | None = None  # parts of a reply that comes in several (streaming)
 
 
 @dataclass
@@ -174,8 +179,9 @@ class Worker:
         bundle: str | os.PathLike[str],
         artifact: str,
         device: str,
-        signature: Signature,
+        signature: Signature | None,
         *,
+        functions: dict[str, FunctionSpec] | None = None,
         cpus: Sequence[int] | None = None,
         deadlines: Deadlines = Deadlines(),
         backoff: Backoff = Backoff(),
@@ -190,6 +196,11 @@ class Worker:
         self.artifact = artifact
         self.device = device
         self.signature = signature
+        # Every entry point the worker can call (`main` alone for a plain model) and the
+        # state they keep, by name: what requests are laid out by.
+        self.functions = functions or {MAIN: FunctionSpec(signature)}  # type: ignore[arg-type]
+        self.state_specs = {s.name: s for f in self.functions.values() for s in f.states}
+        self.state_bytes = 0  # device memory the worker's states hold, as it last reported
         self.cpus = tuple(cpus) if cpus else None
         self.deadlines = deadlines
         self.backoff = backoff
@@ -272,23 +283,57 @@ class Worker:
     # --- requests ----------------------------------------------------------------
 
     def submit(
-        self, inputs: Sequence[np.ndarray] | Inputs, *, rows: int | None = None, sink: Sink | None = None
+        self, inputs: Sequence[np.ndarray] | Inputs, *, rows: int | None = None, sink: Sink | None = None,
+        function: str = MAIN, state: str | None = None, on_part: Sink | None = None,
     ) -> Future:
         """Queue one request; the Future gives a `Result`, or raises WorkerFailed (the
         worker failed: send it elsewhere) or RequestFailed (the request itself failed).
 
         `rows` is how many items the request holds (for the speed estimate; default:
         dimension 0 of the first input). With `sink`, outputs are handed to
-        `sink(views)` in shared memory, valid only during the call, instead of copied."""
-        future: Future = Future()
+        `sink(views)` in shared memory, valid only during the call, instead of copied.
+        `function` names the entry point; `state` a state the worker holds (`open_state`),
+        which the call reads and replaces on the worker's device."""
+        if function not in self.functions:
+            raise RequestFailed(f"{self.name}: the model has no function {function!r}")
         if rows is None:
             shapes = inputs.shapes if isinstance(inputs, Inputs) else [a.shape for a in inputs]
             rows = int(shapes[0][0]) if shapes and shapes[0] else 1
+        return self._queue(_Request(0, inputs, rows, sink, Future(), function=function, state=state, on_part=on_part))
+
+    def open_state(self, ref: str) -> Future:
+        """Allocate every state of the model on the worker's device, zero, as `ref`."""
+        return self._queue(_Request(0, (), 0, None, Future(), op="open", state=ref))
+
+    def drop_state(self, ref: str) -> Future:
+        """Free state `ref` on the worker's device."""
+        return self._queue(_Request(0, (), 0, None, Future(), op="drop", state=ref))
+
+    def export_state(self, ref: str) -> Future:
+        """State `ref` copied to the host: the Future's `Result.outputs` in the order of
+        `state_specs` (see `state_arrays`), to import into another worker."""
+        return self._queue(_Request(0, (), 0, None, Future(), op="export", state=ref, names=tuple(self.state_specs)))
+
+    def import_state(self, ref: str, arrays: dict[str, np.ndarray]) -> Future:
+        """Host arrays (another worker's `export_state`) copied to this worker's device as `ref`."""
+        names = tuple(arrays)
+        if unknown := [n for n in names if n not in self.state_specs]:
+            raise RequestFailed(f"{self.name}: the model keeps no state {', '.join(unknown)}")
+        return self._queue(_Request(0, [arrays[n] for n in names], 0, None, Future(), op="import", state=ref, names=names))
+
+    def state_arrays(self, result: Result) -> dict[str, np.ndarray]:
+        """An export's outputs by state name."""
+        assert result.outputs is not None
+        return dict(zip(self.state_specs, result.outputs))
+
+    def _queue(self, req: _Request) -> Future:
+        future = req.future
         with self._lock:
             refused = self._health in (Health.UNHEALTHY, Health.STOPPED) or self._closed
             if not refused:
                 self._next_id += 1
-                self._pending.append(_Request(self._next_id, inputs, rows, sink, future))
+                req.id = self._next_id
+                self._pending.append(req)
                 self._pump()
             state = f"{self._health.value}" + (f": {self._reason}" if self._reason else "")
         # Futures complete outside the lock: their callbacks may call back into this worker.
@@ -372,7 +417,7 @@ class Worker:
         self._restart_timer = None
         self._set_health(Health.STARTING, self._reason)
         channel, theirs = Channel.pair()
-        config = {"bundle": str(self.bundle), "artifact": self.artifact, "fd": theirs.fileno(),
+        config = {"bundle": str(self.bundle), "artifact": self.artifact, "fd": theirs.fileno(), "protocol": PROTOCOL,
                   "cpus": list(self.cpus) if self.cpus else None, "incarnation": self._incarnations,
                   "load": self._load_options}  # fmt: skip
         env = {**os.environ, **{k: "1" for k in CPU_ENV}, **self._env}
@@ -412,7 +457,8 @@ class Worker:
     def _send(self, life: _Incarnation, req: _Request) -> None:
         from hxc.dtypes import dtype
 
-        dtypes = [dtype(s.dtype).numpy_dtype() for s in self.signature.inputs]
+        specs = self._input_specs(req)
+        dtypes = [dtype(s.dtype).numpy_dtype() for s in specs]
         shapes = req.inputs.shapes if isinstance(req.inputs, Inputs) else tuple(a.shape for a in req.inputs)
         refs, nbytes = layout(shapes, [d.itemsize for d in dtypes])
         slot = req.slot
@@ -430,8 +476,19 @@ class Worker:
         else:
             write_arrays(buf, refs, [np.asarray(a, d) for a, d in zip(req.inputs, dtypes)])
         del views
-        life.channel.send({"op": "run", "id": req.id, "slot": slot, "size": buf.size,
-                           "inputs": [r.to_json() for r in refs]}, fds)  # fmt: skip
+        life.channel.send({"op": req.op, "id": req.id, "slot": slot, "size": buf.size, "function": req.function,
+                           "state": req.state, "names": list(req.names), "inputs": [r.to_json() for r in refs]},
+                          fds)  # fmt: skip
+
+    def _input_specs(self, req: _Request) -> Sequence[Any]:
+        if req.op == "call":
+            return self.functions[req.function].signature.inputs
+        return [self.state_specs[n].tensor() for n in req.names] if req.op == "import" else ()
+
+    def _output_specs(self, req: _Request) -> Sequence[Any]:
+        if req.op == "call":
+            return self.functions[req.function].signature.outputs
+        return [self.state_specs[n].tensor() for n in req.names] if req.op == "export" else ()
 
     def _read(self, life: _Incarnation) -> None:
         """The incarnation's reader thread (no lock held): waits for replies, enforces
@@ -443,6 +500,9 @@ class Worker:
             return
         except ChannelClosed:
             self._fail(life, f"died while loading ({_exit_reason(life.process)})")
+            return
+        if message.get("op") == "ready" and message.get("protocol") != PROTOCOL:
+            self._fail(life, f"speaks worker protocol {message.get('protocol')}; this hxc speaks {PROTOCOL}")
             return
         if message.get("op") != "ready":
             # An expected failure (integrity, no compatible artifact) keeps its exit code.
@@ -490,6 +550,11 @@ class Worker:
 
     def _complete(self, life: _Incarnation, message: dict, fds: list[int]) -> None:
         now = time.perf_counter()
+        if "state_bytes" in message:
+            self.state_bytes = int(message["state_bytes"])
+        if message.get("more"):  # one part of a reply in several: the request goes on
+            self._part(life, message, fds)
+            return
         with self._lock:
             req = self._running.pop(message.get("id"), None)
             if req is None or self._life is not life:
@@ -530,7 +595,8 @@ class Worker:
 
         assert req.slot is not None
         buf = life.outputs[req.slot]
-        views = [buf.view(ArrayRef.from_json(r), dtype(s.dtype).numpy_dtype()) for r, s in zip(message["outputs"], self.signature.outputs)]
+        specs = self._output_specs(req)
+        views = [buf.view(ArrayRef.from_json(r), dtype(s.dtype).numpy_dtype()) for r, s in zip(message["outputs"], specs)]
         if req.sink is not None:
             req.sink(views)
             outputs = None
@@ -541,7 +607,33 @@ class Worker:
         overhead = (time.perf_counter() - req.dispatched) * 1000 - device_ms if req.idle_at_dispatch else None
         return Result(outputs, req.rows, device_ms, float(message["worker_ms"]), overhead)
 
+    def _part(self, life: _Incarnation, message: dict, fds: list[int]) -> None:
+        """A part of a streamed reply: its outputs, in the worker's buffer for the slot
+        (sent with it when new), handed to the request's `on_part` before the next is read."""
+        from hxc.dtypes import dtype
+
+        with self._lock:
+            req = self._running.get(message.get("id"))
+            if req is None or self._life is not life:
+                for fd in fds:
+                    os.close(fd)
+                return
+            assert req.slot is not None
+            if fds:
+                old = life.outputs.get(req.slot)
+                if old is not None:
+                    old.close()
+                life.outputs[req.slot] = SharedBuffer(message["size"], fds[0])
+            self._last_reply = time.perf_counter()  # a part is progress: the deadline restarts
+            buf = life.outputs[req.slot]
+        if req.on_part is not None:
+            specs = self._output_specs(req)
+            req.on_part([buf.view(ArrayRef.from_json(r), dtype(s.dtype).numpy_dtype())
+                         for r, s in zip(message["outputs"], specs)])  # fmt: skip
+
     def _account(self, req: _Request, result: Result, message: dict) -> None:
+        if req.op != "call":
+            return  # state bookkeeping says nothing of the device's speed
         c = self._counts
         c["items"] += req.rows
         c["requests"] += 1
@@ -679,7 +771,8 @@ def isolated_worker(
     # Every run gets the whole `timeout_s`: runs of one worker may differ in size (a
     # longer sequence), so the first one's speed predicts nothing for the next.
     deadlines = Deadlines(floor_s=timeout_s, unmeasured_s=timeout_s, load_s=timeout_s)
-    worker = Worker(bundle, artifact, "its device", manifest.signature, deadlines=deadlines, backoff=Backoff(None), slots=1,
+    worker = Worker(bundle, artifact, "its device", manifest.signature if manifest.stateless_main else None,
+                    functions=manifest.functions, deadlines=deadlines, backoff=Backoff(None), slots=1,
                     name=artifact or "the bundle", env=env, load_options=load_options)  # fmt: skip
     with worker as w:
         if not w.wait_ready(timeout_s + 5):

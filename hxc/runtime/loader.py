@@ -73,6 +73,7 @@ class LoadedModel:
         self._artifact_signature = self._artifact_specs[MAIN].signature if main else None
         self._plan = self._plans.get(MAIN)
         self._stateful_main = bool(main and main.states)
+        self._state_specs = {s.name: s for spec in self._artifact_specs.values() for s in spec.states}
 
     @property
     def artifact(self) -> Artifact:
@@ -154,7 +155,7 @@ class LoadedModel:
     @property
     def state_specs(self) -> dict[str, StateSpec]:
         """Every state any function reads or writes, by name (as the artifact holds it)."""
-        return {s.name: s for spec in self._artifact_specs.values() for s in spec.states}
+        return self._state_specs
 
     def new_state(self) -> ModelState:
         """Every state of the model, allocated zero on this model's device, after checking
@@ -166,7 +167,7 @@ class LoadedModel:
 
     def import_state(self, arrays: Mapping[str, np.ndarray]) -> ModelState:
         """A state made of host arrays (`ModelState.to_host()` of another model, moved
-        here): each copied to this model's device once."""
+        here): each copied to this model's device once; states not given start zero."""
         specs = self.state_specs
         if unknown := set(arrays) - set(specs):
             raise SignatureError(f"this model keeps no state {', '.join(sorted(unknown))}",
@@ -179,9 +180,10 @@ class LoadedModel:
                 raise SignatureError(f"state {name} must be {s.tensor().format()}, not "
                                      f"{'x'.join(map(str, a.shape)) or 'scalar'}x{a.dtype}")  # fmt: skip
             values[name] = a
-        check_fits(sum(specs[n].bytes for n in values), self.device)
+        check_fits(sum(s.bytes for s in specs.values()), self.device)
         with self._lock:
-            return ModelState(self, {n: self._session.state_from_host(a, specs[n]) for n, a in values.items()})
+            return ModelState(self, {n: self._session.state_from_host(values[n], s) if n in values
+                                     else self._session.state_zeros(s) for n, s in specs.items()})  # fmt: skip
 
     def borrow_inputs(self) -> None:
         """From now on a device in host memory (local-task) reads the arrays given to
