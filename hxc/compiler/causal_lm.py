@@ -390,15 +390,17 @@ def export_mlir(lm: CausalLM, prefill_chunk: int) -> str:
     lay = lm.layout
     i32 = torch.int32
     k, v = empty_cache(lay)
-    one = torch.zeros(1, dtype=i32)
+    # Every argument its own tensor: torch.export treats one tensor passed twice as one
+    # input (start and slot given the same zeros made `start` read `slot`).
+    scalar = lambda: torch.zeros(1, dtype=i32)  # noqa: E731
     fxb = aot.FxProgramsBuilder(lm)
 
-    @fxb.export_program(name="prefill", args=(torch.zeros(1, prefill_chunk, dtype=i32), one, one + 1, one, k, v),
-                        strict=False)  # fmt: skip
+    @fxb.export_program(name="prefill", args=(torch.zeros(1, prefill_chunk, dtype=i32), scalar(), scalar() + 1, scalar(),
+                                              k, v), strict=False)  # fmt: skip
     def prefill(module, tokens, start, length, slot, k_cache, v_cache):
         return module.prefill(tokens, start, length, slot, k_cache, v_cache)
 
-    @fxb.export_program(name="decode", args=(torch.zeros(lay.slots, dtype=i32), torch.zeros(lay.slots, dtype=i32), k, v),
+    @fxb.export_program(name="decode", args=(torch.zeros(lay.slots, dtype=i32), torch.zeros(lay.slots, dtype=i32), *empty_cache(lay)),
                         strict=False)  # fmt: skip
     def decode(module, tokens, positions, k_cache, v_cache):
         return module.decode(tokens, positions, k_cache, v_cache)
