@@ -53,7 +53,7 @@ SUPPORTED_FAMILIES = ("llama", "gpt2")
 # How the new keys/values get into the cache:
 # - "select": a `where` over the whole cache with a mask of the written positions;
 # - "scatter": `index_put` at (slot, layer, head, position), padding to the scratch row.
-CACHE_WRITES = ("select", "scatter")
+CACHE_WRITES = ("select", "scatter", "inplace")
 # Llama rope types whose frequencies depend on the sequence length at run time: the
 # static frequencies read from the model would be wrong for them.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
@@ -273,6 +273,8 @@ class CausalLM(torch.nn.Module):
         last = hidden[0].index_select(0, (length - 1).clamp(0, n - 1))  # [1, H]
         logits = self.lm_head(last)
         k_cache, v_cache = self._write_prefill(k_cache, v_cache, k_new[0], v_new[0], start, length, slot)
+        if self.cache_write == "inplace":
+            return (logits,)
         return logits, k_cache, v_cache
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
@@ -287,6 +289,8 @@ class CausalLM(torch.nn.Module):
         hidden, k_new, v_new = self._layers(hidden, positions.reshape(b, 1), k_cache, v_cache, old_mask, new_mask)
         logits = self.lm_head(hidden[:, 0])
         k_cache, v_cache = self._write_decode(k_cache, v_cache, k_new[:, :, 0], v_new[:, :, 0], positions)
+        if self.cache_write == "inplace":
+            return (logits,)
         return logits, k_cache, v_cache
 
     # ---- cache writes ---------------------------------------------------------------
@@ -330,12 +334,14 @@ class CausalLM(torch.nn.Module):
                 self._scatter(v_cache, v_new[:, :, None], slots, positions.reshape(b, 1, 1)))  # fmt: skip
 
     def _scatter(self, cache: torch.Tensor, new: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """cache[slot, l, :, pos, :] = new[.., l, j, :, :] with `slot` and `pos` broadcast
-        over [S', L, n]. The kv-head axis sits between the indexed axes, so move it last."""
-        layers = torch.arange(self.dims.layers, dtype=torch.int32).reshape(1, -1, 1)
-        c = cache.permute(0, 1, 3, 2, 4)  # [S, L, C, kv, hd]
-        c = torch.index_put(c, (slot, layers, pos), new.reshape(*torch.broadcast_shapes(slot.shape, layers.shape, pos.shape), *new.shape[-2:]))
-        return c.permute(0, 1, 3, 2, 4)
+        """cache[slot, l, h, pos, :] = new[.., l, j, h, :] with `slot` and `pos` broadcast
+        over [S', L, n] (one index per axis but the last: no transposed copy of the cache)."""
+        layers = torch.arange(self.dims.layers, dtype=torch.int32).reshape(1, -1, 1, 1)
+        heads = torch.arange(self.dims.kv_heads, dtype=torch.int32).reshape(1, 1, 1, -1)
+        index = (slot[..., None], layers, heads, pos[..., None])  # broadcast to [S', L, n, kv]
+        if self.cache_write == "inplace":
+            return cache.index_put_(index, new)
+        return torch.index_put(cache, index, new)
 
 
 def empty_cache(layout: CacheLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +370,7 @@ def generate_greedy(lm: CausalLM, prompts: Sequence[Sequence[int]], max_new_toke
             piece = list(prompt[at:at + chunk])
             tokens = np.zeros((1, chunk), np.int32)
             tokens[0, :len(piece)] = piece
-            logits, k, v = call("prefill", tokens, i32(at), i32(len(piece)), i32(s), k, v)
+            logits, k, v = _caches(call("prefill", tokens, i32(at), i32(len(piece)), i32(s), k, v), k, v)
         out.append([int(np.asarray(logits).reshape(-1).argmax())])
     b = lm.layout.slots
     for step in range(max_new_tokens - 1):
@@ -373,11 +379,16 @@ def generate_greedy(lm: CausalLM, prompts: Sequence[Sequence[int]], max_new_toke
         for s, prompt in enumerate(prompts):
             tokens[s] = out[s][-1]
             positions[s] = len(prompt) + step
-        logits, k, v = call("decode", tokens, positions, k, v)
+        logits, k, v = _caches(call("decode", tokens, positions, k, v), k, v)
         logits = np.asarray(logits)
         for s in range(len(prompts)):
             out[s].append(int(logits[s].argmax()))
     return out
+
+
+def _caches(out: Sequence[Any], k: Any, v: Any) -> tuple[Any, Any, Any]:
+    """(logits, k, v) from a call's outputs: an in-place call returns the logits alone."""
+    return (out[0], k, v) if len(out) == 1 else tuple(out)
 
 
 def export_mlir(lm: CausalLM, prefill_chunk: int) -> str:
