@@ -137,7 +137,7 @@ class CausalLM(torch.nn.Module):
     """`model` (a transformers causal LM) as `prefill` and `decode` over a static KV
     cache of `slots` sequences of up to `max_context` tokens (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, slots: int, max_context: int, cache_write: str = "select") -> None:
+    def __init__(self, model: torch.nn.Module, slots: int, max_context: int, cache_write: str = "scatter") -> None:
         super().__init__()
         config = model.config
         self.layout = cache_layout(config, slots, max_context)
