@@ -160,9 +160,10 @@ def test_compiled_cpu_greedy_equals_generate(family, write):
     assert tokens == expected, f"{name} ({write}) on local-task"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("write", ["scatter", "inplace"])
 def test_compiled_vulkan_greedy_equals_generate(family, write):
-    # lavapipe: 6-12 s each here (portable SPIR-V, pipeline creation included).
+    # lavapipe: 7-55 s each on this shared 2-core machine (pipeline creation included).
     name, model, expected = family
     tokens, step_ms = iree_generate(CausalLM(model, slots=2, max_context=64, cache_write=write), "vulkan")
     assert tokens == expected, f"{name} ({write}) on lavapipe"

@@ -16,8 +16,9 @@ reads Llama's rotary frequencies from the model's rotary embedding. It adds what
 
 The caches are [slots, layers, kv_heads, max_context + 1, head_dim] float32: the last
 row of the context axis is a scratch row that padding and idle slots write into, so
-every write has a place to go. They are passed in and returned, so the runtime can
-keep them on the device as state.
+every write has a place to go. They are passed in and returned (or, with
+cache_write="inplace", updated in place and not returned), so the runtime can keep
+them on the device as state.
 
 Every layer attends to the cache as it was *before* the call (masked to the positions
 already written) plus the call's own keys (causally), with one softmax over both; the
@@ -33,10 +34,30 @@ What the export needs (IREE 3.13, iree-turbine 3.9, measured; see also
 - masks come from single comparisons (a range check is `min(rel, len-1-rel) >= 0`):
   `&` of boolean tensors fails to legalize (torch.aten.__and__.Tensor);
 - token ids and positions are int32 (SPIR-V's portable profile has no Int64);
-- the cache write: see `CACHE_WRITES` and the measurements below.
+- one tensor passed as two example arguments is one input to torch.export: with the
+  same zeros for `start` and `slot`, the compiled prefill read `slot` as `start`
+  (right at start 0, wrong after): every example argument is its own tensor;
+- the cache write (`CACHE_WRITES`): all three forms compile for llvm-cpu and for the
+  portable vulkan-spirv variant and give HF's tokens on local-task and lavapipe.
+  `index_put` on the cache *arguments* lowers to a scatter that compiles (the
+  `index_copy` failure in IREE_NOTES, "write affecting operations on global
+  resources are restricted to workgroup distributed contexts", was a cache held in
+  module globals). "inplace" (`index_put_` on the arguments, only the logits
+  returned) exports as `torch.overwrite.tensor.contents`, but IREE still copies each
+  cache into a transient buffer, scatters there and copies it back
+  (`stream.cmd.copy` x4 in the decode's stream IR): no mode yet costs O(tokens
+  written).
 
-Measurements: see the end of this docstring (filled in from tests/test_causal_lm.py
-and benchmarks run on this 2-core shared machine).
+Measured (this 2-core machine, shared and noisy: +-50% between runs):
+- tiny Llama of the tests (2 layers, hidden 64, 2 slots, context 64), decode step:
+  local-task 0.1-0.3 ms, lavapipe 17-28 ms (first call 0.4-11 s: pipelines);
+- cost against max_context, Llama 4 layers, hidden 256, 8 heads / 4 KV heads, 4 slots,
+  local-task, decode step median ms (cache k+v MiB): no write at all (attention over
+  the full context only) 4 (4) / 16-34 (64) at 256 / 4096; "select" 4.0 (4), 24 (16),
+  188 (64) at 256, 1024, 4096; "scatter" 4.2-6.7, 47 (with a transposed copy, since
+  removed), 92-129; "inplace" 2.3-7.4, 12, 46-123. Every form grows with the maximum
+  context: attention reads the whole cache (masked) and the write copies it. A cost
+  that follows the filled length needs a dynamic context length or pages (part 2).
 """
 
 from __future__ import annotations
@@ -50,9 +71,13 @@ import torch
 from hxc.errors import LoweringError, UsageError
 
 SUPPORTED_FAMILIES = ("llama", "gpt2")
-# How the new keys/values get into the cache:
+# How the new keys/values get into the cache (see the module docstring for costs):
 # - "select": a `where` over the whole cache with a mask of the written positions;
-# - "scatter": `index_put` at (slot, layer, head, position), padding to the scratch row.
+# - "scatter": `index_put` at (slot, layer, head, position), padding to the scratch row;
+# - "inplace": the same `index_put_` on the cache arguments themselves: the functions
+#   return the logits alone and the caller's cache buffers are updated.
+# The default is "scatter": it returns the caches (state in, state out) and cost less
+# than "select" at long contexts.
 CACHE_WRITES = ("select", "scatter", "inplace")
 # Llama rope types whose frequencies depend on the sequence length at run time: the
 # static frequencies read from the model would be wrong for them.
