@@ -152,7 +152,11 @@ def iree_generate(lm: CausalLM, target: str) -> tuple[list[list[int]], float]:
     return tokens, 1000 * float(np.median(steps[1:]))
 
 
-@pytest.mark.parametrize("write", CACHE_WRITES)
+# The default cache write runs in every test run; the other forms under `-m heavy`.
+WRITES = [w if w == "scatter" else pytest.param(w, marks=pytest.mark.heavy) for w in CACHE_WRITES]
+
+
+@pytest.mark.parametrize("write", WRITES)
 def test_compiled_cpu_greedy_equals_generate(family, write):
     name, model, expected = family
     lm = CausalLM(model, slots=2, max_context=64, cache_write=write)
@@ -161,7 +165,7 @@ def test_compiled_cpu_greedy_equals_generate(family, write):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("write", ["scatter", "inplace"])
+@pytest.mark.parametrize("write", ["scatter", pytest.param("inplace", marks=pytest.mark.heavy)])
 def test_compiled_vulkan_greedy_equals_generate(family, write):
     # lavapipe: 7-55 s each on this shared 2-core machine (pipeline creation included).
     name, model, expected = family
