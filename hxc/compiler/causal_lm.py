@@ -69,6 +69,7 @@ from typing import Any
 import torch
 
 from hxc.errors import LoweringError, UsageError
+from hxc.functions import Function
 
 SUPPORTED_FAMILIES = ("llama", "gpt2")
 # How the new keys/values get into the cache (see the module docstring for costs):
@@ -82,6 +83,10 @@ CACHE_WRITES = ("select", "scatter", "inplace")
 # Llama rope types whose frequencies depend on the sequence length at run time: the
 # static frequencies read from the model would be wrong for them.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
+# Prompt tokens per prefill call: a prompt runs as ceil(n / chunk) calls of this size.
+# One bucket for now: a short prompt pays for the whole chunk, a long one for one call
+# per chunk.
+DEFAULT_PREFILL_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,8 @@ class CausalLM(torch.nn.Module):
     """`model` (a transformers causal LM) as `prefill` and `decode` over a static KV
     cache of `slots` sequences of up to `max_context` tokens (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, slots: int, max_context: int, cache_write: str = "scatter") -> None:
+    def __init__(self, model: torch.nn.Module, slots: int, max_context: int, cache_write: str = "scatter",
+                 prefill_chunk: int | None = None) -> None:  # fmt: skip
         super().__init__()
         config = model.config
         self.layout = cache_layout(config, slots, max_context)
@@ -170,6 +176,10 @@ class CausalLM(torch.nn.Module):
         if cache_write not in CACHE_WRITES:
             raise UsageError(f"unknown cache write {cache_write!r}: one of {', '.join(CACHE_WRITES)}")
         self.cache_write = cache_write
+        self.prefill_chunk = min(DEFAULT_PREFILL_CHUNK, max_context) if prefill_chunk is None else prefill_chunk
+        if not 1 <= self.prefill_chunk <= max_context:
+            raise UsageError(f"prefill chunk {self.prefill_chunk} is outside 1..{max_context} (the max context)")
+        self._declare_functions()
         self.model = model.eval()
         self.vocab = config.vocab_size
         self.group = d.heads // d.kv_heads
@@ -188,6 +198,30 @@ class CausalLM(torch.nn.Module):
             self.wpe = base.wpe
             self.scaling = [layer.attn.scaling for layer in base.h]
         self.lm_head = model.lm_head
+
+    def _declare_functions(self) -> None:
+        """`prefill` and `decode` as hxc functions over the state `k_cache`, `v_cache`
+        (`hxc.functions`), so hxc's compile path builds them like any model of several
+        functions. "inplace" returns no caches, so it has no state form: it is for
+        `export_mlir` only."""
+        if self.cache_write == "inplace":
+            self.hxc_functions = None
+            return
+        lay = self.layout
+        i32 = torch.int32
+        k, v = empty_cache(lay)
+        self.hxc_state = {"k_cache": k, "v_cache": v}
+        self.hxc_state_slots = {"k_cache": lay.slots, "v_cache": lay.slots}
+        caches = ("k_cache", "v_cache")
+        # Every example its own tensor (see the module docstring: torch.export merges one
+        # tensor passed twice into one input).
+        self.hxc_functions = {
+            "prefill": Function(args=(torch.zeros(1, self.prefill_chunk, dtype=i32), torch.zeros(1, dtype=i32),
+                                      torch.ones(1, dtype=i32), torch.zeros(1, dtype=i32)),
+                                reads=caches, writes=caches),
+            "decode": Function(args=(torch.zeros(lay.slots, dtype=i32), torch.zeros(lay.slots, dtype=i32)),
+                               reads=caches, writes=caches),
+        }  # fmt: skip
 
     # ---- one layer's pieces, per family -------------------------------------------
 
