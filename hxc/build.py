@@ -263,6 +263,9 @@ def _write_files(
             sources[b.bundle_name] = (b.file, None)
     if reference.program is not None and reference.program_name:
         sources[reference.program_name] = (reference.program, None)
+    for rel, src in reference.files.items():  # a language model's tokenizer
+        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+        sources[rel] = (src, None)
     for w in manifest.weights:
         sources[w.file] = (imports[w.precision].weights, FileHash(w.sha256, w.size))  # type: ignore[assignment]
     (stage / ARTIFACTS_DIR).mkdir()
@@ -455,6 +458,7 @@ def _manifest(
         golden_outputs=reference.golden_note is None,
         golden_reference=reference.golden_reference if reference.golden_note is None else None,
         golden_note=reference.golden_note,
+        language_model=reference.language_model,
     )
 
 

@@ -248,6 +248,10 @@ def main(verbose: int) -> None:
 @click.option("--iree-flag", "iree_flags", multiple=True, metavar="FAMILY[:VARIANT]:--FLAG",
               help="Pass an IREE compiler flag to one target family or variant, e.g. vulkan:--iree-vulkan-target=rdna3 "
                    "or cpu:host:--iree-opt-level=O2. Repeatable. Recorded in the artifact's flags and the cache key.")  # fmt: skip
+@click.option("--max-context", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Language models: tokens one sequence may hold, prompt and output. [default: min(the model's maximum, 4096)]")
+@click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Language models: sequences the KV cache holds (decode runs one token for each).")
 @click.option("--allow-partial", is_flag=True, help="Write the bundle even if some targets fail (failures are recorded in it).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Targets compiled at once. [default: CPU count]")
 @click.option("--no-cache", is_flag=True, help="Recompile everything instead of reusing cached artifacts.")
@@ -256,19 +260,22 @@ def main(verbose: int) -> None:
 @_command
 def compile(model: str, output: Path | None, targets: str, backends: str, inputs: tuple[str, ...], dynamic_batch: bool,
             example: Path | None, allow_pickle: bool, weights: str, precisions: list[str], tune: bool,
-            iree_flags: tuple[str, ...], allow_partial: bool, jobs: int | None, no_cache: bool,
-            cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
+            iree_flags: tuple[str, ...], max_context: int | None, slots: int, allow_partial: bool, jobs: int | None,
+            no_cache: bool, cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one artifact per target (and backend).
 
     MODEL is a torch.export archive (.pt2), a TorchScript archive, a pickled module
-    (with --allow-pickle), an ONNX model, or a Python factory `file.py:make_model` /
-    `package.module:make_model` returning a module and example inputs.
+    (with --allow-pickle), an ONNX model, a Python factory `file.py:make_model` /
+    `package.module:make_model` returning a module and example inputs (or a
+    transformers causal LM, or (model, tokenizer)), or a Hugging Face model directory
+    (config.json, *.safetensors: Llama and GPT-2), which `hxc generate` then runs.
 
     \b
     hxc compile model.pt2 -o model.hxc
     hxc compile model.pt2 --targets cpu,cuda:sm_89,rocm:gfx942
     hxc compile net.py:make_model --input ?x3x224x224xf32
     hxc compile model.pt2 -t cpu --backends iree,onnxruntime,inductor
+    hxc compile ./my-llama/ -t cpu,vulkan --max-context 2048
     """
     from hxc import frontends, ui
     from hxc import targets as registry
@@ -280,7 +287,7 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
 
     out = output or Path(frontends.recognise(model).model_name(model) + ".hxc")
     options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights,  # type: ignore[arg-type]
-                            example=str(example) if example else None)
+                            example=str(example) if example else None, max_context=max_context, slots=slots)
     with ui.CompileProgress(enabled=not as_json) as progress:
         result = build_bundle(
             model, out, variants, backends=backends, options=options, precisions=precisions, allow_partial=allow_partial,
@@ -442,10 +449,18 @@ def inspect(bundle: Path, as_json: bool) -> None:
     info = ui.table("", "", title=f"Bundle {bundle}  (schema {m.schema_version})")
     info.add_row("model", f"{m.model.name}  ({m.model.source_format}: {m.model.source})")
     info.add_row("source sha256", m.model.source_sha256)
-    for s in m.signature.inputs:
-        info.add_row("input", f"{s.name}: {s.format()}")
-    for s in m.signature.outputs:
-        info.add_row("output", f"{s.name}: {s.format()}")
+    for fname, fn in m.functions.items():
+        at = "" if m.stateless_main else f" of {fname}"
+        for s in fn.signature.inputs:
+            info.add_row(f"input{at}", f"{s.name}: {s.format()}")
+        for s in fn.signature.outputs:
+            info.add_row(f"output{at}", f"{s.name}: {s.format()}")
+        for st in fn.states:
+            info.add_row(f"state{at}", f"{st.name}: {st.tensor().format()} ({st.bytes / 2**20:.2f} MiB, {st.slots} slot(s))")
+    if (lm := m.language_model) is not None:
+        info.add_row("language model", f"{lm.family}: {lm.layers} layers, vocabulary {lm.vocab_size}, context {lm.max_context}, "
+                     f"{lm.slots} slot(s), prefill chunk {lm.prefill_chunk}, KV cache {lm.kv_bytes_per_token} B/token, "
+                     f"tokenizer {'yes' if lm.tokenizer_file else 'none'}")  # fmt: skip
     tc = m.toolchain
     info.add_row("built with", f"hxc {tc.hxc}, IREE {tc.iree_compiler}, iree-turbine {tc.iree_turbine}, torch {tc.torch}")
     info.add_row("created", m.created)

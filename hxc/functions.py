@@ -27,3 +27,4 @@ class Function:
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     method: str | None = None  # the module's method; default: the function's name
+    arg_names: tuple[str, ...] = ()  # names of `args` in the manifest; default input_0, input_1, ...

@@ -63,13 +63,18 @@ Measured (this 2-core machine, shared and noisy: +-50% between runs):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hxc.errors import LoweringError, UsageError
 from hxc.functions import Function
+from hxc.manifests.schema import TOKENIZER_DIR, LanguageModel
+
+if TYPE_CHECKING:
+    from hxc.compiler.imported import ImportedModel
 
 SUPPORTED_FAMILIES = ("llama", "gpt2")
 # How the new keys/values get into the cache (see the module docstring for costs):
@@ -87,6 +92,13 @@ _DYNAMIC_ROPE = ("dynamic", "longrope")
 # One bucket for now: a short prompt pays for the whole chunk, a long one for one call
 # per chunk.
 DEFAULT_PREFILL_CHUNK = 32
+# The default context when none is asked for: the model's own maximum, up to this (the
+# cache is static: every slot holds max_context tokens' worth of keys and values).
+DEFAULT_MAX_CONTEXT = 4096
+# What a tokenizer's save_pretrained writes that the bundle carries: hxc's runtime reads
+# tokenizer.json (with the `tokenizers` library) and tokenizer_config.json.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "chat_template.jinja")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -218,10 +230,24 @@ class CausalLM(torch.nn.Module):
         self.hxc_functions = {
             "prefill": Function(args=(torch.zeros(1, self.prefill_chunk, dtype=i32), torch.zeros(1, dtype=i32),
                                       torch.ones(1, dtype=i32), torch.zeros(1, dtype=i32)),
-                                reads=caches, writes=caches),
+                                reads=caches, writes=caches, arg_names=("tokens", "start", "length", "slot")),
             "decode": Function(args=(torch.zeros(lay.slots, dtype=i32), torch.zeros(lay.slots, dtype=i32)),
-                               reads=caches, writes=caches),
+                               reads=caches, writes=caches, arg_names=("tokens", "positions")),
         }  # fmt: skip
+
+    def hxc_describe(self, imported: ImportedModel, workdir: Path) -> ImportedModel:
+        """The bundle's `language_model` record and the tokenizer's files
+        (`hxc.compiler.functions` calls this after importing the functions)."""
+        model, lay, d = self.model, self.layout, self.dims
+        files = save_tokenizer(getattr(self, "tokenizer", None), workdir / TOKENIZER_DIR)
+        gen = getattr(model, "generation_config", None)
+        bos = _first_id(getattr(gen, "bos_token_id", None), getattr(model.config, "bos_token_id", None))
+        eos = _ids(getattr(gen, "eos_token_id", None)) or _ids(getattr(model.config, "eos_token_id", None))
+        record = LanguageModel(family=d.family, vocab_size=self.vocab, layers=d.layers, heads=d.heads, kv_heads=d.kv_heads,
+                               head_dim=d.head_dim, max_context=lay.max_context, slots=lay.slots,
+                               prefill_chunk=self.prefill_chunk, kv_bytes_per_token=lay.bytes_per_token,
+                               bos_token_id=bos, eos_token_ids=eos, tokenizer_files=tuple(sorted(files)))  # fmt: skip
+        return replace(imported, language_model=record, files=files)
 
     # ---- one layer's pieces, per family -------------------------------------------
 
@@ -401,6 +427,70 @@ class CausalLM(torch.nn.Module):
         if self.cache_write == "inplace":
             return cache.index_put_(index, new)
         return torch.index_put(cache, index, new)
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def _first_id(*values: Any) -> int | None:
+    return next((ids[0] for v in values if (ids := _ids(v))), None)
+
+
+def is_causal_lm(obj: Any) -> bool:
+    """Whether `obj` is a transformers causal LM (checked without importing transformers
+    when nothing has)."""
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(obj, transformers.PreTrainedModel) and hasattr(obj, "generate")
+
+
+def language_model(model: torch.nn.Module, tokenizer: Any = None, *, max_context: int | None = None, slots: int = 1,
+                   prefill_chunk: int | None = None) -> CausalLM:  # fmt: skip
+    """A transformers causal LM as a CausalLM ready to compile (fp32), with the
+    tokenizer the bundle will carry: a transformers tokenizer, a `tokenizers.Tokenizer`,
+    a directory holding one, or None (the caller then passes token ids)."""
+    config = model.config
+    if max_context is None:
+        max_context = min(_dims(config).max_positions, DEFAULT_MAX_CONTEXT)
+    lm = CausalLM(model.float().eval(), slots, max_context, prefill_chunk=prefill_chunk)
+    lm.tokenizer = tokenizer
+    return lm
+
+
+def save_tokenizer(tokenizer: Any, directory: Path) -> dict[str, Path]:
+    """The tokenizer's files, written to `directory`, by their bundle path
+    (`tokenizer/tokenizer.json`, ...). A transformers tokenizer is saved as it loaded,
+    so its post-processor (the BOS it adds) is the one `AutoTokenizer` applies."""
+    if tokenizer is None:
+        return {}
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, (str, Path)):
+        source = Path(tokenizer)
+        if not (source / "tokenizer.json").is_file() and not (source / "tokenizer_config.json").is_file():
+            return {}  # a model directory without a tokenizer: generation takes token ids
+        from transformers import AutoTokenizer
+
+        from hxc.errors import ModelLoadError, first_line
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
+        except Exception as e:
+            raise ModelLoadError(f"{source}: cannot load its tokenizer ({type(e).__name__}: {first_line(e)})") from None
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(directory))
+    elif hasattr(tokenizer, "to_str"):  # a tokenizers.Tokenizer
+        (directory / "tokenizer.json").write_text(tokenizer.to_str())
+    else:
+        raise UsageError(f"cannot save a {type(tokenizer).__name__} as a tokenizer: give a transformers tokenizer "
+                         "or a tokenizers.Tokenizer")  # fmt: skip
+    if not (directory / "tokenizer.json").is_file():
+        raise UsageError("the tokenizer wrote no tokenizer.json (a slow tokenizer?): hxc's runtime reads tokenizer.json",
+                         hint="use the model's fast tokenizer (AutoTokenizer with use_fast=True)")  # fmt: skip
+    return {f"{TOKENIZER_DIR}/{name}": directory / name for name in _TOKENIZER_FILES if (directory / name).is_file()}
 
 
 def empty_cache(layout: CacheLayout) -> tuple[torch.Tensor, torch.Tensor]:

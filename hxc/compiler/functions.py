@@ -83,7 +83,8 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
         golden.update({f"{prefix}input_{i}": to_storage(to_numpy(a)) for i, a in enumerate(args)})
         golden.update({f"{prefix}output_{i}": to_storage(to_numpy(o)) for i, o in enumerate(flat)})
         user = flat[: len(flat) - len(fn.writes)]
-        signature = Signature(inputs=tuple(_spec(f"input_{i}", a) for i, a in enumerate(fn.args)),
+        names = [*fn.arg_names, *(f"input_{i}" for i in range(len(fn.arg_names), len(fn.args)))]
+        signature = Signature(inputs=tuple(_spec(n, a) for n, a in zip(names, fn.args)),
                               outputs=tuple(_spec(f"output_{i}", o) for i, o in enumerate(user)),
                               output_tree=_tree(len(user)))  # fmt: skip
         specs[fname] = FunctionSpec(signature, reads=tuple(_state(s, states[s], module) for s in fn.reads),
@@ -97,7 +98,7 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
     mlir.write_bytes(_lower(module, calls))
     timings["lower"] = time.perf_counter() - t
     first = next(iter(specs.values()))
-    return ImportedModel(
+    imported = ImportedModel(
         name=name,
         source=source,
         source_format=source_format,
@@ -112,6 +113,10 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
         timings=timings,
         functions=specs,
     )
+    # A module may describe itself further: a language model adds its manifest record
+    # and its tokenizer's files (hxc.compiler.causal_lm).
+    describe = getattr(module, "hxc_describe", None)
+    return describe(imported, workdir) if callable(describe) else imported
 
 
 def _states(module: Any, functions: dict[str, Function], source: str) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from hxc.manifests.schema import MAIN, FunctionSpec, Signature
+from hxc.manifests.schema import MAIN, FunctionSpec, LanguageModel, Signature
 
 WeightsMode = Literal["auto", "inline", "shared"]
 # With `auto`, parameters at least this large are stored once per bundle (in an IREE
@@ -31,6 +31,12 @@ class ImportOptions:
     # interface instead of the model's (a variant whose code generator lacks them);
     # such an import carries its weights inline.
     interface_casts: tuple[tuple[str, str], ...] = ()
+    # Language models (a Hugging Face directory, or a factory returning a transformers
+    # causal LM): tokens one sequence may hold (None: min(the model's maximum, 4096)),
+    # sequences decoded at once, prompt tokens per prefill call (None: 32).
+    max_context: int | None = None
+    slots: int = 1
+    prefill_chunk: int | None = None
 
 
 @dataclass
@@ -58,6 +64,10 @@ class ImportedModel:
     # A model of several entry points (or with state): each function, its IR function of
     # the same name. Empty for a plain model: one function, `main`, of `signature`.
     functions: dict[str, FunctionSpec] = field(default_factory=dict)
+    # A causal language model: its manifest record, and files the bundle carries for
+    # it (bundle path -> the file to copy: the tokenizer's).
+    language_model: LanguageModel | None = None
+    files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def function_specs(self) -> dict[str, FunctionSpec]:

@@ -51,12 +51,13 @@ def recognise(text: str) -> Frontend:
     """The frontend for what the user gave `hxc compile`, from its contents. Raises a
     one-line ModelLoadError (or UsageError) when no frontend takes it."""
     path = Path(text)
-    if path.is_dir():
-        raise ModelLoadError(f"{text}: is a directory, not a model file")
     source = Source.of(text)
     for f in frontends():
         if f.recognise(source):
             return f
+    if source.directory is not None:
+        raise ModelLoadError(f"{text}: is a directory, not a model file",
+                             hint="a Hugging Face model directory holds config.json and *.safetensors")  # fmt: skip
     if source.path is None:
         raise ModelLoadError(f"{text}: no such file")
     if path.suffix == ".py":

@@ -42,10 +42,19 @@ class Source:
     path: Path | None = None  # the file, when `text` names one
     head: bytes = b""
     zip_names: tuple[str, ...] = ()
+    # When `text` names a directory (a Hugging Face model directory): it, and the names in it.
+    directory: Path | None = None
+    dir_names: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, text: str) -> Source:
         path = Path(text)
+        if path.is_dir():
+            try:
+                names = tuple(sorted(p.name for p in path.iterdir()))
+            except OSError as e:
+                raise ModelLoadError(f"{path}: cannot list the directory ({e.strerror or e})") from None
+            return cls(text, directory=path, dir_names=names)
         if not path.is_file():
             return cls(text)
         with open(path, "rb") as f:

@@ -1,5 +1,6 @@
 """Python factories: `path/to/file.py:factory` or `package.module:factory`. The factory
-returns a module, `(module, example_inputs)`, or an ExportedProgram. Never
+returns a module, `(module, example_inputs)`, or an ExportedProgram; or a transformers
+causal LM, alone or as `(model, tokenizer)`, compiled as a language model. Never
 import-cached: its code can change anywhere on the import path, so it is exported
 afresh on every compile (and still hits the compile cache when the IR is the same)."""
 
@@ -98,6 +99,15 @@ def _export(source: str, options: ImportOptions) -> ExportedModel:
         raise ModelLoadError(f"{source}: the factory raised {type(e).__name__}: {first_line(e)}") from None
     specs = input_specs(options.inputs)
     name, digest = _model_name(source), _digest(source)
+    from hxc.compiler.causal_lm import is_causal_lm, language_model
+
+    # A transformers causal LM, alone or with its tokenizer: prefill and decode over a KV cache.
+    lm_pair = isinstance(made, tuple) and len(made) == 2 and is_causal_lm(made[0]) and not isinstance(made[1], torch.Tensor)
+    if is_causal_lm(made) or lm_pair:
+        model, tokenizer = made if lm_pair else (made, None)
+        lm = language_model(model, tokenizer, max_context=options.max_context, slots=options.slots,
+                            prefill_chunk=options.prefill_chunk)  # fmt: skip
+        return ExportedModel(name, source, FRONTEND.name, digest, None, (), lm, functions_module=lm)
     if isinstance(made, torch.export.ExportedProgram):
         program, args = reexport(made, specs, options.dynamic_batch, source)
         return ExportedModel(name, source, FRONTEND.name, digest, program, args, program.module())
@@ -108,7 +118,8 @@ def _export(source: str, options: ImportOptions) -> ExportedModel:
     else:
         raise ModelLoadError(
             f"{source}: the factory returned {type(made).__name__}",
-            hint="return an nn.Module, (module, example_inputs), or an ExportedProgram",
+            hint="return an nn.Module, (module, example_inputs), an ExportedProgram, or a transformers causal LM "
+                 "(or (model, tokenizer))",
         )
     model.eval()
     if getattr(model, "hxc_functions", None):  # several entry points: exported one by one

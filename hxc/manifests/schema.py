@@ -43,7 +43,11 @@ PROFILES_FORMAT = "hxc-profiles"
 # (`main` for a plain model; `init` and `step`, `prefill` and `decode`...), each with its
 # signature and the device-resident state it reads and writes. A 3.x reader would find
 # no signature; this reader reads 3.x and 2.x bundles as one function, `main`.
-SCHEMA_VERSION: tuple[int, int] = (4, 0)
+# 4.1: `language_model` (optional): a causal LM's shape, KV-cache layout, special tokens
+# and tokenizer files (under `tokenizer/`, hashed in `files` like every build-time
+# file): what `generate` needs beyond the `prefill` and `decode` functions. A 4.0
+# reader ignores the field and can still call the functions by name.
+SCHEMA_VERSION: tuple[int, int] = (4, 1)
 # profiles.json is versioned on its own: nothing in it changed meaning in 3.0, so a
 # 2.x hxc can still read the profiles a newer hxc bench adds to its bundles.
 # 2.1: Profile.conditions (what else ran during a measurement).
@@ -311,6 +315,36 @@ class FileHash:
     size: int
 
 
+TOKENIZER_DIR = "tokenizer"  # a language model's tokenizer files, in the bundle
+
+
+@dataclass(frozen=True)
+class LanguageModel:
+    """A causal language model compiled as `prefill` and `decode` over a KV cache kept
+    on the device as state (`k_cache`, `v_cache`): what generating text needs."""
+
+    family: str  # the transformers model type: llama, gpt2
+    vocab_size: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    max_context: int  # tokens one sequence may hold: prompt and generated together
+    slots: int  # sequences the cache holds at once (decode runs one token for each)
+    prefill_chunk: int  # prompt tokens per prefill call; a longer prompt takes several calls
+    kv_bytes_per_token: int  # KV-cache bytes one token of context takes (keys and values, all layers)
+    cache_dtype: str = "f32"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # generation stops at any of these (and returns it)
+    # Bundle paths of the tokenizer's files (tokenizer.json, its config), or none: the
+    # caller then passes token ids.
+    tokenizer_files: tuple[str, ...] = ()
+
+    @property
+    def tokenizer_file(self) -> str | None:
+        return next((f for f in self.tokenizer_files if f.endswith("/tokenizer.json")), None)
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A bundle's description. `hosts` and `profiles` live in PROFILES_FILE on disk
@@ -334,6 +368,7 @@ class Manifest:
     files: dict[str, FileHash] = dataclasses.field(default_factory=dict)
     hosts: tuple[Host, ...] = ()
     profiles: tuple[Profile, ...] = ()
+    language_model: LanguageModel | None = None  # a causal LM: what `generate` needs (4.1)
     format: str = FORMAT
     schema_version: str = f"{SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1]}"
 
@@ -374,6 +409,8 @@ class Manifest:
             out.append((self.model.program_file, "the source program"))
         if self.golden_file:
             out.append((self.golden_file, "the golden sample"))
+        if self.language_model is not None:
+            out += [(f, "the tokenizer") for f in self.language_model.tokenizer_files]
         return out
 
 
