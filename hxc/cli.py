@@ -696,6 +696,58 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
         ui.err.print(f"[dim]saved outputs to {output}[/dim]")
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@_trust_options
+@click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tokens to generate at most (fewer at an end-of-sequence token or a full context).")
+@DEVICE_OPTION
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 is greedy (Hugging Face's do_sample=False, token for token); above 0 samples.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample among the k most likely tokens (0: all).")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="Sample among the most likely tokens whose probabilities add up to p.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling: the same seed gives the same tokens on the same artifact.")
+@click.option("--token-ids", is_flag=True, help="PROMPT is comma-separated token ids, not text.")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-sequence tokens.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command
+def generate(bundle: Path, prompt: str, max_new_tokens: int, device: str | None, temperature: float, top_k: int,
+             top_p: float, seed: int | None, token_ids: bool, ignore_eos: bool, as_json: bool) -> None:  # fmt: skip
+    """Generate text after PROMPT with a language-model BUNDLE, streamed to stdout.
+
+    \b
+    hxc generate llm.hxc "Once upon a time" -n 32
+    hxc generate llm.hxc "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 1 --device vulkan
+    hxc generate llm.hxc 1,306,4966 --token-ids --json
+    """
+    from hxc import runtime, ui
+
+    given: str | list[int] = prompt
+    if token_ids:
+        try:
+            given = [int(t) for t in prompt.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise UsageError(f"--token-ids: {prompt!r} is not a comma-separated list of integers") from None
+    model = runtime.load(bundle, device=device, **_trust_args())
+    stream = model.generate(given, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                            stop_token_ids=[] if ignore_eos else None)  # fmt: skip
+    for piece in stream:
+        if not as_json:
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+    r = stream.result()
+    if as_json:
+        ui.print_json({"ok": True, "text": r.text, "token_ids": list(r.token_ids), "prompt_token_ids": list(r.prompt_token_ids),
+                       "finish_reason": r.finish_reason, "artifact": model.artifact.id, "device": model.device.label,
+                       "ttft_ms": r.ttft_ms, "tpot_ms": r.tpot_ms, "tokens_per_s": r.tokens_per_s})  # fmt: skip
+        return
+    sys.stdout.write("\n")
+    ui.err.print(f"[dim]{len(r.token_ids)} tokens ({r.finish_reason}) on {model.artifact.id} / {model.device.label}: "
+                 f"first after {r.ttft_ms:.1f} ms, then {r.tokens_per_s or 0:.1f} tokens/s[/dim]")  # fmt: skip
+
+
 def _pin(values: tuple[str, ...]) -> str | dict[str, list[int]] | None:
     if not values:
         return None
