@@ -1,0 +1,199 @@
+"""Language models end to end (issue 25): a Hugging Face directory (tiny Llama) and a
+factory returning (model, tokenizer) (tiny GPT-2), both random weights from
+`hxc.examples.llm`, compiled for cpu:host and the portable Vulkan variant; greedy
+generation through `hxc.runtime.load(...).generate` equals Hugging Face's
+`generate(do_sample=False)` token for token on local-task and lavapipe, with the KV
+cache on the device throughout; the CLI; each bad input in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import hxc.runtime
+from hxc.build import build_bundle
+from hxc.engines.base import TRANSFERS
+from hxc.errors import HxcError, ModelLoadError, UsageError
+from hxc.examples.llm import save_tiny_lm, tiny_gpt2
+from hxc.manifests import read_manifest
+
+TARGETS = "cpu:host,vulkan:spirv"
+MAX_CONTEXT = 96
+PROMPT = "The quick brown fox jumps over the lazy dog. Every device runs the same bundle, token for token. Hello!"
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_lm(tmp_path_factory.mktemp("hf") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="module")
+def bundles(llama_dir, tmp_path_factory) -> dict[str, Path]:
+    """llama: compiled from the directory; gpt2: from the factory (model, tokenizer)."""
+    out = tmp_path_factory.mktemp("llm")
+    built = {}
+    for family, source in (("llama", str(llama_dir)), ("gpt2", "hxc.examples.llm:tiny_gpt2")):
+        from hxc.compiler.imported import ImportOptions
+
+        result = build_bundle(source, out / f"{family}.hxc", TARGETS, use_cache=False,
+                              options=ImportOptions(max_context=MAX_CONTEXT))  # fmt: skip
+        assert result.written, [r.error for r in result.failed]
+        built[family] = result.output
+    return built
+
+
+@pytest.fixture(scope="module")
+def references(llama_dir) -> dict[str, tuple]:
+    """(model, tokenizer) as Hugging Face loads them, per family."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return {"llama": (AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval(), AutoTokenizer.from_pretrained(str(llama_dir))),
+            "gpt2": tiny_gpt2()}  # fmt: skip
+
+
+def hf_generate(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=n)  # fmt: skip
+    return out[0, len(ids):].tolist()
+
+
+def test_the_manifest_records_the_language_model_and_its_tokenizer(bundles):
+    m = read_manifest(bundles["llama"])
+    assert m.schema_version == "4.1" and m.model.source_format == "huggingface"
+    lm = m.language_model
+    assert (lm.family, lm.layers, lm.heads, lm.kv_heads, lm.head_dim) == ("llama", 2, 4, 2, 16)
+    assert (lm.max_context, lm.slots, lm.prefill_chunk, lm.cache_dtype) == (MAX_CONTEXT, 1, 32, "f32")
+    assert lm.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4 and (lm.bos_token_id, lm.eos_token_ids) == (0, (1,))
+    assert lm.tokenizer_file == "tokenizer/tokenizer.json" and all(f in m.files for f in lm.tokenizer_files)
+    assert list(m.functions) == ["prefill", "decode"]
+    assert [s.name for s in m.functions["prefill"].signature.inputs] == ["tokens", "start", "length", "slot"]
+    k = m.functions["decode"].reads[0]
+    assert (k.name, k.shape, k.slots) == ("k_cache", (1, 2, 2, MAX_CONTEXT + 1, 16), 1)
+    assert {a.id for a in m.ok_artifacts} == {"cpu:host", "vulkan:spirv"}
+    assert read_manifest(bundles["gpt2"]).language_model.family == "gpt2"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("device", ["local-task", "vulkan"])
+def test_greedy_equals_hugging_face_generate(bundles, references, family, device):
+    hf, tokenizer = references[family]
+    model = hxc.runtime.load(bundles[family], device=device, strict=True)
+    prompt_ids = tokenizer(PROMPT).input_ids
+    assert len(prompt_ids) > 32  # two prefill chunks
+    stream = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    pieces = list(stream)
+    r = stream.result()
+    assert list(r.prompt_token_ids) == prompt_ids  # tokenised as AutoTokenizer does (Llama's BOS once)
+    hf.generation_config.eos_token_id = None  # random weights: compare the full length
+    assert list(r.token_ids) == hf_generate(hf, prompt_ids, NEW_TOKENS), f"{family} on {device}"
+    assert r.text == tokenizer.decode(list(r.token_ids), skip_special_tokens=True)
+    assert "".join(p.text for p in pieces) == r.text
+    assert sum(len(p.token_ids) for p in pieces) == NEW_TOKENS and r.finish_reason == "length"
+
+
+def test_64_tokens_with_no_state_copies(bundles):
+    model = hxc.runtime.load(bundles["llama"], device="local-task", strict=True)
+    state = model.new_state()
+    before = TRANSFERS.snapshot()
+    r = model.generate(list(range(2, 12)), max_new_tokens=65, stop_token_ids=[], state=state).result()
+    after = TRANSFERS.snapshot()
+    assert len(r.token_ids) == 65  # 1 from the prefill, 64 decode steps
+    assert (after.state_to_device - before.state_to_device, after.state_to_host - before.state_to_host) == (0, 0)
+    assert (after.to_device - before.to_device, after.to_host - before.to_host) == (4 + 64 * 2, 1 + 64)
+
+
+def test_seeded_sampling_is_reproducible_and_stops_at_eos(bundles):
+    model = hxc.runtime.load(bundles["gpt2"], device="local-task", strict=True)
+    sample = dict(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95, stop_token_ids=[])
+    a, b = (model.generate(PROMPT, seed=7, **sample).result() for _ in range(2))
+    assert a.token_ids == b.token_ids
+    assert model.generate(PROMPT, seed=8, **sample).result().token_ids != a.token_ids
+    greedy = model.generate(PROMPT, max_new_tokens=5, stop_token_ids=[]).result().token_ids
+    stopped = model.generate(PROMPT, max_new_tokens=5, stop_token_ids=[greedy[0]]).result()
+    assert stopped.token_ids == greedy[:1] and stopped.finish_reason == "stop"
+
+
+def test_generation_stops_at_the_end_of_the_context(bundles):
+    model = hxc.runtime.load(bundles["gpt2"], device="local-task", strict=True)
+    r = model.generate(list(range(2, 92)), max_new_tokens=50, stop_token_ids=[]).result()
+    assert len(r.token_ids) == MAX_CONTEXT - 90 + 1 and r.finish_reason == "length"
+
+
+def test_the_cli_streams_text_and_prints_one_json_object(bundles, references, cli):
+    result = cli("generate", bundles["gpt2"], PROMPT, "-n", "8", "--ignore-eos", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    hf, tokenizer = references["gpt2"]
+    hf.generation_config.eos_token_id = None
+    assert data["token_ids"] == hf_generate(hf, tokenizer(PROMPT).input_ids, 8)
+    assert data["finish_reason"] == "length" and data["artifact"] in ("cpu:host", "vulkan:spirv")
+    assert {"text", "prompt_token_ids", "device", "ttft_ms", "tpot_ms", "tokens_per_s"} <= set(data)
+    streamed = cli("generate", bundles["gpt2"], PROMPT, "-n", "8", "--ignore-eos", "--device", "cpu")
+    assert streamed.exit_code == 0 and streamed.stdout == data["text"] + "\n"
+
+
+def test_bad_inputs_are_one_line_errors(bundles, cli, tmp_path):
+    model = hxc.runtime.load(bundles["gpt2"], device="local-task", strict=True)
+    with pytest.raises(UsageError, match=f"prompt has 200 tokens; this bundle's context holds {MAX_CONTEXT}"):
+        model.generate(list(range(200)))
+    with pytest.raises(UsageError, match="prompt is empty"):
+        model.generate("")
+    with pytest.raises(UsageError, match="token id 9999 is outside the vocabulary"):
+        model.generate([9999])
+    with pytest.raises(UsageError, match="temperature must be"):
+        model.generate("hi", temperature=-1)
+    with pytest.raises(UsageError, match="top-p must be in"):
+        model.generate("hi", top_p=0)
+    with pytest.raises(UsageError, match="max_new_tokens must be at least 1"):
+        model.generate("hi", max_new_tokens=0)
+    result = cli("generate", bundles["gpt2"], "x " * 300, "-d", "cpu")
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "context holds" in result.output
+    plain = build_bundle("hxc.examples:mlp", tmp_path / "mlp.hxc", "cpu:host").output
+    with pytest.raises(UsageError, match="not a language model"):
+        hxc.runtime.load(plain, device="cpu").generate("hi")
+
+
+def test_directories_hxc_cannot_take_are_refused_in_one_line(llama_dir, tmp_path):
+    def variant(name: str, change) -> Path:
+        d = Path(shutil.copytree(llama_dir, tmp_path / name))
+        change(d)
+        return d
+
+    def edit_config(**fields):
+        def change(d: Path) -> None:
+            config = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**config, **fields}))
+        return change
+
+    pickled = variant("pickled", lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"))
+    with pytest.raises(ModelLoadError, match=r"only pickled weights \(pytorch_model.bin\); hxc loads safetensors only"):
+        build_bundle(str(pickled), tmp_path / "o.hxc", "cpu:host")
+    remote = variant("remote", edit_config(auto_map={"AutoModelForCausalLM": "modeling_x.X"}))
+    with pytest.raises(UsageError, match="needs trust_remote_code"):
+        build_bundle(str(remote), tmp_path / "o.hxc", "cpu:host")
+    bert = variant("bert", edit_config(model_type="bert"))
+    with pytest.raises(UsageError, match="model type 'bert' is not supported; hxc compiles llama, gpt2"):
+        build_bundle(str(bert), tmp_path / "o.hxc", "cpu:host")
+    with pytest.raises(ModelLoadError, match="is a directory, not a model file"):
+        build_bundle(str(tmp_path), tmp_path / "o.hxc", "cpu:host")
+    with pytest.raises(HxcError, match="outside 1..256"):
+        from hxc.compiler.imported import ImportOptions
+
+        build_bundle(str(llama_dir), tmp_path / "o.hxc", "cpu:host", options=ImportOptions(max_context=1000))
+
+
+@pytest.mark.heavy
+def test_64_tokens_with_no_state_copies_on_lavapipe(bundles):
+    model = hxc.runtime.load(bundles["gpt2"], device="vulkan", strict=True)
+    state = model.new_state()
+    before = TRANSFERS.snapshot()
+    r = model.generate(list(range(2, 12)), max_new_tokens=65, stop_token_ids=[], state=state).result()
+    after = TRANSFERS.snapshot()
+    assert len(r.token_ids) == 65
+    assert (after.state_to_device - before.state_to_device, after.state_to_host - before.state_to_host) == (0, 0)
