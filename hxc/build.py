@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,28 +22,24 @@ import numpy as np
 
 from hxc import __version__, frontends
 from hxc.compiler.cache import CompileCache, ImportCache, default_cache_dir
-from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all, f64_interface
+from hxc.compiler.driver import CompileResult
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
 from hxc.engines import DEFAULT_ENGINE, Engine, resolve_backends
-from hxc.engines.base import Built, BuildJob, artifact_id
+from hxc.engines.base import BuildContext, Built, BuildJob
 from hxc.errors import ExitCode, HxcError, UsageError, first_line
 from hxc.extras import require
 from hxc.frontends import Frontend
 from hxc.frontends.base import one_export_per_build
 from hxc.manifests.bundle import (copy_hashed, file_hash, file_sha256, name_write_errors, private_dir, remove_stale,
                                   write_manifest)
-from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Requirements, Signature, Weights, from_json, to_json
+from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Signature, Weights, from_json, to_json
 from hxc.targets import Variant, extra_flags_for, family, resolve
 
 
-# (results, imports by precision, work dir, cache, progress callback) -> results
-Tuner = Callable[[list[CompileResult], dict[str, ImportedModel], Path, CompileCache, Callable[[CompileEvent], None]],
-                 list[CompileResult]]  # fmt: skip
-
-
-# (built artifact, the job it came from) -> the same artifact with its fastest options
-EngineTuner = Callable[[Built, BuildJob], Built]
+# (built artifact, the job it came from, the build's context) -> the same artifact with
+# its fastest options, whatever its engine (`hxc.bench.tune.tune`)
+Tuner = Callable[[Built, BuildJob, BuildContext], Built]
 
 
 @dataclass(frozen=True)
@@ -61,26 +56,30 @@ class BuildResult:
     output: Path
     written: bool  # False when failed targets kept the bundle from being published
     manifest: Manifest
-    results: list[CompileResult]
+    built: list[Built]  # every artifact of every engine, as the manifest lists them
     timings: dict[str, float] = field(default_factory=dict)
     skipped: tuple[Skipped, ...] = ()
-    built: list[Built] = field(default_factory=list)  # artifacts of engines other than IREE
     notes: list[str] = field(default_factory=list)  # e.g. backends `all` skipped, and why
     optional: frozenset[str] = frozenset()  # engines asked for only through `all`
 
     @property
-    def failed(self) -> list[CompileResult | Built]:
-        return [r for r in (*self.results, *self.built) if r.status == "failed"]
+    def results(self) -> list[CompileResult]:
+        """IREE's compile results, for their details (argv, stderr, plan)."""
+        return [b.record for b in self.built if isinstance(b.record, CompileResult)]
 
     @property
-    def blocking(self) -> list[CompileResult | Built]:
+    def failed(self) -> list[Built]:
+        return [b for b in self.built if b.status == "failed"]
+
+    @property
+    def blocking(self) -> list[Built]:
         """Failures that keep a bundle from being written (unless --allow-partial):
         those of backends asked for by name."""
-        return [r for r in self.failed if not (isinstance(r, Built) and r.engine in self.optional)]
+        return [b for b in self.failed if b.engine not in self.optional]
 
     @property
     def total(self) -> int:
-        return len(self.results) + len(self.built)
+        return len(self.built)
 
     @property
     def exit_code(self) -> ExitCode:
@@ -104,11 +103,10 @@ def build_bundle(
     jobs: int | None = None,
     cache_dir: Path | None = None,
     use_cache: bool = True,
-    on_event: Callable[[CompileEvent], None] = lambda e: None,
+    on_event: Callable[[Any], None] = lambda e: None,
     on_stage: Callable[[str], None] = lambda s: None,
     tune: Tuner | None = None,
     extra_flags: Sequence[tuple[str, str]] = (),
-    tune_engine: EngineTuner | None = None,
 ) -> BuildResult:
     """Compile `source` for `targets` into the bundle directory `output`, with every
     engine in `backends` (`iree,onnxruntime,inductor`, or `all` for those this host can
@@ -121,8 +119,12 @@ def build_bundle(
     failure). Compile failures are returned in the result, not raised. `jobs` compiles
     run at once (default: one per core). Imports and artifacts are cached in
     `cache_dir` (default: `default_cache_dir()`) unless `use_cache` is False. `tune`,
-    when given (`hxc.bench.tune.tune`), may replace results with faster builds it
-    measured; `tune_engine` does the same for other engines' artifacts.
+    when given (`hxc.bench.tune.tune`), may replace artifacts with faster builds it
+    measured. `on_event` gets each artifact's start and end (CompileEvent for IREE's
+    compiles, EngineEvent for the others').
+
+    Every engine builds its artifacts through one call (`Engine.build_all`), and every
+    artifact is recorded from what it returns (`_artifact_entry`).
     """
     variants = resolve(targets) if isinstance(targets, str) else list(targets)
     options = options or ImportOptions()
@@ -167,10 +169,8 @@ def build_bundle(
             irs: dict[tuple[str, tuple], ImportedModel] = {(p, ()): imp for p, imp in imports.items()}
             # IR can be hundreds of MB: hash each once (the reference's goes into the manifest).
             ir_sha: dict[tuple[str, tuple], str] = {("fp32", ()): file_sha256(reference.mlir)}
-            compile_jobs: list[CompileJob] = []
             cast_errors: dict[tuple[str, tuple], str] = {}
-            unbuildable: list[CompileJob] = []  # variants whose cast interface the model cannot have
-            order: list[str] = []  # artifact ids as requested
+            jobs_of: dict[str, list[BuildJob]] = {e.name: [] for e in engines}  # per engine, in the order asked
             for precision, v in builds:
                 casts = _casts_needed(v, imports[precision])
                 key = (precision, casts)
@@ -182,55 +182,66 @@ def build_bundle(
                                                 sub, on_stage, cache_root)  # fmt: skip
                     except HxcError as e:  # this variant cannot carry the model; the others still can
                         cast_errors[key] = e.message
-                if key in cast_errors:
-                    unbuildable.append(CompileJob(reference.mlir, ir_sha[("fp32", ())], v, precision, casts=casts))
-                    order.append(unbuildable[-1].id)
-                    continue
-                if key not in ir_sha:
+                if key in irs and key not in ir_sha:
                     ir_sha[key] = file_sha256(irs[key].mlir)
-                compile_jobs.append(CompileJob(irs[key].mlir, ir_sha[key], v, precision, extra=extra_flags_for(v, extra_flags),
-                                       casts=casts, f64=f64_interface(irs[key].interface)))  # fmt: skip
-                order.append(compile_jobs[-1].id)
-        t = time.perf_counter()
-        on_stage("compiling")
-        results = compile_all(compile_jobs, workdir=work, jobs=jobs, cache=cache, on_event=on_event)
-        for job in unbuildable:
-            plan = family(job.variant.family).plan(job.variant)
-            failed = CompileResult(job, plan, "failed", 0.0, (), error=cast_errors[(job.precision, job.casts)],
-                                   operator=_operator_of(cast_errors[(job.precision, job.casts)]))  # fmt: skip
-            on_event(CompileEvent("done", job, failed))
-            results.append(failed)
-        results.sort(key=lambda r: order.index(r.job.id))
-        results = [_name_source_operator(r, irs.get((r.job.precision, r.job.casts), reference).operators_at)
-                   for r in results]  # fmt: skip
-        timings["compile"] = time.perf_counter() - t
-        if tune is not None:
-            t = time.perf_counter()
-            on_stage("tuning")
-            results = tune(results, imports, work, cache, on_event)
-            timings["tune"] = time.perf_counter() - t
-        built: list[Built] = []
-        if others:
-            t = time.perf_counter()
-            on_stage("building other backends")
-            built = build_engines(others, variants, wanted, reference, work, on_event, skipped, tune_engine)
-            timings["other backends"] = time.perf_counter() - t
+                # A variant whose cast interface the model cannot have fails alone, with the reason.
+                ir = irs.get(key, reference)
+                jobs_of[DEFAULT_ENGINE].append(replace(
+                    _job(imports[precision], v.family, precision, work), variant=v, ir=ir,
+                    ir_sha256=ir_sha[key] if key in irs else ir_sha[("fp32", ())], casts=casts,
+                    flags=extra_flags_for(v, extra_flags) if key in irs else (), error=cast_errors.get(key)))  # fmt: skip
+            for eng in others:
+                for precision in wanted:
+                    for fam in (f for f in dict.fromkeys(v.family for v in variants) if f in eng.families):
+                        if precision not in eng.precisions:
+                            skipped.append(Skipped(f"{fam}:{eng.name}", precision, f"the {eng.name} backend does not build {precision}"))
+                            continue
+                        # Other engines build from the model's own program at fp32, converted as they go.
+                        jobs_of[eng.name].append(replace(_job(reference, fam, precision, work),
+                                                         functions=tuple(reference.functions)))  # fmt: skip
+        built, tuned = _build_all(engines, jobs_of, BuildContext(work, cache, jobs, on_event, _check_golden), tune,
+                                  on_stage)  # fmt: skip
+        timings.update(tuned)
 
-        manifest = _manifest(imports, [p for p in wanted if p in imports], ir_sha[("fp32", ())], results, built)
-        result = BuildResult(out, False, manifest, results, timings, tuple(skipped), built, notes, optional)
+        manifest = _manifest(imports, [p for p in wanted if p in imports], ir_sha[("fp32", ())], built)
+        result = BuildResult(out, False, manifest, built, timings, tuple(skipped), notes, optional)
         if result.blocking and not (allow_partial and len(result.failed) < result.total):
             return result  # nothing is published; an existing bundle at `out` stays as it was
 
         on_stage("writing bundle")
         with staged_bundle(out) as stage:
-            manifest = _write_files(stage, manifest, results, imports, built)
+            manifest = _write_files(stage, manifest, imports, built)
             write_manifest(stage, manifest)
     return replace(result, manifest=manifest, written=True)
 
 
-def _operator_of(message: str) -> str | None:
-    m = re.search(r"\b(aten\.[\w.]+)", message)
-    return m.group(1) if m else None
+def _job(imported: ImportedModel, fam: str, precision: str, work: Path) -> BuildJob:
+    return BuildJob(fam, precision, imported.program, imported.program_name, imported.source_format, imported.weights,
+                    imported.golden, imported.signature, work)  # fmt: skip
+
+
+def _build_all(engines: Sequence[Engine], jobs_of: dict[str, list[BuildJob]], ctx: BuildContext, tune: Tuner | None,
+               on_stage: Callable[[str], None]) -> tuple[list[Built], dict[str, float]]:  # fmt: skip
+    """Every engine's artifacts, engine by engine, and the wall time spent building
+    (`compile`) and, with `tune`, tuning."""
+    spent = {"tune": 0.0}
+
+    def timed(b: Built, job: BuildJob, c: BuildContext) -> Built:
+        assert tune is not None
+        t = time.perf_counter()
+        on_stage("tuning")
+        try:
+            return tune(b, job, c)
+        finally:
+            spent["tune"] += time.perf_counter() - t
+            on_stage("compiling")
+
+    ctx = replace(ctx, tune=timed if tune is not None else None)
+    t = time.perf_counter()
+    on_stage("compiling")
+    built = [b for eng in engines if jobs_of[eng.name] for b in eng.build_all(jobs_of[eng.name], ctx)]
+    timings = {"compile": time.perf_counter() - t - spent["tune"]}
+    return built, timings | (spent if tune is not None else {})
 
 
 def _casts_needed(variant: Variant, imported: ImportedModel) -> tuple[tuple[str, str], ...]:
@@ -247,20 +258,14 @@ def _casts_needed(variant: Variant, imported: ImportedModel) -> tuple[tuple[str,
     return tuple(c for c in variant.interface_casts if c[0] in present)
 
 
-def _write_files(
-    stage: Path, manifest: Manifest, results: list[CompileResult], imports: dict[str, ImportedModel],
-    built: Sequence[Built] = (),
-) -> Manifest:
+def _write_files(stage: Path, manifest: Manifest, imports: dict[str, ImportedModel], built: Sequence[Built]) -> Manifest:
     """Copy every build-time file into the staged bundle and record the hash of the
     bytes written, checked against the hash each was produced with."""
     reference = imports["fp32"]
     sources: dict[str, tuple[Path, FileHash | None]] = {}
-    for r, a in zip(results, manifest.artifacts):
-        if a.file is not None and r.vmfb is not None:
-            sources[a.file] = (r.vmfb, r.hash)
     for b in built:  # several artifacts may share one file (ONNX Runtime's execution providers)
         if b.status == "ok" and b.file is not None and b.bundle_name is not None and not b.in_bundle:
-            sources[b.bundle_name] = (b.file, None)
+            sources[b.bundle_name] = (b.file, b.hash)
     if reference.program is not None and reference.program_name:
         sources[reference.program_name] = (reference.program, None)
     for rel, src in reference.files.items():  # a language model's tokenizer
@@ -352,50 +357,6 @@ def _imported_from_cache(entry: Path, source: str) -> ImportedModel:
     )
 
 
-def build_engines(engines: Sequence[Engine], variants: Sequence[Variant], precisions: Sequence[str],
-                  reference: ImportedModel, work: Path, on_event: Callable[[Any], None], skipped: list[Skipped],
-                  tune_engine: EngineTuner | None = None) -> list[Built]:  # fmt: skip
-    """One artifact per engine, target family it serves, and precision; each checked
-    against the golden sample where this host can run it. One failing never stops the
-    others."""
-    families = list(dict.fromkeys(v.family for v in variants))
-    out: list[Built] = []
-    for eng in engines:
-        for precision in precisions:
-            first: Built | None = None
-            for fam in (f for f in families if f in eng.families):
-                if precision not in eng.precisions:
-                    skipped.append(Skipped(f"{fam}:{eng.name}", precision, f"the {eng.name} backend does not build {precision}"))
-                    continue
-                if reference.functions:  # several functions, or state: IREE's alone for now
-                    fns = ", ".join(reference.functions)
-                    out.append(Built(eng.name, fam, precision, "failed", 0.0, "", "", "", (), Requirements(),
-                                     error=f"the {eng.name} backend builds one stateless function; this model has {fns}"))
-                    continue
-                job = BuildJob(fam, precision, reference.program, reference.program_name, reference.source_format,
-                               reference.weights, reference.golden, reference.signature, work, reuse=first)  # fmt: skip
-                label = artifact_id(fam, eng.name, precision)
-                on_event(EngineEvent("start", label))
-                b = eng.build(job)
-                if b.status == "ok":
-                    b = _check_golden(eng, b, job)
-                if b.status == "ok" and tune_engine is not None and job.reuse is None:
-                    b = tune_engine(b, job)
-                first = first or (b if b.status == "ok" else None)
-                on_event(EngineEvent("done", label, b))
-                out.append(b)
-    return out
-
-
-@dataclass(frozen=True)
-class EngineEvent:
-    """Progress of an engine's build, shaped like CompileEvent for the progress display."""
-
-    kind: str  # start | done
-    label: str
-    result: Built | None = None
-
-
 def _check_golden(eng: Engine, b: Built, job: BuildJob) -> Built:
     """Run a fresh artifact on the golden sample here, if this host can run it; a build
     that computes the wrong thing is a failed build."""
@@ -421,10 +382,7 @@ def _check_golden(eng: Engine, b: Built, job: BuildJob) -> Built:
     return replace(b, verified=f"golden sample on {device.label}: max abs error {worst:.2g}")
 
 
-def _manifest(
-    imports: dict[str, ImportedModel], precisions: list[str], ir_sha256: str, results: list[CompileResult],
-    built: Sequence[Built] = (),
-) -> Manifest:
+def _manifest(imports: dict[str, ImportedModel], precisions: list[str], ir_sha256: str, built: Sequence[Built]) -> Manifest:
     reference = imports["fp32"]
     # The bundle's program (program.pt2 without its weights, or model.onnx pointing into
     # the archive) needs the fp32 archive even when no fp32 artifact is built.
@@ -451,8 +409,7 @@ def _manifest(
         ),
         functions=reference.function_specs,
         toolchain=toolchain(),
-        artifacts=(*(_artifact_entry(r, imports[r.job.precision]) for r in results),
-                   *(_built_entry(b, imports[b.precision]) for b in built)),
+        artifacts=tuple(_artifact_entry(b, imports[b.precision]) for b in built),
         weights=weights,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         golden_outputs=reference.golden_note is None,
@@ -462,55 +419,14 @@ def _manifest(
     )
 
 
-def _name_source_operator(r: CompileResult, operators_at: dict[str, tuple[str, ...]]) -> CompileResult:
-    """A backend names its own internal op (`vector.broadcast`); the user needs the
-    model's operator and the line of their model it came from."""
-    if r.status != "failed" or r.location not in operators_at or (r.operator or "").startswith("aten."):
-        return r
-    ops = ", ".join(operators_at[r.location])
-    return replace(r, operator=ops, error=f"cannot lower {ops} (at {Path(r.location).name}): {r.error}")
-
-
-def _artifact_entry(r: CompileResult, imported: ImportedModel) -> Artifact:
-    job = r.job
-    v = job.variant
-    fam = family(v.family)
-    common = dict(
-        id=job.id,
-        family=v.family,
-        variant=v.name,
-        backend=fam.backend,
-        driver=fam.drivers[0],
-        binary=r.plan.binary,
-        flags=r.plan.flags,
-        requires=r.requirements,
-        compile_seconds=round(r.seconds, 3),
-        cached=r.cached,
-        precision=job.precision,
-        precision_error=imported.precision_error,
-        tuning=r.tuning,
-        fallback=r.fallback,
-        interface_casts=r.job.casts,
-    )
-    if r.status == "failed" or r.vmfb is None:
-        return Artifact(status="failed", error=r.error, operator=r.operator, **common)
-    h = r.hash or file_hash(r.vmfb)
-    return Artifact(
-        status="ok",
-        file=f"{ARTIFACTS_DIR}/{job.file_stem}.vmfb",
-        sha256=h.sha256,
-        size=h.size,
-        verified=r.verified,
-        **common,
-    )
-
-
-def _built_entry(b: Built, imported: ImportedModel) -> Artifact:
-    error = dict(precision_error=imported.precision_error)
-    if b.status == "failed" or b.file is None:
-        return b.as_artifact(**error)
-    h = file_hash(b.file)
-    return b.as_artifact(file=b.bundle_name, sha256=h.sha256, size=h.size, **error)
+def _artifact_entry(b: Built, imported: ImportedModel) -> Artifact:
+    """The manifest's record of any engine's artifact: what the engine recorded, with
+    its file in the bundle and how far its precision strays from the reference."""
+    recorded: dict[str, Any] = dict(precision_error=imported.precision_error)
+    if b.status == "ok" and b.file is not None:
+        h = b.hash or file_hash(b.file)
+        recorded |= dict(file=b.bundle_name, sha256=h.sha256, size=h.size)
+    return b.as_artifact(**recorded)
 
 
 def toolchain() -> Toolchain:

@@ -292,8 +292,7 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
         result = build_bundle(
             model, out, variants, backends=backends, options=options, precisions=precisions, allow_partial=allow_partial,
             jobs=jobs, cache_dir=cache_dir, use_cache=not no_cache, on_event=progress.on_event, on_stage=progress.set_stage,
-            tune=_tuner() if tune else None, tune_engine=_engine_tuner() if tune else None,
-            extra_flags=extra_flags,
+            tune=_tuner() if tune else None, extra_flags=extra_flags,
         )  # fmt: skip
     failed, code = result.failed, result.exit_code
     if as_json:
@@ -301,14 +300,14 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
         return code
     if result.written:
         ui.out.print(f"[green]wrote[/green] {out}  ({result.total - len(failed)} artifacts, "
-                     f"{sum(r.seconds for r in (*result.results, *result.built)):.1f}s of compile time, "
+                     f"{sum(b.seconds for b in result.built):.1f}s of compile time, "
                      f"{result.timings.get('compile', 0):.1f}s wall)")  # fmt: skip
     if result.written and result.manifest.golden_note:
         ui.warn(f"no golden outputs ({result.manifest.golden_note}): `hxc verify` has nothing to compare against; "
                 "pass --example inputs.npz with inputs the reference can run (or expected outputs as output_0, ...)")
-    for r in result.results:
-        if r.fallback:
-            ui.warn(f"{r.job.id}: compiled without hxc's speed flags, which failed ({r.fallback})")
+    for b in result.built:
+        if b.fallback:
+            ui.warn(f"{b.id}: compiled without hxc's speed flags, which failed ({b.fallback})")
     for note in result.notes:
         ui.warn(note)
     for s in result.skipped:
@@ -328,12 +327,6 @@ def _tuner():
     from hxc.bench.tune import tune
 
     return tune
-
-
-def _engine_tuner():
-    from hxc.bench.tune import tune_built
-
-    return tune_built
 
 
 def _build_json(result: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import hxc.runtime
+import hxc.verify
 from hxc.build import build_bundle
 from hxc.errors import ExitCode, IntegrityError
 from hxc.manifests import read_manifest, write_manifest

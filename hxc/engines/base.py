@@ -14,16 +14,18 @@ import importlib.util
 import sys
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from hxc.compiler.cache import CompileCache
+from hxc.compiler.imported import ImportedModel
 from hxc.dtypes import dtype
 from hxc.errors import HxcError
-from hxc.manifests.schema import MAIN, Artifact, FunctionSpec, Requirements, Signature, StateSpec, TuningTrial
-from hxc.targets import Device
+from hxc.manifests.schema import MAIN, Artifact, FileHash, FunctionSpec, Requirements, Signature, StateSpec, TuningTrial
+from hxc.targets import Device, Variant
 
 DEFAULT_ENGINE = "iree"
 
@@ -103,10 +105,10 @@ class StatelessSession:
     state_zeros = state_from_host = state_to_host = _no_state
 
 
-def artifact_id(family: str, engine: str, precision: str) -> str:
-    """`cpu:onnxruntime`, `cpu:inductor@bf16`: the engine takes the variant's place, so
-    ids read like every other artifact's (`cpu:host@fp16`) and `@` keeps its meaning."""
-    base = f"{family}:{engine}"
+def artifact_id(family: str, variant: str, precision: str) -> str:
+    """`cpu:host@fp16`; `cpu:onnxruntime`, `cpu:inductor@bf16`: other engines take the
+    variant's place, so ids read like IREE's and `@` keeps its meaning."""
+    base = f"{family}:{variant}"
     return base if precision == "fp32" else f"{base}@{precision}"
 
 
@@ -119,41 +121,86 @@ def bundle_name(stem: str, precision: str, suffix: str) -> str:
 
 @dataclass(frozen=True)
 class BuildJob:
-    """One artifact for an engine to build: the imported model (the reference import,
-    fp32), for one target family, at one compute precision."""
+    """One artifact for an engine to build: the imported model for one target family
+    (or, for engines that compile per variant, one variant of it) at one compute
+    precision."""
 
     family: str
     precision: str
     program: Path | None  # the model's own program file (program.pt2 or model.onnx)
     program_name: str | None  # its name in the bundle
     program_format: str  # torch.export | torchscript | python | pickle | onnx
-    weights: Path | None  # the fp32 parameter archive, when weights are shared
+    weights: Path | None  # the parameter archive, when weights are shared
     golden: dict[str, np.ndarray]
     signature: Signature
     workdir: Path
     # What the same engine built for another family from the same job: engines whose
     # file serves several families (ONNX Runtime's execution providers) reuse it.
     reuse: Built | None = None
+    # The model's functions when it has several or keeps state; engines that build one
+    # stateless function refuse such a model with a failed build.
+    functions: tuple[str, ...] = ()
+    # For engines that compile IR per target variant (IREE): the variant, the model
+    # imported for it (its precision and interface casts) with its IR's hash, the casts,
+    # and expert compiler flags (`--iree-flag`).
+    variant: Variant | None = None
+    ir: ImportedModel | None = None
+    ir_sha256: str = ""
+    casts: tuple[tuple[str, str], ...] = ()
+    flags: tuple[str, ...] = ()
+    # Why the model could not be imported for this job (a variant's interface cast it
+    # cannot carry): the build fails with this, and the other jobs still build.
+    error: str | None = None
 
     @property
     def from_onnx(self) -> bool:
         return self.program_format == "onnx"
 
 
+def _ignore(_: Any) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What every build of one bundle shares, whatever the engine."""
+
+    workdir: Path
+    cache: CompileCache  # built artifacts, by what they were built from (IREE's compiles)
+    parallel: int | None = None  # builds at once (default: one per core), for engines that build in parallel
+    on_event: Callable[[Any], None] = _ignore  # start/done events (CompileEvent, EngineEvent) for progress
+    # Runs a fresh artifact on the golden sample where this host can (a build that
+    # computes the wrong thing fails); given by the caller, which may use the runtime.
+    check: Callable[[Engine, Built, BuildJob], Built] | None = None
+    # `hxc compile --tune`: the same artifact with its fastest options (`hxc.bench.tune`).
+    tune: Callable[[Built, BuildJob, BuildContext], Built] | None = None
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """Progress of an engine's build, shaped like the compile driver's CompileEvent for
+    the progress display."""
+
+    kind: str  # start | done
+    label: str
+    result: Built | None = None
+
+
 @dataclass(frozen=True)
 class Built:
     """What an engine made of a `BuildJob`: a file to put in the bundle (or a reason
-    it could not), with everything the manifest records about it."""
+    it could not), with everything the manifest records about it. Every artifact of a
+    bundle, whatever its engine, is recorded from one of these (`as_artifact`)."""
 
     engine: str
     family: str
     precision: str
     status: Literal["ok", "failed"]
     seconds: float
-    backend: str  # what executes it inside the engine (ONNX Runtime's execution provider, ...)
+    backend: str  # what executes it inside the engine (IREE's compiler backend, ONNX Runtime's execution provider)
     driver: str  # the runtime that loads it
     binary: str
-    options: tuple[str, ...]  # the engine's options, as name=value
+    options: tuple[str, ...]  # the engine's options, as name=value, or IREE's compile flags
     requires: Requirements
     file: Path | None = None
     bundle_name: str | None = None  # where `file` goes in the bundle
@@ -163,27 +210,34 @@ class Built:
     verified: str | None = None
     error: str | None = None
     tuning: tuple[TuningTrial, ...] = ()
+    variant: str = ""  # IREE's target variant; other engines take its place (`cpu:onnxruntime`)
+    cached: bool = False
+    fallback: str | None = None  # why safer options were used: the default ones' error
+    interface_casts: tuple[tuple[str, str], ...] = ()
+    operator: str | None = None  # the model's operator a failed build could not handle, when known
+    hash: FileHash | None = None  # of `file`, when the engine hashed it: the bundle's copy must match
+    # The engine's own account of the build, for callers who want its details (IREE:
+    # the compile driver's CompileResult, with the argv and stderr that reproduce it).
+    record: Any = field(default=None, compare=False, repr=False)
 
-    @property
-    def variant(self) -> str:
-        return self.engine
-
-    cached = False
+    def __post_init__(self) -> None:
+        if not self.variant:
+            object.__setattr__(self, "variant", self.engine)
 
     def as_artifact(self, **recorded: Any) -> Artifact:
         """The manifest's record of it; `recorded` adds what only the bundle knows
         (file, sha256, size, precision_error)."""
         common = dict(id=self.id, family=self.family, variant=self.variant, backend=self.backend, driver=self.driver,
                       binary=self.binary, flags=self.options, requires=self.requires, precision=self.precision,
-                      compile_seconds=round(self.seconds, 3), tuning=self.tuning, engine=self.engine)  # fmt: skip
+                      compile_seconds=round(self.seconds, 3), tuning=self.tuning, engine=self.engine,
+                      cached=self.cached, fallback=self.fallback, interface_casts=self.interface_casts)  # fmt: skip
         if self.status == "failed":
-            return Artifact(status="failed", error=self.error, **common, **recorded)  # type: ignore[arg-type]
+            return Artifact(status="failed", error=self.error, operator=self.operator, **common, **recorded)  # type: ignore[arg-type]
         return Artifact(status="ok", verified=self.verified, **common, **recorded)  # type: ignore[arg-type]
 
     @property
     def id(self) -> str:
-        return artifact_id(self.family, self.engine, self.precision)
-
+        return artifact_id(self.family, self.variant, self.precision)
 
 
 class Engine:
@@ -230,8 +284,49 @@ class Engine:
         the loader checks and hands it over)."""
         return True
 
+    def build_all(self, jobs: Sequence[BuildJob], ctx: BuildContext) -> list[Built]:
+        """Every artifact this engine is asked for in one bundle, in the order of `jobs`.
+        One call takes them all because engines differ in how their builds share work:
+        IREE compiles every variant at once, in parallel processes through one compile
+        cache, and tunes once all are compiled; ONNX Runtime builds one file that serves
+        every target family. One failing build never stops the others: it comes back
+        failed.
+
+        This default suits engines that build one artifact at a time (`build`): each is
+        checked on the golden sample (`ctx.check`) and tuned (`ctx.tune`) as it comes;
+        a later family at the same precision may reuse the first one built."""
+        out: list[Built] = []
+        first: dict[str, Built] = {}  # per precision: the first artifact built
+        for job in jobs:
+            if job.functions:  # several functions, or state: these engines build one stateless `main`
+                out.append(Built(self.name, job.family, job.precision, "failed", 0.0, "", "", "", (), Requirements(),
+                                 error=f"the {self.name} backend builds one stateless function; "
+                                       f"this model has {', '.join(job.functions)}"))  # fmt: skip
+                continue
+            job = dataclasses.replace(job, reuse=first.get(job.precision))
+            label = artifact_id(job.family, self.name, job.precision)
+            ctx.on_event(EngineEvent("start", label))
+            b = self.build(job)
+            if b.status == "ok" and ctx.check is not None:
+                b = ctx.check(self, b, job)
+            if b.status == "ok" and ctx.tune is not None and job.reuse is None:
+                b = ctx.tune(b, job, ctx)
+            if b.status == "ok":
+                first.setdefault(job.precision, b)
+            ctx.on_event(EngineEvent("done", label, b))
+            out.append(b)
+        return out
+
     def build(self, job: BuildJob) -> Built:
-        raise NotImplementedError(f"the {self.name} engine builds through its own driver")
+        """One artifact, for engines that build them one at a time (see `build_all`)."""
+        raise NotImplementedError(f"{type(self).__name__} builds through build_all")
+
+    def alternatives(self, built: Built, job: BuildJob, configs: Sequence[tuple[str, tuple[str, ...]]],
+                     ctx: BuildContext) -> list[Built]:  # fmt: skip
+        """`built` with each of `configs` (from `tuning_configs`) instead of its own
+        options, in order, for `--tune` to time; a build that fails comes back failed.
+        Here the options take effect when the artifact is opened, so the file is the same."""
+        return [dataclasses.replace(built, options=options) for _, options in configs]
 
     def open(self, artifact: Artifact, file: Any, device: Device, weights: tuple[Any, str] | None) -> Session:
         """`file` is the artifact's checked file (a path or the checked bytes' holder),

@@ -1,31 +1,40 @@
 """IREE: the portable core. Builds for every target family (through the compile
-driver, one iree-compile per target variant) and runs on IREE's HAL devices: the
-session below holds one module on one device, its entry points and its state."""
+driver, one iree-compile per target variant, in parallel, through the compile cache)
+and runs on IREE's HAL devices: the session below holds one module on one device, its
+entry points and its state."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
+import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hxc.engines.base import TRANSFERS, Engine, Session, empty_at_run_time, empty_outputs
+from hxc.compiler.cache import CompileCache
+from hxc.compiler.driver import CompileEvent, CompileJob, CompileResult, compile_all, f64_interface
+from hxc.engines.base import (TRANSFERS, BuildContext, BuildJob, Built, Engine, Session, empty_at_run_time,
+                              empty_outputs)
 from hxc.errors import HxcError
 from hxc.manifests.bundle import CheckedFile
-from hxc.manifests.schema import MAIN, Artifact, FunctionSpec, Signature, StateSpec
-from hxc.targets import Device, families, family_names
+from hxc.manifests.schema import ARTIFACTS_DIR, MAIN, Artifact, FunctionSpec, Signature, StateSpec
+from hxc.targets import Device, families, family, family_names
 
 log = logging.getLogger("hxc.runtime")
 
 
+ENGINE_NAME = "iree"
+
+
 class IreeEngine(Engine):
-    name = "iree"
+    name = ENGINE_NAME
     summary = "IREE: one artifact per target variant (CPU, CUDA, ROCm, Vulkan), from the project's own compiler"
     families = family_names()
     precisions = ("fp32", "fp16", "bf16")
@@ -33,8 +42,82 @@ class IreeEngine(Engine):
     run_needs = ("iree.runtime",)
     install_hint = "pip install 'hxc[compile]'"  # the runtime is in every install; the compiler is the extra
 
+    def build_all(self, jobs: Sequence[BuildJob], ctx: BuildContext) -> list[Built]:
+        """Every variant at once: one iree-compile process per job, `ctx.parallel` at a
+        time, through the compile cache; then, with `--tune`, each artifact this host
+        can run is tuned. A job whose IR could not be made (`job.error`) fails alone.
+        Artifacts are not run on the golden sample here: their family's own check
+        proves what it can (ptxas for CUDA) and `hxc verify` runs them."""
+        compile_jobs = [_compile_job(j) for j in jobs]
+        ready = [c for c, j in zip(compile_jobs, jobs) if j.error is None]
+        compiled = iter(compile_all(ready, workdir=ctx.workdir, jobs=ctx.parallel, cache=ctx.cache, on_event=ctx.on_event))
+        out = []
+        for c, job in zip(compile_jobs, jobs):
+            if job.error is None:
+                r = _name_source_operator(next(compiled), job.ir.operators_at if job.ir is not None else {})
+            else:
+                r = CompileResult(c, family(c.variant.family).plan(c.variant), "failed", 0.0, (), error=job.error,
+                                  operator=_operator_of(job.error))  # fmt: skip
+                ctx.on_event(CompileEvent("done", c, r))
+            out.append(_built(r))
+        if ctx.tune is not None:
+            out = [ctx.tune(b, job, ctx) if b.status == "ok" else b for b, job in zip(out, jobs)]
+        return out
+
+    def build(self, job: BuildJob, ctx: BuildContext | None = None) -> Built:
+        [built] = self.build_all([job], ctx or BuildContext(job.workdir, CompileCache(None)))
+        return built
+
+    def tuning_configs(self, built: Built) -> list[tuple[str, tuple[str, ...]]]:
+        """The family's alternative flag sets (`TargetFamily.tuning_configs`)."""
+        r: CompileResult = built.record
+        return [(name, flags) for name, flags in family(built.family).tuning_configs(r.plan)]
+
+    def alternatives(self, built: Built, job: BuildJob, configs: Sequence[tuple[str, tuple[str, ...]]],
+                     ctx: BuildContext) -> list[Built]:  # fmt: skip
+        """Compiled again with each flag set, in parallel; whichever wins goes into the
+        bundle under the artifact's own name."""
+        r: CompileResult = built.record
+        alt = [dataclasses.replace(r.job, config=name, flags=flags) for name, flags in configs]
+        results = compile_all(alt, workdir=ctx.workdir, jobs=ctx.parallel, cache=ctx.cache, on_event=ctx.on_event)
+        return [dataclasses.replace(_built(a), bundle_name=built.bundle_name) for a in results]
+
     def open(self, artifact: Artifact, file: Any, device: Device, weights: tuple[Any, str] | None) -> Session:
         return IreeSession.open(file, device, weights)
+
+
+def _compile_job(job: BuildJob) -> CompileJob:
+    assert job.variant is not None and job.ir is not None, "an IREE build job names its variant and IR"
+    return CompileJob(job.ir.mlir, job.ir_sha256, job.variant, job.precision, extra=job.flags, casts=job.casts,
+                      f64=f64_interface(job.ir.interface))  # fmt: skip
+
+
+def _built(r: CompileResult) -> Built:
+    """A compile result as every engine's build record."""
+    job, fam = r.job, family(r.job.variant.family)
+    ok = r.status == "ok" and r.vmfb is not None
+    return Built(
+        engine=ENGINE_NAME, family=fam.name, variant=job.variant.name, precision=job.precision,
+        status="ok" if ok else "failed", seconds=r.seconds, backend=fam.backend, driver=fam.drivers[0],
+        binary=r.plan.binary, options=r.plan.flags, requires=r.requirements, file=r.vmfb,
+        bundle_name=f"{ARTIFACTS_DIR}/{job.file_stem}.vmfb" if ok else None, verified=r.verified, error=r.error,
+        tuning=r.tuning, cached=r.cached, fallback=r.fallback, interface_casts=job.casts, operator=r.operator,
+        hash=r.hash, record=r,
+    )  # fmt: skip
+
+
+def _operator_of(message: str) -> str | None:
+    m = re.search(r"\b(aten\.[\w.]+)", message)
+    return m.group(1) if m else None
+
+
+def _name_source_operator(r: CompileResult, operators_at: dict[str, tuple[str, ...]]) -> CompileResult:
+    """A backend names its own internal op (`vector.broadcast`); the user needs the
+    model's operator and the line of their model it came from."""
+    if r.status != "failed" or r.location not in operators_at or (r.operator or "").startswith("aten."):
+        return r
+    ops = ", ".join(operators_at[r.location])
+    return dataclasses.replace(r, operator=ops, error=f"cannot lower {ops} (at {Path(r.location).name}): {r.error}")
 
 
 ENGINE = IreeEngine()
