@@ -67,6 +67,12 @@ def scenario_of(p: Profile) -> str:
     return f"first token, prompt {g.prompt_tokens}" if g.phase == "prefill" else f"per token, after {g.prompt_tokens}"
 
 
+def _order(p: Profile) -> tuple:
+    # A language model's rows in the order they are measured: first token by prompt length, then per token.
+    g = p.generation
+    return (p.scenario,) if g is None else (p.scenario, g.phase != "prefill", g.prompt_tokens)
+
+
 def rows(manifest: Manifest, profiles: Iterable[Profile] | None = None, baseline: str = REFERENCE.candidate) -> list[Row]:
     """Latest profile per (host, scenario, batch, candidate, device), with speed-ups."""
     hosts = {h.id: h for h in manifest.hosts}
@@ -75,7 +81,7 @@ def rows(manifest: Manifest, profiles: Iterable[Profile] | None = None, baseline
         latest[(p.host_id, scenario_of(p), p.batch, p.candidate, p.device)] = p
     base = {(p.host_id, scenario_of(p), p.batch): p for p in latest.values() if p.candidate == baseline}
     out = []
-    for key, p in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[1].latency.p50_ms)):
+    for key, p in sorted(latest.items(), key=lambda kv: (kv[0][0], _order(kv[1]), kv[0][2], kv[1].latency.p50_ms)):
         b = base.get((p.host_id, scenario_of(p), p.batch))
         out.append(Row(hosts.get(p.host_id), p, b.latency.p50_ms / p.latency.p50_ms if b else None, b))
     return out
