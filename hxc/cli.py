@@ -703,29 +703,43 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
               help="Sample among the most likely tokens whose probabilities add up to p.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling: the same seed gives the same tokens on the same artifact.")
 @click.option("--token-ids", is_flag=True, help="PROMPT is comma-separated token ids, not text.")
+@click.option("--chat", is_flag=True,
+              help="PROMPT is the user's message (or a JSON list of {role, content} messages), rendered by the "
+                   "bundle's chat template.")  # fmt: skip
+@click.option("--stop", "stops", multiple=True, metavar="TEXT",
+              help="Stop before this text (repeatable); it is not printed.")
+@click.option("--truncate", is_flag=True,
+              help="Drop tokens from the start of a prompt too long for the context, to leave room for -n tokens.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-sequence tokens.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def generate(bundle: Path, prompt: str, max_new_tokens: int, device: str | None, temperature: float, top_k: int,
-             top_p: float, seed: int | None, token_ids: bool, ignore_eos: bool, as_json: bool) -> None:  # fmt: skip
+             top_p: float, seed: int | None, token_ids: bool, chat: bool, stops: tuple[str, ...], truncate: bool,
+             ignore_eos: bool, as_json: bool) -> None:  # fmt: skip
     """Generate text after PROMPT with a language-model BUNDLE, streamed to stdout.
 
     \b
     hxc generate llm.hxc "Once upon a time" -n 32
     hxc generate llm.hxc "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 1 --device vulkan
     hxc generate llm.hxc 1,306,4966 --token-ids --json
+    hxc generate llm.hxc "What is a compiler?" --chat --stop "</s>"
     """
     from hxc import runtime, ui
 
-    given: str | list[int] = prompt
+    if token_ids and chat:
+        raise UsageError("--token-ids and --chat do not go together")
+    given: str | list[int] | None = prompt
+    messages = None
     if token_ids:
         try:
             given = [int(t) for t in prompt.replace(" ", "").split(",") if t]
         except ValueError:
             raise UsageError(f"--token-ids: {prompt!r} is not a comma-separated list of integers") from None
+    elif chat:
+        given, messages = None, _chat_messages(prompt)
     model = runtime.load(bundle, device=device, **_trust_args())
-    stream = model.generate(given, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                            stop_token_ids=[] if ignore_eos else None)  # fmt: skip
+    stream = model.generate(given, max_new_tokens, messages=messages, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, stop=list(stops), stop_token_ids=[] if ignore_eos else None, truncate=truncate)  # fmt: skip
     for piece in stream:
         if not as_json:
             sys.stdout.write(piece.text)
@@ -739,6 +753,19 @@ def generate(bundle: Path, prompt: str, max_new_tokens: int, device: str | None,
     sys.stdout.write("\n")
     ui.err.print(f"[dim]{len(r.token_ids)} tokens ({r.finish_reason}) on {model.artifact.id} / {model.device.label}: "
                  f"first after {r.ttft_ms:.1f} ms, then {r.tokens_per_s or 0:.1f} tokens/s[/dim]")  # fmt: skip
+
+
+def _chat_messages(prompt: str) -> list[dict[str, Any]]:
+    """--chat's PROMPT: one user message, or a JSON list of messages."""
+    import json
+
+    if not prompt.lstrip().startswith("["):
+        return [{"role": "user", "content": prompt}]
+    try:
+        messages = json.loads(prompt)
+    except ValueError as e:
+        raise UsageError(f"--chat: PROMPT starts with '[' but is not a JSON list of messages ({e})") from None
+    return messages
 
 
 def _pin(values: tuple[str, ...]) -> str | dict[str, list[int]] | None:

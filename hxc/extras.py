@@ -2,12 +2,13 @@
 what to install when a command needs a part this install lacks.
 
 `pip install hxc` is the runtime: loading, verifying, running and benchmarking bundles
-needs only IREE's runtime (and numpy, click, rich). Compiling needs an extra:
+needs only IREE's runtime (and numpy, click, rich; tokenizers and jinja2 for generating
+text). Compiling needs an extra:
 
     pip install 'hxc[compile]'   # PyTorch models: torch, iree-turbine, iree-base-compiler
     pip install 'hxc[onnx]'      # ONNX models, and the ONNX Runtime baseline: onnx, onnxruntime, iree-base-compiler
     pip install 'hxc[serve]'     # hxc serve (no compiler): starlette, uvicorn, prometheus-client
-    pip install 'hxc[llm]'       # language models: transformers, safetensors, tokenizers (generation needs tokenizers only)
+    pip install 'hxc[llm]'       # compiling language models: transformers, safetensors
 
 The modules each extra provides are listed here once; tests/test_install.py checks them
 against pyproject.toml, and builds a runtime-only environment to prove the split holds.
@@ -34,7 +35,7 @@ EXTRAS: dict[str, Extra] = {
         Extra("compile", ("torch", "iree.turbine", "iree.compiler"), "compiling PyTorch models, PyTorch baselines"),
         Extra("onnx", ("onnx", "onnxruntime", "iree.compiler"), "compiling ONNX models, the ONNX Runtime baseline"),
         Extra("serve", ("starlette", "uvicorn", "prometheus_client"), "hxc serve: the inference server"),
-        Extra("llm", ("transformers", "safetensors", "tokenizers"), "compiling Hugging Face language models, generating text"),
+        Extra("llm", ("transformers", "safetensors"), "compiling Hugging Face language models"),
     )
 }
 

@@ -1,8 +1,9 @@
 """The runtime-only install: `pip install hxc` with no extras, in a fresh virtual
 environment, runs bundles made by the full install — a PyTorch model, a bf16 model
-with shared weights, an ONNX model — through load, verify, run and bench, while torch
-and the IREE compiler are not importable there, and commands that need them say in one
-line what to install.
+with shared weights, an ONNX model — through load, verify, run and bench, and
+generates text with a language-model bundle (its tokenizer and chat template), while
+torch, transformers and the IREE compiler are not importable there, and commands that
+need them say in one line what to install.
 
 The serving image (deploy/Dockerfile) is the runtime-only install plus the `serve`
 extra; it cannot be built here (no container registry), so its install and start
@@ -157,7 +158,8 @@ def test_the_extras_table_matches_pyproject():
             providers = [d for d in dists if any(str(f).startswith(prefix) for f in md.files(d) or ())]
             assert providers, f"hxc[{extra.name}] installs nothing that provides {module} ({', '.join(dists)})"
     core = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert not any(r.startswith(("torch", "iree-base-compiler", "iree-turbine", "onnx")) for r in core)
+    assert not any(r.startswith(("torch", "iree-base-compiler", "iree-turbine", "onnx", "transformers")) for r in core)
+    assert any(r.startswith("tokenizers") for r in core) and any(r.startswith("jinja2") for r in core)
 
 
 def test_the_runtime_install_has_no_torch_and_no_compiler(thin):
@@ -209,6 +211,30 @@ def test_bundles_from_the_full_install_load_verify_run_and_bench(kind, thin, ful
     [skipped] = out["skipped_baselines"]  # the default baseline needs what this install lacks
     assert skipped["baseline"] == ("onnxruntime" if kind == "onnx" else "torch") and "pip install 'hxc[" in skipped["reason"]
     assert "skipped baseline" in thin.hxc("bench", built.bundle, *QUICK, "--device", "cpu", "--no-record").stderr
+
+
+def test_language_models_generate_runtime_only(thin, tmp_path):
+    """A tiny Llama compiled by the full install generates, in the runtime-only install,
+    the tokens it generates here: from text, from chat messages (its template), with a
+    stop string; transformers is not importable there."""
+    import hxc.runtime
+    from hxc.compiler.imported import ImportOptions
+
+    bundle = tmp_path / "llm.hxc"
+    assert build_bundle("hxc.examples.llm:tiny_llama", bundle, "cpu:host", options=ImportOptions(max_context=64)).written
+    here = hxc.runtime.load(bundle, device="cpu")
+    for module in ("transformers", "safetensors", "torch"):
+        assert not thin.importable(module), module
+    for args, kwargs in (
+        (["Hello world!"], dict(prompt="Hello world!")),
+        (["Hello world!", "--chat"], dict(messages=[{"role": "user", "content": "Hello world!"}])),
+    ):
+        ran = thin.hxc("generate", bundle, *args, "-n", "6", "--ignore-eos", "--device", "cpu", "--json")
+        assert ran.returncode == 0, ran.stderr
+        got = json.loads(ran.stdout)
+        want = here.generate(max_new_tokens=6, stop_token_ids=[], **kwargs).result()
+        assert (got["prompt_token_ids"], got["token_ids"], got["text"]) == (
+            list(want.prompt_token_ids), list(want.token_ids), want.text)  # fmt: skip
 
 
 def _cpu_artifacts(bundle: Path) -> set[str]:

@@ -3,7 +3,8 @@ factory returning (model, tokenizer) (tiny GPT-2), both random weights from
 `hxc.examples.llm`, compiled for cpu:host and the portable Vulkan variant; greedy
 generation through `hxc.runtime.load(...).generate` equals Hugging Face's
 `generate(do_sample=False)` token for token on local-task and lavapipe, with the KV
-cache on the device throughout; the CLI; each bad input in one line."""
+cache on the device throughout; chat templates (rendered as transformers renders them, in
+a sandbox), stop strings and prompt truncation; the CLI; each bad input in one line."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import hxc.runtime
 from hxc.build import build_bundle
 from hxc.engines.base import TRANSFERS
 from hxc.errors import HxcError, ModelLoadError, UsageError
-from hxc.examples.llm import save_tiny_lm, tiny_gpt2
+from hxc.examples.llm import save_tiny_lm, tiny_gpt2, tiny_tokenizer
 from hxc.manifests import read_manifest
+from hxc.runtime.generate import CHAT_TEMPLATE_MAX_CHARS, ChatTemplate
 
 TARGETS = "cpu:host,vulkan:spirv"
 MAX_CONTEXT = 96
@@ -152,6 +154,12 @@ def test_bad_inputs_are_one_line_errors(bundles, cli, tmp_path):
         model.generate("hi", top_p=0)
     with pytest.raises(UsageError, match="max_new_tokens must be at least 1"):
         model.generate("hi", max_new_tokens=0)
+    with pytest.raises(UsageError, match="stop strings must be non-empty text"):
+        model.generate("hi", stop=[""])
+    with pytest.raises(UsageError, match="has no chat template"):
+        model.generate(messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(UsageError, match="not both"):
+        model.generate("hi", messages=[{"role": "user", "content": "hi"}])
     result = cli("generate", bundles["gpt2"], "x " * 300, "-d", "cpu")
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "context holds" in result.output
     plain = build_bundle("hxc.examples:mlp", tmp_path / "mlp.hxc", "cpu:host").output
@@ -186,6 +194,114 @@ def test_directories_hxc_cannot_take_are_refused_in_one_line(llama_dir, tmp_path
         from hxc.compiler.imported import ImportOptions
 
         build_bundle(str(llama_dir), tmp_path / "o.hxc", "cpu:host", options=ImportOptions(max_context=1000))
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world! How are you today?"}]
+
+
+def test_chat_messages_render_the_bundles_template_as_transformers_does(bundles, references, cli):
+    hf, tokenizer = references["llama"]
+    model = hxc.runtime.load(bundles["llama"], device="local-task", strict=True)
+    r = model.generate(messages=CHAT, max_new_tokens=6, stop_token_ids=[]).result()
+    rendered = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert rendered.startswith("<s><|system|>Be brief.</s><|user|>") and rendered.endswith("<|assistant|>")
+    expected = tokenizer(rendered, add_special_tokens=False).input_ids  # the template holds the BOS itself
+    assert list(r.prompt_token_ids) == expected and expected.count(0) == 1
+    hf.generation_config.eos_token_id = None
+    assert list(r.token_ids) == hf_generate(hf, expected, 6)
+    result = cli("generate", bundles["llama"], CHAT[1]["content"], "--chat", "-n", "3", "--ignore-eos", "-d", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompt_token_ids"] == tokenizer.apply_chat_template(
+        CHAT[1:], add_generation_prompt=True, return_dict=True)["input_ids"]  # fmt: skip
+    listed = cli("generate", bundles["llama"], json.dumps(CHAT), "--chat", "-n", "3", "-d", "cpu", "--json")
+    assert json.loads(listed.stdout)["prompt_token_ids"] == expected
+    bad = cli("generate", bundles["llama"], "[not json", "--chat", "-d", "cpu")
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "not a JSON list of messages" in bad.output
+
+
+# A template in the shape real ones have: a namespace, loop controls, tojson, raise_exception, {% generation %}.
+REALISTIC = """{%- set ns = namespace(system='') -%}
+{%- for m in messages -%}
+  {%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}{%- continue -%}{%- endif -%}
+  {%- if m['role'] not in ('user', 'assistant') -%}{{ raise_exception('unknown role ' + m['role']) }}{%- endif -%}
+  <|{{ m['role'] }}|>{% if loop.first and ns.system %}[{{ ns.system | tojson }}] {% endif %}
+  {%- if m['role'] == 'assistant' %}{% generation %}{{ m['content'] | trim }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{{ eos_token }}
+{% endfor -%}
+{%- if add_generation_prompt %}<|assistant|>{% endif -%}"""
+
+
+def test_chat_templates_render_as_in_transformers_and_hostile_ones_fail_in_one_line():
+    tokenizer = tiny_tokenizer("llama")
+    tokenizer.chat_template = REALISTIC
+    config = {"bos_token": "<s>", "eos_token": {"content": "</s>", "special": True}}
+    messages = [*CHAT, {"role": "assistant", "content": " Fine. "}, {"role": "user", "content": "Ünïcode \"quoted\""}]
+    template = ChatTemplate(REALISTIC, config)
+    for add in (True, False):
+        assert template.render(messages, add) == tokenizer.apply_chat_template(messages, add_generation_prompt=add, tokenize=False)
+    hostile = {
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}": "chat template failed",
+        "{{ messages.append(1) }}": "chat template failed: .*unsafe",
+        "{{ 'x' * 100000000 }}": "too large",
+        "{{ 9 ** 99999999 }}": "exponent 99999999 is too large",
+        "{% for i in range(99999) %}{% for j in range(99999) %}xy{% endfor %}{% endfor %}":
+            f"rendered more than {CHAT_TEMPLATE_MAX_CHARS:,} characters",
+        "{{ raise_exception('this model takes no system role') }}": "failed: this model takes no system role$",
+        "{% for %}": "chat template failed: ",
+        "{{ 1 / 0 }}": "failed: division by zero",
+    }  # fmt: skip
+    for source, message in hostile.items():
+        with pytest.raises(UsageError, match=message) as e:
+            ChatTemplate(source, config).render(CHAT)
+        assert "\n" not in str(e.value), source
+    with pytest.raises(UsageError, match=r"messages\[1\] is not a"):
+        template.render([CHAT[0], {"content": "no role"}])
+
+
+def test_generation_ends_before_a_stop_string(bundles, cli):
+    model = hxc.runtime.load(bundles["gpt2"], device="local-task", strict=True)
+    sample = dict(max_new_tokens=16, temperature=1.0, seed=3, stop_token_ids=[])  # varied text (greedy repeats itself)
+    full = model.generate(PROMPT, **sample).result()
+    assert len(set(full.text)) > 6, full.text
+    stop = full.text[6:9]
+    at = full.text.index(stop)
+    assert at > 0
+    stream = model.generate(PROMPT, stop=[stop, "never seen"], **sample)
+    pieces = list(stream)
+    r = stream.result()
+    assert r.text == full.text[:at] and r.finish_reason == "stop"
+    assert "".join(p.text for p in pieces) == r.text  # nothing of the stop string was streamed
+    assert full.token_ids[:len(r.token_ids)] == r.token_ids and len(r.token_ids) < 16  # the tokens that made it are kept
+    # The start of a stop string is held back while it may still match, then let out.
+    stream = model.generate(PROMPT, stop=stop + "\x00", **sample)
+    pieces = list(stream)
+    r = stream.result()
+    assert r.text == full.text and r.finish_reason == "length" and "".join(p.text for p in pieces) == full.text
+    result = cli("generate", bundles["gpt2"], PROMPT, "-n", "16", "--temperature", "1", "--seed", "3", "--ignore-eos",
+                 "--stop", stop, "-d", "local-task", "--json")  # fmt: skip
+    assert json.loads(result.stdout)["text"] == full.text[:at] and json.loads(result.stdout)["finish_reason"] == "stop"
+
+
+def test_a_prompt_too_long_is_truncated_from_the_left_when_asked(bundles, references, cli):
+    gpt2 = hxc.runtime.load(bundles["gpt2"], device="local-task", strict=True)
+    ids = list(range(2, 202))
+    r = gpt2.generate(ids, max_new_tokens=8, truncate=True, stop_token_ids=[]).result()
+    assert list(r.prompt_token_ids) == ids[-(MAX_CONTEXT - 7):]  # room for the 8 new tokens
+    assert r.token_ids == gpt2.generate(ids[-(MAX_CONTEXT - 7):], max_new_tokens=8, stop_token_ids=[]).result().token_ids
+    assert len(r.token_ids) == 8 and r.finish_reason == "length"
+    # Room for many tokens takes the prompt down to half the context, not further.
+    assert len(gpt2.generate(ids, max_new_tokens=90, truncate=True).result().prompt_token_ids) == MAX_CONTEXT // 2
+    short = gpt2.generate(ids[:10], max_new_tokens=8, truncate=True, stop_token_ids=[]).result()
+    assert list(short.prompt_token_ids) == ids[:10]  # nothing to cut
+    llama = hxc.runtime.load(bundles["llama"], device="local-task", strict=True)
+    with_bos = [0, *ids]
+    r = llama.generate(with_bos, max_new_tokens=8, truncate=True, stop_token_ids=[]).result()
+    assert list(r.prompt_token_ids) == [0, *ids[-(MAX_CONTEXT - 8):]]  # Llama's BOS stays in front
+    hf, _ = references["llama"]
+    hf.generation_config.eos_token_id = None
+    assert list(r.token_ids) == hf_generate(hf, list(r.prompt_token_ids), 8)
+    result = cli("generate", bundles["gpt2"], "x " * 300, "-d", "cpu", "--truncate", "-n", "4", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["prompt_token_ids"]) == MAX_CONTEXT - 3
 
 
 @pytest.mark.heavy

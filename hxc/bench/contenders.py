@@ -20,9 +20,11 @@ from hxc.runtime.select import select
 
 
 def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, device: str | None = None,
-                        trust: TrustPolicy | None = None) -> list[Contender]:  # fmt: skip
+                        trust: TrustPolicy | None = None,
+                        call: Callable[[Any, list], Callable[[], None]] | None = None) -> list[Contender]:  # fmt: skip
     """One contender per artifact this host can run (reduced precision included), each
-    loaded under `trust` (None: as $HXC_TRUSTED_KEYS says)."""
+    loaded under `trust` (None: as $HXC_TRUSTED_KEYS says). `call(model, inputs)` makes
+    the timed call (default: the model's `main` on `inputs`)."""
     from hxc.pool.workers import load_options
     from hxc.runtime.loader import load
 
@@ -36,7 +38,7 @@ def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, devi
             holder["model"] = load(bundle, device=art.id, strict=True, tolerance=float("inf"), probe=probe, **checks)
 
         def prepare(inputs: list, holder=holder) -> Callable[[], None]:
-            return holder["model"].prepare(inputs)
+            return holder["model"].prepare(inputs) if call is None else call(holder["model"], inputs)
 
         threads = os.cpu_count() if cand.device.kind == "cpu" and cand.device.driver != "local-sync" else None
         out.append(Contender(art.id, cand.device.label, open_, prepare, device_time_only=True, threads=threads,

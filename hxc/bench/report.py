@@ -59,16 +59,30 @@ def percent(x: float) -> str:
     return f"{number(100 * x, 2) if x < 10 else f'{round(100 * x):,}'}%"
 
 
+def scenario_of(p: Profile) -> str:
+    """The profile's scenario as shown: a language model's says what it timed."""
+    g = p.generation
+    if g is None:
+        return p.scenario
+    return f"first token, prompt {g.prompt_tokens}" if g.phase == "prefill" else f"per token, after {g.prompt_tokens}"
+
+
+def _order(p: Profile) -> tuple:
+    # A language model's rows in the order they are measured: first token by prompt length, then per token.
+    g = p.generation
+    return (p.scenario,) if g is None else (p.scenario, g.phase != "prefill", g.prompt_tokens)
+
+
 def rows(manifest: Manifest, profiles: Iterable[Profile] | None = None, baseline: str = REFERENCE.candidate) -> list[Row]:
     """Latest profile per (host, scenario, batch, candidate, device), with speed-ups."""
     hosts = {h.id: h for h in manifest.hosts}
     latest: dict[tuple, Profile] = {}
     for p in profiles if profiles is not None else manifest.profiles:
-        latest[(p.host_id, p.scenario, p.batch, p.candidate, p.device)] = p
-    base = {(p.host_id, p.scenario, p.batch): p for p in latest.values() if p.candidate == baseline}
+        latest[(p.host_id, scenario_of(p), p.batch, p.candidate, p.device)] = p
+    base = {(p.host_id, scenario_of(p), p.batch): p for p in latest.values() if p.candidate == baseline}
     out = []
-    for key, p in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[1].latency.p50_ms)):
-        b = base.get((p.host_id, p.scenario, p.batch))
+    for key, p in sorted(latest.items(), key=lambda kv: (kv[0][0], _order(kv[1]), kv[0][2], kv[1].latency.p50_ms)):
+        b = base.get((p.host_id, scenario_of(p), p.batch))
         out.append(Row(hosts.get(p.host_id), p, b.latency.p50_ms / p.latency.p50_ms if b else None, b))
     return out
 
@@ -97,8 +111,19 @@ def row_json(r: Row) -> dict:
         "speedup_vs_torch": None if r.speedup is None else round(r.speedup, 4), "recorded": p.recorded,
         "p99_observed": s.p99_observed, "isolated": c.isolated if c else False,
         "interleaved_with": list(c.interleaved_with) if c else None, "other_load": c.other_load if c else None,
-        "noisy": r.noisy,
+        "noisy": r.noisy, **_generation_json(p),
     }  # fmt: skip
+
+
+def _generation_json(p: Profile) -> dict:
+    """A language model's profile in its own terms: time to first token, or time per
+    output token (the mean: a generation's length is the sum) and tokens per second."""
+    g = p.generation
+    if g is None:
+        return {}
+    if g.phase == "prefill":
+        return {"phase": g.phase, "prompt_tokens": g.prompt_tokens, "ttft_ms": p.latency.p50_ms}
+    return {"phase": g.phase, "prompt_tokens": g.prompt_tokens, "tpot_ms": p.latency.mean_ms, "tokens_per_s": p.throughput}
 
 
 def profiles_table(manifest: Manifest, profiles: Iterable[Profile] | None = None):
@@ -115,7 +140,7 @@ def profiles_table(manifest: Manifest, profiles: Iterable[Profile] | None = None
         style = "yellow" if r.noisy else "" if r.speedup is None else ("green" if r.speedup >= 1 else "red")
         spread = percent(p.latency.spread) + (" noisy" if noisy(p.latency) else "")
         t.add_row(
-            r.host.hostname if r.host else p.host_id[:8], p.scenario, str(p.batch), p.candidate, _short(p.device),
+            r.host.hostname if r.host else p.host_id[:8], scenario_of(p), str(p.batch), p.candidate, _short(p.device),
             number(p.latency.p50_ms) + mark, number(p.latency.p99_ms), number(p.items_per_second, 4),
             f"[{style}]{vs}[/{style}]" if style else vs, f"[yellow]{spread}[/yellow]" if noisy(p.latency) else spread,
         )  # fmt: skip
@@ -134,7 +159,7 @@ def svg_chart(manifest: Manifest, title: str | None = None) -> str:
     log scale (a software Vulkan device can be 30x slower than the CPU)."""
     groups: dict[tuple[str, int], list[Row]] = defaultdict(list)
     for r in rows(manifest):
-        groups[(r.profile.scenario, r.profile.batch)].append(r)
+        groups[(scenario_of(r.profile), r.profile.batch)].append(r)
     width, bar_h, gap, left, right = 760, 18, 6, 300, 120
     y = 40
     parts = []
@@ -171,7 +196,7 @@ def html_report(manifest: Manifest, selection: Selection | None = None, hostname
     cols = ["host", "scenario", "batch", "candidate", "device", "p50 ms", "p90 ms", "p99 ms", "items/s", "vs torch", "spread"]
     body = "".join(
         f"<tr{' class=noisy' if r.noisy else ''}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-            r.host.hostname if r.host else r.profile.host_id[:8], r.profile.scenario, r.profile.batch,
+            r.host.hostname if r.host else r.profile.host_id[:8], scenario_of(r.profile), r.profile.batch,
             r.profile.candidate, r.profile.device,
             number(r.profile.latency.p50_ms) + ("*" if noisy(r.profile.latency) else ""),
             number(r.profile.latency.p90_ms), number(r.profile.latency.p99_ms), number(r.profile.items_per_second, 4),

@@ -7,6 +7,7 @@ models with a dynamic batch dimension, offline throughput at several batch sizes
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 from collections.abc import Callable, Sequence
@@ -68,6 +69,11 @@ def run_bench(
     path = Path(bundle)
     trust = trust if trust is not None else trust_policy()
     manifest = read_bundle(path, trust).manifest
+    if manifest.language_model is not None:
+        if gate is not None or any(b not in ("auto", "none") for b in baselines):
+            raise UsageError("hxc bench has no baseline for language models yet (it times the artifacts alone)",
+                             hint="leave out --baseline and --fail-if-slower-than")  # fmt: skip
+        return _bench_language_model(path, manifest, device, budget, record, trust, on_progress)
     chosen, skipped = resolve(baselines, manifest)
     gate_baseline = baseline(gate) if gate is not None else None
     if gate_baseline is not None and gate_baseline not in chosen:
@@ -95,6 +101,28 @@ def run_bench(
         update_manifest(path, lambda m: add_profiles(m, [host], profiles))
     verdict = judge(profiles, gate_baseline, margin) if gate_baseline is not None else None
     return BenchResult(host, profiles, record and bool(profiles), verdict, tuple(skipped), tuple(run.errors))
+
+
+def _bench_language_model(path: Path, manifest: Manifest, device: str | None, budget: Budget, record: bool,
+                          trust: TrustPolicy, on_progress: Callable[[str], None]) -> BenchResult:  # fmt: skip
+    """Time to first token and time per output token of every artifact this host can
+    run (`hxc.bench.llm`), recorded as profiles."""
+    from hxc.bench.llm import cases, llm_contenders
+
+    assert manifest.language_model is not None
+    host = probe_host().host()
+    contenders = llm_contenders(path, device, trust=trust)
+    if not contenders:
+        raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host (see `hxc select --explain`)")
+    groups = [DeviceGroup(label, cs, functools.partial(llm_contenders, path, device, tuple(c.id for c in cs), trust))
+              for label, cs in by_process(contenders).items()]  # fmt: skip
+    timed = cases(manifest.language_model)
+    run = measure_devices(groups, [[c.phase, c.prompt_tokens] for c in timed], budget, on_progress)
+    profiles = [dataclasses.replace(_profile(host.id, manifest, t, "single-stream", 1), generation=case)
+                for case, timings in zip(timed, run.timings) for t in timings]  # fmt: skip
+    if record and profiles:
+        update_manifest(path, lambda m: add_profiles(m, [host], profiles))
+    return BenchResult(host, profiles, record and bool(profiles), errors=tuple(run.errors))
 
 
 def bench_contenders(bundle: Path, baselines: tuple[str, ...], device: str | None, allow_pickle: bool = False,

@@ -24,11 +24,16 @@ SENTENCES = (
     "Numbers like 3, 14 and 2048 are tokens too.",
 )
 BOS, EOS = "<s>", "</s>"
+# The Llama flavour's chat template (a tiny one, in the usual shape): each message as
+# <|role|>text</s>, then <|assistant|> to open the reply.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")  # fmt: skip
 
 
 def tiny_tokenizer(family: str = "llama", vocab_size: int = 384) -> Any:
     """A byte-level BPE (any text encodes) trained on SENTENCES, as a transformers fast
-    tokenizer: the Llama flavour adds BOS in front of every prompt, GPT-2's adds nothing."""
+    tokenizer: the Llama flavour adds BOS in front of every prompt and has a chat
+    template, GPT-2's adds nothing and has none."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,7 +48,10 @@ def tiny_tokenizer(family: str = "llama", vocab_size: int = 384) -> Any:
                                                            special_tokens=[(BOS, tok.token_to_id(BOS))])  # fmt: skip
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, clean_up_tokenization_spaces=False)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, clean_up_tokenization_spaces=False)
+    if family == "llama":
+        out.chat_template = CHAT_TEMPLATE
+    return out
 
 
 def tiny_model(family: str, vocab_size: int, seed: int = 0, max_positions: int = 256) -> Any:

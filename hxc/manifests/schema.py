@@ -51,7 +51,10 @@ SCHEMA_VERSION: tuple[int, int] = (4, 1)
 # profiles.json is versioned on its own: nothing in it changed meaning in 3.0, so a
 # 2.x hxc can still read the profiles a newer hxc bench adds to its bundles.
 # 2.1: Profile.conditions (what else ran during a measurement).
-PROFILES_SCHEMA_VERSION: tuple[int, int] = (2, 1)
+# 2.2: Profile.generation (optional): what a language-model profile timed (time to the
+# first token of a prompt, or per output token); a 2.1 reader ignores it and sees
+# single-stream profiles at batch 1.
+PROFILES_SCHEMA_VERSION: tuple[int, int] = (2, 2)
 
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"  # written once by `hxc compile`, never changed after
@@ -268,6 +271,16 @@ class Conditions:
 
 
 @dataclass(frozen=True)
+class GenerationTiming:
+    """What a language model's profile timed: `prefill`, a prompt of `prompt_tokens`
+    in to its first token chosen (time to first token); or `decode`, one more token
+    each call after a prompt of `prompt_tokens` (time per output token)."""
+
+    phase: Literal["prefill", "decode"]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
 class Profile:
     """One measurement of one artifact (or the PyTorch baseline) on one host."""
 
@@ -293,6 +306,9 @@ class Profile:
     # (input checks, shared-memory copies, the process hop), measured by `hxc bench --pool`;
     # SLO checks add it to the device time. None: not measured.
     caller_overhead: LatencyStats | None = None
+    # A language model's profile (`hxc bench` on an LLM bundle): what `latency` timed;
+    # `throughput` is then calls per second (tokens per second for decode). None: a plain call.
+    generation: GenerationTiming | None = None
 
 
 @dataclass(frozen=True)

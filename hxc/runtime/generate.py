@@ -14,6 +14,13 @@ the next token is chosen here (greedy by default, exactly `argmax` like Hugging 
 seeded generator, reproducible on the same artifact). Text is tokenised by the
 bundle's own `tokenizer.json` (the `tokenizers` library), as `AutoTokenizer` does, and
 streamed pieces joined are the decoded text.
+
+    m.generate(messages=[{"role": "user", "content": "Hi!"}])   # the bundle's chat template
+    m.generate("Q: why? A:", stop=["\nQ:"], truncate=True)
+
+A chat template is untrusted input (it came with the model): it renders in jinja2's
+immutable sandbox, its output and its string arithmetic bounded, and any error it raises
+is one line.
 """
 
 from __future__ import annotations
@@ -32,7 +39,12 @@ from hxc.manifests.schema import LanguageModel
 if TYPE_CHECKING:
     from hxc.runtime.loader import LoadedModel, ModelState
 
-FINISH_REASONS = ("stop", "length")  # an end-of-sequence token; max_new_tokens or the context
+FINISH_REASONS = ("stop", "length")  # an end-of-sequence token or stop string; max_new_tokens or the context
+# Characters a chat template may render (and a string it may build): a prompt is at most a
+# context's worth of tokens, far below this; a template that loops past it is refused.
+CHAT_TEMPLATE_MAX_CHARS = 1 << 20
+# The special tokens a template sees by name (bos_token, ...), as transformers passes them.
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 @dataclass(frozen=True)
@@ -103,16 +115,15 @@ class Generation:
 
 class Tokenizer:
     """The bundle's tokenizer (its tokenizer.json, read from the checked bytes), encoding
-    and decoding as Hugging Face's fast tokenizer of the same files does."""
+    and decoding as Hugging Face's fast tokenizer of the same files does; with the chat
+    template its files hold, if any."""
 
-    def __init__(self, tokenizer_json: str, config: dict[str, Any]) -> None:
-        from hxc.extras import require
-
-        require("llm", "tokenising text", ("tokenizers",))
+    def __init__(self, tokenizer_json: str, config: dict[str, Any], chat_template: str | None = None) -> None:
         from tokenizers import Tokenizer as _Tokenizer
 
         self._tok = _Tokenizer.from_str(tokenizer_json)
         self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        self.chat_template = ChatTemplate(chat_template, config) if chat_template else None
 
     @classmethod
     def of(cls, model: LoadedModel) -> Tokenizer | None:
@@ -121,17 +132,136 @@ class Tokenizer:
         lm = model.manifest.language_model
         if lm is None or lm.tokenizer_file is None:
             return None
-        config_file = next((f for f in lm.tokenizer_files if f.endswith("/tokenizer_config.json")), None)
-        text = open_checked(model.bundle, model.manifest, lm.tokenizer_file).bytes().decode()
-        config = json.loads(open_checked(model.bundle, model.manifest, config_file).bytes()) if config_file else {}
-        return cls(text, config if isinstance(config, dict) else {})
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text).ids)  # with the special tokens its post-processor adds (BOS)
+        def read(name: str) -> bytes | None:
+            path = next((f for f in lm.tokenizer_files if f.endswith("/" + name)), None)
+            return None if path is None else open_checked(model.bundle, model.manifest, path).bytes()
+
+        text = read("tokenizer.json")
+        assert text is not None
+        config = _json_object(read("tokenizer_config.json"))
+        config = {**_json_object(read("special_tokens_map.json")), **config}
+        # transformers 5 saves the template as chat_template.jinja; older ones inside the config.
+        template = read("chat_template.jinja")
+        return cls(text.decode(), config, template.decode() if template is not None else _config_template(config))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # With the special tokens its post-processor adds (BOS), unless the text already
+        # holds them (a rendered chat template), as transformers' apply_chat_template.
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         text = self._tok.decode(list(ids), skip_special_tokens=True)
         return _clean_up_spaces(text) if self.clean_up_spaces else text
+
+
+def _json_object(data: bytes | None) -> dict[str, Any]:
+    if data is None:
+        return {}
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _config_template(config: dict[str, Any]) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or named templates (the `default` one)."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+class ChatTemplate:
+    """A chat template rendered as transformers' apply_chat_template renders it (the
+    same globals and filters, special tokens by name), in jinja2's immutable sandbox."""
+
+    def __init__(self, source: str, config: dict[str, Any]) -> None:
+        self.source = source
+        self.variables = {name: _token_text(config.get(name)) for name in _SPECIAL_TOKENS if config.get(name) is not None}
+
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        from jinja2 import TemplateError
+
+        checked = _check_messages(messages)
+        try:
+            template = _sandbox().from_string(self.source)
+            out: list[str] = []
+            size = 0
+            for part in template.generate(messages=checked, add_generation_prompt=add_generation_prompt, **self.variables):
+                size += len(part)
+                if size > CHAT_TEMPLATE_MAX_CHARS:
+                    raise TemplateError(f"it rendered more than {CHAT_TEMPLATE_MAX_CHARS:,} characters")
+                out.append(part)
+        except Exception as e:  # the template is arbitrary code from the model: whatever it raises is its fault
+            from hxc.errors import first_line
+
+            raise UsageError(f"the bundle's chat template failed: {first_line(e)}") from None
+        return "".join(out)
+
+
+def _token_text(value: Any) -> str:
+    # A special token is saved as its text, or as an AddedToken's fields ({"content": ...}).
+    return str(value.get("content", "")) if isinstance(value, dict) else str(value)
+
+
+def _check_messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise UsageError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise UsageError(f"messages[{i}] is not a {{\"role\": str, \"content\": ...}} object")
+        out.append(json.loads(json.dumps(m)))  # plain data only: nothing of the caller's objects reaches the template
+    return out
+
+
+def _sandbox() -> Any:
+    """A jinja2 environment for untrusted templates: immutable sandbox, strings and
+    sequences built by `*` and `**` bounded, transformers' extra globals and filters."""
+    import datetime as dt
+
+    from jinja2.exceptions import SecurityError, TemplateError
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.nodes import CallBlock
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "**" and isinstance(right, int) and abs(right) > 64:
+                raise SecurityError(f"exponent {right} is too large")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > CHAT_TEMPLATE_MAX_CHARS:
+                        raise SecurityError(f"a sequence of {len(seq) * n:,} items is too large")
+            return super().call_binop(context, operator, left, right)
+
+    class Generation(Extension):
+        # transformers' {% generation %} marks the assistant's text (for training masks): here it renders its body.
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: dt.datetime.now().strftime(f))
+    return env
 
 
 def _clean_up_spaces(text: str) -> str:
@@ -170,49 +300,90 @@ def language_model_of(model: LoadedModel) -> LanguageModel:
     return lm
 
 
-def generate(model: LoadedModel, prompt: str | Sequence[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
-             state: ModelState | None = None, tokenizer: Tokenizer | None = None) -> Stream:  # fmt: skip
-    """Generate up to `max_new_tokens` tokens after `prompt` (text, or token ids), as a
-    `Stream`. Stops after a token of `stop_token_ids` (default: the model's end-of-
-    sequence tokens; [] never stops early), or when the context is full. `state` (a
+def generate(model: LoadedModel, prompt: str | Sequence[int] | None = None, max_new_tokens: int = 64, *,
+             messages: Sequence[dict[str, Any]] | None = None, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
+             stop_token_ids: Sequence[int] | None = None, truncate: bool = False, state: ModelState | None = None,
+             tokenizer: Tokenizer | None = None) -> Stream:  # fmt: skip
+    """Generate up to `max_new_tokens` tokens after `prompt` (text, or token ids) or after
+    chat `messages` (rendered by the bundle's chat template, with the assistant's turn
+    opened), as a `Stream`.
+
+    Generation stops after a token of `stop_token_ids` (default: the model's end-of-
+    sequence tokens; [] never stops early), before any string of `stop` (the text ends
+    where it starts; the tokens that made it are still in `token_ids`), or when the
+    context is full. A prompt longer than the context is an error, unless `truncate`:
+    then a prompt that leaves no room for `max_new_tokens` loses tokens from its start
+    (the BOS token kept) until it does, down to half the context. `state` (a
     `model.new_state()`) is reused when given; by default each call allocates one.
-    Bad input (an empty or too long prompt, bad sampling values) raises here, in one
-    line, before anything runs."""
+    Bad input (an empty or too long prompt, bad sampling values, a chat template that
+    fails) raises here, in one line, before anything runs."""
     lm = language_model_of(model)
     sampling = Sampling(float(temperature), int(top_k), float(top_p), seed)
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    if (prompt is None) == (messages is None):
+        raise UsageError("give a prompt or chat messages, not both" if messages is not None else "give a prompt or chat messages")
+    stops = _stop_strings(stop)
     start = time.perf_counter()
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) or messages is not None or stops:
         tokenizer = tokenizer or Tokenizer.of(model)
         if tokenizer is None:
-            raise UsageError(f"{model.bundle}: the bundle has no tokenizer", hint="pass the prompt as token ids")
+            what = "chat messages" if messages is not None else "stop strings" if stops else "text prompts"
+            raise UsageError(f"{model.bundle}: the bundle has no tokenizer, which {what} need",
+                             hint="pass the prompt as token ids")  # fmt: skip
+    if messages is not None:
+        assert tokenizer is not None
+        if tokenizer.chat_template is None:
+            raise UsageError(f"{model.bundle}: the bundle's tokenizer has no chat template", hint="pass a text prompt")
+        ids = tokenizer.encode(tokenizer.chat_template.render(messages), add_special_tokens=False)
+    elif isinstance(prompt, str):
+        assert tokenizer is not None
         ids = tokenizer.encode(prompt)
     else:
+        assert prompt is not None
         ids = [int(t) for t in prompt]
         if bad := [t for t in ids if not 0 <= t < lm.vocab_size]:
             raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{lm.vocab_size - 1})")
     if not ids:
         raise UsageError("the prompt is empty (no tokens)")
-    if len(ids) > lm.max_context:
+    if truncate:
+        ids = _truncated(ids, lm, max_new_tokens)
+    elif len(ids) > lm.max_context:
         raise UsageError(f"the prompt has {len(ids)} tokens; this bundle's context holds {lm.max_context}",
-                         hint="shorten the prompt, or compile with a larger --max-context")  # fmt: skip
-    stop = set(lm.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
+                         hint="shorten the prompt, ask to truncate it (--truncate), or compile with a larger --max-context")  # fmt: skip
+    stop_ids = set(lm.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
     if tokenizer is None and lm.tokenizer_file is not None:
         tokenizer = Tokenizer.of(model)
     holder: dict[str, Generation] = {}
     state = state if state is not None else model.new_state()
-    pieces = _pieces(model, lm, ids, max_new_tokens, sampling, stop, state, tokenizer, start, holder)
+    pieces = _pieces(model, lm, ids, max_new_tokens, sampling, stop_ids, stops, state, tokenizer, start, holder)
     return Stream(pieces, holder)
 
 
-def _tokens(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_tokens: int, sampling: Sampling,
-            stop: set[int], state: ModelState) -> Iterator[int]:  # fmt: skip
-    """The chosen tokens, one at a time: the first from the prompt's last chunk, the rest
-    from decode steps at positions len(ids), len(ids) + 1, ... in slot 0."""
-    rng = np.random.default_rng(sampling.seed)
-    chunk, slot = lm.prefill_chunk, 0
+def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if bad := [s for s in stops if not isinstance(s, str) or not s]:
+        raise UsageError(f"stop strings must be non-empty text, not {bad[0]!r}")
+    return stops
+
+
+def _truncated(ids: list[int], lm: LanguageModel, max_new_tokens: int) -> list[int]:
+    """The prompt's last tokens that leave room for `max_new_tokens` (the first comes from
+    the prompt itself, each other takes a position), keeping at least half the context;
+    a leading BOS token stays in front."""
+    keep = max(lm.max_context - (max_new_tokens - 1), lm.max_context // 2, 1)
+    if len(ids) <= keep:
+        return ids
+    if lm.bos_token_id is not None and ids[0] == lm.bos_token_id and keep > 1:
+        return [ids[0], *ids[len(ids) - keep + 1:]]
+    return ids[len(ids) - keep:]
+
+
+def prefill(model: LoadedModel, lm: LanguageModel, ids: Sequence[int], state: ModelState, slot: int = 0) -> np.ndarray:
+    """Run the prompt `ids` through `prefill` in chunks, its keys and values written into
+    `slot`'s cache in `state`: the logits of its last token, (vocab,)."""
+    chunk = lm.prefill_chunk
     logits = None
     for at in range(0, len(ids), chunk):
         piece = ids[at:at + chunk]
@@ -220,18 +391,31 @@ def _tokens(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_token
         tokens[0, :len(piece)] = piece
         logits = model.call_flat("prefill", [tokens, _i32(at), _i32(len(piece)), _i32(slot)], state=state)[0]
     assert logits is not None
-    token = sampling.choose(logits[0], rng)
-    yield token
+    return logits[0]
+
+
+def decode(model: LoadedModel, lm: LanguageModel, token: int, position: int, state: ModelState, slot: int = 0) -> np.ndarray:
+    """One `decode` step: `token` at `position` of `slot` (its keys and values written
+    there), every other slot idle. The logits of the next token, (vocab,)."""
     # Idle slots decode into the cache's scratch row (position max_context).
     tokens = np.zeros(lm.slots, np.int32)
     positions = np.full(lm.slots, lm.max_context, np.int32)
+    tokens[slot], positions[slot] = token, position
+    return model.call_flat("decode", [tokens, positions], state=state)[0][slot]
+
+
+def _tokens(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_tokens: int, sampling: Sampling,
+            stop: set[int], state: ModelState) -> Iterator[int]:  # fmt: skip
+    """The chosen tokens, one at a time: the first from the prompt's last chunk, the rest
+    from decode steps at positions len(ids), len(ids) + 1, ... in slot 0."""
+    rng = np.random.default_rng(sampling.seed)
+    token = sampling.choose(prefill(model, lm, ids, state), rng)
+    yield token
     for n in range(1, max_new_tokens):
         position = len(ids) + n - 1  # where the last token's keys and values go
         if token in stop or position >= lm.max_context:
             return
-        tokens[slot], positions[slot] = token, position
-        logits = model.call_flat("decode", [tokens, positions], state=state)[0]
-        token = sampling.choose(logits[slot], rng)
+        token = sampling.choose(decode(model, lm, token, position, state), rng)
         yield token
 
 
@@ -239,12 +423,26 @@ def _i32(value: int) -> np.ndarray:
     return np.array([value], np.int32)
 
 
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the first stop string in `text` starts, if any does."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of `text` may be the start of a stop string (held
+    back from the stream until the next token decides)."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
+
+
 def _pieces(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_tokens: int, sampling: Sampling,
-            stop: set[int], state: ModelState, tokenizer: Tokenizer | None, start: float,
+            stop: set[int], stops: tuple[str, ...], state: ModelState, tokenizer: Tokenizer | None, start: float,
             holder: dict[str, Generation]) -> Iterator[Piece]:  # fmt: skip
     out: list[int] = []
     emitted, pending = "", 0  # text given out so far; tokens not yet covered by a piece
     first = last = start
+    stopped_at: int | None = None  # where a stop string starts in the text
+    text = ""
     for token in _tokens(model, lm, ids, max_new_tokens, sampling, stop, state):
         last = time.perf_counter()
         if not out:
@@ -256,16 +454,22 @@ def _pieces(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_token
             pending = 0
             continue
         text = tokenizer.decode(out)
+        if stops and (stopped_at := _find_stop(text, stops)) is not None:
+            break
         # Hold back text that may still change: an incomplete UTF-8 character decodes as
-        # U+FFFD, and cleaned-up spaces depend on what follows them.
-        held = text.endswith("\ufffd") or (tokenizer.clean_up_spaces and text[-1:].isspace())
-        if not held and text.startswith(emitted) and len(text) > len(emitted):
-            yield Piece(text[len(emitted):], tuple(out[len(out) - pending:]))
-            emitted, pending = text, 0
-    text = tokenizer.decode(out) if tokenizer is not None else ""
-    if pending:
+        # U+FFFD, and cleaned-up spaces depend on what follows them; and text that may be
+        # the start of a stop string.
+        if text.endswith("\ufffd") or (tokenizer.clean_up_spaces and text[-1:].isspace()):
+            continue
+        ready = text[:len(text) - _partial_stop(text, stops)]
+        if ready.startswith(emitted) and len(ready) > len(emitted):
+            yield Piece(ready[len(emitted):], tuple(out[len(out) - pending:]))
+            emitted, pending = ready, 0
+    if tokenizer is not None:
+        text = text[:stopped_at] if stopped_at is not None else tokenizer.decode(out)
+    if pending or len(text) > len(emitted):  # tokens not yet given out, or text held back
         # (Should the text ever change behind what was streamed, the result's text is right.)
         yield Piece(text[len(emitted):] if text.startswith(emitted) else "", tuple(out[len(out) - pending:]))
-    finish = "stop" if out[-1] in stop else "length"
+    finish = "stop" if stopped_at is not None or out[-1] in stop else "length"
     tpot = (last - first) * 1000 / (len(out) - 1) if len(out) > 1 else None
     holder["result"] = Generation(text, tuple(out), tuple(ids), finish, (first - start) * 1000, tpot)

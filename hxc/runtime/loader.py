@@ -146,9 +146,10 @@ class LoadedModel:
                 state.values.update(written)
         return [a if a.dtype == want else a.astype(want) for a, want in zip(flat, plan.output_numpy)]
 
-    def generate(self, prompt: Any, max_new_tokens: int = 64, **options: Any) -> Any:
-        """A language model's continuation of `prompt` (text, or token ids), streamed: see
-        `hxc.runtime.generate.generate` for the options and the result."""
+    def generate(self, prompt: Any = None, max_new_tokens: int = 64, **options: Any) -> Any:
+        """A language model's continuation of `prompt` (text, or token ids) or of chat
+        `messages=[...]`, streamed: see `hxc.runtime.generate.generate` for the options
+        and the result."""
         from hxc.runtime.generate import generate
 
         return generate(self, prompt, max_new_tokens, **options)
