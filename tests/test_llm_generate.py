@@ -79,6 +79,25 @@ def test_the_manifest_records_the_language_model_and_its_tokenizer(bundles):
     assert read_manifest(bundles["gpt2"]).language_model.family == "gpt2"
 
 
+def test_the_weights_are_stored_once_outside_every_artifact(bundles, llama_dir, tmp_path):
+    """One weights.irpa read by every target's artifact; no vmfb holds a copy (the
+    embedding's bytes are found in the archive and in no artifact)."""
+    from safetensors.numpy import load_file
+
+    bundle = bundles["llama"]
+    m = read_manifest(bundle)
+    assert [(w.file, w.precision) for w in m.weights] == [("weights.irpa", "fp32")]
+    embedding = load_file(str(llama_dir / "model.safetensors"))["model.embed_tokens.weight"][:4].tobytes()
+    assert embedding in (bundle / "weights.irpa").read_bytes()
+    for a in m.ok_artifacts:
+        assert embedding not in (bundle / a.file).read_bytes(), a.id
+    from hxc.compiler.imported import ImportOptions
+
+    with pytest.raises(UsageError, match="--weights inline is not available for this model: it keeps its weights once "
+                                         "per bundle, in weights.irpa"):  # fmt: skip
+        build_bundle(str(llama_dir), tmp_path / "inline.hxc", "cpu:host", options=ImportOptions(weights="inline"))
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("device", ["local-task", "vulkan"])
 def test_greedy_equals_hugging_face_generate(bundles, references, family, device):

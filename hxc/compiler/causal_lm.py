@@ -179,6 +179,11 @@ class CausalLM(torch.nn.Module):
     """`model` (a transformers causal LM) as `prefill` and `decode` over a static KV
     cache of `slots` sequences of up to `max_context` tokens (see the module docstring)."""
 
+    # Weights once per bundle, in its parameter archive, read by every target's
+    # artifact: a language model's weights dominate the bundle, and a copy inside each
+    # vmfb would multiply them by the targets (`--weights inline` is refused).
+    hxc_weights = "shared"
+
     def __init__(self, model: torch.nn.Module, slots: int, max_context: int, cache_write: str = "scatter",
                  prefill_chunk: int | None = None) -> None:  # fmt: skip
         super().__init__()
