@@ -8,7 +8,8 @@ Each is exported with iree-turbine's `FxProgramsBuilder` (two `export_program`s 
 root module: the parameters become globals shared by every entry point), decomposed
 to core ATen like a single program (`hxc.compiler.lower`), and imported as one module.
 The golden sample holds each function's inputs (state included, from the examples)
-and PyTorch's own outputs, under `step.input_0`, ... (`golden_prefix`).
+and PyTorch's own outputs, under `step.input_0`, ... (`golden_prefix`), unless the
+module's `hxc_describe` replaces it (a language model keeps its greedy reference).
 
 Weights go where `--weights` says, as for one program (`hxc.compiler.torch_import`):
 `shared` (and `auto` from 16 MiB, or with bf16) makes every parameter and buffer a
