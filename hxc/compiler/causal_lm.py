@@ -261,8 +261,8 @@ class CausalLM(torch.nn.Module):
                                greedy_reference=reference)  # fmt: skip
         # The golden sample is the greedy reference's logits, not each function's sample:
         # those hold the full KV caches in and out (8 caches of slots x layers x kv heads x
-        # max context x head dim: 2 GiB for a 1B Llama at 4096), while the reference
-        # ([16, vocab] f32: 8 MiB at a 128K vocabulary) runs both functions the way
+        # max context x head dim: 1.1 GB for Llama 3.2 1B at 4096), while the reference
+        # ([16, vocab] f32: 8.2 MB at a 128K vocabulary) runs both functions the way
         # generation does (two prefill chunks, then decode steps over the cache they
         # wrote), so `hxc verify` still checks every function's numbers, and the tokens.
         return replace(imported, language_model=record, files=files, golden={GREEDY_LOGITS: logits})
