@@ -6,6 +6,12 @@ expected outputs the file holds or else the reference rebuilt from the bundle
 (`hxc.reference`: needs torch or onnxruntime installed). A model with dynamic
 dimensions is only as right as the sizes it was checked at.
 
+A language model is checked by generation instead: the prompt of its greedy reference
+(recorded at compile time, `LanguageModel.greedy_reference`) runs through `prefill` and
+`decode` as `generate` runs it, and every step's logits must match Hugging Face's
+(golden.npz) and every greedy token Hugging Face's, but where Hugging Face's own logits
+tie within the tolerance; the first differing token is reported with its position.
+
 The same tolerances (`hxc.dtypes`) serve `hxc verify`, `hxc compile --tune` and the
 test suite, so "matches the reference" means one thing everywhere.
 """
@@ -13,7 +19,7 @@ test suite, so "matches the reference" means one thing everywhere.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,17 +27,18 @@ from typing import Any
 import numpy as np
 
 from hxc.arrays import ArrayFileError, max_array_bytes, read_npz
-from hxc.dtypes import dtype, from_storage
+from hxc.dtypes import compute_dtype, dtype, from_storage
 from hxc.golden import Comparison, compare, compare_outputs, golden_arrays  # noqa: F401  (the golden arithmetic, re-exported)
 from hxc.errors import BundleError, ExitCode, HxcError, NothingToCompareError, UsageError, first_line
 from hxc.manifests import Manifest, Signature, TensorSpec
-from hxc.manifests.schema import golden_prefix
+from hxc.manifests.schema import GREEDY_LOGITS, LanguageModel, golden_prefix
 from hxc.manifests.bundle import TrustedKeys, check_all_files, open_checked, read_bundle, trust_policy
 from hxc.manifests.signing import TrustPolicy
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import select
 
 GOLDEN = "golden"
+GREEDY = "greedy"  # a language model's sample: its greedy reference
 
 
 def load_golden(bundle: Path, manifest: Manifest) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -51,6 +58,70 @@ def function_samples(bundle: Path, manifest: Manifest) -> list[Sample]:
                                         fn.call_signature, f"{bundle}/{manifest.golden_file} ({name})")  # fmt: skip
         samples.append(Sample(f"{GOLDEN} {name}", inputs, outputs, function=name))
     return samples
+
+
+def greedy_sample(bundle: Path, manifest: Manifest) -> Sample:
+    """A language model's greedy reference: the prompt's ids in, Hugging Face's logits
+    of each step ([steps, vocab] f32, from the golden sample) out."""
+    lm = manifest.language_model
+    assert lm is not None and lm.greedy_reference is not None
+    ref, where = lm.greedy_reference, f"{bundle}/{manifest.golden_file}"
+    steps, prompt = len(ref.token_ids), ref.prompt_token_ids
+    if not prompt or not steps or len(prompt) + steps - 1 > lm.max_context:
+        raise BundleError(f"{bundle}: its greedy reference ({len(prompt)} prompt tokens, {steps} generated) does not fit "
+                          f"its context of {lm.max_context}")  # fmt: skip
+    if not all(0 <= t < lm.vocab_size for t in (*prompt, *ref.token_ids)):
+        raise BundleError(f"{bundle}: its greedy reference holds token ids outside the vocabulary of {lm.vocab_size}")
+    logits = _golden_file(bundle, manifest).get(GREEDY_LOGITS)
+    if logits is None or logits.shape != (steps, lm.vocab_size) or logits.dtype != np.float32:
+        raise BundleError(f"{where}: holds no {GREEDY_LOGITS} of {steps}x{lm.vocab_size}xf32 for the greedy reference")
+    return Sample(GREEDY, [np.asarray(prompt, np.int32)], [logits], language_model=lm)
+
+
+def greedy_logits(call: Callable[[str, list[np.ndarray]], np.ndarray], lm: LanguageModel) -> np.ndarray:
+    """Each step's logits, [steps, vocab], for the reference prompt in slot 0 (the other
+    slots idle, as `generate` runs one sequence) through `call(function, inputs) -> first
+    output` over a state the caller keeps. Each decode step is fed Hugging Face's token
+    of the step before: while the artifact's greedy choices match, this is its own
+    greedy generation; after a near-tie that went the other way, the later steps are
+    still compared in Hugging Face's context instead of diverging."""
+    ref = lm.greedy_reference
+    assert ref is not None
+    prompt, chunk = ref.prompt_token_ids, lm.prefill_chunk
+    i32 = lambda *x: np.array(x, np.int32)  # noqa: E731
+    logits = np.zeros(0, np.float32)
+    for at in range(0, len(prompt), chunk):
+        piece = prompt[at:at + chunk]
+        tokens = np.zeros((1, chunk), np.int32)
+        tokens[0, :len(piece)] = piece
+        logits = call("prefill", [tokens, i32(at), i32(len(piece)), i32(0)])
+    steps = [logits.reshape(-1)]
+    for i, token in enumerate(ref.token_ids[:-1]):
+        tokens = np.zeros(lm.slots, np.int32)
+        positions = np.full(lm.slots, lm.max_context, np.int32)  # idle slots write the scratch row
+        tokens[0], positions[0] = token, len(prompt) + i
+        steps.append(call("decode", [tokens, positions]).reshape(lm.slots, -1)[0])
+    return np.stack(steps)
+
+
+def greedy_result(artifact: str, device: str, logits: np.ndarray, sample: Sample, precision: str) -> VerifyResult:
+    """The artifact's logits at each step against Hugging Face's, and its greedy tokens
+    against Hugging Face's: a token may differ only where Hugging Face's own logits for
+    the two tokens tie within the tolerance (either could be the maximum)."""
+    lm = sample.language_model
+    assert sample.expected is not None and lm is not None and lm.greedy_reference is not None
+    expected, ref = sample.expected[0], lm.greedy_reference
+    name = compute_dtype("f32", precision)
+    c = compare(logits, expected, name)
+    if logits.shape == expected.shape:
+        atol, rtol = dtype(name).tolerance or (0.0, 0.0)
+        for i, (got, want) in enumerate(zip(logits.argmax(-1).tolist(), ref.token_ids)):
+            h = expected[i].astype(np.float64)
+            if got != want and abs(h[got] - h[want]) > 2 * (atol + rtol * abs(h[want])):
+                return VerifyResult(artifact, device, False, c.max_abs, c.max_rel,
+                                    f"greedy tokens differ from Hugging Face's at position {i} of {len(ref.token_ids)}: "
+                                    f"{got} instead of {want}", GREEDY)  # fmt: skip
+    return VerifyResult(artifact, device, c.ok, c.max_abs, c.max_rel, sample=GREEDY)
 
 
 def _golden_file(bundle: Path, manifest: Manifest) -> dict[str, np.ndarray]:
@@ -76,6 +147,10 @@ class Sample:
     # A model of several functions, or with state: the function the sample calls. Its
     # inputs and outputs are the function's call signature's (state read, state written).
     function: str | None = None
+    # A language model, for its greedy reference (`language_model.greedy_reference`):
+    # the prompt's ids in ([n] i32), Hugging Face's logits of each step out ([steps,
+    # vocab]); the sample calls prefill and decode.
+    language_model: LanguageModel | None = None
 
 
 def shaped_sample(signature: Signature, text: str) -> Sample:
@@ -157,7 +232,7 @@ class VerifyResult:
     ok: bool
     max_abs: float | None
     max_rel: float | None
-    error: str | None = None  # when it could not run at all
+    error: str | None = None  # when it could not run at all, or its greedy tokens differ
     sample: str = GOLDEN  # which inputs (Sample.label)
 
 
@@ -234,6 +309,8 @@ def verify_bundle(
         samples = []
     elif manifest.stateless_main:
         samples = [Sample(GOLDEN, *load_golden(path, manifest))]
+    elif manifest.language_model is not None and manifest.language_model.greedy_reference is not None:
+        samples = [greedy_sample(path, manifest)]
     else:
         samples = function_samples(path, manifest)
     if not samples and not extra:
@@ -268,6 +345,9 @@ def verify_bundle(
                 results.append(VerifyResult(art.id, label, False, None, None, run, s.label))
                 continue
             assert s.expected is not None
+            if s.language_model is not None:
+                results.append(greedy_result(art.id, label, run[0], s, art.precision))
+                continue
             signature = manifest.functions[s.function].call_signature if s.function else manifest.signature
             comps = compare_outputs(run, s.expected, signature, art.precision, art.interface_casts)
             results.append(VerifyResult(art.id, label, all(c.ok for c in comps), max(c.max_abs for c in comps),
@@ -309,6 +389,9 @@ def _run_samples(bundle: Path, artifact: str, samples: list[Sample], isolate: bo
 
 
 def _in_process(model: Any, s: Sample) -> list[np.ndarray]:
+    if s.language_model is not None:
+        state = model.new_state()
+        return [greedy_logits(lambda f, inputs: model.call_flat(f, inputs, state=state)[0], s.language_model)]
     if s.function is None:
         return model.run_flat(s.inputs)
     fn = model.functions[s.function]
@@ -321,7 +404,15 @@ def _in_process(model: Any, s: Sample) -> list[np.ndarray]:
 
 def _in_worker(worker: Any, s: Sample) -> list[np.ndarray]:
     """A function's sample over the worker protocol: its state imported from the sample,
-    the call, then the state exported to compare what it wrote."""
+    the call, then the state exported to compare what it wrote. A greedy reference runs
+    over a state opened zero on the worker's device and never copied."""
+    if s.language_model is not None:
+        worker.open_state("verify").result()
+        try:
+            return [greedy_logits(lambda f, inputs: worker.submit(inputs, function=f, state="verify").result().outputs[0],
+                                  s.language_model)]  # fmt: skip
+        finally:
+            worker.drop_state("verify").result()
     if s.function is None:
         return worker.run(s.inputs)
     fn = worker.functions[s.function]

@@ -167,3 +167,26 @@ def test_a_state_that_does_not_fit_is_refused_before_allocating(rnn):
     with pytest.raises(HxcError, match="state needs .* MiB; local-task: .* has .* MiB free"):
         check_fits(1 << 60, model.device)
     check_fits(1 << 60, replace(model.device, driver="cuda", kind="discrete-gpu"))  # unknown: the allocator decides
+
+
+def test_shared_weights_live_in_one_archive_and_give_the_same_numbers(tmp_path):
+    """--weights shared for a model of several functions: the parameters go to the
+    bundle's weights.irpa (none inside the vmfb), and init/step still match PyTorch."""
+    from hxc.compiler.imported import ImportOptions
+
+    result = build_bundle("hxc.examples:rnn_cell", tmp_path / "r.hxc", "cpu:host", use_cache=False,
+                          options=ImportOptions(weights="shared"))  # fmt: skip
+    assert result.written, [r.error for r in result.failed]
+    m = read_manifest(result.output)
+    assert [w.file for w in m.weights] == ["weights.irpa"]
+    some_weight = next(iter(rnn_cell().state_dict().values())).detach().numpy().reshape(-1)[:8].tobytes()
+    assert some_weight in (result.output / "weights.irpa").read_bytes()
+    assert some_weight not in (result.output / m.ok_artifacts[0].file).read_bytes()
+    model = hxc.runtime.load(result.output, device="cpu", strict=True)
+    xs = _inputs(6, seed=1)
+    expected, _ = _torch_steps(xs)
+    state = model.new_state()
+    outs = [model.call("init", xs[0], state=state)] + [model.call("step", x, state=state) for x in xs[1:]]
+    for got, want in zip(outs, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert verify_bundle(result.output, isolate=False).ok

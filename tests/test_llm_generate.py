@@ -12,16 +12,18 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import hxc.runtime
 from hxc.build import build_bundle
 from hxc.engines.base import TRANSFERS
-from hxc.errors import HxcError, ModelLoadError, UsageError
+from hxc.errors import ExitCode, HxcError, ModelLoadError, UsageError
 from hxc.examples.llm import save_tiny_lm, tiny_gpt2, tiny_tokenizer
 from hxc.manifests import read_manifest
 from hxc.runtime.generate import CHAT_TEMPLATE_MAX_CHARS, ChatTemplate
+from hxc.verify import verify_bundle
 
 TARGETS = "cpu:host,vulkan:spirv"
 MAX_CONTEXT = 96
@@ -67,7 +69,7 @@ def hf_generate(model, ids: list[int], n: int) -> list[int]:
 
 def test_the_manifest_records_the_language_model_and_its_tokenizer(bundles):
     m = read_manifest(bundles["llama"])
-    assert m.schema_version == "4.1" and m.model.source_format == "huggingface"
+    assert m.schema_version == "4.2" and m.model.source_format == "huggingface"
     lm = m.language_model
     assert (lm.family, lm.layers, lm.heads, lm.kv_heads, lm.head_dim) == ("llama", 2, 4, 2, 16)
     assert (lm.max_context, lm.slots, lm.prefill_chunk, lm.cache_dtype) == (MAX_CONTEXT, 1, 32, "f32")
@@ -79,6 +81,59 @@ def test_the_manifest_records_the_language_model_and_its_tokenizer(bundles):
     assert (k.name, k.shape, k.slots) == ("k_cache", (1, 2, 2, MAX_CONTEXT + 1, 16), 1)
     assert {a.id for a in m.ok_artifacts} == {"cpu:host", "vulkan:spirv"}
     assert read_manifest(bundles["gpt2"]).language_model.family == "gpt2"
+
+
+def test_the_weights_are_stored_once_outside_every_artifact(bundles, llama_dir, tmp_path):
+    """One weights.irpa read by every target's artifact; no vmfb holds a copy (the
+    embedding's bytes are found in the archive and in no artifact)."""
+    from safetensors.numpy import load_file
+
+    bundle = bundles["llama"]
+    m = read_manifest(bundle)
+    assert [(w.file, w.precision) for w in m.weights] == [("weights.irpa", "fp32")]
+    embedding = load_file(str(llama_dir / "model.safetensors"))["model.embed_tokens.weight"][:4].tobytes()
+    assert embedding in (bundle / "weights.irpa").read_bytes()
+    for a in m.ok_artifacts:
+        assert embedding not in (bundle / a.file).read_bytes(), a.id
+    from hxc.compiler.imported import ImportOptions
+
+    with pytest.raises(UsageError, match="--weights inline is not available for this model: it keeps its weights once "
+                                         "per bundle, in weights.irpa"):  # fmt: skip
+        build_bundle(str(llama_dir), tmp_path / "inline.hxc", "cpu:host", options=ImportOptions(weights="inline"))
+
+
+def test_verify_checks_greedy_tokens_against_hugging_face(bundles, references):
+    """The reference recorded at compile time is Hugging Face's greedy continuation; the
+    golden sample is its logits alone (no KV caches); `hxc verify` runs it on every
+    artifact, each in its own worker."""
+    bundle = bundles["gpt2"]
+    ref = read_manifest(bundle).language_model.greedy_reference
+    hf, tokenizer = references["gpt2"]
+    hf.generation_config.eos_token_id = None
+    assert len(ref.prompt_token_ids) > 32 and len(ref.token_ids) == 16  # two prefill chunks, then 15 decode steps
+    assert list(ref.token_ids) == hf_generate(hf, list(ref.prompt_token_ids), 16)
+    with np.load(bundle / "golden.npz") as golden:
+        assert list(golden) == ["greedy.logits"] and golden["greedy.logits"].shape == (16, tokenizer.vocab_size)
+    report = verify_bundle(bundle)
+    assert report.ok, report.results
+    assert {(r.artifact, r.sample) for r in report.results} == {("cpu:host", "greedy"), ("vulkan:spirv", "greedy")}
+    assert all(r.max_abs is not None and r.max_abs < 1e-3 for r in report.results)
+
+
+def test_verify_fails_on_a_wrong_recorded_reference(bundles, tmp_path):
+    """A recorded token that is not Hugging Face's (here: its least likely one at step
+    5) fails every artifact, naming the first differing position."""
+    bundle = Path(shutil.copytree(bundles["gpt2"], tmp_path / "wrong.hxc"))
+    data = json.loads((bundle / "manifest.json").read_text())
+    with np.load(bundle / "golden.npz") as golden:
+        least = int(golden["greedy.logits"][5].argmin())
+    right = data["language_model"]["greedy_reference"]["token_ids"][5]
+    data["language_model"]["greedy_reference"]["token_ids"][5] = least
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    report = verify_bundle(bundle, device="cpu", isolate=False)
+    assert not report.ok and report.exit_code == ExitCode.MISMATCH
+    (r,) = report.results
+    assert r.error == f"greedy tokens differ from Hugging Face's at position 5 of 16: {right} instead of {least}"
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

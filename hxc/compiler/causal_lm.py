@@ -71,7 +71,7 @@ import torch
 
 from hxc.errors import LoweringError, UsageError
 from hxc.functions import Function
-from hxc.manifests.schema import TOKENIZER_DIR, LanguageModel
+from hxc.manifests.schema import GREEDY_LOGITS, TOKENIZER_DIR, GreedyReference, LanguageModel
 
 if TYPE_CHECKING:
     from hxc.compiler.imported import ImportedModel
@@ -99,6 +99,11 @@ DEFAULT_MAX_CONTEXT = 4096
 # tokenizer.json (with the `tokenizers` library) and tokenizer_config.json.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "chat_template.jinja")  # fmt: skip
+# The greedy reference `hxc verify` checks (`LanguageModel.greedy_reference`): this
+# text, tokenised by the bundle's tokenizer (seeded ids without one), cut to a prompt
+# that spans two prefill chunks, and this many tokens Hugging Face generates after it.
+REFERENCE_TEXT = "The quick brown fox jumps over the lazy dog. Every device runs the same bundle, token for token. "
+REFERENCE_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,11 @@ class CausalLM(torch.nn.Module):
     """`model` (a transformers causal LM) as `prefill` and `decode` over a static KV
     cache of `slots` sequences of up to `max_context` tokens (see the module docstring)."""
 
+    # Weights once per bundle, in its parameter archive, read by every target's
+    # artifact: a language model's weights dominate the bundle, and a copy inside each
+    # vmfb would multiply them by the targets (`--weights inline` is refused).
+    hxc_weights = "shared"
+
     def __init__(self, model: torch.nn.Module, slots: int, max_context: int, cache_write: str = "scatter",
                  prefill_chunk: int | None = None) -> None:  # fmt: skip
         super().__init__()
@@ -243,11 +253,57 @@ class CausalLM(torch.nn.Module):
         gen = getattr(model, "generation_config", None)
         bos = _first_id(getattr(gen, "bos_token_id", None), getattr(model.config, "bos_token_id", None))
         eos = _ids(getattr(gen, "eos_token_id", None)) or _ids(getattr(model.config, "eos_token_id", None))
+        reference, logits = self.greedy_reference(files.get(f"{TOKENIZER_DIR}/tokenizer.json"))
         record = LanguageModel(family=d.family, vocab_size=self.vocab, layers=d.layers, heads=d.heads, kv_heads=d.kv_heads,
                                head_dim=d.head_dim, max_context=lay.max_context, slots=lay.slots,
                                prefill_chunk=self.prefill_chunk, kv_bytes_per_token=lay.bytes_per_token,
-                               bos_token_id=bos, eos_token_ids=eos, tokenizer_files=tuple(sorted(files)))  # fmt: skip
-        return replace(imported, language_model=record, files=files)
+                               bos_token_id=bos, eos_token_ids=eos, tokenizer_files=tuple(sorted(files)),
+                               greedy_reference=reference)  # fmt: skip
+        # The golden sample is the greedy reference's logits, not each function's sample:
+        # those hold the full KV caches in and out (8 caches of slots x layers x kv heads x
+        # max context x head dim: 1.1 GB for Llama 3.2 1B at 4096), while the reference
+        # ([16, vocab] f32: 8.2 MB at a 128K vocabulary) runs both functions the way
+        # generation does (two prefill chunks, then decode steps over the cache they
+        # wrote), so `hxc verify` still checks every function's numbers, and the tokens.
+        return replace(imported, language_model=record, files=files, golden={GREEDY_LOGITS: logits})
+
+    def greedy_reference(self, tokenizer_json: Path | None) -> tuple[GreedyReference, Any]:
+        """A prompt and Hugging Face's greedy continuation of it (`generate(do_sample=False)`
+        with a plain generation config: no end-of-sequence stop, no repetition penalty or
+        other logits processor, which hxc's greedy choice does not apply either), with
+        the logits of each step, [steps, vocab] float32."""
+        import numpy as np
+        from transformers import GenerationConfig
+
+        lay = self.layout
+        steps = min(REFERENCE_TOKENS, lay.max_context)
+        length = max(1, min(self.prefill_chunk + 8, lay.max_context + 1 - steps))  # prompt + steps - 1 <= context
+        if tokenizer_json is not None:
+            from tokenizers import Tokenizer
+
+            ids = Tokenizer.from_file(str(tokenizer_json)).encode(REFERENCE_TEXT * (1 + length // 8)).ids[:length]
+        else:
+            ids = np.random.default_rng(0).integers(0, self.vocab, length).tolist()
+        model = self.model
+        # generate() fills what its config leaves unset from the model's own config (its
+        # end-of-sequence id among them), so the plain config replaces it for the call.
+        saved = model.generation_config
+        model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=steps, min_new_tokens=0,
+                                                   pad_token_id=0, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        try:
+            with torch.no_grad():
+                out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        except Exception as e:
+            raise LoweringError(f"transformers' generate failed on the reference prompt ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0][:300]})") from None  # fmt: skip
+        finally:
+            model.generation_config = saved
+        tokens = out.sequences[0, len(ids):].tolist()
+        logits = torch.stack(out.logits)[:, 0].float().numpy()
+        if len(tokens) != steps or logits.shape != (steps, self.vocab):
+            raise LoweringError(f"transformers' generate gave {len(tokens)} tokens of logits {tuple(logits.shape)}; "
+                                f"expected {steps} of {steps}x{self.vocab}")  # fmt: skip
+        return GreedyReference(prompt_token_ids=tuple(int(i) for i in ids), token_ids=tuple(int(t) for t in tokens)), logits
 
     # ---- one layer's pieces, per family -------------------------------------------
 

@@ -8,10 +8,17 @@ Each is exported with iree-turbine's `FxProgramsBuilder` (two `export_program`s 
 root module: the parameters become globals shared by every entry point), decomposed
 to core ATen like a single program (`hxc.compiler.lower`), and imported as one module.
 The golden sample holds each function's inputs (state included, from the examples)
-and PyTorch's own outputs, under `step.input_0`, ... (`golden_prefix`).
+and PyTorch's own outputs, under `step.input_0`, ... (`golden_prefix`), unless the
+module's `hxc_describe` replaces it (a language model keeps its greedy reference).
 
-What this first form leaves out, each refused in one line: reduced precision, weights
-in a shared archive, and interface casts (a variant that needs them fails alone).
+Weights go where `--weights` says, as for one program (`hxc.compiler.torch_import`):
+`shared` (and `auto` from 16 MiB, or with bf16) makes every parameter and buffer a
+named external parameter, written once to the bundle's `weights.irpa` and read by
+every artifact; `inline` puts them in each artifact. A module may fix the mode with
+`hxc_weights` (a language model: always shared), and then the other is refused.
+
+What this first form leaves out, each refused in one line: reduced precision and
+interface casts (a variant that needs them fails alone).
 """
 
 from __future__ import annotations
@@ -25,13 +32,15 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from hxc.compiler.imported import ImportedModel, ImportOptions
+from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
 from hxc.dtypes import from_torch, to_numpy, to_storage
 from hxc.functions import Function
 from hxc.errors import LoweringError, ModelLoadError, UsageError, first_line
 from hxc.manifests.schema import FunctionSpec, OutputTree, Signature, StateSpec, TensorSpec, golden_prefix
 
 MAX_FUNCTIONS = 64  # as the manifest reader allows
+# Where a module that fixes its weights mode (`hxc_weights`) keeps them, for the refusal.
+_KEPT = {"shared": "once per bundle, in weights.irpa, for every target", "inline": "inside each artifact"}
 
 
 def declared_functions(module: Any) -> dict[str, Function] | None:
@@ -50,9 +59,10 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
     if options.interface_casts:
         raise LoweringError("models of several functions cannot take a cast interface yet (this variant needs "
                             f"{', '.join(f'{a} as {b}' for a, b in options.interface_casts)})")  # fmt: skip
-    if options.weights == "shared":
-        raise UsageError(f"{source}: models of several functions keep their weights inside each artifact (--weights "
-                         "shared is not supported for them yet)")  # fmt: skip
+    fixed = getattr(module, "hxc_weights", None)
+    if fixed is not None and options.weights not in ("auto", fixed):
+        raise UsageError(f"{source}: --weights {options.weights} is not available for this model: it keeps its weights "
+                         f"{_KEPT[fixed]}")  # fmt: skip
     timings: dict[str, float] = {}
     module.eval()
 
@@ -94,8 +104,16 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
 
     t = time.perf_counter()
     on_stage("lowering to IREE input IR")
+    weights = _module_weights(module)
+    total = sum(w.numel() * w.element_size() for w in weights.values())
+    has_bf16 = any(w.dtype == torch.bfloat16 for w in weights.values())
+    shared = bool(weights) and wants_shared_weights(fixed or options.weights, total, has_bf16)
+    if has_bf16 and not shared:
+        raise UsageError(f"{source}: this model has bf16 parameters, which iree-turbine cannot store inside an artifact",
+                         hint="use --weights shared (the default, auto, does this)")  # fmt: skip
     mlir = workdir / "model.mlirbc"
-    mlir.write_bytes(_lower(module, calls))
+    irpa = workdir / "weights-fp32.irpa" if shared else None
+    mlir.write_bytes(_lower(module, calls, weights if shared else {}, irpa))
     timings["lower"] = time.perf_counter() - t
     first = next(iter(specs.values()))
     imported = ImportedModel(
@@ -108,6 +126,7 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
         golden=golden,
         program=None,
         program_name=None,
+        weights=irpa,
         weight_dtypes=tuple(sorted({d.name for p in module.state_dict().values()
                                     if (d := from_torch(p.dtype)) is not None})),  # fmt: skip
         timings=timings,
@@ -158,33 +177,56 @@ def _tree(outputs: int) -> OutputTree:
     return OutputTree("tuple", items=tuple(OutputTree("leaf", i) for i in range(outputs)))
 
 
-def _lower(module: torch.nn.Module, calls: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...]]]) -> bytes:
+def _module_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by name, each tensor once (a submodule reachable by two
+    names, as CausalLM's aliases of the model's layers, keeps its first name)."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def _lower(module: torch.nn.Module, calls: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...]]],
+           external: dict[str, torch.Tensor], irpa: Path | None) -> bytes:  # fmt: skip
     """One MLIR module: each function exported from the shared root module, decomposed
-    to core ATen with hxc's table, and imported together (weights as shared globals)."""
+    to core ATen with hxc's table, and imported together (weights as shared globals).
+    With `irpa`, the tensors in `external` become named parameters
+    (`#flow.parameter.named<"model"::name>`) written to that archive, not into the IR."""
     from iree.turbine import aot
+    from iree.turbine.aot import ExternalTensorTrait, ParameterArchiveBuilder
     from iree.turbine.aot.compiled_module import ExportTargetDef
 
     from hxc.compiler.lower import _bytecode, _decompose, decomposition_table
 
-    builder = aot.FxProgramsBuilder(module)
-    table = decomposition_table()
-    for fname, (method, args) in calls.items():
-        attr = method.__name__
+    # The trait is an attribute on the tensor itself (the user's model's): set for the
+    # export, removed after it, so the module is left as it was given.
+    for name, tensor in external.items():
+        ExternalTensorTrait(external_scope=PARAMETER_SCOPE, external_name=name).set(tensor)
+    try:
+        builder = aot.FxProgramsBuilder(module)
+        table = decomposition_table()
+        for fname, (method, args) in calls.items():
+            attr = method.__name__
 
-        def entry(root: torch.nn.Module, *a: torch.Tensor, _attr: str = attr) -> Any:
-            return getattr(root, _attr)(*a)
+            def entry(root: torch.nn.Module, *a: torch.Tensor, _attr: str = attr) -> Any:
+                return getattr(root, _attr)(*a)
 
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    builder.export_program(entry, name=fname, args=args, strict=False)
+            except Exception as e:
+                raise LoweringError(f"cannot export function {fname!r} ({type(e).__name__}: {first_line(e)})") from None
+            builder.programs[fname] = ExportTargetDef(_decompose(builder.programs[fname].target, table))
+        if irpa is not None:
+            archive = ParameterArchiveBuilder()
+            for name, tensor in external.items():
+                archive.add_tensor(name, tensor.detach().contiguous())
+            archive.save(irpa)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                builder.export_program(entry, name=fname, args=args, strict=False)
+                exported = aot.export(builder, module_name="module")
         except Exception as e:
-            raise LoweringError(f"cannot export function {fname!r} ({type(e).__name__}: {first_line(e)})") from None
-        builder.programs[fname] = ExportTargetDef(_decompose(builder.programs[fname].target, table))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            exported = aot.export(builder, module_name="module")
-    except Exception as e:
-        raise LoweringError(f"cannot import the functions into MLIR ({type(e).__name__}: {first_line(e)})") from None
-    return _bytecode(exported)
+            raise LoweringError(f"cannot import the functions into MLIR ({type(e).__name__}: {first_line(e)})") from None
+        return _bytecode(exported)
+    finally:
+        for tensor in external.values():
+            tensor.__dict__.pop("_turbine_external_tensor_trait", None)

@@ -47,7 +47,11 @@ PROFILES_FORMAT = "hxc-profiles"
 # and tokenizer files (under `tokenizer/`, hashed in `files` like every build-time
 # file): what `generate` needs beyond the `prefill` and `decode` functions. A 4.0
 # reader ignores the field and can still call the functions by name.
-SCHEMA_VERSION: tuple[int, int] = (4, 1)
+# 4.2: `language_model.greedy_reference` (optional): a prompt and Hugging Face's greedy
+# tokens for it, their logits in the golden sample (GREEDY_LOGITS) in place of each
+# function's sample with its full KV caches. A 4.1 reader ignores the field, and its
+# `hxc verify` finds no function samples in such a bundle's golden.npz.
+SCHEMA_VERSION: tuple[int, int] = (4, 2)
 # profiles.json is versioned on its own: nothing in it changed meaning in 3.0, so a
 # 2.x hxc can still read the profiles a newer hxc bench adds to its bundles.
 # 2.1: Profile.conditions (what else ran during a measurement).
@@ -332,6 +336,20 @@ class FileHash:
 
 
 TOKENIZER_DIR = "tokenizer"  # a language model's tokenizer files, in the bundle
+# A language model's golden sample: Hugging Face's logits at each step of the greedy
+# reference ([steps, vocab], f32), under this key of golden.npz.
+GREEDY_LOGITS = "greedy.logits"
+
+
+@dataclass(frozen=True)
+class GreedyReference:
+    """A prompt and the tokens Hugging Face's `generate(do_sample=False)` continued it
+    with at compile time (end-of-sequence tokens did not stop it); the logits of each
+    step are in the golden sample (GREEDY_LOGITS). `hxc verify` checks every artifact
+    against both."""
+
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -355,6 +373,9 @@ class LanguageModel:
     # Bundle paths of the tokenizer's files (tokenizer.json, its config), or none: the
     # caller then passes token ids.
     tokenizer_files: tuple[str, ...] = ()
+    # What `hxc verify` checks generation against; None (bundles built before it): the
+    # functions' own golden samples.
+    greedy_reference: GreedyReference | None = None
 
     @property
     def tokenizer_file(self) -> str | None:
