@@ -561,12 +561,7 @@ class Worker:
                 for fd in fds:
                     os.close(fd)
                 return
-            assert req.slot is not None
-            if fds:
-                old = life.outputs.get(req.slot)
-                if old is not None:
-                    old.close()
-                life.outputs[req.slot] = SharedBuffer(message["size"], fds[0])
+            self._adopt_outputs(life, req, message, fds)
             self._last_reply = now
         error: Exception | None = None
         result = None
@@ -591,12 +586,8 @@ class Worker:
             req.future.set_result(result)
 
     def _deliver(self, life: _Incarnation, req: _Request, message: dict, received: float) -> Result:
-        from hxc.dtypes import dtype
 
-        assert req.slot is not None
-        buf = life.outputs[req.slot]
-        specs = self._output_specs(req)
-        views = [buf.view(ArrayRef.from_json(r), dtype(s.dtype).numpy_dtype()) for r, s in zip(message["outputs"], specs)]
+        views = self._output_views(life, req, message)
         if req.sink is not None:
             req.sink(views)
             outputs = None
@@ -610,7 +601,6 @@ class Worker:
     def _part(self, life: _Incarnation, message: dict, fds: list[int]) -> None:
         """A part of a streamed reply: its outputs, in the worker's buffer for the slot
         (sent with it when new), handed to the request's `on_part` before the next is read."""
-        from hxc.dtypes import dtype
 
         with self._lock:
             req = self._running.get(message.get("id"))
@@ -618,18 +608,30 @@ class Worker:
                 for fd in fds:
                     os.close(fd)
                 return
-            assert req.slot is not None
-            if fds:
-                old = life.outputs.get(req.slot)
-                if old is not None:
-                    old.close()
-                life.outputs[req.slot] = SharedBuffer(message["size"], fds[0])
+            self._adopt_outputs(life, req, message, fds)
             self._last_reply = time.perf_counter()  # a part is progress: the deadline restarts
-            buf = life.outputs[req.slot]
         if req.on_part is not None:
-            specs = self._output_specs(req)
-            req.on_part([buf.view(ArrayRef.from_json(r), dtype(s.dtype).numpy_dtype())
-                         for r, s in zip(message["outputs"], specs)])  # fmt: skip
+            req.on_part(self._output_views(life, req, message))
+
+    @staticmethod
+    def _adopt_outputs(life: _Incarnation, req: _Request, message: dict, fds: list[int]) -> None:
+        """The worker's buffer for the request's slot: replaced when the reply hands over a
+        new (larger) one. Called with the lock held."""
+        assert req.slot is not None
+        if fds:
+            old = life.outputs.get(req.slot)
+            if old is not None:
+                old.close()
+            life.outputs[req.slot] = SharedBuffer(message["size"], fds[0])
+
+    def _output_views(self, life: _Incarnation, req: _Request, message: dict) -> list[np.ndarray]:
+        """The reply's outputs, viewed in place in the worker's buffer for the slot."""
+        from hxc.dtypes import dtype
+
+        assert req.slot is not None
+        buf = life.outputs[req.slot]
+        return [buf.view(ArrayRef.from_json(r), dtype(s.dtype).numpy_dtype())
+                for r, s in zip(message["outputs"], self._output_specs(req))]  # fmt: skip
 
     def _account(self, req: _Request, result: Result, message: dict) -> None:
         if req.op != "call":
