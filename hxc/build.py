@@ -25,6 +25,7 @@ from hxc.compiler.cache import CompileCache, ImportCache, default_cache_dir
 from hxc.compiler.driver import CompileResult
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions
 from hxc.manifests import ARTIFACTS_DIR, GOLDEN_FILE, Artifact, Manifest, ModelInfo, Toolchain, staged_bundle
+from hxc.dtypes import WEIGHT_BITS
 from hxc.engines import DEFAULT_ENGINE, Engine, resolve_backends
 from hxc.engines.base import BuildContext, Built, BuildJob
 from hxc.errors import ExitCode, HxcError, UsageError, first_line
@@ -133,8 +134,11 @@ def build_bundle(
     engines, optional, notes = resolve_backends(backends)
     wanted = list(dict.fromkeys(precisions))
     if unsupported := [p for p in wanted if p not in frontend.precisions]:
-        raise UsageError(f"--precision {', '.join(unsupported)} is not supported for {frontend.summary}",
-                         hint=f"it builds {', '.join(frontend.precisions)}; convert the model itself")  # fmt: skip
+        quantised = all(p in WEIGHT_BITS for p in unsupported)
+        raise UsageError(f"--precision {', '.join(unsupported)} is not supported for {frontend.summary}"
+                         + (": int8 and int4 quantise the weights of language models only" if quantised else ""),
+                         hint=f"it builds {', '.join(frontend.precisions)}"
+                              + ("" if quantised else "; convert the model itself"))  # fmt: skip
     iree = any(e.name == DEFAULT_ENGINE for e in engines)
     builds = [(p, v) for p in wanted for v in variants if p in family(v.family).precisions] if iree else []
     skipped = [Skipped(v.id, p, f"the {v.family} backend cannot generate {p} code")
@@ -422,7 +426,7 @@ def _manifest(imports: dict[str, ImportedModel], precisions: list[str], ir_sha25
 def _artifact_entry(b: Built, imported: ImportedModel) -> Artifact:
     """The manifest's record of any engine's artifact: what the engine recorded, with
     its file in the bundle and how far its precision strays from the reference."""
-    recorded: dict[str, Any] = dict(precision_error=imported.precision_error)
+    recorded: dict[str, Any] = dict(precision_error=imported.precision_error, quantization=imported.quantization)
     if b.status == "ok" and b.file is not None:
         h = b.hash or file_hash(b.file)
         recorded |= dict(file=b.bundle_name, sha256=h.sha256, size=h.size)

@@ -95,7 +95,10 @@ DTYPES: tuple[DType, ...] = (
 _BY_NAME = {d.name: d for d in DTYPES}
 NAMES: tuple[str, ...] = tuple(_BY_NAME)
 # Compute precisions a build may ask for, and the element type each computes in.
-PRECISIONS: dict[str, str] = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+# int8 and int4 quantise a language model's weights only: they compute in f32.
+PRECISIONS: dict[str, str] = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32", "int4": "f32"}
+# The weight-only precisions and their bits per stored weight (`hxc.compiler.quantize`).
+WEIGHT_BITS: dict[str, int] = {"int8": 8, "int4": 4}
 
 
 def dtype(name: str) -> DType:

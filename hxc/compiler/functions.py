@@ -17,8 +17,9 @@ named external parameter, written once to the bundle's `weights.irpa` and read b
 every artifact; `inline` puts them in each artifact. A module may fix the mode with
 `hxc_weights` (a language model: always shared), and then the other is refused.
 
-What this first form leaves out, each refused in one line: reduced precision and
-interface casts (a variant that needs them fails alone).
+What this first form leaves out, each refused in one line: reduced precision (but a
+language model's weight-only int8 / int4, `hxc.compiler.quantize`) and interface casts
+(a variant that needs them fails alone).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions, wants_shared_weights
-from hxc.dtypes import from_torch, to_numpy, to_storage
+from hxc.dtypes import WEIGHT_BITS, from_torch, to_numpy, to_storage
 from hxc.functions import Function
 from hxc.errors import LoweringError, ModelLoadError, UsageError, first_line
 from hxc.manifests.schema import FunctionSpec, OutputTree, Signature, StateSpec, TensorSpec, golden_prefix
@@ -51,11 +52,19 @@ def declared_functions(module: Any) -> dict[str, Function] | None:
 
 def import_functions(module: torch.nn.Module, *, name: str, source: str, source_format: str, digest: str,
                      options: ImportOptions, workdir: Path, on_stage: Callable[[str], None]) -> ImportedModel:  # fmt: skip
+    quantization, precision_error = None, None
+    if options.precision in WEIGHT_BITS:  # a language model's weights as int8 / int4
+        from hxc.compiler.quantize import quantized_language_model
+
+        on_stage(f"quantising the weights to {options.precision}")
+        module, quantization, precision_error = quantized_language_model(module, options.precision, options.group_size,
+                                                                         workdir)  # fmt: skip
+    elif options.precision != "fp32":
+        raise UsageError(f"{source}: models of several functions are built in fp32 only, not {options.precision}",
+                         hint="language models also build int8 and int4 (weight-only quantisation)")  # fmt: skip
     functions = declared_functions(module)
     assert functions is not None
     states = _states(module, functions, source)
-    if options.precision != "fp32":
-        raise UsageError(f"{source}: models of several functions are built in fp32 only, not {options.precision}")
     if options.interface_casts:
         raise LoweringError("models of several functions cannot take a cast interface yet (this variant needs "
                             f"{', '.join(f'{a} as {b}' for a, b in options.interface_casts)})")  # fmt: skip
@@ -112,7 +121,7 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
         raise UsageError(f"{source}: this model has bf16 parameters, which iree-turbine cannot store inside an artifact",
                          hint="use --weights shared (the default, auto, does this)")  # fmt: skip
     mlir = workdir / "model.mlirbc"
-    irpa = workdir / "weights-fp32.irpa" if shared else None
+    irpa = workdir / f"weights-{options.precision}.irpa" if shared else None
     mlir.write_bytes(_lower(module, calls, weights if shared else {}, irpa))
     timings["lower"] = time.perf_counter() - t
     first = next(iter(specs.values()))
@@ -129,6 +138,9 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
         weights=irpa,
         weight_dtypes=tuple(sorted({d.name for p in module.state_dict().values()
                                     if (d := from_torch(p.dtype)) is not None})),  # fmt: skip
+        precision=options.precision,
+        precision_error=precision_error,
+        quantization=quantization,
         timings=timings,
         functions=specs,
     )

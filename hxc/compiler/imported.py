@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from hxc.manifests.schema import MAIN, FunctionSpec, LanguageModel, Signature
+from hxc.manifests.schema import MAIN, FunctionSpec, LanguageModel, Quantization, Signature
 
 WeightsMode = Literal["auto", "inline", "shared"]
 # With `auto`, parameters at least this large are stored once per bundle (in an IREE
@@ -37,6 +37,8 @@ class ImportOptions:
     max_context: int | None = None
     slots: int = 1
     prefill_chunk: int | None = None
+    # Weight-only int8 / int4: input features per scale (None: the quantiser's default).
+    group_size: int | None = None
 
 
 @dataclass
@@ -68,6 +70,7 @@ class ImportedModel:
     # it (bundle path -> the file to copy: the tokenizer's).
     language_model: LanguageModel | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    quantization: Quantization | None = None  # a weight-only int8 / int4 import
 
     @property
     def function_specs(self) -> dict[str, FunctionSpec]:

@@ -39,6 +39,9 @@ def import_torch(
     t = time.perf_counter()
     on_stage("loading model")
     model = export()
+    if model.functions_module is None and options.precision in dtypes.WEIGHT_BITS:
+        raise UsageError(f"{model.source}: --precision {options.precision} quantises the weights of language models "
+                         "only; this model is not one", hint="build fp16 or bf16 for other models")  # fmt: skip
     if model.functions_module is not None:
         from hxc.compiler.functions import import_functions
 

@@ -37,7 +37,7 @@ class IreeEngine(Engine):
     name = ENGINE_NAME
     summary = "IREE: one artifact per target variant (CPU, CUDA, ROCm, Vulkan), from the project's own compiler"
     families = family_names()
-    precisions = ("fp32", "fp16", "bf16")
+    precisions = ("fp32", "fp16", "bf16", "int8", "int4")
     build_needs = ("iree.compiler",)
     run_needs = ("iree.runtime",)
     install_hint = "pip install 'hxc[compile]'"  # the runtime is in every install; the compiler is the extra

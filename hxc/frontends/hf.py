@@ -111,7 +111,8 @@ FRONTEND = Frontend(
     # The import carries the tokenizer's files and the language-model record, which the
     # import cache does not hold; the compile cache still reuses identical IR.
     cacheable=False,
-    precisions=("fp32",),
+    # fp16 / bf16: the causal LM wrapper computes and caches in float32 only.
+    precisions=("fp32", "int8", "int4"),
     model_name=_model_name,
     order=10,
 )

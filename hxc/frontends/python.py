@@ -142,6 +142,8 @@ FRONTEND = Frontend(
     import_model=through_torch_export(_export),
     export=_export,
     cacheable=False,
+    # int8 / int4 when the factory returns a language model (others are refused at import).
+    precisions=("fp32", "fp16", "bf16", "int8", "int4"),
     model_name=_model_name,
     order=90,
 )

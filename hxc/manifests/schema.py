@@ -51,7 +51,12 @@ PROFILES_FORMAT = "hxc-profiles"
 # tokens for it, their logits in the golden sample (GREEDY_LOGITS) in place of each
 # function's sample with its full KV caches. A 4.1 reader ignores the field, and its
 # `hxc verify` finds no function samples in such a bundle's golden.npz.
-SCHEMA_VERSION: tuple[int, int] = (4, 2)
+# 4.3: `Artifact.quantization` (optional): a language model's weight-only int8/int4
+# artifact (precision "int8", "int4"): how its weights are stored and how far its greedy
+# tokens and logits stray from float32. A 4.2 reader ignores the field; it never picks
+# such an artifact unasked (its precision is not fp32), and when allowed it loads and
+# runs it like any other (the archive is weights-int8.irpa).
+SCHEMA_VERSION: tuple[int, int] = (4, 3)
 # profiles.json is versioned on its own: nothing in it changed meaning in 3.0, so a
 # 2.x hxc can still read the profiles a newer hxc bench adds to its bundles.
 # 2.1: Profile.conditions (what else ran during a measurement).
@@ -210,6 +215,29 @@ class TuningTrial:
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """A weight-only quantised artifact (`hxc compile --precision int8,int4`,
+    `hxc.compiler.quantize`): its Linear weights are `bits`-bit integers with one float32
+    scale per `group_size` input features (symmetric: w = q * scale); activations, the
+    KV cache and the token embedding stay float32. Its error is measured in PyTorch at
+    compile time against the float32 model over `greedy_prompts` prompts, each continued
+    greedily by the float32 model for `greedy_tokens / greedy_prompts` tokens: each step
+    given float32's tokens before it, the share whose greedy token is float32's, and the
+    largest logit difference (`Artifact.precision_error` is that difference relative to
+    the largest float32 logit)."""
+
+    bits: int  # 8 or 4 (two weights per byte)
+    group_size: int  # input features per scale (a narrower layer: the largest divisor of its width below this)
+    modules: int  # Linear layers quantised
+    lm_head: bool  # whether the LM head is among them
+    greedy_agreement: float  # 0..1
+    greedy_tokens: int
+    greedy_prompts: int
+    max_logit_diff: float
+    scale_dtype: str = "f32"
+
+
+@dataclass(frozen=True)
 class Artifact:
     id: str  # family:variant[@precision], unique in a bundle (variant is the engine for non-IREE engines)
     family: str
@@ -230,9 +258,12 @@ class Artifact:
     verified: str | None = None  # e.g. how a CUDA binary was proven to assemble
     error: str | None = None
     operator: str | None = None  # the operator a failed compile could not lower
-    precision: str = "fp32"  # fp32 | fp16 | bf16: the precision it computes in
+    # fp32 | fp16 | bf16: the precision it computes in; int8 | int4: float32 compute over
+    # quantised weights (`quantization`)
+    precision: str = "fp32"
     # For reduced precision: max |y - y_fp32| / max |y_fp32| of PyTorch at this precision
-    # against the fp32 reference, on the golden sample.
+    # against the fp32 reference, on the golden sample (for int8 / int4: on the logits of
+    # the quantisation's greedy measurement).
     precision_error: float | None = None
     tuning: tuple[TuningTrial, ...] = ()  # the search that chose `flags`, when tuned
     # Set when the family's default flags failed and `flags` are its safer fallback
@@ -246,6 +277,7 @@ class Artifact:
     # The backend that built it and runs it (`hxc compile --backends`): iree, onnxruntime,
     # inductor. A reader that predates this field would take any artifact for IREE's.
     engine: str = "iree"
+    quantization: Quantization | None = None  # precision int8 / int4 (4.3)
 
 
 @dataclass(frozen=True)

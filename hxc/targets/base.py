@@ -106,7 +106,8 @@ class TargetFamily:
     backend: str  # IREE compiler backend
     drivers: tuple[str, ...]  # HAL drivers that run this family's artifacts, preferred first
     variants: tuple[Variant, ...]
-    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")  # what its code generator supports
+    # What its code generator supports (int8 / int4: float32 code over integer weights).
+    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int4")
     # Whether its IREE driver runs a dispatch whose buffers are empty (a dimension that
     # is 0 at run time). Measured True for the CPU drivers; see vulkan.py for the one
     # that does not. CUDA and HIP are left to the device (not measured: no GPU here).

@@ -1,0 +1,226 @@
+"""Weight-only quantisation of a language model (`hxc compile --precision int8,int4`).
+
+Each `nn.Linear` of the decoder layers (and GPT-2's `Conv1D`, its transposed Linear),
+and the LM head, is replaced by a `QuantLinear`: the weight stored as signed integers
+in groups of `group_size` input features, each group with its own float32 scale
+(symmetric: w ~= q * scale, q in -(2^(b-1)-1)..2^(b-1)-1; W8A32 / W4A32: activations
+stay float32). int8 keeps one int8 per weight; int4 packs two weights per uint8 (the
+low nibble the even feature, the high nibble the odd one, each stored as q + 8). The
+forward dequantises (`q.float() * scale`, group by group) and multiplies, so
+torch.export hands IREE int8/uint8 globals and the weights archive holds the packed
+bytes; IREE then fuses the dequantisation into the matmul's dispatch.
+
+The token embedding stays float32: a lookup reads one row per token, so its bytes cost
+memory but no decode time (see README "Quantised weights" for the measured sizes).
+
+How far a quantised model strays from float32 is measured here, in PyTorch, at compile
+time (`measure`): over a fixed set of prompts, each continued greedily by the float32
+model (Hugging Face's `generate(do_sample=False)`), the quantised model is given the
+same tokens and its logits are compared step by step: the share of steps whose greedy
+token is the float32 model's, the largest logit difference, and that difference over
+the largest float32 logit (the artifact's `precision_error`, what `--tolerance` reads).
+The first prompt is the bundle's greedy reference (`LanguageModel.greedy_reference`),
+so `hxc verify`, which runs that prompt through each artifact, can hold a quantised
+artifact to the difference recorded for it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hxc.dtypes import WEIGHT_BITS
+from hxc.errors import UsageError
+from hxc.manifests.schema import Quantization
+
+# Input features per scale, unless `--group-size` says otherwise (a layer whose width it
+# does not divide uses the largest divisor of its width below it). Chosen by
+# measurement (benchmarks/llm_precision.py): see the README's "Quantised weights".
+DEFAULT_GROUP_SIZE = 128
+# The fixed prompts of the error measurement after the greedy reference's: texts for a
+# model with a tokenizer, else seeded random ids of these lengths.
+PROMPT_TEXTS = (
+    "Once upon a time, in a small village by the sea, there lived",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "The capital of France is Paris. The capital of Germany is",
+)
+PROMPT_LENGTHS = (12, 16, 10)
+# Greedy tokens per prompt that the measurement compares.
+MEASURED_TOKENS = 16
+
+
+def _group(width: int, group_size: int) -> int:
+    """The largest divisor of `width` not above `group_size` (even, for int4's pairs,
+    when one exists)."""
+    divisors = [d for d in range(min(group_size, width), 0, -1) if width % d == 0]
+    return next((d for d in divisors if d % 2 == 0), divisors[0])
+
+
+class QuantLinear(torch.nn.Module):
+    """y = x @ dequant(q).T + bias, with q and per-group scales as buffers (see the
+    module docstring for the layout)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        self.bits = bits
+        self.group = _group(self.in_features, group_size)
+        if bits == 4 and self.group % 2:
+            raise UsageError(f"int4 packs weights in pairs: a layer {self.in_features} features wide has no even group size")
+        qmax = 2 ** (bits - 1) - 1
+        groups = w.reshape(self.out_features, self.in_features // self.group, self.group)
+        scales = groups.abs().amax(dim=-1) / qmax
+        scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+        q = torch.round(groups / scales[..., None]).clamp(-qmax, qmax).to(torch.int8)
+        if bits == 4:
+            u = (q + 8).to(torch.uint8).reshape(self.out_features, -1, 2)
+            q = u[..., 0] | (u[..., 1] << 4)  # [out, in / 2]
+        else:
+            q = q.reshape(self.out_features, self.in_features)
+        self.register_buffer("qweight", q.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        if bits == 4:
+            # The nibbles' shifts, as a buffer so the unpacking is one elementwise op.
+            self.register_buffer("shifts", torch.tensor([0, 4], dtype=torch.uint8), persistent=False)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [out, in] the stored integers stand for."""
+        o, g = self.out_features, self.group
+        if self.bits == 4:
+            # bitwise_right_shift, not `>>`: aten.__rshift__ has no IREE lowering.
+            nibbles = torch.bitwise_right_shift(self.qweight[..., None], self.shifts) & 15  # [out, in / 2, 2]
+            q = nibbles.to(torch.float32) - 8.0
+        else:
+            q = self.qweight.to(torch.float32)
+        return (q.reshape(o, -1, g) * self.scales[..., None]).reshape(o, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.dequantized(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group}"
+
+
+def _linear_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [out, in], bias) of a Linear or of transformers' Conv1D (GPT-2: y = x @ W + b,
+    W [in, out]); None for any other module."""
+    if isinstance(module, torch.nn.Linear):
+        return module.weight, module.bias
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.t(), module.bias
+    return None
+
+
+def quantize_model(model: torch.nn.Module, precision: str, group_size: int = DEFAULT_GROUP_SIZE,
+                   lm_head: bool = True) -> tuple[str, ...]:  # fmt: skip
+    """Replace, in place, every Linear (or Conv1D) of `model` (a transformers causal LM)
+    but the embeddings by a QuantLinear of `precision` (int8, int4); the LM head too
+    when `lm_head`. Returns the names of the modules replaced."""
+    bits = WEIGHT_BITS[precision]
+    if group_size < 1:
+        raise UsageError(f"the group size must be at least 1, not {group_size}")
+    head = model.get_output_embeddings()
+    replaced = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            found = _linear_weight(child)
+            if found is None or (child is head and not lm_head):
+                continue
+            setattr(module, child_name, QuantLinear(*found, bits, group_size))
+            replaced.append(f"{name}.{child_name}" if name else child_name)
+    return tuple(replaced)
+
+
+@dataclass(frozen=True)
+class QuantError:
+    """A quantised model against float32 over the measurement's prompts (`measure`)."""
+
+    agreement: float  # share of steps whose greedy token is float32's
+    tokens: int  # steps compared (prompts x MEASURED_TOKENS)
+    prompts: int
+    max_logit_diff: float  # max |logits - logits_fp32|
+    relative: float  # max_logit_diff / max |logits_fp32|
+
+
+def _greedy(model: torch.nn.Module, ids: Sequence[int], steps: int) -> list[int]:
+    """Hugging Face's greedy continuation (no end-of-sequence stop, no logits processor:
+    as `CausalLM.greedy_reference`)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([list(ids)]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             generation_config=config)  # fmt: skip
+    return out[0, len(ids):].tolist()
+
+
+def _teacher_forced(model: torch.nn.Module, prompt: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+    """Logits [len(tokens), vocab] of the steps that chose `tokens` after `prompt`, each
+    step given the tokens before it."""
+    seq = torch.tensor([[*prompt, *tokens[:-1]]])
+    with torch.no_grad():
+        return model(seq).logits[0, len(prompt) - 1:].float()
+
+
+def prompts(tokenizer_json: Any, vocab: int) -> list[list[int]]:
+    """The measurement's prompts after the greedy reference's: PROMPT_TEXTS through the
+    bundle's tokenizer, or seeded random ids without one."""
+    if tokenizer_json is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_json))
+        return [tok.encode(t).ids for t in PROMPT_TEXTS]
+    rng = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (n,), generator=rng).tolist() for n in PROMPT_LENGTHS]
+
+
+def measure(reference: torch.nn.Module, quantized: torch.nn.Module,
+            cases: Sequence[tuple[Sequence[int], Sequence[int]]]) -> QuantError:
+    """`quantized` against `reference` (float32) on `cases`, each a prompt and the
+    reference's greedy tokens after it."""
+    agree = total = 0
+    worst = peak = 0.0
+    for prompt, tokens in cases:
+        want = _teacher_forced(reference, prompt, tokens)
+        got = _teacher_forced(quantized, prompt, tokens)
+        agree += int((got.argmax(-1) == torch.tensor(list(tokens))).sum())
+        total += len(tokens)
+        worst = max(worst, float((got - want).abs().max()))
+        peak = max(peak, float(want.abs().max()))
+    return QuantError(agree / total, total, len(cases), worst, worst / peak if peak else 0.0)
+
+
+def quantized_language_model(lm: Any, precision: str, group_size: int | None,
+                             workdir: Path) -> tuple[Any, Quantization, float]:  # fmt: skip
+    """A CausalLM over a quantised copy of `lm`'s model (`lm` is left as it was), the
+    manifest's record of it, and its error relative to the largest float32 logit
+    (`Artifact.precision_error`)."""
+    from hxc.compiler.causal_lm import CausalLM, save_tokenizer
+    from hxc.manifests.schema import TOKENIZER_DIR
+
+    if not isinstance(lm, CausalLM):
+        raise UsageError(f"--precision {precision} quantises the weights of language models only",
+                         hint="build fp16 or bf16 for other models")  # fmt: skip
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    model = copy.deepcopy(lm.model)
+    replaced = quantize_model(model, precision, group_size)
+    quantized = CausalLM(model, lm.layout.slots, lm.layout.max_context, lm.cache_write, lm.prefill_chunk)
+    quantized.tokenizer = getattr(lm, "tokenizer", None)
+    # The greedy reference's prompt as the fp32 import records it (the same tokenizer file).
+    tokenizer_json = save_tokenizer(quantized.tokenizer, workdir / "measure-tokenizer").get(f"{TOKENIZER_DIR}/tokenizer.json")
+    ref, _ = lm.greedy_reference(tokenizer_json)
+    cases = [(ref.prompt_token_ids, ref.token_ids)]
+    cases += [(p, _greedy(lm.model, p, MEASURED_TOKENS)) for p in prompts(tokenizer_json, lm.vocab)]
+    err = measure(lm.model, model, cases)
+    record = Quantization(bits=WEIGHT_BITS[precision], group_size=group_size, modules=len(replaced),
+                          lm_head=isinstance(model.get_output_embeddings(), QuantLinear),
+                          greedy_agreement=round(err.agreement, 4), greedy_tokens=err.tokens, greedy_prompts=err.prompts,
+                          max_logit_diff=err.max_logit_diff)  # fmt: skip
+    return quantized, record, err.relative
