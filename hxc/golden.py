@@ -26,12 +26,13 @@ class Comparison:
     ok: bool
 
 
-def compare(actual: np.ndarray, expected: np.ndarray, name: str) -> Comparison:
+def compare(actual: np.ndarray, expected: np.ndarray, name: str,
+            tolerance: tuple[float, float] | None = None) -> Comparison:  # fmt: skip
     """Outputs of hxc dtype `name` against the reference, at that dtype's tolerance
-    (`hxc.dtypes`); integers and booleans must match exactly."""
+    (`hxc.dtypes`) or the (atol, rtol) given; integers and booleans must match exactly."""
     if actual.shape != expected.shape:
         return Comparison(float("inf"), float("inf"), False)
-    tolerance = dtype(name).tolerance
+    tolerance = tolerance or dtype(name).tolerance
     if tolerance is None:
         diff = np.abs(actual.astype(np.int64) - expected.astype(np.int64))
         worst = float(diff.max()) if diff.size else 0.0
