@@ -222,6 +222,8 @@ def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Pr
         # plain IREE does, and kept f64 scalars break CUDA reductions ("failed to
         # distribute" at every layer_norm).
         plan = replace(plan, flags=tuple(f for f in plan.flags if f != KEEP_F64))
+    if job.flags is None and (extra := fam.precision_flags(job.precision)):
+        plan = replace(plan, flags=(*plan.flags, *extra))
     if job.extra:
         plan = replace(plan, flags=(*plan.flags, *job.extra))
     result = _compile_plan(job, plan, workdir, cache, procs, t0)

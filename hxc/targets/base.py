@@ -163,6 +163,11 @@ class TargetFamily:
         first is the default build. Families with nothing to tune return just that."""
         return [("default", plan.flags)]
 
+    def precision_flags(self, precision: str) -> tuple[str, ...]:
+        """Flags the family adds for artifacts of `precision` (after the variant's own):
+        how its code generator best handles that precision's code."""
+        return ()
+
     # -- shared helpers ------------------------------------------------------------
 
     def variant(self, name: str) -> Variant | None:
