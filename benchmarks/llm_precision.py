@@ -1,7 +1,11 @@
 """Weight-only quantisation of language models: weights.irpa bytes and decode step time
 (batch 1) of fp32, int8 and int4 artifacts built by `hxc compile --precision
 fp32,int8,int4` (cpu:host), on local-task with 1 and 2 threads, and each quantised
-artifact's recorded error against float32.
+artifact's recorded error against float32. A fourth contender, `fp32-stack64`, is fp32
+built with the stack limit the quantised artifacts get
+(`--iree-flag cpu:--iree-llvmcpu-stack-allocation-limit=65536`, see hxc/targets/cpu.py):
+where data tiling fails on the attention at the default limit, hxc's own fp32 artifact
+falls back to no data tiling, and this one says what fp32 gains from the same flag.
 
     PYTHONPATH=. python benchmarks/llm_precision.py                  # tiny + 100M, writes the JSON below
     PYTHONPATH=. python benchmarks/llm_precision.py --models tiny --rounds 3 --no-write
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 
 PRECISIONS = ("fp32", "int8", "int4")
+STACK64 = "--iree-llvmcpu-stack-allocation-limit=65536"
 PROMPT_TOKENS = 32
 DECODE_STEPS = 64
 RESULTS = Path(__file__).parent / "results" / "llm_precision.json"
@@ -61,24 +66,33 @@ def build(source: Path, out: Path, group_size: int | None) -> dict:
     from hxc.manifests import read_manifest
     from hxc.manifests.schema import to_json
 
+    options = ImportOptions(max_context=256, group_size=group_size)
     t = time.perf_counter()
-    result = build_bundle(str(source), out, "cpu:host", precisions=PRECISIONS, use_cache=False,
-                          options=ImportOptions(max_context=256, group_size=group_size))  # fmt: skip
+    result = build_bundle(str(source), out, "cpu:host", precisions=PRECISIONS, use_cache=False, options=options)
     if not result.written:
         raise SystemExit(f"build failed: {[b.error for b in result.failed]}")
+    compile_s = time.perf_counter() - t
+    stack64 = build_bundle(str(source), out.with_suffix(".stack64.hxc"), "cpu:host", use_cache=False, options=options,
+                           extra_flags=[("cpu", STACK64)])  # fmt: skip
+    if not stack64.written:
+        raise SystemExit(f"build failed: {[b.error for b in stack64.failed]}")
     m = read_manifest(out)
     arts = {a.precision: a for a in m.ok_artifacts}
     return {
-        "compile_s": round(time.perf_counter() - t, 1),
+        "compile_s": round(compile_s, 1),
         "weights_bytes": {w.precision: w.size for w in m.weights},
         "artifact_bytes": {p: a.size for p, a in arts.items()},
+        # The flags each artifact was built with, and when the family's defaults failed, why.
+        "data_tiling": {**{p: "--iree-opt-data-tiling" in a.flags for p, a in arts.items()},
+                        "fp32-stack64": "--iree-opt-data-tiling" in stack64.manifest.ok_artifacts[0].flags},
+        "fallback": {p: a.fallback for p, a in arts.items() if a.fallback},
         "error": {p: {"precision_error": a.precision_error, **to_json(a.quantization)}
                   for p, a in arts.items() if a.quantization is not None},
     }  # fmt: skip
 
 
 def child(bundle: str, threads: int, rounds: int) -> None:
-    """Time decode per precision, interleaved; print {precision: [ms per token, ...]}."""
+    """Time decode per contender, interleaved; print {contender: [ms per token, ...]}."""
     import iree.runtime as rt
 
     rt.flags.parse_flags(f"--task_topology_max_group_count={threads}")
@@ -89,10 +103,11 @@ def child(bundle: str, threads: int, rounds: int) -> None:
     models = {p: hxc.runtime.load(bundle, device="local-task", precision=p, strict=True) for p in PRECISIONS}
     for p, m in models.items():
         assert m.artifact.precision == p, (p, m.artifact.id)
+    models["fp32-stack64"] = hxc.runtime.load(Path(bundle).with_suffix(".stack64.hxc"), device="local-task", strict=True)
     states = {p: m.new_state() for p, m in models.items()}
-    vocab = next(iter(models.values())).manifest.language_model.vocab_size
+    vocab = models["fp32"].manifest.language_model.vocab_size
     prompt = np.random.default_rng(0).integers(2, vocab, PROMPT_TOKENS).tolist()
-    times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    times: dict[str, list[float]] = {p: [] for p in models}
     for _ in range(rounds + 1):
         for p, m in models.items():
             r = m.generate(prompt, DECODE_STEPS + 1, stop_token_ids=[], state=states[p]).result()
@@ -128,7 +143,8 @@ def main() -> None:
             med = {p: statistics.median(ts[1:]) for p, ts in times.items()}
             record["decode_ms"][f"{threads} thread{'s' if threads > 1 else ''}"] = {
                 **{p: round(v, 3) for p, v in med.items()},
-                **{f"{p}_speedup": round(med["fp32"] / med[p], 2) for p in PRECISIONS if p != "fp32"},
+                **{f"{p}_speedup": round(med["fp32"] / med[p], 2) for p in ("int8", "int4")},
+                **{f"{p}_speedup_vs_fp32_stack64": round(med["fp32-stack64"] / med[p], 2) for p in ("int8", "int4")},
             }
         out["models"][name] = record
         print(json.dumps({name: record}, indent=2), flush=True)

@@ -241,7 +241,10 @@ def main(verbose: int) -> None:
 @click.option("-p", "--precision", "precisions", type=CommaList("LIST", choices=tuple(PRECISIONS)), default="fp32",
               show_default=True,
               help="Compute precisions to build, e.g. fp32,fp16,bf16: one artifact per target and precision, same "
-                   "interface. The loader picks a reduced one only when allowed.")  # fmt: skip
+                   "interface. Language models also build int8 and int4 (weight-only quantisation). The loader "
+                   "picks a reduced one only when allowed.")  # fmt: skip
+@click.option("--group-size", type=click.IntRange(min=1), default=None, metavar="N",
+              help="int8/int4: input features per scale. [default: 128]")
 @click.option("--tune", is_flag=True,
               help="For targets this host can run, try the family's alternative flag sets, time each here, and keep "
                    "the fastest (the search is recorded in the manifest).")  # fmt: skip
@@ -259,7 +262,7 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def compile(model: str, output: Path | None, targets: str, backends: str, inputs: tuple[str, ...], dynamic_batch: bool,
-            example: Path | None, allow_pickle: bool, weights: str, precisions: list[str], tune: bool,
+            example: Path | None, allow_pickle: bool, weights: str, precisions: list[str], group_size: int | None, tune: bool,
             iree_flags: tuple[str, ...], max_context: int | None, slots: int, allow_partial: bool, jobs: int | None,
             no_cache: bool, cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one artifact per target (and backend).
@@ -287,7 +290,8 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
 
     out = output or Path(frontends.recognise(model).model_name(model) + ".hxc")
     options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights,  # type: ignore[arg-type]
-                            example=str(example) if example else None, max_context=max_context, slots=slots)
+                            example=str(example) if example else None, max_context=max_context, slots=slots,
+                            group_size=group_size)
     with ui.CompileProgress(enabled=not as_json) as progress:
         result = build_bundle(
             model, out, variants, backends=backends, options=options, precisions=precisions, allow_partial=allow_partial,
@@ -487,7 +491,8 @@ DEVICE_OPTION = click.option(
     "-d", "--device", envvar="HXC_DEVICE", default=None,
     help="Force a device: a driver (vulkan, local-task, cuda, hip), a family (cpu) or an artifact id. [env: HXC_DEVICE]",
 )  # fmt: skip
-PRECISION_OPTION = click.option("--precision", default=None, help="Allow reduced-precision artifacts of this precision (fp16, bf16).")
+PRECISION_OPTION = click.option("--precision", default=None,
+                                help="Allow reduced-precision artifacts of this precision (fp16, bf16, int8, int4).")
 TOLERANCE_OPTION = click.option("--tolerance", type=float, default=None,
                                 help="Allow reduced-precision artifacts whose recorded error vs fp32 is at most this.")  # fmt: skip
 POLICY_OPTION = click.option("--policy", type=LazyChoice(lambda: importlib.import_module("hxc.runtime.select").POLICIES), default="latency", show_default=True,
@@ -711,11 +716,13 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
 @click.option("--truncate", is_flag=True,
               help="Drop tokens from the start of a prompt too long for the context, to leave room for -n tokens.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-sequence tokens.")
+@PRECISION_OPTION
+@TOLERANCE_OPTION
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def generate(bundle: Path, prompt: str, max_new_tokens: int, device: str | None, temperature: float, top_k: int,
              top_p: float, seed: int | None, token_ids: bool, chat: bool, stops: tuple[str, ...], truncate: bool,
-             ignore_eos: bool, as_json: bool) -> None:  # fmt: skip
+             ignore_eos: bool, precision: str | None, tolerance: float | None, as_json: bool) -> None:  # fmt: skip
     """Generate text after PROMPT with a language-model BUNDLE, streamed to stdout.
 
     \b
@@ -723,6 +730,7 @@ def generate(bundle: Path, prompt: str, max_new_tokens: int, device: str | None,
     hxc generate llm.hxc "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 1 --device vulkan
     hxc generate llm.hxc 1,306,4966 --token-ids --json
     hxc generate llm.hxc "What is a compiler?" --chat --stop "</s>"
+    hxc generate llm.hxc "Once upon a time" --precision int4    # a quantised artifact (hxc compile --precision int4)
     """
     from hxc import runtime, ui
 
@@ -737,7 +745,7 @@ def generate(bundle: Path, prompt: str, max_new_tokens: int, device: str | None,
             raise UsageError(f"--token-ids: {prompt!r} is not a comma-separated list of integers") from None
     elif chat:
         given, messages = None, _chat_messages(prompt)
-    model = runtime.load(bundle, device=device, **_trust_args())
+    model = runtime.load(bundle, device=device, precision=precision, tolerance=tolerance, **_trust_args())
     stream = model.generate(given, max_new_tokens, messages=messages, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=list(stops), stop_token_ids=[] if ignore_eos else None, truncate=truncate)  # fmt: skip
     for piece in stream:

@@ -10,7 +10,10 @@ A language model is checked by generation instead: the prompt of its greedy refe
 (recorded at compile time, `LanguageModel.greedy_reference`) runs through `prefill` and
 `decode` as `generate` runs it, and every step's logits must match Hugging Face's
 (golden.npz) and every greedy token Hugging Face's, but where Hugging Face's own logits
-tie within the tolerance; the first differing token is reported with its position.
+tie within the tolerance; the first differing token is reported with its position. A
+weight-only int8 / int4 artifact's logits may differ from Hugging Face's float32 ones by
+the largest difference its quantisation recorded at compile time (`Quantization`), and
+its tokens only where that difference could flip them.
 
 The same tolerances (`hxc.dtypes`) serve `hxc verify`, `hxc compile --tune` and the
 test suite, so "matches the reference" means one thing everywhere.

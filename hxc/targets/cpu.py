@@ -39,11 +39,16 @@ COMMON_FLAGS = (
 # layers at batch 1, one thread: IREE 3.13 keeps every producer out of a CPU matmul's
 # dispatch unless told otherwise, so the int8 -> f32 conversion ran as its own dispatch,
 # writing the float weights each call (3.5-8x slower than fp32); with fusion allowed it
-# runs inside the matvec, reading int8 (2.4-2.8x faster than fp32). int4's nibbles are
-# unpacked to int8 once, at load (a constant expression IREE hoists into an
-# initializer when its growth is allowed): unpacking every call cost 40 ms against
-# 4.5 ms for int8 weights.
-_FUSE_DEQUANT = ("--iree-dispatch-creation-block-matmul-producer-fusion=false",)
+# runs inside the data-tiled matvec, reading int8 (2.4-2.8x faster than fp32). Without
+# data tiling the fused matvec is a plain reduction (18 ms against 5 ms), and data
+# tiling fails on a language model's prefill attention from hidden 768 ("exceeded stack
+# allocation limit of 32768 bytes", 37 KB for Llama's 12 heads at context 256: the
+# fallback then drops data tiling), so these artifacts allow 64 KiB of stack per
+# dispatch (IREE's workers have 128 KiB). int4's nibbles are unpacked to int8 once, at
+# load (a constant expression IREE hoists into an initializer when its growth is
+# allowed): unpacking every call cost 40 ms against 4.5 ms for int8 weights.
+_FUSE_DEQUANT = ("--iree-dispatch-creation-block-matmul-producer-fusion=false",
+                 "--iree-llvmcpu-stack-allocation-limit=65536")  # fmt: skip
 QUANTIZED_FLAGS = {"int8": _FUSE_DEQUANT,
                    "int4": (*_FUSE_DEQUANT, f"--iree-opt-const-expr-max-size-increase-threshold={1 << 40}")}  # fmt: skip
 
