@@ -200,6 +200,7 @@ def test_other_models_are_refused_in_one_line(models, cli, tmp_path):
     result = cli("compile", "hxc.examples:convnet", "-t", "cpu:host", "--precision", "int8", "-o", tmp_path / "b.hxc")
     assert result.exit_code == 2
     assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [
-        "error: hxc.examples:convnet: --precision int8 quantises the weights of language models only; this model is not one"
+        "error: hxc.examples:convnet: --precision int8 quantises the weights of language models only; this model is not "
+        "one (build fp16 or bf16 for other models)"
     ]
     assert not (tmp_path / "b.hxc").exists()
