@@ -34,7 +34,7 @@ from hxc.frontends import Frontend
 from hxc.frontends.base import one_export_per_build
 from hxc.manifests.bundle import (copy_hashed, file_hash, file_sha256, name_write_errors, private_dir, remove_stale,
                                   write_manifest)
-from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Signature, Weights, from_json, to_json
+from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Quantization, Signature, Weights, from_json, to_json
 from hxc.targets import Variant, extra_flags_for, family, resolve
 
 
@@ -331,6 +331,7 @@ def _cache_import(cache: ImportCache, key: str, m: ImportedModel, workdir: Path)
         "ir_name": m.mlir.name, "precision": m.precision, "precision_error": m.precision_error,
         "golden_reference": m.golden_reference, "golden_note": m.golden_note, "weight_dtypes": list(m.weight_dtypes),
         "int64_constants": m.int64_constants,
+        "quantization": to_json(m.quantization),
     }  # fmt: skip
     cache.put(key, files, meta)
 
@@ -357,6 +358,7 @@ def _imported_from_cache(entry: Path, source: str) -> ImportedModel:
         golden_note=meta.get("golden_note"),
         weight_dtypes=tuple(meta.get("weight_dtypes", ())),
         int64_constants=meta.get("int64_constants", False),
+        quantization=from_json(Quantization, q) if (q := meta.get("quantization")) is not None else None,
         timings={"import (cached)": 0.0},
     )
 

@@ -3,15 +3,18 @@
 Each `nn.Linear` of the decoder layers (and GPT-2's `Conv1D`, its transposed Linear),
 and the LM head, is replaced by a `QuantLinear`: the weight stored as signed integers
 in groups of `group_size` input features, each group with its own float32 scale
-(symmetric: w ~= q * scale, q in -(2^(b-1)-1)..2^(b-1)-1; W8A32 / W4A32: activations
-stay float32). int8 keeps one int8 per weight; int4 packs two weights per uint8 (the
-low nibble the even feature, the high nibble the odd one, each stored as q + 8). The
-forward dequantises (`q.float() * scale`, group by group) and multiplies, so
-torch.export hands IREE int8/uint8 globals and the weights archive holds the packed
-bytes; IREE then fuses the dequantisation into the matmul's dispatch.
+(symmetric: w ~= q * scale, q in -(2^(b-1)-1)..2^(b-1)-1; W8A32 / W4A32: activations,
+the KV cache and the compute stay float32). `qweight` is int8 [out, groups, group]; for
+int4 it is [out, groups, group / 2], two weights per byte as two's complement nibbles
+(the low nibble the even feature, the high one the odd), unpacked by arithmetic shifts
+(`(byte << [4, 0]) >> 4`). torch.export thus hands IREE int8 globals and the weights
+archive holds the packed bytes. How the exported forward is shaped so that IREE fuses
+the int8 -> float conversion into the matvec, and why int4 is unpacked to int8 at load
+on the CPU: `QuantLinear.forward` and hxc/targets/cpu.py (QUANTIZED_FLAGS).
 
 The token embedding stays float32: a lookup reads one row per token, so its bytes cost
-memory but no decode time (see README "Quantised weights" for the measured sizes).
+memory but no decode time. A model whose LM head shares the embedding's weight (GPT-2)
+keeps the float32 embedding and gets a quantised copy for the head.
 
 How far a quantised model strays from float32 is measured here, in PyTorch, at compile
 time (`measure`): over a fixed set of prompts, each continued greedily by the float32
