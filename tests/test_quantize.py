@@ -91,8 +91,8 @@ def test_every_target_builds_each_precision_and_records_its_quantisation(bundle)
     assert set(ids) == {f"{t}{p}" for t in ("cpu:host", "vulkan:spirv") for p in ("", "@int8", "@int4")}
     for precision, bits in (("int8", 8), ("int4", 4)):
         q = ids[f"cpu:host@{precision}"].quantization
-        # 2 layers x 7 Linear layers, and the LM head.
-        assert (q.bits, q.group_size, q.modules, q.lm_head, q.scale_dtype) == (bits, GROUP, 15, True, "f32")
+        # 2 layers x 7 Linear layers, the LM head and the token embedding.
+        assert (q.bits, q.group_size, q.modules, q.lm_head, q.embeddings, q.scale_dtype) == (bits, GROUP, 16, True, True, "f32")
         assert (q.greedy_prompts, q.greedy_tokens) == (4, 64)
         assert ids[f"vulkan:spirv@{precision}"].quantization == q
     assert ids["cpu:host"].quantization is None
@@ -102,7 +102,7 @@ def test_every_target_builds_each_precision_and_records_its_quantisation(bundle)
 
 def test_the_archives_hold_the_packed_bytes(bundle, hf):
     """weights-int8.irpa and weights-int4.irpa hold the quantised model's buffers (int8
-    weights, float32 scales, the float32 embedding), not float weights."""
+    weights and embedding rows, float32 scales and norms), not float weights."""
     m = read_manifest(bundle)
     sizes = {w.precision: w.size for w in m.weights}
     assert {w.precision: w.file for w in m.weights} == {"fp32": "weights.irpa", "int8": "weights-int8.irpa",
@@ -204,3 +204,20 @@ def test_other_models_are_refused_in_one_line(models, cli, tmp_path):
         "one (build fp16 or bf16 for other models)"
     ]
     assert not (tmp_path / "b.hxc").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_embedding_looks_up_quantised_rows_and_a_tied_head_shares_them(family):
+    import copy
+
+    from hxc.compiler.quantize import QuantEmbedding
+    from hxc.examples.llm import tiny_model
+
+    model = tiny_model(family, 384)
+    q = copy.deepcopy(model)
+    quantize_model(q, "int4", GROUP)
+    table, head = q.get_input_embeddings(), q.get_output_embeddings()
+    assert isinstance(table, QuantEmbedding) and isinstance(head, QuantLinear)
+    assert (table.weights is head) == (family == "gpt2")  # GPT-2 ties its head to the embedding
+    ids = torch.tensor([[3, 5, 7, 300]])
+    torch.testing.assert_close(table(ids), table.weights.dequantized()[ids])

@@ -12,9 +12,10 @@ archive holds the packed bytes. How the exported forward is shaped so that IREE 
 the int8 -> float conversion into the matvec, and why int4 is unpacked to int8 at load
 on the CPU: `QuantLinear.forward` and hxc/targets/cpu.py (QUANTIZED_FLAGS).
 
-The token embedding stays float32: a lookup reads one row per token, so its bytes cost
-memory but no decode time. A model whose LM head shares the embedding's weight (GPT-2)
-keeps the float32 embedding and gets a quantised copy for the head.
+The token embedding is quantised the same way (`QuantEmbedding`: a lookup gathers
+integer rows and dequantises them): it costs no decode time either way, but float32 it
+was 98 MB of the 100M-parameter Llama's 157 MB int4 archive. A model whose LM head
+shares the embedding's weight (GPT-2) keeps one integer table for both.
 
 How far a quantised model strays from float32 is measured here, in PyTorch, at compile
 time (`measure`): over a fixed set of prompts, each continued greedily by the float32
@@ -124,6 +125,27 @@ class QuantLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group}"
 
 
+class QuantEmbedding(torch.nn.Module):
+    """A token embedding over the same integer rows and scales as `QuantLinear` (a row
+    per token: [vocab, groups, group]); a lookup gathers the rows and dequantises them.
+    `weights` may be the tied LM head's QuantLinear, whose buffers it then shares, so a
+    tied model stores the table once."""
+
+    def __init__(self, weights: QuantLinear, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.weights = weights
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        rows = w.qweight.index_select(0, ids.reshape(-1))
+        if w.bits == 4:
+            rows = torch.bitwise_right_shift(torch.bitwise_left_shift(rows[..., None], w.nibble_shifts), w.sign_shift)
+        scales = w.scales.index_select(0, ids.reshape(-1))
+        out = rows.reshape(-1, w.groups, w.group).to(torch.float32) * scales[..., None]
+        return out.reshape(*ids.shape, w.in_features)
+
+
 def _linear_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight [out, in], bias) of a Linear or of transformers' Conv1D (GPT-2: y = x @ W + b,
     W [in, out]); None for any other module."""
@@ -134,23 +156,31 @@ def _linear_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor 
     return None
 
 
-def quantize_model(model: torch.nn.Module, precision: str, group_size: int = DEFAULT_GROUP_SIZE,
-                   lm_head: bool = True) -> tuple[str, ...]:  # fmt: skip
+def quantize_model(model: torch.nn.Module, precision: str, group_size: int = DEFAULT_GROUP_SIZE, *,
+                   lm_head: bool = True, embeddings: bool = True) -> tuple[str, ...]:  # fmt: skip
     """Replace, in place, every Linear (or Conv1D) of `model` (a transformers causal LM)
-    but the embeddings by a QuantLinear of `precision` (int8, int4); the LM head too
-    when `lm_head`. Returns the names of the modules replaced."""
+    by a QuantLinear of `precision` (int8, int4): the LM head too when `lm_head`, and the
+    token embedding by a QuantEmbedding when `embeddings` (over the head's buffers when
+    the two share their weight). Returns the names of the modules replaced."""
     bits = WEIGHT_BITS[precision]
     if group_size < 1:
         raise UsageError(f"the group size must be at least 1, not {group_size}")
-    head = model.get_output_embeddings()
-    replaced = []
+    head, table = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and isinstance(table, torch.nn.Embedding) and getattr(head, "weight", None) is table.weight
+    replaced, quantised_head = [], None
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             found = _linear_weight(child)
             if found is None or (child is head and not lm_head):
                 continue
-            setattr(module, child_name, QuantLinear(*found, bits, group_size))
+            q = QuantLinear(*found, bits, group_size)
+            setattr(module, child_name, q)
             replaced.append(f"{name}.{child_name}" if name else child_name)
+            quantised_head = q if child is head else quantised_head
+    if embeddings and isinstance(table, torch.nn.Embedding):
+        rows = quantised_head if tied and quantised_head is not None else QuantLinear(table.weight, None, bits, group_size)
+        model.set_input_embeddings(QuantEmbedding(rows, table.padding_idx))
+        replaced.append("embeddings")
     return tuple(replaced)
 
 
@@ -237,6 +267,7 @@ def quantized_language_model(lm: Any, precision: str, group_size: int | None,
     err = measure(lm.model, model, cases)
     record = Quantization(bits=WEIGHT_BITS[precision], group_size=group_size, modules=len(replaced),
                           lm_head=isinstance(model.get_output_embeddings(), QuantLinear),
+                          embeddings=isinstance(model.get_input_embeddings(), QuantEmbedding),
                           greedy_agreement=round(err.agreement, 4), greedy_tokens=err.tokens, greedy_prompts=err.prompts,
                           max_logit_diff=err.max_logit_diff)  # fmt: skip
     return quantized, record, err.relative

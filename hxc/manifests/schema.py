@@ -218,8 +218,9 @@ class TuningTrial:
 class Quantization:
     """A weight-only quantised artifact (`hxc compile --precision int8,int4`,
     `hxc.compiler.quantize`): its Linear weights are `bits`-bit integers with one float32
-    scale per `group_size` input features (symmetric: w = q * scale); activations, the
-    KV cache and the token embedding stay float32. Its error is measured in PyTorch at
+    scale per `group_size` input features (symmetric: w = q * scale), and so are the
+    token embedding's rows when `embeddings`; activations and the KV cache stay
+    float32. Its error is measured in PyTorch at
     compile time against the float32 model over `greedy_prompts` prompts, each continued
     greedily by the float32 model for `greedy_tokens / greedy_prompts` tokens: each step
     given float32's tokens before it, the share whose greedy token is float32's, and the
@@ -228,8 +229,9 @@ class Quantization:
 
     bits: int  # 8 or 4 (two weights per byte)
     group_size: int  # input features per scale (a narrower layer: the largest divisor of its width below this)
-    modules: int  # Linear layers quantised
+    modules: int  # modules quantised: Linear layers, and the embedding when `embeddings`
     lm_head: bool  # whether the LM head is among them
+    embeddings: bool  # whether the token embedding is (a tied one shares the head's integers)
     greedy_agreement: float  # 0..1
     greedy_tokens: int
     greedy_prompts: int
