@@ -137,11 +137,18 @@ class QuantEmbedding(torch.nn.Module):
         self.padding_idx = padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        w = self.weights
-        rows = w.qweight.index_select(0, ids.reshape(-1))
-        if w.bits == 4:
-            rows = torch.bitwise_right_shift(torch.bitwise_left_shift(rows[..., None], w.nibble_shifts), w.sign_shift)
-        scales = w.scales.index_select(0, ids.reshape(-1))
+        w, flat = self.weights, ids.reshape(-1)
+        if torch.compiler.is_exporting():
+            # The whole table unpacked, then the rows: the unpacking is a constant
+            # expression IREE does once, at load, as for the Linear weights. Unpacking
+            # the gathered rows instead fused into the next residual add of the CPU
+            # prefill, whose dispatch then needed 98 KB of stack and lost data tiling.
+            rows = w.integers().index_select(0, flat)
+        else:
+            rows = w.qweight.index_select(0, flat)
+            if w.bits == 4:
+                rows = torch.bitwise_right_shift(torch.bitwise_left_shift(rows[..., None], w.nibble_shifts), w.sign_shift)
+        scales = w.scales.index_select(0, flat)
         out = rows.reshape(-1, w.groups, w.group).to(torch.float32) * scales[..., None]
         return out.reshape(*ids.shape, w.in_features)
 
