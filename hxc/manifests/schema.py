@@ -58,7 +58,12 @@ SCHEMA_VERSION: tuple[int, int] = (4, 2)
 # 2.2: Profile.generation (optional): what a language-model profile timed (time to the
 # first token of a prompt, or per output token); a 2.1 reader ignores it and sees
 # single-stream profiles at batch 1.
-PROFILES_SCHEMA_VERSION: tuple[int, int] = (2, 2)
+# 2.3: GenerationTiming.weights_bytes and .kv_bytes_per_token (optional): the memory the
+# artifact needs, beside its timings; and decode profiles at batch B > 1 (scenario
+# "offline": one decode call steps B sequences, `latency` per call, `items_per_second`
+# tokens per second), as a 2.2 reader already reads any offline profile. A 2.2 reader
+# ignores the new fields.
+PROFILES_SCHEMA_VERSION: tuple[int, int] = (2, 3)
 
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"  # written once by `hxc compile`, never changed after
@@ -278,10 +283,15 @@ class Conditions:
 class GenerationTiming:
     """What a language model's profile timed: `prefill`, a prompt of `prompt_tokens`
     in to its first token chosen (time to first token); or `decode`, one more token
-    each call after a prompt of `prompt_tokens` (time per output token)."""
+    each call after a prompt of `prompt_tokens` (time per output token) for each of the
+    profile's `batch` sequences. With the memory the artifact needs, which is what
+    sizes a device for it: its weights, and the KV cache per token of context (2.3;
+    None when recorded before)."""
 
     phase: Literal["prefill", "decode"]
     prompt_tokens: int
+    weights_bytes: int | None = None
+    kv_bytes_per_token: int | None = None
 
 
 @dataclass(frozen=True)
@@ -313,6 +323,16 @@ class Profile:
     # A language model's profile (`hxc bench` on an LLM bundle): what `latency` timed;
     # `throughput` is then calls per second (tokens per second for decode). None: a plain call.
     generation: GenerationTiming | None = None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """A language model's profile as tokens per second (None for any other): prompt
+        tokens through prefill, or tokens decoded (one per sequence of the batch), over
+        the mean call time."""
+        g = self.generation
+        if g is None or not self.latency.mean_ms:
+            return None
+        return (g.prompt_tokens if g.phase == "prefill" else self.batch) * 1000.0 / self.latency.mean_ms
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -397,11 +397,21 @@ def prefill(model: LoadedModel, lm: LanguageModel, ids: Sequence[int], state: Mo
 def decode(model: LoadedModel, lm: LanguageModel, token: int, position: int, state: ModelState, slot: int = 0) -> np.ndarray:
     """One `decode` step: `token` at `position` of `slot` (its keys and values written
     there), every other slot idle. The logits of the next token, (vocab,)."""
+    return decode_slots(model, lm, {slot: (token, position)}, state)[slot]
+
+
+def decode_slots(model: LoadedModel, lm: LanguageModel, steps: Mapping[int, tuple[int, int]], state: ModelState) -> np.ndarray:
+    """One `decode` call stepping several sequences at once: `steps` maps a slot to its
+    (token, position); the other slots are idle. The logits, (slots, vocab): a row per
+    slot, meaningless for the idle ones."""
+    if bad := [s for s in steps if not 0 <= s < lm.slots]:
+        raise UsageError(f"slot {bad[0]} is outside this bundle's {lm.slots} slot(s)")
     # Idle slots decode into the cache's scratch row (position max_context).
     tokens = np.zeros(lm.slots, np.int32)
     positions = np.full(lm.slots, lm.max_context, np.int32)
-    tokens[slot], positions[slot] = token, position
-    return model.call_flat("decode", [tokens, positions], state=state)[0][slot]
+    for slot, (token, position) in steps.items():
+        tokens[slot], positions[slot] = token, position
+    return model.call_flat("decode", [tokens, positions], state=state)[0]
 
 
 def _tokens(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_tokens: int, sampling: Sampling,
