@@ -396,11 +396,17 @@ class LlamaCppRunner:
         self.llm = llama_cpp.Llama(spec["gguf"], n_ctx=spec["context"], n_batch=TTFT_PROMPT, n_ubatch=TTFT_PROMPT,
                                    n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
         self.label = f"llama-cpp-python {llama_cpp.__version__}, {Path(spec['gguf']).stem.split('-')[-1]}"
+        self.vocab = self.llm.n_vocab()
+
+    def _next(self) -> int:
+        # The last evaluated token's logits, read in place (eval copies none without logits_all).
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,))
+        return int(np.argmax(logits))
 
     def _first(self, ids: list[int]) -> int:
         self.llm.reset()  # the cache from position 0 again (eval drops what lies past it)
         self.llm.eval(ids)
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return self._next()
 
     def ttft_ms(self, ids: list[int]) -> float:
         t = time.perf_counter()
@@ -412,7 +418,7 @@ class LlamaCppRunner:
         first = time.perf_counter()
         for _ in range(steps - 1):
             self.llm.eval([tokens[-1]])
-            tokens.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            tokens.append(self._next())
         return (steps - 1) / (time.perf_counter() - first), tokens
 
 
