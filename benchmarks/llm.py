@@ -51,6 +51,7 @@ caches) and is dropped. Results: benchmarks/results/llm.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import multiprocessing as mp
@@ -255,7 +256,7 @@ class Row:
     spec: dict  # what the worker loads
     bytes_per_token: int
     label: str = ""
-    samples: dict[str, list[float]] = field(default_factory=dict)
+    samples: dict[str, dict[int, float]] = field(default_factory=dict)  # measure -> round -> value
     tokens: list[int] = field(default_factory=list)  # its greedy decode tokens (for the agreement check)
     skipped: str | None = None
 
@@ -425,9 +426,9 @@ class LlamaCppRunner:
 # --- the run ----------------------------------------------------------------------------
 
 
-def measure(rows: list[Row], threads: int, rounds: int, vocab: int, settle: float = 0.2) -> list[float]:
-    """Interleaved rounds over every row (first round dropped); the copy bandwidth once
-    per round. Rows that fail are skipped with their reason."""
+def measure(rows: list[Row], threads: int, rounds: int, vocab: int, settle: float = 0.2) -> dict[int, float]:
+    """Interleaved rounds over every row (round 0 warms up and is dropped); the copy
+    bandwidth once per round, by round. Rows that fail are skipped with their reason."""
     rng = np.random.default_rng(0)
     prompts = {"ttft": rng.integers(3, vocab, TTFT_PROMPT).tolist(), "decode": rng.integers(3, vocab, DECODE_PROMPT).tolist()}
     workers: dict[str, Worker] = {}
@@ -440,7 +441,7 @@ def measure(rows: list[Row], threads: int, rounds: int, vocab: int, settle: floa
             row.skipped = str(e)
             w.close()
             print(f"  skipped {row.name}: {row.skipped}", file=sys.stderr, flush=True)
-    bandwidth = []
+    bandwidth: dict[int, float] = {}
     try:
         for r in range(rounds + 1):
             live = [row for row in rows if row.skipped is None]
@@ -460,16 +461,16 @@ def measure(rows: list[Row], threads: int, rounds: int, vocab: int, settle: floa
                         print(f"  skipped {row.name}: {row.skipped}", file=sys.stderr, flush=True)
                         continue
                     if r > 0:
-                        row.samples.setdefault(what, []).append(value)
+                        row.samples.setdefault(what, {})[r] = value
                     unit = "ms" if what == "ttft" else "tokens/s"
                     print(f"  round {r}/{rounds} {what} {row.name}: {value:.2f} {unit}", file=sys.stderr, flush=True)
             time.sleep(settle)
-            bandwidth.append(copy_bandwidth())
-            print(f"  round {r}/{rounds} copy bandwidth: {bandwidth[-1] / 1e9:.2f} GB/s", file=sys.stderr, flush=True)
+            bandwidth[r] = copy_bandwidth()
+            print(f"  round {r}/{rounds} copy bandwidth: {bandwidth[r] / 1e9:.2f} GB/s", file=sys.stderr, flush=True)
     finally:
         for w in workers.values():
             w.close()
-    return bandwidth[1:] if len(bandwidth) > 1 else bandwidth
+    return {r: b for r, b in bandwidth.items() if r > 0}
 
 
 def _ready(w: Worker) -> str:
@@ -500,7 +501,8 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,int8,int4",
                         help="hxc precisions to include, each beside its llama.cpp file (F32, Q8_0, Q4_0); "
                              "ones this hxc cannot build are skipped with a note")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", default=str(os.cpu_count() or 1),
+                        help="threads every row runs with; a list (1,2) runs the rows again at each")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="leave out HF torch.compile")
     parser.add_argument("--work", type=Path, default=Path("/tmp/hxc-llm-bench"),
@@ -508,6 +510,7 @@ def main() -> None:
     parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/llm.json")
     args = parser.parse_args()
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    args.threads = [int(t) for t in args.threads.split(",")]
     if bad := [p for p in precisions if p not in GGUF_OF]:
         parser.error(f"unknown precision {bad[0]!r}: one of {', '.join(GGUF_OF)}")
 
@@ -549,37 +552,48 @@ def main() -> None:
             rows.append(Row(f"llama.cpp {GGUF_OF[p]}", "llama.cpp", p, {"gguf": str(path), "context": args.context},
                             bytes_per_token_gguf(path)))  # fmt: skip
 
-    bandwidth = measure(rows, args.threads, args.rounds, args.vocab)
-    bw = statistics.median(bandwidth)
+    info = {**shape, "parameters": sum(int(np.prod(s)) for s in _shapes(model_dir)), "rounds": args.rounds,
+            "hxc_compile_s": round(compile_s, 1), "torch": torch.__version__,
+            "decode": f"{DECODE_STEPS} greedy tokens after a {DECODE_PROMPT}-token prompt, batch 1",
+            "ttft": f"a {TTFT_PROMPT}-token prompt to its first token"}  # fmt: skip
+    runs = []
+    for threads in args.threads:
+        print(f"{threads} thread(s) each:", file=sys.stderr, flush=True)
+        runs.append(run(copy.deepcopy(rows), threads, args.rounds, args.vocab))
+    data = {"model": info, "runs": runs, "notes": notes}
+    if not args.no_save:
+        print(f"wrote {save('llm', data)}", file=sys.stderr)
+    print("\n\n".join(_markdown(info, r) for r in runs))
+    print("\n".join(f"* {n}" for n in notes))
+
+
+def run(rows: list[Row], threads: int, rounds: int, vocab: int) -> dict:
+    """Every row at `threads` threads: the measurements, the ratios, the roofline."""
+    bandwidth = measure(rows, threads, rounds, vocab)
+    bw = statistics.median(bandwidth.values())
     reference = next((r for r in rows if r.name == "HF eager" and r.tokens), None)
     results = []
     for row in rows:
-        if row.skipped is not None or not row.samples:
+        if row.skipped is not None or not row.samples.get("decode") or not row.samples.get("ttft"):
             continue
-        tps, ttft = statistics.median(row.samples["decode"]), statistics.median(row.samples["ttft"])
-        roof = bw / row.bytes_per_token
+        decode, ttft = row.samples["decode"], row.samples["ttft"]
+        tps, ttft_ms = statistics.median(decode.values()), statistics.median(ttft.values())
+        # Each round's tokens/s against that round's bandwidth: load that came and went hits both.
+        fraction = statistics.median(decode[r] * row.bytes_per_token / bandwidth[r] for r in decode if r in bandwidth)
         results.append({
             "row": row.name, "label": row.label, "precision": row.precision,
-            "decode_tokens_per_s": round(tps, 2), "ttft_512_ms": round(ttft, 1),
-            "prefill_tokens_per_s": round(TTFT_PROMPT * 1000 / ttft, 1),
-            "weight_bytes_per_token": row.bytes_per_token, "roofline_tokens_per_s": round(roof, 2),
-            "roofline_fraction": round(tps / roof, 3),
+            "decode_tokens_per_s": round(tps, 2), "ttft_512_ms": round(ttft_ms, 1),
+            "prefill_tokens_per_s": round(TTFT_PROMPT * 1000 / ttft_ms, 1),
+            "weight_bytes_per_token": row.bytes_per_token, "roofline_tokens_per_s": round(bw / row.bytes_per_token, 2),
+            "roofline_fraction": round(fraction, 3),
             "tokens_agreeing_with_hf_eager": None if reference is None else _agreement(row.tokens, reference.tokens),
-            "decode_samples": [round(x, 2) for x in row.samples["decode"]],
-            "ttft_samples": [round(x, 1) for x in row.samples["ttft"]],
+            "decode_samples": {r: round(x, 2) for r, x in decode.items()},
+            "ttft_samples": {r: round(x, 1) for r, x in ttft.items()},
         })  # fmt: skip
-    by = {r["row"]: r for r in results}
-    ratios = _ratios(by)
-    skipped = [f"{r.name}: {r.skipped}" for r in rows if r.skipped is not None]
-    info = {**shape, "parameters": sum(int(np.prod(s)) for s in _shapes(model_dir)), "threads": args.threads,
-            "rounds": args.rounds, "hxc_compile_s": round(compile_s, 1), "torch": torch.__version__,
-            "copy_bandwidth_gb_s": round(bw / 1e9, 2), "copy_bandwidth_samples_gb_s": [round(b / 1e9, 2) for b in bandwidth],
-            "decode": f"{DECODE_STEPS} greedy tokens after a {DECODE_PROMPT}-token prompt, batch 1",
-            "ttft": f"a {TTFT_PROMPT}-token prompt to its first token"}  # fmt: skip
-    data = {"model": info, "results": results, "ratios": ratios, "notes": notes, "skipped": skipped}
-    if not args.no_save:
-        print(f"wrote {save('llm', data)}", file=sys.stderr)
-    print(_markdown(info, results, ratios, notes + skipped))
+    return {"threads": threads, "copy_bandwidth_gb_s": round(bw / 1e9, 2),
+            "copy_bandwidth_samples_gb_s": {r: round(b / 1e9, 2) for r, b in bandwidth.items()},
+            "results": results, "ratios": _ratios({row.name: row for row in rows}),
+            "skipped": [f"{r.name}: {r.skipped}" for r in rows if r.skipped is not None]}  # fmt: skip
 
 
 def _shapes(model_dir: Path) -> list[list[int]]:
@@ -589,30 +603,41 @@ def _shapes(model_dir: Path) -> list[list[int]]:
         return [f.get_slice(n).get_shape() for n in f.keys()]
 
 
-def _ratios(by: dict[str, dict]) -> list[dict]:
-    """hxc against each peer: decode tokens/s (theirs / ours inverted: above 1 means hxc
-    is faster) and TTFT (theirs / ours: above 1 means hxc answers first), with the goal."""
+def _paired(ours: dict[int, float], theirs: dict[int, float], higher_is_better: bool) -> float | None:
+    """The median over the rounds both ran in of ours/theirs (theirs/ours for times):
+    each round's pair ran back to back, so load that came and went between rounds
+    cancels (a ratio of medians would not)."""
+    pairs = [ours[r] / theirs[r] if higher_is_better else theirs[r] / ours[r] for r in ours if r in theirs]
+    return statistics.median(pairs) if pairs else None
+
+
+def _ratios(rows: dict[str, Row]) -> list[dict]:
+    """hxc against each peer, paired by round: decode tokens/s (above 1: hxc is faster)
+    and TTFT (above 1: hxc answers first), with the decode goal where the issue sets one."""
     pairs = [("hxc fp32", "HF eager", 2.0, True), ("hxc fp32", "HF compile", None, True),
              ("hxc fp32", "llama.cpp F32", 1.0, True), ("hxc int8", "llama.cpp Q8_0", 1.0, True),
              ("hxc int4", "llama.cpp Q4_0", None, False), ("hxc int4", "hxc fp32", 1.5, True)]  # fmt: skip
     out = []
     for ours, theirs, goal, like in pairs:
-        if ours not in by or theirs not in by:
+        a, b = rows.get(ours), rows.get(theirs)
+        if a is None or b is None or a.skipped or b.skipped or not a.samples or not b.samples:
             continue
-        a, b = by[ours], by[theirs]
-        decode = a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
-        ttft = b["ttft_512_ms"] / a["ttft_512_ms"]
+        decode = _paired(a.samples["decode"], b.samples["decode"], True)
+        ttft = _paired(a.samples["ttft"], b.samples["ttft"], False)
+        if decode is None or ttft is None:
+            continue
         out.append({"hxc": ours, "versus": theirs, "decode_ratio": round(decode, 2), "ttft_ratio": round(ttft, 2),
                     "decode_goal": goal, "decode_goal_met": None if goal is None else decode >= goal,
-                    "like_for_like": like})  # fmt: skip
+                    "ttft_goal_met": ttft >= 1.0 if theirs == "HF eager" else None, "like_for_like": like})  # fmt: skip
     return out
 
 
-def _markdown(info: dict, results: list[dict], ratios: list[dict], notes: list[str]) -> str:
+def _markdown(info: dict, run: dict) -> str:
+    results, ratios = run["results"], run["ratios"]
     lines = [f"Llama, {info['layers']} layers, hidden {info['hidden']}, {info['heads']} heads / {info['kv_heads']} KV heads, "
              f"vocab {info['vocab']} ({info['parameters'] / 1e6:.0f} M parameters, random weights), context {info['context']}; "
-             f"{info['threads']} threads each; medians of {info['rounds']} interleaved rounds; copy bandwidth "
-             f"{info['copy_bandwidth_gb_s']} GB/s (numpy, 2 threads)", "",
+             f"{run['threads']} thread(s) each; medians of {info['rounds']} interleaved rounds; copy bandwidth "
+             f"{run['copy_bandwidth_gb_s']} GB/s (numpy, 2 threads)", "",
              "| row | decode tokens/s (batch 1) | TTFT 512 (ms) | prefill tokens/s | weight MB read/token | "
              "roofline tokens/s | of roofline | greedy tokens = HF eager's |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
@@ -620,13 +645,18 @@ def _markdown(info: dict, results: list[dict], ratios: list[dict], notes: list[s
         lines.append(f"| {r['row']} | {r['decode_tokens_per_s']:.1f} | {r['ttft_512_ms']:.0f} | {r['prefill_tokens_per_s']:.0f} "
                      f"| {r['weight_bytes_per_token'] / 1e6:.0f} | {r['roofline_tokens_per_s']:.1f} "
                      f"| {100 * r['roofline_fraction']:.0f}% | {agree} |")  # fmt: skip
-    lines += ["", "| hxc | versus | decode (x, above 1: hxc faster) | TTFT 512 (x, above 1: hxc first) | goal |",
+    lines += ["", "Ratios, each the median over rounds of that round's pair:", "",
+              "| hxc | versus | decode (x, above 1: hxc faster) | TTFT 512 (x, above 1: hxc first) | goal |",
               "|---|---|---|---|---|"]
     for r in ratios:
-        goal = "-" if r["decode_goal"] is None else f"decode >= {r['decode_goal']}x: {'met' if r['decode_goal_met'] else 'not met'}"
+        goals = [] if r["decode_goal"] is None else [f"decode >= {r['decode_goal']}x: {'met' if r['decode_goal_met'] else 'not met'}"]
+        goals += [] if r["ttft_goal_met"] is None else [f"TTFT <= HF eager's: {'met' if r['ttft_goal_met'] else 'not met'}"]
+        goal = "; ".join(goals) or "-"
         note = "" if r["like_for_like"] else " (not like for like)"
         lines.append(f"| {r['hxc']} | {r['versus']}{note} | {r['decode_ratio']:.2f}x | {r['ttft_ratio']:.2f}x | {goal} |")
-    lines += [f"* {n}" for n in notes]
+    lines += [f"* {r['row']}: {100 * r['roofline_fraction']:.0f}% of the roofline at batch 1 (goal >= 60%: "
+              f"{'met' if r['roofline_fraction'] >= 0.6 else 'not met'})" for r in results if r["row"].startswith("hxc")]
+    lines += [f"* skipped {n}" for n in run["skipped"]]
     return "\n".join(lines)
 
 
