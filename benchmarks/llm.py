@@ -517,13 +517,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/hxc-llm-bench"),
                         help="where the model, bundle and GGUF files go (reused when the shape is the same)")  # fmt: skip
     parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/llm.json")
+    parser.add_argument("--name", default="llm", help="results file name: benchmarks/results/NAME.json")
     parser.add_argument("--report", action="store_true",
                         help="measure nothing: summarise benchmarks/results/llm.json's samples again and print the tables")
     args = parser.parse_args()
     if args.report:
-        data = json.loads((RESULTS / "llm.json").read_text())
+        data = json.loads((RESULTS / f"{args.name}.json").read_text())
         data["runs"] = [summarise(r) for r in data["runs"]]
-        (RESULTS / "llm.json").write_text(json.dumps(data, indent=2) + "\n")
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(data, indent=2) + "\n")
         print("\n\n".join(_markdown(data["model"], r) for r in data["runs"]))
         print("\n".join(f"* {n}" for n in data["notes"]))
         return
@@ -580,7 +581,7 @@ def main() -> None:
         runs.append(run(copy.deepcopy(rows), threads, args.rounds, args.vocab))
     data = {"model": info, "runs": runs, "notes": notes}
     if not args.no_save:
-        print(f"wrote {save('llm', data)}", file=sys.stderr)
+        print(f"wrote {save(args.name, data)}", file=sys.stderr)
     print("\n\n".join(_markdown(info, r) for r in runs))
     print("\n".join(f"* {n}" for n in notes))
 
