@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hxc.errors import UsageError
+from hxc.lm_calls import decode_args, prefill_args
 from hxc.manifests.schema import LanguageModel
 
 if TYPE_CHECKING:
@@ -386,10 +387,8 @@ def prefill(model: LoadedModel, lm: LanguageModel, ids: Sequence[int], state: Mo
     chunk = lm.prefill_chunk
     logits = None
     for at in range(0, len(ids), chunk):
-        piece = ids[at:at + chunk]
-        tokens = np.zeros((1, chunk), np.int32)
-        tokens[0, :len(piece)] = piece
-        logits = model.call_flat("prefill", [tokens, _i32(at), _i32(len(piece)), _i32(slot)], state=state)[0]
+        args = prefill_args(ids[at:at + chunk], at, slot, chunk, lm.max_context)
+        logits = model.call_flat("prefill", args, state=state)[0]
     assert logits is not None
     return logits[0]
 
@@ -397,11 +396,7 @@ def prefill(model: LoadedModel, lm: LanguageModel, ids: Sequence[int], state: Mo
 def decode(model: LoadedModel, lm: LanguageModel, token: int, position: int, state: ModelState, slot: int = 0) -> np.ndarray:
     """One `decode` step: `token` at `position` of `slot` (its keys and values written
     there), every other slot idle. The logits of the next token, (vocab,)."""
-    # Idle slots decode into the cache's scratch row (position max_context).
-    tokens = np.zeros(lm.slots, np.int32)
-    positions = np.full(lm.slots, lm.max_context, np.int32)
-    tokens[slot], positions[slot] = token, position
-    return model.call_flat("decode", [tokens, positions], state=state)[0][slot]
+    return model.call_flat("decode", decode_args({slot: (token, position)}, lm.slots, lm.max_context), state=state)[0][slot]
 
 
 def _tokens(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_tokens: int, sampling: Sampling,
@@ -417,10 +412,6 @@ def _tokens(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_token
             return
         token = sampling.choose(decode(model, lm, token, position, state), rng)
         yield token
-
-
-def _i32(value: int) -> np.ndarray:
-    return np.array([value], np.int32)
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
