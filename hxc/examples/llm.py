@@ -63,9 +63,12 @@ def tiny_config(family: str, vocab_size: int, max_positions: int = 256) -> Any:
     """A transformers config of `family`: 2 layers, hidden 64, 4 heads (2 KV heads where
     the family has grouped queries), and each family's own twist, kept so the tiny
     model exercises it: Mistral's sliding window (as wide as its positions, so any
-    context hxc takes lies inside it), Qwen2's q/k/v biases, Phi-3's fused projections
+    context hxc takes lies inside it) and 4 query heads per KV head, Qwen2's q/k/v biases, Phi-3's fused projections
     with a partial rotary factor (rope on half of each head, as Phi-4-mini has 3/4),
-    Gemma's head_dim (32) that is not hidden / heads."""
+    Gemma's head_dim (32) that is not hidden / heads. Embeddings are not tied to the
+    head (Gemma's are, in every release): tied, a random-weight model's residual stream
+    is mostly the current token's embedding, so it repeats its last token forever and
+    greedy parity checks little (tiny GPT-2, tied, does that)."""
     import transformers as tf
 
     if family not in FAMILIES:
@@ -79,12 +82,12 @@ def tiny_config(family: str, vocab_size: int, max_positions: int = 256) -> Any:
     if family == "llama":
         return tf.LlamaConfig(**{**common, "pad_token_id": None})
     if family == "mistral":
-        return tf.MistralConfig(**common, sliding_window=max_positions)
+        return tf.MistralConfig(**{**common, "num_key_value_heads": 1}, sliding_window=max_positions)
     if family == "qwen2":
-        return tf.Qwen2Config(**common, tie_word_embeddings=True)
+        return tf.Qwen2Config(**common)
     if family == "phi3":
         return tf.Phi3Config(**common, partial_rotary_factor=0.5)
-    return tf.GemmaConfig(**common, head_dim=32)
+    return tf.GemmaConfig(**common, head_dim=32, tie_word_embeddings=False)
 
 
 def tiny_model(family: str, vocab_size: int, seed: int = 0, max_positions: int = 256) -> Any:
@@ -97,11 +100,12 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0, max_positions: int =
     model = AutoModelForCausalLM.from_config(config)
     if family not in ("llama", "gpt2"):
         # transformers starts biases at 0 and norm weights at 1 (Gemma's at 0: it scales
-        # by 1 + w), so a wrong bias or norm would go unnoticed: give them noise too.
+        # by 1 + w), so a wrong bias or norm would go unnoticed: give them the weights'
+        # spread too (more, 0.1, made tiny Qwen2 repeat one token).
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("bias") or "norm" in name:
-                    p.add_(torch.randn_like(p) * 0.1)
+                    p.add_(torch.randn_like(p) * config.initializer_range)
     model.generation_config.pad_token_id = 1
     return model.eval()
 
@@ -123,7 +127,7 @@ def tiny_gpt2() -> tuple[Any, Any]:
 
 
 def tiny_mistral() -> tuple[Any, Any]:
-    """A random-weight Mistral (as tiny_llama, with a sliding window of 256) and its tokenizer."""
+    """A random-weight Mistral (as tiny_llama with 1 KV head and a sliding window of 256) and its tokenizer."""
     return tiny_lm("mistral")
 
 
