@@ -80,7 +80,6 @@ if TYPE_CHECKING:
     from hxc.compiler.imported import ImportedModel
 
 
-
 @dataclass(frozen=True)
 class _Family:
     """What differs in how hxc reads one transformers family (its `model_type`); the rest
@@ -278,10 +277,10 @@ class CausalLM(torch.nn.Module):
         self.model = model.eval()
         self.vocab = config.vocab_size
         self.group = d.heads // d.kv_heads
-        self.family = family = _FAMILIES[d.family]
+        self.spec = spec = _FAMILIES[d.family]
         self.rope: Any = None
         self.embed_scale: float | None = None
-        if family.rotary:
+        if spec.rotary:
             base = model.model
             rope = base.rotary_emb
             rope_type = getattr(rope, "rope_type", "default")
@@ -293,7 +292,7 @@ class CausalLM(torch.nn.Module):
             self.rope = rope
             # Rotary dims per head: all of them, or the first part (Phi-3's partial_rotary_factor).
             self.rotary_dim = 2 * rope.inv_freq.shape[-1]
-            if family.scaled_embedding and not hasattr(self.embed, "embed_scale"):
+            if spec.scaled_embedding and not hasattr(self.embed, "embed_scale"):
                 self.embed_scale = config.hidden_size**0.5
             self.scaling = [layer.self_attn.scaling for layer in base.layers]
         else:
@@ -394,7 +393,7 @@ class CausalLM(torch.nn.Module):
         if self.embed_scale is not None:
             # As transformers 4.x's GemmaModel: the scale rounded to the hidden states' dtype.
             hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        if not self.family.rotary:
+        if not self.spec.rotary:
             # Padding and idle slots may sit past the table: clamp, their output is unused.
             hidden = hidden + self.wpe(positions.clamp(0, self.dims.max_positions - 1))
         return hidden
@@ -412,9 +411,9 @@ class CausalLM(torch.nn.Module):
         d = self.dims
         layer = self.layers[i]
         rows = x.shape[0]
-        if self.family.rotary:
+        if self.spec.rotary:
             attn = layer.self_attn
-            if self.family.fused_qkv:
+            if self.spec.fused_qkv:
                 # Phi-3's qkv_proj: the query heads, then the key heads, then the value heads.
                 q, k, v = attn.qkv_proj(x).split((d.heads * d.head_dim, d.kv_heads * d.head_dim,
                                                   d.kv_heads * d.head_dim), dim=-1)  # fmt: skip
@@ -431,12 +430,12 @@ class CausalLM(torch.nn.Module):
 
     def _pre_attn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
-        return layer.input_layernorm(x) if self.family.rotary else layer.ln_1(x)
+        return layer.input_layernorm(x) if self.spec.rotary else layer.ln_1(x)
 
     def _post_attn(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         # Phi-3's residual dropouts are identities in eval mode, so they are left out.
         layer = self.layers[i]
-        if self.family.rotary:
+        if self.spec.rotary:
             x = x + layer.self_attn.o_proj(attn)
             return x + layer.mlp(layer.post_attention_layernorm(x))
         x = x + layer.attn.c_proj(attn)
