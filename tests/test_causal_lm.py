@@ -106,7 +106,12 @@ def test_sliding_window_within_the_context_is_causal_attention_and_past_it_refus
 def test_what_the_families_differ_in_is_read_from_the_model():
     from transformers import GemmaConfig, GemmaForCausalLM
 
+    from hxc.compiler.causal_lm import SUPPORTED_FAMILIES
+    from hxc.examples import llm
     from hxc.examples.llm import tiny_model
+
+    assert llm.FAMILIES == SUPPORTED_FAMILIES  # a tiny model (and tiny_<family> factory) for each
+    assert all(callable(getattr(llm, f"tiny_{f}")) for f in SUPPORTED_FAMILIES)
 
     gemma = CausalLM(tiny_model("gemma", 256, max_positions=128), slots=1, max_context=16)
     assert (gemma.dims.head_dim, gemma.rotary_dim) == (32, 32)  # head_dim is not hidden / heads
