@@ -62,10 +62,54 @@ def test_cache_shape_and_bytes_per_token():
 def test_unsupported_family_and_bad_sizes_are_one_line_errors():
     from transformers import BertConfig
 
-    with pytest.raises(UsageError, match="unsupported causal LM family 'bert': hxc supports llama, gpt2"):
+    with pytest.raises(UsageError, match="unsupported causal LM family 'bert': hxc supports llama, gpt2, mistral, "
+                                         "qwen2, phi3, gemma$"):  # fmt: skip
         cache_shape(BertConfig(), 1, 16)
     with pytest.raises(UsageError, match="outside 2..128"):
         CausalLM(tiny("gpt2"), slots=1, max_context=129)
+
+
+def test_sliding_window_within_the_context_is_causal_attention_and_past_it_refused():
+    """Mistral's window: a context up to it is plain causal attention (the eager parity
+    below runs inside it); past it hxc would attend to keys HF's mask drops: refused."""
+    from transformers import Qwen2Config
+
+    from hxc.compiler.causal_lm import default_max_context, language_model
+    from hxc.examples.llm import tiny_config, tiny_model
+
+    config = tiny_config("mistral", 256, max_positions=128)
+    config.sliding_window = 48
+    with pytest.raises(UsageError, match="max context 64 is past the model's sliding window of 48 tokens: hxc attends "
+                                         "over the whole context, so it supports at most 48$"):  # fmt: skip
+        cache_shape(config, 1, 64)
+    assert cache_shape(config, 1, 48)[2] == 49 and default_max_context(config) == 48
+    model = tiny_model("mistral", 256, max_positions=128)
+    model.config.sliding_window = 32
+    assert language_model(model).layout.max_context == 32  # the default stays inside the window
+    # Qwen2's window applies only with use_sliding_window, to the layers layer_types marks.
+    assert default_max_context(Qwen2Config(max_position_embeddings=8192, sliding_window=1024)) == 4096
+    on = Qwen2Config(max_position_embeddings=8192, sliding_window=1024, use_sliding_window=True, max_window_layers=0)
+    assert default_max_context(on) == 1024
+
+
+def test_what_the_families_differ_in_is_read_from_the_model():
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    from hxc.compiler.causal_lm import SUPPORTED_FAMILIES
+    from hxc.examples import llm
+    from hxc.examples.llm import tiny_model
+
+    assert llm.FAMILIES == SUPPORTED_FAMILIES  # a tiny model (and tiny_<family> factory) for each
+    assert all(callable(getattr(llm, f"tiny_{f}")) for f in SUPPORTED_FAMILIES)
+
+    gemma = CausalLM(tiny_model("gemma", 256, max_positions=128), slots=1, max_context=16)
+    assert (gemma.dims.head_dim, gemma.rotary_dim) == (32, 32)  # head_dim is not hidden / heads
+    phi3 = CausalLM(tiny_model("phi3", 256, max_positions=128), slots=1, max_context=16)
+    assert (phi3.dims.head_dim, phi3.rotary_dim) == (16, 8)  # partial_rotary_factor 0.5
+    config = GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, use_bidirectional_attention=True)  # fmt: skip
+    with pytest.raises(UsageError, match="this gemma model attends bidirectionally: hxc compiles causal attention only"):
+        CausalLM(GemmaForCausalLM(config), slots=1, max_context=16)
 
 
 # --- eager parity --------------------------------------------------------------------------
@@ -75,6 +119,17 @@ def test_eager_greedy_equals_generate_two_slots_at_once(family):
     name, model, expected = family
     lm = CausalLM(model, slots=2, max_context=64, prefill_chunk=CHUNK)
     assert generate_greedy(lm, PROMPTS, NEW_TOKENS) == expected
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "phi3", "gemma"])
+def test_eager_greedy_equals_generate_other_families(name):
+    # The compiled forms: tests/test_llm_families.py (through hxc's pipeline).
+    from hxc.examples.llm import tiny_model
+
+    model = tiny_model(name, 256, max_positions=128)
+    model.generation_config.eos_token_id = None
+    expected = [hf_tokens(model, list(p), NEW_TOKENS) for p in PROMPTS]
+    assert generate_greedy(CausalLM(model, slots=2, max_context=64, prefill_chunk=CHUNK), PROMPTS, NEW_TOKENS) == expected
 
 
 def test_eager_one_slot_of_three_and_whole_prompt_chunk(family):

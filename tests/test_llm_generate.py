@@ -260,7 +260,7 @@ def test_directories_hxc_cannot_take_are_refused_in_one_line(llama_dir, tmp_path
     with pytest.raises(UsageError, match="needs trust_remote_code"):
         build_bundle(str(remote), tmp_path / "o.hxc", "cpu:host")
     bert = variant("bert", edit_config(model_type="bert"))
-    with pytest.raises(UsageError, match="model type 'bert' is not supported; hxc compiles llama, gpt2"):
+    with pytest.raises(UsageError, match="model type 'bert' is not supported; hxc compiles llama, gpt2, mistral, qwen2, phi3, gemma"):
         build_bundle(str(bert), tmp_path / "o.hxc", "cpu:host")
     with pytest.raises(ModelLoadError, match="is a directory, not a model file"):
         build_bundle(str(tmp_path), tmp_path / "o.hxc", "cpu:host")

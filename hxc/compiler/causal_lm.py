@@ -1,9 +1,12 @@
 """A Hugging Face causal LM as two exportable functions over a static KV cache.
 
-`CausalLM` wraps a `transformers` model (Llama or GPT-2 family) without copying its
-weights: it calls the model's own embeddings, norms, projections, MLPs and head, and
-reads Llama's rotary frequencies from the model's rotary embedding. It adds what HF's
-`generate` keeps in Python objects and what IREE cannot take as it is:
+`CausalLM` wraps a `transformers` model (a family of `SUPPORTED_FAMILIES`: Llama,
+GPT-2, Mistral, Qwen2, Phi-3, Gemma 1) without copying its weights: it calls the model's
+own embeddings, norms, projections, MLPs and head, and reads the rotary frequencies from
+the model's rotary embedding, so each family's quirks (Qwen2's q/k/v biases, Phi-3's
+fused projections, Gemma's scaled embedding, (1 + w) RMSNorm and GELU MLP) are the
+model's own code. It adds what HF's `generate` keeps in Python objects and what IREE
+cannot take as it is:
 
 - `prefill(tokens[1, n], start[1], length[1], slot[1], span[R], *caches)` runs a chunk
   of up to n prompt tokens of sequence `slot` at positions start..start+length-1 (the
@@ -73,7 +76,32 @@ from hxc.manifests.schema import GREEDY_LOGITS, TOKENIZER_DIR, GreedyReference, 
 if TYPE_CHECKING:
     from hxc.compiler.imported import ImportedModel
 
-SUPPORTED_FAMILIES = ("llama", "gpt2")
+
+@dataclass(frozen=True)
+class _Family:
+    """What differs in how hxc reads one transformers family (its `model_type`); the rest
+    (biases, norms, MLPs, activations) lives in the model's own modules."""
+
+    # Rotary positions over Llama-shaped modules (`model.model.{embed_tokens, layers, norm,
+    # rotary_emb}`, `layer.self_attn`, `input_layernorm`, `post_attention_layernorm`,
+    # `mlp`); False: GPT-2's learned positions (`model.transformer.{wte, wpe, h, ln_f}`).
+    rotary: bool = True
+    # One `qkv_proj` (Phi-3) instead of `q_proj`, `k_proj`, `v_proj`.
+    fused_qkv: bool = False
+    # Embeddings times sqrt(hidden), in the model's dtype (Gemma). transformers 5 does it
+    # inside `embed_tokens` (it then has `embed_scale`); 4.x did it in the model's forward.
+    scaled_embedding: bool = False
+
+
+_FAMILIES = {
+    "llama": _Family(),
+    "gpt2": _Family(rotary=False),
+    "mistral": _Family(),
+    "qwen2": _Family(),
+    "phi3": _Family(fused_qkv=True),
+    "gemma": _Family(scaled_embedding=True),
+}
+SUPPORTED_FAMILIES = tuple(_FAMILIES)
 # Llama rope types whose frequencies depend on the sequence length at run time: the
 # static frequencies read from the model would be wrong for them.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
@@ -133,19 +161,44 @@ class _Dims:
     kv_heads: int
     head_dim: int
     max_positions: int
+    # Sliding-window attention: a query at position p sees keys p-window+1..p (HF's
+    # `sliding_window_overlay`); None when every layer attends to the whole context.
+    window: int | None = None
 
 
 def _dims(config: Any) -> _Dims:
     family = getattr(config, "model_type", None)
-    if family == "llama":
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv = getattr(config, "num_key_value_heads", None) or heads
-        return _Dims(family, config.num_hidden_layers, heads, kv, head_dim, config.max_position_embeddings)
-    if family == "gpt2":
+    if family not in _FAMILIES:
+        raise UsageError(f"unsupported causal LM family {family!r}: hxc supports {', '.join(SUPPORTED_FAMILIES)}")
+    if not _FAMILIES[family].rotary:
         heads = config.n_head
         return _Dims(family, config.n_layer, heads, heads, config.n_embd // heads, config.n_positions)
-    raise UsageError(f"unsupported causal LM family {family!r}: hxc supports {', '.join(SUPPORTED_FAMILIES)}")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return _Dims(family, config.num_hidden_layers, heads, kv, head_dim, config.max_position_embeddings,
+                 _sliding_window(config))  # fmt: skip
+
+
+def _sliding_window(config: Any) -> int | None:
+    """The window of the config's sliding-window layers, or None if it has none (Mistral
+    and Phi-3: `sliding_window` applies to every layer when set; Qwen2: only with
+    `use_sliding_window`, to the layers `layer_types` marks "sliding_attention")."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
+
+
+def default_max_context(config: Any) -> int:
+    """The context a build gets when none is asked for: the model's maximum, up to
+    DEFAULT_MAX_CONTEXT and the sliding window (beyond it hxc's attention is not the
+    model's: see `cache_layout`)."""
+    d = _dims(config)
+    return min(d.max_positions, DEFAULT_MAX_CONTEXT, d.window or d.max_positions)
 
 
 def cache_shape(config: Any, slots: int, max_context: int) -> tuple[int, int, int, int]:
@@ -159,6 +212,11 @@ def cache_layout(config: Any, slots: int, max_context: int) -> CacheLayout:
         raise UsageError(f"slots must be at least 1, not {slots}")
     if not 2 <= max_context <= d.max_positions:
         raise UsageError(f"max context {max_context} is outside 2..{d.max_positions} (the model's maximum)")
+    if d.window is not None and max_context > d.window:
+        # Within the window, sliding-window attention is plain causal attention; past it
+        # the masks would have to drop keys older than the window, which they do not.
+        raise UsageError(f"max context {max_context} is past the model's sliding window of {d.window} tokens: "
+                         f"hxc attends over the whole context, so it supports at most {d.window}")  # fmt: skip
     return CacheLayout(slots, d.layers, d.kv_heads, max_context, d.head_dim)
 
 
@@ -166,6 +224,20 @@ def bytes_per_token(config: Any) -> int:
     """KV-cache bytes one token of context takes (keys and values, all layers, fp32)."""
     d = _dims(config)
     return 2 * d.layers * d.kv_heads * d.head_dim * 4
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
+    """HF's apply_rotary_pos_emb on x [rows, heads, hd]: rotate-half over the first `dims`
+    of each head (all of them but with Phi-3's partial_rotary_factor), the rest as is."""
+
+    def rotate_half(t: torch.Tensor) -> torch.Tensor:
+        half = t.shape[-1] // 2
+        return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+
+    if dims == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :dims], x[..., dims:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
 
 
 class CausalLM(torch.nn.Module):
@@ -189,14 +261,23 @@ class CausalLM(torch.nn.Module):
         self.model = model.eval()
         self.vocab = config.vocab_size
         self.group = d.heads // d.kv_heads
-        if d.family == "llama":
+        self.spec = spec = _FAMILIES[d.family]
+        self.rope: Any = None
+        self.embed_scale: float | None = None
+        if spec.rotary:
             base = model.model
             rope = base.rotary_emb
             rope_type = getattr(rope, "rope_type", "default")
             if any(t in str(rope_type) for t in _DYNAMIC_ROPE):
                 raise UsageError(f"rope type {rope_type!r} changes with the sequence length: not supported yet")
+            if getattr(config, "use_bidirectional_attention", False):
+                raise UsageError(f"this {d.family} model attends bidirectionally: hxc compiles causal attention only")
             self.embed, self.layers, self.norm = base.embed_tokens, base.layers, base.norm
             self.rope = rope
+            # Rotary dims per head: all of them, or the first part (Phi-3's partial_rotary_factor).
+            self.rotary_dim = 2 * rope.inv_freq.shape[-1]
+            if spec.scaled_embedding and not hasattr(self.embed, "embed_scale"):
+                self.embed_scale = config.hidden_size**0.5
             self.scaling = [layer.self_attn.scaling for layer in base.layers]
         else:
             base = model.transformer
@@ -291,14 +372,18 @@ class CausalLM(torch.nn.Module):
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed(tokens)
-        if self.dims.family == "gpt2":
+        if self.embed_scale is not None:
+            # As transformers 4.x's GemmaModel: the scale rounded to the hidden states' dtype.
+            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        if not self.spec.rotary:
             # Padding and idle slots may sit past the table: clamp, their output is unused.
             hidden = hidden + self.wpe(positions.clamp(0, self.dims.max_positions - 1))
         return hidden
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # HF's LlamaRotaryEmbedding.forward for static rope types, with the model's own
-        # inverse frequencies and scaling (rope_theta, linear/llama3/yarn factors).
+        # HF's LlamaRotaryEmbedding.forward (the same in every rotary family here) for
+        # static rope types, with the model's own inverse frequencies and scaling
+        # (rope_theta, linear/llama3/yarn factors).
         freqs = positions[..., None].float() * self.rope.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.rope.attention_scaling, emb.sin() * self.rope.attention_scaling
@@ -308,28 +393,31 @@ class CausalLM(torch.nn.Module):
         d = self.dims
         layer = self.layers[i]
         rows = x.shape[0]
-        if d.family == "llama":
-            from transformers.models.llama.modeling_llama import rotate_half
-
+        if self.spec.rotary:
             attn = layer.self_attn
-            q = attn.q_proj(x).view(rows, d.heads, d.head_dim)
-            k = attn.k_proj(x).view(rows, d.kv_heads, d.head_dim)
-            v = attn.v_proj(x).view(rows, d.kv_heads, d.head_dim)
+            if self.spec.fused_qkv:
+                # Phi-3's qkv_proj: the query heads, then the key heads, then the value heads.
+                q, k, v = attn.qkv_proj(x).split((d.heads * d.head_dim, d.kv_heads * d.head_dim,
+                                                  d.kv_heads * d.head_dim), dim=-1)  # fmt: skip
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = q.reshape(rows, d.heads, d.head_dim)
+            k = k.reshape(rows, d.kv_heads, d.head_dim)
+            v = v.reshape(rows, d.kv_heads, d.head_dim)
             cos, sin = (t[:, None, :] for t in rope)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            return q, k, v
+            return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim), v
         q, k, v = layer.attn.c_attn(x).split(d.heads * d.head_dim, dim=-1)
         return (q.reshape(rows, d.heads, d.head_dim), k.reshape(rows, d.kv_heads, d.head_dim),
                 v.reshape(rows, d.kv_heads, d.head_dim))  # fmt: skip
 
     def _pre_attn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
-        return layer.input_layernorm(x) if self.dims.family == "llama" else layer.ln_1(x)
+        return layer.input_layernorm(x) if self.spec.rotary else layer.ln_1(x)
 
     def _post_attn(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        # Phi-3's residual dropouts are identities in eval mode, so they are left out.
         layer = self.layers[i]
-        if self.dims.family == "llama":
+        if self.spec.rotary:
             x = x + layer.self_attn.o_proj(attn)
             return x + layer.mlp(layer.post_attention_layernorm(x))
         x = x + layer.attn.c_proj(attn)
@@ -372,7 +460,7 @@ class CausalLM(torch.nn.Module):
         and the caches."""
         d = self.dims
         s, n, width = hidden.shape
-        rope = self._rope(positions.reshape(s * n)) if d.family == "llama" else None
+        rope = self._rope(positions.reshape(s * n)) if self.rope is not None else None
         rows = mask.shape[-1]
         slots = (slot if slot is not None else torch.arange(s, dtype=torch.int32)).reshape(s, 1, 1)
         heads = torch.arange(d.kv_heads, dtype=torch.int32).reshape(1, 1, -1)
@@ -435,7 +523,7 @@ def language_model(model: torch.nn.Module, tokenizer: Any = None, *, max_context
     a directory holding one, or None (the caller then passes token ids)."""
     config = model.config
     if max_context is None:
-        max_context = min(_dims(config).max_positions, DEFAULT_MAX_CONTEXT)
+        max_context = default_max_context(config)
     lm = CausalLM(model.float().eval(), slots, max_context, prefill_chunk=prefill_chunk)
     lm.tokenizer = tokenizer
     return lm

@@ -362,7 +362,7 @@ class LanguageModel:
     """A causal language model compiled as `prefill` and `decode` over a KV cache kept
     on the device as state (`k_cache`, `v_cache`): what generating text needs."""
 
-    family: str  # the transformers model type: llama, gpt2
+    family: str  # the transformers model type (causal_lm.SUPPORTED_FAMILIES): llama, gpt2, qwen2, ...
     vocab_size: int
     layers: int
     heads: int
