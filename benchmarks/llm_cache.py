@@ -73,19 +73,21 @@ def main() -> None:
     samples: dict[tuple[int, int, int], list[float]] = {}
     for r in range(args.rounds + 1):  # the first round warms up and is dropped
         for f in filled:
-            for (slots, ctx), (m, state, lm) in loaded.items():
-                if f + args.steps > ctx:
-                    continue
+            runs = {key: v for key, v in loaded.items() if f + args.steps <= key[1]}
+            for (slots, ctx), (m, state, lm) in runs.items():
                 for s in range(slots):
                     prefill(m, lm, rng.integers(2, args.vocab, f).tolist(), state, slot=s)
-                times = []
-                for i in range(args.steps):
+            times: dict[tuple[int, int], list[float]] = {key: [] for key in runs}
+            # Step by step, every bundle in turn: load on this shared machine falls on all alike.
+            for i in range(args.steps):
+                for (slots, ctx), (m, state, lm) in runs.items():
                     a = decode_args({s: (3, f + i) for s in range(slots)}, slots, ctx)
                     t = time.perf_counter()
                     m.call_flat("decode", a, state=state)
-                    times.append((time.perf_counter() - t) * 1000)
-                if r:
-                    samples.setdefault((slots, ctx, f), []).append(statistics.median(times))
+                    times[(slots, ctx)].append((time.perf_counter() - t) * 1000)
+            if r:
+                for (slots, ctx), v in times.items():
+                    samples.setdefault((slots, ctx, f), []).append(statistics.median(v))
     rows = [{"slots": s, "max_context": c, "filled": f, "step_ms": round(statistics.median(v), 3),
              "kv_cache_mib": round(loaded[(s, c)][2].kv_bytes_per_token * (c + 1) * s / 2**20, 1)}
             for (s, c, f), v in sorted(samples.items())]  # fmt: skip

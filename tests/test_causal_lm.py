@@ -55,7 +55,8 @@ def family(request) -> tuple[str, torch.nn.Module, list[list[int]]]:
 
 def test_cache_shape_and_bytes_per_token():
     config = tiny("llama").config
-    assert cache_shape(config, slots=3, max_context=100) == (3, 2, 101, 16)  # per layer; +1: the scratch row
+    assert cache_shape(config, slots=3, max_context=100) == (3, 101, 2, 16)  # per layer, token-major; +1: the scratch row
+    assert cache_shape(config, slots=1, max_context=100) == (1, 101, 32)  # one slot: heads and head dim as one axis
     assert bytes_per_token(config) == 2 * 2 * 2 * 16 * 4
 
 
@@ -82,7 +83,7 @@ def test_sliding_window_within_the_context_is_causal_attention_and_past_it_refus
     with pytest.raises(UsageError, match="max context 64 is past the model's sliding window of 48 tokens: hxc attends "
                                          "over the whole context, so it supports at most 48$"):  # fmt: skip
         cache_shape(config, 1, 64)
-    assert cache_shape(config, 1, 48)[2] == 49 and default_max_context(config) == 48
+    assert cache_shape(config, 1, 48)[1] == 49 and default_max_context(config) == 48
     model = tiny_model("mistral", 256, max_positions=128)
     model.config.sliding_window = 32
     assert language_model(model).layout.max_context == 32  # the default stays inside the window

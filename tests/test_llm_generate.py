@@ -83,7 +83,7 @@ def test_the_manifest_records_the_language_model_and_its_tokenizer(bundles):
     assert prefill_inputs[-1].shape == ("span",)  # dynamic: the rows a call reads
     reads = m.functions["decode"].reads
     assert [s.name for s in reads] == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
-    assert (reads[0].shape, reads[0].slots) == ((1, 2, MAX_CONTEXT + 1, 16), 1)
+    assert (reads[0].shape, reads[0].slots) == ((1, MAX_CONTEXT + 1, 2 * 16), 1)  # one slot: [1, context + 1, kv x hd]
     assert {a.id for a in m.ok_artifacts} == {"cpu:host", "vulkan:spirv"}
     assert read_manifest(bundles["gpt2"]).language_model.family == "gpt2"
 

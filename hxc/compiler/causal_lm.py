@@ -136,9 +136,15 @@ class CacheLayout:
     dtype: str = "float32"
 
     @property
-    def shape(self) -> tuple[int, int, int, int]:
-        # +1: the scratch row (see the module docstring).
-        return (self.slots, self.kv_heads, self.max_context + 1, self.head_dim)
+    def shape(self) -> tuple[int, ...]:
+        # +1: the scratch row (see the module docstring). Token-major, so the rows a call
+        # reads are one block per slot. One slot keeps kv_heads x head_dim as one axis:
+        # the same bytes, in the form IREE 3.13 scatters into in place (with a separate
+        # head axis, its unit-dimension folding of a one-row update reshaped the cache
+        # and the result came back as a copy of it).
+        if self.slots == 1:
+            return (1, self.max_context + 1, self.kv_heads * self.head_dim)
+        return (self.slots, self.max_context + 1, self.kv_heads, self.head_dim)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -226,9 +232,24 @@ def bytes_per_token(config: Any) -> int:
     return 2 * d.layers * d.kv_heads * d.head_dim * 4
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int, by_matmul: bool = False) -> torch.Tensor:
     """HF's apply_rotary_pos_emb on x [rows, heads, hd]: rotate-half over the first `dims`
-    of each head (all of them but with Phi-3's partial_rotary_factor), the rest as is."""
+    of each head (all of them but with Phi-3's partial_rotary_factor), the rest as is.
+
+    `by_matmul`: the same numbers, rotate-half as a product with a signed permutation
+    (each output is one input, times +-1, plus zeros: exact). The keys go this way: the
+    slicing and concatenation of rotate-half let IREE split the head dimension in two
+    (2 x hd/2) and carry that reshape into the cache write, which then scattered into a
+    reshaped copy of the cache instead of the cache itself."""
+    if by_matmul:
+        hd, half = x.shape[-1], dims // 2
+        perm = torch.zeros(hd, hd, dtype=x.dtype)
+        idx = torch.arange(half)
+        perm[idx + half, idx] = -1.0  # out[j] = -x[j + half]
+        perm[idx, idx + half] = 1.0  # out[j + half] = x[j]
+        pad = (0, hd - dims)  # past the rotated dims: times 1, plus 0
+        cos, sin = torch.nn.functional.pad(cos, pad, value=1.0), torch.nn.functional.pad(sin, pad, value=0.0)
+        return x * cos + (x @ perm) * sin
 
     def rotate_half(t: torch.Tensor) -> torch.Tensor:
         half = t.shape[-1] // 2
@@ -405,7 +426,7 @@ class CausalLM(torch.nn.Module):
             k = k.reshape(rows, d.kv_heads, d.head_dim)
             v = v.reshape(rows, d.kv_heads, d.head_dim)
             cos, sin = (t[:, None, :] for t in rope)
-            return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim), v
+            return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim, by_matmul=True), v
         q, k, v = layer.attn.c_attn(x).split(d.heads * d.head_dim, dim=-1)
         return (q.reshape(rows, d.heads, d.head_dim), k.reshape(rows, d.kv_heads, d.head_dim),
                 v.reshape(rows, d.kv_heads, d.head_dim))  # fmt: skip
@@ -463,8 +484,7 @@ class CausalLM(torch.nn.Module):
         rope = self._rope(positions.reshape(s * n)) if self.rope is not None else None
         rows = mask.shape[-1]
         slots = (slot if slot is not None else torch.arange(s, dtype=torch.int32)).reshape(s, 1, 1)
-        heads = torch.arange(d.kv_heads, dtype=torch.int32).reshape(1, 1, -1)
-        index = (slots, heads, write_at.reshape(s, n, 1))  # broadcast to [S, n, kv]
+        index = (slots.reshape(s, 1), write_at.reshape(s, n))  # [S, n]: each token's row of kv x hd
         out = list(caches)
         for i in range(d.layers):
             x = self._pre_attn(i, hidden).reshape(s * n, width)
@@ -473,9 +493,12 @@ class CausalLM(torch.nn.Module):
             # cache's own buffer (the only use of the value passed in) and reads the rows
             # it needs. One cache for every layer, or a write after the last layer, left
             # the old value in use beside the write, and IREE copied the whole cache.
-            out[2 * i] = torch.index_put(out[2 * i], index, k.view(s, n, d.kv_heads, d.head_dim))
-            out[2 * i + 1] = torch.index_put(out[2 * i + 1], index, v.view(s, n, d.kv_heads, d.head_dim))
-            k_rows, v_rows = out[2 * i][:, :, :rows], out[2 * i + 1][:, :, :rows]  # [slots, kv, span, hd]
+            row = out[2 * i].shape[2:]  # one token's keys: [kv, hd], or [kv * hd] with one slot
+            out[2 * i] = torch.index_put(out[2 * i], index, k.reshape(s, n, *row))
+            out[2 * i + 1] = torch.index_put(out[2 * i + 1], index, v.reshape(s, n, *row))
+            # [slots, span, kv, hd]
+            k_rows, v_rows = (t[:, :rows].unflatten(-1, (d.kv_heads, d.head_dim)) if len(row) == 1 else t[:, :rows]
+                              for t in (out[2 * i], out[2 * i + 1]))  # fmt: skip
             if slot is not None:
                 k_rows, v_rows = k_rows.index_select(0, slot), v_rows.index_select(0, slot)
             attn = self._attend(i, q.view(s, n, d.heads, d.head_dim), k_rows, v_rows, mask)
@@ -483,7 +506,7 @@ class CausalLM(torch.nn.Module):
         return self.norm(hidden), out
 
     def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Attention of q [S, n, heads, hd] over keys and values [S, kv, R, hd] with the
+        """Attention of q [S, n, heads, hd] over keys and values [S, R, kv, hd] with the
         additive mask [S, n, R]; [S, n, heads * hd]. Written as matmul -> softmax ->
         matmul (SDPA does not lower for SPIR-V)."""
         d = self.dims
@@ -491,7 +514,8 @@ class CausalLM(torch.nn.Module):
         # Query head h uses kv head h // group (HF's repeat_kv): [S, kv, group*n, hd].
         qg = q.reshape(s, n, d.kv_heads, self.group, d.head_dim).permute(0, 2, 3, 1, 4)
         qg = qg.reshape(s, d.kv_heads, self.group * n, d.head_dim) * self.scaling[i]
-        scores = (qg @ k.transpose(-1, -2)).view(s, d.kv_heads, self.group, n, -1) + mask[:, None, None]
+        k, v = k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3)  # [S, kv, hd, R], [S, kv, R, hd]
+        scores = (qg @ k).view(s, d.kv_heads, self.group, n, -1) + mask[:, None, None]
         probs = torch.softmax(scores, dim=-1).reshape(s, d.kv_heads, self.group * n, -1)
         out = (probs @ v).view(s, d.kv_heads, self.group, n, d.head_dim).permute(0, 3, 1, 2, 4)
         return out.reshape(s, n, d.heads * d.head_dim)
