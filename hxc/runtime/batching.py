@@ -99,6 +99,11 @@ class Batch:
     def __len__(self) -> int:
         return len(self._sequences)
 
+    @property
+    def running(self) -> list[Hashable]:
+        """The ids of the sequences in the batch, oldest first."""
+        return list(self._sequences)
+
     def add(self, id: Hashable, ids: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
             stop_token_ids: Sequence[int] | None = None) -> int:  # fmt: skip
         """Start sequence `id` after prompt `ids` in a free slot (returned); it is
