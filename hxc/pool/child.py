@@ -12,7 +12,10 @@ process to its CPUs before anything starts a thread, so every thread inherits th
 Fault injection, for tests only: `HXC_POOL_FAULT="<who>:<what>@<n>[,...]"` makes the
 first incarnation of a worker whose artifact id or driver is <who> misbehave on its
 n-th request: `hang` (never answers), `slow` (answers 5 s late), `crash` (SIGKILLs
-itself), `segv` (a real segmentation fault). A restarted worker behaves.
+itself), `segv` (a real segmentation fault). A restarted worker behaves. One more for
+a language model's worker, in every incarnation: `<who>:slowstep@<ms>` makes each
+batch step take <ms> milliseconds more (a slow device, to test what happens while
+sequences run).
 """
 
 from __future__ import annotations
@@ -158,6 +161,7 @@ def _serve_generate(channel, model, faults: dict[int, str]) -> None:
     outputs: dict[int, SharedBuffer] = {}
     states: dict[str, Any] = {}
     batch = Batch(model)
+    step_delay_s = float(faults.pop(0, 0)) / 1000  # the `slowstep` fault (tests)
     waiting: collections.deque = collections.deque()  # (id, prompt ids, params), oldest first
     started: dict[int, float] = {}  # id -> when it arrived (its reply's worker_ms)
     served = 0
@@ -229,6 +233,8 @@ def _serve_generate(channel, model, faults: dict[int, str]) -> None:
                 fail(request, e)
         if batch.idle:
             continue
+        if step_delay_s:
+            time.sleep(step_delay_s)
         try:
             events = batch.step()
         except Exception as e:  # noqa: BLE001 - the device call failed: every sequence in it fails, the worker goes on
@@ -318,14 +324,17 @@ def _reply(channel, outputs: dict, slot: int, request: int, results: list, devic
 
 
 def _faults(spec: str, model, incarnation: int) -> dict[int, str]:
-    """{request number: fault} for this worker, from HXC_POOL_FAULT."""
-    if not spec or incarnation != 1:
-        return {}
+    """{request number: fault} for this worker, from HXC_POOL_FAULT; key 0 holds a
+    `slowstep` (its milliseconds)."""
     out = {}
-    for item in spec.split(","):
+    for item in spec.split(",") if spec else ():
         who, _, rest = item.strip().rpartition(":")
         what, _, n = rest.partition("@")
-        if who in (model.artifact.id, model.device.driver) and what in ("hang", "slow", "crash", "segv"):
+        if who not in (model.artifact.id, model.device.driver):
+            continue
+        if what == "slowstep":
+            out[0] = n
+        elif what in ("hang", "slow", "crash", "segv") and incarnation == 1:
             out[int(n or 1)] = what
     return out
 

@@ -62,8 +62,9 @@ def lm_routes(by_name: Mapping[str, ServedModel], options: ServeOptions, metrics
         if options.max_streams is not None and streams["open"] >= options.max_streams:
             raise ProtocolError(f"{options.max_streams} streams are already open (--max-streams); retry", 503, retry_after_s=1.0)
 
-    def count(model: ServedModel, endpoint: str, status: str, gen: Generation | None = None) -> None:
-        metrics.lm_request(model.name, endpoint, status, gen)
+    def count(model: ServedModel | None, endpoint: str, status: str, gen: Generation | None = None) -> None:
+        # A request refused before its model was known counts under model "".
+        metrics.lm_request(model.name if model is not None else "", endpoint, status, gen)
 
     # --- OpenAI ------------------------------------------------------------------------
 
@@ -92,8 +93,7 @@ def lm_routes(by_name: Mapping[str, ServedModel], options: ServeOptions, metrics
                 stream_slot()
             gen = start(model, parsed.text, metrics)
         except ProtocolError as e:
-            if model is not None:
-                count(model, endpoint, str(e.status))
+            count(model, endpoint, str(e.status))
             return _openai_error(e)
         answer = openai.Response(parsed)
         if not parsed.stream:
@@ -153,8 +153,7 @@ def lm_routes(by_name: Mapping[str, ServedModel], options: ServeOptions, metrics
                 stream_slot()
             gen = start(model, text_request, metrics)
         except ProtocolError as e:
-            if model is not None:
-                count(model, endpoint, str(e.status))
+            count(model, endpoint, str(e.status))
             return _kserve_error(e)
         name, version = model.name, model.version
         if not stream:
