@@ -1235,7 +1235,8 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
 @click.option("--max-queue-delay-ms", default=0.0, show_default=True, type=click.FloatRange(0),
               help="How long the oldest waiting request may wait for others to join its batch.")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1),
-              help="Requests per model, queued or running, before the server sheds load (503 with Retry-After).")
+              help="Requests per model, queued or running, before the server sheds load (503 with Retry-After); for a "
+                   "language model, requests waiting for a place in a device's batch.")  # fmt: skip
 @click.option("--kv-cache-mb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Language models: KV cache each device may fill with running sequences (default: its whole cache, "
                    "slots x context); beyond it, new sequences wait and the youngest running one is preempted.")  # fmt: skip

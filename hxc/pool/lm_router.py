@@ -313,7 +313,7 @@ class LMRouter:
             error = future.exception()
             if error is None:
                 reason = future.result().finish_reason
-                if seq.stopping == "preempted" and reason == "cancelled":
+                if seq.stopping == "preempted" and reason == "cancelled" and not self.closed:
                     seq.preemptions += 1
                     self.waiting.appendleft(seq)  # resumed first
                 elif seq.stopping == "length" and reason == "cancelled":
@@ -322,7 +322,8 @@ class LMRouter:
                 else:
                     device.counts["sequences"] += 1
                     self._finish_locked(seq, reason or "stop")
-            elif isinstance(error, WorkerFailed) and seq.stopping != "cancelled" and seq.failures + 1 < MAX_TRIES:
+            elif (isinstance(error, WorkerFailed) and seq.stopping != "cancelled" and seq.failures + 1 < MAX_TRIES
+                  and not self.closed):  # fmt: skip
                 seq.failures += 1
                 self.waiting.appendleft(seq)  # resumed on whichever device is ready first
             elif seq.stopping == "cancelled":
