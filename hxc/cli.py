@@ -249,7 +249,7 @@ def main(verbose: int) -> None:
               help="Pass an IREE compiler flag to one target family or variant, e.g. vulkan:--iree-vulkan-target=rdna3 "
                    "or cpu:host:--iree-opt-level=O2. Repeatable. Recorded in the artifact's flags and the cache key.")  # fmt: skip
 @click.option("--max-context", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Language models: tokens one sequence may hold, prompt and output. [default: min(the model's maximum, 4096)]")
+              help="Language models: tokens one sequence may hold, prompt and output. [default: min(the model's maximum, 4096, its sliding window)]")
 @click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True,
               help="Language models: sequences the KV cache holds (decode runs one token for each).")
 @click.option("--allow-partial", is_flag=True, help="Write the bundle even if some targets fail (failures are recorded in it).")

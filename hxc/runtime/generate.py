@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hxc.errors import UsageError
+from hxc.lm_calls import decode_args, prefill_args
 from hxc.manifests.schema import LanguageModel, Manifest
 
 if TYPE_CHECKING:
@@ -413,10 +414,8 @@ def prefill_chunk(model: LoadedModel, lm: LanguageModel, ids: Sequence[int], at:
     calls from 0 in steps of `lm.prefill_chunk`; a batching scheduler interleaves them
     with decode steps.)"""
     chunk = lm.prefill_chunk
-    piece = ids[at:at + chunk]
-    tokens = np.zeros((1, chunk), np.int32)
-    tokens[0, :len(piece)] = piece
-    return model.call_flat("prefill", [tokens, _i32(at), _i32(len(piece)), _i32(slot)], state=state)[0][0]
+    args = prefill_args(ids[at:at + chunk], at, slot, chunk, lm.max_context)
+    return model.call_flat("prefill", args, state=state)[0][0]
 
 
 def decode(model: LoadedModel, lm: LanguageModel, token: int, position: int, state: ModelState, slot: int = 0) -> np.ndarray:
@@ -428,14 +427,10 @@ def decode(model: LoadedModel, lm: LanguageModel, token: int, position: int, sta
 def decode_batch(model: LoadedModel, lm: LanguageModel, steps: Mapping[int, tuple[int, int]], state: ModelState) -> np.ndarray:
     """One `decode` call for several sequences at once: `steps` maps a slot to its
     (token, position), each token's keys and values written at its position of its
-    slot; slots not in `steps` are idle. The logits, (slots, vocab): a busy slot's row
-    is its next token's; an idle slot's row means nothing."""
-    # Idle slots decode into the cache's scratch row (position max_context).
-    tokens = np.zeros(lm.slots, np.int32)
-    positions = np.full(lm.slots, lm.max_context, np.int32)
-    for slot, (token, position) in steps.items():
-        tokens[slot], positions[slot] = token, position
-    return model.call_flat("decode", [tokens, positions], state=state)[0]
+    slot; slots not in `steps` are idle (they write the cache's scratch row). The
+    logits, (slots, vocab): a busy slot's row is its next token's; an idle slot's row
+    means nothing. (The call reads the cache up to the furthest position in `steps`.)"""
+    return model.call_flat("decode", decode_args(steps, lm.slots, lm.max_context), state=state)[0]
 
 
 def _tokens(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_tokens: int, sampling: Sampling,
@@ -451,10 +446,6 @@ def _tokens(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_token
             return
         token = sampling.choose(decode(model, lm, token, position, state), rng)
         yield token
-
-
-def _i32(value: int) -> np.ndarray:
-    return np.array([value], np.int32)
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
