@@ -26,7 +26,7 @@ Phases, per contender (a server process each, started in turn):
    arrives: the running stream's ITL p99 with it against its p50 without (chunked
    prefill at work).
 
-Writes benchmarks/results/llm_serve.json. The client shares the machine's cores with
+Writes benchmarks/results/llm_serve.json (llm_serve_100m.json for --size 100m). The client shares the machine's cores with
 the servers: on this 2-core VM, everything is one loopback system.
 """
 
@@ -105,7 +105,7 @@ def main() -> None:
             print(f"  long prompt: {json.dumps(results['contenders']['hxc']['long_prompt'])}", file=sys.stderr, flush=True)
     results["summary"] = summarise(results["contenders"], rates)
     results["load_average_1min_at_end"] = os.getloadavg()[0]
-    path = save("llm_serve", results)
+    path = save("llm_serve" if args.size == "7m" else f"llm_serve_{args.size}", results)
     print(json.dumps(results["summary"], indent=2))
     print(f"wrote {path}", file=sys.stderr)
 
