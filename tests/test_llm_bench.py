@@ -90,7 +90,7 @@ def test_the_cases_follow_the_context_and_the_slots():
 def test_decoding_two_slots_in_one_call_gives_each_its_own_logits(bundle):
     # What the batch-2 decode timing runs: each slot's logits as when it is stepped alone.
     import hxc.runtime
-    from hxc.runtime.generate import decode, decode_slots, language_model_of, prefill
+    from hxc.runtime.generate import decode, decode_batch, language_model_of, prefill
 
     model = hxc.runtime.load(bundle, device="local-task")
     lm = language_model_of(model)
@@ -100,7 +100,7 @@ def test_decoding_two_slots_in_one_call_gives_each_its_own_logits(bundle):
     for s, ids in prompts.items():
         prefill(model, lm, ids, together, slot=s)
     expected = {s: decode(model, lm, first[s], len(ids), alone, slot=s) for s, ids in prompts.items()}
-    both = decode_slots(model, lm, {s: (first[s], len(ids)) for s, ids in prompts.items()}, together)
+    both = decode_batch(model, lm, {s: (first[s], len(ids)) for s, ids in prompts.items()}, together)
     for s in prompts:
         np.testing.assert_allclose(both[s], expected[s], rtol=1e-5, atol=1e-5)
 

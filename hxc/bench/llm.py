@@ -93,7 +93,7 @@ def _prompt(lm: LanguageModel, n: int, offset: int = 0) -> list[int]:
 
 
 def _call(model: Any, inputs: list) -> Callable[[], None]:
-    from hxc.runtime.generate import decode_slots, generate, language_model_of, prefill
+    from hxc.runtime.generate import decode_batch, generate, language_model_of, prefill
 
     phase, prompt_tokens, batch = inputs
     lm = language_model_of(model)
@@ -108,7 +108,7 @@ def _call(model: Any, inputs: list) -> Callable[[], None]:
     step = {"position": start}
 
     def one_token_each() -> None:
-        logits = decode_slots(model, lm, {s: (tokens[s], step["position"]) for s in slots}, state)
+        logits = decode_batch(model, lm, {s: (tokens[s], step["position"]) for s in slots}, state)
         for s in slots:
             tokens[s] = int(np.argmax(logits[s]))
         step["position"] = step["position"] + 1 if step["position"] + 1 < end else start

@@ -51,7 +51,12 @@ PROFILES_FORMAT = "hxc-profiles"
 # tokens for it, their logits in the golden sample (GREEDY_LOGITS) in place of each
 # function's sample with its full KV caches. A 4.1 reader ignores the field, and its
 # `hxc verify` finds no function samples in such a bundle's golden.npz.
-SCHEMA_VERSION: tuple[int, int] = (4, 2)
+# 5.0: a language model's `prefill` and `decode` take `span` (a dynamic length: how
+# many cache rows the call reads) and its KV cache is one key and one value state per
+# layer (`k_cache_0`, `v_cache_0`, ...), written in place and read to the filled
+# length. A 4.x reader would call them with the old arguments; this reader refuses a
+# 4.x language model (rebuild it) and reads every other 2.x-4.x bundle as before.
+SCHEMA_VERSION: tuple[int, int] = (5, 0)
 # profiles.json is versioned on its own: nothing in it changed meaning in 3.0, so a
 # 2.x hxc can still read the profiles a newer hxc bench adds to its bundles.
 # 2.1: Profile.conditions (what else ran during a measurement).
@@ -377,7 +382,7 @@ class LanguageModel:
     """A causal language model compiled as `prefill` and `decode` over a KV cache kept
     on the device as state (`k_cache`, `v_cache`): what generating text needs."""
 
-    family: str  # the transformers model type: llama, gpt2
+    family: str  # the transformers model type (causal_lm.SUPPORTED_FAMILIES): llama, gpt2, qwen2, ...
     vocab_size: int
     layers: int
     heads: int
