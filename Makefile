@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-deps clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,23 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# benchmarks/llm.py's peers (pyproject's `bench` extra). llama-cpp-python builds from source
+# (~10+ minutes on 2 cores), so its wheel is built once into $(WHEELS), beside the source
+# package (whose llama.cpp/convert_hf_to_gguf.py the benchmark runs), and installed from there
+# after. GGML_NATIVE: built for this machine's CPU, as a llama.cpp user builds it; a wheel
+# from a machine with other CPU features must be rebuilt (delete it from $(WHEELS)).
+WHEELS ?= $(or $(HXC_WHEELS),/work/.cache/wheels)  # benchmarks/llm.py reads HXC_WHEELS, the same default
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+bench-deps: setup
+	@mkdir -p $(WHEELS)
+	@ls $(WHEELS)/llama_cpp_python-0.3.36.tar.gz >/dev/null 2>&1 || \
+		$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -d $(WHEELS) $(LLAMA_CPP_PYTHON)
+	@ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || { \
+		echo "bench-deps: building llama-cpp-python into $(WHEELS) (once; ~10+ minutes)…"; \
+		CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip wheel --quiet --no-deps -w $(WHEELS) \
+			$(WHEELS)/llama_cpp_python-0.3.36.tar.gz; }
+	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) -e '.[bench]'
 
 clean:
 	rm -rf $(VENV) example.hxc .pytest_cache

@@ -252,7 +252,7 @@ def main(verbose: int) -> None:
               help="Pass an IREE compiler flag to one target family or variant, e.g. vulkan:--iree-vulkan-target=rdna3 "
                    "or cpu:host:--iree-opt-level=O2. Repeatable. Recorded in the artifact's flags and the cache key.")  # fmt: skip
 @click.option("--max-context", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Language models: tokens one sequence may hold, prompt and output. [default: min(the model's maximum, 4096)]")
+              help="Language models: tokens one sequence may hold, prompt and output. [default: min(the model's maximum, 4096, its sliding window)]")
 @click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True,
               help="Language models: sequences the KV cache holds (decode runs one token for each).")
 @click.option("--allow-partial", is_flag=True, help="Write the bundle even if some targets fail (failures are recorded in it).")
@@ -1243,7 +1243,17 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
 @click.option("--max-queue-delay-ms", default=0.0, show_default=True, type=click.FloatRange(0),
               help="How long the oldest waiting request may wait for others to join its batch.")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1),
-              help="Requests per model, queued or running, before the server sheds load (503 with Retry-After).")
+              help="Requests per model, queued or running, before the server sheds load (503 with Retry-After); for a "
+                   "language model, requests waiting for a place in a device's batch.")  # fmt: skip
+@click.option("--kv-cache-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Language models: KV cache each device may fill with running sequences (default: its whole cache, "
+                   "slots x context); beyond it, new sequences wait and the youngest running one is preempted.")  # fmt: skip
+@click.option("--max-streams", type=click.IntRange(1), default=None,
+              help="Language models: streamed responses open at once, all models together (503 with Retry-After beyond).")
+@click.option("--slo-ttft-ms", default=1000.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Language models: the time-to-first-token deadline that /metrics' goodput and deadline misses count by.")
+@click.option("--slo-tpot-ms", default=200.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Language models: the time-per-output-token deadline that /metrics' goodput and deadline misses count by.")
 @click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest request body accepted (413 beyond).")
 @click.option("--max-receiving-mb", default=256.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -1270,7 +1280,8 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print events (listening, ready, stopped) as JSON lines on stdout.")
 @_command
 def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tuple[str, ...], policy: str,
-          slo_ms: float | None, prices_file: Path | None, max_batch_size: int, max_queue_delay_ms: float, max_queue: int, max_body_mb: float,
+          slo_ms: float | None, prices_file: Path | None, max_batch_size: int, max_queue_delay_ms: float, max_queue: int,
+          kv_cache_mb: float | None, max_streams: int | None, slo_ttft_ms: float, slo_tpot_ms: float, max_body_mb: float,
           max_receiving_mb: float, body_timeout_s: float, header_timeout_s: float, drain_timeout: float, api_key: str | None,
           api_key_file: Path | None, auth_health: bool, open_metrics: bool, ssl_certfile: Path | None, ssl_keyfile: Path | None,
           ssl_ca_certs: Path | None, as_json: bool) -> None:  # fmt: skip
@@ -1288,6 +1299,12 @@ def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tup
     carry parameters `slo_ms` and `policy` (as --policy). Concurrent requests to a device
     are merged into one call when the model has a dynamic batch dimension. GET /metrics
     for Prometheus; SIGTERM drains requests in flight, then exits.
+
+    \b
+    Language models are served with the OpenAI API (POST /v1/completions,
+    /v1/chat/completions, GET /v1/models; streamed with "stream": true) and the KServe
+    generate extension (POST /v2/models/NAME/generate, /generate_stream), batched
+    continuously on each device.
     """
     from hxc.extras import require
 
@@ -1309,7 +1326,9 @@ def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tup
                            max_body_bytes=int(max_body_mb * 1024**2), max_receiving_bytes=int(max_receiving_mb * 1024**2),
                            body_timeout_s=body_timeout_s, header_timeout_s=header_timeout_s, drain_timeout_s=drain_timeout,
                            api_key_digests=key_digests(keys), auth_health=auth_health, open_metrics=open_metrics,
-                           ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, ssl_ca_certs=ssl_ca_certs, trust=_trust())  # fmt: skip
+                           ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, ssl_ca_certs=ssl_ca_certs, trust=_trust(),
+                           kv_cache_bytes=int(kv_cache_mb * 1024**2) if kv_cache_mb else None, max_streams=max_streams,
+                           slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms)  # fmt: skip
     tls_context(options)  # a bad certificate is one line before any bundle is read
     run_server(find_models(models, options.trust), options, on_event=print_event(as_json))
 

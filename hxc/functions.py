@@ -19,6 +19,18 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class DynamicDim:
+    """Axis `axis` of argument `arg` takes any length in min..max at run time (the
+    manifest names it `name`); every other dimension is static."""
+
+    arg: int
+    axis: int
+    name: str
+    min: int
+    max: int
+
+
+@dataclass(frozen=True)
 class Function:
     """One entry point: its method takes `args`, then the state it `reads`, in order,
     and returns its outputs, then the state it `writes`, in order."""
@@ -28,3 +40,4 @@ class Function:
     writes: tuple[str, ...] = ()
     method: str | None = None  # the module's method; default: the function's name
     arg_names: tuple[str, ...] = ()  # names of `args` in the manifest; default input_0, input_1, ...
+    dynamic: tuple[DynamicDim, ...] = ()

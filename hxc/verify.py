@@ -31,6 +31,7 @@ import numpy as np
 
 from hxc.arrays import ArrayFileError, max_array_bytes, read_npz
 from hxc.dtypes import compute_dtype, dtype, from_storage
+from hxc.lm_calls import decode_args, prefill_args
 from hxc.golden import Comparison, compare, compare_outputs, golden_arrays  # noqa: F401  (the golden arithmetic, re-exported)
 from hxc.errors import BundleError, ExitCode, HxcError, NothingToCompareError, UsageError, first_line
 from hxc.manifests import Manifest, Signature, TensorSpec
@@ -94,19 +95,13 @@ def greedy_logits(call: Callable[[str, list[np.ndarray]], np.ndarray], lm: Langu
     ref = lm.greedy_reference
     assert ref is not None
     prompt, chunk = ref.prompt_token_ids, lm.prefill_chunk
-    i32 = lambda *x: np.array(x, np.int32)  # noqa: E731
     logits = np.zeros(0, np.float32)
     for at in range(0, len(prompt), chunk):
-        piece = prompt[at:at + chunk]
-        tokens = np.zeros((1, chunk), np.int32)
-        tokens[0, :len(piece)] = piece
-        logits = call("prefill", [tokens, i32(at), i32(len(piece)), i32(0)])
+        logits = call("prefill", prefill_args(prompt[at:at + chunk], at, 0, chunk, lm.max_context))
     steps = [logits.reshape(-1)]
     for i, token in enumerate(ref.token_ids[:-1]):
-        tokens = np.zeros(lm.slots, np.int32)
-        positions = np.full(lm.slots, lm.max_context, np.int32)  # idle slots write the scratch row
-        tokens[0], positions[0] = token, len(prompt) + i
-        steps.append(call("decode", [tokens, positions]).reshape(lm.slots, -1)[0])
+        args = decode_args({0: (token, len(prompt) + i)}, lm.slots, lm.max_context)
+        steps.append(call("decode", args).reshape(lm.slots, -1)[0])
     return np.stack(steps)
 
 

@@ -803,7 +803,7 @@ def test_api_keys_gate_every_route_but_the_health_probes(keyed):
     error = json.loads(body)["error"]
     assert status == 401 and error["code"] == "invalid_api_key" and error["type"] and "API key" in error["message"]
     status, _, body = keyed.http("POST", "/v1/chat/completions", b"{}", _bearer(KEYS[0]))
-    assert status == 404 and set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+    assert status == 400 and set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
 
 
 def test_a_wrong_key_among_200_concurrent_requests_gets_401_and_nothing_else_changes(keyed):

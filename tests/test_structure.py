@@ -115,7 +115,7 @@ LAYERS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (3, ("hxc.compiler",)),
     (2, ("hxc.targets", "hxc.manifests")),
     (1, ("hxc", "hxc.errors", "hxc.registry", "hxc.ui", "hxc.dtypes", "hxc.arrays", "hxc.extras", "hxc.examples",
-         "hxc.golden", "hxc.stats", "hxc.functions")),
+         "hxc.golden", "hxc.stats", "hxc.functions", "hxc.lm_calls")),
 )
 
 

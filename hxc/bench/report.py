@@ -67,10 +67,18 @@ def scenario_of(p: Profile) -> str:
     return f"first token, prompt {g.prompt_tokens}" if g.phase == "prefill" else f"per token, after {g.prompt_tokens}"
 
 
+def per_second(p: Profile) -> float:
+    """The items/s column: a language model's items are tokens (prompt tokens through
+    prefill, tokens decoded), any other model's the rows of its batches."""
+    tokens = p.tokens_per_s
+    return p.items_per_second if tokens is None else tokens
+
+
 def _order(p: Profile) -> tuple:
-    # A language model's rows in the order they are measured: first token by prompt length, then per token.
+    # A language model's rows in the order they are measured: first token by prompt length,
+    # then per token by batch (its scenario aside: batch B is "offline").
     g = p.generation
-    return (p.scenario,) if g is None else (p.scenario, g.phase != "prefill", g.prompt_tokens)
+    return (p.scenario,) if g is None else ("generation", g.phase != "prefill", g.prompt_tokens, p.batch)
 
 
 def rows(manifest: Manifest, profiles: Iterable[Profile] | None = None, baseline: str = REFERENCE.candidate) -> list[Row]:
@@ -116,14 +124,19 @@ def row_json(r: Row) -> dict:
 
 
 def _generation_json(p: Profile) -> dict:
-    """A language model's profile in its own terms: time to first token, or time per
-    output token (the mean: a generation's length is the sum) and tokens per second."""
+    """A language model's profile in its own terms: time to first token and prompt
+    tokens per second through prefill; or time per output token (the mean: a
+    generation's length is the sum) and tokens per second over the batch's sequences;
+    with the artifact's memory."""
     g = p.generation
     if g is None:
         return {}
+    memory = {"weights_bytes": g.weights_bytes, "kv_bytes_per_token": g.kv_bytes_per_token}
     if g.phase == "prefill":
-        return {"phase": g.phase, "prompt_tokens": g.prompt_tokens, "ttft_ms": p.latency.p50_ms}
-    return {"phase": g.phase, "prompt_tokens": g.prompt_tokens, "tpot_ms": p.latency.mean_ms, "tokens_per_s": p.throughput}
+        return {"phase": g.phase, "prompt_tokens": g.prompt_tokens, "ttft_ms": p.latency.p50_ms,
+                "tokens_per_s": p.tokens_per_s, **memory}  # fmt: skip
+    return {"phase": g.phase, "prompt_tokens": g.prompt_tokens, "tpot_ms": p.latency.mean_ms,
+            "tokens_per_s": p.tokens_per_s, **memory}  # fmt: skip
 
 
 def profiles_table(manifest: Manifest, profiles: Iterable[Profile] | None = None):
@@ -141,7 +154,7 @@ def profiles_table(manifest: Manifest, profiles: Iterable[Profile] | None = None
         spread = percent(p.latency.spread) + (" noisy" if noisy(p.latency) else "")
         t.add_row(
             r.host.hostname if r.host else p.host_id[:8], scenario_of(p), str(p.batch), p.candidate, _short(p.device),
-            number(p.latency.p50_ms) + mark, number(p.latency.p99_ms), number(p.items_per_second, 4),
+            number(p.latency.p50_ms) + mark, number(p.latency.p99_ms), number(per_second(p), 4),
             f"[{style}]{vs}[/{style}]" if style else vs, f"[yellow]{spread}[/yellow]" if noisy(p.latency) else spread,
         )  # fmt: skip
     return t
@@ -199,7 +212,7 @@ def html_report(manifest: Manifest, selection: Selection | None = None, hostname
             r.host.hostname if r.host else r.profile.host_id[:8], scenario_of(r.profile), r.profile.batch,
             r.profile.candidate, r.profile.device,
             number(r.profile.latency.p50_ms) + ("*" if noisy(r.profile.latency) else ""),
-            number(r.profile.latency.p90_ms), number(r.profile.latency.p99_ms), number(r.profile.items_per_second, 4),
+            number(r.profile.latency.p90_ms), number(r.profile.latency.p99_ms), number(per_second(r.profile), 4),
             "-" if r.speedup is None else ratio(r.speedup) + ("*" if r.noisy else ""),
             percent(r.profile.latency.spread),
         )) + "</tr>"

@@ -105,9 +105,10 @@ def run_bench(
 
 def _bench_language_model(path: Path, manifest: Manifest, device: str | None, budget: Budget, record: bool,
                           trust: TrustPolicy, on_progress: Callable[[str], None]) -> BenchResult:  # fmt: skip
-    """Time to first token and time per output token of every artifact this host can
-    run (`hxc.bench.llm`), recorded as profiles."""
-    from hxc.bench.llm import cases, llm_contenders
+    """Time to first token and time per output token (at batch 1 and at the bundle's
+    slots) of every artifact this host can run, with each one's memory
+    (`hxc.bench.llm`), recorded as profiles."""
+    from hxc.bench.llm import cases, llm_contenders, with_memory
 
     assert manifest.language_model is not None
     host = probe_host().host()
@@ -117,8 +118,9 @@ def _bench_language_model(path: Path, manifest: Manifest, device: str | None, bu
     groups = [DeviceGroup(label, cs, functools.partial(llm_contenders, path, device, tuple(c.id for c in cs), trust))
               for label, cs in by_process(contenders).items()]  # fmt: skip
     timed = cases(manifest.language_model)
-    run = measure_devices(groups, [[c.phase, c.prompt_tokens] for c in timed], budget, on_progress)
-    profiles = [dataclasses.replace(_profile(host.id, manifest, t, "single-stream", 1), generation=case)
+    run = measure_devices(groups, [c.inputs for c in timed], budget, on_progress)
+    profiles = [dataclasses.replace(_profile(host.id, manifest, t, case.scenario, case.batch),
+                                    generation=with_memory(case.timing, manifest, t.contender.id))
                 for case, timings in zip(timed, run.timings) for t in timings]  # fmt: skip
     if record and profiles:
         update_manifest(path, lambda m: add_profiles(m, [host], profiles))

@@ -79,7 +79,7 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
     on_stage("running PyTorch for the golden sample")
     golden: dict[str, Any] = {}
     specs: dict[str, FunctionSpec] = {}
-    calls: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...]]] = {}
+    calls: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...], Any]] = {}
     for fname, fn in functions.items():
         method = getattr(module, fn.method or fname, None)
         if not callable(method):
@@ -103,12 +103,12 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
         golden.update({f"{prefix}output_{i}": to_storage(to_numpy(o)) for i, o in enumerate(flat)})
         user = flat[: len(flat) - len(fn.writes)]
         names = [*fn.arg_names, *(f"input_{i}" for i in range(len(fn.arg_names), len(fn.args)))]
-        signature = Signature(inputs=tuple(_spec(n, a) for n, a in zip(names, fn.args)),
+        signature = Signature(inputs=tuple(_spec(n, a, _dims(fn, i)) for i, (n, a) in enumerate(zip(names, fn.args))),
                               outputs=tuple(_spec(f"output_{i}", o) for i, o in enumerate(user)),
                               output_tree=_tree(len(user)))  # fmt: skip
         specs[fname] = FunctionSpec(signature, reads=tuple(_state(s, states[s], module) for s in fn.reads),
                                     writes=tuple(_state(s, states[s], module) for s in fn.writes))  # fmt: skip
-        calls[fname] = (method, args)
+        calls[fname] = (method, args, _dynamic_shapes(fn, len(args)))
     timings["golden"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -163,17 +163,39 @@ def _states(module: Any, functions: dict[str, Function], source: str) -> dict[st
             raise UsageError(f"{source}: function {fname!r} names state {', '.join(unknown)}, which hxc_state does not declare")
         if not all(isinstance(a, torch.Tensor) for a in fn.args):
             raise UsageError(f"{source}: function {fname!r}: example args must be tensors")
+        for d in fn.dynamic:
+            if not (0 <= d.arg < len(fn.args) and 0 <= d.axis < fn.args[d.arg].ndim and d.name.isidentifier()
+                    and 2 <= d.min <= fn.args[d.arg].shape[d.axis] <= d.max):
+                raise UsageError(f"{source}: function {fname!r}: dynamic dimension {d.name!r} (argument {d.arg}, axis "
+                                 f"{d.axis}, {d.min}..{d.max}) does not fit its example arguments")  # fmt: skip
     for s, value in states.items():
         if not isinstance(value, torch.Tensor) or value.ndim == 0:
             raise UsageError(f"{source}: hxc_state[{s!r}] must be an example tensor with at least one dimension")
     return states
 
 
-def _spec(label: str, t: torch.Tensor) -> TensorSpec:
+def _spec(label: str, t: torch.Tensor, dynamic: dict[int, str] | None = None) -> TensorSpec:
     found = from_torch(t.dtype)
     if found is None:
         raise LoweringError(f"{label} has dtype {t.dtype}, which hxc does not support")
-    return TensorSpec(label, found.name, tuple(t.shape))
+    return TensorSpec(label, found.name, tuple((dynamic or {}).get(a, int(n)) for a, n in enumerate(t.shape)))
+
+
+def _dims(fn: Function, arg: int) -> dict[int, str]:
+    """The dynamic axes of argument `arg` of `fn`, by the name the manifest gives them."""
+    return {d.axis: d.name for d in fn.dynamic if d.arg == arg}
+
+
+def _dynamic_shapes(fn: Function, count: int) -> Any:
+    """torch.export's dynamic_shapes for `fn`'s `count` arguments (its state included),
+    as the exported entry takes them: one varargs tuple."""
+    if not fn.dynamic:
+        return None
+    dims = {d.name: torch.export.Dim(d.name, min=d.min, max=d.max) for d in fn.dynamic}
+    shapes: list[Any] = [None] * count
+    for d in fn.dynamic:
+        shapes[d.arg] = {**(shapes[d.arg] or {}), d.axis: dims[d.name]}
+    return (tuple(shapes),)
 
 
 def _state(name: str, example: torch.Tensor, module: Any) -> StateSpec:
@@ -195,7 +217,7 @@ def _module_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
-def _lower(module: torch.nn.Module, calls: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...]]],
+def _lower(module: torch.nn.Module, calls: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...], Any]],
            external: dict[str, torch.Tensor], irpa: Path | None) -> bytes:  # fmt: skip
     """One MLIR module: each function exported from the shared root module, decomposed
     to core ATen with hxc's table, and imported together (weights as shared globals).
@@ -214,7 +236,7 @@ def _lower(module: torch.nn.Module, calls: dict[str, tuple[Callable[..., Any], t
     try:
         builder = aot.FxProgramsBuilder(module)
         table = decomposition_table()
-        for fname, (method, args) in calls.items():
+        for fname, (method, args, dynamic_shapes) in calls.items():
             attr = method.__name__
 
             def entry(root: torch.nn.Module, *a: torch.Tensor, _attr: str = attr) -> Any:
@@ -223,7 +245,7 @@ def _lower(module: torch.nn.Module, calls: dict[str, tuple[Callable[..., Any], t
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    builder.export_program(entry, name=fname, args=args, strict=False)
+                    builder.export_program(entry, name=fname, args=args, dynamic_shapes=dynamic_shapes, strict=False)
             except Exception as e:
                 raise LoweringError(f"cannot export function {fname!r} ({type(e).__name__}: {first_line(e)})") from None
             builder.programs[fname] = ExportTargetDef(_decompose(builder.programs[fname].target, table))

@@ -32,7 +32,7 @@ class ImportOptions:
     # such an import carries its weights inline.
     interface_casts: tuple[tuple[str, str], ...] = ()
     # Language models (a Hugging Face directory, or a factory returning a transformers
-    # causal LM): tokens one sequence may hold (None: min(the model's maximum, 4096)),
+    # causal LM): tokens one sequence may hold (None: min(the model's maximum, 4096, its sliding window)),
     # sequences decoded at once, prompt tokens per prefill call (None: 32).
     max_context: int | None = None
     slots: int = 1

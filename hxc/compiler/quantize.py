@@ -15,7 +15,8 @@ on the CPU: `QuantLinear.forward` and hxc/targets/cpu.py (QUANTIZED_FLAGS).
 The token embedding is quantised the same way (`QuantEmbedding`: a lookup gathers
 integer rows and dequantises them): it costs no decode time either way, but float32 it
 was 98 MB of the 100M-parameter Llama's 157 MB int4 archive. A model whose LM head
-shares the embedding's weight (GPT-2) keeps one integer table for both.
+shares the embedding's weight (GPT-2) keeps one integer table for both. An embedding
+that is not a plain `nn.Embedding` (Gemma's scales its rows) stays float32.
 
 How far a quantised model strays from float32 is measured here, in PyTorch, at compile
 time (`measure`): over a fixed set of prompts, each continued greedily by the float32
@@ -184,7 +185,8 @@ def quantize_model(model: torch.nn.Module, precision: str, group_size: int = DEF
             setattr(module, child_name, q)
             replaced.append(f"{name}.{child_name}" if name else child_name)
             quantised_head = q if child is head else quantised_head
-    if embeddings and isinstance(table, torch.nn.Embedding):
+    # Only a plain Embedding: a subclass may do more (Gemma's scales its rows).
+    if embeddings and type(table) is torch.nn.Embedding:
         rows = quantised_head if tied and quantised_head is not None else QuantLinear(table.weight, None, bits, group_size)
         model.set_input_embeddings(QuantEmbedding(rows, table.padding_idx))
         replaced.append("embeddings")
@@ -264,7 +266,7 @@ def quantized_language_model(lm: Any, precision: str, group_size: int | None,
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     model = copy.deepcopy(lm.model)
     replaced = quantize_model(model, precision, group_size)
-    quantized = CausalLM(model, lm.layout.slots, lm.layout.max_context, lm.cache_write, lm.prefill_chunk)
+    quantized = CausalLM(model, lm.layout.slots, lm.layout.max_context, prefill_chunk=lm.prefill_chunk)
     quantized.tokenizer = getattr(lm, "tokenizer", None)
     # The greedy reference's prompt as the fp32 import records it (the same tokenizer file).
     tokenizer_json = save_tokenizer(quantized.tokenizer, workdir / "measure-tokenizer").get(f"{TOKENIZER_DIR}/tokenizer.json")

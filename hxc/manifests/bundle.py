@@ -196,6 +196,12 @@ def parse_manifest(data: object, where: str = MANIFEST_FILE) -> Manifest:
             "sample cannot be checked; this hxc refuses it",
             hint="rebuild it with `hxc compile` (profiles can be re-recorded with `hxc bench`)",
         )
+    if version[0] < 5 and data.get("language_model") is not None:
+        raise BundleError(
+            f"{where}: a language model of bundle schema {version[0]}.{version[1]}, whose functions read one KV cache "
+            "for every layer in full; this hxc calls them with per-layer caches read to the filled length",
+            hint="rebuild it with `hxc compile`",
+        )
     if version[0] < 4 and "signature" in data and "functions" not in data:
         # Before functions, a bundle was one stateless entry point, `main`.
         data = {**data, "functions": {MAIN: {"signature": data["signature"]}}}

@@ -51,19 +51,29 @@ PROFILES_FORMAT = "hxc-profiles"
 # tokens for it, their logits in the golden sample (GREEDY_LOGITS) in place of each
 # function's sample with its full KV caches. A 4.1 reader ignores the field, and its
 # `hxc verify` finds no function samples in such a bundle's golden.npz.
-# 4.3: `Artifact.quantization` (optional): a language model's weight-only int8/int4
+# 5.0: a language model's `prefill` and `decode` take `span` (a dynamic length: how
+# many cache rows the call reads) and its KV cache is one key and one value state per
+# layer (`k_cache_0`, `v_cache_0`, ...), written in place and read to the filled
+# length. A 4.x reader would call them with the old arguments; this reader refuses a
+# 4.x language model (rebuild it) and reads every other 2.x-4.x bundle as before.
+# 5.1: `Artifact.quantization` (optional): a language model's weight-only int8/int4
 # artifact (precision "int8", "int4"): how its weights are stored and how far its greedy
-# tokens and logits stray from float32. A 4.2 reader ignores the field; it never picks
+# tokens and logits stray from float32. A 5.0 reader ignores the field; it never picks
 # such an artifact unasked (its precision is not fp32), and when allowed it loads and
 # runs it like any other (the archive is weights-int8.irpa).
-SCHEMA_VERSION: tuple[int, int] = (4, 3)
+SCHEMA_VERSION: tuple[int, int] = (5, 1)
 # profiles.json is versioned on its own: nothing in it changed meaning in 3.0, so a
 # 2.x hxc can still read the profiles a newer hxc bench adds to its bundles.
 # 2.1: Profile.conditions (what else ran during a measurement).
 # 2.2: Profile.generation (optional): what a language-model profile timed (time to the
 # first token of a prompt, or per output token); a 2.1 reader ignores it and sees
 # single-stream profiles at batch 1.
-PROFILES_SCHEMA_VERSION: tuple[int, int] = (2, 2)
+# 2.3: GenerationTiming.weights_bytes and .kv_bytes_per_token (optional): the memory the
+# artifact needs, beside its timings; and decode profiles at batch B > 1 (scenario
+# "offline": one decode call steps B sequences, `latency` per call, `items_per_second`
+# tokens per second), as a 2.2 reader already reads any offline profile. A 2.2 reader
+# ignores the new fields.
+PROFILES_SCHEMA_VERSION: tuple[int, int] = (2, 3)
 
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"  # written once by `hxc compile`, never changed after
@@ -279,7 +289,7 @@ class Artifact:
     # The backend that built it and runs it (`hxc compile --backends`): iree, onnxruntime,
     # inductor. A reader that predates this field would take any artifact for IREE's.
     engine: str = "iree"
-    quantization: Quantization | None = None  # precision int8 / int4 (4.3)
+    quantization: Quantization | None = None  # precision int8 / int4 (5.1)
 
 
 @dataclass(frozen=True)
@@ -312,10 +322,15 @@ class Conditions:
 class GenerationTiming:
     """What a language model's profile timed: `prefill`, a prompt of `prompt_tokens`
     in to its first token chosen (time to first token); or `decode`, one more token
-    each call after a prompt of `prompt_tokens` (time per output token)."""
+    each call after a prompt of `prompt_tokens` (time per output token) for each of the
+    profile's `batch` sequences. With the memory the artifact needs, which is what
+    sizes a device for it: its weights, and the KV cache per token of context (2.3;
+    None when recorded before)."""
 
     phase: Literal["prefill", "decode"]
     prompt_tokens: int
+    weights_bytes: int | None = None
+    kv_bytes_per_token: int | None = None
 
 
 @dataclass(frozen=True)
@@ -347,6 +362,16 @@ class Profile:
     # A language model's profile (`hxc bench` on an LLM bundle): what `latency` timed;
     # `throughput` is then calls per second (tokens per second for decode). None: a plain call.
     generation: GenerationTiming | None = None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """A language model's profile as tokens per second (None for any other): prompt
+        tokens through prefill, or tokens decoded (one per sequence of the batch), over
+        the mean call time."""
+        g = self.generation
+        if g is None or not self.latency.mean_ms:
+            return None
+        return (g.prompt_tokens if g.phase == "prefill" else self.batch) * 1000.0 / self.latency.mean_ms
 
 
 @dataclass(frozen=True)
@@ -391,7 +416,7 @@ class LanguageModel:
     """A causal language model compiled as `prefill` and `decode` over a KV cache kept
     on the device as state (`k_cache`, `v_cache`): what generating text needs."""
 
-    family: str  # the transformers model type: llama, gpt2
+    family: str  # the transformers model type (causal_lm.SUPPORTED_FAMILIES): llama, gpt2, qwen2, ...
     vocab_size: int
     layers: int
     heads: int

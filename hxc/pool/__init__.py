@@ -9,8 +9,9 @@ that splits a batch across them by measured speed, deadlines, restarts and telem
 
 In three parts: `workers.py` (the worker processes of a bundle: start, health,
 restart), `split.py` (one batch or stream split across them; `pool.py` is the `Pool`
-around it) and `router.py` (single requests, as a server gets them, ranked by the
-registered policies in `policies/`).
+around it), `router.py` (single requests, as a server gets them, ranked by the
+registered policies in `policies/`) and `lm_router.py` (a language model's sequences,
+batched continuously in each worker: KV admission, preemption, failover).
 
 The names below are imported when first used, so that `hxc.pool.policies` (the
 policy names the CLI lists) costs no process machinery to import.

@@ -15,6 +15,10 @@ it says it is ready). The pool sends `{"op": ..., "id": n, ...}`:
 - `open` / `drop`: allocate (zero) or free state `state` on the worker's device;
 - `export`: state `state` copied to the host, its values (`names`) as outputs;
 - `import`: `inputs` (the values of `names`) copied to the device as state `state`;
+- `generate` (a language model's worker): `inputs` is a prompt's token ids (int32),
+  `params` its sampling and limits; the worker batches it with the others and answers
+  in parts, each with the new `tokens`, the last with `finish_reason`;
+- `cancel`: stop generate request `id` now (its last part says "cancelled");
 - `stop`.
 The worker answers each request with `done` (outputs in its buffer for the slot,
 `device_ms`, `worker_ms`, `state_bytes`: the device memory its states hold) or `error`;
@@ -33,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL = 2  # 1: one operation, run main; 2: functions, state, parts
+PROTOCOL = 3  # 1: one operation, run main; 2: functions, state, parts; 3: generate, cancel
 
 MAX_MESSAGE = 1 << 16  # JSON control messages only; tensors go through shared memory
 MAX_FDS = 8
@@ -143,6 +147,12 @@ class Channel:
                 os.close(fd)
             raise ChannelClosed("end of stream")
         return json.loads(data), fds
+
+    def pending(self) -> bool:
+        """Whether a message (or the end of the stream) is waiting to be received."""
+        import select
+
+        return bool(select.select([self.sock], [], [], 0)[0])
 
     def close(self) -> None:
         self.sock.close()

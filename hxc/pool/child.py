@@ -12,7 +12,10 @@ process to its CPUs before anything starts a thread, so every thread inherits th
 Fault injection, for tests only: `HXC_POOL_FAULT="<who>:<what>@<n>[,...]"` makes the
 first incarnation of a worker whose artifact id or driver is <who> misbehave on its
 n-th request: `hang` (never answers), `slow` (answers 5 s late), `crash` (SIGKILLs
-itself), `segv` (a real segmentation fault). A restarted worker behaves.
+itself), `segv` (a real segmentation fault). A restarted worker behaves. One more for
+a language model's worker, in every incarnation: `<who>:slowstep@<ms>` makes each
+batch step take <ms> milliseconds more (a slow device, to test what happens while
+sequences run).
 """
 
 from __future__ import annotations
@@ -61,7 +64,10 @@ def main(config: dict[str, Any]) -> None:
     channel.send({"op": "ready", "protocol": PROTOCOL, **ready})
     faults = _faults(os.environ.get(FAULT_ENV, ""), model, config.get("incarnation", 1))
     try:
-        _serve(channel, model, faults)
+        if model.manifest.language_model is not None:
+            _serve_generate(channel, model, faults)
+        else:
+            _serve(channel, model, faults)
     except ChannelClosed:
         pass
     os._exit(0)  # skip IREE's teardown: the process is done and the pool may be gone
@@ -86,6 +92,13 @@ def _load(config: dict[str, Any]):
             zeros = [np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype(s.dtype).numpy_dtype())
                      for s in model.signature.inputs]  # fmt: skip
             model.run_flat(zeros)
+        elif model.manifest.language_model is not None:  # a prefill chunk and a decode step, on a throwaway cache
+            from hxc.runtime.batching import Batch
+
+            batch = Batch(model)
+            batch.add(0, [0], 2, stop_token_ids=[])
+            while not batch.idle:
+                batch.step()
         warmup = (time.perf_counter() - t0) * 1000
     except Exception as e:  # noqa: BLE001 - a model that rejects zeros still serves real inputs
         warmup = f"warm-up call failed: {e}".splitlines()[0]
@@ -123,6 +136,127 @@ def _serve(channel, model, faults: dict[int, str]) -> None:
             continue
         device_ms = model.last_device_ms if message["op"] in ("call", "run") else 0.0
         _reply(channel, outputs, slot, message["id"], results, device_ms, t0, _held(states))
+
+
+def _serve_generate(channel, model, faults: dict[int, str]) -> None:
+    """A language model's worker: continuous batching (`hxc.runtime.batching.Batch`).
+
+    `generate` requests (a prompt's token ids in the pool's buffer, sampling in
+    `params`) wait here until a slot is free, then join the batch; between two steps
+    every message that arrived is handled, so a new sequence joins the next step and a
+    `cancel` frees its slot before it. Each step's tokens go back as parts of each
+    sequence's reply (`{"tokens": [...], "more": true}`); its last reply carries the
+    last tokens and `finish_reason` (stop, length, or cancelled). Other operations
+    (calls of prefill/decode on a state of their own) run as in `_serve`, between steps."""
+    import collections
+
+    import numpy as np
+
+    from hxc.errors import first_line
+    from hxc.pool.channel import ArrayRef, SharedBuffer
+    from hxc.runtime.batching import Batch
+    from hxc.runtime.generate import Sampling
+
+    inputs: dict[int, SharedBuffer] = {}
+    outputs: dict[int, SharedBuffer] = {}
+    states: dict[str, Any] = {}
+    batch = Batch(model)
+    step_delay_s = float(faults.pop(0, 0)) / 1000  # the `slowstep` fault (tests)
+    waiting: collections.deque = collections.deque()  # (id, prompt ids, params), oldest first
+    started: dict[int, float] = {}  # id -> when it arrived (its reply's worker_ms)
+    served = 0
+
+    def finish(request: int, tokens: list[int], reason: str) -> None:
+        t0 = started.pop(request, time.perf_counter())
+        channel.send({"op": "done", "id": request, "outputs": [], "tokens": tokens, "finish_reason": reason, "device_ms": 0.0,
+                      "worker_ms": (time.perf_counter() - t0) * 1000, "size": 0, "state_bytes": _held(states)})  # fmt: skip
+
+    def fail(request: int, error: Exception) -> None:
+        started.pop(request, None)
+        channel.send({"op": "error", "id": request, "message": first_line(error),
+                      "exit_code": int(getattr(error, "exit_code", 1)), "state_bytes": _held(states)})  # fmt: skip
+
+    def handle(message: dict, fds: list[int]) -> bool:
+        nonlocal served
+        op = message["op"]
+        if op == "stop":
+            return False
+        if op == "cancel":
+            request = message["id"]
+            if batch.cancel(request) or any(w[0] == request for w in waiting):
+                for w in [w for w in waiting if w[0] == request]:
+                    waiting.remove(w)
+                finish(request, [], "cancelled")
+            return True
+        slot = message["slot"]
+        if fds:
+            if slot in inputs:
+                inputs[slot].close()
+            inputs[slot] = SharedBuffer(message["size"], fds[0])
+        served += 1
+        _inject(faults.get(served))
+        if op != "generate":
+            t0 = time.perf_counter()
+            try:
+                results = _operate(model, message, inputs.get(slot), states)
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                fail(message["id"], e)
+                return True
+            _reply(channel, outputs, slot, message["id"], results, model.last_device_ms, t0, _held(states))
+            return True
+        started[message["id"]] = time.perf_counter()
+        try:
+            ref = ArrayRef.from_json(message["inputs"][0])
+            ids = inputs[slot].view(ref, np.dtype(np.int32)).tolist()  # copied: the buffer is the pool's again
+            params = message.get("params") or {}
+            sampling = Sampling(float(params.get("temperature", 0.0)), int(params.get("top_k", 0)),
+                                float(params.get("top_p", 1.0)), params.get("seed"))  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            fail(message["id"], e)
+            return True
+        waiting.append((message["id"], ids, params, sampling))
+        return True
+
+    while True:
+        # Idle: wait for a message. Busy: take what has arrived, then step.
+        block = batch.idle and not waiting
+        while block or channel.pending():
+            message, fds = channel.receive()
+            block = False
+            if not handle(message, fds):
+                return
+        while waiting and batch.free_slots:
+            request, ids, params, sampling = waiting.popleft()
+            try:
+                batch.add(request, ids, int(params.get("max_new_tokens", 16)), sampling, params.get("stop_token_ids"))
+            except Exception as e:  # noqa: BLE001 - a bad prompt fails alone
+                fail(request, e)
+        if batch.idle:
+            continue
+        if step_delay_s:
+            time.sleep(step_delay_s)
+        try:
+            events = batch.step()
+        except Exception as e:  # noqa: BLE001 - the device call failed: every sequence in it fails, the worker goes on
+            running = batch.running
+            batch = Batch(model)
+            for request in running:
+                fail(request, e)
+            continue
+        if not events:  # a prefill chunk that chose no token yet: say the worker is alive
+            channel.send({"op": "done", "id": batch.running[0], "more": True, "tokens": []})
+            continue
+        by_id: dict[int, list[int]] = {}
+        done: dict[int, str] = {}
+        for event in events:
+            by_id.setdefault(event.id, []).append(event.token)
+            if event.finish:
+                done[event.id] = event.finish
+        for request, tokens in by_id.items():
+            if request in done:
+                finish(request, tokens, done[request])
+            else:
+                channel.send({"op": "done", "id": request, "more": True, "tokens": tokens})
 
 
 def _operate(model, message: dict, buffer, states: dict[str, Any]) -> list:
@@ -190,14 +324,17 @@ def _reply(channel, outputs: dict, slot: int, request: int, results: list, devic
 
 
 def _faults(spec: str, model, incarnation: int) -> dict[int, str]:
-    """{request number: fault} for this worker, from HXC_POOL_FAULT."""
-    if not spec or incarnation != 1:
-        return {}
+    """{request number: fault} for this worker, from HXC_POOL_FAULT; key 0 holds a
+    `slowstep` (its milliseconds)."""
     out = {}
-    for item in spec.split(","):
+    for item in spec.split(",") if spec else ():
         who, _, rest = item.strip().rpartition(":")
         what, _, n = rest.partition("@")
-        if who in (model.artifact.id, model.device.driver) and what in ("hang", "slow", "crash", "segv"):
+        if who not in (model.artifact.id, model.device.driver):
+            continue
+        if what == "slowstep":
+            out[0] = n
+        elif what in ("hang", "slow", "crash", "segv") and incarnation == 1:
             out[int(n or 1)] = what
     return out
 

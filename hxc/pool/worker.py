@@ -36,7 +36,7 @@ import numpy as np
 
 from hxc.stats import latency_stats
 from hxc.errors import ExitCode, HxcError
-from hxc.manifests.schema import MAIN, FunctionSpec, LatencyStats, Signature
+from hxc.manifests.schema import MAIN, FunctionSpec, LatencyStats, Signature, TensorSpec
 from hxc.pool.channel import PROTOCOL, ArrayRef, Channel, ChannelClosed, SharedBuffer, layout, write_arrays
 
 CPU_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -100,6 +100,7 @@ class Result:
     device_ms: float  # the device call alone, as bench profiles measure it
     worker_ms: float  # everything the worker did for it (device copies included)
     overhead_ms: float | None  # what the caller paid beyond device_ms (None if it queued behind another)
+    finish_reason: str | None = None  # a generate request's: stop, length, or cancelled
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,8 @@ class _Request:
     state: str | None = None  # the state reference the request reads, writes, or moves
     names: tuple[str, ...] = ()  # state values moved by export/import, in order
     on_part: Sink | None = None  # parts of a reply that comes in several (streaming)
+    params: dict[str, Any] | None = None  # a generate request's sampling and limits
+    on_tokens: Callable[[list[int]], None] | None = None  # a generate request's tokens, as they come
 
 
 @dataclass
@@ -301,6 +304,34 @@ class Worker:
             rows = int(shapes[0][0]) if shapes and shapes[0] else 1
         return self._queue(_Request(0, inputs, rows, sink, Future(), function=function, state=state, on_part=on_part))
 
+    def generate(self, prompt: Sequence[int], params: dict[str, Any], on_tokens: Callable[[list[int]], None]) -> Future:
+        """Generate after `prompt` (token ids) on a language model's worker, batched with
+        the worker's other sequences (`hxc.runtime.batching`). `params`: max_new_tokens,
+        temperature, top_k, top_p, seed, stop_token_ids (None: the model's). Tokens go
+        to `on_tokens(tokens)` as each step chooses them (in the worker's reader thread);
+        the Future gives a `Result` with `finish_reason` once the sequence ends, or
+        raises as `submit`'s does. `cancel(future)` stops it."""
+        ids = np.asarray(prompt, np.int32).reshape(-1)
+        return self._queue(_Request(0, [ids], 1, None, Future(), op="generate", params=dict(params), on_tokens=on_tokens))
+
+    def cancel(self, future: Future) -> None:
+        """Stop the generate request of `future`: one not sent yet ends at once, a running
+        one as soon as the worker reads this (its Future then gives finish_reason
+        "cancelled"). Nothing happens for a request that has finished."""
+        with self._lock:
+            waiting = next((r for r in self._pending if r.future is future), None)
+            if waiting is not None:
+                self._pending.remove(waiting)
+            running = next((r for r in self._running.values() if r.future is future), None)
+            life = self._life
+            if running is not None and life is not None:
+                try:
+                    life.channel.send({"op": "cancel", "id": running.id})
+                except ChannelClosed:
+                    pass  # the reader fails it with the rest
+        if waiting is not None and not future.done():
+            future.set_result(Result(None, waiting.rows, 0.0, 0.0, None, "cancelled"))
+
     def open_state(self, ref: str) -> Future:
         """Allocate every state of the model on the worker's device, zero, as `ref`."""
         return self._queue(_Request(0, (), 0, None, Future(), op="open", state=ref))
@@ -441,7 +472,9 @@ class Worker:
             req.slot = self._free_slots.pop(0)
             req.idle_at_dispatch = not self._running
             req.dispatched = time.perf_counter()
-            req.expected_ms = self.expected_ms(req.rows)
+            # A generate request replies at every step, however long it runs: each reply restarts
+            # its deadline, so it gets the allowance of a request whose time is unknown.
+            req.expected_ms = self.expected_ms(req.rows) if req.op != "generate" else None
             try:
                 self._send(life, req)
             except ChannelClosed:
@@ -476,13 +509,17 @@ class Worker:
         else:
             write_arrays(buf, refs, [np.asarray(a, d) for a, d in zip(req.inputs, dtypes)])
         del views
-        life.channel.send({"op": req.op, "id": req.id, "slot": slot, "size": buf.size, "function": req.function,
-                           "state": req.state, "names": list(req.names), "inputs": [r.to_json() for r in refs]},
-                          fds)  # fmt: skip
+        message = {"op": req.op, "id": req.id, "slot": slot, "size": buf.size, "function": req.function, "state": req.state,
+                   "names": list(req.names), "inputs": [r.to_json() for r in refs]}  # fmt: skip
+        if req.params is not None:
+            message["params"] = req.params
+        life.channel.send(message, fds)
 
     def _input_specs(self, req: _Request) -> Sequence[Any]:
         if req.op == "call":
             return self.functions[req.function].signature.inputs
+        if req.op == "generate":
+            return [TensorSpec("prompt", "i32", ("n",))]
         return [self.state_specs[n].tensor() for n in req.names] if req.op == "import" else ()
 
     def _output_specs(self, req: _Request) -> Sequence[Any]:
@@ -586,7 +623,12 @@ class Worker:
             req.future.set_result(result)
 
     def _deliver(self, life: _Incarnation, req: _Request, message: dict, received: float) -> Result:
-
+        if req.on_tokens is not None:
+            if message.get("tokens"):
+                req.on_tokens(message["tokens"])
+            self._consecutive_failures = 0
+            return Result(None, req.rows, float(message["device_ms"]), float(message["worker_ms"]), None,
+                          message.get("finish_reason"))  # fmt: skip
         views = self._output_views(life, req, message)
         if req.sink is not None:
             req.sink(views)
@@ -610,7 +652,9 @@ class Worker:
                 return
             self._adopt_outputs(life, req, message, fds)
             self._last_reply = time.perf_counter()  # a part is progress: the deadline restarts
-        if req.on_part is not None:
+        if req.on_tokens is not None:
+            req.on_tokens(message.get("tokens", []))
+        elif req.on_part is not None:
             req.on_part(self._output_views(life, req, message))
 
     @staticmethod

@@ -27,7 +27,7 @@ from typing import Any
 
 from hxc.errors import NoCompatibleArtifactError, UsageError
 from hxc.manifests.bundle import read_bundle, trust_policy
-from hxc.manifests.schema import Manifest, Signature
+from hxc.manifests.schema import MAIN, Manifest, Signature
 from hxc.manifests.signing import TrustPolicy
 from hxc.pool.worker import Backoff, Deadlines, Health, Worker
 from hxc.runtime.probe import HostProbe, probe_host
@@ -80,10 +80,13 @@ class Workers:
         self.bundle = Path(bundle)
         self.trust = trust if trust is not None else trust_policy()
         self.manifest: Manifest = read_bundle(self.bundle, self.trust).manifest
-        self.signature: Signature = self.manifest.signature
+        main = self.manifest.functions.get(MAIN)
+        self.signature: Signature | None = main.signature if main is not None else None  # None: a language model
         probe = probe or probe_host()
         self.selection, chosen = choose_devices(self.manifest, probe, devices, policy, precision, tolerance)
-        self.batch_dim, self.not_splittable = batch_dim(self.signature)
+        self.language_model = self.manifest.language_model
+        self.batch_dim, self.not_splittable = (batch_dim(self.signature) if self.signature is not None
+                                               else (None, "the model has no main function"))  # fmt: skip
         cpus = pinning(pin, chosen)
         self.pinned = any(cpus.values())
         self._listeners: list[Callable[[Worker], None]] = []
@@ -94,10 +97,14 @@ class Workers:
             # has fewer cores than the profile had, so it starts unmeasured.
             profile = cand.throughput if not cpus[cand.artifact.id] else None
             rows_per_s = profile.items_per_second if profile else None
+            # A language model's worker holds as many generate requests as its batch has slots.
+            slots = self.language_model.slots if self.language_model is not None else SLOTS
             worker = Worker(
-                self.bundle, cand.artifact.id, cand.device.label, self.signature, cpus=cpus[cand.artifact.id],
-                deadlines=deadlines, backoff=backoff, slots=SLOTS, ms_per_item=1000 / rows_per_s if rows_per_s else None,
-                env=dict(env or {}), on_change=self._changed, load_options=load,
+                self.bundle, cand.artifact.id, cand.device.label, self.signature,
+                functions=self.manifest.functions if self.language_model is not None else None,
+                cpus=cpus[cand.artifact.id], deadlines=deadlines, backoff=backoff, slots=slots,
+                ms_per_item=1000 / rows_per_s if rows_per_s else None, env=dict(env or {}), on_change=self._changed,
+                load_options=load,
             )  # fmt: skip
             self.members.append(Member(cand, worker))
         for m in self.members:

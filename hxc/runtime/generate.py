@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hxc.errors import UsageError
-from hxc.manifests.schema import LanguageModel
+from hxc.lm_calls import decode_args, prefill_args
+from hxc.manifests.schema import LanguageModel, Manifest
 
 if TYPE_CHECKING:
     from hxc.runtime.loader import LoadedModel, ModelState
@@ -127,15 +128,21 @@ class Tokenizer:
 
     @classmethod
     def of(cls, model: LoadedModel) -> Tokenizer | None:
+        return cls.of_bundle(model.bundle, model.manifest)
+
+    @classmethod
+    def of_bundle(cls, bundle: Any, manifest: Manifest) -> Tokenizer | None:
+        """The tokenizer of a bundle read (and checked) but not loaded: what a server
+        that runs the model in other processes tokenises with."""
         from hxc.manifests.bundle import open_checked
 
-        lm = model.manifest.language_model
+        lm = manifest.language_model
         if lm is None or lm.tokenizer_file is None:
             return None
 
         def read(name: str) -> bytes | None:
             path = next((f for f in lm.tokenizer_files if f.endswith("/" + name)), None)
-            return None if path is None else open_checked(model.bundle, model.manifest, path).bytes()
+            return None if path is None else open_checked(bundle, manifest, path).bytes()
 
         text = read("tokenizer.json")
         assert text is not None
@@ -320,22 +327,37 @@ def generate(model: LoadedModel, prompt: str | Sequence[int] | None = None, max_
     fails) raises here, in one line, before anything runs."""
     lm = language_model_of(model)
     sampling = Sampling(float(temperature), int(top_k), float(top_p), seed)
+    stops = stop_strings(stop)
+    start = time.perf_counter()
+    if tokenizer is None and (isinstance(prompt, str) or messages is not None or stops or lm.tokenizer_file is not None):
+        tokenizer = Tokenizer.of(model)
+    ids = prompt_ids(lm, tokenizer, prompt, max_new_tokens, messages=messages, truncate=truncate, stops=stops,
+                     where=str(model.bundle))  # fmt: skip
+    stop_ids = set(lm.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
+    holder: dict[str, Generation] = {}
+    state = state if state is not None else model.new_state()
+    pieces = _pieces(model, lm, ids, max_new_tokens, sampling, stop_ids, stops, state, tokenizer, start, holder)
+    return Stream(pieces, holder)
+
+
+def prompt_ids(lm: LanguageModel, tokenizer: Tokenizer | None, prompt: str | Sequence[int] | None, max_new_tokens: int, *,
+               messages: Sequence[dict[str, Any]] | None = None, truncate: bool = False, stops: Sequence[str] = (),
+               where: str = "the model") -> list[int]:  # fmt: skip
+    """The token ids `generate` runs for `prompt` (text, or token ids) or chat
+    `messages`, checked: every bad input (no tokenizer where text needs one, an empty or
+    too long prompt, ids outside the vocabulary, a chat template that fails) is one
+    line, raised before anything runs. `where` names the model in those lines."""
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     if (prompt is None) == (messages is None):
         raise UsageError("give a prompt or chat messages, not both" if messages is not None else "give a prompt or chat messages")
-    stops = _stop_strings(stop)
-    start = time.perf_counter()
-    if isinstance(prompt, str) or messages is not None or stops:
-        tokenizer = tokenizer or Tokenizer.of(model)
-        if tokenizer is None:
-            what = "chat messages" if messages is not None else "stop strings" if stops else "text prompts"
-            raise UsageError(f"{model.bundle}: the bundle has no tokenizer, which {what} need",
-                             hint="pass the prompt as token ids")  # fmt: skip
+    if tokenizer is None and (isinstance(prompt, str) or messages is not None or stops):
+        what = "chat messages" if messages is not None else "stop strings" if stops else "text prompts"
+        raise UsageError(f"{where}: the bundle has no tokenizer, which {what} need", hint="pass the prompt as token ids")
     if messages is not None:
         assert tokenizer is not None
         if tokenizer.chat_template is None:
-            raise UsageError(f"{model.bundle}: the bundle's tokenizer has no chat template", hint="pass a text prompt")
+            raise UsageError(f"{where}: the bundle's tokenizer has no chat template", hint="pass a text prompt")
         ids = tokenizer.encode(tokenizer.chat_template.render(messages), add_special_tokens=False)
     elif isinstance(prompt, str):
         assert tokenizer is not None
@@ -352,16 +374,11 @@ def generate(model: LoadedModel, prompt: str | Sequence[int] | None = None, max_
     elif len(ids) > lm.max_context:
         raise UsageError(f"the prompt has {len(ids)} tokens; this bundle's context holds {lm.max_context}",
                          hint="shorten the prompt, ask to truncate it (--truncate), or compile with a larger --max-context")  # fmt: skip
-    stop_ids = set(lm.eos_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
-    if tokenizer is None and lm.tokenizer_file is not None:
-        tokenizer = Tokenizer.of(model)
-    holder: dict[str, Generation] = {}
-    state = state if state is not None else model.new_state()
-    pieces = _pieces(model, lm, ids, max_new_tokens, sampling, stop_ids, stops, state, tokenizer, start, holder)
-    return Stream(pieces, holder)
+    return ids
 
 
-def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`stop` as a tuple of stop strings, each checked."""
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if bad := [s for s in stops if not isinstance(s, str) or not s]:
         raise UsageError(f"stop strings must be non-empty text, not {bad[0]!r}")
@@ -383,25 +400,37 @@ def _truncated(ids: list[int], lm: LanguageModel, max_new_tokens: int) -> list[i
 def prefill(model: LoadedModel, lm: LanguageModel, ids: Sequence[int], state: ModelState, slot: int = 0) -> np.ndarray:
     """Run the prompt `ids` through `prefill` in chunks, its keys and values written into
     `slot`'s cache in `state`: the logits of its last token, (vocab,)."""
-    chunk = lm.prefill_chunk
     logits = None
-    for at in range(0, len(ids), chunk):
-        piece = ids[at:at + chunk]
-        tokens = np.zeros((1, chunk), np.int32)
-        tokens[0, :len(piece)] = piece
-        logits = model.call_flat("prefill", [tokens, _i32(at), _i32(len(piece)), _i32(slot)], state=state)[0]
+    for at in range(0, len(ids), lm.prefill_chunk):
+        logits = prefill_chunk(model, lm, ids, at, state, slot)
     assert logits is not None
-    return logits[0]
+    return logits
+
+
+def prefill_chunk(model: LoadedModel, lm: LanguageModel, ids: Sequence[int], at: int, state: ModelState,
+                  slot: int = 0) -> np.ndarray:  # fmt: skip
+    """One `prefill` call: the prompt's tokens from `at` (one chunk's worth at most) into
+    `slot`'s cache. The logits of the chunk's last token, (vocab,). (`prefill` is these
+    calls from 0 in steps of `lm.prefill_chunk`; a batching scheduler interleaves them
+    with decode steps.)"""
+    chunk = lm.prefill_chunk
+    args = prefill_args(ids[at:at + chunk], at, slot, chunk, lm.max_context)
+    return model.call_flat("prefill", args, state=state)[0][0]
 
 
 def decode(model: LoadedModel, lm: LanguageModel, token: int, position: int, state: ModelState, slot: int = 0) -> np.ndarray:
     """One `decode` step: `token` at `position` of `slot` (its keys and values written
     there), every other slot idle. The logits of the next token, (vocab,)."""
-    # Idle slots decode into the cache's scratch row (position max_context).
-    tokens = np.zeros(lm.slots, np.int32)
-    positions = np.full(lm.slots, lm.max_context, np.int32)
-    tokens[slot], positions[slot] = token, position
-    return model.call_flat("decode", [tokens, positions], state=state)[0][slot]
+    return decode_batch(model, lm, {slot: (token, position)}, state)[slot]
+
+
+def decode_batch(model: LoadedModel, lm: LanguageModel, steps: Mapping[int, tuple[int, int]], state: ModelState) -> np.ndarray:
+    """One `decode` call for several sequences at once: `steps` maps a slot to its
+    (token, position), each token's keys and values written at its position of its
+    slot; slots not in `steps` are idle (they write the cache's scratch row). The
+    logits, (slots, vocab): a busy slot's row is its next token's; an idle slot's row
+    means nothing. (The call reads the cache up to the furthest position in `steps`.)"""
+    return model.call_flat("decode", decode_args(steps, lm.slots, lm.max_context), state=state)[0]
 
 
 def _tokens(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_tokens: int, sampling: Sampling,
@@ -419,10 +448,6 @@ def _tokens(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_token
         yield token
 
 
-def _i32(value: int) -> np.ndarray:
-    return np.array([value], np.int32)
-
-
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
     """Where the first stop string in `text` starts, if any does."""
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -435,41 +460,76 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
     return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
 
 
+class TextStream:
+    """Token ids in, text out as it becomes final: what `generate` streams, for anyone
+    who has the tokens (a server whose tokens come from a worker process).
+
+    `add(token)` returns the `Piece` the token completes, if any: text that may still
+    change is held back (an incomplete UTF-8 character decodes as U+FFFD; cleaned-up
+    spaces depend on what follows them; text that may start a stop string). After a
+    stop string appears, `stopped` is True and nothing more is added; `finish()` gives
+    the last piece (the text held back, or tokens no piece covered), and `text` is then
+    the whole text, cut where the first stop string starts."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stops: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stops = tuple(stops)
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.stopped = False
+        self._emitted = ""  # text given out so far
+        self._pending = 0  # tokens not yet covered by a piece
+        self._stopped_at: int | None = None  # where a stop string starts in the text
+
+    def add(self, token: int) -> Piece | None:
+        out, tokenizer = self.token_ids, self.tokenizer
+        out.append(token)
+        self._pending += 1
+        if tokenizer is None:
+            self._pending = 0
+            return Piece("", (token,))
+        text = self.text = tokenizer.decode(out)
+        if self.stops and (at := _find_stop(text, self.stops)) is not None:
+            self._stopped_at, self.stopped = at, True
+            return None
+        if text.endswith("\ufffd") or (tokenizer.clean_up_spaces and text[-1:].isspace()):
+            return None
+        ready = text[:len(text) - _partial_stop(text, self.stops)]
+        if ready.startswith(self._emitted) and len(ready) > len(self._emitted):
+            piece = Piece(ready[len(self._emitted):], tuple(out[len(out) - self._pending:]))
+            self._emitted, self._pending = ready, 0
+            return piece
+        return None
+
+    def finish(self) -> Piece | None:
+        out = self.token_ids
+        if self.tokenizer is not None:
+            self.text = self.text[:self._stopped_at] if self._stopped_at is not None else self.tokenizer.decode(out)
+        text, emitted, pending = self.text, self._emitted, self._pending
+        self._emitted, self._pending = text, 0
+        if pending or len(text) > len(emitted):  # tokens not yet given out, or text held back
+            # (Should the text ever change behind what was streamed, the result's text is right.)
+            return Piece(text[len(emitted):] if text.startswith(emitted) else "", tuple(out[len(out) - pending:]))
+        return None
+
+
 def _pieces(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_tokens: int, sampling: Sampling,
             stop: set[int], stops: tuple[str, ...], state: ModelState, tokenizer: Tokenizer | None, start: float,
             holder: dict[str, Generation]) -> Iterator[Piece]:  # fmt: skip
-    out: list[int] = []
-    emitted, pending = "", 0  # text given out so far; tokens not yet covered by a piece
+    text = TextStream(tokenizer, stops)
     first = last = start
-    stopped_at: int | None = None  # where a stop string starts in the text
-    text = ""
     for token in _tokens(model, lm, ids, max_new_tokens, sampling, stop, state):
         last = time.perf_counter()
-        if not out:
+        if not text.token_ids:
             first = last
-        out.append(token)
-        pending += 1
-        if tokenizer is None:
-            yield Piece("", (token,))
-            pending = 0
-            continue
-        text = tokenizer.decode(out)
-        if stops and (stopped_at := _find_stop(text, stops)) is not None:
+        piece = text.add(token)
+        if piece is not None:
+            yield piece
+        if text.stopped:
             break
-        # Hold back text that may still change: an incomplete UTF-8 character decodes as
-        # U+FFFD, and cleaned-up spaces depend on what follows them; and text that may be
-        # the start of a stop string.
-        if text.endswith("\ufffd") or (tokenizer.clean_up_spaces and text[-1:].isspace()):
-            continue
-        ready = text[:len(text) - _partial_stop(text, stops)]
-        if ready.startswith(emitted) and len(ready) > len(emitted):
-            yield Piece(ready[len(emitted):], tuple(out[len(out) - pending:]))
-            emitted, pending = ready, 0
-    if tokenizer is not None:
-        text = text[:stopped_at] if stopped_at is not None else tokenizer.decode(out)
-    if pending or len(text) > len(emitted):  # tokens not yet given out, or text held back
-        # (Should the text ever change behind what was streamed, the result's text is right.)
-        yield Piece(text[len(emitted):] if text.startswith(emitted) else "", tuple(out[len(out) - pending:]))
-    finish = "stop" if stopped_at is not None or out[-1] in stop else "length"
+    if (piece := text.finish()) is not None:
+        yield piece
+    out = text.token_ids
+    finish = "stop" if text.stopped or out[-1] in stop else "length"
     tpot = (last - first) * 1000 / (len(out) - 1) if len(out) > 1 else None
-    holder["result"] = Generation(text, tuple(out), tuple(ids), finish, (first - start) * 1000, tpot)
+    holder["result"] = Generation(text.text, tuple(out), tuple(ids), finish, (first - start) * 1000, tpot)

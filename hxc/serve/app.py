@@ -36,7 +36,9 @@ from starlette.routing import Route
 
 import hxc
 from hxc.errors import HxcError
+from hxc.serve import generate_ext
 from hxc.serve.guard import Guard, error_content
+from hxc.serve.lm_routes import lm_routes
 from hxc.serve.metrics import Metrics
 from hxc.serve.models import ServedModel, ServeOptions, close_model, load_model
 from hxc.serve.protocol import HEADER_LENGTH, ProtocolError, encode_infer, error_body, parse_infer, tensor_metadata
@@ -50,7 +52,7 @@ THREAD_PARSE_BYTES = 256 * 1024
 
 def create_app(models: Sequence[ServedModel], options: ServeOptions) -> Starlette:
     by_name = {m.name: m for m in models}
-    metrics = Metrics(lambda: models)
+    metrics = Metrics(lambda: models, slo_ttft_s=options.slo_ttft_ms / 1000, slo_tpot_s=options.slo_tpot_ms / 1000)
 
     def lookup(request: Request) -> ServedModel:
         name = request.path_params["name"]
@@ -74,6 +76,8 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions) -> Starlett
 
     async def model_metadata(request: Request) -> Response:
         model = lookup(request)
+        if model.language_model is not None:
+            return JSONResponse(generate_ext.metadata(model.name, model.version, PLATFORM))
         return JSONResponse({"name": model.name, "versions": [model.version], "platform": PLATFORM,
                              **tensor_metadata(model.signature)})  # fmt: skip
 
@@ -86,6 +90,11 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions) -> Starlett
         # Triton's model configuration, for clients that ask (tritonclient.get_model_config).
         model = lookup(request)
         router = model.router
+        if model.language_model is not None:  # text in, text out, streamed (Triton's "decoupled" models)
+            return JSONResponse({"name": model.name, "platform": PLATFORM, "max_batch_size": 0,
+                                 "model_transaction_policy": {"decoupled": True},
+                                 "input": [{"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]}],
+                                 "output": [{"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]}]})  # fmt: skip
         batch = router.max_batch_size if router is not None and router.batching else 0  # type: ignore[attr-defined]
         meta = tensor_metadata(model.signature)
         strip = (lambda t: {"name": t["name"], "data_type": "TYPE_" + t["datatype"],
@@ -101,6 +110,9 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions) -> Starlett
         name = request.path_params["name"]
         try:
             model = lookup(request)
+            if model.language_model is not None:
+                raise ProtocolError(f"model {model.name!r} is a language model: use POST /v2/models/{model.name}/generate or "
+                                    "/generate_stream, or the OpenAI API (POST /v1/completions, /v1/chat/completions)")  # fmt: skip
             router = model.router
             if router is None or not model.ready():
                 why = model.error or ("still loading" if not model.loaded.is_set() else _not_ready(model))
@@ -192,6 +204,7 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions) -> Starlett
         Route("/v2/models/{name}/infer", infer, methods=["POST"]),
         Route("/v2/models/{name}" + v + "/infer", infer, methods=["POST"]),
         Route("/metrics", prometheus),
+        *lm_routes(by_name, options, metrics, _read_body),
     ]  # fmt: skip
     guard = Middleware(Guard, api_key_digests=options.api_key_digests, auth_health=options.auth_health,
                        open_metrics=options.open_metrics, max_body_bytes=options.max_body_bytes,

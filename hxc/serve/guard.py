@@ -113,7 +113,7 @@ def authorized(headers: Iterable[tuple[bytes, bytes]], digests: tuple[bytes, ...
 def error_content(path: str, status: int, message: str) -> bytes:
     """An error body in the shape of the protocol `path` belongs to."""
     if path.startswith(OPENAI_PREFIX) or path == OPENAI_PREFIX[:-1]:
-        kind = "invalid_request_error" if status < 500 else "server_error"
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
         code = {401: "invalid_api_key", 404: "not_found", 408: "timeout", 413: "request_too_large", 503: "overloaded"}.get(status)
         return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
     return json.dumps({"error": message}).encode()

@@ -63,6 +63,12 @@ class ServeOptions:
     # What every bundle must prove (trusted keys, minimum sequence, signed profiles),
     # checked here and handed to every worker process; None: as $HXC_TRUSTED_KEYS says.
     trust: TrustPolicy | None = None
+    # Language models: each device's KV cache budget (None: its whole cache), and the
+    # streamed responses open at once, all models together (None: no cap).
+    kv_cache_bytes: int | None = None
+    max_streams: int | None = None
+    slo_ttft_ms: float = 1000.0  # the deadlines /metrics' goodput counts by
+    slo_tpot_ms: float = 200.0
 
 
 @dataclass
@@ -71,13 +77,18 @@ class ServedModel:
     bundle: Path
     manifest: Manifest
     version: str = VERSION
-    router: object | None = None  # hxc.pool.router.Router once loaded
+    router: object | None = None  # hxc.pool.router.Router once loaded (an LMRouter for a language model)
     error: str | None = None  # why loading failed
     loaded: threading.Event = field(default_factory=threading.Event)
+    tokenizer: object | None = None  # a language model's (hxc.runtime.generate.Tokenizer), read at load
 
     @property
     def signature(self):
         return self.manifest.signature
+
+    @property
+    def language_model(self):
+        return self.manifest.language_model
 
     def ready(self) -> bool:
         return self.router is not None and self.router.ready()  # type: ignore[attr-defined]
@@ -141,6 +152,9 @@ def load_model(model: ServedModel, options: ServeOptions, on_batch=None) -> None
     try:
         workers = Workers(model.bundle, options.devices, pin=options.pin, start_timeout_s=options.start_timeout_s,
                           trust=options.trust)  # fmt: skip
+        if model.language_model is not None:
+            _load_language_model(model, workers, options)
+            return
         model.router = Router(
             workers, policy=options.policy, slo_ms=options.slo_ms, max_batch_size=options.max_batch_size,
             max_queue_delay_ms=options.max_queue_delay_ms, max_queue=options.max_queue, prices=options.prices,
@@ -155,6 +169,16 @@ def load_model(model: ServedModel, options: ServeOptions, on_batch=None) -> None
         log.error("model %s: %s", model.name, model.error)
     finally:
         model.loaded.set()
+
+
+def _load_language_model(model: ServedModel, workers, options: ServeOptions) -> None:
+    from hxc.pool.lm_router import LMRouter
+    from hxc.runtime.generate import Tokenizer
+
+    model.tokenizer = Tokenizer.of_bundle(model.bundle, workers.manifest)
+    model.router = LMRouter(workers, kv_cache_bytes=options.kv_cache_bytes, max_queue=options.max_queue)
+    states = ", ".join(f"{s.name} ({s.health})" for s in model.router.states())
+    log.info("model %s (a language model): loaded on %s", model.name, states)
 
 
 def close_model(model: ServedModel) -> None:

@@ -1,0 +1,44 @@
+"""How a language model's two functions are called: their argument lists, made in one
+place for the runtime (`hxc.runtime.generate`), `hxc verify` and the compiler's eager
+reference loop (`hxc.compiler.causal_lm.generate_greedy`). Numpy only.
+
+    prefill(tokens[1, chunk], start[1], length[1], slot[1], span[R], *caches) -> logits[1, vocab], *caches
+    decode(tokens[slots], positions[slots], span[R], *caches) -> logits[slots, vocab], *caches
+
+`span` carries only its length R: how many rows of the caches the call reads (every
+position written so far, the call's own included). That is what makes a step's cost
+follow the tokens in the cache rather than the maximum context. Its values are not read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+MIN_SPAN = 2  # the compiled functions' smallest span (torch.export specialises a dynamic length of 1)
+
+
+def span(rows: int, max_context: int) -> np.ndarray:
+    """The `span` argument for a call that reads `rows` cache rows."""
+    return np.zeros(min(max(rows, MIN_SPAN), max_context), np.int32)
+
+
+def prefill_args(piece: Sequence[int], start: int, slot: int, chunk: int, max_context: int) -> list[np.ndarray]:
+    """Arguments for one prefill chunk: `piece` (at most `chunk` tokens) at positions
+    start.. of `slot` (the rest of the chunk is padding)."""
+    tokens = np.zeros((1, chunk), np.int32)
+    tokens[0, :len(piece)] = piece
+    one = lambda x: np.array([x], np.int32)  # noqa: E731
+    return [tokens, one(start), one(len(piece)), one(slot), span(start + len(piece), max_context)]
+
+
+def decode_args(steps: Mapping[int, tuple[int, int]], slots: int, max_context: int) -> list[np.ndarray]:
+    """Arguments for one decode step of the slots in `steps` ({slot: (token, position)});
+    every other slot is idle and writes the cache's scratch row (position max_context)."""
+    tokens = np.zeros(slots, np.int32)
+    positions = np.full(slots, max_context, np.int32)
+    for slot, (token, position) in steps.items():
+        tokens[slot], positions[slot] = token, position
+    rows = 1 + max((p for _, p in steps.values()), default=0)
+    return [tokens, positions, span(rows, max_context)]
