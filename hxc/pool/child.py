@@ -120,11 +120,7 @@ def _serve(channel, model, faults: dict[int, str]) -> None:
         message, fds = channel.receive()
         if message["op"] == "stop":
             return
-        slot = message["slot"]
-        if fds:
-            if slot in inputs:
-                inputs[slot].close()
-            inputs[slot] = SharedBuffer(message["size"], fds[0])
+        slot = _adopt_input(inputs, message, fds)
         served += 1
         _inject(faults.get(served))
         t0 = time.perf_counter()
@@ -188,11 +184,7 @@ def _serve_generate(channel, model, faults: dict[int, str]) -> None:
                     waiting.remove(w)
                 finish(request, [], "cancelled")
             return True
-        slot = message["slot"]
-        if fds:
-            if slot in inputs:
-                inputs[slot].close()
-            inputs[slot] = SharedBuffer(message["size"], fds[0])
+        slot = _adopt_input(inputs, message, fds)
         served += 1
         _inject(faults.get(served))
         if op != "generate":
@@ -337,6 +329,18 @@ def _faults(spec: str, model, incarnation: int) -> dict[int, str]:
         elif what in ("hang", "slow", "crash", "segv") and incarnation == 1:
             out[int(n or 1)] = what
     return out
+
+
+def _adopt_input(inputs: dict[int, Any], message: dict, fds: list) -> int:
+    """The request's input slot; a buffer passed with it replaces that slot's old one."""
+    from hxc.pool.channel import SharedBuffer
+
+    slot = message["slot"]
+    if fds:
+        if slot in inputs:
+            inputs[slot].close()
+        inputs[slot] = SharedBuffer(message["size"], fds[0])
+    return slot
 
 
 def _inject(fault: str | None) -> None:
