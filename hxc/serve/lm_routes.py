@@ -66,6 +66,22 @@ def lm_routes(by_name: Mapping[str, ServedModel], options: ServeOptions, metrics
         # A request refused before its model was known counts under model "".
         metrics.lm_request(model.name if model is not None else "", endpoint, status, gen)
 
+    async def whole(request: Request, gen: Generation, model: ServedModel, endpoint: str,
+                    error: Callable[[ProtocolError], Response], body: Callable[[Any], Any]) -> Response:  # fmt: skip
+        """A non-streamed answer in either API: the whole generation as `body(result)`, or
+        the API's `error`; a client gone before the end cancels it (499)."""
+        try:
+            text = await _watching(request, _collect(gen))
+        except _ClientGone:
+            count(model, endpoint, "client_gone", gen)
+            return Response(status_code=499)
+        except ProtocolError as e:
+            count(model, endpoint, str(e.status))
+            return error(e)
+        assert gen.result is not None and text == gen.result.text
+        count(model, endpoint, "ok", gen)
+        return JSONResponse(body(gen.result))
+
     # --- OpenAI ------------------------------------------------------------------------
 
     async def list_models(request: Request) -> Response:
@@ -97,17 +113,7 @@ def lm_routes(by_name: Mapping[str, ServedModel], options: ServeOptions, metrics
             return _openai_error(e)
         answer = openai.Response(parsed)
         if not parsed.stream:
-            try:
-                text = await _watching(request, _collect(gen))
-            except _ClientGone:
-                count(model, endpoint, "client_gone", gen)
-                return Response(status_code=499)
-            except ProtocolError as e:
-                count(model, endpoint, str(e.status))
-                return _openai_error(e)
-            assert gen.result is not None and text == gen.result.text
-            count(model, endpoint, "ok", gen)
-            return JSONResponse(answer.whole(gen.result))
+            return await whole(request, gen, model, endpoint, _openai_error, answer.whole)
 
         async def events() -> AsyncIterator[bytes]:
             status = "client_gone"
@@ -157,17 +163,8 @@ def lm_routes(by_name: Mapping[str, ServedModel], options: ServeOptions, metrics
             return _kserve_error(e)
         name, version = model.name, model.version
         if not stream:
-            try:
-                await _watching(request, _collect(gen))
-            except _ClientGone:
-                count(model, endpoint, "client_gone", gen)
-                return Response(status_code=499)
-            except ProtocolError as e:
-                count(model, endpoint, str(e.status))
-                return _kserve_error(e)
-            assert gen.result is not None
-            count(model, endpoint, "ok", gen)
-            return JSONResponse(generate_ext.response(name, version, gen.result, request_id))
+            return await whole(request, gen, model, endpoint, _kserve_error,
+                               lambda result: generate_ext.response(name, version, result, request_id))
 
         async def events() -> AsyncIterator[bytes]:
             status = "client_gone"
