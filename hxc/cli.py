@@ -311,7 +311,8 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
                 "pass --example inputs.npz with inputs the reference can run (or expected outputs as output_0, ...)")
     for b in result.built:
         if b.fallback:
-            ui.warn(f"{b.id}: compiled without hxc's speed flags, which failed ({b.fallback})")
+            used = "IREE's other data-tiling path" if "--iree-global-opt-data-tiling" in b.options else "without hxc's speed flags"
+            ui.warn(f"{b.id}: compiled with {used}: the default flags failed ({b.fallback})")
     for note in result.notes:
         ui.warn(note)
     for s in result.skipped:

@@ -137,7 +137,7 @@ def test_tune_keeps_the_fastest_configuration_and_records_the_search(cli, tmp_pa
     assert result.exit_code == 0, result.output
     m = read_manifest(out)
     cpu = m.artifact("cpu:x86-64-v3")
-    assert [t.config for t in cpu.tuning] == ["default", "no-im2col", "no-data-tiling", "channels-last", "ukernels-all"]
+    assert [t.config for t in cpu.tuning] == ["default", "no-im2col", "no-data-tiling", "global-data-tiling", "channels-last", "ukernels-all"]
     [chosen] = [t for t in cpu.tuning if t.chosen]
     assert chosen.p50_ms == min(t.p50_ms for t in cpu.tuning if t.p50_ms is not None)
     assert cpu.flags == chosen.flags  # the bundle carries the winner

@@ -116,9 +116,11 @@ def test_what_the_families_differ_in_is_read_from_the_model():
 # --- eager parity --------------------------------------------------------------------------
 
 
-def test_eager_greedy_equals_generate_two_slots_at_once(family):
+@pytest.mark.parametrize("values_by_sum", [False, True], ids=["matmul", "by-sum"])
+def test_eager_greedy_equals_generate_two_slots_at_once(family, values_by_sum):
+    # by-sum: the attention form weight-only quantised programs compile (hxc.compiler.quantize).
     name, model, expected = family
-    lm = CausalLM(model, slots=2, max_context=64, prefill_chunk=CHUNK)
+    lm = CausalLM(model, slots=2, max_context=64, prefill_chunk=CHUNK, values_by_sum=values_by_sum)
     assert generate_greedy(lm, PROMPTS, NEW_TOKENS) == expected
 
 

@@ -270,8 +270,12 @@ class CausalLM(torch.nn.Module):
     # vmfb would multiply them by the targets (`--weights inline` is refused).
     hxc_weights = "shared"
 
-    def __init__(self, model: torch.nn.Module, slots: int, max_context: int, prefill_chunk: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, slots: int, max_context: int, prefill_chunk: int | None = None,
+                 *, values_by_sum: bool = False) -> None:  # fmt: skip
         super().__init__()
+        # How attention weighs the values (see `_attend`): a batched matmul, or a product
+        # and a sum over the span, the form IREE's dispatch-creation data tiling compiles.
+        self.values_by_sum = values_by_sum
         config = model.config
         self.layout = cache_layout(config, slots, max_context)
         self.dims = d = _dims(config)
@@ -517,7 +521,17 @@ class CausalLM(torch.nn.Module):
         k, v = k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3)  # [S, kv, hd, R], [S, kv, R, hd]
         scores = (qg @ k).view(s, d.kv_heads, self.group, n, -1) + mask[:, None, None]
         probs = torch.softmax(scores, dim=-1).reshape(s, d.kv_heads, self.group * n, -1)
-        out = (probs @ v).view(s, d.kv_heads, self.group, n, d.head_dim).permute(0, 3, 1, 2, 4)
+        if self.values_by_sum:
+            # IREE 3.13's dispatch-creation data tiling fails on a matmul whose reduction
+            # is dynamic (here the span: "'affine.delinearize_index' op no basis element
+            # may be statically non-positive"), and only that path fuses int8 -> f32 into
+            # the weights' matmuls. Weight-only quantised programs therefore weigh the
+            # values as a product and a sum over the span: same decode step as the matmul
+            # on a 125M Llama, first token after 512 1.5x slower (README "Quantisation").
+            out = (probs.unsqueeze(-1) * v.unsqueeze(2)).sum(dim=3)
+        else:
+            out = probs @ v
+        out = out.view(s, d.kv_heads, self.group, n, d.head_dim).permute(0, 3, 1, 2, 4)
         return out.reshape(s, n, d.heads * d.head_dim)
 
 

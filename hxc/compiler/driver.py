@@ -227,16 +227,18 @@ def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Pr
     if job.extra:
         plan = replace(plan, flags=(*plan.flags, *job.extra))
     result = _compile_plan(job, plan, workdir, cache, procs, t0)
-    safer = fam.fallback_flags(plan) if result.status == "failed" and job.config == "default" else None
-    if safer is None or safer == plan.flags or procs.cancelled:
+    if result.status != "failed" or job.config != "default":
         return result
-    # A flag chosen for speed must never cost a model: retry with what IREE does by
-    # default, and record why.
-    retry = _compile_plan(job, replace(plan, flags=safer), workdir, cache, procs, t0)
-    if retry.status == "failed":
-        return result
-    log.info("hxc: %s: default flags failed (%s); compiled with the family's safer flags", job.id, result.error)
-    return replace(retry, fallback=result.error)
+    # A flag chosen for speed must never cost a model: retry with the family's safer
+    # flag sets in order (the last is what IREE does by default), and record why.
+    for safer in fam.fallback_flags(plan):
+        if safer == plan.flags or procs.cancelled:
+            continue
+        retry = _compile_plan(job, replace(plan, flags=safer), workdir, cache, procs, t0)
+        if retry.status != "failed":
+            log.info("hxc: %s: default flags failed (%s); compiled with safer flags", job.id, result.error)
+            return replace(retry, fallback=result.error)
+    return result
 
 
 def _compile_plan(

@@ -152,11 +152,11 @@ class TargetFamily:
         the binaries themselves (e.g. SPIR-V capabilities); None when nothing is added."""
         return None
 
-    def fallback_flags(self, plan: CompilePlan) -> tuple[str, ...] | None:
-        """Safer flags to retry with when a compile with `plan.flags` fails: the plan
-        without the flags the family adds for speed (IREE's own defaults). None when the
-        family adds none."""
-        return None
+    def fallback_flags(self, plan: CompilePlan) -> list[tuple[str, ...]]:
+        """Flag sets to retry with, in order, when a compile with `plan.flags` fails:
+        ending with the plan without the flags the family adds for speed (IREE's own
+        defaults). Empty when the family adds none."""
+        return []
 
     def tuning_configs(self, plan: CompilePlan) -> list[tuple[str, tuple[str, ...]]]:
         """Flag configurations `hxc compile --tune` tries, as (name, full flags). The
