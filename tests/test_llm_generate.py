@@ -275,6 +275,13 @@ def test_directories_hxc_cannot_take_are_refused_in_one_line(llama_dir, tmp_path
         build_bundle(str(llama_dir), tmp_path / "o.hxc", "cpu:host", options=ImportOptions(max_context=1000))
 
 
+def test_a_prefill_chunk_past_the_context_is_a_one_line_error(llama_dir, cli, tmp_path):
+    result = cli("compile", llama_dir, "-t", "cpu:host", "--max-context", "64", "--prefill-chunk", "65", "-o", tmp_path / "o.hxc")
+    assert result.exit_code != 0 and "prefill chunk 65 is outside 1..64" in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in result.output and not (tmp_path / "o.hxc").exists()
+
+
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world! How are you today?"}]
 
 
