@@ -67,8 +67,8 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=10)
     ap.add_argument("--long-prompt", type=int, default=2000, help="0: skip phase 3 (it compiles a bundle of its own "
                     "with room for this prompt)")
-    ap.add_argument("--long-prefill-chunk", type=int, default=None,
-                    help="prefill chunk of phase 3's bundle (hxc compile --prefill-chunk; default: hxc's, 32)")
+    ap.add_argument("--long-prefill-chunk", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
+                    help="prefill chunk sizes of phase 3's bundle, e.g. 8,128 (hxc compile --prefill-chunk; default: hxc's, 32)")
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=200.0)
     ap.add_argument("--llama-cpp", action="store_true", help="also llama.cpp's server (needs llama-cpp-python[server], gguf)")
@@ -82,7 +82,7 @@ def main() -> None:
     long_bundle = None
     if args.long_prompt:
         context = args.long_prompt + 2 * args.output_tokens + args.prompt_tokens
-        chunk = f"-p{args.long_prefill_chunk}" if args.long_prefill_chunk else ""
+        chunk = f"-p{'-'.join(map(str, args.long_prefill_chunk))}" if args.long_prefill_chunk else ""
         long_bundle = compile_bundle(hf_dir, work / f"llama-{args.size}-s{args.slots}-c{context}{chunk}.hxc", args.slots, context,
                                      args.long_prefill_chunk)  # fmt: skip
     rates = [float(r) for r in args.rates.split(",")]
@@ -142,7 +142,7 @@ def save_model(directory: Path, size: str) -> Path:
     return directory
 
 
-def compile_bundle(hf_dir: Path, out: Path, slots: int, max_context: int, prefill_chunk: int | None = None) -> Path:
+def compile_bundle(hf_dir: Path, out: Path, slots: int, max_context: int, prefill_chunk: tuple[int, ...] | None = None) -> Path:
     if (out / "manifest.json").exists():
         return out
     from hxc.build import build_bundle

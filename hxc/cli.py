@@ -255,9 +255,10 @@ def main(verbose: int) -> None:
               help="Language models: tokens one sequence may hold, prompt and output. [default: min(the model's maximum, 4096, its sliding window)]")
 @click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True,
               help="Language models: sequences the KV cache holds (decode runs one token for each).")
-@click.option("--prefill-chunk", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Language models: prompt tokens one prefill call reads. Smaller keeps running streams smooth while "
-                   "`hxc serve` reads a long prompt beside them; larger gives a sooner first token. [default: 32]")
+@click.option("--prefill-chunk", "prefill_chunk", type=CommaList("N[,N...]", positive_ints=True), default=None,
+              help="Language models: prompt tokens one prefill call reads; several sizes build one prefill function each "
+                   "(e.g. 8,128: `hxc serve` reads a prompt in 8s while other streams decode, so they stay smooth, "
+                   "and in 128s when alone, for a sooner first token). [default: 32]")
 @click.option("--allow-partial", is_flag=True, help="Write the bundle even if some targets fail (failures are recorded in it).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Targets compiled at once. [default: CPU count]")
 @click.option("--no-cache", is_flag=True, help="Recompile everything instead of reusing cached artifacts.")
@@ -266,7 +267,7 @@ def main(verbose: int) -> None:
 @_command
 def compile(model: str, output: Path | None, targets: str, backends: str, inputs: tuple[str, ...], dynamic_batch: bool,
             example: Path | None, allow_pickle: bool, weights: str, precisions: list[str], group_size: int | None, tune: bool,
-            iree_flags: tuple[str, ...], max_context: int | None, slots: int, prefill_chunk: int | None,
+            iree_flags: tuple[str, ...], max_context: int | None, slots: int, prefill_chunk: list[int] | None,
             allow_partial: bool, jobs: int | None, no_cache: bool, cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one artifact per target (and backend).
 
@@ -294,7 +295,7 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
     out = output or Path(frontends.recognise(model).model_name(model) + ".hxc")
     options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights,  # type: ignore[arg-type]
                             example=str(example) if example else None, max_context=max_context, slots=slots,
-                            prefill_chunk=prefill_chunk, group_size=group_size)
+                            prefill_chunk=tuple(prefill_chunk) if prefill_chunk else None, group_size=group_size)
     with ui.CompileProgress(enabled=not as_json) as progress:
         result = build_bundle(
             model, out, variants, backends=backends, options=options, precisions=precisions, allow_partial=allow_partial,
@@ -460,7 +461,7 @@ def inspect(bundle: Path, as_json: bool) -> None:
             info.add_row(f"state{at}", f"{st.name}: {st.tensor().format()} ({st.bytes / 2**20:.2f} MiB, {st.slots} slot(s))")
     if (lm := m.language_model) is not None:
         info.add_row("language model", f"{lm.family}: {lm.layers} layers, vocabulary {lm.vocab_size}, context {lm.max_context}, "
-                     f"{lm.slots} slot(s), prefill chunk {lm.prefill_chunk}, KV cache {lm.kv_bytes_per_token} B/token, "
+                     f"{lm.slots} slot(s), prefill chunk {', '.join(map(str, lm.chunks))}, KV cache {lm.kv_bytes_per_token} B/token, "
                      f"tokenizer {'yes' if lm.tokenizer_file else 'none'}")  # fmt: skip
     tc = m.toolchain
     info.add_row("built with", f"hxc {tc.hxc}, IREE {tc.iree_compiler}, iree-turbine {tc.iree_turbine}, torch {tc.torch}")

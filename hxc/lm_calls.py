@@ -24,6 +24,23 @@ def span(rows: int, max_context: int) -> np.ndarray:
     return np.zeros(min(max(rows, MIN_SPAN), max_context), np.int32)
 
 
+def prefill_function(chunk: int, chunks: Sequence[int]) -> str:
+    """The function that reads `chunk` prompt tokens a call: `prefill` for the smallest
+    of a bundle's chunk sizes, `prefill_<chunk>` for each other."""
+    return "prefill" if chunk == min(chunks) else f"prefill_{chunk}"
+
+
+def next_chunk(chunks: Sequence[int], remaining: int, *, smallest: bool = False) -> int:
+    """The chunk size of the next prefill call for a prompt with `remaining` tokens left:
+    the largest one they fill (fewest calls, no padding), else the smallest. `smallest`:
+    always the smallest (other sequences decode between the calls, and a long call
+    would stall their next token)."""
+    ordered = sorted(chunks)
+    if smallest:
+        return ordered[0]
+    return max((c for c in ordered if c <= remaining), default=ordered[0])
+
+
 def prefill_args(piece: Sequence[int], start: int, slot: int, chunk: int, max_context: int) -> list[np.ndarray]:
     """Arguments for one prefill chunk: `piece` (at most `chunk` tokens) at positions
     start.. of `slot` (the rest of the chunk is padding)."""

@@ -161,3 +161,21 @@ def test_a_call_reads_only_its_span_of_the_cache(family):
 
     assert generate_greedy(lm, PROMPTS, NEW_TOKENS, call=call) == expected
     assert max(spans) < used and spans[-1] == max(len(p) for p in PROMPTS) + NEW_TOKENS - 1
+
+
+def test_next_chunk_takes_the_largest_a_prompt_fills_or_the_smallest():
+    from hxc.lm_calls import next_chunk, prefill_function
+
+    assert [next_chunk((8, 32), n) for n in (1, 8, 31, 32, 100)] == [8, 8, 8, 32, 32]
+    assert next_chunk((8, 32), 100, smallest=True) == 8
+    assert [prefill_function(c, (8, 32, 128)) for c in (8, 32, 128)] == ["prefill", "prefill_32", "prefill_128"]
+
+
+def test_eager_greedy_with_two_prefill_chunks(family):
+    # PROMPTS[0] (10 tokens) goes in as 8, then 2 in a chunk of 4; PROMPTS[1] (4) as one 4.
+    name, model, expected = family
+    lm = CausalLM(model, slots=2, max_context=64, prefill_chunk=(8, 4))
+    assert list(lm.hxc_functions) == ["prefill", "prefill_8", "decode"] and lm.prefill_chunk == 4
+    assert generate_greedy(lm, PROMPTS, NEW_TOKENS) == expected
+    with pytest.raises(UsageError, match="prefill chunk 65 is outside 1..64"):
+        CausalLM(model, slots=1, max_context=64, prefill_chunk=(8, 65))

@@ -71,7 +71,7 @@ def hf_generate(model, ids: list[int], n: int) -> list[int]:
 
 def test_the_manifest_records_the_language_model_and_its_tokenizer(bundles):
     m = read_manifest(bundles["llama"])
-    assert m.schema_version == "5.1" and m.model.source_format == "huggingface"
+    assert m.schema_version == "5.2" and m.model.source_format == "huggingface"
     lm = m.language_model
     assert (lm.family, lm.layers, lm.heads, lm.kv_heads, lm.head_dim) == ("llama", 2, 4, 2, 16)
     assert (lm.max_context, lm.slots, lm.prefill_chunk, lm.cache_dtype) == (MAX_CONTEXT, 1, 32, "f32")
@@ -399,3 +399,39 @@ def test_64_tokens_with_no_state_copies_on_lavapipe(bundles):
     after = TRANSFERS.snapshot()
     assert len(r.token_ids) == 65
     assert (after.state_to_device - before.state_to_device, after.state_to_host - before.state_to_host) == (0, 0)
+
+
+def test_several_prefill_chunks_build_one_function_each_and_give_hugging_faces_tokens(llama_dir, references, tmp_path):
+    # --prefill-chunk 8,32: `prefill` reads 8 tokens a call, `prefill_32` 32. A prompt alone
+    # goes in the largest chunks it fills; beside a decoding sequence, in the smallest.
+    from hxc.compiler.imported import ImportOptions
+    from hxc.runtime.batching import Batch
+
+    result = build_bundle(str(llama_dir), tmp_path / "chunks.hxc", "cpu:host", use_cache=False,
+                          options=ImportOptions(max_context=MAX_CONTEXT, slots=2, prefill_chunk=(32, 8)))  # fmt: skip
+    m = read_manifest(result.output)
+    assert list(m.functions) == ["prefill", "prefill_32", "decode"]
+    assert (m.language_model.prefill_chunk, m.language_model.chunks) == (8, (8, 32))
+    hf, tokenizer = references["llama"]
+    hf.generation_config.eos_token_id = None
+    ids = tokenizer(PROMPT).input_ids
+    assert 32 < len(ids) <= 40  # alone: 32, then the rest in one call of 8
+    expected = hf_generate(hf, ids, NEW_TOKENS)
+    model = hxc.runtime.load(result.output, device="local-task", strict=True)
+    assert list(model.generate(ids, NEW_TOKENS, stop_token_ids=[]).result().token_ids) == expected
+
+    batch = Batch(model)
+    batch.add("a", ids, NEW_TOKENS, stop_token_ids=[])
+    steps_to_first = {}
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    for step in range(1, 200):  # bounded: 2 prompts of <= 40 tokens and 2 x 24 new tokens take far fewer
+        if step == 4:
+            batch.add("b", ids, NEW_TOKENS, stop_token_ids=[])
+        for e in batch.step():
+            steps_to_first.setdefault(e.id, step)
+            got[e.id].append(e.token)
+        if batch.idle:
+            break
+    assert got == {"a": expected, "b": expected}
+    assert steps_to_first["a"] == 2  # 32 + 8 (alone)
+    assert steps_to_first["b"] - 3 == -(-len(ids) // 8)  # all in 8s, while "a" decodes

@@ -70,7 +70,7 @@ import torch
 
 from hxc.errors import LoweringError, UsageError
 from hxc.functions import DynamicDim, Function
-from hxc.lm_calls import decode_args, prefill_args
+from hxc.lm_calls import decode_args, next_chunk, prefill_args, prefill_function
 from hxc.manifests.schema import GREEDY_LOGITS, TOKENIZER_DIR, GreedyReference, LanguageModel
 
 if TYPE_CHECKING:
@@ -106,8 +106,8 @@ SUPPORTED_FAMILIES = tuple(_FAMILIES)
 # static frequencies read from the model would be wrong for them.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 # Prompt tokens per prefill call: a prompt runs as ceil(n / chunk) calls of this size.
-# One bucket for now: a short prompt pays for the whole chunk, a long one for one call
-# per chunk.
+# One chunk size unless asked for more (`--prefill-chunk 8,128`: one prefill function
+# each): a short prompt pays for the whole chunk, a long one for one call per chunk.
 DEFAULT_PREFILL_CHUNK = 32
 # The default context when none is asked for: the model's own maximum, up to this (the
 # cache is static: every slot holds max_context tokens' worth of keys and values).
@@ -270,8 +270,8 @@ class CausalLM(torch.nn.Module):
     # vmfb would multiply them by the targets (`--weights inline` is refused).
     hxc_weights = "shared"
 
-    def __init__(self, model: torch.nn.Module, slots: int, max_context: int, prefill_chunk: int | None = None,
-                 *, values_by_sum: bool = False) -> None:  # fmt: skip
+    def __init__(self, model: torch.nn.Module, slots: int, max_context: int,
+                 prefill_chunk: int | Sequence[int] | None = None, *, values_by_sum: bool = False) -> None:  # fmt: skip
         super().__init__()
         # How attention weighs the values (see `_attend`): a batched matmul, or a product
         # and a sum over the span, the form IREE's dispatch-creation data tiling compiles.
@@ -279,9 +279,15 @@ class CausalLM(torch.nn.Module):
         config = model.config
         self.layout = cache_layout(config, slots, max_context)
         self.dims = d = _dims(config)
-        self.prefill_chunk = min(DEFAULT_PREFILL_CHUNK, max_context) if prefill_chunk is None else prefill_chunk
-        if not 1 <= self.prefill_chunk <= max_context:
-            raise UsageError(f"prefill chunk {self.prefill_chunk} is outside 1..{max_context} (the max context)")
+        if prefill_chunk is None:
+            prefill_chunk = min(DEFAULT_PREFILL_CHUNK, max_context)
+        self.prefill_chunks = tuple(sorted({prefill_chunk} if isinstance(prefill_chunk, int) else set(prefill_chunk)))
+        for chunk in self.prefill_chunks:
+            if not 1 <= chunk <= max_context:
+                raise UsageError(f"prefill chunk {chunk} is outside 1..{max_context} (the max context)")
+        if not self.prefill_chunks:
+            raise UsageError("no prefill chunk size given")
+        self.prefill_chunk = self.prefill_chunks[0]  # `prefill`'s; the greedy reference uses it
         self._declare_functions()
         self.model = model.eval()
         self.vocab = config.vocab_size
@@ -324,10 +330,11 @@ class CausalLM(torch.nn.Module):
         # Every example its own tensor (see the module docstring: torch.export merges one
         # tensor passed twice into one input).
         self.hxc_functions = {
-            "prefill": Function(args=(torch.zeros(1, self.prefill_chunk, dtype=i32), torch.zeros(1, dtype=i32),
-                                      torch.ones(1, dtype=i32), torch.zeros(1, dtype=i32), _span_example(lay)),
-                                reads=lay.names, writes=lay.names, arg_names=("tokens", "start", "length", "slot", "span"),
-                                dynamic=(replace(span, arg=4),)),
+            **{prefill_function(chunk, self.prefill_chunks): Function(
+                args=(torch.zeros(1, chunk, dtype=i32), torch.zeros(1, dtype=i32), torch.ones(1, dtype=i32),
+                      torch.zeros(1, dtype=i32), _span_example(lay)),
+                reads=lay.names, writes=lay.names, arg_names=("tokens", "start", "length", "slot", "span"),
+                dynamic=(replace(span, arg=4),), method="prefill") for chunk in self.prefill_chunks},
             "decode": Function(args=(torch.zeros(lay.slots, dtype=i32), torch.zeros(lay.slots, dtype=i32), _span_example(lay)),
                                reads=lay.names, writes=lay.names, arg_names=("tokens", "positions", "span"),
                                dynamic=(replace(span, arg=2),)),
@@ -345,6 +352,7 @@ class CausalLM(torch.nn.Module):
         record = LanguageModel(family=d.family, vocab_size=self.vocab, layers=d.layers, heads=d.heads, kv_heads=d.kv_heads,
                                head_dim=d.head_dim, max_context=lay.max_context, slots=lay.slots,
                                prefill_chunk=self.prefill_chunk, kv_bytes_per_token=lay.bytes_per_token,
+                               prefill_chunks=self.prefill_chunks if len(self.prefill_chunks) > 1 else (),
                                bos_token_id=bos, eos_token_ids=eos, tokenizer_files=tuple(sorted(files)),
                                greedy_reference=reference)  # fmt: skip
         # The golden sample is the greedy reference's logits, not each function's sample:
@@ -555,7 +563,7 @@ def is_causal_lm(obj: Any) -> bool:
 
 
 def language_model(model: torch.nn.Module, tokenizer: Any = None, *, max_context: int | None = None, slots: int = 1,
-                   prefill_chunk: int | None = None) -> CausalLM:  # fmt: skip
+                   prefill_chunk: int | Sequence[int] | None = None) -> CausalLM:  # fmt: skip
     """A transformers causal LM as a CausalLM ready to compile (fp32), with the
     tokenizer the bundle will carry: a transformers tokenizer, a `tokenizers.Tokenizer`,
     a directory holding one, or None (the caller then passes token ids)."""
@@ -624,14 +632,17 @@ def generate_greedy(lm: CausalLM, prompts: Sequence[Sequence[int]], max_new_toke
     if call is None:
         def call(name: str, args: list[Any], caches: list[Any]) -> tuple[Any, list[Any]]:
             with torch.no_grad():
-                out = getattr(lm, name)(*(torch.from_numpy(a) for a in args), *caches)
+                out = getattr(lm, lm.hxc_functions[name].method or name)(*(torch.from_numpy(a) for a in args), *caches)
             return out[0].numpy(), list(out[1:])
     caches = empty_cache(lay)
-    chunk = lm.prefill_chunk
     out: list[list[int]] = []
     for s, prompt in enumerate(prompts):
-        for at in range(0, len(prompt), chunk):
-            logits, caches = call("prefill", prefill_args(prompt[at:at + chunk], at, s, chunk, lay.max_context), caches)
+        at = 0
+        while at < len(prompt):  # the chunks `hxc.runtime.generate.prefill` takes
+            chunk = next_chunk(lm.prefill_chunks, len(prompt) - at)
+            args = prefill_args(prompt[at:at + chunk], at, s, chunk, lay.max_context)
+            logits, caches = call(prefill_function(chunk, lm.prefill_chunks), args, caches)
+            at += chunk
         out.append([int(np.asarray(logits).reshape(-1).argmax())])
     for step in range(max_new_tokens - 1):
         steps = {s: (out[s][-1], len(prompt) + step) for s, prompt in enumerate(prompts)}

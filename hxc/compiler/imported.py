@@ -36,7 +36,7 @@ class ImportOptions:
     # sequences decoded at once, prompt tokens per prefill call (None: 32).
     max_context: int | None = None
     slots: int = 1
-    prefill_chunk: int | None = None
+    prefill_chunk: int | tuple[int, ...] | None = None  # language models: one prefill function per size
     # Weight-only int8 / int4: input features per scale (None: the quantiser's default).
     group_size: int | None = None
 

@@ -266,7 +266,7 @@ def quantized_language_model(lm: Any, precision: str, group_size: int | None,
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     model = copy.deepcopy(lm.model)
     replaced = quantize_model(model, precision, group_size)
-    quantized = CausalLM(model, lm.layout.slots, lm.layout.max_context, prefill_chunk=lm.prefill_chunk, values_by_sum=True)
+    quantized = CausalLM(model, lm.layout.slots, lm.layout.max_context, prefill_chunk=lm.prefill_chunks, values_by_sum=True)
     quantized.tokenizer = getattr(lm, "tokenizer", None)
     # The greedy reference's prompt as the fp32 import records it (the same tokenizer file).
     tokenizer_json = save_tokenizer(quantized.tokenizer, workdir / "measure-tokenizer").get(f"{TOKENIZER_DIR}/tokenizer.json")

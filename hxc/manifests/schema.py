@@ -61,7 +61,10 @@ PROFILES_FORMAT = "hxc-profiles"
 # tokens and logits stray from float32. A 5.0 reader ignores the field; it never picks
 # such an artifact unasked (its precision is not fp32), and when allowed it loads and
 # runs it like any other (the archive is weights-int8.irpa).
-SCHEMA_VERSION: tuple[int, int] = (5, 1)
+# 5.2: `language_model.prefill_chunks` (optional): several prefill functions, one per
+# chunk size (`prefill` for the smallest, `prefill_<n>` for the others). A 5.1 reader
+# ignores the field and prefills with `prefill` alone, as before.
+SCHEMA_VERSION: tuple[int, int] = (5, 2)
 # profiles.json is versioned on its own: nothing in it changed meaning in 3.0, so a
 # 2.x hxc can still read the profiles a newer hxc bench adds to its bundles.
 # 2.1: Profile.conditions (what else ran during a measurement).
@@ -424,7 +427,7 @@ class LanguageModel:
     head_dim: int
     max_context: int  # tokens one sequence may hold: prompt and generated together
     slots: int  # sequences the cache holds at once (decode runs one token for each)
-    prefill_chunk: int  # prompt tokens per prefill call; a longer prompt takes several calls
+    prefill_chunk: int  # prompt tokens per `prefill` call (the smallest chunk); a longer prompt takes several calls
     kv_bytes_per_token: int  # KV-cache bytes one token of context takes (keys and values, all layers)
     cache_dtype: str = "f32"
     bos_token_id: int | None = None
@@ -435,6 +438,13 @@ class LanguageModel:
     # What `hxc verify` checks generation against; None (bundles built before it): the
     # functions' own golden samples.
     greedy_reference: GreedyReference | None = None
+    # Every chunk size a prefill function takes, ascending (`hxc.lm_calls.prefill_function`
+    # names them); empty: `prefill_chunk` alone (bundles before 5.2, or one size).
+    prefill_chunks: tuple[int, ...] = ()
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return self.prefill_chunks or (self.prefill_chunk,)
 
     @property
     def tokenizer_file(self) -> str | None:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hxc.errors import UsageError
+from hxc.lm_calls import next_chunk
 from hxc.runtime.generate import Sampling, decode_batch, language_model_of, prefill_chunk
 
 if TYPE_CHECKING:
@@ -143,9 +144,13 @@ class Batch:
         has a token to extend): the tokens chosen, in order."""
         events: list[Event] = []
         lm, model, state = self.lm, self.model, self.state
+        # With others decoding, the smallest chunk (a step then stalls them least); alone,
+        # the largest the prompt fills (its first token sooner).
+        others_decode = any(s.out for s in self._sequences.values())
         for seq in [s for s in self._sequences.values() if s.prefilling][:self.prefill_chunks_per_step]:
-            logits = prefill_chunk(model, lm, seq.ids, seq.filled, state, seq.slot)
-            seq.filled = min(len(seq.ids), seq.filled + lm.prefill_chunk)
+            chunk = next_chunk(lm.chunks, len(seq.ids) - seq.filled, smallest=others_decode)
+            logits = prefill_chunk(model, lm, seq.ids, seq.filled, state, seq.slot, chunk=chunk)
+            seq.filled = min(len(seq.ids), seq.filled + chunk)
             if not seq.prefilling:
                 self._choose(seq, logits, events)
         decoding = [s for s in self._sequences.values() if s.out]

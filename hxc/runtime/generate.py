@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hxc.errors import UsageError
-from hxc.lm_calls import decode_args, prefill_args
+from hxc.lm_calls import decode_args, next_chunk, prefill_args, prefill_function
 from hxc.manifests.schema import LanguageModel, Manifest
 
 if TYPE_CHECKING:
@@ -400,22 +400,24 @@ def _truncated(ids: list[int], lm: LanguageModel, max_new_tokens: int) -> list[i
 def prefill(model: LoadedModel, lm: LanguageModel, ids: Sequence[int], state: ModelState, slot: int = 0) -> np.ndarray:
     """Run the prompt `ids` through `prefill` in chunks, its keys and values written into
     `slot`'s cache in `state`: the logits of its last token, (vocab,)."""
-    logits = None
-    for at in range(0, len(ids), lm.prefill_chunk):
-        logits = prefill_chunk(model, lm, ids, at, state, slot)
+    logits, at = None, 0
+    while at < len(ids):  # bounded: every call consumes at least one token
+        chunk = next_chunk(lm.chunks, len(ids) - at)
+        logits = prefill_chunk(model, lm, ids, at, state, slot, chunk=chunk)
+        at += chunk
     assert logits is not None
     return logits
 
 
 def prefill_chunk(model: LoadedModel, lm: LanguageModel, ids: Sequence[int], at: int, state: ModelState,
-                  slot: int = 0) -> np.ndarray:  # fmt: skip
-    """One `prefill` call: the prompt's tokens from `at` (one chunk's worth at most) into
-    `slot`'s cache. The logits of the chunk's last token, (vocab,). (`prefill` is these
-    calls from 0 in steps of `lm.prefill_chunk`; a batching scheduler interleaves them
-    with decode steps.)"""
-    chunk = lm.prefill_chunk
+                  slot: int = 0, *, chunk: int | None = None) -> np.ndarray:  # fmt: skip
+    """One prefill call of `chunk` tokens (one of `lm.chunks`; default the smallest):
+    the prompt's tokens from `at` (that many at most) into `slot`'s cache. The logits of
+    the chunk's last token, (vocab,). (`prefill` is these calls from 0; a batching
+    scheduler interleaves them with decode steps.)"""
+    chunk = lm.prefill_chunk if chunk is None else chunk
     args = prefill_args(ids[at:at + chunk], at, slot, chunk, lm.max_context)
-    return model.call_flat("prefill", args, state=state)[0][0]
+    return model.call_flat(prefill_function(chunk, lm.chunks), args, state=state)[0][0]
 
 
 def decode(model: LoadedModel, lm: LanguageModel, token: int, position: int, state: ModelState, slot: int = 0) -> np.ndarray:
