@@ -92,7 +92,6 @@ WHEELS = Path(os.environ.get("HXC_WHEELS", "/work/.cache/wheels"))  # where `mak
 def make_model(out: Path, layers: int, hidden: int, vocab: int, context: int, seed: int = 0) -> dict:
     """A random-weight Llama saved as a Hugging Face directory (config, safetensors) with
     a SentencePiece `tokenizer.model` for llama.cpp's converter; its shape as a dict."""
-    import sentencepiece as spm
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -107,15 +106,23 @@ def make_model(out: Path, layers: int, hidden: int, vocab: int, context: int, se
                          max_position_embeddings=max(2048, context), bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=False, rms_norm_eps=1e-5)  # fmt: skip
     LlamaForCausalLM(config).eval().save_pretrained(str(out), safe_serialization=True)
-    # A small vocabulary (unk, <s>, </s> at 0-2 as Llama's); the converter pads it to vocab_size.
+    write_sentencepiece(out)
+    (out / "shape.json").write_text(json.dumps(shape))
+    return shape
+
+
+def write_sentencepiece(out: Path) -> None:
+    """A small SentencePiece vocabulary (unk, <s>, </s> at 0-2 as Llama's) as
+    `tokenizer.model`, the kind llama.cpp's converter reads; it pads it to vocab_size.
+    The rows time token ids, so the words do not matter."""
+    import sentencepiece as spm
+
     sentences = ["The quick brown fox jumps over the lazy dog.", "Every device runs the same bundle, token for token."]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences * 50), model_writer=model, vocab_size=64,
                                    hard_vocab_limit=False, model_type="bpe", unk_id=0, bos_id=1, eos_id=2,
                                    minloglevel=2)  # fmt: skip
     (out / "tokenizer.model").write_bytes(model.getvalue())
-    (out / "shape.json").write_text(json.dumps(shape))
-    return shape
 
 
 def build_hxc(model_dir: Path, out: Path, precisions: list[str], context: int) -> tuple[dict[str, str], list[str], float]:

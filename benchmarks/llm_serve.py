@@ -94,7 +94,13 @@ def main() -> None:
         contenders["llama_cpp"] = ("llama_cpp", hf_dir)
     for name, (kind, model) in contenders.items():
         print(f"== {name}", file=sys.stderr, flush=True)
-        with (HxcServer(model) if kind == "hxc" else LlamaCppServer(model, args.slots, args.max_context, work)) as server:
+        try:
+            server_of = HxcServer(model) if kind == "hxc" else LlamaCppServer(model, args.slots, args.max_context, work)
+        except Exception as e:  # noqa: BLE001  (a peer that cannot start is reported, the others kept)
+            results["contenders"][name] = {"skipped": f"{type(e).__name__}: {e}"}
+            print(f"  skipped {name}: {e}", file=sys.stderr, flush=True)
+            continue
+        with server_of as server:
             out: dict = {}
             if kind == "hxc":
                 out["sequential"] = asyncio.run(sequential(server, model, args, vocab))
@@ -195,7 +201,7 @@ class LlamaCppServer:
     def __init__(self, hf_dir: Path, slots: int, max_context: int, work: Path) -> None:
         self.port = free_port()
         self.model = "llm"
-        self.gguf = to_gguf(hf_dir, work / f"{hf_dir.name}-f32.gguf")
+        self.gguf = to_gguf(hf_dir, work / f"{hf_dir.name}-gguf")
         threads = len(os.sched_getaffinity(0))
         self.args = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--model_alias", "llm",
                      "--port", str(self.port), "--n_threads", str(threads), "--n_ctx", str(max_context * slots),
@@ -222,17 +228,22 @@ class LlamaCppServer:
 
 
 def to_gguf(hf_dir: Path, out: Path) -> Path:
-    """The Hugging Face directory as an F32 GGUF, by llama.cpp's own converter (vendored
-    in llama-cpp-python's source, or on PATH as convert_hf_to_gguf.py)."""
-    if out.exists():
-        return out
+    """The Hugging Face directory as an F32 GGUF, by llama.cpp's own converter, the way
+    benchmarks/llm.py makes its files (from llama-cpp-python's source package)."""
     import shutil
 
-    script = os.environ.get("HXC_CONVERT_HF_TO_GGUF") or shutil.which("convert_hf_to_gguf.py")
-    if not script:
-        raise SystemExit("llama.cpp's convert_hf_to_gguf.py is needed: set HXC_CONVERT_HF_TO_GGUF to its path")
-    subprocess.run([sys.executable, script, str(hf_dir), "--outtype", "f32", "--outfile", str(out)], check=True)
-    return out
+    from llm import make_gguf, write_sentencepiece
+
+    # The converter does not know this model's word-level tokenizer: it gets the same
+    # weights with a SentencePiece vocabulary instead (the load sends token ids).
+    weights = out / "hf"
+    if not (out / "model-F32.gguf").is_file():
+        weights.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "generation_config.json", "model.safetensors"):
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, weights / name)
+        write_sentencepiece(weights)
+    return make_gguf(weights, out, ["F32"])["F32"]
 
 
 # --- the load -------------------------------------------------------------------------------------
@@ -344,6 +355,9 @@ def pct(rows: list[dict], key: str, q: float) -> float | None:
 def summarise(contenders: dict, rates: list[float]) -> dict:
     out: dict = {}
     for name, data in contenders.items():
+        if "skipped" in data:
+            out[name] = data
+            continue
         out[name] = {"best_goodput_rps": max(d["summary"]["goodput_rps"] for d in data["load"].values()),
                      "best_output_tokens_per_s": max(d["summary"]["output_tokens_per_s"] for d in data["load"].values())}  # fmt: skip
         for key in ("sequential", "long_prompt"):

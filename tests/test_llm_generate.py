@@ -419,6 +419,9 @@ def test_several_prefill_chunks_build_one_function_each_and_give_hugging_faces_t
     expected = hf_generate(hf, ids, NEW_TOKENS)
     model = hxc.runtime.load(result.output, device="local-task", strict=True)
     assert list(model.generate(ids, NEW_TOKENS, stop_token_ids=[]).result().token_ids) == expected
+    assert len(m.language_model.greedy_reference.prompt_token_ids) == 32 + 8  # `hxc verify` runs both sizes
+    report = verify_bundle(result.output, device="cpu", isolate=False)
+    assert report.results and all(r.ok for r in report.results), report.results
 
     batch = Batch(model)
     batch.add("a", ids, NEW_TOKENS, stop_token_ids=[])

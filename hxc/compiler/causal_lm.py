@@ -373,7 +373,9 @@ class CausalLM(torch.nn.Module):
 
         lay = self.layout
         steps = min(REFERENCE_TOKENS, lay.max_context)
-        length = max(1, min(self.prefill_chunk + 8, lay.max_context + 1 - steps))  # prompt + steps - 1 <= context
+        # Past the largest chunk: `prefill` of the smallest and of the largest size both run
+        # (the way generate reads it). prompt + steps - 1 <= context.
+        length = max(1, min(self.prefill_chunks[-1] + 8, lay.max_context + 1 - steps))
         if tokenizer_json is not None:
             from tokenizers import Tokenizer
 
