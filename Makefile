@@ -33,6 +33,8 @@ test: setup
 # from a machine with other CPU features must be rebuilt (delete it from $(WHEELS)).
 WHEELS ?= $(or $(HXC_WHEELS),/work/.cache/wheels)  # benchmarks/llm.py reads HXC_WHEELS, the same default
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+# llama.cpp's C++ server for benchmarks/llm_serve.py --llama-cpp (it reads HXC_LLAMA_SERVER, else this default).
+LLAMA_SERVER_BUILD ?= /work/.cache/llama-server-build
 bench-deps: setup
 	@mkdir -p $(WHEELS)
 	@ls $(WHEELS)/llama_cpp_python-0.3.36.tar.gz >/dev/null 2>&1 || \
@@ -42,6 +44,8 @@ bench-deps: setup
 		CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip wheel --quiet --no-deps -w $(WHEELS) \
 			$(WHEELS)/llama_cpp_python-0.3.36.tar.gz; }
 	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) -e '.[bench]'
+	@test -d $(WHEELS)/llama_cpp_python-0.3.36 || tar -xzf $(WHEELS)/llama_cpp_python-0.3.36.tar.gz -C $(WHEELS)
+	@scripts/build-llama-server.sh $(WHEELS)/llama_cpp_python-0.3.36 $(LLAMA_SERVER_BUILD)
 
 clean:
 	rm -rf $(VENV) example.hxc .pytest_cache

@@ -96,11 +96,12 @@ def main() -> None:
         print(f"== {name}", file=sys.stderr, flush=True)
         try:
             server_of = HxcServer(model) if kind == "hxc" else LlamaCppServer(model, args.slots, args.max_context, work)
+            server = server_of.__enter__()
         except Exception as e:  # noqa: BLE001  (a peer that cannot start is reported, the others kept)
             results["contenders"][name] = {"skipped": f"{type(e).__name__}: {e}"}
             print(f"  skipped {name}: {e}", file=sys.stderr, flush=True)
             continue
-        with server_of as server:
+        try:
             out: dict = {}
             if kind == "hxc":
                 out["sequential"] = asyncio.run(sequential(server, model, args, vocab))
@@ -109,6 +110,8 @@ def main() -> None:
                 out["load"][str(rate)] = asyncio.run(load(server, rate, args, vocab))
                 print(f"  rate {rate:g}/s: {json.dumps(out['load'][str(rate)]['summary'])}", file=sys.stderr, flush=True)
             results["contenders"][name] = out
+        finally:
+            server_of.__exit__(None, None, None)
     if long_bundle is not None:
         with HxcServer(long_bundle) as server:
             results["contenders"]["hxc"]["long_prompt"] = asyncio.run(long_prompt(server, args, vocab))
@@ -194,29 +197,45 @@ class HxcServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
 
+LLAMA_SERVER = Path(os.environ.get("HXC_LLAMA_SERVER", "/work/.cache/llama-server-build/bin/llama-server"))
+
+
 class LlamaCppServer:
-    """llama-cpp-python's OpenAI-compatible server on the same weights as an F32 GGUF,
-    with the same thread count and `n_parallel` = hxc's slots (its continuous batching)."""
+    """llama.cpp's own OpenAI-compatible server (`llama-server`, built by `make bench-deps`:
+    llama-cpp-python's Python server has no parallel slots) on the same weights as an F32
+    GGUF, with the same thread count, `-np` = hxc's slots and its continuous batching on,
+    each slot with hxc's context."""
 
     def __init__(self, hf_dir: Path, slots: int, max_context: int, work: Path) -> None:
+        if not os.access(LLAMA_SERVER, os.X_OK):
+            raise RuntimeError(f"no llama-server at {LLAMA_SERVER}: run `make bench-deps` or set HXC_LLAMA_SERVER")
         self.port = free_port()
         self.model = "llm"
         self.gguf = to_gguf(hf_dir, work / f"{hf_dir.name}-gguf")
         threads = len(os.sched_getaffinity(0))
-        self.args = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--model_alias", "llm",
-                     "--port", str(self.port), "--n_threads", str(threads), "--n_ctx", str(max_context * slots),
-                     "--n_parallel", str(slots)]  # fmt: skip
+        self.args = [str(LLAMA_SERVER), "--model", str(self.gguf), "--alias", "llm", "--host", "127.0.0.1",
+                     "--port", str(self.port), "--threads", str(threads), "--threads-batch", str(threads),
+                     "--ctx-size", str(max_context * slots), "--parallel", str(slots), "--cont-batching"]  # fmt: skip
 
     def __enter__(self) -> LlamaCppServer:
-        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import urllib.request
+
+        self.log = self.gguf.parent / "llama-server.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # /health is 503 while the model loads, 200 when ready
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llama-server exited ({self.process.returncode}): {self.log.read_text()[-500:]}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return self
             except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("llama.cpp's server did not start")
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"llama-server was not ready in 120 s: {self.log.read_text()[-500:]}")
 
     def __exit__(self, *exc: object) -> None:
         self.process.send_signal(signal.SIGTERM)
