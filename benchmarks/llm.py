@@ -111,16 +111,25 @@ def make_model(out: Path, layers: int, hidden: int, vocab: int, context: int, se
     return shape
 
 
-def write_sentencepiece(out: Path) -> None:
-    """A small SentencePiece vocabulary (unk, <s>, </s> at 0-2 as Llama's) as
-    `tokenizer.model`, the kind llama.cpp's converter reads; it pads it to vocab_size.
-    The rows time token ids, so the words do not matter."""
+def write_sentencepiece(out: Path, words: int | None = None) -> None:
+    """A SentencePiece vocabulary (unk, <s>, </s> at 0-2 as Llama's) as `tokenizer.model`,
+    the kind llama.cpp's converter reads: a small one it pads to vocab_size (the rows time
+    token ids, so the words do not matter), or with `words` that many pieces, each a word
+    (a server then streams text for every token id, as it would for a real vocabulary)."""
+    import random
+
     import sentencepiece as spm
 
-    sentences = ["The quick brown fox jumps over the lazy dog.", "Every device runs the same bundle, token for token."]
+    sentences = ["The quick brown fox jumps over the lazy dog.", "Every device runs the same bundle, token for token."] * 50
+    kind, size = "bpe", 64
+    if words:
+        names = [f"w{i}" for i in range(3, words)]
+        rng = random.Random(0)
+        sentences = [" ".join(rng.sample(names, 20)) for _ in range(3000)] + [" ".join(names[i:i + 50]) for i in range(0, len(names), 50)]
+        kind, size = "word", words
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences * 50), model_writer=model, vocab_size=64,
-                                   hard_vocab_limit=False, model_type="bpe", unk_id=0, bos_id=1, eos_id=2,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=size,
+                                   hard_vocab_limit=False, model_type=kind, unk_id=0, bos_id=1, eos_id=2,
                                    minloglevel=2)  # fmt: skip
     (out / "tokenizer.model").write_bytes(model.getvalue())
 

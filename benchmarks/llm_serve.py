@@ -254,14 +254,15 @@ def to_gguf(hf_dir: Path, out: Path) -> Path:
     from llm import make_gguf, write_sentencepiece
 
     # The converter does not know this model's word-level tokenizer: it gets the same
-    # weights with a SentencePiece vocabulary instead (the load sends token ids).
+    # weights with a SentencePiece vocabulary of as many words (the load sends token ids;
+    # every token streams as text, one event each, as from hxc).
     weights = out / "hf"
     if not (out / "model-F32.gguf").is_file():
         weights.mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "generation_config.json", "model.safetensors"):
             if (hf_dir / name).is_file():
                 shutil.copyfile(hf_dir / name, weights / name)
-        write_sentencepiece(weights)
+        write_sentencepiece(weights, words=json.loads((hf_dir / "config.json").read_text())["vocab_size"])
     return make_gguf(weights, out, ["F32"])["F32"]
 
 
