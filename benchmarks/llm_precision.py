@@ -43,6 +43,14 @@ DECODE_STEPS = 64
 RESULTS = Path(__file__).parent / "results" / "llm_precision.json"
 
 
+
+def _data_tiling(flags) -> str | bool:
+    """Which of IREE's data-tiling paths the artifact was built with (hxc's CPU fallback
+    tries the global-optimisation one when the default fails), or False."""
+    if "--iree-opt-data-tiling" in flags:
+        return "dispatch-creation"
+    return "global-optimisation" if "--iree-global-opt-data-tiling" in flags else False
+
 def save_model(name: str, directory: Path) -> Path:
     """The model `name` as a Hugging Face directory."""
     if name == "tiny":
@@ -83,8 +91,8 @@ def build(source: Path, out: Path, group_size: int | None) -> dict:
         "weights_bytes": {w.precision: w.size for w in m.weights},
         "artifact_bytes": {p: a.size for p, a in arts.items()},
         # The flags each artifact was built with, and when the family's defaults failed, why.
-        "data_tiling": {**{p: "--iree-opt-data-tiling" in a.flags for p, a in arts.items()},
-                        "fp32-stack64": "--iree-opt-data-tiling" in stack64.manifest.ok_artifacts[0].flags},
+        "data_tiling": {**{p: _data_tiling(a.flags) for p, a in arts.items()},
+                        "fp32-stack64": _data_tiling(stack64.manifest.ok_artifacts[0].flags)},
         "fallback": {p: a.fallback for p, a in arts.items() if a.fallback},
         "error": {p: {"precision_error": a.precision_error, **to_json(a.quantization)}
                   for p, a in arts.items() if a.quantization is not None},
