@@ -174,7 +174,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class HxcServer:
+class _Server:
+    """A server process on a loopback port, serving the OpenAI API under /v1; the
+    subclass starts it (`__enter__`); SIGTERM stops it within `stop_s`."""
+
+    port: int
+    process: subprocess.Popen
+    stop_s = 60
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(self.stop_s)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+class HxcServer(_Server):
+    stop_s = 120  # it drains the streams in flight first
+
     def __init__(self, bundle: Path) -> None:
         self.port = free_port()
         self.model = "llm"
@@ -188,19 +207,11 @@ class HxcServer:
                 break
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(120)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
 
 LLAMA_SERVER = Path(os.environ.get("HXC_LLAMA_SERVER", "/work/.cache/llama-server-build/bin/llama-server"))
 
 
-class LlamaCppServer:
+class LlamaCppServer(_Server):
     """llama.cpp's own OpenAI-compatible server (`llama-server`, built by `make bench-deps`:
     llama-cpp-python's Python server has no parallel slots) on the same weights as an F32
     GGUF, with the same thread count, `-np` = hxc's slots and its continuous batching on,
@@ -236,14 +247,6 @@ class LlamaCppServer:
             time.sleep(0.5)
         self.__exit__()
         raise RuntimeError(f"llama-server was not ready in 120 s: {self.log.read_text()[-500:]}")
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(60)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
 
 
 def to_gguf(hf_dir: Path, out: Path) -> Path:

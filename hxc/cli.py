@@ -291,6 +291,7 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
     extra_flags = registry.parse_extra_flags(iree_flags)
     from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
+    from hxc.targets.cpu import GLOBAL_DATA_TILING
 
     out = output or Path(frontends.recognise(model).model_name(model) + ".hxc")
     options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights,  # type: ignore[arg-type]
@@ -315,7 +316,7 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
                 "pass --example inputs.npz with inputs the reference can run (or expected outputs as output_0, ...)")
     for b in result.built:
         if b.fallback:
-            used = "IREE's other data-tiling path" if "--iree-global-opt-data-tiling" in b.options else "without hxc's speed flags"
+            used = "IREE's other data-tiling path" if GLOBAL_DATA_TILING in b.options else "without hxc's speed flags"
             ui.warn(f"{b.id}: compiled with {used}: the default flags failed ({b.fallback})")
     for note in result.notes:
         ui.warn(note)

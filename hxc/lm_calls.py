@@ -12,7 +12,7 @@ follow the tokens in the cache rather than the maximum context. Its values are n
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +39,16 @@ def next_chunk(chunks: Sequence[int], remaining: int, *, smallest: bool = False)
     if smallest:
         return ordered[0]
     return max((c for c in ordered if c <= remaining), default=ordered[0])
+
+
+def prefill_calls(prompt: Sequence[int], slot: int, chunks: Sequence[int], max_context: int) -> Iterator[tuple[str, list[np.ndarray]]]:
+    """The prefill calls that read `prompt` into `slot`, in order, as (function, arguments):
+    the largest chunk the remaining tokens fill each time (`next_chunk`)."""
+    at = 0
+    while at < len(prompt):  # bounded: every call consumes at least one token
+        chunk = next_chunk(chunks, len(prompt) - at)
+        yield prefill_function(chunk, chunks), prefill_args(prompt[at:at + chunk], at, slot, chunk, max_context)
+        at += chunk
 
 
 def prefill_args(piece: Sequence[int], start: int, slot: int, chunk: int, max_context: int) -> list[np.ndarray]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from hxc.arrays import ArrayFileError, max_array_bytes, read_npz
 from hxc.dtypes import compute_dtype, dtype, from_storage
-from hxc.lm_calls import decode_args, next_chunk, prefill_args, prefill_function
+from hxc.lm_calls import decode_args, prefill_calls
 from hxc.golden import Comparison, compare, compare_outputs, golden_arrays  # noqa: F401  (the golden arithmetic, re-exported)
 from hxc.errors import BundleError, ExitCode, HxcError, NothingToCompareError, UsageError, first_line
 from hxc.manifests import Manifest, Signature, TensorSpec
@@ -95,11 +95,9 @@ def greedy_logits(call: Callable[[str, list[np.ndarray]], np.ndarray], lm: Langu
     ref = lm.greedy_reference
     assert ref is not None
     prompt = ref.prompt_token_ids
-    logits, at = np.zeros(0, np.float32), 0
-    while at < len(prompt):  # in the chunks generate takes (the prompt fills the largest, then the smallest)
-        chunk = next_chunk(lm.chunks, len(prompt) - at)
-        logits = call(prefill_function(chunk, lm.chunks), prefill_args(prompt[at:at + chunk], at, 0, chunk, lm.max_context))
-        at += chunk
+    logits = np.zeros(0, np.float32)
+    for name, args in prefill_calls(prompt, 0, lm.chunks, lm.max_context):  # the calls generate makes
+        logits = call(name, args)
     steps = [logits.reshape(-1)]
     for i, token in enumerate(ref.token_ids[:-1]):
         args = decode_args({0: (token, len(prompt) + i)}, lm.slots, lm.max_context)

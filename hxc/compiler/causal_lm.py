@@ -70,7 +70,7 @@ import torch
 
 from hxc.errors import LoweringError, UsageError
 from hxc.functions import DynamicDim, Function
-from hxc.lm_calls import decode_args, next_chunk, prefill_args, prefill_function
+from hxc.lm_calls import decode_args, prefill_calls, prefill_function
 from hxc.manifests.schema import GREEDY_LOGITS, TOKENIZER_DIR, GreedyReference, LanguageModel
 
 if TYPE_CHECKING:
@@ -282,12 +282,11 @@ class CausalLM(torch.nn.Module):
         if prefill_chunk is None:
             prefill_chunk = min(DEFAULT_PREFILL_CHUNK, max_context)
         self.prefill_chunks = tuple(sorted({prefill_chunk} if isinstance(prefill_chunk, int) else set(prefill_chunk)))
+        if not self.prefill_chunks:
+            raise UsageError("no prefill chunk size given")
         for chunk in self.prefill_chunks:
             if not 1 <= chunk <= max_context:
                 raise UsageError(f"prefill chunk {chunk} is outside 1..{max_context} (the max context)")
-        if not self.prefill_chunks:
-            raise UsageError("no prefill chunk size given")
-        self.prefill_chunk = self.prefill_chunks[0]  # `prefill`'s; the greedy reference uses it
         self._declare_functions()
         self.model = model.eval()
         self.vocab = config.vocab_size
@@ -316,6 +315,11 @@ class CausalLM(torch.nn.Module):
             self.wpe = base.wpe
             self.scaling = [layer.attn.scaling for layer in base.h]
         self.lm_head = model.lm_head
+
+    @property
+    def prefill_chunk(self) -> int:
+        """`prefill`'s chunk size: the smallest."""
+        return self.prefill_chunks[0]
 
     def _declare_functions(self) -> None:
         """`prefill` and `decode` as hxc functions over the state (each layer's k and v
@@ -639,12 +643,8 @@ def generate_greedy(lm: CausalLM, prompts: Sequence[Sequence[int]], max_new_toke
     caches = empty_cache(lay)
     out: list[list[int]] = []
     for s, prompt in enumerate(prompts):
-        at = 0
-        while at < len(prompt):  # the chunks `hxc.runtime.generate.prefill` takes
-            chunk = next_chunk(lm.prefill_chunks, len(prompt) - at)
-            args = prefill_args(prompt[at:at + chunk], at, s, chunk, lay.max_context)
-            logits, caches = call(prefill_function(chunk, lm.prefill_chunks), args, caches)
-            at += chunk
+        for name, args in prefill_calls(prompt, s, lm.prefill_chunks, lay.max_context):
+            logits, caches = call(name, args, caches)
         out.append([int(np.asarray(logits).reshape(-1).argmax())])
     for step in range(max_new_tokens - 1):
         steps = {s: (out[s][-1], len(prompt) + step) for s, prompt in enumerate(prompts)}

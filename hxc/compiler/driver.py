@@ -232,7 +232,9 @@ def _compile_one(job: CompileJob, workdir: Path, cache: CompileCache, procs: _Pr
     # A flag chosen for speed must never cost a model: retry with the family's safer
     # flag sets in order (the last is what IREE does by default), and record why.
     for safer in fam.fallback_flags(plan):
-        if safer == plan.flags or procs.cancelled:
+        if procs.cancelled:
+            break
+        if safer == plan.flags:
             continue
         retry = _compile_plan(job, replace(plan, flags=safer), workdir, cache, procs, t0)
         if retry.status != "failed":

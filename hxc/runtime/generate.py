@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hxc.errors import UsageError
-from hxc.lm_calls import decode_args, next_chunk, prefill_args, prefill_function
+from hxc.lm_calls import decode_args, prefill_args, prefill_calls, prefill_function
 from hxc.manifests.schema import LanguageModel, Manifest
 
 if TYPE_CHECKING:
@@ -400,11 +400,9 @@ def _truncated(ids: list[int], lm: LanguageModel, max_new_tokens: int) -> list[i
 def prefill(model: LoadedModel, lm: LanguageModel, ids: Sequence[int], state: ModelState, slot: int = 0) -> np.ndarray:
     """Run the prompt `ids` through `prefill` in chunks, its keys and values written into
     `slot`'s cache in `state`: the logits of its last token, (vocab,)."""
-    logits, at = None, 0
-    while at < len(ids):  # bounded: every call consumes at least one token
-        chunk = next_chunk(lm.chunks, len(ids) - at)
-        logits = prefill_chunk(model, lm, ids, at, state, slot, chunk=chunk)
-        at += chunk
+    logits = None
+    for name, args in prefill_calls(ids, slot, lm.chunks, lm.max_context):
+        logits = model.call_flat(name, args, state=state)[0][0]
     assert logits is not None
     return logits
 

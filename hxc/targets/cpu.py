@@ -37,6 +37,11 @@ SPEED_FLAGS = (DATA_TILING, "--iree-global-opt-use-im2col-for-convs")
 # a 125M Llama at one thread then decodes 1.4x faster (40 -> 56 tokens/s) and its
 # first token after 512 comes 1.25x sooner (README "Language models against llama.cpp").
 GLOBAL_DATA_TILING = "--iree-global-opt-data-tiling"
+
+
+def _global_data_tiling(flags: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(GLOBAL_DATA_TILING if f == DATA_TILING else f for f in flags)
+
 COMMON_FLAGS = (
     "--iree-hal-target-device=local",
     "--iree-hal-local-target-device-backends=llvm-cpu",
@@ -180,7 +185,7 @@ class CpuFamily(TargetFamily):
     def fallback_flags(self, plan: CompilePlan) -> list[tuple[str, ...]]:
         tries = []
         if DATA_TILING in plan.flags:
-            tries.append(tuple(GLOBAL_DATA_TILING if f == DATA_TILING else f for f in plan.flags))
+            tries.append(_global_data_tiling(plan.flags))
         safer = tuple(f for f in plan.flags if f not in SPEED_FLAGS)
         if safer != plan.flags:
             tries.append(safer)
@@ -195,7 +200,7 @@ class CpuFamily(TargetFamily):
             ("default", flags),
             ("no-im2col", without("--iree-global-opt-use-im2col-for-convs")),
             ("no-data-tiling", without(DATA_TILING)),
-            ("global-data-tiling", tuple(GLOBAL_DATA_TILING if f == DATA_TILING else f for f in flags)),
+            ("global-data-tiling", _global_data_tiling(flags)),
             ("channels-last", (*flags, CHANNELS_LAST)),
             ("ukernels-all", (*flags, "--iree-llvmcpu-enable-ukernels=all")),
         ]
