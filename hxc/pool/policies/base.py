@@ -34,8 +34,10 @@ class Estimate:
 class Request:
     """What a policy may know of the request being routed."""
 
-    units: int  # rows of a batch, or 1 for a whole request
+    units: int  # rows of a batch, or 1 for a whole request (a sequence's output tokens for a language model)
     slo_ms: float | None = None  # the request's deadline from now, if it has one
+    ttft_ms: float | None = None  # a language model's: time to the first token, at most
+    tpot_ms: float | None = None  # ... and time per output token after it, at most
 
 
 @dataclass(frozen=True)
@@ -66,17 +68,46 @@ def rank(request: Request, candidates: Sequence[Candidate], among_meeting: Calla
     unmeasured = [c for c in candidates if finish[id(c)] is None]
     busy = sorted((c for c in candidates if finish[id(c)] is not None and not math.isfinite(finish[id(c)])),  # type: ignore[arg-type]
                   key=lambda c: c.load)  # fmt: skip
-    meets = [c for c in known if request.slo_ms is None or finish[id(c)] <= request.slo_ms]  # type: ignore[operator]
+    meets = [c for c in known if expected_to_meet(request, c.estimate)]
     met = {id(c) for c in meets}
-    late = sorted((c for c in known if id(c) not in met), key=lambda c: finish[id(c)])  # type: ignore[arg-type, return-value]
+    # Those that miss: the ones with KV room first, then the soonest (first token, for a language model).
+    late = sorted((c for c in known if id(c) not in met), key=lambda c: (not _fits(c.estimate), soonest(request, c.estimate)))
     meets = sorted(meets, key=among_meeting)
-    if unmeasured and (request.slo_ms is None or not meets):
+    if unmeasured and (not has_targets(request) or not meets):
         return [*unmeasured, *meets, *late, *busy]
     return [*meets, *unmeasured, *late, *busy]
 
 
+def has_targets(request: Request) -> bool:
+    return request.slo_ms is not None or request.ttft_ms is not None or request.tpot_ms is not None
+
+
+def soonest(request: Request, e: Estimate) -> float:
+    """What "soonest" means for this request: its first token when it has a TTFT target,
+    else its finish."""
+    if request.ttft_ms is not None and e.ttft_ms is not None:
+        return e.ttft_ms
+    return e.finish_ms if e.finish_ms is not None else math.inf
+
+
+def _fits(e: Estimate) -> bool:
+    return e.kv_headroom_bytes is None or e.kv_headroom_bytes >= 0
+
+
+def expected_to_meet(request: Request, e: Estimate) -> bool:
+    """Whether a measured estimate meets every target the request has (and has the KV
+    cache for it, where that is known); a target the estimate cannot judge (no TTFT
+    estimate for a TTFT target) is not met."""
+    if e.finish_ms is None or not math.isfinite(e.finish_ms) or not _fits(e):
+        return False
+    checks = ((request.slo_ms, e.finish_ms), (request.ttft_ms, e.ttft_ms), (request.tpot_ms, e.tpot_ms))
+    return all(target is None or (value is not None and value <= target) for target, value in checks)
+
+
 def misses(request: Request, chosen: Candidate) -> bool:
-    """Whether `chosen` is expected to miss the request's deadline (known only for a
+    """Whether `chosen` is expected to miss the request's targets (known only for a
     measured candidate)."""
     f = chosen.estimate.finish_ms
-    return request.slo_ms is not None and f is not None and math.isfinite(f) and f > request.slo_ms
+    if f is None or not math.isfinite(f):
+        return False
+    return has_targets(request) and not expected_to_meet(request, chosen.estimate)

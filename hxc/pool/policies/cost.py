@@ -1,6 +1,7 @@
-"""`cost`: the cheapest candidate (price per hour / measured units per second) whose
-expected finish meets the request's deadline; the sooner one among equal prices. A
-candidate without a price or a measured speed costs more than any priced one."""
+"""`cost`: the cheapest candidate (price per hour / measured units per second; for a
+language model, the price of 1,000 of its output tokens) whose estimate meets the
+request's targets; the sooner one among equal prices. A candidate without a price or a
+measured speed costs more than any priced one."""
 
 from __future__ import annotations
 

@@ -1,0 +1,193 @@
+"""What one language-model request is expected to cost on one device now: its time to
+the first token, its time per output token, the KV cache left for it, and its price per
+1,000 output tokens, as an `Estimate` the routing policies rank.
+
+One model of a device's work, shared by the server's router (`lm_router.LMRouter`) and
+the fleet simulator (`lm_simulate`), so what the simulator shows of routing is what
+the router does. A device runs its sequences as `hxc.runtime.batching.Batch` does:
+each step is one prefill chunk of the oldest prompt still being read (if any) and one
+decode call for every sequence that has a token to extend. So for a request of `n`
+prompt tokens arriving at a device with `b` sequences decoding and `q` prompt tokens
+already waiting to be read:
+
+    ttft = slot wait + prefill(q + n) + ceil((q + n) / chunk) x step(b)   [b > 0]
+    tpot = step(b + 1)
+    price per 1k output tokens = price/s x (prefill(n) + m x step(b + 1) / (b + 1)) / m x 1000
+
+where prefill(n) is the time to the first token of an n-token prompt alone and step(b)
+one decode call of b sequences, from the device's bench profiles (`hxc bench` on the
+bundle: prompts of 32/128/512 tokens, decode at batch 1 and at every slot), corrected
+by what the router measures live (`Calibration`); a device with no profile is
+unmeasured until its first sequences have been timed. The price charges a sequence its
+own prefill and its share of each decode step it rides in: the marginal device-seconds
+it adds, which is what batching makes cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from hxc.manifests.schema import Profile
+from hxc.pool.policies.base import Estimate
+
+EWMA = 0.3  # weight of the newest live measurement in a correction
+CLAMP = (0.05, 50.0)  # a correction factor stays in this range (one wild measurement cannot zero a device)
+
+
+@dataclass(frozen=True)
+class LMSpeed:
+    """A device's speed on one artifact: points (prompt tokens, ms to the first token)
+    and (batch, ms per decode step), each sorted; read between points linearly and
+    beyond them along the last segment's slope (never below the nearest point)."""
+
+    prefill: tuple[tuple[int, float], ...]
+    step: tuple[tuple[int, float], ...]
+
+    @classmethod
+    def from_profiles(cls, profiles: Iterable[Profile]) -> LMSpeed | None:
+        """The speed the language-model profiles in `profiles` (one artifact on one
+        device) record, the newest per point; None without both a prefill and a decode one."""
+        prefill: dict[int, float] = {}
+        step: dict[int, float] = {}
+        for p in profiles:  # recording order: the newest wins
+            g = p.generation
+            if g is None:
+                continue
+            if g.phase == "prefill":
+                prefill[g.prompt_tokens] = p.latency.p50_ms
+            else:
+                step[p.batch] = p.latency.p50_ms
+        if not prefill or not step:
+            return None
+        return cls(tuple(sorted(prefill.items())), tuple(sorted(step.items())))
+
+    def prefill_ms(self, tokens: int) -> float:
+        return _read(self.prefill, tokens)
+
+    def step_ms(self, batch: int) -> float:
+        return _read(self.step, max(1, batch))
+
+    def scaled(self, prefill: float, step: float) -> LMSpeed:
+        return LMSpeed(tuple((n, ms * prefill) for n, ms in self.prefill), tuple((b, ms * step) for b, ms in self.step))
+
+
+def _read(points: Sequence[tuple[int, float]], x: int) -> float:
+    if len(points) == 1 or x <= points[0][0]:
+        (x0, y0) = points[0]
+        # One point: proportional above it (a prompt twice as long takes twice as long).
+        return y0 if x <= x0 else y0 * x / x0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    (x0, y0), (x1, y1) = points[-2], points[-1]
+    return max(y1, y1 + (y1 - y0) * (x - x1) / (x1 - x0))
+
+
+class Calibration:
+    """A device's speed as the profiles say and as it is measured live: each
+    measurement moves a correction factor (prefill, decode) towards measured / predicted.
+    Without a profile, the first measurements become the speed (proportional prefill,
+    the same step at every batch) and the factors follow later ones. Not thread-safe:
+    the router calls it under its lock."""
+
+    def __init__(self, profiled: LMSpeed | None) -> None:
+        self.profiled = profiled
+        self._ttft: tuple[int, float] | None = None  # a measured (prompt tokens, ms) when there is no profile
+        self._step: tuple[int, float] | None = None
+        self.prefill_factor = 1.0
+        self.step_factor = 1.0
+        self.measured = {"ttft": 0, "step": 0}
+
+    @property
+    def speed(self) -> LMSpeed | None:
+        """The corrected speed; None while unmeasured (no profile, nothing timed yet)."""
+        base = self.profiled
+        if base is None:
+            if self._ttft is None or self._step is None:
+                return None
+            base = LMSpeed((self._ttft,), (self._step,))
+        return base.scaled(self.prefill_factor, self.step_factor)
+
+    def observe_ttft(self, predicted_ms: float | None, measured_ms: float, prompt_tokens: int) -> None:
+        """A sequence's first token came `measured_ms` after it reached the device,
+        where `predicted_ms` (with the correction then) was expected."""
+        self.measured["ttft"] += 1
+        if self.profiled is None and self._ttft is None:
+            self._ttft = (max(1, prompt_tokens), measured_ms)
+            return
+        if predicted_ms is not None and predicted_ms > 0:
+            self.prefill_factor = _moved(self.prefill_factor, self.prefill_factor * measured_ms / predicted_ms)
+
+    def observe_step(self, batch: int, measured_ms: float) -> None:
+        """A decode step of `batch` sequences took `measured_ms` (between two tokens of one sequence)."""
+        self.measured["step"] += 1
+        if self.profiled is None and self._step is None:
+            self._step = (max(1, batch), measured_ms)
+            return
+        base = self.profiled.step_ms(batch) if self.profiled is not None else self._step[1]  # type: ignore[index]
+        if base > 0:
+            self.step_factor = _moved(self.step_factor, measured_ms / base)
+
+
+def _moved(current: float, towards: float) -> float:
+    return min(CLAMP[1], max(CLAMP[0], (1 - EWMA) * current + EWMA * towards))
+
+
+@dataclass(frozen=True)
+class DeviceLoad:
+    """What a device holds now, as the estimate needs it."""
+
+    decoding: int  # sequences running on it (each extended by every step)
+    slots: int  # sequences its cache holds at once
+    waiting: int  # sequences routed to it, waiting for a slot
+    prefill_tokens: int  # prompt tokens routed to it not yet read (waiting and running sequences)
+    remaining: tuple[int, ...]  # output tokens each running sequence may still produce
+    kv_free_tokens: int  # cached tokens its budget still has room for
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """The arithmetic of one estimate, for `hxc select --explain` and the routing view."""
+
+    slot_wait_ms: float
+    prefill_ms: float  # reading the prompts ahead and this one
+    interleave_ms: float  # the decode steps of others between its prefill chunks
+    step_ms: float  # one decode step once it runs
+    batch: int  # sequences in that step, itself included
+    device_s: float  # device-seconds charged to it
+    price_per_hour: float | None
+
+
+def estimate(speed: LMSpeed | None, load: DeviceLoad, prompt_tokens: int, max_tokens: int, chunk: int,
+             price_per_hour: float | None, kv_bytes_per_token: int) -> tuple[Estimate, Breakdown | None]:  # fmt: skip
+    """The `Estimate` of a request of `prompt_tokens` and up to `max_tokens` output
+    tokens on a device with `load`, and how it was reached (None when unmeasured: the
+    estimate then has finish_ms None if the device is idle, infinity if it is busy)."""
+    headroom = (load.kv_free_tokens - prompt_tokens - max_tokens) * kv_bytes_per_token
+    if speed is None:
+        busy = load.decoding + load.waiting > 0
+        return Estimate(math.inf if busy else None, kv_headroom_bytes=headroom), None
+    m = max(1, max_tokens)
+    # The slot: free now, or the soonest a running sequence can end after those already waiting take theirs.
+    free = load.slots - load.decoding
+    ahead = load.waiting - free
+    wait = 0.0
+    if ahead >= 0:
+        ends = sorted(load.remaining)
+        wait = (ends[min(ahead, len(ends) - 1)] if ends else 0) * speed.step_ms(load.decoding)
+    decoding = min(load.decoding, load.slots - 1) if ahead >= 0 else load.decoding
+    to_read = load.prefill_tokens + prompt_tokens
+    prefill = speed.prefill_ms(to_read)
+    interleave = math.ceil(to_read / max(1, chunk)) * speed.step_ms(decoding) if decoding else 0.0
+    ttft = wait + prefill + interleave
+    batch = decoding + 1
+    step = speed.step_ms(batch)
+    # Prompts routed here after it are not known; those ahead of it are read before it decodes.
+    tpot = step
+    device_s = (speed.prefill_ms(prompt_tokens) + m * step / batch) / 1000
+    price = None if price_per_hour is None else price_per_hour / 3600 * device_s / m * 1000
+    finish = ttft + (m - 1) * tpot
+    return (Estimate(finish, ttft_ms=ttft, tpot_ms=tpot, kv_headroom_bytes=headroom, price_per_unit=price),
+            Breakdown(wait, prefill, interleave, step, batch, device_s, price_per_hour))  # fmt: skip
