@@ -529,15 +529,23 @@ def _slo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @PRECISION_OPTION
 @TOLERANCE_OPTION
 @click.option("--explain", is_flag=True, help="List every artifact, accepted or rejected, with the reason (and the cost and SLO arithmetic).")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=None, metavar="N",
+              help="Language models: also show how `hxc serve` would route a request of N prompt tokens on idle devices "
+                   "(its TTFT, TPOT and price per 1,000 output tokens per device, from the bench profiles).")  # fmt: skip
+@click.option("--max-tokens", type=click.IntRange(1), default=128, show_default=True, help="... and this many output tokens.")
+@click.option("--ttft-ms", type=click.FloatRange(min=0, min_open=True), default=None, help="... with this TTFT target.")
+@click.option("--tpot-ms", type=click.FloatRange(min=0, min_open=True), default=None, help="... and this TPOT target.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, slo_percentile: str,
-           prices_file: Path | None, precision: str | None, tolerance: float | None, explain: bool, as_json: bool) -> int:  # fmt: skip
+           prices_file: Path | None, precision: str | None, tolerance: float | None, explain: bool,
+           prompt_tokens: int | None, max_tokens: int, ttft_ms: float | None, tpot_ms: float | None, as_json: bool) -> int:  # fmt: skip
     """Show which artifact `hxc.runtime.load` would pick on this host, and why.
 
     \b
     hxc select model.hxc --explain
     hxc select model.hxc --policy cost --slo-ms 150 --explain
+    hxc select llm.hxc --policy cost --prompt-tokens 512 --ttft-ms 300 --tpot-ms 50 --explain
     """
     from hxc import ui
     from hxc.manifests.bundle import read_bundle
@@ -549,6 +557,9 @@ def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, 
     read = read_bundle(bundle, _trust())
     sel = choose(read.manifest, probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance,
                  slo_ms=slo_ms, slo_percentile=slo_percentile, prices=prices, profiles_note=read.profiles_note)  # fmt: skip
+    routing = None
+    if prompt_tokens is not None:
+        routing = _lm_routing(read.manifest, sel, prices_file, prompt_tokens, max_tokens, ttft_ms, tpot_ms, slo_ms, policy)
     if as_json:
         ui.print_json({
             "ok": sel.best is not None, "policy": sel.policy, "forced": sel.forced, "note": sel.note,
@@ -557,9 +568,12 @@ def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, 
             "choice": sel.best and {"artifact": sel.best.artifact.id, "device": sel.best.device.label, "uri": sel.best.device.uri},
             "candidates": [_candidate_json(c) for c in sel.candidates],
             "rejected": [{"artifact": r.artifact.id, "reason": r.reason} for r in sel.rejected],
+            **({"routing": routing} if routing is not None else {}),
         })  # fmt: skip
     elif explain:
         ui.out.print(sel.explain(), markup=False, soft_wrap=True)
+        if routing is not None:
+            ui.out.print(_routing_text(routing), markup=False, soft_wrap=True)
     elif sel.best:
         ui.out.print(f"{sel.best.artifact.id} on {sel.best.device.label}  ({sel.best.reason})", markup=False)
         if sel.note:
@@ -567,6 +581,63 @@ def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, 
     if sel.best is None and not as_json:
         ui.error("no artifact in this bundle can run on this host (see --explain)")
     return sel.exit_code
+
+
+def _lm_routing(manifest: Any, sel: Any, prices_file: Path | None, prompt_tokens: int, max_tokens: int,
+                ttft_ms: float | None, tpot_ms: float | None, slo_ms: float | None, policy: str) -> dict[str, Any]:  # fmt: skip
+    """How `hxc serve` would route a hypothetical request on idle devices: each accepted
+    artifact's estimate from its profiles, ranked by the routing policy (`policy` where it
+    is one, else latency) — the same arithmetic as the server's /routing view."""
+    from hxc.pool import policies
+    from hxc.pool.lm_estimate import DeviceLoad, LMSpeed, estimate
+    from hxc.runtime import probe_host
+    from hxc.runtime.prices import load_prices
+    from hxc.runtime.select import profiles_for
+
+    lm = manifest.language_model
+    if lm is None:
+        raise UsageError("--prompt-tokens is for a language-model bundle")
+    if prompt_tokens >= lm.max_context:
+        raise UsageError(f"--prompt-tokens {prompt_tokens}: the bundle's context holds {lm.max_context} tokens")
+    max_tokens = min(max_tokens, lm.max_context - prompt_tokens)
+    host, prices = probe_host(), load_prices(prices_file)
+    name = policy if policy in policies.policy_names() else policies.DEFAULT_POLICY
+    request = policies.Request(max_tokens, slo_ms, ttft_ms, tpot_ms)
+    rows, candidates = [], []
+    for c in sel.candidates:
+        speed = LMSpeed.from_profiles(profiles_for(manifest, c.artifact, c.device, host.host().id)[0])
+        price = prices.price(c.device, host.cpu.cores)
+        idle = DeviceLoad(0, lm.slots, 0, 0, (), lm.slots * lm.max_context)
+        est, why = estimate(speed, idle, prompt_tokens, max_tokens, min(lm.chunks), price and price.per_hour,
+                            lm.kv_bytes_per_token)  # fmt: skip
+        key = f"{c.artifact.id} on {c.device.label}"
+        candidates.append(policies.Candidate(key, est, 0, c))
+        rows.append({"artifact": c.artifact.id, "device": c.device.label, "precision": c.artifact.precision,
+                     "measured": why is not None, "ttft_ms": est.ttft_ms, "tpot_ms": est.tpot_ms,
+                     "finish_ms": est.finish_ms, "price_per_1k_tokens": est.price_per_unit,
+                     "meets_targets": policies.base.expected_to_meet(request, est),
+                     "prefill_ms": why and why.prefill_ms, "step_ms": why and why.step_ms})  # fmt: skip
+    order = {c.name: i for i, c in enumerate(policies.choose(name, request, candidates))}
+    for row in rows:
+        row["rank"] = order[f"{row['artifact']} on {row['device']}"]
+    rows.sort(key=lambda r: r["rank"])
+    return {"policy": name, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "ttft_ms": ttft_ms,
+            "tpot_ms": tpot_ms, "slo_ms": slo_ms, "currency": prices.currency, "devices": rows}  # fmt: skip
+
+
+def _routing_text(routing: dict[str, Any]) -> str:
+    def ms(x: float | None) -> str:
+        return "unmeasured" if x is None else f"{x:.1f} ms"
+
+    targets = ", ".join(f"{k} <= {routing[k]:g}" for k in ("ttft_ms", "tpot_ms", "slo_ms") if routing[k] is not None)
+    lines = [f"\nRouting a request of {routing['prompt_tokens']} prompt and {routing['max_tokens']} output tokens on idle "
+             f"devices, policy {routing['policy']}" + (f" ({targets})" if targets else "") + ":"]  # fmt: skip
+    for r in routing["devices"]:
+        price = "no price" if r["price_per_1k_tokens"] is None else f"{r['price_per_1k_tokens']:.6f} {routing['currency']}/1k tokens"
+        verdict = "meets" if r["meets_targets"] else "misses" if r["measured"] else "cannot judge"
+        lines.append(f"  {r['rank'] + 1}. {r['artifact']} on {r['device']}: TTFT {ms(r['ttft_ms'])} (prefill {ms(r['prefill_ms'])}), "
+                     f"TPOT {ms(r['tpot_ms'])}, {price}; {verdict} the targets")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _candidate_json(c: Any) -> dict[str, Any]:
@@ -1237,8 +1308,9 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
                    "(drivers, families, artifact ids).")  # fmt: skip
 @PIN_OPTION
 @click.option("--policy", type=click.Choice(ROUTING_POLICIES), default=ROUTING_POLICIES[0], show_default=True,
-              help="How a request without its own `policy` parameter is routed: the soonest expected finish, or the "
-                   "cheapest device (price / measured speed) that meets its slo_ms.")  # fmt: skip
+              help="How a request without its own `policy` parameter is routed: the soonest expected finish (first "
+                   "token, for a language model), or the cheapest device (price / measured speed; per 1,000 output "
+                   "tokens) that meets its targets.")  # fmt: skip
 @click.option("--slo-ms", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Default deadline per request, for requests without an `slo_ms` parameter.")
 @click.option("--prices", "prices_file", type=click.Path(path_type=Path), envvar="HXC_PRICES", default=None,
@@ -1256,10 +1328,17 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
                    "slots x context); beyond it, new sequences wait and the youngest running one is preempted.")  # fmt: skip
 @click.option("--max-streams", type=click.IntRange(1), default=None,
               help="Language models: streamed responses open at once, all models together (503 with Retry-After beyond).")
-@click.option("--slo-ttft-ms", default=1000.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Language models: the time-to-first-token deadline that /metrics' goodput and deadline misses count by.")
-@click.option("--slo-tpot-ms", default=200.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Language models: the time-per-output-token deadline that /metrics' goodput and deadline misses count by.")
+@click.option("--ttft-ms", "--slo-ttft-ms", "slo_ttft_ms", default=1000.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Language models: the time-to-first-token target of a request without its own `ttft_ms`: what it is "
+                   "routed by, and what /metrics' goodput and deadline misses count by.")  # fmt: skip
+@click.option("--tpot-ms", "--slo-tpot-ms", "slo_tpot_ms", default=200.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Language models: the time-per-output-token target of a request without its own `tpot_ms`.")
+@click.option("--precision", "precisions", default="", metavar="LIST",
+              help="Language models: also load these reduced-precision variants (e.g. int8,int4), each device's best "
+                   "artifact of each, beside its full-precision one. A request runs on them only when its `precision` "
+                   "names them.")  # fmt: skip
 @click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest request body accepted (413 beyond).")
 @click.option("--max-receiving-mb", default=256.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -1287,7 +1366,8 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
 @_command
 def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tuple[str, ...], policy: str,
           slo_ms: float | None, prices_file: Path | None, max_batch_size: int, max_queue_delay_ms: float, max_queue: int,
-          kv_cache_mb: float | None, max_streams: int | None, slo_ttft_ms: float, slo_tpot_ms: float, max_body_mb: float,
+          kv_cache_mb: float | None, max_streams: int | None, slo_ttft_ms: float, slo_tpot_ms: float, precisions: str,
+          max_body_mb: float,
           max_receiving_mb: float, body_timeout_s: float, header_timeout_s: float, drain_timeout: float, api_key: str | None,
           api_key_file: Path | None, auth_health: bool, open_metrics: bool, ssl_certfile: Path | None, ssl_keyfile: Path | None,
           ssl_ca_certs: Path | None, as_json: bool) -> None:  # fmt: skip
@@ -1310,7 +1390,12 @@ def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tup
     Language models are served with the OpenAI API (POST /v1/completions,
     /v1/chat/completions, GET /v1/models; streamed with "stream": true) and the KServe
     generate extension (POST /v2/models/NAME/generate, /generate_stream), batched
-    continuously on each device.
+    continuously on each device. Each request is routed by its targets (extra body
+    fields or parameters `ttft_ms`, `tpot_ms`, `slo_ms`, `policy`, `precision`; else
+    --ttft-ms, --tpot-ms, --policy): `latency` takes the soonest first token that keeps
+    the time per token in target, `cost` the cheapest device (price per 1,000 output
+    tokens) that meets both. GET /v2/models/NAME/routing?prompt_tokens=N&max_tokens=M
+    shows the arithmetic.
     """
     from hxc.extras import require
 
@@ -1334,7 +1419,8 @@ def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tup
                            api_key_digests=key_digests(keys), auth_health=auth_health, open_metrics=open_metrics,
                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, ssl_ca_certs=ssl_ca_certs, trust=_trust(),
                            kv_cache_bytes=int(kv_cache_mb * 1024**2) if kv_cache_mb else None, max_streams=max_streams,
-                           slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms)  # fmt: skip
+                           slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms,
+                           precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()))  # fmt: skip
     tls_context(options)  # a bad certificate is one line before any bundle is read
     run_server(find_models(models, options.trust), options, on_event=print_event(as_json))
 

@@ -84,6 +84,7 @@ def _load(config: dict[str, Any]):
     # The first call sets up pipelines (seconds on lavapipe); do it before saying ready
     # so the first real request is timed like every other.
     warmup: float | str
+    lm_timing: dict[str, float] | None = None
     t0 = time.perf_counter()
     try:
         from hxc.dtypes import dtype
@@ -99,13 +100,35 @@ def _load(config: dict[str, Any]):
             batch.add(0, [0], 2, stop_token_ids=[])
             while not batch.idle:
                 batch.step()
+            lm_timing = _time_generation(model, batch.lm)
         warmup = (time.perf_counter() - t0) * 1000
     except Exception as e:  # noqa: BLE001 - a model that rejects zeros still serves real inputs
         warmup = f"warm-up call failed: {e}".splitlines()[0]
     ready = {"pid": os.getpid(), "artifact": model.artifact.id, "device": model.device.label, "load_ms": load_ms,
              "warmup_ms": warmup if isinstance(warmup, float) else None, "threads": threading.active_count(),
-             "native_threads": len(os.listdir("/proc/self/task")), "cpus": sorted(os.sched_getaffinity(0))}  # fmt: skip
+             "native_threads": len(os.listdir("/proc/self/task")), "cpus": sorted(os.sched_getaffinity(0)),
+             "lm_timing": lm_timing}  # fmt: skip
     return model, ready
+
+
+def _time_generation(model, lm) -> dict[str, float]:
+    """A language model's speed here, roughly, once its pipelines are set up: a prompt of
+    its largest prefill chunk read in one call, and decode steps of one sequence. What
+    the router estimates a device by before anything else is measured there (one
+    sample each, taken while other workers may be starting: the router's live
+    measurements correct it)."""
+    from hxc.runtime.batching import Batch
+
+    n = max(1, min(max(lm.chunks), lm.max_context - 4))
+    batch = Batch(model)
+    batch.add(0, [3 + i % max(1, lm.vocab_size - 3) for i in range(n)], 4, stop_token_ids=[])
+    times = []
+    while not batch.idle:  # 3 steps: the prefill (and the first decode with it), then two decodes
+        t0 = time.perf_counter()
+        batch.step()
+        times.append((time.perf_counter() - t0) * 1000)
+    step = min(times[1:]) if len(times) > 1 else times[0] / 2
+    return {"prefill_tokens": n, "prefill_ms": max(0.0, times[0] - step), "step_ms": step}
 
 
 def _serve(channel, model, faults: dict[int, str]) -> None:

@@ -53,7 +53,9 @@ class Workers:
 
     `devices`: "all", or a list of selectors as `hxc.runtime.load(device=...)` takes them
     (a driver, a family, an artifact id, a device URI), one device each.
-    `policy` ranks the artifacts for a device (as `hxc.runtime.select`).
+    `policy` ranks the artifacts for a device (as `hxc.runtime.select`); `variants`
+    (precisions such as "int8") add a worker per device for its best artifact of each
+    (a language model's router offers them to the requests that allow them).
     `pin`: None (workers share every core), "split" (each CPU-type device — the host CPU
     and a software Vulkan device — gets its own share of the cores), or
     {selector: [core ids]}. `deadlines`, `backoff`: per-worker fault handling.
@@ -72,6 +74,7 @@ class Workers:
         backoff: Backoff = Backoff(),
         precision: str | None = None,
         tolerance: float | None = None,
+        variants: Sequence[str] = (),
         probe: HostProbe | None = None,
         start_timeout_s: float = 180.0,
         env: Mapping[str, str] | None = None,
@@ -83,7 +86,7 @@ class Workers:
         main = self.manifest.functions.get(MAIN)
         self.signature: Signature | None = main.signature if main is not None else None  # None: a language model
         probe = probe or probe_host()
-        self.selection, chosen = choose_devices(self.manifest, probe, devices, policy, precision, tolerance)
+        self.selection, chosen = choose_devices(self.manifest, probe, devices, policy, precision, tolerance, variants)
         self.language_model = self.manifest.language_model
         self.batch_dim, self.not_splittable = (batch_dim(self.signature) if self.signature is not None
                                                else (None, "the model has no main function"))  # fmt: skip
@@ -160,8 +163,9 @@ def load_options(trust: TrustPolicy | None) -> dict[str, Any]:
 
 
 def choose_devices(manifest: Manifest, probe: HostProbe, devices: str | Sequence[str], policy: str, precision: str | None,
-                   tolerance: float | None) -> tuple[Selection, list[Candidate]]:  # fmt: skip
-    """The selection over every device, and the best candidate per device."""
+                   tolerance: float | None, variants: Sequence[str] = ()) -> tuple[Selection, list[Candidate]]:  # fmt: skip
+    """The selection over every device, and the best candidate per device (and per
+    device and precision in `variants`)."""
     selection = select(manifest, probe, policy=policy, device="", precision=precision, tolerance=tolerance)
     if devices == "all":
         chosen: dict[str, Candidate] = {}
@@ -186,6 +190,15 @@ def choose_devices(manifest: Manifest, probe: HostProbe, devices: str | Sequence
     if not picked:
         raise NoCompatibleArtifactError(f"{manifest.model.name}: no artifact in this bundle can run on this host",
                                         hint="; ".join(f"{r.artifact.id}: {r.reason}" for r in selection.rejected[:6]))  # fmt: skip
+    for p in dict.fromkeys(variants):
+        found = [c for c in select(manifest, probe, policy=policy, device="", precision=p, tolerance=tolerance).candidates
+                 if c.artifact.precision == p]  # fmt: skip
+        added = [next(c for c in found if c.device.uri == uri) for uri in dict.fromkeys(c.device.uri for c in picked)
+                 if any(c.device.uri == uri for c in found)]  # fmt: skip
+        if not added:
+            raise UsageError(f"no artifact of precision {p!r} in this bundle runs on the chosen devices",
+                             hint=f"compile one: hxc compile ... --precision {p}")  # fmt: skip
+        picked += [c for c in added if all(c.artifact.id != q.artifact.id for q in picked)]
     return selection, picked
 
 

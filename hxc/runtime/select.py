@@ -324,6 +324,18 @@ def _metric(c: Candidate, policy: str) -> tuple[int, float]:
     return (0, c.profile.latency.p50_ms)
 
 
+def profiles_for(manifest: Manifest, art: Artifact, dev: Device,
+                 host_id: str) -> tuple[list[Profile], Literal["this host", "same device", None]]:  # fmt: skip
+    """The profiles of `art` on `dev` that speak for this host, in recording order, and
+    where they were measured: those recorded on this very host, else those from any host
+    with the same device, else none."""
+    mine = [p for p in manifest.profiles if p.artifact_sha256 == art.sha256 and p.device == dev.label]
+    here = [p for p in mine if p.host_id == host_id]
+    if here:
+        return here, "this host"
+    return (mine, "same device") if mine else ([], None)
+
+
 def _profiles_for(
     manifest: Manifest, art: Artifact, dev: Device, host_id: str
 ) -> tuple[Profile | None, Profile | None, Literal["this host", "same device", None]]:
@@ -331,18 +343,16 @@ def _profiles_for(
     single-stream one (else the newest of any scenario); throughput: of the newest
     offline profile per batch (else the newest single-stream one), the one with the
     most items per second."""
-    mine = [p for p in manifest.profiles if p.artifact_sha256 == art.sha256 and p.device == dev.label]
-    for where, pool in (("this host", [p for p in mine if p.host_id == host_id]), ("same device", mine)):
-        if not pool:
-            continue
-        # The list is in recording order: the newest measurement wins.
-        single = [p for p in pool if p.scenario == "single-stream"]
-        latency = (single or pool)[-1]
-        newest = {(p.scenario, p.batch): p for p in pool}
-        offline = [p for p in newest.values() if p.scenario == "offline"]
-        throughput = max(offline or newest.values(), key=lambda p: p.items_per_second)
-        return latency, throughput, where  # type: ignore[return-value]
-    return None, None, None
+    pool, where = profiles_for(manifest, art, dev, host_id)
+    if not pool:
+        return None, None, None
+    # The list is in recording order: the newest measurement wins.
+    single = [p for p in pool if p.scenario == "single-stream"]
+    latency = (single or pool)[-1]
+    newest = {(p.scenario, p.batch): p for p in pool}
+    offline = [p for p in newest.values() if p.scenario == "offline"]
+    throughput = max(offline or newest.values(), key=lambda p: p.items_per_second)
+    return latency, throughput, where
 
 
 def matches_device(forced: str, device: Device, art: Artifact) -> bool:

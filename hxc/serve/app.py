@@ -52,7 +52,7 @@ THREAD_PARSE_BYTES = 256 * 1024
 
 def create_app(models: Sequence[ServedModel], options: ServeOptions) -> Starlette:
     by_name = {m.name: m for m in models}
-    metrics = Metrics(lambda: models, slo_ttft_s=options.slo_ttft_ms / 1000, slo_tpot_s=options.slo_tpot_ms / 1000)
+    metrics = Metrics(lambda: models)
 
     def lookup(request: Request) -> ServedModel:
         name = request.path_params["name"]

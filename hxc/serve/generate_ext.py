@@ -8,8 +8,10 @@ events, one per piece of text).
 
 Sampling and limits go in `parameters` (KServe's place) or beside `text_input` (where
 Triton's LLM models take them): max_tokens, temperature, top_p, top_k, seed, stop
-(a string or a list), ignore_eos, stop_token_ids. Defaults are `hxc generate`'s: greedy,
-64 new tokens. Errors are KServe's `{"error": "..."}` with their status.
+(a string or a list), ignore_eos, stop_token_ids; and routing: ttft_ms, tpot_ms, slo_ms,
+policy, precision (as the OpenAI endpoints take them). Defaults are `hxc generate`'s:
+greedy, 64 new tokens. Answers say the device and `slo_missed`. Errors are KServe's
+`{"error": "..."}` with their status.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import json
 import math
 from typing import Any
 
-from hxc.serve.lm import TextRequest, TextResult
+from hxc.serve.lm import ROUTING_FIELDS, TextRequest, TextResult, routing_fields
 from hxc.serve.protocol import ProtocolError
 
 DEFAULT_MAX_TOKENS = 64  # as `hxc generate`
-_PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "stop_token_ids")
+_PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "stop_token_ids", *ROUTING_FIELDS)
 
 
 def parse_generate(body: bytes) -> tuple[TextRequest, str | None]:
@@ -75,13 +77,15 @@ def parse_generate(body: bytes) -> tuple[TextRequest, str | None]:
         temperature=number("temperature", 0.0, lambda v: v >= 0), top_p=number("top_p", 1.0, lambda v: 0 < v <= 1),
         top_k=integer("top_k", 0, 0) or 0, seed=integer("seed", None, 0), stop=stops, ignore_eos=ignore_eos,
         stop_token_ids=tuple(stop_ids) if stop_ids is not None else None,
+        **routing_fields(given, lambda message, name: ProtocolError(f"parameter {message}")),
     )  # fmt: skip
     return request, request_id
 
 
 def response(model: str, version: str, result: TextResult, request_id: str | None) -> dict[str, Any]:
     doc = {"model_name": model, "model_version": version, "text_output": result.text, "finish_reason": result.finish_reason,
-           "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}  # fmt: skip
+           "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "device": result.device,
+           "slo_missed": result.slo_missed}  # fmt: skip
     return {**doc, "id": request_id} if request_id is not None else doc
 
 
@@ -90,7 +94,7 @@ def chunk(model: str, version: str, text: str, request_id: str | None, result: T
     doc: dict[str, Any] = {"model_name": model, "model_version": version, "text_output": text}
     if result is not None:
         doc.update(finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
-                   completion_tokens=result.completion_tokens)  # fmt: skip
+                   completion_tokens=result.completion_tokens, device=result.device, slo_missed=result.slo_missed)  # fmt: skip
     return {**doc, "id": request_id} if request_id is not None else doc
 
 

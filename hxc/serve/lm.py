@@ -18,8 +18,10 @@ once; so does a client that goes away (`close()`).
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,12 @@ class TextRequest:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's end-of-sequence tokens
     ignore_eos: bool = False
+    # Routing (None: the server's defaults): targets, the policy, the precisions allowed.
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    slo_ms: float | None = None
+    policy: str | None = None
+    precision: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class TextResult:
     prompt_tokens: int
     finish_reason: str  # stop | length
     device: str | None
+    slo_missed: bool = False  # a target missed: predicted when it was routed, or measured
 
     @property
     def completion_tokens(self) -> int:
@@ -62,7 +71,7 @@ class Generation:
     with `start` (in the event loop)."""
 
     def __init__(self, model: ServedModel, ids: list[int], request: TextRequest, metrics: Any) -> None:
-        from hxc.pool.lm_router import GenerateParams
+        from hxc.pool.lm_router import GenerateParams, Targets
         from hxc.runtime.generate import Sampling, TextStream
 
         self.model = model
@@ -85,8 +94,9 @@ class Generation:
         self.e2e_s: float | None = None  # time to the last
         self._last_token = self.started
         router = model.router
+        targets = Targets(request.ttft_ms, request.tpot_ms, request.slo_ms, request.policy, request.precision)
         try:
-            self.seq = router.submit(ids, params, self._on_tokens, self._on_done)  # type: ignore[attr-defined]
+            self.seq = router.submit(ids, params, self._on_tokens, self._on_done, targets)  # type: ignore[attr-defined]
         except HxcError as e:
             raise router_error(e, model.name) from None
 
@@ -134,8 +144,9 @@ class Generation:
             stop_ids = set(seq.params.stop_token_ids if seq.params.stop_token_ids is not None else self.model.language_model.eos_token_ids)
             ids = text.token_ids
             finish = "stop" if text.stopped or (ids and ids[-1] in stop_ids) else "length"
-            self.result = TextResult(text.text, tuple(ids), len(self.prompt_ids), finish, seq.device)
             self.e2e_s = time.perf_counter() - self.started
+            self.result = TextResult(text.text, tuple(ids), len(self.prompt_ids), finish, seq.device,
+                                     seq.predicted_miss or bool(self.missed()))  # fmt: skip
             self._observe("e2e", self.e2e_s)
         finally:
             self.close()
@@ -150,10 +161,25 @@ class Generation:
     @property
     def tpot_s(self) -> float | None:
         """Time per output token after the first (None for one token)."""
-        r = self.result
-        if r is None or self.e2e_s is None or self.first_token_s is None or r.completion_tokens < 2:
+        n = len(self._text.token_ids)
+        if self.e2e_s is None or self.first_token_s is None or n < 2:
             return None
-        return (self.e2e_s - self.first_token_s) / (r.completion_tokens - 1)
+        return (self.e2e_s - self.first_token_s) / (n - 1)
+
+    @property
+    def device(self) -> str | None:
+        """The device it runs on, or was routed to (None before either)."""
+        seq = self.seq
+        return seq.device or (seq.queued_on.name if seq.queued_on is not None else None)
+
+    def missed(self) -> list[str]:
+        """The targets its measured times missed, of ttft, tpot and e2e (after it ended)."""
+        t, out = self.seq.targets, []
+        for name, target, value in (("ttft", t.ttft_ms, self.first_token_s), ("tpot", t.tpot_ms, self.tpot_s),
+                                    ("e2e", t.slo_ms, self.e2e_s)):  # fmt: skip
+            if target is not None and value is not None and value * 1000 > target:
+                out.append(name)
+        return out
 
     def _observe(self, what: str, seconds: float) -> None:
         if self.metrics is not None:
@@ -177,6 +203,37 @@ def start(model: ServedModel, request: TextRequest, metrics: Any = None) -> Gene
         return Generation(model, ids, request, metrics)
     except UsageError as e:
         raise ProtocolError(str(e)) from None
+
+
+ROUTING_FIELDS = ("ttft_ms", "tpot_ms", "slo_ms", "policy", "precision")
+
+
+def routing_fields(doc: Mapping[str, Any], error: Callable[[str, str], Exception]) -> dict[str, Any]:
+    """A request's routing fields (`ROUTING_FIELDS`, each optional) as `TextRequest`'s
+    keyword arguments, checked; `error(message, field)` makes the API's own error."""
+    from hxc.pool.policies import policy_names
+
+    out: dict[str, Any] = {}
+    for name in ("ttft_ms", "tpot_ms", "slo_ms"):
+        value = doc.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise error(f"{name!r} must be a number of milliseconds above 0, not {json.dumps(value)[:40]}", name)
+        out[name] = float(value)
+    policy = doc.get("policy")
+    if policy is not None:
+        if policy not in policy_names():
+            raise error(f"'policy' must be one of {', '.join(policy_names())}, not {json.dumps(policy)[:40]}", "policy")
+        out["policy"] = policy
+    precision = doc.get("precision")
+    if precision is not None:
+        allowed = [precision] if isinstance(precision, str) else precision
+        if not isinstance(allowed, list) or not allowed or not all(isinstance(p, str) and 0 < len(p) <= 16 for p in allowed):
+            raise error("'precision' must be a precision (\"int8\") or a non-empty list of them ([\"fp32\", \"int8\"])",
+                        "precision")  # fmt: skip
+        out["precision"] = tuple(dict.fromkeys(allowed))
+    return out
 
 
 def router_error(e: BaseException, model: str) -> ProtocolError:

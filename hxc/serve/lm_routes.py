@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import asdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from hxc.errors import HxcError
 from hxc.serve import generate_ext, openai
 from hxc.serve.lm import Generation, start
 from hxc.serve.models import ServedModel, ServeOptions
@@ -80,7 +82,7 @@ def lm_routes(by_name: Mapping[str, ServedModel], options: ServeOptions, metrics
             return error(e)
         assert gen.result is not None and text == gen.result.text
         count(model, endpoint, "ok", gen)
-        return JSONResponse(body(gen.result))
+        return JSONResponse(body(gen.result), headers=_routing_headers(gen))
 
     # --- OpenAI ------------------------------------------------------------------------
 
@@ -136,7 +138,7 @@ def lm_routes(by_name: Mapping[str, ServedModel], options: ServeOptions, metrics
                 gen.close()
                 count(model, endpoint, status, gen)
 
-        return _EventStream(events(), streams)
+        return _EventStream(events(), streams, _routing_headers(gen))
 
     # --- KServe generate extension -------------------------------------------------------
 
@@ -181,10 +183,24 @@ def lm_routes(by_name: Mapping[str, ServedModel], options: ServeOptions, metrics
                 gen.close()
                 count(model, endpoint, status, gen)
 
-        return _EventStream(events(), streams)
+        return _EventStream(events(), streams, _routing_headers(gen))
+
+    # --- the routing debug view ------------------------------------------------------------
+
+    async def routing(request: Request) -> Response:
+        """How a hypothetical request would be routed now: every device's estimate and the
+        arithmetic behind it (query: prompt_tokens, max_tokens, and the routing fields)."""
+        try:
+            model = model_for(request.path_params["name"], kserve=True)
+            if model.router is None or not model.ready():
+                raise ProtocolError(f"model {model.name!r} has no device ready", 503, retry_after_s=1.0)
+            return JSONResponse(routing_view(model, request.query_params))
+        except ProtocolError as e:
+            return _kserve_error(e)
 
     v = "/versions/{version}"
     return [
+        Route("/v2/models/{name}/routing", routing),
         Route("/v1/models", list_models), Route("/v1/models/{model:path}", get_model),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -193,6 +209,66 @@ def lm_routes(by_name: Mapping[str, ServedModel], options: ServeOptions, metrics
         Route("/v2/models/{name}/generate_stream", generate_stream, methods=["POST"]),
         Route("/v2/models/{name}" + v + "/generate_stream", generate_stream, methods=["POST"]),
     ]  # fmt: skip
+
+
+def routing_view(model: ServedModel, query: Mapping[str, str]) -> dict[str, Any]:
+    """The `/routing` document: the request as understood, and each device, best first."""
+    from hxc.pool.lm_router import Targets
+    from hxc.serve.lm import routing_fields
+
+    def count(name: str, default: int) -> int:
+        raw = query.get(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or not 1 <= int(raw) <= 10**7:
+            raise ProtocolError(f"query {name!r} must be a positive integer, not {raw[:40]!r}")
+        return int(raw)
+
+    lm = model.language_model
+    prompt = count("prompt_tokens", 128)
+    if prompt >= lm.max_context:
+        raise ProtocolError(f"prompt_tokens {prompt}: the context holds {lm.max_context} tokens")
+    wanted = count("max_tokens", 128)
+    fields: dict[str, Any] = {}
+    for name in ("ttft_ms", "tpot_ms", "slo_ms"):
+        if name in query:
+            try:
+                fields[name] = float(query[name])
+            except ValueError:
+                raise ProtocolError(f"query {name!r} must be a number of milliseconds, not {query[name][:40]!r}") from None
+    for name in ("policy", "precision"):
+        if name in query:
+            fields[name] = query[name].split(",") if name == "precision" else query[name]
+    f = routing_fields(fields, lambda message, name: ProtocolError(f"query {message}"))
+    targets = Targets(f.get("ttft_ms"), f.get("tpot_ms"), f.get("slo_ms"), f.get("policy"), f.get("precision"))
+    router = model.router
+    try:
+        resolved = router.check(targets)  # type: ignore[attr-defined]
+        choices = router.explain(prompt, wanted, targets)  # type: ignore[attr-defined]
+    except HxcError as e:
+        raise ProtocolError(f"model {model.name!r}: {e}") from None
+    return {"model": model.name, "currency": router.currency,  # type: ignore[attr-defined]
+            "request": {"prompt_tokens": prompt, "max_tokens": min(wanted, lm.max_context - prompt),
+                        **{k: v for k, v in asdict(resolved).items()}},
+            "devices": [_choice_doc(c) for c in choices]}  # fmt: skip
+
+
+def _choice_doc(c: Any) -> dict[str, Any]:
+    e, b = c.estimate, c.breakdown
+
+    def ms(x: float | None) -> float | None:
+        return None if x is None or not math.isfinite(x) else round(x, 3)
+
+    doc = {"name": c.name, "device": c.device, "precision": c.precision, "rank": c.rank, "chosen": c.rank == 0,
+           "eligible": c.eligible is None, "why_not": c.eligible, "meets_targets": c.meets,
+           "ttft_ms": ms(e.ttft_ms), "tpot_ms": ms(e.tpot_ms), "finish_ms": ms(e.finish_ms),
+           "kv_headroom_bytes": e.kv_headroom_bytes, "price_per_1k_tokens": e.price_per_unit,
+           "measured": b is not None}  # fmt: skip
+    if b is not None:
+        doc["arithmetic"] = {"slot_wait_ms": ms(b.slot_wait_ms), "prefill_ms": ms(b.prefill_ms),
+                             "interleave_ms": ms(b.interleave_ms), "step_ms": ms(b.step_ms), "batch": b.batch,
+                             "device_s": round(b.device_s, 6), "price_per_hour": b.price_per_hour}  # fmt: skip
+    return doc
 
 
 async def _collect(gen: Generation) -> str:
@@ -228,12 +304,12 @@ class _EventStream(Response):
     generation) as soon as the client disconnects, not at the next event it sends.
     Counted in `streams["open"]` while it runs."""
 
-    def __init__(self, events: AsyncIterator[bytes], streams: dict[str, int]) -> None:
+    def __init__(self, events: AsyncIterator[bytes], streams: dict[str, int], headers: Mapping[str, str]) -> None:
         # No Content-Length (Response's own init would declare 0): the body is streamed.
         self.status_code = 200
         self.background = None
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
-                            *((k.encode(), v.encode()) for k, v in SSE_HEADERS.items())]  # fmt: skip
+                            *((k.encode(), v.encode()) for k, v in {**SSE_HEADERS, **headers}.items())]  # fmt: skip
         self.events = events
         self.streams = streams
         streams["open"] += 1
@@ -256,6 +332,16 @@ class _EventStream(Response):
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await sending
             await self.events.aclose()  # type: ignore[attr-defined]
+
+
+def _routing_headers(gen: Generation) -> dict[str, str]:
+    """Where a request ran and whether it missed a target: at the end for a whole answer;
+    for a stream, where it was routed and whether that was predicted to miss (its last
+    event or usage says what happened)."""
+    result = gen.result
+    device = (result.device if result is not None else gen.device) or ""
+    missed = result.slo_missed if result is not None else gen.seq.predicted_miss
+    return {"x-hxc-device": device, "x-hxc-slo-missed": "true" if missed else "false"}
 
 
 def _openai_error(e: ProtocolError) -> Response:

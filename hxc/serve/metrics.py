@@ -23,7 +23,7 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.
 
 
 class Metrics:
-    def __init__(self, models: Callable[[], Iterable], *, slo_ttft_s: float = 1.0, slo_tpot_s: float = 0.2) -> None:
+    def __init__(self, models: Callable[[], Iterable]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("hxc_inference_requests", "Inference requests by model, device and outcome (ok, or the HTTP status)",
@@ -36,7 +36,7 @@ class Metrics:
                                  ["model", "device"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.batch = Histogram("hxc_inference_batch_size", "Rows per device call (dynamic batching merges requests)",
                                ["model", "device"], buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
-        self.slo_misses = Counter("hxc_inference_slo_misses", "Requests that missed their slo_ms (predicted at routing, or observed)",
+        self.slo_misses = Counter("hxc_inference_slo_misses", "Requests that missed their slo_ms or, for a language model, a TTFT/TPOT target (predicted at routing, or observed)",
                                   ["model", "device"], registry=r)  # fmt: skip
         self.shed = Counter("hxc_inference_shed", "Requests refused because the model's queue was full (503 with Retry-After)",
                             ["model"], registry=r)  # fmt: skip
@@ -57,12 +57,10 @@ class Metrics:
         self.generation_tokens = Counter("hxc_generation_tokens", "Tokens generated for finished requests", ["model"], registry=r)
         self.lm_requests = Counter("hxc_lm_requests", "Language-model requests by endpoint and outcome (ok, client_gone, or the "
                                    "HTTP status)", ["model", "device", "endpoint", "status"], registry=r)  # fmt: skip
-        self.deadline_misses = Counter("hxc_lm_deadline_misses", "Finished requests that missed a deadline: ttft (--slo-ttft-ms) "
-                                       "or tpot (--slo-tpot-ms)", ["model", "deadline"], registry=r)  # fmt: skip
-        self.goodput = Counter("hxc_goodput_requests", "Finished requests that met both deadlines (goodput is its rate)",
+        self.deadline_misses = Counter("hxc_lm_deadline_misses", "Finished requests that missed a target of theirs: ttft, tpot "
+                                       "or e2e (the request's own, else --ttft-ms, --tpot-ms)", ["model", "deadline"], registry=r)  # fmt: skip
+        self.goodput = Counter("hxc_goodput_requests", "Finished requests that met all their targets (goodput is its rate)",
                                ["model"], registry=r)  # fmt: skip
-        self.slo_ttft_s = slo_ttft_s
-        self.slo_tpot_s = slo_tpot_s
         r.register(_StateCollector(models))
 
     def batch_done(self, model: str, device: str, rows: int, requests: int) -> None:
@@ -84,13 +82,12 @@ class Metrics:
         tpot = generation.tpot_s
         if tpot is not None:
             self.tpot.labels(model, device).observe(tpot)
-        ttft_missed = generation.first_token_s is not None and generation.first_token_s > self.slo_ttft_s
-        tpot_missed = tpot is not None and tpot > self.slo_tpot_s
-        if ttft_missed:
-            self.deadline_misses.labels(model, "ttft").inc()
-        if tpot_missed:
-            self.deadline_misses.labels(model, "tpot").inc()
-        if not ttft_missed and not tpot_missed:
+        missed = generation.missed()
+        if missed or generation.seq.predicted_miss:
+            self.slo_misses.labels(model, device).inc()
+        for target in missed:
+            self.deadline_misses.labels(model, target).inc()
+        if not missed:
             self.goodput.labels(model).inc()
 
 
@@ -118,6 +115,10 @@ class _StateCollector(Collector):
                                labels=["model", "device"])  # fmt: skip
         kv_bytes = GaugeMetricFamily("hxc_kv_cache_used_bytes", "KV-cache bytes a device's running sequences hold",
                                      labels=["model", "device"])  # fmt: skip
+        busy = CounterMetricFamily("hxc_lm_device_busy_seconds", "Time a device had at least one sequence running (what "
+                                   "its cost is counted by)", labels=["model", "device"])  # fmt: skip
+        cost = GaugeMetricFamily("hxc_lm_cost_per_1k_tokens", "What a device's output tokens cost so far, per 1,000: its busy "
+                                 "time x its price per hour (the prices table) / the tokens it produced", labels=["model", "device"])  # fmt: skip
         preemptions = CounterMetricFamily("hxc_preemptions", "Sequences stopped to free KV cache and resumed later by "
                                           "recomputing their prefill", labels=["model", "device"])  # fmt: skip
         now = time.monotonic()
@@ -127,12 +128,16 @@ class _StateCollector(Collector):
             if router is None:
                 continue
             if getattr(m, "language_model", None) is not None:
-                waiting.add_metric([m.name], len(router.waiting))
+                waiting.add_metric([m.name], router.waiting_count)
                 for s in router.states():
                     running.add_metric([m.name, s.name], s.running)
                     kv.add_metric([m.name, s.name], s.kv_tokens / max(1, s.kv_budget_tokens))
                     kv_bytes.add_metric([m.name, s.name], s.kv_tokens * s.kv_bytes_per_token)
                     preemptions.add_metric([m.name, s.name], s.preemptions)
+                    util.add_metric([m.name, s.name], s.busy_s / max(1e-9, now - s.since))
+                    busy.add_metric([m.name, s.name], s.busy_s)
+                    if s.cost_per_1k_tokens is not None:
+                        cost.add_metric([m.name, s.name], s.cost_per_1k_tokens)
                     healthy.add_metric([m.name, s.name, s.health], 1.0 if s.health == "ready" else 0.0)
                     failures.add_metric([m.name, s.name], s.failures)
                     restarts.add_metric([m.name, s.name], s.restarts)
@@ -147,4 +152,4 @@ class _StateCollector(Collector):
                 restarts.add_metric([m.name, s.name], s.restarts)
                 rerouted.add_metric([m.name, s.name], s.rerouted)
         yield from (depth, limit, outstanding, healthy, util, failures, restarts, rerouted, ready, running, waiting, kv, kv_bytes,
-                    preemptions)  # fmt: skip
+                    preemptions, busy, cost)  # fmt: skip

@@ -67,8 +67,9 @@ class ServeOptions:
     # streamed responses open at once, all models together (None: no cap).
     kv_cache_bytes: int | None = None
     max_streams: int | None = None
-    slo_ttft_ms: float = 1000.0  # the deadlines /metrics' goodput counts by
+    slo_ttft_ms: float = 1000.0  # a request's targets unless it has its own: routed and counted (goodput) by them
     slo_tpot_ms: float = 200.0
+    precisions: tuple[str, ...] = ()  # reduced-precision variants loaded beside each device's full-precision artifact
 
 
 @dataclass
@@ -150,8 +151,9 @@ def load_model(model: ServedModel, options: ServeOptions, on_batch=None) -> None
 
     workers = None
     try:
+        lm = model.language_model is not None
         workers = Workers(model.bundle, options.devices, pin=options.pin, start_timeout_s=options.start_timeout_s,
-                          trust=options.trust)  # fmt: skip
+                          trust=options.trust, variants=options.precisions if lm else ())  # fmt: skip
         if model.language_model is not None:
             _load_language_model(model, workers, options)
             return
@@ -172,11 +174,13 @@ def load_model(model: ServedModel, options: ServeOptions, on_batch=None) -> None
 
 
 def _load_language_model(model: ServedModel, workers, options: ServeOptions) -> None:
-    from hxc.pool.lm_router import LMRouter
+    from hxc.pool.lm_router import LMRouter, Targets
     from hxc.runtime.generate import Tokenizer
 
     model.tokenizer = Tokenizer.of_bundle(model.bundle, workers.manifest)
-    model.router = LMRouter(workers, kv_cache_bytes=options.kv_cache_bytes, max_queue=options.max_queue)
+    targets = Targets(options.slo_ttft_ms, options.slo_tpot_ms, options.slo_ms, options.policy)
+    model.router = LMRouter(workers, kv_cache_bytes=options.kv_cache_bytes, max_queue=options.max_queue, targets=targets,
+                            prices=options.prices)  # fmt: skip
     states = ", ".join(f"{s.name} ({s.health})" for s in model.router.states())
     log.info("model %s (a language model): loaded on %s", model.name, states)
 

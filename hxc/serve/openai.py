@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hxc.serve.lm import TextRequest, TextResult
+from hxc.serve.lm import TextRequest, TextResult, routing_fields
 from hxc.serve.protocol import ProtocolError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the API's default for /v1/completions
@@ -204,8 +204,9 @@ def _text_request(doc: Mapping[str, Any], **given: Any) -> TextRequest:
         raise OpenAIError("'ignore_eos' must be true or false", param="ignore_eos")
     if ignore_eos and stop_ids:
         raise OpenAIError("'ignore_eos' and 'stop_token_ids' do not go together", param="ignore_eos")
+    routing = routing_fields(doc, lambda message, name: OpenAIError(message, param=name))
     return TextRequest(temperature=float(temperature), top_p=float(top_p), top_k=top_k, seed=seed, stop=stops,
-                       stop_token_ids=tuple(stop_ids) if stop_ids else None, ignore_eos=ignore_eos, **given)  # fmt: skip
+                       stop_token_ids=tuple(stop_ids) if stop_ids else None, ignore_eos=ignore_eos, **routing, **given)  # fmt: skip
 
 
 def _stream(doc: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -272,9 +273,11 @@ class Response:
         return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [], "usage": usage(result)}
 
 
-def usage(result: TextResult) -> dict[str, int]:
+def usage(result: TextResult) -> dict[str, Any]:
+    # `slo_missed` beside OpenAI's counts: whether the request missed a target of its own
+    # (ttft_ms, tpot_ms, slo_ms), as predicted when it was routed or as measured.
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}  # fmt: skip
+            "total_tokens": result.prompt_tokens + result.completion_tokens, "slo_missed": result.slo_missed}  # fmt: skip
 
 
 def models_list(names: list[str], created: int) -> dict[str, Any]:

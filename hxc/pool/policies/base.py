@@ -70,9 +70,10 @@ def rank(request: Request, candidates: Sequence[Candidate], among_meeting: Calla
                   key=lambda c: c.load)  # fmt: skip
     meets = [c for c in known if expected_to_meet(request, c.estimate)]
     met = {id(c) for c in meets}
-    # Those that miss: the ones with KV room first, then the soonest (first token, for a language model).
+    # Those that miss: soonest first (the first token, for a language model with a TTFT target).
+    # Either way a candidate with the KV cache for the request goes before one without.
     late = sorted((c for c in known if id(c) not in met), key=lambda c: (not _fits(c.estimate), soonest(request, c.estimate)))
-    meets = sorted(meets, key=among_meeting)
+    meets = sorted(meets, key=lambda c: (not _fits(c.estimate), among_meeting(c)))
     if unmeasured and (not has_targets(request) or not meets):
         return [*unmeasured, *meets, *late, *busy]
     return [*meets, *unmeasured, *late, *busy]
@@ -95,10 +96,11 @@ def _fits(e: Estimate) -> bool:
 
 
 def expected_to_meet(request: Request, e: Estimate) -> bool:
-    """Whether a measured estimate meets every target the request has (and has the KV
-    cache for it, where that is known); a target the estimate cannot judge (no TTFT
-    estimate for a TTFT target) is not met."""
-    if e.finish_ms is None or not math.isfinite(e.finish_ms) or not _fits(e):
+    """Whether a measured estimate meets every target the request has; a target the
+    estimate cannot judge (no TTFT estimate for a TTFT target) is not met. KV room is
+    not a target: a sequence may stop long before its `max_tokens`, so a device short of
+    room for all of them ranks after those with it but still meets the deadlines."""
+    if e.finish_ms is None or not math.isfinite(e.finish_ms):
         return False
     checks = ((request.slo_ms, e.finish_ms), (request.ttft_ms, e.ttft_ms), (request.tpot_ms, e.tpot_ms))
     return all(target is None or (value is not None and value <= target) for target, value in checks)
