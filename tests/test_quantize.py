@@ -221,3 +221,38 @@ def test_the_embedding_looks_up_quantised_rows_and_a_tied_head_shares_them(famil
     assert (table.weights is head) == (family == "gpt2")  # GPT-2 ties its head to the embedding
     ids = torch.tensor([[3, 5, 7, 300]])
     torch.testing.assert_close(table(ids), table.weights.dequantized()[ids])
+
+
+def test_serve_offers_the_variants_it_loads_to_the_requests_that_allow_them(bundle):
+    """`hxc serve --precision int8` loads the CPU's int8 artifact beside its fp32 one; a
+    request runs on it only when its `precision` names it, and then gives what `generate`
+    gives on that artifact."""
+    from test_serve import Server
+
+    prompt = [5, 17, 33, 2, 9]
+    want = {p: list(hxc.runtime.load(bundle, device="cpu", precision=p).generate(prompt, 6, stop_token_ids=[]).result().token_ids)
+            for p in ("fp32", "int8")}  # fmt: skip
+    with Server(f"llm={bundle}", "--devices", "cpu", "--precision", "int8") as s:
+
+        def generate(**routing) -> tuple[str, list[int]]:
+            body = {"model": "llm", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True, **routing}
+            status, headers, raw = s.http("POST", "/v1/completions", json.dumps(body).encode())
+            assert status == 200, raw
+            return headers["x-hxc-device"], json.loads(raw)["choices"][0]["text"]
+
+        device, text = generate()
+        assert device == "cpu:host"  # full precision unless the request allows less
+        assert generate(precision="int8")[0] == "cpu:host@int8"
+        # The text of each variant is its own generate's (the tokenizer turns the ids into it).
+        from hxc.runtime.generate import Tokenizer
+
+        tok = Tokenizer.of(hxc.runtime.load(bundle, device="cpu"))
+        assert text == tok.decode(want["fp32"])
+        assert generate(precision=["int8"])[1] == tok.decode(want["int8"])
+        status, _, raw = s.http("GET", "/v2/models/llm/routing?prompt_tokens=5&max_tokens=6")
+        view = {d["name"]: d for d in json.loads(raw)["devices"]}
+        assert status == 200 and view["cpu:host@int8"]["why_not"] == "precision int8 not allowed"
+        status, _, raw = s.http("GET", "/v2/models/llm/routing?prompt_tokens=5&max_tokens=6&policy=cost&precision=fp32,int8")
+        chosen = json.loads(raw)["devices"][0]
+        assert chosen["chosen"] and chosen["eligible"]
+        assert generate(precision=["fp32", "int8"], policy="cost")[0] == chosen["name"]

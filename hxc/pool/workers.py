@@ -107,7 +107,8 @@ class Workers:
                 functions=self.manifest.functions if self.language_model is not None else None,
                 cpus=cpus[cand.artifact.id], deadlines=deadlines, backoff=backoff, slots=slots,
                 ms_per_item=1000 / rows_per_s if rows_per_s else None, env=dict(env or {}), on_change=self._changed,
-                load_options=load,
+                # A reduced-precision variant loads only when asked for by its precision.
+                load_options={**load, "precision": cand.artifact.precision} if cand.artifact.precision != "fp32" else load,
             )  # fmt: skip
             self.members.append(Member(cand, worker))
         for m in self.members:
