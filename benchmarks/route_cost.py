@@ -66,6 +66,10 @@ def main() -> None:
     sim.add_argument("--noise", type=float, default=0.1, help="each simulated step takes (1 +- noise) x its true time")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--hours", type=float, default=HOURS, help="trace length (the specification: 1)")
+    sim.add_argument("--chunk-rule", choices=("smallest", "largest"), default="smallest",
+                     help="how a prompt is read while others decode: smallest = Batch.step's rule (the specification's "
+                          "run); largest = a what-if, every device reading its largest chunk (written to "
+                          "route_cost_sim_largest_chunks.json)")
     sim.add_argument("--out", type=Path, help="write here instead of benchmarks/results/route_cost_sim.json")
     args = ap.parse_args()
     if args.part == "sim":
@@ -92,16 +96,18 @@ def measured_from_bundle(bundle: Path, artifact: str) -> dict:
             "max_context": lm.max_context}  # fmt: skip
 
 
-def fleet(measured: dict, noise: float) -> tuple[list[LMDevice], dict]:
+def fleet(measured: dict, noise: float, smallest: bool = True) -> tuple[list[LMDevice], dict]:
     """Issue 28's fleet from this host's measured speed, and how each number was reached."""
     cpu = LMSpeed(tuple(map(tuple, measured["prefill_ms"])), tuple(map(tuple, measured["step_ms"])))  # type: ignore[arg-type]
     gpu = cpu.scaled(1 / GPU_PREFILL_X, 1 / GPU_DECODE_X)
     kv = measured["kv_bytes_per_token"]
     chunks = tuple(measured["chunks"])
     gpu_slots = min(GPU_MAX_SLOTS, int(GPU_KV_BYTES // (kv * LONGEST)))
-    devices = [LMDevice(f"gpu{i}", gpu, gpu_slots, int(GPU_KV_BYTES // kv), GPU_PRICE, chunks, noise=noise)
+    devices = [LMDevice(f"gpu{i}", gpu, gpu_slots, int(GPU_KV_BYTES // kv), GPU_PRICE, chunks, noise=noise,
+                          smallest_while_decoding=smallest)
                for i in range(GPUS)]  # fmt: skip
-    devices += [LMDevice(f"cpu{i}", cpu, measured["slots"], int(CPU_KV_BYTES // kv), CPU_PRICE, chunks, noise=noise)
+    devices += [LMDevice(f"cpu{i}", cpu, measured["slots"], int(CPU_KV_BYTES // kv), CPU_PRICE, chunks, noise=noise,
+                          smallest_while_decoding=smallest)
                 for i in range(CPUS)]  # fmt: skip
     spec = {"gpu": {"count": GPUS, "price_per_hour": GPU_PRICE, "prefill_x": GPU_PREFILL_X, "decode_x": GPU_DECODE_X,
                     "kv_bytes": GPU_KV_BYTES, "kv_tokens": devices[0].kv_tokens, "slots": gpu_slots,
@@ -110,7 +116,8 @@ def fleet(measured: dict, noise: float) -> tuple[list[LMDevice], dict]:
             "cpu": {"count": CPUS, "price_per_hour": CPU_PRICE, "kv_bytes": CPU_KV_BYTES, "kv_tokens": devices[-1].kv_tokens,
                     "slots": measured["slots"], "slots_rule": "the bundle's slots",
                     "prefill_ms": measured["prefill_ms"], "step_ms": measured["step_ms"]},
-            "chunks": list(chunks), "noise": noise}  # fmt: skip
+            "chunks": list(chunks), "noise": noise,
+            "chunk_while_decoding": "smallest (Batch.step)" if smallest else "largest (what-if, not Batch.step)"}  # fmt: skip
     return devices, spec
 
 
@@ -196,7 +203,7 @@ def run_sim(args: argparse.Namespace) -> None:
     else:
         measured = measured_from_bundle(args.bundle, args.artifact)
     kv = measured["kv_bytes_per_token"]
-    devices, spec = fleet(measured, args.noise)
+    devices, spec = fleet(measured, args.noise, args.chunk_rule == "smallest")
     duration = args.hours * 3600
     print(f"fleet: {GPUS} GPU-class ({spec['gpu']['slots']} slots), {CPUS} CPU ({spec['cpu']['slots']} slots); "
           f"finding the rate for {TARGET_UTILISATION:.0%} GPU utilisation under all-on-fastest", file=sys.stderr)  # fmt: skip
@@ -227,7 +234,8 @@ def run_sim(args: argparse.Namespace) -> None:
         args.out.write_text(json.dumps(data, indent=2) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
     else:
-        print(f"wrote {save('route_cost_sim', data)}", file=sys.stderr)
+        name = "route_cost_sim" if args.chunk_rule == "smallest" else "route_cost_sim_largest_chunks"
+        print(f"wrote {save(name, data)}", file=sys.stderr)
 
 
 ASSUMPTIONS = [

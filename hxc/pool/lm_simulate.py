@@ -62,6 +62,14 @@ class LMDevice:
     chunks: tuple[int, ...] = (128,)  # prefill chunk sizes the bundle has (`LanguageModel.chunks`)
     profiled: LMSpeed | None = None
     noise: float = 0.0  # each step takes (1 +- noise) x its true time, uniformly
+    # Batch.step reads the smallest chunk while others decode (their next token waits the
+    # least); False: always the largest the prompt fills (what-if: fewer, longer steps).
+    smallest_while_decoding: bool = True
+
+    @property
+    def chunk_while_decoding(self) -> int:
+        """The chunk a prompt is read in while others decode (the estimate's `chunk`)."""
+        return min(self.chunks) if self.smallest_while_decoding else max(self.chunks)
 
     def __post_init__(self) -> None:
         if self.slots < 1 or self.kv_tokens < 1 or not self.chunks or min(self.chunks) < 1:
@@ -287,7 +295,7 @@ def simulate(devices: Sequence[LMDevice], arrivals: Sequence[Arrival], policy: s
         while d.waiting and len(d.running) < d.spec.slots and d.reserved + d.waiting[0].reserved <= d.spec.kv_tokens:
             s = d.waiting[0]
             speed = d.calibration.speed
-            e, _ = estimate(speed, d.load(queue=False), s.arrival.prompt_tokens, s.arrival.max_tokens, min(d.spec.chunks),
+            e, _ = estimate(speed, d.load(queue=False), s.arrival.prompt_tokens, s.arrival.max_tokens, d.spec.chunk_while_decoding,
                             d.spec.price_per_hour, d.kv_bytes_per_token)  # fmt: skip
             d.waiting.popleft()
             s.admitted_s, s.predicted_ttft_ms = now, e.ttft_ms
@@ -304,7 +312,7 @@ def simulate(devices: Sequence[LMDevice], arrivals: Sequence[Arrival], policy: s
         chunk, ms = 0, 0.0
         if prefilled is not None:
             left = prefilled.arrival.prompt_tokens - prefilled.filled
-            chunk = min(left, next_chunk(d.spec.chunks, left, smallest=bool(decoding)))
+            chunk = min(left, next_chunk(d.spec.chunks, left, smallest=bool(decoding) and d.spec.smallest_while_decoding))
             ms = d.prefill_to(prefilled.filled + chunk) - d.prefill_to(prefilled.filled)
             if chunk == left and prefilled.arrival.max_tokens > 1:
                 decoding.append(prefilled)  # its first token comes from the chunk; it decodes in the same step
@@ -387,7 +395,7 @@ def _router(policy: str, devs: list[_Device]) -> Callable[[Arrival], tuple[int, 
         candidates = []
         for i in among:
             d = devs[i]
-            e, _ = estimate(d.calibration.speed, d.load(), a.prompt_tokens, a.max_tokens, min(d.spec.chunks),
+            e, _ = estimate(d.calibration.speed, d.load(), a.prompt_tokens, a.max_tokens, d.spec.chunk_while_decoding,
                             d.spec.price_per_hour, d.kv_bytes_per_token)  # fmt: skip
             candidates.append(policies.Candidate(d.spec.name, e, len(d.running) + len(d.waiting), i))
         chosen = policies.choose(rank_by, request, candidates)[0]
