@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from hxc.errors import UsageError
-from hxc.pool.lm_estimate import LMSpeed
+from hxc.pool.lm_estimate import DeviceLoad, LMSpeed, estimate
 from hxc.pool.lm_simulate import INTERACTIVE_AND_BATCH, Arrival, LMDevice, RequestClass, simulate, trace
 
 # 0.1 ms per prompt token from 100 tokens up (10 ms at most below it); decode 5 ms alone, 8 ms for two.
@@ -47,6 +47,24 @@ def test_prompt_read_in_chunks_while_others_decode() -> None:
     a, b = r.served
     assert a.e2e_ms == pytest.approx(35.0)
     assert (b.ttft_ms, b.e2e_ms) == pytest.approx((44.0, 44.0))  # its two tokens come with the same step
+
+
+def test_largest_chunk_while_others_decode() -> None:
+    # The what-if rule on the same arrivals: B's 150 read as 100 then 50.
+    # step 2 (15-30): B's 0..100: prefill(100) = 10 + decode A (5)                    A: 3
+    # step 3 (30-43): B's 100..150: 5, B's first token, decode of A and B (8)          A: 4 done, B: 2 done
+    device = LMDevice("d", SPEED, slots=2, kv_tokens=10_000, price_per_hour=1.0, chunks=(50, 100),
+                      smallest_while_decoding=False)  # fmt: skip
+    a, b = simulate([device], [Arrival(0.0, "x", 100, 4), Arrival(0.001, "x", 150, 2)], "latency").served
+    assert a.e2e_ms == pytest.approx(43.0)
+    assert (b.ttft_ms, b.e2e_ms) == pytest.approx((42.0, 42.0))
+
+
+def test_estimate_is_the_noiseless_truth_on_an_idle_device() -> None:
+    # prefill(100) = 10, then the decode call its first token comes with: 5.
+    e, _ = estimate(SPEED, DeviceLoad(0, 2, 0, 0, (), 10_000), 100, 3, 100, 1.0, 1)
+    served = simulate([one_device()], [Arrival(0.0, "x", 100, 3)], "latency").served[0]
+    assert e.ttft_ms == pytest.approx(15.0) and served.ttft_ms == pytest.approx(15.0)
 
 
 def test_kv_admission_holds_a_request_back() -> None:
