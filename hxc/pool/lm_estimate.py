@@ -10,11 +10,13 @@ decode call for every sequence that has a token to extend. So for a request of `
 prompt tokens arriving at a device with `b` sequences decoding and `q` prompt tokens
 already waiting to be read:
 
-    ttft = slot wait + prefill(q + n) + ceil((q + n) / chunk) x step(b)   [b > 0]
+    ttft = slot wait + prefill(q + n) + (ceil((q + n) / chunk) - 1) x step(b) [b > 0] + step(b + 1)
     tpot = step(b + 1)
     price per 1k output tokens = price/s x (prefill(n) + m x step(b + 1) / (b + 1)) / m x 1000
 
-where prefill(n) is the time to the first token of an n-token prompt alone and step(b)
+(a step hands out its tokens when its decode call ends, so the first token waits for
+the decode call of the step that read the prompt's last chunk: step(b + 1)), where
+prefill(n) is the time to the first token of an n-token prompt alone and step(b)
 one decode call of b sequences, from the device's bench profiles (`hxc bench` on the
 bundle: prompts of 32/128/512 tokens, decode at batch 1 and at every slot), corrected
 by what the router measures live (`Calibration`); a device with no profile is
@@ -153,7 +155,7 @@ class Breakdown:
 
     slot_wait_ms: float
     prefill_ms: float  # reading the prompts ahead and this one
-    interleave_ms: float  # the decode steps of others between its prefill chunks
+    interleave_ms: float  # the decode calls in the steps that read it, the one its first token comes with included
     step_ms: float  # one decode step once it runs
     batch: int  # sequences in that step, itself included
     device_s: float  # device-seconds charged to it
@@ -180,7 +182,11 @@ def estimate(speed: LMSpeed | None, load: DeviceLoad, prompt_tokens: int, max_to
     decoding = min(load.decoding, load.slots - 1) if ahead >= 0 else load.decoding
     to_read = load.prefill_tokens + prompt_tokens
     prefill = speed.prefill_ms(to_read)
-    interleave = math.ceil(to_read / max(1, chunk)) * speed.step_ms(decoding) if decoding else 0.0
+    # Others decode in every step that reads a chunk; the last one's decode call (itself
+    # included, unless it wants one token) returns the step's tokens, its first among them.
+    steps = math.ceil(to_read / max(1, chunk)) if decoding else 1
+    last = speed.step_ms(decoding + 1) if m > 1 else speed.step_ms(decoding) if decoding else 0.0
+    interleave = (steps - 1) * speed.step_ms(decoding) + last
     ttft = wait + prefill + interleave
     batch = decoding + 1
     step = speed.step_ms(batch)
