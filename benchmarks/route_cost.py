@@ -3,6 +3,7 @@ it saves (issue 28).
 
     PYTHONPATH=. python benchmarks/route_cost.py sim --bundle B.hxc       # the simulated fleet, from B's bench profiles
     PYTHONPATH=. python benchmarks/route_cost.py sim --profiles benchmarks/results/route_cost_sim.json   # again, no bench
+    PYTHONPATH=. python benchmarks/route_cost.py host --seconds 120   # this host's CPU and lavapipe, real servers (_route_host.py)
 
 `sim`: the simulated fleet (`hxc.pool.lm_simulate`, which routes with the router's own
 estimate and policies), on issue 28's fixed specification:
@@ -71,9 +72,18 @@ def main() -> None:
                           "run); largest = a what-if, every device reading its largest chunk (written to "
                           "route_cost_sim_largest_chunks.json)")
     sim.add_argument("--out", type=Path, help="write here instead of benchmarks/results/route_cost_sim.json")
+    host = sub.add_parser("host", help="this host's real devices through real servers, against the simulator")
+    host.add_argument("--seconds", type=float, default=120.0, help="trace length (arrivals)")
+    host.add_argument("--work", type=Path, default=None, help="where the bundle and prices file go (default: a temp dir)")
+    host.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.part == "sim":
         run_sim(args)
+    else:
+        from _route_host import run_host
+
+        data = run_host(args.seconds, args.work, args.seed)
+        print(f"wrote {save('route_cost_host', {'part': 'host', **data})}", file=sys.stderr)
 
 
 def measured_from_bundle(bundle: Path, artifact: str) -> dict:

@@ -609,7 +609,7 @@ def _lm_routing(manifest: Any, sel: Any, prices_file: Path | None, prompt_tokens
         price = prices.price(c.device, host.cpu.cores)
         idle = DeviceLoad(0, lm.slots, 0, 0, (), lm.slots * lm.max_context)
         est, why = estimate(speed, idle, prompt_tokens, max_tokens, min(lm.chunks), price and price.per_hour,
-                            lm.kv_bytes_per_token)  # fmt: skip
+                            lm.kv_bytes_per_token, largest_chunk=max(lm.chunks))  # fmt: skip
         key = f"{c.artifact.id} on {c.device.label}"
         candidates.append(policies.Candidate(key, est, 0, c))
         rows.append({"artifact": c.artifact.id, "device": c.device.label, "precision": c.artifact.precision,

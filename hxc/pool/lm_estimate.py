@@ -141,12 +141,13 @@ def _moved(current: float, towards: float) -> float:
 class DeviceLoad:
     """What a device holds now, as the estimate needs it."""
 
-    decoding: int  # sequences running on it (each extended by every step)
+    decoding: int  # sequences running on it (holding a slot: decoding, or reading their prompt)
     slots: int  # sequences its cache holds at once
     waiting: int  # sequences routed to it, waiting for a slot
     prefill_tokens: int  # prompt tokens routed to it not yet read (waiting and running sequences)
     remaining: tuple[int, ...]  # output tokens each running sequence may still produce
     kv_free_tokens: int  # cached tokens its budget still has room for
+    reading: int = 0  # of the running ones, those still reading their prompt (no decode call for them yet)
 
 
 @dataclass(frozen=True)
@@ -163,32 +164,43 @@ class Breakdown:
 
 
 def estimate(speed: LMSpeed | None, load: DeviceLoad, prompt_tokens: int, max_tokens: int, chunk: int,
-             price_per_hour: float | None, kv_bytes_per_token: int) -> tuple[Estimate, Breakdown | None]:  # fmt: skip
+             price_per_hour: float | None, kv_bytes_per_token: int, *, largest_chunk: int | None = None,
+             ) -> tuple[Estimate, Breakdown | None]:  # fmt: skip
     """The `Estimate` of a request of `prompt_tokens` and up to `max_tokens` output
     tokens on a device with `load`, and how it was reached (None when unmeasured: the
-    estimate then has finish_ms None if the device is idle, infinity if it is busy)."""
+    estimate then has finish_ms None if the device is idle, infinity if it is busy).
+    `chunk`: the prefill chunk a device reads while others decode; `largest_chunk` the
+    one it reads when none does (default `chunk`)."""
     headroom = (load.kv_free_tokens - prompt_tokens - max_tokens) * kv_bytes_per_token
     if speed is None:
         busy = load.decoding + load.waiting > 0
         return Estimate(math.inf if busy else None, kv_headroom_bytes=headroom), None
     m = max(1, max_tokens)
+    big = max(chunk, largest_chunk or chunk)
+    running, decoders = load.decoding, max(0, load.decoding - load.reading)
     # The slot: free now, or the soonest a running sequence can end after those already waiting take theirs.
-    free = load.slots - load.decoding
+    free = load.slots - running
     ahead = load.waiting - free
     wait = 0.0
     if ahead >= 0:
         ends = sorted(load.remaining)
-        wait = (ends[min(ahead, len(ends) - 1)] if ends else 0) * speed.step_ms(load.decoding)
-    decoding = min(load.decoding, load.slots - 1) if ahead >= 0 else load.decoding
-    to_read = load.prefill_tokens + prompt_tokens
-    prefill = speed.prefill_ms(to_read)
-    # Others decode in every step that reads a chunk; the last one's decode call (itself
-    # included, unless it wants one token) returns the step's tokens, its first among them.
-    steps = math.ceil(to_read / max(1, chunk)) if decoding else 1
-    last = speed.step_ms(decoding + 1) if m > 1 else speed.step_ms(decoding) if decoding else 0.0
-    interleave = (steps - 1) * speed.step_ms(decoding) + last
+        wait = (ends[min(ahead, len(ends) - 1)] if ends else 0) * speed.step_ms(running)
+        running = decoders = load.slots - 1  # it starts beside a full batch less the one that ended
+    # The prompts ahead of it are read first: a chunk a step, beside a decode call of those
+    # decoding (in the smallest chunk then, else in the largest); by the time its own
+    # prompt is read, every sequence ahead of it decodes.
+    queued = load.prefill_tokens
+    ahead_steps = math.ceil(queued / (chunk if decoders else big)) if queued else 0
+    others = min(running, load.slots - 1)
+    own_steps = math.ceil(prompt_tokens / (chunk if others else big))
+    prefill = speed.prefill_ms(queued + prompt_tokens)
+    # The last step's decode call (itself included, unless it wants one token) returns the
+    # step's tokens, its first among them.
+    last = speed.step_ms(others + 1) if m > 1 else speed.step_ms(others) if others else 0.0
+    interleave = ((ahead_steps * speed.step_ms(decoders) if decoders else 0.0)
+                  + ((own_steps - 1) * speed.step_ms(others) if others else 0.0) + last)  # fmt: skip
     ttft = wait + prefill + interleave
-    batch = decoding + 1
+    batch = others + 1
     step = speed.step_ms(batch)
     # Prompts routed here after it are not known; those ahead of it are read before it decodes.
     tpot = step

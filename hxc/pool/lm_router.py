@@ -242,7 +242,8 @@ class _Device:
         reading = sum(len(s.run_prompt) for s in self.running if s.run_first is None)
         remaining = tuple(max(0, s.params.max_new_tokens - len(s.tokens)) for s in self.running)
         free = self.budget - self.used - sum(len(s.prompt) + len(s.tokens) + HEADROOM_TOKENS for s in self.queue)
-        return DeviceLoad(len(self.running), slots, len(self.queue), queued + reading, remaining, free)
+        readers = sum(1 for s in self.running if s.run_first is None)
+        return DeviceLoad(len(self.running), slots, len(self.queue), queued + reading, remaining, free, readers)
 
 
 class LMRouter:
@@ -367,7 +368,7 @@ class LMRouter:
         seen: list[tuple[_Device, Estimate, Breakdown | None, str | None]] = []
         for d in self.devices:
             est, why = estimate(d.calibration.speed, d.load(self.lm.slots), prompt_tokens, max_tokens,
-                                min(self.lm.chunks), d.price_per_hour, self.lm.kv_bytes_per_token)  # fmt: skip
+                                min(self.lm.chunks), d.price_per_hour, self.lm.kv_bytes_per_token, largest_chunk=max(self.lm.chunks))  # fmt: skip
             eligible = (None if d.ready() and d.precision in (targets.precisions or ()) else
                         f"precision {d.precision} not allowed" if d.ready() else f"{d.worker.health.value}")  # fmt: skip
             seen.append((d, est, why, eligible))
@@ -470,7 +471,7 @@ class LMRouter:
         candidates = []
         for d in eligible:
             est, _ = estimate(d.calibration.speed, d.load(self.lm.slots), prompt, left, min(self.lm.chunks),
-                              d.price_per_hour, self.lm.kv_bytes_per_token)  # fmt: skip
+                              d.price_per_hour, self.lm.kv_bytes_per_token, largest_chunk=max(self.lm.chunks))  # fmt: skip
             candidates.append(policies.Candidate(d.name, est, len(d.running) + len(d.queue), d))
         chosen = policies.choose(t.policy, request, candidates)[0]  # type: ignore[arg-type]
         if seq.estimate is None:
@@ -486,7 +487,7 @@ class LMRouter:
         left = seq.params.max_new_tokens - len(seq.tokens)
         # What its first token should take from here, on the device as it is now (for calibration).
         est, _ = estimate(device.calibration.speed, device.load(self.lm.slots), len(seq.run_prompt), max(1, left),
-                          min(self.lm.chunks), None, self.lm.kv_bytes_per_token)  # fmt: skip
+                          min(self.lm.chunks), None, self.lm.kv_bytes_per_token, largest_chunk=max(self.lm.chunks))  # fmt: skip
         seq.run_started, seq.run_first, seq.run_ttft_ms = now, None, est.ttft_ms
         if not device.running:
             device.busy_since = time.monotonic()

@@ -251,7 +251,8 @@ class _Device:
             waiting = len(self.waiting)
             unread += sum(s.arrival.prompt_tokens for s in self.waiting)
             kv_free -= sum(s.reserved for s in self.waiting)
-        return DeviceLoad(len(self.running), self.spec.slots, waiting, unread, remaining, kv_free)
+        readers = sum(1 for s in self.running if s.first_step < 0)
+        return DeviceLoad(len(self.running), self.spec.slots, waiting, unread, remaining, kv_free, readers)
 
     def prefill_to(self, tokens: int) -> float:
         """True ms to read a prompt's first `tokens` (0 for none)."""
@@ -296,7 +297,7 @@ def simulate(devices: Sequence[LMDevice], arrivals: Sequence[Arrival], policy: s
             s = d.waiting[0]
             speed = d.calibration.speed
             e, _ = estimate(speed, d.load(queue=False), s.arrival.prompt_tokens, s.arrival.max_tokens, d.spec.chunk_while_decoding,
-                            d.spec.price_per_hour, d.kv_bytes_per_token)  # fmt: skip
+                            d.spec.price_per_hour, d.kv_bytes_per_token, largest_chunk=max(d.spec.chunks))  # fmt: skip
             d.waiting.popleft()
             s.admitted_s, s.predicted_ttft_ms = now, e.ttft_ms
             d.running.append(s)
@@ -396,7 +397,7 @@ def _router(policy: str, devs: list[_Device]) -> Callable[[Arrival], tuple[int, 
         for i in among:
             d = devs[i]
             e, _ = estimate(d.calibration.speed, d.load(), a.prompt_tokens, a.max_tokens, d.spec.chunk_while_decoding,
-                            d.spec.price_per_hour, d.kv_bytes_per_token)  # fmt: skip
+                            d.spec.price_per_hour, d.kv_bytes_per_token, largest_chunk=max(d.spec.chunks))  # fmt: skip
             candidates.append(policies.Candidate(d.spec.name, e, len(d.running) + len(d.waiting), i))
         chosen = policies.choose(rank_by, request, candidates)[0]
         return chosen.handle, misses(request, chosen)
