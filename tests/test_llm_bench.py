@@ -138,3 +138,34 @@ def test_bench_on_lavapipe_too(tmp_path_factory, cli):
     bundle = _build(tmp_path_factory, "cpu:host,vulkan:spirv")
     out = json.loads(cli("bench", bundle, *QUICK, "--no-record", "--json").stdout)
     assert {(r["candidate"], r["phase"]) for r in out["results"]} >= {("vulkan:spirv", "prefill"), ("vulkan:spirv", "decode")}
+
+
+def test_select_shows_how_a_request_would_be_routed_by_the_profiles(bundle, cli):
+    """`hxc select --prompt-tokens`: the router's arithmetic on idle devices, from the
+    profiles `hxc bench` recorded (recorded here if an earlier test has not)."""
+    from hxc.pool.lm_estimate import LMSpeed
+    from hxc.runtime import probe_host
+    from hxc.runtime.prices import load_prices
+    from hxc.runtime.select import profiles_for
+
+    m = read_manifest(bundle)
+    if not any(p.generation is not None for p in m.profiles):
+        assert cli("bench", bundle, *QUICK).exit_code == 0
+        m = read_manifest(bundle)
+    result = cli("select", bundle, "--prompt-tokens", "100", "--max-tokens", "16", "--ttft-ms", "60000", "--json")
+    assert result.exit_code == 0, result.output
+    routing = json.loads(result.stdout)["routing"]
+    row = routing["devices"][0]
+    host = probe_host()
+    device = next(d for d in host.devices if d.label == row["device"])
+    speed = LMSpeed.from_profiles(profiles_for(m, m.artifact(row["artifact"]), device, host.host().id)[0])
+    # Alone: its prompt read as the profiles say, then the step that hands out its first token.
+    assert row["measured"] and row["meets_targets"] and row["rank"] == 0
+    assert row["ttft_ms"] == pytest.approx(speed.prefill_ms(100) + speed.step_ms(1))
+    assert row["tpot_ms"] == pytest.approx(speed.step_ms(1))
+    price = load_prices().price(device, host.cpu.cores).per_hour
+    device_s = (speed.prefill_ms(100) + 16 * speed.step_ms(1)) / 1000
+    assert row["price_per_1k_tokens"] == pytest.approx(price / 3600 * device_s / 16 * 1000)
+    text = cli("select", bundle, "--prompt-tokens", "100", "--ttft-ms", "0.001", "--explain").stdout
+    assert "Routing a request of 100 prompt and 60 output tokens" in text  # 128 by default, cut to the context's 160
+    assert "misses the targets" in text and "ttft_ms <= 0.001" in text

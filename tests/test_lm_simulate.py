@@ -160,3 +160,13 @@ def test_trace() -> None:
                                                                          for a in arrivals[:len(faster)]]  # fmt: skip
     assert [a.at_s for a in faster] == pytest.approx([a.at_s / 2 for a in arrivals[:len(faster)]])
     assert len(faster) >= len(arrivals) - 1
+
+
+def test_the_price_is_the_device_time_a_sequence_adds() -> None:
+    # $3600/h = $1 per device-second; 4 tokens after a 100-token prompt (10 ms to read).
+    idle, _ = estimate(SPEED, DeviceLoad(0, 2, 0, 0, (), 10_000), 100, 4, 100, 3600.0, 1)
+    # Alone it pays every step whole: 10 ms + 4 x 5 ms = 30 ms for 4 tokens.
+    assert idle.price_per_unit == pytest.approx(0.030 / 4 * 1000)
+    # Beside one sequence with 2 tokens left: 2 steps at step(2) - step(1) = 3 ms, then 2 whole ones.
+    shared, _ = estimate(SPEED, DeviceLoad(1, 2, 0, 0, (2,), 10_000), 100, 4, 100, 3600.0, 1)
+    assert shared.price_per_unit == pytest.approx((0.010 + 2 * 0.003 + 2 * 0.005) / 4 * 1000)

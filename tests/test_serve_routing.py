@@ -15,7 +15,8 @@ The tests run in order on one server: the first one needs lavapipe still unmeasu
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import subprocess
+import sys
 
 import openai
 import pytest
@@ -130,17 +131,8 @@ def test_bad_routing_fields_are_one_line_errors_in_each_api(server):
     assert status == 401  # the debug view needs the key like every model route
 
 
-def test_select_explains_the_routing_of_a_hypothetical_request(server, tmp_path):
-    bundle = Path(server.args[server.args.index("serve") + 1].split("=", 1)[1])
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-m", "hxc.cli", "select", str(bundle), "--prompt-tokens", "6", "--max-tokens", "8",
-                          "--ttft-ms", "1000", "--json"], capture_output=True, text=True, timeout=WAIT)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    doc = json.loads(out.stdout)["routing"]
-    # No profiles in this bundle: nothing to estimate by on idle devices, and it says so.
-    assert doc["prompt_tokens"] == 6 and {d["measured"] for d in doc["devices"]} == {False}
-    out = subprocess.run([sys.executable, "-m", "hxc.cli", "select", str(bundle), "--prompt-tokens", "500"],
+def test_select_refuses_a_prompt_longer_than_the_context_in_one_line(server):
+    bundle = server.args[server.args.index("serve") + 1].split("=", 1)[1]
+    out = subprocess.run([sys.executable, "-m", "hxc.cli", "select", bundle, "--prompt-tokens", "500"],
                          capture_output=True, text=True, timeout=WAIT)  # fmt: skip
     assert out.returncode != 0 and "context holds 96 tokens" in out.stderr and "Traceback" not in out.stderr

@@ -5,24 +5,27 @@ the first token, its time per output token, the KV cache left for it, and its pr
 One model of a device's work, shared by the server's router (`lm_router.LMRouter`) and
 the fleet simulator (`lm_simulate`), so what the simulator shows of routing is what
 the router does. A device runs its sequences as `hxc.runtime.batching.Batch` does:
-each step is one prefill chunk of the oldest prompt still being read (if any) and one
-decode call for every sequence that has a token to extend. So for a request of `n`
-prompt tokens arriving at a device with `b` sequences decoding and `q` prompt tokens
-already waiting to be read:
+each step is one prefill chunk of the oldest prompt still being read (the smallest
+chunk while anyone decodes, else the largest) and one decode call for every sequence
+that has a token to extend; a step hands out its tokens when its decode call ends. So
+for a request of `n` prompt tokens and `m` output tokens arriving at a device with `q`
+prompt tokens already waiting to be read, `b` sequences decoding now and `b'` running
+once the prompts ahead are read:
 
-    ttft = slot wait + prefill(q + n) + (ceil((q + n) / chunk) - 1) x step(b) [b > 0] + step(b + 1)
-    tpot = step(b + 1)
-    price per 1k output tokens = price/s x (prefill(n) + m x step(b + 1) / (b + 1)) / m x 1000
+    ttft = slot wait + prefill(q + n)
+           + ceil(q / chunk) x step(b) + (ceil(n / chunk) - 1) x step(b') + step(b' + 1)
+    tpot = step(b' + 1)
+    price per 1k output tokens = price per second x (prefill(n) + the decode time it adds) / m x 1000
 
-(a step hands out its tokens when its decode call ends, so the first token waits for
-the decode call of the step that read the prompt's last chunk: step(b + 1)), where
-prefill(n) is the time to the first token of an n-token prompt alone and step(b)
+where prefill(n) is the time to the first token of an n-token prompt alone and step(b)
 one decode call of b sequences, from the device's bench profiles (`hxc bench` on the
-bundle: prompts of 32/128/512 tokens, decode at batch 1 and at every slot), corrected
-by what the router measures live (`Calibration`); a device with no profile is
-unmeasured until its first sequences have been timed. The price charges a sequence its
-own prefill and its share of each decode step it rides in: the marginal device-seconds
-it adds, which is what batching makes cheap.
+bundle: prompts of 32/128/512 tokens, decode at batch 1 and at every slot), or the
+worker's own timing at start-up, corrected by what the router measures live
+(`Calibration`). The price charges a sequence the device-seconds it adds: its own
+prefill, and for each of its tokens step(b + 1) - step(b) while b others still decode
+beside it, a whole step(1) once none does. A device busy anyway serves one more
+sequence for little; one that would otherwise be idle charges it all: which is what
+"busy device-seconds x price" makes it cost.
 """
 
 from __future__ import annotations
@@ -163,6 +166,20 @@ class Breakdown:
     price_per_hour: float | None
 
 
+def _marginal_decode_ms(speed: LMSpeed, remaining: Sequence[int], others: int, m: int) -> float:
+    """The device time `m` decode steps of a new sequence add beside the running ones:
+    while b others still decode, each step takes step(b + 1) instead of step(b); once
+    they are done (or on an idle device) it pays whole steps, step(1), itself."""
+    ends = sorted(remaining, reverse=True)[:others]  # the ones that still run beside it, longest first
+    total, t = 0.0, 0
+    for b in range(len(ends), -1, -1):  # b others decode until the b-th longest ends
+        until = m if b == 0 else min(m, ends[b - 1])
+        if until > t:
+            total += (until - t) * (speed.step_ms(b + 1) - (speed.step_ms(b) if b else 0.0))
+            t = until
+    return total
+
+
 def estimate(speed: LMSpeed | None, load: DeviceLoad, prompt_tokens: int, max_tokens: int, chunk: int,
              price_per_hour: float | None, kv_bytes_per_token: int, *, largest_chunk: int | None = None,
              ) -> tuple[Estimate, Breakdown | None]:  # fmt: skip
@@ -204,7 +221,7 @@ def estimate(speed: LMSpeed | None, load: DeviceLoad, prompt_tokens: int, max_to
     step = speed.step_ms(batch)
     # Prompts routed here after it are not known; those ahead of it are read before it decodes.
     tpot = step
-    device_s = (speed.prefill_ms(prompt_tokens) + m * step / batch) / 1000
+    device_s = (speed.prefill_ms(prompt_tokens) + _marginal_decode_ms(speed, load.remaining, others, m)) / 1000
     price = None if price_per_hour is None else price_per_hour / 3600 * device_s / m * 1000
     finish = ttft + (m - 1) * tpot
     return (Estimate(finish, ttft_ms=ttft, tpot_ms=tpot, kv_headroom_bytes=headroom, price_per_unit=price),
