@@ -170,3 +170,14 @@ def test_the_price_is_the_device_time_a_sequence_adds() -> None:
     # Beside one sequence with 2 tokens left: 2 steps at step(2) - step(1) = 3 ms, then 2 whole ones.
     shared, _ = estimate(SPEED, DeviceLoad(1, 2, 0, 0, (2,), 10_000), 100, 4, 100, 3600.0, 1)
     assert shared.price_per_unit == pytest.approx((0.010 + 2 * 0.003 + 2 * 0.005) / 4 * 1000)
+
+
+def test_a_prefill_call_costs_a_fixed_part_and_a_part_per_token() -> None:
+    # Points made from 5 ms a call + 0.1 ms a token, read as a device reads them with chunks
+    # 16 and 128: 32 tokens = two calls of 16, 128 = one call, 512 = four calls of 128.
+    speed = LMSpeed(((32, 2 * 5 + 3.2), (128, 5 + 12.8), (512, 4 * 5 + 51.2)), ((1, 2.0),))
+    assert speed.call_costs((16, 128)) == pytest.approx((5.0, 0.1))
+    # 100 tokens beside others in 16-token calls: 7 calls (the last padded).
+    assert speed.read_ms(100, 16, (16, 128)) == pytest.approx(7 * (5 + 1.6))
+    # One chunk size cannot tell the parts apart: the points are read as they are.
+    assert speed.call_costs((32,)) is None and speed.read_ms(100, 32, (32,)) == speed.prefill_ms(100)

@@ -74,8 +74,56 @@ class LMSpeed:
     def step_ms(self, batch: int) -> float:
         return _read(self.step, max(1, batch))
 
+    def call_costs(self, chunks: Sequence[int]) -> tuple[float, float] | None:
+        """(ms every prefill call costs, ms per token of its chunk), fitted by least
+        squares to the prefill points, each prompt read alone in the calls a device makes
+        (`lm_calls.next_chunk`: the largest chunk the rest fills, else the smallest, padded
+        to it). A small chunk's call costs more per token than a large one's (each reads
+        all the weights), which the points' differences alone would miss. None when the
+        points cannot tell the two apart (one chunk size: calls and tokens move together)
+        or the fit is not physical: then a prompt costs what the points say, read in any chunks."""
+        rows = []
+        for n, ms in self.prefill:
+            sizes = _calls(n, chunks)
+            rows.append((len(sizes), sum(sizes), ms))
+        k = [r[0] for r in rows]
+        t = [r[1] for r in rows]
+        y = [r[2] for r in rows]
+        skk, stt, skt = sum(a * a for a in k), sum(b * b for b in t), sum(a * b for a, b in zip(k, t))
+        sky, sty = sum(a * c for a, c in zip(k, y)), sum(b * c for b, c in zip(t, y))
+        det = skk * stt - skt * skt
+        if len(rows) > 1 and det > 1e-6 * skk * stt:
+            fixed, per = (sky * stt - sty * skt) / det, (sty * skk - sky * skt) / det
+            if fixed >= 0 and per > 0:
+                return fixed, per
+        return None
+
+    def read_ms(self, tokens: int, chunk: int | None, chunks: Sequence[int]) -> float:
+        """Time to read `tokens` of prompt in calls of `chunk` tokens (the last one padded;
+        None: alone, the largest chunk the rest fills each time)."""
+        if tokens <= 0:
+            return 0.0
+        costs = self.call_costs(chunks)
+        if costs is None:
+            return self.prefill_ms(tokens)
+        fixed, per = costs
+        sizes = _calls(tokens, chunks) if chunk is None else [chunk] * math.ceil(tokens / chunk)
+        return sum(fixed + per * c for c in sizes)
+
     def scaled(self, prefill: float, step: float) -> LMSpeed:
         return LMSpeed(tuple((n, ms * prefill) for n, ms in self.prefill), tuple((b, ms * step) for b, ms in self.step))
+
+
+def _calls(tokens: int, chunks: Sequence[int]) -> list[int]:
+    """The chunk sizes of the calls that read a prompt of `tokens` alone."""
+    from hxc.lm_calls import next_chunk
+
+    out, left = [], tokens
+    while left > 0:  # bounded: every call reads at least one token
+        c = next_chunk(chunks, left)
+        out.append(c)
+        left -= c
+    return out
 
 
 def _read(points: Sequence[tuple[int, float]], x: int) -> float:
@@ -207,10 +255,16 @@ def estimate(speed: LMSpeed | None, load: DeviceLoad, prompt_tokens: int, max_to
     # decoding (in the smallest chunk then, else in the largest); by the time its own
     # prompt is read, every sequence ahead of it decodes.
     queued = load.prefill_tokens
+    chunks = (chunk, big)
     ahead_steps = math.ceil(queued / (chunk if decoders else big)) if queued else 0
     others = min(running, load.slots - 1)
     own_steps = math.ceil(prompt_tokens / (chunk if others else big))
-    prefill = speed.prefill_ms(queued + prompt_tokens)
+    # Reading in small chunks beside others costs each call's fixed part again (call_costs).
+    if speed.call_costs(chunks) is None:
+        own, prefill = speed.prefill_ms(prompt_tokens), speed.prefill_ms(queued + prompt_tokens)
+    else:
+        own = speed.read_ms(prompt_tokens, chunk if others else None, chunks)
+        prefill = speed.read_ms(queued, chunk if decoders else None, chunks) + own
     # The last step's decode call (itself included, unless it wants one token) returns the
     # step's tokens, its first among them.
     last = speed.step_ms(others + 1) if m > 1 else speed.step_ms(others) if others else 0.0
@@ -221,7 +275,7 @@ def estimate(speed: LMSpeed | None, load: DeviceLoad, prompt_tokens: int, max_to
     step = speed.step_ms(batch)
     # Prompts routed here after it are not known; those ahead of it are read before it decodes.
     tpot = step
-    device_s = (speed.prefill_ms(prompt_tokens) + _marginal_decode_ms(speed, load.remaining, others, m)) / 1000
+    device_s = (own + _marginal_decode_ms(speed, load.remaining, others, m)) / 1000
     price = None if price_per_hour is None else price_per_hour / 3600 * device_s / m * 1000
     finish = ttft + (m - 1) * tpot
     return (Estimate(finish, ttft_ms=ttft, tpot_ms=tpot, kv_headroom_bytes=headroom, price_per_unit=price),

@@ -109,6 +109,7 @@ class Choice:
     eligible: str | None  # None: eligible; else why not
     meets: bool
     rank: int | None  # 0: chosen
+    speed: LMSpeed | None = None  # the device's speed as estimated now (profiles or start-up timing, corrected live)
 
 
 @dataclass(eq=False)
@@ -376,8 +377,8 @@ class LMRouter:
                                  [policies.Candidate(d.name, est, len(d.running) + len(d.queue), d)
                                   for d, est, _, eligible in seen if eligible is None])  # fmt: skip
         order = {c.name: i for i, c in enumerate(ranked)}
-        out = [Choice(d.name, d.worker.device, d.precision, est, why, eligible,
-                      policies.base.expected_to_meet(request, est), order.get(d.name)) for d, est, why, eligible in seen]  # fmt: skip
+        out = [Choice(d.name, d.worker.device, d.precision, est, why, eligible, policies.base.expected_to_meet(request, est),
+                      order.get(d.name), d.calibration.speed) for d, est, why, eligible in seen]  # fmt: skip
         return sorted(out, key=lambda c: (c.rank is None, c.rank or 0))
 
     def retry_after_s(self) -> float:

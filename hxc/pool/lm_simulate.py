@@ -232,7 +232,7 @@ class _Device:
         self.busy_s = 0.0
         self.sequences = 0
         self.tokens = 0
-        self._prefix: dict[int, float] = {}
+        self._call: tuple[float, float] | None | bool = False  # not fitted yet
 
     def out(self, seq: _Seq) -> int:
         """Tokens `seq` has produced by now (2 with its first step: first token and one decode)."""
@@ -254,14 +254,18 @@ class _Device:
         readers = sum(1 for s in self.running if s.first_step < 0)
         return DeviceLoad(len(self.running), self.spec.slots, waiting, unread, remaining, kv_free, readers)
 
-    def prefill_to(self, tokens: int) -> float:
-        """True ms to read a prompt's first `tokens` (0 for none)."""
-        if tokens <= 0:
-            return 0.0
-        ms = self._prefix.get(tokens)
-        if ms is None:
-            ms = self._prefix[tokens] = self.spec.speed.prefill_ms(tokens)
-        return ms
+    def chunk_ms(self, filled: int, chunk: int, size: int) -> float:
+        """True ms of the prefill call reading tokens `filled`..`filled + chunk` in a call of
+        `size` (padded to it): a fixed part and a part per token, fitted to the true
+        speed's prefill points (`LMSpeed.call_costs`); where they cannot be told apart,
+        the points' difference prefill(filled + chunk) - prefill(filled)."""
+        if self._call is False:
+            self._call = self.spec.speed.call_costs(self.spec.chunks)
+        if self._call is not None:
+            fixed, per = self._call
+            return fixed + per * size
+        before = self.spec.speed.prefill_ms(filled) if filled > 0 else 0.0
+        return self.spec.speed.prefill_ms(filled + chunk) - before
 
 
 def simulate(devices: Sequence[LMDevice], arrivals: Sequence[Arrival], policy: str = "cost", *, seed: int = 0,
@@ -313,8 +317,9 @@ def simulate(devices: Sequence[LMDevice], arrivals: Sequence[Arrival], policy: s
         chunk, ms = 0, 0.0
         if prefilled is not None:
             left = prefilled.arrival.prompt_tokens - prefilled.filled
-            chunk = min(left, next_chunk(d.spec.chunks, left, smallest=bool(decoding) and d.spec.smallest_while_decoding))
-            ms = d.prefill_to(prefilled.filled + chunk) - d.prefill_to(prefilled.filled)
+            size = next_chunk(d.spec.chunks, left, smallest=bool(decoding) and d.spec.smallest_while_decoding)
+            chunk = min(left, size)
+            ms = d.chunk_ms(prefilled.filled, chunk, size)
             if chunk == left and prefilled.arrival.max_tokens > 1:
                 decoding.append(prefilled)  # its first token comes from the chunk; it decodes in the same step
         if decoding:

@@ -264,6 +264,9 @@ def _choice_doc(c: Any) -> dict[str, Any]:
            "ttft_ms": ms(e.ttft_ms), "tpot_ms": ms(e.tpot_ms), "finish_ms": ms(e.finish_ms),
            "kv_headroom_bytes": e.kv_headroom_bytes, "price_per_1k_tokens": e.price_per_unit,
            "measured": b is not None}  # fmt: skip
+    if c.speed is not None:  # what the estimate reads: prompt tokens -> ms to the first token, batch -> ms per step
+        doc["speed"] = {"prefill_ms": [[n, round(ms, 3)] for n, ms in c.speed.prefill],
+                        "step_ms": [[b_, round(ms, 3)] for b_, ms in c.speed.step]}  # fmt: skip
     if b is not None:
         doc["arithmetic"] = {"slot_wait_ms": ms(b.slot_wait_ms), "prefill_ms": ms(b.prefill_ms),
                              "interleave_ms": ms(b.interleave_ms), "step_ms": ms(b.step_ms), "batch": b.batch,
