@@ -270,3 +270,16 @@ def run_isolated(tmp_path: Path):
             return [from_storage(got[f"output_{i}"], s.dtype) for i, s in enumerate(signature.outputs)]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_bundle(tmp_path_factory) -> Path:
+    """The tiny random-weight Llama of `hxc.examples.llm` (context 96, 4 batch slots) for
+    the CPU and the portable Vulkan target, built once for the serving tests (read only)."""
+    from hxc.build import build_bundle
+    from hxc.compiler.imported import ImportOptions
+
+    result = build_bundle("hxc.examples.llm:tiny_llama", tmp_path_factory.mktemp("tiny-llm") / "llama.hxc",
+                          "cpu:host,vulkan:spirv", use_cache=False, options=ImportOptions(max_context=96, slots=4))  # fmt: skip
+    assert result.written, [r.error for r in result.failed]
+    return result.output

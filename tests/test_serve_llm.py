@@ -38,19 +38,10 @@ PROMPTS = ("The quick brown fox", "Hello world! How are you today?", "A compiler
 STEP_MS = 25  # the slow server's extra time per batch step: long enough to act while sequences run
 
 
-def build(path: Path, targets: str) -> Path:
-    from hxc.build import build_bundle
-    from hxc.compiler.imported import ImportOptions
-
-    result = build_bundle("hxc.examples.llm:tiny_llama", path, targets, use_cache=False,
-                          options=ImportOptions(max_context=MAX_CONTEXT, slots=SLOTS))  # fmt: skip
-    assert result.written, [r.error for r in result.failed]
-    return result.output
-
-
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return build(tmp_path_factory.mktemp("llm") / "llama.hxc", "cpu:host")
+def bundle(tiny_llm_bundle) -> Path:
+    # conftest's: context MAX_CONTEXT, SLOTS slots; for the CPU (and lavapipe, which test_serve_routing runs)
+    return tiny_llm_bundle
 
 
 @pytest.fixture(scope="module")
@@ -443,8 +434,8 @@ def test_sigterm_drains_streams_in_flight_then_exits(slow):
 
 
 @pytest.mark.heavy
-def test_lavapipe_streams_what_the_cpu_generates(tmp_path, model):
-    vulkan = build(tmp_path / "llama-vk.hxc", "vulkan:spirv")
+def test_lavapipe_streams_what_the_cpu_generates(tiny_llm_bundle, model):
+    vulkan = tiny_llm_bundle
     want = reference(model, PROMPTS[1], 16)
     with Server(f"llm={vulkan}", "--devices", "vulkan", env={"HXC_API_KEY": KEY}) as s:
         c = client(s)

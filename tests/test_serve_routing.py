@@ -22,16 +22,16 @@ import openai
 import pytest
 
 from test_serve import WAIT, Server, metric
-from test_serve_llm import KEY, build, client, post, wait_for
+from test_serve_llm import KEY, client, post, wait_for
 
 SLOW_MS = 250  # lavapipe's extra time per batch step: far beyond what its start-up timing says
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_llm_bundle):
     tmp = tmp_path_factory.mktemp("routing")
-    bundle = build(tmp / "llama.hxc", "cpu:host,vulkan:spirv")
+    bundle = tiny_llm_bundle
     prices = tmp / "prices.toml"
     prices.write_text('[devices]\n"local-task*" = 1.0\n"vulkan*" = 0.0001\n')
     env = {"HXC_API_KEY": KEY, "HXC_POOL_FAULT": f"vulkan:spirv:slowstep@{SLOW_MS}"}
