@@ -69,8 +69,14 @@ def test_greedy_equals_hugging_face_on_local_task(built):
 def test_greedy_equals_hugging_face_on_lavapipe(built):
     # lavapipe in a child process: its polling threads would stay in the test process.
     family, bundle, ids, expected = built
-    out = subprocess.run([sys.executable, "-m", "hxc.cli", "generate", str(bundle), PROMPT, "-n", str(NEW_TOKENS),
-                          "--device", "vulkan", "--ignore-eos", "--json"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-m", "hxc.cli", "generate", str(bundle), PROMPT, "-n", str(NEW_TOKENS),
+                              "--device", "vulkan", "--ignore-eos", "--json"], capture_output=True, text=True, timeout=600)  # fmt: skip
+        # Lavapipe now and then loses its device while a model's weights are uploaded
+        # (VK_ERROR_DEVICE_LOST from a fence wait: README, Known limitations); a fresh process
+        # tries once more. A wrong answer is never retried.
+        if "VK_ERROR_DEVICE_LOST" not in out.stderr:
+            break
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads(out.stdout)
     assert data["device"].startswith("vulkan") and data["prompt_token_ids"] == ids
