@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from llm_serve import HxcServer, save_model  # the sibling benchmark's server and model
+
 SIZE, SLOTS, CONTEXT, CHUNKS = "7m", 4, 640, (16, 128)
 # Per hour: stand-ins for a dear fast device and a cheap slow one. Lavapipe on one core
 # decodes this model ~85x slower than the CPU (bench: 197 against 2.3 ms a step), so it is
@@ -51,8 +53,6 @@ UTILISATION = 0.7
 
 
 def build(work: Path) -> Path:
-    from llm_serve import save_model
-
     out = work / "llm7m-route.hxc"
     if (out / "manifest.json").exists():
         return out
@@ -73,21 +73,20 @@ def bench_one_core(bundle: Path) -> dict:
     from hxc.runtime import probe_host
     from hxc.runtime.select import profiles_for
 
-    m = read_manifest(bundle)
     host = probe_host()
-    have = {a.id for a in m.ok_artifacts for d in host.devices
-            if LMSpeed.from_profiles(profiles_for(m, a, d, host.host().id)[0]) is not None}  # fmt: skip
-    if not set(PRICES) <= have:
+
+    def recorded() -> tuple[dict, object]:
+        m = read_manifest(bundle)
+        speeds = ((a.id, LMSpeed.from_profiles(profiles_for(m, a, d, host.host().id)[0]))
+                  for a in m.ok_artifacts if a.id in PRICES for d in host.devices)  # fmt: skip
+        return {a: speed for a, speed in speeds if speed is not None}, m
+
+    out, m = recorded()
+    if set(out) != set(PRICES):
         env = {**os.environ, "LP_NUM_THREADS": "1"}
         subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "hxc.cli", "bench", str(bundle), "--baseline", "none",
                         "--min-iterations", "10", "--min-time", "0.3"], check=True, env=env, stdout=subprocess.DEVNULL)  # fmt: skip
-    m = read_manifest(bundle)
-    out = {}
-    for a in m.ok_artifacts:
-        for d in host.devices:
-            speed = LMSpeed.from_profiles(profiles_for(m, a, d, host.host().id)[0])
-            if speed is not None and a.id in PRICES:
-                out[a.id] = speed
+        out, m = recorded()
     return {"speeds": {k: {"prefill": v.prefill, "step": v.step} for k, v in out.items()},
             "kv_bytes_per_token": m.language_model.kv_bytes_per_token}  # fmt: skip
 
@@ -144,26 +143,13 @@ def find_rate(speeds: dict, kinds: tuple, seconds: float, kv: int) -> float:
     return (lo * hi) ** 0.5
 
 
-class Server:
+class Server(HxcServer):
+    """`hxc serve` on `names`' devices, each pinned to its core, priced by `prices`, routing by cost."""
+
     def __init__(self, bundle: Path, names: tuple[str, ...], prices: Path) -> None:
-        from llm_serve import free_port
-
-        self.port = free_port()
         pins = [a for n in names for a in ("--pin", f"{n.split(':')[0]}={CORES[n]}")]
-        self.args = [sys.executable, "-m", "hxc.cli", "serve", f"llm={bundle}", "--devices", ",".join(n.split(":")[0] for n in names),
-                     *pins, "--prices", str(prices), "--policy", "cost", "--port", str(self.port), "--json",
-                     "--max-queue", "100000"]  # fmt: skip
-
-    def __enter__(self) -> Server:
-        self.process = subprocess.Popen(self.args, stdout=subprocess.PIPE, text=True)
-        for line in self.process.stdout:  # type: ignore[union-attr]
-            if json.loads(line)["event"] == "ready":
-                break
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.terminate()
-        self.process.wait(120)
+        super().__init__(bundle, ",".join(n.split(":")[0] for n in names), *pins, "--prices", str(prices),
+                         "--policy", "cost", max_queue=100_000)  # fmt: skip
 
     def busy_seconds(self) -> dict[str, float]:
         import urllib.request

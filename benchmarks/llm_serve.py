@@ -194,11 +194,11 @@ class _Server:
 class HxcServer(_Server):
     stop_s = 120  # it drains the streams in flight first
 
-    def __init__(self, bundle: Path) -> None:
+    def __init__(self, bundle: Path, devices: str = "cpu", *options: str, max_queue: int = 4096) -> None:
         self.port = free_port()
         self.model = "llm"
-        self.args = [sys.executable, "-m", "hxc.cli", "serve", f"llm={bundle}", "--devices", "cpu", "--port", str(self.port),
-                     "--json", "--max-queue", "4096"]  # fmt: skip
+        self.args = [sys.executable, "-m", "hxc.cli", "serve", f"llm={bundle}", "--devices", devices, *options,
+                     "--port", str(self.port), "--json", "--max-queue", str(max_queue)]  # fmt: skip
 
     def __enter__(self) -> HxcServer:
         self.process = subprocess.Popen(self.args, stdout=subprocess.PIPE, text=True)

@@ -30,6 +30,7 @@ sequence for little; one that would otherwise be idle charges it all: which is w
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -82,21 +83,7 @@ class LMSpeed:
         all the weights), which the points' differences alone would miss. None when the
         points cannot tell the two apart (one chunk size: calls and tokens move together)
         or the fit is not physical: then a prompt costs what the points say, read in any chunks."""
-        rows = []
-        for n, ms in self.prefill:
-            sizes = _calls(n, chunks)
-            rows.append((len(sizes), sum(sizes), ms))
-        k = [r[0] for r in rows]
-        t = [r[1] for r in rows]
-        y = [r[2] for r in rows]
-        skk, stt, skt = sum(a * a for a in k), sum(b * b for b in t), sum(a * b for a, b in zip(k, t))
-        sky, sty = sum(a * c for a, c in zip(k, y)), sum(b * c for b, c in zip(t, y))
-        det = skk * stt - skt * skt
-        if len(rows) > 1 and det > 1e-6 * skk * stt:
-            fixed, per = (sky * stt - sty * skt) / det, (sty * skk - sky * skt) / det
-            if fixed >= 0 and per > 0:
-                return fixed, per
-        return None
+        return _fit_calls(self.prefill, tuple(chunks))
 
     def read_ms(self, tokens: int, chunk: int | None, chunks: Sequence[int]) -> float:
         """Time to read `tokens` of prompt in calls of `chunk` tokens (the last one padded;
@@ -112,6 +99,26 @@ class LMSpeed:
 
     def scaled(self, prefill: float, step: float) -> LMSpeed:
         return LMSpeed(tuple((n, ms * prefill) for n, ms in self.prefill), tuple((b, ms * step) for b, ms in self.step))
+
+
+@functools.lru_cache(maxsize=1024)  # an estimate asks several times; the router and simulator per request and device
+def _fit_calls(prefill: tuple[tuple[int, float], ...], chunks: tuple[int, ...]) -> tuple[float, float] | None:
+    """`LMSpeed.call_costs` of these prefill points."""
+    rows = []
+    for n, ms in prefill:
+        sizes = _calls(n, chunks)
+        rows.append((len(sizes), sum(sizes), ms))
+    k = [r[0] for r in rows]
+    t = [r[1] for r in rows]
+    y = [r[2] for r in rows]
+    skk, stt, skt = sum(a * a for a in k), sum(b * b for b in t), sum(a * b for a, b in zip(k, t))
+    sky, sty = sum(a * c for a, c in zip(k, y)), sum(b * c for b, c in zip(t, y))
+    det = skk * stt - skt * skt
+    if len(rows) > 1 and det > 1e-6 * skk * stt:
+        fixed, per = (sky * stt - sty * skt) / det, (sty * skk - sky * skt) / det
+        if fixed >= 0 and per > 0:
+            return fixed, per
+    return None
 
 
 def _calls(tokens: int, chunks: Sequence[int]) -> list[int]:

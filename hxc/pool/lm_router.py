@@ -240,11 +240,11 @@ class _Device:
 
     def load(self, slots: int) -> DeviceLoad:
         queued = sum(len(s.prompt) + len(s.tokens) for s in self.queue)
-        reading = sum(len(s.run_prompt) for s in self.running if s.run_first is None)
+        readers = [s for s in self.running if s.run_first is None]  # still reading their prompt
         remaining = tuple(max(0, s.params.max_new_tokens - len(s.tokens)) for s in self.running)
         free = self.budget - self.used - sum(len(s.prompt) + len(s.tokens) + HEADROOM_TOKENS for s in self.queue)
-        readers = sum(1 for s in self.running if s.run_first is None)
-        return DeviceLoad(len(self.running), slots, len(self.queue), queued + reading, remaining, free, readers)
+        return DeviceLoad(len(self.running), slots, len(self.queue), queued + sum(len(s.run_prompt) for s in readers),
+                          remaining, free, len(readers))  # fmt: skip
 
 
 class LMRouter:
@@ -320,7 +320,7 @@ class LMRouter:
         with self.lock:
             if self.closed:
                 raise NoDeviceReady("the server is shutting down")
-            if not any(d.ready() or d.worker.restart_pending or d.worker.health == Health.STARTING for d in self.devices):
+            if not any(d.worker.may_serve for d in self.devices):
                 raise NoDeviceReady(self._why_not_ready_locked())
             if self._waiting_locked() >= self.max_queue:
                 self.shed += 1
@@ -368,8 +368,7 @@ class LMRouter:
         request = policies.Request(max_tokens, targets.slo_ms, targets.ttft_ms, targets.tpot_ms)
         seen: list[tuple[_Device, Estimate, Breakdown | None, str | None]] = []
         for d in self.devices:
-            est, why = estimate(d.calibration.speed, d.load(self.lm.slots), prompt_tokens, max_tokens,
-                                min(self.lm.chunks), d.price_per_hour, self.lm.kv_bytes_per_token, largest_chunk=max(self.lm.chunks))  # fmt: skip
+            est, why = self._estimate(d, prompt_tokens, max_tokens, d.price_per_hour)
             eligible = (None if d.ready() and d.precision in (targets.precisions or ()) else
                         f"precision {d.precision} not allowed" if d.ready() else f"{d.worker.health.value}")  # fmt: skip
             seen.append((d, est, why, eligible))
@@ -415,14 +414,24 @@ class LMRouter:
         """Stop routing: waiting sequences fail; running ones are the workers' to end."""
         with self.lock:
             self.closed = True
-            stranded = list(self.waiting) + [s for d in self.devices for s in d.queue]
-            self.waiting.clear()
-            for d in self.devices:
-                d.queue.clear()
-            for seq in stranded:
+            for seq in self._take_waiting_locked():
                 self._fail_locked(seq, NoDeviceReady("the server is shutting down"))
 
     # --- internals (lock held unless noted) ------------------------------------------------
+
+    def _take_waiting_locked(self) -> list[RoutedSequence]:
+        """Every sequence not started yet (unrouted, or queued on a device), out of the queues."""
+        taken = list(self.waiting) + [s for d in self.devices for s in d.queue]
+        self.waiting.clear()
+        for d in self.devices:
+            d.queue.clear()
+        return taken
+
+    def _estimate(self, d: _Device, prompt_tokens: int, max_tokens: int, price_per_hour: float | None = None,
+                  ) -> tuple[Estimate, Breakdown | None]:  # fmt: skip
+        """`lm_estimate.estimate` of a request on device `d` as it is now, with this model's chunks."""
+        return estimate(d.calibration.speed, d.load(self.lm.slots), prompt_tokens, max_tokens, min(self.lm.chunks),
+                        price_per_hour, self.lm.kv_bytes_per_token, largest_chunk=max(self.lm.chunks))  # fmt: skip
 
     def _dispatch_locked(self) -> None:
         """Route the sequences that have no device yet (new, resumed, or queued on a
@@ -471,8 +480,7 @@ class LMRouter:
         request = policies.Request(left, t.slo_ms, t.ttft_ms, t.tpot_ms)
         candidates = []
         for d in eligible:
-            est, _ = estimate(d.calibration.speed, d.load(self.lm.slots), prompt, left, min(self.lm.chunks),
-                              d.price_per_hour, self.lm.kv_bytes_per_token, largest_chunk=max(self.lm.chunks))  # fmt: skip
+            est, _ = self._estimate(d, prompt, left, d.price_per_hour)
             candidates.append(policies.Candidate(d.name, est, len(d.running) + len(d.queue), d))
         chosen = policies.choose(t.policy, request, candidates)[0]  # type: ignore[arg-type]
         if seq.estimate is None:
@@ -487,8 +495,7 @@ class LMRouter:
             seq.started = now
         left = seq.params.max_new_tokens - len(seq.tokens)
         # What its first token should take from here, on the device as it is now (for calibration).
-        est, _ = estimate(device.calibration.speed, device.load(self.lm.slots), len(seq.run_prompt), max(1, left),
-                          min(self.lm.chunks), None, self.lm.kv_bytes_per_token, largest_chunk=max(self.lm.chunks))  # fmt: skip
+        est, _ = self._estimate(device, len(seq.run_prompt), max(1, left))
         seq.run_started, seq.run_first, seq.run_ttft_ms = now, None, est.ttft_ms
         if not device.running:
             device.busy_since = time.monotonic()
@@ -583,18 +590,13 @@ class LMRouter:
         with self.lock:
             self._dispatch_locked()
             # A sequence whose allowed precisions only devices gone for good run cannot start.
-            alive = {d.precision for d in self.devices
-                     if d.ready() or d.worker.restart_pending or d.worker.health == Health.STARTING}  # fmt: skip
+            alive = {d.precision for d in self.devices if d.worker.may_serve}
             for seq in [s for s in self.waiting if not alive & set(s.targets.precisions or ())]:
                 self.waiting.remove(seq)
                 self._fail_locked(seq, NoDeviceReady(f"no device of precision {', '.join(seq.targets.precisions or ())} "
                                                      f"is left: {self._why_not_ready_locked()}"))  # fmt: skip
-            if not any(d.ready() or d.worker.restart_pending or d.worker.health == Health.STARTING for d in self.devices):
-                stranded = list(self.waiting) + [s for d in self.devices for s in d.queue]
-                self.waiting.clear()
-                for d in self.devices:
-                    d.queue.clear()
-                for seq in stranded:
+            if not any(d.worker.may_serve for d in self.devices):
+                for seq in self._take_waiting_locked():
                     self._fail_locked(seq, NoDeviceReady(self._why_not_ready_locked()))
 
     def _why_not_ready_locked(self) -> str:

@@ -232,7 +232,6 @@ class _Device:
         self.busy_s = 0.0
         self.sequences = 0
         self.tokens = 0
-        self._call: tuple[float, float] | None | bool = False  # not fitted yet
 
     def out(self, seq: _Seq) -> int:
         """Tokens `seq` has produced by now (2 with its first step: first token and one decode)."""
@@ -259,10 +258,9 @@ class _Device:
         `size` (padded to it): a fixed part and a part per token, fitted to the true
         speed's prefill points (`LMSpeed.call_costs`); where they cannot be told apart,
         the points' difference prefill(filled + chunk) - prefill(filled)."""
-        if self._call is False:
-            self._call = self.spec.speed.call_costs(self.spec.chunks)
-        if self._call is not None:
-            fixed, per = self._call
+        costs = self.spec.speed.call_costs(self.spec.chunks)
+        if costs is not None:
+            fixed, per = costs
             return fixed + per * size
         before = self.spec.speed.prefill_ms(filled) if filled > 0 else 0.0
         return self.spec.speed.prefill_ms(filled + chunk) - before

@@ -29,7 +29,7 @@ import numpy as np
 
 from hxc.errors import HxcError
 from hxc.pool.schedule import Balancer, Chunk, Overlap, Speed
-from hxc.pool.worker import Health, Inputs, RequestFailed, Worker, WorkerFailed
+from hxc.pool.worker import Inputs, RequestFailed, Worker, WorkerFailed
 from hxc.pool.workers import SLOTS
 from hxc.runtime.select import Candidate
 
@@ -361,7 +361,7 @@ class Job:
         if self.balancer.idle or any(self.balancer.in_flight(m.name) for m in self.pool.members):
             return
         workers = [m.worker for m in self.pool.members]
-        alive = [w for w in workers if w.health in (Health.READY, Health.STARTING) or w.restart_pending]
+        alive = [w for w in workers if w.may_serve]
         limit = 3 * len(workers)
         if not alive or self.failures > limit:
             why = "; ".join(dict.fromkeys(self.reasons)) or "; ".join(f"{w.name}: {w.reason}" for w in workers)

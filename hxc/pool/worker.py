@@ -394,6 +394,11 @@ class Worker:
         return self._restart_timer is not None
 
     @property
+    def may_serve(self) -> bool:
+        """Ready, starting, or with a restart on its way: not gone for good."""
+        return self._health in (Health.READY, Health.STARTING) or self.restart_pending
+
+    @property
     def queue_depth(self) -> int:
         return len(self._pending) + len(self._running)
 
