@@ -442,7 +442,7 @@ def solve(stages: Sequence[StageCost], devices: Sequence[DeviceInfo], times: Sta
 
 def _why(p: _Problem, objective: str, plan: Plan, single: Plan | None) -> str:
     if single is None:
-        return "no single device holds the model, so it is split"
+        return f"no single device can run it ({_no_single(p)}), so it is split"
     metric = "throughput" if objective == "throughput" else "latency"
     if not plan.split or not _better(_key(objective, plan)[:2], _key(objective, single)[:2]):
         return f"{single.devices[0]} alone is predicted best (no split has better {metric})"
@@ -451,6 +451,13 @@ def _why(p: _Problem, objective: str, plan: Plan, single: Plan | None) -> str:
     else:
         gain = f"{single.latency_ms - plan.latency_ms:.3g} ms less latency"
     return f"the split is predicted {gain} of {single.devices[0]} alone, the best single device"
+
+
+def _no_single(p: _Problem) -> str:
+    timed = [d for d in range(len(p.devices)) if all(row[d] is not None for row in p.time)]
+    if not timed:
+        return "no device has a time for every stage"
+    return f"the model needs {human_size(sum(p.need))}; " + ", ".join(f"{p.names[d]} holds {_capacity(p, d)}" for d in timed)
 
 
 def _capacity(p: _Problem, d: int) -> str:
@@ -496,7 +503,7 @@ def _explain(p: _Problem, objective: str, plan: Plan, single: Plan | None, reaso
         lines.append(f"best single device: {single.devices[0]}: {single.bottleneck_ms:.4g} ms per item -> "
                      f"{single.items_per_s:.4g} items/s, latency {single.latency_ms:.4g} ms")  # fmt: skip
     else:
-        lines.append(f"best single device: none holds all {human_size(sum(p.need))}")
+        lines.append(f"best single device: none ({_no_single(p)})")
     lines.append(f"placement: {plan.describe()}")
     for step in plan.steps:
         if step.transfer:
