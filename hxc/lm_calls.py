@@ -1,9 +1,11 @@
-"""How a language model's two functions are called: their argument lists, made in one
+"""How a language model's functions are called (`prefill`, `decode`, `mixed`): their argument lists, made in one
 place for the runtime (`hxc.runtime.generate`), `hxc verify` and the compiler's eager
 reference loop (`hxc.compiler.causal_lm.generate_greedy`). Numpy only.
 
     prefill(tokens[1, chunk], start[1], length[1], slot[1], span[R], *caches) -> logits[1, vocab], *caches
     decode(tokens[slots], positions[slots], span[R], *caches) -> logits[slots, vocab], *caches
+    mixed(tokens[slots], positions[slots], span[R], chunk_tokens[1, chunk], start[1], length[1], slot[1],
+          chunk_span[R2], *caches) -> logits[slots, vocab], logits[1, vocab], *caches
 
 `span` carries only its length R: how many rows of the caches the call reads (every
 position written so far, the call's own included). That is what makes a step's cost
@@ -16,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+MIXED = "mixed"  # a decode step and a prefill chunk in one call, in bundles of several slots (5.3)
 MIN_SPAN = 2  # the compiled functions' smallest span (torch.export specialises a dynamic length of 1)
 
 
@@ -69,3 +72,10 @@ def decode_args(steps: Mapping[int, tuple[int, int]], slots: int, max_context: i
         tokens[slot], positions[slot] = token, position
     rows = 1 + max((p for _, p in steps.values()), default=0)
     return [tokens, positions, span(rows, max_context)]
+
+
+def mixed_args(steps: Mapping[int, tuple[int, int]], slots: int, piece: Sequence[int], start: int, slot: int,
+               chunk: int, max_context: int) -> list[np.ndarray]:  # fmt: skip
+    """Arguments for `mixed`: the decode step of `steps` (`decode_args`) and the prefill
+    chunk of `piece` into `slot` (`prefill_args`; `slot` must not be in `steps`)."""
+    return [*decode_args(steps, slots, max_context), *prefill_args(piece, start, slot, chunk, max_context)]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from hxc.arrays import ArrayFileError, max_array_bytes, read_npz
 from hxc.dtypes import compute_dtype, dtype, from_storage
-from hxc.lm_calls import decode_args, prefill_calls
+from hxc.lm_calls import MIXED, decode_args, mixed_args, prefill_calls
 from hxc.golden import Comparison, compare, compare_outputs, golden_arrays  # noqa: F401  (the golden arithmetic, re-exported)
 from hxc.errors import BundleError, ExitCode, HxcError, NothingToCompareError, UsageError, first_line
 from hxc.manifests import Manifest, Signature, TensorSpec
@@ -85,23 +85,35 @@ def greedy_sample(bundle: Path, manifest: Manifest) -> Sample:
     return Sample(GREEDY, [np.asarray(prompt, np.int32)], [logits], language_model=lm)
 
 
-def greedy_logits(call: Callable[[str, list[np.ndarray]], np.ndarray], lm: LanguageModel) -> np.ndarray:
+def greedy_logits(call: Callable[[str, list[np.ndarray]], Sequence[np.ndarray]], lm: LanguageModel, *,
+                  mixed: bool = False) -> np.ndarray:  # fmt: skip
     """Each step's logits, [steps, vocab], for the reference prompt in slot 0 (the other
-    slots idle, as `generate` runs one sequence) through `call(function, inputs) -> first
-    output` over a state the caller keeps. Each decode step is fed Hugging Face's token
+    slots idle, as `generate` runs one sequence) through `call(function, inputs) ->
+    outputs` over a state the caller keeps. Each decode step is fed Hugging Face's token
     of the step before: while the artifact's greedy choices match, this is its own
     greedy generation; after a near-tie that went the other way, the later steps are
-    still compared in Hugging Face's context instead of diverging."""
+    still compared in Hugging Face's context instead of diverging. `mixed`: every call is
+    `mixed` (the prompt read by its chunk part while nothing decodes, then each step by
+    its decode part beside an empty chunk), so a bundle's third function is checked too."""
     ref = lm.greedy_reference
     assert ref is not None
     prompt = ref.prompt_token_ids
+    if mixed:
+        chunk, ctx, empty = lm.prefill_chunk, lm.max_context, 1 % lm.slots  # the empty chunk's slot: not slot 0
+        for at in range(0, len(prompt), chunk):
+            out = call(MIXED, mixed_args({}, lm.slots, prompt[at:at + chunk], at, 0, chunk, ctx))
+        steps = [out[1].reshape(-1)]
+        for i, token in enumerate(ref.token_ids[:-1]):
+            out = call(MIXED, mixed_args({0: (token, len(prompt) + i)}, lm.slots, [], 0, empty, chunk, ctx))
+            steps.append(out[0].reshape(lm.slots, -1)[0])
+        return np.stack(steps)
     logits = np.zeros(0, np.float32)
     for name, args in prefill_calls(prompt, 0, lm.chunks, lm.max_context):  # the calls generate makes
-        logits = call(name, args)
+        logits = call(name, args)[0]
     steps = [logits.reshape(-1)]
     for i, token in enumerate(ref.token_ids[:-1]):
         args = decode_args({0: (token, len(prompt) + i)}, lm.slots, lm.max_context)
-        steps.append(call("decode", args).reshape(lm.slots, -1)[0])
+        steps.append(call("decode", args)[0].reshape(lm.slots, -1)[0])
     return np.stack(steps)
 
 
@@ -352,8 +364,12 @@ def verify_bundle(
                 results.append(VerifyResult(art.id, label, False, None, None, run, s.label))
                 continue
             assert s.expected is not None
-            if s.language_model is not None:
-                results.append(greedy_result(art.id, label, run[0], s, art.precision, art.quantization))
+            if s.language_model is not None:  # through prefill and decode, then (if it has it) mixed
+                checks = [greedy_result(art.id, label, logits, s, art.precision, art.quantization) for logits in run]
+                result = next((r for r in checks if not r.ok), None) or max(checks, key=lambda r: r.max_abs or 0.0)
+                if not result.ok and len(checks) > 1 and result is checks[1]:
+                    result = replace(result, error=f"through `{MIXED}`: {result.error or 'logits beyond the tolerance'}")
+                results.append(result)
                 continue
             signature = manifest.functions[s.function].call_signature if s.function else manifest.signature
             comps = compare_outputs(run, s.expected, signature, art.precision, art.interface_casts)
@@ -397,8 +413,11 @@ def _run_samples(bundle: Path, artifact: str, samples: list[Sample], isolate: bo
 
 def _in_process(model: Any, s: Sample) -> list[np.ndarray]:
     if s.language_model is not None:
-        state = model.new_state()
-        return [greedy_logits(lambda f, inputs: model.call_flat(f, inputs, state=state)[0], s.language_model)]
+        def run(mixed: bool) -> np.ndarray:
+            state = model.new_state()
+            return greedy_logits(lambda f, inputs: model.call_flat(f, inputs, state=state), s.language_model, mixed=mixed)
+
+        return [run(False), *([run(True)] if MIXED in model.functions else [])]
     if s.function is None:
         return model.run_flat(s.inputs)
     fn = model.functions[s.function]
@@ -414,12 +433,15 @@ def _in_worker(worker: Any, s: Sample) -> list[np.ndarray]:
     the call, then the state exported to compare what it wrote. A greedy reference runs
     over a state opened zero on the worker's device and never copied."""
     if s.language_model is not None:
-        worker.open_state("verify").result()
-        try:
-            return [greedy_logits(lambda f, inputs: worker.submit(inputs, function=f, state="verify").result().outputs[0],
-                                  s.language_model)]  # fmt: skip
-        finally:
-            worker.drop_state("verify").result()
+        def run(mixed: bool) -> np.ndarray:
+            worker.open_state("verify").result()
+            try:
+                return greedy_logits(lambda f, inputs: worker.submit(inputs, function=f, state="verify").result().outputs,
+                                     s.language_model, mixed=mixed)  # fmt: skip
+            finally:
+                worker.drop_state("verify").result()
+
+        return [run(False), *([run(True)] if MIXED in worker.functions else [])]
     if s.function is None:
         return worker.run(s.inputs)
     fn = worker.functions[s.function]

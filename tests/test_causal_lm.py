@@ -124,6 +124,16 @@ def test_eager_greedy_equals_generate_two_slots_at_once(family, values_by_sum):
     assert generate_greedy(lm, PROMPTS, NEW_TOKENS) == expected
 
 
+@pytest.mark.parametrize("values_by_sum", [False, True], ids=["matmul", "by-sum"])
+def test_eager_greedy_with_prompts_read_in_mixed_steps(family, values_by_sum):
+    # The second prompt's chunks ride in `mixed` calls beside the first's decode steps
+    # (one weight read for both): each sequence's tokens are still Hugging Face's.
+    name, model, expected = family
+    lm = CausalLM(model, slots=3, max_context=64, prefill_chunk=(8, 4), values_by_sum=values_by_sum)
+    assert generate_greedy(lm, [PROMPTS[1], PROMPTS[0]], NEW_TOKENS, mixed=True) == [expected[1], expected[0]]
+    assert "mixed" not in CausalLM(model, slots=1, max_context=64).hxc_functions  # nothing decodes beside a prompt
+
+
 @pytest.mark.parametrize("name", ["mistral", "qwen2", "phi3", "gemma"])
 def test_eager_greedy_equals_generate_other_families(name):
     # The compiled forms: tests/test_llm_families.py (through hxc's pipeline).
@@ -157,7 +167,7 @@ def test_a_call_reads_only_its_span_of_the_cache(family):
             c[:, :, used:-1] = float("nan")  # short of the scratch row, which idle slots write
         with torch.no_grad():
             out = getattr(lm, fn)(*(torch.from_numpy(a) for a in args), *caches)
-        return out[0].numpy(), list(out[1:])
+        return [out[0].numpy()], list(out[1:])
 
     assert generate_greedy(lm, PROMPTS, NEW_TOKENS, call=call) == expected
     assert max(spans) < used and spans[-1] == max(len(p) for p in PROMPTS) + NEW_TOKENS - 1
@@ -175,7 +185,7 @@ def test_eager_greedy_with_two_prefill_chunks(family):
     # PROMPTS[0] (10 tokens) goes in as 8, then 2 in a chunk of 4; PROMPTS[1] (4) as one 4.
     name, model, expected = family
     lm = CausalLM(model, slots=2, max_context=64, prefill_chunk=(8, 4))
-    assert list(lm.hxc_functions) == ["prefill", "prefill_8", "decode"] and lm.prefill_chunk == 4
+    assert list(lm.hxc_functions) == ["prefill", "prefill_8", "decode", "mixed"] and lm.prefill_chunk == 4
     assert generate_greedy(lm, PROMPTS, NEW_TOKENS) == expected
     with pytest.raises(UsageError, match="prefill chunk 65 is outside 1..64"):
         CausalLM(model, slots=1, max_context=64, prefill_chunk=(8, 65))

@@ -71,7 +71,7 @@ def hf_generate(model, ids: list[int], n: int) -> list[int]:
 
 def test_the_manifest_records_the_language_model_and_its_tokenizer(bundles):
     m = read_manifest(bundles["llama"])
-    assert m.schema_version == "5.2" and m.model.source_format == "huggingface"
+    assert m.schema_version == "5.3" and m.model.source_format == "huggingface"
     lm = m.language_model
     assert (lm.family, lm.layers, lm.heads, lm.kv_heads, lm.head_dim) == ("llama", 2, 4, 2, 16)
     assert (lm.max_context, lm.slots, lm.prefill_chunk, lm.cache_dtype) == (MAX_CONTEXT, 1, 32, "f32")
@@ -403,14 +403,15 @@ def test_64_tokens_with_no_state_copies_on_lavapipe(bundles):
 
 def test_several_prefill_chunks_build_one_function_each_and_give_hugging_faces_tokens(llama_dir, references, tmp_path):
     # --prefill-chunk 8,32: `prefill` reads 8 tokens a call, `prefill_32` 32. A prompt alone
-    # goes in the largest chunks it fills; beside a decoding sequence, in the smallest.
+    # goes in the largest chunks it fills; beside a decoding sequence, in the smallest, each
+    # riding in the decode step (`mixed`, with 2 slots): Hugging Face's tokens either way.
     from hxc.compiler.imported import ImportOptions
     from hxc.runtime.batching import Batch
 
     result = build_bundle(str(llama_dir), tmp_path / "chunks.hxc", "cpu:host", use_cache=False,
                           options=ImportOptions(max_context=MAX_CONTEXT, slots=2, prefill_chunk=(32, 8)))  # fmt: skip
     m = read_manifest(result.output)
-    assert list(m.functions) == ["prefill", "prefill_32", "decode"]
+    assert list(m.functions) == ["prefill", "prefill_32", "decode", "mixed"]
     assert (m.language_model.prefill_chunk, m.language_model.chunks) == (8, (8, 32))
     hf, tokenizer = references["llama"]
     hf.generation_config.eos_token_id = None
@@ -424,6 +425,7 @@ def test_several_prefill_chunks_build_one_function_each_and_give_hugging_faces_t
     assert report.results and all(r.ok for r in report.results), report.results
 
     batch = Batch(model)
+    assert batch.mixed
     batch.add("a", ids, NEW_TOKENS, stop_token_ids=[])
     steps_to_first = {}
     got: dict[str, list[int]] = {"a": [], "b": []}

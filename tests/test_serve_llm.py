@@ -10,6 +10,7 @@ Lavapipe runs only in the server's worker processes (a heavy variant)."""
 
 from __future__ import annotations
 
+from collections import Counter
 import http.client
 import json
 import os
@@ -102,13 +103,19 @@ def wait_for(s: Server, name: str, value: float, timeout: float = WAIT, **labels
 # --- continuous batching, in this process ------------------------------------------------------
 
 
-def test_sequences_joining_at_any_step_in_any_slot_give_generates_tokens(model):
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "prefill-then-decode"])
+def test_sequences_joining_at_any_step_in_any_slot_give_generates_tokens(model, mixed, monkeypatch):
+    # mixed: a prompt read while others decode rides in their decode call (`mixed`);
+    # else each step is a prefill call, then a decode call.
+    calls: Counter[str] = Counter()
+    call_flat = model.call_flat
+    monkeypatch.setattr(model, "call_flat", lambda name, *a, **k: (calls.update([name]), call_flat(name, *a, **k))[1])
     tok = Tokenizer.of(model)
     sampling = {i: Sampling(0.0 if i % 2 == 0 else 0.9, top_p=0.95, seed=i) for i in range(len(PROMPTS))}
     wants = {i: (tok.encode(p), sampling[i]) for i, p in enumerate(PROMPTS)}
     refs = {i: list(reference(model, p, 40, temperature=sampling[i].temperature, top_p=0.95, seed=i, stop_token_ids=[]).token_ids)
             for i, p in enumerate(PROMPTS)}  # fmt: skip
-    batch = Batch(model)
+    batch = Batch(model, mixed=mixed)
     got: dict[int, list[int]] = {i: [] for i in wants}
     finished: dict[int, str] = {}
     waiting = list(wants)
@@ -125,6 +132,7 @@ def test_sequences_joining_at_any_step_in_any_slot_give_generates_tokens(model):
                 finished[e.id] = e.finish
     assert slots == set(range(SLOTS))
     assert got == refs and set(finished.values()) == {"length"}
+    assert (calls["mixed"] > 0) == mixed and calls["decode"] > 0
 
 
 def test_a_cancelled_sequence_frees_its_slot_at_once_and_bad_input_is_one_line(model):

@@ -70,7 +70,7 @@ import torch
 
 from hxc.errors import LoweringError, UsageError
 from hxc.functions import DynamicDim, Function
-from hxc.lm_calls import decode_args, prefill_calls, prefill_function
+from hxc.lm_calls import MIXED, decode_args, mixed_args, prefill_calls, prefill_function
 from hxc.manifests.schema import GREEDY_LOGITS, TOKENIZER_DIR, GreedyReference, LanguageModel
 
 if TYPE_CHECKING:
@@ -232,6 +232,21 @@ def bytes_per_token(config: Any) -> int:
     return 2 * d.layers * d.kv_heads * d.head_dim * 4
 
 
+@dataclass(frozen=True)
+class _Group:
+    """Tokens that attend alike in one call (`CausalLM._layers`): a decode step's B
+    slots, one token each, or a prefill chunk's n tokens of one slot."""
+
+    tokens: torch.Tensor  # [rows]
+    positions: torch.Tensor  # [rows]
+    write_slots: torch.Tensor  # [rows]: the slot each row's keys and values go to
+    write_at: torch.Tensor  # [rows]: and the row of it (the scratch row for padding and idle slots)
+    mask: torch.Tensor  # [S, n, span]: additive, what each query sees
+    slot: torch.Tensor | None  # [1]: the slot a chunk attends over; None: slots 0..S-1, one query each
+    shape: tuple[int, int]  # (S, n): rows = S * n
+    last: torch.Tensor | None = None  # [1]: the row whose logits a chunk returns
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int, by_matmul: bool = False) -> torch.Tensor:
     """HF's apply_rotary_pos_emb on x [rows, heads, hd]: rotate-half over the first `dims`
     of each head (all of them but with Phi-3's partial_rotary_factor), the rest as is.
@@ -271,8 +286,11 @@ class CausalLM(torch.nn.Module):
     hxc_weights = "shared"
 
     def __init__(self, model: torch.nn.Module, slots: int, max_context: int,
-                 prefill_chunk: int | Sequence[int] | None = None, *, values_by_sum: bool = False) -> None:  # fmt: skip
+                 prefill_chunk: int | Sequence[int] | None = None, *, values_by_sum: bool = False,
+                 mixed_step: bool = True) -> None:  # fmt: skip
         super().__init__()
+        # With several slots, also `mixed` (a decode step carrying a prefill chunk).
+        self.mixed_step = mixed_step
         # How attention weighs the values (see `_attend`): a batched matmul, or a product
         # and a sum over the span, the form IREE's dispatch-creation data tiling compiles.
         self.values_by_sum = values_by_sum
@@ -343,6 +361,17 @@ class CausalLM(torch.nn.Module):
                                reads=lay.names, writes=lay.names, arg_names=("tokens", "positions", "span"),
                                dynamic=(replace(span, arg=2),)),
         }  # fmt: skip
+        if lay.slots > 1 and self.mixed_step:
+            # A decode step with the smallest prefill chunk riding in it (`mixed`): what a
+            # batch runs while a prompt is read beside running sequences.
+            chunk = self.prefill_chunks[0]
+            self.hxc_functions[MIXED] = Function(
+                args=(torch.zeros(lay.slots, dtype=i32), torch.zeros(lay.slots, dtype=i32), _span_example(lay),
+                      torch.zeros(1, chunk, dtype=i32), torch.zeros(1, dtype=i32), torch.ones(1, dtype=i32),
+                      torch.zeros(1, dtype=i32), _span_example(lay)),
+                reads=lay.names, writes=lay.names,
+                arg_names=("tokens", "positions", "span", "chunk_tokens", "start", "length", "slot", "chunk_span"),
+                dynamic=(replace(span, arg=2), replace(span, arg=7, name="chunk_span")))  # fmt: skip
 
     def hxc_describe(self, imported: ImportedModel, workdir: Path) -> ImportedModel:
         """The bundle's `language_model` record and the tokenizer's files
@@ -462,65 +491,93 @@ class CausalLM(torch.nn.Module):
         x = x + layer.attn.c_proj(attn)
         return x + layer.mlp(layer.ln_2(x))
 
-    # ---- the two entry points -----------------------------------------------------
+    # ---- the entry points -----------------------------------------------------
 
     def prefill(self, tokens: torch.Tensor, start: torch.Tensor, length: torch.Tensor, slot: torch.Tensor,
                 span: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
         """Logits [1, vocab] of the chunk's last valid token, and the caches (written in place)."""
-        n = tokens.shape[1]
-        start, length, slot = start.reshape(1), length.reshape(1), slot.reshape(1)
-        offsets = torch.arange(n, dtype=torch.int32)
-        positions = (start + offsets).reshape(1, n)
-        # Padding rows write to the scratch row, past every span, never read.
-        write_at = torch.where(offsets < length, start + offsets, self.layout.max_context).reshape(1, n)
-        kpos = torch.arange(span.shape[0], dtype=torch.int32)
-        mask = torch.where(kpos[None, :] <= positions.reshape(n, 1), 0.0, float("-inf")).reshape(1, n, -1)
-        hidden = self._embed(tokens, positions)
-        hidden, caches = self._layers(hidden, positions, write_at, slot, mask, caches)
-        last = hidden[0].index_select(0, (length - 1).clamp(0, n - 1))  # [1, H]
-        return (self.lm_head(last), *caches)
+        group = self._prefill_group(tokens, start, length, slot, span)
+        hidden, caches = self._layers([group], caches)
+        return (self.lm_head(hidden.index_select(0, group.last)), *caches)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, span: torch.Tensor,
                *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
         """Logits [B, vocab] of one token per slot, and the caches (written in place)."""
+        hidden, caches = self._layers([self._decode_group(tokens, positions, span)], caches)
+        return (self.lm_head(hidden), *caches)
+
+    def mixed(self, tokens: torch.Tensor, positions: torch.Tensor, span: torch.Tensor, chunk_tokens: torch.Tensor,
+              start: torch.Tensor, length: torch.Tensor, slot: torch.Tensor, chunk_span: torch.Tensor,
+              *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """A decode step and a prefill chunk in one call (vLLM's mixed batch): the B
+        decode rows and the chunk's rows go through every projection, MLP and the head
+        together, so the weights are read once for both; each part attends over its own
+        span. Logits [B, vocab] of the decode rows, [1, vocab] of the chunk's last valid
+        token, and the caches. The chunk's slot must be idle in the decode part."""
+        decode = self._decode_group(tokens, positions, span)
+        chunk = self._prefill_group(chunk_tokens, start, length, slot, chunk_span, first_row=tokens.shape[0])
+        hidden, caches = self._layers([decode, chunk], caches)
+        logits = self.lm_head(torch.cat([hidden[:tokens.shape[0]], hidden.index_select(0, chunk.last)]))
+        return (logits[:tokens.shape[0]], logits[tokens.shape[0]:], *caches)
+
+    def _decode_group(self, tokens: torch.Tensor, positions: torch.Tensor, span: torch.Tensor) -> _Group:
+        """One token for each of the B slots, at its own position (written there)."""
         b = tokens.shape[0]
         kpos = torch.arange(span.shape[0], dtype=torch.int32)
         mask = torch.where(kpos[None, :] <= positions[:, None], 0.0, float("-inf")).reshape(b, 1, -1)
-        hidden = self._embed(tokens.reshape(b, 1), positions.reshape(b, 1))
-        hidden, caches = self._layers(hidden, positions.reshape(b, 1), positions.reshape(b, 1), None, mask, caches)
-        return (self.lm_head(hidden[:, 0]), *caches)
+        return _Group(tokens, positions, torch.arange(b, dtype=torch.int32), positions, mask, None, (b, 1))
 
-    def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, write_at: torch.Tensor, slot: torch.Tensor | None,
-                mask: torch.Tensor, caches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
-        """Every layer for hidden [S, n, H] at positions [S, n]: each layer writes its keys
-        and values at rows `write_at` [S, n] of its caches (of slot `slot` [1], or of
-        slots 0..S-1 when None), then attends over the first `span` rows of them (the
-        mask [S, n, span] says which each query sees). Returns the final hidden states
-        and the caches."""
+    def _prefill_group(self, tokens: torch.Tensor, start: torch.Tensor, length: torch.Tensor, slot: torch.Tensor,
+                       span: torch.Tensor, first_row: int = 0) -> _Group:  # fmt: skip
+        """A chunk of n prompt tokens of `slot` at start.. (`length` valid, the rest padding)."""
+        n = tokens.shape[1]
+        start, length, slot = start.reshape(1), length.reshape(1), slot.reshape(1)
+        offsets = torch.arange(n, dtype=torch.int32)
+        positions = start + offsets
+        # Padding rows write to the scratch row, past every span, never read.
+        write_at = torch.where(offsets < length, positions, self.layout.max_context)
+        kpos = torch.arange(span.shape[0], dtype=torch.int32)
+        mask = torch.where(kpos[None, :] <= positions.reshape(n, 1), 0.0, float("-inf")).reshape(1, n, -1)
+        last = first_row + (length - 1).clamp(0, n - 1)  # [1]: the row of the chunk's last valid token
+        return _Group(tokens.reshape(n), positions, slot.expand(n), write_at, mask, slot, (1, n), last)
+
+    def _layers(self, groups: Sequence[_Group], caches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Every layer for the groups' tokens as one set of rows: each layer projects
+        every row at once (its weights read once), writes each row's keys and values at
+        its (slot, row) of the caches, then each group attends over the first `span`
+        rows of its slots (of `group.slot` [1], or slots 0..S-1 when None; the mask
+        [S, n, span] says which each query sees). Returns the final hidden states
+        [rows, H] and the caches."""
         d = self.dims
-        s, n, width = hidden.shape
-        rope = self._rope(positions.reshape(s * n)) if self.rope is not None else None
-        rows = mask.shape[-1]
-        slots = (slot if slot is not None else torch.arange(s, dtype=torch.int32)).reshape(s, 1, 1)
-        index = (slots.reshape(s, 1), write_at.reshape(s, n))  # [S, n]: each token's row of kv x hd
+        one = len(groups) == 1
+        cat = (lambda ts: ts[0]) if one else torch.cat  # noqa: E731 (one group: the same graph as before)
+        positions = cat([g.positions for g in groups])
+        hidden = self._embed(cat([g.tokens for g in groups]), positions)
+        rope = self._rope(positions) if self.rope is not None else None
+        index = (cat([g.write_slots for g in groups]), cat([g.write_at for g in groups]))  # each row's (slot, row)
         out = list(caches)
         for i in range(d.layers):
-            x = self._pre_attn(i, hidden).reshape(s * n, width)
-            q, k, v = self._qkv(i, x, rope)
+            q, k, v = self._qkv(i, self._pre_attn(i, hidden), rope)
             # Written before it is read, one tensor per layer: IREE then scatters into the
             # cache's own buffer (the only use of the value passed in) and reads the rows
             # it needs. One cache for every layer, or a write after the last layer, left
             # the old value in use beside the write, and IREE copied the whole cache.
             row = out[2 * i].shape[2:]  # one token's keys: [kv, hd], or [kv * hd] with one slot
-            out[2 * i] = torch.index_put(out[2 * i], index, k.reshape(s, n, *row))
-            out[2 * i + 1] = torch.index_put(out[2 * i + 1], index, v.reshape(s, n, *row))
-            # [slots, span, kv, hd]
-            k_rows, v_rows = (t[:, :rows].unflatten(-1, (d.kv_heads, d.head_dim)) if len(row) == 1 else t[:, :rows]
-                              for t in (out[2 * i], out[2 * i + 1]))  # fmt: skip
-            if slot is not None:
-                k_rows, v_rows = k_rows.index_select(0, slot), v_rows.index_select(0, slot)
-            attn = self._attend(i, q.view(s, n, d.heads, d.head_dim), k_rows, v_rows, mask)
-            hidden = self._post_attn(i, hidden, attn)
+            out[2 * i] = torch.index_put(out[2 * i], index, k.reshape(-1, *row))
+            out[2 * i + 1] = torch.index_put(out[2 * i + 1], index, v.reshape(-1, *row))
+            attns, at = [], 0
+            for g in groups:
+                s, n = g.shape
+                rows = g.mask.shape[-1]
+                # [slots, span, kv, hd]
+                k_rows, v_rows = (t[:, :rows].unflatten(-1, (d.kv_heads, d.head_dim)) if len(row) == 1 else t[:, :rows]
+                                  for t in (out[2 * i], out[2 * i + 1]))  # fmt: skip
+                if g.slot is not None:
+                    k_rows, v_rows = k_rows.index_select(0, g.slot), v_rows.index_select(0, g.slot)
+                attn = self._attend(i, q[at:at + s * n].reshape(s, n, d.heads, d.head_dim), k_rows, v_rows, g.mask)
+                attns.append(attn.reshape(s * n, d.heads * d.head_dim))
+                at += s * n
+            hidden = self._post_attn(i, hidden, cat(attns))
         return self.norm(hidden), out
 
     def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -625,31 +682,44 @@ def _span_example(layout: CacheLayout) -> torch.Tensor:
 
 
 def generate_greedy(lm: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    call: Any = None) -> list[list[int]]:  # fmt: skip
-    """Greedy continuations of `prompts` (one slot each, all decoded together) through
-    `call(function, args, caches) -> (logits, caches)` (eager `lm` by default), with
-    the argument lists the runtime makes (`hxc.lm_calls`): the reference loop used to
-    check parity."""
+                    call: Any = None, *, mixed: bool = False) -> list[list[int]]:  # fmt: skip
+    """Greedy continuations of `prompts` (one slot each) through `call(function, args,
+    caches) -> (outputs, caches)` (eager `lm` by default), with the argument lists the
+    runtime makes (`hxc.lm_calls`): the reference loop used to check parity. Every
+    prompt is read first, then all decode together; `mixed`: the first prompt is read
+    alone, and each other prompt's chunks ride in `mixed` calls beside the decode of
+    those already started (as `hxc.runtime.batching` runs them)."""
     import numpy as np
 
     lay = lm.layout
     if len(prompts) > lay.slots:
         raise UsageError(f"{len(prompts)} prompts for {lay.slots} slots")
     if call is None:
-        def call(name: str, args: list[Any], caches: list[Any]) -> tuple[Any, list[Any]]:
+        def call(name: str, args: list[Any], caches: list[Any]) -> tuple[list[Any], list[Any]]:
             with torch.no_grad():
                 out = getattr(lm, lm.hxc_functions[name].method or name)(*(torch.from_numpy(a) for a in args), *caches)
-            return out[0].numpy(), list(out[1:])
+            return [o.numpy() for o in out[:len(out) - len(caches)]], list(out[len(out) - len(caches):])
     caches = empty_cache(lay)
-    out: list[list[int]] = []
-    for s, prompt in enumerate(prompts):
+    out: list[list[int]] = [[] for _ in prompts]
+    first = lambda logits: int(np.asarray(logits).reshape(-1).argmax())  # noqa: E731
+    for s, prompt in enumerate(prompts[:1] if mixed else prompts):
         for name, args in prefill_calls(prompt, s, lm.prefill_chunks, lay.max_context):
-            logits, caches = call(name, args, caches)
-        out.append([int(np.asarray(logits).reshape(-1).argmax())])
-    for step in range(max_new_tokens - 1):
-        steps = {s: (out[s][-1], len(prompt) + step) for s, prompt in enumerate(prompts)}
-        logits, caches = call("decode", decode_args(steps, lay.slots, lay.max_context), caches)
+            (logits, *_), caches = call(name, args, caches)
+        out[s].append(first(logits))
+    chunk = lm.prefill_chunk
+    reading = [(s, at) for s in range(1, len(prompts) if mixed else 0) for at in range(0, len(prompts[s]), chunk)]
+    while True:  # bounded: each call reads a chunk or adds a token to a sequence short of max_new_tokens
+        busy = {s: (o[-1], len(prompts[s]) + len(o) - 1) for s, o in enumerate(out) if o and len(o) < max_new_tokens}
+        if not busy and not reading:
+            return out
+        if reading:
+            s, at = reading.pop(0)
+            args = mixed_args(busy, lay.slots, prompts[s][at:at + chunk], at, s, chunk, lay.max_context)
+            (logits, chunk_logits, *_), caches = call(MIXED, args, caches)
+            if at + chunk >= len(prompts[s]):
+                out[s].append(first(chunk_logits))
+        else:
+            (logits, *_), caches = call("decode", decode_args(busy, lay.slots, lay.max_context), caches)
         logits = np.asarray(logits)
-        for s in range(len(prompts)):
+        for s in busy:
             out[s].append(int(logits[s].argmax()))
-    return out

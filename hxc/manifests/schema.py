@@ -64,7 +64,10 @@ PROFILES_FORMAT = "hxc-profiles"
 # 5.2: `language_model.prefill_chunks` (optional): several prefill functions, one per
 # chunk size (`prefill` for the smallest, `prefill_<n>` for the others). A 5.1 reader
 # ignores the field and prefills with `prefill` alone, as before.
-SCHEMA_VERSION: tuple[int, int] = (5, 2)
+# 5.3: a language model of several slots may have a third function, `mixed` (a decode
+# step and a prefill chunk of the smallest size in one call, `hxc.lm_calls`). A 5.2
+# reader ignores it and steps with `prefill` and `decode`, as before.
+SCHEMA_VERSION: tuple[int, int] = (5, 3)
 # profiles.json is versioned on its own: nothing in it changed meaning in 3.0, so a
 # 2.x hxc can still read the profiles a newer hxc bench adds to its bundles.
 # 2.1: Profile.conditions (what else ran during a measurement).

@@ -9,13 +9,16 @@ KV cache, one sequence per slot, and every decode step runs all of them in one c
             ...
     batch.cancel("a")                                      # frees its slot at once
 
-A step does two things, in order (as llama.cpp's server and vLLM's scheduler do):
-1. one `prefill` chunk of the oldest sequence still reading its prompt (a long prompt
+A step does two things (as llama.cpp's server and vLLM's scheduler do):
+1. one prefill chunk of the oldest sequence still reading its prompt (a long prompt
    takes one chunk per step, so it never stalls the others for more than a chunk);
    when its prompt is done, its first token is chosen from the chunk's logits;
-2. one `decode` call for every sequence that has a token to extend (the one just
-   prefilled included): tokens[slots] and positions[slots], idle slots at the scratch
-   position, through `generate.decode_batch`.
+2. one decode step for every sequence that has a token to extend: tokens[slots] and
+   positions[slots], idle slots at the scratch position.
+While others decode, both are one `mixed` call (bundles of several slots have it: the
+smallest chunk rides in the decode call, as in vLLM's mixed batches, so the weights are
+read once a step, not twice); otherwise a `prefill` call (alone: the largest chunk the
+prompt fills), then a `decode` call that includes the sequence just prefilled.
 A sequence that ends (an end-of-sequence token, `max_new_tokens`, or a full context)
 frees its slot in the same step; the next `add` may take it before the next step.
 
@@ -36,7 +39,7 @@ import numpy as np
 
 from hxc.errors import UsageError
 from hxc.lm_calls import next_chunk
-from hxc.runtime.generate import Sampling, decode_batch, language_model_of, prefill_chunk
+from hxc.runtime.generate import Sampling, decode_batch, has_mixed, language_model_of, mixed_step, prefill_chunk
 
 if TYPE_CHECKING:
     from hxc.runtime.loader import LoadedModel, ModelState
@@ -74,11 +77,13 @@ class Batch:
     cache), `lm.slots` sequences at most. Not thread-safe: one thread adds, steps and
     cancels (a server's device worker)."""
 
-    def __init__(self, model: LoadedModel, state: ModelState | None = None, *, prefill_chunks_per_step: int = 1) -> None:
+    def __init__(self, model: LoadedModel, state: ModelState | None = None, *, mixed: bool | None = None) -> None:
         self.model = model
         self.lm = language_model_of(model)
         self.state = state if state is not None else model.new_state()
-        self.prefill_chunks_per_step = max(1, prefill_chunks_per_step)
+        # Whether a prompt's chunk rides in the decode call (`mixed`) while others decode;
+        # default: when the bundle has the function. False: a prefill call, then a decode call.
+        self.mixed = has_mixed(model) if mixed is None else bool(mixed and has_mixed(model))
         self._free = list(range(self.lm.slots))
         self._sequences: dict[Hashable, _Sequence] = {}  # oldest first
 
@@ -144,23 +149,39 @@ class Batch:
         has a token to extend): the tokens chosen, in order."""
         events: list[Event] = []
         lm, model, state = self.lm, self.model, self.state
-        # With others decoding, the smallest chunk (a step then stalls them least); alone,
-        # the largest the prompt fills (its first token sooner).
-        others_decode = any(s.out for s in self._sequences.values())
-        for seq in [s for s in self._sequences.values() if s.prefilling][:self.prefill_chunks_per_step]:
-            chunk = next_chunk(lm.chunks, len(seq.ids) - seq.filled, smallest=others_decode)
-            logits = prefill_chunk(model, lm, seq.ids, seq.filled, state, seq.slot, chunk=chunk)
-            seq.filled = min(len(seq.ids), seq.filled + chunk)
-            if not seq.prefilling:
-                self._choose(seq, logits, events)
         decoding = [s for s in self._sequences.values() if s.out]
-        if decoding:
-            # The last token's keys and values go to the position after the ones before it.
-            steps = {s.slot: (s.out[-1], len(s.ids) + len(s.out) - 1) for s in decoding}
-            logits = decode_batch(model, lm, steps, state)
-            for seq in decoding:
-                self._choose(seq, logits[seq.slot], events)
+        seq = next((s for s in self._sequences.values() if s.prefilling), None)
+        if seq is not None and decoding and self.mixed:
+            # The prompt's smallest chunk rides in the decode call: the weights are read
+            # once for both. (Its first token, when the chunk ends the prompt, is
+            # extended by the next step.)
+            logits, first = mixed_step(model, lm, self._steps(decoding), seq.ids, seq.filled, state, seq.slot)
+            self._read(seq, lm.prefill_chunk, first, events)
+        else:
+            if seq is not None:
+                # With others decoding, the smallest chunk (a step then stalls them least);
+                # alone, the largest the prompt fills (its first token sooner).
+                chunk = next_chunk(lm.chunks, len(seq.ids) - seq.filled, smallest=bool(decoding))
+                self._read(seq, chunk, prefill_chunk(model, lm, seq.ids, seq.filled, state, seq.slot, chunk=chunk), events)
+            decoding = [s for s in self._sequences.values() if s.out]  # the one just prefilled included
+            if not decoding:
+                return events
+            logits = decode_batch(model, lm, self._steps(decoding), state)
+        for s in decoding:
+            self._choose(s, logits[s.slot], events)
         return events
+
+    @staticmethod
+    def _steps(decoding: Sequence[_Sequence]) -> dict[int, tuple[int, int]]:
+        # The last token's keys and values go to the position after the ones before it.
+        return {s.slot: (s.out[-1], len(s.ids) + len(s.out) - 1) for s in decoding}
+
+    def _read(self, seq: _Sequence, chunk: int, logits: np.ndarray, events: list[Event]) -> None:
+        """`chunk` more prompt tokens of `seq` are in the cache; the prompt's last chunk's
+        logits choose its first token."""
+        seq.filled = min(len(seq.ids), seq.filled + chunk)
+        if not seq.prefilling:
+            self._choose(seq, logits, events)
 
     def _choose(self, seq: _Sequence, logits: np.ndarray, events: list[Event]) -> None:
         token = seq.sampling.choose(logits, seq.rng)

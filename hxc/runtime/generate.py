@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hxc.errors import UsageError
-from hxc.lm_calls import decode_args, prefill_args, prefill_calls, prefill_function
+from hxc.lm_calls import MIXED, decode_args, mixed_args, prefill_args, prefill_calls, prefill_function
 from hxc.manifests.schema import LanguageModel, Manifest
 
 if TYPE_CHECKING:
@@ -431,6 +431,22 @@ def decode_batch(model: LoadedModel, lm: LanguageModel, steps: Mapping[int, tupl
     logits, (slots, vocab): a busy slot's row is its next token's; an idle slot's row
     means nothing. (The call reads the cache up to the furthest position in `steps`.)"""
     return model.call_flat("decode", decode_args(steps, lm.slots, lm.max_context), state=state)[0]
+
+
+def mixed_step(model: LoadedModel, lm: LanguageModel, steps: Mapping[int, tuple[int, int]], ids: Sequence[int], at: int,
+               state: ModelState, slot: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """`decode_batch`'s step for `steps` and `prefill_chunk`'s call of the smallest chunk
+    of `ids` from `at` into `slot` (not in `steps`), as one `mixed` call (a bundle of
+    several slots has it, `has_mixed`): each weight is read once for both. The decode
+    logits (slots, vocab) and the chunk's last token's logits (vocab,)."""
+    args = mixed_args(steps, lm.slots, ids[at:at + lm.prefill_chunk], at, slot, lm.prefill_chunk, lm.max_context)
+    out = model.call_flat(MIXED, args, state=state)
+    return out[0], out[1][0]
+
+
+def has_mixed(model: LoadedModel) -> bool:
+    """Whether the model's artifact has the `mixed` step (a decode step carrying a prefill chunk)."""
+    return MIXED in model.functions
 
 
 def _tokens(model: LoadedModel, lm: LanguageModel, ids: list[int], max_new_tokens: int, sampling: Sampling,
