@@ -54,7 +54,7 @@ def test_compile_every_family_then_run_cpu_and_vulkan_against_pytorch(fmt, model
 
 def test_bundle_layout_and_manifest_records(example_bundle):
     m = read_manifest(example_bundle)
-    assert m.schema_version == "5.2" and m.format == "hxc-bundle"
+    assert m.schema_version == "6.0" and m.format == "hxc-bundle"
     assert list(m.functions) == ["main"] and m.stateless_main  # a plain model: one function, no state
     assert (example_bundle / "program.pt2").is_file() and (example_bundle / "golden.npz").is_file()
     # Every file written at build time has its sha256 and size recorded, and nothing else.
@@ -219,7 +219,7 @@ def test_inspect_shows_the_manifest(example_bundle, cli):
     if find_ptxas():
         assert "PTX assembled by ptxas" in table.stdout
     as_json = json.loads(cli("inspect", example_bundle, "--json").stdout)
-    assert as_json["schema_version"] == "5.2" and len(as_json["artifacts"]) == 6
+    assert as_json["schema_version"] == "6.0" and len(as_json["artifacts"]) == 6
     missing = cli("inspect", example_bundle.parent / "nope.hxc")
     assert missing.exit_code == ExitCode.ERROR and "no such bundle" in _one_line_error(missing)
 

@@ -71,7 +71,7 @@ def hf_generate(model, ids: list[int], n: int) -> list[int]:
 
 def test_the_manifest_records_the_language_model_and_its_tokenizer(bundles):
     m = read_manifest(bundles["llama"])
-    assert m.schema_version == "5.2" and m.model.source_format == "huggingface"
+    assert m.schema_version == "6.0" and m.model.source_format == "huggingface"
     lm = m.language_model
     assert (lm.family, lm.layers, lm.heads, lm.kv_heads, lm.head_dim) == ("llama", 2, 4, 2, 16)
     assert (lm.max_context, lm.slots, lm.prefill_chunk, lm.cache_dtype) == (MAX_CONTEXT, 1, 32, "f32")

@@ -86,7 +86,7 @@ def quantised(hf, precision: str):
 
 def test_every_target_builds_each_precision_and_records_its_quantisation(bundle):
     m = read_manifest(bundle)
-    assert m.schema_version == "5.2"
+    assert m.schema_version == "6.0"
     ids = {a.id: a for a in m.ok_artifacts}
     assert set(ids) == {f"{t}{p}" for t in ("cpu:host", "vulkan:spirv") for p in ("", "@int8", "@int4")}
     for precision, bits in (("int8", 8), ("int4", 4)):
