@@ -318,6 +318,11 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
         ui.out.print(f"[green]wrote[/green] {out}  ({result.total - len(failed)} artifacts, "
                      f"{sum(b.seconds for b in result.built):.1f}s of compile time, "
                      f"{result.timings.get('compile', 0):.1f}s wall)")  # fmt: skip
+    for st in result.manifest.stages if result.written else ():
+        crossing = sum(t.bytes for t in st.inputs)
+        ui.out.print(f"  stage {st.index}: {st.first_module or '(operations)'} .. {st.last_module or '(operations)'}, "
+                     f"{st.flops / 1e6:.3g} MFLOP, weights {st.weights_bytes / 2**20:.3g} MiB, "
+                     f"{len(st.inputs)} tensor(s) in ({crossing / 2**10:.3g} KiB)", markup=False)  # fmt: skip
     if result.written and result.manifest.golden_note:
         ui.warn(f"no golden outputs ({result.manifest.golden_note}): `hxc verify` has nothing to compare against; "
                 "pass --example inputs.npz with inputs the reference can run (or expected outputs as output_0, ...)")

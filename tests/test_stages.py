@@ -219,6 +219,13 @@ def test_cnn_in_three_stages_carries_the_skip_and_runs_like_pytorch(staged_model
     verdicts = json.loads(result.stdout)
     assert verdicts["ok"] and [r["artifact"] for r in verdicts["results"]] == ["cpu:host"], verdicts
 
+    # The bundle's program.pt2 keeps no weights; the stages' archives restore them (the
+    # reference `hxc verify --shapes` and bench baselines run).
+    from hxc.reference import reference_outputs
+
+    [again] = reference_outputs(out, m, [[args[0].numpy()]])
+    _assert_close(again, expected)
+
 
 def test_sequential_mlp_in_two_stages_at_its_blocks(staged_models, tmp_path):
     import hxc.runtime
