@@ -656,7 +656,8 @@ def _routing_text(routing: dict[str, Any]) -> str:
 def _candidate_json(c: Any) -> dict[str, Any]:
     lat = c.latency.latency if c.latency else None
     return {
-        "artifact": c.artifact.id, "device": c.device.label, "reason": c.reason, "measured_on": c.measured_on,
+        "artifact": c.id, "stages": [a.id for a in c.stages], "device": c.device.label, "reason": c.reason,
+        "measured_on": c.measured_on,
         "p50_ms": lat and lat.p50_ms, "p99_ms": lat and lat.p99_ms, "samples": lat and lat.iterations,
         "items_per_second": c.items_per_second,
         "price_per_hour": c.price and c.price.per_hour, "price_source": c.price and c.price.source,
