@@ -12,6 +12,11 @@ device; so whichever engine measured fastest here runs. Unmeasured artifacts fol
 in each family's static order (a native GPU, then native CPU code, then a software
 Vulkan device), IREE's before other engines'.
 
+A staged bundle (`hxc compile --stages`) is offered as whole chains only: a target is a
+candidate when every stage has an artifact of it that compiled and that the device can
+run (`Candidate.stages`, stage 0's artifact as `artifact`); a stage is never offered as
+the model.
+
 Policies:
   latency     lowest p50 of the single-stream profile
   throughput  most items (batch rows) per second, offline batches preferred
