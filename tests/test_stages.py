@@ -262,7 +262,7 @@ def test_encoder_cut_before_named_blocks(staged_models, tmp_path):
     _assert_close(list(model(args[0].numpy())), expected)
 
 
-def test_an_unsplit_bundle_has_no_stages_and_its_weights_match_the_stages(staged_models, tmp_path):
+def test_an_unsplit_bundle_has_no_stages(staged_models, tmp_path):
     _, path = staged_models
     out = tmp_path / "whole.hxc"
     _build(f"{path}:skipnet", out, None)
@@ -333,6 +333,10 @@ def test_flops_count_matmuls_by_their_shapes(staged_models):
     assert by_name["conv2d"] == 2 * (2 * 8 * 8 * 8) * (3 * 3 * 3)  # 2 x outputs x (Cin x kh x kw)
     assert by_name["linear"] == 2 * (2 * 5) * 8 + 2 * 5  # and the bias
     assert by_name["relu"] == 2 * 8 * 8 * 8  # any other op: one per output element
+
+
+def test_auto_is_two_stages_for_now():
+    assert parse_stages("auto").count == 2 and parse_stages("at:a, b.c").at == ("a", "b.c")
 
 
 @pytest.mark.parametrize(
