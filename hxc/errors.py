@@ -59,6 +59,12 @@ class NoCompatibleArtifactError(HxcError):
     exit_code = ExitCode.NO_COMPATIBLE_ARTIFACT
 
 
+class PlacementError(HxcError):
+    """No placement of a staged model's stages fits the devices' memory (or the one forced does not)."""
+
+    exit_code = ExitCode.NO_COMPATIBLE_ARTIFACT
+
+
 class NothingToCompareError(HxcError):
     """`hxc verify` on a bundle whose golden sample has no expected outputs."""
 
