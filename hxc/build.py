@@ -9,6 +9,8 @@ and then the failures are recorded in its manifest.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import hashlib
 import json
 import platform
 import time
@@ -34,7 +36,8 @@ from hxc.frontends import Frontend
 from hxc.frontends.base import one_export_per_build
 from hxc.manifests.bundle import (copy_hashed, file_hash, file_sha256, name_write_errors, private_dir, remove_stale,
                                   write_manifest)
-from hxc.manifests.schema import WEIGHTS_FILE, FileHash, Quantization, Signature, Weights, from_json, to_json
+from hxc.manifests.schema import (PROGRAM_PT2, WEIGHTS_FILE, FileHash, Quantization, Signature, Weights, from_json,
+                                  schema_version_written, to_json)
 from hxc.targets import Variant, extra_flags_for, family, resolve
 
 
@@ -144,6 +147,8 @@ def build_bundle(
     skipped = [Skipped(v.id, p, f"the {v.family} backend cannot generate {p} code")
                for p in wanted for v in variants if iree and p not in family(v.family).precisions]  # fmt: skip
     others = [e for e in engines if e.name != DEFAULT_ENGINE]
+    if options.stages:
+        _check_stages_request(options.stages, frontend, others)
     families = {v.family for v in variants}
     other_builds = [(p, e) for e in others for p in wanted if p in e.precisions and families & set(e.families)]
     if not builds and not other_builds:
@@ -172,7 +177,7 @@ def build_bundle(
 
             irs: dict[tuple[str, tuple], ImportedModel] = {(p, ()): imp for p, imp in imports.items()}
             # IR can be hundreds of MB: hash each once (the reference's goes into the manifest).
-            ir_sha: dict[tuple[str, tuple], str] = {("fp32", ()): file_sha256(reference.mlir)}
+            ir_sha = functools.cache(lambda mlir: file_sha256(mlir))
             cast_errors: dict[tuple[str, tuple], str] = {}
             jobs_of: dict[str, list[BuildJob]] = {e.name: [] for e in engines}  # per engine, in the order asked
             for precision, v in builds:
@@ -186,14 +191,13 @@ def build_bundle(
                                                 sub, on_stage, cache_root)  # fmt: skip
                     except HxcError as e:  # this variant cannot carry the model; the others still can
                         cast_errors[key] = e.message
-                if key in irs and key not in ir_sha:
-                    ir_sha[key] = file_sha256(irs[key].mlir)
                 # A variant whose cast interface the model cannot have fails alone, with the reason.
                 ir = irs.get(key, reference)
-                jobs_of[DEFAULT_ENGINE].append(replace(
-                    _job(imports[precision], v.family, precision, work), variant=v, ir=ir,
-                    ir_sha256=ir_sha[key] if key in irs else ir_sha[("fp32", ())], casts=casts,
-                    flags=extra_flags_for(v, extra_flags) if key in irs else (), error=cast_errors.get(key)))  # fmt: skip
+                for (stage, part), (_, ir_part) in zip(imports[precision].parts, ir.parts):  # each stage, or the model
+                    jobs_of[DEFAULT_ENGINE].append(replace(
+                        _job(part, v.family, precision, work), variant=v, ir=ir_part, ir_sha256=ir_sha(ir_part.mlir),
+                        casts=casts, flags=extra_flags_for(v, extra_flags) if key in irs else (),
+                        error=cast_errors.get(key), stage=stage))  # fmt: skip
             for eng in others:
                 for precision in wanted:
                     for fam in (f for f in dict.fromkeys(v.family for v in variants) if f in eng.families):
@@ -207,7 +211,7 @@ def build_bundle(
                                   on_stage)  # fmt: skip
         timings.update(tuned)
 
-        manifest = _manifest(imports, [p for p in wanted if p in imports], ir_sha[("fp32", ())], built)
+        manifest = _manifest(imports, [p for p in wanted if p in imports], _model_ir_sha256(reference, ir_sha), built)
         result = BuildResult(out, False, manifest, built, timings, tuple(skipped), notes, optional)
         if result.blocking and not (allow_partial and len(result.failed) < result.total):
             return result  # nothing is published; an existing bundle at `out` stays as it was
@@ -217,6 +221,26 @@ def build_bundle(
             manifest = _write_files(stage, manifest, imports, built)
             write_manifest(stage, manifest)
     return replace(result, manifest=manifest, written=True)
+
+
+def _check_stages_request(stages: str, frontend: Frontend, others: Sequence[Engine]) -> None:
+    """`--stages` is refused before any slow work where it cannot be honoured."""
+    from hxc.compiler.stages import parse_stages
+
+    parse_stages(stages)
+    if frontend.program_file != PROGRAM_PT2:
+        raise UsageError(f"--stages cuts PyTorch programs; {frontend.summary} is not one")
+    if others:
+        raise UsageError(f"--stages builds IREE artifacts only; not {', '.join(e.name for e in others)}",
+                         hint="leave out --backends, or compile the model whole for the other engines")  # fmt: skip
+
+
+def _model_ir_sha256(reference: ImportedModel, ir_sha: Callable[[Path], str]) -> str:
+    """What identifies the model's IR (profiles are matched to it): its IR's sha256;
+    for a staged model, the sha256 of its stages' IR sha256s, in order."""
+    if not reference.stages:
+        return ir_sha(reference.mlir)
+    return hashlib.sha256("\n".join(ir_sha(s.mlir) for s in reference.stages).encode()).hexdigest()
 
 
 def _job(imported: ImportedModel, fam: str, precision: str, work: Path) -> BuildJob:
@@ -276,7 +300,8 @@ def _write_files(stage: Path, manifest: Manifest, imports: dict[str, ImportedMod
         (stage / rel).parent.mkdir(parents=True, exist_ok=True)
         sources[rel] = (src, None)
     for w in manifest.weights:
-        sources[w.file] = (imports[w.precision].weights, FileHash(w.sha256, w.size))  # type: ignore[assignment]
+        part = imports[w.precision] if w.stage is None else imports[w.precision].stages[w.stage]
+        sources[w.file] = (part.weights, FileHash(w.sha256, w.size))  # type: ignore[assignment]
     (stage / ARTIFACTS_DIR).mkdir()
     files: dict[str, FileHash] = {}
     for rel, (src, expected) in sources.items():
@@ -295,7 +320,8 @@ def import_model(
     cache_root: Path | None = None,
 ) -> ImportedModel:
     """Import the model with its frontend, through the import cache for model files."""
-    cache = ImportCache(cache_root if frontend.cacheable else None)
+    # A staged import is several imports in one, which the cache's one entry cannot hold.
+    cache = ImportCache(cache_root if frontend.cacheable and not options.stages else None)
     key = None
     if cache.root is not None:
         key = ImportCache.key(_source_digest(frontend, Path(source), options), (frontend.name, options),
@@ -394,16 +420,14 @@ def _manifest(imports: dict[str, ImportedModel], precisions: list[str], ir_sha25
     # the archive) needs the fp32 archive even when no fp32 artifact is built.
     stored = dict.fromkeys(["fp32", *precisions])
     weights = tuple(
-        Weights(
-            file=WEIGHTS_FILE if p == "fp32" else WEIGHTS_FILE.replace(".irpa", f"-{p}.irpa"),
-            scope=PARAMETER_SCOPE,
-            sha256=h.sha256,
-            size=h.size,
-            precision=p,
-        )
+        Weights(file=weights_file(p, stage), scope=PARAMETER_SCOPE, sha256=h.sha256, size=h.size, precision=p, stage=stage)
         for p in stored
-        if imports[p].weights is not None and (h := file_hash(imports[p].weights))  # type: ignore[arg-type]
+        for stage, part in imports[p].parts
+        if part.weights is not None and (h := file_hash(part.weights))
     )
+    artifacts = tuple(_artifact_entry(b, imports[b.precision]) for b in built)
+    stages = tuple(replace(s.stage, artifacts=tuple(a.id for a in artifacts if a.stage == k))
+                   for k, s in enumerate(reference.stages) if s.stage is not None)  # fmt: skip
     return Manifest(
         model=ModelInfo(
             name=reference.name,
@@ -415,24 +439,34 @@ def _manifest(imports: dict[str, ImportedModel], precisions: list[str], ir_sha25
         ),
         functions=reference.function_specs,
         toolchain=toolchain(),
-        artifacts=tuple(_artifact_entry(b, imports[b.precision]) for b in built),
+        artifacts=artifacts,
         weights=weights,
+        stages=stages,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         golden_outputs=reference.golden_note is None,
         golden_reference=reference.golden_reference if reference.golden_note is None else None,
         golden_note=reference.golden_note,
         language_model=reference.language_model,
+        schema_version=schema_version_written(stages),
     )
 
 
 def _artifact_entry(b: Built, imported: ImportedModel) -> Artifact:
     """The manifest's record of any engine's artifact: what the engine recorded, with
     its file in the bundle and how far its precision strays from the reference."""
+    if b.stage is not None:
+        imported = imported.stages[b.stage]
     recorded: dict[str, Any] = dict(precision_error=imported.precision_error, quantization=imported.quantization)
     if b.status == "ok" and b.file is not None:
         h = b.hash or file_hash(b.file)
         recorded |= dict(file=b.bundle_name, sha256=h.sha256, size=h.size)
     return b.as_artifact(**recorded)
+
+
+def weights_file(precision: str, stage: int | None) -> str:
+    """weights.irpa, weights-fp16.irpa; a stage's weights-s0.irpa, weights-fp16-s1.irpa."""
+    suffix = ("" if precision == "fp32" else f"-{precision}") + ("" if stage is None else f"-s{stage}")
+    return WEIGHTS_FILE.replace(".irpa", f"{suffix}.irpa")
 
 
 def toolchain() -> Toolchain:

@@ -259,6 +259,11 @@ def main(verbose: int) -> None:
               help="Language models: prompt tokens one prefill call reads; several sizes build one prefill function each "
                    "(e.g. 8,128: `hxc serve` reads a prompt in 8s while other streams decode, so they stay smooth, "
                    "and in 128s when alone, for a sooner first token). [default: 32]")
+@click.option("--stages", default=None, metavar="auto|N|at:NAME,...",
+              help="Cut the model into consecutive stages, each compiled as an artifact of its own per target with "
+                   "its own weights (the manifest's `stages` records what crosses each cut): N balances the stages' "
+                   "FLOPs over module boundaries (a ModuleList's blocks, top-level children); at:layer3,layer4 cuts "
+                   "before those submodules; auto is 2 for now. [default: whole]")  # fmt: skip
 @click.option("--allow-partial", is_flag=True, help="Write the bundle even if some targets fail (failures are recorded in it).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Targets compiled at once. [default: CPU count]")
 @click.option("--no-cache", is_flag=True, help="Recompile everything instead of reusing cached artifacts.")
@@ -268,7 +273,7 @@ def main(verbose: int) -> None:
 def compile(model: str, output: Path | None, targets: str, backends: str, inputs: tuple[str, ...], dynamic_batch: bool,
             example: Path | None, allow_pickle: bool, weights: str, precisions: list[str], group_size: int | None, tune: bool,
             iree_flags: tuple[str, ...], max_context: int | None, slots: int, prefill_chunk: list[int] | None,
-            allow_partial: bool, jobs: int | None, no_cache: bool, cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
+            stages: str | None, allow_partial: bool, jobs: int | None, no_cache: bool, cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one artifact per target (and backend).
 
     MODEL is a torch.export archive (.pt2), a TorchScript archive, a pickled module
@@ -283,6 +288,7 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
     hxc compile net.py:make_model --input ?x3x224x224xf32
     hxc compile model.pt2 -t cpu --backends iree,onnxruntime,inductor
     hxc compile ./my-llama/ -t cpu,vulkan --max-context 2048
+    hxc compile net.py:make_model --stages at:layer3       # two stages, cut before layer3
     """
     from hxc import frontends, ui
     from hxc import targets as registry
@@ -296,7 +302,8 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
     out = output or Path(frontends.recognise(model).model_name(model) + ".hxc")
     options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights,  # type: ignore[arg-type]
                             example=str(example) if example else None, max_context=max_context, slots=slots,
-                            prefill_chunk=tuple(prefill_chunk) if prefill_chunk else None, group_size=group_size)
+                            prefill_chunk=tuple(prefill_chunk) if prefill_chunk else None, group_size=group_size,
+                            stages=stages)
     with ui.CompileProgress(enabled=not as_json) as progress:
         result = build_bundle(
             model, out, variants, backends=backends, options=options, precisions=precisions, allow_partial=allow_partial,
@@ -311,6 +318,11 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
         ui.out.print(f"[green]wrote[/green] {out}  ({result.total - len(failed)} artifacts, "
                      f"{sum(b.seconds for b in result.built):.1f}s of compile time, "
                      f"{result.timings.get('compile', 0):.1f}s wall)")  # fmt: skip
+    for st in result.manifest.stages if result.written else ():
+        crossing = sum(t.bytes for t in st.inputs)
+        ui.out.print(f"  stage {st.index}: {st.first_module or '(operations)'} .. {st.last_module or '(operations)'}, "
+                     f"{st.flops / 1e6:.3g} MFLOP, weights {st.weights_bytes / 2**20:.3g} MiB, "
+                     f"{len(st.inputs)} tensor(s) in ({crossing / 2**10:.3g} KiB)", markup=False)  # fmt: skip
     if result.written and result.manifest.golden_note:
         ui.warn(f"no golden outputs ({result.manifest.golden_note}): `hxc verify` has nothing to compare against; "
                 "pass --example inputs.npz with inputs the reference can run (or expected outputs as output_0, ...)")
@@ -347,6 +359,7 @@ def _build_json(result: Any) -> dict[str, Any]:
         "written": result.written,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "artifacts": [to_json(a) for a in result.manifest.artifacts],
+        "stages": [to_json(s) for s in result.manifest.stages],
         "skipped": [to_json(s) for s in result.skipped],
         "golden_outputs": result.manifest.golden_outputs,
         "golden_note": result.manifest.golden_note,
@@ -643,7 +656,8 @@ def _routing_text(routing: dict[str, Any]) -> str:
 def _candidate_json(c: Any) -> dict[str, Any]:
     lat = c.latency.latency if c.latency else None
     return {
-        "artifact": c.artifact.id, "device": c.device.label, "reason": c.reason, "measured_on": c.measured_on,
+        "artifact": c.id, "stages": [a.id for a in c.stages], "device": c.device.label, "reason": c.reason,
+        "measured_on": c.measured_on,
         "p50_ms": lat and lat.p50_ms, "p99_ms": lat and lat.p99_ms, "samples": lat and lat.iterations,
         "items_per_second": c.items_per_second,
         "price_per_hour": c.price and c.price.per_hour, "price_source": c.price and c.price.source,
@@ -729,7 +743,7 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
         if in_process:
             model = runtime.load(bundle, device=device, **options)
             outputs, signature = model.run_flat(arrays), model.signature
-            artifact, device_label = model.artifact.id, model.device.label
+            artifact, device_label = model.candidate.id, model.device.label
         else:
             # In a worker process: an artifact that crashes inside IREE is a one-line error.
             from hxc.pool.worker import run_isolated

@@ -99,12 +99,12 @@ def load_torch_module(bundle: Path, manifest: Manifest, *, allow_pickle: bool = 
     if manifest.model.program_file != PROGRAM_PT2:
         raise UsageError("this bundle holds no PyTorch program")
     checked = open_checked(bundle, manifest, manifest.model.program_file)
-    weights = manifest.weights_for("fp32")
-    irpa = open_checked(bundle, manifest, weights.file) if weights is not None else None
+    # The fp32 archive, or a staged bundle's, one per stage.
+    archives = [open_checked(bundle, manifest, w.file) for w in manifest.weights if w.precision == "fp32"]
     try:
-        program = program_with_weights(checked.bytes(), str(checked.path), irpa, allow_pickle=allow_pickle)
+        program = program_with_weights(checked.bytes(), str(checked.path), archives, allow_pickle=allow_pickle)
     finally:
         checked.close()
-        if irpa is not None:
+        for irpa in archives:
             irpa.close()
     return program.module()

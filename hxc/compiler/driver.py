@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from hxc.compiler.cache import CompileCache
-from hxc.manifests.schema import FileHash, Requirements, Signature, TuningTrial
+from hxc.manifests.schema import STAGE_MARK, FileHash, Requirements, Signature, TuningTrial
 from hxc.targets import CompilePlan, Variant, family
 from hxc.targets.base import KEEP_F64, CheckFailed
 
@@ -53,11 +53,14 @@ class CompileJob:
     casts: tuple[tuple[str, str], ...] = ()
     # Whether its IR takes or returns f64 tensors (see `f64_interface`).
     f64: bool = False
+    stage: int | None = None  # the stage of a staged model its IR computes (Artifact.stage)
 
     @property
     def id(self) -> str:
-        """Artifact id: `cpu:host`, or `cpu:host@fp16` for a reduced-precision variant."""
-        return self.variant.id if self.precision == "fp32" else f"{self.variant.id}@{self.precision}"
+        """Artifact id: `cpu:host`, `cpu:host@fp16` for a reduced-precision variant, and
+        `cpu:host#s1` for a stage."""
+        base = self.variant.id if self.precision == "fp32" else f"{self.variant.id}@{self.precision}"
+        return base if self.stage is None else f"{base}{STAGE_MARK}{self.stage}"
 
     @property
     def label(self) -> str:
@@ -67,6 +70,7 @@ class CompileJob:
     def file_stem(self) -> str:
         stem = f"{self.variant.family}-{self.variant.name}"
         stem = stem if self.precision == "fp32" else f"{stem}-{self.precision}"
+        stem = stem if self.stage is None else f"{stem}-s{self.stage}"
         return stem if self.config == "default" else f"{stem}.{self.config}"
 
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from hxc.manifests.schema import MAIN, FunctionSpec, LanguageModel, Quantization, Signature
+from hxc.manifests.schema import MAIN, FunctionSpec, LanguageModel, Quantization, Signature, Stage
 
 WeightsMode = Literal["auto", "inline", "shared"]
 # With `auto`, parameters at least this large are stored once per bundle (in an IREE
@@ -39,6 +39,8 @@ class ImportOptions:
     prefill_chunk: int | tuple[int, ...] | None = None  # language models: one prefill function per size
     # Weight-only int8 / int4: input features per scale (None: the quantiser's default).
     group_size: int | None = None
+    # `--stages`: auto, N or at:NAME,... (hxc.compiler.stages.parse_stages); None: whole.
+    stages: str | None = None
 
 
 @dataclass
@@ -71,6 +73,16 @@ class ImportedModel:
     language_model: LanguageModel | None = None
     files: dict[str, Path] = field(default_factory=dict)
     quantization: Quantization | None = None  # a weight-only int8 / int4 import
+    # A model cut into stages (`--stages`): each stage imported as a model of its own
+    # (its IR, golden sample and weights archive), in order. The model itself then has
+    # no IR of its own: `mlir` is stage 0's.
+    stages: tuple[ImportedModel, ...] = ()
+    stage: Stage | None = None  # a stage's record (its artifacts not yet listed)
+
+    @property
+    def parts(self) -> tuple[tuple[int | None, ImportedModel], ...]:
+        """What is compiled per target: each stage with its index, or the model whole."""
+        return tuple(enumerate(self.stages)) if self.stages else ((None, self),)
 
     @property
     def function_specs(self) -> dict[str, FunctionSpec]:
@@ -80,7 +92,10 @@ class ImportedModel:
     def interface(self) -> Signature:
         """Every tensor that crosses the artifact's interface, over all its functions
         (state included): what decides a variant's interface casts."""
-        calls = [f.call_signature for f in self.function_specs.values()]
+        if self.stages:  # what crosses any stage's interface, the values between stages included
+            calls = [s.interface for s in self.stages]
+        else:
+            calls = [f.call_signature for f in self.function_specs.values()]
         if len(calls) == 1:
             return calls[0]
         return Signature(inputs=tuple(s for c in calls for s in c.inputs), outputs=tuple(s for c in calls for s in c.outputs),

@@ -13,8 +13,9 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from dataclasses import replace
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,10 @@ from hxc.compiler.lower import lower
 from hxc.compiler.torch_export import ExportedModel, export_module, save_program
 from hxc.dtypes import to_numpy, to_storage
 from hxc.errors import LoweringError, UsageError
-from hxc.manifests.schema import PROGRAM_PT2
+from hxc.manifests.schema import MAIN, PROGRAM_PT2, Stage, StageTensor, TensorSpec
+
+if TYPE_CHECKING:
+    from hxc.compiler.stages import StagePart
 
 
 def import_torch(
@@ -43,6 +47,9 @@ def import_torch(
         raise UsageError(f"{model.source}: --precision {options.precision} quantises the weights of language models "
                          "only; this model is not one", hint="build fp16 or bf16 for other models")  # fmt: skip
     if model.functions_module is not None:
+        if options.stages:
+            raise UsageError(f"{model.source}: --stages cuts models of one function; this one declares several "
+                             "(a language model's stages come later)")  # fmt: skip
         from hxc.compiler.functions import import_functions
 
         return import_functions(model.functions_module, name=model.name, source=model.source,
@@ -51,7 +58,16 @@ def import_torch(
     if options.example:
         model = with_example(model, read_example(options.example))
     timings["load"] = time.perf_counter() - t
+    if options.stages:
+        return _import_stages(model, options, workdir, on_stage, timings)
+    return _import_program(model, options, workdir, on_stage, timings)
 
+
+def _import_program(model: ExportedModel, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None],
+                    timings: dict[str, float], *, keep_program: bool = True) -> ImportedModel:  # fmt: skip
+    """One exported program (a model, or one of its stages) to IREE input IR, with its
+    golden sample and, for shared weights, its parameter archive; with `keep_program`,
+    the program file the bundle keeps."""
     t = time.perf_counter()
     on_stage("running PyTorch for the golden sample")
     golden = golden_sample(model.reference, model.example_args)
@@ -95,13 +111,7 @@ def import_torch(
     timings["lower"] = time.perf_counter() - t
 
     # The bundle keeps the model's own program; reduced-precision ones are derived from it.
-    program_path: Path | None = workdir / PROGRAM_PT2
-    if options.interface_casts:
-        program_path = None  # only the model's own import provides the bundle's program
-    elif shared and options.precision == "fp32":
-        _save_without_weights(program, program_path)
-    else:
-        save_program(model.program, program_path)
+    program_path = _keep_program(model, program, options, shared, workdir) if keep_program else None
     return ImportedModel(
         name=model.name,
         source=model.source,
@@ -121,6 +131,86 @@ def import_torch(
         operators_at=lowered.operators_at,
         timings=timings,
     )
+
+
+def _keep_program(model: ExportedModel, program: torch.export.ExportedProgram, options: ImportOptions, shared: bool,
+                  workdir: Path) -> Path | None:  # fmt: skip
+    """The program file the bundle keeps: the model's own program, without its weights
+    when they are in the parameter archive(s)."""
+    if options.interface_casts:
+        return None  # only the model's own import provides the bundle's program
+    path = workdir / PROGRAM_PT2
+    if shared and options.precision == "fp32":
+        _save_without_weights(program, path)
+    else:
+        save_program(model.program, path)
+    return path
+
+
+def _import_stages(model: ExportedModel, options: ImportOptions, workdir: Path, on_stage: Callable[[str], None],
+                   timings: dict[str, float]) -> ImportedModel:  # fmt: skip
+    """The model cut into stages (`hxc.compiler.stages`), each imported as a program of
+    its own with its own weights, under the model's record: its signature, golden
+    sample and program."""
+    from hxc.compiler.lower import program_signature
+    from hxc.compiler.stages import parse_stages, split_program
+
+    request = parse_stages(options.stages or "")
+    t = time.perf_counter()
+    on_stage("running PyTorch for the golden sample")
+    golden = golden_sample(model.reference, model.example_args)
+    timings["golden"] = time.perf_counter() - t
+    on_stage("cutting the program into stages")
+    parts = split_program(model.program, model.example_args, request, model.source)
+    # One decision for every stage: a stage's archive is shared when the model's would be.
+    weights = _program_weights(model.program)
+    total = sum(w.numel() * w.element_size() for w in weights.values())
+    shared = bool(weights) and not options.interface_casts and wants_shared_weights(
+        options.weights, total, any(w.dtype == torch.bfloat16 for w in weights.values()))  # fmt: skip
+    per_stage = replace(options, weights="shared" if shared else "inline", example=None)
+    stages = []
+    for part in parts:
+        on_stage(f"importing stage {part.index} of {len(parts)}")
+        sub = workdir / part.name
+        sub.mkdir()
+        program = export_module(part.module, part.example_args, part.dynamic_shapes, f"{model.source} (stage {part.index})")
+        stage_model = replace(model, name=f"{model.name}#{part.name}", program=program, example_args=part.example_args,
+                              reference=part.module)  # fmt: skip
+        spent: dict[str, float] = {}
+        imported = _import_program(stage_model, per_stage, sub, on_stage, spent, keep_program=False)
+        for k, v in spent.items():
+            timings[f"stages {k}"] = timings.get(f"stages {k}", 0.0) + v
+        stages.append(replace(imported, stage=_stage_record(part, imported)))
+    return ImportedModel(
+        name=model.name,
+        source=model.source,
+        source_format=model.source_format,
+        source_sha256=model.source_sha256,
+        mlir=stages[0].mlir,
+        signature=program_signature(model.program),
+        golden=golden,
+        program=_keep_program(model, model.program, options, shared, workdir),
+        program_name=None if options.interface_casts else PROGRAM_PT2,
+        int64_constants=any(s.int64_constants for s in stages),
+        weight_dtypes=tuple(sorted({d.name for w in weights.values() if (d := dtypes.from_torch(w.dtype)) is not None})),
+        precision=options.precision,
+        precision_error=max((s.precision_error for s in stages if s.precision_error is not None), default=None),
+        timings=timings,
+        stages=tuple(stages),
+    )
+
+
+def _stage_record(part: StagePart, imported: ImportedModel) -> Stage:
+    """The manifest's record of a stage, its artifacts not yet known."""
+    sig, golden = imported.signature, imported.golden
+
+    def tensors(names: tuple[str, ...], specs: tuple[TensorSpec, ...], kind: str) -> tuple[StageTensor, ...]:
+        return tuple(StageTensor(n, s.dtype, s.shape, int(golden[f"{kind}_{i}"].nbytes))
+                     for i, (n, s) in enumerate(zip(names, specs)))  # fmt: skip
+
+    return Stage(index=part.index, name=part.name, function=MAIN, artifacts=(), first_module=part.first_module,
+                 last_module=part.last_module, inputs=tensors(part.inputs, sig.inputs, "input"),
+                 outputs=tensors(part.outputs, sig.outputs, "output"), weights_bytes=part.weights_bytes, flops=part.flops)
 
 
 class AtPrecision(torch.nn.Module):

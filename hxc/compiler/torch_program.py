@@ -9,19 +9,19 @@ from pathlib import Path
 from typing import Any
 
 
-def program_with_weights(program: Path | bytes, where: str, weights: Path | Any | None, *,
+def program_with_weights(program: Path | bytes, where: str, weights: Path | Any | list[Any] | None, *,
                          allow_pickle: bool = False) -> Any:  # fmt: skip
     """The exported program (a file, or checked bytes), loaded without running code from
     it, with the parameters of the archive `weights` (a file, or checked bytes with a
-    `buffer`) restored."""
+    `buffer`; a list of them for a staged bundle's archives, one per stage) restored."""
     from hxc.compiler.torch_export import load_program
     from hxc.errors import BundleError
 
     # With shared weights the saved program holds stride-0 placeholders: their logical
     # size is the model's, not a sign of a bomb.
-    loaded = load_program(program, where, allow_pickle=allow_pickle, check_expansion=weights is None)
-    if weights is not None:
-        restore_weights(loaded, archive_tensors(weights))
+    loaded = load_program(program, where, allow_pickle=allow_pickle, check_expansion=not weights)
+    for archive in weights if isinstance(weights, list) else [weights] if weights is not None else []:
+        restore_weights(loaded, archive_tensors(archive))
     # Weights saved as stride-0 placeholders (their values live in an archive) must never
     # run as if they were the model's: that would time and compare garbage.
     placeholders = [n for n, t in loaded.state_dict.items() if t.numel() > 1 and not any(t.stride())]

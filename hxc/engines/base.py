@@ -24,7 +24,7 @@ from hxc.compiler.cache import CompileCache
 from hxc.compiler.imported import ImportedModel
 from hxc.dtypes import dtype
 from hxc.errors import HxcError
-from hxc.manifests.schema import MAIN, Artifact, FileHash, FunctionSpec, Requirements, Signature, StateSpec, TuningTrial
+from hxc.manifests.schema import MAIN, STAGE_MARK, Artifact, FileHash, FunctionSpec, Requirements, Signature, StateSpec, TuningTrial
 from hxc.targets import Device, Variant
 
 DEFAULT_ENGINE = "iree"
@@ -105,11 +105,13 @@ class StatelessSession:
     state_zeros = state_from_host = state_to_host = _no_state
 
 
-def artifact_id(family: str, variant: str, precision: str) -> str:
+def artifact_id(family: str, variant: str, precision: str, stage: int | None = None) -> str:
     """`cpu:host@fp16`; `cpu:onnxruntime`, `cpu:inductor@bf16`: other engines take the
-    variant's place, so ids read like IREE's and `@` keeps its meaning."""
+    variant's place, so ids read like IREE's and `@` keeps its meaning; `cpu:host#s1`:
+    stage 1 of a staged model."""
     base = f"{family}:{variant}"
-    return base if precision == "fp32" else f"{base}@{precision}"
+    base = base if precision == "fp32" else f"{base}@{precision}"
+    return base if stage is None else f"{base}{STAGE_MARK}{stage}"
 
 
 def bundle_name(stem: str, precision: str, suffix: str) -> str:
@@ -151,6 +153,7 @@ class BuildJob:
     # Why the model could not be imported for this job (a variant's interface cast it
     # cannot carry): the build fails with this, and the other jobs still build.
     error: str | None = None
+    stage: int | None = None  # the stage of a staged model it builds (its imported parts are that stage's)
 
     @property
     def from_onnx(self) -> bool:
@@ -216,6 +219,7 @@ class Built:
     interface_casts: tuple[tuple[str, str], ...] = ()
     operator: str | None = None  # the model's operator a failed build could not handle, when known
     hash: FileHash | None = None  # of `file`, when the engine hashed it: the bundle's copy must match
+    stage: int | None = None  # the stage of a staged model it computes
     # The engine's own account of the build, for callers who want its details (IREE:
     # the compile driver's CompileResult, with the argv and stderr that reproduce it).
     record: Any = field(default=None, compare=False, repr=False)
@@ -230,14 +234,15 @@ class Built:
         common = dict(id=self.id, family=self.family, variant=self.variant, backend=self.backend, driver=self.driver,
                       binary=self.binary, flags=self.options, requires=self.requires, precision=self.precision,
                       compile_seconds=round(self.seconds, 3), tuning=self.tuning, engine=self.engine,
-                      cached=self.cached, fallback=self.fallback, interface_casts=self.interface_casts)  # fmt: skip
+                      cached=self.cached, fallback=self.fallback, interface_casts=self.interface_casts,
+                      stage=self.stage)  # fmt: skip
         if self.status == "failed":
             return Artifact(status="failed", error=self.error, operator=self.operator, **common, **recorded)  # type: ignore[arg-type]
         return Artifact(status="ok", verified=self.verified, **common, **recorded)  # type: ignore[arg-type]
 
     @property
     def id(self) -> str:
-        return artifact_id(self.family, self.variant, self.precision)
+        return artifact_id(self.family, self.variant, self.precision, self.stage)
 
 
 class Engine:

@@ -89,7 +89,7 @@ class IreeEngine(Engine):
 def _compile_job(job: BuildJob) -> CompileJob:
     assert job.variant is not None and job.ir is not None, "an IREE build job names its variant and IR"
     return CompileJob(job.ir.mlir, job.ir_sha256, job.variant, job.precision, extra=job.flags, casts=job.casts,
-                      f64=f64_interface(job.ir.interface))  # fmt: skip
+                      f64=f64_interface(job.ir.interface), stage=job.stage)  # fmt: skip
 
 
 def _built(r: CompileResult) -> Built:
@@ -102,7 +102,7 @@ def _built(r: CompileResult) -> Built:
         binary=r.plan.binary, options=r.plan.flags, requires=r.requirements, file=r.vmfb,
         bundle_name=f"{ARTIFACTS_DIR}/{job.file_stem}.vmfb" if ok else None, verified=r.verified, error=r.error,
         tuning=r.tuning, cached=r.cached, fallback=r.fallback, interface_casts=job.casts, operator=r.operator,
-        hash=r.hash, record=r,
+        hash=r.hash, stage=job.stage, record=r,
     )  # fmt: skip
 
 

@@ -57,6 +57,7 @@ from hxc.manifests.schema import (
     Profile,
     Signature,
     SchemaError,
+    TensorSpec,
     from_json,
     to_json,
 )
@@ -212,8 +213,53 @@ def parse_manifest(data: object, where: str = MANIFEST_FILE) -> Manifest:
     except RecursionError:
         raise BundleError(f"{where}: invalid manifest: nested too deeply") from None
     _check_functions(manifest.functions, where)
+    _check_stages(manifest, where)
     _check_references(manifest, where)
     return manifest
+
+
+def _check_stages(m: Manifest, where: str) -> None:
+    """A staged bundle's artifacts are stages of one chain that computes `main`: the
+    runtime trusts that stage k's outputs are stage k+1's inputs and that no stage's
+    artifact passes for the whole model."""
+    staged = [f"artifact {a.id}" for a in m.artifacts if a.stage is not None]
+    staged += [f"weights {w.file}" for w in m.weights if w.stage is not None]
+    if not m.stages:
+        if staged:
+            raise BundleError(f"{where}: {staged[0]} belongs to a stage, and the manifest lists no stages")
+        return
+    if not m.stateless_main:
+        raise BundleError(f"{where}: a staged bundle computes one stateless function, {MAIN}")
+    if [s.index for s in m.stages] != list(range(len(m.stages))) or len(m.stages) < 2:
+        raise BundleError(f"{where}: stages must be numbered 0, 1, ... and be at least two")
+    if whole := [a.id for a in m.artifacts if a.stage is None]:
+        raise BundleError(f"{where}: artifact {whole[0]} belongs to no stage of this staged bundle")
+    for a in m.artifacts:
+        if not 0 <= a.stage < len(m.stages) or a.id not in m.stages[a.stage].artifacts:  # type: ignore[operator]
+            raise BundleError(f"{where}: artifact {a.id} is not listed by its stage {a.stage}")
+    for w in m.weights:
+        if w.stage is None or not 0 <= w.stage < len(m.stages):
+            raise BundleError(f"{where}: weights {w.file} name no stage of this staged bundle")
+    main = m.functions[MAIN].signature
+    before = main.inputs
+    for s in m.stages:
+        _check_signature(s.signature, f"{where}: stage {s.index}")
+        if unknown := [i for i in s.artifacts if all(a.id != i or a.stage != s.index for a in m.artifacts)]:
+            raise BundleError(f"{where}: stage {s.index} lists artifact {unknown[0]}, which is not one of its own")
+        if not _same_tensors(before, s.signature.inputs):
+            raise BundleError(f"{where}: stage {s.index}'s inputs are not "
+                              + ("the model's inputs" if s.index == 0 else f"stage {s.index - 1}'s outputs"))  # fmt: skip
+        before = s.signature.outputs
+    if not _same_tensors(before, main.outputs):
+        raise BundleError(f"{where}: the last stage's outputs are not the model's outputs")
+
+
+def _same_tensors(a: tuple[TensorSpec, ...], b: tuple[TensorSpec, ...]) -> bool:
+    """Same count, dtypes and static sizes (names of dynamic dimensions are each
+    program's own)."""
+    return len(a) == len(b) and all(x.dtype == y.dtype and len(x.shape) == len(y.shape)
+                                    and all(p == q for p, q in zip(x.shape, y.shape) if isinstance(p, int) and isinstance(q, int))
+                                    for x, y in zip(a, b))  # fmt: skip
 
 
 MAX_FUNCTIONS = 64

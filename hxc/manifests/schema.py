@@ -67,7 +67,18 @@ PROFILES_FORMAT = "hxc-profiles"
 # 5.3: a language model of several slots may have a third function, `mixed` (a decode
 # step and a prefill chunk of the smallest size in one call, `hxc.lm_calls`). A 5.2
 # reader ignores it and steps with `prefill` and `decode`, as before.
-SCHEMA_VERSION: tuple[int, int] = (5, 3)
+# 6.0: `stages` (optional) and `Artifact.stage`, `Weights.stage`: a model cut into
+# consecutive stages (`hxc compile --stages`), each stage compiled as an artifact of its
+# own per target (`cpu:host#s0`, `cpu:host#s1`, ...) with its own weights archive
+# (`weights-s0.irpa`), so that whoever runs stage k loads stage k's weights alone. A 5.x
+# reader knows neither field: it would take stage 0's artifact for the whole model and
+# return stage 0's outputs as the model's, hence the major bump. This reader reads every
+# 2.x-5.x bundle as before (no stages), and picks a staged bundle's artifacts only as
+# the complete chain of one target's stages, never one stage as the model. Only a staged
+# bundle is written as 6.0: one without stages means what it meant, and is written as
+# 5.3 (`UNSTAGED_SCHEMA_VERSION`), so a 5.x hxc still reads it.
+SCHEMA_VERSION: tuple[int, int] = (6, 0)
+UNSTAGED_SCHEMA_VERSION: tuple[int, int] = (5, 3)
 # profiles.json is versioned on its own: nothing in it changed meaning in 3.0, so a
 # 2.x hxc can still read the profiles a newer hxc bench adds to its bundles.
 # 2.1: Profile.conditions (what else ran during a measurement).
@@ -255,9 +266,14 @@ class Quantization:
     scale_dtype: str = "f32"
 
 
+STAGE_MARK = "#s"  # a stage's artifact id: the target's id, then this and the stage's index (`cpu:host#s1`)
+
+
 @dataclass(frozen=True)
 class Artifact:
-    id: str  # family:variant[@precision], unique in a bundle (variant is the engine for non-IREE engines)
+    # family:variant[@precision][#sK], unique in a bundle (variant is the engine for
+    # non-IREE engines; #sK for stage K of a staged bundle)
+    id: str
     family: str
     variant: str
     # Within the engine, what executes it: IREE's compiler backend (llvm-cpu, cuda, rocm,
@@ -296,6 +312,13 @@ class Artifact:
     # inductor. A reader that predates this field would take any artifact for IREE's.
     engine: str = "iree"
     quantization: Quantization | None = None  # precision int8 / int4 (5.1)
+    # Which stage of a staged bundle it computes (`Manifest.stages`); None: the whole model (6.0).
+    stage: int | None = None
+
+    @property
+    def target_id(self) -> str:
+        """The id without its stage: what every stage of one target and precision shares."""
+        return self.id.partition(STAGE_MARK)[0]
 
 
 @dataclass(frozen=True)
@@ -390,6 +413,49 @@ class Weights:
     sha256: str
     size: int
     precision: str = "fp32"  # the artifacts of this precision reference this archive
+    stage: int | None = None  # of a staged bundle: the artifacts of this stage alone reference it (6.0)
+
+
+@dataclass(frozen=True)
+class StageTensor:
+    """A tensor that crosses into or out of a stage. `bytes` at the golden sample's
+    shape (a dynamic dimension counted at its example size)."""
+
+    name: str  # the value's name in the exported graph (`conv2d`, `add_3`); the model's input names at stage 0
+    dtype: str
+    shape: tuple[Dim, ...]
+    bytes: int
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One of a model's consecutive stages (`hxc compile --stages`): its artifacts (one
+    per target and precision, each exposing `function`) take `inputs` and return
+    `outputs`. Stage 0 takes the model's inputs; each later stage takes exactly the
+    outputs of the stage before it (a tensor needed further on passes through); the last
+    returns the model's outputs, flat, in the order of `main`'s signature."""
+
+    index: int
+    name: str  # s0, s1, ...: its artifacts' id suffix after STAGE_MARK's `#`
+    function: str  # the entry point of its artifacts
+    artifacts: tuple[str, ...]  # ids of this stage's artifacts
+    first_module: str | None  # qualified names of the first and last module it runs (None: none named)
+    last_module: str | None
+    inputs: tuple[StageTensor, ...]
+    outputs: tuple[StageTensor, ...]
+    weights_bytes: int  # the parameters and buffers its artifacts hold or load
+    flops: int  # estimated from the exported graph's shapes (hxc.compiler.stages.node_flops)
+    kv_bytes_per_token: int = 0  # a language model's KV cache per token in its layers; 0 for tensor models
+
+    @property
+    def signature(self) -> Signature:
+        """What its artifacts' function takes and returns, outputs flat."""
+        outputs = tuple(t.spec() for t in self.outputs)
+        tree = OutputTree("tuple", items=tuple(OutputTree("leaf", i) for i in range(len(outputs))))
+        return Signature(tuple(t.spec() for t in self.inputs), outputs, tree)
 
 
 @dataclass(frozen=True)
@@ -454,6 +520,13 @@ class LanguageModel:
         return next((f for f in self.tokenizer_files if f.endswith("/tokenizer.json")), None)
 
 
+def schema_version_written(stages: tuple[Any, ...]) -> str:
+    """The schema version a bundle is written with: 6.0 for a staged one, else 5.3 (see
+    SCHEMA_VERSION's notes: nothing else in 6.0 changed meaning)."""
+    major, minor = SCHEMA_VERSION if stages else UNSTAGED_SCHEMA_VERSION
+    return f"{major}.{minor}"
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A bundle's description. `hosts` and `profiles` live in PROFILES_FILE on disk
@@ -478,6 +551,8 @@ class Manifest:
     hosts: tuple[Host, ...] = ()
     profiles: tuple[Profile, ...] = ()
     language_model: LanguageModel | None = None  # a causal LM: what `generate` needs (4.1)
+    # A model cut into stages, in order; empty: every artifact computes the whole model (6.0).
+    stages: tuple[Stage, ...] = ()
     format: str = FORMAT
     schema_version: str = f"{SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1]}"
 
@@ -507,8 +582,16 @@ class Manifest:
     def ok_artifacts(self) -> tuple[Artifact, ...]:
         return tuple(a for a in self.artifacts if a.status == "ok")
 
-    def weights_for(self, precision: str) -> Weights | None:
-        return next((w for w in self.weights if w.precision == precision), None)
+    def weights_for(self, precision: str, stage: int | None = None) -> Weights | None:
+        return next((w for w in self.weights if w.precision == precision and w.stage == stage), None)
+
+    def stage_artifacts(self, artifact: Artifact) -> tuple[Artifact, ...]:
+        """Every stage's artifact of `artifact`'s target and precision, in stage order
+        (fewer than the stages when some are missing); `(artifact,)` for an unstaged one."""
+        if artifact.stage is None:
+            return (artifact,)
+        found = {a.stage: a for a in self.artifacts if a.stage is not None and a.target_id == artifact.target_id}
+        return tuple(found[s.index] for s in self.stages if s.index in found)
 
     def referenced_files(self) -> list[tuple[str, str]]:
         """(path, what) for every file another record names: each must be in `files`."""

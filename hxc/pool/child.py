@@ -104,7 +104,7 @@ def _load(config: dict[str, Any]):
         warmup = (time.perf_counter() - t0) * 1000
     except Exception as e:  # noqa: BLE001 - a model that rejects zeros still serves real inputs
         warmup = f"warm-up call failed: {e}".splitlines()[0]
-    ready = {"pid": os.getpid(), "artifact": model.artifact.id, "device": model.device.label, "load_ms": load_ms,
+    ready = {"pid": os.getpid(), "artifact": model.candidate.id, "device": model.device.label, "load_ms": load_ms,
              "warmup_ms": warmup if isinstance(warmup, float) else None, "threads": threading.active_count(),
              "native_threads": len(os.listdir("/proc/self/task")), "cpus": sorted(os.sched_getaffinity(0)),
              "lm_timing": lm_timing}  # fmt: skip
@@ -345,7 +345,7 @@ def _faults(spec: str, model, incarnation: int) -> dict[int, str]:
     for item in spec.split(",") if spec else ():
         who, _, rest = item.strip().rpartition(":")
         what, _, n = rest.partition("@")
-        if who not in (model.artifact.id, model.device.driver):
+        if who not in (model.candidate.id, model.device.driver):
             continue
         if what == "slowstep":
             out[0] = n

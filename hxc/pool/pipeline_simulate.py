@@ -18,6 +18,7 @@ such as `pcie=25GB/s` (`placement.parse_link`) carries what crosses to and from 
 
 from __future__ import annotations
 
+import bisect
 import collections
 import heapq
 import math
@@ -108,10 +109,17 @@ def simulate_pipeline(plan: Plan, items: int, in_flight: int, *, devices: Sequen
             admit(t)
     done = sorted(finished)
     makespan = done[-1]
+    # Steady state: the completions between the first in-flight batch and the last, so
+    # neither the filling nor the draining of the pipeline (the last items, no longer
+    # queued behind others, finish faster) counts.
     warm = min(in_flight, items - 1)
-    window = done[-1] - done[warm - 1] if warm > 0 else 0.0
-    if items - warm > 0 and warm > 0 and window > 0:
-        rate = (items - warm) / window * 1e3
+    last = max(warm, items - 1 - in_flight)
+    window = done[last] - done[warm - 1] if warm > 0 else 0.0
+    if last > warm and window > 0:
+        # Completions in (done[warm - 1], done[last]], counted by time: several items can
+        # finish at one instant (steps of no time), and an index would split them.
+        count = bisect.bisect_right(done, done[last]) - bisect.bisect_right(done, done[warm - 1])
+        rate = count / window * 1e3
     else:
         rate = items / makespan * 1e3 if makespan > 0 else math.inf
     latencies = latency_stats([f - e for f, e in zip(finished, entered)])

@@ -29,6 +29,7 @@ from hxc.dtypes import dtype, from_numpy, is_torch, to_numpy, to_torch
 from hxc.runtime.prices import PriceTable
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
+from hxc.runtime.stages import StagedSession
 from hxc.targets import Device
 
 log = logging.getLogger("hxc.runtime")
@@ -87,10 +88,10 @@ class LoadedModel:
         text = self.selection.explain()
         for a in self.attempts:
             text += f"\n   !  {a.artifact} on {a.device} failed to load: {a.error}"
-        return text + f"\nloaded {self.artifact.id} on {self.device.label}"
+        return text + f"\nloaded {self.candidate.id} on {self.device.label}"
 
     def __repr__(self) -> str:
-        return f"<hxc model {self.manifest.model.name!r}: {self.artifact.id} on {self.device.label}>"
+        return f"<hxc model {self.manifest.model.name!r}: {self.candidate.id} on {self.device.label}>"
 
     def __call__(self, *inputs: Any) -> Any:
         plan = self._plan
@@ -347,34 +348,41 @@ def load(
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host", hint=_summary(selection))
 
     attempts: list[LoadAttempt] = []
-    checked_weights: dict[str, tuple[CheckedFile, str] | None] = {}  # hashing 400 MB once is enough
+    checked_weights: dict[tuple[str, int | None], tuple[CheckedFile, str] | None] = {}  # hashing 400 MB once is enough
     for cand in selection.candidates:
-        assert cand.artifact.file is not None  # parse_manifest guarantees it for ok artifacts
-        module = open_checked(path, manifest, cand.artifact.file, private_copy=private_copy)
-        eng = engine(cand.artifact.engine)  # select() only offers artifacts of engines it knows
-        weights = None
-        if eng.uses_shared_weights(cand.artifact):
-            precision = cand.artifact.precision
-            if precision not in checked_weights:
-                w = manifest.weights_for(precision)
-                checked_weights[precision] = None if w is None else (
-                    open_checked(path, manifest, w.file, private_copy=private_copy), w.scope)  # fmt: skip
-            weights = checked_weights[precision]
+        # Every file is checked before any is opened: a file that fails is an error, not a reason to try the next.
+        opened = [_checked(path, manifest, a, private_copy, checked_weights) for a in cand.artifacts]
         try:
-            session = eng.open(cand.artifact, module, cand.device, weights)
+            sessions = [engine(a.engine).open(a, module, cand.device, weights) for a, (module, weights) in zip(cand.artifacts, opened)]
+            session = StagedSession(sessions, manifest.stages, cand.stages) if cand.stages else sessions[0]
         except Exception as e:
             if strict:
-                raise HxcError(f"{cand.artifact.id} on {cand.device.label} failed to load: {first_line(e)}") from None
-            attempts.append(LoadAttempt(cand.artifact.id, cand.device.label, first_line(e)))
-            log.warning("hxc: %s on %s failed to load (%s); trying the next", cand.artifact.id, cand.device.label, first_line(e))
+                raise HxcError(f"{cand.id} on {cand.device.label} failed to load: {first_line(e)}") from None
+            attempts.append(LoadAttempt(cand.id, cand.device.label, first_line(e)))
+            log.warning("hxc: %s on %s failed to load (%s); trying the next", cand.id, cand.device.label, first_line(e))
             continue
         model = LoadedModel(path, manifest, cand, selection, attempts, session)
-        log.info("hxc: loaded %s on %s (%s)", cand.artifact.id, cand.device.label, cand.reason)
+        log.info("hxc: loaded %s on %s (%s)", cand.id, cand.device.label, cand.reason)
         return model
     raise NoCompatibleArtifactError(
         f"{path}: every compatible artifact failed to load",
         hint="; ".join(f"{a.artifact}: {a.error}" for a in attempts),
     )
+
+
+def _checked(path: Path, manifest: Manifest, art: Artifact, private_copy: bool,
+             weights: dict[tuple[str, int | None], tuple[CheckedFile, str] | None]) -> tuple[CheckedFile, tuple[CheckedFile, str] | None]:  # fmt: skip
+    """The artifact's file, checked, and the checked parameter archive it reads (its
+    precision's, and its stage's alone for a stage), from `weights` when already checked."""
+    assert art.file is not None  # parse_manifest guarantees it for ok artifacts
+    module = open_checked(path, manifest, art.file, private_copy=private_copy)
+    if not engine(art.engine).uses_shared_weights(art):  # select() only offers artifacts of engines it knows
+        return module, None
+    key = (art.precision, art.stage)
+    if key not in weights:
+        w = manifest.weights_for(*key)
+        weights[key] = None if w is None else (open_checked(path, manifest, w.file, private_copy=private_copy), w.scope)
+    return module, weights[key]
 
 
 def _summary(selection: Selection) -> str:

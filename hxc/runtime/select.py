@@ -12,6 +12,11 @@ device; so whichever engine measured fastest here runs. Unmeasured artifacts fol
 in each family's static order (a native GPU, then native CPU code, then a software
 Vulkan device), IREE's before other engines'.
 
+A staged bundle (`hxc compile --stages`) is offered as whole chains only: a target is a
+candidate when every stage has an artifact of it that compiled and that the device can
+run (`Candidate.stages`, stage 0's artifact as `artifact`); a stage is never offered as
+the model.
+
 Policies:
   latency     lowest p50 of the single-stream profile
   throughput  most items (batch rows) per second, offline batches preferred
@@ -105,6 +110,19 @@ class Candidate:
     price: Price | None = None
     slo: SloVerdict | None = None  # set when the selection has an SLO and a measurement
     preferred: bool = False  # of the reduced precision the caller asked for
+    # A staged bundle's candidate: every stage's artifact of `artifact`'s target, in
+    # order (`artifact` is stage 0's); empty for a bundle of whole-model artifacts.
+    stages: tuple[Artifact, ...] = ()
+
+    @property
+    def id(self) -> str:
+        """What runs: the artifact's id, or for a staged bundle the target's (`cpu:host`)."""
+        return self.artifact.target_id if self.stages else self.artifact.id
+
+    @property
+    def artifacts(self) -> tuple[Artifact, ...]:
+        """The artifacts it loads: every stage's, or the one."""
+        return self.stages or (self.artifact,)
 
     @property
     def profile(self) -> Profile | None:
@@ -181,7 +199,8 @@ class Selection:
             lines.append(self.profiles_note)
         for i, c in enumerate(self.candidates):
             mark = "->" if i == 0 else "  "
-            lines.append(f"{mark} #{i + 1} {c.artifact.id} on {c.device.label}: {c.reason}")
+            staged = f" ({len(c.stages)} stages)" if c.stages else ""
+            lines.append(f"{mark} #{i + 1} {c.id}{staged} on {c.device.label}: {c.reason}")
             if self.policy == "cost":
                 lines.append(f"        cost: {c.arithmetic(self.currency)}")
             if self.slo is not None:
@@ -228,10 +247,16 @@ def select(
     candidates: list[Candidate] = []
     rejected: list[Rejection] = []
     for art in manifest.artifacts:
+        if art.stage:  # a later stage is never the model: it is chosen with its stage 0, as one chain
+            continue
         if art.status != "ok":
             rejected.append(Rejection(art, f"failed to compile: {art.error}"))
             continue
-        if (why := _precision_refused(art, precision, tolerance)) is not None:
+        chain = manifest.stage_artifacts(art) if art.stage is not None else ()
+        if chain and (why := _incomplete(manifest, art, chain)) is not None:
+            rejected.append(Rejection(art, why))
+            continue
+        if (why := next((w for a in chain or (art,) if (w := _precision_refused(a, precision, tolerance))), None)):
             rejected.append(Rejection(art, why))
             continue
         try:
@@ -247,7 +272,8 @@ def select(
         if not devices:
             rejected.append(Rejection(art, _no_driver_reason(probe, fam.drivers)))
             continue
-        reasons = {d.label: fam.cannot_run(art, d) or eng.cannot_run(art, d) for d in devices}
+        reasons = {d.label: next((r for a in chain or (art,) if (r := fam.cannot_run(a, d) or eng.cannot_run(a, d))), None)
+                   for d in devices}  # fmt: skip
         able = [d for d in devices if reasons[d.label] is None]
         if not able:
             rejected.append(Rejection(art, "; ".join(dict.fromkeys(r for r in reasons.values() if r))))
@@ -264,7 +290,8 @@ def select(
         preferred = art.precision != "fp32" and art.precision == precision
         price = prices.price(dev, probe.cpu.cores) if prices is not None else None
         verdict = judge_slo(slo, latency.latency, latency.caller_overhead) if slo and latency else None
-        candidates.append(Candidate(art, dev, latency, throughput, where, fam.rank(art, dev) + eng.static_rank_offset, price, verdict, preferred))
+        candidates.append(Candidate(art, dev, latency, throughput, where, fam.rank(art, dev) + eng.static_rank_offset, price, verdict, preferred,
+                                    chain))  # fmt: skip
 
     note = None
     if slo is not None and any(c.slo for c in candidates) and not any(c.slo and c.slo.met for c in candidates):
@@ -273,6 +300,16 @@ def select(
     candidates.sort(key=order)
     return Selection(tuple(candidates), tuple(rejected), policy, forced, note, slo, prices.currency if prices else "USD",
                      profiles_note)  # fmt: skip
+
+
+def _incomplete(manifest: Manifest, art: Artifact, chain: tuple[Artifact, ...]) -> str | None:
+    """Why the stages of `art`'s target do not make the whole model, or None."""
+    have = {a.stage for a in chain}
+    if missing := [s.index for s in manifest.stages if s.index not in have]:
+        return f"stage {missing[0]} of {len(manifest.stages)} has no {art.target_id} artifact"
+    if failed := [a for a in chain if a.status != "ok"]:
+        return f"stage {failed[0].stage} failed to compile: {failed[0].error}"
+    return None
 
 
 def _slo(slo_ms: float | None, percentile: str) -> Slo | None:
@@ -358,7 +395,7 @@ def _profiles_for(
 def matches_device(forced: str, device: Device, art: Artifact) -> bool:
     """Whether `forced` (a driver, device URI, family or artifact id, as `device=` takes
     it) names this device and artifact."""
-    return forced in (device.driver, device.uri, art.family, art.id) or device.uri.startswith(forced + "://")
+    return forced in (device.driver, device.uri, art.family, art.id, art.target_id) or device.uri.startswith(forced + "://")
 
 
 def _no_driver_reason(probe: HostProbe, drivers: tuple[str, ...]) -> str:
