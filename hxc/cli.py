@@ -264,6 +264,10 @@ def main(verbose: int) -> None:
                    "its own weights (the manifest's `stages` records what crosses each cut): N balances the stages' "
                    "FLOPs over module boundaries (a ModuleList's blocks, top-level children); at:layer3,layer4 cuts "
                    "before those submodules; auto is 2 for now. [default: whole]")  # fmt: skip
+@click.option("--no-mixed-step", "no_mixed_step", is_flag=True,
+              help="Language models of several slots: leave out `mixed`, the decode step that carries a prefill chunk "
+                   "(a smaller artifact and a shorter compile; `hxc serve` then reads a prompt beside running streams "
+                   "in calls of its own).")
 @click.option("--allow-partial", is_flag=True, help="Write the bundle even if some targets fail (failures are recorded in it).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Targets compiled at once. [default: CPU count]")
 @click.option("--no-cache", is_flag=True, help="Recompile everything instead of reusing cached artifacts.")
@@ -273,7 +277,7 @@ def main(verbose: int) -> None:
 def compile(model: str, output: Path | None, targets: str, backends: str, inputs: tuple[str, ...], dynamic_batch: bool,
             example: Path | None, allow_pickle: bool, weights: str, precisions: list[str], group_size: int | None, tune: bool,
             iree_flags: tuple[str, ...], max_context: int | None, slots: int, prefill_chunk: list[int] | None,
-            stages: str | None, allow_partial: bool, jobs: int | None, no_cache: bool, cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
+            stages: str | None, no_mixed_step: bool, allow_partial: bool, jobs: int | None, no_cache: bool, cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one artifact per target (and backend).
 
     MODEL is a torch.export archive (.pt2), a TorchScript archive, a pickled module
@@ -303,7 +307,7 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
     options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights,  # type: ignore[arg-type]
                             example=str(example) if example else None, max_context=max_context, slots=slots,
                             prefill_chunk=tuple(prefill_chunk) if prefill_chunk else None, group_size=group_size,
-                            stages=stages)
+                            stages=stages, mixed_step=not no_mixed_step)
     with ui.CompileProgress(enabled=not as_json) as progress:
         result = build_bundle(
             model, out, variants, backends=backends, options=options, precisions=precisions, allow_partial=allow_partial,

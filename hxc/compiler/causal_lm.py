@@ -626,14 +626,14 @@ def is_causal_lm(obj: Any) -> bool:
 
 
 def language_model(model: torch.nn.Module, tokenizer: Any = None, *, max_context: int | None = None, slots: int = 1,
-                   prefill_chunk: int | Sequence[int] | None = None) -> CausalLM:  # fmt: skip
+                   prefill_chunk: int | Sequence[int] | None = None, mixed_step: bool = True) -> CausalLM:  # fmt: skip
     """A transformers causal LM as a CausalLM ready to compile (fp32), with the
     tokenizer the bundle will carry: a transformers tokenizer, a `tokenizers.Tokenizer`,
     a directory holding one, or None (the caller then passes token ids)."""
     config = model.config
     if max_context is None:
         max_context = default_max_context(config)
-    lm = CausalLM(model.float().eval(), slots, max_context, prefill_chunk=prefill_chunk)
+    lm = CausalLM(model.float().eval(), slots, max_context, prefill_chunk=prefill_chunk, mixed_step=mixed_step)
     lm.tokenizer = tokenizer
     return lm
 
