@@ -101,12 +101,15 @@ class StagePlan:
         return ",".join(f"{a}:{d}" if a == b else f"{a}-{b}:{d}" for a, b, d in self.ranges())
 
     def explain(self) -> str:
-        lines = [f"stages: {self.describe()} ({self.source}: {self.reason})"]
+        who = {"forced": "forced", "solver": "by the solver", "single": "on the best single device"}[self.source]
+        lines = [f"stage placement ({who}, objective {self.objective}): {self.describe()}"]
         for d in self.devices:
             lines.append(f"  device {d.name} = {d.device.label}: runs {d.candidate.id} "
                          f"({', '.join(a.id for a in d.artifacts)})")  # fmt: skip
-        if self.placement is not None:
+        if self.placement is not None:  # the solver's arithmetic ends with why
             lines += [f"  {line}" for line in self.placement.lines]
+        else:
+            lines.append(f"  why: {self.reason}")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
