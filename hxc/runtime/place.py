@@ -123,8 +123,8 @@ class StagePlan:
                          "memory_cap_bytes": self.caps.get(d.name)} for d in self.devices],
             "predicted": p and {"items_per_s": p.items_per_s, "latency_ms": p.latency_ms, "bottleneck": p.bottleneck,
                                 "memory_bytes": dict(p.memory)},
-            "single": p and p.plan is not p.single and p.single and {
-                "device": p.single.devices[0], "items_per_s": p.single.items_per_s, "latency_ms": p.single.latency_ms},
+            "single": p and p.single and {"device": p.single.devices[0], "items_per_s": p.single.items_per_s,
+                                          "latency_ms": p.single.latency_ms},
             "explain": list(p.lines) if p else [],
         }  # fmt: skip
 
