@@ -125,6 +125,7 @@ class PipelineWorkerStats:
     name: str
     device: str  # the device's label, as the worker reported it
     ranges: tuple[tuple[int, int], ...]
+    artifacts: tuple[str, ...]  # what it loaded: its stages' artifacts alone
     cpus: tuple[int, ...] | None
     health: Health
     reason: str | None  # why it failed, last
@@ -668,7 +669,8 @@ class Pipeline:
         with self._lock:
             workers = tuple(
                 PipelineWorkerStats(
-                    w.plan.name, w.ready_info.get("device", w.plan.device), w.plan.ranges, w.plan.cpus, w.health,
+                    w.plan.name, w.ready_info.get("device", w.plan.device), w.plan.ranges,
+                    tuple(w.ready_info.get("artifacts", ())), w.plan.cpus, w.health,
                     w.reason, w.life.process.pid if w.life else None, w.calls, w.busy_s, w.device_s, w.failures,
                     w.restarts, tuple(w.intervals),
                 )  # fmt: skip
