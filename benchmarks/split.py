@@ -203,6 +203,8 @@ def measure(staged: Path, whole: Path, args: argparse.Namespace) -> dict:
         got = pipe(ids)
         error = float(np.abs(got - expected).max() / max(1e-12, float(np.abs(expected).max())))
         stage_ms: dict[int, list[float]] = {0: [], 1: []}
+        in_pipeline_ms: dict[int, list[float]] = {0: [], 1: []}
+        busy_share: dict[int, list[float]] = {0: [], 1: []}
         alone_latency, pipelined, caller_cpu, whole1, whole2 = [], [], [], [], []
         for r in range(args.rounds):
             # (a) one item at a time: each worker's own time for each call.
@@ -213,10 +215,18 @@ def measure(staged: Path, whole: Path, args: argparse.Namespace) -> dict:
             alone_latency.append((time.perf_counter() - t0) / args.alone * 1000)
             for k, (w, n) in enumerate(zip(pipe.stats().workers, before)):
                 stage_ms[k] += [(b - a) * 1000 for a, b in w.intervals[n:]]
-            # (b) several in flight: steady throughput, and the caller's CPU time.
+            # (b) several in flight: steady throughput, the caller's CPU time, and each
+            # worker's own call times and busy share meanwhile.
+            before = [len(w.intervals) for w in pipe.stats().workers]
+            t0 = time.monotonic()
             rate, cpu_ms = pipelined_run(pipe, items, args.in_flight)
+            wall = time.monotonic() - t0
             pipelined.append(rate)
             caller_cpu.append(cpu_ms)
+            for k, (w, n) in enumerate(zip(pipe.stats().workers, before)):
+                calls = [(b - a) * 1000 for a, b in w.intervals[n:]]
+                in_pipeline_ms[k] += calls
+                busy_share[k].append(sum(calls) / 1000 / wall)
             # (d) the whole model.
             whole1.append(timed(one_core, ids, args.alone))
             whole2.append(timed(two_cores, ids, args.alone))
@@ -239,6 +249,12 @@ def measure(staged: Path, whole: Path, args: argparse.Namespace) -> dict:
     devices = [DeviceInfo("core0"), DeviceInfo("core1")]
     plan = evaluate(costs, devices, {(0, "core0"): t[0], (1, "core1"): t[1]}, ("core0", "core1"))
     sim = simulate_pipeline(plan, items=args.items, in_flight=args.in_flight)
+    # The same from the stage times the workers measured while both ran: what is left of
+    # the gap then is the pipeline's own (hops, idle workers), not the stages' slowdown
+    # when the other core is busy too (shared caches and memory bandwidth, other jobs).
+    t_busy = [statistics.median(in_pipeline_ms[k]) for k in (0, 1)]
+    busy_plan = evaluate(costs, devices, {(0, "core0"): t_busy[0], (1, "core1"): t_busy[1]}, ("core0", "core1"))
+    busy_sim = simulate_pipeline(busy_plan, items=args.items, in_flight=args.in_flight)
     return {
         "model": {"parameters": params, "layers": args.layers, "hidden": args.hidden, "seq": args.seq,
                   "stages": [{"first_module": s.first_module, "last_module": s.last_module, "flops": s.flops,
@@ -255,6 +271,10 @@ def measure(staged: Path, whole: Path, args: argparse.Namespace) -> dict:
         "caller_cpu_share_of_a_core": statistics.median(caller_cpu) * measured / 1000,
         "simulated_items_per_s": sim.items_per_s,
         "simulated_vs_measured": sim.items_per_s / measured,
+        "stage_in_pipeline_ms": t_busy,
+        "worker_busy_share_in_pipeline": [statistics.median(busy_share[k]) for k in (0, 1)],
+        "simulated_from_in_pipeline_times_items_per_s": busy_sim.items_per_s,
+        "simulated_from_in_pipeline_times_vs_measured": busy_sim.items_per_s / measured,
         "predicted_items_per_s": plan.items_per_s,
         "whole_one_core_items_per_s": 1000 / statistics.median(whole1),
         "whole_both_cores_items_per_s": 1000 / statistics.median(whole2),
@@ -307,6 +327,9 @@ def summary(r: dict) -> str:
         f"{r['caller_cpu_ms_per_item']:.2f} ms/item ({r['caller_cpu_share_of_a_core']:.1%} of a core)",
         f"(c) simulated: {r['simulated_items_per_s']:.2f} items/s = {r['simulated_vs_measured']:.0%} of measured "
         f"(goal within 15%)",
+        f"    while both ran, the stages took {r['stage_in_pipeline_ms'][0]:.1f} ms and {r['stage_in_pipeline_ms'][1]:.1f} ms, "
+        f"the workers busy {r['worker_busy_share_in_pipeline'][0]:.0%} and {r['worker_busy_share_in_pipeline'][1]:.0%}; "
+        f"simulated from those times: {r['simulated_from_in_pipeline_times_vs_measured']:.0%} of measured",
         f"(d) whole model: {r['whole_one_core_items_per_s']:.2f} items/s on one core, "
         f"{r['whole_both_cores_items_per_s']:.2f} on both (pipeline / whole on both: {r['pipeline_vs_whole_both_cores']:.0%})",
         f"load average before {r['load_before'][0]:.2f}, after {r['load_after'][0]:.2f}",

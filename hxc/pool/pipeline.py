@@ -557,7 +557,7 @@ class Pipeline:
 
     def _reply(self, w: _Worker, life: _Life, message: dict) -> bool:
         """Handle one reply; False when this process is no longer the worker's."""
-        finished: tuple[_Item, list[np.ndarray]] | None = None
+        done: tuple[_Item, SharedBuffer] | None = None
         failed: tuple[_Item, Exception] | None = None
         with self._lock:
             if w.life is not life:
@@ -596,23 +596,28 @@ class Pipeline:
                 if item.hop < len(self._path):
                     self._hand(item)
                 else:
-                    finished = (item, self._outputs(item))
-                    self._counts["items"] += 1
-                    self._release(item)
+                    # Its slot is its own until released: the outputs are copied out
+                    # without the lock, so the other workers' replies are not held up.
+                    assert item.slot is not None
+                    done = (item, self._buffers[(item.slot, self._stage_count)][1])
         if failed is not None:
             _fail(*failed)
-        if finished is not None and not finished[0].future.done():
-            finished[0].future.set_result(finished[1])
+        if done is not None:
+            item, buf = done
+            outputs = [buf.view(ArrayRef.from_json(r), t).copy()
+                       for r, t in zip(item.refs[self._stage_count], self._output_types)]  # fmt: skip
+            with self._lock:
+                self._counts["items"] += 1
+                if item.slot is not None:  # not taken back by close() meanwhile
+                    self._release(item)
+            if not item.future.done():
+                item.future.set_result(outputs)
         return True
-
-    def _outputs(self, item: _Item) -> list[np.ndarray]:
-        assert item.slot is not None
-        _, buf = self._buffers[(item.slot, self._stage_count)]
-        return [buf.view(ArrayRef.from_json(r), t).copy() for r, t in zip(item.refs[self._stage_count], self._output_types)]
 
     def _release(self, item: _Item) -> None:
         assert item.slot is not None
-        self._free_slots.append(item.slot)
+        if item.slot not in self._free_slots:  # `_take_all_items` may have freed every slot meanwhile
+            self._free_slots.append(item.slot)
         item.slot = None
         self._admit()
 
@@ -660,6 +665,8 @@ class Pipeline:
         for w in self._workers:
             w.held.clear()
         self._waiting.clear()
+        for item in items.values():
+            item.slot = None
         self._free_slots = list(range(self.in_flight))
         return sorted(items.values(), key=lambda i: i.seq)
 
