@@ -58,7 +58,8 @@ from hxc.manifests.schema import Manifest
 from hxc.manifests.signing import TrustPolicy
 from hxc.pool.channel import ALIGN, ArrayRef, Channel, ChannelClosed, SharedBuffer, layout, write_arrays
 from hxc.pool.pipeline_child import BOOTSTRAP, PROTOCOL
-from hxc.pool.worker import CPU_ENV, Backoff, Deadlines, Health, RequestFailed, WorkerFailed, _exit_reason, _reap
+from hxc.pool.worker import (CPU_ENV, Backoff, Deadlines, Health, RequestFailed, WorkerFailed, _exit_reason, _reap,
+                             read_replies)
 from hxc.pool.workers import load_options, split_cores
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import select
@@ -523,22 +524,14 @@ class Pipeline:
                 if w.life is life:
                     self._send(w, life, item)
             self._changed.notify_all()
-        while True:
-            timeout, overdue = self._next_deadline(w, life)
-            if overdue is not None:
-                self._failed(w, life, overdue)
-                return
-            try:
-                message, fds = life.channel.receive(timeout=timeout)
-            except TimeoutError:
-                continue
-            except ChannelClosed:
-                self._failed(w, life, _exit_reason(life.process))
-                return
-            for fd in fds:  # a worker never sends buffers
+
+        def handle(message: dict, fds: list[int]) -> bool:
+            for fd in fds:  # a pipeline worker never sends buffers
                 os.close(fd)
-            if not self._reply(w, life, message):
-                return
+            return self._reply(w, life, message)
+
+        read_replies(life.channel, life.process, lambda: self._next_deadline(w, life),
+                     lambda reason: self._failed(w, life, reason), handle)  # fmt: skip
 
     def _next_deadline(self, w: _Worker, life: _Life) -> tuple[float, str | None]:
         with self._lock:
