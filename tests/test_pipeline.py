@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from hxc.errors import SignatureError, UsageError
+from hxc.errors import ExitCode, HxcError, SignatureError, UsageError
 from hxc.examples import mlp
-from hxc.pool import Health
+from hxc.pool import Deadlines, Health
 from hxc.pool.pipeline import Pipeline, overlap_s, plan_workers
 from test_stages import _assert_close, _torch_outputs, staged_models  # noqa: F401 - a fixture
 
@@ -102,6 +102,35 @@ def test_a_worker_killed_mid_pipeline_loses_nothing(bundles, victim):
         _assert_close(g, [e])
     assert killed.failures == 1 and killed.restarts == 1 and "SIGKILL" in killed.reason
     assert stats.items == 16 and stats.failed == 0 and stats.retried >= 1
+
+
+def test_a_hung_worker_misses_its_deadline_and_its_items_run_on_a_replacement(bundles):
+    xs, expected = _mlp_items(6)
+    env = {"HXC_POOL_FAULT": "cpu:host#s1:hang@3"}  # stage 1's third call never returns
+    with Pipeline(bundles["mlp"], ("cpu", "cpu"), pin=True, in_flight=2, env=env, timeout_s=WAIT,
+                  deadlines=Deadlines(floor_s=2.0)) as pipe:  # fmt: skip
+        got = list(pipe.map([[x] for x in xs]))
+        stage1 = pipe.stats().workers[1]
+    for g, e in zip(got, expected, strict=True):
+        _assert_close([g], [e])
+    assert stage1.restarts == 1 and "missed its deadline" in stage1.reason
+
+
+def test_a_worker_that_cannot_load_fails_the_start_in_one_line(bundles, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken.hxc"
+    shutil.copytree(bundles["mlp"], broken)
+    [stage1] = broken.glob("artifacts/*-s1.vmfb")
+    data = bytearray(stage1.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stage1.write_bytes(bytes(data))
+    t0 = time.monotonic()
+    with pytest.raises(HxcError) as e:
+        Pipeline(broken, ("cpu", "cpu"), pin=True)
+    message = str(e.value)
+    assert "pipeline worker cpu[1] failed to load" in message and "sha256" in message and "\n" not in message
+    assert e.value.exit_code == ExitCode.INTEGRITY and time.monotonic() - t0 < 60  # not retried
 
 
 def test_items_in_flight_keep_both_stages_busy_at_once(bundles):

@@ -279,6 +279,7 @@ class Pipeline:
         self._broken: str | None = None
         self._closed = False
         self._changed = threading.Condition(self._lock)
+        self._started = False
         try:
             self._start(start_timeout_s)
         except BaseException:
@@ -296,6 +297,7 @@ class Pipeline:
             self._changed.wait_for(lambda: all(w.health != Health.STARTING for w in self._workers),
                                    max(0.0, deadline - time.monotonic()))  # fmt: skip
             bad = [w for w in self._workers if w.health != Health.READY]
+            self._started = not bad  # from now on a failed worker is replaced (`_failed`)
         if bad:
             w = bad[0]
             error = WorkerFailed(f"{self.bundle.name}: pipeline worker {w.plan.name} "
@@ -488,7 +490,7 @@ class Pipeline:
         channel, theirs = Channel.pair()
         config = {"bundle": str(self.bundle), "device": w.plan.device, "ranges": [list(r) for r in w.plan.ranges],
                   "fd": theirs.fileno(), "protocol": PROTOCOL, "cpus": list(w.plan.cpus) if w.plan.cpus else None,
-                  "load": self._load}  # fmt: skip
+                  "load": self._load, "incarnation": w.lives}  # fmt: skip
         env = {**os.environ, **{k: "1" for k in CPU_ENV}, **self._env}
         if w.plan.cpus:
             env["LP_NUM_THREADS"] = str(len(w.plan.cpus))
@@ -632,8 +634,8 @@ class Pipeline:
             w.health = Health.UNHEALTHY
             self._counts["retried"] += len(life.sent)
             delay = self.backoff.delay(w.consecutive)
-            if self._closed:
-                pass
+            if self._closed or not self._started:
+                pass  # a worker that fails while the pipeline starts fails the start (`_start`)
             elif delay is None or w.consecutive > self.max_restarts:
                 self._broken = f"pipeline worker {w.plan.name} {reason} ({w.consecutive} time(s) in a row)"
                 doomed = self._take_all_items()

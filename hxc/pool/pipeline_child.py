@@ -22,8 +22,9 @@ Answers: `done` (`outputs`: refs in the buffer of boundary last + 1; `device_ms`
 `grow` (`need`: the outputs need a larger buffer; nothing was written) or `error`.
 
 Fault injection, for tests only, as the pool's (`child.py`): `HXC_POOL_FAULT` items
-whose <who> is one of the worker's artifact ids or its driver; `slowstep@<ms>` slows
-every call of every incarnation by <ms>.
+whose <who> is one of the worker's artifact ids or its driver: `hang`, `slow`, `crash`,
+`segv` at the n-th call of its first incarnation; `slowstep@<ms>` slows every call of
+every incarnation by <ms>.
 """
 
 from __future__ import annotations
@@ -86,9 +87,9 @@ def main(config: dict[str, Any]) -> None:
     if cpus:
         _pin_all_threads(cpus)
     channel.send({"op": "ready", "protocol": PROTOCOL, **ready})
-    delay_s = _slowstep(os.environ.get("HXC_POOL_FAULT", ""), names)
+    faults = _faults(os.environ.get("HXC_POOL_FAULT", ""), names, config.get("incarnation", 1))
     try:
-        _serve(channel, ranges, delay_s)
+        _serve(channel, ranges, faults)
     except ChannelClosed:
         pass
     os._exit(0)  # skip IREE's teardown: the process is done and the pipeline may be gone
@@ -156,15 +157,20 @@ def _load(config: dict[str, Any]) -> tuple[dict[int, _Range], dict[str, Any], se
     return ranges, ready, {*ready["artifacts"], cand.device.driver}
 
 
-def _serve(channel, ranges: dict[int, _Range], delay_s: float) -> None:
+def _serve(channel, ranges: dict[int, _Range], faults: dict[int, str]) -> None:
     from hxc.errors import first_line
     from hxc.pool.channel import ArrayRef, SharedBuffer, layout, write_arrays
+    from hxc.pool.child import _inject
 
     buffers: dict[tuple[int, int], SharedBuffer] = {}  # (slot, boundary) -> the pipeline's buffer
+    delay_s = float(faults.pop(0, 0)) / 1000
+    served = 0
     while True:
         message, fds = channel.receive()
         if message["op"] == "stop":
             return
+        served += 1
+        _inject(faults.get(served))
         for (slot, boundary, size), fd in zip(message.get("buffers", ()), fds):
             old = buffers.pop((slot, boundary), None)
             if old is not None:
@@ -195,14 +201,18 @@ def _serve(channel, ranges: dict[int, _Range], delay_s: float) -> None:
                       "device_ms": device_ms, "start": start, "end": time.monotonic()})  # fmt: skip
 
 
-def _slowstep(spec: str, names: set[str]) -> float:
-    """Seconds each call is slowed by, from a `<who>:slowstep@<ms>` fault aimed here."""
-    for item in spec.split(",") if spec else ():
-        who, _, rest = item.strip().rpartition(":")
-        what, _, n = rest.partition("@")
-        if who in names and what == "slowstep":
-            return float(n) / 1000
-    return 0.0
+def _faults(spec: str, names: set[str], incarnation: int) -> dict[int, str]:
+    """{call number: fault} for this worker (the pool's `child._faults`, aimed by any of
+    `names`); key 0 holds a `slowstep`'s milliseconds."""
+    from types import SimpleNamespace
+
+    from hxc.pool.child import _faults as pool_faults
+
+    out: dict[int, str] = {}
+    for name in sorted(names):  # the pool's parser aims by one artifact id or driver
+        model = SimpleNamespace(candidate=SimpleNamespace(id=name), device=SimpleNamespace(driver=None))
+        out.update(pool_faults(spec, model, incarnation))
+    return out
 
 
 # `python -c BOOTSTRAP CONFIG_JSON`: pin first, then import anything.
