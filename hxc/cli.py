@@ -264,6 +264,10 @@ def main(verbose: int) -> None:
                    "its own weights (the manifest's `stages` records what crosses each cut): N balances the stages' "
                    "FLOPs over module boundaries (a ModuleList's blocks, top-level children); at:layer3,layer4 cuts "
                    "before those submodules; auto is 2 for now. [default: whole]")  # fmt: skip
+@click.option("--no-mixed-step", "no_mixed_step", is_flag=True,
+              help="Language models of several slots: leave out `mixed`, the decode step that carries a prefill chunk "
+                   "(a smaller artifact and a shorter compile; `hxc serve` then reads a prompt beside running streams "
+                   "in calls of its own).")
 @click.option("--allow-partial", is_flag=True, help="Write the bundle even if some targets fail (failures are recorded in it).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Targets compiled at once. [default: CPU count]")
 @click.option("--no-cache", is_flag=True, help="Recompile everything instead of reusing cached artifacts.")
@@ -273,7 +277,7 @@ def main(verbose: int) -> None:
 def compile(model: str, output: Path | None, targets: str, backends: str, inputs: tuple[str, ...], dynamic_batch: bool,
             example: Path | None, allow_pickle: bool, weights: str, precisions: list[str], group_size: int | None, tune: bool,
             iree_flags: tuple[str, ...], max_context: int | None, slots: int, prefill_chunk: list[int] | None,
-            stages: str | None, allow_partial: bool, jobs: int | None, no_cache: bool, cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
+            stages: str | None, no_mixed_step: bool, allow_partial: bool, jobs: int | None, no_cache: bool, cache_dir: Path | None, as_json: bool) -> int:  # fmt: skip
     """Compile MODEL into a bundle with one artifact per target (and backend).
 
     MODEL is a torch.export archive (.pt2), a TorchScript archive, a pickled module
@@ -303,7 +307,7 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
     options = ImportOptions(inputs=inputs, dynamic_batch=dynamic_batch, allow_pickle=allow_pickle, weights=weights,  # type: ignore[arg-type]
                             example=str(example) if example else None, max_context=max_context, slots=slots,
                             prefill_chunk=tuple(prefill_chunk) if prefill_chunk else None, group_size=group_size,
-                            stages=stages)
+                            stages=stages, mixed_step=not no_mixed_step)
     with ui.CompileProgress(enabled=not as_json) as progress:
         result = build_bundle(
             model, out, variants, backends=backends, options=options, precisions=precisions, allow_partial=allow_partial,
@@ -517,6 +521,16 @@ TOLERANCE_OPTION = click.option("--tolerance", type=float, default=None,
 POLICY_OPTION = click.option("--policy", type=LazyChoice(lambda: importlib.import_module("hxc.runtime.select").POLICIES), default="latency", show_default=True,
                              help="latency: lowest p50; throughput: most items/s; cost: lowest cost per 1,000 items "
                                   "(price per hour / items per second), from recorded profiles.")  # fmt: skip
+PLACEMENT_OPTION = click.option(
+    "--placement", default=None, metavar="STAGE[-STAGE]:DEVICE,...",
+    help="A staged bundle: run each stage on this device, e.g. 0:cpu,1:vulkan or 0-11:cuda,12-23:cpu (devices by "
+         "family, driver or target id, as --device takes them). Default: the placement the per-stage profiles "
+         "predict best, else the best single device.",
+)  # fmt: skip
+DEVICE_MEMORY_OPTION = click.option(
+    "--device-memory", default=None, metavar="DEVICE=SIZE,...",
+    help="A staged bundle: cap a device's memory for the placement, e.g. vulkan=2GiB,cpu=512MiB.",
+)  # fmt: skip
 SLO_OPTIONS = (
     click.option("--slo-ms", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MS",
                  help="Latency target per call (device time + caller overhead); candidates that meet it rank first."),
@@ -541,7 +555,10 @@ def _slo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_slo_options
 @PRECISION_OPTION
 @TOLERANCE_OPTION
-@click.option("--explain", is_flag=True, help="List every artifact, accepted or rejected, with the reason (and the cost and SLO arithmetic).")
+@click.option("--explain", is_flag=True, help="List every artifact, accepted or rejected, with the reason (and the cost, SLO and "
+                                             "stage placement arithmetic).")
+@PLACEMENT_OPTION
+@DEVICE_MEMORY_OPTION
 @click.option("--prompt-tokens", type=click.IntRange(1), default=None, metavar="N",
               help="Language models: also show how `hxc serve` would route a request of N prompt tokens on idle devices "
                    "(its TTFT, TPOT and price per 1,000 output tokens per device, from the bench profiles).")  # fmt: skip
@@ -551,25 +568,33 @@ def _slo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, slo_percentile: str,
-           prices_file: Path | None, precision: str | None, tolerance: float | None, explain: bool,
-           prompt_tokens: int | None, max_tokens: int, ttft_ms: float | None, tpot_ms: float | None, as_json: bool) -> int:  # fmt: skip
+           prices_file: Path | None, precision: str | None, tolerance: float | None, explain: bool, placement: str | None,
+           device_memory: str | None, prompt_tokens: int | None, max_tokens: int, ttft_ms: float | None,
+           tpot_ms: float | None, as_json: bool) -> int:  # fmt: skip
     """Show which artifact `hxc.runtime.load` would pick on this host, and why.
 
     \b
     hxc select model.hxc --explain
     hxc select model.hxc --policy cost --slo-ms 150 --explain
     hxc select llm.hxc --policy cost --prompt-tokens 512 --ttft-ms 300 --tpot-ms 50 --explain
+    hxc select staged.hxc --explain --device-memory cpu=1GiB     # where each stage runs, and the arithmetic
     """
     from hxc import ui
     from hxc.manifests.bundle import read_bundle
     from hxc.runtime import probe_host
     from hxc.runtime import select as choose
+    from hxc.runtime.place import plan_stages
     from hxc.runtime.prices import load_prices
 
     prices = load_prices(prices_file) if policy == "cost" or prices_file else None
     read = read_bundle(bundle, _trust())
-    sel = choose(read.manifest, probe_host(), policy=policy, device=device, precision=precision, tolerance=tolerance,
+    probe = probe_host()
+    sel = choose(read.manifest, probe, policy=policy, device=device, precision=precision, tolerance=tolerance,
                  slo_ms=slo_ms, slo_percentile=slo_percentile, prices=prices, profiles_note=read.profiles_note)  # fmt: skip
+    plan = None
+    if sel.candidates or placement is not None or device_memory is not None:
+        plan = plan_stages(read.manifest, sel, probe.host().id, policy=policy, placement=placement,
+                           device_memory=device_memory)  # fmt: skip
     routing = None
     if prompt_tokens is not None:
         routing = _lm_routing(read.manifest, sel, prices_file, prompt_tokens, max_tokens, ttft_ms, tpot_ms, slo_ms, policy)
@@ -582,11 +607,16 @@ def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, 
             "candidates": [_candidate_json(c) for c in sel.candidates],
             "rejected": [{"artifact": r.artifact.id, "reason": r.reason} for r in sel.rejected],
             **({"routing": routing} if routing is not None else {}),
+            **({"placement": plan.to_json()} if plan is not None else {}),
         })  # fmt: skip
     elif explain:
         ui.out.print(sel.explain(), markup=False, soft_wrap=True)
+        if plan is not None:
+            ui.out.print(plan.explain(), markup=False, soft_wrap=True)
         if routing is not None:
             ui.out.print(_routing_text(routing), markup=False, soft_wrap=True)
+    elif plan is not None:
+        ui.out.print(f"{plan.describe()}  ({plan.source}: {plan.reason})", markup=False, soft_wrap=True)
     elif sel.best:
         ui.out.print(f"{sel.best.artifact.id} on {sel.best.device.label}  ({sel.best.reason})", markup=False)
         if sel.note:
@@ -689,6 +719,8 @@ PIN_OPTION = click.option(
 @DEVICE_OPTION
 @DEVICES_OPTION
 @PIN_OPTION
+@PLACEMENT_OPTION
+@DEVICE_MEMORY_OPTION
 @PRECISION_OPTION
 @TOLERANCE_OPTION
 @click.option("--strict", is_flag=True, help="Fail instead of falling back when --device cannot be used.")
@@ -697,13 +729,14 @@ PIN_OPTION = click.option(
               help="Run in this process instead of a worker process (faster start; a crash inside IREE then takes hxc down).")  # fmt: skip
 @_command
 def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str | None, devices: str | None,
-        pins: tuple[str, ...], precision: str | None, tolerance: float | None, strict: bool, in_process: bool,
-        as_json: bool) -> None:  # fmt: skip
+        pins: tuple[str, ...], placement: str | None, device_memory: str | None, precision: str | None,
+        tolerance: float | None, strict: bool, in_process: bool, as_json: bool) -> None:  # fmt: skip
     """Run BUNDLE on input arrays and print (or save) the outputs.
 
     \b
     hxc run model.hxc -i x.npy
     hxc run model.hxc -i batch.npy --devices all -o out.npz     # split across every device, with telemetry
+    hxc run staged.hxc -i x.npy --placement 0:cpu,1:vulkan       # a staged bundle's stages on two devices
     """
     import numpy as np
 
@@ -720,9 +753,12 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     inputs_spec = manifest.signature.inputs
     arrays = [from_storage(a, s.dtype) for a, s in zip(arrays, inputs_spec)] + arrays[len(inputs_spec):]
     pool = None
+    placed = {"placement": placement, "device_memory": device_memory}
     if devices:
         if device:
             raise UsageError("--device and --devices exclude each other", hint="--devices cpu,vulkan lists the devices to pool")
+        if placement or device_memory:
+            raise UsageError("--placement and --device-memory run in one process, not a pool", hint="leave out --devices")
         from hxc.pool import Pool
 
         pool = Pool(bundle, devices, pin=_pin(pins), precision=precision, tolerance=tolerance, trust=_trust())
@@ -739,11 +775,12 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     else:
         if pins:
             raise UsageError("--pin needs --devices")
-        options = {"strict": strict, "precision": precision, "tolerance": tolerance, **_trust_args()}
+        options = {"strict": strict, "precision": precision, "tolerance": tolerance, **placed, **_trust_args()}
         if in_process:
             model = runtime.load(bundle, device=device, **options)
             outputs, signature = model.run_flat(arrays), model.signature
             artifact, device_label = model.candidate.id, model.device.label
+            placed["plan"] = model.placement
         else:
             # In a worker process: an artifact that crashes inside IREE is a one-line error.
             from hxc.pool.worker import run_isolated
@@ -753,10 +790,16 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
             check_inputs(signature, arrays)  # usage mistakes stay exit 2, before any process starts
             from hxc.pool.workers import load_options
 
+            if manifest.stages:
+                placed["plan"] = _stage_plan(bundle, device, precision, tolerance, placement, device_memory)
             result = run_isolated(bundle, device or "", arrays, load_options={**options, **load_options(_trust())})
             outputs, artifact, device_label = result.outputs, result.artifact, result.device
         what = {"artifact": artifact, "device": device_label}
         ran = f"ran {artifact} on {device_label}"
+        if (plan := placed.get("plan")) is not None:
+            what["placement"] = {"placement": plan.flag, "source": plan.source, "reason": plan.reason,
+                                 "stages": plan.to_json()["stages"]}  # fmt: skip
+            ran = f"ran {plan.describe()} ({plan.source}: {plan.reason})"
     if output is not None:
         from hxc.manifests.bundle import atomic_savez
 
@@ -852,6 +895,24 @@ def generate(bundle: Path, prompt: str, max_new_tokens: int, device: str | None,
     sys.stdout.write("\n")
     ui.err.print(f"[dim]{len(r.token_ids)} tokens ({r.finish_reason}) on {model.artifact.id} / {model.device.label}: "
                  f"first after {r.ttft_ms:.1f} ms, then {r.tokens_per_s or 0:.1f} tokens/s[/dim]")  # fmt: skip
+
+
+def _stage_plan(bundle: Path, device: str | None, precision: str | None, tolerance: float | None,
+                placement: str | None, device_memory: str | None) -> Any:
+    """Where `load` will run a staged bundle's stages (None: every stage on `device`),
+    worked out here, opening no device, to report it and to fail before a worker starts."""
+    from hxc.manifests.bundle import read_bundle
+    from hxc.runtime import probe_host, select
+    from hxc.runtime.place import plan_stages
+
+    read = read_bundle(bundle, _trust())
+    probe = probe_host()
+    given = placement is not None or device_memory is not None
+    sel = select(read.manifest, probe, device="" if given and not device else device, precision=precision,
+                 tolerance=tolerance)  # fmt: skip
+    if not sel.candidates:
+        return None  # the worker says why
+    return plan_stages(read.manifest, sel, probe.host().id, placement=placement, device_memory=device_memory)
 
 
 def _chat_messages(prompt: str) -> list[dict[str, Any]]:
@@ -1051,22 +1112,29 @@ def doctor(as_json: bool) -> None:
 @DEVICES_OPTION
 @PIN_OPTION
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Pool mode: interleaved rounds.")
+@PLACEMENT_OPTION
+@DEVICE_MEMORY_OPTION
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def bench(bundle: Path, baselines: list[str], device: str | None, batches: list[int], min_time: float, min_iterations: int,
           max_time: float, no_record: bool, allow_pickle: bool, gate: str | None, margin: float, pool_mode: bool,
-          devices: str | None, pins: tuple[str, ...], rounds: int, as_json: bool) -> int:  # fmt: skip
+          devices: str | None, pins: tuple[str, ...], rounds: int, placement: str | None, device_memory: str | None,
+          as_json: bool) -> int:  # fmt: skip
     """Time every artifact this host can run next to PyTorch, and record the results as
-    profiles in the bundle (which the runtime loader then uses to choose).
+    profiles in the bundle (which the runtime loader then uses to choose). A staged
+    bundle's stages are also timed alone on each device, to place them.
 
     \b
     hxc bench model.hxc
     hxc bench model.hxc --pool --pin split       # the device pool: each device alone, and all together
+    hxc bench staged.hxc --placement 0:cpu,1:vulkan   # that placement end to end (not recorded)
     """
     from hxc import ui
     from hxc.bench.measure import Budget
 
     if pool_mode or devices or pins:
+        if placement or device_memory:
+            raise UsageError("--placement and --device-memory do not apply to --pool")
         if gate or device:
             raise UsageError("--fail-if-slower-than and --device do not apply to --pool", hint="use --devices")
         budget = Budget(min_iterations=min_iterations, min_seconds=min_time, max_seconds=max_time)
@@ -1081,7 +1149,8 @@ def bench(bundle: Path, baselines: list[str], device: str | None, batches: list[
     with ui.err.status("benchmarking…", spinner="dots") as status:
         result = run_bench(bundle, baselines=baselines, device=device, offline_batches=batches, budget=budget,
                            record=not no_record, allow_pickle=allow_pickle, gate=gate, margin=margin, trust=_trust(),
-                           on_progress=lambda s: status.update(f"benchmarking: {s}"))  # fmt: skip
+                           on_progress=lambda s: status.update(f"benchmarking: {s}"), placement=placement,
+                           device_memory=device_memory)  # fmt: skip
     table_rows = rows(manifest, result.profiles)
     verdict, code = result.gate, result.exit_code
     if as_json:

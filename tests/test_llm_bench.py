@@ -24,9 +24,11 @@ QUICK = ["--min-time", "0.05", "--min-iterations", "3", "--max-time", "5"]
 
 def _build(tmp_path_factory, targets: str) -> Path:
     out = tmp_path_factory.mktemp("llm-bench") / "llama.hxc"
+    # Without `mixed` (--no-mixed-step): bench times prefill and decode, and the compile is shorter.
     result = build_bundle("hxc.examples.llm:tiny_llama", out, targets, use_cache=False,
-                          options=ImportOptions(max_context=160, slots=2))  # fmt: skip
+                          options=ImportOptions(max_context=160, slots=2, mixed_step=False))  # fmt: skip
     assert result.written, [r.error for r in result.failed]
+    assert list(read_manifest(result.output).functions) == ["prefill", "decode"]
     return result.output
 
 

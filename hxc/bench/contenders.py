@@ -40,9 +40,41 @@ def artifact_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, devi
         def prepare(inputs: list, holder=holder) -> Callable[[], None]:
             return holder["model"].prepare(inputs) if call is None else call(holder["model"], inputs)
 
-        threads = os.cpu_count() if cand.device.kind == "cpu" and cand.device.driver != "local-sync" else None
-        out.append(Contender(art.id, cand.device.label, open_, prepare, device_time_only=True, threads=threads,
-                             close=holder.clear))  # fmt: skip
+        # A staged bundle's chain is named by its target (`cpu:host`), its stages by their artifacts.
+        out.append(Contender(cand.id, cand.device.label, open_, prepare, device_time_only=True,
+                             threads=_threads(cand.device), close=holder.clear, artifact=art.id))  # fmt: skip
+    return out
+
+
+def _threads(device: Any) -> int | None:
+    return os.cpu_count() if device.kind == "cpu" and device.driver != "local-sync" else None
+
+
+def stage_contenders(bundle: Path, manifest: Manifest, probe: HostProbe, device: str | None = None,
+                     trust: TrustPolicy | None = None) -> list[Contender]:  # fmt: skip
+    """A staged bundle's stages, each alone on each device that runs its chain (the
+    artifact of that device's chain, as a placement would run it), timed on tensors of
+    the shapes that cross into it (`hxc.runtime.stages.stage_inputs`): the per-stage
+    profiles `hxc.runtime.place` places stages by."""
+    from hxc.pool.workers import load_options
+    from hxc.runtime.loader import load_stage
+    from hxc.runtime.place import stage_devices
+    from hxc.runtime.stages import stage_inputs
+
+    checks = load_options(trust if trust is not None else trust_policy())
+    out = []
+    for d in stage_devices(select(manifest, probe, device=device, tolerance=float("inf"))):
+        for k, art in enumerate(d.artifacts):
+            holder: dict[str, Any] = {}
+
+            def open_(art=art, uri=d.device.uri, holder=holder) -> None:
+                holder["stage"] = load_stage(bundle, art.id, device=uri, probe=probe, **checks)
+
+            def prepare(inputs: list, k=k, holder=holder) -> Callable[[], None]:
+                return holder["stage"].prepare(stage_inputs(manifest, manifest.stages[k], inputs, seed=k))
+
+            out.append(Contender(art.id, d.device.label, open_, prepare, device_time_only=True,
+                                 threads=_threads(d.device), close=holder.clear, stage=k))  # fmt: skip
     return out
 
 

@@ -48,6 +48,8 @@ class Contender:
     device_time_only: bool
     threads: int | None = None
     close: Callable[[], None] = lambda: None
+    artifact: str | None = None  # the artifact whose bytes its profile names, when not `id` (a staged chain's stage 0)
+    stage: int | None = None  # a staged bundle's stage it times alone
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hxc.bench.baselines import SkippedBaseline, baseline, is_baseline, resolve
-from hxc.bench.contenders import artifact_contenders
+from hxc.bench.contenders import artifact_contenders, stage_contenders
 from hxc.bench.gate import GateVerdict, judge
 from hxc.bench.isolate import DeviceGroup, measure_devices
 from hxc.bench.measure import Budget, Contender, Timing
@@ -60,15 +60,27 @@ def run_bench(
     margin: float = 0.0,
     trust: TrustPolicy | None = None,
     on_progress: Callable[[str], None] = lambda s: None,
+    placement: str | None = None,
+    device_memory: str | None = None,
 ) -> BenchResult:
     """Time every artifact this host can run next to `baselines` (names, `auto` for the
     bundle's frontend's default, `none`). With `gate` (a baseline name), the result's
     exit code says whether the fastest artifact kept up with it within `margin`.
     `trust`: what the bundle must prove (None: as $HXC_TRUSTED_KEYS says), here and in
-    every process that times it."""
+    every process that times it.
+
+    A staged bundle's stages are also timed alone on each device (profiles with
+    `stage`), for `hxc.runtime.place`. `placement` / `device_memory` (as `load` takes
+    them) time that placement of a staged bundle end to end instead, in this process,
+    not recorded: a profile names one artifact, not a mix."""
     path = Path(bundle)
     trust = trust if trust is not None else trust_policy()
     manifest = read_bundle(path, trust).manifest
+    if placement is not None or device_memory is not None:
+        if device is not None or gate is not None or any(b not in ("auto", "none") for b in baselines):
+            raise UsageError("--placement and --device-memory time one placement alone",
+                             hint="leave out --device, --baseline and --fail-if-slower-than")  # fmt: skip
+        return _bench_placement(path, manifest, placement, device_memory, offline_batches, budget, trust, on_progress)
     if manifest.language_model is not None:
         if gate is not None or any(b not in ("auto", "none") for b in baselines):
             raise UsageError("hxc bench has no baseline for language models yet (it times the artifacts alone)",
@@ -127,6 +139,42 @@ def _bench_language_model(path: Path, manifest: Manifest, device: str | None, bu
     return BenchResult(host, profiles, record and bool(profiles), errors=tuple(run.errors))
 
 
+def _bench_placement(path: Path, manifest: Manifest, placement: str | None, device_memory: str | None,
+                     offline_batches: Sequence[int], budget: Budget, trust: TrustPolicy,
+                     on_progress: Callable[[str], None]) -> BenchResult:  # fmt: skip
+    """A placement of a staged bundle's stages (forced, or the solver's within the caps)
+    timed end to end as `load(placement=...)` runs it: every stage in this process, the
+    values between stages through the host."""
+    from hxc.pool.workers import load_options
+    from hxc.runtime.loader import load
+    from hxc.runtime.place import place, placement_objective
+    from hxc.runtime.select import select
+
+    probe = probe_host()
+    host = probe.host()
+    selection = select(manifest, probe, device="", tolerance=float("inf"))
+    plan = place(manifest, selection, host.id, objective=placement_objective("latency"), placement=placement,
+                 device_memory=device_memory)  # fmt: skip
+    labels = ", ".join(dict.fromkeys(plan.device(k).device.label for k in range(len(plan.assignment))))
+    holder: dict[str, object] = {}
+    checks = load_options(trust)
+
+    def open_() -> None:
+        holder["model"] = load(path, placement=plan.assignment, strict=True, tolerance=float("inf"), probe=probe, **checks)
+
+    def prepare(inputs: list) -> Callable[[], None]:
+        return holder["model"].prepare(inputs)  # type: ignore[attr-defined]
+
+    contender = Contender(f"stages {plan.flag}", labels, open_, prepare, device_time_only=False, close=holder.clear)
+    golden_inputs, _ = load_golden(path, manifest)
+    cases = scenarios(manifest, golden_inputs, offline_batches)
+    run = measure_devices([DeviceGroup(labels, [contender], lambda: [contender])], [inputs for _, _, inputs in cases],
+                          budget, on_progress)  # fmt: skip
+    profiles = [_profile(host.id, manifest, t, scenario, batch, of_artifact=False)
+                for (scenario, batch, _), timings in zip(cases, run.timings) for t in timings]  # fmt: skip
+    return BenchResult(host, profiles, False, errors=tuple(run.errors))
+
+
 def bench_contenders(bundle: Path, baselines: tuple[str, ...], device: str | None, allow_pickle: bool = False,
                      only: tuple[str, ...] | None = None, trust: TrustPolicy | None = None) -> list[Contender]:  # fmt: skip
     """What `hxc bench` times: the artifacts this host can run (on `device`, if given),
@@ -138,6 +186,8 @@ def bench_contenders(bundle: Path, baselines: tuple[str, ...], device: str | Non
     probe = probe_host()
     cpu = next((d for d in probe.devices if d.driver == "local-task"), None)
     out = artifact_contenders(path, manifest, probe, device, trust)
+    if out and manifest.stages:
+        out += stage_contenders(path, manifest, probe, device, trust)
     if out:
         out += [b.make(b, path, manifest, cpu.label if cpu else "cpu", allow_pickle) for b in map(baseline, baselines)]
     return out if only is None else [c for c in out if c.id in only]
@@ -166,11 +216,11 @@ def _resize_batch(a: np.ndarray, batch: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([a] * reps, axis=0)[:batch])
 
 
-def _profile(host_id: str, manifest: Manifest, t: Timing, scenario: str, batch: int) -> Profile:
+def _profile(host_id: str, manifest: Manifest, t: Timing, scenario: str, batch: int, of_artifact: bool = True) -> Profile:
     stats = t.stats()
     sha = None
-    if not is_baseline(t.contender.id):
-        sha = manifest.artifact(t.contender.id).sha256
+    if of_artifact and not is_baseline(t.contender.id):
+        sha = manifest.artifact(t.contender.artifact or t.contender.id).sha256
     throughput = 1000.0 / stats.mean_ms if stats.mean_ms else 0.0
     return Profile(
         host_id=host_id,
@@ -189,4 +239,5 @@ def _profile(host_id: str, manifest: Manifest, t: Timing, scenario: str, batch: 
         recorded=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         threads=t.contender.threads,
         conditions=Conditions(interleaved_with=t.interleaved_with, isolated=True, other_load=t.other_load),
+        stage=t.contender.stage,
     )

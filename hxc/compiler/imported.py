@@ -37,6 +37,8 @@ class ImportOptions:
     max_context: int | None = None
     slots: int = 1
     prefill_chunk: int | tuple[int, ...] | None = None  # language models: one prefill function per size
+    # Language models of several slots: also `mixed` (a decode step carrying a prefill chunk).
+    mixed_step: bool = True
     # Weight-only int8 / int4: input features per scale (None: the quantiser's default).
     group_size: int | None = None
     # `--stages`: auto, N or at:NAME,... (hxc.compiler.stages.parse_stages); None: whole.

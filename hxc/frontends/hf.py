@@ -97,7 +97,7 @@ def _export(source: str, options: ImportOptions) -> ExportedModel:
     except Exception as e:
         raise ModelLoadError(f"{source}: transformers cannot load it ({type(e).__name__}: {first_line(e)})") from None
     lm = language_model(model, directory, max_context=options.max_context, slots=options.slots,
-                        prefill_chunk=options.prefill_chunk)  # fmt: skip
+                        prefill_chunk=options.prefill_chunk, mixed_step=options.mixed_step)  # fmt: skip
     return ExportedModel(_model_name(source), source, FRONTEND.name, _digest(directory), None, (), lm, functions_module=lm)
 
 

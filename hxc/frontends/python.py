@@ -106,7 +106,7 @@ def _export(source: str, options: ImportOptions) -> ExportedModel:
     if is_causal_lm(made) or lm_pair:
         model, tokenizer = made if lm_pair else (made, None)
         lm = language_model(model, tokenizer, max_context=options.max_context, slots=options.slots,
-                            prefill_chunk=options.prefill_chunk)  # fmt: skip
+                            prefill_chunk=options.prefill_chunk, mixed_step=options.mixed_step)  # fmt: skip
         return ExportedModel(name, source, FRONTEND.name, digest, None, (), lm, functions_module=lm)
     if isinstance(made, torch.export.ExportedProgram):
         program, args = reexport(made, specs, options.dynamic_batch, source)

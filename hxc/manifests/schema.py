@@ -90,7 +90,12 @@ UNSTAGED_SCHEMA_VERSION: tuple[int, int] = (5, 3)
 # "offline": one decode call steps B sequences, `latency` per call, `items_per_second`
 # tokens per second), as a 2.2 reader already reads any offline profile. A 2.2 reader
 # ignores the new fields.
-PROFILES_SCHEMA_VERSION: tuple[int, int] = (2, 3)
+# 2.4: Profile.stage (optional): a staged bundle's profile of one stage alone (its own
+# artifact, on tensors of the shapes that cross into it), for placing stages on devices;
+# None: the whole model (a staged bundle's whole chain, whose `candidate` is now the
+# target's id, `cpu:host`). A 2.3 reader would take stage 0's own profile for the
+# chain's; only the hxc that introduced staged bundles (6.0) reads them with 2.3.
+PROFILES_SCHEMA_VERSION: tuple[int, int] = (2, 4)
 
 # Bundle layout, relative to the bundle directory.
 MANIFEST_FILE = "manifest.json"  # written once by `hxc compile`, never changed after
@@ -391,6 +396,9 @@ class Profile:
     # A language model's profile (`hxc bench` on an LLM bundle): what `latency` timed;
     # `throughput` is then calls per second (tokens per second for decode). None: a plain call.
     generation: GenerationTiming | None = None
+    # A staged bundle's profile of this stage alone (`candidate` its artifact, `cpu:host#s1`);
+    # None: of the whole model (2.4).
+    stage: int | None = None
 
     @property
     def tokens_per_s(self) -> float | None:

@@ -2,8 +2,8 @@
 (`pipeline.py` is the parent's side).
 
 It opens only the artifacts of its own stages (each stage's artifact of the target the
-device runs, with that stage's weights archive alone), as one chain per contiguous
-range, warms each range up, says it is ready, and then runs one call at a time. Every
+device runs, with that stage's weights archive alone: `hxc.runtime.loader.load_stage`),
+calls each contiguous range's stages in order, warms each range up, says it is ready, and then runs one call at a time. Every
 tensor it reads or writes lies in shared memory that the pipeline owns, one buffer per
 item slot and stage boundary, handed over once per worker (SCM_RIGHTS): a call names
 the range, the slot, and where the range's inputs lie in the buffer of its first
@@ -43,22 +43,22 @@ PROTOCOL = 1
 
 @dataclass
 class _Range:
-    """Stages first..last as one chain on this worker's device."""
+    """Stages first..last on this worker's device, each its own `StageRunner`, called in
+    order (a stage's outputs, as the model types them, are the next one's inputs)."""
 
     first: int
     last: int
-    session: Any  # hxc.runtime.stages.StagedSession
-    inputs: Any  # the model's Signature of stage `first`'s inputs
-    artifact_inputs: Any  # and as its artifact takes them
-    input_types: list[np.dtype]
-    output_types: list[np.dtype]  # stage `last`'s outputs, as the model types them
+    runners: list[Any]  # hxc.runtime.stages.StageRunner, one per stage
+    input_types: list[np.dtype]  # stage `first`'s inputs, as the model types them
+    device_seconds: float = 0.0  # the last call's, every stage's together
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        from hxc.engines.base import cast_inputs
-
-        arrays = cast_inputs(arrays, self.inputs, self.artifact_inputs)
-        out = self.session.invoke(arrays, self.artifact_inputs)
-        return [a if a.dtype == t else a.astype(t) for a, t in zip(out, self.output_types)]
+        spent = 0.0
+        for runner in self.runners:
+            arrays = runner.invoke(arrays)
+            spent += runner.session.device_seconds
+        self.device_seconds = spent
+        return arrays
 
 
 def main(config: dict[str, Any]) -> None:
@@ -98,54 +98,43 @@ def main(config: dict[str, Any]) -> None:
 def _load(config: dict[str, Any]) -> tuple[dict[int, _Range], dict[str, Any], set[str]]:
     """The worker's ranges by first stage, what it says when ready, and the names a
     fault may be aimed at."""
-    from hxc.engines import engine
-    from hxc.engines.base import cast_signature
     from hxc.dtypes import dtype
     from hxc.errors import NoCompatibleArtifactError
     from hxc.manifests.bundle import read_bundle, trust_policy
-    from hxc.runtime.loader import _checked
+    from hxc.runtime.loader import load_stage
     from hxc.runtime.probe import probe_host
     from hxc.runtime.select import select
-    from hxc.runtime.stages import StagedSession
 
     t0 = time.perf_counter()
     options = config.get("load", {})
-    path = config["bundle"]
-    manifest = read_bundle(path, trust_policy(options.get("trusted_keys"), options.get("min_sequence"),
-                                              options.get("require_signed_profiles"))).manifest  # fmt: skip
-    selection = select(manifest, probe_host(), device=config["device"], precision=options.get("precision"))
+    trust = {"trusted_keys": options.get("trusted_keys"), "min_sequence": options.get("min_sequence"),
+             "require_signed_profiles": options.get("require_signed_profiles")}  # fmt: skip
+    path, device = config["bundle"], config["device"]
+    manifest = read_bundle(path, trust_policy(**trust)).manifest
+    probe = probe_host()
+    selection = select(manifest, probe, device=device, precision=options.get("precision"))
     cand = selection.best
     if cand is None or not cand.stages:
         why = "; ".join(f"{r.artifact.id}: {r.reason}" for r in selection.rejected[:4]) or "the bundle has no stages"
-        raise NoCompatibleArtifactError(f"no staged artifact can run on {config['device']!r} ({why})")
-    from pathlib import Path
-
+        raise NoCompatibleArtifactError(f"no staged artifact can run on {device!r} ({why})")
     ranges: dict[int, _Range] = {}
-    checked: dict = {}
     for first, last in config["ranges"]:
-        arts = cand.stages[first:last + 1]
-        stages = manifest.stages[first:last + 1]
-        sessions = []
-        for art in arts:
-            module, weights = _checked(Path(path), manifest, art, False, checked)
-            session = engine(art.engine).open(art, module, cand.device, weights)
-            if hasattr(session, "borrow_inputs"):
+        # Each stage's artifact of the chain chosen for this device, checked and opened alone.
+        runners = [load_stage(path, a.id, device=device, probe=probe, **trust) for a in cand.stages[first:last + 1]]
+        for r in runners:
+            if hasattr(r.session, "borrow_inputs"):
                 # Inputs stay unchanged in the pipeline's shared memory (or in this worker)
                 # until the call returns: a host-memory device reads them in place.
-                session.borrow_inputs = True
-            sessions.append(session)
-        model_in = stages[0].signature
-        ranges[first] = _Range(first, last, StagedSession(sessions, stages, arts), model_in,
-                               cast_signature(model_in, arts[0].interface_casts),
-                               [dtype(t.dtype).numpy_dtype() for t in stages[0].inputs],
-                               [dtype(t.dtype).numpy_dtype() for t in stages[-1].outputs])  # fmt: skip
+                r.session.borrow_inputs = True
+        ranges[first] = _Range(first, last, runners, [dtype(t.dtype).numpy_dtype() for t in manifest.stages[first].inputs])
     load_ms = (time.perf_counter() - t0) * 1000
     # The first call sets up pipelines (seconds on lavapipe): before saying ready, so the
     # first real item is timed like every other.
     t0 = time.perf_counter()
     warmup: str | None = None
     for r in ranges.values():
-        zeros = [np.zeros([d if isinstance(d, int) else 1 for d in s.shape], t) for s, t in zip(r.inputs.inputs, r.input_types)]
+        zeros = [np.zeros([d if isinstance(d, int) else 1 for d in t.shape], k)
+                 for t, k in zip(manifest.stages[r.first].inputs, r.input_types)]  # fmt: skip
         try:
             r.run(zeros)
         except Exception as e:  # noqa: BLE001 - a model that rejects zeros still runs real inputs
@@ -186,7 +175,7 @@ def _serve(channel, ranges: dict[int, _Range], faults: dict[int, str]) -> None:
                 time.sleep(delay_s)
             results = r.run(arrays)
             del arrays
-            device_ms = r.session.device_seconds * 1000
+            device_ms = r.device_seconds * 1000
             refs, nbytes = layout([a.shape for a in results], [a.dtype.itemsize for a in results])
             target = buffers[(slot, r.last + 1)]
             if nbytes > target.size:

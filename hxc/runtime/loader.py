@@ -15,21 +15,22 @@ import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from hxc.engines import engine
 from hxc.engines.base import Session as EngineSession, cast_function, cast_inputs
-from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, first_line
+from hxc.errors import HxcError, NoCompatibleArtifactError, SignatureError, UsageError, first_line
 from hxc.manifests.bundle import CheckedFile, TrustedKeys, open_checked, read_bundle, trust_policy
 from hxc.manifests.schema import MAIN, Artifact, FunctionSpec, Manifest, OutputTree, Signature, StateSpec, TensorSpec
 from hxc.dtypes import dtype, from_numpy, is_torch, to_numpy, to_torch
+from hxc.runtime.place import StagePlan, plan_stages
 from hxc.runtime.prices import PriceTable
 from hxc.runtime.probe import HostProbe, probe_host
 from hxc.runtime.select import Candidate, Selection, select
-from hxc.runtime.stages import StagedSession
+from hxc.runtime.stages import StagedSession, StageRunner
 from hxc.targets import Device
 
 log = logging.getLogger("hxc.runtime")
@@ -44,7 +45,8 @@ class LoadAttempt:
 
 
 class LoadedModel:
-    """A bundle bound to one artifact on one device. Call it like the PyTorch model."""
+    """A bundle bound to one artifact on one device (a staged bundle: its stages' artifacts,
+    on one device or where `placement` puts each). Call it like the PyTorch model."""
 
     def __init__(
         self,
@@ -54,9 +56,14 @@ class LoadedModel:
         selection: Selection,
         attempts: list[LoadAttempt],
         session: EngineSession,
+        placement: StagePlan | None = None,
+        stage_devices: tuple[Device, ...] = (),
     ) -> None:
         self.bundle = bundle
         self.manifest = manifest
+        # A staged bundle's placement (who decided, and why), and each stage's device.
+        self.placement = placement
+        self.stage_devices = stage_devices
         self.functions: dict[str, FunctionSpec] = dict(manifest.functions)
         self.candidate = candidate
         self.selection = selection
@@ -84,14 +91,23 @@ class LoadedModel:
     def device(self) -> Device:
         return self.candidate.device
 
+    @property
+    def where(self) -> str:
+        """What runs where: `cpu:host on local-task: AMD EPYC`, or a split's stages."""
+        if len(set(self.stage_devices)) > 1:
+            return ", ".join(f"{a.id} on {d.label}" for a, d in zip(self.candidate.stages, self.stage_devices))
+        return f"{self.candidate.id} on {self.device.label}"
+
     def explain(self) -> str:
         text = self.selection.explain()
+        if self.placement is not None:
+            text += "\n" + self.placement.explain()
         for a in self.attempts:
             text += f"\n   !  {a.artifact} on {a.device} failed to load: {a.error}"
-        return text + f"\nloaded {self.candidate.id} on {self.device.label}"
+        return text + f"\nloaded {self.where}"
 
     def __repr__(self) -> str:
-        return f"<hxc model {self.manifest.model.name!r}: {self.candidate.id} on {self.device.label}>"
+        return f"<hxc model {self.manifest.model.name!r}: {self.where}>"
 
     def __call__(self, *inputs: Any) -> Any:
         plan = self._plan
@@ -290,6 +306,8 @@ def load(
     slo_ms: float | None = None,
     slo_percentile: str = "p99",
     prices: PriceTable | None = None,
+    placement: str | Sequence[str] | None = None,
+    device_memory: str | Mapping[str, int] | None = None,
 ) -> LoadedModel:
     """Load the best artifact in `bundle` for this host.
 
@@ -321,6 +339,14 @@ def load(
     `slo_ms` puts the artifacts that meet that target (at `slo_percentile`, p99 or p50)
     first. See `hxc.runtime.select`.
 
+    A staged bundle (`hxc compile --stages`) runs each stage where `placement` says
+    (`"0:cpu,1:vulkan"`, or a device name per stage, e.g. a `StagePlan.assignment`),
+    else where the solver places it from this host's per-stage profiles (`hxc bench`;
+    minimum latency, or maximum throughput under the throughput and cost policies) within
+    the `device_memory` caps (`"vulkan=2GiB"`), else on the best single device; the
+    values between stages pass through the host. `model.placement.explain()` says why.
+    A `device` runs every stage there, as for an unstaged bundle. See `hxc.runtime.place`.
+
     Every device at once, one batch split across them: `hxc.pool.Pool(bundle)`.
     """
     path = Path(bundle)
@@ -347,27 +373,78 @@ def load(
     if not selection.candidates:
         raise NoCompatibleArtifactError(f"{path}: no artifact in this bundle can run on this host", hint=_summary(selection))
 
+    if (placement is not None or device_memory is not None) and not device and selection.forced:
+        # $HXC_DEVICE, not the caller: the placement names the devices itself.
+        selection = select(manifest, probe, policy=policy, device="", **options)
+    plan = plan_stages(manifest, selection, probe.host().id, policy=policy, placement=placement,
+                       device_memory=device_memory)  # fmt: skip
+    tries = _tries(selection, plan)
     attempts: list[LoadAttempt] = []
     checked_weights: dict[tuple[str, int | None], tuple[CheckedFile, str] | None] = {}  # hashing 400 MB once is enough
-    for cand in selection.candidates:
+    for cand, devices in tries:
         # Every file is checked before any is opened: a file that fails is an error, not a reason to try the next.
         opened = [_checked(path, manifest, a, private_copy, checked_weights) for a in cand.artifacts]
         try:
-            sessions = [engine(a.engine).open(a, module, cand.device, weights) for a, (module, weights) in zip(cand.artifacts, opened)]
+            sessions = [engine(a.engine).open(a, module, dev, weights)
+                        for a, (module, weights), dev in zip(cand.artifacts, opened, devices)]  # fmt: skip
             session = StagedSession(sessions, manifest.stages, cand.stages) if cand.stages else sessions[0]
         except Exception as e:
-            if strict:
+            if strict or (plan is not None and plan.source == "forced"):
                 raise HxcError(f"{cand.id} on {cand.device.label} failed to load: {first_line(e)}") from None
             attempts.append(LoadAttempt(cand.id, cand.device.label, first_line(e)))
             log.warning("hxc: %s on %s failed to load (%s); trying the next", cand.id, cand.device.label, first_line(e))
             continue
-        model = LoadedModel(path, manifest, cand, selection, attempts, session)
-        log.info("hxc: loaded %s on %s (%s)", cand.id, cand.device.label, cand.reason)
+        placed = plan if plan is not None and cand.stages == plan.artifacts else None
+        model = LoadedModel(path, manifest, cand, selection, attempts, session, placed,
+                            tuple(devices) if cand.stages else ())  # fmt: skip
+        log.info("hxc: loaded %s (%s)", model.where, placed.reason if placed else cand.reason)
         return model
     raise NoCompatibleArtifactError(
         f"{path}: every compatible artifact failed to load",
         hint="; ".join(f"{a.artifact}: {a.error}" for a in attempts),
     )
+
+
+def _tries(selection: Selection, plan: StagePlan | None) -> list[tuple[Candidate, list[Device]]]:
+    """What to load, in order, each with a device per artifact: the placement first (a
+    split: the stages of its devices' chains, each on its own device; on one device,
+    that device's chain), then the selection's other candidates; a forced placement alone."""
+    plain = [(c, [c.device] * len(c.artifacts)) for c in selection.candidates]
+    if plan is None or plan.source == "single":
+        return plain
+    if plan.split:
+        first = plan.device(0).candidate
+        arts = plan.artifacts
+        mixed = replace(first, artifact=arts[0], stages=arts, latency=None, throughput=None, measured_on=None)
+        lead = (mixed, [plan.device(k).device for k in range(len(arts))])
+    else:
+        c = plan.device(0).candidate
+        lead = (c, [c.device] * len(c.artifacts))
+    if plan.source == "forced":
+        return [lead]
+    return [lead, *(t for t in plain if t[0] is not lead[0])]
+
+
+def load_stage(bundle: str | os.PathLike[str], artifact: str, *, device: str | None = None, probe: HostProbe | None = None,
+               private_copy: bool = False, trusted_keys: TrustedKeys = None, min_sequence: int | None = None,
+               require_signed_profiles: bool | None = None) -> StageRunner:  # fmt: skip
+    """One stage's artifact (`cpu:host#s1`) alone on a device that can run it (`device`
+    as `load` takes it, else the family's first): what `hxc bench` times to place stages.
+    Checked like every file `load` opens."""
+    path = Path(bundle)
+    manifest = read_bundle(path, trust_policy(trusted_keys, min_sequence, require_signed_profiles)).manifest
+    art = next((a for a in manifest.artifacts if a.id == artifact), None)
+    if art is None or art.stage is None:
+        raise UsageError(f"{path}: no stage artifact {artifact!r}",
+                         hint=f"its stages' artifacts: {', '.join(a.id for a in manifest.artifacts if a.stage is not None)}")  # fmt: skip
+    sel = select(manifest, probe or probe_host(), device=device or "", tolerance=float("inf"))
+    cand = next((c for c in sel.candidates if art in c.stages), None)
+    if cand is None:
+        raise NoCompatibleArtifactError(f"{path}: {artifact} cannot run here as part of a chain of its target",
+                                        hint=_summary(sel))  # fmt: skip
+    module, weights = _checked(path, manifest, art, private_copy, {})
+    session = engine(art.engine).open(art, module, cand.device, weights)
+    return StageRunner(session, manifest.stages[art.stage], art)
 
 
 def _checked(path: Path, manifest: Manifest, art: Artifact, private_copy: bool,

@@ -447,10 +447,10 @@ def _why(p: _Problem, objective: str, plan: Plan, single: Plan | None) -> str:
     if not plan.split or not _better(_key(objective, plan)[:2], _key(objective, single)[:2]):
         return f"{single.devices[0]} alone is predicted best (no split has better {metric})"
     if objective == "throughput":
-        gain = f"{plan.items_per_s / single.items_per_s:.3g}x the throughput"
+        gain = f"{plan.items_per_s / single.items_per_s:.3g}x the throughput of"
     else:
-        gain = f"{single.latency_ms - plan.latency_ms:.3g} ms less latency"
-    return f"the split is predicted {gain} of {single.devices[0]} alone, the best single device"
+        gain = f"{single.latency_ms - plan.latency_ms:.3g} ms less latency than"
+    return f"the split is predicted {gain} {single.devices[0]} alone, the best single device"
 
 
 def _no_single(p: _Problem) -> str:

@@ -116,8 +116,11 @@ class Candidate:
 
     @property
     def id(self) -> str:
-        """What runs: the artifact's id, or for a staged bundle the target's (`cpu:host`)."""
-        return self.artifact.target_id if self.stages else self.artifact.id
+        """What runs: the artifact's id, or for a staged bundle the target's (`cpu:host`),
+        or the targets' of a placement's mixed stages (`cpu:host+vulkan:spirv`)."""
+        if not self.stages:
+            return self.artifact.id
+        return "+".join(dict.fromkeys(a.target_id for a in self.stages))
 
     @property
     def artifacts(self) -> tuple[Artifact, ...]:
@@ -361,12 +364,15 @@ def _metric(c: Candidate, policy: str) -> tuple[int, float]:
     return (0, c.profile.latency.p50_ms)
 
 
-def profiles_for(manifest: Manifest, art: Artifact, dev: Device,
-                 host_id: str) -> tuple[list[Profile], Literal["this host", "same device", None]]:  # fmt: skip
+def profiles_for(manifest: Manifest, art: Artifact, dev: Device, host_id: str,
+                 stage: int | None = None) -> tuple[list[Profile], Literal["this host", "same device", None]]:  # fmt: skip
     """The profiles of `art` on `dev` that speak for this host, in recording order, and
     where they were measured: those recorded on this very host, else those from any host
-    with the same device, else none."""
-    mine = [p for p in manifest.profiles if p.artifact_sha256 == art.sha256 and p.device == dev.label]
+    with the same device, else none. `stage`: a staged bundle's profiles of that stage
+    alone (`art` is its artifact); None: of the whole model (for a staged bundle, of the
+    chain whose stage 0 is `art`)."""
+    mine = [p for p in manifest.profiles
+            if p.artifact_sha256 == art.sha256 and p.device == dev.label and p.stage == stage]  # fmt: skip
     here = [p for p in mine if p.host_id == host_id]
     if here:
         return here, "this host"

@@ -1,25 +1,29 @@
 """A staged bundle (`hxc compile --stages`) run whole in this process: each stage's
-artifact of one target opened on one device, called in order, each stage's outputs the
-next one's inputs. It is the engine session `LoadedModel` calls, so a staged bundle
+artifact opened on its device (one device for them all, or each where a placement puts
+it: `hxc.runtime.place`), called in order, each stage's outputs the next one's inputs,
+through the host. It is the engine session `LoadedModel` calls, so a staged bundle
 loads, runs and verifies like any other.
 
-Placement of stages on different devices and the pipeline over worker processes
-(issue 29, parts 2 and 3) come later; this is the reference they must equal.
+The pipeline over worker processes (issue 29, part 3) comes later; this is the
+reference it must equal. `StageRunner` is one stage alone, as `hxc bench` times it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from hxc.dtypes import dtype
 from hxc.engines.base import Session, StatelessSession, cast_inputs, cast_signature
-from hxc.manifests.schema import Artifact, Signature, Stage
+from hxc.manifests.schema import Artifact, Manifest, Signature, Stage
 
 
 class StagedSession(StatelessSession):
-    """The sessions of one target's stages, called as one stateless `main`."""
+    """The sessions of every stage, in order, called as one stateless `main`; each may
+    be on a device of its own (a placement), the values between them passing through
+    the host."""
 
     engine_name = "a staged bundle's"
 
@@ -54,3 +58,56 @@ class StagedSession(StatelessSession):
             self.invoke(arrays, signature)
 
         return call
+
+
+class StageRunner:
+    """One stage's artifact opened on one device, alone: what `hxc bench` times to place
+    stages. Takes and returns the stage's tensors as the model has them."""
+
+    def __init__(self, session: Session, stage: Stage, artifact: Artifact) -> None:
+        self.session = session
+        self.stage = stage
+        self.artifact = artifact
+        self._model = stage.signature
+        self._artifact = cast_signature(self._model, artifact.interface_casts)
+
+    def invoke(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        out = self.session.invoke(cast_inputs(arrays, self._model, self._artifact), self._artifact)
+        types = [dtype(t.dtype).numpy_dtype() for t in self._model.outputs]
+        return [a if a.dtype == t else a.astype(t) for a, t in zip(out, types)]
+
+    def prepare(self, arrays: list[np.ndarray]) -> Callable[[], None]:
+        """A call on device-resident copies of `arrays`, results left on the device."""
+        return self.session.prepare(cast_inputs(arrays, self._model, self._artifact), self._artifact)
+
+
+def stage_inputs(manifest: Manifest, stage: Stage, model_inputs: Sequence[np.ndarray], seed: int = 0) -> list[np.ndarray]:
+    """Inputs to time `stage` alone: the model's own for stage 0; for a later stage,
+    tensors of the shapes and dtypes that cross into it, floats drawn at random and
+    other types zero (a dense stage's time does not depend on the values). A dynamic
+    dimension takes the size the model's inputs give its name, else the size its
+    recorded bytes imply (the golden example's)."""
+    if stage.index == 0:
+        return list(model_inputs)
+    sizes: dict[str, int] = {}
+    for spec, a in zip(manifest.signature.inputs, model_inputs):
+        for d, n in zip(spec.shape, np.shape(a)):
+            if isinstance(d, str):
+                sizes.setdefault(d, int(n))
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in stage.inputs:
+        kind = dtype(t.dtype)
+        np_type = kind.numpy_dtype()
+        shape = [d if isinstance(d, int) else sizes.get(d) for d in t.shape]
+        unknown = [i for i, d in enumerate(shape) if d is None]
+        if unknown:
+            known = math.prod(d for d in shape if d is not None) * np_type.itemsize
+            implied = max(t.bytes // known, 1) if known else 1
+            for i in unknown:  # one unknown dimension takes all of it; several share it
+                shape[i] = max(round(implied ** (1 / len(unknown))), 1)
+        if kind.is_float:
+            out.append(rng.standard_normal(shape).astype(np.float32).astype(np_type))
+        else:
+            out.append(np.zeros(shape, np_type))
+    return out
