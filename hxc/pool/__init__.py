@@ -11,7 +11,9 @@ In three parts: `workers.py` (the worker processes of a bundle: start, health,
 restart), `split.py` (one batch or stream split across them; `pool.py` is the `Pool`
 around it), `router.py` (single requests, as a server gets them, ranked by the
 registered policies in `policies/`) and `lm_router.py` (a language model's sequences,
-batched continuously in each worker: KV admission, preemption, failover).
+batched continuously in each worker: KV admission, preemption, failover). Apart from
+them, `pipeline.py` runs a staged bundle's stages over worker processes of its own
+(`pipeline_child.py`), tensors passing from worker to worker in shared memory.
 
 The names below are imported when first used, so that `hxc.pool.policies` (the
 policy names the CLI lists) costs no process machinery to import.
@@ -25,7 +27,7 @@ from typing import Any
 _WHERE = {
     "DeviceStats": "pool", "Pool": "pool", "PoolStats": "pool", "Workers": "workers", "Backoff": "worker",
     "Deadlines": "worker", "Health": "worker", "RequestFailed": "worker", "Result": "worker", "Worker": "worker",
-    "WorkerFailed": "worker", "WorkerStats": "worker", "run_isolated": "worker",
+    "WorkerFailed": "worker", "WorkerStats": "worker", "run_isolated": "worker", "Pipeline": "pipeline",
 }  # fmt: skip
 
 __all__ = sorted(_WHERE)

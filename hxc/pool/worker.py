@@ -560,21 +560,12 @@ class Worker:
             self._pump()
         self._flush()
         self._notify()
-        while True:
-            timeout, overdue = self._next_deadline()
-            if overdue is not None:
-                self._fail(life, overdue)
-                return
-            try:
-                message, fds = life.channel.receive(timeout=timeout)
-            except TimeoutError:
-                continue
-            except ChannelClosed:
-                self._fail(life, _exit_reason(life.process))
-                return
+
+        def handle(message: dict, fds: list[int]) -> bool:
             self._complete(life, message, fds)
-            if self._life is not life:
-                return
+            return self._life is life
+
+        read_replies(life.channel, life.process, self._next_deadline, lambda reason: self._fail(life, reason), handle)
 
     def _next_deadline(self) -> tuple[float, str | None]:
         """(seconds to wait for a reply, or a reason if the oldest request is overdue)."""
@@ -753,6 +744,28 @@ class Worker:
     def _notify(self) -> None:
         if self._on_change is not None:
             self._on_change(self)
+
+
+def read_replies(channel: Channel, process: subprocess.Popen, next_deadline: Callable[[], tuple[float, str | None]],
+                 fail: Callable[[str], None], handle: Callable[[dict, list[int]], bool]) -> None:  # fmt: skip
+    """A reader thread's loop over a worker process's replies: `handle(message, fds)`
+    each (False: stop reading); `fail(reason)` and stop when `next_deadline()` says the
+    oldest request is overdue (its second item) or the process is gone. Between
+    replies it waits at most the seconds `next_deadline()` gives."""
+    while True:
+        timeout, overdue = next_deadline()
+        if overdue is not None:
+            fail(overdue)
+            return
+        try:
+            message, fds = channel.receive(timeout=timeout)
+        except TimeoutError:
+            continue
+        except ChannelClosed:
+            fail(_exit_reason(process))
+            return
+        if not handle(message, fds):
+            return
 
 
 def _fail_future(future: Future, error: Exception) -> None:

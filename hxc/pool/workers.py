@@ -211,14 +211,8 @@ def pinning(pin: str | Mapping[str, Sequence[int]] | None, chosen: list[Candidat
     available = sorted(os.sched_getaffinity(0))
     if pin == "split":
         cpu_kind = [c for c in chosen if c.device.kind == "cpu"]
-        if len(cpu_kind) > len(available):
-            raise UsageError(f"pin='split' needs a core per CPU-type device: {len(cpu_kind)} devices, {len(available)} cores")
-        share, extra = divmod(len(available), max(1, len(cpu_kind)))
-        start = 0
-        for i, c in enumerate(cpu_kind):
-            size = share + (extra if i == 0 else 0)  # the host CPU, first and fastest by far, takes the remainder
-            out[c.artifact.id] = tuple(available[start:start + size])
-            start += size
+        for c, cores in zip(cpu_kind, split_cores(len(cpu_kind), available, "CPU-type device")):
+            out[c.artifact.id] = cores
         return out
     if isinstance(pin, str):
         raise UsageError(f"unknown pinning {pin!r}", hint="use None, 'split', or {device: [cores]}")
@@ -232,6 +226,21 @@ def pinning(pin: str | Mapping[str, Sequence[int]] | None, chosen: list[Candidat
             raise UsageError(f"pin {want!r}: no device of the pool matches it", hint=", ".join(c.artifact.id for c in chosen))
         for c in hits:
             out[c.artifact.id] = cores
+    return out
+
+
+def split_cores(count: int, available: Sequence[int], what: str) -> list[tuple[int, ...]]:
+    """`available` cores shared out among `count` workers, in order, the first taking the
+    remainder (the pool's host CPU, first and fastest by far); a one-line UsageError when
+    there are fewer cores than workers."""
+    if count > len(available):
+        raise UsageError(f"pinning needs a core per {what}: {count} of them, {len(available)} core(s)")
+    share, extra = divmod(len(available), max(1, count))
+    out, start = [], 0
+    for i in range(count):
+        size = share + (extra if i == 0 else 0)
+        out.append(tuple(available[start:start + size]))
+        start += size
     return out
 
 
