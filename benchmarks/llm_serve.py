@@ -73,18 +73,18 @@ def main() -> None:
     ap.add_argument("--slo-tpot-ms", type=float, default=200.0)
     ap.add_argument("--llama-cpp", action="store_true", help="also llama.cpp's server (needs llama-cpp-python[server], gguf)")
     ap.add_argument("--work", type=Path, default=None, help="keep the models here (and reuse them)")
+    ap.add_argument("--only-long-prompt", type=int, default=0, metavar="ROUNDS",
+                    help="run phase 3 alone, this many times (medians), into llm_serve[_SIZE]_long_prompt.json")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="hxc-llm-serve-"))
     work.mkdir(parents=True, exist_ok=True)
     hf_dir = save_model(work / f"llama-{args.size}", args.size)
+    if args.only_long_prompt:
+        only_long_prompt(args, work, hf_dir)
+        return
     batched = compile_bundle(hf_dir, work / f"llama-{args.size}-s{args.slots}.hxc", args.slots, args.max_context)
     single = compile_bundle(hf_dir, work / f"llama-{args.size}-s1.hxc", 1, args.max_context)
-    long_bundle = None
-    if args.long_prompt:
-        context = args.long_prompt + 2 * args.output_tokens + args.prompt_tokens
-        chunk = f"-p{'-'.join(map(str, args.long_prefill_chunk))}" if args.long_prefill_chunk else ""
-        long_bundle = compile_bundle(hf_dir, work / f"llama-{args.size}-s{args.slots}-c{context}{chunk}.hxc", args.slots, context,
-                                     args.long_prefill_chunk)  # fmt: skip
+    long_bundle = long_bundle_of(args, work, hf_dir) if args.long_prompt else None
     rates = [float(r) for r in args.rates.split(",")]
     vocab = SIZES[args.size][5]
     results: dict = {"config": {**vars(args), "work": str(work)}, "contenders": {}}
@@ -363,6 +363,28 @@ async def long_prompt(server, args, vocab: int) -> dict:
     p99_beside = quantile(beside["itl"], 99) * 1000
     return {"itl_p50_alone_ms": p50_alone, "itl_p99_beside_long_prompt_ms": p99_beside, "ratio": p99_beside / p50_alone,
             "long_prompt_ttft_ms": big["ttft"] * 1000, "long_prompt_tokens": args.long_prompt}  # fmt: skip
+
+
+def long_bundle_of(args, work: Path, hf_dir: Path) -> Path:
+    context = args.long_prompt + 2 * args.output_tokens + args.prompt_tokens
+    chunk = f"-p{'-'.join(map(str, args.long_prefill_chunk))}" if args.long_prefill_chunk else ""
+    return compile_bundle(hf_dir, work / f"llama-{args.size}-s{args.slots}-c{context}{chunk}.hxc", args.slots, context,
+                          args.long_prefill_chunk)  # fmt: skip
+
+
+def only_long_prompt(args, work: Path, hf_dir: Path) -> None:
+    """Phase 3 alone, `--only-long-prompt` times on one server: each figure's median."""
+    runs = []
+    with HxcServer(long_bundle_of(args, work, hf_dir)) as server:
+        for r in range(args.only_long_prompt):
+            runs.append(asyncio.run(long_prompt(server, args, SIZES[args.size][5])))
+            print(f"  round {r + 1}: {json.dumps(runs[-1])}", file=sys.stderr, flush=True)
+    summary = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+    name = "llm_serve" if args.size == "7m" else f"llm_serve_{args.size}"
+    path = save(f"{name}_long_prompt", {"config": {**vars(args), "work": str(work)}, "runs": runs, "summary": summary,
+                                        "load_average_1min_at_end": os.getloadavg()[0]})  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def quantile(xs: list[float], q: float) -> float:
