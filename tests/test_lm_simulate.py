@@ -179,5 +179,12 @@ def test_a_prefill_call_costs_a_fixed_part_and_a_part_per_token() -> None:
     assert speed.call_costs((16, 128)) == pytest.approx((5.0, 0.1))
     # 100 tokens beside others in 16-token calls: 7 calls (the last padded).
     assert speed.read_ms(100, 16, (16, 128)) == pytest.approx(7 * (5 + 1.6))
+    # Riding in the decode calls (the mixed step): the fixed part is theirs; alone, a call's own.
+    assert speed.read_ms(100, 16, (16, 128), riding=True) == pytest.approx(7 * 1.6)
+    assert speed.read_ms(128, None, (16, 128), riding=True) == speed.read_ms(128, None, (16, 128))
+    beside = DeviceLoad(1, 4, 0, 0, (50,), 10_000)
+    separate, _ = estimate(speed, beside, 100, 8, 16, None, 1, largest_chunk=128)
+    riding, _ = estimate(speed, beside, 100, 8, 16, None, 1, largest_chunk=128, mixed=True)
+    assert separate.ttft_ms - riding.ttft_ms == pytest.approx(7 * 5.0)
     # One chunk size cannot tell the parts apart: the points are read as they are.
     assert speed.call_costs((32,)) is None and speed.read_ms(100, 32, (32,)) == speed.prefill_ms(100)

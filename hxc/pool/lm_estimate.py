@@ -17,7 +17,9 @@ once the prompts ahead are read:
     tpot = step(b' + 1)
     price per 1k output tokens = price per second x (prefill(n) + the decode time it adds) / m x 1000
 
-where prefill(n) is the time to the first token of an n-token prompt alone and step(b)
+(with the mixed step, `estimate(mixed=True)`, a chunk read beside decoding sequences rides
+in their decode call and costs its tokens only, the fixed part of a call being the
+decode call's), where prefill(n) is the time to the first token of an n-token prompt alone and step(b)
 one decode call of b sequences, from the device's bench profiles (`hxc bench` on the
 bundle: prompts of 32/128/512 tokens, decode at batch 1 and at every slot), or the
 worker's own timing at start-up, corrected by what the router measures live
@@ -85,9 +87,10 @@ class LMSpeed:
         or the fit is not physical: then a prompt costs what the points say, read in any chunks."""
         return _fit_calls(self.prefill, tuple(chunks))
 
-    def read_ms(self, tokens: int, chunk: int | None, chunks: Sequence[int]) -> float:
+    def read_ms(self, tokens: int, chunk: int | None, chunks: Sequence[int], *, riding: bool = False) -> float:
         """Time to read `tokens` of prompt in calls of `chunk` tokens (the last one padded;
-        None: alone, the largest chunk the rest fills each time)."""
+        None: alone, the largest chunk the rest fills each time). `riding`: each chunk
+        rides in a decode call (the `mixed` step), which pays the call's fixed part."""
         if tokens <= 0:
             return 0.0
         costs = self.call_costs(chunks)
@@ -95,7 +98,7 @@ class LMSpeed:
             return self.prefill_ms(tokens)
         fixed, per = costs
         sizes = _calls(tokens, chunks) if chunk is None else [chunk] * math.ceil(tokens / chunk)
-        return sum(fixed + per * c for c in sizes)
+        return sum((0.0 if riding and chunk is not None else fixed) + per * c for c in sizes)
 
     def scaled(self, prefill: float, step: float) -> LMSpeed:
         return LMSpeed(tuple((n, ms * prefill) for n, ms in self.prefill), tuple((b, ms * step) for b, ms in self.step))
@@ -237,12 +240,14 @@ def _marginal_decode_ms(speed: LMSpeed, remaining: Sequence[int], others: int, m
 
 def estimate(speed: LMSpeed | None, load: DeviceLoad, prompt_tokens: int, max_tokens: int, chunk: int,
              price_per_hour: float | None, kv_bytes_per_token: int, *, largest_chunk: int | None = None,
-             ) -> tuple[Estimate, Breakdown | None]:  # fmt: skip
+             mixed: bool = False) -> tuple[Estimate, Breakdown | None]:  # fmt: skip
     """The `Estimate` of a request of `prompt_tokens` and up to `max_tokens` output
     tokens on a device with `load`, and how it was reached (None when unmeasured: the
     estimate then has finish_ms None if the device is idle, infinity if it is busy).
     `chunk`: the prefill chunk a device reads while others decode; `largest_chunk` the
-    one it reads when none does (default `chunk`)."""
+    one it reads when none does (default `chunk`). `mixed`: the model has the mixed
+    step, so a chunk read while others decode rides in their decode call (its fixed
+    part is the decode call's)."""
     headroom = (load.kv_free_tokens - prompt_tokens - max_tokens) * kv_bytes_per_token
     if speed is None:
         busy = load.decoding + load.waiting > 0
@@ -270,8 +275,8 @@ def estimate(speed: LMSpeed | None, load: DeviceLoad, prompt_tokens: int, max_to
     if speed.call_costs(chunks) is None:
         own, prefill = speed.prefill_ms(prompt_tokens), speed.prefill_ms(queued + prompt_tokens)
     else:
-        own = speed.read_ms(prompt_tokens, chunk if others else None, chunks)
-        prefill = speed.read_ms(queued, chunk if decoders else None, chunks) + own
+        own = speed.read_ms(prompt_tokens, chunk if others else None, chunks, riding=mixed)
+        prefill = speed.read_ms(queued, chunk if decoders else None, chunks, riding=mixed) + own
     # The last step's decode call (itself included, unless it wants one token) returns the
     # step's tokens, its first among them.
     last = speed.step_ms(others + 1) if m > 1 else speed.step_ms(others) if others else 0.0

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hxc.errors import UsageError
+from hxc.lm_calls import MIXED
 from hxc.pool import policies
 from hxc.pool.lm_estimate import Breakdown, Calibration, DeviceLoad, LMSpeed, estimate
 from hxc.pool.policies.base import Estimate, misses
@@ -259,6 +260,7 @@ class LMRouter:
             raise UsageError(f"{workers.bundle}: not a language model")
         self.workers = workers
         self.lm = lm
+        self.mixed = MIXED in workers.manifest.functions  # a chunk read beside decoding rides in its call
         whole = lm.slots * lm.max_context
         budget = whole if kv_cache_bytes is None else min(whole, kv_cache_bytes // lm.kv_bytes_per_token)
         if budget < 1 + HEADROOM_TOKENS:
@@ -431,7 +433,8 @@ class LMRouter:
                   ) -> tuple[Estimate, Breakdown | None]:  # fmt: skip
         """`lm_estimate.estimate` of a request on device `d` as it is now, with this model's chunks."""
         return estimate(d.calibration.speed, d.load(self.lm.slots), prompt_tokens, max_tokens, min(self.lm.chunks),
-                        price_per_hour, self.lm.kv_bytes_per_token, largest_chunk=max(self.lm.chunks))  # fmt: skip
+                        price_per_hour, self.lm.kv_bytes_per_token, largest_chunk=max(self.lm.chunks),
+                        mixed=self.mixed)  # fmt: skip
 
     def _dispatch_locked(self) -> None:
         """Route the sequences that have no device yet (new, resumed, or queued on a
