@@ -3,8 +3,9 @@ causal LM, issue 29): each stage its own artifact and weights archive with the m
 functions over the hidden states and its own layers' KV caches, recorded in the
 manifest's `stages` per function; generation through the chain (`generate`, `Batch`,
 `hxc verify`) equal to the unsplit bundle's and to Hugging Face's, token for token.
-The tiny Llama of `hxc.examples.llm` (2 layers), cpu:host in this process; lavapipe in
-a child process only."""
+The tiny Llama of `hxc.examples.llm` (2 layers), built as the session's unsplit bundle
+(`tiny_llm_bundle`: context 96, 4 slots, chunks of 32) and once here in two stages;
+cpu:host in this process; lavapipe in a child process only."""
 
 from __future__ import annotations
 
@@ -25,10 +26,8 @@ from hxc.runtime.batching import Batch
 from hxc.verify import verify_bundle
 
 SOURCE = "hxc.examples.llm:tiny_llama"
-MAX_CONTEXT = 64
-CHUNKS = (4, 16)  # a 21-token prompt reads as 16 + 4 + 4: both prefill functions
-SLOTS = 2  # so the bundles have `mixed`
-PROMPT_IDS = [0, *range(5, 25)]
+MAX_CONTEXT, SLOTS, CHUNK = 96, 4, 32  # as conftest's tiny_llm_bundle: the unsplit bundle to equal
+PROMPT_IDS = [0, *range(5, 44)]  # 40 tokens: two prefill calls
 NEW_TOKENS = 12
 
 
@@ -36,17 +35,16 @@ def _build(out: Path, stages: str | None, targets: str = "cpu:host"):
     from hxc.build import build_bundle
     from hxc.compiler.imported import ImportOptions
 
-    options = ImportOptions(max_context=MAX_CONTEXT, slots=SLOTS, prefill_chunk=CHUNKS, stages=stages)
+    options = ImportOptions(max_context=MAX_CONTEXT, slots=SLOTS, stages=stages)
     result = build_bundle(SOURCE, out, targets, options=options, use_cache=False)
     assert result.written, [b.error for b in result.failed]
     return result.output
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory) -> dict[str, Path]:
-    """The same model whole and in two stages."""
-    out = tmp_path_factory.mktemp("lm-stages")
-    return {"whole": _build(out / "whole.hxc", None), "staged": _build(out / "staged.hxc", "2")}
+def bundles(tmp_path_factory, tiny_llm_bundle) -> dict[str, Path]:
+    """The same model whole (the session's) and in two stages."""
+    return {"whole": tiny_llm_bundle, "staged": _build(tmp_path_factory.mktemp("lm-stages") / "staged.hxc", "2")}
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +63,13 @@ def test_the_manifest_records_each_stage_per_function(bundles):
     m = read_manifest(bundles["staged"])
     lm = m.language_model
     assert m.schema_version == "6.1" and len(m.stages) == 2 and lm.layers == 2
-    assert [a.id for a in m.artifacts] == ["cpu:host#s0", "cpu:host#s1"]
+    assert [a.id for a in m.artifacts] == ["cpu:host#s0", "cpu:host#s1"] and lm.prefill_chunk == CHUNK
     assert sorted(w.file for w in m.weights) == ["weights-s0.irpa", "weights-s1.irpa"]
     s0, s1 = m.stages
     assert (s0.first_module, s0.last_module, s1.first_module, s1.last_module) == (
         "model.embed_tokens", "model.layers.0", "model.layers.1", "lm_head")
     hidden = 64
-    rows = {"prefill": CHUNKS[0], "prefill_16": CHUNKS[1], "decode": SLOTS, "mixed": SLOTS + CHUNKS[0]}
+    rows = {"prefill": CHUNK, "decode": SLOTS, "mixed": SLOTS + CHUNK}
     assert set(rows) == set(m.functions) == set(s0.functions) == set(s1.functions)
     for name, n in rows.items():
         a, b = s0.functions[name], s1.functions[name]
@@ -91,7 +89,7 @@ def test_the_manifest_records_each_stage_per_function(bundles):
     sizes = {w.file: w.size for w in m.weights}
     whole = read_manifest(bundles["whole"])
     assert whole.schema_version == "5.3" and not whole.stages
-    assert sizes["weights-s0.irpa"] + sizes["weights-s1.irpa"] == pytest.approx(whole.weights[0].size, rel=0.05)
+    assert sizes["weights-s0.irpa"] + sizes["weights-s1.irpa"] == pytest.approx(whole.weights_for("fp32").size, rel=0.05)
     assert m.functions == whole.functions and m.language_model == whole.language_model
 
 
@@ -112,8 +110,8 @@ def test_a_batch_of_two_with_mixed_steps_equals_hugging_face(bundles, hf_tokens)
     assert batch.mixed
     batch.add("a", PROMPT_IDS, NEW_TOKENS, stop_token_ids=[])
     got: dict[str, list[int]] = {"a": [], "b": []}
-    for step in range(1, 100):  # bounded: 2 prompts of 21 tokens and 2 x 12 new tokens take far fewer
-        if step == 3:
+    for step in range(1, 100):  # bounded: 2 prompts of 40 tokens and 2 x 12 new tokens take far fewer
+        if step == 2:
             batch.add("b", PROMPT_IDS, NEW_TOKENS, stop_token_ids=[])  # its chunks ride in a's decode steps
         for e in batch.step():
             got[e.id].append(e.token)
@@ -166,17 +164,17 @@ def test_bad_stages_are_one_line_usage_errors(cli, tmp_path, stages, fragment):
     assert not (tmp_path / "b.hxc").exists()
 
 
-def test_quantised_stages_are_refused(cli, tmp_path):
-    result = cli("compile", SOURCE, "-o", tmp_path / "b.hxc", "-t", "cpu:host", "--max-context", MAX_CONTEXT,
-                 "--stages", "2", "--precision", "int8")  # fmt: skip
-    assert result.exit_code == ExitCode.USAGE and "built in fp32 only" in result.stderr, result.output
+def test_quantised_stages_are_refused_before_any_work(cli, tmp_path):
+    result = cli("compile", SOURCE, "-o", tmp_path / "b.hxc", "-t", "cpu:host", "--stages", "2", "--precision", "fp32,int8")
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "--stages and --precision int8: a language model's quantised stages are not built yet" in result.stderr
 
 
 @pytest.mark.heavy
 def test_lavapipe_runs_the_chain_in_a_child_process(tmp_path, hf_tokens):
     """Both stages on lavapipe (the portable Vulkan variant), in a child process as
     every lavapipe run of the suite."""
-    bundle = _build(tmp_path / "vk.hxc", "2", targets="vulkan:spirv")
+    bundle = _build(tmp_path / "vk.hxc", "2", targets="vulkan:spirv")  # its own: lavapipe compiles are slow
     out = subprocess.run([sys.executable, "-m", "hxc.cli", "generate", str(bundle), ",".join(map(str, PROMPT_IDS)),
                           "--token-ids", "-n", str(NEW_TOKENS), "--device", "vulkan", "--ignore-eos", "--json"],
                          capture_output=True, text=True, timeout=600)  # fmt: skip

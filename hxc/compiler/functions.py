@@ -59,9 +59,6 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
     if options.stages and not callable(getattr(module, "hxc_stages", None)):
         raise UsageError(f"{source}: --stages cuts models of one function and language models; this one declares "
                          "several functions")  # fmt: skip
-    if options.stages and options.precision in WEIGHT_BITS:
-        raise UsageError(f"--stages and --precision {options.precision}: a language model's stages are built in fp32 "
-                         "only (not yet quantised)")  # fmt: skip
     if options.precision in WEIGHT_BITS:  # a language model's weights as int8 / int4
         from hxc.compiler.quantize import quantized_language_model
 
