@@ -123,10 +123,15 @@ def test_a_batch_of_two_with_mixed_steps_equals_hugging_face(bundles, hf_tokens)
     assert all(np.abs(host[n][:, :len(PROMPT_IDS)]).max() > 0 for n in host)
 
 
-def test_verify_checks_the_chain_against_hugging_face(bundles):
+def test_verify_checks_the_chain_against_hugging_face(bundles, cli):
     report = verify_bundle(bundles["staged"], device="cpu", isolate=False)
     assert report.ok and report.results, report.results
     assert {r.artifact for r in report.results} == {"cpu:host"}
+    # The CLI's way: in a worker process, over the worker protocol's state.
+    result = cli("verify", bundles["staged"], "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ok"] and [r["artifact"] for r in data["results"]] == ["cpu:host"], data
 
 
 def test_a_stage_function_that_does_not_chain_is_refused(bundles):
