@@ -591,8 +591,7 @@ class CausalLM(torch.nn.Module):
     def prefill(self, tokens: torch.Tensor, start: torch.Tensor, length: torch.Tensor, slot: torch.Tensor,
                 span: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
         """Logits [1, vocab] of the chunk's last valid token, and the caches (written in place)."""
-        n = tokens.shape[1]
-        return self._prefill(self._prefill_group(n, start, length, slot, span, tokens=tokens.reshape(n)), None, caches)
+        return self._prefill(self._prefill_group(tokens.shape[1], start, length, slot, span, tokens=tokens), None, caches)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, span: torch.Tensor,
                *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
@@ -607,10 +606,9 @@ class CausalLM(torch.nn.Module):
         together, so the weights are read once for both; each part attends over its own
         span. Logits [B, vocab] of the decode rows, [1, vocab] of the chunk's last valid
         token, and the caches. The chunk's slot must be idle in the decode part."""
-        n = chunk_tokens.shape[1]
         decode = self._decode_group(positions, span, tokens)
-        chunk = self._prefill_group(n, start, length, slot, chunk_span, first_row=tokens.shape[0],
-                                    tokens=chunk_tokens.reshape(n))  # fmt: skip
+        chunk = self._prefill_group(chunk_tokens.shape[1], start, length, slot, chunk_span, first_row=tokens.shape[0],
+                                    tokens=chunk_tokens)  # fmt: skip
         return self._mixed(decode, chunk, None, caches)
 
     # A later stage's: the rows' hidden states [rows, H] from the stage before in place of their tokens.
@@ -660,7 +658,8 @@ class CausalLM(torch.nn.Module):
 
     def _prefill_group(self, n: int, start: torch.Tensor, length: torch.Tensor, slot: torch.Tensor, span: torch.Tensor,
                        first_row: int = 0, tokens: torch.Tensor | None = None) -> _Group:  # fmt: skip
-        """A chunk of n prompt tokens of `slot` at start.. (`length` valid, the rest padding)."""
+        """A chunk of n prompt tokens of `slot` at start.. (`length` valid, the rest padding):
+        `tokens` [1, n], or None in a stage after the first."""
         start, length, slot = start.reshape(1), length.reshape(1), slot.reshape(1)
         offsets = torch.arange(n, dtype=torch.int32)
         positions = start + offsets
@@ -669,7 +668,8 @@ class CausalLM(torch.nn.Module):
         kpos = torch.arange(span.shape[0], dtype=torch.int32)
         mask = torch.where(kpos[None, :] <= positions.reshape(n, 1), 0.0, float("-inf")).reshape(1, n, -1)
         last = first_row + (length - 1).clamp(0, n - 1)  # [1]: the row of the chunk's last valid token
-        return _Group(tokens, positions, slot.expand(n), write_at, mask, slot, (1, n), last)
+        rows = tokens.reshape(n) if tokens is not None else None
+        return _Group(rows, positions, slot.expand(n), write_at, mask, slot, (1, n), last)
 
     def _layers(self, groups: Sequence[_Group], caches: Sequence[torch.Tensor],
                 hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
