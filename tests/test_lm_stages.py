@@ -134,6 +134,15 @@ def test_verify_checks_the_chain_against_hugging_face(bundles, cli):
     assert data["ok"] and [r["artifact"] for r in data["results"]] == ["cpu:host"], data
 
 
+def test_bench_times_the_chain_with_every_stage_s_weights(bundles, cli):
+    result = cli("bench", bundles["staged"], "--device", "cpu", "--min-time", "0.2", "--no-record", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    m = read_manifest(bundles["staged"])
+    assert rows and {r["candidate"] for r in rows} == {"cpu:host"}
+    assert {r["weights_bytes"] for r in rows} == {sum(w.size for w in m.weights)}
+
+
 def test_a_stage_function_that_does_not_chain_is_refused(bundles):
     data = json.loads((bundles["staged"] / "manifest.json").read_text())
     parse_manifest(data)
