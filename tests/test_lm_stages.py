@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,64 @@ def test_lavapipe_runs_the_chain_in_a_child_process(tmp_path, hf_tokens):
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads(out.stdout)
     assert data["device"].startswith("vulkan") and data["token_ids"] == hf_tokens
+
+
+FOUR_LAYERS = textwrap.dedent(
+    """
+    import torch
+    import transformers as tf
+    from hxc.examples.llm import tiny_config, tiny_tokenizer
+
+    def make(family):
+        tok = tiny_tokenizer(family)
+        cfg = tiny_config(family, len(tok))
+        if family == "gpt2":
+            cfg.n_layer = 4
+        else:
+            cfg.num_hidden_layers = 4
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+        model.generation_config.pad_token_id = 1
+        return model, tok
+
+    def llama():
+        return make("llama")
+
+    def gpt2():
+        return make("gpt2")
+    """
+)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("family, stages, ranges", [
+    ("llama", "at:model.layers.1,model.layers.3", [(0, 1), (1, 3), (3, 4)]),
+    ("gpt2", "3", [(0, 1), (1, 3), (3, 4)]),  # balanced: the head weighs half a layer here
+])  # fmt: skip
+def test_a_middle_stage_of_four_layers(tmp_path, family, stages, ranges):
+    """Three stages of a 4-layer model: a middle stage takes and returns hidden states."""
+    import importlib.util
+
+    from hxc.build import build_bundle
+    from hxc.compiler.imported import ImportOptions
+
+    source = tmp_path / "four.py"
+    source.write_text(FOUR_LAYERS)
+    result = build_bundle(f"{source}:{family}", tmp_path / "b.hxc", "cpu:host", use_cache=False,
+                          options=ImportOptions(max_context=MAX_CONTEXT, slots=2, stages=stages))  # fmt: skip
+    assert result.written, [b.error for b in result.failed]
+    m = read_manifest(result.output)
+    held = [tuple(int(n.rsplit("_", 1)[1]) for n in s.functions["decode"].state[::2]) for s in m.stages]
+    assert held == [tuple(range(a, b)) for a, b in ranges]
+    spec = importlib.util.spec_from_file_location("four", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    hf, _ = getattr(module, family)()
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([PROMPT_IDS]), attention_mask=torch.ones(1, len(PROMPT_IDS), dtype=torch.long),
+                               do_sample=False, max_new_tokens=NEW_TOKENS)[0, len(PROMPT_IDS):].tolist()  # fmt: skip
+    model = hxc.runtime.load(result.output, device="local-task", strict=True)
+    assert list(model.generate(PROMPT_IDS, NEW_TOKENS, stop_token_ids=[]).result().token_ids) == expected
+    report = verify_bundle(result.output, device="cpu", isolate=False)
+    assert report.ok and report.results, report.results
