@@ -594,7 +594,7 @@ def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, 
     sel = choose(read.manifest, probe, policy=policy, device=device, precision=precision, tolerance=tolerance,
                  slo_ms=slo_ms, slo_percentile=slo_percentile, prices=prices, profiles_note=read.profiles_note)  # fmt: skip
     plan = None
-    pin = _stage_pin(pins, bool(read.manifest.stages))
+    pin = _stage_pin(pins, bool(read.manifest.stages), pool=False)
     if sel.candidates or placement is not None or device_memory is not None:
         plan = plan_stages(read.manifest, sel, probe.host().id, policy=policy, placement=placement,
                            device_memory=device_memory, pin=pin)  # fmt: skip
@@ -937,13 +937,14 @@ def _stage_plan(bundle: Path, device: str | None, precision: str | None, toleran
                        device_memory=device_memory, pin=pin, trust=_trust())  # fmt: skip
 
 
-def _stage_pin(pins: tuple[str, ...], staged: bool) -> bool:
+def _stage_pin(pins: tuple[str, ...], staged: bool, pool: bool = True) -> bool:
     """`--pin` without `--devices`: `split` gives each stage of a staged bundle a worker
-    of its own; anything else is a one-line usage error."""
+    of its own; anything else is a one-line usage error (`pool`: the command has --devices)."""
     if not pins:
         return False
     if not staged:
-        raise UsageError("--pin needs --devices (a pool of devices), or a staged bundle (a worker per stage)")
+        raise UsageError("--pin needs --devices (a pool of devices), or a staged bundle (a worker per stage)" if pool
+                         else "--pin split places a staged bundle's stages (a worker per stage); this bundle has none")  # fmt: skip
     if pins != ("split",):
         raise UsageError("a staged bundle's pipeline takes --pin split (a worker per stage, the cores shared out)",
                          hint="--pin DEVICE=CORES pins a pool's devices (--devices)")  # fmt: skip

@@ -91,14 +91,13 @@ def run_pipeline_bench(bundle: str | Path, plan: StagePlan, *, in_flight: int = 
         on_progress("latency, one item in flight")
         samples, cpu_alone = _one_at_a_time(pipe, inputs, budget)
         on_progress(f"throughput, {in_flight} in flight")
-        before = {w.name: len(w.intervals) for w in pipe.stats().workers}
         rate, done, start, cpu_s = _stream(pipe, inputs, in_flight, budget)
         end = time.monotonic()
         wall = end - start
         shares = []
-        for w in pipe.stats().workers:
-            calls = [(max(a, start), min(b, end)) for a, b in list(w.intervals)[before.get(w.name, 0):]]
-            shares.append(WorkerShare(w.name, len(calls), sum(max(0.0, b - a) for a, b in calls) / wall if wall else 0.0))
+        for w in pipe.stats().workers:  # its calls within the stream (worker and caller share time.monotonic())
+            calls = [(max(a, start), min(b, end)) for a, b in w.intervals if b > start and a < end]
+            shares.append(WorkerShare(w.name, len(calls), sum(b - a for a, b in calls) / wall if wall else 0.0))
         described = pipe.to_json()
     return PipelineBench(probe.host(), plan, described, in_flight, latency_stats(samples), rate, done, wall,
                          cpu_s * 1000 / done, cpu_s / wall if wall else 0.0, cpu_alone, tuple(shares))  # fmt: skip

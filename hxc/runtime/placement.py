@@ -569,12 +569,13 @@ def _nothing_fits(p: _Problem) -> str:
 
 
 def _explain(p: _Problem, objective: str, plan: Plan, single: Plan | None, reason: str, search: str) -> list[str]:
+    workers = "pinned: each stage has its own worker" if p.pin else "one worker per device"
     if objective == "throughput":
-        head = ("objective: throughput = 1000 / the busiest resource's ms per item (a worker's stages add up"
-                + ("; pinned: each stage has its own worker)" if p.pin else "; one worker per device)")
-                + " -> items/s; ties: lower latency, fewer devices")  # fmt: skip
+        head = (f"objective: throughput = 1000 / the busiest resource's ms per item (a worker's stages add up; {workers}) "
+                "-> items/s; ties: lower latency, fewer devices")  # fmt: skip
     else:
-        head = "objective: latency = every stage time + every transfer of one item; ties: higher throughput, fewer devices"
+        head = (f"objective: latency = every stage time + every transfer of one item ({workers}); ties: higher "
+                "throughput, fewer devices")  # fmt: skip
     lines = [head]
     for d, dev in enumerate(p.devices):
         price = f", {dev.price_per_hour:g}/h" if dev.price_per_hour is not None else ""
