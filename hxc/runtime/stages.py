@@ -4,8 +4,9 @@ it: `hxc.runtime.place`), called in order, each stage's outputs the next one's i
 through the host. It is the engine session `LoadedModel` calls, so a staged bundle
 loads, runs and verifies like any other.
 
-The pipeline over worker processes (issue 29, part 3) comes later; this is the
-reference it must equal. `StageRunner` is one stage alone, as `hxc bench` times it.
+The pipeline over worker processes (`hxc.pool.pipeline`, what `hxc run` and `hxc bench`
+use for a placement across devices or with `--pin split`) must equal this chain.
+`StageRunner` is one stage alone, as `hxc bench` times it and a pipeline worker runs it.
 """
 
 from __future__ import annotations
