@@ -243,17 +243,17 @@ def measure(staged: Path, whole: Path, args: argparse.Namespace) -> dict:
     t = [statistics.median(stage_ms[k]) for k in (0, 1)]
     measured = statistics.median(pipelined)
     slower = 1000 / max(t)
-    # (c) Each pinned worker is a device of its own to the placement model (one device
-    # would serialise its stages), the hop between them shared memory.
+    # (c) The placement model of what ran: `--placement 0:cpu,1:cpu --pin split`, a
+    # worker per stage, the hop between them shared memory.
     costs = [StageCost(s.index, s.weights_bytes, out_bytes=sum(x.bytes for x in s.outputs)) for s in manifest.stages]
-    devices = [DeviceInfo("core0"), DeviceInfo("core1")]
-    plan = evaluate(costs, devices, {(0, "core0"): t[0], (1, "core1"): t[1]}, ("core0", "core1"))
+    devices = [DeviceInfo("cpu")]
+    plan = evaluate(costs, devices, {(0, "cpu"): t[0], (1, "cpu"): t[1]}, ("cpu", "cpu"), pin=True)
     sim = simulate_pipeline(plan, items=args.items, in_flight=args.in_flight)
     # The same from the stage times the workers measured while both ran: what is left of
     # the gap then is the pipeline's own (hops, idle workers), not the stages' slowdown
     # when the other core is busy too (shared caches and memory bandwidth, other jobs).
     t_busy = [statistics.median(in_pipeline_ms[k]) for k in (0, 1)]
-    busy_plan = evaluate(costs, devices, {(0, "core0"): t_busy[0], (1, "core1"): t_busy[1]}, ("core0", "core1"))
+    busy_plan = evaluate(costs, devices, {(0, "cpu"): t_busy[0], (1, "cpu"): t_busy[1]}, ("cpu", "cpu"), pin=True)
     busy_sim = simulate_pipeline(busy_plan, items=args.items, in_flight=args.in_flight)
     return {
         "model": {"parameters": params, "layers": args.layers, "hidden": args.hidden, "seq": args.seq,

@@ -561,6 +561,8 @@ def _slo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                                              "stage placement arithmetic).")
 @PLACEMENT_OPTION
 @DEVICE_MEMORY_OPTION
+@click.option("--pin", "pins", multiple=True, metavar="split",
+              help="A staged bundle: place its stages as `--pin split` runs them, each in a worker of its own.")
 @click.option("--prompt-tokens", type=click.IntRange(1), default=None, metavar="N",
               help="Language models: also show how `hxc serve` would route a request of N prompt tokens on idle devices "
                    "(its TTFT, TPOT and price per 1,000 output tokens per device, from the bench profiles).")  # fmt: skip
@@ -571,7 +573,7 @@ def _slo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_command
 def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, slo_percentile: str,
            prices_file: Path | None, precision: str | None, tolerance: float | None, explain: bool, placement: str | None,
-           device_memory: str | None, prompt_tokens: int | None, max_tokens: int, ttft_ms: float | None,
+           device_memory: str | None, pins: tuple[str, ...], prompt_tokens: int | None, max_tokens: int, ttft_ms: float | None,
            tpot_ms: float | None, as_json: bool) -> int:  # fmt: skip
     """Show which artifact `hxc.runtime.load` would pick on this host, and why.
 
@@ -594,9 +596,10 @@ def select(bundle: Path, device: str | None, policy: str, slo_ms: float | None, 
     sel = choose(read.manifest, probe, policy=policy, device=device, precision=precision, tolerance=tolerance,
                  slo_ms=slo_ms, slo_percentile=slo_percentile, prices=prices, profiles_note=read.profiles_note)  # fmt: skip
     plan = None
+    pin = _stage_pin(pins, bool(read.manifest.stages), pool=False)
     if sel.candidates or placement is not None or device_memory is not None:
         plan = plan_stages(read.manifest, sel, probe.host().id, policy=policy, placement=placement,
-                           device_memory=device_memory)  # fmt: skip
+                           device_memory=device_memory, pin=pin)  # fmt: skip
     routing = None
     if prompt_tokens is not None:
         routing = _lm_routing(read.manifest, sel, prices_file, prompt_tokens, max_tokens, ttft_ms, tpot_ms, slo_ms, policy)
@@ -708,7 +711,8 @@ DEVICES_OPTION = click.option(
 PIN_OPTION = click.option(
     "--pin", "pins", multiple=True, metavar="split|DEVICE=CORES",
     help="Give pool devices their own CPU cores: `split` shares the cores out among CPU-type devices (the CPU and "
-         "a software Vulkan device), or DEVICE=CORES per device, e.g. --pin cpu=0-5 --pin vulkan=6,7.",
+         "a software Vulkan device), or DEVICE=CORES per device, e.g. --pin cpu=0-5 --pin vulkan=6,7. A staged "
+         "bundle (without --devices): `split` gives each stage a worker of its own, with its share of the cores.",
 )  # fmt: skip
 
 
@@ -739,6 +743,13 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
     hxc run model.hxc -i x.npy
     hxc run model.hxc -i batch.npy --devices all -o out.npz     # split across every device, with telemetry
     hxc run staged.hxc -i x.npy --placement 0:cpu,1:vulkan       # a staged bundle's stages on two devices
+    hxc run staged.hxc -i x.npy --placement 0:cpu,1:cpu --pin split   # a pinned worker per stage
+
+    \b
+    A staged bundle whose placement spans several devices, or with --pin split, runs on
+    a pipeline of worker processes (one per device, or one per stage when pinned); on one
+    device unpinned its stages run as one chain in one worker process (or this one,
+    --in-process). --json's `placement.runner` says which.
     """
     import numpy as np
 
@@ -760,7 +771,8 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
         if device:
             raise UsageError("--device and --devices exclude each other", hint="--devices cpu,vulkan lists the devices to pool")
         if placement or device_memory:
-            raise UsageError("--placement and --device-memory run in one process, not a pool", hint="leave out --devices")
+            raise UsageError("--placement and --device-memory place a staged bundle's stages, not a pool's devices",
+                             hint="leave out --devices")  # fmt: skip
         from hxc.pool import Pool
 
         pool = Pool(bundle, devices, pin=_pin(pins), precision=precision, tolerance=tolerance, trust=_trust())
@@ -775,14 +787,32 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
             on = ", ".join(d.name for d in stats.devices if d.items) or "no device"
             ran += f"; the batch was not split ({pool.not_splittable}): it ran whole on {on}"
     else:
-        if pins:
-            raise UsageError("--pin needs --devices")
+        pin = _stage_pin(pins, bool(manifest.stages))
+        if pin and in_process:
+            raise UsageError("--pin split runs each stage in a worker process of its own", hint="leave out --in-process")
         options = {"strict": strict, "precision": precision, "tolerance": tolerance, **placed, **_trust_args()}
+        runner: dict[str, Any] = {"runner": "one process"}
+        plan = None
+        if manifest.stages and not in_process:
+            plan = _stage_plan(bundle, device, precision, tolerance, placement, device_memory, pin)
         if in_process:
             model = runtime.load(bundle, device=device, **options)
             outputs, signature = model.run_flat(arrays), model.signature
             artifact, device_label = model.candidate.id, model.device.label
-            placed["plan"] = model.placement
+            plan = model.placement
+        elif plan is not None and plan.pipelined:
+            # Several devices, or a worker per stage: the pipeline of worker processes.
+            from hxc.pool.pipeline import load_pipeline
+            from hxc.runtime.loader import check_inputs
+
+            signature = manifest.signature
+            check_inputs(signature, arrays)
+            with load_pipeline(bundle, placement=plan, precision=precision, tolerance=tolerance, in_flight=1,
+                               trust=_trust()) as pipe:  # fmt: skip
+                outputs = pipe.run_flat(arrays)
+                runner = pipe.to_json()
+            artifact = "+".join(dict.fromkeys(a.target_id for a in plan.artifacts))
+            device_label = ", ".join(dict.fromkeys(plan.device(k).device.label for k in range(len(plan.assignment))))
         else:
             # In a worker process: an artifact that crashes inside IREE is a one-line error.
             from hxc.pool.worker import run_isolated
@@ -792,16 +822,15 @@ def run(bundle: Path, inputs: tuple[str, ...], output: Path | None, device: str 
             check_inputs(signature, arrays)  # usage mistakes stay exit 2, before any process starts
             from hxc.pool.workers import load_options
 
-            if manifest.stages:
-                placed["plan"] = _stage_plan(bundle, device, precision, tolerance, placement, device_memory)
             result = run_isolated(bundle, device or "", arrays, load_options={**options, **load_options(_trust())})
             outputs, artifact, device_label = result.outputs, result.artifact, result.device
         what = {"artifact": artifact, "device": device_label}
         ran = f"ran {artifact} on {device_label}"
-        if (plan := placed.get("plan")) is not None:
-            what["placement"] = {"placement": plan.flag, "source": plan.source, "reason": plan.reason,
-                                 "stages": plan.to_json()["stages"]}  # fmt: skip
-            ran = f"ran {plan.describe()} ({plan.source}: {plan.reason})"
+        if plan is not None:
+            what["placement"] = {"placement": plan.flag, "source": plan.source, "reason": plan.reason, "pin": plan.pin,
+                                 "stages": plan.to_json()["stages"], **runner}  # fmt: skip
+            on = f" on a pipeline of {len(runner['workers'])} workers" if runner["runner"] == "pipeline" else " in one process"
+            ran = f"ran {plan.describe()}{on} ({plan.source}: {plan.reason})"
     if output is not None:
         from hxc.manifests.bundle import atomic_savez
 
@@ -900,21 +929,28 @@ def generate(bundle: Path, prompt: str, max_new_tokens: int, device: str | None,
 
 
 def _stage_plan(bundle: Path, device: str | None, precision: str | None, tolerance: float | None,
-                placement: str | None, device_memory: str | None) -> Any:
-    """Where `load` will run a staged bundle's stages (None: every stage on `device`),
-    worked out here, opening no device, to report it and to fail before a worker starts."""
-    from hxc.manifests.bundle import read_bundle
-    from hxc.runtime import probe_host, select
-    from hxc.runtime.place import plan_stages
+                placement: str | None, device_memory: str | None, pin: bool = False) -> Any:
+    """Where a staged bundle's stages run (None: every stage on `device`), worked out
+    here, opening no device, to choose one process or a pipeline, to report it and to
+    fail before a worker starts."""
+    from hxc.runtime.place import plan_bundle
 
-    read = read_bundle(bundle, _trust())
-    probe = probe_host()
-    given = placement is not None or device_memory is not None
-    sel = select(read.manifest, probe, device="" if given and not device else device, precision=precision,
-                 tolerance=tolerance)  # fmt: skip
-    if not sel.candidates:
-        return None  # the worker says why
-    return plan_stages(read.manifest, sel, probe.host().id, placement=placement, device_memory=device_memory)
+    return plan_bundle(bundle, device=device, precision=precision, tolerance=tolerance, placement=placement,
+                       device_memory=device_memory, pin=pin, trust=_trust())  # fmt: skip
+
+
+def _stage_pin(pins: tuple[str, ...], staged: bool, pool: bool = True) -> bool:
+    """`--pin` without `--devices`: `split` gives each stage of a staged bundle a worker
+    of its own; anything else is a one-line usage error (`pool`: the command has --devices)."""
+    if not pins:
+        return False
+    if not staged:
+        raise UsageError("--pin needs --devices (a pool of devices), or a staged bundle (a worker per stage)" if pool
+                         else "--pin split places a staged bundle's stages (a worker per stage); this bundle has none")  # fmt: skip
+    if pins != ("split",):
+        raise UsageError("a staged bundle's pipeline takes --pin split (a worker per stage, the cores shared out)",
+                         hint="--pin DEVICE=CORES pins a pool's devices (--devices)")  # fmt: skip
+    return True
 
 
 def _chat_messages(prompt: str) -> list[dict[str, Any]]:
@@ -1116,12 +1152,15 @@ def doctor(as_json: bool) -> None:
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Pool mode: interleaved rounds.")
 @PLACEMENT_OPTION
 @DEVICE_MEMORY_OPTION
+@click.option("--in-flight", type=click.IntRange(min=1), default=None, metavar="N",
+              help="A staged bundle on its pipeline (a placement across devices, or --pin split): throughput with N "
+                   "items in flight (default 4), latency with one, and this process's own CPU time per item.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @_command
 def bench(bundle: Path, baselines: list[str], device: str | None, batches: list[int], min_time: float, min_iterations: int,
           max_time: float, no_record: bool, allow_pickle: bool, gate: str | None, margin: float, pool_mode: bool,
           devices: str | None, pins: tuple[str, ...], rounds: int, placement: str | None, device_memory: str | None,
-          as_json: bool) -> int:  # fmt: skip
+          in_flight: int | None, as_json: bool) -> int:  # fmt: skip
     """Time every artifact this host can run next to PyTorch, and record the results as
     profiles in the bundle (which the runtime loader then uses to choose). A staged
     bundle's stages are also timed alone on each device, to place them.
@@ -1129,14 +1168,22 @@ def bench(bundle: Path, baselines: list[str], device: str | None, batches: list[
     \b
     hxc bench model.hxc
     hxc bench model.hxc --pool --pin split       # the device pool: each device alone, and all together
-    hxc bench staged.hxc --placement 0:cpu,1:vulkan   # that placement end to end (not recorded)
+    hxc bench staged.hxc --placement 0:cpu,1:vulkan   # that placement end to end on its pipeline (not recorded)
+    hxc bench staged.hxc --placement 0:cpu,1:cpu --pin split --in-flight 4   # a pinned worker per stage
+
+    \b
+    With --placement, --device-memory or --in-flight, a staged bundle's placement (given,
+    else the solver's) is timed end to end: on a pipeline of worker processes when it
+    spans several devices or pins a worker per stage (--pin split), else as one chain
+    in this process. Without them, --pin means --pool.
     """
     from hxc import ui
     from hxc.bench.measure import Budget
 
-    if pool_mode or devices or pins:
-        if placement or device_memory:
-            raise UsageError("--placement and --device-memory do not apply to --pool")
+    placing = placement is not None or device_memory is not None or in_flight is not None
+    if pool_mode or devices or (pins and not placing):
+        if placing:
+            raise UsageError("--placement, --device-memory and --in-flight do not apply to --pool")
         if gate or device:
             raise UsageError("--fail-if-slower-than and --device do not apply to --pool", hint="use --devices")
         budget = Budget(min_iterations=min_iterations, min_seconds=min_time, max_seconds=max_time)
@@ -1148,6 +1195,19 @@ def bench(bundle: Path, baselines: list[str], device: str | None, batches: list[
 
     manifest = read_manifest(bundle, **_trust_args())
     budget = Budget(min_iterations=min_iterations, min_seconds=min_time, max_seconds=max_time)
+    if placing:
+        if not manifest.stages:
+            raise UsageError("--placement, --device-memory and --in-flight time a staged bundle (`hxc compile --stages`)")
+        if device is not None or gate is not None or any(b not in ("auto", "none") for b in baselines):
+            raise UsageError("--placement, --device-memory and --in-flight time one placement alone",
+                             hint="leave out --device, --baseline and --fail-if-slower-than")  # fmt: skip
+        plan = _stage_plan(bundle, None, None, None, placement, device_memory, _stage_pin(pins, True))
+        if plan is not None and plan.pipelined:
+            return _bench_pipeline(bundle, plan, in_flight or 4, budget, as_json)
+        if in_flight is not None:
+            where = plan.describe() if plan is not None else "one device"
+            raise UsageError(f"--in-flight times a pipeline of workers; this placement runs in one process ({where})",
+                             hint="place the stages on several devices, or add --pin split")  # fmt: skip
     with ui.err.status("benchmarking…", spinner="dots") as status:
         result = run_bench(bundle, baselines=baselines, device=device, offline_batches=batches, budget=budget,
                            record=not no_record, allow_pickle=allow_pickle, gate=gate, margin=margin, trust=_trust(),
@@ -1171,6 +1231,35 @@ def bench(bundle: Path, baselines: list[str], device: str | None, batches: list[
     if verdict:
         ui.out.print(f"[green]gate passed:[/green] {verdict.message}") if verdict.passed else ui.error(f"gate failed: {verdict.message}")
     return code
+
+
+def _bench_pipeline(bundle: Path, plan: Any, in_flight: int, budget: Any, as_json: bool) -> int:
+    from hxc import ui
+    from hxc.bench.pipeline import run_pipeline_bench
+    from hxc.manifests.schema import to_json
+
+    with ui.err.status("benchmarking the pipeline…", spinner="dots") as status:
+        r = run_pipeline_bench(bundle, plan, in_flight=in_flight, budget=budget, trust=_trust(),
+                               on_progress=lambda s: status.update(f"benchmarking the pipeline: {s}"))  # fmt: skip
+    if as_json:
+        ui.print_json({"ok": True, "recorded": False, "host": to_json(r.host), "placement": plan.to_json(),
+                       "pipeline": r.to_json()})  # fmt: skip
+        return ExitCode.OK
+    lat = r.latency
+    lines = [f"placement ({plan.source}): {plan.describe()}; {r.pipeline['runner']} of "
+             + ", ".join(f"{w['name']} ({', '.join(w['artifacts'])}"
+                         + (f"; cores {','.join(map(str, w['cpus']))}" if w["cpus"] else "") + ")"
+                         for w in r.pipeline["workers"]),
+             f"latency, one in flight: p50 {lat.p50_ms:.4g} ms, p99 {lat.p99_ms:.4g} ms ({lat.iterations} calls); "
+             f"caller CPU {r.caller_cpu_ms_per_item_alone:.3g} ms per item",
+             f"throughput, {r.in_flight} in flight: {r.items_per_s:.4g} items/s ({r.items} items in {r.seconds:.3g} s); "
+             f"caller CPU {r.caller_cpu_ms_per_item:.3g} ms per item ({r.caller_cpu_share:.1%} of a core)",
+             "workers busy: " + ", ".join(f"{w.name} {w.busy_share:.0%}" for w in r.workers)]  # fmt: skip
+    if (p := plan.placement) is not None:
+        lines.append(f"predicted: {p.items_per_s:.4g} items/s (bottleneck {p.bottleneck}), latency {p.latency_ms:.4g} ms")
+    ui.out.print("\n".join(lines), markup=False, soft_wrap=True)
+    ui.err.print("[dim]not recorded: a profile names one artifact, not a pipeline[/dim]")
+    return ExitCode.OK
 
 
 def _bench_pool(bundle: Path, devices: str, pin: Any, budget: Any, seconds: float, rounds: int, record: bool,
@@ -1447,6 +1536,9 @@ def unpack(archive: Path, output: Path, as_json: bool) -> None:
 @click.option("--ssl-keyfile", type=click.Path(path_type=Path), default=None, help="The certificate's PEM private key (unencrypted).")
 @click.option("--ssl-ca-certs", type=click.Path(path_type=Path), default=None,
               help="Require client certificates signed by one of these PEM CA certificates (mutual TLS).")
+@click.option("--placement", default=None, metavar="STAGE[-STAGE]:DEVICE,...",
+              help="Not built yet for hxc serve: a staged bundle's stages on a pipeline of workers (hxc run and hxc "
+                   "bench take it). A staged bundle is served whole on each device.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print events (listening, ready, stopped) as JSON lines on stdout.")
 @_command
 def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tuple[str, ...], policy: str,
@@ -1455,7 +1547,7 @@ def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tup
           max_body_mb: float,
           max_receiving_mb: float, body_timeout_s: float, header_timeout_s: float, drain_timeout: float, api_key: str | None,
           api_key_file: Path | None, auth_health: bool, open_metrics: bool, ssl_certfile: Path | None, ssl_keyfile: Path | None,
-          ssl_ca_certs: Path | None, as_json: bool) -> None:  # fmt: skip
+          ssl_ca_certs: Path | None, placement: str | None, as_json: bool) -> None:  # fmt: skip
     """Serve bundles over HTTP with the KServe v2 / Open Inference Protocol (what Triton's
     and KServe's clients speak), routing every request across this host's devices.
 
@@ -1493,6 +1585,10 @@ def serve(models: tuple[str, ...], host: str, port: int, devices: str, pins: tup
     if max_receiving_mb < max_body_mb:
         raise UsageError(f"--max-receiving-mb ({max_receiving_mb:g}) must be at least --max-body-mb ({max_body_mb:g}), "
                          "or no body of the largest size could be received")  # fmt: skip
+    if placement is not None:
+        raise UsageError("hxc serve --placement is not built yet: it serves a staged bundle whole on each device",
+                         hint="hxc run and hxc bench run a placement on a pipeline of workers; so does "
+                              "hxc.pool.load_pipeline")  # fmt: skip
     keys = _api_keys(api_key, api_key_file)
     if auth_health and not keys:
         raise UsageError("--auth-health needs API keys (HXC_API_KEY or --api-key-file)")

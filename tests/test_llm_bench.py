@@ -67,7 +67,7 @@ def test_bench_records_time_to_first_token_and_per_token(bundle, cli, tmp_path):
     assert all(p.generation == GenerationTiming(p.generation.phase, p.generation.prompt_tokens, **memory) for p in m.profiles)
     assert all(p.artifact_sha256 == m.artifact("cpu:host").sha256 for p in m.profiles)
     data = json.loads((bundle / "profiles.json").read_text())
-    assert data["schema_version"] == "2.3"
+    assert data["schema_version"] == "2.4"
 
     shown = cli("inspect", bundle).stdout
     assert "first token, prompt 128" in shown and "per token, after 32" in shown

@@ -168,9 +168,15 @@ def test_stages_on_one_device_serialise_unless_pinned():
     times = {(0, "cpu"): 4.0, (1, "cpu"): 4.0}
     cpu = [DeviceInfo("cpu")]
     assert solve(STAGES, cpu, times).plan.bottleneck_ms == pytest.approx(8.0)
-    # --placement 0:cpu,1:cpu --pin split: one range, so still one worker...
-    assert solve(STAGES, cpu, times, pin=True).plan.bottleneck_ms == pytest.approx(8.0)
-    # ...and two ranges on one device: each its own worker when pinned, the device's sum when not.
+    # --placement 0:cpu,1:cpu --pin split: a worker per stage, the hop between them through shared memory.
+    pinned = solve(STAGES, cpu, times, pin=True)
+    hop = Link("shared memory", 0.085, 8e9).ms(16 * 1024)
+    assert pinned.plan.loads == pytest.approx({"cpu[0]": 4.0, "cpu[0]<->cpu[1]": hop, "cpu[1]": 4.0})
+    assert pinned.plan.bottleneck_ms == pytest.approx(4.0) and pinned.latency_ms == pytest.approx(8.0 + hop)
+    assert pinned.plan.workers == ("cpu[0]", "cpu[1]") and pinned.plan.ranges == ((0, 1, "cpu"),)
+    assert any(line.startswith("  cpu[0] -> cpu[1]: stage 0's 16.0 KiB over shared memory") for line in pinned.lines)
+    assert "pinned: each stage has its own worker" in pinned.lines[0]
+    # Two ranges on one device: the device's one worker holds both unpinned, a worker each pinned.
     three = [StageCost(i, 0) for i in range(3)]
     two = [DeviceInfo("cpu"), DeviceInfo("vulkan")]
     ms = {(0, "cpu"): 3.0, (1, "vulkan"): 1.0, (2, "cpu"): 3.0}
@@ -179,6 +185,26 @@ def test_stages_on_one_device_serialise_unless_pinned():
     assert pinned.loads == pytest.approx({"cpu[0]": 3.0, "cpu<->vulkan": 2 * Links().ms("cpu", "vulkan", 0), "vulkan[1]": 1.0,
                                           "cpu[2]": 3.0})  # fmt: skip
     assert pinned.bottleneck == "cpu[0]"
+    # The pipeline library's explicit ranges: two stages to a pinned worker, costed as one.
+    four = [StageCost(i, 0) for i in range(4)]
+    ranged = evaluate(four, cpu, {(i, "cpu"): 1.0 for i in range(4)}, ("cpu",) * 4, pin=True, ranges=[(0, 1), (2, 3)])
+    assert ranged.workers == ("cpu[0-1]", "cpu[2-3]") and ranged.loads["cpu[0-1]"] == pytest.approx(2.0)
+
+
+def test_the_solver_and_the_pipeline_start_the_same_workers():
+    """One rule (`stage_workers`): the resources the solver costs are the workers the
+    pipeline starts, pinned or not."""
+    from hxc.pool.pipeline import plan_workers
+
+    times = {(s, d): 1.0 for s in range(3) for d in ("cpu", "vulkan")}
+    three = [StageCost(i, 0) for i in range(3)]
+    for assignment in (("cpu", "cpu", "vulkan"), ("cpu", "vulkan", "cpu"), ("vulkan",) * 3):
+        for pin in (False, True):
+            plan = evaluate(three, CPU_VULKAN, times, assignment, pin=pin)
+            workers = plan_workers(assignment, pin=pin, cores=[0, 1, 2])
+            assert plan.workers == tuple(w.name for w in workers), (assignment, pin)
+            assert placement.stage_workers(assignment, pin) == tuple(
+                placement.StageWorker(w.name, w.device, w.ranges) for w in workers)  # fmt: skip
 
 
 def test_a_model_that_fits_nowhere_whole_is_split():

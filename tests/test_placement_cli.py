@@ -1,8 +1,9 @@
-"""Placing a staged bundle's stages on this host's devices (issue 29, item 2, wired in):
+"""Placing a staged bundle's stages on this host's devices (issue 29, items 2 and 3, wired in):
 `hxc bench` records a profile per stage and device, `hxc select --explain` shows the
 solver's placement and its arithmetic, `--placement` / `--device-memory` force or cap
 it (bad ones are one-line errors), and `load` / `hxc run` run each stage on its device
-to PyTorch's outputs. A tiny MLP in two stages, for the CPU and lavapipe; Vulkan runs
+to PyTorch's outputs; across devices or with `--pin split`, `hxc run`, `hxc bench` and
+`hxc.pool.load_pipeline` run it on a pipeline of worker processes. A tiny MLP in two stages, for the CPU and lavapipe; Vulkan runs
 only in child processes (bench workers, `hxc run` subprocesses), never in pytest's."""
 
 from __future__ import annotations
@@ -174,6 +175,10 @@ def test_forced_placement_across_devices_equals_pytorch(staged):
     ran = json.loads(run.stdout)
     assert ran["artifact"] == "cpu:host+vulkan:spirv" and ran["placement"]["source"] == "forced"
     assert [s["artifact"] for s in ran["placement"]["stages"]] == ["cpu:host#s0", "vulkan:spirv#s1"]
+    # Two devices: a pipeline of a worker per device, each holding its own stage.
+    assert ran["placement"]["runner"] == "pipeline" and not ran["placement"]["pin"]
+    assert [(w["name"], w["artifacts"]) for w in ran["placement"]["workers"]] == [("cpu", ["cpu:host#s0"]),
+                                                                                  ("vulkan", ["vulkan:spirv#s1"])]  # fmt: skip
     assert "not costed: no per-stage profiles" in ran["placement"]["reason"]
     with np.load(out) as y:
         _close(y["output_0"], expected)
@@ -189,6 +194,117 @@ def test_load_takes_a_placement_string_or_a_device_per_stage(staged):
         assert model.placement.assignment == ("cpu", "cpu") and model.candidate.id == "cpu:host"
         _close(model(x), expected)
         assert "stage placement (forced, objective latency): stages 0-1 on cpu" in model.explain()
+
+
+# --- on the pipeline of worker processes ---------------------------------------------
+
+
+def _two_cores() -> None:
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("--pin split needs a core per stage worker")
+
+
+def test_run_a_pinned_worker_per_stage_on_one_device_equals_pytorch(staged):
+    """`--placement 0:cpu,1:cpu --pin split`: two CPU workers, one core each, each with
+    its own stage; the tensor between them in shared memory."""
+    _two_cores()
+    bundle, _, expected = staged
+    out = bundle.parent / "pinned.npz"
+    run = _hxc("run", bundle, "-i", bundle.parent / "x.npz", "-o", out, "--placement", "0:cpu,1:cpu", "--pin", "split",
+               "--json")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    placed = json.loads(run.stdout)["placement"]
+    assert placed["runner"] == "pipeline" and placed["pin"] and placed["placement"] == "0-1:cpu"
+    (w0, w1) = placed["workers"]
+    assert (w0["name"], w0["artifacts"], w1["name"], w1["artifacts"]) == ("cpu[0]", ["cpu:host#s0"], "cpu[1]", ["cpu:host#s1"])
+    assert len(w0["cpus"]) == 1 and w0["cpus"] != w1["cpus"]
+    with np.load(out) as y:
+        _close(y["output_0"], expected)
+    # On one device unpinned, the stages stay one chain in one worker process.
+    one = _hxc("run", bundle, "-i", bundle.parent / "x.npz", "--placement", "0:cpu,1:cpu", "--json")
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout)["placement"]["runner"] == "one process"
+
+
+def test_bench_a_pinned_pipeline_reports_throughput_latency_and_the_callers_cpu(benched, cli):
+    _two_cores()
+    bundle, _ = benched
+    before = len(read_manifest(bundle).profiles)
+    result = cli("bench", bundle, "--placement", "0:cpu,1:cpu", "--pin", "split", "--in-flight", "4", *FAST[:4], "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    pipe, placed = report["pipeline"], report["placement"]
+    assert not report["recorded"] and len(read_manifest(bundle).profiles) == before
+    assert pipe["runner"] == "pipeline" and pipe["in_flight"] == 4 and [w["name"] for w in pipe["workers"]] == ["cpu[0]", "cpu[1]"]
+    assert pipe["items_per_s"] > 0 and pipe["items"] >= 16 and pipe["latency_ms"]["samples"] >= 10
+    assert 0 < pipe["latency_ms"]["p50"] <= pipe["latency_ms"]["p99"]
+    assert pipe["caller_cpu_ms_per_item"] > 0 and 0 < pipe["caller_cpu_share_of_a_core"] < 2
+    assert set(pipe["busy_share"]) == {"cpu[0]", "cpu[1]"}
+    # Costed as it ran: a worker per stage, the hop between them through shared memory.
+    assert placed["pin"] and placed["workers"] == ["cpu[0]", "cpu[1]"]
+    # (This MLP's stages take less than the hop: the hop may be the bottleneck.)
+    assert pipe["predicted"]["bottleneck"] in ("cpu[0]", "cpu[1]", "cpu[0]<->cpu[1]") and placed["predicted"]["items_per_s"] > 0
+    # Text: the same figures for people.
+    text = cli("bench", bundle, "--placement", "0:cpu,1:cpu", "--pin", "split", *FAST[:4]).stdout
+    assert "throughput, 4 in flight:" in text and "caller CPU" in text and "latency, one in flight: p50" in text
+    # `hxc select --pin split` costs the solver's choice the same way.
+    chosen = json.loads(cli("select", bundle, "--pin", "split", "--json").stdout)["placement"]
+    assert chosen["pin"] and chosen["workers"] == ["cpu[0]", "cpu[1]"] and chosen["source"] == "solver"
+    assert "pinned: each stage has its own worker" in chosen["explain"][0]
+
+
+def test_load_pipeline_runs_like_the_model(benched, staged):
+    """The Python entry: `hxc.pool.load_pipeline`, forced and pinned, or the solver's
+    choice; called like the model, numpy or torch."""
+    from hxc.pool import load_pipeline
+
+    _two_cores()
+    bundle, _ = benched
+    _, x, expected = staged
+    with load_pipeline(bundle, placement="0:cpu,1:local-task", pin="split", in_flight=2) as pipe:
+        _close(pipe(x), expected)
+        y = pipe(torch.from_numpy(x))
+        assert isinstance(y, torch.Tensor)
+        _close(y.numpy(), expected)
+        assert [w.name for w in pipe.workers] == ["cpu[0]", "cpu[1]"] and pipe.artifacts == ("cpu:host#s0", "cpu:host#s1")
+        text = pipe.explain()
+    assert "stage placement (forced, objective latency; pinned: workers cpu[0], cpu[1]): stages 0-1 on cpu" in text
+    assert "runs as a pipeline of 2 worker process(es) (pinned: a worker per stage)" in text
+    with load_pipeline(bundle) as pipe:  # the solver's: the CPU alone here, one worker
+        assert pipe.placement.source == "solver" and [w.name for w in pipe.workers] == ["cpu"]
+        got = list(pipe.map([[x], [x]]))
+    for g in got:
+        _close(g, expected)
+
+
+def test_pipeline_flags_in_bad_combinations_are_one_line_errors(staged, cli, tmp_path):
+    from hxc.build import build_bundle
+
+    bundle = staged[0]
+    x = bundle.parent / "x.npz"
+    whole = tmp_path / "whole.hxc"
+    assert build_bundle(f"{bundle.parent / 'hxc_placed_mlp.py'}:mlp", whole, "cpu:host").written
+    cases = [
+        (("run", whole, "-i", x, "--pin", "split"), "--pin needs --devices (a pool of devices), or a staged bundle"),
+        (("run", bundle, "-i", x, "--pin", "cpu=0"), "a staged bundle's pipeline takes --pin split"),
+        (("run", bundle, "-i", x, "--pin", "split", "--in-process"), "--pin split runs each stage in a worker process"),
+        (("run", bundle, "-i", x, "--device", "cpu", "--pin", "split"), "--device and --pin exclude each other"),
+        (("bench", bundle, "--in-flight", "4"), "--in-flight times a pipeline of workers; this placement runs in one process"),
+        (("bench", bundle, "--placement", "0:cpu,1:cpu", "--pool"), "do not apply to --pool"),
+        (("bench", whole, "--in-flight", "2"), "time a staged bundle"),
+        (("serve", bundle, "--placement", "0:cpu,1:cpu"), "hxc serve --placement is not built yet"),
+    ]
+    for args, fragment in cases:
+        result = cli(*args)
+        assert result.exit_code == ExitCode.USAGE, (args, result.output)
+        _one_line_error(result, fragment)
+    from hxc.errors import UsageError
+    from hxc.pool import load_pipeline
+
+    with pytest.raises(UsageError, match="no staged chain of this bundle runs here|for a staged bundle"):
+        load_pipeline(whole, pin="split")
 
 
 BAD = [

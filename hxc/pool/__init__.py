@@ -13,7 +13,8 @@ around it), `router.py` (single requests, as a server gets them, ranked by the
 registered policies in `policies/`) and `lm_router.py` (a language model's sequences,
 batched continuously in each worker: KV admission, preemption, failover). Apart from
 them, `pipeline.py` runs a staged bundle's stages over worker processes of its own
-(`pipeline_child.py`), tensors passing from worker to worker in shared memory.
+(`pipeline_child.py`), tensors passing from worker to worker in shared memory:
+`load_pipeline("staged.hxc", placement="0:cpu,1:vulkan", pin="split")`.
 
 The names below are imported when first used, so that `hxc.pool.policies` (the
 policy names the CLI lists) costs no process machinery to import.
@@ -28,6 +29,7 @@ _WHERE = {
     "DeviceStats": "pool", "Pool": "pool", "PoolStats": "pool", "Workers": "workers", "Backoff": "worker",
     "Deadlines": "worker", "Health": "worker", "RequestFailed": "worker", "Result": "worker", "Worker": "worker",
     "WorkerFailed": "worker", "WorkerStats": "worker", "run_isolated": "worker", "Pipeline": "pipeline",
+    "load_pipeline": "pipeline",
 }  # fmt: skip
 
 __all__ = sorted(_WHERE)

@@ -6,11 +6,18 @@
     Pipeline("model.hxc", ("cpu", "cpu"), pin=True)            # a worker per stage, one core each
 
 Workers. `assignment` gives each stage a device (as `hxc.runtime.load(device=...)`
-names one). Each device gets one worker process holding all its stages, which then
-run one after another there; with `pin`, each range in `ranges` (default: each stage)
-gets a worker of its own, and the workers on CPU-type devices (the host CPU, software
-Vulkan) each get their own share of the cores, as the pool's `pin="split"` does. A
-worker opens only its own stages' artifacts (`pipeline_child.py`).
+names one). The workers follow the rule the placement solver costs
+(`hxc.runtime.placement.stage_workers`): each device gets one worker process holding
+all its stages, which then run one after another there; with `pin`, each stage (or
+each range in `ranges`) gets a worker of its own, and the workers on CPU-type devices
+(the host CPU, software Vulkan) each get their own share of the cores, as the pool's
+`pin="split"` does. A worker opens only its own stages' artifacts (`pipeline_child.py`).
+
+From a placement: `load_pipeline(bundle, placement=..., pin=...)` places the stages as
+`hxc.runtime.load` does (forced, else the solver's choice from the per-stage profiles,
+else the best single device; `hxc.runtime.place`) and starts the pipeline on that
+placement; `pipe.placement` and `pipe.explain()` say where and why. It is what
+`hxc run` and `hxc bench` use for a placement across devices or with `--pin split`.
 
 Transport. Every tensor lies in shared memory that the pipeline owns: for each item
 slot (`in_flight` of them) a buffer per stage boundary that some worker range starts
@@ -44,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +68,10 @@ from hxc.pool.pipeline_child import BOOTSTRAP, PROTOCOL
 from hxc.pool.worker import (CPU_ENV, Backoff, Deadlines, Health, RequestFailed, WorkerFailed, _exit_reason, _reap,
                              read_replies)
 from hxc.pool.workers import load_options, split_cores
+from hxc.runtime.placement import Pin, Ranges, pinned, stage_workers
 from hxc.runtime.probe import HostProbe, probe_host
-from hxc.runtime.select import select
+from hxc.runtime.place import StagePlan, plan_bundle
+from hxc.runtime.select import Candidate, select
 
 INTERVALS_KEPT = 10_000  # per worker: the busy intervals `stats()` reports
 
@@ -71,54 +80,28 @@ INTERVALS_KEPT = 10_000  # per worker: the busy intervals `stats()` reports
 class WorkerPlan:
     """One worker of a pipeline: a device and the ranges of stages it holds (first, last)."""
 
-    name: str  # as the placement solver names the resource: `cpu`, or `cpu[0-1]` for a worker of its own
+    name: str  # as the placement solver names the resource: `cpu`, or `cpu[0]` for a worker of its own
     device: str
     ranges: tuple[tuple[int, int], ...]
     cpus: tuple[int, ...] | None = None
 
 
-def plan_workers(assignment: Sequence[str], *, pin: bool | str = False, ranges: Sequence[tuple[int, int]] | None = None,
+def plan_workers(assignment: Sequence[str], *, pin: Pin = False, ranges: Ranges | None = None,
                  cpu_type: Sequence[bool] | None = None, cores: Sequence[int] | None = None) -> list[WorkerPlan]:  # fmt: skip
-    """The workers for `assignment` (a device per stage), in the order of their first stage.
-
-    Without `pin`: one per device, holding every stage placed there. With `pin` ("split"
-    or True): one per range of `ranges` (default: one per stage), and the workers on
-    CPU-type devices (`cpu_type[stage]`) each pinned to their share of `cores` (default:
-    the cores this process may use). Ranges must cover the stages in order, each on one
-    device. A one-line UsageError otherwise."""
-    n = len(assignment)
-    if n < 1:
-        raise UsageError("a pipeline needs at least one stage")
-    if pin not in (False, True, "split", None):
-        raise UsageError(f"unknown pinning {pin!r} for a pipeline", hint="use pin=True (or 'split'), or no pinning")
-    if not pin:
-        if ranges is not None:
-            raise UsageError("ranges= gives pinned workers their stages; pass pin=True with it")
-        by_device: dict[str, list[tuple[int, int]]] = {}
-        for s, d in enumerate(assignment):
-            spans = by_device.setdefault(d, [])
-            if spans and spans[-1][1] == s - 1:
-                spans[-1] = (spans[-1][0], s)
-            else:
-                spans.append((s, s))
-        return [WorkerPlan(d, d, tuple(spans)) for d, spans in by_device.items()]
-    spans = list(ranges) if ranges is not None else [(s, s) for s in range(n)]
-    expected = 0
-    for a, b in spans:
-        if a != expected or b < a or b >= n:
-            raise UsageError(f"pipeline ranges {list(spans)} do not cover stages 0-{n - 1} in order, once each")
-        if len(set(assignment[a:b + 1])) != 1:
-            raise UsageError(f"stages {a}-{b} are one worker's range but are placed on {', '.join(assignment[a:b + 1])}")
-        expected = b + 1
-    if expected != n:
-        raise UsageError(f"pipeline ranges {list(spans)} do not cover stages 0-{n - 1}")
-    kinds = list(cpu_type) if cpu_type is not None else [True] * n
-    pinned = [i for i, (a, _) in enumerate(spans) if kinds[a]]
+    """The workers for `assignment` (a device per stage), in the order of their first
+    stage, by the rule the placement solver costs (`hxc.runtime.placement.stage_workers`):
+    without `pin` one per device; with `pin` ("split" or True) one per stage, or per
+    range of `ranges`, and the workers on CPU-type devices (`cpu_type[stage]`) each
+    pinned to their share of `cores` (default: the cores this process may use). A
+    one-line UsageError otherwise."""
+    workers = stage_workers(assignment, pin, ranges)
+    if not pinned(pin):
+        return [WorkerPlan(w.name, w.device, w.ranges) for w in workers]
+    kinds = list(cpu_type) if cpu_type is not None else [True] * len(assignment)
+    on_cpu = [i for i, w in enumerate(workers) if kinds[w.ranges[0][0]]]
     available = list(cores) if cores is not None else sorted(os.sched_getaffinity(0))
-    shares = split_cores(len(pinned), available, "pipeline worker on a CPU-type device")
-    cpus: dict[int, tuple[int, ...]] = dict(zip(pinned, shares))
-    return [WorkerPlan(f"{assignment[a]}[{a}]" if a == b else f"{assignment[a]}[{a}-{b}]", assignment[a], ((a, b),), cpus.get(i))
-            for i, (a, b) in enumerate(spans)]  # fmt: skip
+    cpus = dict(zip(on_cpu, split_cores(len(on_cpu), available, "pipeline worker on a CPU-type device")))
+    return [WorkerPlan(w.name, w.device, w.ranges, cpus.get(i)) for i, w in enumerate(workers)]
 
 
 @dataclass(frozen=True)
@@ -200,10 +183,13 @@ class _Worker:
 
 class Pipeline:
     """The stages of a staged bundle over worker processes, one device per stage as
-    `assignment` says (see the module's docstring).
+    `assignment` says (see the module's docstring). Called like the model: `pipe(x)`.
 
     `in_flight`: items in the pipeline at once (their slots' buffers are allocated once).
-    `pin`, `ranges`: see `plan_workers`. `deadlines`, `backoff`, `max_restarts`: fault
+    `pin`, `ranges`: see `plan_workers`. `policy`, `precision`, `tolerance`: how each worker chooses
+    its device's chain of stage artifacts, as `hxc.runtime.load` does. `placement`: the
+    `StagePlan` that chose `assignment`, if one did (`explain()` shows it).
+    `deadlines`, `backoff`, `max_restarts`: fault
     handling, as the pool's. `timeout_s`: the longest the caller waits for the next
     result before giving up with a one-line error. `trust`: what the bundle must prove
     (None: as $HXC_TRUSTED_KEYS and its siblings say), handed to every worker."""
@@ -213,10 +199,13 @@ class Pipeline:
         bundle: str | os.PathLike[str],
         assignment: Sequence[str],
         *,
-        pin: bool | str = False,
-        ranges: Sequence[tuple[int, int]] | None = None,
+        pin: Pin = False,
+        ranges: Ranges | None = None,
         in_flight: int = 4,
         precision: str | None = None,
+        tolerance: float | None = None,
+        policy: str = "latency",
+        placement: StagePlan | None = None,
         deadlines: Deadlines = Deadlines(),
         backoff: Backoff = Backoff(first_s=0.0),
         max_restarts: int = 3,
@@ -238,16 +227,23 @@ class Pipeline:
         assignment = tuple(assignment)
         if len(assignment) != len(stages):
             raise UsageError(f"the placement names {len(assignment)} stage(s); {self.bundle} has {len(stages)}")
+        if placement is not None and placement.assignment != assignment:
+            raise UsageError(f"the placement puts the stages on {', '.join(placement.assignment)}, "
+                             f"not {', '.join(assignment)}")  # fmt: skip
         self.assignment = assignment
+        self.placement = placement
+        self.pin = pinned(pin)
         self.signature = self.manifest.signature
         probe = probe or probe_host()
         self._kind: dict[str, str] = {}
+        self._chains: dict[str, Candidate] = {}
         for device in dict.fromkeys(assignment):
-            sel = select(self.manifest, probe, device=device, precision=precision)
+            sel = select(self.manifest, probe, policy=policy, device=device, precision=precision, tolerance=tolerance)
             if sel.best is None or not sel.best.stages:
                 raise UsageError(f"no staged artifact of {self.bundle.name} can run on {device!r}",
                                  hint="; ".join(f"{r.artifact.id}: {r.reason}" for r in sel.rejected[:4]))  # fmt: skip
             self._kind[device] = sel.best.device.kind
+            self._chains[device] = sel.best
         plans = plan_workers(assignment, pin=pin, ranges=ranges,
                              cpu_type=[self._kind[d] == "cpu" for d in assignment])  # fmt: skip
         self.in_flight = in_flight
@@ -256,7 +252,7 @@ class Pipeline:
         self.max_restarts = max_restarts
         self.timeout_s = timeout_s
         self._env = dict(env or {})
-        self._load = {**load_options(self.trust), **({"precision": precision} if precision else {})}
+        self._load = {**load_options(self.trust), "policy": policy, "precision": precision, "tolerance": tolerance}
         self._workers = [_Worker(i, p) for i, p in enumerate(plans)]
         # The item's path: (worker, first, last) per range, in stage order.
         self._path = sorted(((w.index, a, b) for w in self._workers for a, b in w.plan.ranges), key=lambda r: r[1])
@@ -351,6 +347,39 @@ class Pipeline:
     def workers(self) -> list[WorkerPlan]:
         return [w.plan for w in self._workers]
 
+    @property
+    def artifacts(self) -> tuple[str, ...]:
+        """The artifact each stage runs (`cpu:host#s0`, `vulkan:spirv#s1`)."""
+        return tuple(self._chains[d].stages[k].id for k, d in enumerate(self.assignment))
+
+    @property
+    def where(self) -> str:
+        """`cpu:host#s0 on local-task: ... (worker cpu[0], cores 0), ...`: what runs where."""
+        parts = []
+        for w in self._workers:
+            chain = self._chains[w.plan.device]
+            stages = ", ".join(chain.stages[k].id for a, b in w.plan.ranges for k in range(a, b + 1))
+            cores = f", cores {','.join(map(str, w.plan.cpus))}" if w.plan.cpus else ""
+            parts.append(f"{stages} on {chain.device.label} (worker {w.plan.name}{cores})")
+        return "; ".join(parts)
+
+    def explain(self) -> str:
+        """Where each stage runs and why (the placement, when one chose it), and the workers."""
+        lines = [self.placement.explain()] if self.placement is not None else []
+        lines.append(f"runs as a pipeline of {len(self._workers)} worker process(es)"
+                     f"{' (pinned: a worker per stage)' if self.pin else ' (one per device)'}, "
+                     f"{self.in_flight} item(s) in flight: {self.where}")  # fmt: skip
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """What `--json` reports of the pipeline: its workers, their stages, cores and artifacts."""
+        return {"runner": "pipeline", "pin": self.pin, "in_flight": self.in_flight,
+                "workers": [{"name": w.plan.name, "device": self._chains[w.plan.device].device.label,
+                             "stages": [k for a, b in w.plan.ranges for k in range(a, b + 1)],
+                             "artifacts": [self._chains[w.plan.device].stages[k].id
+                                           for a, b in w.plan.ranges for k in range(a, b + 1)],
+                             "cpus": list(w.plan.cpus) if w.plan.cpus else None} for w in self._workers]}  # fmt: skip
+
     def pid(self, worker: int | str) -> int | None:
         """The process id of a worker (by index or name): to watch it, or kill it in a test."""
         w = self._worker(worker)
@@ -387,8 +416,14 @@ class Pipeline:
         return self._result(self.submit(inputs))
 
     def __call__(self, *inputs: Any) -> Any:
-        """One item, returned as the model returns it (one array, or its tuple/dict)."""
-        return self._shaped(self.run_flat(inputs))
+        """One item, returned as the model returns it (one array, or its tuple/dict);
+        torch tensors in, torch tensors out, as `hxc.runtime.load`'s model."""
+        from hxc.dtypes import is_torch, to_torch
+
+        flat = self.run_flat(inputs)
+        if inputs and type(inputs[0]) is not np.ndarray and is_torch(inputs[0]):
+            flat = [to_torch(a, t.dtype) for a, t in zip(flat, self.signature.outputs)]
+        return self._shaped(flat)
 
     def map(self, items: Iterable[Sequence[Any]]) -> Iterator[Any]:
         """Every item's outputs (as `__call__` returns them), in order; up to `in_flight`
@@ -680,6 +715,37 @@ class Pipeline:
             )
             c = self._counts
             return PipelineStats(c["items"], c["failed"], c["retried"], workers)
+
+
+def load_pipeline(bundle: str | os.PathLike[str], *, placement: str | Sequence[str] | StagePlan | None = None,
+                  pin: Pin = False, device_memory: str | Mapping[str, int] | None = None, policy: str = "latency",
+                  precision: str | None = None, tolerance: float | None = None, in_flight: int = 4,
+                  probe: HostProbe | None = None, trust: TrustPolicy | None = None, **options: Any) -> Pipeline:  # fmt: skip
+    """A staged bundle on a pipeline of worker processes, its stages placed as
+    `hxc.runtime.load` places them: `placement` (`"0:cpu,1:vulkan"`, a device per stage,
+    or a `StagePlan` already made, e.g. by `hxc.runtime.place.plan_bundle`), else the
+    solver's choice from this host's per-stage profiles within `device_memory`, else the
+    best single device; `pin` gives each stage a worker of its own, as the solver
+    costs it. Call it like the model (`pipe(x)`, `pipe.map(items)`); `pipe.explain()`
+    says where each stage runs and why. `options`: `Pipeline`'s others (deadlines...).
+
+        with load_pipeline("staged.hxc", placement="0:cpu,1:cpu", pin="split") as pipe:
+            y = pipe(x)
+    """
+    trust = trust if trust is not None else trust_policy()
+    probe = probe or probe_host()
+    if isinstance(placement, StagePlan):
+        if pinned(pin) and not placement.pin:
+            raise UsageError("the placement given was costed without pinning; make it with pin=True")
+        plan: StagePlan | None = placement
+    else:
+        plan = plan_bundle(bundle, policy=policy, precision=precision, tolerance=tolerance, placement=placement,
+                           device_memory=device_memory, pin=pin, trust=trust, probe=probe)  # fmt: skip
+    if plan is None:
+        raise UsageError(f"{bundle}: no staged chain of this bundle runs here to make a pipeline of",
+                         hint="see `hxc select --explain`; a bundle without stages runs with hxc.runtime.load")  # fmt: skip
+    return Pipeline(bundle, plan.assignment, pin=plan.pin, in_flight=in_flight, precision=precision, tolerance=tolerance,
+                    policy=policy, placement=plan, probe=probe, trust=trust, **options)  # fmt: skip
 
 
 def _packed(sizes: Sequence[int]) -> int:

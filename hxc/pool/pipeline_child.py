@@ -112,7 +112,8 @@ def _load(config: dict[str, Any]) -> tuple[dict[int, _Range], dict[str, Any], se
     path, device = config["bundle"], config["device"]
     manifest = read_bundle(path, trust_policy(**trust)).manifest
     probe = probe_host()
-    selection = select(manifest, probe, device=device, precision=options.get("precision"))
+    selection = select(manifest, probe, policy=options.get("policy", "latency"), device=device,
+                       precision=options.get("precision"), tolerance=options.get("tolerance"))  # fmt: skip
     cand = selection.best
     if cand is None or not cand.stages:
         why = "; ".join(f"{r.artifact.id}: {r.reason}" for r in selection.rejected[:4]) or "the bundle has no stages"

@@ -344,8 +344,11 @@ def load(
     else where the solver places it from this host's per-stage profiles (`hxc bench`;
     minimum latency, or maximum throughput under the throughput and cost policies) within
     the `device_memory` caps (`"vulkan=2GiB"`), else on the best single device; the
-    values between stages pass through the host. `model.placement.explain()` says why.
-    A `device` runs every stage there, as for an unstaged bundle. See `hxc.runtime.place`.
+    values between stages pass through the host, in this process. `model.placement.explain()`
+    says why. A `device` runs every stage there, as for an unstaged bundle. See
+    `hxc.runtime.place`. The same placement on a pipeline of worker processes (a worker
+    per device, or per stage with `pin="split"`; several items in flight):
+    `hxc.pool.load_pipeline(bundle, placement=..., pin=...)`.
 
     Every device at once, one batch split across them: `hxc.pool.Pool(bundle)`.
     """

@@ -19,19 +19,30 @@ of that device's stage-k artifact alone (`Profile.stage`), recorded on this host
 on a host with the same device. Without any, the solver has nothing to weigh, and the
 chain runs on the selection's best single device, as for an unplaced bundle (the
 reason says so); a forced placement then runs uncosted.
+
+How it runs. `pin` gives each stage a worker of its own (`--pin split`; the rule is
+`hxc.runtime.placement.stage_workers`, and the solver costs it so). A plan that spans
+several devices or pins workers is `pipelined`: `hxc run`, `hxc bench` and
+`hxc.pool.load_pipeline` run it on a pipeline of worker processes
+(`hxc.pool.pipeline`); on one device unpinned, `hxc.runtime.load` runs the stages as
+one chain in one process (as it runs any placement: it holds no worker processes).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from hxc.errors import PlacementError, UsageError
+from hxc.manifests.bundle import read_bundle, trust_policy
 from hxc.manifests.schema import Artifact, Manifest
-from hxc.runtime.placement import (DeviceInfo, Placement, StageCost, StageTimes, parse_device_memory, parse_placement,
-                                   solve)  # fmt: skip
-from hxc.runtime.select import Candidate, Selection, matches_device, profiles_for
+from hxc.manifests.signing import TrustPolicy
+from hxc.runtime.placement import (DeviceInfo, Pin, Placement, StageCost, StageTimes, parse_device_memory,
+                                   parse_placement, pinned, solve, stage_workers)  # fmt: skip
+from hxc.runtime.probe import HostProbe, probe_host
+from hxc.runtime.select import Candidate, Selection, matches_device, profiles_for, select
 from hxc.targets import Device
 from hxc.ui import human_size
 
@@ -71,6 +82,19 @@ class StagePlan:
     placement: Placement | None  # the solver's answer and arithmetic; None: not costed
     objective: str
     caps: Mapping[str, int]
+    pin: bool = False  # each stage a worker of its own (`--pin split`), as the solver costed it
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether it needs a pipeline of worker processes (`hxc.pool.pipeline`): stages on
+        several devices, or pinned workers. On one device unpinned, the stages may run as
+        one chain in one process (`hxc.runtime.stages.StagedSession`)."""
+        return self.split or self.pin
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        """The pipeline's workers by name, as the solver costs them: `cpu`, or `cpu[0]`, `cpu[1]`."""
+        return tuple(w.name for w in stage_workers(self.assignment, self.pin))
 
     def device(self, stage: int) -> StageDevice:
         return next(d for d in self.devices if d.name == self.assignment[stage])
@@ -102,7 +126,8 @@ class StagePlan:
 
     def explain(self) -> str:
         who = {"forced": "forced", "solver": "by the solver", "single": "on the best single device"}[self.source]
-        lines = [f"stage placement ({who}, objective {self.objective}): {self.describe()}"]
+        pin = f"; pinned: workers {', '.join(self.workers)}" if self.pin else ""
+        lines = [f"stage placement ({who}, objective {self.objective}{pin}): {self.describe()}"]
         for d in self.devices:
             lines.append(f"  device {d.name} = {d.device.label}: runs {d.candidate.id} "
                          f"({', '.join(a.id for a in d.artifacts)})")  # fmt: skip
@@ -116,7 +141,7 @@ class StagePlan:
         p = self.placement
         return {
             "assignment": list(self.assignment), "placement": self.flag, "source": self.source, "reason": self.reason,
-            "objective": self.objective, "split": self.split,
+            "objective": self.objective, "split": self.split, "pin": self.pin, "workers": list(self.workers),
             "stages": [{"stage": k, "device": name, "artifact": a.id, "uri": self.device(k).device.uri}
                        for k, (name, a) in enumerate(zip(self.assignment, self.artifacts))],
             "devices": [{"name": d.name, "device": d.device.label, "uri": d.device.uri, "chain": d.candidate.id,
@@ -203,13 +228,16 @@ def parse_assignment(placement: str | Sequence[str], stage_count: int, devices: 
 
 def place(manifest: Manifest, selection: Selection, host_id: str, *, objective: str = "latency",
           placement: str | Sequence[str] | None = None, device_memory: str | Mapping[str, int] | None = None,
-          context_tokens: int = 0, fallback: bool = False) -> StagePlan:  # fmt: skip
+          context_tokens: int = 0, fallback: bool = False, pin: Pin = False) -> StagePlan:  # fmt: skip
     """Where each stage of `manifest` (a staged bundle) runs on the devices `selection`
     offers: `placement` if given (checked, and costed when every stage has a time on
     its device), else the solver's choice for `objective` from this host's per-stage
     profiles within `device_memory` caps, else the selection's best single device.
     `fallback`: when the profiles place nothing (some stage unmeasured everywhere), run
-    on the best single device instead of failing (no flag was given: nothing to honour)."""
+    on the best single device instead of failing (no flag was given: nothing to honour).
+    `pin`: each stage runs in a worker of its own (`hxc.runtime.placement.stage_workers`),
+    and the solver costs it so."""
+    pin = pinned(pin)
     if not manifest.stages:
         raise UsageError("placing stages needs a staged bundle (`hxc compile --stages`); this one has no stages")
     devices = stage_devices(selection)
@@ -223,27 +251,28 @@ def place(manifest: Manifest, selection: Selection, host_id: str, *, objective: 
         assignment = parse_assignment(placement, n, devices)
         if all(times.get((k, d)) is not None for k, d in enumerate(assignment)):
             placed = solve(costs, infos, times, objective=objective, memory_caps=caps, forced=assignment,
-                           context_tokens=context_tokens)  # fmt: skip
-            return StagePlan(devices, assignment, "forced", placed.reason, placed, objective, caps)
+                           context_tokens=context_tokens, pin=pin)  # fmt: skip
+            return StagePlan(devices, assignment, "forced", placed.reason, placed, objective, caps, pin)
         _check_memory(costs, assignment, caps, context_tokens)
         missing = sorted({d for k, d in enumerate(assignment) if times.get((k, d)) is None})
         reason = f"forced by --placement; not costed: no per-stage profiles on {', '.join(missing)} (run `hxc bench`)"
-        return StagePlan(devices, assignment, "forced", reason, None, objective, caps)
+        return StagePlan(devices, assignment, "forced", reason, None, objective, caps, pin)
     if times:
         try:
-            placed = solve(costs, infos, times, objective=objective, memory_caps=caps, context_tokens=context_tokens)
+            placed = solve(costs, infos, times, objective=objective, memory_caps=caps, context_tokens=context_tokens,
+                           pin=pin)  # fmt: skip
         except PlacementError:
             if caps or not fallback:
                 raise
         else:
-            return StagePlan(devices, placed.assignment, "solver", placed.reason, placed, objective, caps)
+            return StagePlan(devices, placed.assignment, "solver", placed.reason, placed, objective, caps, pin)
     best = devices[0]
     _check_memory(costs, (best.name,) * n, caps, context_tokens,
                   hint="run `hxc bench` to record per-stage profiles, or force a split with --placement")  # fmt: skip
     why = ("no per-stage profiles on this host (`hxc bench` records them)" if not times
            else "the per-stage profiles do not cover every stage")  # fmt: skip
     reason = f"{why}: every stage on {best.name}, the selection's best device ({best.candidate.reason})"
-    return StagePlan(devices, (best.name,) * n, "single", reason, None, objective, caps)
+    return StagePlan(devices, (best.name,) * n, "single", reason, None, objective, caps, pin)
 
 
 def placement_objective(policy: str) -> str:
@@ -253,21 +282,47 @@ def placement_objective(policy: str) -> str:
 
 
 def plan_stages(manifest: Manifest, selection: Selection, host_id: str, *, policy: str = "latency",
-                placement: str | Sequence[str] | None = None,
-                device_memory: str | Mapping[str, int] | None = None) -> StagePlan | None:  # fmt: skip
+                placement: str | Sequence[str] | None = None, device_memory: str | Mapping[str, int] | None = None,
+                pin: Pin = False) -> StagePlan | None:  # fmt: skip
     """`load`'s rule: a staged bundle's stages are placed (`place`) unless the selection
     is restricted to one device (`--device`), which then runs them all; the placement
-    flags are for a staged bundle, and exclude a device."""
+    flags (and `pin`, workers of their own) are for a staged bundle, and exclude a device."""
     given = placement is not None or device_memory is not None
     if given and not manifest.stages:
         raise UsageError("--placement and --device-memory are for a staged bundle (`hxc compile --stages`)")
+    if pinned(pin) and not manifest.stages:
+        raise UsageError("pinning a worker per stage is for a staged bundle (`hxc compile --stages`)",
+                         hint="a pool of devices pins with --devices ... --pin")  # fmt: skip
+    if selection.forced and pinned(pin):
+        raise UsageError("--device and --pin exclude each other for a staged bundle",
+                         hint="--device runs every stage there in one process; --pin split gives each stage a worker")  # fmt: skip
     if not manifest.stages or (selection.forced and not given):
         return None
     if selection.forced:
         raise UsageError("--device and --placement/--device-memory exclude each other",
                          hint="--device runs every stage there; --placement names a device per stage")  # fmt: skip
     return place(manifest, selection, host_id, objective=placement_objective(policy), placement=placement,
-                 device_memory=device_memory, fallback=not given)  # fmt: skip
+                 device_memory=device_memory, fallback=not given, pin=pin)  # fmt: skip
+
+
+def plan_bundle(bundle: str | os.PathLike[str], *, device: str | None = None, policy: str = "latency",
+                precision: str | None = None, tolerance: float | None = None,
+                placement: str | Sequence[str] | None = None, device_memory: str | Mapping[str, int] | None = None,
+                pin: Pin = False, trust: TrustPolicy | None = None, probe: HostProbe | None = None) -> StagePlan | None:  # fmt: skip
+    """Where a staged bundle's stages run (`plan_stages`, `load`'s rule), worked out
+    opening no device: to report it, choose between one process and a pipeline
+    (`StagePlan.pipelined`), and fail in one line before any worker starts. None: not
+    a staged bundle, every stage on `device`, or nothing here runs it (loading says why)."""
+    read = read_bundle(bundle, trust if trust is not None else trust_policy())
+    probe = probe or probe_host()
+    given = placement is not None or device_memory is not None or pinned(pin)
+    # With placement flags and no --device, $HXC_DEVICE does not restrict the devices: the flags name them.
+    sel = select(read.manifest, probe, policy=policy, device="" if given and not device else device,
+                 precision=precision, tolerance=tolerance)  # fmt: skip
+    if not sel.candidates:
+        return None
+    return plan_stages(read.manifest, sel, probe.host().id, policy=policy, placement=placement,
+                       device_memory=device_memory, pin=pin)  # fmt: skip
 
 
 def _check_memory(costs: Sequence[StageCost], assignment: Sequence[str], caps: Mapping[str, int], context_tokens: int,

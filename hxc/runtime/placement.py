@@ -1,34 +1,45 @@
 """Which device runs which stage of a staged model (issue 29): pure arithmetic over the
 stages' measured times, their memory and the links between devices, so that
-`hxc select --explain`, the pipeline runtime and the simulator
-(`hxc.pool.pipeline_simulate`) share one model of a pipeline. It reads plain records,
-not the manifest, and is wired into select/run once staged bundles land.
+`hxc select --explain`, the pipeline runtime (`hxc.pool.pipeline`, which takes its
+workers from `stage_workers` here) and the simulator (`hxc.pool.pipeline_simulate`)
+share one model of a pipeline. It reads plain records, not the manifest
+(`hxc.runtime.place` turns a bundle into them).
 
 The model. A placement gives each stage, in order, a device; consecutive stages on one
 device form a *range*, and a device may hold several ranges. One item (a micro-batch,
-or one step of a sequence) goes through the stages in order; where stage i and stage
-i + 1 sit on different devices, stage i's output (`StageCost.out_bytes`) crosses the
-link between them. Every *resource* is busy for some time per item:
+or one step of a sequence) goes through the stages in order. Each stage runs in a
+*worker* (a process of the pipeline), by one rule, `stage_workers`:
 
-- a worker: the sum of the times of the stages it holds. One device has one worker, so
-  all its stages serialise, unless `pin`: then each range gets a worker of its own (CPU
-  workers pinned to separate cores, `--pin split`);
+- without `pin`, a device has one worker holding every stage placed there, so all its
+  stages serialise, even in separate ranges;
+- with `pin` (`--pin split`), each stage has a worker of its own (the workers on
+  CPU-type devices each pinned to their own cores), so two stages on one device run at
+  once, as `--placement 0:cpu,1:cpu --pin split` asks. (The pipeline's library also
+  takes explicit `ranges`, several stages to a pinned worker; `evaluate` costs them.)
+
+Where stage i and stage i + 1 are in different workers, stage i's output
+(`StageCost.out_bytes`) crosses the link between their devices; between two workers of
+one device it goes through the host (shared memory, or down and back up the device's
+own bus). Every *resource* is busy for some time per item:
+
+- a worker: the sum of the times of the stages it holds;
 - a link between two devices: the sum of the transfers that cross it (latency + bytes /
-  bandwidth each).
+  bandwidth each); a hop between two workers of one device is a resource of its own.
 
 Throughput is 1 / the busiest resource's time per item (items/s): with enough items in
 flight every resource works at once, so the slowest one paces the pipeline. Latency is
 the sum of one item's stage times and transfers. A device's memory holds the weights of
 its stages plus their KV bytes per token x `context_tokens`, within its memory or the
-cap given (`--device-memory`).
+cap given (`--device-memory`). A stage's time is the one measured (`hxc bench`, not
+pinned): a pinned worker with fewer cores may be slower than that.
 
 The search is exact: over every assignment of devices to stages when there are at most
 `FULL_SEARCH_LIMIT` of them (depth-first, pruned by bounds that never cut off a better
 placement), else over the placements that give each device one range
 (`ONE_RANGE_LIMIT` at most), the shape llama.cpp's `--n-gpu-layers` and pipeline
 planners use; past that it refuses and asks for `--placement`. Ties go to fewer devices,
-then fewer cuts, and a split is chosen only when it is predicted strictly better than
-the best single device.
+then fewer cuts between devices, and a split is chosen only when it is predicted
+strictly better than the best single device.
 """
 
 from __future__ import annotations
@@ -104,9 +115,10 @@ class Links:
     pairs: Mapping[tuple[str, str], Link] = field(default_factory=dict)
 
     def route(self, a: str, b: str) -> tuple[Link, ...]:
-        """The links a hop from `a` to `b` crosses (none on one device)."""
-        if a == b:
-            return ()
+        """The links a hop from a worker on `a` to a worker on `b` crosses. Two workers
+        of one device (`a == b`, pinned) pass it through the host too: down and back up
+        the device's own bus where it has one, else `default`. (Stages in one worker
+        pass nothing: the model asks for no route then.)"""
         pair = self.pairs.get((a, b)) or self.pairs.get((b, a))
         if pair is not None:
             return (pair,)
@@ -120,6 +132,64 @@ class Links:
 def link_name(a: str, b: str) -> str:
     """The resource a hop between `a` and `b` occupies, whichever way it goes."""
     return "<->".join(sorted((a, b)))
+
+
+Pin = bool | str | None  # True or "split": pinned; False or None: one worker per device
+Ranges = Sequence[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class StageWorker:
+    """One worker (process) of a pipeline: its device and the ranges of stages it holds."""
+
+    name: str  # the resource the model costs: `cpu` (the device's one worker), or `cpu[1]`, `cpu[0-1]` (its own)
+    device: str
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return tuple(s for a, b in self.ranges for s in range(a, b + 1))
+
+
+def pinned(pin: Pin) -> bool:
+    """Whether `pin` asks for workers of their own (True or "split"), or a one-line UsageError."""
+    if pin not in (False, True, "split", None):
+        raise UsageError(f"unknown pinning {pin!r} for a pipeline", hint="use pin=True (or 'split'), or no pinning")
+    return bool(pin)
+
+
+def stage_workers(assignment: Sequence[str], pin: Pin = False, ranges: Ranges | None = None) -> tuple[StageWorker, ...]:
+    """The workers of a pipeline for `assignment` (a device per stage), in the order of
+    their first stage: the one rule the solver costs and the pipeline starts.
+
+    Without `pin`: one per device, holding every stage placed there. With `pin` (True or
+    "split"): one per stage, or one per range of `ranges` (consecutive stages on one
+    device, covering every stage in order). A one-line UsageError otherwise."""
+    n = len(assignment)
+    if n < 1:
+        raise UsageError("a pipeline needs at least one stage")
+    if not pinned(pin):
+        if ranges is not None:
+            raise UsageError("ranges= gives pinned workers their stages; pass pin=True with it")
+        by_device: dict[str, list[tuple[int, int]]] = {}
+        for s, d in enumerate(assignment):
+            spans = by_device.setdefault(d, [])
+            if spans and spans[-1][1] == s - 1:
+                spans[-1] = (spans[-1][0], s)
+            else:
+                spans.append((s, s))
+        return tuple(StageWorker(d, d, tuple(spans)) for d, spans in by_device.items())
+    spans = list(ranges) if ranges is not None else [(s, s) for s in range(n)]
+    expected = 0
+    for a, b in spans:
+        if a != expected or b < a or b >= n:
+            raise UsageError(f"pipeline ranges {list(spans)} do not cover stages 0-{n - 1} in order, once each")
+        if len(set(assignment[a:b + 1])) != 1:
+            raise UsageError(f"stages {a}-{b} are one worker's range but are placed on {', '.join(assignment[a:b + 1])}")
+        expected = b + 1
+    if expected != n:
+        raise UsageError(f"pipeline ranges {list(spans)} do not cover stages 0-{n - 1}")
+    return tuple(StageWorker(_worker(assignment[a], a, b), assignment[a], ((a, b),)) for a, b in spans)
 
 
 @dataclass(frozen=True)
@@ -159,8 +229,16 @@ class Plan:
 
     @property
     def ranges(self) -> tuple[tuple[int, int, str], ...]:
-        """(first, last, device) of each range, in order."""
-        return tuple((s.first, s.last, self.assignment[s.first]) for s in self.steps if not s.transfer)
+        """(first, last, device) of each range (consecutive stages on one device), in order."""
+        out: list[tuple[int, int, str]] = []
+        for k, d in enumerate(self.assignment):
+            out[-1:] = [(out[-1][0], k, d)] if out and out[-1][2] == d else [*out[-1:], (k, k, d)]
+        return tuple(out)
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        """The workers, by name, in the order an item meets them first."""
+        return tuple(dict.fromkeys(s.resource for s in self.steps if not s.transfer))
 
     def describe(self) -> str:
         return ", ".join(f"{_stages(a, b)} on {d}" for a, b, d in self.ranges)
@@ -256,13 +334,13 @@ def _problem(stages: Sequence[StageCost], devices: Sequence[DeviceInfo], times: 
 
 
 def evaluate(stages: Sequence[StageCost], devices: Sequence[DeviceInfo], times: StageTimes,
-             assignment: Sequence[str], links: Links | None = None, *, pin: bool = False,
-             context_tokens: int = 0) -> Plan:  # fmt: skip
-    """What the model predicts for one assignment (a device name per stage); a stage
-    without a time on its device is a one-line UsageError. Memory is reported, not
-    checked: `solve` checks it."""
-    p = _problem(stages, devices, times, links, None, context_tokens, pin)
-    return _plan(p, _indices(p, assignment))
+             assignment: Sequence[str], links: Links | None = None, *, pin: Pin = False,
+             context_tokens: int = 0, ranges: Ranges | None = None) -> Plan:  # fmt: skip
+    """What the model predicts for one assignment (a device name per stage), its workers
+    as `stage_workers(assignment, pin, ranges)` gives them; a stage without a time on its
+    device is a one-line UsageError. Memory is reported, not checked: `solve` checks it."""
+    p = _problem(stages, devices, times, links, None, context_tokens, pinned(pin))
+    return _plan(p, _indices(p, assignment), ranges)
 
 
 def _indices(p: _Problem, assignment: Sequence[str]) -> tuple[int, ...]:
@@ -278,28 +356,29 @@ def _indices(p: _Problem, assignment: Sequence[str]) -> tuple[int, ...]:
     return picked
 
 
-def _plan(p: _Problem, picked: Sequence[int]) -> Plan:
+def _plan(p: _Problem, picked: Sequence[int], ranges: Ranges | None = None) -> Plan:
     names = p.names
+    assignment = tuple(names[d] for d in picked)
+    worker = {s: w.name for w in stage_workers(assignment, p.pin, ranges) for s in w.stages}
     steps: list[Step] = []
     memory: dict[str, int] = {}
     for s, d in enumerate(picked):
         memory[names[d]] = memory.get(names[d], 0) + p.need[s]
-        if s > 0 and picked[s - 1] != d:
-            a = picked[s - 1]
-            steps.append(Step(link_name(names[a], names[d]), p.hop[s - 1][a][d], s - 1, s - 1, transfer=True))
-        if steps and not steps[-1].transfer:
+        if s > 0 and worker[s - 1] == worker[s]:  # the same worker runs on
             last = steps[-1]
             steps[-1] = Step(last.resource, last.ms + p.time[s][d], last.first, s)
-        else:
-            steps.append(Step(names[d], p.time[s][d], s, s))
-    if p.pin:  # each range its own worker
-        steps = [s if s.transfer else Step(_worker(s.resource, s.first, s.last), s.ms, s.first, s.last) for s in steps]
+            continue
+        if s > 0:
+            a = picked[s - 1]
+            # Between devices the link is theirs, whoever the workers; on one device the hop is these two workers'.
+            link = link_name(names[a], names[d]) if a != d else link_name(worker[s - 1], worker[s])
+            steps.append(Step(link, p.hop[s - 1][a][d], s - 1, s - 1, transfer=True))
+        steps.append(Step(worker[s], p.time[s][d], s, s))
     loads: dict[str, float] = {}
     for step in steps:
         loads[step.resource] = loads.get(step.resource, 0.0) + step.ms
     bottleneck = max(loads, key=lambda r: loads[r])  # first of the busiest, in path order
-    return Plan(tuple(names[d] for d in picked), tuple(steps), memory, loads, bottleneck, loads[bottleneck],
-                sum(s.ms for s in steps))  # fmt: skip
+    return Plan(assignment, tuple(steps), memory, loads, bottleneck, loads[bottleneck], sum(s.ms for s in steps))
 
 
 def _worker(device: str, first: int, last: int) -> str:
@@ -314,7 +393,7 @@ def _key(objective: str, plan: Plan) -> tuple[float, float, int, int]:
     """What `objective` minimises, then the other metric, then devices, then cuts."""
     primary, secondary = ((plan.bottleneck_ms, plan.latency_ms) if objective == "throughput"
                           else (plan.latency_ms, plan.bottleneck_ms))  # fmt: skip
-    return primary, secondary, len(plan.devices), sum(s.transfer for s in plan.steps)
+    return primary, secondary, len(plan.devices), len(plan.ranges) - 1
 
 
 def _close(a: float, b: float) -> bool:
@@ -341,7 +420,7 @@ def _search(p: _Problem, objective: str, one_range: bool) -> tuple[int, ...] | N
     best: list = [None, None]  # key, assignment
     picked: list[int] = []
     used = [0.0] * m  # memory
-    load = [0.0] * m  # per device; with pin, the open range's
+    load = [0.0] * m  # per device's worker; with pin, the last stage's (each stage its own worker)
     links: dict[tuple[int, int], float] = {}
     left: set[int] = set()  # devices whose range has ended (one_range)
 
@@ -358,13 +437,17 @@ def _search(p: _Problem, objective: str, one_range: bool) -> tuple[int, ...] | N
             if t is None or used[d] + p.need[i] > p.capacity[d] or (one_range and d in left):
                 continue
             pair = (min(last, d), max(last, d)) if last is not None and last != d else None
-            hop = p.hop[i - 1][last][d] if pair else 0.0
+            # Without pin one device's stages share its worker: no hop. With pin each
+            # stage is a worker of its own: a hop to the next, even on one device.
+            hop = p.hop[i - 1][last][d] if last is not None and (pair or p.pin) else 0.0
             new_peak, new_latency = peak, latency + hop + t
             saved_load, saved_link = load[d], links.get(pair, 0.0) if pair else 0.0
             if pair:
                 links[pair] = saved_link + hop
                 new_peak = max(new_peak, links[pair])
-            load[d] = (t if p.pin and d != last else load[d] + t)
+            else:  # two workers of one device: a hop of its own
+                new_peak = max(new_peak, hop)
+            load[d] = t if p.pin else load[d] + t
             new_peak = max(new_peak, load[d])
             bound_peak = max(new_peak, rest_max[i + 1])
             if not p.pin:  # the remaining work spread evenly over every device at best
@@ -398,14 +481,15 @@ def one_range_count(stages: int, devices: int) -> int:
 
 def solve(stages: Sequence[StageCost], devices: Sequence[DeviceInfo], times: StageTimes, links: Links | None = None,
           objective: str = "throughput", *, memory_caps: Mapping[str, int] | None = None,
-          forced: Sequence[str] | None = None, context_tokens: int = 0, pin: bool = False) -> Placement:  # fmt: skip
+          forced: Sequence[str] | None = None, context_tokens: int = 0, pin: Pin = False) -> Placement:  # fmt: skip
     """The placement that maximises throughput or minimises latency within memory, or
     the `forced` one (a device per stage, e.g. from `parse_placement`) checked and
-    costed. Never a split predicted no better than the best single device. Nothing
-    that fits is a one-line PlacementError naming the memory needed and available."""
+    costed; its workers as `stage_workers` gives them for `pin`. Never a split
+    predicted no better than the best single device. Nothing that fits is a one-line
+    PlacementError naming the memory needed and available."""
     if objective not in OBJECTIVES:
         raise UsageError(f"unknown placement objective {objective!r}", hint=f"one of {', '.join(OBJECTIVES)}")
-    p = _problem(stages, devices, times, links, memory_caps, context_tokens, pin)
+    p = _problem(stages, devices, times, links, memory_caps, context_tokens, pinned(pin))
     n, m = len(p.stages), len(p.devices)
     singles = [_plan(p, (d,) * n) for d in range(m)
                if all(row[d] is not None for row in p.time) and sum(p.need) <= p.capacity[d]]  # fmt: skip
@@ -485,12 +569,13 @@ def _nothing_fits(p: _Problem) -> str:
 
 
 def _explain(p: _Problem, objective: str, plan: Plan, single: Plan | None, reason: str, search: str) -> list[str]:
+    workers = "pinned: each stage has its own worker" if p.pin else "one worker per device"
     if objective == "throughput":
-        head = ("objective: throughput = 1000 / the busiest resource's ms per item (a worker's stages add up"
-                + ("; each range has its own worker)" if p.pin else "; one worker per device)")
-                + " -> items/s; ties: lower latency, fewer devices")  # fmt: skip
+        head = (f"objective: throughput = 1000 / the busiest resource's ms per item (a worker's stages add up; {workers}) "
+                "-> items/s; ties: lower latency, fewer devices")  # fmt: skip
     else:
-        head = "objective: latency = every stage time + every transfer of one item; ties: higher throughput, fewer devices"
+        head = (f"objective: latency = every stage time + every transfer of one item ({workers}); ties: higher "
+                "throughput, fewer devices")  # fmt: skip
     lines = [head]
     for d, dev in enumerate(p.devices):
         price = f", {dev.price_per_hour:g}/h" if dev.price_per_hour is not None else ""
@@ -505,12 +590,13 @@ def _explain(p: _Problem, objective: str, plan: Plan, single: Plan | None, reaso
     else:
         lines.append(f"best single device: none ({_no_single(p)})")
     lines.append(f"placement: {plan.describe()}")
-    for step in plan.steps:
+    for i, step in enumerate(plan.steps):
         if step.transfer:
             a, b = plan.assignment[step.first], plan.assignment[step.first + 1]
             via = " + ".join(link.describe() for link in p.links.route(a, b))
-            lines.append(f"  {a} -> {b}: stage {step.first}'s {human_size(p.stages[step.first].out_bytes)} over "
-                         f"{via} = {step.ms:.4g} ms")  # fmt: skip
+            ends = (a, b) if a != b else (plan.steps[i - 1].resource, plan.steps[i + 1].resource)  # two workers of a
+            lines.append(f"  {ends[0]} -> {ends[1]}: stage {step.first}'s {human_size(p.stages[step.first].out_bytes)} "
+                         f"over {via} = {step.ms:.4g} ms")  # fmt: skip
         else:
             d = p.names.index(plan.assignment[step.first])
             parts = " + ".join(f"{p.time[s][d]:.4g}" for s in range(step.first, step.last + 1))

@@ -12,8 +12,9 @@ stay on its device (the state values of the model, each created by the stage tha
 holds it). So `generate`, `Batch` and `hxc verify` run a staged language model through
 `LoadedModel.call_flat` as they run a whole one.
 
-The pipeline over worker processes (issue 29, part 3) comes later; this is the
-reference it must equal. `StageRunner` is one stage alone, as `hxc bench` times it.
+The pipeline over worker processes (`hxc.pool.pipeline`, what `hxc run` and `hxc bench`
+use for a placement across devices or with `--pin split`) must equal this chain.
+`StageRunner` is one stage alone, as `hxc bench` times it and a pipeline worker runs it.
 """
 
 from __future__ import annotations
