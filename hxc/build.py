@@ -148,7 +148,7 @@ def build_bundle(
                for p in wanted for v in variants if iree and p not in family(v.family).precisions]  # fmt: skip
     others = [e for e in engines if e.name != DEFAULT_ENGINE]
     if options.stages:
-        _check_stages_request(options.stages, frontend, others)
+        _check_stages_request(options.stages, frontend, others, wanted)
     families = {v.family for v in variants}
     other_builds = [(p, e) for e in others for p in wanted if p in e.precisions and families & set(e.families)]
     if not builds and not other_builds:
@@ -223,11 +223,14 @@ def build_bundle(
     return replace(result, manifest=manifest, written=True)
 
 
-def _check_stages_request(stages: str, frontend: Frontend, others: Sequence[Engine]) -> None:
+def _check_stages_request(stages: str, frontend: Frontend, others: Sequence[Engine], precisions: Sequence[str]) -> None:
     """`--stages` is refused before any slow work where it cannot be honoured."""
     from hxc.compiler.stages import parse_stages
 
     parse_stages(stages)
+    if quantised := [p for p in precisions if p in WEIGHT_BITS]:
+        raise UsageError(f"--stages and --precision {', '.join(quantised)}: a language model's quantised stages are not "
+                         "built yet", hint="build the stages in fp32, or the quantised model whole")  # fmt: skip
     if frontend.program_file != PROGRAM_PT2:
         raise UsageError(f"--stages cuts PyTorch programs; {frontend.summary} is not one")
     if others:

@@ -263,7 +263,8 @@ def main(verbose: int) -> None:
               help="Cut the model into consecutive stages, each compiled as an artifact of its own per target with "
                    "its own weights (the manifest's `stages` records what crosses each cut): N balances the stages' "
                    "FLOPs over module boundaries (a ModuleList's blocks, top-level children); at:layer3,layer4 cuts "
-                   "before those submodules; auto is 2 for now. [default: whole]")  # fmt: skip
+                   "before those submodules; auto is 2 for now. A language model is cut at its decoder layers "
+                   "(at:model.layers.12), each stage holding its layers' KV cache. [default: whole]")  # fmt: skip
 @click.option("--no-mixed-step", "no_mixed_step", is_flag=True,
               help="Language models of several slots: leave out `mixed`, the decode step that carries a prefill chunk "
                    "(a smaller artifact and a shorter compile; `hxc serve` then reads a prompt beside running streams "
@@ -293,6 +294,7 @@ def compile(model: str, output: Path | None, targets: str, backends: str, inputs
     hxc compile model.pt2 -t cpu --backends iree,onnxruntime,inductor
     hxc compile ./my-llama/ -t cpu,vulkan --max-context 2048
     hxc compile net.py:make_model --stages at:layer3       # two stages, cut before layer3
+    hxc compile ./my-llama/ --stages 2                     # a language model's layers in two stages
     """
     from hxc import frontends, ui
     from hxc import targets as registry

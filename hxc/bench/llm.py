@@ -64,14 +64,19 @@ def cases(lm: LanguageModel) -> list[Case]:
 
 def with_memory(timing: GenerationTiming, manifest: Manifest, artifact_id: str) -> GenerationTiming:
     """`timing` with the artifact's memory: the bytes of the weights it reads (its
-    precision's parameter archive, else its own file, which then holds them) and the KV
-    cache's bytes per token of context."""
+    precision's parameter archive, else its own file, which then holds them; a staged
+    bundle's chain, `cpu:host`: every stage's) and the KV cache's bytes per token of context."""
     from dataclasses import replace
 
     assert manifest.language_model is not None
-    art = manifest.artifact(artifact_id)
-    weights = manifest.weights_for(art.precision)
-    size = weights.size if weights is not None else art.size
+    arts = ([a for a in manifest.artifacts if a.id == artifact_id]
+            or [a for a in manifest.artifacts if a.stage is not None and a.target_id == artifact_id])  # fmt: skip
+    if not arts:
+        raise KeyError(artifact_id)
+    size = 0
+    for art in arts:
+        weights = manifest.weights_for(art.precision, art.stage)
+        size += weights.size if weights is not None else art.size or 0
     return replace(timing, weights_bytes=size, kv_bytes_per_token=manifest.language_model.kv_bytes_per_token)
 
 

@@ -71,7 +71,8 @@ import torch
 from hxc.errors import LoweringError, UsageError
 from hxc.functions import DynamicDim, Function
 from hxc.lm_calls import MIXED, decode_args, mixed_args, prefill_calls, prefill_function
-from hxc.manifests.schema import GREEDY_LOGITS, TOKENIZER_DIR, GreedyReference, LanguageModel
+from hxc.compiler.stages import StageRequest, balanced_cuts
+from hxc.manifests.schema import GREEDY_LOGITS, TOKENIZER_DIR, GreedyReference, LanguageModel, Stage
 
 if TYPE_CHECKING:
     from hxc.compiler.imported import ImportedModel
@@ -126,7 +127,9 @@ REFERENCE_TOKENS = 16
 @dataclass(frozen=True)
 class CacheLayout:
     """The KV cache of one model at a given slot count and context: per layer, a key
-    and a value tensor of `shape`, named `names` (k_cache_0, v_cache_0, k_cache_1, ...)."""
+    and a value tensor of `shape`, named `names` (k_cache_0, v_cache_0, k_cache_1, ...).
+    A stage's (`CausalLM.hxc_stages`): its `layers` layers from `first_layer` on, named
+    by the model's own layer numbers."""
 
     slots: int
     layers: int
@@ -134,6 +137,7 @@ class CacheLayout:
     max_context: int
     head_dim: int
     dtype: str = "float32"
+    first_layer: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -148,7 +152,8 @@ class CacheLayout:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(f"{kv}_cache_{i}" for i in range(self.layers) for kv in ("k", "v"))
+        first = self.first_layer
+        return tuple(f"{kv}_cache_{i}" for i in range(first, first + self.layers) for kv in ("k", "v"))
 
     @property
     def bytes_per_token(self) -> int:
@@ -237,7 +242,7 @@ class _Group:
     """Tokens that attend alike in one call (`CausalLM._layers`): a decode step's B
     slots, one token each, or a prefill chunk's n tokens of one slot."""
 
-    tokens: torch.Tensor  # [rows]
+    tokens: torch.Tensor | None  # [rows]; None in a stage after the first (it takes hidden states)
     positions: torch.Tensor  # [rows]
     write_slots: torch.Tensor  # [rows]: the slot each row's keys and values go to
     write_at: torch.Tensor  # [rows]: and the row of it (the scratch row for padding and idle slots)
@@ -278,7 +283,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int, by
 
 class CausalLM(torch.nn.Module):
     """`model` (a transformers causal LM) as `prefill` and `decode` over a static KV
-    cache of `slots` sequences of up to `max_context` tokens (see the module docstring)."""
+    cache of `slots` sequences of up to `max_context` tokens (see the module docstring).
+
+    `layers=(a, b)`: one stage of the model (`hxc_stages`): its decoder layers a..b-1,
+    with the embeddings when a is 0 and the final norm and head when b is the last
+    layer. It has the same functions, over its own layers' caches (k_cache_a, ...);
+    after the first stage each takes the hidden states [rows, hidden] the stage before
+    returned in place of the token ids (and `mixed` drops `chunk_tokens`: its rows follow
+    the decode rows), and all but the last return those rows' hidden states in place of
+    the logits. A stage holds only the weights it reads."""
 
     # Weights once per bundle, in its parameter archive, read by every target's
     # artifact: a language model's weights dominate the bundle, and a copy inside each
@@ -287,7 +300,7 @@ class CausalLM(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, slots: int, max_context: int,
                  prefill_chunk: int | Sequence[int] | None = None, *, values_by_sum: bool = False,
-                 mixed_step: bool = True) -> None:  # fmt: skip
+                 mixed_step: bool = True, layers: tuple[int, int] | None = None) -> None:  # fmt: skip
         super().__init__()
         # With several slots, also `mixed` (a decode step carrying a prefill chunk).
         self.mixed_step = mixed_step
@@ -295,8 +308,13 @@ class CausalLM(torch.nn.Module):
         # and a sum over the span, the form IREE's dispatch-creation data tiling compiles.
         self.values_by_sum = values_by_sum
         config = model.config
-        self.layout = cache_layout(config, slots, max_context)
         self.dims = d = _dims(config)
+        first, end = self.layer_range = layers or (0, d.layers)
+        if not 0 <= first < end <= d.layers:
+            raise UsageError(f"layers {first}..{end - 1} are not a range of this model's {d.layers} decoder layers")
+        self.has_embeddings, self.has_head = first == 0, end == d.layers  # what a stage holds beside its layers
+        self.hidden_size = int(config.hidden_size)
+        self.layout = replace(cache_layout(config, slots, max_context), layers=end - first, first_layer=first)
         if prefill_chunk is None:
             prefill_chunk = min(DEFAULT_PREFILL_CHUNK, max_context)
         self.prefill_chunks = tuple(sorted({prefill_chunk} if isinstance(prefill_chunk, int) else set(prefill_chunk)))
@@ -306,7 +324,10 @@ class CausalLM(torch.nn.Module):
             if not 1 <= chunk <= max_context:
                 raise UsageError(f"prefill chunk {chunk} is outside 1..{max_context} (the max context)")
         self._declare_functions()
-        self.model = model.eval()
+        whole = (first, end) == (0, d.layers)
+        # A stage keeps the model and its parts as plain attributes and registers (holds)
+        # only what it reads: its weights are exactly its own (`_hold`).
+        self._hold("model", model.eval(), whole)
         self.vocab = config.vocab_size
         self.group = d.heads // d.kv_heads
         self.spec = spec = _FAMILIES[d.family]
@@ -320,7 +341,7 @@ class CausalLM(torch.nn.Module):
                 raise UsageError(f"rope type {rope_type!r} changes with the sequence length: not supported yet")
             if getattr(config, "use_bidirectional_attention", False):
                 raise UsageError(f"this {d.family} model attends bidirectionally: hxc compiles causal attention only")
-            self.embed, self.layers, self.norm = base.embed_tokens, base.layers, base.norm
+            self._hold_parts(base.embed_tokens, base.layers, base.norm, whole)
             self.rope = rope
             # Rotary dims per head: all of them, or the first part (Phi-3's partial_rotary_factor).
             self.rotary_dim = 2 * rope.inv_freq.shape[-1]
@@ -329,10 +350,26 @@ class CausalLM(torch.nn.Module):
             self.scaling = [layer.self_attn.scaling for layer in base.layers]
         else:
             base = model.transformer
-            self.embed, self.layers, self.norm = base.wte, base.h, base.ln_f
-            self.wpe = base.wpe
+            self._hold_parts(base.wte, base.h, base.ln_f, whole)
+            self._hold("wpe", base.wpe, whole or self.has_embeddings)
             self.scaling = [layer.attn.scaling for layer in base.h]
-        self.lm_head = model.lm_head
+        self._hold("lm_head", model.lm_head, whole or self.has_head)
+
+    def _hold(self, name: str, module: torch.nn.Module, held: bool) -> None:
+        """`module` as attribute `name`: registered when `held` (its weights are this
+        module's, and go into its parameter archive), else only read through."""
+        if held:
+            setattr(self, name, module)
+        else:
+            object.__setattr__(self, name, module)
+
+    def _hold_parts(self, embed: torch.nn.Module, layers: torch.nn.ModuleList, norm: torch.nn.Module, whole: bool) -> None:
+        self._hold("embed", embed, whole or self.has_embeddings)
+        self._hold("layers", layers, whole)
+        self._hold("norm", norm, whole or self.has_head)
+        if not whole:  # the stage's own layers, by the model's numbers
+            first, end = self.layer_range
+            self.stage_layers = torch.nn.ModuleDict({str(i): layers[i] for i in range(first, end)})
 
     @property
     def prefill_chunk(self) -> int:
@@ -349,29 +386,87 @@ class CausalLM(torch.nn.Module):
         self.hxc_state = dict(zip(lay.names, empty_cache(lay)))
         self.hxc_state_slots = {name: lay.slots for name in lay.names}
         span = DynamicDim(arg=-1, axis=0, name="span", min=2, max=lay.max_context)
+        # A stage after the first takes the hidden states of the rows in place of their token ids.
+        from_tokens = self.has_embeddings
+        hidden = lambda rows: torch.zeros(rows, self.hidden_size)  # noqa: E731
+        tokens_in = ("tokens",) if from_tokens else ("hidden",)
         # Every example its own tensor (see the module docstring: torch.export merges one
         # tensor passed twice into one input).
         self.hxc_functions = {
             **{prefill_function(chunk, self.prefill_chunks): Function(
-                args=(torch.zeros(1, chunk, dtype=i32), torch.zeros(1, dtype=i32), torch.ones(1, dtype=i32),
-                      torch.zeros(1, dtype=i32), _span_example(lay)),
-                reads=lay.names, writes=lay.names, arg_names=("tokens", "start", "length", "slot", "span"),
-                dynamic=(replace(span, arg=4),), method="prefill") for chunk in self.prefill_chunks},
-            "decode": Function(args=(torch.zeros(lay.slots, dtype=i32), torch.zeros(lay.slots, dtype=i32), _span_example(lay)),
-                               reads=lay.names, writes=lay.names, arg_names=("tokens", "positions", "span"),
-                               dynamic=(replace(span, arg=2),)),
+                args=(torch.zeros(1, chunk, dtype=i32) if from_tokens else hidden(chunk), torch.zeros(1, dtype=i32),
+                      torch.ones(1, dtype=i32), torch.zeros(1, dtype=i32), _span_example(lay)),
+                reads=lay.names, writes=lay.names, arg_names=(*tokens_in, "start", "length", "slot", "span"),
+                dynamic=(replace(span, arg=4),), method="prefill" if from_tokens else "prefill_from")
+               for chunk in self.prefill_chunks},
+            "decode": Function(args=(torch.zeros(lay.slots, dtype=i32) if from_tokens else hidden(lay.slots),
+                                     torch.zeros(lay.slots, dtype=i32), _span_example(lay)),
+                               reads=lay.names, writes=lay.names, arg_names=(*tokens_in, "positions", "span"),
+                               dynamic=(replace(span, arg=2),), method="decode" if from_tokens else "decode_from"),
         }  # fmt: skip
         if lay.slots > 1 and self.mixed_step:
             # A decode step with the smallest prefill chunk riding in it (`mixed`): what a
             # batch runs while a prompt is read beside running sequences.
             chunk = self.prefill_chunks[0]
+            chunk_args = (torch.zeros(1, dtype=i32), torch.ones(1, dtype=i32), torch.zeros(1, dtype=i32), _span_example(lay))
+            chunk_names = ("start", "length", "slot", "chunk_span")
+            if from_tokens:
+                args = (torch.zeros(lay.slots, dtype=i32), torch.zeros(lay.slots, dtype=i32), _span_example(lay),
+                        torch.zeros(1, chunk, dtype=i32), *chunk_args)
+                names = ("tokens", "positions", "span", "chunk_tokens", *chunk_names)
+            else:  # the decode rows' hidden states, then the chunk's
+                args = (hidden(lay.slots + chunk), torch.zeros(lay.slots, dtype=i32), _span_example(lay), *chunk_args)
+                names = ("hidden", "positions", "span", *chunk_names)
             self.hxc_functions[MIXED] = Function(
-                args=(torch.zeros(lay.slots, dtype=i32), torch.zeros(lay.slots, dtype=i32), _span_example(lay),
-                      torch.zeros(1, chunk, dtype=i32), torch.zeros(1, dtype=i32), torch.ones(1, dtype=i32),
-                      torch.zeros(1, dtype=i32), _span_example(lay)),
-                reads=lay.names, writes=lay.names,
-                arg_names=("tokens", "positions", "span", "chunk_tokens", "start", "length", "slot", "chunk_span"),
-                dynamic=(replace(span, arg=2), replace(span, arg=7, name="chunk_span")))  # fmt: skip
+                args=args, reads=lay.names, writes=lay.names, arg_names=names,
+                dynamic=(replace(span, arg=2), replace(span, arg=len(args) - 1, name="chunk_span")),
+                method=MIXED if from_tokens else "mixed_from")  # fmt: skip
+
+    def hxc_stages(self, request: StageRequest) -> list[tuple[CausalLM, Stage]]:
+        """The model cut at decoder-layer boundaries as `request` asks (`--stages`): each
+        stage a CausalLM of its layers (see the class docstring), with the manifest's
+        record of it, its functions' tensors not yet known. N stages balance their FLOPs
+        per token (2 x the weights each layer and the head multiply; an embedding lookup
+        costs nothing), every stage holding at least one layer; `at:NAME,...` cuts before
+        the named decoder layers (`model.layers.4`, GPT-2's `transformer.h.4`)."""
+        layers = self.layers
+        names = {id(m): n for n, m in self.model.named_modules()}
+        layer_names = [names[id(layer)] for layer in layers]
+        total = len(layers)
+        if request.at:
+            index = {n: k for k, n in enumerate(layer_names)}
+            cuts = []
+            for name in request.at:
+                if name not in index:
+                    raise UsageError(f"--stages at:{name}: not a decoder layer of this model",
+                                     hint=f"its layers: {layer_names[0]} .. {layer_names[-1]}")  # fmt: skip
+                if index[name] == 0:
+                    raise UsageError(f"--stages at:{name}: the first decoder layer; a cut there leaves stage 0 without layers")
+                if cuts and index[name] <= cuts[-1]:
+                    raise UsageError(f"--stages at:{','.join(request.at)}: name the layers in the order they run")
+                cuts.append(index[name])
+        else:
+            if request.count > total:
+                raise UsageError(f"--stages {request.text}: this model has {total} decoder layers; it can be cut into at "
+                                 f"most {total} stages", hint="ask for fewer, or name the cuts with at:NAME,...")  # fmt: skip
+            # Units: the embeddings, each layer, the head; a cut before layer k is at unit k + 1.
+            flops = [0, *(_matmul_flops(layer) for layer in layers), _matmul_flops(self.model.lm_head)]
+            cuts = [c - 1 for c in balanced_cuts(list(range(2, total + 1)), flops, request.count)]
+        bounds = [0, *cuts, total]
+        out = []
+        for k, (first, end) in enumerate(zip(bounds, bounds[1:])):
+            stage = CausalLM(self.model, self.layout.slots, self.layout.max_context, prefill_chunk=self.prefill_chunks,
+                             values_by_sum=self.values_by_sum, mixed_step=self.mixed_step, layers=(first, end))  # fmt: skip
+            held = {id(t): t for t in (*stage.parameters(), *stage.buffers())}.values()
+            flops = sum(_matmul_flops(layers[i]) for i in range(first, end))
+            flops += _matmul_flops(self.model.lm_head) if stage.has_head else 0
+            head_name = names.get(id(self.model.lm_head), "lm_head")
+            out.append((stage, Stage(index=k, name=f"s{k}", function="decode", artifacts=(),
+                                     first_module=names.get(id(self.embed)) if stage.has_embeddings else layer_names[first],
+                                     last_module=head_name if stage.has_head else layer_names[end - 1],
+                                     inputs=(), outputs=(), weights_bytes=sum(t.numel() * t.element_size() for t in held),
+                                     flops=flops, kv_bytes_per_token=stage.layout.bytes_per_token)))  # fmt: skip
+        return out
 
     def hxc_describe(self, imported: ImportedModel, workdir: Path) -> ImportedModel:
         """The bundle's `language_model` record and the tokenizer's files
@@ -496,15 +591,12 @@ class CausalLM(torch.nn.Module):
     def prefill(self, tokens: torch.Tensor, start: torch.Tensor, length: torch.Tensor, slot: torch.Tensor,
                 span: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
         """Logits [1, vocab] of the chunk's last valid token, and the caches (written in place)."""
-        group = self._prefill_group(tokens, start, length, slot, span)
-        hidden, caches = self._layers([group], caches)
-        return (self.lm_head(hidden.index_select(0, group.last)), *caches)
+        return self._prefill(self._prefill_group(tokens.shape[1], start, length, slot, span, tokens=tokens), None, caches)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, span: torch.Tensor,
                *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
         """Logits [B, vocab] of one token per slot, and the caches (written in place)."""
-        hidden, caches = self._layers([self._decode_group(tokens, positions, span)], caches)
-        return (self.lm_head(hidden), *caches)
+        return self._decode(self._decode_group(positions, span, tokens), None, caches)
 
     def mixed(self, tokens: torch.Tensor, positions: torch.Tensor, span: torch.Tensor, chunk_tokens: torch.Tensor,
               start: torch.Tensor, length: torch.Tensor, slot: torch.Tensor, chunk_span: torch.Tensor,
@@ -514,23 +606,60 @@ class CausalLM(torch.nn.Module):
         together, so the weights are read once for both; each part attends over its own
         span. Logits [B, vocab] of the decode rows, [1, vocab] of the chunk's last valid
         token, and the caches. The chunk's slot must be idle in the decode part."""
-        decode = self._decode_group(tokens, positions, span)
-        chunk = self._prefill_group(chunk_tokens, start, length, slot, chunk_span, first_row=tokens.shape[0])
-        hidden, caches = self._layers([decode, chunk], caches)
-        logits = self.lm_head(torch.cat([hidden[:tokens.shape[0]], hidden.index_select(0, chunk.last)]))
-        return (logits[:tokens.shape[0]], logits[tokens.shape[0]:], *caches)
+        decode = self._decode_group(positions, span, tokens)
+        chunk = self._prefill_group(chunk_tokens.shape[1], start, length, slot, chunk_span, first_row=tokens.shape[0],
+                                    tokens=chunk_tokens)  # fmt: skip
+        return self._mixed(decode, chunk, None, caches)
 
-    def _decode_group(self, tokens: torch.Tensor, positions: torch.Tensor, span: torch.Tensor) -> _Group:
+    # A later stage's: the rows' hidden states [rows, H] from the stage before in place of their tokens.
+
+    def prefill_from(self, hidden: torch.Tensor, start: torch.Tensor, length: torch.Tensor, slot: torch.Tensor,
+                     span: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        return self._prefill(self._prefill_group(hidden.shape[0], start, length, slot, span), hidden, caches)
+
+    def decode_from(self, hidden: torch.Tensor, positions: torch.Tensor, span: torch.Tensor,
+                    *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        return self._decode(self._decode_group(positions, span), hidden, caches)
+
+    def mixed_from(self, hidden: torch.Tensor, positions: torch.Tensor, span: torch.Tensor, start: torch.Tensor,
+                   length: torch.Tensor, slot: torch.Tensor, chunk_span: torch.Tensor,
+                   *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """The decode rows' hidden states first, then the chunk's."""
+        b = positions.shape[0]
+        decode = self._decode_group(positions, span)
+        chunk = self._prefill_group(hidden.shape[0] - b, start, length, slot, chunk_span, first_row=b)
+        return self._mixed(decode, chunk, hidden, caches)
+
+    def _prefill(self, group: _Group, hidden: torch.Tensor | None, caches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        hidden, out = self._layers([group], caches, hidden)
+        if not self.has_head:
+            return (hidden, *out)
+        return (self.lm_head(hidden.index_select(0, group.last)), *out)
+
+    def _decode(self, group: _Group, hidden: torch.Tensor | None, caches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        hidden, out = self._layers([group], caches, hidden)
+        return (self.lm_head(hidden) if self.has_head else hidden, *out)
+
+    def _mixed(self, decode: _Group, chunk: _Group, hidden: torch.Tensor | None,
+               caches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        hidden, out = self._layers([decode, chunk], caches, hidden)
+        if not self.has_head:
+            return (hidden, *out)
+        b = decode.shape[0]
+        logits = self.lm_head(torch.cat([hidden[:b], hidden.index_select(0, chunk.last)]))
+        return (logits[:b], logits[b:], *out)
+
+    def _decode_group(self, positions: torch.Tensor, span: torch.Tensor, tokens: torch.Tensor | None = None) -> _Group:
         """One token for each of the B slots, at its own position (written there)."""
-        b = tokens.shape[0]
+        b = positions.shape[0]
         kpos = torch.arange(span.shape[0], dtype=torch.int32)
         mask = torch.where(kpos[None, :] <= positions[:, None], 0.0, float("-inf")).reshape(b, 1, -1)
         return _Group(tokens, positions, torch.arange(b, dtype=torch.int32), positions, mask, None, (b, 1))
 
-    def _prefill_group(self, tokens: torch.Tensor, start: torch.Tensor, length: torch.Tensor, slot: torch.Tensor,
-                       span: torch.Tensor, first_row: int = 0) -> _Group:  # fmt: skip
-        """A chunk of n prompt tokens of `slot` at start.. (`length` valid, the rest padding)."""
-        n = tokens.shape[1]
+    def _prefill_group(self, n: int, start: torch.Tensor, length: torch.Tensor, slot: torch.Tensor, span: torch.Tensor,
+                       first_row: int = 0, tokens: torch.Tensor | None = None) -> _Group:  # fmt: skip
+        """A chunk of n prompt tokens of `slot` at start.. (`length` valid, the rest padding):
+        `tokens` [1, n], or None in a stage after the first."""
         start, length, slot = start.reshape(1), length.reshape(1), slot.reshape(1)
         offsets = torch.arange(n, dtype=torch.int32)
         positions = start + offsets
@@ -539,20 +668,25 @@ class CausalLM(torch.nn.Module):
         kpos = torch.arange(span.shape[0], dtype=torch.int32)
         mask = torch.where(kpos[None, :] <= positions.reshape(n, 1), 0.0, float("-inf")).reshape(1, n, -1)
         last = first_row + (length - 1).clamp(0, n - 1)  # [1]: the row of the chunk's last valid token
-        return _Group(tokens.reshape(n), positions, slot.expand(n), write_at, mask, slot, (1, n), last)
+        rows = tokens.reshape(n) if tokens is not None else None
+        return _Group(rows, positions, slot.expand(n), write_at, mask, slot, (1, n), last)
 
-    def _layers(self, groups: Sequence[_Group], caches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _layers(self, groups: Sequence[_Group], caches: Sequence[torch.Tensor],
+                hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
         """Every layer for the groups' tokens as one set of rows: each layer projects
         every row at once (its weights read once), writes each row's keys and values at
         its (slot, row) of the caches, then each group attends over the first `span`
         rows of its slots (of `group.slot` [1], or slots 0..S-1 when None; the mask
         [S, n, span] says which each query sees). Returns the final hidden states
-        [rows, H] and the caches."""
+        [rows, H] and the caches. A stage runs its own layers, from the embeddings of the
+        groups' tokens (the first) or from `hidden` (the stage before's rows), and ends
+        with the final norm only if it is the last."""
         d = self.dims
         one = len(groups) == 1
         cat = (lambda ts: ts[0]) if one else torch.cat  # noqa: E731 (one group: the same graph as before)
         positions = cat([g.positions for g in groups])
-        hidden = self._embed(cat([g.tokens for g in groups]), positions)
+        if hidden is None:
+            hidden = self._embed(cat([g.tokens for g in groups]), positions)
         rope = self._rope(positions) if self.rope is not None else None
         index = (cat([g.write_slots for g in groups]), cat([g.write_at for g in groups]))  # each row's (slot, row)
         out = list(caches)
@@ -568,22 +702,24 @@ class CausalLM(torch.nn.Module):
                 offsets[id(g)] = slot = g.slot.reshape(()).item()
                 torch._check(slot >= 0)
                 torch._check(slot < out[0].shape[0])
-        for i in range(d.layers):
+        first = self.layer_range[0]
+        for i in range(*self.layer_range):
+            c = 2 * (i - first)  # the layer's caches among the stage's
             q, k, v = self._qkv(i, self._pre_attn(i, hidden), rope)
             # Written before it is read, one tensor per layer: IREE then scatters into the
             # cache's own buffer (the only use of the value passed in) and reads the rows
             # it needs. One cache for every layer, or a write after the last layer, left
             # the old value in use beside the write, and IREE copied the whole cache.
-            row = out[2 * i].shape[2:]  # one token's keys: [kv, hd], or [kv * hd] with one slot
-            out[2 * i] = torch.index_put(out[2 * i], index, k.reshape(-1, *row))
-            out[2 * i + 1] = torch.index_put(out[2 * i + 1], index, v.reshape(-1, *row))
+            row = out[c].shape[2:]  # one token's keys: [kv, hd], or [kv * hd] with one slot
+            out[c] = torch.index_put(out[c], index, k.reshape(-1, *row))
+            out[c + 1] = torch.index_put(out[c + 1], index, v.reshape(-1, *row))
             attns, at = [], 0
             for g in groups:
                 s, n = g.shape
                 rows = g.mask.shape[-1]
                 # [slots, span, kv, hd]
                 k_rows, v_rows = (t[:, :rows].unflatten(-1, (d.kv_heads, d.head_dim)) if len(row) == 1 else t[:, :rows]
-                                  for t in (out[2 * i], out[2 * i + 1]))  # fmt: skip
+                                  for t in (out[c], out[c + 1]))  # fmt: skip
                 if id(g) in offsets:
                     k_rows, v_rows = k_rows.narrow(0, offsets[id(g)], 1), v_rows.narrow(0, offsets[id(g)], 1)
                 elif g.slot is not None:
@@ -592,7 +728,7 @@ class CausalLM(torch.nn.Module):
                 attns.append(attn.reshape(s * n, d.heads * d.head_dim))
                 at += s * n
             hidden = self._post_attn(i, hidden, cat(attns))
-        return self.norm(hidden), out
+        return (self.norm(hidden) if self.has_head else hidden), out
 
     def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Attention of q [S, n, heads, hd] over keys and values [S, R, kv, hd] with the
@@ -618,6 +754,13 @@ class CausalLM(torch.nn.Module):
             out = probs @ v
         out = out.view(s, d.kv_heads, self.group, n, d.head_dim).permute(0, 3, 1, 2, 4)
         return out.reshape(s, n, d.heads * d.head_dim)
+
+
+def _matmul_flops(module: torch.nn.Module) -> int:
+    """FLOPs per token of a module's matrix products: 2 x its weights of two or more
+    dimensions that are not embedding tables (a lookup multiplies nothing)."""
+    tables = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    return sum(2 * p.numel() for p in module.parameters() if p.dim() >= 2 and id(p) not in tables)
 
 
 def _ids(value: Any) -> tuple[int, ...]:

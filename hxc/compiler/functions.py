@@ -24,9 +24,11 @@ language model's weight-only int8 / int4, `hxc.compiler.quantize`) and interface
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,8 @@ from hxc.compiler.imported import PARAMETER_SCOPE, ImportedModel, ImportOptions,
 from hxc.dtypes import WEIGHT_BITS, from_torch, to_numpy, to_storage
 from hxc.functions import Function
 from hxc.errors import LoweringError, ModelLoadError, UsageError, first_line
-from hxc.manifests.schema import FunctionSpec, OutputTree, Signature, StateSpec, TensorSpec, golden_prefix
+from hxc.manifests.schema import (FunctionSpec, OutputTree, Signature, Stage, StageFunction, StageTensor, StateSpec,
+                                  TensorSpec, golden_prefix)
 
 MAX_FUNCTIONS = 64  # as the manifest reader allows
 # Where a module that fixes its weights mode (`hxc_weights`) keeps them, for the refusal.
@@ -53,6 +56,9 @@ def declared_functions(module: Any) -> dict[str, Function] | None:
 def import_functions(module: torch.nn.Module, *, name: str, source: str, source_format: str, digest: str,
                      options: ImportOptions, workdir: Path, on_stage: Callable[[str], None]) -> ImportedModel:  # fmt: skip
     quantization, precision_error = None, None
+    if options.stages and not callable(getattr(module, "hxc_stages", None)):
+        raise UsageError(f"{source}: --stages cuts models of one function and language models; this one declares "
+                         "several functions")  # fmt: skip
     if options.precision in WEIGHT_BITS:  # a language model's weights as int8 / int4
         from hxc.compiler.quantize import quantized_language_model
 
@@ -62,9 +68,6 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
     elif options.precision != "fp32":
         raise UsageError(f"{source}: models of several functions are built in fp32 only, not {options.precision}",
                          hint="language models also build int8 and int4 (weight-only quantisation)")  # fmt: skip
-    functions = declared_functions(module)
-    assert functions is not None
-    states = _states(module, functions, source)
     if options.interface_casts:
         raise LoweringError("models of several functions cannot take a cast interface yet (this variant needs "
                             f"{', '.join(f'{a} as {b}' for a, b in options.interface_casts)})")  # fmt: skip
@@ -72,6 +75,70 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
     if fixed is not None and options.weights not in ("auto", fixed):
         raise UsageError(f"{source}: --weights {options.weights} is not available for this model: it keeps its weights "
                          f"{_KEPT[fixed]}")  # fmt: skip
+    run = functools.partial(_import_module, name=name, source=source, source_format=source_format, digest=digest,
+                            options=options, on_stage=on_stage)  # fmt: skip
+    if options.stages:
+        return _import_stages(module, options.stages, run, workdir, on_stage)
+    imported = replace(run(module, workdir=workdir), precision_error=precision_error, quantization=quantization)
+    # A module may describe itself further: a language model adds its manifest record
+    # and its tokenizer's files (hxc.compiler.causal_lm).
+    describe = getattr(module, "hxc_describe", None)
+    return describe(imported, workdir) if callable(describe) else imported
+
+
+def _import_stages(module: torch.nn.Module, stages: str, run: Callable[..., ImportedModel], workdir: Path,
+                   on_stage: Callable[[str], None]) -> ImportedModel:  # fmt: skip
+    """A model that cuts itself into stages (`hxc_stages`: a language model at its
+    decoder layers), each stage a module of the same functions imported on its own by
+    `run` (`_import_module`: its IR and its weights archive), under the whole model's
+    record: its functions, golden sample and description, with no IR of its own (`mlir`
+    is stage 0's)."""
+    from hxc.compiler.stages import parse_stages
+
+    parts = module.hxc_stages(parse_stages(stages))  # type: ignore[operator]
+    whole = run(module, workdir=workdir, lower=False)
+    describe = getattr(module, "hxc_describe", None)
+    whole = describe(whole, workdir) if callable(describe) else whole
+    out = []
+    for part, record in parts:
+        on_stage(f"importing stage {record.index} of {len(parts)}")
+        sub = workdir / record.name
+        sub.mkdir()
+        imported = run(part, workdir=sub, name=f"{whole.name}#{record.name}")
+        for k, v in imported.timings.items():
+            whole.timings[f"stages {k}"] = whole.timings.get(f"stages {k}", 0.0) + v
+        out.append(replace(imported, stage=_stage_record(record, imported, whole.functions)))
+    return replace(whole, mlir=out[0].mlir, weights=None, stages=tuple(out))
+
+
+def _stage_record(record: Stage, imported: ImportedModel, model: dict[str, FunctionSpec]) -> Stage:
+    """`record` with what crosses into and out of each of its functions: the leading
+    inputs that are not the model function's own arguments came from the stage before;
+    bytes at the golden sample's shapes."""
+    functions = {}
+    for fname, spec in imported.functions.items():
+        own = {t.name for t in model[fname].signature.inputs}
+        sig, prefix = spec.signature, golden_prefix(fname)
+        crossing = next((i for i, t in enumerate(sig.inputs) if t.name in own), len(sig.inputs))
+        inputs = tuple(StageTensor(t.name, t.dtype, t.shape, int(imported.golden[f"{prefix}input_{i}"].nbytes))
+                       for i, t in enumerate(sig.inputs[:crossing]))  # fmt: skip
+        outputs = tuple(StageTensor(t.name, t.dtype, t.shape, int(imported.golden[f"{prefix}output_{i}"].nbytes))
+                        for i, t in enumerate(sig.outputs))  # fmt: skip
+        functions[fname] = StageFunction(inputs, tuple(t.name for t in sig.inputs[crossing:]), outputs,
+                                         tuple(s.name for s in spec.states))  # fmt: skip
+    step = functions[record.function]
+    return replace(record, inputs=step.inputs, outputs=step.outputs, functions=functions)
+
+
+def _import_module(module: torch.nn.Module, *, name: str, source: str, source_format: str, digest: str,
+                   options: ImportOptions, workdir: Path, on_stage: Callable[[str], None],
+                   lower: bool = True) -> ImportedModel:  # fmt: skip
+    """The module's functions run by PyTorch (the golden sample, the signatures) and,
+    with `lower`, imported as one IR module with its weights archive."""
+    functions = declared_functions(module)
+    assert functions is not None
+    states = _states(module, functions, source)
+    fixed = getattr(module, "hxc_weights", None)
     timings: dict[str, float] = {}
     module.eval()
 
@@ -111,21 +178,23 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
         calls[fname] = (method, args, _dynamic_shapes(fn, len(args)))
     timings["golden"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    on_stage("lowering to IREE input IR")
-    weights = _module_weights(module)
-    total = sum(w.numel() * w.element_size() for w in weights.values())
-    has_bf16 = any(w.dtype == torch.bfloat16 for w in weights.values())
-    shared = bool(weights) and wants_shared_weights(fixed or options.weights, total, has_bf16)
-    if has_bf16 and not shared:
-        raise UsageError(f"{source}: this model has bf16 parameters, which iree-turbine cannot store inside an artifact",
-                         hint="use --weights shared (the default, auto, does this)")  # fmt: skip
     mlir = workdir / "model.mlirbc"
-    irpa = workdir / f"weights-{options.precision}.irpa" if shared else None
-    mlir.write_bytes(_lower(module, calls, weights if shared else {}, irpa))
-    timings["lower"] = time.perf_counter() - t
+    irpa = None
+    if lower:
+        t = time.perf_counter()
+        on_stage("lowering to IREE input IR")
+        weights = _module_weights(module)
+        total = sum(w.numel() * w.element_size() for w in weights.values())
+        has_bf16 = any(w.dtype == torch.bfloat16 for w in weights.values())
+        shared = bool(weights) and wants_shared_weights(fixed or options.weights, total, has_bf16)
+        if has_bf16 and not shared:
+            raise UsageError(f"{source}: this model has bf16 parameters, which iree-turbine cannot store inside an artifact",
+                             hint="use --weights shared (the default, auto, does this)")  # fmt: skip
+        irpa = workdir / f"weights-{options.precision}.irpa" if shared else None
+        mlir.write_bytes(_lower(module, calls, weights if shared else {}, irpa))
+        timings["lower"] = time.perf_counter() - t
     first = next(iter(specs.values()))
-    imported = ImportedModel(
+    return ImportedModel(
         name=name,
         source=source,
         source_format=source_format,
@@ -139,15 +208,9 @@ def import_functions(module: torch.nn.Module, *, name: str, source: str, source_
         weight_dtypes=tuple(sorted({d.name for p in module.state_dict().values()
                                     if (d := from_torch(p.dtype)) is not None})),  # fmt: skip
         precision=options.precision,
-        precision_error=precision_error,
-        quantization=quantization,
         timings=timings,
         functions=specs,
     )
-    # A module may describe itself further: a language model adds its manifest record
-    # and its tokenizer's files (hxc.compiler.causal_lm).
-    describe = getattr(module, "hxc_describe", None)
-    return describe(imported, workdir) if callable(describe) else imported
 
 
 def _states(module: Any, functions: dict[str, Function], source: str) -> dict[str, torch.Tensor]:

@@ -18,6 +18,9 @@ block. A boundary is the first node of a block such that no block has nodes on b
 sides of it. A graph with fewer than two blocks is cut between any nodes instead.
 Cuts that would pass a value other than a tensor (a shape, a tuple) are never chosen.
 
+A language model is not cut here: `CausalLM.hxc_stages` (`hxc.compiler.causal_lm`)
+cuts it at its decoder layers for the same request, balanced with `balanced_cuts`.
+
 FLOPs per node, from the shapes recorded on the exported graph (nothing runs): the
 formulas of `torch.utils.flop_counter` for the ops it knows (mm, addmm, bmm, convolution,
 attention), 2 x output elements x reduced size for linear, matmul and convolutions in
@@ -132,7 +135,7 @@ def split_program(program: torch.export.ExportedProgram, example_args: tuple[tor
             raise UsageError(f"--stages {request.count}: {source} has {what}; it can be cut into at most "
                              f"{len(candidates) + 1} stages", hint="ask for fewer, or name the cuts with at:NAME,...")  # fmt: skip
         flops = [node_flops(n) for n in compute]
-        cuts = _balanced(candidates, flops, request.count)
+        cuts = balanced_cuts(candidates, flops, request.count)
     return _parts(gm, graph, blocks, cuts, example_args)
 
 
@@ -228,7 +231,7 @@ def _named_cuts(graph: _Graph, request: StageRequest, source: str) -> list[int]:
     return cuts
 
 
-def _balanced(candidates: list[int], flops: list[int], count: int) -> list[int]:
+def balanced_cuts(candidates: list[int], flops: list[int], count: int) -> list[int]:
     """`count - 1` of the candidate positions that make the heaviest stage as light as
     possible (dynamic programming over the candidates)."""
     prefix = [0]

@@ -46,10 +46,7 @@ def import_torch(
     if model.functions_module is None and options.precision in dtypes.WEIGHT_BITS:
         raise UsageError(f"{model.source}: --precision {options.precision} quantises the weights of language models "
                          "only; this model is not one", hint="build fp16 or bf16 for other models")  # fmt: skip
-    if model.functions_module is not None:
-        if options.stages:
-            raise UsageError(f"{model.source}: --stages cuts models of one function; this one declares several "
-                             "(a language model's stages come later)")  # fmt: skip
+    if model.functions_module is not None:  # --stages included: a language model cuts itself (`hxc_stages`)
         from hxc.compiler.functions import import_functions
 
         return import_functions(model.functions_module, name=model.name, source=model.source,

@@ -228,7 +228,8 @@ def _check_stages(m: Manifest, where: str) -> None:
         if staged:
             raise BundleError(f"{where}: {staged[0]} belongs to a stage, and the manifest lists no stages")
         return
-    if not m.stateless_main:
+    by_functions = any(s.functions for s in m.stages)
+    if not m.stateless_main and not by_functions:
         raise BundleError(f"{where}: a staged bundle computes one stateless function, {MAIN}")
     if [s.index for s in m.stages] != list(range(len(m.stages))) or len(m.stages) < 2:
         raise BundleError(f"{where}: stages must be numbered 0, 1, ... and be at least two")
@@ -240,18 +241,53 @@ def _check_stages(m: Manifest, where: str) -> None:
     for w in m.weights:
         if w.stage is None or not 0 <= w.stage < len(m.stages):
             raise BundleError(f"{where}: weights {w.file} name no stage of this staged bundle")
+    for s in m.stages:
+        if unknown := [i for i in s.artifacts if all(a.id != i or a.stage != s.index for a in m.artifacts)]:
+            raise BundleError(f"{where}: stage {s.index} lists artifact {unknown[0]}, which is not one of its own")
+    if by_functions:
+        _check_function_stages(m, where)
+        return
     main = m.functions[MAIN].signature
     before = main.inputs
     for s in m.stages:
         _check_signature(s.signature, f"{where}: stage {s.index}")
-        if unknown := [i for i in s.artifacts if all(a.id != i or a.stage != s.index for a in m.artifacts)]:
-            raise BundleError(f"{where}: stage {s.index} lists artifact {unknown[0]}, which is not one of its own")
         if not _same_tensors(before, s.signature.inputs):
             raise BundleError(f"{where}: stage {s.index}'s inputs are not "
                               + ("the model's inputs" if s.index == 0 else f"stage {s.index - 1}'s outputs"))  # fmt: skip
         before = s.signature.outputs
     if not _same_tensors(before, main.outputs):
         raise BundleError(f"{where}: the last stage's outputs are not the model's outputs")
+
+
+def _check_function_stages(m: Manifest, where: str) -> None:
+    """A language model's stages (6.1): each stage runs every function of the model;
+    per function, stage 0 takes the model's arguments, each later stage what the stage
+    before returns (and arguments of the model's), the last returns the model's outputs;
+    each state the function touches is held by exactly one stage."""
+    for s in m.stages:
+        if set(s.functions) != set(m.functions):
+            raise BundleError(f"{where}: stage {s.index} has functions {', '.join(s.functions) or 'none'}; "
+                              f"the model's are {', '.join(m.functions)}")  # fmt: skip
+    for name, fn in m.functions.items():
+        model_inputs = tuple(t.name for t in fn.signature.inputs)
+        before: tuple[TensorSpec, ...] = ()
+        held: list[str] = []
+        for s in m.stages:
+            call = s.functions[name]
+            label = f"{where}: stage {s.index}'s {name}"
+            if s.index == 0 and call.args != model_inputs:
+                raise BundleError(f"{label} does not take the model's arguments")
+            if unknown := [a for a in call.args if a not in model_inputs]:
+                raise BundleError(f"{label} takes {unknown[0]!r}, which is not an argument of the model's {name}")
+            if not _same_tensors(before, tuple(t.spec() for t in call.inputs)):
+                raise BundleError(f"{label} does not take what stage {s.index - 1} returns")
+            _check_signature(call.spec(fn).signature, label)
+            before = tuple(t.spec() for t in call.outputs)
+            held += call.state
+        if not _same_tensors(before, fn.signature.outputs):
+            raise BundleError(f"{where}: the last stage's {name} does not return the model's outputs")
+        if sorted(held) != sorted(s.name for s in fn.states):
+            raise BundleError(f"{where}: the stages' {name} do not hold the model's state once each")
 
 
 def _same_tensors(a: tuple[TensorSpec, ...], b: tuple[TensorSpec, ...]) -> bool:

@@ -77,8 +77,14 @@ PROFILES_FORMAT = "hxc-profiles"
 # the complete chain of one target's stages, never one stage as the model. Only a staged
 # bundle is written as 6.0: one without stages means what it meant, and is written as
 # 5.3 (`UNSTAGED_SCHEMA_VERSION`), so a 5.x hxc still reads it.
-SCHEMA_VERSION: tuple[int, int] = (6, 0)
+# 6.1: `Stage.functions` (optional): a language model cut into stages at its decoder
+# layers, each stage's artifacts exposing the model's functions (`prefill`, `decode`,
+# `mixed`) over the hidden states and over its own layers' KV caches. A 6.0 reader
+# refuses such a bundle in one line (its stages are not of one stateless `main`). Only
+# a language model's staged bundle is written as 6.1; a tensor model's stays 6.0.
+SCHEMA_VERSION: tuple[int, int] = (6, 1)
 UNSTAGED_SCHEMA_VERSION: tuple[int, int] = (5, 3)
+TENSOR_STAGES_SCHEMA_VERSION: tuple[int, int] = (6, 0)
 # profiles.json is versioned on its own: nothing in it changed meaning in 3.0, so a
 # 2.x hxc can still read the profiles a newer hxc bench adds to its bundles.
 # 2.1: Profile.conditions (what else ran during a measurement).
@@ -439,12 +445,43 @@ class StageTensor:
 
 
 @dataclass(frozen=True)
+class StageFunction:
+    """One function of a language model's stage (6.1): its artifacts' function of the
+    model function's name takes `inputs` (what the stage before returned; none at stage
+    0), then the model function's own arguments named in `args`, then the state in
+    `state` (its layers' KV caches, in the model function's order), and returns
+    `outputs` (what the next stage takes: the hidden states; the last stage returns the
+    model function's outputs), then that state."""
+
+    inputs: tuple[StageTensor, ...]
+    args: tuple[str, ...]
+    outputs: tuple[StageTensor, ...]
+    state: tuple[str, ...]
+
+    def spec(self, model: FunctionSpec) -> FunctionSpec:
+        """The function as its artifacts take it, from the model's function `model`."""
+        by_name = {t.name: t for t in model.signature.inputs}
+        outputs = tuple(t.spec() for t in self.outputs)
+        tree = (OutputTree("leaf", 0) if len(outputs) == 1
+                else OutputTree("tuple", items=tuple(OutputTree("leaf", i) for i in range(len(outputs)))))  # fmt: skip
+        signature = Signature((*(t.spec() for t in self.inputs), *(by_name[a] for a in self.args)), outputs, tree)
+        held = set(self.state)
+        return FunctionSpec(signature, reads=tuple(s for s in model.reads if s.name in held),
+                            writes=tuple(s for s in model.writes if s.name in held))  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Stage:
     """One of a model's consecutive stages (`hxc compile --stages`): its artifacts (one
     per target and precision, each exposing `function`) take `inputs` and return
     `outputs`. Stage 0 takes the model's inputs; each later stage takes exactly the
     outputs of the stage before it (a tensor needed further on passes through); the last
-    returns the model's outputs, flat, in the order of `main`'s signature."""
+    returns the model's outputs, flat, in the order of `main`'s signature.
+
+    A language model's stage (6.1) runs a range of its decoder layers and has every
+    function of the model (`functions`); `function`, `inputs` and `outputs` are then
+    `decode`'s (the step generation repeats: what a placement weighs), and `signature`
+    is not what its artifacts take (`StageFunction.spec` is)."""
 
     index: int
     name: str  # s0, s1, ...: its artifacts' id suffix after STAGE_MARK's `#`
@@ -457,6 +494,8 @@ class Stage:
     weights_bytes: int  # the parameters and buffers its artifacts hold or load
     flops: int  # estimated from the exported graph's shapes (hxc.compiler.stages.node_flops)
     kv_bytes_per_token: int = 0  # a language model's KV cache per token in its layers; 0 for tensor models
+    # A language model's stage: each of the model's functions as this stage runs it (6.1).
+    functions: dict[str, StageFunction] = dataclasses.field(default_factory=dict)
 
     @property
     def signature(self) -> Signature:
@@ -529,9 +568,13 @@ class LanguageModel:
 
 
 def schema_version_written(stages: tuple[Any, ...]) -> str:
-    """The schema version a bundle is written with: 6.0 for a staged one, else 5.3 (see
-    SCHEMA_VERSION's notes: nothing else in 6.0 changed meaning)."""
-    major, minor = SCHEMA_VERSION if stages else UNSTAGED_SCHEMA_VERSION
+    """The schema version a bundle is written with: 6.1 for a language model's stages,
+    6.0 for a tensor model's, else 5.3 (see SCHEMA_VERSION's notes: nothing else in 6.0
+    or 6.1 changed meaning)."""
+    if not stages:
+        major, minor = UNSTAGED_SCHEMA_VERSION
+    else:
+        major, minor = SCHEMA_VERSION if any(s.functions for s in stages) else TENSOR_STAGES_SCHEMA_VERSION
     return f"{major}.{minor}"
 
 

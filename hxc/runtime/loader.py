@@ -390,7 +390,8 @@ def load(
         try:
             sessions = [engine(a.engine).open(a, module, dev, weights)
                         for a, (module, weights), dev in zip(cand.artifacts, opened, devices)]  # fmt: skip
-            session = StagedSession(sessions, manifest.stages, cand.stages) if cand.stages else sessions[0]
+            session = (StagedSession(sessions, manifest.stages, cand.stages, manifest.functions) if cand.stages
+                       else sessions[0])
         except Exception as e:
             if strict or (plan is not None and plan.source == "forced"):
                 raise HxcError(f"{cand.id} on {cand.device.label} failed to load: {first_line(e)}") from None

@@ -4,6 +4,14 @@ it: `hxc.runtime.place`), called in order, each stage's outputs the next one's i
 through the host. It is the engine session `LoadedModel` calls, so a staged bundle
 loads, runs and verifies like any other.
 
+A language model's stages (`Stage.functions`) are called the same way, function by
+function: `call(name, arrays, spec, state)` runs each stage's function of that name in
+order, stage 0 on the call's arguments, each later one on the hidden states the stage
+before returned and the arguments it names, each over its own layers' KV caches, which
+stay on its device (the state values of the model, each created by the stage that
+holds it). So `generate`, `Batch` and `hxc verify` run a staged language model through
+`LoadedModel.call_flat` as they run a whole one.
+
 The pipeline over worker processes (`hxc.pool.pipeline`, what `hxc run` and `hxc bench`
 use for a placement across devices or with `--pin split`) must equal this chain.
 `StageRunner` is one stage alone, as `hxc bench` times it and a pipeline worker runs it.
@@ -12,24 +20,32 @@ use for a placement across devices or with `--pin split`) must equal this chain.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from hxc.dtypes import dtype
 from hxc.engines.base import Session, StatelessSession, cast_inputs, cast_signature
-from hxc.manifests.schema import Artifact, Manifest, Signature, Stage
+from hxc.errors import HxcError
+from hxc.manifests.schema import Artifact, FunctionSpec, Manifest, Signature, Stage, StateSpec
 
 
 class StagedSession(StatelessSession):
-    """The sessions of every stage, in order, called as one stateless `main`; each may
-    be on a device of its own (a placement), the values between them passing through
-    the host."""
+    """The sessions of every stage, in order, called as one stateless `main` (or, for a
+    language model's stages, as each of its functions); each may be on a device of its
+    own (a placement), the values between them passing through the host."""
 
     engine_name = "a staged bundle's"
 
-    def __init__(self, sessions: Sequence[Session], stages: Sequence[Stage], artifacts: Sequence[Artifact]) -> None:
+    def __init__(self, sessions: Sequence[Session], stages: Sequence[Stage], artifacts: Sequence[Artifact],
+                 functions: Mapping[str, FunctionSpec] | None = None) -> None:  # fmt: skip
         self._sessions = list(sessions)
+        # A language model's stages: per function, each stage's function as its artifacts
+        # take it (`functions` are the model's), and which stage holds each state.
+        self._calls = {name: [(s.functions[name], s.functions[name].spec(fn)) for s in stages]
+                       for name, fn in (functions or {}).items() if all(name in s.functions for s in stages)}  # fmt: skip
+        self._holder = {n: k for k, s in enumerate(stages) for f in s.functions.values() for n in f.state}
         # Each stage's signature as the model has it, and as its artifact takes it (its
         # interface casts), built once: sessions cache their transfers by the object.
         self._model = [s.signature for s in stages]
@@ -51,6 +67,43 @@ class StagedSession(StatelessSession):
             spent += session.device_seconds
         self.device_seconds = spent
         return arrays
+
+    def call(self, function: str, arrays: list[np.ndarray], spec: FunctionSpec,
+             state: Mapping[str, Any] | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:  # fmt: skip
+        """A language model's function (`spec` the model's) through every stage: the
+        values between stages through the host, each stage's state on its own device.
+        `device_seconds`: all stages' device time."""
+        calls = self._calls.get(function)
+        if calls is None:
+            return super().call(function, arrays, spec, state)
+        given = dict(zip((t.name for t in spec.signature.inputs), arrays))
+        state = state or {}
+        crossing: list[np.ndarray] = []
+        written: dict[str, Any] = {}
+        spent = 0.0
+        for session, (stage_fn, stage_spec) in zip(self._sessions, calls):
+            inputs = [*crossing, *(given[a] for a in stage_fn.args)]
+            held = {n: state[n] for n in stage_fn.state if n in state}
+            crossing, wrote = session.call(function, inputs, stage_spec, held)
+            written.update(wrote)
+            spent += session.device_seconds
+        self.device_seconds = spent
+        return crossing, written
+
+    def _holder_of(self, spec: StateSpec) -> Session:
+        k = self._holder.get(spec.name)
+        if k is None:
+            raise HxcError(f"no stage of this model holds state {spec.name!r}")
+        return self._sessions[k]
+
+    def state_zeros(self, spec: StateSpec) -> Any:
+        return self._holder_of(spec).state_zeros(spec)
+
+    def state_from_host(self, array: np.ndarray, spec: StateSpec) -> Any:
+        return self._holder_of(spec).state_from_host(array, spec)
+
+    def state_to_host(self, value: Any, spec: StateSpec) -> np.ndarray:
+        return self._holder_of(spec).state_to_host(value, spec)
 
     def prepare(self, arrays: list[np.ndarray], signature: Signature) -> Callable[[], None]:
         """A call of every stage in turn; unlike one artifact's, the values between stages
