@@ -50,7 +50,7 @@ class StagedSession(StatelessSession):
         # interface casts), built once: sessions cache their transfers by the object.
         self._model = [s.signature for s in stages]
         self._artifact = [cast_signature(sig, a.interface_casts) for sig, a in zip(self._model, artifacts)]
-        self._output_types = [[dtype(t.dtype).numpy_dtype() for t in sig.outputs] for sig in self._model]
+        self._output_types = [_numpy_types(sig) for sig in self._model]
         self.device_seconds = 0.0
 
     def invoke(self, arrays: list[np.ndarray], signature: Signature) -> list[np.ndarray]:
@@ -61,7 +61,7 @@ class StagedSession(StatelessSession):
         for k, session in enumerate(self._sessions):
             if k:
                 # The previous stage's outputs as the model's types, then as this stage takes them.
-                arrays = [a if a.dtype == t else a.astype(t) for a, t in zip(arrays, self._output_types[k - 1])]
+                arrays = _as_types(arrays, self._output_types[k - 1])
                 arrays = cast_inputs(arrays, self._model[k], self._artifact[k])
             arrays = session.invoke(arrays, self._artifact[k])
             spent += session.device_seconds
@@ -124,15 +124,25 @@ class StageRunner:
         self.artifact = artifact
         self._model = stage.signature
         self._artifact = cast_signature(self._model, artifact.interface_casts)
+        self._output_types = _numpy_types(self._model)
 
     def invoke(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         out = self.session.invoke(cast_inputs(arrays, self._model, self._artifact), self._artifact)
-        types = [dtype(t.dtype).numpy_dtype() for t in self._model.outputs]
-        return [a if a.dtype == t else a.astype(t) for a, t in zip(out, types)]
+        return _as_types(out, self._output_types)
 
     def prepare(self, arrays: list[np.ndarray]) -> Callable[[], None]:
         """A call on device-resident copies of `arrays`, results left on the device."""
         return self.session.prepare(cast_inputs(arrays, self._model, self._artifact), self._artifact)
+
+
+def _numpy_types(signature: Signature) -> list[np.dtype]:
+    """The numpy types of `signature`'s outputs, as the model has them."""
+    return [dtype(t.dtype).numpy_dtype() for t in signature.outputs]
+
+
+def _as_types(arrays: list[np.ndarray], types: Sequence[np.dtype]) -> list[np.ndarray]:
+    """`arrays` as the model's types (an artifact may return a narrower one: interface casts)."""
+    return [a if a.dtype == t else a.astype(t) for a, t in zip(arrays, types)]
 
 
 def stage_inputs(manifest: Manifest, stage: Stage, model_inputs: Sequence[np.ndarray], seed: int = 0) -> list[np.ndarray]:
