@@ -19,6 +19,7 @@ The model is llm_serve.py's random-weight Llama, compiled once (cpu:host) with i
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -116,8 +117,6 @@ def main() -> None:
                                                   / summary["prefill_then_decode"]["itl_p50_beside_ms"])  # fmt: skip
     summary["mixed_vs_separate_itl_p99_beside"] = (summary["mixed"]["itl_p99_beside_ms"]
                                                   / summary["prefill_then_decode"]["itl_p99_beside_ms"])  # fmt: skip
-    import os
-
     path = save("llm_mixed" if args.size == "100m" else f"llm_mixed_{args.size}",
                 {"config": {**vars(args), "work": str(work)}, "calls": calls, "runs": runs, "summary": summary,
                  "load_average_1min_at_end": os.getloadavg()[0]})  # fmt: skip
